@@ -1,0 +1,42 @@
+# tokdistill-fast. `make demo` and `make test` set everything up themselves on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0 installs quickly from the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: setup demo test test-interpret lint bench-kernels bench-align bench-e2e clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	TOKDISTILL_REQUIRE_EXT=1 $(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(PY) -m tokdistill_fast.demo
+
+test: setup
+	$(PY) -m tokdistill_fast.demo prepare
+	TOKDISTILL_REQUIRE_EXT=1 $(PY) -m pytest -q -ra tests
+
+test-interpret: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_kernels_*.py
+
+lint: setup
+	$(VENV)/bin/ruff check tokdistill_fast kernels tests bench
+
+bench-kernels: setup
+	$(PY) -m pytest -q bench --benchmark-only -k "not alignment"
+
+bench-align: setup
+	$(PY) -m pytest -q bench/test_bench_alignment.py --benchmark-only
+
+bench-e2e: setup
+	$(PY) -m bench.e2e --config llama-3.1-8b --new-tokens 2500 --target-layer 8
+
+clean:
+	rm -rf $(VENV) build *.egg-info tokdistill_fast/*.so

@@ -1,0 +1,21 @@
+"""Build: the package, its Triton kernels (kernels/ installed as tokdistill_fast.kernels) and the optional C++
+aligner. TOKDISTILL_NO_EXT=1 skips the C++ aligner (Python fallback only); TOKDISTILL_REQUIRE_EXT=1 makes a
+failed compile an error instead of a silent fallback (CI sets it)."""
+
+import os
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+ext = []
+if os.environ.get("TOKDISTILL_NO_EXT") != "1" and os.path.exists("csrc/align.cpp"):
+    ext = [Pybind11Extension("tokdistill_fast._align_ext", ["csrc/align.cpp"], cxx_std=17,
+                             extra_compile_args=["-O3"],
+                             optional=os.environ.get("TOKDISTILL_REQUIRE_EXT") != "1")]
+
+setup(
+    ext_modules=ext,
+    cmdclass={"build_ext": build_ext},
+    packages=["tokdistill_fast", "tokdistill_fast.kernels"],
+    package_dir={"tokdistill_fast": "tokdistill_fast", "tokdistill_fast.kernels": "kernels"},
+)

@@ -1,0 +1,44 @@
+"""Alignment maps on hand-checked cases (the Python spec; the C++ parity tests live in test_align_parity.py)."""
+
+import numpy as np
+
+from tokdistill_fast import align
+
+
+def run(teacher, phrase, new_id=99, impl="python"):
+    al = align.align([teacher], [phrase], [0], [new_id], impl)
+    return al.student_ids.tolist(), al.s_pos.tolist(), al.t_pos.tolist()
+
+
+def test_single_occurrence_mid_sequence():
+    # BOS 5 6 [7 8] 9 -> BOS 5 6 NEW 9; aligned from NEW: (3 <-> 4), (4 <-> 5)
+    assert run([1, 5, 6, 7, 8, 9], [7, 8]) == ([1, 5, 6, 99, 9], [3, 4], [4, 5])
+
+
+def test_phrase_at_end_and_start():
+    assert run([7, 8], [7, 8]) == ([99], [0], [1])
+    assert run([3, 7, 8], [7, 8]) == ([3, 99], [1], [2])
+
+
+def test_two_occurrences_and_partial_match():
+    # 7 8 3 7 3 7 8 -> NEW 3 7 3 NEW
+    ids, s, t = run([7, 8, 3, 7, 3, 7, 8], [7, 8])
+    assert ids == [99, 3, 7, 3, 99]
+    assert s == [0, 1, 2, 3, 4] and t == [1, 2, 3, 4, 6]
+
+
+def test_overlapping_occurrences_merge_greedily():
+    # phrase 7 7 in 7 7 7: greedy left to right merges the first pair only
+    assert run([7, 7, 7], [7, 7]) == ([99, 7], [0, 1], [1, 2])
+
+
+def test_no_occurrence_gives_no_pairs():
+    ids, s, t = run([1, 2, 3], [7, 8])
+    assert ids == [1, 2, 3] and s == [] and t == []
+
+
+def test_batch_offsets():
+    al = align.align([[1, 7, 8], [7, 8, 2, 2], [4]], [[7, 8]], [0, 0, 0], [99], "python")
+    assert al.cu_student.tolist() == [0, 2, 5, 6]
+    assert al.cu_aligned.tolist() == [0, 1, 4, 4]
+    np.testing.assert_array_equal(al.t_pos, [2, 1, 2, 3])

@@ -1,0 +1,70 @@
+"""End to end on tiny random models of three families and both tokenizer families: the output directory loads
+as is, tokenizes new words to one id, keeps original rows bit-identical, and training lowers the loss."""
+
+import json
+
+import pytest
+import torch
+from conftest import NEW_WORDS
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tokdistill_fast import DistillConfig, distill
+
+FAST = dict(snippets_per_token=8, snippet_length=24, batch_size=4, target_layer=2, lr=1e-2, epochs=2)
+
+
+@pytest.fixture(scope="module", params=[("llama", "bytelevel", True), ("qwen2", "bytelevel", False),
+                                        ("gemma3", "metaspace", True), ("llama", "metaspace", False)],
+                ids=lambda c: "-".join(map(str, c)))
+def run(request, model_dirs, words_file, corpus_file, tmp_path_factory):
+    src = model_dirs[request.param]
+    out = tmp_path_factory.mktemp("out") / "model"
+    result = distill(src, words_file, [corpus_file], out, DistillConfig(**FAST))
+    return src, out, result
+
+
+def test_output_loads_and_tokenizes_new_words(run):
+    src, out, result = run
+    tok = AutoTokenizer.from_pretrained(out)
+    orig = AutoTokenizer.from_pretrained(src)
+    ids = {t.form: t.new_id for t in result.tokens}
+    for word in NEW_WORDS:
+        for text, form in ((f"We found it {word}.", " " + word), (f"{word} again", word),
+                           (f"a {word}, then", " " + word)):
+            enc = tok(text, add_special_tokens=False)["input_ids"]
+            assert ids[form] in enc and len(enc) < len(orig(text, add_special_tokens=False)["input_ids"]), text
+            assert tok.decode(enc) == text
+    plain = "The patient was quick and the soup was green."
+    assert tok(plain)["input_ids"] == orig(plain)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size == model.get_input_embeddings().weight.shape[0] >= len(tok)
+
+
+def test_original_rows_bit_identical_and_new_rows_written(run):
+    src, out, result = run
+    before = AutoModelForCausalLM.from_pretrained(src)
+    after = AutoModelForCausalLM.from_pretrained(out)
+    V = before.get_input_embeddings().weight.shape[0]
+    assert torch.equal(after.get_input_embeddings().weight[:V], before.get_input_embeddings().weight)
+    assert torch.equal(after.get_output_embeddings().weight[:V], before.get_output_embeddings().weight)
+    tied = before.config.tie_word_embeddings
+    assert (after.get_output_embeddings().weight.data_ptr() == after.get_input_embeddings().weight.data_ptr()) == tied
+    rows = load_file(out / "new_embeddings.safetensors")
+    ids = rows["token_ids"]
+    torch.testing.assert_close(after.get_input_embeddings().weight[ids], rows["input_embeddings"])
+    assert torch.isfinite(rows["input_embeddings"]).all()
+    for name, p in after.named_parameters():
+        if "embed" not in name and "lm_head" not in name:
+            assert torch.equal(p, before.state_dict()[name]), name
+
+
+def test_report_and_training(run):
+    _, out, result = run
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["added"] == len(result.tokens)
+    primaries = [t for t in report["tokens"] if t["variant_of"] is None]
+    assert {t["word"] for t in primaries} == set(NEW_WORDS)
+    assert all(t["contexts"] > 0 for t in primaries)
+    assert report["training"]["last_loss"] < report["training"]["first_loss"]
+    assert set(report["timings"]) >= {"load", "tokens", "contexts", "teacher", "student", "export", "total"}

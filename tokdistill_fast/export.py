@@ -1,0 +1,114 @@
+"""Stage 6: write the extended model: a save_pretrained directory (safetensors), new_embeddings.safetensors with
+only the new rows, and report.json. Everything is written to a temporary sibling directory and renamed into
+place when complete, so a failed run never leaves a half-written output and never touches an existing one
+unless asked to replace it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output unless --overwrite; refuse paths we could not create. Called before any work."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserInputError(f"--out {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out} exists and is not a directory")
+    parent = out.absolute().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserInputError(f"--out {out}: cannot create it in {parent}")
+    return out
+
+
+def grow_embeddings(model, rows_needed: int, pad_to_multiple_of: int | None = None) -> int:
+    """Make the input (and untied output) matrices hold at least `rows_needed` rows; never shrink, keep ties.
+    Original rows stay bit-identical. Returns the final row count, which config.vocab_size then equals."""
+    current = model.get_input_embeddings().weight.shape[0]
+    target = max(current, rows_needed)
+    if pad_to_multiple_of and target % pad_to_multiple_of and target > current:
+        target += pad_to_multiple_of - target % pad_to_multiple_of
+    if target > current:
+        model.resize_token_embeddings(target, mean_resizing=False)
+    model.config.vocab_size = target
+    if getattr(model.config, "text_config", None) is not None:
+        model.config.text_config.vocab_size = target
+    return target
+
+
+@torch.no_grad()
+def write_rows(model, ids: list[int], rows: torch.Tensor, out_rows: torch.Tensor | None, tied: bool) -> None:
+    """Write new input rows (and output rows for untied models) at their token ids."""
+    index = torch.tensor(ids, dtype=torch.long)
+    emb = model.get_input_embeddings().weight
+    emb.index_copy_(0, index.to(emb.device), rows.to(emb.device, emb.dtype))
+    if not tied and out_rows is not None:
+        head = model.get_output_embeddings().weight
+        head.index_copy_(0, index.to(head.device), out_rows.to(head.device, head.dtype))
+
+
+def is_tied(model) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def atomic_write(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> None:
+    """Call fill(tmp) on a fresh sibling temp dir, then rename it to `out` (replacing it only if overwrite)."""
+    out = Path(out).absolute()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        fill(tmp)
+        if out.exists():
+            if not overwrite:
+                raise UserInputError(f"--out {out} appeared while the run was going; not replacing it")
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def new_rows_file(path: Path, tokens: list, rows: torch.Tensor, out_rows: torch.Tensor | None) -> None:
+    """new_embeddings.safetensors: the new rows keyed by position, with ids and token strings as metadata, so
+    tools such as PEFT's trainable-token setups can pick them up without loading the model."""
+    tensors = {"input_embeddings": rows.detach().float().cpu().contiguous(),
+               "token_ids": torch.tensor([t.new_id for t in tokens], dtype=torch.int64)}
+    if out_rows is not None:
+        tensors["output_embeddings"] = out_rows.detach().float().cpu().contiguous()
+    meta = {"tokens": json.dumps([t.piece for t in tokens], ensure_ascii=False),
+            "forms": json.dumps([t.form for t in tokens], ensure_ascii=False)}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def json_safe(obj):
+    """Replace NaN/inf (not valid JSON) with None, recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(json_safe(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

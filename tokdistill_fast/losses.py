@@ -1,0 +1,40 @@
+"""Training objectives on student states at aligned positions. Each returns (loss, per-row loss [K] detached).
+
+Distillation: mse on hidden states of the target layer (fused kernel), or kl / logits-mse on logits over the
+original vocabulary, with teacher logits recomputed from cached final-layer states (storing [K, V] logits
+would cost V / D times the memory). NTP: next-token cross-entropy at the student's aligned positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokdistill_fast.kernels.masked_mse import masked_mse
+
+
+def hidden_mse(S: torch.Tensor, T: torch.Tensor, s_idx: torch.Tensor, t_idx: torch.Tensor):
+    """Masked MSE between flattened student states S [B*T, D] and packed teacher states T [Nt, D]."""
+    return masked_mse(S, T, s_idx, t_idx)
+
+
+def logits_distill(kind: str, head, S: torch.Tensor, T: torch.Tensor, s_idx: torch.Tensor, t_idx: torch.Tensor):
+    """KL(teacher || student) or MSE between logits over the original vocabulary."""
+    student = head(S.index_select(0, s_idx)).float()
+    with torch.no_grad():
+        teacher = head(T.index_select(0, t_idx).to(S.dtype)).float()
+    if kind == "kl":
+        t_logp = F.log_softmax(teacher, dim=-1)
+        row = (t_logp.exp() * (t_logp - F.log_softmax(student, dim=-1))).sum(-1)
+    else:
+        row = (student - teacher).pow(2).mean(-1)
+    return row.sum() / max(row.numel(), 1), row.detach()
+
+
+def next_token(head, new_out: torch.Tensor, S: torch.Tensor, idx: torch.Tensor, target: torch.Tensor, V: int):
+    """Cross-entropy of predicting `target` (extended ids: >= V are new tokens) from states S[idx], with logits
+    over the original head plus the new tokens' output rows."""
+    h = S.index_select(0, idx)
+    logits = torch.cat([head(h), h @ new_out.to(h.dtype).t()], dim=-1).float()
+    row = F.cross_entropy(logits, target, reduction="none")
+    return row.sum() / max(row.numel(), 1), row.detach()

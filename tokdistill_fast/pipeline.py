@@ -1,0 +1,321 @@
+"""distill(): tokens -> contexts -> alignment -> teacher -> student -> output, timed stage by stage.
+
+Orchestration only; each stage lives in its own module and takes and returns plain data.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import align, contexts, export, models, student, teacher, tokens
+from .config import DistillConfig, UserInputError
+from .tokens import NewToken, Skipped
+
+log = logging.getLogger(__name__)
+
+
+class StageTimer:
+    """Wall-clock seconds per stage (synchronizing CUDA so asynchronous work is charged to its stage)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class DistillResult:
+    """What a run produced. `rows`/`out_rows` are aligned with `tokens` (table space, fp32)."""
+
+    tokenizer: object
+    tokens: list[NewToken]
+    rows: torch.Tensor
+    out_rows: torch.Tensor | None
+    report: dict
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+@dataclass
+class Workload:
+    """Snippets and alignment for the trainable (primary) tokens."""
+
+    primaries: list[int]  # indices into tokens of the trainable rows, in row order
+    snippets: list[contexts.Snippet]
+    snippet_row: np.ndarray  # row of each snippet
+    teacher_ids: np.ndarray
+    cu_teacher: np.ndarray
+    alignment: align.Alignment
+    sources: dict[int, str]  # token index -> "corpus" | "generated" | "corpus+generated" | "none"
+    found: dict[int, int]  # token index -> corpus snippets used
+
+
+def bos_id(tokenizer) -> int | None:
+    """BOS id when the tokenizer adds it by default (Gemma), else None (SmolLM2): snippets start mid-text, and
+    the model was trained with whatever its tokenizer adds."""
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and probe and probe[0] == bos else None
+
+
+def subtoken_mean(table: torch.Tensor, toks: list[NewToken]) -> torch.Tensor:
+    """Mean of each token's original subtoken rows, in fp32 (the paper's start point, a.k.a. FVT)."""
+    return torch.stack([table[t.sub_ids].float().mean(0) for t in toks])
+
+
+def random_rows(table: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Rows drawn per channel from N(mean, std) of the original table (the paper's random baseline)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    t = table.float().cpu()
+    return t.mean(0) + t.std(0) * torch.randn(n, t.shape[1], generator=g)
+
+
+def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], corpus: list,
+                    bos: int | None) -> tuple[list[contexts.Snippet], dict, dict, dict]:
+    """Retrieve snippets for primary tokens; top up tokens with too few from the model's own generations."""
+    primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
+    found = dict.fromkeys(primaries, 0)
+    stats: dict = {}
+    snippets: list[contexts.Snippet] = []
+    if cfg.contexts == "retrieve":
+        sub = [toks[i] for i in primaries]
+        got, rstats, dropped = contexts.retrieve(corpus, tokenizer, sub, cfg.snippets_per_token,
+                                                 cfg.snippet_length, cfg.seed, bos)
+        for s in got:
+            s.token = primaries[s.token]
+            found[s.token] += 1
+        snippets.extend(got)
+        stats = {"corpus_chars": rstats.bytes_read,
+                 "hits": {toks[i].word: h for i, h in zip(primaries, rstats.hits)},
+                 "dropped_tokenized_differently": {toks[i].word: d for i, d in zip(primaries, dropped) if d}}
+    # Too few corpus snippets (fewer than a quarter of the budget): fill up with generated contexts.
+    short = [i for i in primaries if found[i] < max(1, cfg.snippets_per_token // 4)]
+    if short:
+        log.info("generating contexts for %d token(s) with too few corpus snippets", len(short))
+        extra = contexts.generate(model, tokenizer, toks, short, cfg.snippets_per_token, cfg.snippet_length,
+                                  cfg.seed, bos, cfg.generate_temperature)
+        per = {i: 0 for i in short}
+        for s in extra:
+            if found[s.token] + per[s.token] < cfg.snippets_per_token:
+                per[s.token] += 1
+                snippets.append(s)
+    sources = {i: ("corpus" if found[i] else "") + ("+generated" if i in short and found[i] else
+                                                    "generated" if i in short else "") for i in primaries}
+    return snippets, found, sources, stats
+
+
+def build_workload(cfg, model, tokenizer, toks, corpus, bos, V: int) -> Workload:
+    snippets, found, sources, _ = gather_contexts(cfg, model, tokenizer, toks, corpus, bos)
+    primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
+    row_of = {tok_i: r for r, tok_i in enumerate(primaries)}
+    teacher_ids, cu_teacher = align.pack([s.ids for s in snippets])
+    al = align.align([s.ids for s in snippets], [toks[i].sub_ids for i in primaries],
+                     [row_of[s.token] for s in snippets], [V + r for r in range(len(primaries))], cfg.align_impl)
+    return Workload(primaries, snippets, np.asarray([row_of[s.token] for s in snippets], dtype=np.int64),
+                    teacher_ids, cu_teacher, al, sources, found)
+
+
+def objective_for(cfg: DistillConfig, layer: int, tied: bool) -> student.Objective:
+    method = cfg.method
+    distill = cfg.loss if method.startswith("token-distill") else None
+    ntp = {"token-distill+ntp": "plain", "token-distill+alpha-ntp": "alpha", "ntp": "plain",
+           "ntp-all": "plain"}.get(method)
+    train_output = not tied and (cfg.output_embeddings == "ntp" or method == "ntp-all")
+    return student.Objective(distill=distill, ntp=ntp, layer=layer, train_output=train_output)
+
+
+def clip_norms(rows: torch.Tensor, table: torch.Tensor, quantile: float) -> tuple[torch.Tensor, int]:
+    """Scale rows whose norm exceeds the given quantile of the original rows' norms down to it. With tied
+    embeddings a large input row is also a large output row, which makes the model over-predict the token."""
+    limit = torch.quantile(table.float().norm(dim=1).cpu(), quantile)
+    norms = rows.norm(dim=1, keepdim=True).cpu()
+    factor = torch.clamp(limit / norms.clamp_min(1e-12), max=1.0)
+    return rows.cpu() * factor, int((factor < 1).sum())
+
+
+def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config: DistillConfig | None = None,
+            tokenizer=None) -> DistillResult:
+    """Add `new_tokens` to the model's tokenizer and learn their input embeddings.
+
+    model: a model directory, or an in-memory causal LM (then pass `tokenizer`). new_tokens: a file with one
+    token per line, or a list of strings. corpus: text/JSONL files. out: if given, the extended model is written
+    there (save_pretrained layout plus new_embeddings.safetensors and report.json).
+    """
+    cfg = (config or DistillConfig()).validate()
+    timer = StageTimer()
+    t_start = time.perf_counter()
+    if out is not None:
+        export.check_out_dir(out, cfg.overwrite)
+    device = models.pick_device(cfg.device)
+    dtype = models.pick_dtype(cfg.dtype, device)
+    with timer("load"):
+        source = None
+        if isinstance(model, (str, Path)):
+            model_path = Path(model)
+            model, tokenizer = models.load_model(model_path, device, dtype)
+        else:
+            if tokenizer is None:
+                raise UserInputError("an in-memory model needs its tokenizer: distill(model, ..., tokenizer=tok)")
+            model_path, source = None, model
+            model = models.compute_copy(model, device, dtype)
+        decoder = models.Decoder(model)
+    tied = export.is_tied(model)
+    with timer("tokens"):
+        words = tokens.read_word_list(new_tokens) if isinstance(new_tokens, (str, Path)) else list(new_tokens)
+        toks, skipped = tokens.plan_new_tokens(tokenizer, words, cfg.add_variants)
+        for s in skipped:
+            log.warning("skipping %r: %s", s.word, s.reason)
+        if not toks:
+            raise UserInputError("none of the new tokens can be added (see the skipped reasons above)")
+        new_tokenizer = tokens.extend_tokenizer(tokenizer, toks, cfg.tokenizer_mode, model.config)
+    table = decoder.embed_weight
+    V = table.shape[0]
+    layer = decoder.resolve_layer(default_layer(decoder) if cfg.target_layer == "auto" else int(cfg.target_layer))
+    lr = default_lr(layer, decoder) if cfg.lr == "auto" else float(cfg.lr)
+    rows = subtoken_mean(table, toks).to(device)
+    out_init = subtoken_mean(model.get_output_embeddings().weight, toks).to(device) if not tied else None
+    report: dict = {}
+    primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
+    train_result = None
+    work = None
+    if cfg.method == "random":
+        rows = random_rows(table, len(toks), cfg.seed).to(device)
+    elif cfg.method != "mean":
+        with timer("contexts"):
+            work = build_workload(cfg, model, tokenizer, toks, list(corpus), bos_id(tokenizer), V)
+        for i in primaries:
+            log.info("%-24r %3d snippet(s) [%s]", toks[i].word, sum(1 for s in work.snippets if s.token == i),
+                     work.sources[i])
+        objective = objective_for(cfg, layer, tied)
+        cache = None
+        if objective.distill is not None:
+            with timer("teacher"):
+                cache_layers = [layer] if objective.distill == "mse" else [decoder.num_layers]
+                budget = torch.cuda.mem_get_info()[0] // 2 if device.type == "cuda" else None
+                cache = teacher.compute(decoder, work.teacher_ids, work.cu_teacher, work.alignment, cache_layers,
+                                        max_tokens=65536 if device.type == "cuda" else 8192,
+                                        cache_dtype=dtype, device_budget=budget)
+        with timer("student"):
+            train_result = student.train(
+                decoder, work.alignment, cache, work.snippet_row, rows[primaries],
+                out_init[primaries] if out_init is not None else None, objective,
+                student.Schedule(lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                 warmup_fraction=cfg.warmup_fraction, seed=cfg.seed), tied)
+        rows[primaries] = train_result.rows
+        if train_result.out_rows is not None:
+            out_init[primaries] = train_result.out_rows
+    # Variants (start-of-text forms) take their primary's rows.
+    index_of = {t.word: i for i, t in enumerate(toks) if t.variant_of is None}
+    for i, t in enumerate(toks):
+        if t.variant_of is not None:
+            rows[i] = rows[index_of[t.variant_of]]
+            if out_init is not None:
+                out_init[i] = out_init[index_of[t.variant_of]]
+    rows = rows.float().cpu()
+    clipped = 0
+    if tied and cfg.method != "mean":
+        rows, clipped = clip_norms(rows, table, cfg.max_norm_quantile)
+    out_rows = None
+    if not tied:
+        policy = "mean" if cfg.output_embeddings == "auto" else cfg.output_embeddings
+        out_rows = torch.zeros_like(rows) if policy == "zeros" else out_init.float().cpu()
+    report = build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, tied,
+                          clipped, timer, device, dtype)
+    def finish_report(**running: float) -> dict:
+        """Timings so far; `running` adds stages still under way (export writes the report as its last file)."""
+        report["timings"] = {**timer.seconds, **running, "total": time.perf_counter() - t_start}
+        return report
+
+    if out is not None:
+        with timer("export"):
+            write_output(Path(out), cfg, model_path or source, new_tokenizer, toks, rows, out_rows, tied,
+                         finish_report)
+    finish_report()
+    return DistillResult(new_tokenizer, toks, rows, out_rows, report, skipped)
+
+
+def default_layer(decoder: models.Decoder) -> int:
+    """Fixed default target layer when no search runs: the last layer (hidden_states[-1])."""
+    return decoder.num_layers
+
+
+def default_lr(layer: int, decoder: models.Decoder) -> float:
+    """Fixed default learning rate for a layer when no search runs."""
+    return 1e-3 if layer == decoder.num_layers else 5e-3
+
+
+def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, tied, clipped,
+                 timer, device, dtype) -> dict:
+    import transformers
+
+    from . import __version__
+
+    per_token = []
+    row_of = {i: r for r, i in enumerate(work.primaries)} if work else {}
+    for i, t in enumerate(toks):
+        r = row_of.get(i)
+        per_token.append({
+            "word": t.word, "form": t.form, "token": t.piece, "id": t.new_id, "kind": t.kind,
+            "variant_of": t.variant_of, "subtokens": tokenizer.convert_ids_to_tokens(t.sub_ids), "sub_ids": t.sub_ids,
+            "contexts": int(sum(1 for s in work.snippets if s.token == i)) if work and r is not None else 0,
+            "corpus_contexts": work.found.get(i, 0) if work else 0,
+            "source": (work.sources.get(i, "none") if work else cfg.method) if t.variant_of is None else "variant",
+            "final_loss": float(train_result.token_loss[r]) if train_result is not None and r is not None else None,
+            "norm": float(rows[i].norm()),
+        })
+    return {
+        "tokdistill_fast": __version__,
+        "settings": {**cfg.as_dict(), "resolved_target_layer": layer, "resolved_lr": lr},
+        "model": {"type": type(decoder.model).__name__, "layers": decoder.num_layers, "hidden": decoder.hidden_size,
+                  "rows_before": int(decoder.embed_weight.shape[0]), "tied": tied},
+        "implementations": {"align": align.resolved(cfg.align_impl), "device": str(device), "dtype": str(dtype),
+                            "backend": cfg.backend},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "counts": {"requested": len(toks) + len(skipped), "added": len(toks), "skipped": len(skipped),
+                   "variants": sum(1 for t in toks if t.variant_of), "norm_clipped": clipped,
+                   "snippets": len(work.snippets) if work else 0,
+                   "aligned_positions": int(len(work.alignment.s_pos)) if work else 0},
+        "training": None if train_result is None else {
+            "steps": train_result.steps, "seconds": train_result.seconds,
+            "first_loss": float(train_result.step_loss[0]), "last_loss": float(train_result.step_loss[-1])},
+        "tokens": per_token,
+        "skipped": [{"word": s.word, "reason": s.reason} for s in skipped],
+    }
+
+
+def write_output(out: Path, cfg, original, new_tokenizer, toks, rows, out_rows, tied, finish_report) -> None:
+    """Build the output model from the original weights in their own dtype (a model directory is reloaded on the
+    CPU; an in-memory model is copied, never modified) and save it with the tokenizer, new rows and report."""
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    if isinstance(original, Path):
+        target = AutoModelForCausalLM.from_pretrained(original, dtype="auto")
+    else:
+        target = copy.deepcopy(original).cpu()
+    ids = [t.new_id for t in toks]
+    rows_after = export.grow_embeddings(target, max(ids) + 1)
+    export.write_rows(target, ids, rows, out_rows, tied)
+
+    def fill(tmp: Path) -> None:
+        target.save_pretrained(tmp, safe_serialization=True)
+        new_tokenizer.save_pretrained(tmp)
+        export.new_rows_file(tmp / "new_embeddings.safetensors", toks, rows, out_rows)
+        report = finish_report(export=time.perf_counter() - t0)
+        report["model"]["rows_after"] = rows_after
+        export.write_json(tmp / "report.json", report)
+
+    export.atomic_write(out, cfg.overwrite, fill)

@@ -1,0 +1,56 @@
+"""`tokdistill select`: candidate new tokens from a corpus, with the paper's filters, ranked by tokens saved.
+
+A candidate is a whole word (split at whitespace, outer punctuation stripped) that is not in the vocabulary,
+contains no digit and none of []{}()<>.,;:!?@#$%^&*+_=|\\/, is split into at least two subtokens in running
+text, and occurs at least `min_count` times. Rank: count * (subtokens - 1), the tokens a corpus pass saves.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import regex
+
+from .contexts import iter_documents
+from .tokens import original_ids
+
+FORBIDDEN = set("[]{}()<>.,;:!?@#$%^&*+_=|\\/")
+STRIP = "\"'`“”‘’()[]{}<>.,;:!?*_«»—–-"
+
+
+@dataclass
+class Candidate:
+    word: str
+    count: int
+    subtokens: int
+
+    @property
+    def saved(self) -> int:
+        return self.count * (self.subtokens - 1)
+
+
+def word_counts(paths) -> Counter:
+    """How often each whitespace-delimited word (outer punctuation stripped) follows a space in the corpus."""
+    counts: Counter = Counter()
+    for doc in iter_documents(paths):
+        counts.update(w.strip(STRIP) for w in regex.findall(r"(?<=\s)\S+", doc))
+    counts.pop("", None)
+    return counts
+
+
+def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
+                  min_chars: int = 3) -> list[Candidate]:
+    """Ranked candidates that pass the filters (see the module docstring)."""
+    vocab = tokenizer.get_vocab()
+    out = []
+    for word, count in word_counts(paths).items():
+        if count < min_count or len(word) < min_chars or word in vocab:
+            continue
+        if any(c.isdigit() or c in FORBIDDEN for c in word):
+            continue
+        ids = original_ids(tokenizer, " " + word)
+        if ids and len(ids) >= 2:
+            out.append(Candidate(word, count, len(ids)))
+    out.sort(key=lambda c: (-c.saved, c.word))
+    return out[:top] if top else out
