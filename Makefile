@@ -36,7 +36,7 @@ bench-align: setup
 	$(PY) -m pytest -q bench/test_bench_alignment.py --benchmark-only
 
 bench-e2e: setup
-	$(PY) -m bench.e2e --config llama-3.1-8b --new-tokens 2500 --target-layer 8
+	$(PY) -m bench.e2e --config llama-3.1-8b --new-tokens 2500 --layers 8,32
 
 clean:
 	rm -rf $(VENV) build *.egg-info tokdistill_fast/*.so

@@ -44,6 +44,8 @@ def add_distill_args(d: argparse.ArgumentParser) -> None:
     d.add_argument("--dtype", default=c.dtype, help="auto | float32 | bfloat16 | float16")
     d.add_argument("--seed", type=int, default=c.seed)
     d.add_argument("--backend", default=c.backend, help="auto | torch | triton")
+    d.add_argument("--prefix-sharing", default=c.prefix_sharing,
+                   help="auto | off | on | fused: student steps compute only from the first new token on")
     d.add_argument("--align-impl", default=c.align_impl, help="auto | cpp | python")
 
 

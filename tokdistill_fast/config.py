@@ -59,6 +59,11 @@ class DistillConfig:
     dtype: str = "auto"  # bf16 on CUDA and on CPUs with AMX/AVX512-BF16 (6x faster matmuls), else fp32
     seed: int = 0
     backend: str = "auto"  # torch (reference) | triton (fused kernels, CUDA or TRITON_INTERPRET=1)
+    # Student steps from the first new token on, attending to the prefix's keys/values (exact under causal
+    # attention): on = a no-grad prefix pass per step; fused = the teacher runs inside each step and lends its
+    # keys/values (epochs 1); off = whole sequences (the reference); auto = fused at epochs 1, else on, off with
+    # backend torch.
+    prefix_sharing: str = "auto"
     align_impl: str = "auto"  # cpp (pybind11 extension) | python (the spec)
     autotune_budget: float = 0.2  # share of the main run's time the layer/lr search may spend
     warmup_fraction: float = 0.5  # linear warm-up over the first half of the steps, then constant (paper)
@@ -73,6 +78,7 @@ class DistillConfig:
         choices = {"method": METHODS, "loss": LOSSES, "contexts": CONTEXT_SOURCES,
                    "output_embeddings": OUTPUT_POLICIES, "tokenizer_mode": TOKENIZER_MODES,
                    "backend": ("auto", "torch", "triton"), "align_impl": ("auto", "cpp", "python"),
+                   "prefix_sharing": ("auto", "off", "on", "fused"),
                    "dtype": ("auto", "float32", "bfloat16", "float16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import attention
+from .attention import Attend
 from .config import UserInputError
 
 log = logging.getLogger(__name__)
@@ -72,8 +75,6 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype):
 def _attention_backend(h: torch.Tensor):
     """On CPU with gradients, SDPA's math backend: the CPU flash kernel's backward is slow for snippet-length
     sequences (SmolLM2, B=16, T=48, 30 layers: fwd+bwd 1.11 s with flash, 0.79 s with math). Else the default."""
-    from contextlib import nullcontext
-
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if h.device.type == "cpu" and torch.is_grad_enabled() and h.requires_grad:
@@ -139,24 +140,42 @@ class Decoder:
         return [per_type[t] for t in self.layer_types]
 
     def hidden_states(self, h: torch.Tensor, layers: list[int] | tuple[int, ...],
-                      position_ids: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """Run decoder layers on right-padded embeddings h [B, T, D] up to max(layers) and return
-        {l: hidden_states[l]}. Causal attention without a mask: right padding never leaks into real tokens."""
+                      position_ids: torch.Tensor | None = None,
+                      attend: Attend | None = None) -> dict[int, torch.Tensor]:
+        """Run decoder layers on embeddings h [B, T, D] up to max(layers) and return {l: hidden_states[l]}.
+        Without `attend`: right-padded rows, causal attention without a mask (right padding never leaks into real
+        tokens). With it: the layout and attention it describes (prefix sharing, packed rows; see attention.py)."""
         B, T, _ = h.shape
-        if self.max_len is not None and T > self.max_len:
-            raise UserInputError(f"sequences of {T} tokens exceed the sliding window ({self.max_len})")
+        longest = T if attend is None else attend.spec.max_len
+        if self.max_len is not None and longest > self.max_len:
+            raise UserInputError(f"sequences of {longest} tokens exceed the sliding window ({self.max_len})")
         if position_ids is None:
             position_ids = torch.arange(T, device=h.device).unsqueeze(0)
         wanted = sorted(set(layers))
         pos = self._position_embeddings(h, position_ids)
+        extra = {} if attend is None else {attention.KWARG: attend}
         out: dict[int, torch.Tensor] = {}
-        with _attention_backend(h):
+        with _attention_backend(h), self._implementation(attend is not None):
             for i in range(wanted[-1]):
-                h = self.layers[i](h, attention_mask=None, position_ids=position_ids, position_embeddings=pos[i])
+                h = self.layers[i](h, attention_mask=None, position_ids=position_ids, position_embeddings=pos[i],
+                                   **extra)
                 h = h[0] if isinstance(h, tuple) else h  # transformers 4.x layers return tuples
                 if i + 1 in wanted:
                     out[i + 1] = self.base.norm(h) if i + 1 == self.num_layers else h
         return out
+
+    @contextmanager
+    def _implementation(self, ours: bool):
+        """Select the registered `tokdistill` attention for one call only, so the model is left as it was found."""
+        if not ours:
+            yield
+            return
+        before = self.config._attn_implementation
+        self.config._attn_implementation = attention.register()
+        try:
+            yield
+        finally:
+            self.config._attn_implementation = before
 
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:
         """LM head on final-normed states (only for losses that need logits)."""

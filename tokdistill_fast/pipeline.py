@@ -200,20 +200,23 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
             log.info("%-24r %3d snippet(s) [%s]", toks[i].word, sum(1 for s in work.snippets if s.token == i),
                      work.sources[i])
         objective = objective_for(cfg, layer, tied)
+        passes = student.resolve_passes(cfg.prefix_sharing, cfg.backend, cfg.epochs, device, dtype)
         cache = None
         if objective.distill is not None:
-            with timer("teacher"):
+            with timer("teacher"):  # fused passes run the teacher inside the student's steps instead
                 cache_layers = [layer] if objective.distill == "mse" else [decoder.num_layers]
                 budget = torch.cuda.mem_get_info()[0] // 2 if device.type == "cuda" else None
-                cache = teacher.compute(decoder, work.teacher_ids, work.cu_teacher, work.alignment, cache_layers,
-                                        max_tokens=65536 if device.type == "cuda" else 8192,
-                                        cache_dtype=dtype, device_budget=budget)
+                cache = None if passes.fused else teacher.compute(
+                    decoder, work.teacher_ids, work.cu_teacher, work.alignment, cache_layers,
+                    max_tokens=65536 if device.type == "cuda" else 8192, cache_dtype=dtype, device_budget=budget,
+                    packed=passes.packed)
         with timer("student"):
             train_result = student.train(
                 decoder, work.alignment, cache, work.snippet_row, rows[primaries],
                 out_init[primaries] if out_init is not None else None, objective,
                 student.Schedule(lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                 warmup_fraction=cfg.warmup_fraction, seed=cfg.seed), tied)
+                                 warmup_fraction=cfg.warmup_fraction, seed=cfg.seed, log_every=cfg.log_every),
+                tied, passes=passes, teacher=(work.teacher_ids, work.cu_teacher))
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
             out_init[primaries] = train_result.out_rows
@@ -282,14 +285,18 @@ def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decode
         "model": {"type": type(decoder.model).__name__, "layers": decoder.num_layers, "hidden": decoder.hidden_size,
                   "rows_before": int(decoder.embed_weight.shape[0]), "tied": tied},
         "implementations": {"align": align.resolved(cfg.align_impl), "device": str(device), "dtype": str(dtype),
-                            "backend": cfg.backend},
+                            "backend": cfg.backend,
+                            "student_passes": train_result.extra["passes"] if train_result is not None else None},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "counts": {"requested": len(toks) + len(skipped), "added": len(toks), "skipped": len(skipped),
                    "variants": sum(1 for t in toks if t.variant_of), "norm_clipped": clipped,
                    "snippets": len(work.snippets) if work else 0,
-                   "aligned_positions": int(len(work.alignment.s_pos)) if work else 0},
+                   "aligned_positions": int(len(work.alignment.s_pos)) if work else 0,
+                   "teacher_tokens": int(work.cu_teacher[-1]) if work else 0,
+                   "student_tokens": int(work.alignment.cu_student[-1]) if work else 0},
         "training": None if train_result is None else {
             "steps": train_result.steps, "seconds": train_result.seconds,
+            "computed_positions": train_result.extra["positions"],
             "first_loss": float(train_result.step_loss[0]), "last_loss": float(train_result.step_loss[-1])},
         "tokens": per_token,
         "skipped": [{"word": s.word, "reason": s.reason} for s in skipped],

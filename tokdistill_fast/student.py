@@ -3,12 +3,18 @@
 The frozen model runs truncated at the target layer; the new rows are one fp32 parameter [n_new, D] read by
 the fused gather (kernels/embedding_rows.py), so no gradient ever touches the model's weights or its
 embedding table. AdamW without weight decay, linear warm-up over the first half of the steps, then constant
-(the paper's recipe). Every batch's index tensors are built before the loop, and losses stay on the device
-until the end, so the loop itself never waits for the host.
+(the paper's recipe). Every batch's layouts and index tensors are built before the loop, and losses stay on
+the device (logged asynchronously), so the loop itself never waits for the host.
+
+Prefix sharing (`Passes`): positions before a sequence's first new token are identical in teacher and student,
+so a step runs only the suffix with gradient, attending to the prefix keys/values of a no-grad pass (the
+student's prefixes, or, fused, the teacher pass over the same snippets that also yields the step's targets).
+The reference steps run whole padded sequences; both give the same states at the aligned positions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,10 +25,13 @@ from tqdm.auto import tqdm
 
 from tokdistill_fast.kernels.embedding_rows import embedding_rows
 
-from . import losses
+from . import attention, losses
 from .align import Alignment
+from .attention import Attend, ranges
+from .config import UserInputError
+from .layout import Layout, lay_out
 from .models import Decoder
-from .teacher import TeacherCache, aligned_rows, pad_batch
+from .teacher import TeacherCache
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +54,7 @@ class Schedule:
     batch_size: int = 16
     warmup_fraction: float = 0.5
     seed: int = 0
+    log_every: int = 0  # log the mean loss of every this many steps (0: never), without waiting for the device
 
 
 @dataclass
@@ -59,39 +69,200 @@ class TrainResult:
 
 
 @dataclass
+class Passes:
+    """How a step runs the student. prefix: only from each sequence's first new token on, attending to the
+    keys/values of the positions before it, which are identical in teacher and student, carry no gradient and
+    are not in the loss (exact under causal attention). fused: those keys/values, and the step's targets, come
+    from a teacher pass over the same snippets run just before, instead of a no-grad student prefix pass (each
+    snippet is then seen once: epochs == 1). packed: packed rows and varlen attention (CUDA) instead of padded
+    rows, for these passes and the teacher's."""
+
+    prefix: bool = False
+    fused: bool = False
+    packed: bool = False
+
+    def describe(self) -> str:
+        kind = "fused" if self.fused else "prefix" if self.prefix else "off"
+        return f"{kind}, {'packed' if self.packed else 'padded'}"
+
+
+def resolve_passes(prefix_sharing: str, backend: str, epochs: int, device: torch.device,
+                   dtype: torch.dtype) -> Passes:
+    """auto: off with the reference backend (torch), fused when every snippet is seen once, else on.
+    Packed rows wherever varlen attention exists (CUDA, half dtypes), except with the reference backend."""
+    if prefix_sharing == "auto":
+        prefix_sharing = "off" if backend == "torch" else "fused" if epochs == 1 else "on"
+    if prefix_sharing == "fused" and epochs != 1:
+        raise UserInputError("--prefix-sharing fused needs --epochs 1: the teacher pass runs inside each step")
+    packed = backend != "torch" and attention.packed_available(device, dtype)
+    return Passes(prefix=prefix_sharing != "off", fused=prefix_sharing == "fused", packed=packed)
+
+
+@dataclass
 class Batch:
-    ids: torch.Tensor  # [B, T] extended ids (>= V: new rows)
-    s_idx: torch.Tensor  # [K] flat student positions
-    t_idx: torch.Tensor  # [K] packed teacher rows
+    """One step's inputs, prepared before the loop. `main` is what runs with gradient: whole right-padded
+    student sequences (reference) or, with prefix sharing, their suffixes from the first new token on, which
+    attend to keys/values captured by the no-grad pass `prefix` (the student's prefixes or, fused, the teacher's
+    sequences). main is None when no snippet of the batch has an aligned pair (the step trains nothing)."""
+
+    main: Layout | None
+    s_idx: torch.Tensor  # [K] rows of main's flattened output at the aligned positions
+    t_idx: torch.Tensor  # [K] teacher rows: in the cache, or (fused) in the prefix pass's flattened output
+    t_rows: np.ndarray  # [K] cache rows of the pairs (host copy for a host-resident cache)
     tok: torch.Tensor  # [K] token (row) index of each aligned pair, for per-token loss
-    ntp_idx: torch.Tensor  # [K'] flat student positions that have a next token
+    ntp_idx: torch.Tensor  # [K'] rows of main's output that have a next token
     ntp_target: torch.Tensor  # [K'] extended id of that next token
+    prefix: Layout | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        s_idx, t_idx, tok, ntp_idx, ntp_target = (t.to(device, non_blocking=True) for t in (
+            self.s_idx, self.t_idx, self.tok, self.ntp_idx, self.ntp_target))
+        return Batch(None if self.main is None else self.main.to(device), s_idx, t_idx, self.t_rows, tok, ntp_idx,
+                     ntp_target, None if self.prefix is None else self.prefix.to(device))
+
+
+def make_batch(al: Alignment, snippet_row: np.ndarray, rows: np.ndarray, passes: Passes,
+               teacher: tuple[np.ndarray, np.ndarray] | None = None) -> Batch:
+    """Layouts and index arrays of one step over snippets `rows` (host side). `teacher` = (teacher_ids,
+    cu_teacher) for fused passes."""
+    cu_a, cu_s = al.cu_aligned, al.cu_student
+    if passes.prefix:
+        rows = rows[cu_a[rows + 1] > cu_a[rows]]  # snippets without aligned pairs contribute nothing
+    counts = cu_a[rows + 1] - cu_a[rows]
+    pairs = ranges(cu_a[rows], counts)  # aligned pairs of the batch = their rows in the teacher cache
+    seq = np.repeat(np.arange(len(rows)), counts)  # batch row of each pair
+    s_pos = al.s_pos[pairs].astype(np.int64)
+    lens = cu_s[rows + 1] - cu_s[rows]
+    has_next = s_pos + 1 < lens[seq]  # next-token targets: aligned positions except each sequence's last one
+    ntp_target = al.student_ids[(cu_s[rows][seq] + s_pos + 1)[has_next]]
+    tok = np.repeat(snippet_row[rows], counts)
+    t_idx, prefix = pairs, None
+    if not passes.prefix:
+        main = lay_out(al.student_ids, cu_s[rows], lens, np.zeros(len(rows)), packed=False)
+        s_flat = main.rows(seq, s_pos)
+    elif len(rows) == 0:
+        main, s_flat = None, np.zeros(0, dtype=np.int64)
+    else:
+        p = al.s_pos[cu_a[rows]].astype(np.int64)  # first new token of each sequence = its prefix length
+        if passes.fused:
+            teacher_ids, cu_t = teacher
+            prefix = lay_out(teacher_ids, cu_t[rows], cu_t[rows + 1] - cu_t[rows], np.zeros(len(rows)),
+                             passes.packed, capture=p)
+            t_idx = prefix.rows(seq, al.t_pos[pairs].astype(np.int64))
+        elif p.any() and passes.packed:  # packed rows need no empty prefixes; captured rows stay in cu(p) order
+            some = p > 0
+            prefix = lay_out(al.student_ids, cu_s[rows[some]], p[some], np.zeros(int(some.sum())), True)
+        elif p.any():
+            prefix = lay_out(al.student_ids, cu_s[rows], p, np.zeros(len(rows)), False, capture=p)
+        main = lay_out(al.student_ids, cu_s[rows] + p, lens - p, p, passes.packed, prefix_len=p)
+        s_flat = main.rows(seq, s_pos - p[seq])
+    tensors = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+               for a in (s_flat, t_idx, tok, s_flat[has_next], ntp_target))
+    s_idx, t_idx_t, tok_t, ntp_idx, ntp_t = tensors
+    return Batch(main, s_idx, t_idx_t, pairs, tok_t, ntp_idx, ntp_t, prefix)
 
 
 def make_batches(al: Alignment, snippet_row: np.ndarray, rows_per_batch: int, epochs: int, seed: int,
-                 device: torch.device) -> list[Batch]:
-    """Shuffled batches for every epoch, with all index tensors prepared up front."""
+                 device: torch.device, passes: Passes | None = None,
+                 teacher: tuple[np.ndarray, np.ndarray] | None = None) -> list[Batch]:
+    """Shuffled batches for every epoch, with all layouts and index tensors prepared up front."""
     rng = np.random.default_rng(seed)
+    passes = passes or Passes()
     batches = []
     for _ in range(epochs):
         order = rng.permutation(al.n)
         for start in range(0, al.n, rows_per_batch):
-            rows = order[start:start + rows_per_batch]
-            ids = pad_batch(al.student_ids, al.cu_student, rows, torch.device("cpu"))
-            T = ids.shape[1]
-            s_flat = aligned_rows(al.cu_aligned, al.s_pos, rows, T)
-            t_idx = np.concatenate([np.arange(al.cu_aligned[i], al.cu_aligned[i + 1]) for i in rows])
-            tok = np.repeat(snippet_row[rows], al.cu_aligned[rows + 1] - al.cu_aligned[rows])
-            # next-token targets: aligned positions except each sequence's last one
-            lens = al.cu_student[rows + 1] - al.cu_student[rows]
-            s_pos = np.concatenate([al.s_pos[al.cu_aligned[i]:al.cu_aligned[i + 1]] for i in rows])
-            seq_len = np.repeat(lens, al.cu_aligned[rows + 1] - al.cu_aligned[rows])
-            has_next = s_pos + 1 < seq_len
-            ntp_idx = s_flat[has_next]
-            ntp_target = ids.reshape(-1)[torch.from_numpy(ntp_idx + 1)]
-            tensors = (torch.from_numpy(a).to(device) for a in (s_flat, t_idx, tok, ntp_idx))
-            batches.append(Batch(ids.to(device), *tensors, ntp_target.to(device)))
+            batches.append(make_batch(al, snippet_row, order[start:start + rows_per_batch], passes, teacher).to(device))
     return batches
+
+
+def student_states(decoder: Decoder, b: Batch, table: torch.Tensor, rows: torch.Tensor, layers: list[int],
+                   passes: Passes, teacher_layers: list[int] | None = None
+                   ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
+    """Flattened student states {layer: [rows of main, D]} of one step and, fused, the teacher pass's
+    flattened states {layer: [rows, D]} that b.t_idx indexes."""
+    D = decoder.hidden_size
+    if not passes.prefix:
+        h0 = embedding_rows(b.main.ids, table, rows, decoder.embed_scale)
+        return {l: h.reshape(-1, D) for l, h in decoder.hidden_states(h0, layers).items()}, None
+    context, targets = None, None
+    if b.prefix is not None:
+        context = {}
+        depth = [max(layers)] if teacher_layers is None else sorted(set(teacher_layers) | {max(layers)})
+        with torch.no_grad():
+            pre = decoder.hidden_states(decoder.embed(b.prefix.ids), depth, b.prefix.positions,
+                                        Attend(b.prefix.spec, capture=context))
+        if teacher_layers is not None:
+            targets = {l: pre[l].reshape(-1, D) for l in teacher_layers}
+    h0 = embedding_rows(b.main.ids, table, rows, decoder.embed_scale)
+    attend = Attend(b.main.spec, context=context if b.main.spec.has_prefix else None)
+    hidden = decoder.hidden_states(h0, layers, b.main.positions, attend)
+    return {l: h.reshape(-1, D) for l, h in hidden.items()}, targets
+
+
+class TargetFeed:
+    """Each step's teacher rows on the compute device, as (states {layer: [.., D]}, row index). A cache on the
+    device is indexed in place. A host cache (pinned, teacher.compute spills there) is gathered per step into one
+    of two pinned staging buffers and copied asynchronously; a buffer is refilled only after the copy queued from
+    it two steps earlier has completed, so the host prepares step k + 1 while the device still reads step k."""
+
+    def __init__(self, cache: TeacherCache, batches: list[Batch], device: torch.device, staged: bool | None = None):
+        self.cache, self.device = cache, device
+        self.on_device = all(t.device == device for t in cache.states.values()) if staged is None else not staged
+        if not self.on_device:
+            k_max = max((len(b.t_rows) for b in batches), default=0)
+            pin = device.type == "cuda"
+            self.staging = [{l: torch.empty((k_max, t.shape[1]), dtype=t.dtype, pin_memory=pin)
+                             for l, t in cache.states.items()} for _ in range(2)]
+            self.copied = [torch.cuda.Event() if pin else None for _ in range(2)]
+
+    def __call__(self, step: int, b: Batch) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        if self.on_device:
+            return self.cache.states, b.t_idx
+        slot, k = step % 2, len(b.t_rows)
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()
+        idx = torch.from_numpy(b.t_rows)
+        out = {}
+        for l, t in self.cache.states.items():
+            buf = self.staging[slot][l][:k]
+            torch.index_select(t, 0, idx, out=buf)
+            out[l] = buf.to(self.device, non_blocking=True)
+        if self.copied[slot] is not None:
+            self.copied[slot].record()
+        return out, torch.arange(k, device=self.device)
+
+
+class LossLog:
+    """Logs the mean loss of every `every` steps without waiting for the device: each window is copied to host
+    memory asynchronously and logged once its copy has completed (polled, never waited for, until close)."""
+
+    def __init__(self, losses: torch.Tensor, every: int, desc: str):
+        self.losses, self.every, self.desc = losses, every, desc
+        self.cuda = losses.device.type == "cuda"
+        self.pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+
+    def step(self, step: int) -> None:
+        if self.every <= 0 or (step + 1) % self.every:
+            return
+        window = self.losses[step + 1 - self.every:step + 1]
+        host = torch.empty(window.shape, dtype=window.dtype, pin_memory=self.cuda).copy_(window, non_blocking=True)
+        done = torch.cuda.Event() if self.cuda else None
+        if done is not None:
+            done.record()
+        self.pending.append((step, host, done))
+        while self.pending and (self.pending[0][2] is None or self.pending[0][2].query()):
+            self._emit(*self.pending.pop(0))
+
+    def close(self) -> None:
+        for step, host, done in self.pending:
+            if done is not None:
+                done.synchronize()
+            self._emit(step, host, done)
+        self.pending = []
+
+    def _emit(self, step: int, host: torch.Tensor, _done) -> None:
+        log.info("%s: steps %d-%d, mean loss %.5g", self.desc, step + 2 - self.every, step + 1, float(host.mean()))
 
 
 def warmup_then_constant(optimizer, total_steps: int, warmup_fraction: float):
@@ -102,11 +273,19 @@ def warmup_then_constant(optimizer, total_steps: int, warmup_fraction: float):
 
 def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_row: np.ndarray,
           init_rows: torch.Tensor, init_out: torch.Tensor | None, objective: Objective, schedule: Schedule,
-          tied: bool, desc: str = "train") -> TrainResult:
-    """Optimize the new rows (and, for untied models asked to, the new output rows)."""
+          tied: bool, desc: str = "train", passes: Passes | None = None,
+          teacher: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
+    """Optimize the new rows (and, for untied models asked to, the new output rows). `passes` picks the
+    reference (default) or the prefix-sharing steps; fused steps take (teacher_ids, cu_teacher) as `teacher`
+    instead of a cache and compute the targets batch by batch."""
     device = decoder.embed_weight.device
+    passes = passes or Passes()
+    if passes.fused and objective.distill is None:
+        passes = dataclasses.replace(passes, fused=False)  # nothing to distill: the student's own prefixes
+    if passes.fused and teacher is None:
+        raise ValueError("fused passes need the teacher sequences (teacher_ids, cu_teacher)")
     n_rows = init_rows.shape[0]
-    table, V, D = decoder.embed_weight, decoder.embed_weight.shape[0], decoder.hidden_size
+    table, V = decoder.embed_weight, decoder.embed_weight.shape[0]
     rows = torch.nn.Parameter(init_rows.detach().to(device=device, dtype=torch.float32).clone())
     params = [rows]
     out_rows = None
@@ -115,49 +294,67 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
         params.append(out_rows)
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0, **fused)
-    batches = make_batches(al, snippet_row, schedule.batch_size, schedule.epochs, schedule.seed, device)
+    batches = make_batches(al, snippet_row, schedule.batch_size, schedule.epochs, schedule.seed, device, passes,
+                           teacher if passes.fused else None)
     sched = warmup_then_constant(opt, len(batches), schedule.warmup_fraction)
     L = decoder.num_layers
     needs_final = objective.distill in ("kl", "logits-mse") or objective.ntp is not None or out_rows is not None
     layers = sorted({objective.layer} | ({L} if needs_final else set())) if objective.distill == "mse" else [L]
+    teacher_layers = ([objective.layer] if objective.distill == "mse" else [L]) if passes.fused else None
+    feed = None if passes.fused or objective.distill is None else TargetFeed(cache, batches, device)
     step_loss = torch.zeros(len(batches), device=device)
+    losses_log = LossLog(step_loss, schedule.log_every, desc)
     tok_sum = torch.zeros(n_rows, device=device)
     tok_cnt = torch.zeros(n_rows, device=device)
     last_epoch_start = len(batches) - len(batches) // schedule.epochs
     t0 = time.perf_counter()
     for step, b in enumerate(tqdm(batches, desc=desc, unit="step", leave=False)):
-        h0 = embedding_rows(b.ids, table, rows, decoder.embed_scale)
-        hidden = decoder.hidden_states(h0, layers)
-        flat = {l: h.reshape(-1, D) for l, h in hidden.items()}
-        loss, row_loss = torch.zeros((), device=device), None
-        if objective.distill == "mse":
-            loss, row_loss = losses.hidden_mse(flat[objective.layer], cache.states[objective.layer], b.s_idx, b.t_idx)
-        elif objective.distill is not None:
-            loss, row_loss = losses.logits_distill(objective.distill, decoder.logits, flat[L], cache.states[L],
-                                                   b.s_idx, b.t_idx)
-        if objective.ntp is not None:
-            out = rows if tied or out_rows is None else out_rows
-            ntp, ntp_rows = losses.next_token(decoder.logits, out, flat[L], b.ntp_idx, b.ntp_target, V)
-            if objective.distill is None:
-                loss = ntp
-            elif objective.ntp == "alpha":
-                loss = loss + (loss.detach() / ntp.detach().clamp_min(1e-8)) * ntp
-            else:
-                loss = loss + ntp
-        if out_rows is not None and objective.ntp is None:  # output rows only: states detached
-            out_loss, _ = losses.next_token(decoder.logits, out_rows, flat[L].detach(), b.ntp_idx, b.ntp_target, V)
-            loss = loss + out_loss
+        if b.main is None:  # no aligned pair in the batch: zero gradients, as the reference computes
+            loss, row_loss = sum(p.sum() for p in params) * 0.0, None
+        else:
+            flat, targets = student_states(decoder, b, table, rows, layers, passes, teacher_layers)
+            states, t_idx = (targets, b.t_idx) if passes.fused else feed(step, b) if feed else (None, None)
+            loss, row_loss = torch.zeros((), device=device), None
+            if objective.distill == "mse":
+                loss, row_loss = losses.hidden_mse(flat[objective.layer], states[objective.layer], b.s_idx, t_idx)
+            elif objective.distill is not None:
+                loss, row_loss = losses.logits_distill(objective.distill, decoder.logits, flat[L], states[L],
+                                                       b.s_idx, t_idx)
+            if objective.ntp is not None:
+                out = rows if tied or out_rows is None else out_rows
+                ntp, ntp_rows = losses.next_token(decoder.logits, out, flat[L], b.ntp_idx, b.ntp_target, V)
+                if objective.distill is None:
+                    loss = ntp
+                elif objective.ntp == "alpha":
+                    loss = loss + (loss.detach() / ntp.detach().clamp_min(1e-8)) * ntp
+                else:
+                    loss = loss + ntp
+            if out_rows is not None and objective.ntp is None:  # output rows only: states detached
+                out_loss, _ = losses.next_token(decoder.logits, out_rows, flat[L].detach(), b.ntp_idx,
+                                                b.ntp_target, V)
+                loss = loss + out_loss
         loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step_loss[step] = loss.detach()
+        losses_log.step(step)
         if step >= last_epoch_start and row_loss is not None:
             tok_sum.index_add_(0, b.tok, row_loss.float())
             tok_cnt.index_add_(0, b.tok, torch.ones_like(row_loss, dtype=torch.float32))
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    losses_log.close()
     token_loss = (tok_sum / tok_cnt).cpu().numpy()  # nan where a token had no aligned rows
     return TrainResult(rows.detach(), None if out_rows is None else out_rows.detach(), step_loss.cpu().numpy(),
-                       token_loss, seconds, len(batches))
+                       token_loss, seconds, len(batches),
+                       extra={"passes": passes.describe(), "positions": computed_positions(batches, passes)})
+
+
+def computed_positions(batches: list[Batch], passes: Passes) -> dict[str, int]:
+    """Real (non-padding) token positions the steps ran through the decoder: with gradient (forward and
+    input-gradient backward) and without (the student's prefixes, or the fused teacher pass)."""
+    no_grad = sum(b.prefix.tokens for b in batches if b.prefix is not None)
+    return {"with_grad": sum(b.main.tokens for b in batches if b.main is not None),
+            "teacher" if passes.fused else "prefix": no_grad}

@@ -1,9 +1,10 @@
 """Stage 4: teacher hidden states, computed once without gradient and only up to the deepest layer needed.
 
-Snippets are sorted by length and run in large right-padded batches; of each sequence only the aligned
-positions are kept, packed in the cu_seqlens layout of the alignment: states[l][cu_aligned[i]:cu_aligned[i+1]]
-are snippet i's targets at layer l. The cache lives on the compute device, or in pinned host memory when it
-would take more than `device_budget` bytes there.
+Snippets are sorted by length and run in large right-padded batches (or, on CUDA, in packed rows without
+padding); of each sequence only the aligned positions are kept, packed in the cu_seqlens layout of the
+alignment: states[l][cu_aligned[i]:cu_aligned[i+1]] are snippet i's targets at layer l. The cache lives on the
+compute device, or in pinned host memory when it would take more than `device_budget` bytes there (the
+student then copies each step's rows to the device asynchronously, student.TargetFeed).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .align import Alignment
+from .attention import Attend, ranges
+from .layout import lay_out, token_batches
 from .models import Decoder
 
 
@@ -64,8 +67,9 @@ def aligned_rows(cu_aligned: np.ndarray, pos: np.ndarray, rows: np.ndarray, widt
 @torch.no_grad()
 def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, alignment: Alignment,
             layers: list[int], max_tokens: int, cache_dtype: torch.dtype,
-            device_budget: int | None = None) -> TeacherCache:
-    """Teacher states at `layers` for the aligned positions of every snippet."""
+            device_budget: int | None = None, packed: bool = False) -> TeacherCache:
+    """Teacher states at `layers` for the aligned positions of every snippet. `packed` runs packed rows with
+    varlen attention (CUDA) instead of length-sorted right-padded batches; both give the same states."""
     device = decoder.embed_weight.device
     K, D = len(alignment.t_pos), decoder.hidden_size
     need = K * D * torch.empty((), dtype=cache_dtype).element_size() * len(layers)
@@ -74,14 +78,48 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
                              pin_memory=on_host) for l in layers}
     lengths = cu_teacher[1:] - cu_teacher[:-1]
     cu_a = alignment.cu_aligned
-    batches = length_batches(lengths, max_tokens)
+    batches = token_batches(lengths, max_tokens) if packed else length_batches(lengths, max_tokens)
+    spill = _HostSpill(states) if on_host else None
     for rows in tqdm(batches, desc="teacher", unit="batch", leave=False):
-        ids = pad_batch(teacher_ids, cu_teacher, rows, device)
-        hidden = decoder.hidden_states(decoder.embed(ids), layers)
-        flat_idx = torch.from_numpy(aligned_rows(cu_a, alignment.t_pos, rows, ids.shape[1])).to(device)
-        dest = torch.from_numpy(np.concatenate([np.arange(cu_a[i], cu_a[i + 1]) for i in rows])).to(
-            states[layers[0]].device)
-        for l, h in hidden.items():
-            states[l].index_copy_(0, dest, h.reshape(-1, D).index_select(0, flat_idx).to(cache_dtype).to(
-                states[l].device, non_blocking=True))
+        lay = lay_out(teacher_ids, cu_teacher[rows], lengths[rows], np.zeros(len(rows)), packed).to(device)
+        hidden = decoder.hidden_states(decoder.embed(lay.ids), layers, lay.positions if packed else None,
+                                       Attend(lay.spec) if packed else None)
+        counts = cu_a[rows + 1] - cu_a[rows]
+        pairs = ranges(cu_a[rows], counts)  # this batch's aligned pairs, which are also their cache rows
+        flat_idx = torch.from_numpy(lay.rows(np.repeat(np.arange(len(rows)), counts), alignment.t_pos[pairs]))
+        picked = {l: h.reshape(-1, D).index_select(0, flat_idx.to(device)).to(cache_dtype) for l, h in hidden.items()}
+        if spill is None:
+            dest = torch.from_numpy(pairs).to(device)
+            for l, rows_l in picked.items():
+                states[l].index_copy_(0, dest, rows_l)
+        else:
+            spill.put(picked, torch.from_numpy(pairs))
+    if spill is not None:
+        spill.flush()
     return TeacherCache(states, cu_a)
+
+
+class _HostSpill:
+    """Scatter device rows into a pinned host cache without stalling the device: each batch is copied
+    asynchronously into its own pinned staging buffer, and the host-side scatter of batch k waits (on an
+    event) for that copy only when batch k + 1 has been queued."""
+
+    def __init__(self, states: dict[int, torch.Tensor]):
+        self.states = states
+        self.pending: tuple | None = None
+
+    def put(self, picked: dict[int, torch.Tensor], dest: torch.Tensor) -> None:
+        staged = {l: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                  for l, t in picked.items()}
+        done = torch.cuda.Event()
+        done.record()
+        self.flush()
+        self.pending = (done, staged, dest)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            done, staged, dest = self.pending
+            done.synchronize()
+            for l, t in staged.items():
+                self.states[l].index_copy_(0, dest, t)
+            self.pending = None

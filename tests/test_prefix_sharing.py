@@ -1,0 +1,251 @@
+"""Prefix sharing and packed passes give the reference's student states at the aligned positions, the same
+gradients for the new rows and the same teacher targets, on tiny Llama/Qwen2/Gemma3 models in fp32 and bf16.
+
+The rule (FlashAttention's): against a float64 run of the reference, the fast path's error is at most twice the
+reference's own error in the same dtype, plus a small relative floor. Packed passes run on CPU through the
+plain-PyTorch varlen reference (the layout logic is the same); the CUDA kernel is compared to it on a GPU.
+"""
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import AutoModelForCausalLM
+
+from tokdistill_fast import align, attention, student, teacher
+from tokdistill_fast.config import UserInputError
+from tokdistill_fast.models import Decoder
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+PHRASES = [[7, 8], [9, 10, 11]]
+MODES = {"prefix": student.Passes(prefix=True), "fused": student.Passes(prefix=True, fused=True),
+         "packed-prefix": student.Passes(prefix=True, packed=True),
+         "packed-fused": student.Passes(prefix=True, fused=True, packed=True)}
+
+
+def snippets(seed: int, n: int = 7):
+    """Random teacher sequences with a phrase planted at the start, mid-sequence, twice, or not at all."""
+    rng = np.random.default_rng(seed)
+    seqs, which = [], []
+    for i in range(n):
+        s = rng.integers(20, 300, int(rng.integers(6, 20))).tolist()
+        p = PHRASES[i % 2]
+        if i != 3:  # snippet 3 has no occurrence: no aligned pairs
+            at = 0 if i == 0 else int(rng.integers(1, len(s) - 3))
+            s[at:at + len(p)] = p
+        if i == 5:
+            s[-len(p):] = p  # a second occurrence at the very end
+        seqs.append(s)
+        which.append(i % 2)
+    al = align.align(seqs, PHRASES, which, [300, 301], "python")
+    teacher_ids, cu_teacher = align.pack(seqs)
+    return al, np.asarray(which), teacher_ids, cu_teacher
+
+
+def cpu_varlen(monkeypatch):
+    """Run packed passes on CPU through the plain-PyTorch varlen reference."""
+    monkeypatch.setattr(attention, "varlen_causal",
+                        lambda q, k, v, cu_q, cu_k, max_q, max_k, scale:
+                        attention.varlen_causal_ref(q, k, v, cu_q, cu_k, scale))
+
+
+def states_and_grad(dec, al, snippet_row, passes, teacher_seqs, rows0, weight, layer):
+    """Student states at the aligned positions, d(sum(states * weight))/d rows, and (fused) teacher targets."""
+    rows = rows0.clone().to(dec.embed_weight.device).requires_grad_()
+    b = student.make_batch(al, snippet_row, np.arange(al.n), passes, teacher_seqs).to(dec.embed_weight.device)
+    flat, targets = student.student_states(dec, b, dec.embed_weight, rows, [layer], passes,
+                                           [layer] if passes.fused else None)
+    S = flat[layer].index_select(0, b.s_idx)
+    (S.double() * weight.to(S.device)).sum().backward()
+    T = targets[layer].index_select(0, b.t_idx).double().cpu() if targets else None
+    return S.detach().double().cpu(), rows.grad.double().cpu(), T
+
+
+def assert_close_as_reference(ours, same, gold):
+    """At most twice the reference's own error in this dtype, against float64, plus a relative floor."""
+    def err(x):
+        return (x - gold).abs().max().item()
+
+    assert err(ours) <= 2 * err(same) + 1e-5 * gold.abs().max().item(), (err(ours), err(same))
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
+def family_case(request):
+    """A tiny model of the family in float64 with its gold results, plus per-dtype copies and reference results."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(request.param, 300), dtype=torch.float64)
+    model.eval().requires_grad_(False)
+    al, snippet_row, teacher_ids, cu_teacher = snippets(seed=1)
+    rows0 = torch.randn(2, model.config.hidden_size, dtype=torch.float64) * 0.5
+    weight = torch.randn(len(al.s_pos), model.config.hidden_size, dtype=torch.float64)  # upstream grad != 1
+    case = dict(model=model, al=al, snippet_row=snippet_row, teacher=(teacher_ids, cu_teacher), rows0=rows0,
+                weight=weight, layer=3)
+    case["gold"] = reference_results(case, torch.float64)
+    return case
+
+
+def reference_results(case, dtype):
+    """(decoder, (states, grads, None), teacher cache rows) of the reference path in `dtype` (memoized)."""
+    if dtype not in case:
+        dec = Decoder(copy.deepcopy(case["model"]).to(dtype))
+        same = states_and_grad(dec, case["al"], case["snippet_row"], student.Passes(), None, case["rows0"],
+                               case["weight"], case["layer"])
+        cache = teacher.compute(dec, *case["teacher"], case["al"], [case["layer"]], 4096, dtype)
+        case[dtype] = (dec, same, cache.states[case["layer"]].double())
+    return case[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_student_states_and_grads_match_reference(family_case, mode, dtype, monkeypatch):
+    cpu_varlen(monkeypatch)
+    c = family_case
+    _, gold, gold_t = c["gold"]
+    dec, same, cache = reference_results(c, dtype)
+    ours = states_and_grad(dec, c["al"], c["snippet_row"], MODES[mode], c["teacher"], c["rows0"], c["weight"],
+                           c["layer"])
+    assert_close_as_reference(ours[0], same[0], gold[0])
+    assert_close_as_reference(ours[1], same[1], gold[1])
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours[0], same[0], rtol=1e-5, atol=1e-5)
+    if MODES[mode].fused:  # the teacher pass inside the step gives the cache's targets
+        assert_close_as_reference(ours[2], cache, gold_t)
+
+
+def test_teacher_packed_matches_padded(monkeypatch):
+    cpu_varlen(monkeypatch)
+    torch.manual_seed(0)
+    dec = Decoder(AutoModelForCausalLM.from_config(tiny_config("gemma3", 300), dtype=torch.float32).eval())
+    al, _, teacher_ids, cu_teacher = snippets(seed=2)
+    padded = teacher.compute(dec, teacher_ids, cu_teacher, al, [2, 4], max_tokens=40, cache_dtype=torch.float32)
+    packed = teacher.compute(dec, teacher_ids, cu_teacher, al, [2, 4], max_tokens=40, cache_dtype=torch.float32,
+                             packed=True)
+    for layer in (2, 4):
+        torch.testing.assert_close(packed.states[layer], padded.states[layer], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "fused", "packed-fused"])
+def test_training_matches_reference(mode, monkeypatch):
+    """Whole runs (shuffled batches, one without aligned pairs, AdamW, warm-up) end at the same rows."""
+    cpu_varlen(monkeypatch)
+    torch.manual_seed(0)
+    dec = Decoder(AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=torch.float32).eval())
+    al, snippet_row, teacher_ids, cu_teacher = snippets(seed=3)
+    cache = teacher.compute(dec, teacher_ids, cu_teacher, al, [2], 4096, torch.float32)
+    init = torch.randn(2, dec.hidden_size) * 0.5
+    schedule = student.Schedule(lr=1e-2, epochs=1, batch_size=1, seed=0)  # one step sees snippet 3 alone
+    objective = student.Objective(distill="mse", layer=2)
+    ref = student.train(dec, al, cache, snippet_row, init, None, objective, schedule, tied=True)
+    passes = MODES[mode]
+    ours = student.train(dec, al, None if passes.fused else cache, snippet_row, init, None, objective, schedule,
+                         tied=True, passes=passes, teacher=(teacher_ids, cu_teacher))
+    np.testing.assert_allclose(ours.step_loss, ref.step_loss, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(ours.rows, ref.rows, rtol=1e-4, atol=1e-5)
+    assert ours.extra["positions"]["with_grad"] < sum(np.diff(al.cu_student))
+
+
+def test_ntp_objective_with_prefix_sharing():
+    """Next-token prediction (logits on the last layer) and untied output rows through the suffix pass."""
+    torch.manual_seed(0)
+    dec = Decoder(AutoModelForCausalLM.from_config(tiny_config("qwen2", 300, tied=False), dtype=torch.float32).eval())
+    al, snippet_row, teacher_ids, cu_teacher = snippets(seed=4)
+    init = torch.randn(2, dec.hidden_size) * 0.5
+    schedule = student.Schedule(lr=1e-2, epochs=1, batch_size=4, seed=0)
+    objective = student.Objective(distill=None, ntp="plain", layer=4, train_output=True)
+    runs = [student.train(dec, al, None, snippet_row, init, init, objective, schedule, tied=False, passes=p)
+            for p in (student.Passes(), student.Passes(prefix=True, fused=True))]
+    torch.testing.assert_close(runs[1].rows, runs[0].rows, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(runs[1].out_rows, runs[0].out_rows, rtol=1e-4, atol=1e-5)
+
+
+def test_host_cache_feed_gives_cache_rows():
+    states = {2: torch.randn(50, 8), 4: torch.randn(50, 8)}
+    cache = teacher.TeacherCache(states, np.array([0, 50]))
+    rng = np.random.default_rng(0)
+    batches = [student.Batch(None, torch.zeros(0), torch.zeros(0), rng.permutation(50)[:k], torch.zeros(0),
+                             torch.zeros(0), torch.zeros(0)) for k in (7, 20, 3)]
+    feed = student.TargetFeed(cache, batches, torch.device("cpu"), staged=True)
+    for step, b in enumerate(batches):
+        got, idx = feed(step, b)
+        for layer, t in states.items():
+            torch.testing.assert_close(got[layer].index_select(0, idx), t[torch.from_numpy(b.t_rows)])
+
+
+def test_loss_log_reports_windows(caplog):
+    log = student.LossLog(torch.arange(10, dtype=torch.float32), every=4, desc="t")
+    with caplog.at_level(logging.INFO, logger="tokdistill_fast.student"):
+        for step in range(10):
+            log.step(step)
+        log.close()
+    assert [r.getMessage() for r in caplog.records] == ["t: steps 1-4, mean loss 1.5", "t: steps 5-8, mean loss 5.5"]
+
+
+def test_resolve_passes():
+    cpu = torch.device("cpu")
+    assert student.resolve_passes("auto", "auto", 1, cpu, torch.bfloat16) == student.Passes(True, True, False)
+    assert student.resolve_passes("auto", "auto", 3, cpu, torch.float32) == student.Passes(True, False, False)
+    assert student.resolve_passes("auto", "torch", 1, cpu, torch.float32) == student.Passes()
+    with pytest.raises(UserInputError, match="epochs 1"):
+        student.resolve_passes("fused", "auto", 2, cpu, torch.float32)
+
+
+def random_varlen_case(q_len, k_len, heads, kv_heads, hd, dtype, device):
+    cu_q, cu_k = (torch.from_numpy(attention.cu(np.asarray(x))).int().to(device) for x in (q_len, k_len))
+    q = torch.randn(sum(q_len), heads, hd, dtype=dtype, device=device)
+    k, v = (torch.randn(sum(k_len), kv_heads, hd, dtype=dtype, device=device) for _ in range(2))
+    return q, k, v, cu_q, cu_k
+
+
+def test_varlen_reference_is_bottom_right_causal():
+    """A query block of m rows over n keys equals the last m rows of a full causal pass over the n keys."""
+    q, k, v, cu_q, cu_k = random_varlen_case([3], [7], 4, 2, 8, torch.float64, "cpu")
+    full_q = torch.cat([torch.randn(4, 4, 8, dtype=torch.float64), q])
+    full = attention.varlen_causal_ref(full_q, k, v, cu_k, cu_k, 0.3)
+    torch.testing.assert_close(attention.varlen_causal_ref(q, k, v, cu_q, cu_k, 0.3), full[4:])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_varlen_kernel_matches_reference(dtype):
+    q_len, k_len = [5, 1, 17, 30], [12, 1, 17, 49]  # suffix over prefix, length 1, no prefix, long prefix
+    q, k, v, cu_q, cu_k = random_varlen_case(q_len, k_len, 8, 2, 64, dtype, "cuda")
+    q.requires_grad_()
+    ours = attention.varlen_causal(q, k, v, cu_q, cu_k, max(q_len), max(k_len), 0.125)
+    same = attention.varlen_causal_ref(q, k, v, cu_q, cu_k, 0.125)
+    gold = attention.varlen_causal_ref(*(x.double() for x in (q, k, v)), cu_q, cu_k, 0.125)
+    assert_close_as_reference(ours.double(), same.double(), gold)
+    g = torch.randn_like(ours)
+    (d_ours,), (d_same,) = torch.autograd.grad(ours, q, g), torch.autograd.grad(same, q, g)
+    q64 = q.detach().double().requires_grad_()
+    (d_gold,) = torch.autograd.grad(attention.varlen_causal_ref(q64, k.double(), v.double(), cu_q, cu_k, 0.125),
+                                    q64, g.double())
+    assert_close_as_reference(d_ours.double(), d_same.double(), d_gold)
+
+
+@gpu
+def test_packed_student_on_cuda_matches_reference(family_case):
+    c = family_case
+    _, gold, _ = c["gold"]
+    dec = Decoder(copy.deepcopy(c["model"]).to("cuda", torch.bfloat16))
+    args = (c["al"], c["snippet_row"])
+    same = states_and_grad(dec, *args, student.Passes(), None, c["rows0"], c["weight"], c["layer"])
+    for passes in (MODES["packed-prefix"], MODES["packed-fused"]):
+        ours = states_and_grad(dec, *args, passes, c["teacher"], c["rows0"], c["weight"], c["layer"])
+        assert_close_as_reference(ours[0], same[0], gold[0])
+        assert_close_as_reference(ours[1], same[1], gold[1])
+
+
+@gpu
+def test_teacher_host_spill_matches_device_cache():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=torch.bfloat16).to("cuda").eval()
+    dec = Decoder(model)
+    al, _, teacher_ids, cu_teacher = snippets(seed=5, n=40)
+    on_device = teacher.compute(dec, teacher_ids, cu_teacher, al, [2, 4], 64, torch.bfloat16)
+    on_host = teacher.compute(dec, teacher_ids, cu_teacher, al, [2, 4], 64, torch.bfloat16, device_budget=0)
+    for layer in (2, 4):
+        assert on_host.states[layer].device.type == "cpu" and on_host.states[layer].is_pinned()
+        assert torch.equal(on_host.states[layer], on_device.states[layer].cpu())
