@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 installs quickly from the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup demo test test-interpret lint bench-kernels bench-align bench-e2e clean
+.PHONY: setup demo test test-interpret lint bench-kernels bench-align bench-e2e bench-e2e-reference clean
 
 setup: $(VENV)/.installed
 
@@ -35,8 +35,13 @@ bench-kernels: setup
 bench-align: setup
 	$(PY) -m pytest -q bench/test_bench_alignment.py --benchmark-only
 
+# GPU: the timed run (both target layers, one process, budget < 10 min on an H100), then a smaller side-by-side
+# run against the plain PyTorch path (speedups and embedding cosine).
 bench-e2e: setup
 	$(PY) -m bench.e2e --config llama-3.1-8b --new-tokens 2500 --layers 8,32
+
+bench-e2e-reference: setup
+	$(PY) -m bench.e2e --config llama-3.1-8b --new-tokens 250 --layers 8,32 --reference
 
 clean:
 	rm -rf $(VENV) build *.egg-info tokdistill_fast/*.so

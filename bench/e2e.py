@@ -8,13 +8,14 @@ training) on a model built from a published configuration with random weights, o
 On a machine without internet (the lent GPUs): install the package without dependencies first
 (`pip install --no-deps --no-build-isolation -e .`) and carry a wheel of pyahocorasick if it is missing.
 
-Writes bench/results/<device>-<config>-L<layer>.json per layer: device, versions, seconds per phase and in total,
-tokens/s, achieved TFLOP/s (2 FLOP x decoder parameters of the layers run, per computed position of the teacher
-forward, the student forward and the student's input-gradient backward; attention's own FLOPs and padding are
-not counted) and its fraction of a bf16 matmul peak measured here. With --reference the plain PyTorch path
-(padded batches, no prefix sharing, reference kernels) runs on the same inputs too, and the file holds its
-numbers, the speedups, and the cosine similarity between the two runs' embeddings. Random weights change no
-FLOP count; the synthetic words split into 2-5 subtokens each (the histogram is in the file).
+Writes bench/results/<device>-<config>-L<layer>.json per layer (-reference.json with --reference): device,
+versions, seconds per phase and in total, tokens/s, achieved TFLOP/s (2 FLOP x decoder parameters of the layers
+run, per computed position of the teacher forward, the student forward and the student's input-gradient
+backward; attention's own FLOPs and padding are not counted) and its fraction of a bf16 matmul peak measured
+here. With --reference the plain PyTorch path (padded batches, no prefix sharing, reference kernels) runs on the
+same inputs too, and the file holds its numbers, the speedups, and the cosine similarity between the two runs'
+embeddings. Random weights change no FLOP count; the synthetic words split into 2-5 subtokens each (the
+histogram is in the file).
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ def versions() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: progress bars would bury the results
     p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=CONFIGS, default="llama-3.1-8b")
     p.add_argument("--new-tokens", type=int, default=2500)
@@ -180,7 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would bury the summary lines
     from bench.synthetic import make_language
     from tokdistill_fast.models import pick_device
 
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                 line += (f"\nL{layer} reference: {summary(ref, peak)}\nL{layer} speedup: "
                          + ", ".join(f"{k} {v:.2f}x" for k, v in record["speedup"].items())
                          + f"; embedding cosine min {record['embedding_cosine']['min']:.5f}")
-            path = out_dir / f"{device_slug(device)}-{args.config}-L{layer}.json"
+            suffix = "-reference" if args.reference else ""  # the side-by-side run keeps the timed run's file
+            path = out_dir / f"{device_slug(device)}-{args.config}-L{layer}{suffix}.json"
             path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
             print(line, f"-> {path}", flush=True)
     return 0

@@ -1,10 +1,12 @@
-"""Teacher and student stage times of one model with each prefix-sharing mode, and how far the embeddings
-of each mode are from the reference's (cosine similarity, final loss).
+"""Teacher and student stage times of one model under each prefix-sharing mode, on the same snippets, and how
+far each mode's learned rows are from the first mode's (cosine similarity, losses).
 
     python -m bench.stages --model DIR --corpus FILE --words 40 --layers 30,8 --modes off,on,fused
 
-The new words are the corpus's top candidates (`tokdistill select`'s ranking). Every mode runs the same
-snippets and seed, so differences between modes are floating-point only.
+The new words are the corpus's top candidates (`tokdistill select`'s ranking) that get the full 25 snippets of
+50 tokens from the corpus; retrieval and alignment run once,
+then each (layer, mode) runs the teacher pass (unless fused) and training with the pipeline's defaults. Wall and
+process CPU seconds are both reported: on a shared machine the CPU seconds are the steadier comparison.
 """
 
 from __future__ import annotations
@@ -12,52 +14,86 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 
+import numpy as np
 import torch
 
 
-def main(argv: list[str] | None = None) -> int:
-    from transformers import AutoTokenizer
+def timed(fn, *args, **kwargs):
+    """(result, wall seconds, process CPU seconds) of fn(*args, **kwargs)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - wall, time.process_time() - cpu
 
-    from tokdistill_fast import DistillConfig, distill
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: progress bars would bury the results
+    from tokdistill_fast import align, contexts, models, pipeline, student, teacher, tokens
     from tokdistill_fast.select import select_tokens
 
     p = argparse.ArgumentParser(prog="python -m bench.stages", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--corpus", required=True)
     p.add_argument("--words", type=int, default=40)
+    p.add_argument("--min-count", type=int, default=40,
+                   help="corpus occurrences a word needs: enough for its snippets without generated contexts")
     p.add_argument("--layers", default="-1")
     p.add_argument("--modes", default="off,on,fused")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads; 1 makes CPU seconds a fair measure on a busy machine (no spinning)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    words = [c.word for c in select_tokens(AutoTokenizer.from_pretrained(args.model), [args.corpus],
-                                           top=args.words)]
-    results = []
-    print("| layer | mode | teacher s | student s | steps | student CPU s | cos vs first mode (min) | last loss |")
+    device = models.pick_device("auto")
+    dtype = models.pick_dtype("auto", device)
+    model, tok = models.load_model(args.model, device, dtype)
+    decoder = models.Decoder(model)
+    candidates = [c.word for c in select_tokens(tok, [args.corpus], top=4 * args.words, min_count=args.min_count)]
+    toks, _ = tokens.plan_new_tokens(tok, candidates, add_variants=False)
+    snippets, _, _ = contexts.retrieve([args.corpus], tok, toks, 25, 50, 0, pipeline.bos_id(tok))
+    full = [i for i in range(len(toks)) if sum(s.token == i for s in snippets) == 25][:args.words]
+    row_of = {i: r for r, i in enumerate(full)}
+    snippets = [s for s in snippets if s.token in row_of]
+    table = decoder.embed_weight
+    al = align.align([s.ids for s in snippets], [toks[i].sub_ids for i in full], [row_of[s.token] for s in snippets],
+                     [table.shape[0] + r for r in range(len(full))])
+    teacher_ids, cu_teacher = align.pack([s.ids for s in snippets])
+    snippet_row = np.asarray([row_of[s.token] for s in snippets])
+    init = pipeline.subtoken_mean(table, [toks[i] for i in full])
+    print(f"{len(full)} tokens, {al.n} snippets, {int(cu_teacher[-1])} teacher tokens, "
+          f"{int(al.cu_student[-1])} student tokens, {len(al.s_pos)} aligned pairs; {device}, {dtype}, "
+          f"{torch.get_num_threads()} threads")
+    print("| layer | mode | teacher s (CPU s) | student s (CPU s) | steps | grad positions | cos vs first (min) "
+          "| mean loss, last 10 steps |")
     print("|---|---|---|---|---|---|---|---|")
-    for layer in (int(x) for x in args.layers.split(",")):
-        ref = None
+    results = []
+    for layer in (decoder.resolve_layer(int(x)) for x in args.layers.split(",")):
+        first = None
         for mode in args.modes.split(","):
-            cfg = DistillConfig(target_layer=layer, lr=1e-3 if layer == -1 else 5e-3, prefix_sharing=mode,
-                                add_variants=False)
-            cpu0 = time.process_time()
-            run = distill(args.model, words, [args.corpus], None, cfg)
-            cpu = time.process_time() - cpu0
-            t, tr = run.report["timings"], run.report["training"]
-            rows = run.rows.float()
-            ref = rows if ref is None else ref
-            cos = torch.nn.functional.cosine_similarity(rows, ref, dim=1).min().item()
-            row = {"layer": layer, "mode": mode, "teacher_s": t.get("teacher", 0.0), "student_s": t["student"],
-                   "steps": tr["steps"], "cpu_s": cpu, "cos_min": cos, "passes": run.report["implementations"],
-                   "positions": tr["computed_positions"], "last_loss": tr["last_loss"]}
-            results.append(row)
-            print(f"| {layer} | {mode} | {row['teacher_s']:.1f} | {row['student_s']:.1f} | {row['steps']} | "
-                  f"{cpu:.1f} | {cos:.5f} | {row['last_loss']:.5g} |", flush=True)
+            passes = student.resolve_passes(mode, "auto", 1, device, dtype)
+            cache, t_wall, t_cpu = None, 0.0, 0.0
+            if not passes.fused:
+                cache, t_wall, t_cpu = timed(teacher.compute, decoder, teacher_ids, cu_teacher, al,
+                                             [layer], 8192, dtype)
+            run, s_wall, s_cpu = timed(
+                student.train, decoder, al, cache, snippet_row, init, None,
+                student.Objective(distill="mse", layer=layer), student.Schedule(lr=pipeline.default_lr(layer, decoder)),
+                tied=True, passes=passes, teacher=(teacher_ids, cu_teacher))
+            first = run.rows if first is None else first
+            cos = torch.nn.functional.cosine_similarity(run.rows, first, dim=1).min().item()
+            last10 = float(np.mean(run.step_loss[-10:]))
+            results.append({"layer": layer, "mode": mode, "passes": passes.describe(), "teacher_s": t_wall,
+                            "teacher_cpu_s": t_cpu, "student_s": s_wall, "student_cpu_s": s_cpu, "steps": run.steps,
+                            "positions": run.extra["positions"], "cos_min": cos, "last10_loss": last10})
+            print(f"| {layer} | {mode} | {t_wall:.1f} ({t_cpu:.1f}) | {s_wall:.1f} ({s_cpu:.1f}) | {run.steps} | "
+                  f"{run.extra['positions']['with_grad']} | {cos:.5f} | {last10:.5g} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=str)
+            json.dump(results, f, indent=2)
     return 0
 
 

@@ -9,7 +9,7 @@ from bench import e2e
 def test_e2e_tiny_on_cpu(tmp_path):
     assert e2e.main(["--config", "tiny", "--new-tokens", "12", "--target-layer", "2", "--snippets", "4",
                      "--snippet-length", "20", "--reference", "--device", "cpu", "--results-dir", str(tmp_path)]) == 0
-    record = json.loads((tmp_path / "cpu-tiny-L2.json").read_text())
+    record = json.loads((tmp_path / "cpu-tiny-L2-reference.json").read_text())
     fast, ref = record["fast"], record["reference"]
     assert fast["implementations"]["student_passes"].startswith("fused")
     assert ref["implementations"]["student_passes"] == "off, padded"
