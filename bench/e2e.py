@@ -78,16 +78,17 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 def check_varlen(device: torch.device) -> float:
     """Packed attention's kernel against its plain-PyTorch reference on random data (suffix queries over longer
     key sets, GQA): the relative error, which must be bf16-sized before any timing counts."""
+    import numpy as np
+
     from tokdistill_fast import attention
 
     g = torch.Generator(device="cpu").manual_seed(0)
-    q_len, k_len = [5, 1, 17, 30], [12, 1, 17, 49]
-    cu_q, cu_k = (torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32, device=device)
-                  for x in (q_len, k_len))
-    q = torch.randn(sum(q_len), 32, 128, generator=g).to(device, torch.bfloat16)
-    k, v = (torch.randn(sum(k_len), 8, 128, generator=g).to(device, torch.bfloat16) for _ in range(2))
-    ours = attention.varlen_causal(q, k, v, cu_q, cu_k, max(q_len), max(k_len), 128**-0.5).double()
-    gold = attention.varlen_causal_ref(q.double(), k.double(), v.double(), cu_q, cu_k, 128**-0.5)
+    q_len, k_len = np.array([5, 1, 17, 30]), np.array([12, 1, 17, 49])
+    spec = attention.packed_spec(q_len, k_len - q_len).to(device)
+    q = torch.randn(int(q_len.sum()), 32, 128, generator=g).to(device, torch.bfloat16)
+    k, v = (torch.randn(int(k_len.sum()), 8, 128, generator=g).to(device, torch.bfloat16) for _ in range(2))
+    ours = attention.varlen_causal(q, k, v, spec, 128**-0.5).double()
+    gold = attention.varlen_causal_ref(q.double(), k.double(), v.double(), spec.cu_q, spec.cu_k, 128**-0.5)
     return ((ours - gold).norm() / gold.norm()).item()
 
 
@@ -137,7 +138,7 @@ def run_pipeline(model, lang, layer: int, args, reference: bool) -> dict:
 
 def summary(run: dict, peak: float) -> str:
     s = run["seconds"]
-    teacher = "fused into student" if "fused" in (run["implementations"]["student_passes"] or "") \
+    teacher = "fused into student" if run["implementations"]["prefix_sharing"] == "fused" \
         else f"{s.get('teacher', 0):.1f} s"
     return (f"{run['total_s']:.1f} s total (contexts {s.get('contexts', 0):.1f} s, teacher {teacher}, student "
             f"{s['student']:.1f} s), {run['achieved_tflops']:.3g} TFLOP/s = {run['achieved_tflops'] * 1e12 / peak:.0%}"
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     from tokdistill_fast import attention
 
-    varlen_error = check_varlen(device) if attention.packed_available(device, dtype) else None
+    varlen_error = check_varlen(device) if attention.implementation(device, dtype) == "flash varlen" else None
     if varlen_error is not None and not varlen_error < 1e-2:
         p.exit(1, f"bench.e2e: packed attention disagrees with its reference (relative error {varlen_error:.3g})\n")
     t0 = time.perf_counter()

@@ -11,8 +11,9 @@ def test_e2e_tiny_on_cpu(tmp_path):
                      "--snippet-length", "20", "--reference", "--device", "cpu", "--results-dir", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "cpu-tiny-L2-reference.json").read_text())
     fast, ref = record["fast"], record["reference"]
-    assert fast["implementations"]["student_passes"].startswith("fused")
-    assert ref["implementations"]["student_passes"] == "off, padded"
+    assert fast["implementations"]["prefix_sharing"] == "fused"
+    assert fast["implementations"]["packed_attention"] == "dense SDPA"
+    assert ref["implementations"]["prefix_sharing"] == "off" and ref["implementations"]["packed_attention"] is None
     assert fast["counts"]["added"] >= 12 and set(record["subtoken_histogram"]) <= {"2", "3", "4", "5"}
     # prefix sharing computes fewer positions with gradient than whole sequences, and both runs saw the same text
     assert fast["positions"]["student_bwd"] < ref["positions"]["student_bwd"]

@@ -2,8 +2,8 @@
 gradients for the new rows and the same teacher targets, on tiny Llama/Qwen2/Gemma3 models in fp32 and bf16.
 
 The rule (FlashAttention's): against a float64 run of the reference, the fast path's error is at most twice the
-reference's own error in the same dtype, plus a small relative floor. Packed passes run on CPU through the
-plain-PyTorch varlen reference (the layout logic is the same); the CUDA kernel is compared to it on a GPU.
+reference's own error in the same dtype, plus a small relative floor. On CPU packed passes attend through the
+dense path; on a GPU the varlen kernel is compared with the per-sequence reference too.
 """
 
 import copy
@@ -21,9 +21,7 @@ from tokdistill_fast.models import Decoder
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 PHRASES = [[7, 8], [9, 10, 11]]
-MODES = {"prefix": student.Passes(prefix=True), "fused": student.Passes(prefix=True, fused=True),
-         "packed-prefix": student.Passes(prefix=True, packed=True),
-         "packed-fused": student.Passes(prefix=True, fused=True, packed=True)}
+MODES = {"prefix": student.Passes(prefix=True), "fused": student.Passes(prefix=True, fused=True)}
 
 
 def snippets(seed: int, n: int = 7):
@@ -43,13 +41,6 @@ def snippets(seed: int, n: int = 7):
     al = align.align(seqs, PHRASES, which, [300, 301], "python")
     teacher_ids, cu_teacher = align.pack(seqs)
     return al, np.asarray(which), teacher_ids, cu_teacher
-
-
-def cpu_varlen(monkeypatch):
-    """Run packed passes on CPU through the plain-PyTorch varlen reference."""
-    monkeypatch.setattr(attention, "varlen_causal",
-                        lambda q, k, v, cu_q, cu_k, max_q, max_k, scale:
-                        attention.varlen_causal_ref(q, k, v, cu_q, cu_k, scale))
 
 
 def states_and_grad(dec, al, snippet_row, passes, teacher_seqs, rows0, weight, layer):
@@ -100,8 +91,7 @@ def reference_results(case, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", MODES)
-def test_student_states_and_grads_match_reference(family_case, mode, dtype, monkeypatch):
-    cpu_varlen(monkeypatch)
+def test_student_states_and_grads_match_reference(family_case, mode, dtype):
     c = family_case
     _, gold, gold_t = c["gold"]
     dec, same, cache = reference_results(c, dtype)
@@ -115,8 +105,7 @@ def test_student_states_and_grads_match_reference(family_case, mode, dtype, monk
         assert_close_as_reference(ours[2], cache, gold_t)
 
 
-def test_teacher_packed_matches_padded(monkeypatch):
-    cpu_varlen(monkeypatch)
+def test_teacher_packed_matches_padded():
     torch.manual_seed(0)
     dec = Decoder(AutoModelForCausalLM.from_config(tiny_config("gemma3", 300), dtype=torch.float32).eval())
     al, _, teacher_ids, cu_teacher = snippets(seed=2)
@@ -127,10 +116,9 @@ def test_teacher_packed_matches_padded(monkeypatch):
         torch.testing.assert_close(packed.states[layer], padded.states[layer], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["prefix", "fused", "packed-fused"])
-def test_training_matches_reference(mode, monkeypatch):
+@pytest.mark.parametrize("mode", MODES)
+def test_training_matches_reference(mode):
     """Whole runs (shuffled batches, one without aligned pairs, AdamW, warm-up) end at the same rows."""
-    cpu_varlen(monkeypatch)
     torch.manual_seed(0)
     dec = Decoder(AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=torch.float32).eval())
     al, snippet_row, teacher_ids, cu_teacher = snippets(seed=3)
@@ -184,55 +172,59 @@ def test_loss_log_reports_windows(caplog):
 
 
 def test_resolve_passes():
-    cpu = torch.device("cpu")
-    assert student.resolve_passes("auto", "auto", 1, cpu, torch.bfloat16) == student.Passes(True, True, False)
-    assert student.resolve_passes("auto", "auto", 3, cpu, torch.float32) == student.Passes(True, False, False)
-    assert student.resolve_passes("auto", "torch", 1, cpu, torch.float32) == student.Passes()
+    assert student.resolve_passes("auto", "auto", 1) == student.Passes(prefix=True, fused=True)
+    assert student.resolve_passes("auto", "triton", 3) == student.Passes(prefix=True)
+    assert student.resolve_passes("auto", "torch", 1) == student.Passes()
+    assert student.resolve_passes("on", "torch", 1) == student.Passes(prefix=True)
     with pytest.raises(UserInputError, match="epochs 1"):
-        student.resolve_passes("fused", "auto", 2, cpu, torch.float32)
+        student.resolve_passes("fused", "auto", 2)
+
+
+VARLEN_CASE = ([5, 1, 17, 30], [12, 1, 17, 49])  # suffix over a prefix, length 1, no prefix, long prefix
 
 
 def random_varlen_case(q_len, k_len, heads, kv_heads, hd, dtype, device):
-    cu_q, cu_k = (torch.from_numpy(attention.cu(np.asarray(x))).int().to(device) for x in (q_len, k_len))
-    q = torch.randn(sum(q_len), heads, hd, dtype=dtype, device=device)
-    k, v = (torch.randn(sum(k_len), kv_heads, hd, dtype=dtype, device=device) for _ in range(2))
-    return q, k, v, cu_q, cu_k
+    q_len, k_len = np.asarray(q_len), np.asarray(k_len)
+    spec = attention.packed_spec(q_len, k_len - q_len).to(torch.device(device))
+    q = torch.randn(int(q_len.sum()), heads, hd, dtype=dtype, device=device)
+    k, v = (torch.randn(int(k_len.sum()), kv_heads, hd, dtype=dtype, device=device) for _ in range(2))
+    return q, k, v, spec
 
 
 def test_varlen_reference_is_bottom_right_causal():
     """A query block of m rows over n keys equals the last m rows of a full causal pass over the n keys."""
-    q, k, v, cu_q, cu_k = random_varlen_case([3], [7], 4, 2, 8, torch.float64, "cpu")
+    q, k, v, spec = random_varlen_case([3], [7], 4, 2, 8, torch.float64, "cpu")
     full_q = torch.cat([torch.randn(4, 4, 8, dtype=torch.float64), q])
-    full = attention.varlen_causal_ref(full_q, k, v, cu_k, cu_k, 0.3)
-    torch.testing.assert_close(attention.varlen_causal_ref(q, k, v, cu_q, cu_k, 0.3), full[4:])
+    full = attention.varlen_causal_ref(full_q, k, v, spec.cu_k, spec.cu_k, 0.3)
+    torch.testing.assert_close(attention.varlen_causal_ref(q, k, v, spec.cu_q, spec.cu_k, 0.3), full[4:])
 
 
-@gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_varlen_kernel_matches_reference(dtype):
-    q_len, k_len = [5, 1, 17, 30], [12, 1, 17, 49]  # suffix over prefix, length 1, no prefix, long prefix
-    q, k, v, cu_q, cu_k = random_varlen_case(q_len, k_len, 8, 2, 64, dtype, "cuda")
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16),
+                                          pytest.param("cuda", torch.bfloat16, marks=gpu),
+                                          pytest.param("cuda", torch.float16, marks=gpu)])
+def test_varlen_attention_matches_reference(device, dtype):
+    """The dense path (CPU) and the varlen kernel (CUDA), values and gradients."""
+    q, k, v, spec = random_varlen_case(*VARLEN_CASE, 8, 2, 64, dtype, device)
     q.requires_grad_()
-    ours = attention.varlen_causal(q, k, v, cu_q, cu_k, max(q_len), max(k_len), 0.125)
-    same = attention.varlen_causal_ref(q, k, v, cu_q, cu_k, 0.125)
-    gold = attention.varlen_causal_ref(*(x.double() for x in (q, k, v)), cu_q, cu_k, 0.125)
+    ours = attention.varlen_causal(q, k, v, spec, 0.125)
+    same = attention.varlen_causal_ref(q, k, v, spec.cu_q, spec.cu_k, 0.125)
+    q64 = q.detach().double().requires_grad_()
+    gold = attention.varlen_causal_ref(q64, k.double(), v.double(), spec.cu_q, spec.cu_k, 0.125)
     assert_close_as_reference(ours.double(), same.double(), gold)
     g = torch.randn_like(ours)
     (d_ours,), (d_same,) = torch.autograd.grad(ours, q, g), torch.autograd.grad(same, q, g)
-    q64 = q.detach().double().requires_grad_()
-    (d_gold,) = torch.autograd.grad(attention.varlen_causal_ref(q64, k.double(), v.double(), cu_q, cu_k, 0.125),
-                                    q64, g.double())
+    (d_gold,) = torch.autograd.grad(gold, q64, g.double())
     assert_close_as_reference(d_ours.double(), d_same.double(), d_gold)
 
 
 @gpu
-def test_packed_student_on_cuda_matches_reference(family_case):
+def test_student_on_cuda_matches_reference(family_case):
     c = family_case
     _, gold, _ = c["gold"]
     dec = Decoder(copy.deepcopy(c["model"]).to("cuda", torch.bfloat16))
     args = (c["al"], c["snippet_row"])
     same = states_and_grad(dec, *args, student.Passes(), None, c["rows0"], c["weight"], c["layer"])
-    for passes in (MODES["packed-prefix"], MODES["packed-fused"]):
+    for passes in MODES.values():
         ours = states_and_grad(dec, *args, passes, c["teacher"], c["rows0"], c["weight"], c["layer"])
         assert_close_as_reference(ours[0], same[0], gold[0])
         assert_close_as_reference(ours[1], same[1], gold[1])

@@ -1,20 +1,24 @@
-"""Attention for prefix sharing and packed batches, plugged into the model's own decoder layers.
+"""Attention for packed batches and prefix sharing, plugged into the model's own decoder layers.
 
 One function is registered with transformers' AttentionInterface under `tokdistill`; `Decoder.hidden_states`
 selects it only for the duration of a call that passes an `Attend` object through the layers' kwargs, so the
 attention modules still do their family-specific work (projections, q/k norms, rotary per layer type, scaling)
-and only the softmax(QK^T)V step is ours. An `Attend` can
+and only the softmax(QK^T)V step is ours.
+
+Sequences are packed: concatenated without padding into one [1, N] row (cu_seqlens layout), so the matmuls of
+every layer run on real tokens only (snippets vary in length and in where their first new token sits: padding
+would waste about half the rows). An `Attend` can
 
 * capture each layer's keys/values of the positions before every sequence's first new token (a no-grad pass
   over the student's prefixes, or the teacher's own pass when teacher and student are fused), and
-* run a pass over the suffixes only (first new token on) that attends to those captured prefix keys/values
-  plus its own, which is exact under causal attention: prefix positions are identical in teacher and student.
+* attend from a pass over the suffixes only (first new token on) to those prefix keys/values plus its own,
+  which is exact under causal attention: prefix positions are identical in teacher and student.
 
-Two layouts. Padded (every device; the reference for the other): right-padded [B, T] rows, captured prefixes
-are the first P = max(p_b) slots, suffix queries see key slot s < p_b (prefix) or P <= s <= P + j (own causal
-part) through a boolean mask. Packed (CUDA, bf16/fp16): sequences concatenated without padding ([1, N] rows),
-varlen flash attention with cu_seqlens and bottom-right causal alignment, keys of sequence b ordered
-[prefix_b; suffix_b]. Sequences never exceed a sliding window (Decoder checks), so sliding layers are plain causal.
+Causal attention is aligned bottom-right (a suffix of m queries over n keys sees keys <= n - m + i). It runs in
+FlashAttention's varlen kernel on CUDA with half dtypes, else densely: scattered into right-padded
+[B, heads, T, hd] blocks with a boolean mask for SDPA and gathered back (attention is a small share of the
+FLOPs at snippet lengths). Sequences never exceed a sliding window (Decoder checks), so sliding layers are
+plain causal.
 """
 
 from __future__ import annotations
@@ -34,29 +38,31 @@ KWARG = "tokdistill_attn"  # the layer kwarg that carries the Attend object
 
 @dataclass
 class Spec:
-    """Static description of one pass's attention, built on the host before the training loop.
+    """Static description of one packed pass's attention, built on the host before the training loop.
 
-    packed: cu_q/cu_k [n + 1] int32 on the device, max_q/max_k as Python ints (no host sync at run time),
-    kv_order [sum(p_b + m_b)] int64: row of cat(captured prefix rows, own rows) for each key in [prefix_b;
-    suffix_b] order. padded: starts [B] int64 prefix length p_b of each row, prefix_width P.
-    capture_rows (packed) selects the rows to capture (None: all); padded captures the first prefix_width slots.
+    Sequence b has q_len[b] own rows (queries) and k_len[b] keys: its captured prefix rows (if any) followed by its
+    own rows. cu_q/cu_k [B + 1] int32 and max_q/max_k (Python ints: no host sync at run time) feed the varlen
+    kernel; q_slot/k_slot [Nq]/[Nk] int64 place rows into right-padded [B, max_q] / [B, max_k] blocks for the
+    dense path. kv_order [Nk]: row of cat(captured prefix rows, own rows) for each key in [prefix_b; own_b] order
+    (None: no prefix). capture_rows: own rows to capture (None: all).
     """
 
-    packed: bool
     max_len: int  # longest sequence attended over (prefix + own part), checked against sliding windows
-    prefix_width: int = 0  # padded: P, slots of captured prefix keys (0: no prefix)
-    starts: torch.Tensor | None = None
-    cu_q: torch.Tensor | None = None
-    cu_k: torch.Tensor | None = None
-    max_q: int = 0
-    max_k: int = 0
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    q_len: torch.Tensor
+    k_len: torch.Tensor
+    q_slot: torch.Tensor
+    k_slot: torch.Tensor
     kv_order: torch.Tensor | None = None
     capture_rows: torch.Tensor | None = None
 
     @property
     def has_prefix(self) -> bool:
         """Whether this pass attends to captured prefix keys/values."""
-        return self.kv_order is not None or self.starts is not None
+        return self.kv_order is not None
 
     def to(self, device: torch.device) -> Spec:
         moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
@@ -72,51 +78,30 @@ class Attend:
     spec: Spec
     context: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-    _mask: torch.Tensor | None = field(default=None, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)  # dense path: the mask, built once per pass
 
     def __call__(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None):
-        """q [B, H, T, hd], k/v [B, Hkv, T, hd] (after rotary) -> [B, T, H, hd] as HF attention functions return."""
-        layer = module.layer_idx
-        if self.spec.packed:
-            return self._packed(layer, q, k, v, scaling)
+        """q [1, H, Nq, hd], k/v [1, Hkv, N, hd] (after rotary) -> [1, Nq, H, hd] as HF attention functions
+        return."""
+        spec, layer = self.spec, module.layer_idx
+        q3, k3, v3 = (x[0].transpose(0, 1) for x in (q, k, v))  # [rows, heads, hd]
         if self.capture is not None:
-            P = self.spec.prefix_width
-            self.capture[layer] = (k[:, :, :P], v[:, :, :P])
-        if self.context is None:
-            from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-            return sdpa_attention_forward(module, q, k, v, None, scaling=scaling)[0]
-        kc, vc = self.context[layer]
-        groups = q.shape[1] // k.shape[1]
-        k = repeat_heads(torch.cat([kc, k], dim=2), groups, dim=1)
-        v = repeat_heads(torch.cat([vc, v], dim=2), groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(q.shape[2]), scale=scaling)
-        return out.transpose(1, 2)
-
-    def mask(self, M: int) -> torch.Tensor:
-        """[B, 1, M, P + M] bool: suffix query j of row b sees prefix slots s < p_b and own slots P..P + j."""
-        if self._mask is None:
-            P, starts = self.spec.prefix_width, self.spec.starts
-            s = torch.arange(P + M, device=starts.device)
-            j = torch.arange(M, device=starts.device)
-            prefix = (s[None, None, :] < starts[:, None, None]) & (s < P)[None, None, :]
-            own = (s[None, :] >= P) & (s[None, :] - P <= j[:, None])
-            self._mask = (prefix | own[None]).unsqueeze(1)
-        return self._mask
-
-    def _packed(self, layer: int, q, k, v, scaling):
-        spec = self.spec
-        q3, k3, v3 = (x[0].transpose(0, 1) for x in (q, k, v))  # [N, heads, hd]
-        if self.capture is not None:
-            keep = (lambda x: x) if spec.capture_rows is None else (lambda x: x.index_select(0, spec.capture_rows))
-            self.capture[layer] = (keep(k3), keep(v3))
+            rows = spec.capture_rows
+            self.capture[layer] = (k3, v3) if rows is None else (k3.index_select(0, rows), v3.index_select(0, rows))
         if self.context is not None:
             kc, vc = self.context[layer]
             k3 = torch.cat([kc, k3]).index_select(0, spec.kv_order)
             v3 = torch.cat([vc, v3]).index_select(0, spec.kv_order)
-        out = varlen_causal(q3.contiguous(), k3.contiguous(), v3.contiguous(), spec.cu_q, spec.cu_k, spec.max_q,
-                            spec.max_k, scaling)
-        return out.unsqueeze(0)
+        return varlen_causal(q3, k3, v3, spec, scaling, self._cache).unsqueeze(0)
+
+
+def dense_mask(q_len: torch.Tensor, k_len: torch.Tensor, max_q: int, max_k: int) -> torch.Tensor:
+    """[B, 1, max_q, max_k] bool: query i of sequence b sees keys j < k_len[b] with j <= i + k_len[b] - q_len[b]
+    (bottom-right causal). Padding queries see every real key, so no row is empty (no NaN)."""
+    i = torch.arange(max_q, device=q_len.device)[None, :, None]
+    j = torch.arange(max_k, device=q_len.device)[None, None, :]
+    shift = (k_len - q_len)[:, None, None]
+    return ((j < k_len[:, None, None]) & (j <= i + shift)).unsqueeze(1)
 
 
 def repeat_heads(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
@@ -132,7 +117,7 @@ def dispatch(module, query, key, value, attention_mask, scaling=None, **kwargs):
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if kwargs.get("softcap") is not None:
-        raise NotImplementedError("attention logit soft-capping is not supported with prefix sharing")
+        raise NotImplementedError("attention logit soft-capping is not supported in packed passes")
     return attend(module, query, key, value, scaling), None
 
 
@@ -149,7 +134,8 @@ def register() -> str:
 def _varlen_kernel() -> Callable | None:
     """f(q, k, v, cu_q, cu_k, max_q, max_k, scale) running causal varlen flash attention with fewer k/v heads
     allowed: torch's `varlen_attn` (torch >= 2.11; its GQA flag and `window_size` causal form are newer than its
-    first release, so the signature is inspected) or flash-attn's `flash_attn_varlen_func`; None without either."""
+    first release, so the signature is inspected) or flash-attn's `flash_attn_varlen_func`; None without either.
+    Both align causal masks bottom-right, per sequence."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -180,19 +166,41 @@ def _varlen_kernel() -> Callable | None:
     return run_fa
 
 
-def packed_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Packed (varlen) passes need CUDA, a half dtype (flash kernels) and a varlen kernel."""
-    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None
+def use_kernel(q: torch.Tensor) -> bool:
+    """The varlen flash kernel runs CUDA tensors in half dtypes when one is installed; else the dense path."""
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None
 
 
-def varlen_causal(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None) -> torch.Tensor:
-    """Causal attention over packed sequences, aligned bottom-right (query i of a sequence with m queries and
-    n keys sees keys <= n - m + i). q [Nq, H, hd], k/v [Nk, Hkv, hd] -> [Nq, H, hd]."""
-    return _varlen_kernel()(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+def implementation(device: torch.device, dtype: torch.dtype) -> str:
+    """Which attention packed passes use here (recorded in reports)."""
+    fast = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None
+    return "flash varlen" if fast else "dense SDPA"
+
+
+def varlen_causal(q, k, v, spec: Spec, scale: float | None, cache: dict | None = None) -> torch.Tensor:
+    """Causal attention over packed sequences, bottom-right aligned per sequence: the varlen flash kernel on CUDA
+    half dtypes, else SDPA on right-padded blocks (rows scattered in, outputs gathered out; `cache` keeps the
+    mask across the layers of one pass). q [Nq, H, hd], k/v [Nk, Hkv, hd] in cu_q/cu_k order -> [Nq, H, hd]."""
+    if use_kernel(q):
+        return _varlen_kernel()(q.contiguous(), k.contiguous(), v.contiguous(), spec.cu_q, spec.cu_k, spec.max_q,
+                                spec.max_k, scale)
+    cache = {} if cache is None else cache
+    if "mask" not in cache:
+        cache["mask"] = dense_mask(spec.q_len, spec.k_len, spec.max_q, spec.max_k)
+    B, groups = spec.q_len.shape[0], q.shape[1] // k.shape[1]
+
+    def block(x, slot, width, rep):  # [rows, heads, hd] -> [B, heads * rep, width, hd], zeros in the padding
+        padded = x.new_zeros((B * width,) + x.shape[1:]).index_copy(0, slot, x)
+        return repeat_heads(padded.view(B, width, *x.shape[1:]).transpose(1, 2), rep, dim=1)
+
+    out = F.scaled_dot_product_attention(
+        block(q, spec.q_slot, spec.max_q, 1), block(k, spec.k_slot, spec.max_k, groups),
+        block(v, spec.k_slot, spec.max_k, groups), attn_mask=cache["mask"], scale=scale)
+    return out.transpose(1, 2).reshape(B * spec.max_q, *q.shape[1:]).index_select(0, spec.q_slot)
 
 
 def varlen_causal_ref(q, k, v, cu_q, cu_k, scale: float | None) -> torch.Tensor:
-    """Plain-PyTorch definition of `varlen_causal`, one sequence at a time (tests; any device and dtype)."""
+    """Plain-PyTorch definition of varlen causal attention, one sequence at a time (tests; any device, dtype)."""
     cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
     groups = q.shape[1] // k.shape[1]
     outs = []
@@ -215,41 +223,36 @@ def cu(lengths: np.ndarray) -> np.ndarray:
 
 def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of arange(s, s + l) for each (s, l), vectorized. int64."""
+    lengths = np.asarray(lengths, dtype=np.int64)
     total = int(lengths.sum())
     if total == 0:
         return np.zeros(0, dtype=np.int64)
-    offsets = np.repeat(starts - cu(lengths)[:-1], lengths)
+    offsets = np.repeat(np.asarray(starts, dtype=np.int64) - cu(lengths)[:-1], lengths)
     return offsets + np.arange(total, dtype=np.int64)
 
 
-def packed_spec(q_len: np.ndarray, prefix_len: np.ndarray | None = None, capture_len: np.ndarray | None = None,
-                ) -> Spec:
-    """Packed pass over sequences with q_len[b] own tokens each, attending (prefix_len given) to prefix_len[b]
+def packed_spec(q_len: np.ndarray, prefix_len: np.ndarray | None = None,
+                capture_len: np.ndarray | None = None) -> Spec:
+    """Packed pass over sequences with q_len[b] own rows each, attending (prefix_len given) to prefix_len[b]
     captured prefix rows first, or capturing (capture_len given) each sequence's first capture_len[b] rows.
-    Without any prefix token the pass is plain causal (`has_prefix` False)."""
-    if prefix_len is not None and not prefix_len.any():
+    Without any prefix row the pass is plain causal (`has_prefix` False)."""
+    q_len = np.asarray(q_len, dtype=np.int64)
+    if prefix_len is not None and not np.any(prefix_len):
         prefix_len = None
-    cu_q = cu(q_len)
     k_len = q_len if prefix_len is None else prefix_len + q_len
-    spec = Spec(packed=True, max_len=int(k_len.max(initial=0)), cu_q=torch.from_numpy(cu_q).int(),
-                cu_k=torch.from_numpy(cu(k_len)).int(), max_q=int(q_len.max(initial=0)),
-                max_k=int(k_len.max(initial=0)))
+    B, max_q, max_k = len(q_len), int(q_len.max(initial=0)), int(k_len.max(initial=0))
+    cu_q, cu_k = cu(q_len), cu(k_len)
+    seq_q, seq_k = np.repeat(np.arange(B), q_len), np.repeat(np.arange(B), k_len)
+    spec = Spec(max_len=max_k, cu_q=torch.from_numpy(cu_q).int(), cu_k=torch.from_numpy(cu_k).int(), max_q=max_q,
+                max_k=max_k, q_len=torch.from_numpy(q_len), k_len=torch.from_numpy(k_len),
+                q_slot=torch.from_numpy(seq_q * max_q + np.arange(len(seq_q)) - cu_q[seq_q]),
+                k_slot=torch.from_numpy(seq_k * max_k + np.arange(len(seq_k)) - cu_k[seq_k]))
     if prefix_len is not None:
         cu_p = cu(prefix_len)
         order = np.empty(int(k_len.sum()), dtype=np.int64)
-        key_start = cu(k_len)[:-1]
-        order[ranges(key_start, prefix_len)] = ranges(cu_p[:-1], prefix_len)
-        order[ranges(key_start + prefix_len, q_len)] = cu_p[-1] + ranges(cu_q[:-1], q_len)
+        order[ranges(cu_k[:-1], prefix_len)] = ranges(cu_p[:-1], prefix_len)
+        order[ranges(cu_k[:-1] + prefix_len, q_len)] = cu_p[-1] + ranges(cu_q[:-1], q_len)
         spec.kv_order = torch.from_numpy(order)
     if capture_len is not None:
         spec.capture_rows = torch.from_numpy(ranges(cu_q[:-1], capture_len))
     return spec
-
-
-def padded_spec(q_len: np.ndarray, prefix_len: np.ndarray | None = None, capture_width: int = 0) -> Spec:
-    """Padded pass over rows with q_len[b] own tokens, attending to captured prefixes of prefix_len[b] tokens
-    (kept in max(prefix_len) slots), or capturing the first capture_width slots of every row."""
-    if prefix_len is None or not prefix_len.any():
-        return Spec(packed=False, max_len=int(q_len.max(initial=0)), prefix_width=capture_width)
-    return Spec(packed=False, max_len=int((prefix_len + q_len).max()), prefix_width=int(prefix_len.max()),
-                starts=torch.from_numpy(prefix_len.astype(np.int64)))

@@ -1,6 +1,6 @@
-"""Host-side layouts of token sequences for one decoder call: right-padded [B, W] rows (every device, the
-reference) or packed [1, N] rows without padding (CUDA varlen attention), built with numpy before any device
-work so that the training loop never waits for the host."""
+"""Host-side layouts of token sequences for one decoder call: right-padded [B, W] rows (the reference) or packed
+[1, N] rows without padding (attention.py), built with numpy before any device work so that the training loop
+never waits for the host."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from .attention import cu, ranges
 @dataclass
 class Layout:
     """ids and positions of the laid-out tokens, the flat row (in ids.reshape(-1)) of each sequence's first
-    laid-out token, and the attention spec of the call."""
+    laid-out token, and the attention spec of a packed call (None: padded rows, plain causal attention)."""
 
     ids: torch.Tensor
     positions: torch.Tensor
     base: np.ndarray  # [B]
-    spec: attention.Spec
+    spec: attention.Spec | None
     tokens: int  # real (non-padding) tokens laid out
 
     def rows(self, seq: np.ndarray, offset: np.ndarray) -> np.ndarray:
@@ -30,14 +30,14 @@ class Layout:
 
     def to(self, device: torch.device) -> Layout:
         return Layout(self.ids.to(device, non_blocking=True), self.positions.to(device, non_blocking=True),
-                      self.base, self.spec.to(device), self.tokens)
+                      self.base, None if self.spec is None else self.spec.to(device), self.tokens)
 
 
 def lay_out(flat: np.ndarray, first: np.ndarray, lengths: np.ndarray, pos0: np.ndarray, packed: bool,
             prefix_len: np.ndarray | None = None, capture: np.ndarray | None = None, pad_id: int = 0) -> Layout:
-    """Tokens flat[first[b]:first[b] + lengths[b]] at positions pos0[b], pos0[b] + 1, ... of sequence b, with
-    the attention spec for attending to captured prefixes of prefix_len[b] tokens, or for capturing each
-    sequence's first capture[b] tokens (attention.py)."""
+    """Tokens flat[first[b]:first[b] + lengths[b]] at positions pos0[b], pos0[b] + 1, ... of sequence b. Packed
+    layouts carry the attention spec for attending to captured prefixes of prefix_len[b] tokens, or for capturing
+    each sequence's first capture[b] tokens (attention.py); padded ones are for plain causal passes."""
     first, lengths, pos0 = (np.asarray(a, dtype=np.int64) for a in (first, lengths, pos0))
     if packed:
         ids = flat[ranges(first, lengths)][None]
@@ -45,13 +45,15 @@ def lay_out(flat: np.ndarray, first: np.ndarray, lengths: np.ndarray, pos0: np.n
         base = cu(lengths)[:-1]
         spec = attention.packed_spec(lengths, prefix_len, capture)
     else:
+        if prefix_len is not None or capture is not None:
+            raise ValueError("prefix sharing needs a packed layout")
         B, W = len(lengths), max(int(lengths.max(initial=0)), 1)
         j = np.arange(W, dtype=np.int64)
         ids = np.full((B, W), pad_id, dtype=np.int64)
         ids[j[None, :] < lengths[:, None]] = flat[ranges(first, lengths)]
         positions = pos0[:, None] + j[None, :]  # padding keeps counting: finite rotary, never attended to
         base = np.arange(B, dtype=np.int64) * W
-        spec = attention.padded_spec(lengths, prefix_len, int(capture.max(initial=0)) if capture is not None else 0)
+        spec = None
     return Layout(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)),
                   torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)), base, spec, int(lengths.sum()))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import align, contexts, export, models, student, teacher, tokens
+from . import align, attention, contexts, export, models, student, teacher, tokens
 from .config import DistillConfig, UserInputError
 from .tokens import NewToken, Skipped
 
@@ -196,11 +197,12 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
     elif cfg.method != "mean":
         with timer("contexts"):
             work = build_workload(cfg, model, tokenizer, toks, list(corpus), bos_id(tokenizer), V)
+        per_token = Counter(s.token for s in work.snippets)  # one pass: 2,500 tokens x 62,500 snippets otherwise
         for i in primaries:
-            log.info("%-24r %3d snippet(s) [%s]", toks[i].word, sum(1 for s in work.snippets if s.token == i),
+            log.info("%-24r %3d snippet(s) [%s]", toks[i].word, per_token[i],
                      work.sources[i])
         objective = objective_for(cfg, layer, tied)
-        passes = student.resolve_passes(cfg.prefix_sharing, cfg.backend, cfg.epochs, device, dtype)
+        passes = student.resolve_passes(cfg.prefix_sharing, cfg.backend, cfg.epochs)
         cache = None
         if objective.distill is not None:
             with timer("teacher"):  # fused passes run the teacher inside the student's steps instead
@@ -209,7 +211,7 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
                 cache = None if passes.fused else teacher.compute(
                     decoder, work.teacher_ids, work.cu_teacher, work.alignment, cache_layers,
                     max_tokens=65536 if device.type == "cuda" else 8192, cache_dtype=dtype, device_budget=budget,
-                    packed=passes.packed)
+                    packed=cfg.backend != "torch")
         with timer("student"):
             train_result = student.train(
                 decoder, work.alignment, cache, work.snippet_row, rows[primaries],
@@ -268,12 +270,13 @@ def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decode
 
     per_token = []
     row_of = {i: r for r, i in enumerate(work.primaries)} if work else {}
+    snippets_of = Counter(s.token for s in work.snippets) if work else Counter()
     for i, t in enumerate(toks):
         r = row_of.get(i)
         per_token.append({
             "word": t.word, "form": t.form, "token": t.piece, "id": t.new_id, "kind": t.kind,
             "variant_of": t.variant_of, "subtokens": tokenizer.convert_ids_to_tokens(t.sub_ids), "sub_ids": t.sub_ids,
-            "contexts": int(sum(1 for s in work.snippets if s.token == i)) if work and r is not None else 0,
+            "contexts": snippets_of[i] if r is not None else 0,
             "corpus_contexts": work.found.get(i, 0) if work else 0,
             "source": (work.sources.get(i, "none") if work else cfg.method) if t.variant_of is None else "variant",
             "final_loss": float(train_result.token_loss[r]) if train_result is not None and r is not None else None,
@@ -286,7 +289,9 @@ def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decode
                   "rows_before": int(decoder.embed_weight.shape[0]), "tied": tied},
         "implementations": {"align": align.resolved(cfg.align_impl), "device": str(device), "dtype": str(dtype),
                             "backend": cfg.backend,
-                            "student_passes": train_result.extra["passes"] if train_result is not None else None},
+                            "prefix_sharing": train_result.extra["passes"] if train_result is not None else None,
+                            "packed_attention": attention.implementation(device, dtype) if cfg.backend != "torch"
+                            else None},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "counts": {"requested": len(toks) + len(skipped), "added": len(toks), "skipped": len(skipped),
                    "variants": sum(1 for t in toks if t.variant_of), "norm_clipped": clipped,

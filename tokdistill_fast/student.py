@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from tokdistill_fast.kernels.embedding_rows import embedding_rows
 
-from . import attention, losses
+from . import losses
 from .align import Alignment
 from .attention import Attend, ranges
 from .config import UserInputError
@@ -70,32 +70,26 @@ class TrainResult:
 
 @dataclass
 class Passes:
-    """How a step runs the student. prefix: only from each sequence's first new token on, attending to the
-    keys/values of the positions before it, which are identical in teacher and student, carry no gradient and
-    are not in the loss (exact under causal attention). fused: those keys/values, and the step's targets, come
-    from a teacher pass over the same snippets run just before, instead of a no-grad student prefix pass (each
-    snippet is then seen once: epochs == 1). packed: packed rows and varlen attention (CUDA) instead of padded
-    rows, for these passes and the teacher's."""
+    """How a step runs the student. prefix: packed rows (no padding) from each sequence's first new token on,
+    attending to the keys/values of the positions before it, which are identical in teacher and student, carry
+    no gradient and are not in the loss (exact under causal attention). fused: those keys/values, and the step's
+    targets, come from a teacher pass over the same snippets run just before, instead of a no-grad student prefix
+    pass (each snippet is then seen once: epochs == 1). Neither: whole right-padded sequences (the reference)."""
 
     prefix: bool = False
     fused: bool = False
-    packed: bool = False
 
     def describe(self) -> str:
-        kind = "fused" if self.fused else "prefix" if self.prefix else "off"
-        return f"{kind}, {'packed' if self.packed else 'padded'}"
+        return "fused" if self.fused else "prefix" if self.prefix else "off"
 
 
-def resolve_passes(prefix_sharing: str, backend: str, epochs: int, device: torch.device,
-                   dtype: torch.dtype) -> Passes:
-    """auto: off with the reference backend (torch), fused when every snippet is seen once, else on.
-    Packed rows wherever varlen attention exists (CUDA, half dtypes), except with the reference backend."""
+def resolve_passes(prefix_sharing: str, backend: str, epochs: int) -> Passes:
+    """auto: off with the reference backend (torch), fused when every snippet is seen once, else on."""
     if prefix_sharing == "auto":
         prefix_sharing = "off" if backend == "torch" else "fused" if epochs == 1 else "on"
     if prefix_sharing == "fused" and epochs != 1:
         raise UserInputError("--prefix-sharing fused needs --epochs 1: the teacher pass runs inside each step")
-    packed = backend != "torch" and attention.packed_available(device, dtype)
-    return Passes(prefix=prefix_sharing != "off", fused=prefix_sharing == "fused", packed=packed)
+    return Passes(prefix=prefix_sharing != "off", fused=prefix_sharing == "fused")
 
 
 @dataclass
@@ -146,15 +140,13 @@ def make_batch(al: Alignment, snippet_row: np.ndarray, rows: np.ndarray, passes:
         p = al.s_pos[cu_a[rows]].astype(np.int64)  # first new token of each sequence = its prefix length
         if passes.fused:
             teacher_ids, cu_t = teacher
-            prefix = lay_out(teacher_ids, cu_t[rows], cu_t[rows + 1] - cu_t[rows], np.zeros(len(rows)),
-                             passes.packed, capture=p)
+            prefix = lay_out(teacher_ids, cu_t[rows], cu_t[rows + 1] - cu_t[rows], np.zeros(len(rows)), True,
+                             capture=p)
             t_idx = prefix.rows(seq, al.t_pos[pairs].astype(np.int64))
-        elif p.any() and passes.packed:  # packed rows need no empty prefixes; captured rows stay in cu(p) order
+        elif p.any():  # sequences without a prefix are left out; captured rows stay in cu(p) order
             some = p > 0
             prefix = lay_out(al.student_ids, cu_s[rows[some]], p[some], np.zeros(int(some.sum())), True)
-        elif p.any():
-            prefix = lay_out(al.student_ids, cu_s[rows], p, np.zeros(len(rows)), False, capture=p)
-        main = lay_out(al.student_ids, cu_s[rows] + p, lens - p, p, passes.packed, prefix_len=p)
+        main = lay_out(al.student_ids, cu_s[rows] + p, lens - p, p, True, prefix_len=p)
         s_flat = main.rows(seq, s_pos - p[seq])
     tensors = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
                for a in (s_flat, t_idx, tok, s_flat[has_next], ntp_target))

@@ -1,7 +1,7 @@
 """Stage 4: teacher hidden states, computed once without gradient and only up to the deepest layer needed.
 
-Snippets are sorted by length and run in large right-padded batches (or, on CUDA, in packed rows without
-padding); of each sequence only the aligned positions are kept, packed in the cu_seqlens layout of the
+Snippets run in large batches, packed without padding (attention.py) or, on the reference path, sorted by
+length and right-padded; of each sequence only the aligned positions are kept, packed in the cu_seqlens layout of the
 alignment: states[l][cu_aligned[i]:cu_aligned[i+1]] are snippet i's targets at layer l. The cache lives on the
 compute device, or in pinned host memory when it would take more than `device_budget` bytes there (the
 student then copies each step's rows to the device asynchronously, student.TargetFeed).
@@ -68,8 +68,8 @@ def aligned_rows(cu_aligned: np.ndarray, pos: np.ndarray, rows: np.ndarray, widt
 def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, alignment: Alignment,
             layers: list[int], max_tokens: int, cache_dtype: torch.dtype,
             device_budget: int | None = None, packed: bool = False) -> TeacherCache:
-    """Teacher states at `layers` for the aligned positions of every snippet. `packed` runs packed rows with
-    varlen attention (CUDA) instead of length-sorted right-padded batches; both give the same states."""
+    """Teacher states at `layers` for the aligned positions of every snippet. `packed` runs packed rows instead of
+    length-sorted right-padded batches (the reference); both give the same states."""
     device = decoder.embed_weight.device
     K, D = len(alignment.t_pos), decoder.hidden_size
     need = K * D * torch.empty((), dtype=cache_dtype).element_size() * len(layers)
