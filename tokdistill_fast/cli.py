@@ -18,13 +18,37 @@ def _lr(value: str) -> float | str:
     return value if value == "auto" else float(value)
 
 
+def _size(value: str) -> int:
+    """A byte count with an optional K/M/G/T suffix (powers of 1024): 500M, 2G."""
+    scale = 1024 ** (" KMGT".index(value[-1].upper())) if value[-1:].upper() in ("K", "M", "G", "T") else 1
+    try:
+        return int(float(value[:-1] if scale > 1 else value) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {value!r} (e.g. 500M, 2G)") from None
+
+
 def add_distill_args(d: argparse.ArgumentParser) -> None:
     """Model/corpus/method flags shared by commands that run distillation."""
     c = DistillConfig()
     d.add_argument("--model", required=True, help="Hugging Face model directory")
-    d.add_argument("--new-tokens", required=True, help="text file, one new token per line as it appears in text")
+    words = d.add_mutually_exclusive_group(required=True)
+    words.add_argument("--new-tokens", help="text file, one new token per line as it appears in text")
+    words.add_argument("--new-tokens-from-tokenizer", metavar="DIR",
+                       help="add every word of this tokenizer's vocabulary that the model's tokenizer lacks")
     d.add_argument("--corpus", nargs="+", default=[],
-                   help="text (.txt) or JSON lines (.jsonl) files to mine contexts from")
+                   help="files, directories or globs to mine contexts from: text (blank-line separated documents), "
+                   "JSON lines (.jsonl, a 'text' field), Parquet (.parquet, a 'text' column; needs pyarrow)")
+    d.add_argument("--stop-when-full", action="store_true",
+                   help="stop reading the corpus once every token has --snippets-per-token hits (faster; samples "
+                   "come from the first part of the corpus only)")
+    d.add_argument("--max-corpus-bytes", type=_size, default=c.max_corpus_bytes,
+                   help="read at most this much of the corpus, e.g. 2G")
+    d.add_argument("--init-from", metavar="FILE",
+                   help="start rows from another method: safetensors with 'input_embeddings' [n, D] and metadata "
+                   "'forms' (our new_embeddings.safetensors works); other tokens start from the subtoken mean")
+    d.add_argument("--distill-min-chars", type=int, default=c.distill_min_chars, metavar="N",
+                   help="words shorter than N characters keep their start row (subtoken mean or --init-from) "
+                   "instead of being trained")
     d.add_argument("--method", default=c.method, help="token-distill | mean | random | ntp | ntp-all | "
                    "token-distill+ntp | token-distill+alpha-ntp")
     d.add_argument("--loss", default=c.loss, help="mse | kl | logits-mse (token-distill methods)")

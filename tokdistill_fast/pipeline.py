@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import align, contexts, export, models, student, teacher, tokens
+from . import align, contexts, export, models, student, swap, teacher, tokens
 from .config import DistillConfig, UserInputError
 from .tokens import NewToken, Skipped
 
@@ -61,6 +61,7 @@ class Workload:
     alignment: align.Alignment
     sources: dict[int, str]  # token index -> "corpus" | "generated" | "corpus+generated" | "none"
     found: dict[int, int]  # token index -> corpus snippets used
+    retrieval: dict = field(default_factory=dict)  # corpus statistics (contexts.RetrievalStats.summary and hits)
 
 
 def bos_id(tokenizer) -> int | None:
@@ -84,21 +85,21 @@ def random_rows(table: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 
 def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], corpus: list,
-                    bos: int | None) -> tuple[list[contexts.Snippet], dict, dict, dict]:
-    """Retrieve snippets for primary tokens; top up tokens with too few from the model's own generations."""
-    primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
+                    bos: int | None, primaries: list[int]) -> tuple[list[contexts.Snippet], dict, dict, dict]:
+    """Retrieve snippets for the tokens to train; top up tokens with too few from the model's own generations."""
     found = dict.fromkeys(primaries, 0)
     stats: dict = {}
     snippets: list[contexts.Snippet] = []
     if cfg.contexts == "retrieve":
         sub = [toks[i] for i in primaries]
         got, rstats, dropped = contexts.retrieve(corpus, tokenizer, sub, cfg.snippets_per_token,
-                                                 cfg.snippet_length, cfg.seed, bos)
+                                                 cfg.snippet_length, cfg.seed, bos, cfg.stop_when_full,
+                                                 cfg.max_corpus_bytes)
         for s in got:
             s.token = primaries[s.token]
             found[s.token] += 1
         snippets.extend(got)
-        stats = {"corpus_chars": rstats.bytes_read,
+        stats = {**rstats.summary(),
                  "hits": {toks[i].word: h for i, h in zip(primaries, rstats.hits)},
                  "dropped_tokenized_differently": {toks[i].word: d for i, d in zip(primaries, dropped) if d}}
     # Too few corpus snippets (fewer than a quarter of the budget): fill up with generated contexts.
@@ -117,15 +118,14 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
     return snippets, found, sources, stats
 
 
-def build_workload(cfg, model, tokenizer, toks, corpus, bos, V: int) -> Workload:
-    snippets, found, sources, _ = gather_contexts(cfg, model, tokenizer, toks, corpus, bos)
-    primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
+def build_workload(cfg, model, tokenizer, toks, corpus, bos, V: int, primaries: list[int]) -> Workload:
+    snippets, found, sources, retrieval = gather_contexts(cfg, model, tokenizer, toks, corpus, bos, primaries)
     row_of = {tok_i: r for r, tok_i in enumerate(primaries)}
     teacher_ids, cu_teacher = align.pack([s.ids for s in snippets])
     al = align.align([s.ids for s in snippets], [toks[i].sub_ids for i in primaries],
                      [row_of[s.token] for s in snippets], [V + r for r in range(len(primaries))], cfg.align_impl)
     return Workload(primaries, snippets, np.asarray([row_of[s.token] for s in snippets], dtype=np.int64),
-                    teacher_ids, cu_teacher, al, sources, found)
+                    teacher_ids, cu_teacher, al, sources, found, retrieval)
 
 
 def objective_for(cfg: DistillConfig, layer: int, tied: bool) -> student.Objective:
@@ -146,12 +146,13 @@ def clip_norms(rows: torch.Tensor, table: torch.Tensor, quantile: float) -> tupl
     return rows.cpu() * factor, int((factor < 1).sum())
 
 
-def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config: DistillConfig | None = None,
+def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, config: DistillConfig | None = None,
             tokenizer=None) -> DistillResult:
     """Add `new_tokens` to the model's tokenizer and learn their input embeddings.
 
     model: a model directory, or an in-memory causal LM (then pass `tokenizer`). new_tokens: a file with one
-    token per line, or a list of strings. corpus: text/JSONL files. out: if given, the extended model is written
+    token per line, or a list of strings (or None with config.new_tokens_from_tokenizer). corpus: text, JSONL or
+    Parquet files, directories or globs. out: if given, the extended model is written
     there (save_pretrained layout plus new_embeddings.safetensors and report.json).
     """
     cfg = (config or DistillConfig()).validate()
@@ -159,6 +160,7 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
     t_start = time.perf_counter()
     if out is not None:
         export.check_out_dir(out, cfg.overwrite)
+    contexts.corpus_files(corpus)  # a missing file or empty glob fails here, before the model loads
     device = models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
     with timer("load"):
@@ -174,10 +176,10 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
         decoder = models.Decoder(model)
     tied = export.is_tied(model)
     with timer("tokens"):
-        words = tokens.read_word_list(new_tokens) if isinstance(new_tokens, (str, Path)) else list(new_tokens)
-        toks, skipped = tokens.plan_new_tokens(tokenizer, words, cfg.add_variants)
-        for s in skipped:
-            log.warning("skipping %r: %s", s.word, s.reason)
+        words, skipped = swap.requested_words(new_tokens, cfg.new_tokens_from_tokenizer)
+        toks, unplanned = tokens.plan_new_tokens(tokenizer, words, cfg.add_variants)
+        skipped += unplanned
+        swap.log_skipped(skipped)
         if not toks:
             raise UserInputError("none of the new tokens can be added (see the skipped reasons above)")
         new_tokenizer = tokens.extend_tokenizer(tokenizer, toks, cfg.tokenizer_mode, model.config)
@@ -187,15 +189,17 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
     lr = default_lr(layer, decoder) if cfg.lr == "auto" else float(cfg.lr)
     rows = subtoken_mean(table, toks).to(device)
     out_init = subtoken_mean(model.get_output_embeddings().weight, toks).to(device) if not tied else None
+    init_used = swap.apply_init(cfg.init_from, toks, rows, out_init, table.shape[1]) if cfg.init_from else set()
     report: dict = {}
-    primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
+    short = swap.short_tokens(toks, cfg.distill_min_chars)  # kept at their start rows, not trained
+    primaries = [i for i, t in enumerate(toks) if t.variant_of is None and i not in short]
     train_result = None
     work = None
     if cfg.method == "random":
         rows = random_rows(table, len(toks), cfg.seed).to(device)
-    elif cfg.method != "mean":
+    elif cfg.method != "mean" and primaries:
         with timer("contexts"):
-            work = build_workload(cfg, model, tokenizer, toks, list(corpus), bos_id(tokenizer), V)
+            work = build_workload(cfg, model, tokenizer, toks, list(corpus), bos_id(tokenizer), V, primaries)
         for i in primaries:
             log.info("%-24r %3d snippet(s) [%s]", toks[i].word, sum(1 for s in work.snippets if s.token == i),
                      work.sources[i])
@@ -234,6 +238,9 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
         out_rows = torch.zeros_like(rows) if policy == "zeros" else out_init.float().cpu()
     report = build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, tied,
                           clipped, timer, device, dtype)
+    swap.annotate_methods(report, toks, cfg.method, set(primaries) if train_result is not None else set(),
+                           init_used)
+    report["retrieval"] = work.retrieval if work else None
     def finish_report(**running: float) -> dict:
         """Timings so far; `running` adds stages still under way (export writes the report as its last file)."""
         report["timings"] = {**timer.seconds, **running, "total": time.perf_counter() - t_start}
