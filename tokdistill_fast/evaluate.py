@@ -38,11 +38,12 @@ class Scores:
 
 @torch.no_grad()
 def student_scores(decoder: Decoder, al: Alignment, rows: torch.Tensor, final: torch.Tensor,
-                   max_tokens: int = 8192) -> Scores:
+                   max_tokens: int = 8192, backend: str = "auto") -> Scores:
     """KL(teacher || student) and top-1 agreement at every aligned pair, with new rows `rows` [n, D] (table
     space) addressed by extended ids V + r in the student sequences. `final` [K, D] holds the teacher's
     final-layer states at the aligned positions (teacher.compute with the last layer); teacher logits are
-    recomputed from them batch by batch, which is exact and needs D instead of V numbers per position."""
+    recomputed from them batch by batch, which is exact and needs D instead of V numbers per position.
+    backend: the embedding gather's implementation (auto | torch | triton)."""
     device = decoder.embed_weight.device
     K = len(al.s_pos)
     kl = np.zeros(K)
@@ -51,7 +52,7 @@ def student_scores(decoder: Decoder, al: Alignment, rows: torch.Tensor, final: t
     rows = rows.to(device=device, dtype=torch.float32)
     for batch in length_batches(al.cu_student[1:] - al.cu_student[:-1], max_tokens):
         ids = pad_batch(al.student_ids, al.cu_student, batch, device)
-        h0 = embedding_rows(ids, decoder.embed_weight, rows, decoder.embed_scale)
+        h0 = embedding_rows(ids, decoder.embed_weight, rows, decoder.embed_scale, backend=backend)
         h = decoder.hidden_states(h0, [L])[L].reshape(-1, decoder.hidden_size)
         idx = torch.from_numpy(aligned_rows(al.cu_aligned, al.s_pos, batch, ids.shape[1])).to(device)
         s_logp = F.log_softmax(decoder.logits(h.index_select(0, idx)).float(), dim=-1)

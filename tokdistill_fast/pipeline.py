@@ -17,6 +17,7 @@ import torch
 
 from . import align, contexts, export, models, student, teacher, tokens
 from .config import DistillConfig, UserInputError
+from .kernels import backend as kernels
 from .tokens import NewToken, Skipped
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
         export.check_out_dir(out, cfg.overwrite)
     device = models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
+    backend = kernels.resolve(cfg.backend, device)  # fails here, not after the teacher pass, if triton cannot run
     with timer("load"):
         source = None
         if isinstance(model, (str, Path)):
@@ -213,7 +215,7 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
                 decoder, work.alignment, cache, work.snippet_row, rows[primaries],
                 out_init[primaries] if out_init is not None else None, objective,
                 student.Schedule(lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                 warmup_fraction=cfg.warmup_fraction, seed=cfg.seed), tied)
+                                 warmup_fraction=cfg.warmup_fraction, seed=cfg.seed, backend=backend), tied)
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
             out_init[primaries] = train_result.out_rows
@@ -282,7 +284,7 @@ def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decode
         "model": {"type": type(decoder.model).__name__, "layers": decoder.num_layers, "hidden": decoder.hidden_size,
                   "rows_before": int(decoder.embed_weight.shape[0]), "tied": tied},
         "implementations": {"align": align.resolved(cfg.align_impl), "device": str(device), "dtype": str(dtype),
-                            "backend": cfg.backend},
+                            "backend": kernels.resolve(cfg.backend, device)},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "counts": {"requested": len(toks) + len(skipped), "added": len(toks), "skipped": len(skipped),
                    "variants": sum(1 for t in toks if t.variant_of), "norm_clipped": clipped,
