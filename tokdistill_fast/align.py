@@ -42,6 +42,52 @@ class Alignment:
     def n(self) -> int:
         return len(self.cu_student) - 1
 
+    def take(self, idx: np.ndarray) -> Alignment:
+        """The alignment of snippets `idx` only, repacked in that order."""
+        idx = np.asarray(idx, dtype=np.int64)
+        ids, cu_s = take_packed(self.student_ids, self.cu_student, idx)
+        s_pos, cu_a = take_packed(self.s_pos, self.cu_aligned, idx)
+        t_pos, _ = take_packed(self.t_pos, self.cu_aligned, idx)
+        return Alignment(ids, cu_s, s_pos, t_pos, cu_a)
+
+
+def trim_suffix(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, keep: int
+                ) -> tuple[Alignment, np.ndarray, np.ndarray]:
+    """Cut every snippet after its first `keep` aligned positions (student and teacher alike), for cheap proxies
+    that only need the positions right after the word."""
+    n = al.n
+    a_len = np.minimum(np.diff(al.cu_aligned), keep)
+    cu_a = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(a_len, out=cu_a[1:])
+    pick = np.repeat(al.cu_aligned[:-1], a_len) + np.arange(cu_a[-1]) - np.repeat(cu_a[:-1], a_len)
+    s_pos, t_pos = al.s_pos[pick], al.t_pos[pick]
+    s_len, t_len = np.diff(al.cu_student), np.diff(cu_teacher)
+    if len(pick):
+        has = a_len > 0
+        last = np.clip(cu_a[1:] - 1, 0, None)  # each snippet's last kept pair (meaningful where has)
+        s_len = np.where(has, s_pos[last] + 1, s_len)
+        t_len = np.where(has, t_pos[last] + 1, t_len)
+    student_ids, cu_s = _prefixes(al.student_ids, al.cu_student, s_len)
+    t_ids, cu_t = _prefixes(teacher_ids, cu_teacher, t_len)
+    return Alignment(student_ids, cu_s, s_pos, t_pos, cu_a), t_ids, cu_t
+
+
+def _prefixes(flat: np.ndarray, cu: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first lens[i] values of each packed sequence, repacked."""
+    new_cu = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=new_cu[1:])
+    gather = np.repeat(cu[:-1] - new_cu[:-1], lens) + np.arange(new_cu[-1])
+    return flat[gather], new_cu
+
+
+def take_packed(flat: np.ndarray, cu: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences `idx` of a packed array, repacked: (values, cu_seqlens)."""
+    lens = cu[idx + 1] - cu[idx]
+    new_cu = np.zeros(len(idx) + 1, dtype=np.int64)
+    np.cumsum(lens, out=new_cu[1:])
+    gather = np.repeat(cu[idx] - new_cu[:-1], lens) + np.arange(new_cu[-1])
+    return flat[gather], new_cu
+
 
 def pack(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate sequences into (values int64, cu_seqlens int64)."""
