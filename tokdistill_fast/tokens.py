@@ -126,9 +126,7 @@ def plan_new_tokens(tokenizer, words: list[str], add_variants: bool = True,
     """Decide which words become tokens, with their forms and original subtoken ids; the rest are skipped with
     a reason (duplicate, special or added token, vocabulary entry, single token, byte piece, unknown chars).
     Words given in a stored form ("Ġword", "▁word") are read as the plain word."""
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_str(_pipeline_only(json.loads(tokenizer.backend_tokenizer.to_str()), None))
+    backend = tokenizer.backend_tokenizer  # only its normalizer and pre-tokenizer are used, read-only
     vocab = tokenizer.get_vocab()
     specials = set(tokenizer.all_special_tokens)
     added = set(getattr(tokenizer, "added_tokens_encoder", {}))
@@ -271,11 +269,10 @@ def _isolate(pre: dict | None, pattern: str, normalizer_spaces: bool) -> dict | 
     return None
 
 
-def _pipeline_only(tj: dict, pre: dict | None | bool) -> str:
-    """tokenizer.json with an empty model and no added tokens: a cheap Tokenizer for normalizing and
-    pre-tokenizing (pass pre=None to keep the original pre-tokenizer)."""
-    return json.dumps({**tj, "added_tokens": [], "post_processor": None, "decoder": None,
-                       "pre_tokenizer": tj.get("pre_tokenizer") if pre is None else pre,
+def _pipeline_only(tj: dict, pre: dict) -> str:
+    """tokenizer.json with pre-tokenizer `pre`, an empty model and no added tokens: a cheap Tokenizer for
+    normalizing and pre-tokenizing."""
+    return json.dumps({**tj, "added_tokens": [], "post_processor": None, "decoder": None, "pre_tokenizer": pre,
                        "model": {"type": "BPE", "vocab": {}, "merges": []}}, ensure_ascii=False)
 
 
