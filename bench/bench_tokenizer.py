@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "corpus": args.corpus, "mb": args.mb, "repeats": args.repeats,
-            "paragraphs": len(plain)}
+            "paragraphs": len(plain), "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg()}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n", encoding="utf-8")
     print("| new tokens | mode | build s | reload s | encode MB/s (no new words) | encode MB/s (every 10th word new) |")
     print("|---|---|---|---|---|---|")

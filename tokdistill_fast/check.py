@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_LISTED = 50  # failures/warnings listed in full in report.json; all are counted
 PARAGRAPH_CHARS = 2000  # probe text is compared in chunks of at most this many characters
-FORWARD_TOKENS = 2048  # probe tokens run through the model for the probability-mass figures
+FORWARD_TOKENS = 1024  # probe tokens run through the model for the probability-mass figures
 PROBE_TEXT = """\
 The committee met on Tuesday, 14 March 2023, and adjourned at 5:45 p.m. Nobody objected.
 "Don't go," she said. "It's late; we'll talk tomorrow." He didn't answer - he'd already left...
@@ -219,7 +219,10 @@ def check_one_id(tok, original, new: list[dict], find: Findings) -> dict:
 def check_probe(tok, original, new: list[dict], paragraphs: list[str], find: Findings) -> dict:
     """Text without new words tokenizes as before; every paragraph round-trips where the original's does."""
     words = sorted({t["word"] for t in new})
-    at_boundary = regex.compile(f"(?<![{WORD_CHARS}])(?:{trie_pattern(words)})(?![{WORD_CHARS}])") if words else None
+    norm = tok.backend_tokenizer.normalizer
+    uncased = regex.IGNORECASE if norm is not None and norm.normalize_str("A") == "a" else 0
+    at_boundary = regex.compile(f"(?<![{WORD_CHARS}])(?:{trie_pattern(words)})(?![{WORD_CHARS}])",
+                                uncased) if words else None
     new_ids = {t["id"]: t for t in new}
     encs = tok.backend_tokenizer.encode_batch(paragraphs, add_special_tokens=False)
     decoded = tok.backend_tokenizer.decode_batch([e.ids for e in encs], skip_special_tokens=False)
