@@ -30,7 +30,7 @@ def padded(tmp_path_factory, tokenizers_by_kind):
 
 def test_padded_vocab_reuses_spare_rows(padded, words_file, tmp_path):
     out = tmp_path / "out"
-    result = run(padded, words_file, out, output_embeddings="zeros")
+    result = run(padded, words_file, out, output_embeddings="zeros", casing_variants=True)
     tok = AutoTokenizer.from_pretrained(padded)
     rows = AutoModelForCausalLM.from_pretrained(padded).get_input_embeddings().weight.shape[0]
     ids = sorted(t.new_id for t in result.tokens)
@@ -40,6 +40,8 @@ def test_padded_vocab_reuses_spare_rows(padded, words_file, tmp_path):
     assert torch.count_nonzero(after.get_output_embeddings().weight[ids]) == 0  # --output-embeddings zeros
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["grown"] == 0 and report["check"]["passed"]
+    casing = [t for t in result.tokens if t.variant.startswith("casing")]
+    assert casing and report["counts"]["casing_variants"] == len(casing)
     assert report["check"]["matrices"]["padding_rows"] == rows - len(tok) - len(ids)
     assert check.check_dir(out, padded, forward=False)["passed"]
 
