@@ -329,7 +329,7 @@ def write_output(out: Path, cfg, original, tokenizer, new_tokenizer, toks, rows,
         report = finish_report(export=time.perf_counter() - t0)
         report["model"].update(geometry, slow_tokenizer_files=slow)
         export.write_json(tmp / "report.json", report)
-        section = check.run_checks(tmp, before, probes, model=target)
+        section = check.run_checks(tmp, before, probes, forward=None, model=target)
         check.write_reports(tmp, section)
         if not section["passed"]:
             raise check.GuaranteeError("the output breaks a guarantee; nothing was written:\n  "

@@ -204,7 +204,8 @@ def adds_prefix_space(tokenizer) -> bool:
 
 def trie_pattern(strings: list[str]) -> str:
     """A regex matching exactly `strings`, factored as a trie: a backtracking engine then tests one branch per
-    character instead of every alternative (a flat 50,000-way alternation slowed encoding ~100x). Optional
+    character instead of every alternative (a flat alternation encoded 4.6x slower at 2,500 forms and did
+    not finish 2 MB in 5 minutes at 50,000). Optional
     suffixes are greedy, so the longest form wins ('Parisians' before 'Paris')."""
     trie: dict = {}
     for s in strings:
