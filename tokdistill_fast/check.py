@@ -3,12 +3,13 @@ checks on its output before moving it into place.
 
 Guarantees (a broken one fails the check and names the token): one id per new token in running text (after a
 space, before punctuation, at the start of text and, where a start-of-text variant exists, after a newline,
-punctuation or a special token); text without new words tokenizes as before (needs the original); decode(encode
-(text)) == text wherever the original tokenizer round-trips; original rows of both matrices bit-identical (needs
-the original); new rows finite, input norms at most the vocabulary's largest and at least a quarter of its
-smallest (below the smallest itself: a warning, as subtoken means are shorter than their parts); tie status as the original's;
-config.vocab_size equal to the row count and above every token id. Reported without failing: tokenizer reload
-seconds, inside-word matches of added tokens, probability mass on padding and new ids, slow-tokenizer files.
+punctuation or a special token); text without new words tokenizes as before (needs the original);
+decode(encode(text)) == text wherever the original tokenizer round-trips; original rows of both matrices
+bit-identical (needs the original); new rows finite, input norms at most the vocabulary's largest and at least
+a quarter of its smallest (below the smallest itself only warns: subtoken means are shorter than their parts);
+tie status as the original's; config.vocab_size equal to the row count and above every token id. Reported
+without failing: tokenizer reload seconds, inside-word matches of added tokens, probability mass on padding and
+new ids, slow-tokenizer files.
 """
 
 from __future__ import annotations
