@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import DistillConfig, UserInputError
+from .config import DistillConfig, GuaranteeError, UserInputError
 
 
 def _layer(value: str) -> int | str:
@@ -40,6 +40,10 @@ def add_distill_args(d: argparse.ArgumentParser) -> None:
     d.add_argument("--tokenizer-mode", default=c.tokenizer_mode, help="auto | vocab | added")
     d.add_argument("--no-variants", dest="add_variants", action="store_false",
                    help="do not add the start-of-text form of each word as a second token")
+    d.add_argument("--casing-variants", action="store_true",
+                   help="also add the lower-case and capitalized forms of each word (rows copied from the word)")
+    d.add_argument("--pad-to-multiple-of", type=int, default=c.pad_to_multiple_of,
+                   help="round a grown embedding matrix up to a multiple of N rows (64 or 128 suit tensor cores)")
     d.add_argument("--device", default=c.device)
     d.add_argument("--dtype", default=c.dtype, help="auto | float32 | bfloat16 | float16")
     d.add_argument("--seed", type=int, default=c.seed)
@@ -84,6 +88,19 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import check_dir, summary_lines
+
+    section = check_dir(args.out, args.original, args.probe, forward=not args.no_forward)
+    for line in summary_lines(section):
+        print(line, file=sys.stderr)
+    t = section["tokenizer"]
+    print(f"{'passed' if section['passed'] else 'FAILED'}: {section['new_tokens']} new token(s), "
+          f"{section['one_id']['contexts_checked']} contexts, {section['probe']['paragraphs']} probe paragraphs, "
+          f"tokenizer reload {t['reload_seconds']:.2f} s -> {Path(args.out) / 'report.md'}")
+    return 0 if section["passed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokdistill", description="Input embeddings for new tokens by distillation.")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -93,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output directory (save_pretrained layout)")
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     d.set_defaults(func=cmd_distill)
+    k = sub.add_parser("check", help="verify every guarantee of an output directory (exit 1 if one breaks)")
+    k.add_argument("out", help="output directory of tokdistill distill")
+    k.add_argument("--original", help="the original model directory: enables the comparisons with it")
+    k.add_argument("--probe", nargs="*", default=[], help="text files whose tokenization is compared")
+    k.add_argument("--no-forward", action="store_true",
+                   help="skip the model forward pass that measures probability mass on padding and new ids")
+    k.set_defaults(func=cmd_check)
     s = sub.add_parser("select", help="candidate new tokens from a corpus, ranked by tokens saved")
     s.add_argument("--model", required=True)
     s.add_argument("--corpus", nargs="+", required=True)
@@ -115,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as e:
         print(f"tokdistill: error: {e}", file=sys.stderr)
         return 2
+    except GuaranteeError as e:
+        print(f"tokdistill: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("tokdistill: interrupted; no output was written", file=sys.stderr)
         return 130

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import align, contexts, export, models, student, teacher, tokens
+from . import align, check, contexts, export, models, student, teacher, tokens
 from .config import DistillConfig, UserInputError
 from .kernels import backend as kernels
 from .tokens import NewToken, Skipped
@@ -177,7 +177,7 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
     tied = export.is_tied(model)
     with timer("tokens"):
         words = tokens.read_word_list(new_tokens) if isinstance(new_tokens, (str, Path)) else list(new_tokens)
-        toks, skipped = tokens.plan_new_tokens(tokenizer, words, cfg.add_variants)
+        toks, skipped = tokens.plan_new_tokens(tokenizer, words, cfg.add_variants, cfg.casing_variants)
         for s in skipped:
             log.warning("skipping %r: %s", s.word, s.reason)
         if not toks:
@@ -228,8 +228,10 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
                 out_init[i] = out_init[index_of[t.variant_of]]
     rows = rows.float().cpu()
     clipped = 0
-    if tied and cfg.method != "mean":
-        rows, clipped = clip_norms(rows, table, cfg.max_norm_quantile)
+    if cfg.method != "mean":
+        # Tied: clip to a quantile (a large input row is also a large output row). Untied: to the largest norm,
+        # so new rows stay inside the vocabulary's norm range, which `tokdistill check` verifies.
+        rows, clipped = clip_norms(rows, table, cfg.max_norm_quantile if tied else 1.0)
     out_rows = None
     if not tied:
         policy = "mean" if cfg.output_embeddings == "auto" else cfg.output_embeddings
@@ -243,8 +245,8 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
 
     if out is not None:
         with timer("export"):
-            write_output(Path(out), cfg, model_path or source, new_tokenizer, toks, rows, out_rows, tied,
-                         finish_report)
+            write_output(Path(out), cfg, model_path or source, tokenizer, new_tokenizer, toks, rows, out_rows,
+                         tied, finish_report, list(corpus))
     finish_report()
     return DistillResult(new_tokenizer, toks, rows, out_rows, report, skipped)
 
@@ -287,7 +289,10 @@ def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decode
                             "backend": kernels.resolve(cfg.backend, device)},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "counts": {"requested": len(toks) + len(skipped), "added": len(toks), "skipped": len(skipped),
-                   "variants": sum(1 for t in toks if t.variant_of), "norm_clipped": clipped,
+                   "variants": sum(1 for t in toks if t.variant_of),
+                   "casing_variants": sum(1 for t in toks if t.variant.startswith("casing")),
+                   "by_kind": {k: sum(1 for t in toks if t.kind == k) for k in ("vocab", "added")},
+                   "norm_clipped": clipped,
                    "snippets": len(work.snippets) if work else 0,
                    "aligned_positions": int(len(work.alignment.s_pos)) if work else 0},
         "training": None if train_result is None else {
@@ -298,9 +303,11 @@ def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decode
     }
 
 
-def write_output(out: Path, cfg, original, new_tokenizer, toks, rows, out_rows, tied, finish_report) -> None:
+def write_output(out: Path, cfg, original, tokenizer, new_tokenizer, toks, rows, out_rows, tied, finish_report,
+                 corpus: list) -> None:
     """Build the output model from the original weights in their own dtype (a model directory is reloaded on the
-    CPU; an in-memory model is copied, never modified) and save it with the tokenizer, new rows and report."""
+    CPU; an in-memory model is copied, never modified), save it with the tokenizer, new rows and report, and
+    run `tokdistill check` on it before it is moved into place: a broken guarantee fails the run."""
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
@@ -308,16 +315,37 @@ def write_output(out: Path, cfg, original, new_tokenizer, toks, rows, out_rows, 
         target = AutoModelForCausalLM.from_pretrained(original, dtype="auto")
     else:
         target = copy.deepcopy(original).cpu()
-    ids = [t.new_id for t in toks]
-    rows_after = export.grow_embeddings(target, max(ids) + 1)
-    export.write_rows(target, ids, rows, out_rows, tied)
+    head = target.get_output_embeddings()
+    before = check.Original(tokenizer, target.get_input_embeddings().weight.detach().clone(),
+                            None if tied or head is None else head.weight.detach().clone(), tied,
+                            check.load_tokenizer(original)[1] if isinstance(original, Path) else None)
+    geometry = export.grow_embeddings(target, max(new_tokenizer.get_vocab().values()) + 1, cfg.pad_to_multiple_of)
+    export.write_rows(target, toks, rows, out_rows, tied)
+    probes = probe_sample(corpus)
 
     def fill(tmp: Path) -> None:
         target.save_pretrained(tmp, safe_serialization=True)
         new_tokenizer.save_pretrained(tmp)
+        slow = export.slow_tokenizer_files(original if isinstance(original, Path) else None, tmp, toks)
         export.new_rows_file(tmp / "new_embeddings.safetensors", toks, rows, out_rows)
         report = finish_report(export=time.perf_counter() - t0)
-        report["model"]["rows_after"] = rows_after
+        report["model"].update(geometry, slow_tokenizer_files=slow)
         export.write_json(tmp / "report.json", report)
+        section = check.run_checks(tmp, before, probes, forward=None, model=target)
+        check.write_reports(tmp, section)
+        if not section["passed"]:
+            raise check.GuaranteeError("the output breaks a guarantee; nothing was written:\n  "
+                                       + "\n  ".join(check.summary_lines(section)))
 
     export.atomic_write(out, cfg.overwrite, fill)
+
+
+def probe_sample(corpus: list, max_chars: int = 200_000) -> list[str]:
+    """The first documents of the corpus, up to max_chars, as probe text for the output check."""
+    texts, total = [], 0
+    for doc in contexts.iter_documents(corpus):
+        if total >= max_chars:
+            break
+        texts.append(doc[:max_chars - total])
+        total += len(texts[-1])
+    return texts
