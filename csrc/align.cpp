@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace py = pybind11;
@@ -73,78 +74,58 @@ py::tuple align(const InArray& teacher_ids, const InArray& cu_teacher, const InA
       fail("snippet_phrase[" + std::to_string(i) + "] = " + std::to_string(sp[i]) + " is not a phrase index in [0, " +
            std::to_string(m) + ")");
 
-  // Pass 1 finds the merges (greedy, left to right) and sizes everything; pass 2 copies the unmerged runs between
-  // them. Outputs are numpy arrays of exact size, allocated with the GIL held, filled without it.
-  py::array_t<i64> cu_student(n + 1), cu_aligned(n + 1);
+  // One pass: find the next greedy match, copy the run of teacher ids before it, write the new id. Outputs are
+  // numpy arrays sized by upper bounds (merging only shortens; each student position is paired at most once),
+  // allocated with the GIL held, filled without it and returned as views of their used part. The slack is
+  // mostly address space (pages never written are never committed); sizing exactly took a second pass.
+  py::array_t<i64> student(N), cu_student(n + 1), cu_aligned(n + 1);
+  py::array_t<i32> s_pos(N), t_pos(N);
+  i64* out = student.mutable_data();
   i64* cu_s = cu_student.mutable_data();
   i64* cu_a = cu_aligned.mutable_data();
-  std::vector<i64> merges;  // teacher position of each merge, snippet by snippet
-  std::vector<i64> cu_m(n + 1);  // snippet i's merges: merges[cu_m[i]:cu_m[i + 1]]
+  i32* const sp_begin = s_pos.mutable_data();
+  i32* so = sp_begin;
+  i32* to = t_pos.mutable_data();
   {
     py::gil_scoped_release nogil;
-    cu_s[0] = cu_a[0] = cu_m[0] = 0;
+    cu_s[0] = cu_a[0] = 0;
     for (i64 i = 0; i < n; ++i) {
       const i64* seq = t + cu_t[i];
       const i64 len = cu_t[i + 1] - cu_t[i];
       const i64* phrase = ph + cu_p[sp[i]];
       const i64 plen = cu_p[sp[i] + 1] - cu_p[sp[i]];
-      const std::size_t before = merges.size();
-      for (i64 j = 0; plen > 0 && j + plen <= len;) {
-        i64 k = 0;
-        while (k < plen && seq[j + k] == phrase[k]) ++k;
-        if (k == plen) {
-          merges.push_back(j);
-          j += plen;
-        } else {
-          ++j;
-        }
-      }
-      const i64 count = static_cast<i64>(merges.size() - before);
-      const i64 slen = len - count * (plen - 1);
-      cu_m[i + 1] = static_cast<i64>(merges.size());
-      cu_s[i + 1] = cu_s[i] + slen;
-      // Before the first merge, student and teacher positions coincide; pairs run from there to the end.
-      cu_a[i + 1] = cu_a[i] + (count ? slen - merges[before] : 0);
-    }
-  }
-  py::array_t<i64> student_ids(cu_s[n]);
-  py::array_t<i32> s_pos(cu_a[n]), t_pos(cu_a[n]);
-  i64* out = student_ids.mutable_data();
-  i32* sp_out = s_pos.mutable_data();
-  i32* tp_out = t_pos.mutable_data();
-  {
-    py::gil_scoped_release nogil;
-    for (i64 i = 0; i < n; ++i) {
-      const i64* seq = t + cu_t[i];
-      const i64 len = cu_t[i + 1] - cu_t[i];
-      const i64 plen = cu_p[sp[i] + 1] - cu_p[sp[i]];
       i64* o = out + cu_s[i];
-      i32* so = sp_out + cu_a[i];
-      i32* to = tp_out + cu_a[i];
-      i64 j = 0, s = 0;  // teacher and student position
-      // Appends teacher run [j, end) to the student, paired position by position when `paired`.
-      auto run = [&](i64 end, bool paired) {
-        std::copy(seq + j, seq + end, o + s);
+      const i64 last = plen > 0 ? len - plen : -1;  // the last position a match can start at (none if empty)
+      i64 j = 0, s = 0;                              // teacher and student position
+      bool paired = false;                           // pairs start at the first merge
+      while (j < len) {
+        i64 q = j;  // the next position where the phrase matches, or len
+        while (q <= last && !(seq[q] == phrase[0] && std::equal(phrase + 1, phrase + plen, seq + q + 1))) ++q;
+        if (q > last) q = len;
+        std::copy(seq + j, seq + q, o + s);
         if (paired)
-          for (i64 k = 0; k < end - j; ++k) {
+          for (i64 k = 0; k < q - j; ++k) {
             *so++ = static_cast<i32>(s + k);
             *to++ = static_cast<i32>(j + k);
           }
-        s += end - j;
-        j = end;
-      };
-      for (i64 r = cu_m[i]; r < cu_m[i + 1]; ++r) {
-        run(merges[r], r > cu_m[i]);  // the run before the first merge is not aligned
+        s += q - j;
+        if (q == len) break;
         o[s] = new_id[sp[i]];
         *so++ = static_cast<i32>(s);
-        *to++ = static_cast<i32>(j + plen - 1);
+        *to++ = static_cast<i32>(q + plen - 1);
         ++s;
-        j += plen;
+        j = q + plen;
+        paired = true;
       }
-      run(len, cu_m[i + 1] > cu_m[i]);
+      cu_s[i + 1] = cu_s[i] + s;
+      cu_a[i + 1] = so - sp_begin;
     }
   }
-  return py::make_tuple(student_ids, cu_student, s_pos, t_pos, cu_aligned);
+  auto used = [](auto& a, i64 size) {  // a view of a[:size] that keeps `a` alive
+    using T = typename std::remove_reference_t<decltype(a)>::value_type;
+    return py::array_t<T>(size, a.data(), a);
+  };
+  return py::make_tuple(used(student, cu_s[n]), cu_student, used(s_pos, cu_a[n]), used(t_pos, cu_a[n]), cu_aligned);
 }
 
 // Python sequences of ints (lists of lists, as the pipeline builds them) -> (values int64, cu_seqlens int64).
