@@ -62,7 +62,7 @@ def run(benchmark, batch, results, impl: str, rounds: int) -> None:
 
 @pytest.mark.skipif(align._align_ext is None, reason="C++ aligner not built")
 def test_alignment_cpp(benchmark, batch, results):
-    run(benchmark, batch, results, "cpp", rounds=20)
+    run(benchmark, batch, results, "cpp", rounds=50)
 
 
 def test_alignment_python(benchmark, batch, results):
