@@ -13,6 +13,7 @@ module's `align_py` is its specification and fallback.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -89,18 +90,45 @@ def take_packed(flat: np.ndarray, cu: np.ndarray, idx: np.ndarray) -> tuple[np.n
     return flat[gather], new_cu
 
 
-def pack(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate sequences into (values int64, cu_seqlens int64)."""
+def pack(seqs: list[list[int]], impl: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate sequences of ints into (values int64, cu_seqlens int64); impl as in `align`."""
+    if resolved(impl) == "cpp":
+        return _align_ext.pack(seqs)
     cu = np.zeros(len(seqs) + 1, dtype=np.int64)
-    np.cumsum([len(s) for s in seqs], out=cu[1:])
-    flat = np.fromiter((x for s in seqs for x in s), dtype=np.int64, count=int(cu[-1]))
+    np.cumsum(np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs)), out=cu[1:])
+    # fromiter over chain() converts in C: ~2x faster than a generator or np.concatenate of per-list arrays
+    # (both pay per-list or per-element Python overhead) on 64k lists of ~50 ints.
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(cu[-1]))
     return flat, cu
+
+
+def check_packed(teacher_ids: np.ndarray, cu_teacher: np.ndarray, phrase_ids: np.ndarray, cu_phrase: np.ndarray,
+                 snippet_phrase: np.ndarray, phrase_new_id: np.ndarray) -> None:
+    """Raise ValueError unless the arguments of align_py form a valid packed batch (the C++ builder checks the same:
+    1-D arrays, cu arrays from 0 to the value count and non-decreasing, one phrase index in range per snippet)."""
+    arrays = dict(teacher_ids=teacher_ids, cu_teacher=cu_teacher, phrase_ids=phrase_ids, cu_phrase=cu_phrase,
+                  snippet_phrase=snippet_phrase, phrase_new_id=phrase_new_id)
+    for name, a in arrays.items():
+        if np.ndim(a) != 1:
+            raise ValueError(f"align: {name} must be 1-D, got {np.ndim(a)} dimensions")
+    for cu, values in (("cu_teacher", "teacher_ids"), ("cu_phrase", "phrase_ids")):
+        c = arrays[cu]
+        if len(c) == 0 or c[0] != 0 or c[-1] != len(arrays[values]) or (np.diff(c) < 0).any():
+            raise ValueError(f"align: {cu} must run from 0 to len({values}) = {len(arrays[values])} without "
+                             f"decreasing")
+    n, m = len(cu_teacher) - 1, len(cu_phrase) - 1
+    if len(snippet_phrase) != n or len(phrase_new_id) != m:
+        raise ValueError(f"align: snippet_phrase needs {n} entries (one per snippet), got {len(snippet_phrase)}; "
+                         f"phrase_new_id needs {m} (one per phrase), got {len(phrase_new_id)}")
+    if n and (snippet_phrase.min() < 0 or snippet_phrase.max() >= m):
+        raise ValueError(f"align: snippet_phrase holds indices outside [0, {m}) (the phrases)")
 
 
 def align_py(teacher_ids: np.ndarray, cu_teacher: np.ndarray, phrase_ids: np.ndarray, cu_phrase: np.ndarray,
              snippet_phrase: np.ndarray, phrase_new_id: np.ndarray) -> Alignment:
     """The specification. Snippet i merges phrase p = snippet_phrase[i] (ids phrase_ids[cu_phrase[p]:cu_phrase[p+1]])
     into the id phrase_new_id[p]."""
+    check_packed(teacher_ids, cu_teacher, phrase_ids, cu_phrase, snippet_phrase, phrase_new_id)
     student: list[int] = []
     cu_s, cu_a = [0], [0]
     s_pos: list[int] = []
@@ -149,10 +177,11 @@ def resolved(impl: str = "auto") -> str:
 def align(teacher: list[list[int]], phrases: list[list[int]], snippet_phrase: list[int], phrase_new_id: list[int],
           impl: str = "auto") -> Alignment:
     """Build the alignment for a list of teacher sequences with the chosen implementation."""
-    teacher_ids, cu_teacher = pack(teacher)
-    phrase_ids, cu_phrase = pack(phrases)
+    impl = resolved(impl)
+    teacher_ids, cu_teacher = pack(teacher, impl)
+    phrase_ids, cu_phrase = pack(phrases, impl)
     args = (teacher_ids, cu_teacher, phrase_ids, cu_phrase, np.asarray(snippet_phrase, dtype=np.int64),
             np.asarray(phrase_new_id, dtype=np.int64))
-    if resolved(impl) == "cpp":
+    if impl == "cpp":
         return Alignment(*_align_ext.align(*args))
     return align_py(*args)
