@@ -187,7 +187,8 @@ def outcome_json(o: Outcome, bench: Bench, outcomes: list[Outcome], reference: s
     """A spec's aggregates, paired differences against the reference method, timings and per-token rows."""
     ref = next((r for r in outcomes if r.spec.label == reference), None)
     names = list(o.runs[0].values)
-    out = {"label": o.spec.label, "method": o.spec.method, "group": o.spec.group, "layer": o.layer, "lr": o.lr,
+    out = {"label": o.spec.label, "method": o.spec.method, "group": o.spec.group, "changes": o.spec.changes,
+           "layer": o.layer, "lr": o.lr,
            "epochs": o.epochs, "seeds": o.spec.seeds, "train_seconds": float(np.mean(o.train_seconds)),
            "eval_seconds": float(np.mean(o.eval_seconds)),
            "aggregate": {n: o.stat(n) for n in names},
@@ -245,6 +246,13 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def in_sweep(m: dict, group: str) -> bool:
+    """Rows a sweep plot shows: its own group, and for the layer sweep also plain token-distill runs that only
+    set the layer (e.g. `token-distill@layer=8` given in --methods)."""
+    return m["group"] == group or (group == "layers" and m["method"] == "token-distill"
+                                   and set(m["changes"]) <= {"target_layer"})
+
+
 def plot(results: dict, out: Path) -> list[Path]:
     """methods.png (KL and definition similarity per method), layers.png and lrs.png for the sweeps. Needs
     matplotlib (extra `eval`); without it the table and JSON are still written."""
@@ -282,7 +290,8 @@ def plot(results: dict, out: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     for group, key, xlabel, log_x in (("layers", "layer", "target layer", False), ("lrs", "lr", "learning rate", True)):
-        rows = sorted((m for m in results["methods"] if m["group"] == group), key=lambda m: m[key])
+        rows = sorted({m[key]: m for m in reversed(results["methods"]) if in_sweep(m, group)}.values(),
+                      key=lambda m: m[key])
         if len(rows) < 2:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -120,8 +120,8 @@ def embed_sentences(emb: Embedder, texts: list[str], batch: int = 64) -> torch.T
 
 
 def similarity(emb: Embedder, a: list[str], b: list[str]) -> np.ndarray:
-    """Cosine similarity of a[i] and b[i]."""
-    return (embed_sentences(emb, a) * embed_sentences(emb, b)).sum(-1).numpy()
+    """Cosine similarity of a[i] and b[i] (clipped to [-1, 1] against rounding)."""
+    return np.clip((embed_sentences(emb, a) * embed_sentences(emb, b)).sum(-1).numpy(), -1.0, 1.0)
 
 
 def generate_definitions(model: Scorer, tokenizer, prompt_ids: list[list[int]], forms: dict[int, str],
