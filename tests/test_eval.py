@@ -239,3 +239,5 @@ def test_eval_api_and_bad_inputs(adapted, heldout_file, tmp_path, capsys):
     assert "no held-out snippet" in capsys.readouterr().err
     assert main(base + ["--adapted", str(src), "--heldout", str(heldout_file)]) == 2
     assert "report.json" in capsys.readouterr().err
+    assert main(base + ["--adapted", str(out), "--heldout", str(heldout_file), "--mse-layers", "9"]) == 2
+    assert "--mse-layers" in capsys.readouterr().err
