@@ -67,6 +67,7 @@ def test_compare_writes_table_json_and_plots(model_dirs, words_file, corpus_file
                "--layers", "1,4", "--lrs", "3e-2"])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
+    assert results["complete"]
     by = {m["label"]: m for m in results["methods"]}
     assert list(by) == ["mean", "random@seeds=2", "token-distill", "token-distill@layer=1", "token-distill@layer=4",
                         "token-distill@layer=2,lr=0.03"]
@@ -76,6 +77,7 @@ def test_compare_writes_table_json_and_plots(model_dirs, words_file, corpus_file
     assert by["token-distill"]["aggregate"]["kl"]["mean"] < by["random@seeds=2"]["aggregate"]["kl"]["mean"]
     assert set(results["shared_seconds"]) >= {"load", "contexts", "teacher", "heldout"}
     table = (out / "table.md").read_text()
+    assert "Partial" not in table
     assert "### Target-layer sweep" in table and "### Learning-rate sweep" in table and "| token-distill |" in table
     pytest.importorskip("matplotlib")
     assert all((out / f).stat().st_size > 0 for f in ("methods.png", "layers.png"))

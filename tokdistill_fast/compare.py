@@ -150,6 +150,18 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
         bench = Bench.build(decoder, tokenizer, [toks[i] for i in primaries], [V + i for i in primaries],
                             heldout_paths, opts, base.snippet_length)
     forms = {V + i: t.form for i, t in enumerate(toks)}
+    results = {
+        "model": str(model), "corpus": [str(c) for c in corpus], "heldout": [str(h) for h in heldout_paths],
+        "settings": {**base.as_dict(), "eval": {**opts.__dict__, "layers": list(opts.layers)},
+                     "device": str(device), "dtype": str(dtype)},
+        "counts": {"tokens": len(primaries), "skipped": len(skipped),
+                   "train_snippets": len(work.snippets) if work else 0, "heldout_snippets": bench.hs.n,
+                   "tokens_with_heldout": int(sum(1 for h in bench.hs.hits if h))},
+        "shared_seconds": dict(timer.seconds),
+        "tokens_saved": heldout.tokens_saved(heldout_paths, tokenizer, new_tokenizer, opts.max_chars),
+        "reference": reference, "complete": False, "methods": [],
+    }
+    out.mkdir(parents=True, exist_ok=True)
     outcomes = []
     for spec, cfg, (layer, lr) in zip(specs, cfgs, settings):
         runs, train_s, eval_s = [], [], []
@@ -164,21 +176,11 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
         o = Outcome(spec, layer, lr, cfg.epochs, runs, train_s, eval_s)
         log.info("%-40s KL %.4f  (%.1f s train)", spec.label, o.stat("kl")["mean"], np.mean(train_s))
         outcomes.append(o)
-    results = {
-        "model": str(model), "corpus": [str(c) for c in corpus], "heldout": [str(h) for h in heldout_paths],
-        "settings": {**base.as_dict(), "eval": {**opts.__dict__, "layers": list(opts.layers)},
-                     "device": str(device), "dtype": str(dtype)},
-        "counts": {"tokens": len(primaries), "skipped": len(skipped),
-                   "train_snippets": len(work.snippets) if work else 0, "heldout_snippets": bench.hs.n,
-                   "tokens_with_heldout": int(sum(1 for h in bench.hs.hits if h))},
-        "shared_seconds": dict(timer.seconds),
-        "tokens_saved": heldout.tokens_saved(heldout_paths, tokenizer, new_tokenizer, opts.max_chars),
-        "reference": reference,
-        "methods": [outcome_json(o, bench, outcomes, reference) for o in outcomes],
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    export.write_json(out / "results.json", results)
-    (out / "table.md").write_text(markdown_table(results), encoding="utf-8")
+        # Written after every method, so a long run that stops early still leaves its finished rows.
+        results["methods"] = [outcome_json(o, bench, outcomes, reference) for o in outcomes]
+        results["complete"] = len(outcomes) == len(specs)
+        export.write_json(out / "results.json", results)
+        (out / "table.md").write_text(markdown_table(results), encoding="utf-8")
     plot(results, out)
     return results
 
@@ -221,6 +223,8 @@ def markdown_table(results: dict) -> str:
              "Held-out metrics: macro means over tokens with 95% bootstrap intervals (tokens, then snippets), or "
              "mean ± std over seeds. KL = KL(original || adapted) over the original vocabulary, lower is better; "
              "ΔNLL = adapted minus original NLL of each snippet's continuation (nats).", ""]
+    if not results.get("complete", True):
+        lines += ["**Partial results: the run is still going or stopped early.**", ""]
     for group, title in titles.items():
         rows = [m for m in results["methods"] if m["group"] == group]
         if not rows:
