@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import align, check, contexts, export, models, student, teacher, tokens
-from .config import DistillConfig, UserInputError
+from .config import TRAINED_METHODS, DistillConfig, UserInputError
 from .kernels import backend as kernels
 from .tokens import NewToken, Skipped
 
@@ -183,37 +183,89 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
         if not toks:
             raise UserInputError("none of the new tokens can be added (see the skipped reasons above)")
         new_tokenizer = tokens.extend_tokenizer(tokenizer, toks, cfg.tokenizer_mode, model.config)
-    table = decoder.embed_weight
-    V = table.shape[0]
-    layer = decoder.resolve_layer(default_layer(decoder) if cfg.target_layer == "auto" else int(cfg.target_layer))
-    lr = default_lr(layer, decoder) if cfg.lr == "auto" else float(cfg.lr)
-    rows = subtoken_mean(table, toks).to(device)
-    out_init = subtoken_mean(model.get_output_embeddings().weight, toks).to(device) if not tied else None
-    report: dict = {}
+    V = decoder.embed_weight.shape[0]
+    layer, lr = resolve_settings(cfg, decoder)
     primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
-    train_result = None
-    work = None
-    if cfg.method == "random":
-        rows = random_rows(table, len(toks), cfg.seed).to(device)
-    elif cfg.method != "mean":
+    work = cache = None
+    if cfg.method in TRAINED_METHODS:
         with timer("contexts"):
             work = build_workload(cfg, model, tokenizer, toks, list(corpus), bos_id(tokenizer), V)
         for i in primaries:
             log.info("%-24r %3d snippet(s) [%s]", toks[i].word, sum(1 for s in work.snippets if s.token == i),
                      work.sources[i])
         objective = objective_for(cfg, layer, tied)
-        cache = None
         if objective.distill is not None:
             with timer("teacher"):
-                cache_layers = [layer] if objective.distill == "mse" else [decoder.num_layers]
-                budget = torch.cuda.mem_get_info()[0] // 2 if device.type == "cuda" else None
-                cache = teacher.compute(decoder, work.teacher_ids, work.cu_teacher, work.alignment, cache_layers,
-                                        max_tokens=65536 if device.type == "cuda" else 8192,
-                                        cache_dtype=dtype, device_budget=budget)
+                cache = teacher_cache(decoder, work, cache_layers(objective, decoder.num_layers), dtype)
+    learned = learn_rows(cfg, decoder, toks, work, cache, layer, lr, tied, timer, backend)
+    rows, out_rows, train_result, clipped = learned.rows, learned.out_rows, learned.train_result, learned.clipped
+    report = build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, tied,
+                          clipped, timer, device, dtype)
+    def finish_report(**running: float) -> dict:
+        """Timings so far; `running` adds stages still under way (export writes the report as its last file)."""
+        report["timings"] = {**timer.seconds, **running, "total": time.perf_counter() - t_start}
+        return report
+
+    if out is not None:
+        with timer("export"):
+            write_output(Path(out), cfg, model_path or source, tokenizer, new_tokenizer, toks, rows, out_rows,
+                         tied, finish_report, list(corpus))
+    finish_report()
+    return DistillResult(new_tokenizer, toks, rows, out_rows, report, skipped)
+
+
+def resolve_settings(cfg: DistillConfig, decoder: models.Decoder) -> tuple[int, float]:
+    """Target layer (1..L) and learning rate of a run: fixed values as given, "auto" from the defaults."""
+    layer = decoder.resolve_layer(default_layer(decoder) if cfg.target_layer == "auto" else int(cfg.target_layer))
+    lr = default_lr(layer, decoder) if cfg.lr == "auto" else float(cfg.lr)
+    return layer, lr
+
+
+def cache_layers(objective: student.Objective, num_layers: int) -> list[int]:
+    """Teacher layers an objective reads: the target layer for mse, the last layer for logit losses."""
+    return [objective.layer] if objective.distill == "mse" else [num_layers]
+
+
+def teacher_cache(decoder: models.Decoder, work: Workload, layers: list[int], dtype: torch.dtype
+                  ) -> teacher.TeacherCache:
+    """Teacher states of the workload's aligned positions at `layers`, in one pass truncated at the deepest."""
+    device = decoder.embed_weight.device
+    budget = torch.cuda.mem_get_info()[0] // 2 if device.type == "cuda" else None
+    return teacher.compute(decoder, work.teacher_ids, work.cu_teacher, work.alignment, layers,
+                           max_tokens=65536 if device.type == "cuda" else 8192, cache_dtype=dtype,
+                           device_budget=budget)
+
+
+@dataclass
+class Learned:
+    """New rows of one method (aligned with the token list, fp32 on the CPU) and how they were obtained."""
+
+    rows: torch.Tensor
+    out_rows: torch.Tensor | None  # untied models only
+    train_result: student.TrainResult | None
+    clipped: int
+
+
+def learn_rows(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken], work: Workload | None,
+               cache: teacher.TeacherCache | None, layer: int, lr: float, tied: bool,
+               timer: StageTimer | None = None, backend: str = "auto") -> Learned:
+    """Rows for cfg.method: subtoken-mean or random start, training on `work` for trained methods (`cache` holds
+    at least the teacher layers the objective reads, so one cache can serve several runs), variants copied
+    from their primaries, norm clipping for tied models and the output-row policy for untied ones."""
+    timer = timer or StageTimer()
+    device = decoder.embed_weight.device
+    table = decoder.embed_weight
+    rows = subtoken_mean(table, toks).to(device)
+    out_init = None if tied else subtoken_mean(decoder.model.get_output_embeddings().weight, toks).to(device)
+    primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
+    train_result = None
+    if cfg.method == "random":
+        rows = random_rows(table, len(toks), cfg.seed).to(device)
+    elif cfg.method != "mean":
         with timer("student"):
             train_result = student.train(
                 decoder, work.alignment, cache, work.snippet_row, rows[primaries],
-                out_init[primaries] if out_init is not None else None, objective,
+                out_init[primaries] if out_init is not None else None, objective_for(cfg, layer, tied),
                 student.Schedule(lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                  warmup_fraction=cfg.warmup_fraction, seed=cfg.seed, backend=backend), tied)
         rows[primaries] = train_result.rows
@@ -236,19 +288,7 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
     if not tied:
         policy = "mean" if cfg.output_embeddings == "auto" else cfg.output_embeddings
         out_rows = torch.zeros_like(rows) if policy == "zeros" else out_init.float().cpu()
-    report = build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, tied,
-                          clipped, timer, device, dtype)
-    def finish_report(**running: float) -> dict:
-        """Timings so far; `running` adds stages still under way (export writes the report as its last file)."""
-        report["timings"] = {**timer.seconds, **running, "total": time.perf_counter() - t_start}
-        return report
-
-    if out is not None:
-        with timer("export"):
-            write_output(Path(out), cfg, model_path or source, tokenizer, new_tokenizer, toks, rows, out_rows,
-                         tied, finish_report, list(corpus))
-    finish_report()
-    return DistillResult(new_tokenizer, toks, rows, out_rows, report, skipped)
+    return Learned(rows, out_rows, train_result, clipped)
 
 
 def default_layer(decoder: models.Decoder) -> int:
