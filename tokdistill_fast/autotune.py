@@ -11,8 +11,10 @@ from measured throughput so that the search costs about `budget` times the main 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -136,12 +138,12 @@ def sample_share(layers: list[int], num_layers: int, epochs: int, budget: float,
 
 
 def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, snippet_row: np.ndarray,
-           init_rows: torch.Tensor, budget: float, schedule: student.Schedule, layers: list[int] | None = None,
-           lr: float | None = None, keep: int = 12, search_batch: int = 4, max_tokens: int = 8192,
-           backend: str = "auto") -> SearchResult:
-    """Pick the best Candidate within about `budget` x the main run's time. `layers` / `lr` fix a dimension (a
-    user-given value is always respected). Stage 1 always runs (on at least 4 tokens); stage 2 only if the
-    measured time leaves room."""
+           init_rows: torch.Tensor, budget: float, schedule: student.Schedule,
+           objective: Callable[[int], student.Objective], tied: bool, layers: list[int] | None = None,
+           lr: float | None = None, keep: int = 12, search_batch: int = 4, max_tokens: int = 8192) -> SearchResult:
+    """Pick the best Candidate within about `budget` x the main run's time. `objective(layer)` is the run's own
+    objective at a layer; `layers` / `lr` fix a dimension (a user-given value is always respected). Stage 1
+    always runs (on at least 4 tokens); stage 2 only if the measured time leaves room."""
     t_start = time.perf_counter()
     L, V = decoder.num_layers, decoder.embed_weight.shape[0]
     n_rows = init_rows.shape[0]
@@ -154,20 +156,21 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     sample = draw_sample(al, teacher_ids, cu_teacher, snippet_row, V, n_rows, n_tokens, 0.2, keep, schedule.seed)
     rows0 = init_rows[torch.from_numpy(sample.rows).to(init_rows.device)]
     t0 = time.perf_counter()
-    scorer = Scorer(decoder, sample, rows0, max_tokens, backend)
+    scorer = Scorer(decoder, sample, rows0, max_tokens, schedule.backend)
     sec_per_token_layer = (time.perf_counter() - t0) / 2 / max(int(sample.held_cu[-1]) * L, 1)  # teacher + base
     main_estimate = sec_per_token_layer * int(lengths.sum()) * float(np.median(layers)) * (
         1 + TRAIN_COST * schedule.epochs)
-    cache = teacher.compute(decoder, sample.train_ids, sample.train_cu, sample.train, layers, max_tokens,
-                            decoder.embed_weight.dtype)
+    objectives = {layer: dataclasses.replace(objective(layer), train_output=False) for layer in layers}
+    cached = sorted({o.layer if o.distill == "mse" else L for o in objectives.values() if o.distill is not None})
+    cache = teacher.compute(decoder, sample.train_ids, sample.train_cu, sample.train, cached, max_tokens,
+                            decoder.embed_weight.dtype) if cached else None
     trials: list[Trial] = []
 
     def run(c: Candidate) -> None:
         t0 = time.perf_counter()
-        sched = student.Schedule(lr=c.lr, epochs=c.epochs, batch_size=search_batch,
-                                 warmup_fraction=schedule.warmup_fraction, seed=schedule.seed, backend=backend)
-        result = student.train(decoder, sample.train, cache, sample.train_row, rows0, None,
-                               student.Objective("mse", layer=c.layer), sched, tied=True, desc=f"search {c.label()}")
+        sched = dataclasses.replace(schedule, lr=c.lr, epochs=c.epochs, batch_size=search_batch)
+        result = student.train(decoder, sample.train, cache, sample.train_row, rows0, None, objectives[c.layer],
+                               sched, tied, desc=f"search {c.label()}")
         trials.append(Trial(c, scorer.ratio(result.rows), time.perf_counter() - t0))
         log.info("autotune: %-22s held-out KL %.3f x mean init (%.1f s)", c.label(), trials[-1].ratio,
                  trials[-1].seconds)

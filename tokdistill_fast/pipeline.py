@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import align, check, contexts, export, models, student, teacher, tokens
+from . import align, autotune, check, contexts, export, models, student, teacher, tokens
 from .config import TRAINED_METHODS, DistillConfig, UserInputError
 from .kernels import backend as kernels
 from .tokens import NewToken, Skipped
 
 log = logging.getLogger(__name__)
+
+DEFAULT_DEPTH = 0.75  # target layer when no search runs: best or near-best on SmolLM2 and Gemma-3 (docs/defaults.md)
 
 
 class StageTimer:
@@ -184,15 +186,18 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
             raise UserInputError("none of the new tokens can be added (see the skipped reasons above)")
         new_tokenizer = tokens.extend_tokenizer(tokenizer, toks, cfg.tokenizer_mode, model.config)
     V = decoder.embed_weight.shape[0]
-    layer, lr = resolve_settings(cfg, decoder)
     primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
-    work = cache = None
+    work = cache = search = None
     if cfg.method in TRAINED_METHODS:
         with timer("contexts"):
             work = build_workload(cfg, model, tokenizer, toks, list(corpus), bos_id(tokenizer), V)
         for i in primaries:
             log.info("%-24r %3d snippet(s) [%s]", toks[i].word, sum(1 for s in work.snippets if s.token == i),
                      work.sources[i])
+        with timer("autotune"):
+            search = search_settings(cfg, decoder, toks, work, tied, backend)
+    layer, lr = resolve_settings(cfg, decoder, search)
+    if cfg.method in TRAINED_METHODS:
         objective = objective_for(cfg, layer, tied)
         if objective.distill is not None:
             with timer("teacher"):
@@ -201,6 +206,7 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
     rows, out_rows, train_result, clipped = learned.rows, learned.out_rows, learned.train_result, learned.clipped
     report = build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, tied,
                           clipped, timer, device, dtype)
+    report["autotune"] = search.as_dict() if search is not None else None
     def finish_report(**running: float) -> dict:
         """Timings so far; `running` adds stages still under way (export writes the report as its last file)."""
         report["timings"] = {**timer.seconds, **running, "total": time.perf_counter() - t_start}
@@ -214,11 +220,52 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
     return DistillResult(new_tokenizer, toks, rows, out_rows, report, skipped)
 
 
-def resolve_settings(cfg: DistillConfig, decoder: models.Decoder) -> tuple[int, float]:
-    """Target layer (1..L) and learning rate of a run: fixed values as given, "auto" from the defaults."""
-    layer = decoder.resolve_layer(default_layer(decoder) if cfg.target_layer == "auto" else int(cfg.target_layer))
-    lr = default_lr(layer, decoder) if cfg.lr == "auto" else float(cfg.lr)
+def resolve_settings(cfg: DistillConfig, decoder: models.Decoder,
+                     search: autotune.SearchResult | None = None) -> tuple[int, float]:
+    """Target layer (1..L) and learning rate of a run: fixed values as given; "auto" from the search when one ran,
+    else from the measured defaults (docs/defaults.md)."""
+    L = decoder.num_layers
+    if cfg.target_layer != "auto":
+        layer = decoder.resolve_layer(int(cfg.target_layer))
+    elif search is not None:
+        layer = search.best.layer
+    else:
+        layer = L if uses_last_layer(cfg) else max(1, round(DEFAULT_DEPTH * L))
+    if cfg.lr != "auto":
+        lr = float(cfg.lr)
+    else:
+        lr = search.best.lr if search is not None else autotune.default_lr(layer, L)
     return layer, lr
+
+
+def uses_last_layer(cfg: DistillConfig) -> bool:
+    """Methods whose objective reads the final layer whatever --target-layer says (logit losses, NTP)."""
+    return not cfg.method.startswith("token-distill") or cfg.loss != "mse"
+
+
+def search_settings(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken], work: Workload, tied: bool,
+                    backend: str) -> autotune.SearchResult | None:
+    """Run the layer/lr search when the config leaves either to "auto" and the run trains; None otherwise or when
+    too few tokens have enough snippets to hold some out (then the defaults apply)."""
+    if cfg.target_layer != "auto" and cfg.lr != "auto" or cfg.method not in TRAINED_METHODS:
+        return None
+    L = decoder.num_layers
+    enough = np.bincount(work.snippet_row, minlength=len(work.primaries)) >= 3
+    if enough.sum() < 4:
+        log.info("autotune: fewer than 4 tokens with 3+ snippets; using the default layer and learning rate")
+        return None
+    if cfg.target_layer != "auto":
+        layers = [decoder.resolve_layer(int(cfg.target_layer))]
+    elif uses_last_layer(cfg):
+        layers = [L]
+    else:
+        layers = None
+    init = subtoken_mean(decoder.embed_weight, [toks[i] for i in work.primaries]).to(decoder.embed_weight.device)
+    schedule = student.Schedule(lr=0.0, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                warmup_fraction=cfg.warmup_fraction, seed=cfg.seed, backend=backend)
+    return autotune.search(decoder, work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row, init,
+                           cfg.autotune_budget, schedule, lambda layer: objective_for(cfg, layer, tied), tied,
+                           layers=layers, lr=None if cfg.lr == "auto" else float(cfg.lr))
 
 
 def cache_layers(objective: student.Objective, num_layers: int) -> list[int]:
@@ -289,16 +336,6 @@ def learn_rows(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken]
         policy = "mean" if cfg.output_embeddings == "auto" else cfg.output_embeddings
         out_rows = torch.zeros_like(rows) if policy == "zeros" else out_init.float().cpu()
     return Learned(rows, out_rows, train_result, clipped)
-
-
-def default_layer(decoder: models.Decoder) -> int:
-    """Fixed default target layer when no search runs: the last layer (hidden_states[-1])."""
-    return decoder.num_layers
-
-
-def default_lr(layer: int, decoder: models.Decoder) -> float:
-    """Fixed default learning rate for a layer when no search runs."""
-    return 1e-3 if layer == decoder.num_layers else 5e-3
 
 
 def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, tied, clipped,
