@@ -27,6 +27,11 @@ class UserInputError(ValueError):
     """Bad input from the user: reported as one clear line and exit status 2, never a traceback."""
 
 
+class GuaranteeError(RuntimeError):
+    """An output breaks a guarantee `tokdistill check` verifies; the message names the check and the token.
+    Exit status 1."""
+
+
 def env_flag(name: str) -> bool:
     """True when the environment variable is set to 1 (the only env-var reader in the package)."""
     return os.environ.get(name, "") == "1"
@@ -64,6 +69,8 @@ class DistillConfig:
     output_embeddings: str = "auto"  # untied models: zeros | mean | ntp; "auto" = mean. Tied models share rows.
     tokenizer_mode: str = "auto"  # vocab (BPE vocabulary entries) where the family allows it, else added tokens
     add_variants: bool = True  # also add the start-of-text form ("word" without a leading space) as a token
+    casing_variants: bool = False  # also add lower-case and capitalized forms of each word (rows copied)
+    pad_to_multiple_of: int | None = None  # round a grown embedding matrix up to a multiple of this (64, 128)
     device: str = "auto"  # cuda if available, else cpu
     dtype: str = "auto"  # bf16 on CUDA and on CPUs with AMX/AVX512-BF16 (6x faster matmuls), else fp32
     seed: int = 0
@@ -92,6 +99,8 @@ class DistillConfig:
                 raise UserInputError(f"--{name.replace('_', '-')} must be at least 1")
         if self.snippet_length < 4:
             raise UserInputError("--snippet-length must be at least 4 tokens")
+        if self.pad_to_multiple_of is not None and int(self.pad_to_multiple_of) < 1:
+            raise UserInputError("--pad-to-multiple-of must be a positive integer")
         if isinstance(self.lr, str) and self.lr != "auto":
             raise UserInputError(f"--lr must be a positive number or 'auto', not {self.lr!r}")
         if not isinstance(self.lr, str) and not self.lr > 0:

@@ -261,6 +261,8 @@ def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window
     draw = random.Random(seed).random
     kept: list[list[Hit]] = [[] for _ in tokens]
     stats = RetrievalStats(hits=[0] * len(tokens))
+    if not tokens:
+        return [], stats
     counts = stats.hits
     is_word = WordChars()
     full = 0  # tokens holding `keep` hits

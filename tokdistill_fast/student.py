@@ -45,6 +45,7 @@ class Schedule:
     batch_size: int = 16
     warmup_fraction: float = 0.5
     seed: int = 0
+    backend: str = "auto"  # kernels: auto | torch (references) | triton (fused kernels), see kernels/backend.py
 
 
 @dataclass
@@ -126,12 +127,13 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     last_epoch_start = len(batches) - len(batches) // schedule.epochs
     t0 = time.perf_counter()
     for step, b in enumerate(tqdm(batches, desc=desc, unit="step", leave=False)):
-        h0 = embedding_rows(b.ids, table, rows, decoder.embed_scale)
+        h0 = embedding_rows(b.ids, table, rows, decoder.embed_scale, backend=schedule.backend)
         hidden = decoder.hidden_states(h0, layers)
         flat = {l: h.reshape(-1, D) for l, h in hidden.items()}
         loss, row_loss = torch.zeros((), device=device), None
         if objective.distill == "mse":
-            loss, row_loss = losses.hidden_mse(flat[objective.layer], cache.states[objective.layer], b.s_idx, b.t_idx)
+            loss, row_loss = losses.hidden_mse(flat[objective.layer], cache.states[objective.layer], b.s_idx, b.t_idx,
+                                               backend=schedule.backend)
         elif objective.distill is not None:
             loss, row_loss = losses.logits_distill(objective.distill, decoder.logits, flat[L], cache.states[L],
                                                    b.s_idx, b.t_idx)
