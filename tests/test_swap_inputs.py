@@ -157,4 +157,4 @@ def test_distill_tokens_from_another_tokenizer(model_dirs, target_dir, words_fil
     added = {t.word for t in result.tokens}
     assert {"palatable", "thyroidectomy", "bivalve"} <= added
     reasons = {s["reason"] for s in result.report["skipped"]}
-    assert {"special token", "already a single token in running text"} <= reasons
+    assert "special token" in reasons and any(r.startswith("already") for r in reasons)  # the model has " the"

@@ -83,11 +83,12 @@ def words_from_tokenizer(directory: str | Path) -> tuple[list[str], list[Skipped
 
 
 def log_skipped(skipped: list[Skipped], show: int = 20) -> None:
-    """Warn about the first `show` skipped tokens one by one and about the rest as counts per reason."""
+    """Warn about the first `show` skipped tokens one by one and about the rest as counts per reason (details in
+    parentheses, such as the existing piece, are left out of the counts)."""
     for s in skipped[:show]:
         log.warning("skipping %r: %s", s.word, s.reason)
     if len(skipped) > show:
-        counts = Counter(s.reason for s in skipped[show:])
+        counts = Counter(s.reason.split(" (")[0] for s in skipped[show:])
         log.warning("skipping %d more: %s", len(skipped) - show, "; ".join(f"{n} {r}" for r, n in counts.items()))
 
 
