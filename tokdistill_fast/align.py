@@ -174,11 +174,12 @@ def resolved(impl: str = "auto") -> str:
     return impl
 
 
-def align(teacher: list[list[int]], phrases: list[list[int]], snippet_phrase: list[int], phrase_new_id: list[int],
-          impl: str = "auto") -> Alignment:
-    """Build the alignment for a list of teacher sequences with the chosen implementation."""
+def align(teacher: list[list[int]] | tuple[np.ndarray, np.ndarray], phrases: list[list[int]],
+          snippet_phrase: list[int], phrase_new_id: list[int], impl: str = "auto") -> Alignment:
+    """Build the alignment for teacher sequences (lists, or already packed as (ids, cu_seqlens)) with the chosen
+    implementation."""
     impl = resolved(impl)
-    teacher_ids, cu_teacher = pack(teacher, impl)
+    teacher_ids, cu_teacher = teacher if isinstance(teacher, tuple) else pack(teacher, impl)
     phrase_ids, cu_phrase = pack(phrases, impl)
     args = (teacher_ids, cu_teacher, phrase_ids, cu_phrase, np.asarray(snippet_phrase, dtype=np.int64),
             np.asarray(phrase_new_id, dtype=np.int64))

@@ -66,6 +66,10 @@ class Workload:
     found: dict[int, int]  # token index -> corpus snippets used
     retrieval: dict = field(default_factory=dict)  # corpus statistics (contexts.RetrievalStats.summary and hits)
 
+    def snippets_per_row(self) -> np.ndarray:
+        """[rows] snippets of each trainable row."""
+        return np.bincount(self.snippet_row, minlength=len(self.primaries))
+
 
 def bos_id(tokenizer) -> int | None:
     """BOS id when the tokenizer adds it by default (Gemma), else None (SmolLM2): snippets start mid-text, and
@@ -133,8 +137,8 @@ def build_workload(cfg, model, tokenizer, toks, corpus, bos, V: int) -> Workload
     snippets, found, sources, retrieval = gather_contexts(cfg, model, tokenizer, toks, corpus, bos)
     primaries = trained_tokens(cfg, toks)
     row_of = {tok_i: r for r, tok_i in enumerate(primaries)}
-    teacher_ids, cu_teacher = align.pack([s.ids for s in snippets])
-    al = align.align([s.ids for s in snippets], [toks[i].sub_ids for i in primaries],
+    teacher_ids, cu_teacher = align.pack([s.ids for s in snippets], cfg.align_impl)
+    al = align.align((teacher_ids, cu_teacher), [toks[i].sub_ids for i in primaries],
                      [row_of[s.token] for s in snippets], [V + r for r in range(len(primaries))], cfg.align_impl)
     return Workload(primaries, snippets, np.asarray([row_of[s.token] for s in snippets], dtype=np.int64),
                     teacher_ids, cu_teacher, al, sources, found, retrieval)
@@ -202,9 +206,8 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
     if cfg.method in TRAINED_METHODS and primaries:
         with timer("contexts"):
             work = build_workload(cfg, model, tokenizer, toks, list(corpus), bos_id(tokenizer), V)
-        for i in primaries:
-            log.info("%-24r %3d snippet(s) [%s]", toks[i].word, sum(1 for s in work.snippets if s.token == i),
-                     work.sources[i])
+        for i, n in zip(work.primaries, work.snippets_per_row()):
+            log.info("%-24r %3d snippet(s) [%s]", toks[i].word, n, work.sources[i])
         with timer("autotune"):
             search = search_settings(cfg, decoder, toks, work, tied, backend)
     layer, lr = resolve_settings(cfg, decoder, search)
@@ -362,12 +365,13 @@ def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decode
 
     per_token = []
     row_of = {i: r for r, i in enumerate(work.primaries)} if work else {}
+    per_row = work.snippets_per_row() if work else None
     for i, t in enumerate(toks):
         r = row_of.get(i)
         per_token.append({
             "word": t.word, "form": t.form, "token": t.piece, "id": t.new_id, "kind": t.kind,
             "variant_of": t.variant_of, "subtokens": tokenizer.convert_ids_to_tokens(t.sub_ids), "sub_ids": t.sub_ids,
-            "contexts": int(sum(1 for s in work.snippets if s.token == i)) if work and r is not None else 0,
+            "contexts": int(per_row[r]) if work and r is not None else 0,
             "corpus_contexts": work.found.get(i, 0) if work else 0,
             "source": (work.sources.get(i, "none") if work else cfg.method) if t.variant_of is None else "variant",
             "final_loss": float(train_result.token_loss[r]) if train_result is not None and r is not None else None,
