@@ -19,18 +19,26 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp)
 demo: setup
 	$(PY) -m tokdistill_fast.demo
 
+# The kernel tests (tests/test_kernels_*.py) run twice: in the plain run their kernel cases skip without CUDA, then
+# test-interpret runs them again with TRITON_INTERPRET=1, which must be set before triton defines any kernel (it
+# is read at import), so that Triton executes the same kernels on CPU tensors. Interpreter shapes are kept tiny.
 test: setup
 	$(PY) -m tokdistill_fast.demo prepare
 	TOKDISTILL_REQUIRE_EXT=1 $(PY) -m pytest -q -ra tests
+	$(MAKE) --no-print-directory test-interpret
 
 test-interpret: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_kernels_*.py
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests/test_kernels_*.py
 
 lint: setup
 	$(VENV)/bin/ruff check tokdistill_fast kernels tests bench
 
+# Kernel vs reference micro-benchmarks (skip without CUDA); the JSON keeps every timing, the report one table.
 bench-kernels: setup
-	$(PY) -m pytest -q bench --benchmark-only -k "not alignment"
+	mkdir -p bench/results && rm -f bench/results/kernels.json
+	$(PY) -m pytest -q -ra bench --benchmark-only -k "not alignment" --benchmark-json=bench/results/kernels.json
+	if [ -f bench/results/kernels.json ]; then $(PY) -m bench.report bench/results/kernels.json; \
+	else echo "no kernel benchmark ran (they need CUDA)"; fi
 
 bench-align: setup
 	$(PY) -m pytest -q bench/test_bench_alignment.py --benchmark-only

@@ -29,8 +29,12 @@ def synthetic_text(n_docs: int = 300, seed: int = 0) -> str:
 
 
 def train_tokenizer(kind: str, text: str, vocab_size: int = 400):
-    """A BPE tokenizer of the given family trained on `text`: 'bytelevel' (GPT-2/Llama-3/SmolLM2 style) or
-    'metaspace' (Gemma style: spaces normalized to '▁', BOS added), as a transformers fast tokenizer."""
+    """A BPE tokenizer of the given family trained on `text`, as a transformers fast tokenizer:
+    'bytelevel' (GPT-2/Llama-3/SmolLM2 style), 'metaspace' (Gemma style: spaces normalized to '▁', the whole
+    text one pre-token, BOS added, unknown chars -> <unk>) or 'llama2' (transformers' Llama-2 pipeline:
+    Metaspace pre-tokenizer prepending '▁' at text start, byte fallback to <0xXX> pieces, BOS added)."""
+    import json
+
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -42,17 +46,30 @@ def train_tokenizer(kind: str, text: str, vocab_size: int = 400):
         alphabet = pre_tokenizers.ByteLevel.alphabet()
     else:
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
-        # Trained like SentencePiece (pieces never span words), then given Gemma's runtime pipeline.
+        # Trained like SentencePiece (pieces never span words), then given the family's runtime pipeline.
         tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
-        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse()])
         alphabet = sorted(set(text.replace(" ", "\u2581")))
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
                                   show_progress=False)
     tok.train_from_iterator([text], trainer)
+    bos = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     if kind == "metaspace":
         tok.normalizer = normalizers.Replace(" ", "\u2581")
         tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse()])
+        tok.post_processor = bos
+    if kind == "llama2":
+        # SentencePiece's byte pieces <0x00>..<0xFF> sit in the model vocabulary, right after the specials.
+        tj = json.loads(tok.to_str())
+        learned = [p for p, _ in sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1]) if p not in specials]
+        pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + learned
+        tj["model"].update(vocab={p: i for i, p in enumerate(pieces)}, byte_fallback=True, fuse_unk=True)
+        tok = Tokenizer.from_str(json.dumps(tj))
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        tok.post_processor = bos
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
                                    unk_token="<unk>")
 
@@ -107,7 +124,10 @@ def words_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session", params=["bytelevel", "metaspace"])
+TOKENIZER_KINDS = ("bytelevel", "metaspace", "llama2")
+
+
+@pytest.fixture(scope="session", params=TOKENIZER_KINDS)
 def tokenizer_kind(request) -> str:
     return request.param
 
@@ -119,7 +139,7 @@ def tokenizers_by_kind(corpus_text) -> dict:
     for w in NEW_WORDS:
         plain = plain.replace(w, "")
     plain += " pal at able thy roid ec tomy spill the be ans bi val ve , ; : ! ? ( ) \" ' - \n" * 3
-    return {k: train_tokenizer(k, plain) for k in ("bytelevel", "metaspace")}
+    return {k: train_tokenizer(k, plain) for k in TOKENIZER_KINDS}
 
 
 @pytest.fixture(scope="session")

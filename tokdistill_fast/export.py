@@ -36,30 +36,67 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def grow_embeddings(model, rows_needed: int, pad_to_multiple_of: int | None = None) -> int:
-    """Make the input (and untied output) matrices hold at least `rows_needed` rows; never shrink, keep ties.
-    Original rows stay bit-identical. Returns the final row count, which config.vocab_size then equals."""
-    current = model.get_input_embeddings().weight.shape[0]
-    target = max(current, rows_needed)
-    if pad_to_multiple_of and target % pad_to_multiple_of and target > current:
-        target += pad_to_multiple_of - target % pad_to_multiple_of
-    if target > current:
-        model.resize_token_embeddings(target, mean_resizing=False)
-    model.config.vocab_size = target
-    if getattr(model.config, "text_config", None) is not None:
-        model.config.text_config.vocab_size = target
-    return target
+PADDING_BIAS = -1e4  # output bias of grown padding rows: exp(-1e4) underflows to 0 in every float dtype
+SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 @torch.no_grad()
-def write_rows(model, ids: list[int], rows: torch.Tensor, out_rows: torch.Tensor | None, tied: bool) -> None:
-    """Write new input rows (and output rows for untied models) at their token ids."""
-    index = torch.tensor(ids, dtype=torch.long)
+def grow_embeddings(model, rows_needed: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Make the input (and untied output) matrices hold at least `rows_needed` rows, rounded up to a multiple
+    of `pad_to_multiple_of`; never shrink, keep ties, keep original rows bit-identical. Grown rows start at
+    zero: a zero output row gives a padding id logit 0 (and a bias, if any, of PADDING_BIAS), far below a
+    trained model's log-normalizer. config.vocab_size then equals the row count. Returns the geometry."""
+    current = model.get_input_embeddings().weight.shape[0]
+    target = max(current, rows_needed)
+    if pad_to_multiple_of and target % pad_to_multiple_of:
+        target += pad_to_multiple_of - target % pad_to_multiple_of
+    if target > current:
+        model.resize_token_embeddings(target, mean_resizing=False)
+        model.get_input_embeddings().weight[current:].zero_()
+        head = model.get_output_embeddings()
+        if head is not None:
+            head.weight[current:].zero_()
+            if getattr(head, "bias", None) is not None:
+                head.bias[current:] = PADDING_BIAS
+    model.config.vocab_size = target
+    if getattr(model.config, "text_config", None) is not None:
+        model.config.text_config.vocab_size = target
+    return {"rows_before": current, "rows_after": target, "rows_needed": rows_needed,
+            "pad_to_multiple_of": pad_to_multiple_of, "grown": target - current}
+
+
+@torch.no_grad()
+def write_rows(model, toks: list, rows: torch.Tensor, out_rows: torch.Tensor | None, tied: bool) -> None:
+    """Write new input rows (and output rows for untied models) at their token ids. An output bias, if any,
+    takes the mean of the subtoken biases when output rows are given, else 0."""
+    index = torch.tensor([t.new_id for t in toks], dtype=torch.long)
     emb = model.get_input_embeddings().weight
     emb.index_copy_(0, index.to(emb.device), rows.to(emb.device, emb.dtype))
+    head = model.get_output_embeddings()
     if not tied and out_rows is not None:
-        head = model.get_output_embeddings().weight
-        head.index_copy_(0, index.to(head.device), out_rows.to(head.device, head.dtype))
+        head.weight.index_copy_(0, index.to(head.weight.device), out_rows.to(head.weight.device, head.weight.dtype))
+    if head is not None and getattr(head, "bias", None) is not None:
+        bias = head.bias
+        values = [bias[t.sub_ids].float().mean() if out_rows is not None else 0.0 for t in toks]
+        bias[index.to(bias.device)] = torch.tensor(values, dtype=bias.dtype, device=bias.device)
+
+
+def slow_tokenizer_files(source: Path | None, tmp: Path, toks: list) -> dict:
+    """Slow-tokenizer files (tokenizer.model, vocab.json, merges.txt) know nothing of vocab-mode entries, so
+    a slow tokenizer built from them would split new words: they are dropped then. With added tokens only,
+    they are copied (the slow classes and llama.cpp's SentencePiece path read added tokens from
+    tokenizer_config.json). Returns what was kept and dropped, for the report."""
+    present = [n for n in SLOW_TOKENIZER_FILES if source is not None and (source / n).is_file()]
+    all_added = all(t.kind == "added" for t in toks)
+    keep = [n for n in present if n != "added_tokens.json"] if all_added else []
+    for name in keep:
+        shutil.copy2(source / name, tmp / name)
+    dropped = [n for n in present if n not in keep]
+    why = None if not dropped else (
+        "added_tokens.json repeats tokenizer.json's added tokens and can disagree with it" if all_added else
+        "vocab-mode entries live only in tokenizer.json; a slow tokenizer built from these files would split "
+        "the new words")
+    return {"kept": keep, "dropped": dropped, "why": why}
 
 
 def is_tied(model) -> bool:

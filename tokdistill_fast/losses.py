@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from tokdistill_fast.kernels.masked_mse import masked_mse
 
 
-def hidden_mse(S: torch.Tensor, T: torch.Tensor, s_idx: torch.Tensor, t_idx: torch.Tensor):
+def hidden_mse(S: torch.Tensor, T: torch.Tensor, s_idx: torch.Tensor, t_idx: torch.Tensor, backend: str = "auto"):
     """Masked MSE between flattened student states S [B*T, D] and packed teacher states T [Nt, D]."""
-    return masked_mse(S, T, s_idx, t_idx)
+    return masked_mse(S, T, s_idx, t_idx, backend=backend)
 
 
 def logits_distill(kind: str, head, S: torch.Tensor, T: torch.Tensor, s_idx: torch.Tensor, t_idx: torch.Tensor):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import align, attention, contexts, export, models, student, teacher, tokens
-from .config import DistillConfig, UserInputError
+from . import align, attention, autotune, check, contexts, export, models, student, swap, teacher, tokens
+from .config import TRAINED_METHODS, DistillConfig, UserInputError
+from .kernels import backend as kernels
 from .tokens import NewToken, Skipped
 
 log = logging.getLogger(__name__)
+
+DEFAULT_DEPTH = 0.75  # target layer when no search runs: best or near-best on SmolLM2 and Gemma-3 (docs/defaults.md)
 
 
 class StageTimer:
@@ -62,6 +64,11 @@ class Workload:
     alignment: align.Alignment
     sources: dict[int, str]  # token index -> "corpus" | "generated" | "corpus+generated" | "none"
     found: dict[int, int]  # token index -> corpus snippets used
+    retrieval: dict = field(default_factory=dict)  # corpus statistics (contexts.RetrievalStats.summary and hits)
+
+    def snippets_per_row(self) -> np.ndarray:
+        """[rows] snippets of each trainable row."""
+        return np.bincount(self.snippet_row, minlength=len(self.primaries))
 
 
 def bos_id(tokenizer) -> int | None:
@@ -84,22 +91,30 @@ def random_rows(table: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return t.mean(0) + t.std(0) * torch.randn(n, t.shape[1], generator=g)
 
 
+def trained_tokens(cfg: DistillConfig, toks: list[NewToken]) -> list[int]:
+    """Indices of the tokens to train: the primaries, less words shorter than --distill-min-chars (those keep their
+    start rows)."""
+    short = swap.short_tokens(toks, cfg.distill_min_chars)
+    return [i for i, t in enumerate(toks) if t.variant_of is None and i not in short]
+
+
 def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], corpus: list,
                     bos: int | None) -> tuple[list[contexts.Snippet], dict, dict, dict]:
-    """Retrieve snippets for primary tokens; top up tokens with too few from the model's own generations."""
-    primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
+    """Retrieve snippets for the tokens to train; top up tokens with too few from the model's own generations."""
+    primaries = trained_tokens(cfg, toks)
     found = dict.fromkeys(primaries, 0)
     stats: dict = {}
     snippets: list[contexts.Snippet] = []
     if cfg.contexts == "retrieve":
         sub = [toks[i] for i in primaries]
         got, rstats, dropped = contexts.retrieve(corpus, tokenizer, sub, cfg.snippets_per_token,
-                                                 cfg.snippet_length, cfg.seed, bos)
+                                                 cfg.snippet_length, cfg.seed, bos, cfg.stop_when_full,
+                                                 cfg.max_corpus_bytes)
         for s in got:
             s.token = primaries[s.token]
             found[s.token] += 1
         snippets.extend(got)
-        stats = {"corpus_chars": rstats.bytes_read,
+        stats = {**rstats.summary(),
                  "hits": {toks[i].word: h for i, h in zip(primaries, rstats.hits)},
                  "dropped_tokenized_differently": {toks[i].word: d for i, d in zip(primaries, dropped) if d}}
     # Too few corpus snippets (fewer than a quarter of the budget): fill up with generated contexts.
@@ -119,14 +134,14 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
 
 
 def build_workload(cfg, model, tokenizer, toks, corpus, bos, V: int) -> Workload:
-    snippets, found, sources, _ = gather_contexts(cfg, model, tokenizer, toks, corpus, bos)
-    primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
+    snippets, found, sources, retrieval = gather_contexts(cfg, model, tokenizer, toks, corpus, bos)
+    primaries = trained_tokens(cfg, toks)
     row_of = {tok_i: r for r, tok_i in enumerate(primaries)}
-    teacher_ids, cu_teacher = align.pack([s.ids for s in snippets])
-    al = align.align([s.ids for s in snippets], [toks[i].sub_ids for i in primaries],
+    teacher_ids, cu_teacher = align.pack([s.ids for s in snippets], cfg.align_impl)
+    al = align.align((teacher_ids, cu_teacher), [toks[i].sub_ids for i in primaries],
                      [row_of[s.token] for s in snippets], [V + r for r in range(len(primaries))], cfg.align_impl)
     return Workload(primaries, snippets, np.asarray([row_of[s.token] for s in snippets], dtype=np.int64),
-                    teacher_ids, cu_teacher, al, sources, found)
+                    teacher_ids, cu_teacher, al, sources, found, retrieval)
 
 
 def objective_for(cfg: DistillConfig, layer: int, tied: bool) -> student.Objective:
@@ -147,21 +162,24 @@ def clip_norms(rows: torch.Tensor, table: torch.Tensor, quantile: float) -> tupl
     return rows.cpu() * factor, int((factor < 1).sum())
 
 
-def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config: DistillConfig | None = None,
+def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, config: DistillConfig | None = None,
             tokenizer=None) -> DistillResult:
     """Add `new_tokens` to the model's tokenizer and learn their input embeddings.
 
     model: a model directory, or an in-memory causal LM (then pass `tokenizer`). new_tokens: a file with one
-    token per line, or a list of strings. corpus: text/JSONL files. out: if given, the extended model is written
-    there (save_pretrained layout plus new_embeddings.safetensors and report.json).
+    token per line, or a list of strings (or None with config.new_tokens_from_tokenizer). corpus: text, JSONL or
+    Parquet files, directories or globs. out: if given, the extended model is written there (save_pretrained
+    layout plus new_embeddings.safetensors and report.json).
     """
     cfg = (config or DistillConfig()).validate()
     timer = StageTimer()
     t_start = time.perf_counter()
     if out is not None:
         export.check_out_dir(out, cfg.overwrite)
+    contexts.corpus_files(corpus)  # a missing file or empty glob fails here, before the model loads
     device = models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
+    backend = kernels.resolve(cfg.backend, device)  # fails here, not after the teacher pass, if triton cannot run
     with timer("load"):
         source = None
         if isinstance(model, (str, Path)):
@@ -175,49 +193,158 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
         decoder = models.Decoder(model)
     tied = export.is_tied(model)
     with timer("tokens"):
-        words = tokens.read_word_list(new_tokens) if isinstance(new_tokens, (str, Path)) else list(new_tokens)
-        toks, skipped = tokens.plan_new_tokens(tokenizer, words, cfg.add_variants)
-        for s in skipped:
-            log.warning("skipping %r: %s", s.word, s.reason)
+        words, skipped = swap.requested_words(new_tokens, cfg.new_tokens_from_tokenizer)
+        toks, unplanned = tokens.plan_new_tokens(tokenizer, words, cfg.add_variants, cfg.casing_variants)
+        skipped += unplanned
+        swap.log_skipped(skipped)
         if not toks:
             raise UserInputError("none of the new tokens can be added (see the skipped reasons above)")
         new_tokenizer = tokens.extend_tokenizer(tokenizer, toks, cfg.tokenizer_mode, model.config)
-    table = decoder.embed_weight
-    V = table.shape[0]
-    layer = decoder.resolve_layer(default_layer(decoder) if cfg.target_layer == "auto" else int(cfg.target_layer))
-    lr = default_lr(layer, decoder) if cfg.lr == "auto" else float(cfg.lr)
-    rows = subtoken_mean(table, toks).to(device)
-    out_init = subtoken_mean(model.get_output_embeddings().weight, toks).to(device) if not tied else None
-    report: dict = {}
-    primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
-    train_result = None
-    work = None
-    if cfg.method == "random":
-        rows = random_rows(table, len(toks), cfg.seed).to(device)
-    elif cfg.method != "mean":
+    V = decoder.embed_weight.shape[0]
+    primaries = trained_tokens(cfg, toks)
+    work = cache = search = None
+    if cfg.method in TRAINED_METHODS and primaries:
         with timer("contexts"):
             work = build_workload(cfg, model, tokenizer, toks, list(corpus), bos_id(tokenizer), V)
-        per_token = Counter(s.token for s in work.snippets)  # one pass: 2,500 tokens x 62,500 snippets otherwise
-        for i in primaries:
-            log.info("%-24r %3d snippet(s) [%s]", toks[i].word, per_token[i],
-                     work.sources[i])
+        for i, n in zip(work.primaries, work.snippets_per_row()):
+            log.info("%-24r %3d snippet(s) [%s]", toks[i].word, n, work.sources[i])
+        with timer("autotune"):
+            search = search_settings(cfg, decoder, toks, work, tied, backend)
+    layer, lr = resolve_settings(cfg, decoder, search)
+    if work is not None:
         objective = objective_for(cfg, layer, tied)
-        passes = student.resolve_passes(cfg.prefix_sharing, cfg.backend, cfg.epochs)
-        cache = None
-        if objective.distill is not None:
-            with timer("teacher"):  # fused passes run the teacher inside the student's steps instead
-                cache_layers = [layer] if objective.distill == "mse" else [decoder.num_layers]
-                budget = torch.cuda.mem_get_info()[0] // 2 if device.type == "cuda" else None
-                cache = None if passes.fused else teacher.compute(
-                    decoder, work.teacher_ids, work.cu_teacher, work.alignment, cache_layers,
-                    max_tokens=65536 if device.type == "cuda" else 8192, cache_dtype=dtype, device_budget=budget,
-                    packed=cfg.backend != "torch")
+        if objective.distill is not None and not passes_for(cfg).fused:  # fused: the teacher runs in each step
+            with timer("teacher"):
+                cache = teacher_cache(decoder, work, cache_layers(objective, decoder.num_layers), dtype,
+                                      packed=passes_for(cfg).prefix)
+    learned = learn_rows(cfg, decoder, toks, work, cache, layer, lr, tied, timer, backend)
+    rows, out_rows, train_result, clipped = learned.rows, learned.out_rows, learned.train_result, learned.clipped
+    report = build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, tied,
+                          clipped, timer, device, dtype)
+    report["autotune"] = search.as_dict() if search is not None else None
+    swap.annotate_methods(report, toks, cfg.method, set(primaries) if train_result is not None else set(),
+                          learned.init_used)
+    report["retrieval"] = work.retrieval if work is not None else None
+    def finish_report(**running: float) -> dict:
+        """Timings so far; `running` adds stages still under way (export writes the report as its last file)."""
+        report["timings"] = {**timer.seconds, **running, "total": time.perf_counter() - t_start}
+        return report
+
+    if out is not None:
+        with timer("export"):
+            write_output(Path(out), cfg, model_path or source, tokenizer, new_tokenizer, toks, rows, out_rows,
+                         tied, finish_report, list(corpus))
+    finish_report()
+    return DistillResult(new_tokenizer, toks, rows, out_rows, report, skipped)
+
+
+def resolve_settings(cfg: DistillConfig, decoder: models.Decoder,
+                     search: autotune.SearchResult | None = None) -> tuple[int, float]:
+    """Target layer (1..L) and learning rate of a run: fixed values as given; "auto" from the search when one ran,
+    else from the measured defaults (docs/defaults.md)."""
+    L = decoder.num_layers
+    if cfg.target_layer != "auto":
+        layer = decoder.resolve_layer(int(cfg.target_layer))
+    elif search is not None:
+        layer = search.best.layer
+    else:
+        layer = L if uses_last_layer(cfg) else max(1, round(DEFAULT_DEPTH * L))
+    if cfg.lr != "auto":
+        lr = float(cfg.lr)
+    else:
+        lr = search.best.lr if search is not None else autotune.default_lr(layer, L)
+    return layer, lr
+
+
+def uses_last_layer(cfg: DistillConfig) -> bool:
+    """Methods whose objective reads the final layer whatever --target-layer says (logit losses, NTP)."""
+    return not cfg.method.startswith("token-distill") or cfg.loss != "mse"
+
+
+def search_settings(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken], work: Workload, tied: bool,
+                    backend: str) -> autotune.SearchResult | None:
+    """Run the layer/lr search when the config leaves either to "auto" and the run trains; None otherwise or when
+    too few tokens have enough snippets to hold some out (then the defaults apply)."""
+    if cfg.target_layer != "auto" and cfg.lr != "auto" or cfg.method not in TRAINED_METHODS:
+        return None
+    L = decoder.num_layers
+    enough = np.bincount(work.snippet_row, minlength=len(work.primaries)) >= 3
+    if enough.sum() < 4:
+        log.info("autotune: fewer than 4 tokens with 3+ snippets; using the default layer and learning rate")
+        return None
+    if cfg.target_layer != "auto":
+        layers = [decoder.resolve_layer(int(cfg.target_layer))]
+    elif uses_last_layer(cfg):
+        layers = [L]
+    else:
+        layers = None
+    init = subtoken_mean(decoder.embed_weight, [toks[i] for i in work.primaries]).to(decoder.embed_weight.device)
+    schedule = student.Schedule(lr=0.0, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                warmup_fraction=cfg.warmup_fraction, seed=cfg.seed, backend=backend)
+    return autotune.search(decoder, work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row, init,
+                           cfg.autotune_budget, schedule, lambda layer: objective_for(cfg, layer, tied), tied,
+                           layers=layers, lr=None if cfg.lr == "auto" else float(cfg.lr), prefix=passes_for(cfg).prefix)
+
+
+def cache_layers(objective: student.Objective, num_layers: int) -> list[int]:
+    """Teacher layers an objective reads: the target layer for mse, the last layer for logit losses."""
+    return [objective.layer] if objective.distill == "mse" else [num_layers]
+
+
+def passes_for(cfg: DistillConfig) -> student.Passes:
+    """How the student's steps run (prefix sharing, see student.Passes) for this config."""
+    return student.resolve_passes(cfg.prefix_sharing, cfg.backend, cfg.epochs)
+
+
+def teacher_cache(decoder: models.Decoder, work: Workload, layers: list[int], dtype: torch.dtype,
+                  packed: bool = False) -> teacher.TeacherCache:
+    """Teacher states of the workload's aligned positions at `layers`, in one pass truncated at the deepest
+    (packed rows without padding, or the length-sorted padded reference batches)."""
+    device = decoder.embed_weight.device
+    budget = torch.cuda.mem_get_info()[0] // 2 if device.type == "cuda" else None
+    return teacher.compute(decoder, work.teacher_ids, work.cu_teacher, work.alignment, layers,
+                           max_tokens=65536 if device.type == "cuda" else 8192, cache_dtype=dtype,
+                           device_budget=budget, packed=packed)
+
+
+@dataclass
+class Learned:
+    """New rows of one method (aligned with the token list, fp32 on the CPU) and how they were obtained."""
+
+    rows: torch.Tensor
+    out_rows: torch.Tensor | None  # untied models only
+    train_result: student.TrainResult | None
+    clipped: int
+    init_used: set[int] = field(default_factory=set)  # tokens that started from --init-from rows
+
+
+def learn_rows(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken], work: Workload | None,
+               cache: teacher.TeacherCache | None, layer: int, lr: float, tied: bool,
+               timer: StageTimer | None = None, backend: str = "auto") -> Learned:
+    """Rows for cfg.method: subtoken-mean or random start, training on `work` for trained methods (`cache` holds
+    at least the teacher layers the objective reads, so one cache can serve several runs), variants copied
+    from their primaries, norm clipping for tied models and the output-row policy for untied ones."""
+    timer = timer or StageTimer()
+    device = decoder.embed_weight.device
+    table = decoder.embed_weight
+    rows = subtoken_mean(table, toks).to(device)
+    out_init = None if tied else subtoken_mean(decoder.model.get_output_embeddings().weight, toks).to(device)
+    init_used = swap.apply_init(cfg.init_from, toks, rows, out_init, table.shape[1]) if cfg.init_from else set()
+    primaries = trained_tokens(cfg, toks)
+    passes = passes_for(cfg)
+    if passes.fused and cache is not None:  # a cache shared by several runs (compare) already holds the targets
+        passes = student.Passes(prefix=True)
+    train_result = None
+    if cfg.method == "random":
+        rows = random_rows(table, len(toks), cfg.seed).to(device)
+    elif cfg.method != "mean" and primaries:
         with timer("student"):
             train_result = student.train(
                 decoder, work.alignment, cache, work.snippet_row, rows[primaries],
-                out_init[primaries] if out_init is not None else None, objective,
+                out_init[primaries] if out_init is not None else None, objective_for(cfg, layer, tied),
                 student.Schedule(lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                 warmup_fraction=cfg.warmup_fraction, seed=cfg.seed, log_every=cfg.log_every),
+                                 warmup_fraction=cfg.warmup_fraction, seed=cfg.seed, log_every=cfg.log_every,
+                                 backend=backend),
                 tied, passes=passes, teacher=(work.teacher_ids, work.cu_teacher))
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
@@ -231,35 +358,15 @@ def distill(model, new_tokens, corpus=(), out: str | Path | None = None, config:
                 out_init[i] = out_init[index_of[t.variant_of]]
     rows = rows.float().cpu()
     clipped = 0
-    if tied and cfg.method != "mean":
-        rows, clipped = clip_norms(rows, table, cfg.max_norm_quantile)
+    if cfg.method != "mean":
+        # Tied: clip to a quantile (a large input row is also a large output row). Untied: to the largest norm,
+        # so new rows stay inside the vocabulary's norm range, which `tokdistill check` verifies.
+        rows, clipped = clip_norms(rows, table, cfg.max_norm_quantile if tied else 1.0)
     out_rows = None
     if not tied:
         policy = "mean" if cfg.output_embeddings == "auto" else cfg.output_embeddings
         out_rows = torch.zeros_like(rows) if policy == "zeros" else out_init.float().cpu()
-    report = build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, tied,
-                          clipped, timer, device, dtype)
-    def finish_report(**running: float) -> dict:
-        """Timings so far; `running` adds stages still under way (export writes the report as its last file)."""
-        report["timings"] = {**timer.seconds, **running, "total": time.perf_counter() - t_start}
-        return report
-
-    if out is not None:
-        with timer("export"):
-            write_output(Path(out), cfg, model_path or source, new_tokenizer, toks, rows, out_rows, tied,
-                         finish_report)
-    finish_report()
-    return DistillResult(new_tokenizer, toks, rows, out_rows, report, skipped)
-
-
-def default_layer(decoder: models.Decoder) -> int:
-    """Fixed default target layer when no search runs: the last layer (hidden_states[-1])."""
-    return decoder.num_layers
-
-
-def default_lr(layer: int, decoder: models.Decoder) -> float:
-    """Fixed default learning rate for a layer when no search runs."""
-    return 1e-3 if layer == decoder.num_layers else 5e-3
+    return Learned(rows, out_rows, train_result, clipped, init_used)
 
 
 def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, tied, clipped,
@@ -270,13 +377,13 @@ def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decode
 
     per_token = []
     row_of = {i: r for r, i in enumerate(work.primaries)} if work else {}
-    snippets_of = Counter(s.token for s in work.snippets) if work else Counter()
+    per_row = work.snippets_per_row() if work else None
     for i, t in enumerate(toks):
         r = row_of.get(i)
         per_token.append({
             "word": t.word, "form": t.form, "token": t.piece, "id": t.new_id, "kind": t.kind,
             "variant_of": t.variant_of, "subtokens": tokenizer.convert_ids_to_tokens(t.sub_ids), "sub_ids": t.sub_ids,
-            "contexts": snippets_of[i] if r is not None else 0,
+            "contexts": int(per_row[r]) if work and r is not None else 0,
             "corpus_contexts": work.found.get(i, 0) if work else 0,
             "source": (work.sources.get(i, "none") if work else cfg.method) if t.variant_of is None else "variant",
             "final_loss": float(train_result.token_loss[r]) if train_result is not None and r is not None else None,
@@ -288,13 +395,16 @@ def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decode
         "model": {"type": type(decoder.model).__name__, "layers": decoder.num_layers, "hidden": decoder.hidden_size,
                   "rows_before": int(decoder.embed_weight.shape[0]), "tied": tied},
         "implementations": {"align": align.resolved(cfg.align_impl), "device": str(device), "dtype": str(dtype),
-                            "backend": cfg.backend,
+                            "backend": kernels.resolve(cfg.backend, device),
                             "prefix_sharing": train_result.extra["passes"] if train_result is not None else None,
-                            "packed_attention": attention.implementation(device, dtype) if cfg.backend != "torch"
+                            "packed_attention": attention.implementation(device, dtype) if passes_for(cfg).prefix
                             else None},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "counts": {"requested": len(toks) + len(skipped), "added": len(toks), "skipped": len(skipped),
-                   "variants": sum(1 for t in toks if t.variant_of), "norm_clipped": clipped,
+                   "variants": sum(1 for t in toks if t.variant_of),
+                   "casing_variants": sum(1 for t in toks if t.variant.startswith("casing")),
+                   "by_kind": {k: sum(1 for t in toks if t.kind == k) for k in ("vocab", "added")},
+                   "norm_clipped": clipped,
                    "snippets": len(work.snippets) if work else 0,
                    "aligned_positions": int(len(work.alignment.s_pos)) if work else 0,
                    "teacher_tokens": int(work.cu_teacher[-1]) if work else 0,
@@ -308,9 +418,11 @@ def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decode
     }
 
 
-def write_output(out: Path, cfg, original, new_tokenizer, toks, rows, out_rows, tied, finish_report) -> None:
+def write_output(out: Path, cfg, original, tokenizer, new_tokenizer, toks, rows, out_rows, tied, finish_report,
+                 corpus: list) -> None:
     """Build the output model from the original weights in their own dtype (a model directory is reloaded on the
-    CPU; an in-memory model is copied, never modified) and save it with the tokenizer, new rows and report."""
+    CPU; an in-memory model is copied, never modified), save it with the tokenizer, new rows and report, and
+    run `tokdistill check` on it before it is moved into place: a broken guarantee fails the run."""
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
@@ -318,16 +430,37 @@ def write_output(out: Path, cfg, original, new_tokenizer, toks, rows, out_rows, 
         target = AutoModelForCausalLM.from_pretrained(original, dtype="auto")
     else:
         target = copy.deepcopy(original).cpu()
-    ids = [t.new_id for t in toks]
-    rows_after = export.grow_embeddings(target, max(ids) + 1)
-    export.write_rows(target, ids, rows, out_rows, tied)
+    head = target.get_output_embeddings()
+    before = check.Original(tokenizer, target.get_input_embeddings().weight.detach().clone(),
+                            None if tied or head is None else head.weight.detach().clone(), tied,
+                            check.load_tokenizer(original)[1] if isinstance(original, Path) else None)
+    geometry = export.grow_embeddings(target, max(new_tokenizer.get_vocab().values()) + 1, cfg.pad_to_multiple_of)
+    export.write_rows(target, toks, rows, out_rows, tied)
+    probes = probe_sample(corpus)
 
     def fill(tmp: Path) -> None:
         target.save_pretrained(tmp, safe_serialization=True)
         new_tokenizer.save_pretrained(tmp)
+        slow = export.slow_tokenizer_files(original if isinstance(original, Path) else None, tmp, toks)
         export.new_rows_file(tmp / "new_embeddings.safetensors", toks, rows, out_rows)
         report = finish_report(export=time.perf_counter() - t0)
-        report["model"]["rows_after"] = rows_after
+        report["model"].update(geometry, slow_tokenizer_files=slow)
         export.write_json(tmp / "report.json", report)
+        section = check.run_checks(tmp, before, probes, forward=None, model=target)
+        check.write_reports(tmp, section)
+        if not section["passed"]:
+            raise check.GuaranteeError("the output breaks a guarantee; nothing was written:\n  "
+                                       + "\n  ".join(check.summary_lines(section)))
 
     export.atomic_write(out, cfg.overwrite, fill)
+
+
+def probe_sample(corpus: list, max_chars: int = 200_000) -> list[str]:
+    """The first documents of the corpus, up to max_chars, as probe text for the output check."""
+    texts, total = [], 0
+    for doc in contexts.iter_documents(corpus):
+        if total >= max_chars:
+            break
+        texts.append(doc[:max_chars - total])
+        total += len(texts[-1])
+    return texts

@@ -55,6 +55,7 @@ class Schedule:
     warmup_fraction: float = 0.5
     seed: int = 0
     log_every: int = 0  # log the mean loss of every this many steps (0: never), without waiting for the device
+    backend: str = "auto"  # kernels: auto | torch (references) | triton (fused kernels), see kernels/backend.py
 
 
 @dataclass
@@ -169,13 +170,13 @@ def make_batches(al: Alignment, snippet_row: np.ndarray, rows_per_batch: int, ep
 
 
 def student_states(decoder: Decoder, b: Batch, table: torch.Tensor, rows: torch.Tensor, layers: list[int],
-                   passes: Passes, teacher_layers: list[int] | None = None
+                   passes: Passes, teacher_layers: list[int] | None = None, backend: str = "auto"
                    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
     """Flattened student states {layer: [rows of main, D]} of one step and, fused, the teacher pass's
     flattened states {layer: [rows, D]} that b.t_idx indexes."""
     D = decoder.hidden_size
     if not passes.prefix:
-        h0 = embedding_rows(b.main.ids, table, rows, decoder.embed_scale)
+        h0 = embedding_rows(b.main.ids, table, rows, decoder.embed_scale, backend=backend)
         return {l: h.reshape(-1, D) for l, h in decoder.hidden_states(h0, layers).items()}, None
     context, targets = None, None
     if b.prefix is not None:
@@ -186,7 +187,7 @@ def student_states(decoder: Decoder, b: Batch, table: torch.Tensor, rows: torch.
                                         Attend(b.prefix.spec, capture=context))
         if teacher_layers is not None:
             targets = {l: pre[l].reshape(-1, D) for l in teacher_layers}
-    h0 = embedding_rows(b.main.ids, table, rows, decoder.embed_scale)
+    h0 = embedding_rows(b.main.ids, table, rows, decoder.embed_scale, backend=backend)
     attend = Attend(b.main.spec, context=context if b.main.spec.has_prefix else None)
     hidden = decoder.hidden_states(h0, layers, b.main.positions, attend)
     return {l: h.reshape(-1, D) for l, h in hidden.items()}, targets
@@ -304,11 +305,12 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
         if b.main is None:  # no aligned pair in the batch: zero gradients, as the reference computes
             loss, row_loss = sum(p.sum() for p in params) * 0.0, None
         else:
-            flat, targets = student_states(decoder, b, table, rows, layers, passes, teacher_layers)
+            flat, targets = student_states(decoder, b, table, rows, layers, passes, teacher_layers, schedule.backend)
             states, t_idx = (targets, b.t_idx) if passes.fused else feed(step, b) if feed else (None, None)
             loss, row_loss = torch.zeros((), device=device), None
             if objective.distill == "mse":
-                loss, row_loss = losses.hidden_mse(flat[objective.layer], states[objective.layer], b.s_idx, t_idx)
+                loss, row_loss = losses.hidden_mse(flat[objective.layer], states[objective.layer], b.s_idx, t_idx,
+                                                   backend=schedule.backend)
             elif objective.distill is not None:
                 loss, row_loss = losses.logits_distill(objective.distill, decoder.logits, flat[L], states[L],
                                                        b.s_idx, t_idx)

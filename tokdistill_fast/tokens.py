@@ -1,17 +1,23 @@
 """Stage 1: new words -> tokenizer additions, with the original subtoken ids and the new id of each.
 
 A new word ("palatable", "spill the beans") becomes the token for its running-text form " palatable" and, when
-the tokenizer does not add a space at the start of text, a variant for the bare form "palatable".
-Two ways to make the tokenizer emit one id for them:
+the bare form "palatable" (start of text, after a newline or punctuation) is split too, a variant token for it;
+an option adds casing variants ("Palatable"). Variants copy their primary's trained rows.
+Two ways to make the tokenizer emit one id for them (`--tokenizer-mode`):
 
 * vocab: a BPE vocabulary entry per form, reached as a whole pre-token. The pre-tokenizer's split regex gets a
-  first branch that isolates the forms at word boundaries, and the BPE model looks whole pre-tokens up before
-  merging (`ignore_merges`, as Llama-3 does). Text without new words pre-tokenizes as before, and longer words
-  ("palatableness") are untouched.
-* added: `AddedToken`s. Works for every tokenizer, but a leading-space added token also matches inside a longer
-  word ("Paris" in "Parisians"), so it is used only where vocab mode cannot express a form.
+  first branch (a trie of the forms, so 50,000 forms cost no encode speed) that isolates the forms at word
+  boundaries, and the BPE model looks whole pre-tokens up before merging (`ignore_merges`, as Llama-3 does).
+  Text without new words pre-tokenizes as before, and longer words ("Parisians") are untouched. The one change
+  `ignore_merges` can make elsewhere: a pre-token equal to an existing entry that BPE never produces becomes that
+  entry (`ignore_merges_exceptions` lists them; none in SmolLM2, four odd ones such as "▁yyyy" in Gemma-3).
+* added: `AddedToken`s. Every tokenizer supports them and llama.cpp's converter keeps them, but an added token is
+  matched before pre-tokenization and cannot demand a word boundary after a leading space: " Paris" also
+  matches inside " Parisians" (`single_word` would refuse " Paris" after any word). Bare forms do get
+  `single_word`. `tokdistill check` counts such inside-word matches per token.
 
-Subtoken ids always come from the original tokenizer, never the extended one.
+`auto` uses vocab mode where the tokenizer allows it (BPE with a known pre-tokenizer, loaded by AutoTokenizer as
+written) and added tokens for forms it cannot isolate. Subtoken ids always come from the original tokenizer.
 """
 
 from __future__ import annotations
@@ -28,15 +34,18 @@ from .config import UserInputError
 
 log = logging.getLogger(__name__)
 
-# Characters the paper's filter rejects in a new word; also ones that tokenizers treat as syntax.
-WORD_CHARS = r"\p{L}\p{N}_"
+WORD_CHARS = r"\p{L}\p{M}\p{N}_"  # a form must not touch these on either side
 SPACE_MARK = "\u2581"  # SentencePiece's visible space
+BYTE_LEVEL_SPACE = "\u0120"  # "Ġ": byte-level BPE's stored space
+BYTE_PIECE = regex.compile(r"<0x[0-9A-Fa-f]{2}>")
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # ByteLevel's own
+GENERIC_CLASS = "PreTrainedTokenizerFast"  # loads tokenizer.json exactly as written (model classes may rebuild it)
 
 
 @dataclass
 class NewToken:
-    """One token to add. `form` is the text span it replaces; `variant_of` names the primary word for
-    start-of-text forms, whose rows are copied from the primary after training."""
+    """One token to add. `form` is the text span it replaces; `variant_of` names the primary word whose rows a
+    variant copies after training; `variant` says which kind ("" primary, "start", "casing", "casing+start")."""
 
     word: str
     form: str
@@ -45,6 +54,7 @@ class NewToken:
     piece: str = ""  # the string stored in the tokenizer (vocab key or added-token content)
     kind: str = ""  # "vocab" | "added"
     variant_of: str | None = None
+    variant: str = ""
 
 
 @dataclass
@@ -92,113 +102,209 @@ def encode_span(tokenizer, text: str, start: int, end: int) -> list[int] | None:
 
 
 def original_ids(tokenizer, form: str) -> list[int] | None:
-    """Subtoken ids of `form` in running text: tokenized after a neutral left context, by offsets (no BOS trick)."""
-    for left in ("a", "\n", "."):
+    """Subtoken ids of `form` in running text: after a word for " word", after a newline or an opening bracket
+    for a bare "word"; found by character offsets (no BOS trick, works without a BOS token)."""
+    lefts = ("a", ".") if form[:1].isspace() else ("\n", "(")
+    for left in lefts:
         ids = encode_span(tokenizer, left + form + " a", len(left), len(left) + len(form))
         if ids:
             return ids
     return None
 
 
-def plan_new_tokens(tokenizer, words: list[str], add_variants: bool = True) -> tuple[list[NewToken], list[Skipped]]:
+def casing_variants(word: str) -> list[str]:
+    """Other casings a word commonly takes in running text: lower case and a capitalized first letter."""
+    out = []
+    for v in (word.lower(), word[:1].upper() + word[1:]):
+        if v != word and v not in out:
+            out.append(v)
+    return out
+
+
+def plan_new_tokens(tokenizer, words: list[str], add_variants: bool = True,
+                    add_casing: bool = False) -> tuple[list[NewToken], list[Skipped]]:
     """Decide which words become tokens, with their forms and original subtoken ids; the rest are skipped with
-    a reason (duplicate, already one token, special token, digits only)."""
+    a reason (duplicate, special or added token, vocabulary entry, single token, byte piece, unknown chars).
+    Words given in a stored form ("Ġword", "▁word") are read as the plain word."""
+    backend = tokenizer.backend_tokenizer  # only its normalizer and pre-tokenizer are used, read-only
     vocab = tokenizer.get_vocab()
     specials = set(tokenizer.all_special_tokens)
     added = set(getattr(tokenizer, "added_tokens_encoder", {}))
+    unk = tokenizer.unk_token_id
     seen: set[str] = set()
+    pieces: dict[str, str] = {}  # stored piece -> word that claimed it (uncased tokenizers fold casings together)
     planned: list[NewToken] = []
     skipped: list[Skipped] = []
-    starts_with_space = _adds_prefix_space(tokenizer)
+
+    def plan(word: str, primary: str | None) -> NewToken | None:
+        why = _skip_reason(tokenizer, backend, word, vocab, specials, added, pieces, unk)
+        if why:
+            skipped.append(Skipped(word, why if primary is None else f"casing variant of {primary!r}: {why}"))
+            return None
+        tok = NewToken(word, " " + word, original_ids(tokenizer, " " + word) or [], variant_of=primary,
+                       variant="" if primary is None else "casing")
+        planned.append(tok)
+        pieces[_stored_piece(backend, tok.form, alone_ok=True) or tok.form] = word
+        if add_variants:
+            bare = original_ids(tokenizer, word) or []
+            piece = _stored_piece(backend, word) or word
+            if len(bare) >= 2 and unk not in bare and piece not in vocab and piece not in pieces:
+                planned.append(NewToken(word, word, bare, variant_of=primary or word,
+                                        variant="start" if primary is None else "casing+start"))
+                pieces[piece] = word
+        return tok
+
     for word in words:
+        if word[:1] in (BYTE_LEVEL_SPACE, SPACE_MARK) and len(word) > 1 and word not in vocab:
+            log.info("reading the stored form %r as the word %r", word, word[1:])
+            word = word[1:]
         if word in seen:
             skipped.append(Skipped(word, "duplicate line"))
             continue
         seen.add(word)
-        if word in specials or word in added:
-            skipped.append(Skipped(word, "equal to an existing special or added token"))
-            continue
-        if word.startswith(("Ġ", SPACE_MARK)):
-            skipped.append(Skipped(word, "give tokens as plain text ('word'), not as stored pieces ('Ġword')"))
-            continue
-        if word in vocab:
-            skipped.append(Skipped(word, "already a vocabulary entry"))
-            continue
-        primary = NewToken(word, " " + word, original_ids(tokenizer, " " + word) or [])
-        if not primary.sub_ids:
-            skipped.append(Skipped(word, "the original tokenizer does not split it at its boundaries"))
-            continue
-        if len(primary.sub_ids) < 2:
-            skipped.append(Skipped(word, "already a single token in running text"))
-            continue
-        planned.append(primary)
-        if add_variants and not starts_with_space:
-            bare = original_ids(tokenizer, word) or []
-            if len(bare) >= 2:
-                planned.append(NewToken(word, word, bare, variant_of=word))
+        if plan(word, None) and add_casing:
+            for v in casing_variants(word):
+                if v not in seen:
+                    seen.add(v)
+                    plan(v, word)
     return planned, skipped
 
 
-def _adds_prefix_space(tokenizer) -> bool:
+def _skip_reason(tokenizer, backend, word, vocab, specials, added, pieces, unk) -> str | None:
+    """Why `word` cannot become a new token, or None."""
+    if word in specials:
+        return "equal to a special token"
+    if word in added or " " + word in added:
+        return "equal to an existing added token"
+    if BYTE_PIECE.fullmatch(word):
+        return "a byte-fallback piece"
+    piece = _stored_piece(backend, " " + word, alone_ok=True)
+    if piece in vocab:
+        return f"already a vocabulary entry ({piece!r}, id {vocab[piece]})"
+    if piece in pieces:
+        return f"same stored form {piece!r} as {pieces[piece]!r} after normalization"
+    ids = original_ids(tokenizer, " " + word)
+    if not ids:
+        return "the original tokenizer does not split it at its boundaries"
+    if len(ids) < 2:
+        return "already a single token in running text"
+    if unk is not None and unk in ids:
+        return "contains characters the tokenizer maps to its unknown token"
+    return None
+
+
+def adds_prefix_space(tokenizer) -> bool:
     """True when text at its very start is tokenized as if preceded by a space (Llama-2 style)."""
     probe = "hello"
     return tokenizer(probe, add_special_tokens=False)["input_ids"] == tokenizer(" " + probe, add_special_tokens=False)[
         "input_ids"]
 
 
-def _normalized(backend, form: str) -> str:
-    """The form as the pre-tokenizer sees it (after e.g. ' ' -> '▁'); a probe prefix keeps Prepend normalizers
-    from marking the form as text start."""
-    if backend.normalizer is None:
-        return form
-    return backend.normalizer.normalize_str("x" + form)[len(backend.normalizer.normalize_str("x")):]
+# ---------------------------------------------------------------- vocab mode: isolation regex and BPE entries
+
+def trie_pattern(strings: list[str]) -> str:
+    """A regex matching exactly `strings`, factored as a trie: a backtracking engine then tests one branch per
+    character instead of every alternative (a flat alternation encoded 4.6x slower at 2,500 forms and did
+    not finish 2 MB in 5 minutes at 50,000). Optional
+    suffixes are greedy, so the longest form wins ('Parisians' before 'Paris')."""
+    trie: dict = {}
+    for s in strings:
+        node = trie
+        for ch in s:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def emit(node: dict) -> str:
+        kids = sorted((ch, child) for ch, child in node.items() if ch)
+        if not kids:
+            return ""
+        alts = [regex.escape(ch) + emit(child) for ch, child in kids]
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return emit(trie)
 
 
-GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-def _isolation_pattern(forms: list[str]) -> str:
+def isolation_pattern(forms: list[str]) -> str:
     """Regex that matches a form at word boundaries: spaced forms need nothing on the left (the space is the
-    boundary), bare forms must not follow a word char or a space mark. Longest first, so alternation prefers
-    'Parisians' over 'Paris'."""
-    spaced = sorted((f for f in forms if f[:1] in (" ", SPACE_MARK)), key=len, reverse=True)
-    bare = sorted((f for f in forms if f[:1] not in (" ", SPACE_MARK)), key=len, reverse=True)
+    boundary), bare forms must not follow a word char, a space or a space mark."""
+    spaced = [f for f in forms if f[:1] in (" ", SPACE_MARK)]
+    bare = [f for f in forms if f[:1] not in (" ", SPACE_MARK)]
     branches = []
     if spaced:
-        branches.append("(?:" + "|".join(regex.escape(f) for f in spaced) + f")(?![{WORD_CHARS}])")
+        branches.append(f"(?:{trie_pattern(spaced)})(?![{WORD_CHARS}])")
     if bare:
-        branches.append(f"(?<![{WORD_CHARS} {SPACE_MARK}])(?:" + "|".join(regex.escape(f) for f in bare)
-                        + f")(?![{WORD_CHARS}])")
+        branches.append(f"(?<![{WORD_CHARS} {SPACE_MARK}])(?:{trie_pattern(bare)})(?![{WORD_CHARS}])")
     return "|".join(branches)
 
 
-def _with_isolation(tj: dict, normalized_forms: list[str]) -> bool:
-    """Rewrite tokenizer.json's pre-tokenizer so each form becomes one pre-token. False if its shape is unknown."""
-    pattern = _isolation_pattern(normalized_forms)
-    pre = tj.get("pre_tokenizer")
-    normalizer_spaces = SPACE_MARK in json.dumps(tj.get("normalizer"), ensure_ascii=False)
-    if pre and pre.get("type") == "ByteLevel":
-        split_pattern = GPT2_SPLIT if pre.get("use_regex", True) else None
-        if split_pattern is None:
-            return False
-        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": f"{pattern}|{split_pattern}"}, "behavior": "Isolated",
-             "invert": False},
-            {**pre, "use_regex": False}]}
-        return True
-    if pre and pre.get("type") == "Sequence":
+def _isolate(pre: dict | None, pattern: str, normalizer_spaces: bool) -> dict | None:
+    """The pre-tokenizer with `pattern` isolated first, or None when its shape is not one we can extend
+    without changing how text without new words is split."""
+    split = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+    if pre is None:
+        return split if normalizer_spaces else None
+    kind = pre.get("type")
+    if kind == "ByteLevel":
+        if pre.get("add_prefix_space"):  # applied to every piece once a split runs first
+            return None
+        if not pre.get("use_regex", True):
+            return {"type": "Sequence", "pretokenizers": [split, pre]}
+        return {"type": "Sequence", "pretokenizers": [
+            {**split, "pattern": {"Regex": f"{pattern}|{GPT2_SPLIT}"}}, {**pre, "use_regex": False}]}
+    if kind == "Sequence":
         subs = pre["pretokenizers"]
-        splits = [s for s in subs if s.get("type") == "Split" and "Regex" in s.get("pattern", {})]
-        if splits and splits[0].get("behavior") == "Isolated" and not splits[0].get("invert") and not any(
-                s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in subs):
-            splits[0]["pattern"]["Regex"] = f"{pattern}|{splits[0]['pattern']['Regex']}"
-            return True
-        return False
-    if normalizer_spaces and (pre is None or (pre.get("type") == "Split" and "String" in pre.get("pattern", {}))):
-        isolate = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
-        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [isolate] + ([pre] if pre else [])}
-        return True
-    return False
+        if any(s.get("type") == "ByteLevel" and (s.get("use_regex", True) or s.get("add_prefix_space"))
+               for s in subs):
+            return None
+        first = subs[0] if subs else {}
+        if first.get("type") == "Split" and "Regex" in first.get("pattern", {}) and \
+                first.get("behavior") == "Isolated" and not first.get("invert"):
+            merged = {**first, "pattern": {"Regex": f"{pattern}|{first['pattern']['Regex']}"}}
+            return {**pre, "pretokenizers": [merged] + subs[1:]}
+        return {"type": "Sequence", "pretokenizers": [split] + subs}
+    if kind in ("Split", "Metaspace", "Punctuation", "Digits", "Whitespace", "WhitespaceSplit", "UnicodeScripts"):
+        # Each of these only splits (Metaspace also marks spaces and prepends at offset 0); a first split that
+        # matches nothing in text without new words leaves them as they were.
+        return {"type": "Sequence", "pretokenizers": [split, pre]}
+    return None
+
+
+def _pipeline_only(tj: dict, pre: dict) -> str:
+    """tokenizer.json with pre-tokenizer `pre`, an empty model and no added tokens: a cheap Tokenizer for
+    normalizing and pre-tokenizing."""
+    return json.dumps({**tj, "added_tokens": [], "post_processor": None, "decoder": None, "pre_tokenizer": pre,
+                       "model": {"type": "BPE", "vocab": {}, "merges": []}}, ensure_ascii=False)
+
+
+def _stored_piece(backend, form: str, alone_ok: bool = False) -> str | None:
+    """The single pre-token `backend` makes of `form` in running text (after a word for spaced forms, after an
+    opening bracket for bare ones), i.e. the string a vocab entry for it must have; None if it is not one.
+    `alone_ok`: else the pre-token of the form on its own (a best guess, for telling vocabulary entries apart)."""
+    left = "x" if form[:1].isspace() else "("
+    norm = backend.normalizer
+    full = norm.normalize_str(left + form) if norm else left + form
+    start = len(norm.normalize_str(left)) if norm else len(left)
+    pre = backend.pre_tokenizer
+    splits = pre.pre_tokenize_str(full) if pre else [(full, (0, len(full)))]
+    mine = [(p, (s, e)) for p, (s, e) in splits if e > start]
+    if len(mine) == 1 and mine[0][1] == (start, len(full)):
+        return mine[0][0]
+    if not alone_ok:
+        return None
+    # Tokenizers that pre-tokenize whole texts (Gemma) glue the context on: look at the form alone.
+    alone = full[start:]
+    splits = pre.pre_tokenize_str(alone) if pre else [(alone, (0, len(alone)))]
+    return splits[0][0] if len(splits) == 1 else None
+
+
+def _normalized(backend, form: str) -> str:
+    """The form as the pre-tokenizer sees it mid-text (after e.g. ' ' -> '▁'); a left context keeps Prepend
+    normalizers from marking the form as text start."""
+    norm = backend.normalizer
+    if norm is None:
+        return form
+    return norm.normalize_str("x" + form)[len(norm.normalize_str("x")):]
 
 
 def _next_free_id(tj: dict) -> int:
@@ -206,91 +312,114 @@ def _next_free_id(tj: dict) -> int:
     return max(used) + 1
 
 
-def _reload(tokenizer, tokenizer_json: dict, model_config, generic: bool):
-    """Save `tokenizer` with `tokenizer_json` as its tokenizer.json (and the model's config.json, which steers
-    AutoTokenizer's class choice) and load it back the way users will."""
+def vocab_extension(tokenizer, planned: list[NewToken]) -> tuple[dict, list[NewToken]] | None:
+    """Vocab mode: tokenizer.json (as a dict) extended for the forms it can isolate, and those tokens (with
+    `piece`, `kind` and `new_id` set); None when the tokenizer is not BPE or its pre-tokenizer shape is unknown."""
+    from tokenizers import Tokenizer
+
+    tj = json.loads(tokenizer.backend_tokenizer.to_str())
+    if tj.get("model", {}).get("type") != "BPE" or not planned:
+        return None
+    backend = tokenizer.backend_tokenizer
+    norm_forms = {t.form: _normalized(backend, t.form) for t in planned}
+    spaces = backend.normalizer is not None and SPACE_MARK in backend.normalizer.normalize_str(" ")
+    pre = _isolate(tj.get("pre_tokenizer"), isolation_pattern(sorted(set(norm_forms.values()))), spaces)
+    if pre is None:
+        return None
+    probe = Tokenizer.from_str(_pipeline_only(tj, pre))
+    vocab = tj["model"]["vocab"]
+    next_id = _next_free_id(tj)
+    served = []
+    for tok in planned:
+        piece = _stored_piece(probe, tok.form)
+        if piece is None or piece in vocab:
+            continue
+        tok.piece, tok.kind, tok.new_id = piece, "vocab", next_id
+        vocab[piece] = next_id
+        next_id += 1
+        served.append(tok)
+    if not served:
+        return None
+    tj["pre_tokenizer"] = pre
+    tj["model"]["ignore_merges"] = True
+    return tj, served
+
+
+def _load_as_user(tokenizer, model_config, tokenizer_json: str | None):
+    """Save `tokenizer` (with `tokenizer_json` as its tokenizer.json and the generic class, if given) next to
+    the model's config.json, which steers AutoTokenizer's class choice, and load it back the way users will."""
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         if model_config is not None:
             model_config.to_json_file(Path(tmp, "config.json"))
-        Path(tmp, "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
-        for slow in ("tokenizer.model", "vocab.json", "merges.txt"):  # a slow tokenizer would not see the additions
+        for slow in ("tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json"):
             Path(tmp, slow).unlink(missing_ok=True)
-        if generic:
-            # Model-specific classes (GemmaTokenizer, ...) rebuild their pipeline from defaults when loaded and
-            # would drop the isolation regex; the generic class loads tokenizer.json as written.
+        if tokenizer_json is not None:
+            Path(tmp, "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+            # Model-specific classes (GemmaTokenizer, Qwen2Tokenizer, ...) rebuild their pipeline from defaults
+            # when loaded and would drop the isolation regex; the generic class loads tokenizer.json as written.
             path = Path(tmp, "tokenizer_config.json")
             config = json.loads(path.read_text(encoding="utf-8"))
-            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config["tokenizer_class"] = GENERIC_CLASS
             path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
         return AutoTokenizer.from_pretrained(tmp)
 
 
-def emits_one_id(tokenizer, tok: NewToken) -> bool:
-    """The token's form in running text (a spaced form after a word, a bare form at the start of text) encodes
-    to its id and decodes back."""
-    text = ("x" if tok.form[:1].isspace() else "") + tok.form + " x"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tok.new_id in ids and tokenizer.decode(ids) == text
+def span_ids(encoding, start: int, end: int) -> list[int]:
+    """Ids of the tokens of a `tokenizers` Encoding that overlap characters [start, end)."""
+    return [i for i, (s, e) in zip(encoding.ids, encoding.offsets) if e > start and s < end]
 
 
-def _vocab_extension(tokenizer, planned: list[NewToken], model_config) -> tuple[object, list[NewToken]] | None:
-    """Vocab mode: the extended tokenizer and the tokens it serves, or None when this tokenizer's pre-tokenizer
-    shape is unknown or the reloaded tokenizer does not keep the extension (classes that rebuild their pipeline,
-    e.g. Qwen2Tokenizer in transformers 5)."""
-    from tokenizers import Tokenizer
+def encodes_as_one(tokenizer, toks: list[NewToken]) -> list[bool]:
+    """For each token: its form in running text (a spaced form after a word, a bare form after an opening
+    bracket) is covered by its id alone."""
+    lefts = [t.form.strip()[:1] if t.form[:1].isspace() else "(" for t in toks]
+    texts = [left + t.form + " " + t.form.strip()[:1] for left, t in zip(lefts, toks)]
+    encs = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    return [span_ids(e, len(left), len(left) + len(t.form)) == [t.new_id] for t, e, left in zip(toks, encs, lefts)]
 
-    tj = json.loads(tokenizer.backend_tokenizer.to_str())
-    if tj.get("model", {}).get("type") != "BPE":
-        return None
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    forms = {t.form: _normalized(backend, t.form) for t in planned}
-    if not _with_isolation(tj, list(forms.values())):
-        return None
-    pre = Tokenizer.from_str(json.dumps(tj)).pre_tokenizer
-    next_id = _next_free_id(tj)
-    served = []
-    for tok in planned:
-        pieces = pre.pre_tokenize_str(forms[tok.form])
-        if len(pieces) != 1 or pieces[0][0] in tj["model"]["vocab"]:
-            continue
-        tok.piece, tok.kind, tok.new_id = pieces[0][0], "vocab", next_id
-        tj["model"]["vocab"][tok.piece] = next_id
-        next_id += 1
-        served.append(tok)
-    tj["model"]["ignore_merges"] = True
-    new = _reload(tokenizer, tj, model_config, generic=True)
-    if not served or not all(emits_one_id(new, t) for t in served):
-        for t in served:
-            t.piece, t.kind, t.new_id = "", "", -1
-        return None
-    return new, served
+
+def added_token(tok: NewToken):
+    """AddedToken for a form: bare forms demand word boundaries on both sides (`single_word`); spaced forms
+    cannot (the char before their space is usually a word char, which `single_word` rejects)."""
+    from tokenizers import AddedToken
+
+    return AddedToken(tok.form, single_word=not tok.form[:1].isspace(), normalized=False, special=False)
 
 
 def extend_tokenizer(tokenizer, planned: list[NewToken], mode: str = "auto", model_config=None):
     """Return a new tokenizer that emits one id per planned form, and fill in each token's `new_id`, `piece` and
-    `kind`. The input tokenizer is not modified. Vocab-mode ids follow the largest id in use, so padded-vocab
-    models reuse their spare rows before the matrix grows; added tokens get the ids the tokenizer assigns.
-    `model_config` lets the check reload the tokenizer with the class AutoTokenizer will pick for the model."""
-    from tokenizers import AddedToken
-
-    extended = _vocab_extension(tokenizer, planned, model_config) if mode in ("auto", "vocab") else None
-    if extended is None and mode == "vocab":
+    `kind`. The input tokenizer is not modified. Ids follow the largest id in use, so padded-vocab models reuse
+    their spare rows before the matrix grows. `model_config` lets AutoTokenizer pick the class it will pick for
+    the saved model; vocab mode is used only if that class keeps the extension."""
+    for t in planned:
+        t.piece, t.kind, t.new_id = "", "", -1
+    ext = vocab_extension(tokenizer, planned) if mode in ("auto", "vocab") else None
+    new = None
+    if ext is not None:
+        tj, served = ext
+        new = _load_as_user(tokenizer, model_config, json.dumps(tj, ensure_ascii=False))
+        ok = encodes_as_one(new, served)
+        if not all(ok):
+            bad = [t.form for t, good in zip(served, ok) if not good]
+            log.warning("vocab mode: the reloaded tokenizer (%s) does not emit one id for %d form(s), e.g. %r; "
+                        "using added tokens", type(new).__name__, len(bad), bad[:3])
+            for t in planned:
+                t.piece, t.kind, t.new_id = "", "", -1
+            new = None
+    if new is None and mode == "vocab":
         raise UserInputError("--tokenizer-mode vocab is not possible for this tokenizer (not BPE, an unknown "
                              "pre-tokenizer, or a tokenizer class that rebuilds its pipeline); use added")
-    new = extended[0] if extended else _reload(tokenizer, json.loads(tokenizer.backend_tokenizer.to_str()),
-                                               model_config, generic=False)
+    if new is None:
+        new = _load_as_user(tokenizer, model_config, None)
     rest = [t for t in planned if t.kind != "vocab"]
-    if rest and extended:
-        log.warning("%d token(s) span pre-tokens that vocab mode cannot join and become added tokens: %s",
+    if rest and mode != "added" and ext is not None:
+        log.warning("%d form(s) cannot be isolated as one pre-token and become added tokens: %s",
                     len(rest), ", ".join(repr(t.form) for t in rest[:10]))
     if rest:
-        # Bare forms can demand word boundaries on both sides; spaced forms cannot (the char before the space
-        # is a word char, which AddedToken's single_word rejects), which is why vocab mode is preferred.
-        new.add_tokens([AddedToken(t.form, single_word=t.variant_of is not None, normalized=False)
-                        for t in rest])
+        new.add_tokens([added_token(t) for t in rest])
         for t in rest:
             t.piece, t.kind = t.form, "added"
             t.new_id = new.convert_tokens_to_ids(t.form)

@@ -1,0 +1,38 @@
+"""bench/report.py turns a pytest-benchmark JSON file into the kernels' Markdown table."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(group: str, impl: str, median: float, min_bytes: int) -> dict:
+    return {"group": group, "name": f"test[{impl}]", "params": {"impl": impl}, "stats": {"median": median},
+            "extra_info": {"min_bytes": min_bytes, "device": "NVIDIA H100 80GB HBM3"}}
+
+
+def run_report(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.report", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_report_table(tmp_path):
+    path = tmp_path / "kernels.json"
+    path.write_text(json.dumps({"benchmarks": [
+        bench("masked_mse K=400", "torch", 2e-4, 10**6), bench("masked_mse K=400", "triton", 5e-5, 10**6),
+        *(bench("embedding_rows 16x50", impl, median, 3 * 10**9)
+          for impl, median in (("torch", 1e-3), ("triton", 1e-3), ("triton-deterministic", 2e-3)))]}))
+    done = run_report(str(path))
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "torch ms" not in line]
+    assert rows == ["| masked_mse K=400 | triton | 0.200 | 0.050 | 4.00x | 20 |",
+                    "| embedding_rows 16x50 | triton | 1.000 | 1.000 | 1.00x | 3000 |",
+                    "| embedding_rows 16x50 | triton-deterministic | 1.000 | 2.000 | 0.50x | 1500 |"]
+    assert "NVIDIA H100 80GB HBM3" in done.stdout
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    done = run_report(str(tmp_path / "nothing.json"))
+    assert done.returncode == 2 and "does not exist" in done.stderr

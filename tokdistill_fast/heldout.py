@@ -1,0 +1,318 @@
+"""Held-out measurement: how closely a model with new tokens reproduces the original model with the original
+tokenization, on text that training never saw.
+
+Snippets come from the same retrieval (contexts.py) and alignment (align.py) as training. The original model reads
+the subtokens, the adapted one the single new token; at every aligned position (the new token and everything after
+it) we compare next-token distributions over the original vocabulary (KL(original || adapted) and top-1
+agreement; new-token columns left out and the rest renormalized, as in evaluate.py), the adapted model's
+probability mass on new tokens, optionally the hidden states at chosen layers, and per snippet the NLL of the
+continuation (the text after the first new token) under each model. Each metric is averaged per snippet, then per
+token, then over tokens (every token weighs the same); confidence intervals come from a two-level bootstrap
+(tokens, then snippets within each token) whose draws depend only on the snippet layout and the seed, so two
+methods scored on the same snippets are compared on the same resamples (paired differences).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tokdistill_fast.kernels.embedding_rows import embedding_rows
+
+from . import align, contexts, teacher
+from .align import Alignment
+from .config import UserInputError
+from .models import Decoder
+from .teacher import aligned_rows, length_batches, pad_batch
+from .tokens import NewToken
+
+log = logging.getLogger(__name__)
+
+LOGIT_ROWS = 1024  # rows per logits chunk: 1024 x 49k vocab x 4 B = 200 MB per temporary
+
+
+class Scorer:
+    """A causal LM as the measure sees it: embeddings of (possibly extended) ids, hidden states, logits.
+
+    Three cases: the original model (no new tokens); an adapted model saved with its new rows (`new_ids` are its
+    own ids); or the original model plus in-memory rows `rows` [n, D] (table space) for ids V + r, with output
+    rows `out_rows` (tied models: the input rows)."""
+
+    def __init__(self, decoder: Decoder, new_ids: list[int] | None = None, rows: torch.Tensor | None = None,
+                 out_rows: torch.Tensor | None = None):
+        self.decoder = decoder
+        device = decoder.embed_weight.device
+        self.rows = None if rows is None else rows.to(device=device, dtype=torch.float32)
+        self.out_rows = None
+        if rows is not None:
+            out = rows if out_rows is None else out_rows
+            self.out_rows = out.to(device=device, dtype=decoder.embed_weight.dtype)
+            new_ids = [decoder.embed_weight.shape[0] + r for r in range(rows.shape[0])]
+        self.new_ids = list(new_ids or [])
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.rows is None:
+            return self.decoder.embed(ids)
+        return embedding_rows(ids, self.decoder.embed_weight, self.rows, self.decoder.embed_scale)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits over the model's whole vocabulary, new tokens included, in fp32."""
+        out = self.decoder.logits(h).float()
+        if self.out_rows is None:
+            return out
+        extra = (h @ self.out_rows.t()).float()
+        cap = getattr(self.decoder.config, "final_logit_softcapping", None)
+        if cap:
+            extra = torch.tanh(extra / cap) * cap
+        return torch.cat([out, extra], dim=-1)
+
+
+def original_columns(vocab: int, new_ids: list[int], device: torch.device) -> torch.Tensor | None:
+    """Columns of the original vocabulary [0, vocab) that are not new tokens (padded-vocab models give spare rows
+    to new tokens), or None when that is the whole range."""
+    inside = sorted(i for i in new_ids if i < vocab)
+    if not inside:
+        return None
+    keep = torch.ones(vocab, dtype=torch.bool)
+    keep[inside] = False
+    return keep.nonzero().squeeze(1).to(device)
+
+
+def restrict(logits: torch.Tensor, vocab: int, keep: torch.Tensor | None) -> torch.Tensor:
+    return logits[:, :vocab] if keep is None else logits.index_select(1, keep)
+
+
+@dataclass
+class HeldoutSet:
+    """Held-out snippets of the measured tokens, aligned to student sequences that use `new_ids`."""
+
+    tokens: list[NewToken]  # measured (primary) tokens
+    new_ids: list[int]  # student-side id of each measured token
+    snippet_token: np.ndarray  # [n] index into tokens
+    teacher_ids: np.ndarray
+    cu_teacher: np.ndarray
+    alignment: Alignment
+    hits: list[int]  # held-out occurrences found per token (before sampling)
+    cont_pos: np.ndarray = field(init=False)  # teacher positions of each continuation (first aligned to the end)
+    cu_cont: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        al = self.alignment
+        lens = np.diff(self.cu_teacher)
+        first = al.t_pos[al.cu_aligned[:-1]].astype(np.int64) if al.n else np.zeros(0, dtype=np.int64)
+        counts = lens - first
+        self.cu_cont = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.cont_pos = (np.arange(self.cu_cont[-1]) - np.repeat(self.cu_cont[:-1] - first, counts)).astype(np.int32)
+
+    @property
+    def n(self) -> int:
+        return self.alignment.n
+
+    def aligned_in_cont(self) -> np.ndarray:
+        """[K] row of each aligned pair's teacher position among the continuation rows."""
+        al = self.alignment
+        per = np.diff(al.cu_aligned)
+        first = np.repeat(self.cont_pos[self.cu_cont[:-1]], per)
+        return (np.repeat(self.cu_cont[:-1], per) + al.t_pos - first).astype(np.int64)
+
+
+def build_heldout(paths: list[str | Path], tokenizer, toks: list[NewToken], new_ids: list[int], per_token: int,
+                  length: int, seed: int, bos: int | None, align_impl: str = "auto") -> HeldoutSet:
+    """Retrieve held-out snippets for `toks` (primaries) and align them, merging each token's subtokens into its
+    id in `new_ids`. Tokens without held-out hits get no snippets (the report lists them)."""
+    snippets, stats, _ = contexts.retrieve(paths, tokenizer, toks, per_token, length, seed, bos)
+    if not snippets:
+        raise UserInputError("no held-out snippet contains any of the new tokens; pass more --heldout text")
+    teacher_ids, cu_teacher = align.pack([s.ids for s in snippets])
+    al = align.align([s.ids for s in snippets], [t.sub_ids for t in toks], [s.token for s in snippets], new_ids,
+                     align_impl)
+    return HeldoutSet(toks, list(new_ids), np.asarray([s.token for s in snippets], dtype=np.int64), teacher_ids,
+                      cu_teacher, al, stats.hits)
+
+
+@dataclass
+class Reference:
+    """The original model on the held-out snippets: final states at continuation positions (logits are
+    recomputed from them per scored model, D instead of V numbers per position), states at the hidden-state
+    layers at aligned positions, and the NLL of each snippet's continuation."""
+
+    final: torch.Tensor  # [Kc, D]
+    hidden: dict[int, torch.Tensor]  # layer -> [K, D]
+    nll: np.ndarray  # [n]
+    vocab: int  # original vocabulary size (rows of the original output matrix)
+    logits: Callable[[torch.Tensor], torch.Tensor]  # the original model's head
+
+
+def _max_tokens(device: torch.device) -> int:
+    return 32768 if device.type == "cuda" else 4096
+
+
+@torch.no_grad()
+def reference(decoder: Decoder, hs: HeldoutSet, layers: tuple[int, ...] = (), dtype: torch.dtype | None = None
+              ) -> Reference:
+    """One truncated-to-the-end pass of the original model over the held-out snippets."""
+    L = decoder.num_layers
+    device = decoder.embed_weight.device
+    dtype = dtype or decoder.embed_weight.dtype
+    # teacher.compute gathers rows at alignment.t_pos; handing it the continuation positions gathers those.
+    cont = Alignment(hs.alignment.student_ids, hs.alignment.cu_student, hs.cont_pos, hs.cont_pos, hs.cu_cont)
+    cache = teacher.compute(decoder, hs.teacher_ids, hs.cu_teacher, cont, sorted({L, *layers}),
+                            max_tokens=_max_tokens(device), cache_dtype=dtype)
+    final = cache.states[L]
+    in_cont = torch.from_numpy(hs.aligned_in_cont()).to(final.device)
+    hidden = {l: cache.states[l].index_select(0, in_cont) for l in layers}
+    # NLL of each continuation: every continuation position but the last predicts the next teacher id.
+    has_next = np.ones(len(hs.cont_pos), dtype=bool)
+    has_next[hs.cu_cont[1:] - 1] = False
+    snippet = np.repeat(np.arange(hs.n), np.diff(hs.cu_cont))
+    target = hs.teacher_ids[hs.cu_teacher[snippet] + hs.cont_pos + 1 - (~has_next)]
+    vocab = decoder.model.get_output_embeddings().weight.shape[0]
+    row_nll = np.zeros(len(hs.cont_pos))
+    for c in range(0, len(hs.cont_pos), LOGIT_ROWS):
+        sl = slice(c, c + LOGIT_ROWS)
+        logp = F.log_softmax(decoder.logits(final[sl].to(device)).float(), dim=-1)
+        row_nll[sl] = -logp.gather(1, torch.from_numpy(target[sl]).to(device).unsqueeze(1)).squeeze(1).cpu().numpy()
+    nll = np.bincount(snippet, weights=np.where(has_next, row_nll, 0.0), minlength=hs.n)
+    return Reference(final, hidden, nll, vocab, decoder.logits)
+
+
+@dataclass
+class Scores:
+    """Per aligned pair [K] and per snippet [n] results of one scored model."""
+
+    kl: np.ndarray
+    top1: np.ndarray
+    new_mass: np.ndarray  # adapted model's probability on new tokens (full softmax)
+    at_new: np.ndarray  # bool: the student token at this position is a new token
+    mse: dict[int, np.ndarray]  # layer -> per-pair mean squared error of hidden states
+    nll: np.ndarray  # [n] student NLL of the continuation (full vocabulary, new tokens included)
+
+
+@torch.no_grad()
+def score(model: Scorer, hs: HeldoutSet, ref: Reference) -> Scores:
+    """Run the adapted model over the held-out student sequences and compare it with the reference."""
+    dec = model.decoder
+    device = dec.embed_weight.device
+    al = hs.alignment
+    K, L = len(al.s_pos), dec.num_layers
+    layers = sorted({L, *ref.hidden})
+    kl, top1, new_mass, mse = np.zeros(K), np.zeros(K, dtype=bool), np.zeros(K), {l: np.zeros(K) for l in ref.hidden}
+    row_nll = np.zeros(K)
+    keep = original_columns(ref.vocab, model.new_ids, device)
+    new_cols = torch.tensor(model.new_ids, dtype=torch.long, device=device)
+    in_cont = torch.from_numpy(hs.aligned_in_cont())
+    seq_len = np.repeat(np.diff(al.cu_student), np.diff(al.cu_aligned))
+    has_next = al.s_pos + 1 < seq_len
+    snippet = np.repeat(np.arange(al.n), np.diff(al.cu_aligned))
+    target_all = al.student_ids[al.cu_student[snippet] + al.s_pos + has_next]
+    for batch in length_batches(np.diff(al.cu_student), _max_tokens(device)):
+        ids = pad_batch(al.student_ids, al.cu_student, batch, device)
+        hidden = dec.hidden_states(model.embed(ids), layers)
+        idx = torch.from_numpy(aligned_rows(al.cu_aligned, al.s_pos, batch, ids.shape[1])).to(device)
+        dest = np.concatenate([np.arange(al.cu_aligned[i], al.cu_aligned[i + 1]) for i in batch])
+        for l in ref.hidden:
+            s = hidden[l].reshape(-1, dec.hidden_size).index_select(0, idx).float()
+            t = ref.hidden[l].index_select(0, torch.from_numpy(dest).to(ref.hidden[l].device)).to(device).float()
+            mse[l][dest] = (s - t).pow(2).mean(-1).cpu().numpy()
+        h = hidden[L].reshape(-1, dec.hidden_size).index_select(0, idx)
+        for c in range(0, len(dest), LOGIT_ROWS):
+            d = dest[c:c + LOGIT_ROWS]
+            full = model.logits(h[c:c + LOGIT_ROWS])
+            t_rows = ref.final.index_select(0, in_cont[d].to(ref.final.device)).to(device)
+            t_logp = F.log_softmax(restrict(ref.logits(t_rows).float(), ref.vocab, keep), dim=-1)
+            s_logp = F.log_softmax(restrict(full, ref.vocab, keep), dim=-1)
+            kl[d] = (t_logp.exp() * (t_logp - s_logp)).sum(-1).cpu().numpy()
+            top1[d] = (t_logp.argmax(-1) == s_logp.argmax(-1)).cpu().numpy()
+            full_logp = F.log_softmax(full, dim=-1)
+            if len(model.new_ids):
+                new_mass[d] = full_logp.index_select(1, new_cols).exp().sum(-1).cpu().numpy()
+            tgt = torch.from_numpy(target_all[d]).to(device).unsqueeze(1)
+            row_nll[d] = -full_logp.gather(1, tgt).squeeze(1).cpu().numpy()
+    at_new = np.isin(al.student_ids[al.cu_student[snippet] + al.s_pos], np.asarray(model.new_ids, dtype=np.int64))
+    nll = np.bincount(snippet, weights=np.where(has_next, row_nll, 0.0), minlength=al.n)
+    return Scores(kl, top1, new_mass, at_new, mse, nll)
+
+
+def snippet_metrics(s: Scores, hs: HeldoutSet, ref: Reference) -> dict[str, np.ndarray]:
+    """Per-snippet values [n] of every metric: means over the snippet's aligned positions ("at_new": over the
+    positions of new tokens only), and the continuation NLL difference (adapted - original, nats)."""
+    al = hs.alignment
+    snippet = np.repeat(np.arange(al.n), np.diff(al.cu_aligned))
+
+    def mean(x: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+        w = np.ones(len(x)) if where is None else where.astype(float)
+        return np.bincount(snippet, weights=x * w, minlength=al.n) / np.maximum(
+            np.bincount(snippet, weights=w, minlength=al.n), 1e-12)
+
+    out = {"kl": mean(s.kl), "kl_at_new": mean(s.kl, s.at_new), "top1": mean(s.top1.astype(float)),
+           "top1_at_new": mean(s.top1.astype(float), s.at_new), "nll_diff": s.nll - ref.nll,
+           "new_mass": mean(s.new_mass), "new_mass_at_new": mean(s.new_mass, s.at_new)}
+    for l, v in s.mse.items():
+        out[f"mse@{l}"] = mean(v)
+    return out
+
+
+def bootstrap(values: np.ndarray, group: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """[n_boot] resampled macro means: tokens drawn with replacement, then each drawn token's snippets. The
+    draws depend only on the group sizes and the seed, so equal layouts give paired resamples."""
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(group == g) for g in np.unique(group)]
+    inner = np.empty((len(groups), n_boot))
+    for k, idx in enumerate(groups):
+        draw = rng.integers(0, len(idx), size=(n_boot, len(idx)))
+        inner[k] = values[idx][draw].mean(1)
+    outer = rng.integers(0, len(groups), size=(n_boot, len(groups)))
+    return inner[outer, np.arange(n_boot)[:, None]].mean(1)
+
+
+def macro_mean(values: np.ndarray, group: np.ndarray) -> float:
+    """Mean over groups of the per-group means (each token weighs the same however many snippets it has)."""
+    return float(np.mean([values[group == g].mean() for g in np.unique(group)]))
+
+
+def summarize(values: dict[str, np.ndarray], group: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    """{metric: {"mean", "ci95": [lo, hi]}} with bootstrap percentile intervals."""
+    out = {}
+    for name, v in values.items():
+        draws = bootstrap(v, group, n_boot, seed)
+        out[name] = {"mean": macro_mean(v, group), "ci95": [float(np.percentile(draws, 2.5)),
+                                                            float(np.percentile(draws, 97.5))]}
+    return out
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, group: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Macro mean of a - b with a paired bootstrap interval (same resamples for both)."""
+    draws = bootstrap(a, group, n_boot, seed) - bootstrap(b, group, n_boot, seed)
+    return {"mean": macro_mean(a, group) - macro_mean(b, group),
+            "ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]}
+
+
+def per_token(values: dict[str, np.ndarray], group: np.ndarray, n_tokens: int) -> list[dict[str, float | None]]:
+    """Per-token means of every metric (None for tokens without snippets)."""
+    counts = np.bincount(group, minlength=n_tokens)
+    sums = {k: np.bincount(group, weights=v, minlength=n_tokens) for k, v in values.items()}
+    return [{k: (float(sums[k][t] / counts[t]) if counts[t] else None) for k in values} for t in range(n_tokens)]
+
+
+def tokens_saved(paths: list[str | Path], original_tokenizer, adapted_tokenizer, max_chars: int = 20_000_000
+                 ) -> dict:
+    """Sequence-length ratio (adapted / original tokenizer) over the held-out documents, up to max_chars."""
+    docs, used = [], 0
+    for doc in contexts.iter_documents(paths):
+        if used >= max_chars:
+            break
+        docs.append(doc[:max_chars - used])
+        used += len(docs[-1])
+    n_orig = n_new = 0
+    for c in range(0, len(docs), 1024):
+        part = docs[c:c + 1024]
+        n_orig += sum(map(len, original_tokenizer(part, add_special_tokens=False)["input_ids"]))
+        n_new += sum(map(len, adapted_tokenizer(part, add_special_tokens=False)["input_ids"]))
+    return {"chars": used, "original_tokens": n_orig, "adapted_tokens": n_new,
+            "length_ratio": n_new / max(n_orig, 1), "saved_fraction": 1 - n_new / max(n_orig, 1)}

@@ -1,0 +1,169 @@
+"""Tokenizer-swap inputs: new tokens taken from a target tokenizer, start rows produced by another method, and the
+rule that routes short tokens to a heuristic instead of distillation.
+
+Start-row file (--init-from), the layout of our own new_embeddings.safetensors so one run's output can seed
+another:
+  tensor "input_embeddings"   [n, D] float, rows in the model's input-embedding table space (before any
+                              embed_scale, e.g. Gemma's sqrt(D)); D must equal the model's hidden size
+  tensor "output_embeddings"  [n, D] float, optional: start rows of an untied output matrix
+  metadata "forms"            JSON list of n strings: the text span each row stands for, as it appears in running
+                              text, e.g. " palatable" (a word after a space) or "palatable" (the start-of-text form)
+Rows are matched to new tokens by form, which does not depend on a tokenizer's piece spelling ("Ġ", "▁");
+other tensors and metadata (our "token_ids", "tokens") are ignored. Tokens without a row start from the
+subtoken mean.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import regex
+import torch
+
+from .config import UserInputError
+from .tokens import NewToken, Skipped
+
+log = logging.getLogger(__name__)
+
+BYTE_PIECE = regex.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces
+
+
+def words_from_tokenizer(directory: str | Path) -> tuple[list[str], list[Skipped]]:
+    """Every piece of the tokenizer in `directory` that stands for a word after a space, as that word ("Ġword" and
+    "▁word" -> "word"), in id order. Other pieces are skipped with a reason: special tokens, byte pieces,
+    word-internal pieces (no leading space: suffixes like "ing" cannot be added as whole words), whitespace.
+    Whether the model's tokenizer already has the word is decided later, like for a word list."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserInputError(f"--new-tokens-from-tokenizer {directory}: not a directory")
+    try:
+        target = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise UserInputError(f"--new-tokens-from-tokenizer {directory}: cannot load a tokenizer: {e}") from None
+    backend = getattr(target, "backend_tokenizer", None)
+    if backend is None or backend.decoder is None:
+        raise UserInputError(f"--new-tokens-from-tokenizer {directory}: needs a fast tokenizer (tokenizer.json) "
+                             "with a decoder")
+    specials = set(target.all_special_ids) | {i for i, t in target.added_tokens_decoder.items() if t.special}
+    # Decoding a piece after an anchor shows its leading space, which decoders drop at the start of text.
+    anchor = target("x", add_special_tokens=False)["input_ids"]
+    if len(anchor) != 1:
+        raise UserInputError(f"--new-tokens-from-tokenizer {directory}: 'x' is not one token; cannot decode pieces")
+    anchor_piece = backend.id_to_token(anchor[0])
+    prefix = backend.decoder.decode([anchor_piece])
+    pieces = sorted(backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    decoded = [backend.decoder.decode([anchor_piece, piece]) for piece, _ in pieces]
+    words: list[str] = []
+    skipped: list[Skipped] = []
+    seen: set[str] = set()
+    for (piece, i), text in zip(pieces, decoded):
+        surface = text[len(prefix):] if text.startswith(prefix) else None
+        word = surface[1:] if surface else ""
+        reason = ("special token" if i in specials else
+                  "byte-fallback piece" if BYTE_PIECE.fullmatch(piece) else
+                  "does not decode after another piece" if surface is None else
+                  "part of a UTF-8 character (byte-level piece)" if "\ufffd" in surface else
+                  "word-internal piece (no leading space)" if not surface.startswith(" ") else
+                  "whitespace" if not word.strip() or word != word.strip() else
+                  "same text as an earlier piece" if word in seen else None)
+        if reason:
+            skipped.append(Skipped(piece, reason))
+        else:
+            seen.add(word)
+            words.append(word)
+    log.info("target tokenizer %s: %d of %d pieces are words after a space", directory, len(words), len(pieces))
+    if not words:
+        raise UserInputError(f"--new-tokens-from-tokenizer {directory}: no piece stands for a word after a space")
+    return words, skipped
+
+
+def log_skipped(skipped: list[Skipped], show: int = 20) -> None:
+    """Warn about the first `show` skipped tokens one by one and about the rest as counts per reason (details in
+    parentheses, such as the existing piece, are left out of the counts)."""
+    for s in skipped[:show]:
+        log.warning("skipping %r: %s", s.word, s.reason)
+    if len(skipped) > show:
+        counts = Counter(s.reason.split(" (")[0] for s in skipped[show:])
+        log.warning("skipping %d more: %s", len(skipped) - show, "; ".join(f"{n} {r}" for r, n in counts.items()))
+
+
+def apply_init(path: str | Path, toks: list[NewToken], rows: torch.Tensor, out_rows: torch.Tensor | None,
+               hidden: int) -> set[int]:
+    """Overwrite the start rows of the tokens whose form has a row in the --init-from file (format in the module
+    docstring); `out_rows` (untied models) too where the file has output rows. Returns the indices of those
+    tokens."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"--init-from {path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in ("input_embeddings", "output_embeddings") if k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserInputError(f"--init-from {path}: not a safetensors file: {e}") from None
+    try:
+        forms = json.loads(meta["forms"])
+    except (KeyError, json.JSONDecodeError):
+        forms = None
+    if not isinstance(forms, list) or not all(isinstance(f, str) for f in forms):
+        raise UserInputError(f"--init-from {path}: needs metadata 'forms', a JSON list of strings (the text span of "
+                             "each row, e.g. ' palatable')")
+    if len(set(forms)) != len(forms):
+        raise UserInputError(f"--init-from {path}: a form appears twice in 'forms'")
+    for name, t in tensors.items():
+        if t.dim() != 2 or tuple(t.shape) != (len(forms), hidden):
+            raise UserInputError(f"--init-from {path}: tensor {name!r} has shape {tuple(t.shape)}, expected "
+                                 f"({len(forms)}, {hidden}): one row of the model's hidden size per form")
+        if not torch.isfinite(t).all():
+            raise UserInputError(f"--init-from {path}: tensor {name!r} holds NaN or inf")
+    if "input_embeddings" not in tensors:
+        raise UserInputError(f"--init-from {path}: no tensor 'input_embeddings'")
+    row_of = {f: r for r, f in enumerate(forms)}
+    used = {i for i, t in enumerate(toks) if t.form in row_of}
+    if not used:
+        raise UserInputError(f"--init-from {path}: none of its {len(forms)} forms is a new token's form (forms "
+                             "include the leading space of a word in running text: ' palatable')")
+    index = sorted(used)
+    src = torch.tensor([row_of[toks[i].form] for i in index])
+    rows[index] = tensors["input_embeddings"][src].to(rows)
+    if out_rows is not None and "output_embeddings" in tensors:
+        out_rows[index] = tensors["output_embeddings"][src].to(out_rows)
+    log.info("--init-from %s: %d of %d new tokens start from its rows, the rest from the subtoken mean", path,
+             len(used), len(toks))
+    return used
+
+
+def short_tokens(toks: list[NewToken], min_chars: int) -> set[int]:
+    """Indices of primary tokens whose word has fewer than `min_chars` characters (not trained)."""
+    return {i for i, t in enumerate(toks) if t.variant_of is None and len(t.word) < min_chars}
+
+
+def annotate_methods(report: dict, toks: list[NewToken], method: str, trained: set[int], init_used: set[int]
+                     ) -> None:
+    """Record in the report how each token's row was made ("method": the training method, "mean" or "init-from"
+    for untrained rows, "random", or "copy" for start-of-text variants) and where it started ("init"), with
+    counts per method."""
+    for i, (t, entry) in enumerate(zip(toks, report["tokens"])):
+        init = "random" if method == "random" else "init-from" if i in init_used else "mean"
+        entry["init"] = init
+        entry["method"] = "copy" if t.variant_of is not None else method if i in trained else init
+    report["counts"]["methods"] = dict(Counter(e["method"] for e in report["tokens"]))
+
+
+def requested_words(new_tokens, from_tokenizer: str | None) -> tuple[list[str], list[Skipped]]:
+    """The words to add, from exactly one source: a word-list file or list (new_tokens), or a target tokenizer."""
+    from .tokens import read_word_list
+
+    if (new_tokens is None) == (from_tokenizer is None):
+        raise UserInputError("give the new tokens either as --new-tokens or as --new-tokens-from-tokenizer"
+                             + (", not both" if from_tokenizer else ""))
+    if from_tokenizer is not None:
+        return words_from_tokenizer(from_tokenizer)
+    return (read_word_list(new_tokens) if isinstance(new_tokens, (str, Path)) else list(new_tokens)), []
