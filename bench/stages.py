@@ -30,7 +30,7 @@ def timed(fn, *args, **kwargs):
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: progress bars would bury the results
-    from tokdistill_fast import align, contexts, models, pipeline, student, teacher, tokens
+    from tokdistill_fast import align, autotune, contexts, models, pipeline, student, teacher, tokens
     from tokdistill_fast.select import select_tokens
 
     p = argparse.ArgumentParser(prog="python -m bench.stages", description=__doc__.split("\n\n")[0])
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="corpus occurrences a word needs: enough for its snippets without generated contexts")
     p.add_argument("--layers", default="-1")
     p.add_argument("--modes", default="off,on,fused")
+    p.add_argument("--epochs", type=int, default=1, help="fused needs 1")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads; 1 makes CPU seconds a fair measure on a busy machine (no spinning)")
     p.add_argument("--json", help="also write the results here")
@@ -67,30 +68,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(full)} tokens, {al.n} snippets, {int(cu_teacher[-1])} teacher tokens, "
           f"{int(al.cu_student[-1])} student tokens, {len(al.s_pos)} aligned pairs; {device}, {dtype}, "
           f"{torch.get_num_threads()} threads")
-    print("| layer | mode | teacher s (CPU s) | student s (CPU s) | steps | grad positions | cos vs first (min) "
-          "| mean loss, last 10 steps |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| layer | epochs | mode | teacher s (CPU s) | student s (CPU s) | steps | grad positions "
+          "| cos vs first (min) | mean loss, last 10 steps |")
+    print("|---|---|---|---|---|---|---|---|---|")
     results = []
     for layer in (decoder.resolve_layer(int(x)) for x in args.layers.split(",")):
         first = None
         for mode in args.modes.split(","):
-            passes = student.resolve_passes(mode, "auto", 1, device, dtype)
+            passes = student.resolve_passes(mode, "auto", args.epochs)
             cache, t_wall, t_cpu = None, 0.0, 0.0
             if not passes.fused:
                 cache, t_wall, t_cpu = timed(teacher.compute, decoder, teacher_ids, cu_teacher, al,
-                                             [layer], 8192, dtype)
+                                             [layer], 8192, dtype, packed=passes.prefix)
             run, s_wall, s_cpu = timed(
                 student.train, decoder, al, cache, snippet_row, init, None,
-                student.Objective(distill="mse", layer=layer), student.Schedule(lr=pipeline.default_lr(layer, decoder)),
+                student.Objective(distill="mse", layer=layer),
+                student.Schedule(lr=autotune.default_lr(layer, decoder.num_layers), epochs=args.epochs),
                 tied=True, passes=passes, teacher=(teacher_ids, cu_teacher))
             first = run.rows if first is None else first
             cos = torch.nn.functional.cosine_similarity(run.rows, first, dim=1).min().item()
             last10 = float(np.mean(run.step_loss[-10:]))
-            results.append({"layer": layer, "mode": mode, "passes": passes.describe(), "teacher_s": t_wall,
-                            "teacher_cpu_s": t_cpu, "student_s": s_wall, "student_cpu_s": s_cpu, "steps": run.steps,
+            results.append({"layer": layer, "epochs": args.epochs, "mode": mode, "passes": passes.describe(),
+                            "teacher_s": t_wall, "teacher_cpu_s": t_cpu, "student_s": s_wall,
+                            "student_cpu_s": s_cpu, "steps": run.steps,
                             "positions": run.extra["positions"], "cos_min": cos, "last10_loss": last10})
-            print(f"| {layer} | {mode} | {t_wall:.1f} ({t_cpu:.1f}) | {s_wall:.1f} ({s_cpu:.1f}) | {run.steps} | "
-                  f"{run.extra['positions']['with_grad']} | {cos:.5f} | {last10:.5g} |", flush=True)
+            print(f"| {layer} | {args.epochs} | {mode} | {t_wall:.1f} ({t_cpu:.1f}) | {s_wall:.1f} ({s_cpu:.1f}) | "
+                  f"{run.steps} | {run.extra['positions']['with_grad']} | {cos:.5f} | {last10:.5g} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
