@@ -33,8 +33,14 @@ class GuaranteeError(RuntimeError):
 
 
 def env_flag(name: str) -> bool:
-    """True when the environment variable is set to 1 (the only env-var reader in the package)."""
+    """True when the environment variable is set to 1 (this and env_int are the package's env-var readers)."""
     return os.environ.get(name, "") == "1"
+
+
+def env_int(name: str) -> int | None:
+    """The environment variable as an integer, None when unset or empty."""
+    value = os.environ.get(name, "")
+    return int(value) if value else None
 
 
 def cache_dir() -> Path:
@@ -87,6 +93,15 @@ class DistillConfig:
     overwrite: bool = False
     generate_temperature: float = 1.0  # sampling for generated contexts (the paper samples)
     log_every: int = 20
+    # Large vocabularies: train the tokens in chunks, each with its own teacher cache (chunks.py); chunk_tokens
+    # fixes the size, memory_budget (bytes of teacher cache) derives it. Neither: one chunk, all tokens.
+    chunk_tokens: int | None = None
+    memory_budget: int | None = None
+    # Resumable runs (checkpoint.py): state kept in checkpoint_dir (default <out>.partial) every this many steps
+    # (0: no checkpoints), and resume continues an interrupted run from there.
+    checkpoint_every: int = 200
+    checkpoint_dir: str | None = None
+    resume: bool = False
     extra: dict = field(default_factory=dict)  # free-form notes copied into report.json
 
     def validate(self) -> DistillConfig:
@@ -119,6 +134,13 @@ class DistillConfig:
             raise UserInputError("--distill-min-chars must be 0 or more")
         if self.init_from is not None and self.method == "random":
             raise UserInputError("--init-from has no effect with --method random")
+        if self.chunk_tokens is not None and self.chunk_tokens < 1 or self.memory_budget is not None and \
+                self.memory_budget < 1:
+            raise UserInputError("--chunk-tokens and --memory-budget must be positive")
+        if self.chunk_tokens is not None and self.memory_budget is not None:
+            raise UserInputError("give --chunk-tokens or --memory-budget, not both")
+        if self.checkpoint_every < 0:
+            raise UserInputError("--checkpoint-every must be 0 (off) or more")
         if not 0.0 <= self.autotune_budget <= 1.0:
             raise UserInputError("--autotune-budget must be between 0 and 1")
         return self
