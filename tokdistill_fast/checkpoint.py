@@ -228,7 +228,7 @@ class StudentHook:
     def restore(self, state: dict) -> int:
         """Load a saved state into `state`'s tensors and objects; the step to continue from (0 if none)."""
         saved = self.work.load(self.name)
-        _stop.deferred = saved is None or saved["step"] < state["steps"]
+        _stop.deferred = (0 if saved is None else saved["step"]) < state["steps"]  # steps left: signals wait for one
         if saved is None:
             return 0
         if saved["steps"] != state["steps"] or len(saved["params"]) != len(state["params"]):
