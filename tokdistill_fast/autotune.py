@@ -174,8 +174,9 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     objective at a layer; `layers` / `lr` fix a dimension (a user-given value is always respected), schedule.epochs
     the epochs unless `search_epochs` (then stage 3 tries the best candidate with 2 epochs). Stage 1 always runs
     (on at least `min_tokens` tokens, `per_token` snippets each: many tokens with few snippets rank settings more
-    steadily than few tokens with many); stage 2 only if the measured time leaves room. `prefix`: candidates train with prefix
-    sharing (student.Passes) on one teacher cache; `fused`: the main run fuses its teacher into its steps."""
+    steadily than few tokens with many); stage 2 only if the measured time leaves room. `prefix`: candidates
+    train with prefix sharing (student.Passes) on one teacher cache; `fused`: the main run fuses its teacher into
+    its steps."""
     t_start = time.perf_counter()
     L, V = decoder.num_layers, decoder.embed_weight.shape[0]
     n_rows = init_rows.shape[0]
