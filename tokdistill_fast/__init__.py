@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from .config import DistillConfig, UserInputError  # noqa: E402
 from .pipeline import DistillResult, distill  # noqa: E402
+from .select import select_tokens  # noqa: E402
 
 
 def env_report() -> dict:
@@ -32,4 +33,4 @@ def env_report() -> dict:
     return info
 
 
-__all__ = ["DistillConfig", "DistillResult", "UserInputError", "distill", "env_report", "__version__"]
+__all__ = ["DistillConfig", "DistillResult", "UserInputError", "distill", "select_tokens", "env_report", "__version__"]

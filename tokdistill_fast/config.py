@@ -58,7 +58,9 @@ class DistillConfig:
     # hidden_states terms: 1..num_layers, negative counts from the end, -1 = last layer after the final norm.
     target_layer: int | str = "auto"
     lr: float | str = "auto"  # "auto" searches the candidate grid together with the layer
-    epochs: int = 1
+    # The paper's single epoch: a second one improved token-distill on SmolLM2 and Gemma-3 but doubles training
+    # (docs/defaults.md); "auto" lets the search try the chosen setting with 1 and 2 epochs.
+    epochs: int | str = 1
     batch_size: int = 16  # the paper's batch size
     snippets_per_token: int = 25  # the paper's budget: at most 25 snippets ...
     snippet_length: int = 50  # ... of at most 50 tokens per new token
@@ -115,7 +117,9 @@ class DistillConfig:
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                      f"not {getattr(self, name)!r}")
-        for name in ("batch_size", "snippets_per_token", "snippet_length", "epochs"):
+        if isinstance(self.epochs, str) and self.epochs != "auto":
+            raise UserInputError(f"--epochs must be a positive integer or 'auto', not {self.epochs!r}")
+        for name in ("batch_size", "snippets_per_token", "snippet_length") + (("epochs",) * (self.epochs != "auto")):
             if int(getattr(self, name)) < 1:
                 raise UserInputError(f"--{name.replace('_', '-')} must be at least 1")
         if self.snippet_length < 4:
