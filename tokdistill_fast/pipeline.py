@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import align, attention, autotune, check, contexts, export, models, student, swap, teacher, tokens
+from . import align, attention, autotune, check, contexts, distributed, export, models, student, swap, teacher, tokens
 from .config import TRAINED_METHODS, DistillConfig, UserInputError
 from .kernels import backend as kernels
 from .tokens import NewToken, Skipped
@@ -169,12 +169,19 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
     model: a model directory, or an in-memory causal LM (then pass `tokenizer`). new_tokens: a file with one
     token per line, or a list of strings (or None with config.new_tokens_from_tokenizer). corpus: text, JSONL or
     Parquet files, directories or globs. out: if given, the extended model is written there (save_pretrained
-    layout plus new_embeddings.safetensors and report.json).
+    layout plus new_embeddings.safetensors and report.json). Under torchrun, the processes share the training
+    (distributed.py) and rank 0 writes `out`.
     """
     cfg = (config or DistillConfig()).validate()
+    with distributed.setup(cfg.device) as ranks:
+        return _distill(model, new_tokens, corpus, out, cfg, tokenizer, ranks)
+
+
+def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConfig, tokenizer,
+             ranks: distributed.Ranks) -> DistillResult:
     timer = StageTimer()
     t_start = time.perf_counter()
-    if out is not None:
+    if out is not None and ranks.writer:
         export.check_out_dir(out, cfg.overwrite)
     contexts.corpus_files(corpus)  # a missing file or empty glob fails here, before the model loads
     device = models.pick_device(cfg.device)
@@ -210,14 +217,15 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
             log.info("%-24r %3d snippet(s) [%s]", toks[i].word, n, work.sources[i])
         with timer("autotune"):
             search = search_settings(cfg, decoder, toks, work, tied, backend)
-    layer, lr = resolve_settings(cfg, decoder, search)
+    layer, lr = ranks.agree(work, resolve_settings(cfg, decoder, search))  # rank 0's settings on every rank
+    mine, shard = distributed.split(ranks, work, cfg.batch_size, cfg.epochs, cfg.seed, device)
     if work is not None:
         objective = objective_for(cfg, layer, tied)
         if objective.distill is not None and not passes_for(cfg).fused:  # fused: the teacher runs in each step
             with timer("teacher"):
-                cache = teacher_cache(decoder, work, cache_layers(objective, decoder.num_layers), dtype,
+                cache = teacher_cache(decoder, mine, cache_layers(objective, decoder.num_layers), dtype,
                                       packed=passes_for(cfg).prefix)
-    learned = learn_rows(cfg, decoder, toks, work, cache, layer, lr, tied, timer, backend)
+    learned = learn_rows(cfg, decoder, toks, mine, cache, layer, lr, tied, timer, backend, shard)
     rows, out_rows, train_result, clipped = learned.rows, learned.out_rows, learned.train_result, learned.clipped
     report = build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, tied,
                           clipped, timer, device, dtype)
@@ -230,7 +238,7 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
         report["timings"] = {**timer.seconds, **running, "total": time.perf_counter() - t_start}
         return report
 
-    if out is not None:
+    if out is not None and ranks.writer:
         with timer("export"):
             write_output(Path(out), cfg, model_path or source, tokenizer, new_tokenizer, toks, rows, out_rows,
                          tied, finish_report, list(corpus))
@@ -320,10 +328,12 @@ class Learned:
 
 def learn_rows(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken], work: Workload | None,
                cache: teacher.TeacherCache | None, layer: int, lr: float, tied: bool,
-               timer: StageTimer | None = None, backend: str = "auto") -> Learned:
+               timer: StageTimer | None = None, backend: str = "auto",
+               shard: distributed.Shard | None = None) -> Learned:
     """Rows for cfg.method: subtoken-mean or random start, training on `work` for trained methods (`cache` holds
     at least the teacher layers the objective reads, so one cache can serve several runs), variants copied
-    from their primaries, norm clipping for tied models and the output-row policy for untied ones."""
+    from their primaries, norm clipping for tied models and the output-row policy for untied ones. `shard`:
+    `work` is this rank's part of a several-process run (distributed.split)."""
     timer = timer or StageTimer()
     device = decoder.embed_weight.device
     table = decoder.embed_weight
@@ -345,7 +355,7 @@ def learn_rows(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken]
                 student.Schedule(lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                  warmup_fraction=cfg.warmup_fraction, seed=cfg.seed, log_every=cfg.log_every,
                                  backend=backend),
-                tied, passes=passes, teacher=(work.teacher_ids, work.cu_teacher))
+                tied, passes=passes, teacher=(work.teacher_ids, work.cu_teacher), shard=shard)
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
             out_init[primaries] = train_result.out_rows
