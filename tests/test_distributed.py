@@ -19,7 +19,7 @@ from tokdistill_fast.distributed import Ranks, pair_counts, split
 from tokdistill_fast.pipeline import Workload
 from tokdistill_fast.student import Passes, batch_plan, make_batch
 
-FAST = dict(snippets_per_token=6, snippet_length=20, dtype="float32", log_every=0)
+FAST = dict(snippets_per_token=6, snippet_length=20, dtype="float32")
 COMBOS = {  # (model, cli flags): fused teacher pass, batch 4 | cache, alpha-NTP, uneven split, untied output rows
     "fused": (("llama", "bytelevel", True), dict(batch_size=4, target_layer=2, lr=1e-2)),
     "uneven": (("llama", "metaspace", False), dict(batch_size=3, target_layer=3, lr=1e-2, epochs=2,
@@ -32,7 +32,8 @@ def cli_flags(options: dict) -> list[str]:
     return [f for k, v in options.items() for f in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def torchrun(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """The CLI under torchrun with 2 processes (the timeout only catches a hang: shared machines stall for minutes)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "tokdistill_fast.cli", "distill", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -54,15 +55,12 @@ def test_two_processes_match_one(name, model_dirs, words_file, corpus_file, tmp_
     torch.testing.assert_close(rows["input_embeddings"], one.rows, atol=1e-5, rtol=1e-4)
     if not combo[2]:
         torch.testing.assert_close(rows["output_embeddings"], one.out_rows, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(one.rows, distill(src, words_file, [corpus_file], None,
-                                                DistillConfig(**FAST, **options, method="mean")).rows)
     report = json.loads((out / "report.json").read_text())
     for key in ("steps", "first_loss", "last_loss", "computed_positions"):
         got, want = report["training"][key], one.report["training"][key]
         assert got == pytest.approx(want, rel=1e-4), key
-    got = [t["final_loss"] for t in report["tokens"]]
-    want = [t["final_loss"] for t in one.report["tokens"]]
-    assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    got, want = ([t["final_loss"] for t in r["tokens"] if t["variant_of"] is None] for r in (report, one.report))
+    assert None not in want and got == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
 def test_bad_input_on_one_rank_stops_both(model_dirs, words_file, corpus_file, tmp_path):
@@ -75,7 +73,7 @@ def test_bad_input_on_one_rank_stops_both(model_dirs, words_file, corpus_file, t
                                                                                  "lr": 1e-2})])
     assert run.returncode != 0
     assert "already exists" in run.stderr and "rank 0 stopped" in run.stderr, run.stderr[-3000:]
-    assert "Traceback" not in run.stderr
+    assert "tokdistill_fast/" not in run.stderr  # no traceback through our code (torchrun prints its own)
 
 
 def toy_alignment(n: int, seed: int = 0) -> Alignment:

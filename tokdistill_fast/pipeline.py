@@ -179,6 +179,7 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
 
 def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConfig, tokenizer,
              ranks: distributed.Ranks) -> DistillResult:
+    """distill() in this process, one of `ranks` (rank 0 checks and writes `out`)."""
     timer = StageTimer()
     t_start = time.perf_counter()
     if out is not None and ranks.writer:
