@@ -15,10 +15,20 @@ def test_candidate_layers_cover_the_depth():
 
 
 def test_sample_share_grows_with_budget_and_stays_a_share():
-    lo = autotune.sample_share([8, 15, 22, 30], 30, 1, 0.1, 0.6)
-    hi = autotune.sample_share([8, 15, 22, 30], 30, 1, 0.4, 0.6)
+    lo = autotune.sample_share([8, 15, 22, 30], 30, 3.0, 3.0, 0.1, 0.6, False)
+    hi = autotune.sample_share([8, 15, 22, 30], 30, 3.0, 3.0, 0.4, 0.6, False)
     assert 0 < lo < hi <= 1
-    assert autotune.sample_share([8, 15, 22, 30], 30, 1, 100.0, 0.6) == 1.0
+    assert autotune.sample_share([8, 15, 22, 30], 30, 3.0, 3.0, 100.0, 0.6, False) == 1.0
+    # the 2-epoch trial costs search time; a 2-epoch main run leaves more room
+    assert autotune.sample_share([8, 15, 22, 30], 30, 3.0, 3.0, 0.2, 0.6, True) < lo * 2
+    assert autotune.sample_share([8, 15, 22, 30], 30, 6.0, 3.0, 0.2, 0.6, False) > \
+        autotune.sample_share([8, 15, 22, 30], 30, 3.0, 3.0, 0.2, 0.6, False)
+
+
+def test_train_cost_counts_only_the_suffix_with_gradient():
+    assert autotune.train_cost(1, 1.0, False) == autotune.TRAIN_COST
+    assert autotune.train_cost(2, 0.5, True) == 2 * (autotune.TRAIN_COST * 0.5 + 0.5)
+    assert autotune.train_cost(1, 0.5, False) < autotune.train_cost(1, 0.5, True)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +64,19 @@ def test_fixed_values_skip_the_search(model_dirs, words_file, corpus_file):
     assert (r["settings"]["resolved_target_layer"], r["settings"]["resolved_lr"]) == (3, 2e-3)
 
 
+def test_auto_epochs_tries_a_second_epoch_and_reports_the_choice(model_dirs, words_file, corpus_file):
+    r = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
+                DistillConfig(**{**FAST, "epochs": "auto"}, target_layer=2, lr=5e-3)).report
+    trials = r["autotune"]["trials"]
+    assert [t["epochs"] for t in trials] == [1, 2] and {t["layer"] for t in trials} == {2}
+    best = min(trials, key=lambda t: t["ratio"])
+    assert r["settings"]["resolved_epochs"] == best["epochs"] and r["settings"]["epochs"] == "auto"
+    assert r["training"]["steps"] == best["epochs"] * -(-r["counts"]["snippets"] // FAST["batch_size"])
+
+
 def test_too_few_snippets_fall_back_to_defaults(model_dirs, words_file, corpus_file):
     r = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
                 DistillConfig(**{**FAST, "snippets_per_token": 2})).report
     assert r["autotune"] is None
     assert r["settings"]["resolved_target_layer"] == 3  # round(0.75 * 4)
+    assert r["settings"]["resolved_epochs"] == 1  # FAST fixes one epoch

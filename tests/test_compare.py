@@ -47,8 +47,8 @@ def test_shared_cache_gives_standalone_rows(combo, model_dirs, words_file, corpu
     for changes in ({"method": "token-distill", "target_layer": 2}, {"method": "token-distill", "loss": "kl"},
                     {"method": "token-distill+alpha-ntp", "target_layer": 1}, {"method": "random", "seed": 3}):
         cfg = base.replace(**changes)
-        layer, lr = pipeline.resolve_settings(cfg, dec)
-        shared = pipeline.learn_rows(cfg, dec, toks, work, cache, layer, lr, tied)
+        layer, lr, epochs = pipeline.resolve_settings(cfg, dec)
+        shared = pipeline.learn_rows(cfg.replace(epochs=epochs), dec, toks, work, cache, layer, lr, tied)
         alone = distill(src, words_file, [corpus_file], None, cfg)
         torch.testing.assert_close(shared.rows, alone.rows, atol=1e-5, rtol=1e-4)
         if not tied:

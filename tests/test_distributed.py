@@ -21,7 +21,7 @@ from tokdistill_fast.student import Passes, batch_plan, make_batch
 
 FAST = dict(snippets_per_token=6, snippet_length=20, dtype="float32")
 COMBOS = {  # (model, cli flags): fused teacher pass, batch 4 | cache, alpha-NTP, uneven split, untied output rows
-    "fused": (("llama", "bytelevel", True), dict(batch_size=4, target_layer=2, lr=1e-2)),
+    "fused": (("llama", "bytelevel", True), dict(batch_size=4, target_layer=2, lr=1e-2, epochs=1)),
     "uneven": (("llama", "metaspace", False), dict(batch_size=3, target_layer=3, lr=1e-2, epochs=2,
                                                     method="token-distill+alpha-ntp", output_embeddings="ntp",
                                                     prefix_sharing="on")),
@@ -69,7 +69,7 @@ def test_bad_input_on_one_rank_stops_both(model_dirs, words_file, corpus_file, t
     out = tmp_path / "model"
     out.mkdir()
     run = torchrun(["--model", str(model_dirs[("llama", "bytelevel", True)]), "--new-tokens", str(words_file),
-                    "--corpus", str(corpus_file), "--out", str(out), *cli_flags({**FAST, "target_layer": 2,
+                    "--corpus", str(corpus_file), "--out", str(out), *cli_flags({**FAST, "target_layer": 2, "epochs": 1,
                                                                                  "lr": 1e-2})])
     assert run.returncode != 0
     assert "already exists" in run.stderr and "rank 0 stopped" in run.stderr, run.stderr[-3000:]

@@ -127,25 +127,48 @@ class Scorer:
         return self.kl(rows) / self.base if self.base > 0 else float("nan")
 
 
-def sample_share(layers: list[int], num_layers: int, epochs: int, budget: float, trim_ratio: float) -> float:
-    """Share of the tokens the search can afford. Costs in forward-pass units per token and layer: the main run
-    pays teacher + training at a median candidate layer; the search pays one teacher pass to the deepest
-    candidate and a training run per stage-1 candidate on 80% of the sample, plus a full-depth scoring pass of
-    the other 20% per candidate, all on snippets shortened by `trim_ratio`."""
-    main = float(np.median(layers)) * (1 + TRAIN_COST * epochs)
-    search = trim_ratio * (0.8 * (max(layers) + TRAIN_COST * sum(layers)) + 0.2 * num_layers * (len(layers) + 1))
+def train_cost(epochs: int, grad_share: float, prefix_pass: bool) -> float:
+    """Training cost per snippet token and layer, in forward-pass units: forward + input-gradient backward on the
+    `grad_share` of positions from the first new token on (1.0 without prefix sharing), plus a no-grad pass over
+    the rest when prefix steps run their own prefix pass."""
+    return epochs * (TRAIN_COST * grad_share + (1.0 - grad_share) * prefix_pass)
+
+
+def sample_share(layers: list[int], num_layers: int, main_train: float, search_train: float, budget: float,
+                 trim_ratio: float, epochs_trial: bool) -> float:
+    """Share of the tokens the search can afford. Costs in forward-pass units per token and layer (`main_train`,
+    `search_train`: train_cost of a main-run and a search step): the main run pays teacher + training at a median
+    candidate layer; the search pays one teacher pass to the deepest candidate and a training run per stage-1
+    candidate (and the 2-epoch trial) on 80% of the sample, plus a full-depth scoring pass of the other 20% per
+    trial, all on snippets shortened by `trim_ratio`."""
+    mid = float(np.median(layers))
+    main = mid * (1 + main_train)
+    trained = search_train * (sum(layers) + 2 * mid * epochs_trial)
+    search = trim_ratio * (0.8 * (max(layers) + trained) + 0.2 * num_layers * (len(layers) + 1 + epochs_trial))
     return float(np.clip(budget * main / search, 0.0, 1.0))
+
+
+def grad_share(al: Alignment, keep: int | None = None) -> float:
+    """Share of student positions from each snippet's first new token on (cut after `keep` aligned positions)."""
+    has = np.diff(al.cu_aligned) > 0
+    if not has.any():
+        return 1.0
+    first = al.s_pos[al.cu_aligned[:-1][has]]
+    lengths = np.diff(al.cu_student)[has]
+    suffix = lengths - first if keep is None else np.minimum(lengths - first, keep)
+    return float(suffix.sum() / max((first + suffix).sum(), 1))
 
 
 def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, snippet_row: np.ndarray,
            init_rows: torch.Tensor, budget: float, schedule: student.Schedule,
            objective: Callable[[int], student.Objective], tied: bool, layers: list[int] | None = None,
-           lr: float | None = None, keep: int = 12, search_batch: int = 4, max_tokens: int = 8192,
-           prefix: bool = False) -> SearchResult:
+           lr: float | None = None, search_epochs: bool = False, keep: int = 12, search_batch: int = 4,
+           max_tokens: int = 8192, prefix: bool = False, fused: bool = False) -> SearchResult:
     """Pick the best Candidate within about `budget` x the main run's time. `objective(layer)` is the run's own
-    objective at a layer; `layers` / `lr` fix a dimension (a user-given value is always respected). Stage 1
-    always runs (on at least 4 tokens); stage 2 only if the measured time leaves room. `prefix`: candidates train
-    with prefix sharing (student.Passes) on one teacher cache."""
+    objective at a layer; `layers` / `lr` fix a dimension (a user-given value is always respected), schedule.epochs
+    the epochs unless `search_epochs` (then stage 3 tries the best candidate with 2 epochs). Stage 1 always runs
+    (on at least 4 tokens); stage 2 only if the measured time leaves room. `prefix`: candidates train with prefix
+    sharing (student.Passes) on one teacher cache; `fused`: the main run fuses its teacher into its steps."""
     t_start = time.perf_counter()
     L, V = decoder.num_layers, decoder.embed_weight.shape[0]
     n_rows = init_rows.shape[0]
@@ -153,15 +176,17 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     lengths = np.diff(cu_teacher)
     trim_ratio = min(1.0, (float(np.mean(al.s_pos[al.cu_aligned[:-1][np.diff(al.cu_aligned) > 0]])) + keep)
                      / max(float(lengths.mean()), 1.0)) if len(al.s_pos) else 1.0
-    share = sample_share(layers, L, schedule.epochs, budget, trim_ratio)
+    main_epochs = 2 if search_epochs else schedule.epochs  # the likely choice (docs/defaults.md)
+    main_train = train_cost(main_epochs, grad_share(al) if prefix else 1.0, prefix and not fused)
+    search_train = train_cost(1, grad_share(al, keep) if prefix else 1.0, prefix)
+    share = sample_share(layers, L, main_train, search_train, budget, trim_ratio, search_epochs)
     n_tokens = max(4, round(share * n_rows))
     sample = draw_sample(al, teacher_ids, cu_teacher, snippet_row, V, n_rows, n_tokens, 0.2, keep, schedule.seed)
     rows0 = init_rows[torch.from_numpy(sample.rows).to(init_rows.device)]
     t0 = time.perf_counter()
     scorer = Scorer(decoder, sample, rows0, max_tokens, schedule.backend)
     sec_per_token_layer = (time.perf_counter() - t0) / 2 / max(int(sample.held_cu[-1]) * L, 1)  # teacher + base
-    main_estimate = sec_per_token_layer * int(lengths.sum()) * float(np.median(layers)) * (
-        1 + TRAIN_COST * schedule.epochs)
+    main_estimate = sec_per_token_layer * int(lengths.sum()) * float(np.median(layers)) * (1 + main_train)
     objectives = {layer: dataclasses.replace(objective(layer), train_output=False) for layer in layers}
     cached = sorted({o.layer if o.distill == "mse" else L for o in objectives.values() if o.distill is not None})
     cache = teacher.compute(decoder, sample.train_ids, sample.train_cu, sample.train, cached, max_tokens,
@@ -177,18 +202,22 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
         log.info("autotune: %-22s held-out KL %.3f x mean init (%.1f s)", c.label(), trials[-1].ratio,
                  trials[-1].seconds)
 
+    base_epochs = 1 if search_epochs else schedule.epochs
     for layer in layers:
-        run(Candidate(layer, lr or default_lr(layer, L)))
+        run(Candidate(layer, lr or default_lr(layer, L), base_epochs))
     best = min(trials, key=lambda t: t.ratio).candidate
     layer_cost = next(t.seconds for t in trials if t.candidate == best)
-    if lr is None and time.perf_counter() - t_start + 2 * layer_cost <= budget * main_estimate:
+    reserved = 2 * layer_cost * search_epochs  # stage 3 always runs when asked for
+    if lr is None and time.perf_counter() - t_start + 2 * layer_cost + reserved <= budget * main_estimate:
         for factor in (0.5, 2.0):  # stage 2: the best layer's learning rate, halved and doubled
-            run(Candidate(best.layer, best.lr * factor))
+            run(Candidate(best.layer, best.lr * factor, base_epochs))
+        best = min(trials, key=lambda t: t.ratio).candidate
+    if search_epochs:  # stage 3: the best setting with a second epoch
+        run(Candidate(best.layer, best.lr, 2))
         best = min(trials, key=lambda t: t.ratio).candidate
     seconds = time.perf_counter() - t_start
     log.info("autotune: chose %s (%.3f x mean init) from %d trials on %d tokens in %.1f s (main run ~%.0f s)",
              best.label(), min(t.ratio for t in trials), len(trials), len(sample.rows), seconds, main_estimate)
-    best = Candidate(best.layer, best.lr, schedule.epochs)
     return SearchResult(best, trials, seconds, {"tokens": int(len(sample.rows)), "train_snippets": sample.train.n,
                                                 "heldout_snippets": sample.held.n, "base_kl": scorer.base,
                                                 "main_run_estimate_seconds": main_estimate})

@@ -18,6 +18,10 @@ def _lr(value: str) -> float | str:
     return value if value == "auto" else float(value)
 
 
+def _epochs(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
 def _size(value: str) -> int:
     """A byte count with an optional K/M/G/T suffix (powers of 1024): 500M, 2G."""
     scale = 1024 ** (" KMGT".index(value[-1].upper())) if value[-1:].upper() in ("K", "M", "G", "T") else 1
@@ -56,7 +60,7 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True) -> None:
     d.add_argument("--target-layer", type=_layer, default=c.target_layer,
                    help="layer whose hidden states are distilled: 1..L or -1 (last, after the final norm), or auto")
     d.add_argument("--lr", type=_lr, default=c.lr, help="learning rate, or auto")
-    d.add_argument("--epochs", type=int, default=c.epochs)
+    d.add_argument("--epochs", type=_epochs, default=c.epochs, help="passes over the snippets (1, 2, ...), or auto")
     d.add_argument("--batch-size", type=int, default=c.batch_size)
     d.add_argument("--snippets-per-token", type=int, default=c.snippets_per_token)
     d.add_argument("--snippet-length", type=int, default=c.snippet_length)

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import export, heldout, models, pipeline, swap, tokens
+from . import autotune, export, heldout, models, pipeline, swap, tokens
 from .config import METHODS, TRAINED_METHODS, DistillConfig, UserInputError
 from .evalrun import Bench, EvalOptions, Measured
+from .kernels import backend as kernels
 from .models import Decoder
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class Spec:
 
 
 def _value(key: str, raw: str):
-    if raw == "auto" and key in ("layer", "lr"):
+    if raw == "auto" and key in ("layer", "lr", "epochs"):
         return "auto"
     try:
         return {"layer": int, "lr": float, "epochs": int, "batch": int, "seeds": int}.get(key, str)(raw)
@@ -134,12 +135,21 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
         new_tokenizer = tokens.extend_tokenizer(tokenizer, toks, base.tokenizer_mode, lm.config)
     V = decoder.embed_weight.shape[0]
     primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
-    settings = [pipeline.resolve_settings(c, decoder) for c in cfgs]
     work = cache = None
+    searches: dict[tuple, tuple[autotune.SearchResult | None, float]] = {}
     if any(c.method in TRAINED_METHODS for c in cfgs):
         with timer("contexts"):
             work = pipeline.build_workload(base, lm, tokenizer, toks, list(corpus), pipeline.bos_id(tokenizer), V)
-        layers = sorted({l for c, (layer, _) in zip(cfgs, settings) if c.method in TRAINED_METHODS
+        for c in cfgs:  # "auto" settings run the same search a distill run would (once per distinct setting)
+            key = (c.method, c.loss, c.target_layer, c.lr, c.epochs, c.seed)
+            if key not in searches:
+                t0 = time.perf_counter()
+                search = pipeline.search_settings(c, decoder, toks, work, tied, kernels.resolve(c.backend, device))
+                searches[key] = (search, time.perf_counter() - t0)
+    found = [searches.get((c.method, c.loss, c.target_layer, c.lr, c.epochs, c.seed), (None, 0.0)) for c in cfgs]
+    settings = [pipeline.resolve_settings(c, decoder, search) for c, (search, _) in zip(cfgs, found)]
+    if work is not None:
+        layers = sorted({l for c, (layer, *_) in zip(cfgs, settings) if c.method in TRAINED_METHODS
                          for l in pipeline.cache_layers(pipeline.objective_for(c, layer, tied), decoder.num_layers)
                          if pipeline.objective_for(c, layer, tied).distill is not None})
         if layers:
@@ -163,17 +173,17 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
     }
     out.mkdir(parents=True, exist_ok=True)
     outcomes = []
-    for spec, cfg, (layer, lr) in zip(specs, cfgs, settings):
+    for spec, cfg, (layer, lr, epochs), (_, search_s) in zip(specs, cfgs, settings, found):
         runs, train_s, eval_s = [], [], []
         for k in range(spec.seeds):
             t0 = time.perf_counter()
-            learned = pipeline.learn_rows(cfg.replace(seed=cfg.seed + k), decoder, toks, work, cache, layer, lr,
-                                          tied)
+            learned = pipeline.learn_rows(cfg.replace(seed=cfg.seed + k, epochs=epochs), decoder, toks, work, cache,
+                                          layer, lr, tied)
             t1 = time.perf_counter()
             runs.append(bench.measure(heldout.Scorer(decoder, rows=learned.rows, out_rows=learned.out_rows), forms))
-            train_s.append(t1 - t0)
+            train_s.append(t1 - t0 + search_s)  # an automatic setting pays for its search
             eval_s.append(time.perf_counter() - t1)
-        o = Outcome(spec, layer, lr, cfg.epochs, runs, train_s, eval_s)
+        o = Outcome(spec, layer, lr, epochs, runs, train_s, eval_s)
         log.info("%-40s KL %.4f  (%.1f s train)", spec.label, o.stat("kl")["mean"], np.mean(train_s))
         outcomes.append(o)
         # Written after every method, so a long run that stops early still leaves its finished rows.

@@ -73,7 +73,7 @@ class DistillConfig:
     # hidden_states terms: 1..num_layers, negative counts from the end, -1 = last layer after the final norm.
     target_layer: int | str = "auto"
     lr: float | str = "auto"  # "auto" searches the candidate grid together with the layer
-    epochs: int = 1
+    epochs: int | str = "auto"  # "auto": the search also tries the best setting with 2 epochs
     batch_size: int = 16  # the paper's batch size
     snippets_per_token: int = 25  # the paper's budget: at most 25 snippets ...
     snippet_length: int = 50  # ... of at most 50 tokens per new token
@@ -121,7 +121,9 @@ class DistillConfig:
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                      f"not {getattr(self, name)!r}")
-        for name in ("batch_size", "snippets_per_token", "snippet_length", "epochs"):
+        if isinstance(self.epochs, str) and self.epochs != "auto":
+            raise UserInputError(f"--epochs must be a positive integer or 'auto', not {self.epochs!r}")
+        for name in ("batch_size", "snippets_per_token", "snippet_length") + (("epochs",) * (self.epochs != "auto")):
             if int(getattr(self, name)) < 1:
                 raise UserInputError(f"--{name.replace('_', '-')} must be at least 1")
         if self.snippet_length < 4:

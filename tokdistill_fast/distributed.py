@@ -47,7 +47,7 @@ class Ranks:
         """Only rank 0 writes output (export, report, check)."""
         return self.rank == 0
 
-    def agree(self, work, settings: tuple[int, float]) -> tuple[int, float]:
+    def agree(self, work, settings: tuple) -> tuple:
         """Exchange (ok, workload fingerprint, settings) with the other ranks; return rank 0's settings. Raises
         UserInputError if another rank failed before this point, RuntimeError if the workloads differ."""
         if self.world == 1:

@@ -218,17 +218,19 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
             log.info("%-24r %3d snippet(s) [%s]", toks[i].word, n, work.sources[i])
         with timer("autotune"):
             search = search_settings(cfg, decoder, toks, work, tied, backend)
-    layer, lr = ranks.agree(work, resolve_settings(cfg, decoder, search))  # rank 0's settings on every rank
-    mine, shard = distributed.split(ranks, work, cfg.batch_size, cfg.epochs, cfg.seed, device)
+    # every rank takes rank 0's settings (the search's second stage depends on measured time)
+    layer, lr, epochs = ranks.agree(work, resolve_settings(cfg, decoder, search))
+    run_cfg = cfg.replace(epochs=epochs)  # the report keeps the requested settings beside the resolved ones
+    mine, shard = distributed.split(ranks, work, cfg.batch_size, epochs, cfg.seed, device)
     if work is not None:
         objective = objective_for(cfg, layer, tied)
-        if objective.distill is not None and not passes_for(cfg).fused:  # fused: the teacher runs in each step
+        if objective.distill is not None and not passes_for(run_cfg).fused:  # fused: the teacher runs in each step
             with timer("teacher"):
                 cache = teacher_cache(decoder, mine, cache_layers(objective, decoder.num_layers), dtype,
-                                      packed=passes_for(cfg).prefix)
-    learned = learn_rows(cfg, decoder, toks, mine, cache, layer, lr, tied, timer, backend, shard)
+                                      packed=passes_for(run_cfg).prefix)
+    learned = learn_rows(run_cfg, decoder, toks, mine, cache, layer, lr, tied, timer, backend, shard)
     rows, out_rows, train_result, clipped = learned.rows, learned.out_rows, learned.train_result, learned.clipped
-    report = build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, tied,
+    report = build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, epochs, tied,
                           clipped, timer, device, dtype)
     report["autotune"] = search.as_dict() if search is not None else None
     swap.annotate_methods(report, toks, cfg.method, set(primaries) if train_result is not None else set(),
@@ -248,9 +250,9 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
 
 
 def resolve_settings(cfg: DistillConfig, decoder: models.Decoder,
-                     search: autotune.SearchResult | None = None) -> tuple[int, float]:
-    """Target layer (1..L) and learning rate of a run: fixed values as given; "auto" from the search when one ran,
-    else from the measured defaults (docs/defaults.md)."""
+                     search: autotune.SearchResult | None = None) -> tuple[int, float, int]:
+    """Target layer (1..L), learning rate and epochs of a run: fixed values as given; "auto" from the search when
+    one ran, else from the measured defaults (docs/defaults.md)."""
     L = decoder.num_layers
     if cfg.target_layer != "auto":
         layer = decoder.resolve_layer(int(cfg.target_layer))
@@ -262,7 +264,13 @@ def resolve_settings(cfg: DistillConfig, decoder: models.Decoder,
         lr = float(cfg.lr)
     else:
         lr = search.best.lr if search is not None else autotune.default_lr(layer, L)
-    return layer, lr
+    if cfg.epochs != "auto":
+        epochs = int(cfg.epochs)
+    elif search is not None:
+        epochs = search.best.epochs
+    else:  # a second epoch helps distillation, not next-token prediction (the paper; docs/defaults.md)
+        epochs = 2 if cfg.method.startswith("token-distill") and cfg.prefix_sharing != "fused" else 1
+    return layer, lr, epochs
 
 
 def uses_last_layer(cfg: DistillConfig) -> bool:
@@ -272,9 +280,9 @@ def uses_last_layer(cfg: DistillConfig) -> bool:
 
 def search_settings(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken], work: Workload, tied: bool,
                     backend: str) -> autotune.SearchResult | None:
-    """Run the layer/lr search when the config leaves either to "auto" and the run trains; None otherwise or when
-    too few tokens have enough snippets to hold some out (then the defaults apply)."""
-    if cfg.target_layer != "auto" and cfg.lr != "auto" or cfg.method not in TRAINED_METHODS:
+    """Run the layer/lr/epochs search when the config leaves any to "auto" and the run trains; None otherwise or
+    when too few tokens have enough snippets to hold some out (then the defaults apply)."""
+    if "auto" not in (cfg.target_layer, cfg.lr, cfg.epochs) or cfg.method not in TRAINED_METHODS:
         return None
     L = decoder.num_layers
     enough = np.bincount(work.snippet_row, minlength=len(work.primaries)) >= 3
@@ -288,11 +296,15 @@ def search_settings(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewT
     else:
         layers = None
     init = subtoken_mean(decoder.embed_weight, [toks[i] for i in work.primaries]).to(decoder.embed_weight.device)
-    schedule = student.Schedule(lr=0.0, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                warmup_fraction=cfg.warmup_fraction, seed=cfg.seed, backend=backend)
+    search_epochs = cfg.epochs == "auto" and cfg.prefix_sharing != "fused"  # fused steps see each snippet once
+    schedule = student.Schedule(lr=0.0, epochs=1 if cfg.epochs == "auto" else int(cfg.epochs),
+                                batch_size=cfg.batch_size, warmup_fraction=cfg.warmup_fraction, seed=cfg.seed,
+                                backend=backend)
+    main_passes = passes_for(cfg.replace(epochs=2 if search_epochs else schedule.epochs))  # the likely main run
     return autotune.search(decoder, work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row, init,
                            cfg.autotune_budget, schedule, lambda layer: objective_for(cfg, layer, tied), tied,
-                           layers=layers, lr=None if cfg.lr == "auto" else float(cfg.lr), prefix=passes_for(cfg).prefix)
+                           layers=layers, lr=None if cfg.lr == "auto" else float(cfg.lr), search_epochs=search_epochs,
+                           prefix=main_passes.prefix, fused=main_passes.fused)
 
 
 def cache_layers(objective: student.Objective, num_layers: int) -> list[int]:
@@ -380,8 +392,8 @@ def learn_rows(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken]
     return Learned(rows, out_rows, train_result, clipped, init_used)
 
 
-def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, tied, clipped,
-                 timer, device, dtype) -> dict:
+def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, epochs, tied,
+                 clipped, timer, device, dtype) -> dict:
     import transformers
 
     from . import __version__
@@ -402,14 +414,15 @@ def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decode
         })
     return {
         "tokdistill_fast": __version__,
-        "settings": {**cfg.as_dict(), "resolved_target_layer": layer, "resolved_lr": lr},
+        "settings": {**cfg.as_dict(), "resolved_target_layer": layer, "resolved_lr": lr,
+                     "resolved_epochs": epochs},
         "model": {"type": type(decoder.model).__name__, "layers": decoder.num_layers, "hidden": decoder.hidden_size,
                   "rows_before": int(decoder.embed_weight.shape[0]), "tied": tied},
         "implementations": {"align": align.resolved(cfg.align_impl), "device": str(device), "dtype": str(dtype),
                             "backend": kernels.resolve(cfg.backend, device),
                             "prefix_sharing": train_result.extra["passes"] if train_result is not None else None,
-                            "packed_attention": attention.implementation(device, dtype) if passes_for(cfg).prefix
-                            else None},
+                            "packed_attention": attention.implementation(device, dtype)
+                            if train_result is not None and train_result.extra["passes"] != "off" else None},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "counts": {"requested": len(toks) + len(skipped), "added": len(toks), "skipped": len(skipped),
                    "variants": sum(1 for t in toks if t.variant_of),
