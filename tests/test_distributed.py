@@ -19,7 +19,7 @@ from tokdistill_fast.distributed import Ranks, pair_counts, split
 from tokdistill_fast.pipeline import Workload
 from tokdistill_fast.student import Passes, batch_plan, make_batch
 
-FAST = dict(snippets_per_token=6, snippet_length=20, dtype="float32")
+FAST = dict(snippets_per_token=6, snippet_length=20, dtype="float32", device="cpu")  # gloo even on a GPU machine
 COMBOS = {  # (model, cli flags): fused teacher pass, batch 4 | cache, alpha-NTP, uneven split, untied output rows
     "fused": (("llama", "bytelevel", True), dict(batch_size=4, target_layer=2, lr=1e-2, epochs=1)),
     "uneven": (("llama", "metaspace", False), dict(batch_size=3, target_layer=3, lr=1e-2, epochs=2,

@@ -100,6 +100,9 @@ def setup(device: str) -> Ranks:
     if cuda and ":" in device:
         raise UserInputError(f"--device {device}: under torchrun give --device cuda (or auto); each process then "
                              "uses cuda:LOCAL_RANK")
+    if cuda and env.local_rank >= torch.cuda.device_count():
+        raise UserInputError(f"LOCAL_RANK {env.local_rank}, but {torch.cuda.device_count()} GPU(s) visible: start at "
+                             "most one process per GPU (--nproc-per-node), or use --device cpu")
     if cuda:
         torch.cuda.set_device(env.local_rank)
     owned = not dist.is_initialized()
