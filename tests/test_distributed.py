@@ -2,7 +2,7 @@
 a one-process run with the same global batch, only rank 0 writes, and a bad input on one rank stops both cleanly.
 
 fp32 throughout; the two runs differ only in the order of floating-point sums (a rank's partial loss and gradient
-sums, then the all-reduce), so rows agree to atol 1e-5 / rtol 1e-4 after AdamW steps (observed: ~1e-7)."""
+sums, then the all-reduce), so rows must agree to atol 1e-5 / rtol 1e-4 after the AdamW steps."""
 
 import json
 import subprocess
