@@ -32,7 +32,7 @@ def cli_flags(options: dict) -> list[str]:
     return [f for k, v in options.items() for f in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def torchrun(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
     """The CLI under torchrun with 2 processes (the timeout only catches a hang: shared machines stall for minutes)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "tokdistill_fast.cli", "distill", *args]
