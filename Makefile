@@ -24,7 +24,7 @@ demo: setup
 # is read at import), so that Triton executes the same kernels on CPU tensors. Interpreter shapes are kept tiny.
 test: setup
 	$(PY) -m tokdistill_fast.demo prepare
-	TOKDISTILL_REQUIRE_EXT=1 $(PY) -m pytest -q -ra tests
+	TOKDISTILL_REQUIRE_EXT=1 TOKDISTILL_REQUIRE_REAL=1 $(PY) -m pytest -q -ra tests
 	$(MAKE) --no-print-directory test-interpret
 
 test-interpret: setup

@@ -9,8 +9,8 @@ FAST = dict(snippets_per_token=10, snippet_length=24, batch_size=4, epochs=1)
 
 
 def test_candidate_layers_cover_the_depth():
-    assert autotune.candidate_layers(30) == [8, 15, 22, 30]
-    assert autotune.candidate_layers(18) == [4, 9, 14, 18]
+    assert autotune.candidate_layers(30) == [15, 22, 30]
+    assert autotune.candidate_layers(18) == [9, 14, 18]
     assert autotune.candidate_layers(2) == [1, 2]
 
 

@@ -10,6 +10,7 @@ if launch().rank > 0:  # torchrun ranks other than 0: no bars (tqdm reads its se
     silence_progress_bars()
 
 from .pipeline import DistillResult, distill  # noqa: E402
+from .select import select_tokens  # noqa: E402
 
 
 def env_report() -> dict:
@@ -36,4 +37,4 @@ def env_report() -> dict:
     return info
 
 
-__all__ = ["DistillConfig", "DistillResult", "UserInputError", "distill", "env_report", "__version__"]
+__all__ = ["DistillConfig", "DistillResult", "UserInputError", "distill", "select_tokens", "env_report", "__version__"]

@@ -27,6 +27,7 @@ from .models import Decoder
 log = logging.getLogger(__name__)
 
 TRAIN_COST = 3.0  # forward + input-gradient backward, in forward-pass units per token and layer (measured on CPU)
+SMALL_BATCH_COST = 2.5  # per token, the search's batch-4 steps cost this many times a batch-16 step (CPU, SmolLM2)
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,9 @@ class SearchResult:
 
 
 def candidate_layers(num_layers: int) -> list[int]:
-    """About a quarter, half and three quarters of the depth, and the last layer."""
-    return sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)} | {num_layers})
+    """About half and three quarters of the depth, and the last layer (a quarter never won on SmolLM2 or Gemma-3,
+    docs/defaults.md)."""
+    return sorted({max(1, round(num_layers * f)) for f in (0.5, 0.75)} | {num_layers})
 
 
 def default_lr(layer: int, num_layers: int) -> float:
@@ -84,15 +86,17 @@ class Sample:
 
 
 def draw_sample(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, snippet_row: np.ndarray, V: int,
-                n_rows: int, n_tokens: int, heldout_share: float, keep: int, seed: int) -> Sample:
-    """Sample tokens with at least three snippets, hold out `heldout_share` of each one's snippets, and cut every
-    snippet after `keep` aligned positions (the positions right after the word carry most of the signal)."""
+                n_rows: int, n_tokens: int, heldout_share: float, keep: int, seed: int,
+                per_token: int | None = None) -> Sample:
+    """Sample tokens with at least three snippets, take at most `per_token` snippets of each, hold out
+    `heldout_share` of them, and cut every snippet after `keep` aligned positions (the positions right after the
+    word carry most of the signal)."""
     rng = np.random.default_rng(seed)
     eligible = np.flatnonzero(np.bincount(snippet_row, minlength=n_rows) >= 3)
     rows = np.sort(rng.choice(eligible, size=min(n_tokens, len(eligible)), replace=False))
     train, held = [], []
     for r in rows:
-        idx = rng.permutation(np.flatnonzero(snippet_row == r))
+        idx = rng.permutation(np.flatnonzero(snippet_row == r))[:per_token]
         k = max(1, round(heldout_share * len(idx)))
         held.extend(idx[:k])
         train.extend(idx[k:])
@@ -144,7 +148,8 @@ def sample_share(layers: list[int], num_layers: int, main_train: float, search_t
     mid = float(np.median(layers))
     main = mid * (1 + main_train)
     trained = search_train * (sum(layers) + 2 * mid * epochs_trial)
-    search = trim_ratio * (0.8 * (max(layers) + trained) + 0.2 * num_layers * (len(layers) + 1 + epochs_trial))
+    search = trim_ratio * (0.8 * (max(layers) + SMALL_BATCH_COST * trained)
+                           + 0.2 * num_layers * (len(layers) + 1 + epochs_trial))
     return float(np.clip(budget * main / search, 0.0, 1.0))
 
 
@@ -163,12 +168,15 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
            init_rows: torch.Tensor, budget: float, schedule: student.Schedule,
            objective: Callable[[int], student.Objective], tied: bool, layers: list[int] | None = None,
            lr: float | None = None, search_epochs: bool = False, keep: int = 12, search_batch: int = 4,
-           max_tokens: int = 8192, prefix: bool = False, fused: bool = False) -> SearchResult:
+           max_tokens: int = 8192, prefix: bool = False, fused: bool = False, per_token: int = 8,
+           min_tokens: int = 8) -> SearchResult:
     """Pick the best Candidate within about `budget` x the main run's time. `objective(layer)` is the run's own
     objective at a layer; `layers` / `lr` fix a dimension (a user-given value is always respected), schedule.epochs
     the epochs unless `search_epochs` (then stage 3 tries the best candidate with 2 epochs). Stage 1 always runs
-    (on at least 4 tokens); stage 2 only if the measured time leaves room. `prefix`: candidates train with prefix
-    sharing (student.Passes) on one teacher cache; `fused`: the main run fuses its teacher into its steps."""
+    (on at least `min_tokens` tokens, `per_token` snippets each: many tokens with few snippets rank settings more
+    steadily than few tokens with many); stage 2 only if the measured time leaves room. `prefix`: candidates
+    train with prefix sharing (student.Passes) on one teacher cache; `fused`: the main run fuses its teacher into
+    its steps."""
     t_start = time.perf_counter()
     L, V = decoder.num_layers, decoder.embed_weight.shape[0]
     n_rows = init_rows.shape[0]
@@ -180,8 +188,9 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     main_train = train_cost(main_epochs, grad_share(al) if prefix else 1.0, prefix and not fused)
     search_train = train_cost(1, grad_share(al, keep) if prefix else 1.0, prefix)
     share = sample_share(layers, L, main_train, search_train, budget, trim_ratio, search_epochs)
-    n_tokens = max(4, round(share * n_rows))
-    sample = draw_sample(al, teacher_ids, cu_teacher, snippet_row, V, n_rows, n_tokens, 0.2, keep, schedule.seed)
+    n_tokens = max(min_tokens, round(share * al.n / per_token))
+    sample = draw_sample(al, teacher_ids, cu_teacher, snippet_row, V, n_rows, n_tokens, 0.2, keep, schedule.seed,
+                         per_token)
     rows0 = init_rows[torch.from_numpy(sample.rows).to(init_rows.device)]
     t0 = time.perf_counter()
     scorer = Scorer(decoder, sample, rows0, max_tokens, schedule.backend)
@@ -202,7 +211,7 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
         log.info("autotune: %-22s held-out KL %.3f x mean init (%.1f s)", c.label(), trials[-1].ratio,
                  trials[-1].seconds)
 
-    base_epochs = 1 if search_epochs else schedule.epochs
+    base_epochs = 1  # layers and learning rates are ranked on one epoch (a second one costs as much again)
     for layer in layers:
         run(Candidate(layer, lr or default_lr(layer, L), base_epochs))
     best = min(trials, key=lambda t: t.ratio).candidate

@@ -23,7 +23,8 @@ def _epochs(value: str) -> int | str:
 
 
 def _size(value: str) -> int:
-    """A byte count with an optional K/M/G/T suffix (powers of 1024): 500M, 2G."""
+    """A byte count with an optional K/M/G/T suffix (powers of 1024): 500M, 2G (8GB and 8GiB read as 8G)."""
+    value = value.removesuffix("iB").removesuffix("B") if value[-2:-1].isalpha() else value
     scale = 1024 ** (" KMGT".index(value[-1].upper())) if value[-1:].upper() in ("K", "M", "G", "T") else 1
     try:
         return int(float(value[:-1] if scale > 1 else value) * scale)
@@ -203,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_args(d)
     d.add_argument("--out", required=True, help="output directory (save_pretrained layout)")
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    d.add_argument("--chunk-tokens", type=int, default=None, metavar="N",
+                   help="train the new tokens N at a time, each chunk with its own teacher cache (large vocabularies)")
+    d.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
+                   help="chunk the tokens so the teacher cache of a chunk stays within SIZE, e.g. 8GB")
+    d.add_argument("--checkpoint-every", type=int, default=DistillConfig().checkpoint_every, metavar="STEPS",
+                   help="save the student state every STEPS steps (0: keep no checkpoints)")
+    d.add_argument("--checkpoint-dir", default=None, help="where checkpoints are kept (default: OUT.partial)")
+    d.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint (same command otherwise)")
     d.set_defaults(func=cmd_distill)
     k = sub.add_parser("check", help="verify every guarantee of an output directory (exit 1 if one breaks)")
     k.add_argument("out", help="output directory of tokdistill distill")
@@ -263,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     except GuaranteeError as e:
         print(f"tokdistill: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("tokdistill: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"tokdistill: {e or 'interrupted; no output was written'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ class GuaranteeError(RuntimeError):
 
 
 def env_flag(name: str) -> bool:
-    """True when the environment variable is set to 1 (the only env-var reader in the package)."""
+    """True when the environment variable is set to 1 (this and env_int are the package's env-var readers)."""
     return os.environ.get(name, "") == "1"
 
 
@@ -58,6 +58,12 @@ def silence_progress_bars() -> None:
     os.environ["TQDM_DISABLE"] = "1"
 
 
+def env_int(name: str) -> int | None:
+    """The environment variable as an integer, None when unset or empty."""
+    value = os.environ.get(name, "")
+    return int(value) if value else None
+
+
 def cache_dir() -> Path:
     """Where converted demo models and corpora are cached: $TOKDISTILL_CACHE or ~/.cache/tokdistill_fast."""
     return Path(os.environ.get("TOKDISTILL_CACHE", Path.home() / ".cache" / "tokdistill_fast"))
@@ -73,7 +79,9 @@ class DistillConfig:
     # hidden_states terms: 1..num_layers, negative counts from the end, -1 = last layer after the final norm.
     target_layer: int | str = "auto"
     lr: float | str = "auto"  # "auto" searches the candidate grid together with the layer
-    epochs: int | str = "auto"  # "auto": the search also tries the best setting with 2 epochs
+    # The paper's single epoch: a second one improved token-distill on SmolLM2 and Gemma-3 but doubles training
+    # (docs/defaults.md); "auto" lets the search try the chosen setting with 1 and 2 epochs.
+    epochs: int | str = 1
     batch_size: int = 16  # the paper's batch size
     snippets_per_token: int = 25  # the paper's budget: at most 25 snippets ...
     snippet_length: int = 50  # ... of at most 50 tokens per new token
@@ -108,6 +116,15 @@ class DistillConfig:
     overwrite: bool = False
     generate_temperature: float = 1.0  # sampling for generated contexts (the paper samples)
     log_every: int = 20
+    # Large vocabularies: train the tokens in chunks, each with its own teacher cache (chunks.py); chunk_tokens
+    # fixes the size, memory_budget (bytes of teacher cache) derives it. Neither: one chunk, all tokens.
+    chunk_tokens: int | None = None
+    memory_budget: int | None = None
+    # Resumable runs (checkpoint.py): state kept in checkpoint_dir (default <out>.partial) every this many steps
+    # (0: no checkpoints), and resume continues an interrupted run from there.
+    checkpoint_every: int = 200
+    checkpoint_dir: str | None = None
+    resume: bool = False
     extra: dict = field(default_factory=dict)  # free-form notes copied into report.json
 
     def validate(self) -> DistillConfig:
@@ -142,6 +159,13 @@ class DistillConfig:
             raise UserInputError("--distill-min-chars must be 0 or more")
         if self.init_from is not None and self.method == "random":
             raise UserInputError("--init-from has no effect with --method random")
+        if self.chunk_tokens is not None and self.chunk_tokens < 1 or self.memory_budget is not None and \
+                self.memory_budget < 1:
+            raise UserInputError("--chunk-tokens and --memory-budget must be positive")
+        if self.chunk_tokens is not None and self.memory_budget is not None:
+            raise UserInputError("give --chunk-tokens or --memory-budget, not both")
+        if self.checkpoint_every < 0:
+            raise UserInputError("--checkpoint-every must be 0 (off) or more")
         if not 0.0 <= self.autotune_budget <= 1.0:
             raise UserInputError("--autotune-budget must be between 0 and 1")
         return self

@@ -6,6 +6,7 @@ Orchestration only; each stage lives in its own module and takes and returns pla
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from contextlib import contextmanager
@@ -15,7 +16,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import align, attention, autotune, check, contexts, distributed, export, models, student, swap, teacher, tokens
+from . import (
+    align,
+    attention,
+    autotune,
+    check,
+    checkpoint,
+    chunks,
+    contexts,
+    distributed,
+    export,
+    models,
+    student,
+    swap,
+    teacher,
+    tokens,
+)
 from .config import TRAINED_METHODS, DistillConfig, UserInputError
 from .kernels import backend as kernels
 from .tokens import NewToken, Skipped
@@ -169,22 +185,26 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
     model: a model directory, or an in-memory causal LM (then pass `tokenizer`). new_tokens: a file with one
     token per line, or a list of strings (or None with config.new_tokens_from_tokenizer). corpus: text, JSONL or
     Parquet files, directories or globs. out: if given, the extended model is written there (save_pretrained
-    layout plus new_embeddings.safetensors and report.json). Under torchrun, the processes share the training
+    layout plus new_embeddings.safetensors and report.json), and the run keeps checkpoints to resume from
+    (checkpoint.py; SIGINT/SIGTERM then stop at a step boundary). Under torchrun, the processes share the training
     (distributed.py) and rank 0 writes `out`.
     """
     cfg = (config or DistillConfig()).validate()
     with distributed.setup(cfg.device) as ranks:
-        return _distill(model, new_tokens, corpus, out, cfg, tokenizer, ranks)
+        with checkpoint.stop_on_signals(active=out is not None and ranks.world == 1):
+            return _distill(model, new_tokens, corpus, out, cfg, tokenizer, ranks)
 
 
 def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConfig, tokenizer,
              ranks: distributed.Ranks) -> DistillResult:
     """distill() in this process, one of `ranks` (rank 0 checks and writes `out`)."""
+    if ranks.world > 1 and (cfg.resume or cfg.chunk_tokens or cfg.memory_budget):
+        raise UserInputError("--resume, --chunk-tokens and --memory-budget run in one process, not under torchrun")
     timer = StageTimer()
     t_start = time.perf_counter()
     if out is not None and ranks.writer:
         export.check_out_dir(out, cfg.overwrite)
-    contexts.corpus_files(corpus)  # a missing file or empty glob fails here, before the model loads
+    corpus_files = contexts.corpus_files(corpus)  # a missing file or empty glob fails here, before the model loads
     device = models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
     backend = kernels.resolve(cfg.backend, device)  # fails here, not after the teacher pass, if triton cannot run
@@ -208,27 +228,38 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
         if not toks:
             raise UserInputError("none of the new tokens can be added (see the skipped reasons above)")
         new_tokenizer = tokens.extend_tokenizer(tokenizer, toks, cfg.tokenizer_mode, model.config)
+    single = out if ranks.world == 1 else None  # checkpoints: one-process runs only
+    work_dir = checkpoint.WorkDir.open(single, cfg, checkpoint.fingerprint(cfg, model_path or source, words,
+                                                                           corpus_files)
+                                       if single is not None and cfg.checkpoint_every else None)
     V = decoder.embed_weight.shape[0]
     primaries = trained_tokens(cfg, toks)
-    work = cache = search = None
+    work = cache = search = plan = None
     if cfg.method in TRAINED_METHODS and primaries:
         with timer("contexts"):
-            work = build_workload(cfg, model, tokenizer, toks, list(corpus), bos_id(tokenizer), V)
+            work = work_dir.stage("workload", lambda: build_workload(cfg, model, tokenizer, toks, list(corpus),
+                                                                     bos_id(tokenizer), V))
         for i, n in zip(work.primaries, work.snippets_per_row()):
             log.info("%-24r %3d snippet(s) [%s]", toks[i].word, n, work.sources[i])
         with timer("autotune"):
-            search = search_settings(cfg, decoder, toks, work, tied, backend)
+            search = work_dir.stage("autotune", lambda: search_settings(cfg, decoder, toks, work, tied, backend))
     # every rank takes rank 0's settings (the search's second stage depends on measured time)
     layer, lr, epochs = ranks.agree(work, resolve_settings(cfg, decoder, search))
     run_cfg = cfg.replace(epochs=epochs)  # the report keeps the requested settings beside the resolved ones
     mine, shard = distributed.split(ranks, work, cfg.batch_size, epochs, cfg.seed, device)
+    trainer = functools.partial(student.train, hook=work_dir.student_hook("student"), shard=shard)
     if work is not None:
         objective = objective_for(cfg, layer, tied)
-        if objective.distill is not None and not passes_for(run_cfg).fused:  # fused: the teacher runs in each step
+        layers = cache_layers(objective, decoder.num_layers)
+        plan = chunks.plan(run_cfg, work.alignment, work.snippet_row, len(work.primaries),
+                           decoder.hidden_size * dtype.itemsize * len(layers))
+        if not plan.single:
+            trainer = chunks.ChunkedTrainer(plan, work_dir, lambda al, ids, cu: teacher.compute(
+                decoder, ids, cu, al, layers, **teacher_options(decoder, dtype, passes_for(run_cfg).prefix)))
+        elif objective.distill is not None and not passes_for(run_cfg).fused:  # fused: the teacher runs in each step
             with timer("teacher"):
-                cache = teacher_cache(decoder, mine, cache_layers(objective, decoder.num_layers), dtype,
-                                      packed=passes_for(run_cfg).prefix)
-    learned = learn_rows(run_cfg, decoder, toks, mine, cache, layer, lr, tied, timer, backend, shard)
+                cache = teacher_cache(decoder, mine, layers, dtype, packed=passes_for(run_cfg).prefix)
+    learned = learn_rows(run_cfg, decoder, toks, mine, cache, layer, lr, tied, timer, backend, trainer)
     rows, out_rows, train_result, clipped = learned.rows, learned.out_rows, learned.train_result, learned.clipped
     report = build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, epochs, tied,
                           clipped, timer, device, dtype)
@@ -236,6 +267,7 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
     swap.annotate_methods(report, toks, cfg.method, set(primaries) if train_result is not None else set(),
                           learned.init_used)
     report["retrieval"] = work.retrieval if work is not None else None
+    report["chunks"] = plan.bounds if plan is not None else None
     def finish_report(**running: float) -> dict:
         """Timings so far; `running` adds stages still under way (export writes the report as its last file)."""
         report["timings"] = {**timer.seconds, **running, "total": time.perf_counter() - t_start}
@@ -245,6 +277,7 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
         with timer("export"):
             write_output(Path(out), cfg, model_path or source, tokenizer, new_tokenizer, toks, rows, out_rows,
                          tied, finish_report, list(corpus))
+        work_dir.finish()
     finish_report()
     return DistillResult(new_tokenizer, toks, rows, out_rows, report, skipped)
 
@@ -321,11 +354,15 @@ def teacher_cache(decoder: models.Decoder, work: Workload, layers: list[int], dt
                   packed: bool = False) -> teacher.TeacherCache:
     """Teacher states of the workload's aligned positions at `layers`, in one pass truncated at the deepest
     (packed rows without padding, or the length-sorted padded reference batches)."""
-    device = decoder.embed_weight.device
-    budget = torch.cuda.mem_get_info()[0] // 2 if device.type == "cuda" else None
     return teacher.compute(decoder, work.teacher_ids, work.cu_teacher, work.alignment, layers,
-                           max_tokens=65536 if device.type == "cuda" else 8192, cache_dtype=dtype,
-                           device_budget=budget, packed=packed)
+                           **teacher_options(decoder, dtype, packed))
+
+
+def teacher_options(decoder: models.Decoder, dtype: torch.dtype, packed: bool) -> dict:
+    """teacher.compute's batch size, cache dtype and placement for this run's device."""
+    cuda = decoder.embed_weight.device.type == "cuda"
+    return {"max_tokens": 65536 if cuda else 8192, "cache_dtype": dtype, "packed": packed,
+            "device_budget": torch.cuda.mem_get_info()[0] // 2 if cuda else None}
 
 
 @dataclass
@@ -341,12 +378,11 @@ class Learned:
 
 def learn_rows(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken], work: Workload | None,
                cache: teacher.TeacherCache | None, layer: int, lr: float, tied: bool,
-               timer: StageTimer | None = None, backend: str = "auto",
-               shard: distributed.Shard | None = None) -> Learned:
+               timer: StageTimer | None = None, backend: str = "auto", trainer=student.train) -> Learned:
     """Rows for cfg.method: subtoken-mean or random start, training on `work` for trained methods (`cache` holds
     at least the teacher layers the objective reads, so one cache can serve several runs), variants copied
-    from their primaries, norm clipping for tied models and the output-row policy for untied ones. `shard`:
-    `work` is this rank's part of a several-process run (distributed.split)."""
+    from their primaries, norm clipping for tied models and the output-row policy for untied ones. `trainer`:
+    student.train or a stand-in with its signature (checkpointing, chunks.ChunkedTrainer)."""
     timer = timer or StageTimer()
     device = decoder.embed_weight.device
     table = decoder.embed_weight
@@ -362,13 +398,13 @@ def learn_rows(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken]
         rows = random_rows(table, len(toks), cfg.seed).to(device)
     elif cfg.method != "mean" and primaries:
         with timer("student"):
-            train_result = student.train(
+            train_result = trainer(
                 decoder, work.alignment, cache, work.snippet_row, rows[primaries],
                 out_init[primaries] if out_init is not None else None, objective_for(cfg, layer, tied),
                 student.Schedule(lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                  warmup_fraction=cfg.warmup_fraction, seed=cfg.seed, log_every=cfg.log_every,
                                  backend=backend),
-                tied, passes=passes, teacher=(work.teacher_ids, work.cu_teacher), shard=shard)
+                tied, passes=passes, teacher=(work.teacher_ids, work.cu_teacher))
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
             out_init[primaries] = train_result.out_rows

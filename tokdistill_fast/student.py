@@ -277,11 +277,14 @@ def warmup_then_constant(optimizer, total_steps: int, warmup_fraction: float):
 def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_row: np.ndarray,
           init_rows: torch.Tensor, init_out: torch.Tensor | None, objective: Objective, schedule: Schedule,
           tied: bool, desc: str = "train", passes: Passes | None = None,
-          teacher: tuple[np.ndarray, np.ndarray] | None = None, shard: Shard | None = None) -> TrainResult:
+          teacher: tuple[np.ndarray, np.ndarray] | None = None, shard: Shard | None = None,
+          hook=None) -> TrainResult:
     """Optimize the new rows (and, for untied models asked to, the new output rows). `passes` picks the
     reference (default) or the prefix-sharing steps; fused steps take (teacher_ids, cu_teacher) as `teacher`
     instead of a cache and compute the targets batch by batch. `shard`: this rank's part of every step of a
-    several-process run (distributed.py); `al`, `cache` and `teacher` then hold this rank's snippets only."""
+    several-process run (distributed.py); `al`, `cache` and `teacher` then hold this rank's snippets only.
+    `hook` (checkpoint.StudentHook) restores a saved state before the first step and checkpoints at step
+    boundaries."""
     device = decoder.embed_weight.device
     passes = passes or Passes()
     if passes.fused and objective.distill is None:
@@ -311,8 +314,11 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     tok_sum = torch.zeros(n_rows, device=device)
     tok_cnt = torch.zeros(n_rows, device=device)
     last_epoch_start = len(batches) - len(batches) // schedule.epochs
+    state = {"params": params, "optimizer": opt, "scheduler": sched, "step_loss": step_loss, "tok_sum": tok_sum,
+             "tok_cnt": tok_cnt, "steps": len(batches)}
+    start = hook.restore(state) if hook is not None else 0
     t0 = time.perf_counter()
-    for step, b in enumerate(tqdm(batches, desc=desc, unit="step", leave=False)):
+    for step, b in enumerate(tqdm(batches[start:], desc=desc, unit="step", leave=False), start):
         # Sharded: each loss is weighted by this rank's share of the step's pairs (its mean -> a part of the mean).
         w_distill, w_ntp = (1.0, 1.0) if shard is None else shard.weights[step]
         if b.main is None:  # no aligned pair in the batch: zero gradients, as the reference computes
@@ -356,6 +362,8 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
         if step >= last_epoch_start and row_loss is not None:
             tok_sum.index_add_(0, b.tok, row_loss.float())
             tok_cnt.index_add_(0, b.tok, torch.ones_like(row_loss, dtype=torch.float32))
+        if hook is not None:
+            hook.after_step(step, state)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

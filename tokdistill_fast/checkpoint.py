@@ -1,0 +1,266 @@
+"""Resumable runs: a work directory beside the output holds what an unfinished run has done, so `--resume`
+continues from there after Ctrl-C, SIGTERM, a crash or kill -9, and gives the rows an uninterrupted run gives.
+
+Layout of the work directory (`<out>.partial/` unless --checkpoint-dir), every file written to a temp name and
+renamed into place, so a file that exists is complete:
+  fingerprint.json    settings and input identities; --resume refuses a run whose fingerprint differs
+  workload.pt         snippets and alignment (stage 2-3; retrieval is not redone)
+  autotune.pt         the layer / learning-rate search's result (not redone)
+  chunk-NNNN.pt       the trained rows of each finished chunk of tokens (chunks.py)
+  student-NNNN.pt     the running chunk's student state every --checkpoint-every steps: rows, AdamW state,
+                      scheduler state, step index and loss accumulators. Batches are built from the seed, so
+                      restoring at step k and replaying the remaining batches is the uninterrupted run's arithmetic.
+The directory is removed once the output is written. SIGINT / SIGTERM during training save the state at the next
+step boundary and stop with a message saying how to resume; during other stages they stop at once (finished
+stages are kept). A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DistillConfig, UserInputError, env_int
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+# Settings that do not change the rows: they may differ between a run and its resumption.
+RUN_CONTROL = ("overwrite", "log_every", "extra", "resume", "checkpoint_dir", "checkpoint_every")
+HANG_ENV = "TOKDISTILL_TEST_HANG_AT_STEP"  # tests: after step k (0-based, whole run) wait until a signal arrives
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal; str() says how to resume, exit_code is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class _Stop:
+    """Signal state of the current run: `deferred` while a training loop can stop at its next step boundary."""
+
+    signum: int | None = None
+    deferred: bool = False
+    work_dir: Path | None = None
+
+
+_stop = _Stop()
+
+
+def _message(signum: int) -> str:
+    name = signal.Signals(signum).name
+    d = _stop.work_dir
+    if d is not None and d.is_dir() and any(d.glob("*.pt")):
+        return (f"stopped by {name}; finished work is checkpointed in {d}: run the same command with --resume "
+                "to continue")
+    return f"stopped by {name}; no output was written"
+
+
+def _handle(signum: int, _frame) -> None:
+    if _stop.deferred and _stop.signum is None:
+        _stop.signum = signum
+        log.warning("%s: saving a checkpoint at the next step boundary (send again to stop at once)",
+                    signal.Signals(signum).name)
+        return
+    raise Interrupted(_message(signum), 128 + signum)
+
+
+@contextmanager
+def stop_on_signals(active: bool = True) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to _handle for the duration (main thread only; elsewhere nothing changes)."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    _stop.signum, _stop.deferred, _stop.work_dir = None, False, None
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _stop.signum, _stop.deferred, _stop.work_dir = None, False, None
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _digest(parts: Iterator[bytes]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()[:16]
+
+
+def model_identity(model) -> str:
+    """A model directory: its files' names, sizes and modification times. In memory: its config and input table."""
+    if isinstance(model, (str, Path)):
+        files = sorted(p for p in Path(model).iterdir() if p.is_file())
+        return _digest(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};".encode() for p in files)
+    table = model.get_input_embeddings().weight.detach().float().cpu().contiguous()
+    return _digest(iter((model.config.to_json_string().encode(), table.numpy().tobytes())))
+
+
+def fingerprint(cfg: DistillConfig, model, words: list[str], corpus: list[Path]) -> dict:
+    """What determines a run's rows: its settings (less RUN_CONTROL) and its inputs' identities."""
+    settings = {k: v for k, v in cfg.as_dict().items() if k not in RUN_CONTROL}
+    return {"format": FORMAT, "settings": json.loads(json.dumps(settings, default=str)),
+            "model": model_identity(model),
+            "new_tokens": _digest(w.encode() + b"\0" for w in words),
+            "corpus": [f"{p.absolute()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in corpus]}
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """Human-readable names of what differs between two fingerprints."""
+    diff = [f"--{k.replace('_', '-')} ({old['settings'].get(k)!r} then, {v!r} now)"
+            for k, v in new["settings"].items() if old["settings"].get(k) != v]
+    return diff + [k.replace("_", " ") for k in ("format", "model", "new_tokens", "corpus") if old.get(k) != new[k]]
+
+
+class WorkDir:
+    """The checkpoint directory of one run (see the module docstring); a disabled one (path None) keeps nothing."""
+
+    def __init__(self, path: Path | None, every: int = 0):
+        self.path, self.every = path, every
+        self.hang_at = env_int(HANG_ENV)
+
+    @classmethod
+    def open(cls, out: str | Path | None, cfg: DistillConfig, fp: dict | None) -> WorkDir:
+        """The run's directory: fresh (refusing a leftover one unless --overwrite) or, with --resume, the existing one
+        if its fingerprint matches `fp`. Disabled without an output directory or with --checkpoint-every 0."""
+        if cfg.resume and out is None:
+            raise UserInputError("--resume needs the output directory of the interrupted run")
+        if out is None or cfg.checkpoint_every == 0:
+            if cfg.resume:
+                raise UserInputError("--resume needs checkpoints; do not pass --checkpoint-every 0")
+            return cls(None)
+        out = Path(out)
+        path = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.with_name(out.name + ".partial")
+        stored = path / "fingerprint.json"
+        if cfg.resume:
+            if not stored.is_file():
+                raise UserInputError(f"--resume: no checkpoint in {path} (it is removed once a run completes)")
+            old = json.loads(stored.read_text(encoding="utf-8"))
+            diff = differences(old, fp)
+            if diff:
+                raise UserInputError(f"--resume: the checkpoint in {path} is of a run with other inputs or settings: "
+                                     f"{', '.join(diff)}. Resume with the same command, or start afresh with "
+                                     "--overwrite")
+            log.info("resuming from the checkpoint in %s", path)
+        else:
+            if path.exists():
+                if not cfg.overwrite:
+                    raise UserInputError(f"{path} holds the checkpoint of an unfinished run: pass --resume to continue "
+                                         "it, or --overwrite to start afresh")
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+            tmp = stored.with_name(".fingerprint.json.tmp")
+            tmp.write_text(json.dumps(fp, indent=1), encoding="utf-8")
+            os.replace(tmp, stored)
+        _stop.work_dir = path
+        return cls(path, cfg.checkpoint_every)
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    def load(self, name: str) -> Any | None:
+        """The saved object `name`, or None when it is not there (or checkpoints are off)."""
+        f = self.file(name)
+        return torch.load(f, map_location="cpu", weights_only=False) if f is not None and f.is_file() else None
+
+    def save(self, name: str, obj: Any) -> None:
+        if self.enabled:
+            _atomic_save(obj, self.file(name))
+
+    def remove(self, name: str) -> None:
+        if self.enabled:
+            self.file(name).unlink(missing_ok=True)
+
+    def file(self, name: str) -> Path | None:
+        return None if self.path is None else self.path / f"{name}.pt"
+
+    def stage(self, name: str, compute: Callable[[], Any]) -> Any:
+        """compute()'s value, saved; on resume the saved value instead (a saved None counts: the stage ran)."""
+        if self.enabled and self.file(name).is_file():
+            log.info("resume: %s from the checkpoint", name)
+            return self.load(name)["value"]
+        value = compute()
+        self.save(name, {"value": value})
+        return value
+
+    def student_hook(self, name: str, step_offset: int = 0) -> StudentHook | None:
+        """The hook that checkpoints a student.train() loop under `name` (None when checkpoints are off)."""
+        return StudentHook(self, name, step_offset) if self.enabled else None
+
+    def finish(self) -> None:
+        """The output is written: the checkpoint has served its purpose."""
+        if self.enabled:
+            shutil.rmtree(self.path, ignore_errors=True)
+            _stop.work_dir = None
+
+
+class StudentHook:
+    """Checkpoints a student.train() loop: restore() before the first step, after_step() at each step boundary.
+    `state` is train()'s dict: params, optimizer, scheduler, step_loss, tok_sum, tok_cnt, steps (total)."""
+
+    def __init__(self, work: WorkDir, name: str, step_offset: int):
+        self.work, self.name, self.offset = work, name, step_offset
+
+    def restore(self, state: dict) -> int:
+        """Load a saved state into `state`'s tensors and objects; the step to continue from (0 if none)."""
+        saved = self.work.load(self.name)
+        _stop.deferred = (0 if saved is None else saved["step"]) < state["steps"]  # steps left: signals wait for one
+        if saved is None:
+            return 0
+        if saved["steps"] != state["steps"] or len(saved["params"]) != len(state["params"]):
+            raise UserInputError(f"the checkpoint {self.work.file(self.name)} does not match this run's batches")
+        with torch.no_grad():
+            for p, v in zip(state["params"], saved["params"]):
+                p.copy_(v)
+            for k in ("step_loss", "tok_sum", "tok_cnt"):
+                state[k].copy_(saved[k])
+        state["optimizer"].load_state_dict(saved["optimizer"])
+        state["scheduler"].load_state_dict(saved["scheduler"])
+        log.info("resume: %s at step %d of %d", self.name, saved["step"], saved["steps"])
+        return saved["step"]
+
+    def after_step(self, step: int, state: dict) -> None:
+        """Checkpoint every `every` steps; on a pending signal, checkpoint and stop."""
+        done = step + 1
+        if self.work.hang_at is not None and self.offset + step == self.work.hang_at:
+            log.warning("test hook: waiting for a signal after step %d", self.offset + step)
+            while _stop.signum is None:
+                time.sleep(0.02)
+        if done % self.work.every == 0 or _stop.signum is not None:
+            self.save(done, state)
+        if _stop.signum is not None:
+            signum, _stop.deferred = _stop.signum, False
+            raise Interrupted(_message(signum), 128 + signum)
+        if done == state["steps"]:
+            _stop.deferred = False
+
+    def save(self, done: int, state: dict) -> None:
+        self.work.save(self.name, {
+            "step": done, "steps": state["steps"],
+            "params": [p.detach().cpu() for p in state["params"]],
+            "optimizer": state["optimizer"].state_dict(), "scheduler": state["scheduler"].state_dict(),
+            **{k: state[k].detach().cpu() for k in ("step_loss", "tok_sum", "tok_cnt")}})
