@@ -4,7 +4,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import DistillConfig, UserInputError  # noqa: E402
+from .config import DistillConfig, UserInputError, launch, silence_progress_bars  # noqa: E402
+
+if launch().rank > 0:  # torchrun ranks other than 0: no bars (tqdm reads its settings when it is first imported)
+    silence_progress_bars()
+
 from .pipeline import DistillResult, distill  # noqa: E402
 from .select import select_tokens  # noqa: E402
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import DistillConfig, GuaranteeError, UserInputError
+from .config import DistillConfig, GuaranteeError, UserInputError, launch
 
 
 def _layer(value: str) -> int | str:
@@ -93,6 +93,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     result = distill(args.model, args.new_tokens, args.corpus, args.out, config_from(args))
     r = result.report
+    if launch().rank:  # torchrun: rank 0 reports
+        return 0
     print(f"added {r['counts']['added']} token(s) ({r['counts']['variants']} start-of-text variants), "
           f"skipped {r['counts']['skipped']}; {r['counts']['snippets']} snippets; "
           f"{r['timings']['total']:.1f} s -> {args.out}")
@@ -258,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    others = launch().rank > 0  # torchrun ranks other than 0 log warnings only (and show no bars: __init__.py)
+    logging.basicConfig(level=logging.WARNING if args.quiet or others else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -37,6 +37,27 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "") == "1"
 
 
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in a torchrun launch (RANK, LOCAL_RANK, WORLD_SIZE); one process without torchrun."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+
+def launch() -> Launch:
+    """The torchrun environment of this process (distributed.py initializes the process group from it)."""
+    env = os.environ
+    return Launch(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+
+
+def silence_progress_bars() -> None:
+    """Turn tqdm bars off in this process (ranks other than 0 of a torchrun launch, so that one terminal shows one
+    set of bars). tqdm reads TQDM_* variables when it is first imported: call this before that."""
+    os.environ["TQDM_DISABLE"] = "1"
+
+
 def env_int(name: str) -> int | None:
     """The environment variable as an integer, None when unset or empty."""
     value = os.environ.get(name, "")

@@ -24,6 +24,7 @@ from . import (
     checkpoint,
     chunks,
     contexts,
+    distributed,
     export,
     models,
     student,
@@ -185,17 +186,23 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
     token per line, or a list of strings (or None with config.new_tokens_from_tokenizer). corpus: text, JSONL or
     Parquet files, directories or globs. out: if given, the extended model is written there (save_pretrained
     layout plus new_embeddings.safetensors and report.json), and the run keeps checkpoints to resume from
-    (checkpoint.py; SIGINT/SIGTERM then stop at a step boundary).
+    (checkpoint.py; SIGINT/SIGTERM then stop at a step boundary). Under torchrun, the processes share the training
+    (distributed.py) and rank 0 writes `out`.
     """
     cfg = (config or DistillConfig()).validate()
-    with checkpoint.stop_on_signals(active=out is not None):
-        return _distill(model, new_tokens, corpus, out, cfg, tokenizer)
+    with distributed.setup(cfg.device) as ranks:
+        with checkpoint.stop_on_signals(active=out is not None and ranks.world == 1):
+            return _distill(model, new_tokens, corpus, out, cfg, tokenizer, ranks)
 
 
-def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConfig, tokenizer) -> DistillResult:
+def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConfig, tokenizer,
+             ranks: distributed.Ranks) -> DistillResult:
+    """distill() in this process, one of `ranks` (rank 0 checks and writes `out`)."""
+    if ranks.world > 1 and (cfg.resume or cfg.chunk_tokens or cfg.memory_budget):
+        raise UserInputError("--resume, --chunk-tokens and --memory-budget run in one process, not under torchrun")
     timer = StageTimer()
     t_start = time.perf_counter()
-    if out is not None:
+    if out is not None and ranks.writer:
         export.check_out_dir(out, cfg.overwrite)
     corpus_files = contexts.corpus_files(corpus)  # a missing file or empty glob fails here, before the model loads
     device = models.pick_device(cfg.device)
@@ -221,8 +228,10 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
         if not toks:
             raise UserInputError("none of the new tokens can be added (see the skipped reasons above)")
         new_tokenizer = tokens.extend_tokenizer(tokenizer, toks, cfg.tokenizer_mode, model.config)
-    work_dir = checkpoint.WorkDir.open(out, cfg, checkpoint.fingerprint(cfg, model_path or source, words, corpus_files)
-                                       if out is not None and cfg.checkpoint_every else None)
+    single = out if ranks.world == 1 else None  # checkpoints: one-process runs only
+    work_dir = checkpoint.WorkDir.open(single, cfg, checkpoint.fingerprint(cfg, model_path or source, words,
+                                                                           corpus_files)
+                                       if single is not None and cfg.checkpoint_every else None)
     V = decoder.embed_weight.shape[0]
     primaries = trained_tokens(cfg, toks)
     work = cache = search = plan = None
@@ -234,9 +243,11 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
             log.info("%-24r %3d snippet(s) [%s]", toks[i].word, n, work.sources[i])
         with timer("autotune"):
             search = work_dir.stage("autotune", lambda: search_settings(cfg, decoder, toks, work, tied, backend))
-    layer, lr, epochs = resolve_settings(cfg, decoder, search)
+    # every rank takes rank 0's settings (the search's second stage depends on measured time)
+    layer, lr, epochs = ranks.agree(work, resolve_settings(cfg, decoder, search))
     run_cfg = cfg.replace(epochs=epochs)  # the report keeps the requested settings beside the resolved ones
-    trainer = functools.partial(student.train, hook=work_dir.student_hook("student"))
+    mine, shard = distributed.split(ranks, work, cfg.batch_size, epochs, cfg.seed, device)
+    trainer = functools.partial(student.train, hook=work_dir.student_hook("student"), shard=shard)
     if work is not None:
         objective = objective_for(cfg, layer, tied)
         layers = cache_layers(objective, decoder.num_layers)
@@ -247,8 +258,8 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
                 decoder, ids, cu, al, layers, **teacher_options(decoder, dtype, passes_for(run_cfg).prefix)))
         elif objective.distill is not None and not passes_for(run_cfg).fused:  # fused: the teacher runs in each step
             with timer("teacher"):
-                cache = teacher_cache(decoder, work, layers, dtype, packed=passes_for(run_cfg).prefix)
-    learned = learn_rows(run_cfg, decoder, toks, work, cache, layer, lr, tied, timer, backend, trainer)
+                cache = teacher_cache(decoder, mine, layers, dtype, packed=passes_for(run_cfg).prefix)
+    learned = learn_rows(run_cfg, decoder, toks, mine, cache, layer, lr, tied, timer, backend, trainer)
     rows, out_rows, train_result, clipped = learned.rows, learned.out_rows, learned.train_result, learned.clipped
     report = build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, epochs, tied,
                           clipped, timer, device, dtype)
@@ -262,7 +273,7 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
         report["timings"] = {**timer.seconds, **running, "total": time.perf_counter() - t_start}
         return report
 
-    if out is not None:
+    if out is not None and ranks.writer:
         with timer("export"):
             write_output(Path(out), cfg, model_path or source, tokenizer, new_tokenizer, toks, rows, out_rows,
                          tied, finish_report, list(corpus))

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from .config import UserInputError
 from .layout import Layout, lay_out
 from .models import Decoder
 from .teacher import TeacherCache
+
+if TYPE_CHECKING:
+    from .distributed import Shard
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +136,11 @@ def make_batch(al: Alignment, snippet_row: np.ndarray, rows: np.ndarray, passes:
     ntp_target = al.student_ids[(cu_s[rows][seq] + s_pos + 1)[has_next]]
     tok = np.repeat(snippet_row[rows], counts)
     t_idx, prefix = pairs, None
-    if not passes.prefix:
+    if len(pairs) == 0:  # nothing to train (also a rank's empty share of a batch, see distributed.py)
+        main, s_flat = None, np.zeros(0, dtype=np.int64)
+    elif not passes.prefix:
         main = lay_out(al.student_ids, cu_s[rows], lens, np.zeros(len(rows)), packed=False)
         s_flat = main.rows(seq, s_pos)
-    elif len(rows) == 0:
-        main, s_flat = None, np.zeros(0, dtype=np.int64)
     else:
         p = al.s_pos[cu_a[rows]].astype(np.int64)  # first new token of each sequence = its prefix length
         if passes.fused:
@@ -155,18 +159,24 @@ def make_batch(al: Alignment, snippet_row: np.ndarray, rows: np.ndarray, passes:
     return Batch(main, s_idx, t_idx_t, pairs, tok_t, ntp_idx, ntp_t, prefix)
 
 
+def batch_plan(n: int, rows_per_batch: int, epochs: int, seed: int) -> list[np.ndarray]:
+    """The snippets of every step: each epoch a fresh shuffle of the n snippets cut into batches."""
+    rng = np.random.default_rng(seed)
+    plan = []
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        plan.extend(order[start:start + rows_per_batch] for start in range(0, n, rows_per_batch))
+    return plan
+
+
 def make_batches(al: Alignment, snippet_row: np.ndarray, rows_per_batch: int, epochs: int, seed: int,
                  device: torch.device, passes: Passes | None = None,
-                 teacher: tuple[np.ndarray, np.ndarray] | None = None) -> list[Batch]:
-    """Shuffled batches for every epoch, with all layouts and index tensors prepared up front."""
-    rng = np.random.default_rng(seed)
-    passes = passes or Passes()
-    batches = []
-    for _ in range(epochs):
-        order = rng.permutation(al.n)
-        for start in range(0, al.n, rows_per_batch):
-            batches.append(make_batch(al, snippet_row, order[start:start + rows_per_batch], passes, teacher).to(device))
-    return batches
+                 teacher: tuple[np.ndarray, np.ndarray] | None = None,
+                 plan: list[np.ndarray] | None = None) -> list[Batch]:
+    """Shuffled batches for every epoch (or the given `plan` of snippets per step), with all layouts and index
+    tensors prepared up front."""
+    plan = batch_plan(al.n, rows_per_batch, epochs, seed) if plan is None else plan
+    return [make_batch(al, snippet_row, rows, passes or Passes(), teacher).to(device) for rows in plan]
 
 
 def student_states(decoder: Decoder, b: Batch, table: torch.Tensor, rows: torch.Tensor, layers: list[int],
@@ -267,11 +277,14 @@ def warmup_then_constant(optimizer, total_steps: int, warmup_fraction: float):
 def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_row: np.ndarray,
           init_rows: torch.Tensor, init_out: torch.Tensor | None, objective: Objective, schedule: Schedule,
           tied: bool, desc: str = "train", passes: Passes | None = None,
-          teacher: tuple[np.ndarray, np.ndarray] | None = None, hook=None) -> TrainResult:
+          teacher: tuple[np.ndarray, np.ndarray] | None = None, shard: Shard | None = None,
+          hook=None) -> TrainResult:
     """Optimize the new rows (and, for untied models asked to, the new output rows). `passes` picks the
     reference (default) or the prefix-sharing steps; fused steps take (teacher_ids, cu_teacher) as `teacher`
-    instead of a cache and compute the targets batch by batch. `hook` (checkpoint.StudentHook) restores a saved
-    state before the first step and checkpoints at step boundaries."""
+    instead of a cache and compute the targets batch by batch. `shard`: this rank's part of every step of a
+    several-process run (distributed.py); `al`, `cache` and `teacher` then hold this rank's snippets only.
+    `hook` (checkpoint.StudentHook) restores a saved state before the first step and checkpoints at step
+    boundaries."""
     device = decoder.embed_weight.device
     passes = passes or Passes()
     if passes.fused and objective.distill is None:
@@ -289,7 +302,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0, **fused)
     batches = make_batches(al, snippet_row, schedule.batch_size, schedule.epochs, schedule.seed, device, passes,
-                           teacher if passes.fused else None)
+                           teacher if passes.fused else None, None if shard is None else shard.plan)
     sched = warmup_then_constant(opt, len(batches), schedule.warmup_fraction)
     L = decoder.num_layers
     needs_final = objective.distill in ("kl", "logits-mse") or objective.ntp is not None or out_rows is not None
@@ -306,8 +319,12 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     start = hook.restore(state) if hook is not None else 0
     t0 = time.perf_counter()
     for step, b in enumerate(tqdm(batches[start:], desc=desc, unit="step", leave=False), start):
+        # Sharded: each loss is weighted by this rank's share of the step's pairs (its mean -> a part of the mean).
+        w_distill, w_ntp = (1.0, 1.0) if shard is None else shard.weights[step]
         if b.main is None:  # no aligned pair in the batch: zero gradients, as the reference computes
             loss, row_loss = sum(p.sum() for p in params) * 0.0, None
+            if shard is not None:
+                shard.idle(objective)
         else:
             flat, targets = student_states(decoder, b, table, rows, layers, passes, teacher_layers, schedule.backend)
             states, t_idx = (targets, b.t_idx) if passes.fused else feed(step, b) if feed else (None, None)
@@ -318,20 +335,25 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
             elif objective.distill is not None:
                 loss, row_loss = losses.logits_distill(objective.distill, decoder.logits, flat[L], states[L],
                                                        b.s_idx, t_idx)
+            loss = loss * w_distill
             if objective.ntp is not None:
                 out = rows if tied or out_rows is None else out_rows
                 ntp, ntp_rows = losses.next_token(decoder.logits, out, flat[L], b.ntp_idx, b.ntp_target, V)
+                ntp = ntp * w_ntp
                 if objective.distill is None:
                     loss = ntp
                 elif objective.ntp == "alpha":
-                    loss = loss + (loss.detach() / ntp.detach().clamp_min(1e-8)) * ntp
+                    d, n = (loss.detach(), ntp.detach()) if shard is None else shard.total(loss.detach(), ntp.detach())
+                    loss = loss + (d / n.clamp_min(1e-8)) * ntp
                 else:
                     loss = loss + ntp
             if out_rows is not None and objective.ntp is None:  # output rows only: states detached
                 out_loss, _ = losses.next_token(decoder.logits, out_rows, flat[L].detach(), b.ntp_idx,
                                                 b.ntp_target, V)
-                loss = loss + out_loss
+                loss = loss + out_loss * w_ntp
         loss.backward()
+        if shard is not None:  # gradients and loss summed over ranks: the one-process step's values
+            loss = shard.reduce(step, params, loss, dense=objective.ntp is not None or out_rows is not None)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -346,10 +368,12 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     losses_log.close()
+    positions = computed_positions(batches, passes)
+    if shard is not None:
+        positions = shard.finish(tok_sum, tok_cnt, positions)
     token_loss = (tok_sum / tok_cnt).cpu().numpy()  # nan where a token had no aligned rows
     return TrainResult(rows.detach(), None if out_rows is None else out_rows.detach(), step_loss.cpu().numpy(),
-                       token_loss, seconds, len(batches),
-                       extra={"passes": passes.describe(), "positions": computed_positions(batches, passes)})
+                       token_loss, seconds, len(batches), extra={"passes": passes.describe(), "positions": positions})
 
 
 def computed_positions(batches: list[Batch], passes: Passes) -> dict[str, int]:
