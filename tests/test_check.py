@@ -143,7 +143,7 @@ def test_distill_leaves_no_output_when_a_guarantee_breaks(model_dirs, words_file
     out = tmp_path / "out"
     with pytest.raises(GuaranteeError, match="check finite failed for token"):
         run(model_dirs[("llama", "bytelevel", True)], words_file, out)
-    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    assert not out.exists() and not list(tmp_path.glob(".out*")) and not list(tmp_path.glob("out.partial"))
     code = cli.main(["distill", "--model", str(model_dirs[("llama", "bytelevel", True)]), "--new-tokens",
                      str(words_file), "--method", "mean", "--out", str(out)])
     assert code == 1 and not out.exists()

@@ -275,8 +275,12 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
 
     if out is not None and ranks.writer:
         with timer("export"):
-            write_output(Path(out), cfg, model_path or source, tokenizer, new_tokenizer, toks, rows, out_rows,
-                         tied, finish_report, list(corpus))
+            try:
+                write_output(Path(out), cfg, model_path or source, tokenizer, new_tokenizer, toks, rows, out_rows,
+                             tied, finish_report, list(corpus))
+            except check.GuaranteeError:
+                work_dir.finish()  # resuming would reproduce the same rows: nothing is left to resume
+                raise
         work_dir.finish()
     finish_report()
     return DistillResult(new_tokenizer, toks, rows, out_rows, report, skipped)
