@@ -12,7 +12,7 @@ METHODS = (
     "mean",  # subtoken mean, no training (FVT)
     "random",  # per-channel mean/std of the original table, no training
     "ntp",  # next-token prediction on the new rows only
-    "ntp-all",  # next-token prediction, every input row trainable (new rows kept as the result)
+    "ntp-all",  # next-token prediction on the new input and (untied) output rows; original rows stay bit-identical
     "token-distill+ntp",  # distillation loss + NTP loss
     "token-distill+alpha-ntp",  # distillation loss + alpha * NTP, alpha = stop_grad(L_distill / L_ntp)
 )
