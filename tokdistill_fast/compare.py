@@ -137,16 +137,16 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
     primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
     work = cache = None
     searches: dict[tuple, tuple[autotune.SearchResult | None, float]] = {}
+    keys = [(c.method, c.loss, c.target_layer, c.lr, c.epochs, c.seed) for c in cfgs]  # what a search depends on
     if any(c.method in TRAINED_METHODS for c in cfgs):
         with timer("contexts"):
             work = pipeline.build_workload(base, lm, tokenizer, toks, list(corpus), pipeline.bos_id(tokenizer), V)
-        for c in cfgs:  # "auto" settings run the same search a distill run would (once per distinct setting)
-            key = (c.method, c.loss, c.target_layer, c.lr, c.epochs, c.seed)
+        for c, key in zip(cfgs, keys):  # "auto" settings run the same search a distill run would (once per setting)
             if key not in searches:
                 t0 = time.perf_counter()
                 search = pipeline.search_settings(c, decoder, toks, work, tied, kernels.resolve(c.backend, device))
                 searches[key] = (search, time.perf_counter() - t0)
-    found = [searches.get((c.method, c.loss, c.target_layer, c.lr, c.epochs, c.seed), (None, 0.0)) for c in cfgs]
+    found = [searches.get(key, (None, 0.0)) for key in keys]
     settings = [pipeline.resolve_settings(c, decoder, search) for c, (search, _) in zip(cfgs, found)]
     if work is not None:
         layers = sorted({l for c, (layer, *_) in zip(cfgs, settings) if c.method in TRAINED_METHODS

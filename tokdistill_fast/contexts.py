@@ -237,6 +237,17 @@ def iter_documents(paths: Iterable[str | Path]) -> Iterator[str]:
         yield piece.text
 
 
+def leading_documents(paths: Iterable[str | Path], max_chars: int) -> list[str]:
+    """The corpus's first documents, cut so that together they hold at most max_chars characters."""
+    docs, used = [], 0
+    for doc in iter_documents(paths):
+        if used >= max_chars:
+            break
+        docs.append(doc[:max_chars - used])
+        used += len(docs[-1])
+    return docs
+
+
 class WordChars(dict):
     """Character -> whether WORD_CHAR matches it, computed once per distinct character."""
 

@@ -303,16 +303,11 @@ def per_token(values: dict[str, np.ndarray], group: np.ndarray, n_tokens: int) -
 def tokens_saved(paths: list[str | Path], original_tokenizer, adapted_tokenizer, max_chars: int = 20_000_000
                  ) -> dict:
     """Sequence-length ratio (adapted / original tokenizer) over the held-out documents, up to max_chars."""
-    docs, used = [], 0
-    for doc in contexts.iter_documents(paths):
-        if used >= max_chars:
-            break
-        docs.append(doc[:max_chars - used])
-        used += len(docs[-1])
+    docs = contexts.leading_documents(paths, max_chars)
     n_orig = n_new = 0
     for c in range(0, len(docs), 1024):
         part = docs[c:c + 1024]
         n_orig += sum(map(len, original_tokenizer(part, add_special_tokens=False)["input_ids"]))
         n_new += sum(map(len, adapted_tokenizer(part, add_special_tokens=False)["input_ids"]))
-    return {"chars": used, "original_tokens": n_orig, "adapted_tokens": n_new,
+    return {"chars": sum(map(len, docs)), "original_tokens": n_orig, "adapted_tokens": n_new,
             "length_ratio": n_new / max(n_orig, 1), "saved_fraction": 1 - n_new / max(n_orig, 1)}

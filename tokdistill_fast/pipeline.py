@@ -521,10 +521,4 @@ def write_output(out: Path, cfg, original, tokenizer, new_tokenizer, toks, rows,
 
 def probe_sample(corpus: list, max_chars: int = 200_000) -> list[str]:
     """The first documents of the corpus, up to max_chars, as probe text for the output check."""
-    texts, total = [], 0
-    for doc in contexts.iter_documents(corpus):
-        if total >= max_chars:
-            break
-        texts.append(doc[:max_chars - total])
-        total += len(texts[-1])
-    return texts
+    return contexts.leading_documents(corpus, max_chars)
