@@ -133,7 +133,8 @@ def run_pipeline(model, lang, layer: int, args, reference: bool) -> dict:
             "tflop": flop / 1e12, "reference_work_tflop": reference_flop / 1e12,
             "achieved_tflops": flop / 1e12 / total, "effective_tflops": reference_flop / 1e12 / total,
             "new_tokens_per_s": r["counts"]["added"] / total, "snippet_tokens_per_s": teacher / total,
-            "steps": r["training"]["steps"], "first_loss": r["training"]["first_loss"],
+            "steps": r["training"]["steps"], "passes": r["training"]["passes"],
+            "first_loss": r["training"]["first_loss"],
             "last_loss": r["training"]["last_loss"], "rows": result.rows}
 
 

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", default="-1")
     p.add_argument("--modes", default="off,on,fused")
     p.add_argument("--epochs", type=int, default=1, help="fused needs 1")
+    p.add_argument("--groups", default="16", help="comma-separated student.Schedule.group values to run")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads; 1 makes CPU seconds a fair measure on a busy machine (no spinning)")
     p.add_argument("--json", help="also write the results here")
@@ -68,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(full)} tokens, {al.n} snippets, {int(cu_teacher[-1])} teacher tokens, "
           f"{int(al.cu_student[-1])} student tokens, {len(al.s_pos)} aligned pairs; {device}, {dtype}, "
           f"{torch.get_num_threads()} threads")
-    print("| layer | epochs | mode | teacher s (CPU s) | student s (CPU s) | steps | grad positions "
+    print("| layer | epochs | mode | group | teacher s (CPU s) | student s (CPU s) | steps (passes) | grad positions "
           "| cos vs first (min) | mean loss, last 10 steps |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for layer in (decoder.resolve_layer(int(x)) for x in args.layers.split(",")):
         first = None
-        for mode in args.modes.split(","):
+        for mode, group in ((m, int(g)) for m in args.modes.split(",") for g in args.groups.split(",")):
             passes = student.resolve_passes(mode, "auto", args.epochs)
             cache, t_wall, t_cpu = None, 0.0, 0.0
             if not passes.fused:
@@ -83,17 +84,19 @@ def main(argv: list[str] | None = None) -> int:
             run, s_wall, s_cpu = timed(
                 student.train, decoder, al, cache, snippet_row, init, None,
                 student.Objective(distill="mse", layer=layer),
-                student.Schedule(lr=autotune.default_lr(layer, decoder.num_layers), epochs=args.epochs),
+                student.Schedule(lr=autotune.default_lr(layer, decoder.num_layers), epochs=args.epochs, group=group),
                 tied=True, passes=passes, teacher=(teacher_ids, cu_teacher))
             first = run.rows if first is None else first
             cos = torch.nn.functional.cosine_similarity(run.rows, first, dim=1).min().item()
             last10 = float(np.mean(run.step_loss[-10:]))
-            results.append({"layer": layer, "epochs": args.epochs, "mode": mode, "passes": passes.describe(),
+            results.append({"layer": layer, "epochs": args.epochs, "mode": mode, "group": group,
+                            "passes": passes.describe(), "runs": run.extra["groups"],
                             "teacher_s": t_wall, "teacher_cpu_s": t_cpu, "student_s": s_wall,
                             "student_cpu_s": s_cpu, "steps": run.steps,
                             "positions": run.extra["positions"], "cos_min": cos, "last10_loss": last10})
-            print(f"| {layer} | {args.epochs} | {mode} | {t_wall:.1f} ({t_cpu:.1f}) | {s_wall:.1f} ({s_cpu:.1f}) | "
-                  f"{run.steps} | {run.extra['positions']['with_grad']} | {cos:.5f} | {last10:.5g} |", flush=True)
+            print(f"| {layer} | {args.epochs} | {mode} | {group} | {t_wall:.1f} ({t_cpu:.1f}) | {s_wall:.1f} "
+                  f"({s_cpu:.1f}) | {run.steps} ({run.extra['groups']}) | {run.extra['positions']['with_grad']} | "
+                  f"{cos:.5f} | {last10:.5g} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

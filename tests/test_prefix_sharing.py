@@ -7,6 +7,7 @@ dense path; on a GPU the varlen kernel is compared with the per-sequence referen
 """
 
 import copy
+import dataclasses
 import logging
 
 import numpy as np
@@ -133,6 +134,56 @@ def test_training_matches_reference(mode):
     np.testing.assert_allclose(ours.step_loss, ref.step_loss, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(ours.rows, ref.rows, rtol=1e-4, atol=1e-5)
     assert ours.extra["positions"]["with_grad"] < sum(np.diff(al.cu_student))
+
+
+def many_tokens(seed: int, n_tokens: int = 12, per_token: int = 3):
+    """Snippets for n_tokens two-subtoken phrases (ids 20 + 2i, 21 + 2i), per_token each, one snippet without."""
+    rng = np.random.default_rng(seed)
+    phrases = [[20 + 2 * i, 21 + 2 * i] for i in range(n_tokens)]
+    seqs, which = [], []
+    for t in range(n_tokens):
+        for k in range(per_token):
+            s = rng.integers(60, 300, int(rng.integers(6, 16))).tolist()
+            if (t, k) != (0, 0):  # one snippet without its phrase: no aligned pairs
+                at = int(rng.integers(0, len(s) - 2))
+                s[at:at + 2] = phrases[t]
+            seqs.append(s)
+            which.append(t)
+    al = align.align(seqs, phrases, which, [300 + t for t in range(n_tokens)], "python")
+    return al, np.asarray(which), *align.pack(seqs)
+
+
+@pytest.mark.parametrize("distill,epochs,mode", [("mse", 1, "fused"), ("mse", 2, "prefix"), ("kl", 1, "fused")])
+def test_step_groups_match_reference(distill, epochs, mode):
+    """Consecutive steps over disjoint tokens run as one pass (student.Rewind) and still end where the reference
+    (step by step, padded) ends: rows, per-step losses and per-token losses."""
+    torch.manual_seed(0)
+    dec = Decoder(AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=torch.float32).eval())
+    al, snippet_row, teacher_ids, cu_teacher = many_tokens(seed=6)
+    layer = 2 if distill == "mse" else dec.num_layers
+    cache = teacher.compute(dec, teacher_ids, cu_teacher, al, [layer], 4096, torch.float32)
+    init = torch.randn(12, dec.hidden_size) * 0.5
+    schedule = student.Schedule(lr=1e-2, epochs=epochs, batch_size=3, seed=0)
+    objective = student.Objective(distill=distill, layer=layer)
+    ref = student.train(dec, al, cache, snippet_row, init, None, objective, schedule, tied=True)
+    passes = MODES[mode]
+    runs = {g: student.train(dec, al, None if passes.fused else cache, snippet_row, init, None, objective,
+                             dataclasses.replace(schedule, group=g), tied=True, passes=passes,
+                             teacher=(teacher_ids, cu_teacher)) for g in (1, 16)}
+    assert runs[1].extra["groups"] == ref.steps > runs[16].extra["groups"] > 1
+    assert not torch.allclose(ref.rows, init, atol=1e-3)  # the rows do train
+    for ours in runs.values():
+        np.testing.assert_allclose(ours.step_loss, ref.step_loss, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(ours.token_loss, ref.token_loss, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ours.rows, ref.rows, rtol=1e-4, atol=1e-5)
+
+
+def test_group_steps_cuts_at_shared_tokens_and_breaks():
+    snippet_row = np.array([0, 1, 2, 3, 0, 4])
+    plan = [np.array([0]), np.array([1, 2]), np.array([3]), np.array([4]), np.array([5])]
+    assert student.group_steps(plan, snippet_row, 16) == [range(0, 3), range(3, 5)]  # step 3 reuses token 0
+    assert student.group_steps(plan, snippet_row, 2) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert student.group_steps(plan, snippet_row, 16, breaks={2}) == [range(0, 2), range(2, 5)]
 
 
 def test_ntp_objective_with_prefix_sharing():

@@ -219,7 +219,7 @@ class WorkDir:
 
 
 class StudentHook:
-    """Checkpoints a student.train() loop: restore() before the first step, after_step() at each step boundary.
+    """Checkpoints a student.train() loop: restore() before the first step, after_steps() at each step boundary.
     `state` is train()'s dict: params, optimizer, scheduler, step_loss, tok_sum, tok_cnt, steps (total)."""
 
     def __init__(self, work: WorkDir, name: str, step_offset: int):
@@ -243,11 +243,17 @@ class StudentHook:
         log.info("resume: %s at step %d of %d", self.name, saved["step"], saved["steps"])
         return saved["step"]
 
-    def after_step(self, step: int, state: dict) -> None:
-        """Checkpoint every `every` steps; on a pending signal, checkpoint and stop."""
-        done = step + 1
-        if self.work.hang_at is not None and self.offset + step == self.work.hang_at:
-            log.warning("test hook: waiting for a signal after step %d", self.offset + step)
+    @property
+    def every(self) -> int:
+        """Steps between checkpoints: student.train never runs a group of steps across a multiple of it."""
+        return self.work.every
+
+    def after_steps(self, steps: range, state: dict) -> None:
+        """After the steps of one pass (one step, or a group of them): checkpoint every `every` steps; on a
+        pending signal, checkpoint and stop."""
+        done = steps.stop
+        if self.work.hang_at is not None and self.work.hang_at - self.offset in steps:
+            log.warning("test hook: waiting for a signal after step %d", self.offset + done - 1)
             while _stop.signum is None:
                 time.sleep(0.02)
         if done % self.work.every == 0 or _stop.signum is not None:

@@ -99,6 +99,7 @@ def merge(results: list[student.TrainResult], device: torch.device) -> student.T
         np.concatenate([r.step_loss for r in results]), np.concatenate([r.token_loss for r in results]),
         sum(r.seconds for r in results), sum(r.steps for r in results),
         extra={"passes": results[0].extra["passes"], "positions": positions, "chunks": len(results),
+               "groups": sum(r.extra.get("groups", r.steps) for r in results),
                "teacher_seconds": sum(r.extra.get("teacher_seconds", 0.0) for r in results)})
 
 

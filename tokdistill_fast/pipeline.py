@@ -474,8 +474,8 @@ def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decode
                    "teacher_tokens": int(work.cu_teacher[-1]) if work else 0,
                    "student_tokens": int(work.alignment.cu_student[-1]) if work else 0},
         "training": None if train_result is None else {
-            "steps": train_result.steps, "seconds": train_result.seconds,
-            "computed_positions": train_result.extra["positions"],
+            "steps": train_result.steps, "passes": train_result.extra.get("groups"),
+            "seconds": train_result.seconds, "computed_positions": train_result.extra["positions"],
             "first_loss": float(train_result.step_loss[0]), "last_loss": float(train_result.step_loss[-1])},
         "tokens": per_token,
         "skipped": [{"word": s.word, "reason": s.reason} for s in skipped],

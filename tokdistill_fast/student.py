@@ -10,6 +10,13 @@ Prefix sharing (`Passes`): positions before a sequence's first new token are ide
 so a step runs only the suffix with gradient, attending to the prefix keys/values of a no-grad pass (the
 student's prefixes, or, fused, the teacher pass over the same snippets that also yields the step's targets).
 The reference steps run whole padded sequences; both give the same states at the aligned positions.
+
+Step groups (`group_steps`): a new row's gradient depends only on that row (each snippet trains one token), and
+AdamW updates every element on its own, so consecutive steps that train disjoint sets of tokens can run as one
+pass over all their snippets; each step's rows enter the pass with the values they would have at that step (the
+optimizer's own zero-gradient updates of the steps before it, then rewound), and the optimizer then takes the
+steps one by one with each step's share of the gradient. Exact up to rounding; it turns many small launch-bound
+steps into fewer large ones (2,500 tokens x 25 snippets: about 4 steps per pass).
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ class Schedule:
     warmup_fraction: float = 0.5
     seed: int = 0
     log_every: int = 0  # log the mean loss of every this many steps (0: never), without waiting for the device
+    group: int = 16  # at most this many consecutive steps with disjoint tokens run as one pass (1: step by step)
     backend: str = "auto"  # kernels: auto | torch (references) | triton (fused kernels), see kernels/backend.py
 
 
@@ -112,21 +120,24 @@ class Batch:
     ntp_idx: torch.Tensor  # [K'] rows of main's output that have a next token
     ntp_target: torch.Tensor  # [K'] extended id of that next token
     prefix: Layout | None = None
+    part: torch.Tensor | None = None  # [K] step (0, 1, ...) of each pair when the batch runs a group of steps
 
     def to(self, device: torch.device) -> Batch:
         s_idx, t_idx, tok, ntp_idx, ntp_target = (t.to(device, non_blocking=True) for t in (
             self.s_idx, self.t_idx, self.tok, self.ntp_idx, self.ntp_target))
         return Batch(None if self.main is None else self.main.to(device), s_idx, t_idx, self.t_rows, tok, ntp_idx,
-                     ntp_target, None if self.prefix is None else self.prefix.to(device))
+                     ntp_target, None if self.prefix is None else self.prefix.to(device),
+                     None if self.part is None else self.part.to(device, non_blocking=True))
 
 
 def make_batch(al: Alignment, snippet_row: np.ndarray, rows: np.ndarray, passes: Passes,
-               teacher: tuple[np.ndarray, np.ndarray] | None = None) -> Batch:
+               teacher: tuple[np.ndarray, np.ndarray] | None = None, step_of: np.ndarray | None = None) -> Batch:
     """Layouts and index arrays of one step over snippets `rows` (host side). `teacher` = (teacher_ids,
-    cu_teacher) for fused passes."""
+    cu_teacher) for fused passes. `step_of` [len(rows)]: for a group of steps, the step of each snippet."""
     cu_a, cu_s = al.cu_aligned, al.cu_student
     if passes.prefix:
-        rows = rows[cu_a[rows + 1] > cu_a[rows]]  # snippets without aligned pairs contribute nothing
+        keep = cu_a[rows + 1] > cu_a[rows]  # snippets without aligned pairs contribute nothing
+        rows, step_of = rows[keep], None if step_of is None else step_of[keep]
     counts = cu_a[rows + 1] - cu_a[rows]
     pairs = ranges(cu_a[rows], counts)  # aligned pairs of the batch = their rows in the teacher cache
     seq = np.repeat(np.arange(len(rows)), counts)  # batch row of each pair
@@ -156,7 +167,50 @@ def make_batch(al: Alignment, snippet_row: np.ndarray, rows: np.ndarray, passes:
     tensors = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
                for a in (s_flat, t_idx, tok, s_flat[has_next], ntp_target))
     s_idx, t_idx_t, tok_t, ntp_idx, ntp_t = tensors
-    return Batch(main, s_idx, t_idx_t, pairs, tok_t, ntp_idx, ntp_t, prefix)
+    part = None if step_of is None else torch.from_numpy(np.ascontiguousarray(step_of[seq], dtype=np.int64))
+    return Batch(main, s_idx, t_idx_t, pairs, tok_t, ntp_idx, ntp_t, prefix, part)
+
+
+@dataclass
+class Group:
+    """Consecutive steps run as one pass: their snippets in one Batch, and per step the rows it trains and its
+    number of aligned pairs (the step's loss is the mean over them)."""
+
+    steps: range
+    batch: Batch
+    tokens: list[torch.Tensor]  # [n_j] rows trained by each step
+    pairs: torch.Tensor  # [len(steps)] fp32 aligned pairs per step
+
+    def to(self, device: torch.device) -> Group:
+        return Group(self.steps, self.batch.to(device), [t.to(device, non_blocking=True) for t in self.tokens],
+                     self.pairs.to(device, non_blocking=True))
+
+
+def group_steps(plan: list[np.ndarray], snippet_row: np.ndarray, max_steps: int, start: int = 0,
+                breaks: set[int] = frozenset()) -> list[range]:
+    """Cut steps start.. into runs of consecutive steps that train pairwise disjoint sets of rows (then exact as
+    one pass, see the module docstring), at most max_steps long, never running across a step in `breaks`."""
+    groups, first, seen = [], start, set()
+    for step in range(start, len(plan)):
+        rows = set(snippet_row[plan[step]].tolist())
+        if step > first and (step - first >= max_steps or step in breaks or not seen.isdisjoint(rows)):
+            groups.append(range(first, step))
+            first, seen = step, set()
+        seen |= rows
+    if first < len(plan):
+        groups.append(range(first, len(plan)))
+    return groups
+
+
+def make_group(al: Alignment, snippet_row: np.ndarray, plan: list[np.ndarray], steps: range, passes: Passes,
+               teacher: tuple[np.ndarray, np.ndarray] | None) -> Group:
+    """The host-side Group of `steps` (one step: that step's own batch)."""
+    parts = [plan[s] for s in steps]
+    step_of = np.repeat(np.arange(len(parts)), [len(p) for p in parts]) if len(parts) > 1 else None
+    batch = make_batch(al, snippet_row, np.concatenate(parts), passes, teacher, step_of)
+    counts = [int((al.cu_aligned[p + 1] - al.cu_aligned[p]).sum()) for p in parts]
+    tokens = [torch.from_numpy(np.unique(snippet_row[p]).astype(np.int64)) for p in parts]
+    return Group(steps, batch, tokens, torch.tensor(counts, dtype=torch.float32))
 
 
 def batch_plan(n: int, rows_per_batch: int, epochs: int, seed: int) -> list[np.ndarray]:
@@ -167,16 +221,6 @@ def batch_plan(n: int, rows_per_batch: int, epochs: int, seed: int) -> list[np.n
         order = rng.permutation(n)
         plan.extend(order[start:start + rows_per_batch] for start in range(0, n, rows_per_batch))
     return plan
-
-
-def make_batches(al: Alignment, snippet_row: np.ndarray, rows_per_batch: int, epochs: int, seed: int,
-                 device: torch.device, passes: Passes | None = None,
-                 teacher: tuple[np.ndarray, np.ndarray] | None = None,
-                 plan: list[np.ndarray] | None = None) -> list[Batch]:
-    """Shuffled batches for every epoch (or the given `plan` of snippets per step), with all layouts and index
-    tensors prepared up front."""
-    plan = batch_plan(al.n, rows_per_batch, epochs, seed) if plan is None else plan
-    return [make_batch(al, snippet_row, rows, passes or Passes(), teacher).to(device) for rows in plan]
 
 
 def student_states(decoder: Decoder, b: Batch, table: torch.Tensor, rows: torch.Tensor, layers: list[int],
@@ -301,32 +345,45 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
         params.append(out_rows)
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0, **fused)
-    batches = make_batches(al, snippet_row, schedule.batch_size, schedule.epochs, schedule.seed, device, passes,
-                           teacher if passes.fused else None, None if shard is None else shard.plan)
-    sched = warmup_then_constant(opt, len(batches), schedule.warmup_fraction)
+    plan = batch_plan(al.n, schedule.batch_size, schedule.epochs, schedule.seed) if shard is None else shard.plan
+    n_steps = len(plan)
+    sched = warmup_then_constant(opt, n_steps, schedule.warmup_fraction)
     L = decoder.num_layers
     needs_final = objective.distill in ("kl", "logits-mse") or objective.ntp is not None or out_rows is not None
     layers = sorted({objective.layer} | ({L} if needs_final else set())) if objective.distill == "mse" else [L]
     teacher_layers = ([objective.layer] if objective.distill == "mse" else [L]) if passes.fused else None
-    feed = None if passes.fused or objective.distill is None else TargetFeed(cache, batches, device)
-    step_loss = torch.zeros(len(batches), device=device)
+    step_loss = torch.zeros(n_steps, device=device)
     losses_log = LossLog(step_loss, schedule.log_every, desc)
     tok_sum = torch.zeros(n_rows, device=device)
     tok_cnt = torch.zeros(n_rows, device=device)
-    last_epoch_start = len(batches) - len(batches) // schedule.epochs
+    last_epoch_start = n_steps - n_steps // schedule.epochs
     state = {"params": params, "optimizer": opt, "scheduler": sched, "step_loss": step_loss, "tok_sum": tok_sum,
-             "tok_cnt": tok_cnt, "steps": len(batches)}
+             "tok_cnt": tok_cnt, "steps": n_steps}
     start = hook.restore(state) if hook is not None else 0
+    # Groups: the fast passes, for objectives whose gradients stay in the rows of each snippet's own token (NTP
+    # reads every new row through the output layer). Cut from step 0 so that a resumed run groups alike.
+    grouped = passes.prefix and shard is None and objective.ntp is None and out_rows is None
+    breaks = {last_epoch_start} | (set(range(0, n_steps, hook.every)) if hook is not None and hook.every else set())
+    runs = [g for g in group_steps(plan, snippet_row, schedule.group if grouped else 1, 0, breaks)
+            if g.start >= start]
+    groups = [make_group(al, snippet_row, plan, g, passes, teacher if passes.fused else None).to(device)
+              for g in runs]
+    feed = None if passes.fused or objective.distill is None else TargetFeed(cache, [g.batch for g in groups],
+                                                                            device)
+    rewind = Rewind(opt, sched, rows) if any(len(g.steps) > 1 for g in groups) else None
     t0 = time.perf_counter()
-    for step, b in enumerate(tqdm(batches[start:], desc=desc, unit="step", leave=False), start):
+    for g in tqdm(groups, desc=desc, unit="pass", leave=False):
+        b, step = g.batch, g.steps[0]
         # Sharded: each loss is weighted by this rank's share of the step's pairs (its mean -> a part of the mean).
         w_distill, w_ntp = (1.0, 1.0) if shard is None else shard.weights[step]
+        # A group's steps read their rows as they will be at their own step; the pass's gradient goes to `x`.
+        x = rows if len(g.steps) == 1 else rewind.ahead(g.tokens)
         if b.main is None:  # no aligned pair in the batch: zero gradients, as the reference computes
             loss, row_loss = sum(p.sum() for p in params) * 0.0, None
             if shard is not None:
                 shard.idle(objective)
         else:
-            flat, targets = student_states(decoder, b, table, rows, layers, passes, teacher_layers, schedule.backend)
+            flat, targets = student_states(decoder, b, table, x, layers, passes, teacher_layers, schedule.backend)
             states, t_idx = (targets, b.t_idx) if passes.fused else feed(step, b) if feed else (None, None)
             loss, row_loss = torch.zeros((), device=device), None
             if objective.distill == "mse":
@@ -352,28 +409,83 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
                                                 b.ntp_target, V)
                 loss = loss + out_loss * w_ntp
         loss.backward()
-        if shard is not None:  # gradients and loss summed over ranks: the one-process step's values
-            loss = shard.reduce(step, params, loss, dense=objective.ntp is not None or out_rows is not None)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step_loss[step] = loss.detach()
-        losses_log.step(step)
+        if len(g.steps) == 1:
+            if shard is not None:  # gradients and loss summed over ranks: the one-process step's values
+                loss = shard.reduce(step, params, loss, dense=objective.ntp is not None or out_rows is not None)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step_loss[step] = loss.detach()
+        else:
+            step_loss[g.steps.start:g.steps.stop] = rewind.take_steps(x.grad, g, row_loss)
+        for s in g.steps:
+            losses_log.step(s)
         if step >= last_epoch_start and row_loss is not None:
             tok_sum.index_add_(0, b.tok, row_loss.float())
             tok_cnt.index_add_(0, b.tok, torch.ones_like(row_loss, dtype=torch.float32))
         if hook is not None:
-            hook.after_step(step, state)
+            hook.after_steps(g.steps, state)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     losses_log.close()
-    positions = computed_positions(batches, passes)
+    positions = computed_positions([g.batch for g in groups], passes)
     if shard is not None:
         positions = shard.finish(tok_sum, tok_cnt, positions)
     token_loss = (tok_sum / tok_cnt).cpu().numpy()  # nan where a token had no aligned rows
     return TrainResult(rows.detach(), None if out_rows is None else out_rows.detach(), step_loss.cpu().numpy(),
-                       token_loss, seconds, len(batches), extra={"passes": passes.describe(), "positions": positions})
+                       token_loss, seconds, n_steps,
+                       extra={"passes": passes.describe(), "positions": positions, "groups": len(groups)})
+
+
+class Rewind:
+    """The optimizer side of a group of steps (module docstring). ahead(): the rows each step of the group will
+    read, taken while the optimizer runs the group's steps with zero gradients, then rewound to where it was.
+    take_steps(): the group's steps for real, each with its own rows' share of the pass's gradient."""
+
+    def __init__(self, opt: torch.optim.Optimizer, sched, rows: torch.nn.Parameter):
+        self.opt, self.sched, self.rows = opt, sched, rows
+
+    @torch.no_grad()
+    def ahead(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """[n_new, D] leaf holding, for the rows of step j of the group, their values at step j."""
+        p, opt = self.rows, self.opt
+        state = {k: v.clone() for k, v in opt.state[p].items()} if p in opt.state else None
+        sched, lrs, before = self.sched.state_dict(), [g["lr"] for g in opt.param_groups], p.detach().clone()
+        x = before.clone()
+        p.grad = torch.zeros_like(p)
+        for rows_j in tokens[1:]:
+            opt.step()
+            self.sched.step()
+            x.index_copy_(0, rows_j, p.index_select(0, rows_j))
+        p.copy_(before)
+        if state is None:
+            opt.state.pop(p, None)
+        else:
+            for k, v in state.items():
+                opt.state[p][k].copy_(v)
+        self.sched.load_state_dict(sched)
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+        p.grad = None
+        return x.requires_grad_(True)
+
+    def take_steps(self, grad: torch.Tensor | None, g: Group, row_loss: torch.Tensor | None) -> torch.Tensor:
+        """Run the group's steps; returns their losses [len(g.steps)]. The pass's loss is the mean over all of
+        the group's pairs, a step's the mean over its own: its rows' gradient is scaled by (all pairs / its)."""
+        p, per_step = self.rows, g.pairs.clamp_min(1)
+        scale = g.pairs.sum() / per_step
+        for j, rows_j in enumerate(g.tokens):
+            p.grad = torch.zeros_like(p)
+            if grad is not None:
+                p.grad.index_copy_(0, rows_j, grad.index_select(0, rows_j) * scale[j])
+            self.opt.step()
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        losses = torch.zeros_like(per_step)
+        if row_loss is not None:
+            losses.index_add_(0, g.batch.part, row_loss.float())
+        return losses / per_step
 
 
 def computed_positions(batches: list[Batch], passes: Passes) -> dict[str, int]:

@@ -1,0 +1,112 @@
+"""Where a fused training step's time goes: the pipeline's wall time, GPU kernel time under the profiler, and
+packed-pass throughput by batch size (eager and torch.compile'd layers).
+
+    python -m bench.profile_gpu --config llama-3.1-8b --new-tokens 160 --layer 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device: torch.device, reps: int = 5) -> float:
+    """Median seconds of fn() after one warm-up call."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def passes(decoder, layer: int, device: torch.device, label: str) -> None:
+    """Tokens/s of a no-grad packed pass (the teacher) and a packed forward + input-gradient backward (the
+    student) to `layer`, by number of 50-token sequences."""
+    from tokdistill_fast.attention import Attend
+    from tokdistill_fast.layout import lay_out
+
+    V = decoder.embed_weight.shape[0]
+    for B in (16, 64, 256):
+        lengths = np.full(B, 50)
+        flat = np.random.default_rng(0).integers(0, V, int(lengths.sum()))
+        lay = lay_out(flat, np.arange(B) * 50, lengths, np.zeros(B), True).to(device)
+
+        def teacher(lay=lay):
+            with torch.no_grad():
+                decoder.hidden_states(decoder.embed(lay.ids), [layer], lay.positions, Attend(lay.spec))
+
+        def student(lay=lay):
+            h0 = decoder.embed(lay.ids).detach().requires_grad_(True)
+            out = decoder.hidden_states(h0, [layer], lay.positions, Attend(lay.spec))[layer]
+            out.float().square().mean().backward()
+
+        t, s = timeit(teacher, device), timeit(student, device)
+        n = B * 50
+        print(f"{label} B={B}: teacher {t * 1e3:.1f} ms ({n / t:.0f} tok/s), student fwd+bwd {s * 1e3:.1f} ms "
+              f"({n / s:.0f} tok/s)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from bench.e2e import CONFIGS, build_model, run_pipeline
+    from bench.synthetic import make_language
+    from tokdistill_fast.models import Decoder, pick_device
+
+    p = argparse.ArgumentParser(prog="python -m bench.profile_gpu")
+    p.add_argument("--config", choices=CONFIGS, default="llama-3.1-8b")
+    p.add_argument("--new-tokens", type=int, default=160)
+    p.add_argument("--layer", type=int, default=8)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
+    args = p.parse_args(argv)
+    args.snippets, args.snippet_length, args.seed = 25, 50, 0
+    logging.basicConfig(level=logging.WARNING)
+    device = pick_device("auto")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config, tok_vocab = CONFIGS[args.config]
+    model = build_model(config, device, dtype)
+    decoder = Decoder(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        lang = make_language(Path(tmp), args.new_tokens, args.snippets, tok_vocab, args.seed)
+        run = run_pipeline(model, lang, args.layer, args, reference=False)
+        print(f"pipeline: {run['total_s']:.2f} s, {run['seconds']}, {run['steps']} steps, "
+              f"{run['achieved_tflops']:.0f} TFLOP/s", flush=True)
+        if device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                run = run_pipeline(model, lang, args.layer, args, reference=False)
+                wall = time.perf_counter() - t0
+            events = prof.key_averages()
+            gpu = sum(e.self_device_time_total for e in events) / 1e6
+            print(f"profiled: wall {wall:.2f} s, student {run['seconds']['student']:.2f} s, GPU kernels {gpu:.2f} s",
+                  flush=True)
+            print(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
+    passes(decoder, args.layer, device, "eager")
+    if args.compile:
+        t0 = time.perf_counter()
+        for i, layer in enumerate(decoder.layers):
+            decoder.layers[i] = torch.compile(layer, dynamic=True)
+        passes(decoder, args.layer, device, "compiled")
+        print(f"compiled pass incl. compile: {time.perf_counter() - t0:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
