@@ -325,10 +325,10 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
           hook=None) -> TrainResult:
     """Optimize the new rows (and, for untied models asked to, the new output rows). `passes` picks the
     reference (default) or the prefix-sharing steps; fused steps take (teacher_ids, cu_teacher) as `teacher`
-    instead of a cache and compute the targets batch by batch. `shard`: this rank's part of every step of a
-    several-process run (distributed.py); `al`, `cache` and `teacher` then hold this rank's snippets only.
-    `hook` (checkpoint.StudentHook) restores a saved state before the first step and checkpoints at step
-    boundaries."""
+    instead of a cache and compute the targets batch by batch; prefix steps over disjoint tokens run in groups of
+    up to schedule.group (module docstring). `shard`: this rank's part of every step of a several-process run
+    (distributed.py); `al`, `cache` and `teacher` then hold this rank's snippets only. `hook`
+    (checkpoint.StudentHook) restores a saved state before the first step and checkpoints at step boundaries."""
     device = decoder.embed_weight.device
     passes = passes or Passes()
     if passes.fused and objective.distill is None:
