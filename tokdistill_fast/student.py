@@ -186,12 +186,12 @@ class Group:
                      self.pairs.to(device, non_blocking=True))
 
 
-def group_steps(plan: list[np.ndarray], snippet_row: np.ndarray, max_steps: int, start: int = 0,
+def group_steps(plan: list[np.ndarray], snippet_row: np.ndarray, max_steps: int,
                 breaks: set[int] = frozenset()) -> list[range]:
-    """Cut steps start.. into runs of consecutive steps that train pairwise disjoint sets of rows (then exact as
+    """Cut the steps into runs of consecutive steps that train pairwise disjoint sets of rows (then exact as
     one pass, see the module docstring), at most max_steps long, never running across a step in `breaks`."""
-    groups, first, seen = [], start, set()
-    for step in range(start, len(plan)):
+    groups, first, seen = [], 0, set()
+    for step in range(len(plan)):
         rows = set(snippet_row[plan[step]].tolist())
         if step > first and (step - first >= max_steps or step in breaks or not seen.isdisjoint(rows)):
             groups.append(range(first, step))
@@ -361,11 +361,12 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
              "tok_cnt": tok_cnt, "steps": n_steps}
     start = hook.restore(state) if hook is not None else 0
     # Groups: the fast passes, for objectives whose gradients stay in the rows of each snippet's own token (NTP
-    # reads every new row through the output layer). Cut from step 0 so that a resumed run groups alike.
+    # reads every new row through the output layer). Cut from step 0 so that a resumed run groups alike (a resume
+    # inside a group, after a change of --checkpoint-every, runs the group's remaining steps: still disjoint).
     grouped = passes.prefix and shard is None and objective.ntp is None and out_rows is None
     breaks = {last_epoch_start} | (set(range(0, n_steps, hook.every)) if hook is not None and hook.every else set())
-    runs = [g for g in group_steps(plan, snippet_row, schedule.group if grouped else 1, 0, breaks)
-            if g.start >= start]
+    runs = [range(max(g.start, start), g.stop)
+            for g in group_steps(plan, snippet_row, schedule.group if grouped else 1, breaks) if g.stop > start]
     groups = [make_group(al, snippet_row, plan, g, passes, teacher if passes.fused else None).to(device)
               for g in runs]
     feed = None if passes.fused or objective.distill is None else TargetFeed(cache, [g.batch for g in groups],
