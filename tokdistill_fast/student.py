@@ -178,8 +178,8 @@ class Group:
 
     steps: range
     batch: Batch
-    tokens: list[torch.Tensor]  # [n_j] rows trained by each step
-    pairs: torch.Tensor  # [len(steps)] fp32 aligned pairs per step
+    tokens: list[torch.Tensor]  # [n_j] rows trained by each step (empty for a single step)
+    pairs: torch.Tensor  # [len(steps)] fp32 aligned pairs per step (empty for a single step)
 
     def to(self, device: torch.device) -> Group:
         return Group(self.steps, self.batch.to(device), [t.to(device, non_blocking=True) for t in self.tokens],
@@ -204,9 +204,12 @@ def group_steps(plan: list[np.ndarray], snippet_row: np.ndarray, max_steps: int,
 
 def make_group(al: Alignment, snippet_row: np.ndarray, plan: list[np.ndarray], steps: range, passes: Passes,
                teacher: tuple[np.ndarray, np.ndarray] | None) -> Group:
-    """The host-side Group of `steps` (one step: that step's own batch)."""
+    """The host-side Group of `steps`. One step is just its own batch: nothing is rewound, so it needs no
+    per-step rows or pair counts."""
     parts = [plan[s] for s in steps]
-    step_of = np.repeat(np.arange(len(parts)), [len(p) for p in parts]) if len(parts) > 1 else None
+    if len(parts) == 1:
+        return Group(steps, make_batch(al, snippet_row, parts[0], passes, teacher), [], torch.zeros(0))
+    step_of = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
     batch = make_batch(al, snippet_row, np.concatenate(parts), passes, teacher, step_of)
     counts = [int((al.cu_aligned[p + 1] - al.cu_aligned[p]).sum()) for p in parts]
     tokens = [torch.from_numpy(np.unique(snippet_row[p]).astype(np.int64)) for p in parts]
