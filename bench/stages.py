@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     decoder = models.Decoder(model)
     candidates = [c.word for c in select_tokens(tok, [args.corpus], top=4 * args.words, min_count=args.min_count)]
     toks, _ = tokens.plan_new_tokens(tok, candidates, add_variants=False)
-    snippets, _, _ = contexts.retrieve([args.corpus], tok, toks, 25, 50, 0, pipeline.bos_id(tok))
+    snippets, _, _ = contexts.retrieve([args.corpus], tok, toks, 25, 50, 0, contexts.start_id(tok))
     full = [i for i in range(len(toks)) if sum(s.token == i for s in snippets) == 25][:args.words]
     row_of = {i: r for r, i in enumerate(full)}
     snippets = [s for s in snippets if s.token in row_of]

@@ -1,7 +1,9 @@
-"""The layer/lr search: candidates, held-out split, fixed values respected, and its record in the report."""
+"""The layer/epochs search: candidates, the paired decision, independence of the clock, fixed values respected, and
+its record in the report."""
 
 import numpy as np
 import pytest
+import torch
 
 from tokdistill_fast import DistillConfig, autotune, distill
 
@@ -37,24 +39,57 @@ def auto_run(model_dirs, words_file, corpus_file):
                    DistillConfig(**FAST))
 
 
-def test_auto_search_picks_a_tried_candidate_and_reports_it(auto_run):
+def test_auto_search_picks_the_cheapest_layer_no_costlier_one_beats(auto_run):
     report = auto_run.report
     search = report["autotune"]
     assert search is not None and search["sample"]["tokens"] >= 4
-    tried = {(t["layer"], t["lr"]) for t in search["trials"]}
-    assert {t["layer"] for t in search["trials"]} >= set(autotune.candidate_layers(4))
-    chosen = (report["settings"]["resolved_target_layer"], report["settings"]["resolved_lr"])
-    assert chosen in tried
-    best = min(search["trials"], key=lambda t: t["ratio"])
-    assert chosen == (best["layer"], best["lr"])
-    assert all(np.isfinite(t["ratio"]) and t["seconds"] > 0 for t in search["trials"])
+    trials = search["trials"]
+    assert [t["layer"] for t in trials] == autotune.candidate_layers(4)  # cheapest first, each layer once
+    assert all(t["lr"] == autotune.default_lr(t["layer"], 4) for t in trials)
+    # replay the recorded decisions: a costlier layer replaces the choice only when it wins beyond noise
+    choice = trials[0]
+    for t in trials[1:]:
+        diff, se = t["vs_choice"]["mean"], t["vs_choice"]["se"]
+        if diff < -autotune.NOISE_Z * se:
+            choice = t
+    assert (report["settings"]["resolved_target_layer"], report["settings"]["resolved_lr"]) == \
+        (choice["layer"], choice["lr"])
+    assert all(np.isfinite(t["ratio"]) and t["seconds"] > 0 for t in trials)
 
 
-def test_fixed_layer_is_respected_and_only_lr_searched(model_dirs, words_file, corpus_file):
+def test_paired_decision_needs_a_win_beyond_noise():
+    rng = np.random.default_rng(0)
+    old = rng.uniform(0.3, 0.6, 40)
+    assert autotune.paired_better(old - 0.05 + rng.normal(0, 0.01, 40), old)[0]  # clear, consistent win
+    assert not autotune.paired_better(old - 0.005 + rng.normal(0, 0.05, 40), old)[0]  # noise-sized
+    assert not autotune.paired_better(old + 0.05, old)[0]  # worse
+    assert not autotune.paired_better(old[:1] - 1, old[:1])[0]  # one token: no evidence
+
+
+def test_choice_does_not_depend_on_the_clock(model_dirs, words_file, corpus_file, monkeypatch, auto_run):
+    """The same inputs give the same trials, settings and rows when the load changes during the search (its clock
+    runs 1000x faster from the fourth reading on, after the first measurements; the old search then ran trials it
+    had skipped at the steady pace)."""
+    import itertools
+    import time
+    import types
+
+    real, readings = time.perf_counter, itertools.count()
+    clock = types.SimpleNamespace(perf_counter=lambda: real() / (1 if next(readings) < 3 else 1000))
+    monkeypatch.setattr(autotune, "time", clock)  # the search's clock only
+    slow = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None, DistillConfig(**FAST))
+    tried = [[(t["layer"], t["lr"], t["epochs"]) for t in r.report["autotune"]["trials"]] for r in (slow, auto_run)]
+    assert tried[0] == tried[1]
+    for key in ("resolved_target_layer", "resolved_lr", "resolved_epochs"):
+        assert slow.report["settings"][key] == auto_run.report["settings"][key]
+    assert torch.equal(slow.rows, auto_run.rows)
+
+
+def test_fixed_layer_needs_no_search(model_dirs, words_file, corpus_file):
     r = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
                 DistillConfig(**FAST, target_layer=2)).report
-    assert r["settings"]["resolved_target_layer"] == 2
-    assert {t["layer"] for t in r["autotune"]["trials"]} == {2}
+    assert r["autotune"] is None
+    assert (r["settings"]["resolved_target_layer"], r["settings"]["resolved_lr"]) == (2, autotune.default_lr(2, 4))
 
 
 def test_fixed_values_skip_the_search(model_dirs, words_file, corpus_file):
@@ -69,9 +104,10 @@ def test_auto_epochs_tries_a_second_epoch_and_reports_the_choice(model_dirs, wor
                 DistillConfig(**{**FAST, "epochs": "auto"}, target_layer=2, lr=5e-3)).report
     trials = r["autotune"]["trials"]
     assert [t["epochs"] for t in trials] == [1, 2] and {t["layer"] for t in trials} == {2}
-    best = min(trials, key=lambda t: t["ratio"])
-    assert r["settings"]["resolved_epochs"] == best["epochs"] and r["settings"]["epochs"] == "auto"
-    assert r["training"]["steps"] == best["epochs"] * -(-r["counts"]["snippets"] // FAST["batch_size"])
+    second = trials[1]["vs_choice"]
+    chosen = 2 if second["mean"] < -autotune.NOISE_Z * second["se"] else 1
+    assert r["settings"]["resolved_epochs"] == chosen and r["settings"]["epochs"] == "auto"
+    assert r["training"]["steps"] == chosen * -(-r["counts"]["snippets"] // FAST["batch_size"])
 
 
 def test_too_few_snippets_fall_back_to_defaults(model_dirs, words_file, corpus_file):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import synthetic_text
 
-from tokdistill_fast import DistillConfig, distill, export, models, pipeline, tokens
+from tokdistill_fast import DistillConfig, contexts, distill, export, models, pipeline, tokens
 from tokdistill_fast.cli import main
 from tokdistill_fast.compare import parse_spec, sweep_specs
 from tokdistill_fast.config import UserInputError
@@ -42,7 +42,8 @@ def test_shared_cache_gives_standalone_rows(combo, model_dirs, words_file, corpu
     toks, _ = tokens.plan_new_tokens(tok, tokens.read_word_list(words_file))
     tokens.extend_tokenizer(tok, toks, "auto", lm.config)
     base = DistillConfig(**FAST)
-    work = pipeline.build_workload(base, lm, tok, toks, [corpus_file], pipeline.bos_id(tok), dec.embed_weight.shape[0])
+    work = pipeline.build_workload(base, lm, tok, toks, [corpus_file], contexts.start_id(tok),
+                                   dec.embed_weight.shape[0])
     cache = pipeline.teacher_cache(dec, work, [1, 2, dec.num_layers], torch.float32)
     for changes in ({"method": "token-distill", "target_layer": 2}, {"method": "token-distill", "loss": "kl"},
                     {"method": "token-distill+alpha-ntp", "target_layer": 1}, {"method": "random", "seed": 3}):

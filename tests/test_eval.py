@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from tokdistill_fast import DistillConfig, distill
 from tokdistill_fast.cli import main
+from tokdistill_fast.contexts import start_id
 from tokdistill_fast.definitions import embed_sentences, greedy, load_embedder, prompts, similarity
 from tokdistill_fast.evalrun import EvalOptions, evaluate, read_adapted_tokens
 from tokdistill_fast.heldout import (
@@ -26,7 +27,6 @@ from tokdistill_fast.heldout import (
     snippet_metrics,
 )
 from tokdistill_fast.models import Decoder, load_model
-from tokdistill_fast.pipeline import bos_id
 from tokdistill_fast.teacher import compute
 
 FAST = dict(snippets_per_token=6, snippet_length=20, batch_size=4, target_layer=2, lr=1e-2)
@@ -98,7 +98,7 @@ def test_scores_match_plain_forward(adapted, heldout_file):
     toks = read_adapted_tokens(orig_tok, out)
     prim = [t for t in toks if t.variant_of is None]
     new_ids = sorted(t.new_id for t in toks)
-    hs = build_heldout([heldout_file], orig_tok, prim, [t.new_id for t in prim], 3, 20, 0, bos_id(orig_tok))
+    hs = build_heldout([heldout_file], orig_tok, prim, [t.new_id for t in prim], 3, 20, 0, start_id(orig_tok))
     assert hs.n > 0 and (np.diff(hs.alignment.cu_aligned) > 0).all()
     ref = reference(Decoder(orig_model), hs, (2,))
     s = score(Scorer(Decoder(ad_model), new_ids=new_ids), hs, ref)
@@ -128,7 +128,7 @@ def test_in_memory_rows_match_saved_model_and_student_scores(adapted, heldout_fi
     rows, out_rows = saved["input_embeddings"], saved.get("output_embeddings")
     prim = [i for i, t in enumerate(toks) if t.variant_of is None]
     V = dec.embed_weight.shape[0]
-    bos = bos_id(orig_tok)
+    bos = start_id(orig_tok)
     hs_mem = build_heldout([heldout_file], orig_tok, [toks[i] for i in prim], [V + i for i in prim], 3, 20, 0, bos)
     hs_ad = build_heldout([heldout_file], orig_tok, [toks[i] for i in prim], [toks[i].new_id for i in prim], 3, 20,
                           0, bos)
@@ -150,7 +150,7 @@ def test_greedy_matches_generate_and_merged_prompts(adapted):
     src, out = adapted
     orig_model, orig_tok = load_model(src, torch.device("cpu"), torch.float32)
     toks = [t for t in read_adapted_tokens(orig_tok, out) if t.variant_of is None]
-    bos = bos_id(orig_tok)
+    bos = start_id(orig_tok)
     original, merged, found = prompts(orig_tok, toks, [t.new_id for t in toks], bos)
     assert all(found) and all(len(m) == len(o) - len(t.sub_ids) + 1 for m, o, t in zip(merged, original, toks))
     assert all(t.new_id in m for m, t in zip(merged, toks))

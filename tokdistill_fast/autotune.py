@@ -1,12 +1,16 @@
-"""`--target-layer auto` / `--lr auto`: choose the setting on held-out snippets, the way a careful user would.
+"""`--target-layer auto` (and `--epochs auto`): choose the setting on held-out snippets, the way a careful user would.
 
-A sample of tokens is drawn and a fifth of each one's snippets is held out. Stage 1 trains one short
-distillation per candidate layer (about a quarter, half and three quarters of the depth, and the last layer)
-on the rest of the sample; stage 2 tries the best layer with half and twice its learning rate. Each candidate is
-scored by the measure of `tokdistill eval`: next-token KL of the model reading the new token to the original
-model reading the subtokens, at the positions from the word on, relative to subtoken-mean initialization.
-Teacher states for every candidate layer come from one truncated pass to the deepest one. The sample is sized
-from measured throughput so that the search costs about `budget` times the main run.
+A sample of tokens is drawn and part of each one's snippets is held out. One short distillation per candidate
+layer (half and three quarters of the depth, and the last layer) trains on the rest of the sample; `--epochs
+auto` adds the chosen layer with a second epoch. Each candidate is scored per token by the measure of `tokdistill
+eval` (next-token KL of the model reading the new token to the original model reading the subtokens, from the
+word on, relative to subtoken-mean initialization). The decision is paired over tokens and prefers the cheaper
+setting: a deeper layer (or a second epoch) is chosen only if it beats the current choice by more than NOISE_Z
+standard errors of the per-token differences, so a noise-sized gain never buys a costlier run. Nothing in the
+decision reads the clock: the sample size comes from a cost model in forward-pass units, so the same inputs give
+the same choice on an idle or a loaded machine. `--lr auto` is the measured rule `default_lr` (learning rates
+from 3e-3 to 1e-2 were within noise of each other on both reference models, docs/defaults.md). Teacher states
+for every candidate layer come from one truncated pass to the deepest one.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_COST = 3.0  # forward + input-gradient backward, in forward-pass units per token and layer (measured on CPU)
 SMALL_BATCH_COST = 2.5  # per token, the search's batch-4 steps cost this many times a batch-16 step (CPU, SmolLM2)
+NOISE_Z = 2.0  # a costlier candidate must win by 2 standard errors of the paired per-token difference (~97.5%)
 
 
 @dataclass(frozen=True)
@@ -43,8 +48,10 @@ class Candidate:
 @dataclass
 class Trial:
     candidate: Candidate
-    ratio: float  # held-out KL relative to subtoken-mean init (lower is better)
+    ratio: float  # held-out KL relative to subtoken-mean init, mean over the sampled tokens (lower is better)
     seconds: float
+    per_token: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))  # [tokens] the same, per token
+    vs_choice: tuple[float, float] | None = None  # paired difference to the choice it was compared with: mean, SE
 
 
 @dataclass
@@ -55,8 +62,10 @@ class SearchResult:
     sample: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"best": asdict(self.best), "seconds": self.seconds, "sample": self.sample,
-                "trials": [{**asdict(t.candidate), "ratio": t.ratio, "seconds": t.seconds} for t in self.trials]}
+        return {"best": asdict(self.best), "seconds": self.seconds, "sample": self.sample, "noise_z": NOISE_Z,
+                "trials": [{**asdict(t.candidate), "ratio": t.ratio, "seconds": t.seconds,
+                            "vs_choice": None if t.vs_choice is None else dict(zip(("mean", "se"), t.vs_choice))}
+                           for t in self.trials]}
 
 
 def candidate_layers(num_layers: int) -> list[int]:
@@ -82,6 +91,7 @@ class Sample:
     held: Alignment
     held_ids: np.ndarray
     held_cu: np.ndarray
+    held_row: np.ndarray  # sample row of each held-out snippet
     rows: np.ndarray  # original row index of each sampled token
 
 
@@ -108,27 +118,39 @@ def draw_sample(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, 
         sub.student_ids = np.where(sub.student_ids >= V, V + remap[np.clip(sub.student_ids - V, 0, None)],
                                    sub.student_ids)
         parts.append((*trim_suffix(sub, *take_packed(teacher_ids, cu_teacher, idx), keep), idx))
-    (t_al, t_ids, t_cu, t_idx), (h_al, h_ids, h_cu, _) = parts
-    return Sample(t_al, t_ids, t_cu, remap[snippet_row[t_idx]], h_al, h_ids, h_cu, rows)
+    (t_al, t_ids, t_cu, t_idx), (h_al, h_ids, h_cu, h_idx) = parts
+    return Sample(t_al, t_ids, t_cu, remap[snippet_row[t_idx]], h_al, h_ids, h_cu, remap[snippet_row[h_idx]], rows)
 
 
 class Scorer:
-    """Held-out KL of a sample relative to subtoken-mean init; the teacher's final states are computed once."""
+    """Held-out KL per sampled token relative to subtoken-mean init; the teacher's final states are computed once."""
 
     def __init__(self, decoder: Decoder, sample: Sample, init_rows: torch.Tensor, max_tokens: int, backend: str):
         self.decoder, self.sample, self.max_tokens, self.backend = decoder, sample, max_tokens, backend
         L = decoder.num_layers
         self.final = teacher.compute(decoder, sample.held_ids, sample.held_cu, sample.held, [L], max_tokens,
                                      decoder.embed_weight.dtype).states[L]
+        self.pair_row = np.repeat(sample.held_row, np.diff(sample.held.cu_aligned))  # sample row of each pair
         self.base = self.kl(init_rows)
 
-    def kl(self, rows: torch.Tensor) -> float:
+    def kl(self, rows: torch.Tensor) -> np.ndarray:
+        """[tokens] mean KL over each sampled token's held-out pairs."""
         scores = evaluate.student_scores(self.decoder, self.sample.held, rows, self.final, self.max_tokens,
                                          backend=self.backend)
-        return float(scores.kl.mean())
+        n = len(self.sample.rows)
+        return np.bincount(self.pair_row, scores.kl, n) / np.maximum(np.bincount(self.pair_row, minlength=n), 1)
 
-    def ratio(self, rows: torch.Tensor) -> float:
-        return self.kl(rows) / self.base if self.base > 0 else float("nan")
+    def ratios(self, rows: torch.Tensor) -> np.ndarray:
+        """[tokens] held-out KL relative to subtoken-mean init (every token weighs the same, as in `eval`)."""
+        return self.kl(rows) / np.maximum(self.base, 1e-12)
+
+
+def paired_better(new: np.ndarray, old: np.ndarray) -> tuple[bool, float, float]:
+    """Whether per-token scores `new` beat `old` (lower) by more than NOISE_Z standard errors of the paired
+    difference; also the mean difference and its standard error."""
+    d = new - old
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+    return bool(d.mean() < -NOISE_Z * se), float(d.mean()), se
 
 
 def train_cost(epochs: int, grad_share: float, prefix_pass: bool) -> float:
@@ -168,15 +190,15 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
            init_rows: torch.Tensor, budget: float, schedule: student.Schedule,
            objective: Callable[[int], student.Objective], tied: bool, layers: list[int] | None = None,
            lr: float | None = None, search_epochs: bool = False, keep: int = 12, search_batch: int = 4,
-           max_tokens: int = 8192, prefix: bool = False, fused: bool = False, per_token: int = 8,
-           min_tokens: int = 8) -> SearchResult:
-    """Pick the best Candidate within about `budget` x the main run's time. `objective(layer)` is the run's own
-    objective at a layer; `layers` / `lr` fix a dimension (a user-given value is always respected), schedule.epochs
-    the epochs unless `search_epochs` (then stage 3 tries the best candidate with 2 epochs). Stage 1 always runs
-    (on at least `min_tokens` tokens, `per_token` snippets each: many tokens with few snippets rank settings more
-    steadily than few tokens with many); stage 2 only if the measured time leaves room. `prefix`: candidates
-    train with prefix sharing (student.Passes) on one teacher cache; `fused`: the main run fuses its teacher into
-    its steps."""
+           max_tokens: int = 8192, prefix: bool = False, fused: bool = False, per_token: int = 10,
+           heldout_share: float = 0.4, min_tokens: int = 8) -> SearchResult:
+    """Pick the cheapest Candidate that no costlier one beats beyond noise, within about `budget` x the main run's
+    cost. `objective(layer)` is the run's own objective at a layer; `layers` / `lr` fix a dimension (a user-given
+    value is always respected), schedule.epochs the epochs unless `search_epochs` (then the chosen layer is also
+    tried with 2 epochs). The sample has at least `min_tokens` tokens with `per_token` snippets each, of which
+    `heldout_share` are held out (many tokens with few snippets rank settings more steadily than few tokens with
+    many). `prefix`: candidates train with prefix sharing (student.Passes) on one teacher cache; `fused`: the
+    main run fuses its teacher into its steps."""
     t_start = time.perf_counter()
     L, V = decoder.num_layers, decoder.embed_weight.shape[0]
     n_rows = init_rows.shape[0]
@@ -189,44 +211,45 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     search_train = train_cost(1, grad_share(al, keep) if prefix else 1.0, prefix)
     share = sample_share(layers, L, main_train, search_train, budget, trim_ratio, search_epochs)
     n_tokens = max(min_tokens, round(share * al.n / per_token))
-    sample = draw_sample(al, teacher_ids, cu_teacher, snippet_row, V, n_rows, n_tokens, 0.2, keep, schedule.seed,
-                         per_token)
+    sample = draw_sample(al, teacher_ids, cu_teacher, snippet_row, V, n_rows, n_tokens, heldout_share, keep,
+                         schedule.seed, per_token)
     rows0 = init_rows[torch.from_numpy(sample.rows).to(init_rows.device)]
-    t0 = time.perf_counter()
     scorer = Scorer(decoder, sample, rows0, max_tokens, schedule.backend)
-    sec_per_token_layer = (time.perf_counter() - t0) / 2 / max(int(sample.held_cu[-1]) * L, 1)  # teacher + base
-    main_estimate = sec_per_token_layer * int(lengths.sum()) * float(np.median(layers)) * (1 + main_train)
     objectives = {layer: dataclasses.replace(objective(layer), train_output=False) for layer in layers}
     cached = sorted({o.layer if o.distill == "mse" else L for o in objectives.values() if o.distill is not None})
     cache = teacher.compute(decoder, sample.train_ids, sample.train_cu, sample.train, cached, max_tokens,
                             decoder.embed_weight.dtype, packed=prefix) if cached else None
     trials: list[Trial] = []
 
-    def run(c: Candidate) -> None:
+    def run(c: Candidate) -> Trial:
         t0 = time.perf_counter()
         sched = dataclasses.replace(schedule, lr=c.lr, epochs=c.epochs, batch_size=search_batch)
         result = student.train(decoder, sample.train, cache, sample.train_row, rows0, None, objectives[c.layer],
                                sched, tied, desc=f"search {c.label()}", passes=student.Passes(prefix=prefix))
-        trials.append(Trial(c, scorer.ratio(result.rows), time.perf_counter() - t0))
-        log.info("autotune: %-22s held-out KL %.3f x mean init (%.1f s)", c.label(), trials[-1].ratio,
-                 trials[-1].seconds)
+        ratios = scorer.ratios(result.rows)
+        trials.append(Trial(c, float(ratios.mean()), time.perf_counter() - t0, ratios))
+        return trials[-1]
 
-    base_epochs = 1  # layers and learning rates are ranked on one epoch (a second one costs as much again)
-    for layer in layers:
-        run(Candidate(layer, lr or default_lr(layer, L), base_epochs))
-    best = min(trials, key=lambda t: t.ratio).candidate
-    layer_cost = next(t.seconds for t in trials if t.candidate == best)
-    reserved = 2 * layer_cost * search_epochs  # stage 3 always runs when asked for
-    if lr is None and time.perf_counter() - t_start + 2 * layer_cost + reserved <= budget * main_estimate:
-        for factor in (0.5, 2.0):  # stage 2: the best layer's learning rate, halved and doubled
-            run(Candidate(best.layer, best.lr * factor, base_epochs))
-        best = min(trials, key=lambda t: t.ratio).candidate
-    if search_epochs:  # stage 3: the best setting with a second epoch
-        run(Candidate(best.layer, best.lr, 2))
-        best = min(trials, key=lambda t: t.ratio).candidate
+    def consider(c: Candidate, choice: Trial) -> Trial:
+        """Try a costlier candidate; it replaces the choice only if it wins beyond noise."""
+        trial = run(c)
+        better, diff, se = paired_better(trial.per_token, choice.per_token)
+        trial.vs_choice = (diff, se)
+        log.info("autotune: %-22s held-out KL %.3f x mean init, %+.3f +- %.3f vs %s (%.1f s)%s", c.label(),
+                 trial.ratio, diff, se, choice.candidate.label(), trial.seconds, " -> chosen" if better else "")
+        return trial if better else choice
+
+    base_epochs = 1  # layers are ranked on one epoch (a second one costs as much again)
+    choice = run(Candidate(layers[0], lr or default_lr(layers[0], L), base_epochs))
+    log.info("autotune: %-22s held-out KL %.3f x mean init (%.1f s)", choice.candidate.label(), choice.ratio,
+             choice.seconds)
+    for layer in layers[1:]:  # cheapest first: deeper layers cost proportionally more in the main run
+        choice = consider(Candidate(layer, lr or default_lr(layer, L), base_epochs), choice)
+    if search_epochs:  # a second epoch doubles the main run's training
+        choice = consider(dataclasses.replace(choice.candidate, epochs=2), choice)
     seconds = time.perf_counter() - t_start
-    log.info("autotune: chose %s (%.3f x mean init) from %d trials on %d tokens in %.1f s (main run ~%.0f s)",
-             best.label(), min(t.ratio for t in trials), len(trials), len(sample.rows), seconds, main_estimate)
-    return SearchResult(best, trials, seconds, {"tokens": int(len(sample.rows)), "train_snippets": sample.train.n,
-                                                "heldout_snippets": sample.held.n, "base_kl": scorer.base,
-                                                "main_run_estimate_seconds": main_estimate})
+    log.info("autotune: chose %s (%.3f x mean init) from %d trials on %d tokens in %.1f s", choice.candidate.label(),
+             choice.ratio, len(trials), len(sample.rows), seconds)
+    return SearchResult(choice.candidate, trials, seconds,
+                        {"tokens": int(len(sample.rows)), "train_snippets": sample.train.n,
+                         "heldout_snippets": sample.held.n, "base_kl": float(scorer.base.mean())})

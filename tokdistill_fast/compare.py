@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, export, heldout, models, pipeline, swap, tokens
+from . import autotune, contexts, export, heldout, models, pipeline, swap, tokens
 from .config import METHODS, TRAINED_METHODS, DistillConfig, UserInputError
 from .evalrun import Bench, EvalOptions, Measured
 from .kernels import backend as kernels
@@ -140,7 +140,7 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
     keys = [(c.method, c.loss, c.target_layer, c.lr, c.epochs, c.seed) for c in cfgs]  # what a search depends on
     if any(c.method in TRAINED_METHODS for c in cfgs):
         with timer("contexts"):
-            work = pipeline.build_workload(base, lm, tokenizer, toks, list(corpus), pipeline.bos_id(tokenizer), V)
+            work = pipeline.build_workload(base, lm, tokenizer, toks, list(corpus), contexts.start_id(tokenizer), V)
         for c, key in zip(cfgs, keys):  # "auto" settings run the same search a distill run would (once per setting)
             if key not in searches:
                 t0 = time.perf_counter()

@@ -45,11 +45,28 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 # Files a directory contributes; a file named explicitly is read whatever its suffix (as text unless JSONL/Parquet).
 CORPUS_SUFFIXES = (".txt", ".text", ".md") + JSONL_SUFFIXES + PARQUET_SUFFIXES
+# GPT-2-style tokenizers (SmolLM2, Qwen2, StarCoder, Pythia) put this token between documents in pretraining.
+DOC_SEPARATOR = "<|endoftext|>"
+
+
+def start_id(tokenizer) -> int | None:
+    """The id every snippet, prompt and held-out sequence starts with. A causal LM's first position is an attention
+    sink whose hidden state is thousands of times larger than the rest (SmolLM2 at layer 22: norm ~23,000 vs
+    ~300, whatever the token), so a new word must never sit there: BOS where the tokenizer adds one (Gemma), else
+    the document separator that pretraining put before each document (SmolLM2's <|endoftext|>), else the BOS or
+    EOS token the tokenizer names. None only for a tokenizer without any of them."""
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]:
+        return bos
+    sep = tokenizer.get_vocab().get(DOC_SEPARATOR)
+    if sep is not None:
+        return sep
+    return bos if bos is not None else tokenizer.eos_token_id
 
 
 @dataclass
 class Snippet:
-    """Teacher input for one token: original ids with the word's subtokens inside (BOS first if the model uses one)."""
+    """Teacher input for one token: original ids with the word's subtokens inside, the start id first (start_id)."""
 
     token: int  # index into the planned token list
     ids: list[int]
@@ -339,12 +356,12 @@ def place_window(left: int, word: int, right: int, budget: int) -> tuple[int, in
     return before, after
 
 
-def cut_snippets(tokenizer, tokens: list[NewToken], hits: list[list[Hit]], length: int, bos: int | None
+def cut_snippets(tokenizer, tokens: list[NewToken], hits: list[list[Hit]], length: int, start: int | None
                  ) -> tuple[list[Snippet], list[int]]:
     """Tokenize each hit's window once (batched, with offsets) and cut snippets of at most `length` ids.
     Returns the snippets and, per token, how many hits were dropped because the word tokenized differently."""
     flat = [(i, h) for i, hs in enumerate(hits) for h in hs]
-    budget = length - (bos is not None)
+    budget = length - (start is not None)
     dropped = [0] * len(tokens)
     snippets: list[Snippet] = []
     for chunk in range(0, len(flat), 4096):
@@ -361,12 +378,12 @@ def cut_snippets(tokenizer, tokens: list[NewToken], hits: list[list[Hit]], lengt
             end = first + len(sub)
             before, after = place_window(first - lo, len(sub), max(hi - end, 0), budget)
             window = ids[first - before:end + after]
-            snippets.append(Snippet(i, ([bos] if bos is not None else []) + window, "corpus"))
+            snippets.append(Snippet(i, ([start] if start is not None else []) + window, "corpus"))
     return snippets, dropped
 
 
 def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_token: int, length: int, seed: int,
-             bos: int | None, stop_when_full: bool = False, max_bytes: int | None = None
+             start: int | None, stop_when_full: bool = False, max_bytes: int | None = None
              ) -> tuple[list[Snippet], RetrievalStats, list[int]]:
     """Snippets from the corpus for every primary token (variants copy their primary's rows). `stop_when_full`
     and `max_bytes` end the pass early (see the module docstring for what that costs)."""
@@ -379,14 +396,15 @@ def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_tok
         stats.stopped_early = "max_bytes"
     log.info("searched %.1f MB of %d corpus file(s)%s", corpus.bytes_read / 1e6, len(corpus.files),
              f" (stopped early: {stats.stopped_early})" if stats.stopped_early else "")
-    snippets, dropped = cut_snippets(tokenizer, tokens, hits, length, bos)
+    snippets, dropped = cut_snippets(tokenizer, tokens, hits, length, start)
     return snippets, stats, dropped
 
 
 @torch.no_grad()
 def generate(model, tokenizer, tokens: list[NewToken], which: list[int], per_token: int, length: int, seed: int,
-             bos: int | None, temperature: float = 1.0, chunk: int = 256) -> list[Snippet]:
-    """Contexts sampled from the model itself, prompted with BOS + the word's subtokens (the paper's recipe).
+             start: int | None, temperature: float = 1.0, chunk: int = 256) -> list[Snippet]:
+    """Contexts sampled from the model itself, prompted with the start id + the word's subtokens (the paper's
+    recipe: BOS + word).
     Prompts of equal length are batched together, so no padding is needed."""
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -400,7 +418,8 @@ def generate(model, tokenizer, tokens: list[NewToken], which: list[int], per_tok
         rows = [i for i in idx for _ in range(per_token)]
         for c in range(0, len(rows), chunk):
             part = rows[c:c + chunk]
-            prompt = torch.tensor([([bos] if bos is not None else []) + tokens[i].sub_ids for i in part], device=device)
+            prompt = torch.tensor([([start] if start is not None else []) + tokens[i].sub_ids for i in part],
+                                  device=device)
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
                                  temperature=temperature, top_k=0, top_p=1.0,

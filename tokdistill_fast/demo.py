@@ -135,6 +135,25 @@ def gcide_corpus(out: Path, cache: Path | None = None) -> Path:
     return out
 
 
+def dictd_corpus(package: str, name: str, out: Path, cache: Path | None = None) -> Path:
+    """Running text from a dictd dictionary (FOLDOC, the Jargon File): one document per paragraph of an entry's
+    body, headword lines, cross-reference braces, <category> tags, [source] notes and (date) stamps removed."""
+    if out.exists():
+        return out
+    src = debian_file(package, Path(f"/usr/share/dictd/{name}.dict.dz"), cache)
+    text = gzip.open(src, "rt", encoding="utf-8", errors="replace").read()
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text):
+        body = " ".join(ln.strip() for ln in block.splitlines() if ln[:1].isspace() or paragraphs and ln.strip())
+        body = re.sub(r"<[^<>]{1,80}>|\[[^\]]*\]|^\(\d{4}-\d\d-\d\d\)$|[{}]", "", body.strip())
+        body = re.sub(r"\s+", " ", body).strip()
+        if len(body) > 40:
+            paragraphs.append(body)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(paragraphs[20:]) + "\n", encoding="utf-8")  # skip the package's preamble
+    return out
+
+
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
     """WordNet glosses with their example sentences, one per paragraph."""
     if out.exists():

@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from . import definitions, export, heldout, models
+from . import contexts, definitions, export, heldout, models
 from .config import UserInputError
 from .models import Decoder
-from .pipeline import bos_id
 from .tokens import NewToken, original_ids
 
 log = logging.getLogger(__name__)
@@ -85,16 +84,16 @@ class Bench:
         bad = [l for l in opts.layers if not 1 <= (l + decoder.num_layers + 1 if l < 0 else l) <= decoder.num_layers]
         if bad:
             raise UserInputError(f"--mse-layers {bad}: outside 1..{decoder.num_layers} (or -1..-{decoder.num_layers})")
-        bos = bos_id(tokenizer)
+        start = contexts.start_id(tokenizer)
         hs = heldout.build_heldout(paths, tokenizer, toks, new_ids, opts.snippets_per_token, snippet_length,
-                                   opts.seed, bos, opts.align_impl)
+                                   opts.seed, start, opts.align_impl)
         for t, n in zip(toks, hs.hits):
             if n == 0:
                 log.warning("no held-out occurrence of %r: left out of the held-out aggregates", t.word)
         ref = heldout.reference(decoder, hs, tuple(sorted({decoder.resolve_layer(l) for l in opts.layers})))
         bench = cls(decoder, tokenizer, toks, hs, ref, opts)
         if opts.definitions:
-            bench.prompts_original, bench.prompts_merged, merged = definitions.prompts(tokenizer, toks, new_ids, bos)
+            bench.prompts_original, bench.prompts_merged, merged = definitions.prompts(tokenizer, toks, new_ids, start)
             if not all(merged):
                 log.warning("%d definition prompt(s) do not contain the token's subtokens", merged.count(False))
             bench.reference_definitions = definitions.generate_definitions(

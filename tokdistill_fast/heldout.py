@@ -123,10 +123,10 @@ class HeldoutSet:
 
 
 def build_heldout(paths: list[str | Path], tokenizer, toks: list[NewToken], new_ids: list[int], per_token: int,
-                  length: int, seed: int, bos: int | None, align_impl: str = "auto") -> HeldoutSet:
+                  length: int, seed: int, start: int | None, align_impl: str = "auto") -> HeldoutSet:
     """Retrieve held-out snippets for `toks` (primaries) and align them, merging each token's subtokens into its
     id in `new_ids`. Tokens without held-out hits get no snippets (the report lists them)."""
-    snippets, stats, _ = contexts.retrieve(paths, tokenizer, toks, per_token, length, seed, bos)
+    snippets, stats, _ = contexts.retrieve(paths, tokenizer, toks, per_token, length, seed, start)
     if not snippets:
         raise UserInputError("no held-out snippet contains any of the new tokens; pass more --heldout text")
     teacher_ids, cu_teacher = align.pack([s.ids for s in snippets])

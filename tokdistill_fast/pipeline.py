@@ -87,14 +87,6 @@ class Workload:
         return np.bincount(self.snippet_row, minlength=len(self.primaries))
 
 
-def bos_id(tokenizer) -> int | None:
-    """BOS id when the tokenizer adds it by default (Gemma), else None (SmolLM2): snippets start mid-text, and
-    the model was trained with whatever its tokenizer adds."""
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return bos if bos is not None and probe and probe[0] == bos else None
-
-
 def subtoken_mean(table: torch.Tensor, toks: list[NewToken]) -> torch.Tensor:
     """Mean of each token's original subtoken rows, in fp32 (the paper's start point, a.k.a. FVT)."""
     return torch.stack([table[t.sub_ids].float().mean(0) for t in toks])
@@ -115,7 +107,7 @@ def trained_tokens(cfg: DistillConfig, toks: list[NewToken]) -> list[int]:
 
 
 def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], corpus: list,
-                    bos: int | None) -> tuple[list[contexts.Snippet], dict, dict, dict]:
+                    start: int | None) -> tuple[list[contexts.Snippet], dict, dict, dict]:
     """Retrieve snippets for the tokens to train; top up tokens with too few from the model's own generations."""
     primaries = trained_tokens(cfg, toks)
     found = dict.fromkeys(primaries, 0)
@@ -124,7 +116,7 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
     if cfg.contexts == "retrieve":
         sub = [toks[i] for i in primaries]
         got, rstats, dropped = contexts.retrieve(corpus, tokenizer, sub, cfg.snippets_per_token,
-                                                 cfg.snippet_length, cfg.seed, bos, cfg.stop_when_full,
+                                                 cfg.snippet_length, cfg.seed, start, cfg.stop_when_full,
                                                  cfg.max_corpus_bytes)
         for s in got:
             s.token = primaries[s.token]
@@ -138,7 +130,7 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
     if short:
         log.info("generating contexts for %d token(s) with too few corpus snippets", len(short))
         extra = contexts.generate(model, tokenizer, toks, short, cfg.snippets_per_token, cfg.snippet_length,
-                                  cfg.seed, bos, cfg.generate_temperature)
+                                  cfg.seed, start, cfg.generate_temperature)
         per = {i: 0 for i in short}
         for s in extra:
             if found[s.token] + per[s.token] < cfg.snippets_per_token:
@@ -149,8 +141,8 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
     return snippets, found, sources, stats
 
 
-def build_workload(cfg, model, tokenizer, toks, corpus, bos, V: int) -> Workload:
-    snippets, found, sources, retrieval = gather_contexts(cfg, model, tokenizer, toks, corpus, bos)
+def build_workload(cfg, model, tokenizer, toks, corpus, start, V: int) -> Workload:
+    snippets, found, sources, retrieval = gather_contexts(cfg, model, tokenizer, toks, corpus, start)
     primaries = trained_tokens(cfg, toks)
     row_of = {tok_i: r for r, tok_i in enumerate(primaries)}
     teacher_ids, cu_teacher = align.pack([s.ids for s in snippets], cfg.align_impl)
@@ -238,7 +230,7 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
     if cfg.method in TRAINED_METHODS and primaries:
         with timer("contexts"):
             work = work_dir.stage("workload", lambda: build_workload(cfg, model, tokenizer, toks, list(corpus),
-                                                                     bos_id(tokenizer), V))
+                                                                     contexts.start_id(tokenizer), V))
         for i, n in zip(work.primaries, work.snippets_per_row()):
             log.info("%-24r %3d snippet(s) [%s]", toks[i].word, n, work.sources[i])
         with timer("autotune"):
@@ -317,21 +309,21 @@ def uses_last_layer(cfg: DistillConfig) -> bool:
 
 def search_settings(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken], work: Workload, tied: bool,
                     backend: str) -> autotune.SearchResult | None:
-    """Run the layer/lr/epochs search when the config leaves any to "auto" and the run trains; None otherwise or
-    when too few tokens have enough snippets to hold some out (then the defaults apply)."""
-    if "auto" not in (cfg.target_layer, cfg.lr, cfg.epochs) or cfg.method not in TRAINED_METHODS:
+    """Run the layer/epochs search when the config leaves either to "auto" and there is a choice to make (logit
+    losses and NTP read the last layer); None otherwise or when too few tokens have enough snippets to hold some
+    out (then the defaults apply). `--lr auto` needs no search: it is the measured rule autotune.default_lr."""
+    layer_search = cfg.target_layer == "auto" and not uses_last_layer(cfg)
+    if not (layer_search or cfg.epochs == "auto") or cfg.method not in TRAINED_METHODS:
         return None
     L = decoder.num_layers
     enough = np.bincount(work.snippet_row, minlength=len(work.primaries)) >= 3
     if enough.sum() < 4:
         log.info("autotune: fewer than 4 tokens with 3+ snippets; using the default layer and learning rate")
         return None
-    if cfg.target_layer != "auto":
-        layers = [decoder.resolve_layer(int(cfg.target_layer))]
-    elif uses_last_layer(cfg):
-        layers = [L]
-    else:
+    if layer_search:
         layers = None
+    else:
+        layers = [L if cfg.target_layer == "auto" else decoder.resolve_layer(int(cfg.target_layer))]
     init = subtoken_mean(decoder.embed_weight, [toks[i] for i in work.primaries]).to(decoder.embed_weight.device)
     search_epochs = cfg.epochs == "auto" and cfg.prefix_sharing != "fused"  # fused steps see each snippet once
     schedule = student.Schedule(lr=0.0, epochs=1 if cfg.epochs == "auto" else int(cfg.epochs),
