@@ -16,7 +16,7 @@ import numpy as np
 from safetensors import safe_open
 
 from . import contexts, definitions, export, heldout, models
-from .config import UserInputError
+from .config import OUTLIER_FACTOR, UserInputError
 from .models import Decoder
 from .tokens import NewToken, original_ids
 
@@ -204,6 +204,9 @@ def evaluate(original: str | Path, adapted: str | Path, heldout_paths: list, out
     return report
 
 
+SHOWN_TOKENS = 20  # per-token rows printed on the terminal; the JSON report has them all
+
+
 def markdown_summary(report: dict) -> str:
     """A few lines for the terminal: the aggregates with their intervals."""
     lines = [f"{report['counts']['tokens_with_heldout']}/{report['counts']['tokens']} token(s) with held-out text, "
@@ -218,6 +221,15 @@ def markdown_summary(report: dict) -> str:
                          f"[{d[name]['ci95'][0]:.4g}, {d[name]['ci95'][1]:.4g}] |")
     if "skipped" in d:
         lines.append(d["skipped"])
+    scored = sorted((t for t in report["tokens"] if t.get("kl") is not None), key=lambda t: -t["kl"])
+    if scored:
+        median = float(np.median([t["kl"] for t in scored]))
+        lines += [f"per token, worst first (median KL {median:.4g}; * = over {OUTLIER_FACTOR:g}x the median):",
+                  "| word | KL | top-1 | snippets |", "|---|---|---|---|"]
+        lines += [f"| {t['word']}{' *' if t['kl'] > OUTLIER_FACTOR * median else ''} | {t['kl']:.4g} | "
+                  f"{t.get('top1', float('nan')):.3f} | {t['snippets']} |" for t in scored[:SHOWN_TOKENS]]
+        if len(scored) > SHOWN_TOKENS:
+            lines.append(f"... {len(scored) - SHOWN_TOKENS} more in the JSON report ('tokens')")
     ts = report["tokens_saved"]
     lines.append(f"tokens saved on held-out text: {100 * ts['saved_fraction']:.2f}% "
                  f"({ts['original_tokens']} -> {ts['adapted_tokens']})")

@@ -32,7 +32,7 @@ from . import (
     teacher,
     tokens,
 )
-from .config import TRAINED_METHODS, DistillConfig, UserInputError
+from .config import OUTLIER_FACTOR, TRAINED_METHODS, DistillConfig, UserInputError
 from .kernels import backend as kernels
 from .tokens import NewToken, Skipped
 
@@ -259,6 +259,7 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
     swap.annotate_methods(report, toks, cfg.method, set(primaries) if train_result is not None else set(),
                           learned.init_used)
     report["retrieval"] = work.retrieval if work is not None else None
+    report["outliers"] = flag_outliers(report["tokens"])
     report["chunks"] = plan.bounds if plan is not None else None
     def finish_report(**running: float) -> dict:
         """Timings so far; `running` adds stages still under way (export writes the report as its last file)."""
@@ -472,6 +473,23 @@ def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decode
         "tokens": per_token,
         "skipped": [{"word": s.word, "reason": s.reason} for s in skipped],
     }
+
+
+def flag_outliers(per_token: list[dict]) -> list[dict]:
+    """Trained tokens whose final loss exceeds OUTLIER_FACTOR x the median, logged with what to look at. Their rows
+    are kept as trained (the held-out measure of `tokdistill eval` tells whether they beat the subtoken mean)."""
+    losses = [t["final_loss"] for t in per_token if t["final_loss"] is not None and np.isfinite(t["final_loss"])]
+    if len(losses) < 3:
+        return []
+    median = float(np.median(losses))
+    flagged = [{"word": t["word"], "final_loss": t["final_loss"], "times_median": t["final_loss"] / median,
+                "contexts": t["contexts"], "source": t["source"]}
+               for t in per_token if t["final_loss"] is not None and t["final_loss"] > OUTLIER_FACTOR * median]
+    for f in flagged:
+        log.warning("outlier: %r ended at loss %.3g, %.0fx the median %.3g (%d contexts from %s); its row is kept "
+                    "as trained: check its contexts and its held-out KL (tokdistill eval)", f["word"],
+                    f["final_loss"], f["times_median"], median, f["contexts"], f["source"])
+    return flagged
 
 
 def write_output(out: Path, cfg, original, tokenizer, new_tokenizer, toks, rows, out_rows, tied, finish_report,

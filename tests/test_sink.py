@@ -1,0 +1,99 @@
+"""The attention sink never enters an aligned pair: every snippet starts with a document-start token, so a new word
+is never the first position, and no pair touches position 0 of the teacher or the student (issue 18). On the real
+SmolLM2 weights, whose first position carries hidden states ~80x larger than the rest, the aligned states of words
+that start their documents stay ordinary."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tokdistill_fast.kernels.embedding_rows import embedding_rows
+
+from tokdistill_fast import DistillConfig, contexts, models, pipeline, tokens
+from tokdistill_fast.config import cache_dir
+
+WORDS = ["palatable", "bivalve"]
+# Each word opens two documents (with the leading space of running text, as a window cut at an earlier occurrence
+# also starts) and sits mid-text in one: without a start token those snippets would put the word at position 0.
+DOCS = [" palatable food is good food to eat", " palatable meals", "we ate a palatable dinner today",
+        " bivalve shells on the beach", " bivalve creatures", "a bivalve mollusc in the sea"]
+
+
+def workload(tok, corpus, model=None, words=WORDS) -> tuple[pipeline.Workload, list[tokens.NewToken]]:
+    toks, _ = tokens.plan_new_tokens(tok, words, add_variants=False)
+    cfg = DistillConfig(snippets_per_token=10, snippet_length=24, add_variants=False)
+    V = len(tok) if model is None else model.get_input_embeddings().weight.shape[0]
+    return pipeline.build_workload(cfg, model, tok, toks, [corpus], contexts.start_id(tok), V), toks
+
+
+@pytest.fixture
+def doc_corpus(tmp_path):
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(DOCS) + "\n", encoding="utf-8")
+    return path
+
+
+def test_start_id_is_bos_where_added_else_a_document_start(tokenizers_by_kind):
+    with_bos = tokenizers_by_kind["metaspace"]  # adds <bos> by default, as Gemma does
+    assert contexts.start_id(with_bos) == with_bos.bos_token_id
+    no_bos = tokenizers_by_kind["bytelevel"]  # adds nothing, as SmolLM2 does: its named BOS still opens snippets
+    assert no_bos("a")["input_ids"][0] != no_bos.bos_token_id
+    assert contexts.start_id(no_bos) == no_bos.bos_token_id
+    no_bos.add_special_tokens({"additional_special_tokens": [contexts.DOC_SEPARATOR]})
+    assert contexts.start_id(no_bos) == no_bos.convert_tokens_to_ids(contexts.DOC_SEPARATOR)
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_words_at_document_start_never_pair_position_zero(tokenizers_by_kind, doc_corpus, kind):
+    tok = tokenizers_by_kind[kind]
+    work, _ = workload(tok, doc_corpus)
+    start = contexts.start_id(tok)
+    assert start is not None and len(work.snippets) == len(DOCS)
+    assert all(s.ids[0] == start and start not in s.ids[1:] for s in work.snippets)
+    al = work.alignment
+    assert len(al.s_pos) and al.s_pos.min() >= 1 and al.t_pos.min() >= 1
+    firsts = al.s_pos[al.cu_aligned[:-1]]
+    assert (firsts == 1).sum() == 4  # the four documents that open with the word: right after the start token
+
+
+def real_model():
+    path = cache_dir() / "smollm2-135m-instruct"
+    if not path.exists():
+        if os.environ.get("TOKDISTILL_REQUIRE_REAL") == "1":
+            pytest.fail(f"real model missing (python -m tokdistill_fast.demo prepare): {path}")
+        pytest.skip("run `python -m tokdistill_fast.demo prepare` first (make test does)")
+    return models.load_model(path, torch.device("cpu"), torch.float32)
+
+
+@torch.no_grad()
+def test_real_sink_stays_out_of_the_aligned_states(doc_corpus):
+    model, tok = real_model()
+    work, toks = workload(tok, doc_corpus, model)
+    dec = models.Decoder(model)
+    V, layer = dec.embed_weight.shape[0], 22  # the layer where SmolLM2's sink is ~23,000 vs ~300 (NOTES.md)
+    rows = pipeline.subtoken_mean(dec.embed_weight, toks)
+    al = work.alignment
+    norms = []
+    for i, s in enumerate(work.snippets):
+        t_ids = torch.tensor([s.ids])
+        s_ids = torch.from_numpy(al.student_ids[al.cu_student[i]:al.cu_student[i + 1]]).unsqueeze(0)
+        t_h = dec.hidden_states(dec.embed(t_ids), [layer])[layer][0]
+        s_h = dec.hidden_states(embedding_rows(s_ids, dec.embed_weight, rows, dec.embed_scale), [layer])[layer][0]
+        pairs = slice(al.cu_aligned[i], al.cu_aligned[i + 1])
+        norms.append(torch.cat([t_h[al.t_pos[pairs]], s_h[al.s_pos[pairs]]]).norm(dim=-1))
+        assert t_h[0].norm() > 20 * t_h[1:].norm(dim=-1).median()  # the sink is there, on the start token
+        assert s_ids.max() >= V  # the student reads the new id
+    norms = torch.cat(norms)
+    assert norms.max() < 5 * norms.median(), (norms.max(), norms.median())
+
+
+def test_outlier_tokens_are_flagged_with_their_contexts(caplog):
+    per_token = [{"word": f"w{i}", "final_loss": 1.0 + 0.1 * i, "contexts": 25, "source": "corpus"} for i in range(9)]
+    assert pipeline.flag_outliers(per_token) == []
+    per_token.append({"word": "sunk", "final_loss": 2400.0, "contexts": 7, "source": "corpus"})
+    per_token.append({"word": "variant", "final_loss": None, "contexts": 0, "source": "variant"})
+    flagged = pipeline.flag_outliers(per_token)
+    assert [f["word"] for f in flagged] == ["sunk"] and flagged[0]["times_median"] > 1000
+    assert "sunk" in caplog.text and "outlier" in caplog.text
