@@ -27,7 +27,6 @@ from tokdistill_fast.heldout import (
     snippet_metrics,
 )
 from tokdistill_fast.models import Decoder, load_model
-from tokdistill_fast.teacher import compute
 
 FAST = dict(snippets_per_token=6, snippet_length=20, batch_size=4, target_layer=2, lr=1e-2)
 COMBOS = [("llama", "bytelevel", True), ("qwen2", "bytelevel", False), ("gemma3", "metaspace", True)]
@@ -116,8 +115,8 @@ def test_scores_match_plain_forward(adapted, heldout_file):
     np.testing.assert_allclose(values["nll_diff"], nll_s - nll_t, rtol=1e-3, atol=1e-4)
 
 
-def test_in_memory_rows_match_saved_model_and_student_scores(adapted, heldout_file):
-    """Scorer(original + rows) scores exactly like the saved adapted model, and like evaluate.student_scores."""
+def test_in_memory_rows_match_saved_model(adapted, heldout_file):
+    """Scorer(original + rows) (what the layer search scores) measures exactly like the saved adapted model."""
     src, out = adapted
     orig_model, orig_tok = load_model(src, torch.device("cpu"), torch.float32)
     ad_model, _ = load_model(out, torch.device("cpu"), torch.float32)
@@ -138,12 +137,6 @@ def test_in_memory_rows_match_saved_model_and_student_scores(adapted, heldout_fi
     np.testing.assert_allclose(mem.kl, ad.kl, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(mem.new_mass, ad.new_mass, atol=1e-6, rtol=1e-4)
     np.testing.assert_allclose(mem.nll, ad.nll, rtol=1e-4)
-    from tokdistill_fast.evaluate import student_scores
-
-    L = dec.num_layers
-    final = compute(dec, hs_mem.teacher_ids, hs_mem.cu_teacher, hs_mem.alignment, [L], 4096, torch.float32)
-    lead = student_scores(dec, hs_mem.alignment, rows, final.states[L])
-    np.testing.assert_allclose(mem.kl, lead.kl, atol=1e-5, rtol=1e-4)
 
 
 def test_greedy_matches_generate_and_merged_prompts(adapted):

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from . import evaluate, student, teacher
+from . import heldout, student, teacher
 from .align import Alignment, take_packed, trim_suffix
 from .models import Decoder
 
@@ -122,23 +122,23 @@ def draw_sample(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, 
     return Sample(t_al, t_ids, t_cu, remap[snippet_row[t_idx]], h_al, h_ids, h_cu, remap[snippet_row[h_idx]], rows)
 
 
-class Scorer:
-    """Held-out KL per sampled token relative to subtoken-mean init; the teacher's final states are computed once."""
+class HeldoutRatios:
+    """Held-out KL per sampled token relative to subtoken-mean init, by the measure of `tokdistill eval`
+    (heldout.py); the original model's final states on the held-out snippets are computed once."""
 
-    def __init__(self, decoder: Decoder, sample: Sample, init_rows: torch.Tensor, max_tokens: int, backend: str):
-        self.decoder, self.sample, self.max_tokens, self.backend = decoder, sample, max_tokens, backend
-        L = decoder.num_layers
-        self.final = teacher.compute(decoder, sample.held_ids, sample.held_cu, sample.held, [L], max_tokens,
-                                     decoder.embed_weight.dtype).states[L]
-        self.pair_row = np.repeat(sample.held_row, np.diff(sample.held.cu_aligned))  # sample row of each pair
+    def __init__(self, decoder: Decoder, sample: Sample, init_rows: torch.Tensor):
+        self.decoder = decoder
+        V, n = decoder.embed_weight.shape[0], len(sample.rows)
+        self.held = heldout.HeldoutSet([], [V + r for r in range(n)], sample.held_row, sample.held_ids,
+                                       sample.held_cu, sample.held, np.bincount(sample.held_row, minlength=n).tolist())
+        self.ref = heldout.reference(decoder, self.held)
         self.base = self.kl(init_rows)
 
     def kl(self, rows: torch.Tensor) -> np.ndarray:
-        """[tokens] mean KL over each sampled token's held-out pairs."""
-        scores = evaluate.student_scores(self.decoder, self.sample.held, rows, self.final, self.max_tokens,
-                                         backend=self.backend)
-        n = len(self.sample.rows)
-        return np.bincount(self.pair_row, scores.kl, n) / np.maximum(np.bincount(self.pair_row, minlength=n), 1)
+        """[tokens] held-out KL of each sampled token (per snippet, then per token, as in `eval`)."""
+        scores = heldout.score(heldout.Scorer(self.decoder, rows=rows), self.held, self.ref)
+        values = heldout.snippet_metrics(scores, self.held, self.ref)
+        return np.array([t["kl"] for t in heldout.per_token(values, self.held.snippet_token, len(self.held.new_ids))])
 
     def ratios(self, rows: torch.Tensor) -> np.ndarray:
         """[tokens] held-out KL relative to subtoken-mean init (every token weighs the same, as in `eval`)."""
@@ -190,7 +190,7 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
            init_rows: torch.Tensor, budget: float, schedule: student.Schedule,
            objective: Callable[[int], student.Objective], tied: bool, layers: list[int] | None = None,
            lr: float | None = None, search_epochs: bool = False, keep: int = 12, search_batch: int = 4,
-           max_tokens: int = 8192, prefix: bool = False, fused: bool = False, per_token: int = 10,
+           prefix: bool = False, fused: bool = False, per_token: int = 10,
            heldout_share: float = 0.4, min_tokens: int = 8) -> SearchResult:
     """Pick the cheapest Candidate that no costlier one beats beyond noise, within about `budget` x the main run's
     cost. `objective(layer)` is the run's own objective at a layer; `layers` / `lr` fix a dimension (a user-given
@@ -214,10 +214,11 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     sample = draw_sample(al, teacher_ids, cu_teacher, snippet_row, V, n_rows, n_tokens, heldout_share, keep,
                          schedule.seed, per_token)
     rows0 = init_rows[torch.from_numpy(sample.rows).to(init_rows.device)]
-    scorer = Scorer(decoder, sample, rows0, max_tokens, schedule.backend)
+    scorer = HeldoutRatios(decoder, sample, rows0)
     objectives = {layer: dataclasses.replace(objective(layer), train_output=False) for layer in layers}
     cached = sorted({o.layer if o.distill == "mse" else L for o in objectives.values() if o.distill is not None})
-    cache = teacher.compute(decoder, sample.train_ids, sample.train_cu, sample.train, cached, max_tokens,
+    cache = teacher.compute(decoder, sample.train_ids, sample.train_cu, sample.train, cached,
+                            teacher.batch_tokens(decoder.embed_weight.device),
                             decoder.embed_weight.dtype, packed=prefix) if cached else None
     trials: list[Trial] = []
 

@@ -4,7 +4,7 @@ tokenization, on text that training never saw.
 Snippets come from the same retrieval (contexts.py) and alignment (align.py) as training. The original model reads
 the subtokens, the adapted one the single new token; at every aligned position (the new token and everything after
 it) we compare next-token distributions over the original vocabulary (KL(original || adapted) and top-1
-agreement; new-token columns left out and the rest renormalized, as in evaluate.py), the adapted model's
+agreement; new-token columns left out and the rest renormalized), the adapted model's
 probability mass on new tokens, optionally the hidden states at chosen layers, and per snippet the NLL of the
 continuation (the text after the first new token) under each model. Each metric is averaged per snippet, then per
 token, then over tokens (every token weighs the same); confidence intervals come from a two-level bootstrap
@@ -149,10 +149,6 @@ class Reference:
     logits: Callable[[torch.Tensor], torch.Tensor]  # the original model's head
 
 
-def _max_tokens(device: torch.device) -> int:
-    return 32768 if device.type == "cuda" else 4096
-
-
 @torch.no_grad()
 def reference(decoder: Decoder, hs: HeldoutSet, layers: tuple[int, ...] = (), dtype: torch.dtype | None = None
               ) -> Reference:
@@ -163,7 +159,7 @@ def reference(decoder: Decoder, hs: HeldoutSet, layers: tuple[int, ...] = (), dt
     # teacher.compute gathers rows at alignment.t_pos; handing it the continuation positions gathers those.
     cont = Alignment(hs.alignment.student_ids, hs.alignment.cu_student, hs.cont_pos, hs.cont_pos, hs.cu_cont)
     cache = teacher.compute(decoder, hs.teacher_ids, hs.cu_teacher, cont, sorted({L, *layers}),
-                            max_tokens=_max_tokens(device), cache_dtype=dtype)
+                            max_tokens=teacher.batch_tokens(device), cache_dtype=dtype)
     final = cache.states[L]
     in_cont = torch.from_numpy(hs.aligned_in_cont()).to(final.device)
     hidden = {l: cache.states[l].index_select(0, in_cont) for l in layers}
@@ -211,7 +207,7 @@ def score(model: Scorer, hs: HeldoutSet, ref: Reference) -> Scores:
     has_next = al.s_pos + 1 < seq_len
     snippet = np.repeat(np.arange(al.n), np.diff(al.cu_aligned))
     target_all = al.student_ids[al.cu_student[snippet] + al.s_pos + has_next]
-    for batch in length_batches(np.diff(al.cu_student), _max_tokens(device)):
+    for batch in length_batches(np.diff(al.cu_student), teacher.batch_tokens(device)):
         ids = pad_batch(al.student_ids, al.cu_student, batch, device)
         hidden = dec.hidden_states(model.embed(ids), layers)
         idx = torch.from_numpy(aligned_rows(al.cu_aligned, al.s_pos, batch, ids.shape[1])).to(device)

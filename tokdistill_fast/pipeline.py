@@ -358,7 +358,7 @@ def teacher_cache(decoder: models.Decoder, work: Workload, layers: list[int], dt
 def teacher_options(decoder: models.Decoder, dtype: torch.dtype, packed: bool) -> dict:
     """teacher.compute's batch size, cache dtype and placement for this run's device."""
     cuda = decoder.embed_weight.device.type == "cuda"
-    return {"max_tokens": 65536 if cuda else 8192, "cache_dtype": dtype, "packed": packed,
+    return {"max_tokens": teacher.batch_tokens(decoder.embed_weight.device), "cache_dtype": dtype, "packed": packed,
             "device_budget": torch.cuda.mem_get_info()[0] // 2 if cuda else None}
 
 
