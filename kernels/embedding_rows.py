@@ -27,7 +27,8 @@ def embedding_rows_ref(ids: torch.Tensor, table: torch.Tensor, new_rows: torch.T
 
 
 # 1024 columns per program: a 4 KB fp32 tile, 8 values per thread at Triton's default 4 warps, for any hidden size.
-# Not yet tuned on a GPU (none was available when this was written); `make bench-kernels` is the sweep to run.
+# Not swept: on an H100 this kernel already ran 74x faster than PyTorch at 256 x 256 ids (bench/results/kernels.json);
+# a block-size sweep would go into `make bench-kernels`.
 MAX_BLOCK_D = 1024
 
 

@@ -25,8 +25,8 @@ def masked_mse_ref(S: torch.Tensor, T: torch.Tensor, s_idx: torch.Tensor, t_idx:
 
 
 # Columns per program: at most 1024 (a 4 KB fp32 tile, 8 values per thread at Triton's default 4 warps); the
-# forward loops over column blocks so one program owns a pair's whole sum. Not yet tuned on a GPU (none was
-# available when this was written); `make bench-kernels` is the sweep to run.
+# forward loops over column blocks so one program owns a pair's whole sum. Not swept: on an H100 it already ran
+# 7.5x faster than PyTorch at 65k rows (bench/results/kernels.json); a sweep would go into `make bench-kernels`.
 MAX_BLOCK_D = 1024
 
 

@@ -1,5 +1,6 @@
 """End to end on tiny random models of three families and both tokenizer families: the output directory loads
-as is, tokenizes new words to one id, keeps original rows bit-identical, and training lowers the loss."""
+as is, tokenizes new words to one id, keeps original rows bit-identical, and the trained rows beat their start rows
+on the held-out measure."""
 
 import json
 
@@ -10,6 +11,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokdistill_fast import DistillConfig, distill
+from tokdistill_fast.contexts import start_id
+from tokdistill_fast.heldout import Scorer, build_heldout, reference, score
+from tokdistill_fast.models import Decoder, load_model
+from tokdistill_fast.pipeline import subtoken_mean
 
 FAST = dict(snippets_per_token=8, snippet_length=24, batch_size=4, target_layer=2, lr=1e-2, epochs=2)
 
@@ -66,5 +71,22 @@ def test_report_and_training(run):
     primaries = [t for t in report["tokens"] if t["variant_of"] is None]
     assert {t["word"] for t in primaries} == set(NEW_WORDS)
     assert all(t["contexts"] > 0 for t in primaries)
-    assert report["training"]["last_loss"] < report["training"]["first_loss"]
     assert set(report["timings"]) >= {"load", "tokens", "contexts", "teacher", "student", "export", "total"}
+
+
+def test_training_beats_the_start_rows_on_the_measure(run, corpus_file):
+    """Learning, measured on the same snippets for the trained rows and for the subtoken-mean start rows: the
+    objective (hidden-state MSE at the target layer) and what `tokdistill eval` measures (next-token KL to the
+    original model from the new token on)."""
+    src, _, result = run
+    model, tok = load_model(src, torch.device("cpu"), torch.float32)
+    dec = Decoder(model)
+    prim = [i for i, t in enumerate(result.tokens) if t.variant_of is None]
+    toks = [result.tokens[i] for i in prim]
+    V, layer = dec.embed_weight.shape[0], FAST["target_layer"]
+    hs = build_heldout([corpus_file], tok, toks, [V + r for r in range(len(prim))], 4, 24, 0, start_id(tok))
+    ref = reference(dec, hs, (layer,))
+    trained = score(Scorer(dec, rows=result.rows[prim]), hs, ref)
+    start = score(Scorer(dec, rows=subtoken_mean(dec.embed_weight, toks)), hs, ref)
+    assert trained.mse[layer].mean() < start.mse[layer].mean()  # tiny models: 0.6x (Llama, Qwen2), 0.96x (Gemma)
+    assert trained.kl.mean() < start.kl.mean()

@@ -52,14 +52,19 @@ class Alignment:
         return Alignment(ids, cu_s, s_pos, t_pos, cu_a)
 
 
+def cu_seqlens(lengths: np.ndarray) -> np.ndarray:
+    """Cumulative lengths [0, l0, l0 + l1, ...] int64: the offsets of packed sequences (FlashAttention's cu_seqlens)."""
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
 def trim_suffix(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, keep: int
                 ) -> tuple[Alignment, np.ndarray, np.ndarray]:
     """Cut every snippet after its first `keep` aligned positions (student and teacher alike), for cheap proxies
     that only need the positions right after the word."""
-    n = al.n
     a_len = np.minimum(np.diff(al.cu_aligned), keep)
-    cu_a = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(a_len, out=cu_a[1:])
+    cu_a = cu_seqlens(a_len)
     pick = np.repeat(al.cu_aligned[:-1], a_len) + np.arange(cu_a[-1]) - np.repeat(cu_a[:-1], a_len)
     s_pos, t_pos = al.s_pos[pick], al.t_pos[pick]
     s_len, t_len = np.diff(al.cu_student), np.diff(cu_teacher)
@@ -75,8 +80,7 @@ def trim_suffix(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, 
 
 def _prefixes(flat: np.ndarray, cu: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The first lens[i] values of each packed sequence, repacked."""
-    new_cu = np.zeros(len(lens) + 1, dtype=np.int64)
-    np.cumsum(lens, out=new_cu[1:])
+    new_cu = cu_seqlens(lens)
     gather = np.repeat(cu[:-1] - new_cu[:-1], lens) + np.arange(new_cu[-1])
     return flat[gather], new_cu
 
@@ -84,8 +88,7 @@ def _prefixes(flat: np.ndarray, cu: np.ndarray, lens: np.ndarray) -> tuple[np.nd
 def take_packed(flat: np.ndarray, cu: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sequences `idx` of a packed array, repacked: (values, cu_seqlens)."""
     lens = cu[idx + 1] - cu[idx]
-    new_cu = np.zeros(len(idx) + 1, dtype=np.int64)
-    np.cumsum(lens, out=new_cu[1:])
+    new_cu = cu_seqlens(lens)
     gather = np.repeat(cu[idx] - new_cu[:-1], lens) + np.arange(new_cu[-1])
     return flat[gather], new_cu
 
@@ -94,8 +97,7 @@ def pack(seqs: list[list[int]], impl: str = "auto") -> tuple[np.ndarray, np.ndar
     """Concatenate sequences of ints into (values int64, cu_seqlens int64); impl as in `align`."""
     if resolved(impl) == "cpp":
         return _align_ext.pack(seqs)
-    cu = np.zeros(len(seqs) + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs)), out=cu[1:])
+    cu = cu_seqlens(np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs)))
     # fromiter over chain() converts in C: ~2x faster than a generator or np.concatenate of per-list arrays
     # (both pay per-list or per-element Python overhead) on 64k lists of ~50 ints.
     flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(cu[-1]))

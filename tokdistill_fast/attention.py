@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .align import cu_seqlens
+
 NAME = "tokdistill"  # the name registered in transformers' AttentionInterface
 KWARG = "tokdistill_attn"  # the layer kwarg that carries the Attend object
 
@@ -214,12 +216,6 @@ def varlen_causal_ref(q, k, v, cu_q, cu_k, scale: float | None) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def cu(lengths: np.ndarray) -> np.ndarray:
-    """cu_seqlens of `lengths`: [0, l0, l0 + l1, ...] int64."""
-    out = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
 
 def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of arange(s, s + l) for each (s, l), vectorized. int64."""
@@ -227,7 +223,7 @@ def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     total = int(lengths.sum())
     if total == 0:
         return np.zeros(0, dtype=np.int64)
-    offsets = np.repeat(np.asarray(starts, dtype=np.int64) - cu(lengths)[:-1], lengths)
+    offsets = np.repeat(np.asarray(starts, dtype=np.int64) - cu_seqlens(lengths)[:-1], lengths)
     return offsets + np.arange(total, dtype=np.int64)
 
 
@@ -241,14 +237,14 @@ def packed_spec(q_len: np.ndarray, prefix_len: np.ndarray | None = None,
         prefix_len = None
     k_len = q_len if prefix_len is None else prefix_len + q_len
     B, max_q, max_k = len(q_len), int(q_len.max(initial=0)), int(k_len.max(initial=0))
-    cu_q, cu_k = cu(q_len), cu(k_len)
+    cu_q, cu_k = cu_seqlens(q_len), cu_seqlens(k_len)
     seq_q, seq_k = np.repeat(np.arange(B), q_len), np.repeat(np.arange(B), k_len)
     spec = Spec(max_len=max_k, cu_q=torch.from_numpy(cu_q).int(), cu_k=torch.from_numpy(cu_k).int(), max_q=max_q,
                 max_k=max_k, q_len=torch.from_numpy(q_len), k_len=torch.from_numpy(k_len),
                 q_slot=torch.from_numpy(seq_q * max_q + np.arange(len(seq_q)) - cu_q[seq_q]),
                 k_slot=torch.from_numpy(seq_k * max_k + np.arange(len(seq_k)) - cu_k[seq_k]))
     if prefix_len is not None:
-        cu_p = cu(prefix_len)
+        cu_p = cu_seqlens(prefix_len)
         order = np.empty(int(k_len.sum()), dtype=np.int64)
         order[ranges(cu_k[:-1], prefix_len)] = ranges(cu_p[:-1], prefix_len)
         order[ranges(cu_k[:-1] + prefix_len, q_len)] = cu_p[-1] + ranges(cu_q[:-1], q_len)

@@ -31,7 +31,6 @@ DEFAULT_METHODS = ("random", "mean", "ntp", "ntp-all", "token-distill", "token-d
                    "token-distill+alpha-ntp", "token-distill@loss=kl", "token-distill@loss=logits-mse")
 RANDOMIZED = ("random",)  # methods whose result depends on the seed beyond batch order: several seeds by default
 SPEC_KEYS = {"layer": "target_layer", "lr": "lr", "epochs": "epochs", "loss": "loss", "batch": "batch_size"}
-TABLE_METRICS = ("kl", "kl_at_new", "top1", "top1_at_new", "nll_diff", "new_mass")
 
 
 @dataclass

@@ -404,8 +404,7 @@ def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_tok
 def generate(model, tokenizer, tokens: list[NewToken], which: list[int], per_token: int, length: int, seed: int,
              start: int | None, temperature: float = 1.0, chunk: int = 256) -> list[Snippet]:
     """Contexts sampled from the model itself, prompted with the start id + the word's subtokens (the paper's
-    recipe: BOS + word).
-    Prompts of equal length are batched together, so no padding is needed."""
+    recipe: BOS + word). Prompts of equal length are batched together, so no padding is needed."""
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     by_len: dict[int, list[int]] = {}
@@ -420,11 +419,13 @@ def generate(model, tokenizer, tokens: list[NewToken], which: list[int], per_tok
             part = rows[c:c + chunk]
             prompt = torch.tensor([([start] if start is not None else []) + tokens[i].sub_ids for i in part],
                                   device=device)
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                                 temperature=temperature, top_k=0, top_p=1.0,
-                                 max_new_tokens=max(length - prompt.shape[1], 1), min_new_tokens=1,
-                                 pad_token_id=eos if eos is not None else 0, eos_token_id=eos)
+            # generate() samples from torch's global RNG: seed it per chunk, and leave the caller's state as it was
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                     temperature=temperature, top_k=0, top_p=1.0,
+                                     max_new_tokens=max(length - prompt.shape[1], 1), min_new_tokens=1,
+                                     pad_token_id=eos if eos is not None else 0, eos_token_id=eos)
             for i, seq in zip(part, out.tolist()):
                 if eos is not None and eos in seq[prompt.shape[1]:]:
                     seq = seq[:prompt.shape[1] + seq[prompt.shape[1]:].index(eos)]

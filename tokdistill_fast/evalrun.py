@@ -81,16 +81,14 @@ class Bench:
               opts: EvalOptions, snippet_length: int) -> Bench:
         """Retrieve and align held-out snippets for `toks` (student ids `new_ids`), run the original model on them
         and, if asked, generate its definitions."""
-        bad = [l for l in opts.layers if not 1 <= (l + decoder.num_layers + 1 if l < 0 else l) <= decoder.num_layers]
-        if bad:
-            raise UserInputError(f"--mse-layers {bad}: outside 1..{decoder.num_layers} (or -1..-{decoder.num_layers})")
+        layers = tuple(sorted({decoder.resolve_layer(l, "--mse-layers") for l in opts.layers}))
         start = contexts.start_id(tokenizer)
         hs = heldout.build_heldout(paths, tokenizer, toks, new_ids, opts.snippets_per_token, snippet_length,
                                    opts.seed, start, opts.align_impl)
         for t, n in zip(toks, hs.hits):
             if n == 0:
                 log.warning("no held-out occurrence of %r: left out of the held-out aggregates", t.word)
-        ref = heldout.reference(decoder, hs, tuple(sorted({decoder.resolve_layer(l) for l in opts.layers})))
+        ref = heldout.reference(decoder, hs, layers)
         bench = cls(decoder, tokenizer, toks, hs, ref, opts)
         if opts.definitions:
             bench.prompts_original, bench.prompts_merged, merged = definitions.prompts(tokenizer, toks, new_ids, start)

@@ -107,7 +107,7 @@ class HeldoutSet:
         lens = np.diff(self.cu_teacher)
         first = al.t_pos[al.cu_aligned[:-1]].astype(np.int64) if al.n else np.zeros(0, dtype=np.int64)
         counts = lens - first
-        self.cu_cont = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.cu_cont = align.cu_seqlens(counts)
         self.cont_pos = (np.arange(self.cu_cont[-1]) - np.repeat(self.cu_cont[:-1] - first, counts)).astype(np.int32)
 
     @property

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from . import attention
-from .attention import cu, ranges
+from .align import cu_seqlens
+from .attention import ranges
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Layout:
 
 
 def lay_out(flat: np.ndarray, first: np.ndarray, lengths: np.ndarray, pos0: np.ndarray, packed: bool,
-            prefix_len: np.ndarray | None = None, capture: np.ndarray | None = None, pad_id: int = 0) -> Layout:
+            prefix_len: np.ndarray | None = None, capture: np.ndarray | None = None) -> Layout:
     """Tokens flat[first[b]:first[b] + lengths[b]] at positions pos0[b], pos0[b] + 1, ... of sequence b. Packed
     layouts carry the attention spec for attending to captured prefixes of prefix_len[b] tokens, or for capturing
     each sequence's first capture[b] tokens (attention.py); padded ones are for plain causal passes."""
@@ -42,14 +43,14 @@ def lay_out(flat: np.ndarray, first: np.ndarray, lengths: np.ndarray, pos0: np.n
     if packed:
         ids = flat[ranges(first, lengths)][None]
         positions = ranges(pos0, lengths)[None]
-        base = cu(lengths)[:-1]
+        base = cu_seqlens(lengths)[:-1]
         spec = attention.packed_spec(lengths, prefix_len, capture)
     else:
         if prefix_len is not None or capture is not None:
             raise ValueError("prefix sharing needs a packed layout")
         B, W = len(lengths), max(int(lengths.max(initial=0)), 1)
         j = np.arange(W, dtype=np.int64)
-        ids = np.full((B, W), pad_id, dtype=np.int64)
+        ids = np.zeros((B, W), dtype=np.int64)  # right padding: never attended to under causal attention
         ids[j[None, :] < lengths[:, None]] = flat[ranges(first, lengths)]
         positions = pos0[:, None] + j[None, :]  # padding keeps counting: finite rotary, never attended to
         base = np.arange(B, dtype=np.int64) * W

@@ -116,20 +116,17 @@ class Decoder:
     def hidden_size(self) -> int:
         return self.embed_weight.shape[1]
 
-    def resolve_layer(self, layer: int) -> int:
-        """Map a user layer index (1..L, or negative from the end) to 1..L; 0 (the embeddings) is refused."""
+    def resolve_layer(self, layer: int, flag: str = "--target-layer") -> int:
+        """Map a user layer index (1..L, or negative from the end) to 1..L; 0 (the embeddings) is refused, naming
+        the option `flag` that gave it."""
         resolved = layer + self.num_layers + 1 if layer < 0 else layer
         if not 1 <= resolved <= self.num_layers:
-            raise UserInputError(f"--target-layer {layer} is outside 1..{self.num_layers} (or -1..-{self.num_layers})")
+            raise UserInputError(f"{flag} {layer} is outside 1..{self.num_layers} (or -1..-{self.num_layers})")
         return resolved
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Look up original rows exactly as the model does (including Gemma's embed_scale)."""
         return self.base.embed_tokens(ids)
-
-    def scale_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Apply the model's input-embedding scale to rows taken from the table (identity for most families)."""
-        return rows if self.embed_scale is None else rows * self.embed_scale
 
     def _position_embeddings(self, h: torch.Tensor, position_ids: torch.Tensor) -> list:
         rotary = self.base.rotary_emb
@@ -187,8 +184,9 @@ class Decoder:
 
 
 def compute_copy(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The frozen model to compute with: the caller's model itself when it already has the device and dtype,
-    else a converted copy, so the caller's weights are never cast or moved."""
+    """The frozen model to compute with: the caller's model itself when it already has the device and dtype (then
+    it is put in eval mode with requires_grad off, in place: frozen weights spare the backward its weight
+    gradients), else a converted copy, so the caller's weights are never cast or moved."""
     p = next(model.parameters())
     if p.device != device or p.dtype != dtype:
         import copy

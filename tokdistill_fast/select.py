@@ -47,8 +47,8 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
     for word, count in word_counts(paths).items():
         if count < min_count or len(word) < min_chars or word in vocab:
             continue
-        if any(c.isdigit() or c in FORBIDDEN for c in word):
-            continue
+        if any(c.isdigit() or c in FORBIDDEN for c in word) or not any(c.isalpha() for c in word):
+            continue  # box-drawing table rules and other strings without a letter are no words
         ids = original_ids(tokenizer, " " + word)
         if ids and len(ids) >= 2:
             out.append(Candidate(word, count, len(ids)))

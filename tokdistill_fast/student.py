@@ -3,8 +3,9 @@
 The frozen model runs truncated at the target layer; the new rows are one fp32 parameter [n_new, D] read by
 the fused gather (kernels/embedding_rows.py), so no gradient ever touches the model's weights or its
 embedding table. AdamW without weight decay, linear warm-up over the first half of the steps, then constant
-(the paper's recipe). Every batch's layouts and index tensors are built before the loop, and losses stay on
-the device (logged asynchronously), so the loop itself never waits for the host.
+(this project's recipe; the reference code decays the rate after its warm-up). Every batch's layouts and index
+tensors are built before the loop, and losses stay on the device (logged asynchronously), so the loop itself
+never waits for the host.
 
 Prefix sharing (`Passes`): positions before a sequence's first new token are identical in teacher and student,
 so a step runs only the suffix with gradient, attending to the prefix keys/values of a no-grad pass (the

@@ -55,14 +55,10 @@ def length_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
     return batches
 
 
-def pad_batch(flat: np.ndarray, cu: np.ndarray, rows: np.ndarray, device: torch.device,
-              pad_id: int = 0) -> torch.Tensor:
+def pad_batch(flat: np.ndarray, cu: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
     """Right-padded [B, T_max] int64 tensor of the packed sequences `rows`."""
     lens = cu[rows + 1] - cu[rows]
-    out = np.full((len(rows), int(lens.max())), pad_id, dtype=np.int64)
-    for b, i in enumerate(rows):
-        out[b, :lens[b]] = flat[cu[i]:cu[i + 1]]
-    return torch.from_numpy(out).to(device, non_blocking=True)
+    return lay_out(flat, cu[rows], lens, np.zeros(len(rows)), packed=False).ids.to(device, non_blocking=True)
 
 
 def aligned_rows(cu_aligned: np.ndarray, pos: np.ndarray, rows: np.ndarray, width: int) -> np.ndarray:
