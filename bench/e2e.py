@@ -1,21 +1,28 @@
-"""End-to-end benchmark: the whole pipeline (tokenizer extension, Aho-Corasick retrieval, alignment, teacher pass,
-training) on a model built from a published configuration with random weights, on a synthetic corpus.
+"""End-to-end benchmark: what `tokdistill distill` runs with its defaults (tokenizer extension, Aho-Corasick
+retrieval, alignment, the layer/lr search, teacher pass, training), on a model built from a published
+configuration with random weights, on a synthetic language; with a held-out measure of whether it learned.
 
     python -m bench.e2e --config llama-3.1-8b --new-tokens 2500 --layers 8,32            # GPU, one process
     python -m bench.e2e --config llama-3.1-8b --new-tokens 250 --layers 8 --reference    # + plain PyTorch path
     python -m bench.e2e --config tiny --new-tokens 20 --target-layer 2 --reference        # CPU, seconds
 
 On a machine without internet (the lent GPUs): install the package without dependencies first
-(`pip install --no-deps --no-build-isolation -e .`) and carry a wheel of pyahocorasick if it is missing.
+(`pip install --no-deps --no-build-isolation -e .`) and carry a wheel of pyahocorasick if it is missing
+(bench/gpu_check.sh does all of it).
 
-Writes bench/results/<device>-<config>-L<layer>.json per layer (-reference.json with --reference): device,
-versions, seconds per phase and in total, tokens/s, achieved TFLOP/s (2 FLOP x decoder parameters of the layers
-run, per computed position of the teacher forward, the student forward and the student's input-gradient
-backward; attention's own FLOPs and padding are not counted) and its fraction of a bf16 matmul peak measured
-here. With --reference the plain PyTorch path (padded batches, no prefix sharing, reference kernels) runs on the
-same inputs too, and the file holds its numbers, the speedups, and the cosine similarity between the two runs'
-embeddings. Random weights change no FLOP count; the synthetic words split into 2-5 subtokens each (the
-histogram is in the file).
+Target layer and learning rate are the search's choice unless --target-layer/--layers/--lr fix them; the search's
+time is in the total. Writes bench/results/<device>-<config>-L<layer>.json per layer (-reference.json with
+--reference): device, versions, what ran (report.json's `implementations`), seconds per phase and in total,
+tokens/s, achieved TFLOP/s (2 FLOP x decoder parameters of the layers run, per computed position of the teacher
+forward, the student forward and the student's input-gradient backward; attention's own FLOPs, padding and the
+search are not counted) and its fraction of a bf16 matmul peak measured here; `heldout_loss_before/after`: the
+objective (hidden-state MSE at the target layer) on held-out snippets of the new words at subtoken-mean init and
+after training (evalrun.Bench, what `tokdistill eval` measures; next-token KL beside it), and `norm_clipped`.
+The random weights have trained-like statistics (synthetic.trained_like; bench/results/learning.md says why).
+With --reference the plain PyTorch path (padded batches, no prefix sharing, reference kernels, Python aligner)
+runs on the same inputs with the fast run's resolved settings, then again in the other dtype (bf16 <-> fp32):
+the file holds the speedups, and the fast path's deviation from the plain one (embedding cosine, held-out loss)
+beside that noise floor, and whether it sits within it.
 """
 
 from __future__ import annotations
