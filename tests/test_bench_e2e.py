@@ -5,6 +5,7 @@ fast path sits within the plain path's own noise floor."""
 import json
 
 from bench import e2e
+from tokdistill_fast import align
 
 
 def test_e2e_tiny_on_cpu(tmp_path):
@@ -14,9 +15,13 @@ def test_e2e_tiny_on_cpu(tmp_path):
     fast, ref, other = record["fast"], record["reference"], record["reference_other_dtype"]
     assert fast["settings"]["searched"] and fast["autotune"]["trials"]  # lr "auto": the search ran and was timed
     assert fast["seconds"]["autotune"] > 0 and ref["settings"]["lr"] == fast["settings"]["lr"]
+    # what ran, observed at run time: the fused passes' attention, the aligners, the kernels, the cache
     assert fast["implementations"]["prefix_sharing"] == "fused"
     assert fast["implementations"]["packed_attention"] == "dense SDPA"
     assert ref["implementations"]["prefix_sharing"] == "off" and ref["implementations"]["packed_attention"] is None
+    assert fast["implementations"]["align"] == ("cpp" if align._align_ext is not None else "python")
+    assert ref["implementations"]["align"] == "python" and ref["implementations"]["backend"] == "torch"
+    assert ref["implementations"]["teacher_cache"] == "device"
     assert (ref["settings"]["dtype"], other["settings"]["dtype"]) == ("float32", "bfloat16")
     assert fast["counts"]["added"] >= 12 and set(record["subtoken_histogram"]) <= {"2", "3", "4", "5"}
     # prefix sharing computes fewer positions with gradient than whole sequences, and both runs saw the same text
