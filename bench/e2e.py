@@ -1,21 +1,28 @@
-"""End-to-end benchmark: the whole pipeline (tokenizer extension, Aho-Corasick retrieval, alignment, teacher pass,
-training) on a model built from a published configuration with random weights, on a synthetic corpus.
+"""End-to-end benchmark: what `tokdistill distill` runs with its defaults (tokenizer extension, Aho-Corasick
+retrieval, alignment, the layer/lr search, teacher pass, training), on a model built from a published
+configuration with random weights, on a synthetic language; with a held-out measure of whether it learned.
 
     python -m bench.e2e --config llama-3.1-8b --new-tokens 2500 --layers 8,32            # GPU, one process
     python -m bench.e2e --config llama-3.1-8b --new-tokens 250 --layers 8 --reference    # + plain PyTorch path
     python -m bench.e2e --config tiny --new-tokens 20 --target-layer 2 --reference        # CPU, seconds
 
 On a machine without internet (the lent GPUs): install the package without dependencies first
-(`pip install --no-deps --no-build-isolation -e .`) and carry a wheel of pyahocorasick if it is missing.
+(`pip install --no-deps --no-build-isolation -e .`) and carry a wheel of pyahocorasick if it is missing
+(bench/gpu_check.sh does all of it).
 
-Writes bench/results/<device>-<config>-L<layer>.json per layer (-reference.json with --reference): device,
-versions, seconds per phase and in total, tokens/s, achieved TFLOP/s (2 FLOP x decoder parameters of the layers
-run, per computed position of the teacher forward, the student forward and the student's input-gradient
-backward; attention's own FLOPs and padding are not counted) and its fraction of a bf16 matmul peak measured
-here. With --reference the plain PyTorch path (padded batches, no prefix sharing, reference kernels) runs on the
-same inputs too, and the file holds its numbers, the speedups, and the cosine similarity between the two runs'
-embeddings. Random weights change no FLOP count; the synthetic words split into 2-5 subtokens each (the
-histogram is in the file).
+Target layer and learning rate are the search's choice unless --target-layer/--layers/--lr fix them; the search's
+time is in the total. Writes bench/results/<device>-<config>-L<layer>.json per layer (-reference.json with
+--reference): device, versions, what ran (report.json's `implementations`), seconds per phase and in total,
+tokens/s, achieved TFLOP/s (2 FLOP x decoder parameters of the layers run, per computed position of the teacher
+forward, the student forward and the student's input-gradient backward; attention's own FLOPs, padding and the
+search are not counted) and its fraction of a bf16 matmul peak measured here; `heldout_loss_before/after`: the
+objective (hidden-state MSE at the target layer) on held-out snippets of the new words at subtoken-mean init and
+after training (evalrun.Bench, what `tokdistill eval` measures; next-token KL beside it), and `norm_clipped`.
+The random weights have trained-like statistics (synthetic.trained_like; bench/results/learning.md says why).
+With --reference the plain PyTorch path (padded batches, no prefix sharing, reference kernels, Python aligner)
+runs on the same inputs with the fast run's resolved settings, then again in the other dtype (bf16 <-> fp32):
+the file holds the speedups, and the fast path's deviation from the plain one (embedding cosine, held-out loss)
+beside that noise floor, and whether it sits within it.
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ import re
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # Published Llama-3.1-8B config.json values (meta-llama/Llama-3.1-8B); weights are random, so no download.
@@ -42,9 +51,12 @@ LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                    bos_token_id=128000, eos_token_id=128001)
 TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False)
-CONFIGS = {"llama-3.1-8b": (LLAMA_31_8B, 8000), "tiny": (TINY, 600)}  # model config, synthetic tokenizer vocab
-# Learning rates of the pipeline's fixed defaults (pipeline.default_lr): last layer vs. earlier layers.
-LR_LAST, LR_EARLIER = 1e-3, 5e-3
+# CPU minutes: big enough for the learning behaviour to show (bench/results/learning.md), small enough to sweep.
+SMALL = dict(vocab_size=2048, hidden_size=256, intermediate_size=896, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=1, head_dim=64, max_position_embeddings=512, rms_norm_eps=1e-5,
+             tie_word_embeddings=False)
+# model config, synthetic tokenizer vocab
+CONFIGS = {"llama-3.1-8b": (LLAMA_31_8B, 8000), "small": (SMALL, 1200), "tiny": (TINY, 600)}
 
 
 def device_slug(device: torch.device) -> str:
@@ -92,12 +104,18 @@ def check_varlen(device: torch.device) -> float:
     return ((ours - gold).norm() / gold.norm()).item()
 
 
-def build_model(config: dict, device: torch.device, dtype: torch.dtype):
-    """Random-weight causal LM of the given config, created directly on the device in `dtype`."""
+def build_model(config: dict, device: torch.device, dtype: torch.dtype, weights: str = "trained-like", seed: int = 0):
+    """Random-weight causal LM of the given config, created directly on the device in `dtype`, with the weight
+    statistics of synthetic.trained_like. weights: "trained-like" (an input table like a trained one: the setting
+    where distillation can learn) or "hf-init" (the input table as transformers draws it, std 0.02: for the 8B
+    config exactly the first H100 results' model, whose rows the default learning rates overshoot)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from bench.synthetic import EMBED_STD, REFERENCE_STD, trained_like
 
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**config), dtype=dtype)
+    trained_like(model, seed, EMBED_STD if weights == "trained-like" else REFERENCE_STD)
     return model.eval().requires_grad_(False)
 
 
@@ -106,15 +124,28 @@ def layer_params(model) -> int:
     return sum(p.numel() for p in model.model.layers[0].parameters())
 
 
-def run_pipeline(model, lang, layer: int, args, reference: bool) -> dict:
-    """One distill() run; returns its timings, counts, FLOPs and the learned rows."""
+@dataclass
+class Variant:
+    """One distill() run of the benchmark: the fast defaults, the plain PyTorch path (reference), or the plain path
+    in the other dtype (its noise floor). `fixed` (layer, lr, epochs) pins the settings (the plain runs take the
+    fast run's resolved ones, so they compare the computation, not two searches)."""
+
+    name: str
+    plain: bool = False
+    dtype: str | None = None  # None: the model's own
+    fixed: tuple[int, float, int] | None = None
+
+
+def run_pipeline(model, lang, args, variant: Variant) -> dict:
+    """One distill() run with the library's defaults except where the flags or `variant` fix a setting; returns
+    its timings, counts, FLOPs, resolved settings and the learned rows."""
     from tokdistill_fast import DistillConfig, distill
 
-    cfg = DistillConfig(target_layer=layer, lr=LR_LAST if layer in (-1, model.config.num_hidden_layers)
-                        else LR_EARLIER, snippets_per_token=args.snippets, snippet_length=args.snippet_length,
-                        seed=args.seed, epochs=1, log_every=0,  # the paper's recipe, as its timing
-                        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                        **(dict(backend="torch", prefix_sharing="off", align_impl="python") if reference else {}))
+    layer, lr, epochs = variant.fixed or (args.target_layer or "auto", args.lr or "auto", DistillConfig.epochs)
+    cfg = DistillConfig(target_layer=layer, lr=lr, epochs=epochs, snippets_per_token=args.snippets,
+                        snippet_length=args.snippet_length, seed=args.seed, log_every=0,
+                        dtype=variant.dtype or str(next(model.parameters()).dtype).removeprefix("torch."),
+                        **(dict(backend="torch", prefix_sharing="off", align_impl="python") if variant.plain else {}))
     t0 = time.perf_counter()
     result = distill(model, lang.new_words, [lang.corpus], None, cfg, tokenizer=lang.tokenizer)
     total = time.perf_counter() - t0
@@ -127,28 +158,99 @@ def run_pipeline(model, lang, layer: int, args, reference: bool) -> dict:
     flop = flop_per_pos * (teacher + student_fwd + pos["with_grad"])
     reference_flop = flop_per_pos * (teacher + 2 * r["counts"]["student_tokens"])  # whole sequences, 3 passes
     timings = {k: round(v, 3) for k, v in r["timings"].items()}
+    primaries = [i for i, t in enumerate(result.tokens) if t.variant_of is None]
     return {"seconds": timings, "total_s": round(total, 3), "implementations": r["implementations"],
-            "counts": r["counts"], "positions": {"teacher_fwd": teacher, "student_fwd": student_fwd,
-                                                 "student_bwd": pos["with_grad"]},
+            "settings": {"target_layer": layers_run, "lr": r["settings"]["resolved_lr"],
+                         "epochs": r["settings"]["resolved_epochs"], "searched": r["autotune"] is not None,
+                         "dtype": cfg.dtype},
+            "autotune": r["autotune"], "counts": r["counts"], "norm_clipped": r["counts"]["norm_clipped"],
+            "positions": {"teacher_fwd": teacher, "student_fwd": student_fwd, "student_bwd": pos["with_grad"]},
             "tflop": flop / 1e12, "reference_work_tflop": reference_flop / 1e12,
             "achieved_tflops": flop / 1e12 / total, "effective_tflops": reference_flop / 1e12 / total,
             "new_tokens_per_s": r["counts"]["added"] / total, "snippet_tokens_per_s": teacher / total,
             "steps": r["training"]["steps"], "passes": r["training"]["passes"],
-            "first_loss": r["training"]["first_loss"],
-            "last_loss": r["training"]["last_loss"], "rows": result.rows}
+            "first_step_loss": r["training"]["first_loss"], "last_step_loss": r["training"]["last_loss"],
+            "rows": result.rows[primaries], "tokens": [result.tokens[i] for i in primaries]}
+
+
+class Heldout:
+    """The held-out measure (evalrun.Bench, what `tokdistill eval` runs) on snippets of the synthetic language's
+    held-out documents, for an evenly spaced sample of `n_tokens` of the trained tokens: the objective's loss
+    (hidden-state MSE at the target layer, mean per token) and next-token KL at the last layer, of any rows."""
+
+    def __init__(self, model, lang, tokens: list, layer: int, n_tokens: int, snippets: int, length: int):
+        from tokdistill_fast import evalrun, models
+
+        self.decoder = models.Decoder(model)
+        self.layer = layer
+        self.sample = np.linspace(0, len(tokens) - 1, num=min(n_tokens, len(tokens))).round().astype(int)
+        V = self.decoder.embed_weight.shape[0]
+        self.bench = evalrun.Bench.build(self.decoder, lang.tokenizer, [tokens[i] for i in self.sample],
+                                         [V + r for r in range(len(self.sample))], [lang.heldout],
+                                         evalrun.EvalOptions(snippets_per_token=snippets, layers=(layer,),
+                                                             definitions=False, n_boot=200), length)
+        from tokdistill_fast.pipeline import subtoken_mean
+
+        self.before = self.measure(subtoken_mean(self.decoder.embed_weight, [tokens[i] for i in self.sample]))
+
+    def measure(self, rows: torch.Tensor) -> dict:
+        """{"loss", "loss_ci95", "kl"} of new rows (all trained tokens, in token order)."""
+        from tokdistill_fast import heldout
+
+        if rows.shape[0] != len(self.sample):
+            rows = rows[torch.from_numpy(self.sample)]
+        agg = self.bench.measure(heldout.Scorer(self.decoder, rows=rows.float()), {}).aggregate
+        mse = agg[f"mse@{self.layer}"]
+        return {"loss": mse["mean"], "loss_ci95": mse["ci95"], "kl": agg["kl"]["mean"]}
+
+    def record(self, run: dict) -> None:
+        """Adds heldout_loss_before/after (and KL) for the run's rows to `run`."""
+        t0 = time.perf_counter()
+        after = self.measure(run["rows"])
+        run.update(heldout_loss_before=self.before["loss"], heldout_loss_after=after["loss"],
+                   heldout_loss_after_ci95=after["loss_ci95"], heldout_kl_before=self.before["kl"],
+                   heldout_kl_after=after["kl"], heldout_snippets=self.bench.hs.n,
+                   heldout_tokens=len(self.sample), heldout_s=round(time.perf_counter() - t0, 3))
 
 
 def summary(run: dict, peak: float) -> str:
     s = run["seconds"]
     teacher = "fused into student" if run["implementations"]["prefix_sharing"] == "fused" \
         else f"{s.get('teacher', 0):.1f} s"
-    return (f"{run['total_s']:.1f} s total (contexts {s.get('contexts', 0):.1f} s, teacher {teacher}, student "
-            f"{s['student']:.1f} s), {run['achieved_tflops']:.3g} TFLOP/s = {run['achieved_tflops'] * 1e12 / peak:.0%}"
-            f" of the measured {peak / 1e12:.3g}, {run['new_tokens_per_s']:.3g} new tokens/s")
+    st = run["settings"]
+    return (f"{run['total_s']:.1f} s total (contexts {s.get('contexts', 0):.1f} s, "
+            f"search {s.get('autotune', 0):.1f} s, teacher {teacher}, student {s['student']:.1f} s), "
+            f"{run['achieved_tflops']:.3g} TFLOP/s = "
+            f"{run['achieved_tflops'] * 1e12 / peak:.0%} of the measured {peak / 1e12:.3g}, "
+            f"{run['new_tokens_per_s']:.3g} new tokens/s; layer {st['target_layer']} lr {st['lr']:g}"
+            f"{' (searched)' if st['searched'] else ''}; held-out loss {run['heldout_loss_before']:.5g} -> "
+            f"{run['heldout_loss_after']:.5g}, KL {run['heldout_kl_before']:.4g} -> {run['heldout_kl_after']:.4g}, "
+            f"{run['norm_clipped']} clipped")
 
 
-def compare(fast: dict, ref: dict) -> dict:
-    """Speedups per phase (reference seconds / fast seconds) and the cosine similarity of the learned rows."""
+def cosine(a: dict, b: dict) -> dict:
+    """Mean and min over rows of the cosine similarity of two runs' learned rows."""
+    cos = torch.nn.functional.cosine_similarity(a["rows"].float(), b["rows"].float(), dim=1)
+    return {"mean": cos.mean().item(), "min": cos.min().item()}
+
+
+def agreement(fast: dict, plain: dict, floor: dict) -> dict:
+    """The fast path against the plain one, beside the plain path's own noise floor (the same plain run in the
+    other dtype). Within the floor when each deviation is at most twice the floor's (FlashAttention's rule)."""
+    dev = {"embedding_cosine": cosine(fast, plain),
+           "heldout_loss_diff": abs(fast["heldout_loss_after"] - plain["heldout_loss_after"])}
+    noise = {"embedding_cosine": cosine(plain, floor),
+             "heldout_loss_diff": abs(plain["heldout_loss_after"] - floor["heldout_loss_after"])}
+    checks = {f"cosine_{k}": 1 - dev["embedding_cosine"][k] <= 2 * (1 - noise["embedding_cosine"][k])
+              for k in ("mean", "min")}
+    checks["heldout_loss"] = dev["heldout_loss_diff"] <= 2 * noise["heldout_loss_diff"]
+    return {"fast_vs_plain": dev, "noise_floor": {"runs": f"plain {plain['settings']['dtype']} vs plain "
+                                                          f"{floor['settings']['dtype']}", **noise},
+            "checks": checks, "within_floor": all(checks.values())}
+
+
+def speedups(fast: dict, ref: dict) -> dict:
+    """Speedups per phase (reference seconds / fast seconds)."""
     def both(run: dict) -> float:
         return run["seconds"].get("teacher", 0.0) + run["seconds"]["student"]
 
@@ -156,8 +258,7 @@ def compare(fast: dict, ref: dict) -> dict:
                if fast["seconds"].get(k, 0) > 0 and k in ref["seconds"]}
     speedup["teacher+student"] = both(ref) / both(fast)
     speedup["end_to_end"] = ref["total_s"] / fast["total_s"]
-    cos = torch.nn.functional.cosine_similarity(fast["rows"].float(), ref["rows"].float(), dim=1)
-    return {"speedup": speedup, "embedding_cosine": {"mean": cos.mean().item(), "min": cos.min().item()}}
+    return speedup
 
 
 def versions() -> dict:
@@ -175,11 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=CONFIGS, default="llama-3.1-8b")
     p.add_argument("--new-tokens", type=int, default=2500)
-    p.add_argument("--target-layer", type=int, help="one target layer (1..L); --layers runs several")
-    p.add_argument("--layers", default=None, help="comma-separated target layers, run in one process")
+    p.add_argument("--target-layer", type=int, help="fix the target layer (1..L); default: the search's choice")
+    p.add_argument("--layers", default=None, help="comma-separated fixed target layers, run in one process")
+    p.add_argument("--lr", type=float, help="fix the learning rate; default: the search's choice")
     p.add_argument("--snippets", type=int, default=25, help="snippets per new token (the paper's 25)")
     p.add_argument("--snippet-length", type=int, default=50, help="tokens per snippet (the paper's 50)")
-    p.add_argument("--reference", action="store_true", help="also run the plain PyTorch path and compare")
+    p.add_argument("--heldout-tokens", type=int, default=256, help="trained tokens the held-out measure samples")
+    p.add_argument("--heldout-snippets", type=int, default=4, help="held-out snippets per sampled token")
+    p.add_argument("--weights", choices=("trained-like", "hf-init"), default="trained-like",
+                   help="random weights' statistics (bench/results/learning.md)")
+    p.add_argument("--reference", action="store_true",
+                   help="also run the plain PyTorch path, and it again in the other dtype (its noise floor)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
     p.add_argument("--device", default="auto")
@@ -189,14 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     from tokdistill_fast.models import pick_device
 
     config, tok_vocab = CONFIGS[args.config]
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else [args.target_layer or
-                                                                         config["num_hidden_layers"]]
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else [args.target_layer]
     try:
         import ahocorasick  # noqa: F401  (retrieval's automaton; not on every GPU image)
     except ImportError:
         p.exit(2, "bench.e2e: pyahocorasick is not installed (pip install pyahocorasick, or carry its wheel)\n")
     device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    other_dtype = "float32" if dtype == torch.bfloat16 else "bfloat16"
     from tokdistill_fast import attention
 
     varlen_error = check_varlen(device) if attention.implementation(device, dtype) == "flash varlen" else None
@@ -205,35 +312,53 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     peak = matmul_peak(device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        lang = make_language(Path(tmp), args.new_tokens, args.snippets, tok_vocab, args.seed)
+        lang = make_language(Path(tmp), args.new_tokens, args.snippets, tok_vocab, args.seed,
+                             heldout_per_word=args.heldout_snippets)
         t_lang = time.perf_counter() - t0
         t1 = time.perf_counter()
-        model = build_model(config, device, dtype)
+        model = build_model(config, device, dtype, args.weights, args.seed)
         t_model = time.perf_counter() - t1
         out_dir = Path(args.results_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         for layer in layers:
-            fast = run_pipeline(model, lang, layer, args, reference=False)
-            ref = run_pipeline(model, lang, layer, args, reference=True) if args.reference else None
+            args.target_layer = layer
+            fast = run_pipeline(model, lang, args, Variant("fast"))
+            st = fast["settings"]
+            held = Heldout(model, lang, fast["tokens"], st["target_layer"], args.heldout_tokens,
+                           args.heldout_snippets, args.snippet_length)
+            held.record(fast)
             record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                      "config": args.config, "model_config": config, "dtype": str(dtype), "target_layer": layer,
-                      "new_tokens_requested": args.new_tokens, "snippets_per_token": args.snippets,
-                      "snippet_length": args.snippet_length, "subtoken_histogram": lang.subtokens,
-                      "corpus_bytes": lang.corpus_bytes, "versions": versions(),
+                      "config": args.config, "model_config": config, "weights": args.weights, "dtype": str(dtype),
+                      "target_layer": layer or "auto", "new_tokens_requested": args.new_tokens,
+                      "snippets_per_token": args.snippets, "snippet_length": args.snippet_length,
+                      "subtoken_histogram": lang.subtokens, "corpus_bytes": lang.corpus_bytes,
+                      "versions": versions(),
                       "setup_s": {"synthetic_language_and_peak": round(t_lang, 3), "model": round(t_model, 3)},
-                      "matmul_peak_tflops": peak / 1e12, "varlen_check_rel_error": varlen_error,
-                      "fast": {k: v for k, v in fast.items() if k != "rows"}}
-            record["fast"]["fraction_of_peak"] = fast["achieved_tflops"] * 1e12 / peak
-            line = f"L{layer} fast: {summary(fast, peak)}"
-            if ref is not None:
-                record["reference"] = {k: v for k, v in ref.items() if k != "rows"}
-                record["reference"]["fraction_of_peak"] = ref["achieved_tflops"] * 1e12 / peak
-                record.update(compare(fast, ref))
-                line += (f"\nL{layer} reference: {summary(ref, peak)}\nL{layer} speedup: "
+                      "matmul_peak_tflops": peak / 1e12, "varlen_check_rel_error": varlen_error}
+            line = f"L{st['target_layer']} fast: {summary(fast, peak)}"
+            runs = {"fast": fast}
+            if args.reference:
+                fixed = (st["target_layer"], st["lr"], st["epochs"])
+                for v in (Variant("reference", plain=True, fixed=fixed),
+                          Variant("reference_other_dtype", plain=True, dtype=other_dtype, fixed=fixed)):
+                    runs[v.name] = run_pipeline(model, lang, args, v)
+                    held.record(runs[v.name])
+                    line += f"\nL{st['target_layer']} {v.name}: {summary(runs[v.name], peak)}"
+                record["speedup"] = speedups(fast, runs["reference"])
+                record["agreement"] = agreement(fast, runs["reference"], runs["reference_other_dtype"])
+                a = record["agreement"]
+                line += (f"\nL{st['target_layer']} speedup: "
                          + ", ".join(f"{k} {v:.2f}x" for k, v in record["speedup"].items())
-                         + f"; embedding cosine min {record['embedding_cosine']['min']:.5f}")
+                         + f"; embedding cosine fast vs plain {a['fast_vs_plain']['embedding_cosine']['mean']:.5f} "
+                         f"(min {a['fast_vs_plain']['embedding_cosine']['min']:.5f}), plain's noise floor "
+                         f"{a['noise_floor']['embedding_cosine']['mean']:.5f} (min "
+                         f"{a['noise_floor']['embedding_cosine']['min']:.5f}): "
+                         + ("within" if a["within_floor"] else "OUTSIDE") + " the floor")
+            for name, run in runs.items():
+                record[name] = {k: v for k, v in run.items() if k not in ("rows", "tokens")}
+                record[name]["fraction_of_peak"] = run["achieved_tflops"] * 1e12 / peak
             suffix = "-reference" if args.reference else ""  # the side-by-side run keeps the timed run's file
-            path = out_dir / f"{device_slug(device)}-{args.config}-L{layer}{suffix}.json"
+            path = out_dir / f"{device_slug(device)}-{args.config}-L{layer or 'auto'}{suffix}.json"
             path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
             print(line, f"-> {path}", flush=True)
     return 0

@@ -64,8 +64,9 @@ def passes(decoder, layer: int, device: torch.device, label: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
-    from bench.e2e import CONFIGS, build_model, run_pipeline
+    from bench.e2e import CONFIGS, Variant, build_model, run_pipeline
     from bench.synthetic import make_language
+    from tokdistill_fast.autotune import default_lr
     from tokdistill_fast.models import Decoder, pick_device
 
     p = argparse.ArgumentParser(prog="python -m bench.profile_gpu")
@@ -75,15 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
     args = p.parse_args(argv)
     args.snippets, args.snippet_length, args.seed = 25, 50, 0
+    args.target_layer = args.layer  # layer and lr fixed: the profile is of the main run, not of the search
     logging.basicConfig(level=logging.WARNING)
     device = pick_device("auto")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config, tok_vocab = CONFIGS[args.config]
     model = build_model(config, device, dtype)
     decoder = Decoder(model)
+    args.lr = default_lr(args.layer, decoder.num_layers)
     with tempfile.TemporaryDirectory() as tmp:
         lang = make_language(Path(tmp), args.new_tokens, args.snippets, tok_vocab, args.seed)
-        run = run_pipeline(model, lang, args.layer, args, reference=False)
+        run = run_pipeline(model, lang, args, Variant("fast"))
         print(f"pipeline: {run['total_s']:.2f} s, {run['seconds']}, {run['steps']} steps, "
               f"{run['achieved_tflops']:.0f} TFLOP/s", flush=True)
         if device.type == "cuda":
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 t0 = time.perf_counter()
-                run = run_pipeline(model, lang, args.layer, args, reference=False)
+                run = run_pipeline(model, lang, args, Variant("fast"))
                 wall = time.perf_counter() - t0
             events = prof.key_averages()
             gpu = sum(e.self_device_time_total for e in events) / 1e6

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import LAUNCH_OPTIONS, cast, check_device, jit, resolve, row_major, tl, triton
+from .backend import LAUNCH_OPTIONS, cast, check_device, dispatch, jit, row_major, tl, triton
 
 
 def embedding_rows_ref(ids: torch.Tensor, table: torch.Tensor, new_rows: torch.Tensor,
@@ -147,7 +147,7 @@ def embedding_rows(ids: torch.Tensor, table: torch.Tensor, new_rows: torch.Tenso
 
     backend: auto | torch | triton (see backend.py). deterministic: the Triton backward sums each new row's
     gradient in a fixed order instead of with atomics; also on when torch.use_deterministic_algorithms(True)."""
-    if resolve(backend, table.device) == "torch":
+    if dispatch(backend, table.device) == "torch":
         return embedding_rows_ref(ids, table, new_rows, scale)
     check_device("embedding_rows", table.device, ids=ids, new_rows=new_rows)
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()

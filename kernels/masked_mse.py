@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import LAUNCH_OPTIONS, cast, check_device, jit, resolve, row_major, tl, triton
+from .backend import LAUNCH_OPTIONS, cast, check_device, dispatch, jit, row_major, tl, triton
 
 
 def masked_mse_ref(S: torch.Tensor, T: torch.Tensor, s_idx: torch.Tensor, t_idx: torch.Tensor,
@@ -105,7 +105,7 @@ class MaskedMSEFunction(torch.autograd.Function):
 def masked_mse(S: torch.Tensor, T: torch.Tensor, s_idx: torch.Tensor, t_idx: torch.Tensor, *,
                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, row_loss [K]) as defined above. backend: auto | torch | triton (see backend.py)."""
-    if resolve(backend, S.device) == "torch":
+    if dispatch(backend, S.device) == "torch":
         return masked_mse_ref(S, T, s_idx, t_idx)
     check_device("masked_mse", S.device, T=T, s_idx=s_idx, t_idx=t_idx)
     return MaskedMSEFunction.apply(row_major(S), row_major(T), s_idx.contiguous(), t_idx.contiguous())

@@ -6,6 +6,9 @@ files a second time with TRITON_INTERPRET=1, where Triton executes the same kern
 
 from __future__ import annotations
 
+import importlib
+from collections import Counter
+
 import pytest
 import torch
 from tokdistill_fast.kernels import backend
@@ -27,3 +30,25 @@ def assert_close_as_torch(ours: torch.Tensor, same: torch.Tensor, gold: torch.Te
 
     floor = 1e-5 * (gold.abs().max().item() if gold.numel() else 0.0)
     assert err(ours) <= 2 * err(same) + floor, f"{what}: error {err(ours):.3g} vs reference's {err(same):.3g}"
+
+
+LAUNCHERS = {"masked_mse": ("_masked_mse_fwd", "_masked_mse_bwd"),
+             "embedding_rows": ("_embedding_rows_fwd", "_embedding_rows_bwd")}
+
+
+def spy_launchers(monkeypatch) -> Counter:
+    """Counts the calls of every Triton launcher (the functions that start kernels), whatever a report says."""
+    counts: Counter = Counter()
+    for module, names in LAUNCHERS.items():
+        mod = importlib.import_module(f"tokdistill_fast.kernels.{module}")
+        for name in names:
+            monkeypatch.setattr(mod, name, _counted(getattr(mod, name), name, counts))
+    return counts
+
+
+def _counted(fn, name: str, counts: Counter):
+    def spy(*args, **kwargs):
+        counts[name] += 1
+        return fn(*args, **kwargs)
+
+    return spy

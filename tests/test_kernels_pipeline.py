@@ -1,27 +1,43 @@
 """The whole pipeline on a tiny Gemma-style model (embed_scale, tied) with the kernels and with the references:
-same learned rows, and the report names the backend that ran."""
+the Triton launchers really run inside distill() (counted by a spy, not read from the report), the report says
+so, and both backends learn the same rows."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from kernel_checks import needs_kernels
+from kernel_checks import LAUNCHERS, needs_kernels, spy_launchers
 
 from tokdistill_fast import DistillConfig, distill
 
 FAST = dict(snippets_per_token=4, snippet_length=24, batch_size=4, target_layer=2, lr=5e-2, epochs=1,
             dtype="float32", add_variants=False)
+ALL_LAUNCHERS = {name for names in LAUNCHERS.values() for name in names}
 
 
 @needs_kernels
-def test_triton_backend_learns_the_same_rows(model_dirs, words_file, corpus_file):
+def test_triton_backend_learns_the_same_rows(model_dirs, words_file, corpus_file, monkeypatch):
+    launches = spy_launchers(monkeypatch)
     src = model_dirs[("gemma3", "metaspace", True)]
-    runs = {b: distill(src, words_file, [corpus_file], config=DistillConfig(**FAST, backend=b)) for b in
-            ("torch", "triton")}
+    torch_run = distill(src, words_file, [corpus_file], config=DistillConfig(**FAST, backend="torch"))
+    assert not launches, f"backend='torch' started kernels: {dict(launches)}"
+    triton_run = distill(src, words_file, [corpus_file], config=DistillConfig(**FAST, backend="triton"))
+    assert set(launches) == ALL_LAUNCHERS, f"launchers run: {dict(launches)}"  # forward and backward of both ops
+    assert triton_run.report["implementations"]["backend"] == "triton"
+    assert torch_run.report["implementations"]["backend"] == "torch"
     init = distill(src, words_file, [corpus_file], config=DistillConfig(**FAST, method="mean")).rows
-    assert runs["triton"].report["implementations"]["backend"] == "triton"
-    assert runs["torch"].report["implementations"]["backend"] == "torch"
-    apart = (runs["torch"].rows - runs["triton"].rows).abs().max().item()
-    moved = (runs["torch"].rows - init).abs().max().item()
+    apart = (torch_run.rows - triton_run.rows).abs().max().item()
+    moved = (torch_run.rows - init).abs().max().item()
     assert apart < 1e-4 < 1e-2 < moved, f"backends differ by {apart:.3g}; training moved rows by {moved:.3g}"
-    torch.testing.assert_close(runs["triton"].report["training"]["last_loss"],
-                               runs["torch"].report["training"]["last_loss"], rtol=1e-4, atol=0)
+    torch.testing.assert_close(triton_run.report["training"]["last_loss"],
+                               torch_run.report["training"]["last_loss"], rtol=1e-4, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the defaults pick the kernels on CUDA")
+def test_defaults_on_cuda_run_the_triton_kernels(model_dirs, words_file, corpus_file, monkeypatch):
+    """What a GPU user gets without asking: distill()'s defaults on CUDA start every Triton launcher."""
+    launches = spy_launchers(monkeypatch)
+    cfg = DistillConfig(**{**FAST, "dtype": "bfloat16"}, device="cuda")
+    run = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], config=cfg)
+    assert set(launches) == ALL_LAUNCHERS, f"launchers run: {dict(launches)}"
+    assert run.report["implementations"]["backend"] == "triton"

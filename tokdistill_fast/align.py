@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import observed
 from .config import UserInputError
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def take_packed(flat: np.ndarray, cu: np.ndarray, idx: np.ndarray) -> tuple[np.n
 
 def pack(seqs: list[list[int]], impl: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Concatenate sequences of ints into (values int64, cu_seqlens int64); impl as in `align`."""
-    if resolved(impl) == "cpp":
+    if ran(impl) == "cpp":
         return _align_ext.pack(seqs)
     cu = cu_seqlens(np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs)))
     # fromiter over chain() converts in C: ~2x faster than a generator or np.concatenate of per-list arrays
@@ -176,11 +177,20 @@ def resolved(impl: str = "auto") -> str:
     return impl
 
 
+def ran(impl: str) -> str:
+    """resolved(impl), noted as what ran (observed.py); "auto" without the extension warns once per run."""
+    got = resolved(impl)
+    observed.note("align", got, fallback=None if impl != "auto" or got == "cpp" else (
+        "C++ aligner not built: alignment runs in Python, 21-53x slower on 64k snippets (make bench-align); "
+        "reinstall with a C++17 compiler and TOKDISTILL_REQUIRE_EXT=1"))
+    return got
+
+
 def align(teacher: list[list[int]] | tuple[np.ndarray, np.ndarray], phrases: list[list[int]],
           snippet_phrase: list[int], phrase_new_id: list[int], impl: str = "auto") -> Alignment:
     """Build the alignment for teacher sequences (lists, or already packed as (ids, cu_seqlens)) with the chosen
     implementation."""
-    impl = resolved(impl)
+    impl = ran(impl)
     teacher_ids, cu_teacher = teacher if isinstance(teacher, tuple) else pack(teacher, impl)
     phrase_ids, cu_phrase = pack(phrases, impl)
     args = (teacher_ids, cu_teacher, phrase_ids, cu_phrase, np.asarray(snippet_phrase, dtype=np.int64),

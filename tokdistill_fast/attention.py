@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import observed
 from .align import cu_seqlens
 
 NAME = "tokdistill"  # the name registered in transformers' AttentionInterface
@@ -183,7 +184,12 @@ def varlen_causal(q, k, v, spec: Spec, scale: float | None, cache: dict | None =
     """Causal attention over packed sequences, bottom-right aligned per sequence: the varlen flash kernel on CUDA
     half dtypes, else SDPA on right-padded blocks (rows scattered in, outputs gathered out; `cache` keeps the
     mask across the layers of one pass). q [Nq, H, hd], k/v [Nk, Hkv, hd] in cu_q/cu_k order -> [Nq, H, hd]."""
-    if use_kernel(q):
+    fast = use_kernel(q)
+    observed.note("attention", "flash varlen" if fast else "dense SDPA", fallback=None if fast or not q.is_cuda or
+                  q.dtype not in (torch.bfloat16, torch.float16) else
+                  "no varlen flash kernel (torch >= 2.11 or flash-attn): packed passes run dense SDPA on padded "
+                  "blocks, paying for the padding and a mask")
+    if fast:
         return _varlen_kernel()(q.contiguous(), k.contiguous(), v.contiguous(), spec.cu_q, spec.cu_k, spec.max_q,
                                 spec.max_k, scale)
     cache = {} if cache is None else cache

@@ -18,7 +18,6 @@ import torch
 
 from . import (
     align,
-    attention,
     autotune,
     check,
     checkpoint,
@@ -27,6 +26,7 @@ from . import (
     distributed,
     export,
     models,
+    observed,
     student,
     swap,
     teacher,
@@ -182,7 +182,7 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
     (distributed.py) and rank 0 writes `out`.
     """
     cfg = (config or DistillConfig()).validate()
-    with distributed.setup(cfg.device) as ranks:
+    with distributed.setup(cfg.device) as ranks, observed.recording():
         with checkpoint.stop_on_signals(active=out is not None and ranks.world == 1):
             return _distill(model, new_tokens, corpus, out, cfg, tokenizer, ranks)
 
@@ -451,11 +451,12 @@ def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decode
                      "resolved_epochs": epochs},
         "model": {"type": type(decoder.model).__name__, "layers": decoder.num_layers, "hidden": decoder.hidden_size,
                   "rows_before": int(decoder.embed_weight.shape[0]), "tied": tied},
-        "implementations": {"align": align.resolved(cfg.align_impl), "device": str(device), "dtype": str(dtype),
-                            "backend": kernels.resolve(cfg.backend, device),
+        # What ran, observed at run time (observed.py; None: the site never ran in this process).
+        "implementations": {"align": observed.ran("align"), "device": str(device), "dtype": str(dtype),
+                            "backend": observed.ran("kernels"),
                             "prefix_sharing": train_result.extra["passes"] if train_result is not None else None,
-                            "packed_attention": attention.implementation(device, dtype)
-                            if train_result is not None and train_result.extra["passes"] != "off" else None},
+                            "packed_attention": observed.ran("attention"),
+                            "teacher_cache": observed.ran("teacher_cache")},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "counts": {"requested": len(toks) + len(skipped), "added": len(toks), "skipped": len(skipped),
                    "variants": sum(1 for t in toks if t.variant_of),

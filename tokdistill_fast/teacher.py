@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import observed
 from .align import Alignment
 from .attention import Attend, ranges
 from .layout import lay_out, token_batches
@@ -77,6 +78,9 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
     K, D = len(alignment.t_pos), decoder.hidden_size
     need = K * D * torch.empty((), dtype=cache_dtype).element_size() * len(layers)
     on_host = device.type == "cuda" and device_budget is not None and need > device_budget
+    observed.note("teacher_cache", "host" if on_host else "device", fallback=None if not on_host else (
+        f"teacher cache ({need / 2**30:.1f} GiB) exceeds the device budget ({device_budget / 2**30:.1f} GiB): kept in "
+        "pinned host memory: every step copies its rows over PCIe (tens of GB/s, against ~3 TB/s of device memory)"))
     states = {l: torch.empty((K, D), dtype=cache_dtype, device="cpu" if on_host else device,
                              pin_memory=on_host) for l in layers}
     lengths = cu_teacher[1:] - cu_teacher[:-1]

@@ -1,0 +1,48 @@
+"""What actually ran. Each fast-path site notes the implementation it used while distill() records, so the report
+states what happened (not what the config asked for), and a fallback from a fast path a user would expect logs one
+warning line per run saying what it costs.
+
+Sites and names: "align" (cpp | python), "kernels" (triton | torch), "attention" (flash varlen | dense SDPA: the
+packed passes of prefix sharing), "teacher_cache" (device | host). A site that never ran is absent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+log = logging.getLogger("tokdistill_fast")
+
+_active: ContextVar[tuple[dict[str, Counter], ...]] = ContextVar("tokdistill_observed", default=())
+
+
+@contextmanager
+def recording() -> Iterator[dict[str, Counter]]:
+    """Collect notes while the block runs: {site: Counter(implementation -> uses)} (nested recordings all see
+    them)."""
+    seen: dict[str, Counter] = defaultdict(Counter)
+    token = _active.set(_active.get() + (seen,))
+    try:
+        yield seen
+    finally:
+        _active.reset(token)
+
+
+def note(site: str, impl: str, fallback: str | None = None) -> None:
+    """One use of `impl` at `site`. `fallback`: why this is slower than the fast path expected here and by how
+    much, logged the first time within the innermost recording (nothing outside a recording)."""
+    stack = _active.get()
+    if stack and fallback and impl not in stack[-1][site]:
+        log.warning("%s", fallback)
+    for seen in stack:
+        seen[site][impl] += 1
+
+
+def ran(site: str) -> str | None:
+    """The implementation(s) the innermost recording saw at `site` ("a+b" if several), None if it never ran."""
+    stack = _active.get()
+    impls = sorted(stack[-1][site]) if stack and site in stack[-1] else []
+    return "+".join(impls) or None
