@@ -160,3 +160,19 @@ def test_added_mode_keeps_slow_files_and_vocab_mode_drops_them(model_dirs, words
         assert slow["kept"] == kept and (out / "tokenizer.model").exists() == bool(kept)
         assert slow["dropped"] == ([] if kept else ["tokenizer.model"])
     assert {t for t in NEW_WORDS} <= {t["word"] for t in json.loads((out / "report.json").read_text())["tokens"]}
+
+
+def test_bad_corpus_leaves_no_partial_and_out_creates_parents(model_dirs, words_file, tmp_path):
+    """A run that fails on its inputs leaves neither OUT nor OUT.partial (nothing to resume); --out with missing
+    parents creates them."""
+    model = str(model_dirs[("llama", "bytelevel", True)])
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("the palatable caf\xe9 is palatable.\n".encode("latin-1"))
+    out = tmp_path / "out"
+    code = cli.main(["distill", "--model", model, "--new-tokens", str(words_file), "--corpus", str(bad),
+                     "--target-layer", "1", "--out", str(out)])
+    assert code == 2 and not out.exists() and not (tmp_path / "out.partial").exists()
+    nested = tmp_path / "runs" / "a" / "x"
+    assert cli.main(["distill", "--model", model, "--new-tokens", str(words_file), "--method", "mean",
+                     "--out", str(nested)]) == 0
+    assert (nested / "config.json").is_file()
