@@ -189,6 +189,8 @@ def test_check_warns_which_runtime_loses_the_tokens(good, model_dirs, words_file
     run(model_dirs[("llama", "bytelevel", True)], words_file, out)
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    listed = {a["content"] for a in config["added_tokens_decoder"].values()}  # llama.cpp's SentencePiece path
+    assert {t["form"] for t in check.new_tokens_of(out)} <= listed
     assert cli.main(["check", str(out), "--no-forward"]) == 0
     assert "warning" not in capsys.readouterr().err
     (out / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "TokenizersBackend"}))

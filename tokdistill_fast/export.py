@@ -86,13 +86,19 @@ def write_rows(model, toks: list, rows: torch.Tensor, out_rows: torch.Tensor | N
 
 
 def save_tokenizer(tokenizer, path: Path) -> None:
-    """save_pretrained, with tokenizer_config.json naming the generic fast class: transformers 5 writes
-    "TokenizersBackend", which transformers 4.x (llama.cpp's converter pins 4.57) cannot load, and model classes
-    may rebuild the pipeline from defaults. Both major versions load tokenizer.json as written under this name."""
+    """save_pretrained, with a tokenizer_config.json that older readers understand: it names the generic fast
+    class (transformers 5 writes "TokenizersBackend", which transformers 4.x and so llama.cpp's converter, pinned
+    to 4.57, cannot load; model classes may rebuild the pipeline from defaults) and lists the added tokens, as
+    transformers 4.x did: llama.cpp's SentencePiece path (Gemma, Llama-2) reads them only from there or from
+    added_tokens.json, never from tokenizer.json."""
     tokenizer.save_pretrained(path)
     config_file = Path(path) / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config["tokenizer_class"] = GENERIC_CLASS
+    config["added_tokens_decoder"] = {
+        str(i): {"content": a.content, "lstrip": a.lstrip, "normalized": a.normalized, "rstrip": a.rstrip,
+                 "single_word": a.single_word, "special": a.special}
+        for i, a in sorted(tokenizer.added_tokens_decoder.items())}
     write_json(config_file, config)
 
 
