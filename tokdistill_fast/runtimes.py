@@ -159,6 +159,22 @@ def to_gguf(model_dir: Path, gguf: Path, t: LlamaTools) -> None:
         raise UserInputError(f"llama.cpp's convert_hf_to_gguf.py failed on {model_dir}:\n{tail}")
 
 
+def loadable_copy(model_dir: Path, tmp: Path) -> Path:
+    """`model_dir` as links in `tmp`, with tokenizer_config.json naming the generic class: an original saved by
+    transformers 5 ("TokenizersBackend") is otherwise unreadable for the converter's transformers 4.57."""
+    from .tokens import GENERIC_CLASS
+
+    tmp.mkdir()
+    for f in model_dir.iterdir():
+        (tmp / f.name).symlink_to(f.absolute())
+    config_file = model_dir / "tokenizer_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        (tmp / config_file.name).unlink()
+        (tmp / config_file.name).write_text(json.dumps({**config, "tokenizer_class": GENERIC_CLASS}), encoding="utf-8")
+    return tmp
+
+
 def llama_ids(gguf: Path, texts: list[str], t: LlamaTools) -> tuple[list[list[int]], list[str]]:
     """llama.cpp's token ids for each text (no BOS, special tokens parsed: llama-tokenize's defaults) and its
     detokenization of them, from one llama_ids process."""
@@ -229,7 +245,7 @@ def compare_llama(out: Path, texts: list[tuple[str, str]], original: Path | None
         to_gguf(out, Path(tmp) / "out.gguf", t)
         got = llama_ids(Path(tmp) / "out.gguf", plain, t)[0]
         if original is not None:
-            to_gguf(original, Path(tmp) / "original.gguf", t)
+            to_gguf(loadable_copy(original, Path(tmp) / "original"), Path(tmp) / "original.gguf", t)
             base = llama_ids(Path(tmp) / "original.gguf", plain, t)[0]
             base_same = [b == ref for b, ref in zip(base, hf_ids(original, plain)[1])]
     tok, want = hf_ids(out, plain)
