@@ -26,9 +26,11 @@ from tokdistill_fast.check import new_tokens_of
 from tokdistill_fast.config import cache_dir
 
 # Words SmolLM2 splits, from the license texts and NOTES.md, plus a multi-word expression (an added token
-# in every mode: no pre-tokenizer keeps it whole) and words whose forms occur inside longer words.
+# in every mode: no pre-tokenizer keeps it whole), and frequent gcide words (`tokdistill select`) so that the
+# corpus sample has paragraphs with new words, among them ones with an apostrophe, a hyphen or inside longer words.
 WORDS = ["sublicense", "licensor", "copyleft", "licensable", "palatable", "thyroidectomy", "indemnify",
-         "spill the beans", "warrantor", "noninfringement"]
+         "spill the beans", "warrantor", "noninfringement", "Dryden", "one's", "Pertaining", "Naut", "contrivance",
+         "fresh-water", "figuratively", "designating"]
 VLLM = "vllm==0.33.0"  # the version checked; its wheel holds CUDA kernels but its tokenizer code runs on CPU
 # vLLM imports these at module level of its tokenizer and detokenizer code (found by importing them, --no-deps).
 VLLM_IMPORTS = ["transformers>=5.16.1,<5.21.0", "msgspec", "cbor2", "psutil", "pyzmq", "urllib3", "aiohttp",
