@@ -3,8 +3,9 @@
 Users put tokenizer-extended models into llama.cpp (and Ollama, LM Studio) through `convert_hf_to_gguf.py`, which
 rebuilds the tokenizer from tokenizer.json / tokenizer.model with llama.cpp's own rules. The only faithful check is
 to run those two tools: no internet is needed, the PyPI sdist of llama-cpp-python vendors llama.cpp's sources.
-Everything lives under cache_dir()/llama.cpp: the sdist, its sources, a CPU build of `llama-tokenize` and a venv with
-the converter's own pins (transformers 4.x), so the check runs what a user runs.
+Everything lives under cache_dir()/llama.cpp: the sdist, its sources, a CPU build of libllama with a small tool over
+its llama_tokenize (llama_ids.cpp) and a venv with the converter's own pins (transformers 4.x), so the check runs
+what a user runs. `python -m tokdistill_fast.runtimes build` (or `make test-downstream`) makes them.
 """
 
 from __future__ import annotations
