@@ -6,7 +6,7 @@ token ids with transformers 5 on a fixed sentence set and a gcide.heldout.txt sa
   vLLM         its get_tokenizer and incremental detokenizer (bench/vllm_probe.py in a venv of its own)
 Gemma-3-270M too when cached (`python -m tokdistill_fast.demo prepare --gemma`: llama.cpp's SentencePiece path),
 and runs a PEFT check (trainable_token_indices from new_embeddings.safetensors, tied and untied). One table.
-Slow (the first run builds libllama: ~11 min of one idle core, 35 min on 2 busy ones): not part of `make test`.
+Slow (the first run builds libllama: ~55 min wall on 2 shared, busy cores): not part of `make test`.
 """
 
 from __future__ import annotations
