@@ -5,8 +5,8 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 installs quickly from the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup demo test test-interpret lint bench-kernels bench-align bench-e2e bench-e2e-reference bench-gpu-check-dry \
-	clean
+.PHONY: setup demo test test-interpret test-downstream lint bench-kernels bench-align bench-e2e bench-e2e-reference \
+	bench-gpu-check-dry clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,15 @@ test: setup
 
 test-interpret: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests/test_kernels_*.py
+
+# Not part of `test` (CI's budget): builds llama.cpp's libllama and the converter's venv once (cached under
+# ~/.cache/tokdistill_fast/llama.cpp; ~55 min wall here on 2 shared, busy cores), sets up a venv with vLLM's
+# tokenizer code, writes a fresh output of each tokenizer mode and prints how llama.cpp, transformers 4.57 and
+# vLLM tokenize it; PEFT check.
+test-downstream: setup
+	$(PY) -m pip install -q peft
+	$(PY) -m tokdistill_fast.demo prepare
+	$(PY) -m bench.downstream
 
 lint: setup
 	$(VENV)/bin/ruff check tokdistill_fast kernels tests bench

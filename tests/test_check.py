@@ -160,3 +160,42 @@ def test_added_mode_keeps_slow_files_and_vocab_mode_drops_them(model_dirs, words
         assert slow["kept"] == kept and (out / "tokenizer.model").exists() == bool(kept)
         assert slow["dropped"] == ([] if kept else ["tokenizer.model"])
     assert {t for t in NEW_WORDS} <= {t["word"] for t in json.loads((out / "report.json").read_text())["tokens"]}
+
+
+def test_bad_corpus_leaves_no_partial_and_out_creates_parents(model_dirs, words_file, tmp_path):
+    """A run that fails on its inputs leaves neither OUT nor OUT.partial (nothing to resume); --out with missing
+    parents creates them."""
+    model = str(model_dirs[("llama", "bytelevel", True)])
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("the palatable caf\xe9 is palatable.\n".encode("latin-1"))
+    out = tmp_path / "out"
+    code = cli.main(["distill", "--model", model, "--new-tokens", str(words_file), "--corpus", str(bad),
+                     "--target-layer", "1", "--out", str(out)])
+    assert code == 2 and not out.exists() and not (tmp_path / "out.partial").exists()
+    nested = tmp_path / "runs" / "a" / "x"
+    assert cli.main(["distill", "--model", model, "--new-tokens", str(words_file), "--method", "mean",
+                     "--out", str(nested)]) == 0
+    assert (nested / "config.json").is_file()
+
+
+def test_check_warns_which_runtime_loses_the_tokens(good, model_dirs, words_file, tmp_path, capsys, monkeypatch):
+    """A vocab-mode output: check names llama.cpp and the mode to rerun with; the default output (added tokens,
+    generic class) draws no such warning; an output saved with transformers 5's class name is flagged for 4.x."""
+    _, vocab_out = good
+    assert cli.main(["check", str(vocab_out), "--no-forward"]) == 0
+    err = capsys.readouterr().err
+    assert "llama.cpp" in err and "--tokenizer-mode added" in err
+    out = tmp_path / "added"
+    run(model_dirs[("llama", "bytelevel", True)], words_file, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    listed = {a["content"] for a in config["added_tokens_decoder"].values()}  # llama.cpp's SentencePiece path
+    assert {t["form"] for t in check.new_tokens_of(out)} <= listed
+    assert cli.main(["check", str(out), "--no-forward"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    (out / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "TokenizersBackend"}))
+    assert cli.main(["check", str(out), "--no-forward"]) == 0
+    assert "transformers 4.x" in capsys.readouterr().err
+    monkeypatch.setenv("TOKDISTILL_CACHE", str(tmp_path / "empty-cache"))
+    assert cli.main(["check", str(out), "--runtime", "llama.cpp"]) == 2
+    assert "llama.cpp tools are not built" in capsys.readouterr().err

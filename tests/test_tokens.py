@@ -84,16 +84,17 @@ def test_prefix_pairs(tokenizers_by_kind, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_added_mode_prefix_limit_is_reported(tokenizers_by_kind, kind):
-    """Added tokens cannot demand a boundary after a leading space: ' bival' matches inside ' bivalve'. The
-    bare form can (single_word), and `check` reports the inside-word matches as warnings."""
+    """Added tokens match inside longer words (' bival' in ' bivalve', 'bival' in '(bivalve)'): they carry no
+    single_word, which llama.cpp would drop; `check` reports the inside-word matches as warnings."""
     tok = tokenizers_by_kind[kind]
     new, planned, _ = extend(tok, ["bival"], "added")
+    assert not any(t.single_word or t.lstrip or t.rstrip for t in new.added_tokens_decoder.values())
     assert new("the bivalve said")["input_ids"] != tok("the bivalve said")["input_ids"]
-    assert new("the (bivalve)")["input_ids"] == tok("the (bivalve)")["input_ids"]
+    assert new("the (bivalve)")["input_ids"] != tok("the (bivalve)")["input_ids"]
     find = check.Findings()
     new_list = [{"id": t.new_id, "form": t.form, "piece": t.piece, "kind": t.kind, "word": t.word} for t in planned]
-    stats = check.check_probe(new, check.Original(tok), new_list, ["the bivalve said.", "a cook"], find)
-    assert not find.failures and stats["inside_word_matches"] == {" bival": 1}
+    stats = check.check_probe(new, check.Original(tok), new_list, ["the bivalve said.", "a cook", "(bivalves)"], find)
+    assert not find.failures and stats["inside_word_matches"] == {" bival": 1, "bival": 1}
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -24,6 +24,7 @@ from pathlib import Path
 import regex
 import torch
 
+from . import runtimes
 from .config import GuaranteeError, UserInputError  # noqa: F401 (GuaranteeError re-exported)
 from .tokens import WORD_CHARS, adds_prefix_space, span_ids, trie_pattern
 
@@ -391,6 +392,7 @@ def run_checks(out: str | Path, original: Original | None = None, probe_texts: l
         section["tokenizer"]["reload_ratio"] = reload_s / original.reload_seconds
     section["tokenizer"]["slow_files"] = [n for n in ("tokenizer.model", "vocab.json", "merges.txt")
                                           if (out / n).is_file()]
+    section["runtimes"] = runtimes.check_runtimes(out, tok, new, find)  # first: listed before inside-word warnings
     section["one_id"] = check_one_id(tok, original, new, find)
     section["probe"] = check_probe(tok, original, new, paragraphs, find)
     exceptions = ignore_merges_exceptions(tok, original)
@@ -459,12 +461,14 @@ def markdown(report: dict) -> str:
 def check_dir(out: str | Path, original: str | Path | None = None, probes: list[str] | None = None,
               forward: bool = True) -> dict:
     """`tokdistill check`: run the checks, write the reports, return the section."""
-    texts = []
-    for p in probes or []:
-        try:
-            texts.append(Path(p).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserInputError(f"--probe {p}: cannot read it as UTF-8 text: {e}") from None
+    texts = [read_probe(p) for p in probes or []]
     section = run_checks(out, load_original(original) if original else None, texts, forward)
     write_reports(Path(out), section)
     return section
+
+
+def read_probe(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserInputError(f"--probe {path}: cannot read it as UTF-8 text: {e}") from None

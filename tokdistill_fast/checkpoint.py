@@ -138,8 +138,8 @@ def differences(old: dict, new: dict) -> list[str]:
 class WorkDir:
     """The checkpoint directory of one run (see the module docstring); a disabled one (path None) keeps nothing."""
 
-    def __init__(self, path: Path | None, every: int = 0):
-        self.path, self.every = path, every
+    def __init__(self, path: Path | None, every: int = 0, fp: dict | None = None):
+        self.path, self.every, self.fp = path, every, fp  # fp: written with the first checkpoint
         self.hang_at = env_int(HANG_ENV)
 
     @classmethod
@@ -171,12 +171,10 @@ class WorkDir:
                     raise UserInputError(f"{path} holds the checkpoint of an unfinished run: pass --resume to continue "
                                          "it, or --overwrite to start afresh")
                 shutil.rmtree(path)
-            path.mkdir(parents=True)
-            tmp = stored.with_name(".fingerprint.json.tmp")
-            tmp.write_text(json.dumps(fp, indent=1), encoding="utf-8")
-            os.replace(tmp, stored)
         _stop.work_dir = path
-        return cls(path, cfg.checkpoint_every)
+        # A fresh directory is created by the first save: a run that fails on its inputs before it has anything
+        # to resume (a corpus that is not UTF-8, say) leaves nothing behind.
+        return cls(path, cfg.checkpoint_every, None if cfg.resume else fp)
 
     @property
     def enabled(self) -> bool:
@@ -188,8 +186,15 @@ class WorkDir:
         return torch.load(f, map_location="cpu", weights_only=False) if f is not None and f.is_file() else None
 
     def save(self, name: str, obj: Any) -> None:
-        if self.enabled:
-            _atomic_save(obj, self.file(name))
+        if not self.enabled:
+            return
+        if self.fp is not None and not self.path.is_dir():
+            self.path.mkdir(parents=True)
+            stored = self.path / "fingerprint.json"
+            tmp = stored.with_name(".fingerprint.json.tmp")
+            tmp.write_text(json.dumps(self.fp, indent=1), encoding="utf-8")
+            os.replace(tmp, stored)
+        _atomic_save(obj, self.file(name))
 
     def remove(self, name: str) -> None:
         if self.enabled:

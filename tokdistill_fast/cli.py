@@ -125,9 +125,23 @@ def cmd_select(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import check_dir, summary_lines
 
+    if args.runtime:
+        from .runtimes import check_llama_cpp, table
+
+        agree = check_llama_cpp(args.out, args.original, args.probe)
+        print(table({"llama.cpp": agree}))
+        for line in agree.examples:
+            print(f"  mismatch: {line}", file=sys.stderr)
+        print(f"llama.cpp {'matches' if agree.passed else 'DIFFERS FROM'} transformers on "
+              f"{sum(agree.matched.values())}/{sum(agree.compared.values())} texts")
+        return 0 if agree.passed else 1
+
     section = check_dir(args.out, args.original, args.probe, forward=not args.no_forward)
     for line in summary_lines(section):
         print(line, file=sys.stderr)
+    for w in section["warnings"]:
+        if w["check"] == "runtime":
+            print(f"warning: {w['detail']}", file=sys.stderr)
     t = section["tokenizer"]
     print(f"{'passed' if section['passed'] else 'FAILED'}: {section['new_tokens']} new token(s), "
           f"{section['one_id']['contexts_checked']} contexts, {section['probe']['paragraphs']} probe paragraphs, "
@@ -220,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--probe", nargs="*", default=[], help="text files whose tokenization is compared")
     k.add_argument("--no-forward", action="store_true",
                    help="skip the model forward pass that measures probability mass on padding and new ids")
+    k.add_argument("--runtime", choices=["llama.cpp"], default=None,
+                   help="instead: compare llama.cpp's token ids (after convert_hf_to_gguf.py) with transformers' "
+                        "(needs the tools `make test-downstream` builds)")
     k.set_defaults(func=cmd_check)
     s = sub.add_parser("select", help="candidate new tokens from a corpus, ranked by tokens saved")
     s.add_argument("--model", required=True)

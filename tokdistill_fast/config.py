@@ -100,7 +100,9 @@ class DistillConfig:
     init_from: str | None = None  # safetensors file of start rows keyed by form (see swap.py)
     distill_min_chars: int = 0  # words with fewer characters are not trained; 0 trains all
     output_embeddings: str = "auto"  # untied models: zeros | mean | ntp; "auto" = mean. Tied models share rows.
-    tokenizer_mode: str = "auto"  # vocab (BPE vocabulary entries) where the family allows it, else added tokens
+    # added: AddedTokens, which transformers, vLLM and llama.cpp all honour; vocab / auto (vocab where the family
+    # allows it): exact outside new words, but transformers-only (tokens.py, docs/vocabulary-extension.md)
+    tokenizer_mode: str = "added"
     add_variants: bool = True  # also add the start-of-text form ("word" without a leading space) as a token
     casing_variants: bool = False  # also add lower-case and capitalized forms of each word (rows copied)
     pad_to_multiple_of: int | None = None  # round a grown embedding matrix up to a multiple of this (64, 128)

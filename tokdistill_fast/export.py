@@ -19,18 +19,22 @@ import torch
 from safetensors.torch import save_file
 
 from .config import UserInputError
+from .tokens import GENERIC_CLASS
 
 log = logging.getLogger(__name__)
 
 
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output unless --overwrite; refuse paths we could not create. Called before any work."""
+    """Refuse an existing output unless --overwrite; refuse paths we could not create (missing parents are fine:
+    atomic_write creates them, as save_pretrained does). Called before any work."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserInputError(f"--out {out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a directory")
     parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UserInputError(f"--out {out}: cannot create it in {parent}")
     return out
@@ -81,6 +85,23 @@ def write_rows(model, toks: list, rows: torch.Tensor, out_rows: torch.Tensor | N
         bias[index.to(bias.device)] = torch.tensor(values, dtype=bias.dtype, device=bias.device)
 
 
+def save_tokenizer(tokenizer, path: Path) -> None:
+    """save_pretrained, with a tokenizer_config.json that older readers understand: it names the generic fast
+    class (transformers 5 writes "TokenizersBackend", which transformers 4.x and so llama.cpp's converter, pinned
+    to 4.57, cannot load; model classes may rebuild the pipeline from defaults) and lists the added tokens, as
+    transformers 4.x did: llama.cpp's SentencePiece path (Gemma, Llama-2) reads them only from there or from
+    added_tokens.json, never from tokenizer.json."""
+    tokenizer.save_pretrained(path)
+    config_file = Path(path) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = GENERIC_CLASS
+    config["added_tokens_decoder"] = {
+        str(i): {"content": a.content, "lstrip": a.lstrip, "normalized": a.normalized, "rstrip": a.rstrip,
+                 "single_word": a.single_word, "special": a.special}
+        for i, a in sorted(tokenizer.added_tokens_decoder.items())}
+    write_json(config_file, config)
+
+
 def slow_tokenizer_files(source: Path | None, tmp: Path, toks: list) -> dict:
     """Slow-tokenizer files (tokenizer.model, vocab.json, merges.txt) know nothing of vocab-mode entries, so
     a slow tokenizer built from them would split new words: they are dropped then. With added tokens only,
@@ -107,6 +128,7 @@ def is_tied(model) -> bool:
 def atomic_write(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> None:
     """Call fill(tmp) on a fresh sibling temp dir, then rename it to `out` (replacing it only if overwrite)."""
     out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         fill(tmp)

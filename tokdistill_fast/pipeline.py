@@ -516,7 +516,7 @@ def write_output(out: Path, cfg, original, tokenizer, new_tokenizer, toks, rows,
 
     def fill(tmp: Path) -> None:
         target.save_pretrained(tmp, safe_serialization=True)
-        new_tokenizer.save_pretrained(tmp)
+        export.save_tokenizer(new_tokenizer, tmp)
         slow = export.slow_tokenizer_files(original if isinstance(original, Path) else None, tmp, toks)
         export.new_rows_file(tmp / "new_embeddings.safetensors", toks, rows, out_rows)
         report = finish_report(export=time.perf_counter() - t0)

@@ -5,16 +5,20 @@ the bare form "palatable" (start of text, after a newline or punctuation) is spl
 an option adds casing variants ("Palatable"). Variants copy their primary's trained rows.
 Two ways to make the tokenizer emit one id for them (`--tokenizer-mode`):
 
+* added (the default): plain `AddedToken`s, no flags. Every runtime carries them: transformers, vLLM (HF
+  tokenizers) and llama.cpp after `convert_hf_to_gguf.py` (BPE and SentencePiece paths alike) emit the same ids
+  (docs/vocabulary-extension.md has the measurements). An added token is matched before pre-tokenization, so
+  it also matches inside longer words (" Paris" in " Parisians", "Paris" in "unParisian"); `single_word` would
+  refuse that in transformers, but llama.cpp drops the flag, and outputs that tokenize differently by runtime are
+  worse than a counted inside-word match. `tokdistill check` counts them per token.
 * vocab: a BPE vocabulary entry per form, reached as a whole pre-token. The pre-tokenizer's split regex gets a
   first branch (a trie of the forms, so 50,000 forms cost no encode speed) that isolates the forms at word
   boundaries, and the BPE model looks whole pre-tokens up before merging (`ignore_merges`, as Llama-3 does).
   Text without new words pre-tokenizes as before, and longer words ("Parisians") are untouched. The one change
   `ignore_merges` can make elsewhere: a pre-token equal to an existing entry that BPE never produces becomes that
   entry (`ignore_merges_exceptions` lists them; none in SmolLM2, four odd ones such as "▁yyyy" in Gemma-3).
-* added: `AddedToken`s. Every tokenizer supports them and llama.cpp's converter keeps them, but an added token is
-  matched before pre-tokenization and cannot demand a word boundary after a leading space: " Paris" also
-  matches inside " Parisians" (`single_word` would refuse " Paris" after any word). Bare forms do get
-  `single_word`. `tokdistill check` counts such inside-word matches per token.
+  transformers-only: llama.cpp's converter keeps the entries but splits text with its own hard-coded regex and
+  plain merges, so it never emits them (`tokdistill check` warns).
 
 `auto` uses vocab mode where the tokenizer allows it (BPE with a known pre-tokenizer, loaded by AutoTokenizer as
 written) and added tokens for forms it cannot isolate. Subtoken ids always come from the original tokenizer.
@@ -382,11 +386,11 @@ def encodes_as_one(tokenizer, toks: list[NewToken]) -> list[bool]:
 
 
 def added_token(tok: NewToken):
-    """AddedToken for a form: bare forms demand word boundaries on both sides (`single_word`); spaced forms
-    cannot (the char before their space is usually a word char, which `single_word` rejects)."""
+    """AddedToken for a form, with no flag a runtime could drop: llama.cpp's converter ignores `single_word`, so
+    a bare form marked with it would match inside longer words in llama.cpp and not in transformers."""
     from tokenizers import AddedToken
 
-    return AddedToken(tok.form, single_word=not tok.form[:1].isspace(), normalized=False, special=False)
+    return AddedToken(tok.form, single_word=False, normalized=False, special=False)
 
 
 def extend_tokenizer(tokenizer, planned: list[NewToken], mode: str = "auto", model_config=None):
