@@ -10,8 +10,8 @@ On a machine without internet (the lent GPUs): install the package without depen
 (`pip install --no-deps --no-build-isolation -e .`) and carry a wheel of pyahocorasick if it is missing
 (bench/gpu_check.sh does all of it).
 
-Target layer and learning rate are the search's choice unless --target-layer/--layers/--lr fix them; the search's
-time is in the total. Writes bench/results/<device>-<config>-L<layer>.json per layer (-reference.json with
+The target layer is the search's choice (the lr the measured rule) unless --target-layer/--layers/--lr fix them;
+the search's time is in the total. Writes bench/results/<device>-<config>-L<layer>.json per layer (-reference.json with
 --reference): device, versions, what ran (report.json's `implementations`), seconds per phase and in total,
 tokens/s, achieved TFLOP/s (2 FLOP x decoder parameters of the layers run, per computed position of the teacher
 forward, the student forward and the student's input-gradient backward; attention's own FLOPs, padding and the

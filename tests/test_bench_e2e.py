@@ -9,11 +9,11 @@ from tokdistill_fast import align
 
 
 def test_e2e_tiny_on_cpu(tmp_path):
-    assert e2e.main(["--config", "tiny", "--new-tokens", "12", "--target-layer", "2", "--snippets", "4",
+    assert e2e.main(["--config", "tiny", "--new-tokens", "12", "--snippets", "4",
                      "--snippet-length", "20", "--reference", "--device", "cpu", "--results-dir", str(tmp_path)]) == 0
-    record = json.loads((tmp_path / "cpu-tiny-L2-reference.json").read_text())
+    record = json.loads((tmp_path / "cpu-tiny-Lauto-reference.json").read_text())
     fast, ref, other = record["fast"], record["reference"], record["reference_other_dtype"]
-    assert fast["settings"]["searched"] and fast["autotune"]["trials"]  # lr "auto": the search ran and was timed
+    assert fast["settings"]["searched"] and fast["autotune"]["trials"]  # layer "auto": the search ran and was timed
     assert fast["seconds"]["autotune"] > 0 and ref["settings"]["lr"] == fast["settings"]["lr"]
     # what ran, observed at run time: the fused passes' attention, the aligners, the kernels, the cache
     assert fast["implementations"]["prefix_sharing"] == "fused"
