@@ -40,6 +40,10 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True) -> None:
     words.add_argument("--new-tokens", help="text file, one new token per line as it appears in text")
     words.add_argument("--new-tokens-from-tokenizer", metavar="DIR",
                        help="add every word of this tokenizer's vocabulary that the model's tokenizer lacks")
+    words.add_argument("--tokenizer", dest="target_tokenizer", metavar="DIR",
+                       help="an extended tokenizer to use as given (ids kept): learn rows for its new ids")
+    d.add_argument("--new-ids", metavar="FILE",
+                   help="with --tokenizer: ids (one per line) that are new besides those past the model's tokenizer")
     d.add_argument("--corpus", nargs="+", default=[],
                    help="files, directories or globs to mine contexts from: text (blank-line separated documents), "
                    "JSON lines (.jsonl, a 'text' field), Parquet (.parquet, a 'text' column; needs pyarrow)")
