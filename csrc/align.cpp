@@ -23,10 +23,13 @@ using i32 = std::int32_t;
 // Accepts int64 arrays as they are (no copy) and safely castable ones (int32, lists) by conversion.
 using InArray = py::array_t<i64, py::array::c_style>;
 
-[[noreturn]] void fail(const std::string& msg) { throw py::value_error("align: " + msg); }
+// `fn` names the function in messages, as the Python spec's messages do.
+[[noreturn]] void fail(const std::string& msg, const char* fn = "align") {
+  throw py::value_error(std::string(fn) + ": " + msg);
+}
 
-const i64* data_1d(const InArray& a, const char* name) {
-  if (a.ndim() != 1) fail(std::string(name) + " must be 1-D, got " + std::to_string(a.ndim()) + " dimensions");
+const i64* data_1d(const InArray& a, const char* name, const char* fn = "align") {
+  if (a.ndim() != 1) fail(std::string(name) + " must be 1-D, got " + std::to_string(a.ndim()) + " dimensions", fn);
   return a.data();
 }
 
@@ -133,11 +136,8 @@ py::tuple align(const InArray& teacher_ids, const InArray& cu_teacher, const InA
 // the tokens sharing an end offset), from the first difference on and never at position 0 (the attention sink).
 py::tuple cross_align(const InArray& teacher_ids, const InArray& cu_teacher, const InArray& teacher_ends,
                       const InArray& student_ids, const InArray& cu_student, const InArray& student_ends) {
-  auto cfail = [](const std::string& msg) { throw py::value_error("cross_align: " + msg); };
-  auto one_d = [&](const InArray& a, const char* name) {
-    if (a.ndim() != 1) cfail(std::string(name) + " must be 1-D, got " + std::to_string(a.ndim()) + " dimensions");
-    return a.data();
-  };
+  auto cfail = [](const std::string& msg) { fail(msg, "cross_align"); };
+  auto one_d = [](const InArray& a, const char* name) { return data_1d(a, name, "cross_align"); };
   const i64* t = one_d(teacher_ids, "teacher_ids");
   const i64* cu_t = one_d(cu_teacher, "cu_teacher");
   const i64* te = one_d(teacher_ends, "teacher_ends");

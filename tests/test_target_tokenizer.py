@@ -155,6 +155,23 @@ def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, or
     assert cli.main(["check", str(out), "--original", str(tiny_model_dir), "--no-forward"]) == 0
 
 
+def test_in_memory_model_and_tokenizers(tiny_model_dir, original, t2, corpus_file):
+    from transformers import AutoModelForCausalLM
+
+    from tokdistill_fast.pipeline import distill
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    before = model.get_input_embeddings().weight.detach().clone()
+    cfg = DistillConfig(snippets_per_token=2, snippet_length=16, target_layer=2, lr=1e-3, epochs=1, device="cpu",
+                        dtype="float32")
+    result = distill(model, None, [corpus_file], None, cfg, tokenizer=original, target_tokenizer=t2)
+    assert result.tokenizer is t2 and [t.new_id for t in result.tokens] == list(range(len(original), len(t2)))
+    assert result.rows.shape == (len(t2) - len(original), before.shape[1]) and torch.isfinite(result.rows).all()
+    assert torch.equal(model.get_input_embeddings().weight, before)  # the caller's model is not modified
+    with pytest.raises(UserInputError, match="needs its tokenizer"):
+        distill(model, None, [corpus_file], None, cfg, target_tokenizer=t2)
+
+
 def test_bad_target_fails_before_the_model_loads(tiny_model_dir, original, corpus_file, tmp_path, monkeypatch,
                                                  capsys):
     from tokdistill_fast import models
@@ -164,3 +181,18 @@ def test_bad_target_fails_before_the_model_loads(tiny_model_dir, original, corpu
     code = cli.main(["distill", "--model", str(tiny_model_dir), "--tokenizer", str(bad), "--corpus",
                      str(corpus_file), "--out", str(tmp_path / "o")])
     assert code == 2 and "id 100 was" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_cut_snaps_to_common_boundaries_within_the_budget():
+    from tokdistill_fast.contexts import Hit
+
+    t_ends = np.array([2, 4, 6, 9, 11, 14, 16])  # teacher pieces; the student merges 6..11 into one piece
+    s_ends = np.array([2, 4, 6, 11, 14, 16])
+    hit = Hit("x" * 16, 6, 11, False, False)
+    assert target_tokenizer.cut(t_ends, s_ends, 2, 16, 7, hit) == (2, 16)  # everything but the first token fits
+    assert target_tokenizer.cut(t_ends, s_ends, 2, 16, 3, hit) == (4, 11)  # tightest: one token before, the hit
+    assert target_tokenizer.cut(t_ends, s_ends, 2, 16, 1, hit) is None  # the hit alone is 2 teacher tokens
+    # a hit at the start of its document may start the snippet; elsewhere the window's start is not a boundary
+    first = Hit("x" * 16, 0, 2, True, False)
+    assert target_tokenizer.cut(t_ends, s_ends, 0, 16, 2, first) == (0, 4)
+    assert target_tokenizer.cut(t_ends, s_ends, 0, 16, 2, first._replace(at_doc_start=False)) is None

@@ -8,6 +8,7 @@ original vocabulary, so every original id keeps its piece.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 from collections import Counter, defaultdict
 
@@ -27,7 +28,8 @@ def word_counts(tokenizer, texts) -> Counter:
 
 def continue_merges(tokenizer, counts: Counter, n_merges: int) -> list[tuple[str, str]]:
     """The next `n_merges` merges BPE training would learn from `counts`, starting from the tokenizer's own
-    segmentation of every pre-token (pair counts updated incrementally, ties broken by the pair itself)."""
+    segmentation of every pre-token: the most frequent adjacent pair whose piece is not in the vocabulary yet (ties
+    to the smaller pair), pair counts updated incrementally and kept in a heap whose stale entries are skipped."""
     model = tokenizer.backend_tokenizer.model
     vocab = tokenizer.get_vocab()
     words = [[t.value for t in model.tokenize(w)] for w in counts]
@@ -38,18 +40,23 @@ def continue_merges(tokenizer, counts: Counter, n_merges: int) -> list[tuple[str
         for pair in zip(w, w[1:]):
             pairs[pair] += freq[i]
             where[pair].add(i)
+    heap = [(-c, p) for p, c in pairs.items()]
+    heapq.heapify(heap)
     merges = []
-    while len(merges) < n_merges:
-        best = max((p for p, c in pairs.items() if c > 0 and p[0] + p[1] not in vocab),
-                   key=lambda p: (pairs[p], p), default=None)
-        if best is None or pairs[best] < 2:
+    while len(merges) < n_merges and heap:
+        c, best = heapq.heappop(heap)
+        if -c != pairs[best] or best[0] + best[1] in vocab:
+            continue  # stale (the count changed and was pushed again) or already a piece
+        if -c < 2:
             break
         merges.append(best)
         vocab[best[0] + best[1]] = -1
-        for i in list(where[best]):
+        touched = set()
+        for i in where.pop(best):
             w = words[i]
             for pair in zip(w, w[1:]):
                 pairs[pair] -= freq[i]
+                touched.add(pair)
             merged, k = [], 0
             while k < len(w):
                 if k + 1 < len(w) and (w[k], w[k + 1]) == best:
@@ -62,6 +69,10 @@ def continue_merges(tokenizer, counts: Counter, n_merges: int) -> list[tuple[str
             for pair in zip(merged, merged[1:]):
                 pairs[pair] += freq[i]
                 where[pair].add(i)
+                touched.add(pair)
+        for pair in touched:
+            if pairs[pair] > 0:
+                heapq.heappush(heap, (-pairs[pair], pair))
     return merges
 
 

@@ -168,6 +168,8 @@ def cut(t_ends: np.ndarray, s_ends: np.ndarray, lo_char: int, hi_char: int, budg
     """Character range (lo, hi] of a snippet around the hit: both ends at offsets where both tokenizations end,
     the hit inside, at most `budget` tokens on either side, centred where the text allows. None if no such cut."""
     common = np.intersect1d(t_ends, s_ends)
+    if hit.at_doc_start:  # the document's start is a boundary of both
+        common = np.union1d(common, [0])
     common = common[(common >= lo_char) & (common <= hi_char)]
     left, right = common[common < hit.end], common[common >= hit.end]
     left = left[left <= hit.start]
@@ -274,6 +276,9 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     if out is not None:
         export.check_out_dir(out, cfg.overwrite)
     corpus_files = contexts.corpus_files(corpus)
+    if not isinstance(model, (str, Path)) and tokenizer is None:
+        raise UserInputError("an in-memory model needs its tokenizer: distill(model, ..., tokenizer=tok, "
+                             "target_tokenizer=t2)")
     with timer("tokens"):  # everything about T2 is checked before the model loads
         original = load_tokenizer(model if tokenizer is None else tokenizer, "--model")
         target = load_tokenizer(target_tokenizer)
