@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merges", type=int, default=200)
     p.add_argument("--heldout-chars", type=int, default=100_000)
     p.add_argument("--snippets-per-token", type=int, default=25)
+    p.add_argument("--snippet-length", type=int, default=DistillConfig.snippet_length)
+    p.add_argument("--epochs", default="auto", help="1, 2, ... or auto (the distill default)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -83,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     for method in ("mean", "token-distill"):
         if not (out / method / "report.json").is_file():
             t0 = time.perf_counter()
-            cfg = DistillConfig(method=method, snippets_per_token=args.snippets_per_token, overwrite=True)
+            cfg = DistillConfig(method=method, snippets_per_token=args.snippets_per_token,
+                                snippet_length=args.snippet_length, overwrite=True,
+                                epochs=args.epochs if args.epochs == "auto" else int(args.epochs))
             pipeline.distill(args.model, None, args.train, out / method, cfg, target_tokenizer=t2_dir)
             seconds[method] = time.perf_counter() - t0
     new = set(new_ids_of(original, target, set()))

@@ -191,6 +191,8 @@ def _floats(value: str) -> list[float]:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import DEFAULT_METHODS, compare, parse_spec, sweep_specs
 
+    if args.target_tokenizer:
+        raise UserInputError("compare does not take --tokenizer (bring your own tokenizer runs with distill)")
     specs = [parse_spec(m, args.seeds) for m in (args.methods or DEFAULT_METHODS)]
     specs += sweep_specs(list(args.layers), args.lrs, args.target_layer)
     results = compare(args.model, args.new_tokens, args.corpus, args.heldout, args.out, config_from(args), specs,
