@@ -94,9 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     docs = heldout_docs(args.heldout, target, new, args.heldout_chars)
     lead = original.convert_tokens_to_ids("<|endoftext|>")
     lead = lead if lead is not None and lead != original.unk_token_id else original.bos_token_id
-    rows = {"original": bits_per_char(Path(args.model), original, docs, lead)}
-    for method in ("mean", "token-distill"):
-        rows[method] = bits_per_char(out / method, target, docs, lead)
+    rows = {}
+    for name, model_dir, tok in (("original", Path(args.model), original), ("mean", out / "mean", target),
+                                 ("token-distill", out / "token-distill", target)):
+        saved = out / f"bpc-{name}-{args.heldout_chars}.json"  # each model's figure is kept: a rerun skips it
+        if not saved.is_file():
+            saved.write_text(json.dumps(bits_per_char(model_dir, tok, docs, lead)))
+        rows[name] = json.loads(saved.read_text())
     o, m, d = rows["original"]["bpc"], rows["mean"]["bpc"], rows["token-distill"]["bpc"]
     report = json.loads((out / "token-distill" / "report.json").read_text())
     result = {"merges": args.merges, "new_ids": len(new), "heldout_docs": len(docs), "bpc": rows,
