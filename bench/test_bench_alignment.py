@@ -67,3 +67,60 @@ def test_alignment_cpp(benchmark, batch, results):
 
 def test_alignment_python(benchmark, batch, results):
     run(benchmark, batch, results, "python", rounds=3)
+
+
+def synthetic_cross_batch(seed: int = 0) -> list[np.ndarray]:
+    """The same 64k snippets of ~50 teacher ids read by an extended tokenizer: each teacher token ends 1-8 chars
+    after the previous one; the student merges the snippet's phrase (placed at a random offset) and, one time in
+    three, a second pair of neighbours elsewhere into new ids, and one time in four shifts a boundary (a piece
+    split differently), so pairs resume after each difference. A shared BOS (end 0) leads every snippet."""
+    rng = np.random.default_rng(seed)
+    t_ids, t_ends, s_ids, s_ends, cu_t, cu_s = [], [], [], [], [0], [0]
+    for _ in range(N_SNIPPETS):
+        n = int(rng.integers(40, 61))
+        ids = [0] + ((rng.zipf(1.1, n) - 1) % VOCAB).tolist()
+        ends = [0] + np.cumsum(rng.integers(1, 9, n)).tolist()
+        sid, send = list(ids), list(ends)
+        at = int(rng.integers(1, n - 3))
+        width = int(rng.integers(2, 5))
+        sid[at:at + width], send[at:at + width] = [VOCAB + at], [send[at + width - 1]]
+        if rng.random() < 1 / 3 and len(sid) > 4:
+            k = int(rng.integers(1, len(sid) - 1))
+            sid[k:k + 2], send[k:k + 2] = [VOCAB + 1], [send[k + 1]]
+        if rng.random() < 0.25 and len(sid) > 4:
+            k = int(rng.integers(1, len(sid) - 2))
+            if send[k + 1] - send[k - 1] > 1:
+                send[k] = send[k - 1] + 1 if send[k] - send[k - 1] > 1 else send[k] + 1
+        for out, vals in ((t_ids, ids), (t_ends, ends), (s_ids, sid), (s_ends, send)):
+            out.extend(vals)
+        cu_t.append(len(t_ids))
+        cu_s.append(len(s_ids))
+    return [np.asarray(a, dtype=np.int64) for a in (t_ids, cu_t, t_ends, s_ids, cu_s, s_ends)]
+
+
+@pytest.fixture(scope="module")
+def cross_batch():
+    return synthetic_cross_batch()
+
+
+def run_cross(benchmark, cross_batch, results, impl: str, rounds: int) -> None:
+    benchmark.group = f"cross alignment {N_SNIPPETS} snippets"
+    out = benchmark.pedantic(align.cross_align, args=cross_batch, kwargs=dict(impl=impl), rounds=rounds,
+                             warmup_rounds=1)
+    benchmark.extra_info.update(snippets=N_SNIPPETS, teacher_tokens=len(cross_batch[0]), aligned_pairs=len(out.s_pos))
+    if benchmark.stats:
+        benchmark.extra_info["snippets_per_s"] = round(N_SNIPPETS / benchmark.stats.stats.mean)
+    results["cross-" + impl] = out
+    if "cross-cpp" in results and "cross-python" in results:
+        for f in ("s_pos", "t_pos", "cu_aligned"):
+            np.testing.assert_array_equal(getattr(results["cross-cpp"], f), getattr(results["cross-python"], f),
+                                          err_msg=f)
+
+
+@pytest.mark.skipif(align._align_ext is None, reason="C++ aligner not built")
+def test_cross_alignment_cpp(benchmark, cross_batch, results):
+    run_cross(benchmark, cross_batch, results, "cpp", rounds=50)
+
+
+def test_cross_alignment_python(benchmark, cross_batch, results):
+    run_cross(benchmark, cross_batch, results, "python", rounds=3)

@@ -188,3 +188,148 @@ def test_cpp_pack_matches_numpy_pack(seqs):
 def test_cpp_pack_rejects_what_is_not_an_int64(seqs, error):
     with pytest.raises(error):
         align.pack(seqs, "cpp")
+
+
+# Cross-tokenization alignment (align.cross_align_py and the C++ cross_align).
+CROSS_FIELDS = ["s_pos", "t_pos", "cu_aligned"]
+
+
+def cross(impl: str, *args):
+    return align.cross_align(*args, impl=impl)
+
+
+def tokenize(text: list[int], cuts: list[int], merges: dict) -> tuple[list[int], list[int]]:
+    """Ids and end offsets of `text` (a list of char codes) cut after the positions in `cuts`; a piece that spans
+    several chars gets an id from `merges`; one char in five of code 3 becomes two byte pieces with one end."""
+    ids, ends, start = [], [], 0
+    for end in sorted(set(cuts) | {len(text)}):
+        if end <= start:
+            continue
+        piece = tuple(text[start:end])
+        if len(piece) == 1 and piece[0] == 3:
+            ids += [100, 101]
+            ends += [end, end]
+        else:
+            ids.append(piece[0] if len(piece) == 1 else merges.setdefault(piece, 1_000 + len(merges)))
+            ends.append(end)
+        start = end
+    return ids, ends
+
+
+@st.composite
+def cross_batches(draw):
+    """Snippets of text over 4 chars cut into tokens twice: the student's cuts are the teacher's with some removed
+    (merges) and some added (a different segmentation), so the two agree in places and differ in others; sometimes
+    identical, empty, or differing at position 0. A shared BOS (id 7, end 0) leads one batch in two."""
+    bos = draw(st.booleans())
+    merges: dict = {}
+    t_ids, t_ends, s_ids, s_ends, cu_t, cu_s = [], [], [], [], [0], [0]
+    for _ in range(draw(st.integers(0, 6))):
+        text = draw(st.lists(st.integers(0, 3), max_size=14))
+        cuts = draw(st.lists(st.integers(0, len(text)), max_size=len(text)))
+        kept = [c for c in cuts if draw(st.integers(0, 3))]
+        added = draw(st.lists(st.integers(0, len(text)), max_size=3))
+        for ids, ends, cu, cut in ((t_ids, t_ends, cu_t, cuts), (s_ids, s_ends, cu_s, kept + added)):
+            i, e = tokenize(text, cut, merges)
+            ids += [7] * bos + i
+            ends += [0] * bos + e
+            cu.append(len(ids))
+    return t_ids, cu_t, t_ends, s_ids, cu_s, s_ends
+
+
+@needs_ext
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cross_batches())
+def test_cross_cpp_matches_python_on_random_batches(case):
+    a, b = cross("cpp", *case), cross("python", *case)
+    for f in CROSS_FIELDS:
+        assert getattr(a, f).dtype == getattr(b, f).dtype, f
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+
+
+@given(cross_batches())
+@settings(max_examples=200, deadline=None)
+def test_cross_pairs_end_together_after_the_first_difference(case):
+    """Properties of the spec itself: pairs end at the same offset, rise on both sides, avoid position 0 and the
+    shared prefix, and each snippet that differs from the teacher has its last position paired."""
+    t_ids, cu_t, t_ends, s_ids, cu_s, s_ends = (np.asarray(a, dtype=np.int64) for a in case)
+    al = align.cross_align_py(t_ids, cu_t, t_ends, s_ids, cu_s, s_ends)
+    for i in range(len(cu_t) - 1):
+        sp = al.s_pos[al.cu_aligned[i]:al.cu_aligned[i + 1]]
+        tp = al.t_pos[al.cu_aligned[i]:al.cu_aligned[i + 1]]
+        t, s = t_ids[cu_t[i]:cu_t[i + 1]], s_ids[cu_s[i]:cu_s[i + 1]]
+        te, se = t_ends[cu_t[i]:cu_t[i + 1]], s_ends[cu_s[i]:cu_s[i + 1]]
+        np.testing.assert_array_equal(te[tp], se[sp])
+        assert (np.diff(sp) > 0).all() and (np.diff(tp) > 0).all()
+        assert (sp > 0).all() and (tp > 0).all()
+        same = t.tolist() == s.tolist() and te.tolist() == se.tolist()
+        if len(sp):
+            d = next(k for k in range(min(len(t), len(s)) + 1)
+                     if k == min(len(t), len(s)) or t[k] != s[k] or te[k] != se[k])
+            assert sp[0] >= d and tp[0] >= d
+        elif not same and len(t) > 1 and len(s) > 1 and te[-1] == se[-1]:
+            pytest.fail(f"snippet {i} differs but has no pair")
+        if len(sp) and te[-1] == se[-1] and len(s) > 1:
+            assert sp[-1] == len(s) - 1 and tp[-1] == len(t) - 1
+
+
+# (teacher ids, teacher ends, student ids, student ends, expected s_pos, t_pos) for one snippet each.
+CROSS_CASES = {
+    "identical": ([7, 1, 2], [0, 2, 4], [7, 1, 2], [0, 2, 4], [], []),
+    "one merge in the middle": ([7, 1, 2, 3, 4], [0, 2, 4, 6, 8], [7, 1, 90, 4], [0, 2, 6, 8], [2, 3], [3, 4]),
+    "shifted boundary": ([7, 1, 2, 3], [0, 3, 5, 8], [7, 90, 91, 3], [0, 4, 5, 8], [2, 3], [2, 3]),
+    "crossing pieces pair only at the end": ([7, 1, 2, 3], [0, 3, 5, 8], [7, 90, 91], [0, 4, 8], [2], [3]),
+    "first token differs: position 0 never pairs": ([1, 2, 3], [2, 4, 6], [90, 3], [4, 6], [1], [2]),
+    "byte pieces: the last of a character": ([7, 100, 101, 2], [0, 3, 3, 5], [7, 90, 2], [0, 3, 5], [1, 2], [2, 3]),
+    "several new pieces": ([7, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6], [7, 90, 3, 91, 6], [0, 2, 3, 5, 6],
+                           [1, 2, 3, 4], [2, 3, 5, 6]),
+    "student is a prefix": ([7, 1, 2], [0, 1, 2], [7, 1], [0, 1], [], []),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", CROSS_CASES)
+def test_cross_hand_written_cases(name, impl):
+    t, te, s, se, want_s, want_t = CROSS_CASES[name]
+    al = cross(impl, t, [0, len(t)], te, s, [0, len(s)], se)
+    assert al.s_pos.dtype == al.t_pos.dtype == np.int32
+    assert al.s_pos.tolist() == want_s and al.t_pos.tolist() == want_t
+    assert al.cu_aligned.tolist() == [0, len(want_s)] and al.student_ids.tolist() == s
+
+
+def cross_packed(**over):
+    """A valid cross batch (two snippets) with some arrays replaced."""
+    args = dict(teacher_ids=[7, 1, 2, 7, 3], cu_teacher=[0, 3, 5], teacher_ends=[0, 2, 4, 0, 3],
+                student_ids=[7, 90, 7, 3], cu_student=[0, 2, 4], student_ends=[0, 4, 0, 3])
+    args.update(over)
+    return {k: np.asarray(v, dtype=np.int64) for k, v in args.items()}
+
+
+CROSS_BAD = {
+    "cu_teacher not from 0": dict(cu_teacher=[1, 3, 5]),
+    "cu_student past the ids": dict(cu_student=[0, 2, 9]),
+    "cu_student decreasing": dict(cu_student=[0, 3, 2, 4], cu_teacher=[0, 3, 3, 5]),
+    "cu_teacher empty": dict(cu_teacher=[]),
+    "ends short of the ids": dict(teacher_ends=[0, 2, 4, 0]),
+    "snippet counts differ": dict(cu_student=[0, 4]),
+    "ends decreasing": dict(student_ends=[0, 4, 3, 2]),
+    "2-D ends": dict(student_ends=[[0, 4], [0, 3]]),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", CROSS_BAD)
+def test_cross_malformed_input_raises_value_error(name, impl):
+    fn = align.cross_align_py if impl == "python" else align._align_ext.cross_align
+    with pytest.raises(ValueError, match="cross_align: ") as py_err:
+        fn(**cross_packed(**CROSS_BAD[name]))
+    if impl == "cpp":  # the same message as the spec's
+        with pytest.raises(ValueError) as spec_err:
+            align.cross_align_py(**cross_packed(**CROSS_BAD[name]))
+        assert str(py_err.value) == str(spec_err.value)
+
+
+def test_cross_ends_may_fall_across_snippet_borders():
+    # Each snippet's offsets restart at 0: only a decrease inside a snippet is malformed.
+    al = align.cross_align_py(**cross_packed())
+    assert al.s_pos.tolist() == [1] and al.t_pos.tolist() == [2]

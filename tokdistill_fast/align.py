@@ -198,3 +198,91 @@ def align(teacher: list[list[int]] | tuple[np.ndarray, np.ndarray], phrases: lis
     if impl == "cpp":
         return Alignment(*_align_ext.align(*args))
     return align_py(*args)
+
+
+# Cross-tokenization alignment (bring your own tokenizer, target_tokenizer.py): the student reads the same text as
+# the teacher, tokenized by another tokenizer that extends the original one, so the two sequences may differ in many
+# places. Each token carries the character offset where it ends. A position is a boundary when the next token ends
+# later (byte pieces of one character share their end offset: only the last of them closes the character).
+# Aligned pairs are the boundaries at which both sequences end at the same offset, from the first position where
+# the sequences differ (in id or end offset) on, never position 0 (the attention sink: its states are thousands of
+# times larger than any other position's, NOTES.md). Before the first difference, the two are identical.
+
+
+def check_cross(teacher_ids: np.ndarray, cu_teacher: np.ndarray, teacher_ends: np.ndarray, student_ids: np.ndarray,
+                cu_student: np.ndarray, student_ends: np.ndarray) -> None:
+    """Raise ValueError unless the arguments of cross_align_py form a valid batch (the C++ builder checks the same:
+    1-D arrays, cu arrays from 0 to the id count without decreasing, one end offset per id, the same number of
+    snippets on both sides, end offsets non-decreasing inside each snippet)."""
+    arrays = dict(teacher_ids=teacher_ids, cu_teacher=cu_teacher, teacher_ends=teacher_ends, student_ids=student_ids,
+                  cu_student=cu_student, student_ends=student_ends)
+    for name, a in arrays.items():
+        if np.ndim(a) != 1:
+            raise ValueError(f"cross_align: {name} must be 1-D, got {np.ndim(a)} dimensions")
+    for side in ("teacher", "student"):
+        c, ids, ends = arrays[f"cu_{side}"], arrays[f"{side}_ids"], arrays[f"{side}_ends"]
+        if len(c) == 0 or c[0] != 0 or c[-1] != len(ids) or (np.diff(c) < 0).any():
+            raise ValueError(f"cross_align: cu_{side} must run from 0 to len({side}_ids) = {len(ids)} without "
+                             f"decreasing")
+        if len(ends) != len(ids):
+            raise ValueError(f"cross_align: {side}_ends needs one offset per id ({len(ids)}), got {len(ends)}")
+    if len(cu_teacher) != len(cu_student):
+        raise ValueError(f"cross_align: {len(cu_teacher) - 1} teacher snippets but {len(cu_student) - 1} student "
+                         f"snippets")
+    for side in ("teacher", "student"):
+        c, ends = arrays[f"cu_{side}"], arrays[f"{side}_ends"]
+        step = np.diff(ends)
+        inside = np.ones(len(step), dtype=bool)
+        inside[c[1:-1][(c[1:-1] > 0) & (c[1:-1] < len(ends))] - 1] = False  # steps across snippet borders
+        if (step[inside] < 0).any():
+            raise ValueError(f"cross_align: {side}_ends must not decrease inside a snippet")
+
+
+def cross_align_py(teacher_ids: np.ndarray, cu_teacher: np.ndarray, teacher_ends: np.ndarray,
+                   student_ids: np.ndarray, cu_student: np.ndarray, student_ends: np.ndarray) -> Alignment:
+    """The specification of the cross-tokenization alignment (see above); the student sequences pass through."""
+    check_cross(teacher_ids, cu_teacher, teacher_ends, student_ids, cu_student, student_ends)
+    s_pos: list[int] = []
+    t_pos: list[int] = []
+    cu_a = [0]
+    for i in range(len(cu_teacher) - 1):
+        t = teacher_ids[cu_teacher[i]:cu_teacher[i + 1]].tolist()
+        te = teacher_ends[cu_teacher[i]:cu_teacher[i + 1]].tolist()
+        s = student_ids[cu_student[i]:cu_student[i + 1]].tolist()
+        se = student_ends[cu_student[i]:cu_student[i + 1]].tolist()
+        d = 0
+        while d < len(t) and d < len(s) and t[d] == s[d] and te[d] == se[d]:
+            d += 1
+        if d == len(t) == len(s):  # the same sequence: nothing to learn
+            cu_a.append(len(s_pos))
+            continue
+        a = b = max(d, 1)
+        while a < len(t) and b < len(s):
+            if a + 1 < len(t) and te[a + 1] == te[a]:  # not a boundary: a later byte piece closes the character
+                a += 1
+            elif b + 1 < len(s) and se[b + 1] == se[b]:
+                b += 1
+            elif te[a] == se[b]:
+                s_pos.append(b)
+                t_pos.append(a)
+                a += 1
+                b += 1
+            elif te[a] < se[b]:
+                a += 1
+            else:
+                b += 1
+        cu_a.append(len(s_pos))
+    return Alignment(np.asarray(student_ids, dtype=np.int64), np.asarray(cu_student, dtype=np.int64),
+                     np.asarray(s_pos, dtype=np.int32), np.asarray(t_pos, dtype=np.int32),
+                     np.asarray(cu_a, dtype=np.int64))
+
+
+def cross_align(teacher_ids: np.ndarray, cu_teacher: np.ndarray, teacher_ends: np.ndarray, student_ids: np.ndarray,
+                cu_student: np.ndarray, student_ends: np.ndarray, impl: str = "auto") -> Alignment:
+    """The cross-tokenization alignment of packed int64 arrays with the chosen implementation."""
+    args = [np.asarray(a, dtype=np.int64) for a in (teacher_ids, cu_teacher, teacher_ends, student_ids, cu_student,
+                                                    student_ends)]
+    if resolved(impl) == "cpp":
+        s_pos, t_pos, cu_a = _align_ext.cross_align(*args)
+        return Alignment(args[3], args[4], s_pos, t_pos, cu_a)
+    return cross_align_py(*args)

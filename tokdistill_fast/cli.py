@@ -40,6 +40,10 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True) -> None:
     words.add_argument("--new-tokens", help="text file, one new token per line as it appears in text")
     words.add_argument("--new-tokens-from-tokenizer", metavar="DIR",
                        help="add every word of this tokenizer's vocabulary that the model's tokenizer lacks")
+    words.add_argument("--tokenizer", dest="target_tokenizer", metavar="DIR",
+                       help="an extended tokenizer to use as given (ids kept): learn rows for its new ids")
+    d.add_argument("--new-ids", metavar="FILE",
+                   help="with --tokenizer: ids (one per line) that are new besides those past the model's tokenizer")
     d.add_argument("--corpus", nargs="+", default=[],
                    help="files, directories or globs to mine contexts from: text (blank-line separated documents), "
                    "JSON lines (.jsonl, a 'text' field), Parquet (.parquet, a 'text' column; needs pyarrow)")
@@ -201,6 +205,8 @@ def _floats(value: str) -> list[float]:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import DEFAULT_METHODS, compare, parse_spec, sweep_specs
 
+    if args.target_tokenizer:
+        raise UserInputError("compare does not take --tokenizer (bring your own tokenizer runs with distill)")
     specs = [parse_spec(m, args.seeds) for m in (args.methods or DEFAULT_METHODS)]
     specs += sweep_specs(list(args.layers), args.lrs, args.target_layer)
     results = compare(args.model, args.new_tokens, args.corpus, args.heldout, args.out, config_from(args), specs,

@@ -97,6 +97,10 @@ class DistillConfig:
     # Tokenizer swaps: take the new tokens from a target tokenizer, start from another method's rows, and give
     # short tokens (which distillation handles poorly) the subtoken mean (or their --init-from row) instead.
     new_tokens_from_tokenizer: str | None = None  # directory of the target tokenizer
+    # Bring your own tokenizer (target_tokenizer.py): rows for the new ids of this extended tokenizer, kept as given;
+    # new ids are those at or above the original tokenizer's size plus the ids listed in the new_ids file.
+    target_tokenizer: str | None = None
+    new_ids: str | None = None
     init_from: str | None = None  # safetensors file of start rows keyed by form (see swap.py)
     distill_min_chars: int = 0  # words with fewer characters are not trained; 0 trains all
     output_embeddings: str = "auto"  # untied models: zeros | mean | ntp; "auto" = mean. Tied models share rows.
@@ -163,6 +167,8 @@ class DistillConfig:
             raise UserInputError("--max-corpus-bytes must be positive")
         if self.distill_min_chars < 0:
             raise UserInputError("--distill-min-chars must be 0 or more")
+        if self.new_ids is not None and self.target_tokenizer is None:
+            raise UserInputError("--new-ids needs --tokenizer (the ids are ids of that tokenizer)")
         if self.init_from is not None and self.method == "random":
             raise UserInputError("--init-from has no effect with --method random")
         if self.chunk_tokens is not None and self.chunk_tokens < 1 or self.memory_budget is not None and \

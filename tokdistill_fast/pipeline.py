@@ -171,7 +171,7 @@ def clip_norms(rows: torch.Tensor, table: torch.Tensor, quantile: float) -> tupl
 
 
 def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, config: DistillConfig | None = None,
-            tokenizer=None) -> DistillResult:
+            tokenizer=None, target_tokenizer=None) -> DistillResult:
     """Add `new_tokens` to the model's tokenizer and learn their input embeddings.
 
     model: a model directory, or an in-memory causal LM (then pass `tokenizer`). new_tokens: a file with one
@@ -179,9 +179,15 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
     Parquet files, directories or globs. out: if given, the extended model is written there (save_pretrained
     layout plus new_embeddings.safetensors and report.json), and the run keeps checkpoints to resume from
     (checkpoint.py; SIGINT/SIGTERM then stop at a step boundary). Under torchrun, the processes share the training
-    (distributed.py) and rank 0 writes `out`.
+    (distributed.py) and rank 0 writes `out`. target_tokenizer (or config.target_tokenizer): learn rows for the new
+    ids of this given tokenizer instead of adding tokens (target_tokenizer.py; new_tokens is then unused).
     """
     cfg = (config or DistillConfig()).validate()
+    if target_tokenizer is not None or cfg.target_tokenizer is not None:
+        from .target_tokenizer import distill_target
+
+        with observed.recording():
+            return distill_target(model, target_tokenizer or cfg.target_tokenizer, corpus, out, cfg, tokenizer)
     with distributed.setup(cfg.device) as ranks, observed.recording():
         with checkpoint.stop_on_signals(active=out is not None and ranks.world == 1):
             return _distill(model, new_tokens, corpus, out, cfg, tokenizer, ranks)

@@ -1,0 +1,198 @@
+"""Bring your own tokenizer (target_tokenizer.py): a tiny byte-level BPE tokenizer extended by continuing its
+merges on the corpus (extend_bpe.py), validation of T2 before any heavy work, and distill + check end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tokdistill_fast import cli, extend_bpe, target_tokenizer
+from tokdistill_fast.config import DistillConfig, UserInputError
+from tokdistill_fast.contexts import Corpus
+
+N_MERGES = 12
+
+
+@pytest.fixture(scope="module")
+def original(tokenizers_by_kind):
+    return tokenizers_by_kind["bytelevel"]
+
+
+@pytest.fixture(scope="module")
+def t2_dir(tmp_path_factory, original, corpus_text) -> Path:
+    merges = extend_bpe.continue_merges(original, extend_bpe.word_counts(original, [corpus_text]), N_MERGES)
+    path = tmp_path_factory.mktemp("t2")
+    extend_bpe.extended(original, merges).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def t2(t2_dir):
+    return target_tokenizer.load_tokenizer(t2_dir)
+
+
+def test_extension_appends_pieces_and_keeps_original_ids(original, t2, corpus_text):
+    new = target_tokenizer.new_ids_of(original, t2, set())
+    assert new == list(range(len(original), len(original) + N_MERGES))
+    target_tokenizer.validate_extension(original, t2, new, [corpus_text[:5000]])  # does not raise
+    enc = t2(corpus_text[:5000], add_special_tokens=False)["input_ids"]
+    assert set(enc) & set(new), "the new merges fire on the text they were learned from"
+    assert len(enc) < len(original(corpus_text[:5000], add_special_tokens=False)["input_ids"])
+
+
+def renumbered(tok, out: Path, swap: tuple[int, int]) -> Path:
+    """A copy of `tok` with the pieces of two original ids swapped (not an extension)."""
+    tok.save_pretrained(out)
+    tj = json.loads((out / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    inv = {i: p for p, i in vocab.items()}
+    a, b = swap
+    vocab[inv[a]], vocab[inv[b]] = b, a
+    (out / "tokenizer.json").write_text(json.dumps(tj))
+    return out
+
+
+def test_changed_piece_is_refused(original, tmp_path):
+    bad = target_tokenizer.load_tokenizer(renumbered(original, tmp_path / "bad", (100, 101)))
+    with pytest.raises(UserInputError, match="id 100 was"):
+        target_tokenizer.validate_extension(original, bad, [], ["a"])
+
+
+def test_changed_normalizer_is_refused(original, tmp_path):
+    from tokenizers import normalizers
+
+    path = tmp_path / "lower"
+    original.save_pretrained(path)
+    tok = target_tokenizer.load_tokenizer(path)
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()
+    with pytest.raises(UserInputError, match="tokenizes text differently without using a new piece"):
+        target_tokenizer.validate_extension(original, tok, [], ["The Doctor said."])
+
+
+def test_plan_uses_the_piece_form_of_word_internal_pieces(original, t2):
+    toks = target_tokenizer.plan_tokens(original, t2, target_tokenizer.new_ids_of(original, t2, set()))
+    for t in toks:
+        # the original's segmentation of the stored piece spells the piece
+        assert "".join(original.convert_ids_to_tokens(t.sub_ids)) == t.piece
+        assert t.form == t2.decode([t.new_id])
+
+
+def test_hits_are_where_t2_emits_the_id(original, t2, corpus_file):
+    new = target_tokenizer.new_ids_of(original, t2, set())
+    hits, counts = target_tokenizer.find_target_hits(Corpus([corpus_file]), t2, new, 5, 200, 0)
+    assert sum(counts) > 0
+    for r, hs in enumerate(hits):
+        assert len(hs) == min(5, counts[r])
+        for h in hs:
+            assert t2.decode([new[r]]).strip() in h.text[h.start - 1:h.end]
+
+
+def test_workload_alignment_pairs_same_offsets_and_every_new_row_gets_a_pair_after_it(original, t2, corpus_file):
+    toks = target_tokenizer.plan_tokens(original, t2, target_tokenizer.new_ids_of(original, t2, set()))
+    cfg = DistillConfig(snippets_per_token=4, snippet_length=24)
+    V = 10_000
+    work = target_tokenizer.build_workload(cfg, original, t2, toks, [corpus_file], 2, V)
+    al = work.alignment
+    assert al.n == len(work.snippets) > 0
+    for i in range(al.n):
+        s = al.student_ids[al.cu_student[i]:al.cu_student[i + 1]]
+        t = work.teacher_ids[work.cu_teacher[i]:work.cu_teacher[i + 1]]
+        assert s[0] == t[0] == 2 and len(s) <= 24 and len(t) <= 24  # the shared leading id; the length budget
+        sp = al.s_pos[al.cu_aligned[i]:al.cu_aligned[i + 1]]
+        new_pos = np.nonzero(s >= V)[0]
+        assert V + work.snippet_row[i] in s  # the snippet's own id is in its student sequence
+        assert len(sp) and sp.min() > 0 and sp.max() >= new_pos.max()
+        # same text on both sides: the student's original-id pieces and new pieces spell the teacher's text
+        text_s = "".join(t2.convert_ids_to_tokens([toks[x - V].new_id if x >= V else int(x) for x in s[1:]]))
+        assert text_s == "".join(original.convert_ids_to_tokens(t[1:].tolist()))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, original) -> Path:
+    from conftest import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "llama", "llama", original, tied=True)
+
+
+def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, original, corpus_file, tmp_path):
+    out = tmp_path / "out"
+    argv = ["distill", "--model", str(tiny_model_dir), "--tokenizer", str(t2_dir), "--corpus", str(corpus_file),
+            "--out", str(out), "--snippets-per-token", "4", "--snippet-length", "24", "--target-layer", "2",
+            "--lr", "1e-3", "--epochs", "1", "--device", "cpu", "--dtype", "float32"]
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["check"]["passed"], report["check"]["failures"]
+    new = list(range(len(original), len(original) + N_MERGES))
+    assert [t["id"] for t in report["tokens"]] == new
+    # intermediate merges ("Ġthy" on the way to "Ġthyroidectomy") are never emitted: no contexts, start row kept
+    trained = [t for t in report["tokens"] if t["contexts"] > 0]
+    assert len(trained) >= N_MERGES // 3
+    assert all((t["final_loss"] is not None) == (t["contexts"] > 0) for t in report["tokens"])
+    assert report["target_tokenizer"]["fallback_start_rows"] == [t["token"] for t in report["tokens"]
+                                                                 if t["contexts"] == 0]
+    assert all(t["subtokens"] and t["text"] for t in report["tokens"])
+    # T2 is kept: the saved tokenizer has T2's vocabulary and encodes like it
+    saved = target_tokenizer.load_tokenizer(out)
+    assert saved.get_vocab() == t2.get_vocab()
+    text = Path(corpus_file).read_text()[:3000]
+    assert saved(text)["input_ids"] == t2(text)["input_ids"]
+    # rows: original rows bit-identical, one row per id, trained rows moved away from the subtoken mean
+    from safetensors.torch import load_file
+
+    before = load_file(str(tiny_model_dir / "model.safetensors"))["model.embed_tokens.weight"]
+    after = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"]
+    assert after.shape[0] == len(t2) and torch.equal(after[:len(original)], before)
+    toks = target_tokenizer.plan_tokens(original, t2, new)
+    mean = torch.stack([before[t.sub_ids].mean(0) for t in toks])
+    moved = (after[new] - mean).norm(dim=1) > 1e-6
+    assert torch.isfinite(after[new]).all()
+    assert moved.tolist() == [t["contexts"] > 0 for t in report["tokens"]]
+    # `tokdistill check` passes on the output (with the original for the comparisons)
+    assert cli.main(["check", str(out), "--original", str(tiny_model_dir), "--no-forward"]) == 0
+
+
+def test_in_memory_model_and_tokenizers(tiny_model_dir, original, t2, corpus_file):
+    from transformers import AutoModelForCausalLM
+
+    from tokdistill_fast.pipeline import distill
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    before = model.get_input_embeddings().weight.detach().clone()
+    cfg = DistillConfig(snippets_per_token=2, snippet_length=16, target_layer=2, lr=1e-3, epochs=1, device="cpu",
+                        dtype="float32")
+    result = distill(model, None, [corpus_file], None, cfg, tokenizer=original, target_tokenizer=t2)
+    assert result.tokenizer is t2 and [t.new_id for t in result.tokens] == list(range(len(original), len(t2)))
+    assert result.rows.shape == (len(t2) - len(original), before.shape[1]) and torch.isfinite(result.rows).all()
+    assert torch.equal(model.get_input_embeddings().weight, before)  # the caller's model is not modified
+    with pytest.raises(UserInputError, match="needs its tokenizer"):
+        distill(model, None, [corpus_file], None, cfg, target_tokenizer=t2)
+
+
+def test_bad_target_fails_before_the_model_loads(tiny_model_dir, original, corpus_file, tmp_path, monkeypatch,
+                                                 capsys):
+    from tokdistill_fast import models
+
+    bad = renumbered(original, tmp_path / "bad", (100, 101))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    code = cli.main(["distill", "--model", str(tiny_model_dir), "--tokenizer", str(bad), "--corpus",
+                     str(corpus_file), "--out", str(tmp_path / "o")])
+    assert code == 2 and "id 100 was" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_cut_snaps_to_common_boundaries_within_the_budget():
+    from tokdistill_fast.contexts import Hit
+
+    t_ends = np.array([2, 4, 6, 9, 11, 14, 16])  # teacher pieces; the student merges 6..11 into one piece
+    s_ends = np.array([2, 4, 6, 11, 14, 16])
+    hit = Hit("x" * 16, 6, 11, False, False)
+    assert target_tokenizer.cut(t_ends, s_ends, 2, 16, 7, hit) == (2, 16)  # everything but the first token fits
+    assert target_tokenizer.cut(t_ends, s_ends, 2, 16, 3, hit) == (4, 11)  # tightest: one token before, the hit
+    assert target_tokenizer.cut(t_ends, s_ends, 2, 16, 1, hit) is None  # the hit alone is 2 teacher tokens
+    # a hit at the start of its document may start the snippet; elsewhere the window's start is not a boundary
+    first = Hit("x" * 16, 0, 2, True, False)
+    assert target_tokenizer.cut(t_ends, s_ends, 0, 16, 2, first) == (0, 4)
+    assert target_tokenizer.cut(t_ends, s_ends, 0, 16, 2, first._replace(at_doc_start=False)) is None

@@ -1,0 +1,344 @@
+"""Bring your own tokenizer: rows for the new ids of a tokenizer T2 that an extension tool already built (for
+instance by continuing the BPE merges of the model's tokenizer), with T2 and its ids kept exactly as given.
+
+The new ids are T2's ids at or above the original tokenizer's size, plus any listed in --new-ids (reserved ids
+whose rows were never trained). T2 must extend the original: every other id keeps its piece, and text on which T2
+emits no new id tokenizes exactly as before (a changed normalizer or pre-tokenizer fails this); both are checked
+before the model loads. Contexts come from the corpus where T2 emits each new id (a uniform sample per id, as
+contexts.py keeps), cut at character offsets where both tokenizations have a boundary; the teacher reads the
+snippet with the original tokenizer, the student with T2, both after the same leading id (contexts.start_id), and
+align.cross_align pairs the positions where the two end at the same offset. A snippet may hold several new ids;
+all of them are rows of the one trainable block, so each gets gradient from every snippet it appears in.
+
+Student steps run whole sequences (prefix sharing off): the first aligned position can lie after new pieces
+that start earlier (a merge that moves a boundary), so the positions before it are not shared with the teacher.
+Settings left to "auto" take the measured defaults (pipeline.resolve_settings) without a search.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import align, contexts, export, models, pipeline
+from .config import DistillConfig, UserInputError, launch
+from .contexts import CHARS_PER_TOKEN, Corpus, Hit, Snippet
+from .tokens import NewToken
+
+log = logging.getLogger(__name__)
+
+MIN_CONTEXTS = 1  # ids with fewer corpus snippets than this keep their start row (reported as "none")
+ENCODE_BATCH = 256  # documents per encode_batch call: large enough for the Rust tokenizer's threads
+
+
+def load_tokenizer(source, what: str = "--tokenizer"):
+    """A fast tokenizer from a directory (or an in-memory one as it is)."""
+    if not isinstance(source, (str, Path)):
+        return source
+    from transformers import AutoTokenizer
+
+    path = Path(source)
+    if not path.is_dir():
+        raise UserInputError(f"{what} {path}: not a directory (a save_pretrained tokenizer directory is expected)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserInputError(f"{what} {path}: cannot load it with transformers: {e}") from None
+    if not getattr(tok, "is_fast", False):
+        raise UserInputError(f"{what} {path}: only fast (tokenizer.json) tokenizers are supported")
+    return tok
+
+
+def read_new_ids(path: str | Path | None) -> set[int]:
+    """--new-ids FILE: one integer id per line (blank lines ignored)."""
+    if path is None:
+        return set()
+    path = Path(path)
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserInputError(f"--new-ids {path}: cannot read it: {e}") from None
+    try:
+        return {int(line) for line in lines if line}
+    except ValueError:
+        raise UserInputError(f"--new-ids {path}: expected one integer id per line") from None
+
+
+def new_ids_of(original, target, listed: set[int]) -> list[int]:
+    """T2's ids the model has no trained row for: those at or above the original tokenizer's size, and `listed`."""
+    size = len(original)
+    ids = set(target.get_vocab().values())
+    missing = sorted(listed - ids)
+    if missing:
+        raise UserInputError(f"--new-ids: id(s) {missing[:5]} are not ids of the target tokenizer")
+    return sorted({i for i in ids if i >= size} | listed)
+
+
+def validate_extension(original, target, new_ids: list[int], texts: list[str]) -> None:
+    """Refuse T2 unless it extends the original: every id that is not new keeps its piece (and no original id is
+    dropped), and each text on which T2 emits no new id tokenizes exactly as the original tokenizes it."""
+    new = set(new_ids)
+    t_vocab = target.get_vocab()
+    t_piece = {i: p for p, i in t_vocab.items()}
+    changed = [(i, p, t_piece.get(i)) for p, i in original.get_vocab().items() if i not in new and t_piece.get(i) != p]
+    if changed:
+        i, was, now = min(changed)
+        raise UserInputError(f"--tokenizer is not an extension of the model's tokenizer: {len(changed)} id(s) "
+                             f"changed their piece, e.g. id {i} was {was!r} and is {now!r} (list reused ids in "
+                             f"--new-ids if that is intended)")
+    encs_t = target.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    encs_o = original.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    for text, et, eo in zip(texts, encs_t, encs_o):
+        if et.ids != eo.ids and not new.intersection(et.ids):
+            k = next(k for k, (a, b) in enumerate(zip(et.ids + [-1], eo.ids + [-1])) if a != b)
+            raise UserInputError(
+                "--tokenizer is not an extension of the model's tokenizer: it tokenizes text differently without "
+                f"using a new piece (a different normalizer or pre-tokenizer?), from token {k} of {text[:60]!r}: "
+                f"{target.convert_ids_to_tokens(et.ids[k:k + 3])} vs "
+                f"{original.convert_ids_to_tokens(eo.ids[k:k + 3])}")
+
+
+def plan_tokens(original, target, new_ids: list[int]) -> list[NewToken]:
+    """One NewToken per new id: its stored piece, its text (decoded: leading space included, word-internal pieces
+    bare) and its original subtokens, the original model's segmentation of the stored piece itself (so a
+    word-internal piece is not split as if it started a word)."""
+    backend = original.backend_tokenizer
+    toks = []
+    for i in new_ids:
+        piece = target.convert_ids_to_tokens(i)
+        text = target.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        sub = [t.id for t in backend.model.tokenize(piece)] if piece is not None else []
+        if not sub or any(s >= len(original) for s in sub):
+            sub = original(text, add_special_tokens=False)["input_ids"]
+        if not sub:
+            raise UserInputError(f"--tokenizer: new id {i} ({piece!r}) has no text the original tokenizer can "
+                                 "encode, so it has no start row")
+        toks.append(NewToken(word=text, form=text, sub_ids=sub, new_id=i, piece=piece or "", kind="target"))
+    return toks
+
+
+def ends_of(enc) -> np.ndarray:
+    """End character offset of each token, never decreasing (offsets trimmed of whitespace can step back)."""
+    ends = np.fromiter((e for _, e in enc.offsets), dtype=np.int64, count=len(enc.ids))
+    return np.maximum.accumulate(ends) if len(ends) else ends
+
+
+def find_target_hits(pieces, target, new_ids: list[int], keep: int, window_chars: int, seed: int
+                     ) -> tuple[list[list[Hit]], list[int]]:
+    """Per new id, a uniform sample (reservoir) of at most `keep` places where T2 emits it, each with up to
+    `window_chars` characters of its document on either side. Returns the samples and the counts of places."""
+    row_of = np.full(max(max(new_ids) + 1, len(target)), -1, dtype=np.int64)
+    row_of[new_ids] = np.arange(len(new_ids))
+    draw = random.Random(seed).random
+    kept: list[list[Hit]] = [[] for _ in new_ids]
+    counts = [0] * len(new_ids)
+    batch: list[str] = []
+
+    def scan() -> None:
+        for text, enc in zip(batch, target.backend_tokenizer.encode_batch(batch, add_special_tokens=False)):
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            for k in np.nonzero(row_of[np.minimum(ids, len(row_of) - 1)] >= 0)[0].tolist():
+                r = int(row_of[ids[k]])
+                counts[r] += 1
+                slot = len(kept[r])
+                if slot == keep:  # the n-th place replaces a random kept one with probability keep/n
+                    slot = int(draw() * counts[r])
+                    if slot >= keep:
+                        continue
+                start, end = enc.offsets[k]
+                lo, hi = max(0, start - window_chars), min(len(text), end + window_chars)
+                hit = Hit(text[lo:hi], start - lo, end - lo, lo == 0, hi == len(text))
+                kept[r][slot:slot + 1] = [hit]
+        batch.clear()
+
+    for piece in pieces:
+        batch.append(piece.text)
+        if len(batch) == ENCODE_BATCH:
+            scan()
+    scan()
+    return kept, counts
+
+
+def cut(t_ends: np.ndarray, s_ends: np.ndarray, lo_char: int, hi_char: int, budget: int, hit: Hit
+        ) -> tuple[int, int] | None:
+    """Character range (lo, hi] of a snippet around the hit: both ends at offsets where both tokenizations end,
+    the hit inside, at most `budget` tokens on either side, centred where the text allows. None if no such cut."""
+    common = np.intersect1d(t_ends, s_ends)
+    if hit.at_doc_start:  # the document's start is a boundary of both
+        common = np.union1d(common, [0])
+    common = common[(common >= lo_char) & (common <= hi_char)]
+    left, right = common[common < hit.end], common[common >= hit.end]
+    left = left[left <= hit.start]
+    if not len(left) or not len(right):
+        return None
+    li, ri = len(left) - 1, 0  # the tightest cut, widened one boundary at a time while it fits
+    def size(a, b):
+        return max(np.searchsorted(t_ends, b, "right") - np.searchsorted(t_ends, a, "right"),
+                   np.searchsorted(s_ends, b, "right") - np.searchsorted(s_ends, a, "right"))
+    if size(left[li], right[ri]) > budget:
+        return None
+    grew = True
+    while grew:
+        grew = False
+        for dl, dr in ((1, 0), (0, 1)):
+            if li - dl >= 0 and ri + dr < len(right) and size(left[li - dl], right[ri + dr]) <= budget:
+                li, ri, grew = li - dl, ri + dr, True
+    return int(left[li]), int(right[ri])
+
+
+def cut_snippets(original, target, toks: list[NewToken], hits: list[list[Hit]], length: int, bos: int | None):
+    """Teacher and student ids with end offsets for each hit (the shared leading id first, end offset 0), and
+    per token the hits dropped because no common cut fits `length` or T2 reads the window otherwise."""
+    budget = length - (bos is not None)
+    lead = [bos] if bos is not None else []
+    flat = [(r, h) for r, hs in enumerate(hits) for h in hs]
+    dropped = [0] * len(toks)
+    out = []
+    for c in range(0, len(flat), 4096):
+        part = flat[c:c + 4096]
+        texts = [h.text for _, h in part]
+        e_t = original.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        e_s = target.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        for (r, h), et, es in zip(part, e_t, e_s):
+            te, se = ends_of(et), ends_of(es)
+            # a window cut mid-text may start or end inside a word: keep away from its first and last token
+            lo_char = 0 if h.at_doc_start else int(se[0]) if len(se) else 0
+            hi_char = len(h.text) if h.at_doc_end else int(se[-2]) if len(se) > 1 else 0
+            k = np.searchsorted(se, h.end)
+            if k >= len(se) or se[k] != h.end or es.ids[k] != toks[r].new_id:
+                dropped[r] += 1
+                continue
+            span = cut(te, se, lo_char, hi_char, budget, h)
+            if span is None:
+                dropped[r] += 1
+                continue
+            a, b = span
+            sides = []
+            for enc, ends in ((et, te), (es, se)):
+                i, j = np.searchsorted(ends, a, "right"), np.searchsorted(ends, b, "right")
+                sides.append((lead + enc.ids[i:j], [0] * len(lead) + (ends[i:j] - a).tolist()))
+            out.append((r, *sides[0], *sides[1]))
+    return out, dropped
+
+
+def build_workload(cfg: DistillConfig, original, target, toks: list[NewToken], corpus: list, bos: int | None,
+                   V: int) -> pipeline.Workload:
+    """Snippets, alignment and bookkeeping of the new ids in the form pipeline.learn_rows trains on: student ids
+    of new pieces become V + their row (the trainable block of kernels/embedding_rows.py)."""
+    if not corpus:
+        raise UserInputError("no corpus given: pass --corpus FILE (a target tokenizer needs corpus contexts)")
+    reader = Corpus(corpus, cfg.max_corpus_bytes)
+    hits, counts = find_target_hits(reader, target, [t.new_id for t in toks], cfg.snippets_per_token,
+                                    CHARS_PER_TOKEN * cfg.snippet_length, cfg.seed)
+    cut_out, dropped = cut_snippets(original, target, toks, hits, cfg.snippet_length, bos)
+    lut = {t.new_id: V + r for r, t in enumerate(toks)}
+    t_seqs, t_ends, s_seqs, s_ends, rows = [], [], [], [], []
+    for r, t_ids, te, s_ids, se in cut_out:
+        t_seqs.append(t_ids)
+        t_ends.append(te)
+        s_seqs.append([lut.get(i, i) for i in s_ids])
+        s_ends.append(se)
+        rows.append(r)
+    impl = cfg.align_impl
+    teacher_ids, cu_t = align.pack(t_seqs, impl)
+    student_ids, cu_s = align.pack(s_seqs, impl)
+    al = align.cross_align(teacher_ids, cu_t, align.pack(t_ends, impl)[0], student_ids, cu_s,
+                           align.pack(s_ends, impl)[0], impl)
+    snippet_row = np.asarray(rows, dtype=np.int64)
+    found = dict(enumerate(np.bincount(snippet_row, minlength=len(toks)).tolist()))
+    sources = {i: "corpus" if n >= MIN_CONTEXTS else "none" for i, n in found.items()}
+    retrieval = {"corpus_files": len(reader.files), "corpus_bytes": reader.bytes_read,
+                 "stopped_early": "max_bytes" if reader.truncated else None,
+                 "hits": {t.piece: n for t, n in zip(toks, counts)},
+                 "dropped_no_common_cut": {t.piece: d for t, d in zip(toks, dropped) if d}}
+    snippets = [Snippet(r, ids, "corpus") for r, ids in zip(rows, t_seqs)]
+    return pipeline.Workload(list(range(len(toks))), snippets, snippet_row, teacher_ids, cu_t, al, sources, found,
+                             retrieval)
+
+
+def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tokenizer) -> pipeline.DistillResult:
+    """pipeline.distill with a given target tokenizer (module docstring). One process, no chunks or checkpoints."""
+    if cfg.prefix_sharing not in ("auto", "off"):
+        raise UserInputError("--prefix-sharing on/fused cannot run with --tokenizer: the student's first aligned "
+                             "position may follow new pieces, so its prefix is not the teacher's (use off or auto)")
+    if cfg.chunk_tokens or cfg.memory_budget or cfg.resume or cfg.distill_min_chars or launch().world_size > 1:
+        raise UserInputError("--tokenizer runs in one process, without --chunk-tokens, --memory-budget, --resume "
+                             "and --distill-min-chars")
+    if cfg.method not in ("token-distill", "mean", "random") or cfg.loss != "mse":
+        raise UserInputError("--tokenizer supports --method token-distill (loss mse), mean and random")
+    cfg = cfg.replace(prefix_sharing="off")
+    timer = pipeline.StageTimer()
+    t_start = time.perf_counter()
+    if out is not None:
+        export.check_out_dir(out, cfg.overwrite)
+    corpus_files = contexts.corpus_files(corpus)
+    if not isinstance(model, (str, Path)) and tokenizer is None:
+        raise UserInputError("an in-memory model needs its tokenizer: distill(model, ..., tokenizer=tok, "
+                             "target_tokenizer=t2)")
+    with timer("tokens"):  # everything about T2 is checked before the model loads
+        original = load_tokenizer(model if tokenizer is None else tokenizer, "--model")
+        target = load_tokenizer(target_tokenizer)
+        new_ids = new_ids_of(original, target, read_new_ids(cfg.new_ids))
+        from .check import PROBE_TEXT
+
+        validate_extension(original, target, new_ids, [PROBE_TEXT] + pipeline.probe_sample(corpus_files, 50_000))
+        if not new_ids:
+            raise UserInputError("--tokenizer has no new ids: every id is below the model tokenizer's size and "
+                                 "--new-ids lists none")
+        toks = plan_tokens(original, target, new_ids)
+    device = models.pick_device(cfg.device)
+    dtype = models.pick_dtype(cfg.dtype, device)
+    backend = pipeline.kernels.resolve(cfg.backend, device)
+    with timer("load"):
+        if isinstance(model, (str, Path)):
+            source, (model, tokenizer) = Path(model), models.load_model(Path(model), device, dtype)
+        else:
+            source, model = model, models.compute_copy(model, device, dtype)
+        decoder = models.Decoder(model)
+    tied = export.is_tied(model)
+    V = decoder.embed_weight.shape[0]
+    work = cache = None
+    layer, lr, epochs = pipeline.resolve_settings(cfg, decoder)
+    run_cfg = cfg.replace(epochs=epochs)
+    if cfg.method == "token-distill":
+        with timer("contexts"):
+            work = build_workload(cfg, original, target, toks, list(corpus), contexts.start_id(original), V)
+        fallback = [t.piece for i, t in enumerate(toks) if work.sources[i] == "none"]
+        if fallback:
+            log.warning("%d new id(s) have no corpus snippet and keep their start row: %s", len(fallback),
+                        ", ".join(map(repr, fallback[:20])))
+        with timer("teacher"):
+            objective = pipeline.objective_for(run_cfg, layer, tied)
+            cache = pipeline.teacher_cache(decoder, work, pipeline.cache_layers(objective, decoder.num_layers), dtype)
+    learned = pipeline.learn_rows(run_cfg, decoder, toks, work, cache, layer, lr, tied, timer, backend)
+    if work is not None:  # ids without snippets of their own: back to their start rows (trained only as context)
+        start = pipeline.learn_rows(run_cfg.replace(method="mean"), decoder, toks, None, None, layer, lr, tied)
+        for i, src in work.sources.items():
+            if src == "none":
+                learned.rows[i] = start.rows[i]
+                if learned.out_rows is not None:
+                    learned.out_rows[i] = start.out_rows[i]
+    report = pipeline.build_report(cfg, toks, [], learned.rows, work, learned.train_result, original, decoder, layer,
+                                   lr, epochs, tied, learned.clipped, timer, device, dtype)
+    report["retrieval"] = work.retrieval if work is not None else None
+    report["target_tokenizer"] = {"source": str(target_tokenizer) if isinstance(target_tokenizer, (str, Path))
+                                  else type(target_tokenizer).__name__, "size": len(target),
+                                  "original_size": len(original), "new_ids": len(new_ids),
+                                  "fallback_start_rows": fallback if work is not None else []}
+    for entry, t in zip(report["tokens"], toks):
+        entry["text"] = t.form
+
+    def finish_report(**running: float) -> dict:
+        report["timings"] = {**timer.seconds, **running, "total": time.perf_counter() - t_start}
+        return report
+
+    if out is not None:
+        with timer("export"):
+            pipeline.write_output(Path(out), cfg, source, original, target, toks, learned.rows, learned.out_rows,
+                                  tied, finish_report, list(corpus))
+    finish_report()
+    return pipeline.DistillResult(target, toks, learned.rows, learned.out_rows, report, [])
