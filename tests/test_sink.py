@@ -5,6 +5,7 @@ that start their documents stay ordinary."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -41,6 +42,7 @@ def test_start_id_is_bos_where_added_else_a_document_start(tokenizers_by_kind):
     no_bos = tokenizers_by_kind["bytelevel"]  # adds nothing, as SmolLM2 does: its named BOS still opens snippets
     assert no_bos("a")["input_ids"][0] != no_bos.bos_token_id
     assert contexts.start_id(no_bos) == no_bos.bos_token_id
+    no_bos = copy.deepcopy(no_bos)  # the fixture is shared by the session: extend a copy
     no_bos.add_special_tokens({"additional_special_tokens": [contexts.DOC_SEPARATOR]})
     assert contexts.start_id(no_bos) == no_bos.convert_tokens_to_ids(contexts.DOC_SEPARATOR)
 
