@@ -138,7 +138,8 @@ class HeldoutRatios:
         """[tokens] held-out KL of each sampled token (per snippet, then per token, as in `eval`)."""
         scores = heldout.score(heldout.Scorer(self.decoder, rows=rows), self.held, self.ref)
         values = heldout.snippet_metrics(scores, self.held, self.ref)
-        return np.array([t["kl"] for t in heldout.per_token(values, self.held.snippet_token, len(self.held.new_ids))])
+        per = heldout.per_token(values, self.held.snippet_token, len(self.held.new_ids))
+        return np.array([t["kl"] for t in per], dtype=float)  # None (no held-out pair) -> nan
 
     def ratios(self, rows: torch.Tensor) -> np.ndarray:
         """[tokens] held-out KL relative to subtoken-mean init (every token weighs the same, as in `eval`)."""
