@@ -162,17 +162,17 @@ def train_cost(epochs: int, grad_share: float, prefix_pass: bool) -> float:
 
 
 def sample_share(layers: list[int], num_layers: int, main_train: float, search_train: float, budget: float,
-                 trim_ratio: float, epochs_trial: bool) -> float:
+                 trim_ratio: float, epochs_trial: bool, heldout_share: float = 0.4) -> float:
     """Share of the tokens the search can afford. Costs in forward-pass units per token and layer (`main_train`,
     `search_train`: train_cost of a main-run and a search step): the main run pays teacher + training at a median
     candidate layer; the search pays one teacher pass to the deepest candidate and a training run per stage-1
-    candidate (and the 2-epoch trial) on 80% of the sample, plus a full-depth scoring pass of the other 20% per
-    trial, all on snippets shortened by `trim_ratio`."""
+    candidate (and the 2-epoch trial) on the training part of the sample, plus a full-depth scoring pass of the
+    `heldout_share` per trial, all on snippets shortened by `trim_ratio`."""
     mid = float(np.median(layers))
     main = mid * (1 + main_train)
     trained = search_train * (sum(layers) + 2 * mid * epochs_trial)
-    search = trim_ratio * (0.8 * (max(layers) + SMALL_BATCH_COST * trained)
-                           + 0.2 * num_layers * (len(layers) + 1 + epochs_trial))
+    search = trim_ratio * ((1 - heldout_share) * (max(layers) + SMALL_BATCH_COST * trained)
+                           + heldout_share * num_layers * (len(layers) + 1 + epochs_trial))
     return float(np.clip(budget * main / search, 0.0, 1.0))
 
 
@@ -210,7 +210,7 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     main_epochs = 2 if search_epochs else schedule.epochs  # the likely choice (docs/defaults.md)
     main_train = train_cost(main_epochs, grad_share(al) if prefix else 1.0, prefix and not fused)
     search_train = train_cost(1, grad_share(al, keep) if prefix else 1.0, prefix)
-    share = sample_share(layers, L, main_train, search_train, budget, trim_ratio, search_epochs)
+    share = sample_share(layers, L, main_train, search_train, budget, trim_ratio, search_epochs, heldout_share)
     n_tokens = max(min_tokens, round(share * al.n / per_token))
     sample = draw_sample(al, teacher_ids, cu_teacher, snippet_row, V, n_rows, n_tokens, heldout_share, keep,
                          schedule.seed, per_token)
