@@ -189,7 +189,7 @@ class Heldout:
                                          [V + r for r in range(len(self.sample))], [lang.heldout],
                                          evalrun.EvalOptions(snippets_per_token=snippets, layers=(layer,),
                                                              definitions=False, n_boot=200), length)
-        from tokdistill_fast.pipeline import subtoken_mean
+        from tokdistill_fast.rows import subtoken_mean
 
         self.before = self.measure(subtoken_mean(self.decoder.embed_weight, [tokens[i] for i in self.sample]))
 

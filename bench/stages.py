@@ -30,7 +30,7 @@ def timed(fn, *args, **kwargs):
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: progress bars would bury the results
-    from tokdistill_fast import align, autotune, contexts, models, pipeline, student, teacher, tokens
+    from tokdistill_fast import align, autotune, contexts, models, rows, student, teacher, tokens
     from tokdistill_fast.select import select_tokens
 
     p = argparse.ArgumentParser(prog="python -m bench.stages", description=__doc__.split("\n\n")[0])
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                      [table.shape[0] + r for r in range(len(full))])
     teacher_ids, cu_teacher = align.pack([s.ids for s in snippets])
     snippet_row = np.asarray([row_of[s.token] for s in snippets])
-    init = pipeline.subtoken_mean(table, [toks[i] for i in full])
+    init = rows.subtoken_mean(table, [toks[i] for i in full])
     print(f"{len(full)} tokens, {al.n} snippets, {int(cu_teacher[-1])} teacher tokens, "
           f"{int(al.cu_student[-1])} student tokens, {len(al.s_pos)} aligned pairs; {device}, {dtype}, "
           f"{torch.get_num_threads()} threads")

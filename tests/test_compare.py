@@ -7,10 +7,11 @@ import pytest
 import torch
 from conftest import synthetic_text
 
-from tokdistill_fast import DistillConfig, contexts, distill, export, models, pipeline, tokens
-from tokdistill_fast.cli import main
+from tokdistill_fast import DistillConfig, distill, pipeline
+from tokdistill_fast.cli import build_parser, main
 from tokdistill_fast.compare import parse_spec, sweep_specs
 from tokdistill_fast.config import UserInputError
+from tokdistill_fast.settings import resolve_settings
 
 FAST = dict(snippets_per_token=6, snippet_length=20, batch_size=4, lr=1e-2, dtype="float32")
 
@@ -36,23 +37,17 @@ def test_parse_spec():
 def test_shared_cache_gives_standalone_rows(combo, model_dirs, words_file, corpus_file):
     """learn_rows on one teacher cache holding several layers reproduces `distill` run on its own."""
     src = model_dirs[combo]
-    lm, tok = models.load_model(src, torch.device("cpu"), torch.float32)
-    dec = models.Decoder(lm)
-    tied = export.is_tied(lm)
-    toks, _ = tokens.plan_new_tokens(tok, tokens.read_word_list(words_file))
-    tokens.extend_tokenizer(tok, toks, "auto", lm.config)
     base = DistillConfig(**FAST)
-    work = pipeline.build_workload(base, lm, tok, toks, [corpus_file], contexts.start_id(tok),
-                                   dec.embed_weight.shape[0])
-    cache = pipeline.teacher_cache(dec, work, [1, 2, dec.num_layers], torch.float32)
+    prep = pipeline.prepare(src, words_file, [corpus_file], base)
+    cache = pipeline.teacher_cache(prep, prep.work, [1, 2, prep.decoder.num_layers])
     for changes in ({"method": "token-distill", "target_layer": 2}, {"method": "token-distill", "loss": "kl"},
                     {"method": "token-distill+alpha-ntp", "target_layer": 1}, {"method": "random", "seed": 3}):
         cfg = base.replace(**changes)
-        layer, lr, epochs = pipeline.resolve_settings(cfg, dec)
-        shared = pipeline.learn_rows(cfg.replace(epochs=epochs), dec, toks, work, cache, layer, lr, tied)
+        settings = resolve_settings(cfg, prep.decoder)
+        shared = pipeline.learn_rows(prep, cfg.replace(epochs=settings[2]), settings, cache=cache)
         alone = distill(src, words_file, [corpus_file], None, cfg)
         torch.testing.assert_close(shared.rows, alone.rows, atol=1e-5, rtol=1e-4)
-        if not tied:
+        if not prep.tied:
             torch.testing.assert_close(shared.out_rows, alone.out_rows)
 
 
@@ -65,10 +60,11 @@ def test_compare_writes_table_json_and_plots(model_dirs, words_file, corpus_file
                "--snippets-per-token", "6", "--snippet-length", "20", "--batch-size", "4", "--lr", "1e-2",
                "--target-layer", "2", "--dtype", "float32", "--eval-snippets", "3", "--bootstrap", "50",
                "--no-definitions", "--methods", "mean", "random@seeds=2", "token-distill",
-               "--layers", "1,4", "--lrs", "3e-2"])
+               "--layers", "1,4", "--lrs", "3e-2", "--casing-variants"])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     assert results["complete"]
+    assert results["counts"]["casing_variants"] > 0  # --casing-variants reached the token plan
     by = {m["label"]: m for m in results["methods"]}
     assert list(by) == ["mean", "random@seeds=2", "token-distill", "token-distill@layer=1", "token-distill@layer=4",
                         "token-distill@layer=2,lr=0.03"]
@@ -86,3 +82,45 @@ def test_compare_writes_table_json_and_plots(model_dirs, words_file, corpus_file
     assert main(["compare", "--model", "x", "--new-tokens", str(words_file), "--heldout", str(heldout),
                  "--out", str(tmp_path / "bad"), "--methods", "token-distill@depth=2"]) == 2
     assert "depth" in capsys.readouterr().err
+
+
+# Every `tokdistill compare` flag that sets a DistillConfig field, with a value other than its default.
+FLAG_VALUES = {
+    "--stop-when-full": None, "--max-corpus-bytes": "3M", "--init-from": "rows.safetensors",
+    "--distill-min-chars": "3", "--loss": "kl", "--target-layer": "2", "--lr": "0.02", "--epochs": "3",
+    "--batch-size": "5", "--snippets-per-token": "7", "--snippet-length": "21", "--contexts": "generate",
+    "--output-embeddings": "zeros", "--tokenizer-mode": "vocab", "--no-variants": None, "--casing-variants": None,
+    "--device": "cpu", "--dtype": "float32", "--seed": "5", "--backend": "torch", "--prefix-sharing": "off",
+    "--align-impl": "python",
+}
+SEPARATE = {"new_tokens_from_tokenizer", "target_tokenizer", "new_ids", "method", "overwrite"}  # tested elsewhere
+
+
+def test_every_compare_flag_reaches_the_shared_pipeline(monkeypatch, tmp_path):
+    """compare hands its whole base config to pipeline.prepare, the stages distill runs: a flag that compare
+    accepted but left out of that config (as --casing-variants once was) fails here, and so does a new flag
+    missing from FLAG_VALUES."""
+    compare_parser = build_parser()._subparsers._group_actions[0].choices["compare"]
+    fields = DistillConfig.__dataclass_fields__
+    flags = {a.option_strings[-1] for a in compare_parser._actions if a.dest in fields and a.dest not in SEPARATE}
+    assert flags == set(FLAG_VALUES), "give each compare flag a non-default value in FLAG_VALUES"
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_prepare(model, new_tokens, corpus, cfg, **kw):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "prepare", fake_prepare)
+    argv = ["compare", "--model", "m", "--new-tokens", "w.txt", "--heldout", "h.txt", "--out", str(tmp_path / "o"),
+            "--methods", "token-distill"]
+    for flag, value in FLAG_VALUES.items():
+        argv += [flag] + ([value] if value is not None else [])
+    with pytest.raises(Stop):
+        main(argv)
+    cfg, default = seen["cfg"], DistillConfig()
+    for action in compare_parser._actions:
+        if action.option_strings and action.option_strings[-1] in FLAG_VALUES:
+            assert getattr(cfg, action.dest) != getattr(default, action.dest), action.option_strings[-1]

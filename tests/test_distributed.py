@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from tokdistill_fast import DistillConfig, distill
 from tokdistill_fast.align import Alignment
 from tokdistill_fast.distributed import Ranks, pair_counts, split
-from tokdistill_fast.pipeline import Workload
 from tokdistill_fast.student import Passes, batch_plan, make_batch
+from tokdistill_fast.workload import Workload
 
 FAST = dict(snippets_per_token=6, snippet_length=20, dtype="float32", device="cpu")  # gloo even on a GPU machine
 COMBOS = {  # (model, cli flags): fused teacher pass, batch 4 | cache, alpha-NTP, uneven split, untied output rows

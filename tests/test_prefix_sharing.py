@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM
 from tokdistill_fast import align, attention, student, teacher
 from tokdistill_fast.config import UserInputError
 from tokdistill_fast.models import Decoder
+from tokdistill_fast.student.feed import TargetFeed
+from tokdistill_fast.student.loop import LossLog
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 PHRASES = [[7, 8], [9, 10, 11]]
@@ -209,7 +211,7 @@ def test_host_cache_feed_gives_cache_rows():
     rng = np.random.default_rng(0)
     batches = [student.Batch(None, torch.zeros(0), torch.zeros(0), rng.permutation(50)[:k], torch.zeros(0),
                              torch.zeros(0), torch.zeros(0)) for k in (7, 20, 3)]
-    feed = student.TargetFeed(cache, batches, torch.device("cpu"), staged=True)
+    feed = TargetFeed(cache, batches, torch.device("cpu"), staged=True)
     for step, b in enumerate(batches):
         got, idx = feed(step, b)
         for layer, t in states.items():
@@ -217,7 +219,7 @@ def test_host_cache_feed_gives_cache_rows():
 
 
 def test_loss_log_reports_windows(caplog):
-    log = student.LossLog(torch.arange(10, dtype=torch.float32), every=4, desc="t")
+    log = LossLog(torch.arange(10, dtype=torch.float32), every=4, desc="t")
     with caplog.at_level(logging.INFO, logger="tokdistill_fast.student"):
         for step in range(10):
             log.step(step)

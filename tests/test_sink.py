@@ -12,8 +12,10 @@ import pytest
 import torch
 from tokdistill_fast.kernels.embedding_rows import embedding_rows
 
-from tokdistill_fast import DistillConfig, contexts, models, pipeline, tokens
+from tokdistill_fast import DistillConfig, contexts, models, report, tokens
 from tokdistill_fast.config import cache_dir
+from tokdistill_fast.rows import subtoken_mean
+from tokdistill_fast.workload import Workload, build_workload
 
 WORDS = ["palatable", "bivalve"]
 # Each word opens two documents (with the leading space of running text, as a window cut at an earlier occurrence
@@ -22,11 +24,11 @@ DOCS = [" palatable food is good food to eat", " palatable meals", "we ate a pal
         " bivalve shells on the beach", " bivalve creatures", "a bivalve mollusc in the sea"]
 
 
-def workload(tok, corpus, model=None, words=WORDS) -> tuple[pipeline.Workload, list[tokens.NewToken]]:
+def workload(tok, corpus, model=None, words=WORDS) -> tuple[Workload, list[tokens.NewToken]]:
     toks, _ = tokens.plan_new_tokens(tok, words, add_variants=False)
     cfg = DistillConfig(snippets_per_token=10, snippet_length=24, add_variants=False)
     V = len(tok) if model is None else model.get_input_embeddings().weight.shape[0]
-    return pipeline.build_workload(cfg, model, tok, toks, [corpus], contexts.start_id(tok), V), toks
+    return build_workload(cfg, model, tok, toks, [corpus], contexts.start_id(tok), V), toks
 
 
 @pytest.fixture
@@ -75,7 +77,7 @@ def test_real_sink_stays_out_of_the_aligned_states(doc_corpus):
     work, toks = workload(tok, doc_corpus, model)
     dec = models.Decoder(model)
     V, layer = dec.embed_weight.shape[0], 22  # the layer where SmolLM2's sink is ~23,000 vs ~300 (NOTES.md)
-    rows = pipeline.subtoken_mean(dec.embed_weight, toks)
+    rows = subtoken_mean(dec.embed_weight, toks)
     al = work.alignment
     norms = []
     for i, s in enumerate(work.snippets):
@@ -93,9 +95,9 @@ def test_real_sink_stays_out_of_the_aligned_states(doc_corpus):
 
 def test_outlier_tokens_are_flagged_with_their_contexts(caplog):
     per_token = [{"word": f"w{i}", "final_loss": 1.0 + 0.1 * i, "contexts": 25, "source": "corpus"} for i in range(9)]
-    assert pipeline.flag_outliers(per_token) == []
+    assert report.flag_outliers(per_token) == []
     per_token.append({"word": "sunk", "final_loss": 2400.0, "contexts": 7, "source": "corpus"})
     per_token.append({"word": "variant", "final_loss": None, "contexts": 0, "source": "variant"})
-    flagged = pipeline.flag_outliers(per_token)
+    flagged = report.flag_outliers(per_token)
     assert [f["word"] for f in flagged] == ["sunk"] and flagged[0]["times_median"] > 1000
     assert "sunk" in caplog.text and "outlier" in caplog.text

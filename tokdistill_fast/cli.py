@@ -32,8 +32,9 @@ def _size(value: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {value!r} (e.g. 500M, 2G)") from None
 
 
-def add_distill_args(d: argparse.ArgumentParser, method: bool = True) -> None:
-    """Model/corpus/method flags shared by commands that run distillation (`method=False`: no --method flag)."""
+def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bool = True) -> None:
+    """Model/corpus/method flags shared by commands that run distillation (`method=False`: no --method flag;
+    `output=False`: no flags that only shape a written model, for commands that write none)."""
     c = DistillConfig()
     d.add_argument("--model", required=True, help="Hugging Face model directory")
     words = d.add_mutually_exclusive_group(required=True)
@@ -76,8 +77,9 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True) -> None:
                    help="do not add the start-of-text form of each word as a second token")
     d.add_argument("--casing-variants", action="store_true",
                    help="also add the lower-case and capitalized forms of each word (rows copied from the word)")
-    d.add_argument("--pad-to-multiple-of", type=int, default=c.pad_to_multiple_of,
-                   help="round a grown embedding matrix up to a multiple of N rows (64 or 128 suit tensor cores)")
+    if output:
+        d.add_argument("--pad-to-multiple-of", type=int, default=c.pad_to_multiple_of,
+                       help="round a grown embedding matrix up to a multiple of N rows (64 or 128 suit tensor cores)")
     d.add_argument("--device", default=c.device)
     d.add_argument("--dtype", default=c.dtype, help="auto | float32 | bfloat16 | float16")
     d.add_argument("--seed", type=int, default=c.seed)
@@ -265,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     c = sub.add_parser("compare", help="run several methods on shared stages and tabulate held-out results",
                        description="Distillation flags set the base run that each method spec modifies.")
-    add_distill_args(c, method=False)
+    add_distill_args(c, method=False, output=False)
     add_eval_args(c)
     c.add_argument("--out", required=True, help="output directory: results.json, table.md, *.png")
     c.add_argument("--methods", nargs="+", default=None,

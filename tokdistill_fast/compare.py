@@ -1,13 +1,15 @@
 """`tokdistill compare`: several initialization methods on the same tokens, training snippets, teacher cache,
 held-out snippets and seeds, written as a markdown table, a JSON file and PNG plots.
 
-Shared stages run once: token planning, training contexts and alignment, one teacher pass truncated at the
-deepest layer any method reads (all swept layers cached from it), the original model's held-out pass and its
-definitions. Each method then only trains its rows (pipeline.learn_rows) and is scored (evalrun.Bench.measure).
+The run goes through the same path as `tokdistill distill` (pipeline.py): pipeline.prepare once (model, token
+planning, training contexts and alignment, all from the base config, so every distillation flag counts as in
+distill), one teacher pass truncated at the deepest layer any method reads (all swept layers cached from it),
+the original model's held-out pass and its definitions. Each method then resolves its settings
+(pipeline.settle: "auto" values run the same search a distill run would), trains its rows (pipeline.learn_rows)
+and is scored (evalrun.Bench.measure).
 
 A method is a spec string METHOD[@key=value,...], e.g. `token-distill@layer=8,lr=5e-3`, with keys layer, lr,
-epochs, loss, batch and seeds; values "auto" go through pipeline.resolve_settings, the same resolution a
-`tokdistill distill` run uses, so automatic settings show up beside fixed ones.
+epochs, loss, batch and seeds.
 """
 
 from __future__ import annotations
@@ -19,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import autotune, contexts, export, heldout, models, pipeline, swap, tokens
+from . import export, heldout, pipeline
 from .config import METHODS, TRAINED_METHODS, DistillConfig, UserInputError
 from .evalrun import Bench, EvalOptions, Measured
-from .kernels import backend as kernels
-from .models import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -119,65 +119,48 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
     base = base.validate()
     opts = opts.validate()
     cfgs = [base.replace(method=s.method, **s.changes).validate() for s in specs]
-    timer = pipeline.StageTimer()
-    device = models.pick_device(base.device)
-    dtype = models.pick_dtype(base.dtype, device)
-    with timer("load"):
-        lm, tokenizer = models.load_model(model, device, dtype)
-        decoder = Decoder(lm)
-    tied = export.is_tied(lm)
-    with timer("tokens"):
-        words, _ = swap.requested_words(new_tokens, base.new_tokens_from_tokenizer)
-        toks, skipped = tokens.plan_new_tokens(tokenizer, words, base.add_variants)
-        if not toks:
-            raise UserInputError("none of the new tokens can be added")
-        new_tokenizer = tokens.extend_tokenizer(tokenizer, toks, base.tokenizer_mode, lm.config)
+    prep = pipeline.prepare(model, new_tokens, corpus, base, trains=any(c.method in TRAINED_METHODS for c in cfgs))
+    toks, decoder, timer = prep.toks, prep.decoder, prep.timer
     V = decoder.embed_weight.shape[0]
     primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
-    work = cache = None
-    searches: dict[tuple, tuple[autotune.SearchResult | None, float]] = {}
-    keys = [(c.method, c.loss, c.target_layer, c.lr, c.epochs, c.seed) for c in cfgs]  # what a search depends on
-    if any(c.method in TRAINED_METHODS for c in cfgs):
-        with timer("contexts"):
-            work = pipeline.build_workload(base, lm, tokenizer, toks, list(corpus), contexts.start_id(tokenizer), V)
-        for c, key in zip(cfgs, keys):  # "auto" settings run the same search a distill run would (once per setting)
-            if key not in searches:
-                t0 = time.perf_counter()
-                search = pipeline.search_settings(c, decoder, toks, work, tied, kernels.resolve(c.backend, device))
-                searches[key] = (search, time.perf_counter() - t0)
-    found = [searches.get(key, (None, 0.0)) for key in keys]
-    settings = [pipeline.resolve_settings(c, decoder, search) for c, (search, _) in zip(cfgs, found)]
-    if work is not None:
-        layers = sorted({l for c, (layer, *_) in zip(cfgs, settings) if c.method in TRAINED_METHODS
-                         for l in pipeline.cache_layers(pipeline.objective_for(c, layer, tied), decoder.num_layers)
-                         if pipeline.objective_for(c, layer, tied).distill is not None})
-        if layers:
-            with timer("teacher"):
-                cache = pipeline.teacher_cache(decoder, work, layers, dtype)
-            log.info("teacher cache: layers %s, %.1f MB", layers, cache.nbytes() / 2**20)
+    # "auto" settings run the same search a distill run would, once per setting that it depends on
+    settled: dict[tuple, tuple[tuple[int, float, int], float]] = {}
+    keys = [(c.method, c.loss, c.target_layer, c.lr, c.epochs, c.seed) for c in cfgs]
+    for c, key in zip(cfgs, keys):
+        if key not in settled:
+            t0 = time.perf_counter()
+            settled[key] = (pipeline.settle(prep, c)[0], time.perf_counter() - t0)
+    found = [settled[key] for key in keys]
+    cache = None
+    layers = pipeline.teacher_layers(prep, [(c, layer) for c, ((layer, _, _), _) in zip(cfgs, found)])
+    if layers and prep.work is not None:
+        with timer("teacher"):
+            cache = pipeline.teacher_cache(prep, prep.work, layers)
+        log.info("teacher cache: layers %s, %.1f MB", layers, cache.nbytes() / 2**20)
     with timer("heldout"):
-        bench = Bench.build(decoder, tokenizer, [toks[i] for i in primaries], [V + i for i in primaries],
+        bench = Bench.build(decoder, prep.tokenizer, [toks[i] for i in primaries], [V + i for i in primaries],
                             heldout_paths, opts, base.snippet_length)
     forms = {V + i: t.form for i, t in enumerate(toks)}
     results = {
         "model": str(model), "corpus": [str(c) for c in corpus], "heldout": [str(h) for h in heldout_paths],
         "settings": {**base.as_dict(), "eval": {**opts.__dict__, "layers": list(opts.layers)},
-                     "device": str(device), "dtype": str(dtype)},
-        "counts": {"tokens": len(primaries), "skipped": len(skipped),
-                   "train_snippets": len(work.snippets) if work else 0, "heldout_snippets": bench.hs.n,
+                     "device": str(prep.device), "dtype": str(prep.dtype)},
+        "counts": {"tokens": len(primaries), "skipped": len(prep.skipped),
+                   "casing_variants": sum(1 for t in toks if t.variant.startswith("casing")),
+                   "train_snippets": len(prep.work.snippets) if prep.work else 0, "heldout_snippets": bench.hs.n,
                    "tokens_with_heldout": int(sum(1 for h in bench.hs.hits if h))},
         "shared_seconds": dict(timer.seconds),
-        "tokens_saved": heldout.tokens_saved(heldout_paths, tokenizer, new_tokenizer, opts.max_chars),
+        "tokens_saved": heldout.tokens_saved(heldout_paths, prep.tokenizer, prep.new_tokenizer, opts.max_chars),
         "reference": reference, "complete": False, "methods": [],
     }
     out.mkdir(parents=True, exist_ok=True)
     outcomes = []
-    for spec, cfg, (layer, lr, epochs), (_, search_s) in zip(specs, cfgs, settings, found):
+    for spec, cfg, ((layer, lr, epochs), search_s) in zip(specs, cfgs, found):
         runs, train_s, eval_s = [], [], []
         for k in range(spec.seeds):
             t0 = time.perf_counter()
-            learned = pipeline.learn_rows(cfg.replace(seed=cfg.seed + k, epochs=epochs), decoder, toks, work, cache,
-                                          layer, lr, tied)
+            learned = pipeline.learn_rows(prep, cfg.replace(seed=cfg.seed + k, epochs=epochs), (layer, lr, epochs),
+                                          cache=cache)
             t1 = time.perf_counter()
             runs.append(bench.measure(heldout.Scorer(decoder, rows=learned.rows, out_rows=learned.out_rows), forms))
             train_s.append(t1 - t0 + search_s)  # an automatic setting pays for its search

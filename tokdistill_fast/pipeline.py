@@ -1,59 +1,33 @@
-"""distill(): tokens -> contexts -> alignment -> teacher -> student -> output, timed stage by stage.
+"""One path through a run: prepare() (stages 1-3: model, tokens, contexts and alignment), settle() (target layer,
+learning rate, epochs), teacher_cache() (stage 4), learn_rows() (stage 5 for one method) and write_output()
+(stage 6 and the output check). distill() runs them once; `tokdistill compare` (evaluation/compare.py) runs
+prepare() once and the rest per method.
 
 Orchestration only; each stage lives in its own module and takes and returns plain data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from . import (
-    align,
-    autotune,
-    check,
-    checkpoint,
-    chunks,
-    contexts,
-    distributed,
-    export,
-    models,
-    observed,
-    student,
-    swap,
-    teacher,
-    tokens,
-)
-from .config import OUTLIER_FACTOR, TRAINED_METHODS, DistillConfig, UserInputError
+from . import check, checkpoint, chunks, contexts, distributed, export, models, observed, student, swap, teacher, tokens
+from .config import TRAINED_METHODS, DistillConfig, UserInputError
 from .kernels import backend as kernels
+from .report import RunReport, StageTimer, flag_outliers
+from .rows import clip_norms, random_rows, subtoken_mean
+from .settings import resolve_settings, search_settings
 from .tokens import NewToken, Skipped
+from .workload import Workload, build_workload, trained_tokens
 
 log = logging.getLogger(__name__)
-
-DEFAULT_DEPTH = 0.75  # target layer when no search runs: best or near-best on SmolLM2 and Gemma-3 (docs/defaults.md)
-
-
-class StageTimer:
-    """Wall-clock seconds per stage (synchronizing CUDA so asynchronous work is charged to its stage)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        t0 = time.perf_counter()
-        yield
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 @dataclass
@@ -69,105 +43,105 @@ class DistillResult:
 
 
 @dataclass
-class Workload:
-    """Snippets and alignment for the trainable (primary) tokens."""
+class Prepared:
+    """Stages 1-3 of a run, shared by every method trained on them."""
 
-    primaries: list[int]  # indices into tokens of the trainable rows, in row order
-    snippets: list[contexts.Snippet]
-    snippet_row: np.ndarray  # row of each snippet
-    teacher_ids: np.ndarray
-    cu_teacher: np.ndarray
-    alignment: align.Alignment
-    sources: dict[int, str]  # token index -> "corpus" | "generated" | "corpus+generated" | "none"
-    found: dict[int, int]  # token index -> corpus snippets used
-    retrieval: dict = field(default_factory=dict)  # corpus statistics (contexts.RetrievalStats.summary and hits)
-
-    def snippets_per_row(self) -> np.ndarray:
-        """[rows] snippets of each trainable row."""
-        return np.bincount(self.snippet_row, minlength=len(self.primaries))
-
-
-def subtoken_mean(table: torch.Tensor, toks: list[NewToken]) -> torch.Tensor:
-    """Mean of each token's original subtoken rows, in fp32 (the paper's start point, a.k.a. FVT)."""
-    return torch.stack([table[t.sub_ids].float().mean(0) for t in toks])
+    cfg: DistillConfig
+    decoder: models.Decoder  # the model loaded for compute (device, dtype)
+    tokenizer: object  # the model's tokenizer
+    new_tokenizer: object  # extended with the new tokens
+    toks: list[NewToken]
+    skipped: list[Skipped]
+    work: Workload | None  # snippets and alignment of the tokens to train (None: nothing is trained)
+    tied: bool
+    device: torch.device
+    dtype: torch.dtype
+    backend: str  # kernels: torch | triton (resolved)
+    source: object  # the model directory (Path) or the caller's in-memory model, for the output
+    corpus: list
+    timer: StageTimer
+    work_dir: checkpoint.WorkDir  # checkpoints of a run that keeps them (disabled otherwise)
 
 
-def random_rows(table: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """Rows drawn per channel from N(mean, std) of the original table (the paper's random baseline)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    t = table.float().cpu()
-    return t.mean(0) + t.std(0) * torch.randn(n, t.shape[1], generator=g)
+def load(model, tokenizer, device: torch.device, dtype: torch.dtype) -> tuple[models.Decoder, object, object]:
+    """(decoder, tokenizer, source): a model directory is loaded; an in-memory model is copied for compute."""
+    if isinstance(model, (str, Path)):
+        lm, tokenizer = models.load_model(Path(model), device, dtype)
+        return models.Decoder(lm), tokenizer, Path(model)
+    if tokenizer is None:
+        raise UserInputError("an in-memory model needs its tokenizer: distill(model, ..., tokenizer=tok)")
+    return models.Decoder(models.compute_copy(model, device, dtype)), tokenizer, model
 
 
-def trained_tokens(cfg: DistillConfig, toks: list[NewToken]) -> list[int]:
-    """Indices of the tokens to train: the primaries, less words shorter than --distill-min-chars (those keep their
-    start rows)."""
-    short = swap.short_tokens(toks, cfg.distill_min_chars)
-    return [i for i, t in enumerate(toks) if t.variant_of is None and i not in short]
+def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_in: str | Path | None = None,
+            trains: bool | None = None) -> Prepared:
+    """Load the model, plan the new tokens and extend the tokenizer, then retrieve and align the contexts of the
+    tokens to train when a method trains (`trains`, default: cfg.method does). keep_in: the output directory of a
+    run that keeps checkpoints (the workload and the search are saved there and reused on --resume)."""
+    timer = StageTimer()
+    corpus_files = contexts.corpus_files(corpus)  # a missing file or empty glob fails here, before the model loads
+    device = models.pick_device(cfg.device)
+    dtype = models.pick_dtype(cfg.dtype, device)
+    backend = kernels.resolve(cfg.backend, device)  # fails here, not after the teacher pass, if triton cannot run
+    with timer("load"):
+        decoder, tokenizer, source = load(model, tokenizer, device, dtype)
+    lm = decoder.model
+    tied = export.is_tied(lm)
+    with timer("tokens"):
+        words, skipped = swap.requested_words(new_tokens, cfg.new_tokens_from_tokenizer)
+        toks, unplanned = tokens.plan_new_tokens(tokenizer, words, cfg.add_variants, cfg.casing_variants)
+        skipped += unplanned
+        swap.log_skipped(skipped)
+        if not toks:
+            raise UserInputError("none of the new tokens can be added (see the skipped reasons above)")
+        new_tokenizer = tokens.extend_tokenizer(tokenizer, toks, cfg.tokenizer_mode, lm.config)
+    work_dir = checkpoint.WorkDir.open(keep_in, cfg, checkpoint.fingerprint(cfg, source, words, corpus_files)
+                                       if keep_in is not None and cfg.checkpoint_every else None)
+    work = None
+    if (cfg.method in TRAINED_METHODS if trains is None else trains) and trained_tokens(cfg, toks):
+        V = decoder.embed_weight.shape[0]
+        with timer("contexts"):
+            work = work_dir.stage("workload", lambda: build_workload(cfg, lm, tokenizer, toks, list(corpus),
+                                                                     contexts.start_id(tokenizer), V))
+        for i, n in zip(work.primaries, work.snippets_per_row()):
+            log.info("%-24r %3d snippet(s) [%s]", toks[i].word, n, work.sources[i])
+    return Prepared(cfg, decoder, tokenizer, new_tokenizer, toks, skipped, work, tied, device, dtype, backend,
+                    source, list(corpus), timer, work_dir)
 
 
-def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], corpus: list,
-                    start: int | None) -> tuple[list[contexts.Snippet], dict, dict, dict]:
-    """Retrieve snippets for the tokens to train; top up tokens with too few from the model's own generations."""
-    primaries = trained_tokens(cfg, toks)
-    found = dict.fromkeys(primaries, 0)
-    stats: dict = {}
-    snippets: list[contexts.Snippet] = []
-    if cfg.contexts == "retrieve":
-        sub = [toks[i] for i in primaries]
-        got, rstats, dropped = contexts.retrieve(corpus, tokenizer, sub, cfg.snippets_per_token,
-                                                 cfg.snippet_length, cfg.seed, start, cfg.stop_when_full,
-                                                 cfg.max_corpus_bytes)
-        for s in got:
-            s.token = primaries[s.token]
-            found[s.token] += 1
-        snippets.extend(got)
-        stats = {**rstats.summary(),
-                 "hits": {toks[i].word: h for i, h in zip(primaries, rstats.hits)},
-                 "dropped_tokenized_differently": {toks[i].word: d for i, d in zip(primaries, dropped) if d}}
-    # Too few corpus snippets (fewer than a quarter of the budget): fill up with generated contexts.
-    short = [i for i in primaries if found[i] < max(1, cfg.snippets_per_token // 4)]
-    if short:
-        log.info("generating contexts for %d token(s) with too few corpus snippets", len(short))
-        extra = contexts.generate(model, tokenizer, toks, short, cfg.snippets_per_token, cfg.snippet_length,
-                                  cfg.seed, start, cfg.generate_temperature)
-        per = {i: 0 for i in short}
-        for s in extra:
-            if found[s.token] + per[s.token] < cfg.snippets_per_token:
-                per[s.token] += 1
-                snippets.append(s)
-    sources = {i: ("corpus" if found[i] else "") + ("+generated" if i in short and found[i] else
-                                                    "generated" if i in short else "") for i in primaries}
-    return snippets, found, sources, stats
+def settle(prep: Prepared, cfg: DistillConfig, timer: StageTimer | None = None
+           ) -> tuple[tuple[int, float, int], object]:
+    """((target layer, lr, epochs), search) of cfg on prep: the layer/epochs search when cfg leaves them to "auto"
+    (None when none ran; saved in prep's checkpoints), then settings.resolve_settings. `timer` charges the
+    search to its "autotune" stage."""
+    search = None
+    if prep.work is not None:
+        with timer("autotune") if timer is not None else contextlib.nullcontext():
+            search = prep.work_dir.stage("autotune", lambda: search_settings(cfg, prep.decoder, prep.toks, prep.work,
+                                                                             prep.tied, prep.backend))
+    return resolve_settings(cfg, prep.decoder, search), search
 
 
-def build_workload(cfg, model, tokenizer, toks, corpus, start, V: int) -> Workload:
-    snippets, found, sources, retrieval = gather_contexts(cfg, model, tokenizer, toks, corpus, start)
-    primaries = trained_tokens(cfg, toks)
-    row_of = {tok_i: r for r, tok_i in enumerate(primaries)}
-    teacher_ids, cu_teacher = align.pack([s.ids for s in snippets], cfg.align_impl)
-    al = align.align((teacher_ids, cu_teacher), [toks[i].sub_ids for i in primaries],
-                     [row_of[s.token] for s in snippets], [V + r for r in range(len(primaries))], cfg.align_impl)
-    return Workload(primaries, snippets, np.asarray([row_of[s.token] for s in snippets], dtype=np.int64),
-                    teacher_ids, cu_teacher, al, sources, found, retrieval)
+def teacher_layers(prep: Prepared, runs: list[tuple[DistillConfig, int]]) -> list[int]:
+    """Teacher layers that the distillation objectives of `runs` ((config, target layer) pairs) read, sorted;
+    empty when none distills (NTP and the untrained methods need no teacher cache)."""
+    objectives = [student.Objective.for_config(c, layer, prep.tied) for c, layer in runs if c.method in TRAINED_METHODS]
+    L = prep.decoder.num_layers
+    return sorted({l for o in objectives if o.distill is not None for l in o.cache_layers(L)})
 
 
-def objective_for(cfg: DistillConfig, layer: int, tied: bool) -> student.Objective:
-    method = cfg.method
-    distill = cfg.loss if method.startswith("token-distill") else None
-    ntp = {"token-distill+ntp": "plain", "token-distill+alpha-ntp": "alpha", "ntp": "plain",
-           "ntp-all": "plain"}.get(method)
-    train_output = not tied and (cfg.output_embeddings == "ntp" or method == "ntp-all")
-    return student.Objective(distill=distill, ntp=ntp, layer=layer, train_output=train_output)
+def teacher_cache(prep: Prepared, work: Workload, layers: list[int], packed: bool = False) -> teacher.TeacherCache:
+    """Teacher states of the workload's aligned positions at `layers`, in one pass truncated at the deepest
+    (packed rows without padding, or the length-sorted padded reference batches)."""
+    return teacher.compute(prep.decoder, work.teacher_ids, work.cu_teacher, work.alignment, layers,
+                           **teacher_options(prep.decoder, prep.dtype, packed))
 
 
-def clip_norms(rows: torch.Tensor, table: torch.Tensor, quantile: float) -> tuple[torch.Tensor, int]:
-    """Scale rows whose norm exceeds the given quantile of the original rows' norms down to it. With tied
-    embeddings a large input row is also a large output row, which makes the model over-predict the token."""
-    limit = torch.quantile(table.float().norm(dim=1).cpu(), quantile)
-    norms = rows.norm(dim=1, keepdim=True).cpu()
-    factor = torch.clamp(limit / norms.clamp_min(1e-12), max=1.0)
-    return rows.cpu() * factor, int((factor < 1).sum())
+def teacher_options(decoder: models.Decoder, dtype: torch.dtype, packed: bool) -> dict:
+    """teacher.compute's batch size, cache dtype and placement for this run's device."""
+    cuda = decoder.embed_weight.device.type == "cuda"
+    return {"max_tokens": teacher.batch_tokens(decoder.embed_weight.device), "cache_dtype": dtype, "packed": packed,
+            "device_budget": torch.cuda.mem_get_info()[0] // 2 if cuda else None}
 
 
 def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, config: DistillConfig | None = None,
@@ -198,174 +172,44 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
     """distill() in this process, one of `ranks` (rank 0 checks and writes `out`)."""
     if ranks.world > 1 and (cfg.resume or cfg.chunk_tokens or cfg.memory_budget):
         raise UserInputError("--resume, --chunk-tokens and --memory-budget run in one process, not under torchrun")
-    timer = StageTimer()
-    t_start = time.perf_counter()
     if out is not None and ranks.writer:
         export.check_out_dir(out, cfg.overwrite)
-    corpus_files = contexts.corpus_files(corpus)  # a missing file or empty glob fails here, before the model loads
-    device = models.pick_device(cfg.device)
-    dtype = models.pick_dtype(cfg.dtype, device)
-    backend = kernels.resolve(cfg.backend, device)  # fails here, not after the teacher pass, if triton cannot run
-    with timer("load"):
-        source = None
-        if isinstance(model, (str, Path)):
-            model_path = Path(model)
-            model, tokenizer = models.load_model(model_path, device, dtype)
-        else:
-            if tokenizer is None:
-                raise UserInputError("an in-memory model needs its tokenizer: distill(model, ..., tokenizer=tok)")
-            model_path, source = None, model
-            model = models.compute_copy(model, device, dtype)
-        decoder = models.Decoder(model)
-    tied = export.is_tied(model)
-    with timer("tokens"):
-        words, skipped = swap.requested_words(new_tokens, cfg.new_tokens_from_tokenizer)
-        toks, unplanned = tokens.plan_new_tokens(tokenizer, words, cfg.add_variants, cfg.casing_variants)
-        skipped += unplanned
-        swap.log_skipped(skipped)
-        if not toks:
-            raise UserInputError("none of the new tokens can be added (see the skipped reasons above)")
-        new_tokenizer = tokens.extend_tokenizer(tokenizer, toks, cfg.tokenizer_mode, model.config)
-    single = out if ranks.world == 1 else None  # checkpoints: one-process runs only
-    work_dir = checkpoint.WorkDir.open(single, cfg, checkpoint.fingerprint(cfg, model_path or source, words,
-                                                                           corpus_files)
-                                       if single is not None and cfg.checkpoint_every else None)
-    V = decoder.embed_weight.shape[0]
-    primaries = trained_tokens(cfg, toks)
-    work = cache = search = plan = None
-    if cfg.method in TRAINED_METHODS and primaries:
-        with timer("contexts"):
-            work = work_dir.stage("workload", lambda: build_workload(cfg, model, tokenizer, toks, list(corpus),
-                                                                     contexts.start_id(tokenizer), V))
-        for i, n in zip(work.primaries, work.snippets_per_row()):
-            log.info("%-24r %3d snippet(s) [%s]", toks[i].word, n, work.sources[i])
-        with timer("autotune"):
-            search = work_dir.stage("autotune", lambda: search_settings(cfg, decoder, toks, work, tied, backend))
+    prep = prepare(model, new_tokens, corpus, cfg, tokenizer, keep_in=out if ranks.world == 1 else None)
+    work, work_dir, timer = prep.work, prep.work_dir, prep.timer
+    settings, search = settle(prep, cfg, timer)
     # every rank takes rank 0's settings (the search's second stage depends on measured time)
-    layer, lr, epochs = ranks.agree(work, resolve_settings(cfg, decoder, search))
+    layer, lr, epochs = ranks.agree(work, settings)
     run_cfg = cfg.replace(epochs=epochs)  # the report keeps the requested settings beside the resolved ones
-    mine, shard = distributed.split(ranks, work, cfg.batch_size, epochs, cfg.seed, device)
+    mine, shard = distributed.split(ranks, work, cfg.batch_size, epochs, cfg.seed, prep.device)
     trainer = functools.partial(student.train, hook=work_dir.student_hook("student"), shard=shard)
+    cache = plan = None
     if work is not None:
-        objective = objective_for(cfg, layer, tied)
-        layers = cache_layers(objective, decoder.num_layers)
+        objective = student.Objective.for_config(cfg, layer, prep.tied)
+        layers = objective.cache_layers(prep.decoder.num_layers)
+        passes = student.Passes.for_config(run_cfg)
         plan = chunks.plan(run_cfg, work.alignment, work.snippet_row, len(work.primaries),
-                           decoder.hidden_size * dtype.itemsize * len(layers))
+                           prep.decoder.hidden_size * prep.dtype.itemsize * len(layers))
         if not plan.single:
             trainer = chunks.ChunkedTrainer(plan, work_dir, lambda al, ids, cu: teacher.compute(
-                decoder, ids, cu, al, layers, **teacher_options(decoder, dtype, passes_for(run_cfg).prefix)))
-        elif objective.distill is not None and not passes_for(run_cfg).fused:  # fused: the teacher runs in each step
+                prep.decoder, ids, cu, al, layers, **teacher_options(prep.decoder, prep.dtype, passes.prefix)))
+        elif objective.distill is not None and not passes.fused:  # fused: the teacher runs in each step
             with timer("teacher"):
-                cache = teacher_cache(decoder, mine, layers, dtype, packed=passes_for(run_cfg).prefix)
-    learned = learn_rows(run_cfg, decoder, toks, mine, cache, layer, lr, tied, timer, backend, trainer)
-    rows, out_rows, train_result, clipped = learned.rows, learned.out_rows, learned.train_result, learned.clipped
-    report = build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, epochs, tied,
-                          clipped, timer, device, dtype)
-    report["autotune"] = search.as_dict() if search is not None else None
-    swap.annotate_methods(report, toks, cfg.method, set(primaries) if train_result is not None else set(),
-                          learned.init_used)
-    report["retrieval"] = work.retrieval if work is not None else None
-    report["outliers"] = flag_outliers(report["tokens"])
-    report["chunks"] = plan.bounds if plan is not None else None
-    def finish_report(**running: float) -> dict:
-        """Timings so far; `running` adds stages still under way (export writes the report as its last file)."""
-        report["timings"] = {**timer.seconds, **running, "total": time.perf_counter() - t_start}
-        return report
-
+                cache = teacher_cache(prep, mine, layers, packed=passes.prefix)
+    learned = learn_rows(prep, run_cfg, (layer, lr, epochs), mine, cache, timer, trainer)
+    report = RunReport.build(prep, cfg, (layer, lr, epochs), learned, methods=True)
+    report.add(autotune=search.as_dict() if search is not None else None,
+               retrieval=work.retrieval if work is not None else None)
+    report.add(outliers=flag_outliers(report.data["tokens"]), chunks=plan.bounds if plan is not None else None)
     if out is not None and ranks.writer:
         with timer("export"):
             try:
-                write_output(Path(out), cfg, model_path or source, tokenizer, new_tokenizer, toks, rows, out_rows,
-                             tied, finish_report, list(corpus))
+                write_output(Path(out), prep, learned, report)
             except check.GuaranteeError:
                 work_dir.finish()  # resuming would reproduce the same rows: nothing is left to resume
                 raise
         work_dir.finish()
-    finish_report()
-    return DistillResult(new_tokenizer, toks, rows, out_rows, report, skipped)
-
-
-def resolve_settings(cfg: DistillConfig, decoder: models.Decoder,
-                     search: autotune.SearchResult | None = None) -> tuple[int, float, int]:
-    """Target layer (1..L), learning rate and epochs of a run: fixed values as given; "auto" from the search when
-    one ran, else from the measured defaults (docs/defaults.md)."""
-    L = decoder.num_layers
-    if cfg.target_layer != "auto":
-        layer = decoder.resolve_layer(int(cfg.target_layer))
-    elif search is not None:
-        layer = search.best.layer
-    else:
-        layer = L if uses_last_layer(cfg) else max(1, round(DEFAULT_DEPTH * L))
-    if cfg.lr != "auto":
-        lr = float(cfg.lr)
-    else:
-        lr = search.best.lr if search is not None else autotune.default_lr(layer, L)
-    if cfg.epochs != "auto":
-        epochs = int(cfg.epochs)
-    elif search is not None:
-        epochs = search.best.epochs
-    else:  # a second epoch helps distillation, not next-token prediction (the paper; docs/defaults.md)
-        epochs = 2 if cfg.method.startswith("token-distill") and cfg.prefix_sharing != "fused" else 1
-    return layer, lr, epochs
-
-
-def uses_last_layer(cfg: DistillConfig) -> bool:
-    """Methods whose objective reads the final layer whatever --target-layer says (logit losses, NTP)."""
-    return not cfg.method.startswith("token-distill") or cfg.loss != "mse"
-
-
-def search_settings(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken], work: Workload, tied: bool,
-                    backend: str) -> autotune.SearchResult | None:
-    """Run the layer/epochs search when the config leaves either to "auto" and there is a choice to make (logit
-    losses and NTP read the last layer); None otherwise or when too few tokens have enough snippets to hold some
-    out (then the defaults apply). `--lr auto` needs no search: it is the measured rule autotune.default_lr."""
-    layer_search = cfg.target_layer == "auto" and not uses_last_layer(cfg)
-    if not (layer_search or cfg.epochs == "auto") or cfg.method not in TRAINED_METHODS:
-        return None
-    L = decoder.num_layers
-    enough = np.bincount(work.snippet_row, minlength=len(work.primaries)) >= 3
-    if enough.sum() < 4:
-        log.info("autotune: fewer than 4 tokens with 3+ snippets; using the default layer and learning rate")
-        return None
-    if layer_search:
-        layers = None
-    else:
-        layers = [L if cfg.target_layer == "auto" else decoder.resolve_layer(int(cfg.target_layer))]
-    init = subtoken_mean(decoder.embed_weight, [toks[i] for i in work.primaries]).to(decoder.embed_weight.device)
-    search_epochs = cfg.epochs == "auto" and cfg.prefix_sharing != "fused"  # fused steps see each snippet once
-    schedule = student.Schedule(lr=0.0, epochs=1 if cfg.epochs == "auto" else int(cfg.epochs),
-                                batch_size=cfg.batch_size, warmup_fraction=cfg.warmup_fraction, seed=cfg.seed,
-                                backend=backend)
-    main_passes = passes_for(cfg.replace(epochs=2 if search_epochs else schedule.epochs))  # the likely main run
-    return autotune.search(decoder, work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row, init,
-                           cfg.autotune_budget, schedule, lambda layer: objective_for(cfg, layer, tied), tied,
-                           layers=layers, lr=None if cfg.lr == "auto" else float(cfg.lr), search_epochs=search_epochs,
-                           prefix=main_passes.prefix, fused=main_passes.fused)
-
-
-def cache_layers(objective: student.Objective, num_layers: int) -> list[int]:
-    """Teacher layers an objective reads: the target layer for mse, the last layer for logit losses."""
-    return [objective.layer] if objective.distill == "mse" else [num_layers]
-
-
-def passes_for(cfg: DistillConfig) -> student.Passes:
-    """How the student's steps run (prefix sharing, see student.Passes) for this config."""
-    return student.resolve_passes(cfg.prefix_sharing, cfg.backend, cfg.epochs)
-
-
-def teacher_cache(decoder: models.Decoder, work: Workload, layers: list[int], dtype: torch.dtype,
-                  packed: bool = False) -> teacher.TeacherCache:
-    """Teacher states of the workload's aligned positions at `layers`, in one pass truncated at the deepest
-    (packed rows without padding, or the length-sorted padded reference batches)."""
-    return teacher.compute(decoder, work.teacher_ids, work.cu_teacher, work.alignment, layers,
-                           **teacher_options(decoder, dtype, packed))
-
-
-def teacher_options(decoder: models.Decoder, dtype: torch.dtype, packed: bool) -> dict:
-    """teacher.compute's batch size, cache dtype and placement for this run's device."""
-    cuda = decoder.embed_weight.device.type == "cuda"
-    return {"max_tokens": teacher.batch_tokens(decoder.embed_weight.device), "cache_dtype": dtype, "packed": packed,
-            "device_budget": torch.cuda.mem_get_info()[0] // 2 if cuda else None}
+    return DistillResult(prep.new_tokenizer, prep.toks, learned.rows, learned.out_rows, report.finish(),
+                         prep.skipped)
 
 
 @dataclass
@@ -379,21 +223,25 @@ class Learned:
     init_used: set[int] = field(default_factory=set)  # tokens that started from --init-from rows
 
 
-def learn_rows(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken], work: Workload | None,
-               cache: teacher.TeacherCache | None, layer: int, lr: float, tied: bool,
-               timer: StageTimer | None = None, backend: str = "auto", trainer=student.train) -> Learned:
-    """Rows for cfg.method: subtoken-mean or random start, training on `work` for trained methods (`cache` holds
-    at least the teacher layers the objective reads, so one cache can serve several runs), variants copied
-    from their primaries, norm clipping for tied models and the output-row policy for untied ones. `trainer`:
+def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, int], work: Workload | None = None,
+               cache: teacher.TeacherCache | None = None, timer: StageTimer | None = None,
+               trainer=student.train) -> Learned:
+    """Rows for cfg.method on prep's tokens with `settings` (target layer, lr; cfg.epochs is the number run):
+    subtoken-mean or random start, training on `work` (default prep.work) for trained methods (`cache` holds at
+    least the teacher layers the objective reads, so one cache can serve several runs), variants copied from
+    their primaries, norm clipping for tied models and the output-row policy for untied ones. `trainer`:
     student.train or a stand-in with its signature (checkpointing, chunks.ChunkedTrainer)."""
     timer = timer or StageTimer()
+    work = prep.work if work is None else work
+    decoder, toks, tied = prep.decoder, prep.toks, prep.tied
+    layer, lr, _ = settings
     device = decoder.embed_weight.device
     table = decoder.embed_weight
     rows = subtoken_mean(table, toks).to(device)
     out_init = None if tied else subtoken_mean(decoder.model.get_output_embeddings().weight, toks).to(device)
     init_used = swap.apply_init(cfg.init_from, toks, rows, out_init, table.shape[1]) if cfg.init_from else set()
     primaries = trained_tokens(cfg, toks)
-    passes = passes_for(cfg)
+    passes = student.Passes.for_config(cfg)
     if passes.fused and cache is not None:  # a cache shared by several runs (compare) already holds the targets
         passes = student.Passes(prefix=True)
     train_result = None
@@ -403,10 +251,11 @@ def learn_rows(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken]
         with timer("student"):
             train_result = trainer(
                 decoder, work.alignment, cache, work.snippet_row, rows[primaries],
-                out_init[primaries] if out_init is not None else None, objective_for(cfg, layer, tied),
+                out_init[primaries] if out_init is not None else None,
+                student.Objective.for_config(cfg, layer, tied),
                 student.Schedule(lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                  warmup_fraction=cfg.warmup_fraction, seed=cfg.seed, log_every=cfg.log_every,
-                                 backend=backend),
+                                 backend=prep.backend),
                 tied, passes=passes, teacher=(work.teacher_ids, work.cu_teacher))
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
@@ -431,103 +280,36 @@ def learn_rows(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken]
     return Learned(rows, out_rows, train_result, clipped, init_used)
 
 
-def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decoder, layer, lr, epochs, tied,
-                 clipped, timer, device, dtype) -> dict:
-    import transformers
-
-    from . import __version__
-
-    per_token = []
-    row_of = {i: r for r, i in enumerate(work.primaries)} if work else {}
-    per_row = work.snippets_per_row() if work else None
-    for i, t in enumerate(toks):
-        r = row_of.get(i)
-        per_token.append({
-            "word": t.word, "form": t.form, "token": t.piece, "id": t.new_id, "kind": t.kind,
-            "variant_of": t.variant_of, "subtokens": tokenizer.convert_ids_to_tokens(t.sub_ids), "sub_ids": t.sub_ids,
-            "contexts": int(per_row[r]) if work and r is not None else 0,
-            "corpus_contexts": work.found.get(i, 0) if work else 0,
-            "source": (work.sources.get(i, "none") if work else cfg.method) if t.variant_of is None else "variant",
-            "final_loss": float(train_result.token_loss[r]) if train_result is not None and r is not None else None,
-            "norm": float(rows[i].norm()),
-        })
-    return {
-        "tokdistill_fast": __version__,
-        "settings": {**cfg.as_dict(), "resolved_target_layer": layer, "resolved_lr": lr,
-                     "resolved_epochs": epochs},
-        "model": {"type": type(decoder.model).__name__, "layers": decoder.num_layers, "hidden": decoder.hidden_size,
-                  "rows_before": int(decoder.embed_weight.shape[0]), "tied": tied},
-        # What ran, observed at run time (observed.py; None: the site never ran in this process).
-        "implementations": {"align": observed.ran("align"), "device": str(device), "dtype": str(dtype),
-                            "backend": observed.ran("kernels"),
-                            "prefix_sharing": train_result.extra["passes"] if train_result is not None else None,
-                            "packed_attention": observed.ran("attention"),
-                            "teacher_cache": observed.ran("teacher_cache")},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "counts": {"requested": len(toks) + len(skipped), "added": len(toks), "skipped": len(skipped),
-                   "variants": sum(1 for t in toks if t.variant_of),
-                   "casing_variants": sum(1 for t in toks if t.variant.startswith("casing")),
-                   "by_kind": {k: sum(1 for t in toks if t.kind == k) for k in ("vocab", "added")},
-                   "norm_clipped": clipped,
-                   "snippets": len(work.snippets) if work else 0,
-                   "aligned_positions": int(len(work.alignment.s_pos)) if work else 0,
-                   "teacher_tokens": int(work.cu_teacher[-1]) if work else 0,
-                   "student_tokens": int(work.alignment.cu_student[-1]) if work else 0},
-        "training": None if train_result is None else {
-            "steps": train_result.steps, "passes": train_result.extra.get("groups"),
-            "seconds": train_result.seconds, "computed_positions": train_result.extra["positions"],
-            "chunk_teacher_seconds": train_result.extra.get("teacher_seconds"),  # chunked runs only
-            "first_loss": float(train_result.step_loss[0]), "last_loss": float(train_result.step_loss[-1])},
-        "tokens": per_token,
-        "skipped": [{"word": s.word, "reason": s.reason} for s in skipped],
-    }
-
-
-def flag_outliers(per_token: list[dict]) -> list[dict]:
-    """Trained tokens whose final loss exceeds OUTLIER_FACTOR x the median, logged with what to look at. Their rows
-    are kept as trained (the held-out measure of `tokdistill eval` tells whether they beat the subtoken mean)."""
-    losses = [t["final_loss"] for t in per_token if t["final_loss"] is not None and np.isfinite(t["final_loss"])]
-    if len(losses) < 3:
-        return []
-    median = float(np.median(losses))
-    flagged = [{"word": t["word"], "final_loss": t["final_loss"], "times_median": t["final_loss"] / median,
-                "contexts": t["contexts"], "source": t["source"]}
-               for t in per_token if t["final_loss"] is not None and t["final_loss"] > OUTLIER_FACTOR * median]
-    for f in flagged:
-        log.warning("outlier: %r ended at loss %.3g, %.0fx the median %.3g (%d contexts from %s); its row is kept "
-                    "as trained: check its contexts and its held-out KL (tokdistill eval)", f["word"],
-                    f["final_loss"], f["times_median"], median, f["contexts"], f["source"])
-    return flagged
-
-
-def write_output(out: Path, cfg, original, tokenizer, new_tokenizer, toks, rows, out_rows, tied, finish_report,
-                 corpus: list) -> None:
+def write_output(out: Path, prep: Prepared, learned: Learned, report: RunReport) -> None:
     """Build the output model from the original weights in their own dtype (a model directory is reloaded on the
     CPU; an in-memory model is copied, never modified), save it with the tokenizer, new rows and report, and
     run `tokdistill check` on it before it is moved into place: a broken guarantee fails the run."""
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
+    cfg, original, toks, tied = prep.cfg, prep.source, prep.toks, prep.tied
+    rows, out_rows = learned.rows, learned.out_rows
     if isinstance(original, Path):
         target = AutoModelForCausalLM.from_pretrained(original, dtype="auto")
     else:
         target = copy.deepcopy(original).cpu()
     head = target.get_output_embeddings()
-    before = check.Original(tokenizer, target.get_input_embeddings().weight.detach().clone(),
+    before = check.Original(prep.tokenizer, target.get_input_embeddings().weight.detach().clone(),
                             None if tied or head is None else head.weight.detach().clone(), tied,
                             check.load_tokenizer(original)[1] if isinstance(original, Path) else None)
-    geometry = export.grow_embeddings(target, max(new_tokenizer.get_vocab().values()) + 1, cfg.pad_to_multiple_of)
+    geometry = export.grow_embeddings(target, max(prep.new_tokenizer.get_vocab().values()) + 1,
+                                      cfg.pad_to_multiple_of)
     export.write_rows(target, toks, rows, out_rows, tied)
-    probes = probe_sample(corpus)
+    probes = probe_sample(prep.corpus)
 
     def fill(tmp: Path) -> None:
         target.save_pretrained(tmp, safe_serialization=True)
-        export.save_tokenizer(new_tokenizer, tmp)
+        export.save_tokenizer(prep.new_tokenizer, tmp)
         slow = export.slow_tokenizer_files(original if isinstance(original, Path) else None, tmp, toks)
         export.new_rows_file(tmp / "new_embeddings.safetensors", toks, rows, out_rows)
-        report = finish_report(export=time.perf_counter() - t0)
-        report["model"].update(geometry, slow_tokenizer_files=slow)
-        export.write_json(tmp / "report.json", report)
+        data = report.finish(export=time.perf_counter() - t0)
+        data["model"].update(geometry, slow_tokenizer_files=slow)
+        export.write_json(tmp / "report.json", data)
         section = check.run_checks(tmp, before, probes, forward=None, model=target)
         check.write_reports(tmp, section)
         if not section["passed"]:

@@ -145,18 +145,6 @@ def short_tokens(toks: list[NewToken], min_chars: int) -> set[int]:
     return {i for i, t in enumerate(toks) if t.variant_of is None and len(t.word) < min_chars}
 
 
-def annotate_methods(report: dict, toks: list[NewToken], method: str, trained: set[int], init_used: set[int]
-                     ) -> None:
-    """Record in the report how each token's row was made ("method": the training method, "mean" or "init-from"
-    for untrained rows, "random", or "copy" for start-of-text variants) and where it started ("init"), with
-    counts per method."""
-    for i, (t, entry) in enumerate(zip(toks, report["tokens"])):
-        init = "random" if method == "random" else "init-from" if i in init_used else "mean"
-        entry["init"] = init
-        entry["method"] = "copy" if t.variant_of is not None else method if i in trained else init
-    report["counts"]["methods"] = dict(Counter(e["method"] for e in report["tokens"]))
-
-
 def requested_words(new_tokens, from_tokenizer: str | None) -> tuple[list[str], list[Skipped]]:
     """The words to add, from exactly one source: a word-list file or list (new_tokens), or a target tokenizer."""
     from .tokens import read_word_list

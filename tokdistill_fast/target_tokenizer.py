@@ -12,22 +12,24 @@ all of them are rows of the one trainable block, so each gets gradient from ever
 
 Student steps run whole sequences (prefix sharing off): the first aligned position can lie after new pieces
 that start earlier (a merge that moves a boundary), so the positions before it are not shared with the teacher.
-Settings left to "auto" take the measured defaults (pipeline.resolve_settings) without a search.
+Settings left to "auto" take the measured defaults (settings.resolve_settings) without a search.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import time
 from pathlib import Path
 
 import numpy as np
 
-from . import align, contexts, export, models, pipeline
+from . import align, checkpoint, contexts, export, models, pipeline
 from .config import DistillConfig, UserInputError, launch
 from .contexts import CHARS_PER_TOKEN, Corpus, Hit, Snippet
+from .kernels import backend as kernels
+from .report import RunReport, StageTimer
 from .tokens import NewToken
+from .workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +228,7 @@ def cut_snippets(original, target, toks: list[NewToken], hits: list[list[Hit]], 
 
 
 def build_workload(cfg: DistillConfig, original, target, toks: list[NewToken], corpus: list, bos: int | None,
-                   V: int) -> pipeline.Workload:
+                   V: int) -> Workload:
     """Snippets, alignment and bookkeeping of the new ids in the form pipeline.learn_rows trains on: student ids
     of new pieces become V + their row (the trainable block of kernels/embedding_rows.py)."""
     if not corpus:
@@ -256,7 +258,7 @@ def build_workload(cfg: DistillConfig, original, target, toks: list[NewToken], c
                  "hits": {t.piece: n for t, n in zip(toks, counts)},
                  "dropped_no_common_cut": {t.piece: d for t, d in zip(toks, dropped) if d}}
     snippets = [Snippet(r, ids, "corpus") for r, ids in zip(rows, t_seqs)]
-    return pipeline.Workload(list(range(len(toks))), snippets, snippet_row, teacher_ids, cu_t, al, sources, found,
+    return Workload(list(range(len(toks))), snippets, snippet_row, teacher_ids, cu_t, al, sources, found,
                              retrieval)
 
 
@@ -271,8 +273,7 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     if cfg.method not in ("token-distill", "mean", "random") or cfg.loss != "mse":
         raise UserInputError("--tokenizer supports --method token-distill (loss mse), mean and random")
     cfg = cfg.replace(prefix_sharing="off")
-    timer = pipeline.StageTimer()
-    t_start = time.perf_counter()
+    timer = StageTimer()
     if out is not None:
         export.check_out_dir(out, cfg.overwrite)
     corpus_files = contexts.corpus_files(corpus)
@@ -292,53 +293,42 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
         toks = plan_tokens(original, target, new_ids)
     device = models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
-    backend = pipeline.kernels.resolve(cfg.backend, device)
+    backend = kernels.resolve(cfg.backend, device)
     with timer("load"):
-        if isinstance(model, (str, Path)):
-            source, (model, tokenizer) = Path(model), models.load_model(Path(model), device, dtype)
-        else:
-            source, model = model, models.compute_copy(model, device, dtype)
-        decoder = models.Decoder(model)
-    tied = export.is_tied(model)
+        decoder, _, source = pipeline.load(model, original, device, dtype)
+    tied = export.is_tied(decoder.model)
     V = decoder.embed_weight.shape[0]
-    work = cache = None
-    layer, lr, epochs = pipeline.resolve_settings(cfg, decoder)
-    run_cfg = cfg.replace(epochs=epochs)
+    prep = pipeline.Prepared(cfg, decoder, original, target, toks, [], None, tied, device, dtype, backend, source,
+                             list(corpus), timer, checkpoint.WorkDir(None))
+    settings, _ = pipeline.settle(prep, cfg)  # no workload yet: the measured defaults, no search
+    run_cfg = cfg.replace(epochs=settings[2])
+    cache = None
     if cfg.method == "token-distill":
         with timer("contexts"):
-            work = build_workload(cfg, original, target, toks, list(corpus), contexts.start_id(original), V)
-        fallback = [t.piece for i, t in enumerate(toks) if work.sources[i] == "none"]
+            prep.work = build_workload(cfg, original, target, toks, list(corpus), contexts.start_id(original), V)
+        fallback = [t.piece for i, t in enumerate(toks) if prep.work.sources[i] == "none"]
         if fallback:
             log.warning("%d new id(s) have no corpus snippet and keep their start row: %s", len(fallback),
                         ", ".join(map(repr, fallback[:20])))
         with timer("teacher"):
-            objective = pipeline.objective_for(run_cfg, layer, tied)
-            cache = pipeline.teacher_cache(decoder, work, pipeline.cache_layers(objective, decoder.num_layers), dtype)
-    learned = pipeline.learn_rows(run_cfg, decoder, toks, work, cache, layer, lr, tied, timer, backend)
-    if work is not None:  # ids without snippets of their own: back to their start rows (trained only as context)
-        start = pipeline.learn_rows(run_cfg.replace(method="mean"), decoder, toks, None, None, layer, lr, tied)
-        for i, src in work.sources.items():
+            cache = pipeline.teacher_cache(prep, prep.work, pipeline.teacher_layers(prep, [(run_cfg, settings[0])]))
+    learned = pipeline.learn_rows(prep, run_cfg, settings, cache=cache, timer=timer)
+    if prep.work is not None:  # ids without snippets of their own: back to their start rows (trained only as context)
+        start = pipeline.learn_rows(prep, run_cfg.replace(method="mean"), settings)
+        for i, src in prep.work.sources.items():
             if src == "none":
                 learned.rows[i] = start.rows[i]
                 if learned.out_rows is not None:
                     learned.out_rows[i] = start.out_rows[i]
-    report = pipeline.build_report(cfg, toks, [], learned.rows, work, learned.train_result, original, decoder, layer,
-                                   lr, epochs, tied, learned.clipped, timer, device, dtype)
-    report["retrieval"] = work.retrieval if work is not None else None
-    report["target_tokenizer"] = {"source": str(target_tokenizer) if isinstance(target_tokenizer, (str, Path))
-                                  else type(target_tokenizer).__name__, "size": len(target),
-                                  "original_size": len(original), "new_ids": len(new_ids),
-                                  "fallback_start_rows": fallback if work is not None else []}
-    for entry, t in zip(report["tokens"], toks):
+    report = RunReport.build(prep, cfg, settings, learned)
+    report.add(retrieval=prep.work.retrieval if prep.work is not None else None,
+               target_tokenizer={"source": str(target_tokenizer) if isinstance(target_tokenizer, (str, Path))
+                                 else type(target_tokenizer).__name__, "size": len(target),
+                                 "original_size": len(original), "new_ids": len(new_ids),
+                                 "fallback_start_rows": fallback if prep.work is not None else []})
+    for entry, t in zip(report.data["tokens"], toks):
         entry["text"] = t.form
-
-    def finish_report(**running: float) -> dict:
-        report["timings"] = {**timer.seconds, **running, "total": time.perf_counter() - t_start}
-        return report
-
     if out is not None:
         with timer("export"):
-            pipeline.write_output(Path(out), cfg, source, original, target, toks, learned.rows, learned.out_rows,
-                                  tied, finish_report, list(corpus))
-    finish_report()
-    return pipeline.DistillResult(target, toks, learned.rows, learned.out_rows, report, [])
+            pipeline.write_output(Path(out), prep, learned, report)
+    return pipeline.DistillResult(target, toks, learned.rows, learned.out_rows, report.finish(), [])

@@ -4,7 +4,7 @@ Snippets run in large batches, packed without padding (attention.py) or, on the 
 length and right-padded; of each sequence only the aligned positions are kept, packed in the cu_seqlens layout of the
 alignment: states[l][cu_aligned[i]:cu_aligned[i+1]] are snippet i's targets at layer l. The cache lives on the
 compute device, or in pinned host memory when it would take more than `device_budget` bytes there (the
-student then copies each step's rows to the device asynchronously, student.TargetFeed).
+student then copies each step's rows to the device asynchronously, student/feed.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,147 @@
+"""report.json of a run, assembled in one place: what was asked and resolved, what ran (observed at run time),
+counts, training, per-token results and stage timings. `RunReport.build` makes it from a run's prepared stages
+and learned rows; sections a run adds (autotune, retrieval, chunks, the output's geometry) go through `add`, and
+`finish` stamps the timings (export writes the report as its last file, so it also passes the stages under way)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from . import observed
+from .config import OUTLIER_FACTOR, DistillConfig
+
+if TYPE_CHECKING:
+    from .pipeline import Learned, Prepared
+
+log = logging.getLogger(__name__)
+
+
+class StageTimer:
+    """Wall-clock seconds per stage (synchronizing CUDA so asynchronous work is charged to its stage)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+class RunReport:
+    """The report of one run (module docstring); `data` is the dict written as report.json."""
+
+    def __init__(self, data: dict, timer: StageTimer):
+        self.data, self.timer = data, timer
+
+    @classmethod
+    def build(cls, prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, int], learned: Learned,
+              methods: bool = False) -> RunReport:
+        """The report of `learned` (cfg.method's rows) on `prep`. methods: also record how each row was made
+        (record_methods)."""
+        import transformers
+
+        from . import __version__
+
+        layer, lr, epochs = settings
+        toks, work, decoder, result = prep.toks, prep.work, prep.decoder, learned.train_result
+        row_of = {i: r for r, i in enumerate(work.primaries)} if work else {}
+        per_row = work.snippets_per_row() if work else None
+        per_token = []
+        for i, t in enumerate(toks):
+            r = row_of.get(i)
+            per_token.append({
+                "word": t.word, "form": t.form, "token": t.piece, "id": t.new_id, "kind": t.kind,
+                "variant_of": t.variant_of, "subtokens": prep.tokenizer.convert_ids_to_tokens(t.sub_ids),
+                "sub_ids": t.sub_ids, "contexts": int(per_row[r]) if work and r is not None else 0,
+                "corpus_contexts": work.found.get(i, 0) if work else 0,
+                "source": (work.sources.get(i, "none") if work else cfg.method) if t.variant_of is None else "variant",
+                "final_loss": float(result.token_loss[r]) if result is not None and r is not None else None,
+                "norm": float(learned.rows[i].norm()),
+            })
+        skipped = prep.skipped
+        data = {
+            "tokdistill_fast": __version__,
+            "settings": {**cfg.as_dict(), "resolved_target_layer": layer, "resolved_lr": lr,
+                         "resolved_epochs": epochs},
+            "model": {"type": type(decoder.model).__name__, "layers": decoder.num_layers,
+                      "hidden": decoder.hidden_size, "rows_before": int(decoder.embed_weight.shape[0]),
+                      "tied": prep.tied},
+            # What ran, observed at run time (observed.py; None: the site never ran in this process).
+            "implementations": {"align": observed.ran("align"), "device": str(prep.device), "dtype": str(prep.dtype),
+                                "backend": observed.ran("kernels"),
+                                "prefix_sharing": result.extra["passes"] if result is not None else None,
+                                "packed_attention": observed.ran("attention"),
+                                "teacher_cache": observed.ran("teacher_cache")},
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "counts": {"requested": len(toks) + len(skipped), "added": len(toks), "skipped": len(skipped),
+                       "variants": sum(1 for t in toks if t.variant_of),
+                       "casing_variants": sum(1 for t in toks if t.variant.startswith("casing")),
+                       "by_kind": {k: sum(1 for t in toks if t.kind == k) for k in ("vocab", "added")},
+                       "norm_clipped": learned.clipped,
+                       "snippets": len(work.snippets) if work else 0,
+                       "aligned_positions": int(len(work.alignment.s_pos)) if work else 0,
+                       "teacher_tokens": int(work.cu_teacher[-1]) if work else 0,
+                       "student_tokens": int(work.alignment.cu_student[-1]) if work else 0},
+            "training": None if result is None else {
+                "steps": result.steps, "passes": result.extra.get("groups"),
+                "seconds": result.seconds, "computed_positions": result.extra["positions"],
+                "chunk_teacher_seconds": result.extra.get("teacher_seconds"),  # chunked runs only
+                "first_loss": float(result.step_loss[0]), "last_loss": float(result.step_loss[-1])},
+            "tokens": per_token,
+            "skipped": [{"word": s.word, "reason": s.reason} for s in skipped],
+        }
+        report = cls(data, prep.timer)
+        if methods:
+            report.record_methods(cfg.method, set(work.primaries) if work and result is not None else set(),
+                                  learned.init_used)
+        return report
+
+    def record_methods(self, method: str, trained: set[int], init_used: set[int]) -> None:
+        """How each token's row was made ("method": the training method, "mean" or "init-from" for untrained
+        rows, "random", or "copy" for start-of-text variants) and where it started ("init"), with counts per
+        method. `trained`: indices of the tokens that were trained."""
+        toks = self.data["tokens"]
+        for i, entry in enumerate(toks):
+            init = "random" if method == "random" else "init-from" if i in init_used else "mean"
+            entry["init"] = init
+            entry["method"] = "copy" if entry["variant_of"] is not None else method if i in trained else init
+        self.data["counts"]["methods"] = dict(Counter(e["method"] for e in toks))
+
+    def add(self, **sections) -> RunReport:
+        """Top-level sections, in the order given."""
+        self.data.update(sections)
+        return self
+
+    def finish(self, **running: float) -> dict:
+        """Timings so far; `running` adds stages still under way. Returns the report's dict."""
+        self.data["timings"] = {**self.timer.seconds, **running, "total": time.perf_counter() - self.timer.started}
+        return self.data
+
+
+def flag_outliers(per_token: list[dict]) -> list[dict]:
+    """Trained tokens whose final loss exceeds OUTLIER_FACTOR x the median, logged with what to look at. Their rows
+    are kept as trained (the held-out measure of `tokdistill eval` tells whether they beat the subtoken mean)."""
+    losses = [t["final_loss"] for t in per_token if t["final_loss"] is not None and np.isfinite(t["final_loss"])]
+    if len(losses) < 3:
+        return []
+    median = float(np.median(losses))
+    flagged = [{"word": t["word"], "final_loss": t["final_loss"], "times_median": t["final_loss"] / median,
+                "contexts": t["contexts"], "source": t["source"]}
+               for t in per_token if t["final_loss"] is not None and t["final_loss"] > OUTLIER_FACTOR * median]
+    for f in flagged:
+        log.warning("outlier: %r ended at loss %.3g, %.0fx the median %.3g (%d contexts from %s); its row is kept "
+                    "as trained: check its contexts and its held-out KL (tokdistill eval)", f["word"],
+                    f["final_loss"], f["times_median"], median, f["contexts"], f["source"])
+    return flagged

@@ -1,0 +1,29 @@
+"""Embedding-row arithmetic: the start rows of new tokens (subtoken mean, random) and the norm clip applied to
+trained rows. Every function takes and returns [n, D] tables; nothing here knows about snippets or steps."""
+
+from __future__ import annotations
+
+import torch
+
+from .tokens import NewToken
+
+
+def subtoken_mean(table: torch.Tensor, toks: list[NewToken]) -> torch.Tensor:
+    """Mean of each token's original subtoken rows, in fp32 (the paper's start point, a.k.a. FVT)."""
+    return torch.stack([table[t.sub_ids].float().mean(0) for t in toks])
+
+
+def random_rows(table: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Rows drawn per channel from N(mean, std) of the original table (the paper's random baseline)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    t = table.float().cpu()
+    return t.mean(0) + t.std(0) * torch.randn(n, t.shape[1], generator=g)
+
+
+def clip_norms(rows: torch.Tensor, table: torch.Tensor, quantile: float) -> tuple[torch.Tensor, int]:
+    """Scale rows whose norm exceeds the given quantile of the original rows' norms down to it. With tied
+    embeddings a large input row is also a large output row, which makes the model over-predict the token."""
+    limit = torch.quantile(table.float().norm(dim=1).cpu(), quantile)
+    norms = rows.norm(dim=1, keepdim=True).cpu()
+    factor = torch.clamp(limit / norms.clamp_min(1e-12), max=1.0)
+    return rows.cpu() * factor, int((factor < 1).sum())

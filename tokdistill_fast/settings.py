@@ -1,0 +1,78 @@
+"""The settings a run resolves before it trains: target layer, learning rate and epochs. Values given are
+used as given; "auto" ones come from the layer/epochs search (autotune.py) when it runs, else from the measured
+defaults (docs/defaults.md). distill and compare resolve through these same functions."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from . import autotune, models, rows, student
+from .config import TRAINED_METHODS, DistillConfig
+from .tokens import NewToken
+from .workload import Workload
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEPTH = 0.75  # target layer when no search runs: best or near-best on SmolLM2 and Gemma-3 (docs/defaults.md)
+
+
+def resolve_settings(cfg: DistillConfig, decoder: models.Decoder,
+                     search: autotune.SearchResult | None = None) -> tuple[int, float, int]:
+    """Target layer (1..L), learning rate and epochs of a run: fixed values as given; "auto" from the search when
+    one ran, else from the measured defaults (docs/defaults.md)."""
+    L = decoder.num_layers
+    if cfg.target_layer != "auto":
+        layer = decoder.resolve_layer(int(cfg.target_layer))
+    elif search is not None:
+        layer = search.best.layer
+    else:
+        layer = L if uses_last_layer(cfg) else max(1, round(DEFAULT_DEPTH * L))
+    if cfg.lr != "auto":
+        lr = float(cfg.lr)
+    else:
+        lr = search.best.lr if search is not None else autotune.default_lr(layer, L)
+    if cfg.epochs != "auto":
+        epochs = int(cfg.epochs)
+    elif search is not None:
+        epochs = search.best.epochs
+    else:  # a second epoch helps distillation, not next-token prediction (the paper; docs/defaults.md)
+        epochs = 2 if cfg.method.startswith("token-distill") and cfg.prefix_sharing != "fused" else 1
+    return layer, lr, epochs
+
+
+def uses_last_layer(cfg: DistillConfig) -> bool:
+    """Methods whose objective reads the final layer whatever --target-layer says (logit losses, NTP)."""
+    return not cfg.method.startswith("token-distill") or cfg.loss != "mse"
+
+
+def search_settings(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken], work: Workload, tied: bool,
+                    backend: str) -> autotune.SearchResult | None:
+    """Run the layer/epochs search when the config leaves either to "auto" and there is a choice to make (logit
+    losses and NTP read the last layer); None otherwise or when too few tokens have enough snippets to hold some
+    out (then the defaults apply). `--lr auto` needs no search: it is the measured rule autotune.default_lr."""
+    layer_search = cfg.target_layer == "auto" and not uses_last_layer(cfg)
+    if not (layer_search or cfg.epochs == "auto") or cfg.method not in TRAINED_METHODS:
+        return None
+    L = decoder.num_layers
+    enough = np.bincount(work.snippet_row, minlength=len(work.primaries)) >= 3
+    if enough.sum() < 4:
+        log.info("autotune: fewer than 4 tokens with 3+ snippets; using the default layer and learning rate")
+        return None
+    if layer_search:
+        layers = None
+    else:
+        layers = [L if cfg.target_layer == "auto" else decoder.resolve_layer(int(cfg.target_layer))]
+    init = rows.subtoken_mean(decoder.embed_weight, [toks[i] for i in work.primaries]).to(decoder.embed_weight.device)
+    search_epochs = cfg.epochs == "auto" and cfg.prefix_sharing != "fused"  # fused steps see each snippet once
+    schedule = student.Schedule(lr=0.0, epochs=1 if cfg.epochs == "auto" else int(cfg.epochs),
+                                batch_size=cfg.batch_size, warmup_fraction=cfg.warmup_fraction, seed=cfg.seed,
+                                backend=backend)
+    # the likely main run
+    main_passes = student.Passes.for_config(cfg.replace(epochs=2 if search_epochs else schedule.epochs))
+    return autotune.search(decoder, work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row, init,
+                           cfg.autotune_budget, schedule, lambda layer: student.Objective.for_config(cfg, layer, tied),
+                           tied,
+                           layers=layers, lr=None if cfg.lr == "auto" else float(cfg.lr), search_epochs=search_epochs,
+                           prefix=main_passes.prefix, fused=main_passes.fused)

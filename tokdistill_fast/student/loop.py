@@ -1,0 +1,229 @@
+"""The student loop: train only the new embedding rows so the student (one new token) reproduces the teacher.
+
+The frozen model runs truncated at the target layer; the new rows are one fp32 parameter [n_new, D] read by
+the fused gather (kernels/embedding_rows.py), so no gradient ever touches the model's weights or its
+embedding table. AdamW without weight decay, linear warm-up over the first half of the steps, then constant
+(this project's recipe; the reference code decays the rate after its warm-up). Every batch's layouts and index
+tensors are built before the loop, and losses stay on the device (logged asynchronously), so the loop itself
+never waits for the host.
+
+How a step is prepared and run (prefix sharing, step groups) is in steps.py; what it optimizes in objective.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..align import Alignment
+from ..models import Decoder
+from ..teacher import TeacherCache
+from .feed import TargetFeed
+from .objective import Objective
+from .steps import Batch, Passes, Rewind, batch_plan, plan_groups, student_states
+
+if TYPE_CHECKING:
+    from ..distributed import Shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Schedule:
+    lr: float
+    epochs: int = 1
+    batch_size: int = 16
+    warmup_fraction: float = 0.5
+    seed: int = 0
+    log_every: int = 0  # log the mean loss of every this many steps (0: never), without waiting for the device
+    group: int = 16  # at most this many consecutive steps with disjoint tokens run as one pass (1: step by step)
+    backend: str = "auto"  # kernels: auto | torch (references) | triton (fused kernels), see kernels/backend.py
+
+
+@dataclass
+class TrainResult:
+    rows: torch.Tensor  # [n_new, D] fp32 input rows
+    out_rows: torch.Tensor | None  # [n_new, D] fp32 output rows when learned
+    step_loss: np.ndarray  # [steps]
+    token_loss: np.ndarray  # [n_tokens] mean loss over the last epoch's aligned rows (nan if none)
+    seconds: float
+    steps: int
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Trainable:
+    """The parameters a run optimizes: the new input rows and, for untied models that learn them, the new output
+    rows (both [n_new, D] fp32)."""
+
+    rows: torch.nn.Parameter
+    out_rows: torch.nn.Parameter | None
+    tied: bool
+
+    @classmethod
+    def start(cls, init_rows: torch.Tensor, init_out: torch.Tensor | None, objective: Objective, tied: bool,
+              device: torch.device) -> Trainable:
+        def param(t: torch.Tensor) -> torch.nn.Parameter:
+            return torch.nn.Parameter(t.detach().to(device=device, dtype=torch.float32).clone())
+
+        return cls(param(init_rows), param(init_out) if objective.train_output and not tied else None, tied)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [self.rows] + ([self.out_rows] if self.out_rows is not None else [])
+
+    @property
+    def head(self) -> torch.Tensor:
+        """The output rows next-token prediction reads for the new ids."""
+        return self.rows if self.tied or self.out_rows is None else self.out_rows
+
+
+def optimizer(params: list[torch.nn.Parameter], schedule: Schedule, n_steps: int, device: torch.device):
+    """(AdamW without weight decay, its warm-up schedule) over `params` for a run of n_steps."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0, **fused)
+    return opt, warmup_then_constant(opt, n_steps, schedule.warmup_fraction)
+
+
+def warmup_then_constant(optimizer, total_steps: int, warmup_fraction: float):
+    """Linear warm-up over the first `warmup_fraction` of the steps, constant afterwards (the paper's schedule)."""
+    warm = max(1, round(warmup_fraction * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm))
+
+
+class LossLog:
+    """Logs the mean loss of every `every` steps without waiting for the device: each window is copied to host
+    memory asynchronously and logged once its copy has completed (polled, never waited for, until close)."""
+
+    def __init__(self, losses: torch.Tensor, every: int, desc: str):
+        self.losses, self.every, self.desc = losses, every, desc
+        self.cuda = losses.device.type == "cuda"
+        self.pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+
+    def step(self, step: int) -> None:
+        if self.every <= 0 or (step + 1) % self.every:
+            return
+        window = self.losses[step + 1 - self.every:step + 1]
+        host = torch.empty(window.shape, dtype=window.dtype, pin_memory=self.cuda).copy_(window, non_blocking=True)
+        done = torch.cuda.Event() if self.cuda else None
+        if done is not None:
+            done.record()
+        self.pending.append((step, host, done))
+        while self.pending and (self.pending[0][2] is None or self.pending[0][2].query()):
+            self._emit(*self.pending.pop(0))
+
+    def close(self) -> None:
+        for step, host, done in self.pending:
+            if done is not None:
+                done.synchronize()
+            self._emit(step, host, done)
+        self.pending = []
+
+    def _emit(self, step: int, host: torch.Tensor, _done) -> None:
+        log.info("%s: steps %d-%d, mean loss %.5g", self.desc, step + 2 - self.every, step + 1, float(host.mean()))
+
+
+def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_row: np.ndarray,
+          init_rows: torch.Tensor, init_out: torch.Tensor | None, objective: Objective, schedule: Schedule,
+          tied: bool, desc: str = "train", passes: Passes | None = None,
+          teacher: tuple[np.ndarray, np.ndarray] | None = None, shard: Shard | None = None,
+          hook=None) -> TrainResult:
+    """Optimize the new rows (and, for untied models asked to, the new output rows). `passes` picks the
+    reference (default) or the prefix-sharing steps; fused steps take (teacher_ids, cu_teacher) as `teacher`
+    instead of a cache and compute the targets batch by batch; prefix steps over disjoint tokens run in groups of
+    up to schedule.group (steps.py). `shard`: this rank's part of every step of a several-process run
+    (distributed.py); `al`, `cache` and `teacher` then hold this rank's snippets only. `hook`
+    (checkpoint.StudentHook) restores a saved state before the first step and checkpoints at step boundaries."""
+    device = decoder.embed_weight.device
+    passes = passes or Passes()
+    if passes.fused and objective.distill is None:
+        passes = dataclasses.replace(passes, fused=False)  # nothing to distill: the student's own prefixes
+    if passes.fused and teacher is None:
+        raise ValueError("fused passes need the teacher sequences (teacher_ids, cu_teacher)")
+    n_rows = init_rows.shape[0]
+    trainable = Trainable.start(init_rows, init_out, objective, tied, device)
+    rows, params = trainable.rows, trainable.params
+    plan = batch_plan(al.n, schedule.batch_size, schedule.epochs, schedule.seed) if shard is None else shard.plan
+    n_steps = len(plan)
+    opt, sched = optimizer(params, schedule, n_steps, device)
+    L = decoder.num_layers
+    layers = objective.student_layers(L, trainable.out_rows is not None)
+    teacher_layers = objective.cache_layers(L) if passes.fused else None
+    step_loss = torch.zeros(n_steps, device=device)
+    losses_log = LossLog(step_loss, schedule.log_every, desc)
+    tok_sum = torch.zeros(n_rows, device=device)
+    tok_cnt = torch.zeros(n_rows, device=device)
+    last_epoch_start = n_steps - n_steps // schedule.epochs
+    state = {"params": params, "optimizer": opt, "scheduler": sched, "step_loss": step_loss, "tok_sum": tok_sum,
+             "tok_cnt": tok_cnt, "steps": n_steps}
+    start = hook.restore(state) if hook is not None else 0
+    # Groups: the fast passes, for objectives whose gradients stay in the rows of each snippet's own token (NTP
+    # reads every new row through the output layer).
+    grouped = passes.prefix and shard is None and objective.ntp is None and trainable.out_rows is None
+    breaks = {last_epoch_start} | (set(range(0, n_steps, hook.every)) if hook is not None and hook.every else set())
+    groups = plan_groups(al, snippet_row, plan, passes, schedule.group if grouped else 1, breaks, start, teacher,
+                         device)
+    feed = None if passes.fused or objective.distill is None else TargetFeed(cache, [g.batch for g in groups],
+                                                                            device)
+    rewind = Rewind(opt, sched, rows) if any(len(g.steps) > 1 for g in groups) else None
+    t0 = time.perf_counter()
+    for g in tqdm(groups, desc=desc, unit="pass", leave=False):
+        b, step = g.batch, g.steps[0]
+        # A group's steps read their rows as they will be at their own step; the pass's gradient goes to `x`.
+        x = rows if len(g.steps) == 1 else rewind.ahead(g.tokens)
+        if b.main is None:  # no aligned pair in the batch: zero gradients, as the reference computes
+            loss, row_loss = sum(p.sum() for p in params) * 0.0, None
+            if shard is not None:
+                shard.idle(objective)
+        else:
+            flat, targets = student_states(decoder, b, decoder.embed_weight, x, layers, passes, teacher_layers,
+                                           schedule.backend)
+            targets = (targets, b.t_idx) if passes.fused else feed(step, b) if feed else (None, None)
+            # Sharded: each loss is weighted by this rank's share of the step's pairs (its mean -> part of the mean).
+            weights = (1.0, 1.0) if shard is None else shard.weights[step]
+            loss, row_loss = objective.loss(decoder, flat, targets, b, trainable, weights, shard, schedule.backend)
+        loss.backward()
+        if len(g.steps) == 1:
+            if shard is not None:  # gradients and loss summed over ranks: the one-process step's values
+                loss = shard.reduce(step, params, loss,
+                                    dense=objective.ntp is not None or trainable.out_rows is not None)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step_loss[step] = loss.detach()
+        else:
+            step_loss[g.steps.start:g.steps.stop] = rewind.take_steps(x.grad, g, row_loss)
+        for s in g.steps:
+            losses_log.step(s)
+        if step >= last_epoch_start and row_loss is not None:
+            tok_sum.index_add_(0, b.tok, row_loss.float())
+            tok_cnt.index_add_(0, b.tok, torch.ones_like(row_loss, dtype=torch.float32))
+        if hook is not None:
+            hook.after_steps(g.steps, state)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    losses_log.close()
+    positions = computed_positions([g.batch for g in groups], passes)
+    if shard is not None:
+        positions = shard.finish(tok_sum, tok_cnt, positions)
+    token_loss = (tok_sum / tok_cnt).cpu().numpy()  # nan where a token had no aligned rows
+    out_rows = trainable.out_rows
+    return TrainResult(rows.detach(), None if out_rows is None else out_rows.detach(), step_loss.cpu().numpy(),
+                       token_loss, seconds, n_steps,
+                       extra={"passes": passes.describe(), "positions": positions, "groups": len(groups)})
+
+
+def computed_positions(batches: list[Batch], passes: Passes) -> dict[str, int]:
+    """Real (non-padding) token positions the steps ran through the decoder: with gradient (forward and
+    input-gradient backward) and without (the student's prefixes, or the fused teacher pass)."""
+    no_grad = sum(b.prefix.tokens for b in batches if b.prefix is not None)
+    return {"with_grad": sum(b.main.tokens for b in batches if b.main is not None),
+            "teacher" if passes.fused else "prefix": no_grad}

@@ -1,0 +1,270 @@
+"""The steps of the student loop, prepared on the host before it runs: which snippets each step takes
+(`batch_plan`), their layouts and index tensors (`make_batch`), how a step runs the model (`Passes`,
+`student_states`) and which consecutive steps run as one pass (`group_steps`, `make_group`, `Rewind`).
+
+Prefix sharing (`Passes`): positions before a sequence's first new token are identical in teacher and student,
+so a step runs only the suffix with gradient, attending to the prefix keys/values of a no-grad pass (the
+student's prefixes, or, fused, the teacher pass over the same snippets that also yields the step's targets).
+The reference steps run whole padded sequences; both give the same states at the aligned positions.
+
+Step groups (`group_steps`): a new row's gradient depends only on that row (each snippet trains one token), and
+AdamW updates every element on its own, so consecutive steps that train disjoint sets of tokens can run as one
+pass over all their snippets; each step's rows enter the pass with the values they would have at that step (the
+optimizer's own zero-gradient updates of the steps before it, then rewound), and the optimizer then takes the
+steps one by one with each step's share of the gradient. Exact up to rounding; it turns many small launch-bound
+steps into fewer large ones (2,500 tokens x 25 snippets: about 4 steps per pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from tokdistill_fast.kernels.embedding_rows import embedding_rows
+
+from ..align import Alignment
+from ..attention import Attend, ranges
+from ..config import UserInputError
+from ..layout import Layout, lay_out
+from ..models import Decoder
+
+if TYPE_CHECKING:
+    from ..config import DistillConfig
+
+
+@dataclass
+class Passes:
+    """How a step runs the student. prefix: packed rows (no padding) from each sequence's first new token on,
+    attending to the keys/values of the positions before it, which are identical in teacher and student, carry
+    no gradient and are not in the loss (exact under causal attention). fused: those keys/values, and the step's
+    targets, come from a teacher pass over the same snippets run just before, instead of a no-grad student prefix
+    pass (each snippet is then seen once: epochs == 1). Neither: whole right-padded sequences (the reference)."""
+
+    prefix: bool = False
+    fused: bool = False
+
+    def describe(self) -> str:
+        return "fused" if self.fused else "prefix" if self.prefix else "off"
+
+    @classmethod
+    def for_config(cls, cfg: DistillConfig) -> Passes:
+        """How the student's steps run for this config (--prefix-sharing, --backend, --epochs)."""
+        return resolve_passes(cfg.prefix_sharing, cfg.backend, cfg.epochs)
+
+
+def resolve_passes(prefix_sharing: str, backend: str, epochs: int) -> Passes:
+    """auto: off with the reference backend (torch), fused when every snippet is seen once, else on."""
+    if prefix_sharing == "auto":
+        prefix_sharing = "off" if backend == "torch" else "fused" if epochs == 1 else "on"
+    if prefix_sharing == "fused" and epochs != 1:
+        raise UserInputError("--prefix-sharing fused needs --epochs 1: the teacher pass runs inside each step")
+    return Passes(prefix=prefix_sharing != "off", fused=prefix_sharing == "fused")
+
+
+@dataclass
+class Batch:
+    """One step's inputs, prepared before the loop. `main` is what runs with gradient: whole right-padded
+    student sequences (reference) or, with prefix sharing, their suffixes from the first new token on, which
+    attend to keys/values captured by the no-grad pass `prefix` (the student's prefixes or, fused, the teacher's
+    sequences). main is None when no snippet of the batch has an aligned pair (the step trains nothing)."""
+
+    main: Layout | None
+    s_idx: torch.Tensor  # [K] rows of main's flattened output at the aligned positions
+    t_idx: torch.Tensor  # [K] teacher rows: in the cache, or (fused) in the prefix pass's flattened output
+    t_rows: np.ndarray  # [K] cache rows of the pairs (host copy for a host-resident cache)
+    tok: torch.Tensor  # [K] token (row) index of each aligned pair, for per-token loss
+    ntp_idx: torch.Tensor  # [K'] rows of main's output that have a next token
+    ntp_target: torch.Tensor  # [K'] extended id of that next token
+    prefix: Layout | None = None
+    part: torch.Tensor | None = None  # [K] step (0, 1, ...) of each pair when the batch runs a group of steps
+
+    def to(self, device: torch.device) -> Batch:
+        s_idx, t_idx, tok, ntp_idx, ntp_target = (t.to(device, non_blocking=True) for t in (
+            self.s_idx, self.t_idx, self.tok, self.ntp_idx, self.ntp_target))
+        return Batch(None if self.main is None else self.main.to(device), s_idx, t_idx, self.t_rows, tok, ntp_idx,
+                     ntp_target, None if self.prefix is None else self.prefix.to(device),
+                     None if self.part is None else self.part.to(device, non_blocking=True))
+
+
+def make_batch(al: Alignment, snippet_row: np.ndarray, rows: np.ndarray, passes: Passes,
+               teacher: tuple[np.ndarray, np.ndarray] | None = None, step_of: np.ndarray | None = None) -> Batch:
+    """Layouts and index arrays of one step over snippets `rows` (host side). `teacher` = (teacher_ids,
+    cu_teacher) for fused passes. `step_of` [len(rows)]: for a group of steps, the step of each snippet."""
+    cu_a, cu_s = al.cu_aligned, al.cu_student
+    if passes.prefix:
+        keep = cu_a[rows + 1] > cu_a[rows]  # snippets without aligned pairs contribute nothing
+        rows, step_of = rows[keep], None if step_of is None else step_of[keep]
+    counts = cu_a[rows + 1] - cu_a[rows]
+    pairs = ranges(cu_a[rows], counts)  # aligned pairs of the batch = their rows in the teacher cache
+    seq = np.repeat(np.arange(len(rows)), counts)  # batch row of each pair
+    s_pos = al.s_pos[pairs].astype(np.int64)
+    lens = cu_s[rows + 1] - cu_s[rows]
+    has_next = s_pos + 1 < lens[seq]  # next-token targets: aligned positions except each sequence's last one
+    ntp_target = al.student_ids[(cu_s[rows][seq] + s_pos + 1)[has_next]]
+    tok = np.repeat(snippet_row[rows], counts)
+    t_idx, prefix = pairs, None
+    if len(pairs) == 0:  # nothing to train (also a rank's empty share of a batch, see distributed.py)
+        main, s_flat = None, np.zeros(0, dtype=np.int64)
+    elif not passes.prefix:
+        main = lay_out(al.student_ids, cu_s[rows], lens, np.zeros(len(rows)), packed=False)
+        s_flat = main.rows(seq, s_pos)
+    else:
+        p = al.s_pos[cu_a[rows]].astype(np.int64)  # first new token of each sequence = its prefix length
+        if passes.fused:
+            teacher_ids, cu_t = teacher
+            prefix = lay_out(teacher_ids, cu_t[rows], cu_t[rows + 1] - cu_t[rows], np.zeros(len(rows)), True,
+                             capture=p)
+            t_idx = prefix.rows(seq, al.t_pos[pairs].astype(np.int64))
+        elif p.any():  # sequences without a prefix are left out; captured rows stay in cu(p) order
+            some = p > 0
+            prefix = lay_out(al.student_ids, cu_s[rows[some]], p[some], np.zeros(int(some.sum())), True)
+        main = lay_out(al.student_ids, cu_s[rows] + p, lens - p, p, True, prefix_len=p)
+        s_flat = main.rows(seq, s_pos - p[seq])
+    tensors = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+               for a in (s_flat, t_idx, tok, s_flat[has_next], ntp_target))
+    s_idx, t_idx_t, tok_t, ntp_idx, ntp_t = tensors
+    part = None if step_of is None else torch.from_numpy(np.ascontiguousarray(step_of[seq], dtype=np.int64))
+    return Batch(main, s_idx, t_idx_t, pairs, tok_t, ntp_idx, ntp_t, prefix, part)
+
+
+@dataclass
+class Group:
+    """Consecutive steps run as one pass: their snippets in one Batch, and per step the rows it trains and its
+    number of aligned pairs (the step's loss is the mean over them)."""
+
+    steps: range
+    batch: Batch
+    tokens: list[torch.Tensor]  # [n_j] rows trained by each step (empty for a single step)
+    pairs: torch.Tensor  # [len(steps)] fp32 aligned pairs per step (empty for a single step)
+
+    def to(self, device: torch.device) -> Group:
+        return Group(self.steps, self.batch.to(device), [t.to(device, non_blocking=True) for t in self.tokens],
+                     self.pairs.to(device, non_blocking=True))
+
+
+def group_steps(plan: list[np.ndarray], snippet_row: np.ndarray, max_steps: int,
+                breaks: set[int] = frozenset()) -> list[range]:
+    """Cut the steps into runs of consecutive steps that train pairwise disjoint sets of rows (then exact as
+    one pass, see the module docstring), at most max_steps long, never running across a step in `breaks`."""
+    groups, first, seen = [], 0, set()
+    for step in range(len(plan)):
+        rows = set(snippet_row[plan[step]].tolist())
+        if step > first and (step - first >= max_steps or step in breaks or not seen.isdisjoint(rows)):
+            groups.append(range(first, step))
+            first, seen = step, set()
+        seen |= rows
+    if first < len(plan):
+        groups.append(range(first, len(plan)))
+    return groups
+
+
+def make_group(al: Alignment, snippet_row: np.ndarray, plan: list[np.ndarray], steps: range, passes: Passes,
+               teacher: tuple[np.ndarray, np.ndarray] | None) -> Group:
+    """The host-side Group of `steps`. One step is just its own batch: nothing is rewound, so it needs no
+    per-step rows or pair counts."""
+    parts = [plan[s] for s in steps]
+    if len(parts) == 1:
+        return Group(steps, make_batch(al, snippet_row, parts[0], passes, teacher), [], torch.zeros(0))
+    step_of = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+    batch = make_batch(al, snippet_row, np.concatenate(parts), passes, teacher, step_of)
+    counts = [int((al.cu_aligned[p + 1] - al.cu_aligned[p]).sum()) for p in parts]
+    tokens = [torch.from_numpy(np.unique(snippet_row[p]).astype(np.int64)) for p in parts]
+    return Group(steps, batch, tokens, torch.tensor(counts, dtype=torch.float32))
+
+
+def batch_plan(n: int, rows_per_batch: int, epochs: int, seed: int) -> list[np.ndarray]:
+    """The snippets of every step: each epoch a fresh shuffle of the n snippets cut into batches."""
+    rng = np.random.default_rng(seed)
+    plan = []
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        plan.extend(order[start:start + rows_per_batch] for start in range(0, n, rows_per_batch))
+    return plan
+
+
+def student_states(decoder: Decoder, b: Batch, table: torch.Tensor, rows: torch.Tensor, layers: list[int],
+                   passes: Passes, teacher_layers: list[int] | None = None, backend: str = "auto"
+                   ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
+    """Flattened student states {layer: [rows of main, D]} of one step and, fused, the teacher pass's
+    flattened states {layer: [rows, D]} that b.t_idx indexes."""
+    D = decoder.hidden_size
+    if not passes.prefix:
+        h0 = embedding_rows(b.main.ids, table, rows, decoder.embed_scale, backend=backend)
+        return {l: h.reshape(-1, D) for l, h in decoder.hidden_states(h0, layers).items()}, None
+    context, targets = None, None
+    if b.prefix is not None:
+        context = {}
+        depth = [max(layers)] if teacher_layers is None else sorted(set(teacher_layers) | {max(layers)})
+        with torch.no_grad():
+            pre = decoder.hidden_states(decoder.embed(b.prefix.ids), depth, b.prefix.positions,
+                                        Attend(b.prefix.spec, capture=context))
+        if teacher_layers is not None:
+            targets = {l: pre[l].reshape(-1, D) for l in teacher_layers}
+    h0 = embedding_rows(b.main.ids, table, rows, decoder.embed_scale, backend=backend)
+    attend = Attend(b.main.spec, context=context if b.main.spec.has_prefix else None)
+    hidden = decoder.hidden_states(h0, layers, b.main.positions, attend)
+    return {l: h.reshape(-1, D) for l, h in hidden.items()}, targets
+
+
+class Rewind:
+    """The optimizer side of a group of steps (module docstring). ahead(): the rows each step of the group will
+    read, taken while the optimizer runs the group's steps with zero gradients, then rewound to where it was.
+    take_steps(): the group's steps for real, each with its own rows' share of the pass's gradient."""
+
+    def __init__(self, opt: torch.optim.Optimizer, sched, rows: torch.nn.Parameter):
+        self.opt, self.sched, self.rows = opt, sched, rows
+
+    @torch.no_grad()
+    def ahead(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """[n_new, D] leaf holding, for the rows of step j of the group, their values at step j."""
+        p, opt = self.rows, self.opt
+        state = {k: v.clone() for k, v in opt.state[p].items()} if p in opt.state else None
+        sched, lrs, before = self.sched.state_dict(), [g["lr"] for g in opt.param_groups], p.detach().clone()
+        x = before.clone()
+        p.grad = torch.zeros_like(p)
+        for rows_j in tokens[1:]:
+            opt.step()
+            self.sched.step()
+            x.index_copy_(0, rows_j, p.index_select(0, rows_j))
+        p.copy_(before)
+        if state is None:
+            opt.state.pop(p, None)
+        else:
+            for k, v in state.items():
+                opt.state[p][k].copy_(v)
+        self.sched.load_state_dict(sched)
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+        p.grad = None
+        return x.requires_grad_(True)
+
+    def take_steps(self, grad: torch.Tensor | None, g: Group, row_loss: torch.Tensor | None) -> torch.Tensor:
+        """Run the group's steps; returns their losses [len(g.steps)]. The pass's loss is the mean over all of
+        the group's pairs, a step's the mean over its own: its rows' gradient is scaled by (all pairs / its)."""
+        p, per_step = self.rows, g.pairs.clamp_min(1)
+        scale = g.pairs.sum() / per_step
+        for j, rows_j in enumerate(g.tokens):
+            p.grad = torch.zeros_like(p)
+            if grad is not None:
+                p.grad.index_copy_(0, rows_j, grad.index_select(0, rows_j) * scale[j])
+            self.opt.step()
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        losses = torch.zeros_like(per_step)
+        if row_loss is not None:
+            losses.index_add_(0, g.batch.part, row_loss.float())
+        return losses / per_step
+
+
+def plan_groups(al: Alignment, snippet_row: np.ndarray, plan: list[np.ndarray], passes: Passes, max_steps: int,
+                breaks: set[int], start: int, teacher: tuple[np.ndarray, np.ndarray] | None,
+                device: torch.device) -> list[Group]:
+    """The groups of the steps from `start` on, prepared and moved to `device`. Groups are cut from step 0, so
+    that a resumed run groups alike (a resume inside a group runs the group's remaining steps: still
+    disjoint). max_steps 1: one step per pass."""
+    runs = [range(max(g.start, start), g.stop)
+            for g in group_steps(plan, snippet_row, max_steps, breaks) if g.stop > start]
+    return [make_group(al, snippet_row, plan, g, passes, teacher if passes.fused else None).to(device) for g in runs]

@@ -1,0 +1,89 @@
+"""Stages 2-3 for the tokens to train: their snippets (retrieved from the corpus, topped up with the model's own
+generations where the corpus has too few) and the alignment of those snippets, in one Workload."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import align, contexts, swap
+from .config import DistillConfig
+from .tokens import NewToken
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Workload:
+    """Snippets and alignment for the trainable (primary) tokens."""
+
+    primaries: list[int]  # indices into tokens of the trainable rows, in row order
+    snippets: list[contexts.Snippet]
+    snippet_row: np.ndarray  # row of each snippet
+    teacher_ids: np.ndarray
+    cu_teacher: np.ndarray
+    alignment: align.Alignment
+    sources: dict[int, str]  # token index -> "corpus" | "generated" | "corpus+generated" | "none"
+    found: dict[int, int]  # token index -> corpus snippets used
+    retrieval: dict = field(default_factory=dict)  # corpus statistics (contexts.RetrievalStats.summary and hits)
+
+    def snippets_per_row(self) -> np.ndarray:
+        """[rows] snippets of each trainable row."""
+        return np.bincount(self.snippet_row, minlength=len(self.primaries))
+
+
+def trained_tokens(cfg: DistillConfig, toks: list[NewToken]) -> list[int]:
+    """Indices of the tokens to train: the primaries, less words shorter than --distill-min-chars (those keep their
+    start rows)."""
+    short = swap.short_tokens(toks, cfg.distill_min_chars)
+    return [i for i, t in enumerate(toks) if t.variant_of is None and i not in short]
+
+
+def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], corpus: list,
+                    start: int | None) -> tuple[list[contexts.Snippet], dict, dict, dict]:
+    """Retrieve snippets for the tokens to train; top up tokens with too few from the model's own generations."""
+    primaries = trained_tokens(cfg, toks)
+    found = dict.fromkeys(primaries, 0)
+    stats: dict = {}
+    snippets: list[contexts.Snippet] = []
+    if cfg.contexts == "retrieve":
+        sub = [toks[i] for i in primaries]
+        got, rstats, dropped = contexts.retrieve(corpus, tokenizer, sub, cfg.snippets_per_token,
+                                                 cfg.snippet_length, cfg.seed, start, cfg.stop_when_full,
+                                                 cfg.max_corpus_bytes)
+        for s in got:
+            s.token = primaries[s.token]
+            found[s.token] += 1
+        snippets.extend(got)
+        stats = {**rstats.summary(),
+                 "hits": {toks[i].word: h for i, h in zip(primaries, rstats.hits)},
+                 "dropped_tokenized_differently": {toks[i].word: d for i, d in zip(primaries, dropped) if d}}
+    # Too few corpus snippets (fewer than a quarter of the budget): fill up with generated contexts.
+    short = [i for i in primaries if found[i] < max(1, cfg.snippets_per_token // 4)]
+    if short:
+        log.info("generating contexts for %d token(s) with too few corpus snippets", len(short))
+        extra = contexts.generate(model, tokenizer, toks, short, cfg.snippets_per_token, cfg.snippet_length,
+                                  cfg.seed, start, cfg.generate_temperature)
+        per = {i: 0 for i in short}
+        for s in extra:
+            if found[s.token] + per[s.token] < cfg.snippets_per_token:
+                per[s.token] += 1
+                snippets.append(s)
+    sources = {i: ("corpus" if found[i] else "") + ("+generated" if i in short and found[i] else
+                                                    "generated" if i in short else "") for i in primaries}
+    return snippets, found, sources, stats
+
+
+def build_workload(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], corpus: list, start: int | None,
+                   V: int) -> Workload:
+    """Snippets of the tokens to train and their alignment; student ids of new tokens are V + their row."""
+    snippets, found, sources, retrieval = gather_contexts(cfg, model, tokenizer, toks, corpus, start)
+    primaries = trained_tokens(cfg, toks)
+    row_of = {tok_i: r for r, tok_i in enumerate(primaries)}
+    teacher_ids, cu_teacher = align.pack([s.ids for s in snippets], cfg.align_impl)
+    al = align.align((teacher_ids, cu_teacher), [toks[i].sub_ids for i in primaries],
+                     [row_of[s.token] for s in snippets], [V + r for r in range(len(primaries))], cfg.align_impl)
+    return Workload(primaries, snippets, np.asarray([row_of[s.token] for s in snippets], dtype=np.int64),
+                    teacher_ids, cu_teacher, al, sources, found, retrieval)
