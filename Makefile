@@ -18,13 +18,13 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	touch $@
 
 demo: setup
-	$(PY) -m tokdistill_fast.demo
+	$(PY) -m tokdistill_fast.tools.demo
 
 # The kernel tests (tests/test_kernels_*.py) run twice: in the plain run their kernel cases skip without CUDA, then
 # test-interpret runs them again with TRITON_INTERPRET=1, which must be set before triton defines any kernel (it
 # is read at import), so that Triton executes the same kernels on CPU tensors. Interpreter shapes are kept tiny.
 test: setup
-	$(PY) -m tokdistill_fast.demo prepare
+	$(PY) -m tokdistill_fast.tools.demo prepare
 	TOKDISTILL_REQUIRE_EXT=1 TOKDISTILL_REQUIRE_REAL=1 $(PY) -m pytest -q -ra tests
 	$(MAKE) --no-print-directory test-interpret
 
@@ -37,7 +37,7 @@ test-interpret: setup
 # vLLM tokenize it; PEFT check.
 test-downstream: setup
 	$(PY) -m pip install -q peft
-	$(PY) -m tokdistill_fast.demo prepare
+	$(PY) -m tokdistill_fast.tools.demo prepare
 	$(PY) -m bench.downstream
 
 lint: setup
@@ -72,7 +72,7 @@ bench-gpu-check-dry: setup
 # 50 min on 2 heavily shared cores (distill 36 min, of which training 31; the three held-out passes 13).
 CACHE := $(or $(TOKDISTILL_CACHE),$(HOME)/.cache/tokdistill_fast)
 example-byot: setup
-	$(PY) -m tokdistill_fast.demo prepare
+	$(PY) -m tokdistill_fast.tools.demo prepare
 	$(PY) -m bench.byot_example --model $(CACHE)/smollm2-135m-instruct --train $(CACHE)/corpora/gcide.train.txt \
 		--heldout $(CACHE)/corpora/gcide.heldout.txt --merges 100 --snippets-per-token 10 \
 		--snippet-length 32 --epochs 1 --heldout-chars 8000 --out out/byot

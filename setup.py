@@ -16,6 +16,9 @@ if os.environ.get("TOKDISTILL_NO_EXT") != "1" and os.path.exists("csrc/align.cpp
 setup(
     ext_modules=ext,
     cmdclass={"build_ext": build_ext},
-    packages=["tokdistill_fast", "tokdistill_fast.kernels"],
+    # The pipeline stages at the top of the package, then its subpackages (see tokdistill_fast/__init__.py).
+    packages=["tokdistill_fast", "tokdistill_fast.student", "tokdistill_fast.modeling", "tokdistill_fast.control",
+              "tokdistill_fast.evaluation", "tokdistill_fast.tools", "tokdistill_fast.kernels"],
     package_dir={"tokdistill_fast": "tokdistill_fast", "tokdistill_fast.kernels": "kernels"},
+    package_data={"tokdistill_fast.tools": ["llama_ids.cpp"]},  # compiled on demand by tools/runtimes.py
 )

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from tokdistill_fast import extend_bpe, pipeline
+from tokdistill_fast import pipeline
 from tokdistill_fast.config import DistillConfig
 from tokdistill_fast.contexts import iter_documents
 from tokdistill_fast.target_tokenizer import load_tokenizer, new_ids_of
+from tokdistill_fast.tools import extend_bpe
 
 MAX_DOC_CHARS = 2000  # longer documents are cut at a space before this (most gcide entries are shorter)
 

@@ -1,10 +1,10 @@
 """`make test-downstream`: do the new tokens survive the runtimes users deploy? Writes a fresh output of each
 tokenizer mode (SmolLM2-135M-Instruct, subtoken-mean rows: the tokenizer side is what is tested), then compares
 token ids with transformers 5 on a fixed sentence set and a gcide.heldout.txt sample in:
-  llama.cpp    convert_hf_to_gguf.py + libllama's llama_tokenize (tokdistill_fast.runtimes builds both, cached)
+  llama.cpp    convert_hf_to_gguf.py + libllama's llama_tokenize (tokdistill_fast.tools.runtimes builds both, cached)
   transformers 4.57, the converter's own pin (its venv): AutoTokenizer loads the output as written
   vLLM         its get_tokenizer and incremental detokenizer (bench/vllm_probe.py in a venv of its own)
-Gemma-3-270M too when cached (`python -m tokdistill_fast.demo prepare --gemma`: llama.cpp's SentencePiece path),
+Gemma-3-270M too when cached (`python -m tokdistill_fast.tools.demo prepare --gemma`: llama.cpp's SentencePiece path),
 and runs a PEFT check (trainable_token_indices from new_embeddings.safetensors, tied and untied). One table.
 Slow (the first run builds libllama: ~55 min wall on 2 shared, busy cores): not part of `make test`.
 """
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from tokdistill_fast import cli, runtimes
+from tokdistill_fast import cli
 from tokdistill_fast.check import new_tokens_of
 from tokdistill_fast.config import cache_dir
+from tokdistill_fast.tools import runtimes
 
 # Words SmolLM2 splits, from the issue's license texts and NOTES.md, plus a multi-word expression (an added token
 # in every mode: no pre-tokenizer keeps it whole), and frequent gcide words (`tokdistill select`) so that the

@@ -92,7 +92,7 @@ def check_varlen(device: torch.device) -> float:
     key sets, GQA): the relative error, which must be bf16-sized before any timing counts."""
     import numpy as np
 
-    from tokdistill_fast import attention
+    from tokdistill_fast.modeling import attention
 
     g = torch.Generator(device="cpu").manual_seed(0)
     q_len, k_len = np.array([5, 1, 17, 30]), np.array([12, 1, 17, 49])
@@ -179,7 +179,8 @@ class Heldout:
     (hidden-state MSE at the target layer, mean per token) and next-token KL at the last layer, of any rows."""
 
     def __init__(self, model, lang, tokens: list, layer: int, n_tokens: int, snippets: int, length: int):
-        from tokdistill_fast import evalrun, models
+        from tokdistill_fast.evaluation import evalrun
+        from tokdistill_fast.modeling import models
 
         self.decoder = models.Decoder(model)
         self.layer = layer
@@ -195,7 +196,7 @@ class Heldout:
 
     def measure(self, rows: torch.Tensor) -> dict:
         """{"loss", "loss_ci95", "kl"} of new rows (all trained tokens, in token order)."""
-        from tokdistill_fast import heldout
+        from tokdistill_fast.evaluation import heldout
 
         if rows.shape[0] != len(self.sample):
             rows = rows[torch.from_numpy(self.sample)]
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from bench.synthetic import make_language
-    from tokdistill_fast.models import pick_device
+    from tokdistill_fast.modeling.models import pick_device
 
     config, tok_vocab = CONFIGS[args.config]
     layers = [int(x) for x in args.layers.split(",")] if args.layers else [args.target_layer]
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     other_dtype = "float32" if dtype == torch.bfloat16 else "bfloat16"
-    from tokdistill_fast import attention
+    from tokdistill_fast.modeling import attention
 
     varlen_error = check_varlen(device) if attention.implementation(device, dtype) == "flash varlen" else None
     if varlen_error is not None and not varlen_error < 1e-2:

@@ -38,8 +38,8 @@ def timeit(fn, device: torch.device, reps: int = 5) -> float:
 def passes(decoder, layer: int, device: torch.device, label: str) -> None:
     """Tokens/s of a no-grad packed pass (the teacher) and a packed forward + input-gradient backward (the
     student) to `layer`, by number of 50-token sequences."""
-    from tokdistill_fast.attention import Attend
-    from tokdistill_fast.layout import lay_out
+    from tokdistill_fast.modeling.attention import Attend
+    from tokdistill_fast.modeling.layout import lay_out
 
     V = decoder.embed_weight.shape[0]
     for B in (16, 64, 256):
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     from bench.e2e import CONFIGS, Variant, build_model, run_pipeline
     from bench.synthetic import make_language
-    from tokdistill_fast.autotune import default_lr
-    from tokdistill_fast.models import Decoder, pick_device
+    from tokdistill_fast.control.autotune import default_lr
+    from tokdistill_fast.modeling.models import Decoder, pick_device
 
     p = argparse.ArgumentParser(prog="python -m bench.profile_gpu")
     p.add_argument("--config", choices=CONFIGS, default="llama-3.1-8b")

@@ -30,8 +30,10 @@ def timed(fn, *args, **kwargs):
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: progress bars would bury the results
-    from tokdistill_fast import align, autotune, contexts, models, rows, student, teacher, tokens
-    from tokdistill_fast.select import select_tokens
+    from tokdistill_fast import align, contexts, rows, student, teacher, tokens
+    from tokdistill_fast.control import autotune
+    from tokdistill_fast.modeling import models
+    from tokdistill_fast.tools.select import select_tokens
 
     p = argparse.ArgumentParser(prog="python -m bench.stages", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)

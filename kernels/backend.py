@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import torch
 
-from tokdistill_fast import observed
 from tokdistill_fast.config import UserInputError, env_flag
+from tokdistill_fast.control import observed
 
 try:
     import triton
@@ -70,7 +70,7 @@ def resolve(backend: str, device: torch.device | str) -> str:
 
 
 def dispatch(backend: str, device: torch.device) -> str:
-    """resolve() for one op call, noted as what ran (tokdistill_fast/observed.py); "auto" falling back to the
+    """resolve() for one op call, noted as what ran (tokdistill_fast/control/observed.py); "auto" falling back to the
     references on CUDA warns once per run."""
     impl = resolve(backend, device)
     observed.note("kernels", impl, fallback=None if impl == "triton" or backend != "auto" or device.type != "cuda"

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from tokdistill_fast import DistillConfig, autotune, distill
+from tokdistill_fast import DistillConfig, distill
+from tokdistill_fast.control import autotune
 
 FAST = dict(snippets_per_token=10, snippet_length=24, batch_size=4, epochs=1)
 

@@ -9,9 +9,9 @@ from conftest import synthetic_text
 
 from tokdistill_fast import DistillConfig, distill, pipeline
 from tokdistill_fast.cli import build_parser, main
-from tokdistill_fast.compare import parse_spec, sweep_specs
 from tokdistill_fast.config import UserInputError
-from tokdistill_fast.settings import resolve_settings
+from tokdistill_fast.control.settings import resolve_settings
+from tokdistill_fast.evaluation.compare import parse_spec, sweep_specs
 
 FAST = dict(snippets_per_token=6, snippet_length=20, batch_size=4, lr=1e-2, dtype="float32")
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from tokdistill_fast import DistillConfig, distill
 from tokdistill_fast.align import Alignment
-from tokdistill_fast.distributed import Ranks, pair_counts, split
+from tokdistill_fast.control.distributed import Ranks, pair_counts, split
 from tokdistill_fast.student import Passes, batch_plan, make_batch
 from tokdistill_fast.workload import Workload
 

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from tokdistill_fast import DistillConfig, distill
 from tokdistill_fast.cli import main
 from tokdistill_fast.contexts import start_id
-from tokdistill_fast.definitions import embed_sentences, greedy, load_embedder, prompts, similarity
-from tokdistill_fast.evalrun import EvalOptions, evaluate, read_adapted_tokens
-from tokdistill_fast.heldout import (
+from tokdistill_fast.evaluation.definitions import embed_sentences, greedy, load_embedder, prompts, similarity
+from tokdistill_fast.evaluation.evalrun import EvalOptions, evaluate, read_adapted_tokens
+from tokdistill_fast.evaluation.heldout import (
     HeldoutSet,
     Scorer,
     bootstrap,
@@ -26,7 +26,7 @@ from tokdistill_fast.heldout import (
     score,
     snippet_metrics,
 )
-from tokdistill_fast.models import Decoder, load_model
+from tokdistill_fast.modeling.models import Decoder, load_model
 
 FAST = dict(snippets_per_token=6, snippet_length=20, batch_size=4, target_layer=2, lr=1e-2)
 COMBOS = [("llama", "bytelevel", True), ("qwen2", "bytelevel", False), ("gemma3", "metaspace", True)]

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_config
 from transformers import AutoModelForCausalLM
 
-from tokdistill_fast.models import Decoder
+from tokdistill_fast.modeling.models import Decoder
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])

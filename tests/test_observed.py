@@ -8,7 +8,8 @@ import logging
 import torch
 from tokdistill_fast.kernels import backend
 
-from tokdistill_fast import DistillConfig, align, distill, observed
+from tokdistill_fast import DistillConfig, align, distill
+from tokdistill_fast.control import observed
 
 
 def warnings_of(caplog, text: str) -> list[str]:

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokdistill_fast import DistillConfig, distill
 from tokdistill_fast.contexts import start_id
-from tokdistill_fast.heldout import Scorer, build_heldout, reference, score
-from tokdistill_fast.models import Decoder, load_model
+from tokdistill_fast.evaluation.heldout import Scorer, build_heldout, reference, score
+from tokdistill_fast.modeling.models import Decoder, load_model
 from tokdistill_fast.rows import subtoken_mean
 
 FAST = dict(snippets_per_token=8, snippet_length=24, batch_size=4, target_layer=2, lr=1e-2, epochs=2)

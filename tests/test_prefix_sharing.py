@@ -16,9 +16,10 @@ import torch
 from conftest import tiny_config
 from transformers import AutoModelForCausalLM
 
-from tokdistill_fast import align, attention, student, teacher
+from tokdistill_fast import align, student, teacher
 from tokdistill_fast.config import UserInputError
-from tokdistill_fast.models import Decoder
+from tokdistill_fast.modeling import attention
+from tokdistill_fast.modeling.models import Decoder
 from tokdistill_fast.student.feed import TargetFeed
 from tokdistill_fast.student.loop import LossLog
 

@@ -1,5 +1,5 @@
 """On the real SmolLM2-135M-Instruct weights and a real corpus (GCIDE, split into training and held-out paragraphs
-by `python -m tokdistill_fast.demo prepare`, which `make test` runs first): token-distill beats subtoken-mean
+by `python -m tokdistill_fast.tools.demo prepare`, which `make test` runs first): token-distill beats subtoken-mean
 initialization on held-out snippets, with a bootstrap interval clear of zero."""
 
 import os
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from tokdistill_fast import DistillConfig
-from tokdistill_fast.compare import compare, parse_spec
 from tokdistill_fast.config import cache_dir
-from tokdistill_fast.evalrun import EvalOptions
+from tokdistill_fast.evaluation.compare import compare, parse_spec
+from tokdistill_fast.evaluation.evalrun import EvalOptions
 
 WORDS = Path(__file__).parent.parent / "docs" / "words" / "smollm2-gcide-40.txt"
 
@@ -23,8 +23,8 @@ def prepared() -> dict[str, Path]:
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         if os.environ.get("TOKDISTILL_REQUIRE_REAL") == "1":
-            pytest.fail(f"real model or corpus missing (python -m tokdistill_fast.demo prepare): {missing}")
-        pytest.skip("run `python -m tokdistill_fast.demo prepare` first (make test does)")
+            pytest.fail(f"real model or corpus missing (python -m tokdistill_fast.tools.demo prepare): {missing}")
+        pytest.skip("run `python -m tokdistill_fast.tools.demo prepare` first (make test does)")
     return paths
 
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokdistill_fast import chunks
 from tokdistill_fast.align import Alignment
 from tokdistill_fast.config import DistillConfig
+from tokdistill_fast.control import chunks
 from tokdistill_fast.pipeline import distill
 
 # 4 words x 12 snippets, batch 4: 12 steps (6 per chunk with --chunk-tokens 2), a checkpoint every 2 steps.

@@ -1,7 +1,7 @@
 """The runtime comparison's bookkeeping (runtimes.py) on synthetic ids; the comparisons themselves need llama.cpp's
 tools and run in `make test-downstream`."""
 
-from tokdistill_fast import runtimes
+from tokdistill_fast.tools import runtimes
 
 
 def test_agreement_counts_matches_and_sets_aside_original_differences(tokenizers_by_kind):

@@ -1,7 +1,7 @@
 """`tokdistill select`: frequent words the tokenizer splits, ranked by tokens saved; no-words, digits, short
 words and words already in the vocabulary are left out."""
 
-from tokdistill_fast.select import select_tokens
+from tokdistill_fast.tools.select import select_tokens
 
 
 def test_select_ranks_split_words_and_skips_non_words(tokenizers_by_kind, tmp_path):

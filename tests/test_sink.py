@@ -12,8 +12,9 @@ import pytest
 import torch
 from tokdistill_fast.kernels.embedding_rows import embedding_rows
 
-from tokdistill_fast import DistillConfig, contexts, models, report, tokens
+from tokdistill_fast import DistillConfig, contexts, report, tokens
 from tokdistill_fast.config import cache_dir
+from tokdistill_fast.modeling import models
 from tokdistill_fast.rows import subtoken_mean
 from tokdistill_fast.workload import Workload, build_workload
 
@@ -66,8 +67,8 @@ def real_model():
     path = cache_dir() / "smollm2-135m-instruct"
     if not path.exists():
         if os.environ.get("TOKDISTILL_REQUIRE_REAL") == "1":
-            pytest.fail(f"real model missing (python -m tokdistill_fast.demo prepare): {path}")
-        pytest.skip("run `python -m tokdistill_fast.demo prepare` first (make test does)")
+            pytest.fail(f"real model missing (python -m tokdistill_fast.tools.demo prepare): {path}")
+        pytest.skip("run `python -m tokdistill_fast.tools.demo prepare` first (make test does)")
     return models.load_model(path, torch.device("cpu"), torch.float32)
 
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from tokdistill_fast import cli, extend_bpe, target_tokenizer
+from tokdistill_fast import cli, target_tokenizer
 from tokdistill_fast.config import DistillConfig, UserInputError
 from tokdistill_fast.contexts import Corpus
+from tokdistill_fast.tools import extend_bpe
 
 N_MERGES = 12
 
@@ -174,7 +175,7 @@ def test_in_memory_model_and_tokenizers(tiny_model_dir, original, t2, corpus_fil
 
 def test_bad_target_fails_before_the_model_loads(tiny_model_dir, original, corpus_file, tmp_path, monkeypatch,
                                                  capsys):
-    from tokdistill_fast import models
+    from tokdistill_fast.modeling import models
 
     bad = renumbered(original, tmp_path / "bad", (100, 101))
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))

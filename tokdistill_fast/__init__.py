@@ -1,4 +1,19 @@
-"""tokdistill-fast: input embeddings for new tokens by Token Distillation, fast."""
+"""tokdistill-fast: input embeddings for new tokens by Token Distillation, fast.
+
+The pipeline stages are the modules at the top of the package, in the order a run calls them (pipeline.py):
+  tokens.py     1 new tokens -> tokenizer additions (swap.py: words from a tokenizer, --init-from rows)
+  contexts.py   2 snippets per new token from the corpus (workload.py: with generated top-up and alignment)
+  align.py      3 alignment maps (C++ fast path csrc/align.cpp, Python spec)
+  teacher.py    4 truncated teacher pass, packed cache of the aligned states
+  student/      5 train the new rows (rows.py: start rows, norm clip)
+  export.py     6 write the HF model and tokenizer; check.py verifies it, report.py describes the run
+  pipeline.py   prepare / settle / teacher_cache / learn_rows / write_output; distill()
+  target_tokenizer.py  the same run for a given extended tokenizer (bring your own tokenizer)
+Subpackages: modeling/ (the frozen decoder, attention, layouts, losses), control/ (settings and the search,
+chunks, checkpoints, several processes), evaluation/ (held-out measure, `eval`, `compare`), tools/ (select,
+demo, BPE extension, llama.cpp check), kernels/ (Triton kernels with their references). cli.py parses, config.py
+holds every setting.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +25,7 @@ if launch().rank > 0:  # torchrun ranks other than 0: no bars (tqdm reads its se
     silence_progress_bars()
 
 from .pipeline import DistillResult, distill  # noqa: E402
-from .select import select_tokens  # noqa: E402
+from .tools.select import select_tokens  # noqa: E402
 
 
 def env_report() -> dict:
@@ -20,8 +35,9 @@ def env_report() -> dict:
     import torch
     import transformers
 
-    from . import align, models
+    from . import align
     from .kernels import backend
+    from .modeling import models
 
     info = {"tokdistill_fast": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "cuda": torch.cuda.is_available(),

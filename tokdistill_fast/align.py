@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import observed
 from .config import UserInputError
+from .control import observed
 
 log = logging.getLogger(__name__)
 

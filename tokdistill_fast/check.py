@@ -24,9 +24,9 @@ from pathlib import Path
 import regex
 import torch
 
-from . import runtimes
 from .config import GuaranteeError, UserInputError  # noqa: F401 (GuaranteeError re-exported)
 from .tokens import WORD_CHARS, adds_prefix_space, span_ids, trie_pattern
+from .tools import runtimes
 
 log = logging.getLogger(__name__)
 

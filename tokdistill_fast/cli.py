@@ -110,7 +110,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from .select import select_tokens
+    from .tools.select import select_tokens
 
     if not Path(args.model).is_dir():
         raise UserInputError(f"--model {args.model}: not a directory")
@@ -132,7 +132,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .check import check_dir, summary_lines
 
     if args.runtime:
-        from .runtimes import check_llama_cpp, table
+        from .tools.runtimes import check_llama_cpp, table
 
         agree = check_llama_cpp(args.out, args.original, args.probe)
         print(table({"llama.cpp": agree}))
@@ -161,7 +161,7 @@ def _ints(value: str) -> tuple[int, ...]:
 
 def add_eval_args(e: argparse.ArgumentParser) -> None:
     """Held-out measure flags shared by `eval` and `compare`."""
-    from .evalrun import EvalOptions
+    from .evaluation.evalrun import EvalOptions
 
     o = EvalOptions()
     e.add_argument("--heldout", nargs="+", required=True, help="held-out text/JSONL files not used for training")
@@ -179,7 +179,7 @@ def add_eval_args(e: argparse.ArgumentParser) -> None:
 
 
 def eval_options(args: argparse.Namespace, snippet_length: int | None = None):
-    from .evalrun import EvalOptions
+    from .evaluation.evalrun import EvalOptions
 
     return EvalOptions(snippets_per_token=args.eval_snippets, snippet_length=snippet_length, seed=args.eval_seed,
                        layers=args.mse_layers, n_boot=args.bootstrap, definitions=args.definitions,
@@ -188,7 +188,7 @@ def eval_options(args: argparse.Namespace, snippet_length: int | None = None):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evalrun import evaluate, markdown_summary
+    from .evaluation.evalrun import evaluate, markdown_summary
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -205,7 +205,7 @@ def _floats(value: str) -> list[float]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import DEFAULT_METHODS, compare, parse_spec, sweep_specs
+    from .evaluation.compare import DEFAULT_METHODS, compare, parse_spec, sweep_specs
 
     if args.target_tokenizer:
         raise UserInputError("compare does not take --tokenizer (bring your own tokenizer runs with distill)")

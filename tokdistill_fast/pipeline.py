@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
-from . import check, checkpoint, chunks, contexts, distributed, export, models, observed, student, swap, teacher, tokens
+from . import check, contexts, export, student, swap, teacher, tokens
 from .config import TRAINED_METHODS, DistillConfig, UserInputError
+from .control import checkpoint, chunks, distributed, observed
+from .control.settings import resolve_settings, search_settings
 from .kernels import backend as kernels
+from .modeling import models
 from .report import RunReport, StageTimer, flag_outliers
 from .rows import clip_norms, random_rows, subtoken_mean
-from .settings import resolve_settings, search_settings
 from .tokens import NewToken, Skipped
 from .workload import Workload, build_workload, trained_tokens
 

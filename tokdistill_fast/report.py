@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from . import observed
 from .config import OUTLIER_FACTOR, DistillConfig
+from .control import observed
 
 if TYPE_CHECKING:
     from .pipeline import Learned, Prepared

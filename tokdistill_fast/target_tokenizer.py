@@ -23,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import align, checkpoint, contexts, export, models, pipeline
+from . import align, contexts, export, pipeline
 from .config import DistillConfig, UserInputError, launch
 from .contexts import CHARS_PER_TOKEN, Corpus, Hit, Snippet
+from .control import checkpoint
 from .kernels import backend as kernels
+from .modeling import models
 from .report import RunReport, StageTimer
 from .tokens import NewToken
 from .workload import Workload

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import observed
 from .align import Alignment
-from .attention import Attend, ranges
-from .layout import lay_out, token_batches
-from .models import Decoder
+from .control import observed
+from .modeling.attention import Attend, ranges
+from .modeling.layout import lay_out, token_batches
+from .modeling.models import Decoder
 
 
 @dataclass

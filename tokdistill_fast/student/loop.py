@@ -23,14 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..align import Alignment
-from ..models import Decoder
+from ..modeling.models import Decoder
 from ..teacher import TeacherCache
 from .feed import TargetFeed
 from .objective import Objective
 from .steps import Batch, Passes, Rewind, batch_plan, plan_groups, student_states
 
 if TYPE_CHECKING:
-    from ..distributed import Shard
+    from ..control.distributed import Shard
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import losses
-from ..models import Decoder
+from ..modeling import losses
+from ..modeling.models import Decoder
 
 if TYPE_CHECKING:
     from ..config import DistillConfig
-    from ..distributed import Shard
+    from ..control.distributed import Shard
     from .loop import Trainable
     from .steps import Batch
 

@@ -26,10 +26,10 @@ import torch
 from tokdistill_fast.kernels.embedding_rows import embedding_rows
 
 from ..align import Alignment
-from ..attention import Attend, ranges
 from ..config import UserInputError
-from ..layout import Layout, lay_out
-from ..models import Decoder
+from ..modeling.attention import Attend, ranges
+from ..modeling.layout import Layout, lay_out
+from ..modeling.models import Decoder
 
 if TYPE_CHECKING:
     from ..config import DistillConfig

@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from . import contexts, definitions, export, heldout, models
-from .config import OUTLIER_FACTOR, UserInputError
-from .models import Decoder
-from .tokens import NewToken, original_ids
+from .. import contexts, export
+from ..config import OUTLIER_FACTOR, UserInputError
+from ..modeling import models
+from ..modeling.models import Decoder
+from ..tokens import NewToken, original_ids
+from . import definitions, heldout
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .config import DistillConfig, UserInputError, env_int
+from ..config import DistillConfig, UserInputError, env_int
 
 log = logging.getLogger(__name__)
 

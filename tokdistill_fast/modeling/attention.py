@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import observed
-from .align import cu_seqlens
+from ..align import cu_seqlens
+from ..control import observed
 
 NAME = "tokdistill"  # the name registered in transformers' AttentionInterface
 KWARG = "tokdistill_attn"  # the layer kwarg that carries the Attend object

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import student
-from .align import take_packed
-from .config import UserInputError, launch
+from .. import student
+from ..align import take_packed
+from ..config import UserInputError, launch
 
 log = logging.getLogger(__name__)
 

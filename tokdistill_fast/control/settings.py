@@ -8,10 +8,12 @@ import logging
 
 import numpy as np
 
-from . import autotune, models, rows, student
-from .config import TRAINED_METHODS, DistillConfig
-from .tokens import NewToken
-from .workload import Workload
+from .. import rows, student
+from ..config import TRAINED_METHODS, DistillConfig
+from ..modeling import models
+from ..tokens import NewToken
+from ..workload import Workload
+from . import autotune
 
 log = logging.getLogger(__name__)
 

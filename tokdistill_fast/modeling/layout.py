@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..align import cu_seqlens
 from . import attention
-from .align import cu_seqlens
 from .attention import ranges
 
 

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 
 from tokdistill_fast.kernels.embedding_rows import embedding_rows
 
-from . import align, contexts, teacher
-from .align import Alignment
-from .config import UserInputError
-from .models import Decoder
-from .teacher import aligned_rows, length_batches, pad_batch
-from .tokens import NewToken
+from .. import align, contexts, teacher
+from ..align import Alignment
+from ..config import UserInputError
+from ..modeling.models import Decoder
+from ..teacher import aligned_rows, length_batches, pad_batch
+from ..tokens import NewToken
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import align
+from .. import align
+from ..tokens import NewToken
 from .heldout import Scorer, bootstrap
-from .tokens import NewToken
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import UserInputError
 from . import attention
 from .attention import Attend
-from .config import UserInputError
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from . import heldout, student, teacher
-from .align import Alignment, take_packed, trim_suffix
-from .models import Decoder
+from .. import student, teacher
+from ..align import Alignment, take_packed, trim_suffix
+from ..evaluation import heldout
+from ..modeling.models import Decoder
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import student
-from .align import Alignment, take_packed
+from .. import student
+from ..align import Alignment, take_packed
+from ..config import DistillConfig
+from ..teacher import TeacherCache
 from .checkpoint import WorkDir
-from .config import DistillConfig
-from .teacher import TeacherCache
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ rebuilds the tokenizer from tokenizer.json / tokenizer.model with llama.cpp's ow
 to run those two tools: no internet is needed, the PyPI sdist of llama-cpp-python vendors llama.cpp's sources.
 Everything lives under cache_dir()/llama.cpp: the sdist, its sources, a CPU build of libllama with a small tool over
 its llama_tokenize (llama_ids.cpp) and a venv with the converter's own pins (transformers 4.x), so the check runs
-what a user runs. `python -m tokdistill_fast.runtimes build` (or `make test-downstream`) makes them.
+what a user runs. `python -m tokdistill_fast.tools.runtimes build` (or `make test-downstream`) makes them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import regex
 
-from .config import UserInputError, cache_dir
+from ..config import UserInputError, cache_dir
 
 # The release checked in docs/vocabulary-extension.md; pinned so a cached build means the same llama.cpp everywhere.
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
@@ -62,7 +62,8 @@ def require_tools(root: Path | None = None) -> LlamaTools:
     t = tools(root)
     if t.missing():
         raise UserInputError("llama.cpp tools are not built (missing " + ", ".join(t.missing()) + "); run "
-                             "`make test-downstream` or `python -m tokdistill_fast.runtimes build` once (~15 min)")
+                             "`make test-downstream` or `python -m tokdistill_fast.tools.runtimes build` once "
+                             "(~15 min)")
     return t
 
 
@@ -121,7 +122,7 @@ def converter_venv(venv: Path) -> None:
 def sentence_set(words: list[str]) -> list[tuple[str, str]]:
     """(category, text): each word after a space, at the start of text, after a newline, after punctuation and
     inside longer words, plus check.py's probe text (no new words), cut in paragraphs."""
-    from .check import PROBE_TEXT, probe_paragraphs
+    from ..check import PROBE_TEXT, probe_paragraphs
 
     out = []
     for w in words:
@@ -135,8 +136,8 @@ def sentence_set(words: list[str]) -> list[tuple[str, str]]:
 def corpus_sample(path: Path, words: list[str], with_new: int = 300, without: int = 300) -> list[tuple[str, str]]:
     """Up to `with_new` corpus paragraphs that contain a new word at word boundaries and `without` that do not,
     in file order (a fixed sample: the same file gives the same texts)."""
-    from .check import probe_paragraphs
-    from .tokens import WORD_CHARS, trie_pattern
+    from ..check import probe_paragraphs
+    from ..tokens import WORD_CHARS, trie_pattern
 
     hit = regex.compile(f"(?<![{WORD_CHARS}])(?:{trie_pattern(words)})(?![{WORD_CHARS}])")
     picked: dict[str, list[str]] = {"corpus, with new words": [], "corpus, without new words": []}
@@ -163,7 +164,7 @@ def to_gguf(model_dir: Path, gguf: Path, t: LlamaTools) -> None:
 def loadable_copy(model_dir: Path, tmp: Path) -> Path:
     """`model_dir` as links in `tmp`, with tokenizer_config.json naming the generic class: an original saved by
     transformers 5 ("TokenizersBackend") is otherwise unreadable for the converter's transformers 4.57."""
-    from .tokens import GENERIC_CLASS
+    from ..tokens import GENERIC_CLASS
 
     tmp.mkdir()
     for f in model_dir.iterdir():
@@ -287,7 +288,7 @@ def check_llama_cpp(out: str | Path, original: str | Path | None = None,
     """`tokdistill check --runtime llama.cpp`: llama.cpp's token ids against transformers' on sentences with each
     new word (after a space, at the start of text, after a newline or punctuation, inside longer words) and on the
     probe text; needs the tools `make test-downstream` builds (a UserInputError says so when they are missing)."""
-    from .check import new_tokens_of, probe_paragraphs, read_probe
+    from ..check import new_tokens_of, probe_paragraphs, read_probe
 
     out = Path(out)
     texts = sentence_set(sorted({t["word"] for t in new_tokens_of(out)}))
@@ -307,5 +308,5 @@ def table(rows: dict[str, Agreement]) -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["build"]:
-        sys.exit("usage: python -m tokdistill_fast.runtimes build")
+        sys.exit("usage: python -m tokdistill_fast.tools.runtimes build")
     print(build())

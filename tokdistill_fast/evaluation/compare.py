@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import export, heldout, pipeline
-from .config import METHODS, TRAINED_METHODS, DistillConfig, UserInputError
+from .. import export, pipeline
+from ..config import METHODS, TRAINED_METHODS, DistillConfig, UserInputError
+from . import heldout
 from .evalrun import Bench, EvalOptions, Measured
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import regex
 
-from .contexts import iter_documents
-from .tokens import original_ids
+from ..contexts import iter_documents
+from ..tokens import original_ids
 
 FORBIDDEN = set("[]{}()<>.,;:!?@#$%^&*+_=|\\/")
 STRIP = "\"'`“”‘’()[]{}<>.,;:!?*_«»—–-"

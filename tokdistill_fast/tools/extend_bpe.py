@@ -2,7 +2,7 @@
 need embeddings (the input of `tokdistill distill --tokenizer`). New merges and pieces are appended after the
 original vocabulary, so every original id keeps its piece.
 
-    python -m tokdistill_fast.extend_bpe --model DIR --corpus FILE --merges 200 --out T2_DIR
+    python -m tokdistill_fast.tools.extend_bpe --model DIR --corpus FILE --merges 200 --out T2_DIR
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import heapq
 import json
 from collections import Counter, defaultdict
 
-from .config import UserInputError
+from ..config import UserInputError
 
 
 def word_counts(tokenizer, texts) -> Counter:
@@ -97,9 +97,9 @@ def extended(tokenizer, merges: list[tuple[str, str]]):
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
-    from .contexts import iter_documents
+    from ..contexts import iter_documents
 
-    p = argparse.ArgumentParser(prog="python -m tokdistill_fast.extend_bpe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tokdistill_fast.tools.extend_bpe", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model or tokenizer directory whose BPE tokenizer to extend")
     p.add_argument("--corpus", nargs="+", required=True)
     p.add_argument("--merges", type=int, required=True, help="new merges (and pieces) to learn")
