@@ -17,7 +17,7 @@ tokens/s, achieved TFLOP/s (2 FLOP x decoder parameters of the layers run, per c
 forward, the student forward and the student's input-gradient backward; attention's own FLOPs, padding and the
 search are not counted) and its fraction of a bf16 matmul peak measured here; `heldout_loss_before/after`: the
 objective (hidden-state MSE at the target layer) on held-out snippets of the new words at subtoken-mean init and
-after training (evalrun.Bench, what `tokdistill eval` measures; next-token KL beside it), and `norm_clipped`.
+after training (evalrun.Baseline, what `tokdistill eval` measures; next-token KL beside it), and `norm_clipped`.
 The random weights have trained-like statistics (synthetic.trained_like; bench/results/learning.md says why).
 With --reference the plain PyTorch path (padded batches, no prefix sharing, reference kernels, Python aligner)
 runs on the same inputs with the fast run's resolved settings, then again in the other dtype (bf16 <-> fp32):
@@ -174,7 +174,7 @@ def run_pipeline(model, lang, args, variant: Variant) -> dict:
 
 
 class Heldout:
-    """The held-out measure (evalrun.Bench, what `tokdistill eval` runs) on snippets of the synthetic language's
+    """The held-out measure (evalrun.Baseline, what `tokdistill eval` runs) on snippets of the synthetic language's
     held-out documents, for an evenly spaced sample of `n_tokens` of the trained tokens: the objective's loss
     (hidden-state MSE at the target layer, mean per token) and next-token KL at the last layer, of any rows."""
 
@@ -186,7 +186,7 @@ class Heldout:
         self.layer = layer
         self.sample = np.linspace(0, len(tokens) - 1, num=min(n_tokens, len(tokens))).round().astype(int)
         V = self.decoder.embed_weight.shape[0]
-        self.bench = evalrun.Bench.build(self.decoder, lang.tokenizer, [tokens[i] for i in self.sample],
+        self.baseline = evalrun.Baseline.build(self.decoder, lang.tokenizer, [tokens[i] for i in self.sample],
                                          [V + r for r in range(len(self.sample))], [lang.heldout],
                                          evalrun.EvalOptions(snippets_per_token=snippets, layers=(layer,),
                                                              definitions=False, n_boot=200), length)
@@ -200,7 +200,7 @@ class Heldout:
 
         if rows.shape[0] != len(self.sample):
             rows = rows[torch.from_numpy(self.sample)]
-        agg = self.bench.measure(heldout.Scorer(self.decoder, rows=rows.float()), {}).aggregate
+        agg = self.baseline.measure(heldout.Scorer(self.decoder, rows=rows.float()), {}).aggregate
         mse = agg[f"mse@{self.layer}"]
         return {"loss": mse["mean"], "loss_ci95": mse["ci95"], "kl": agg["kl"]["mean"]}
 
@@ -210,7 +210,7 @@ class Heldout:
         after = self.measure(run["rows"])
         run.update(heldout_loss_before=self.before["loss"], heldout_loss_after=after["loss"],
                    heldout_loss_after_ci95=after["loss_ci95"], heldout_kl_before=self.before["kl"],
-                   heldout_kl_after=after["kl"], heldout_snippets=self.bench.hs.n,
+                   heldout_kl_after=after["kl"], heldout_snippets=self.baseline.hs.n,
                    heldout_tokens=len(self.sample), heldout_s=round(time.perf_counter() - t0, 3))
 
 

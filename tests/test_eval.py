@@ -14,7 +14,7 @@ from tokdistill_fast import DistillConfig, distill
 from tokdistill_fast.cli import main
 from tokdistill_fast.contexts import start_id
 from tokdistill_fast.evaluation.definitions import embed_sentences, greedy, load_embedder, prompts, similarity
-from tokdistill_fast.evaluation.evalrun import EvalOptions, evaluate, read_adapted_tokens
+from tokdistill_fast.evaluation.evalrun import EvalOptions, read_adapted_tokens, run_eval
 from tokdistill_fast.evaluation.heldout import (
     HeldoutSet,
     Scorer,
@@ -223,7 +223,7 @@ def test_eval_cli_end_to_end(adapted, heldout_file, tiny_embedder, tmp_path, cap
 
 def test_eval_api_and_bad_inputs(adapted, heldout_file, tmp_path, capsys):
     src, out = adapted
-    report = evaluate(src, out, [heldout_file], None, EvalOptions(snippets_per_token=2, n_boot=20, definitions=False))
+    report = run_eval(src, out, [heldout_file], None, EvalOptions(snippets_per_token=2, n_boot=20, definitions=False))
     assert report["definitions"] is None and report["counts"]["snippets"] > 0
     empty = tmp_path / "empty.txt"
     empty.write_text("nothing to see here\n\nat all\n")

@@ -188,12 +188,12 @@ def eval_options(args: argparse.Namespace, snippet_length: int | None = None):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation.evalrun import evaluate, markdown_summary
+    from .evaluation.evalrun import markdown_summary, run_eval
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UserInputError(f"--out {out} already exists; pass --overwrite to replace it")
-    report = evaluate(args.original, args.adapted, args.heldout, out, eval_options(args, args.snippet_length),
+    report = run_eval(args.original, args.adapted, args.heldout, out, eval_options(args, args.snippet_length),
                       args.device, args.dtype)
     print(markdown_summary(report))
     print(f"-> {out}")

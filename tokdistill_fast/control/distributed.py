@@ -195,16 +195,16 @@ def split(ranks: Ranks, work, batch_size: int, epochs: int, seed: int, device: t
         return work, None
     al = work.alignment
     plan = student.batch_plan(al.n, batch_size, epochs, seed)
-    parts = [np.array_split(rows, ranks.world)[ranks.rank] for rows in plan]
+    parts = [np.array_split(step, ranks.world)[ranks.rank] for step in plan]
     mine = np.unique(np.concatenate([np.zeros(0, dtype=np.int64), *parts])).astype(np.int64)
     local_index = np.full(al.n, -1, dtype=np.int64)
     local_index[mine] = np.arange(len(mine))
     shares = []
     for counts in pair_counts(al):
-        shares.append([counts[part].sum() / max(int(counts[rows].sum()), 1) for part, rows in zip(parts, plan)])
+        shares.append([counts[part].sum() / max(int(counts[step].sum()), 1) for part, step in zip(parts, plan)])
     weights = torch.tensor(np.asarray(shares, dtype=np.float64).T.reshape(len(plan), 2), dtype=torch.float32,
                            device=device)
-    touched = [torch.from_numpy(np.unique(work.snippet_row[rows])).to(device) for rows in plan]
+    touched = [torch.from_numpy(np.unique(work.snippet_row[step])).to(device) for step in plan]
     teacher_ids, cu_teacher = take_packed(work.teacher_ids, work.cu_teacher, mine)
     local = dataclasses.replace(work, snippets=[work.snippets[i] for i in mine], snippet_row=work.snippet_row[mine],
                                 teacher_ids=teacher_ids, cu_teacher=cu_teacher, alignment=al.take(mine))

@@ -6,7 +6,7 @@ planning, training contexts and alignment, all from the base config, so every di
 distill), one teacher pass truncated at the deepest layer any method reads (all swept layers cached from it),
 the original model's held-out pass and its definitions. Each method then resolves its settings
 (pipeline.settle: "auto" values run the same search a distill run would), trains its rows (pipeline.learn_rows)
-and is scored (evalrun.Bench.measure).
+and is scored (evalrun.Baseline.measure).
 
 A method is a spec string METHOD[@key=value,...], e.g. `token-distill@layer=8,lr=5e-3`, with keys layer, lr,
 epochs, loss, batch and seeds.
@@ -24,7 +24,7 @@ import numpy as np
 from .. import export, pipeline
 from ..config import METHODS, TRAINED_METHODS, DistillConfig, UserInputError
 from . import heldout
-from .evalrun import Bench, EvalOptions, Measured
+from .evalrun import Baseline, EvalOptions, Measured
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ SPEC_KEYS = {"layer": "target_layer", "lr": "lr", "epochs": "epochs", "loss": "l
 
 
 @dataclass
-class Spec:
+class MethodSpec:
     """One method setting to compare."""
 
     label: str
@@ -54,12 +54,12 @@ def _value(key: str, raw: str):
         raise UserInputError(f"method spec: {key}={raw!r} is not a valid value") from None
 
 
-def parse_spec(text: str, seeds: int = 1, group: str = "methods") -> Spec:
-    """`METHOD[@key=value,...]` -> Spec. Randomized methods get `seeds` seeds unless the spec says seeds=N."""
+def parse_spec(text: str, seeds: int = 1, group: str = "methods") -> MethodSpec:
+    """`METHOD[@key=value,...]` -> MethodSpec. Randomized methods get `seeds` seeds unless the spec says seeds=N."""
     method, _, rest = text.strip().partition("@")
     if method not in METHODS:
         raise UserInputError(f"method spec {text!r}: unknown method {method!r} (one of {', '.join(METHODS)})")
-    spec = Spec(text.strip(), method, seeds=seeds if method in RANDOMIZED else 1, group=group)
+    spec = MethodSpec(text.strip(), method, seeds=seeds if method in RANDOMIZED else 1, group=group)
     for item in filter(None, rest.split(",")):
         key, eq, raw = item.partition("=")
         if not eq or (key not in SPEC_KEYS and key != "seeds"):
@@ -72,7 +72,7 @@ def parse_spec(text: str, seeds: int = 1, group: str = "methods") -> Spec:
     return spec
 
 
-def sweep_specs(layers: list[int], lrs: list[float], base_layer: int | str) -> list[Spec]:
+def sweep_specs(layers: list[int], lrs: list[float], base_layer: int | str) -> list[MethodSpec]:
     """token-distill at each target layer (the paper's Figure 2), and at each learning rate at the base layer."""
     specs = [parse_spec(f"token-distill@layer={l}", group="layers") for l in layers]
     specs += [parse_spec(f"token-distill@layer={base_layer},lr={lr:g}", group="lrs") for lr in lrs]
@@ -83,7 +83,7 @@ def sweep_specs(layers: list[int], lrs: list[float], base_layer: int | str) -> l
 class Outcome:
     """A spec's runs: resolved settings, one Measured per seed, seconds of training per seed."""
 
-    spec: Spec
+    spec: MethodSpec
     layer: int
     lr: float
     epochs: int
@@ -113,9 +113,9 @@ class Outcome:
 
 
 def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, out: str | Path,
-            base: DistillConfig, specs: list[Spec], opts: EvalOptions, overwrite: bool = False,
+            base: DistillConfig, specs: list[MethodSpec], opts: EvalOptions, overwrite: bool = False,
             reference: str = "mean") -> dict:
-    """Run every spec on shared stages, score it on the held-out bench, write results.json, table.md, plots."""
+    """Run every spec on shared stages, score it against the held-out baseline, write results.json, table.md, plots."""
     out = export.check_out_dir(out, overwrite)
     base = base.validate()
     opts = opts.validate()
@@ -139,7 +139,7 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
             cache = pipeline.teacher_cache(prep, prep.work, layers)
         log.info("teacher cache: layers %s, %.1f MB", layers, cache.nbytes() / 2**20)
     with timer("heldout"):
-        bench = Bench.build(decoder, prep.tokenizer, [toks[i] for i in primaries], [V + i for i in primaries],
+        baseline = Baseline.build(decoder, prep.tokenizer, [toks[i] for i in primaries], [V + i for i in primaries],
                             heldout_paths, opts, base.snippet_length)
     forms = {V + i: t.form for i, t in enumerate(toks)}
     results = {
@@ -148,8 +148,8 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
                      "device": str(prep.device), "dtype": str(prep.dtype)},
         "counts": {"tokens": len(primaries), "skipped": len(prep.skipped),
                    "casing_variants": sum(1 for t in toks if t.variant.startswith("casing")),
-                   "train_snippets": len(prep.work.snippets) if prep.work else 0, "heldout_snippets": bench.hs.n,
-                   "tokens_with_heldout": int(sum(1 for h in bench.hs.hits if h))},
+                   "train_snippets": len(prep.work.snippets) if prep.work else 0, "heldout_snippets": baseline.hs.n,
+                   "tokens_with_heldout": int(sum(1 for h in baseline.hs.hits if h))},
         "shared_seconds": dict(timer.seconds),
         "tokens_saved": heldout.tokens_saved(heldout_paths, prep.tokenizer, prep.new_tokenizer, opts.max_chars),
         "reference": reference, "complete": False, "methods": [],
@@ -163,14 +163,14 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
             learned = pipeline.learn_rows(prep, cfg.replace(seed=cfg.seed + k, epochs=epochs), (layer, lr, epochs),
                                           cache=cache)
             t1 = time.perf_counter()
-            runs.append(bench.measure(heldout.Scorer(decoder, rows=learned.rows, out_rows=learned.out_rows), forms))
+            runs.append(baseline.measure(heldout.Scorer(decoder, rows=learned.rows, out_rows=learned.out_rows), forms))
             train_s.append(t1 - t0 + search_s)  # an automatic setting pays for its search
             eval_s.append(time.perf_counter() - t1)
         o = Outcome(spec, layer, lr, epochs, runs, train_s, eval_s)
         log.info("%-40s KL %.4f  (%.1f s train)", spec.label, o.stat("kl")["mean"], np.mean(train_s))
         outcomes.append(o)
         # Written after every method, so a long run that stops early still leaves its finished rows.
-        results["methods"] = [outcome_json(o, bench, outcomes, reference) for o in outcomes]
+        results["methods"] = [outcome_json(o, baseline, outcomes, reference) for o in outcomes]
         results["complete"] = len(outcomes) == len(specs)
         export.write_json(out / "results.json", results)
         (out / "table.md").write_text(markdown_table(results), encoding="utf-8")
@@ -178,7 +178,7 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
     return results
 
 
-def outcome_json(o: Outcome, bench: Bench, outcomes: list[Outcome], reference: str) -> dict:
+def outcome_json(o: Outcome, baseline: Baseline, outcomes: list[Outcome], reference: str) -> dict:
     """A spec's aggregates, paired differences against the reference method, timings and per-token rows."""
     ref = next((r for r in outcomes if r.spec.label == reference), None)
     names = list(o.runs[0].values)
@@ -189,10 +189,10 @@ def outcome_json(o: Outcome, bench: Bench, outcomes: list[Outcome], reference: s
            "aggregate": {n: o.stat(n) for n in names},
            "definitions": {n: o.definition_stat(n) for n in ("similarity", "share_above")}}
     if ref is not None and ref is not o:
-        group = bench.hs.snippet_token
-        out["vs_reference"] = {n: heldout.paired_difference(o.values(n), ref.values(n), group, bench.opts.n_boot,
-                                                            bench.opts.seed) for n in ("kl", "kl_at_new", "top1")}
-    out["tokens"] = bench.token_rows(o.runs[0])
+        group = baseline.hs.snippet_token
+        out["vs_reference"] = {n: heldout.paired_difference(o.values(n), ref.values(n), group, baseline.opts.n_boot,
+                                                            baseline.opts.seed) for n in ("kl", "kl_at_new", "top1")}
+    out["tokens"] = baseline.token_rows(o.runs[0])
     return out
 
 

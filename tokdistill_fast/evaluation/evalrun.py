@@ -1,7 +1,7 @@
 """`tokdistill eval`: measure an adapted model (a `tokdistill distill` output) against its original on held-out
 text, per new token and aggregated with bootstrap intervals, plus the definition-generation test.
 
-`Bench` holds everything that does not depend on the scored model (held-out snippets and their alignment, the
+`Baseline` holds everything that does not depend on the scored model (held-out snippets and their alignment, the
 original model's pass, its definitions), so `tokdistill compare` builds it once and scores many methods.
 """
 
@@ -64,7 +64,7 @@ class Measured:
 
 
 @dataclass
-class Bench:
+class Baseline:
     """The model-independent half of the measure, computed once."""
 
     decoder: Decoder
@@ -80,7 +80,7 @@ class Bench:
 
     @classmethod
     def build(cls, decoder: Decoder, tokenizer, toks: list[NewToken], new_ids: list[int], paths: list,
-              opts: EvalOptions, snippet_length: int) -> Bench:
+              opts: EvalOptions, snippet_length: int) -> Baseline:
         """Retrieve and align held-out snippets for `toks` (student ids `new_ids`), run the original model on them
         and, if asked, generate its definitions."""
         layers = tuple(sorted({decoder.resolve_layer(l, "--mse-layers") for l in opts.layers}))
@@ -91,17 +91,18 @@ class Bench:
             if n == 0:
                 log.warning("no held-out occurrence of %r: left out of the held-out aggregates", t.word)
         ref = heldout.reference(decoder, hs, layers)
-        bench = cls(decoder, tokenizer, toks, hs, ref, opts)
+        baseline = cls(decoder, tokenizer, toks, hs, ref, opts)
         if opts.definitions:
-            bench.prompts_original, bench.prompts_merged, merged = definitions.prompts(tokenizer, toks, new_ids, start)
+            baseline.prompts_original, baseline.prompts_merged, merged = definitions.prompts(tokenizer, toks, new_ids,
+                                                                                             start)
             if not all(merged):
                 log.warning("%d definition prompt(s) do not contain the token's subtokens", merged.count(False))
-            bench.reference_definitions = definitions.generate_definitions(
-                heldout.Scorer(decoder), tokenizer, bench.prompts_original, {}, opts.max_new_tokens)
-            bench.embedder = definitions.load_embedder(opts.embedder)
-            if bench.embedder is None:
+            baseline.reference_definitions = definitions.generate_definitions(
+                heldout.Scorer(decoder), tokenizer, baseline.prompts_original, {}, opts.max_new_tokens)
+            baseline.embedder = definitions.load_embedder(opts.embedder)
+            if baseline.embedder is None:
                 log.warning(definitions.MISSING)
-        return bench
+        return baseline
 
     def measure(self, scorer: heldout.Scorer, forms: dict[int, str]) -> Measured:
         """Score one adapted model; `forms` maps its new-token ids to text for decoding its definitions."""
@@ -166,7 +167,7 @@ def run_settings(adapted: Path) -> dict:
     return json.loads(report.read_text(encoding="utf-8")).get("settings", {}) if report.is_file() else {}
 
 
-def evaluate(original: str | Path, adapted: str | Path, heldout_paths: list, out: str | Path | None = None,
+def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out: str | Path | None = None,
              opts: EvalOptions | None = None, device: str = "auto", dtype: str = "auto") -> dict:
     """Held-out measure and definition test of `adapted` against `original`; writes `out` (JSON) if given."""
     opts = (opts or EvalOptions()).validate()
@@ -180,22 +181,22 @@ def evaluate(original: str | Path, adapted: str | Path, heldout_paths: list, out
     settings = run_settings(adapted)
     length = opts.snippet_length or int(settings.get("snippet_length") or 50)
     decoder = Decoder(orig_model)
-    bench = Bench.build(decoder, orig_tok, primaries, [t.new_id for t in primaries], heldout_paths, opts, length)
+    baseline = Baseline.build(decoder, orig_tok, primaries, [t.new_id for t in primaries], heldout_paths, opts, length)
     forms = {t.new_id: t.form for t in toks}
-    m = bench.measure(heldout.Scorer(Decoder(ad_model), new_ids=sorted(forms)), forms)
+    m = baseline.measure(heldout.Scorer(Decoder(ad_model), new_ids=sorted(forms)), forms)
     emits = sum(ad_tok(("x" if t.form[:1].isspace() else "") + t.form + " x", add_special_tokens=False)[
         "input_ids"].count(t.new_id) == 1 for t in primaries)
     report = {
         "original": str(original), "adapted": str(adapted), "heldout": [str(p) for p in heldout_paths],
         "settings": {**opts.__dict__, "layers": list(opts.layers), "snippet_length": length, "device": str(dev),
                      "dtype": str(dt), "adapted_run": settings},
-        "counts": {"tokens": len(primaries), "tokens_with_heldout": int(sum(1 for h in bench.hs.hits if h)),
-                   "snippets": bench.hs.n, "aligned_positions": int(len(bench.hs.alignment.s_pos)),
+        "counts": {"tokens": len(primaries), "tokens_with_heldout": int(sum(1 for h in baseline.hs.hits if h)),
+                   "snippets": baseline.hs.n, "aligned_positions": int(len(baseline.hs.alignment.s_pos)),
                    "tokenizer_emits_new_id": emits},
         "tokens_saved": heldout.tokens_saved(heldout_paths, orig_tok, ad_tok, opts.max_chars),
         "aggregate": m.aggregate,
         "definitions": m.definition_summary if opts.definitions else None,
-        "tokens": bench.token_rows(m),
+        "tokens": baseline.token_rows(m),
     }
     if opts.definitions and m.definition_summary is None:
         report["definitions"] = {"skipped": definitions.MISSING}

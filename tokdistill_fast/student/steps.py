@@ -89,39 +89,40 @@ class Batch:
                      None if self.part is None else self.part.to(device, non_blocking=True))
 
 
-def make_batch(al: Alignment, snippet_row: np.ndarray, rows: np.ndarray, passes: Passes,
+def make_batch(al: Alignment, snippet_row: np.ndarray, snippets: np.ndarray, passes: Passes,
                teacher: tuple[np.ndarray, np.ndarray] | None = None, step_of: np.ndarray | None = None) -> Batch:
-    """Layouts and index arrays of one step over snippets `rows` (host side). `teacher` = (teacher_ids,
-    cu_teacher) for fused passes. `step_of` [len(rows)]: for a group of steps, the step of each snippet."""
+    """Layouts and index arrays (host side) of one step over `snippets` (indices into the alignment; `snippet_row`
+    maps a snippet to the embedding row it trains). `teacher` = (teacher_ids, cu_teacher) for fused passes.
+    `step_of` [len(snippets)]: for a group of steps, the step of each snippet."""
     cu_a, cu_s = al.cu_aligned, al.cu_student
     if passes.prefix:
-        keep = cu_a[rows + 1] > cu_a[rows]  # snippets without aligned pairs contribute nothing
-        rows, step_of = rows[keep], None if step_of is None else step_of[keep]
-    counts = cu_a[rows + 1] - cu_a[rows]
-    pairs = ranges(cu_a[rows], counts)  # aligned pairs of the batch = their rows in the teacher cache
-    seq = np.repeat(np.arange(len(rows)), counts)  # batch row of each pair
+        keep = cu_a[snippets + 1] > cu_a[snippets]  # snippets without aligned pairs contribute nothing
+        snippets, step_of = snippets[keep], None if step_of is None else step_of[keep]
+    counts = cu_a[snippets + 1] - cu_a[snippets]
+    pairs = ranges(cu_a[snippets], counts)  # aligned pairs of the batch = their rows in the teacher cache
+    seq = np.repeat(np.arange(len(snippets)), counts)  # batch row of each pair
     s_pos = al.s_pos[pairs].astype(np.int64)
-    lens = cu_s[rows + 1] - cu_s[rows]
+    lens = cu_s[snippets + 1] - cu_s[snippets]
     has_next = s_pos + 1 < lens[seq]  # next-token targets: aligned positions except each sequence's last one
-    ntp_target = al.student_ids[(cu_s[rows][seq] + s_pos + 1)[has_next]]
-    tok = np.repeat(snippet_row[rows], counts)
+    ntp_target = al.student_ids[(cu_s[snippets][seq] + s_pos + 1)[has_next]]
+    tok = np.repeat(snippet_row[snippets], counts)
     t_idx, prefix = pairs, None
     if len(pairs) == 0:  # nothing to train (also a rank's empty share of a batch, see distributed.py)
         main, s_flat = None, np.zeros(0, dtype=np.int64)
     elif not passes.prefix:
-        main = lay_out(al.student_ids, cu_s[rows], lens, np.zeros(len(rows)), packed=False)
+        main = lay_out(al.student_ids, cu_s[snippets], lens, np.zeros(len(snippets)), packed=False)
         s_flat = main.rows(seq, s_pos)
     else:
-        p = al.s_pos[cu_a[rows]].astype(np.int64)  # first new token of each sequence = its prefix length
+        p = al.s_pos[cu_a[snippets]].astype(np.int64)  # first new token of each sequence = its prefix length
         if passes.fused:
             teacher_ids, cu_t = teacher
-            prefix = lay_out(teacher_ids, cu_t[rows], cu_t[rows + 1] - cu_t[rows], np.zeros(len(rows)), True,
-                             capture=p)
+            prefix = lay_out(teacher_ids, cu_t[snippets], cu_t[snippets + 1] - cu_t[snippets],
+                             np.zeros(len(snippets)), True, capture=p)
             t_idx = prefix.rows(seq, al.t_pos[pairs].astype(np.int64))
         elif p.any():  # sequences without a prefix are left out; captured rows stay in cu(p) order
             some = p > 0
-            prefix = lay_out(al.student_ids, cu_s[rows[some]], p[some], np.zeros(int(some.sum())), True)
-        main = lay_out(al.student_ids, cu_s[rows] + p, lens - p, p, True, prefix_len=p)
+            prefix = lay_out(al.student_ids, cu_s[snippets[some]], p[some], np.zeros(int(some.sum())), True)
+        main = lay_out(al.student_ids, cu_s[snippets] + p, lens - p, p, True, prefix_len=p)
         s_flat = main.rows(seq, s_pos - p[seq])
     tensors = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
                for a in (s_flat, t_idx, tok, s_flat[has_next], ntp_target))
@@ -175,13 +176,13 @@ def make_group(al: Alignment, snippet_row: np.ndarray, plan: list[np.ndarray], s
     return Group(steps, batch, tokens, torch.tensor(counts, dtype=torch.float32))
 
 
-def batch_plan(n: int, rows_per_batch: int, epochs: int, seed: int) -> list[np.ndarray]:
+def batch_plan(n: int, snippets_per_batch: int, epochs: int, seed: int) -> list[np.ndarray]:
     """The snippets of every step: each epoch a fresh shuffle of the n snippets cut into batches."""
     rng = np.random.default_rng(seed)
     plan = []
     for _ in range(epochs):
         order = rng.permutation(n)
-        plan.extend(order[start:start + rows_per_batch] for start in range(0, n, rows_per_batch))
+        plan.extend(order[start:start + snippets_per_batch] for start in range(0, n, snippets_per_batch))
     return plan
 
 

@@ -20,7 +20,7 @@ STRIP = "\"'`“”‘’()[]{}<>.,;:!?*_«»—–-"
 
 
 @dataclass
-class Candidate:
+class Suggestion:
     word: str
     count: int
     subtokens: int
@@ -40,7 +40,7 @@ def word_counts(paths) -> Counter:
 
 
 def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
-                  min_chars: int = 3) -> list[Candidate]:
+                  min_chars: int = 3) -> list[Suggestion]:
     """Ranked candidates that pass the filters (see the module docstring)."""
     vocab = tokenizer.get_vocab()
     out = []
@@ -51,6 +51,6 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
             continue  # box-drawing table rules and other strings without a letter are no words
         ids = original_ids(tokenizer, " " + word)
         if ids and len(ids) >= 2:
-            out.append(Candidate(word, count, len(ids)))
+            out.append(Suggestion(word, count, len(ids)))
     out.sort(key=lambda c: (-c.saved, c.word))
     return out[:top] if top else out
