@@ -89,7 +89,8 @@ def patterns(n: int) -> list[str]:
 
 def child(path: Path, n_patterns: int, keep: int, whole: bool) -> dict:
     """One measured pass in this process: automaton build, then the search over `path`."""
-    from tokdistill_fast.contexts import CHARS_PER_TOKEN, DOC_SPLIT, Corpus, Piece, find_hits
+    from tokdistill_fast.contexts import CHARS_PER_TOKEN, find_hits
+    from tokdistill_fast.corpus import DOC_SPLIT, Corpus, Piece
     from tokdistill_fast.tokens import NewToken
 
     toks = [NewToken(w, " " + w, [0, 1]) for w in patterns(n_patterns)]

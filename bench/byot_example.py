@@ -20,7 +20,7 @@ import torch
 
 from tokdistill_fast import pipeline
 from tokdistill_fast.config import DistillConfig
-from tokdistill_fast.contexts import iter_documents
+from tokdistill_fast.corpus import iter_documents
 from tokdistill_fast.target_tokenizer import load_tokenizer, new_ids_of
 from tokdistill_fast.tools import extend_bpe
 

@@ -21,7 +21,7 @@ import regex
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from tokdistill_fast import contexts, tokens
+from tokdistill_fast import corpus, tokens
 from tokdistill_fast.check import PROBE_TEXT, probe_paragraphs
 from tokdistill_fast.config import cache_dir
 
@@ -67,7 +67,7 @@ def main() -> None:
         ["a" + t.form if t.form.startswith(" ") else "(" + t.form for t in planned], add_special_tokens=False))
     words = sorted({t.word for t in planned})
     hit = regex.compile(f"(?<![{tokens.WORD_CHARS}])(?:{tokens.trie_pattern(words)})(?![{tokens.WORD_CHARS}])")
-    paras = [x for x in probe_paragraphs([PROBE_TEXT, *contexts.leading_documents([args.corpus], args.chars)])
+    paras = [x for x in probe_paragraphs([PROBE_TEXT, *corpus.leading_documents([args.corpus], args.chars)])
              if not hit.search(x)]
     before = tok.backend_tokenizer.encode_batch(paras, add_special_tokens=False)
     after = new.encode_batch(paras, add_special_tokens=False)

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokdistill_fast.config import UserInputError
-from tokdistill_fast.contexts import DOC_SPLIT, WORD_CHAR, Corpus, Hit, corpus_files, find_hits, iter_documents
+from tokdistill_fast.contexts import WORD_CHAR, Hit, find_hits
+from tokdistill_fast.corpus import DOC_SPLIT, Corpus, corpus_files, iter_documents
 from tokdistill_fast.tokens import NewToken
 
 FORMS = [" palatable", " spill the beans", " bivalve", " ün", "ab"]

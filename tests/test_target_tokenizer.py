@@ -12,7 +12,7 @@ import torch
 
 from tokdistill_fast import cli, target_tokenizer
 from tokdistill_fast.config import DistillConfig, UserInputError
-from tokdistill_fast.contexts import Corpus
+from tokdistill_fast.corpus import Corpus
 from tokdistill_fast.tools import extend_bpe
 
 N_MERGES = 12

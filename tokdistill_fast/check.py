@@ -10,6 +10,9 @@ a quarter of its smallest (below the smallest itself only warns: subtoken means 
 tie status as the original's; config.vocab_size equal to the row count and above every token id. Reported
 without failing: tokenizer reload seconds, inside-word matches of added tokens, probability mass on padding and
 new ids, slow-tokenizer files.
+
+Over 400 lines because every guarantee lives here, so that `tokdistill check` and distill's own output check run
+one code path; the checks share the Findings record, the probe paragraphs and the report writer.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import regex
 import torch
 
 from .config import GuaranteeError, UserInputError  # noqa: F401 (GuaranteeError re-exported)
-from .tokens import WORD_CHARS, adds_prefix_space, span_ids, trie_pattern
+from .tokens import BYTE_PIECE, WORD_CHARS, adds_prefix_space, span_ids, trie_pattern
 from .tools import runtimes
 
 log = logging.getLogger(__name__)
@@ -281,9 +284,8 @@ def ignore_merges_exceptions(tok, original) -> list[str]:
     if json.loads(model.__getstate__()).get("ignore_merges"):
         return []
     added = set(original.tokenizer.get_added_vocab())
-    byte_piece = regex.compile(r"<0x[0-9A-Fa-f]{2}>")
     return sorted(p for p in original.tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
-                  if p not in added and not byte_piece.fullmatch(p) and len(model.tokenize(p)) != 1)
+                  if p not in added and not BYTE_PIECE.fullmatch(p) and len(model.tokenize(p)) != 1)
 
 
 # ------------------------------------------------------------------------------------------- matrix checks

@@ -110,6 +110,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
+    from .export import refuse_existing
     from .tools.select import select_tokens
 
     if not Path(args.model).is_dir():
@@ -118,9 +119,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     found = select_tokens(tokenizer, args.corpus, args.top, args.min_count)
     if not found:
         raise UserInputError("no word in the corpus passes the filters; lower --min-count?")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UserInputError(f"--out {out} already exists; pass --overwrite to replace it")
+    out = refuse_existing(args.out, args.overwrite)
     out.write_text("".join(c.word + "\n" for c in found), encoding="utf-8")
     for c in found[:10]:
         logging.info("%-24s count %6d  subtokens %d  saves %d", c.word, c.count, c.subtokens, c.saved)
@@ -189,10 +188,9 @@ def eval_options(args: argparse.Namespace, snippet_length: int | None = None):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.evalrun import markdown_summary, run_eval
+    from .export import refuse_existing
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UserInputError(f"--out {out} already exists; pass --overwrite to replace it")
+    out = refuse_existing(args.out, args.overwrite)
     report = run_eval(args.original, args.adapted, args.heldout, out, eval_options(args, args.snippet_length),
                       args.device, args.dtype)
     print(markdown_summary(report))

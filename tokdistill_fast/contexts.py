@@ -1,8 +1,8 @@
 """Stage 2: snippets of text around each new word, as original-tokenizer ids (the teacher's input).
 
-Retrieval streams the corpus (text, JSON lines and Parquet files, directories, globs) in chunks of about 1 MiB,
-so memory stays flat however large the corpus is, and finds the running-text form (" word") of every token in
-one Aho-Corasick pass. It keeps a uniform sample of hits per token (reservoir sampling over the part of the
+Retrieval streams the corpus (corpus.py: text, JSON lines and Parquet files, directories, globs) in chunks of
+about 1 MiB, so memory stays flat however large the corpus is, and finds the running-text form (" word") of every
+token in one Aho-Corasick pass. It keeps a uniform sample of hits per token (reservoir sampling over the part of the
 corpus read), then tokenizes a character window around each kept hit and cuts at most `length` tokens with the
 word inside. A hit is used only when the original tokenizer splits the word there exactly as in running text, so
 the teacher sees natural tokenization and the alignment stage finds the subtokens. Tokens left without snippets
@@ -16,14 +16,9 @@ or source).
 
 from __future__ import annotations
 
-import codecs
-import glob
-import io
-import json
 import logging
 import random
-import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -33,20 +28,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import UserInputError
+from .corpus import Corpus, Piece
 from .tokens import NewToken
 
 log = logging.getLogger(__name__)
 
 WORD_CHAR = regex.compile(r"[\p{L}\p{N}_]")
-DOC_SPLIT = re.compile(r"\n[ \t]*\n")  # plain-text documents are separated by blank lines
-CHARS_PER_TOKEN = 8  # character margin per wanted token around a hit; English averages ~4.5 chars per token
-CHUNK = 1 << 20  # bytes read (and characters searched) at a time; larger chunks gain little (bench/)
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-PARQUET_SUFFIXES = (".parquet",)
-# Files a directory contributes; a file named explicitly is read whatever its suffix (as text unless JSONL/Parquet).
-CORPUS_SUFFIXES = (".txt", ".text", ".md") + JSONL_SUFFIXES + PARQUET_SUFFIXES
 # GPT-2-style tokenizers (SmolLM2, Qwen2, StarCoder, Pythia) put this token between documents in pretraining.
 DOC_SEPARATOR = "<|endoftext|>"
+CHARS_PER_TOKEN = 8  # character margin per wanted token around a hit; English averages ~4.5 chars per token
 
 
 def start_id(tokenizer) -> int | None:
@@ -83,14 +73,6 @@ class Hit(NamedTuple):
     at_doc_end: bool
 
 
-class Piece(NamedTuple):
-    """A slice of one document: short documents come whole, long ones in consecutive pieces."""
-
-    text: str
-    first: bool  # the slice starts its document
-    last: bool  # the slice ends its document
-
-
 @dataclass
 class RetrievalStats:
     hits: list[int] = field(default_factory=list)  # occurrences found per token
@@ -102,167 +84,6 @@ class RetrievalStats:
     def summary(self) -> dict:
         return {"corpus_files": self.files, "corpus_bytes": self.bytes_read, "corpus_chars": self.chars,
                 "stopped_early": self.stopped_early}
-
-
-def corpus_files(values: Iterable[str | Path]) -> list[Path]:
-    """The files named by --corpus values: files, directories (their corpus files, recursively, hidden ones
-    skipped) and globs (`data/*.jsonl`, `shards/**/*.parquet`), in sorted order without repeats."""
-    files: dict[Path, None] = {}
-    for value in values:
-        path = Path(value)
-        if path.is_file():
-            found = [path]
-        elif path.is_dir():
-            found = _files_under(path)
-            if not found:
-                raise UserInputError(f"--corpus {path}: the directory holds no {'/'.join(CORPUS_SUFFIXES)} files")
-        elif any(c in str(value) for c in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(str(value), recursive=True))
-            found = [f for m in matches for f in ([m] if m.is_file() else _files_under(m))]
-            if not found:
-                raise UserInputError(f"--corpus {value}: the pattern matches no file")
-        else:
-            raise UserInputError(f"--corpus {path}: no such file or directory")
-        files.update(dict.fromkeys(found))
-    return list(files)
-
-
-def _files_under(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in CORPUS_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(directory).parts))
-
-
-class Corpus:
-    """Streams Pieces from corpus files with bounded memory: text files in chunks (documents separated by blank
-    lines), JSON lines one record at a time (a "text" field), Parquet in record batches (a "text" column).
-    Stops after `max_bytes` bytes (at a chunk, line or batch boundary) when given; shows progress with an ETA."""
-
-    def __init__(self, values: Iterable[str | Path], max_bytes: int | None = None, chunk: int = CHUNK):
-        self.files = corpus_files(values)
-        self.max_bytes = max_bytes
-        self.chunk = chunk
-        self.bytes_read = 0
-        self.truncated = False  # stopped at max_bytes before the end of the corpus
-
-    def __iter__(self) -> Iterator[Piece]:
-        total = sum(p.stat().st_size for p in self.files)
-        bar = tqdm(total=min(total, self.max_bytes or total), desc="corpus", unit="B", unit_scale=True,
-                   unit_divisor=1024, leave=False)
-        try:
-            for path in self.files:
-                reader = (self._jsonl if path.suffix.lower() in JSONL_SUFFIXES else
-                          self._parquet if path.suffix.lower() in PARQUET_SUFFIXES else self._text)
-                try:
-                    for piece in reader(path):
-                        yield piece
-                        if self.bytes_read != bar.n:
-                            bar.update(self.bytes_read - bar.n)
-                        if self.max_bytes is not None and self.bytes_read >= self.max_bytes:
-                            self.truncated = True
-                            return
-                except UnicodeDecodeError as e:  # Parquet strings that Arrow did not validate
-                    raise UserInputError(f"--corpus {path}: not UTF-8 text ({e.reason})") from None
-                except OSError as e:
-                    raise UserInputError(f"--corpus {path}: cannot read it: {e}") from None
-        finally:
-            bar.close()
-
-    def _text(self, path: Path) -> Iterator[Piece]:
-        """Blank-line separated documents. `carry` holds the unfinished document; splitting carry + the new chunk
-        finds the same separators as splitting the whole file, because a separator is complete once its second
-        newline has been read and only the carry's last line can start one."""
-        decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True)
-        carry, first, offset = "", True, 0
-        with path.open("rb") as f:
-            while True:
-                data = f.read(self.chunk)
-                self.bytes_read += len(data)
-                pending = len(decoder.getstate()[0])  # bytes of a character split by the previous read
-                try:
-                    text = decoder.decode(data, final=not data)
-                except UnicodeDecodeError as e:
-                    raise UserInputError(f"--corpus {path}: not UTF-8 text ({e.reason} at byte "
-                                         f"{offset - pending + e.start})") from None
-                offset += len(data)
-                docs = DOC_SPLIT.split(carry + text)
-                carry = docs.pop()
-                for doc in docs:
-                    yield Piece(doc, first, True)
-                    first = True
-                if not data:
-                    yield Piece(carry, first, True)
-                    return
-                if len(carry) > self.chunk:  # a long document: pass it on up to its last line
-                    cut = carry.rfind("\n")
-                    if cut == -1 or (cut == 0 and carry.strip(" \t\n")):
-                        cut = len(carry)  # one long line: no separator can start inside it
-                    if cut > 0:
-                        yield Piece(carry[:cut], first, False)
-                        carry, first = carry[cut:], False
-
-    def _jsonl(self, path: Path) -> Iterator[Piece]:
-        with path.open("rb") as f:
-            for n, line in enumerate(f, 1):
-                self.bytes_read += len(line)
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line.decode("utf-8"))["text"]
-                except UnicodeDecodeError as e:
-                    raise UserInputError(f"--corpus {path}:{n}: not UTF-8 text ({e.reason})") from None
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    text = None
-                if not isinstance(text, str):
-                    raise UserInputError(f"--corpus {path}:{n}: not a JSON object with a string 'text' field")
-                yield from self._split(text)
-
-    def _parquet(self, path: Path) -> Iterator[Piece]:
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise UserInputError(f"--corpus {path}: reading Parquet needs pyarrow "
-                                 "(pip install 'tokdistill-fast[parquet]')") from None
-        try:
-            pf = pq.ParquetFile(path)
-            schema = pf.schema_arrow
-            if "text" not in schema.names or not (pa.types.is_string(schema.field("text").type) or
-                                                  pa.types.is_large_string(schema.field("text").type)):
-                raise UserInputError(f"--corpus {path}: no string column 'text' (columns: "
-                                     f"{', '.join(schema.names)})")
-            meta, column = pf.metadata, schema.names.index("text")
-            # Bytes are counted as the text column's share of the file, spread evenly over its rows.
-            size = sum(meta.row_group(g).column(column).total_compressed_size for g in range(meta.num_row_groups))
-            per_row = size / max(meta.num_rows, 1)
-            for batch in pf.iter_batches(batch_size=256, columns=["text"]):
-                self.bytes_read += round(batch.num_rows * per_row)
-                for text in batch.column(0).to_pylist():
-                    if text is not None:
-                        yield from self._split(text)
-        except pa.ArrowException as e:
-            raise UserInputError(f"--corpus {path}: not a readable Parquet file: {e}") from None
-
-    def _split(self, text: str) -> Iterator[Piece]:
-        """One document as Pieces of at most `chunk` characters."""
-        for lo in range(0, max(len(text), 1), self.chunk):
-            yield Piece(text[lo:lo + self.chunk], lo == 0, lo + self.chunk >= len(text))
-
-
-def iter_documents(paths: Iterable[str | Path]) -> Iterator[str]:
-    """Documents of the corpus files (see Corpus); a document longer than a chunk arrives in several parts."""
-    for piece in Corpus(paths):
-        yield piece.text
-
-
-def leading_documents(paths: Iterable[str | Path], max_chars: int) -> list[str]:
-    """The corpus's first documents, cut so that together they hold at most max_chars characters."""
-    docs, used = [], 0
-    for doc in iter_documents(paths):
-        if used >= max_chars:
-            break
-        docs.append(doc[:max_chars - used])
-        used += len(docs[-1])
-    return docs
 
 
 class WordChars(dict):

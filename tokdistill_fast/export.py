@@ -24,12 +24,18 @@ from .tokens import GENERIC_CLASS
 log = logging.getLogger(__name__)
 
 
-def check_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output unless --overwrite; refuse paths we could not create (missing parents are fine:
-    atomic_write creates them, as save_pretrained does). Called before any work."""
+def refuse_existing(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing --out (file or directory) unless --overwrite."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserInputError(f"--out {out} already exists; pass --overwrite to replace it")
+    return out
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output unless --overwrite; refuse paths we could not create (missing parents are fine:
+    atomic_write creates them, as save_pretrained does). Called before any work."""
+    out = refuse_existing(out, overwrite)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a directory")
     parent = out.absolute().parent

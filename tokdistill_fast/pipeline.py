@@ -22,6 +22,7 @@ from . import check, contexts, export, student, swap, teacher, tokens
 from .config import TRAINED_METHODS, DistillConfig, UserInputError
 from .control import checkpoint, chunks, distributed, observed
 from .control.settings import resolve_settings, search_settings
+from .corpus import corpus_files, leading_documents
 from .kernels import backend as kernels
 from .modeling import models
 from .report import RunReport, StageTimer, flag_outliers
@@ -81,7 +82,7 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
     tokens to train when a method trains (`trains`, default: cfg.method does). keep_in: the output directory of a
     run that keeps checkpoints (the workload and the search are saved there and reused on --resume)."""
     timer = StageTimer()
-    corpus_files = contexts.corpus_files(corpus)  # a missing file or empty glob fails here, before the model loads
+    files = corpus_files(corpus)  # a missing file or empty glob fails here, before the model loads
     device = models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
     backend = kernels.resolve(cfg.backend, device)  # fails here, not after the teacher pass, if triton cannot run
@@ -97,7 +98,7 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
         if not toks:
             raise UserInputError("none of the new tokens can be added (see the skipped reasons above)")
         new_tokenizer = tokens.extend_tokenizer(tokenizer, toks, cfg.tokenizer_mode, lm.config)
-    work_dir = checkpoint.WorkDir.open(keep_in, cfg, checkpoint.fingerprint(cfg, source, words, corpus_files)
+    work_dir = checkpoint.WorkDir.open(keep_in, cfg, checkpoint.fingerprint(cfg, source, words, files)
                                        if keep_in is not None and cfg.checkpoint_every else None)
     work = None
     if (cfg.method in TRAINED_METHODS if trains is None else trains) and trained_tokens(cfg, toks):
@@ -136,14 +137,7 @@ def teacher_cache(prep: Prepared, work: Workload, layers: list[int], packed: boo
     """Teacher states of the workload's aligned positions at `layers`, in one pass truncated at the deepest
     (packed rows without padding, or the length-sorted padded reference batches)."""
     return teacher.compute(prep.decoder, work.teacher_ids, work.cu_teacher, work.alignment, layers,
-                           **teacher_options(prep.decoder, prep.dtype, packed))
-
-
-def teacher_options(decoder: models.Decoder, dtype: torch.dtype, packed: bool) -> dict:
-    """teacher.compute's batch size, cache dtype and placement for this run's device."""
-    cuda = decoder.embed_weight.device.type == "cuda"
-    return {"max_tokens": teacher.batch_tokens(decoder.embed_weight.device), "cache_dtype": dtype, "packed": packed,
-            "device_budget": torch.cuda.mem_get_info()[0] // 2 if cuda else None}
+                           **teacher.options(prep.decoder, prep.dtype, packed))
 
 
 def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, config: DistillConfig | None = None,
@@ -193,7 +187,7 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
                            prep.decoder.hidden_size * prep.dtype.itemsize * len(layers))
         if not plan.single:
             trainer = chunks.ChunkedTrainer(plan, work_dir, lambda al, ids, cu: teacher.compute(
-                prep.decoder, ids, cu, al, layers, **teacher_options(prep.decoder, prep.dtype, passes.prefix)))
+                prep.decoder, ids, cu, al, layers, **teacher.options(prep.decoder, prep.dtype, passes.prefix)))
         elif objective.distill is not None and not passes.fused:  # fused: the teacher runs in each step
             with timer("teacher"):
                 cache = teacher_cache(prep, mine, layers, packed=passes.prefix)
@@ -323,4 +317,4 @@ def write_output(out: Path, prep: Prepared, learned: Learned, report: RunReport)
 
 def probe_sample(corpus: list, max_chars: int = 200_000) -> list[str]:
     """The first documents of the corpus, up to max_chars, as probe text for the output check."""
-    return contexts.leading_documents(corpus, max_chars)
+    return leading_documents(corpus, max_chars)

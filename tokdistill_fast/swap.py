@@ -20,15 +20,13 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-import regex
 import torch
 
 from .config import UserInputError
-from .tokens import NewToken, Skipped
+from .tokens import BYTE_PIECE, NewToken, Skipped
 
 log = logging.getLogger(__name__)
 
-BYTE_PIECE = regex.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces
 
 
 def words_from_tokenizer(directory: str | Path) -> tuple[list[str], list[Skipped]]:

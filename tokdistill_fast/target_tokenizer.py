@@ -25,8 +25,10 @@ import numpy as np
 
 from . import align, contexts, export, pipeline
 from .config import DistillConfig, UserInputError, launch
-from .contexts import CHARS_PER_TOKEN, Corpus, Hit, Snippet
+from .contexts import CHARS_PER_TOKEN, Hit, Snippet
 from .control import checkpoint
+from .corpus import Corpus
+from .corpus import corpus_files as find_corpus_files
 from .kernels import backend as kernels
 from .modeling import models
 from .report import RunReport, StageTimer
@@ -278,7 +280,7 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     timer = StageTimer()
     if out is not None:
         export.check_out_dir(out, cfg.overwrite)
-    corpus_files = contexts.corpus_files(corpus)
+    corpus_files = find_corpus_files(corpus)
     if not isinstance(model, (str, Path)) and tokenizer is None:
         raise UserInputError("an in-memory model needs its tokenizer: distill(model, ..., tokenizer=tok, "
                              "target_tokenizer=t2)")

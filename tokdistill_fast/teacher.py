@@ -40,6 +40,18 @@ def batch_tokens(device: torch.device) -> int:
     return 65536 if device.type == "cuda" else 8192
 
 
+# Share of the device memory free when the cache is built that it may take: the rest is left to the student's
+# activations and the optimizer, which come after it; a larger cache spills to pinned host memory.
+DEVICE_CACHE_SHARE = 0.5
+
+
+def options(decoder: Decoder, dtype: torch.dtype, packed: bool) -> dict:
+    """compute()'s batch size, cache dtype and placement for a run on the decoder's device."""
+    device = decoder.embed_weight.device
+    budget = int(torch.cuda.mem_get_info()[0] * DEVICE_CACHE_SHARE) if device.type == "cuda" else None
+    return {"max_tokens": batch_tokens(device), "cache_dtype": dtype, "packed": packed, "device_budget": budget}
+
+
 def length_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
     """Group sequence indices, sorted by length, into batches whose padded size B * T_max stays within max_tokens."""
     order = np.argsort(lengths, kind="stable")
@@ -56,15 +68,15 @@ def length_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
     return batches
 
 
-def pad_batch(flat: np.ndarray, cu: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Right-padded [B, T_max] int64 tensor of the packed sequences `rows`."""
-    lens = cu[rows + 1] - cu[rows]
-    return lay_out(flat, cu[rows], lens, np.zeros(len(rows)), packed=False).ids.to(device, non_blocking=True)
+def pad_batch(flat: np.ndarray, cu: np.ndarray, seqs: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Right-padded [B, T_max] int64 tensor of the packed sequences `seqs` (indices)."""
+    lens = cu[seqs + 1] - cu[seqs]
+    return lay_out(flat, cu[seqs], lens, np.zeros(len(seqs)), packed=False).ids.to(device, non_blocking=True)
 
 
-def aligned_rows(cu_aligned: np.ndarray, pos: np.ndarray, rows: np.ndarray, width: int) -> np.ndarray:
-    """Flat indices b * width + pos of the aligned positions of batch rows `rows` (in batch order)."""
-    return np.concatenate([b * width + pos[cu_aligned[i]:cu_aligned[i + 1]] for b, i in enumerate(rows)]
+def aligned_rows(cu_aligned: np.ndarray, pos: np.ndarray, seqs: np.ndarray, width: int) -> np.ndarray:
+    """Flat indices b * width + pos of the aligned positions of the sequences `seqs` (in batch order)."""
+    return np.concatenate([b * width + pos[cu_aligned[i]:cu_aligned[i + 1]] for b, i in enumerate(seqs)]
                           ).astype(np.int64)
 
 
@@ -87,13 +99,13 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
     cu_a = alignment.cu_aligned
     batches = token_batches(lengths, max_tokens) if packed else length_batches(lengths, max_tokens)
     spill = _HostSpill(states) if on_host else None
-    for rows in tqdm(batches, desc="teacher", unit="batch", leave=False):
-        lay = lay_out(teacher_ids, cu_teacher[rows], lengths[rows], np.zeros(len(rows)), packed).to(device)
+    for seqs in tqdm(batches, desc="teacher", unit="batch", leave=False):
+        lay = lay_out(teacher_ids, cu_teacher[seqs], lengths[seqs], np.zeros(len(seqs)), packed).to(device)
         hidden = decoder.hidden_states(decoder.embed(lay.ids), layers, lay.positions if packed else None,
                                        Attend(lay.spec) if packed else None)
-        counts = cu_a[rows + 1] - cu_a[rows]
-        pairs = ranges(cu_a[rows], counts)  # this batch's aligned pairs, which are also their cache rows
-        flat_idx = torch.from_numpy(lay.rows(np.repeat(np.arange(len(rows)), counts), alignment.t_pos[pairs]))
+        counts = cu_a[seqs + 1] - cu_a[seqs]
+        pairs = ranges(cu_a[seqs], counts)  # this batch's aligned pairs, which are also their cache rows
+        flat_idx = torch.from_numpy(lay.rows(np.repeat(np.arange(len(seqs)), counts), alignment.t_pos[pairs]))
         picked = {l: h.reshape(-1, D).index_select(0, flat_idx.to(device)).to(cache_dtype) for l, h in hidden.items()}
         if spill is None:
             dest = torch.from_numpy(pairs).to(device)

@@ -22,6 +22,9 @@ Two ways to make the tokenizer emit one id for them (`--tokenizer-mode`):
 
 `auto` uses vocab mode where the tokenizer allows it (BPE with a known pre-tokenizer, loaded by AutoTokenizer as
 written) and added tokens for forms it cannot isolate. Subtoken ids always come from the original tokenizer.
+
+Over 400 lines because planning and both modes of extension read the same tokenizer internals (the stored piece
+of a form, the normalizer, the prefix space, the pre-tokenizer JSON): kept private here, they change together.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 WORD_CHARS = r"\p{L}\p{M}\p{N}_"  # a form must not touch these on either side
 SPACE_MARK = "\u2581"  # SentencePiece's visible space
 BYTE_LEVEL_SPACE = "\u0120"  # "Ġ": byte-level BPE's stored space
-BYTE_PIECE = regex.compile(r"<0x[0-9A-Fa-f]{2}>")
+BYTE_PIECE = regex.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces: <0x41>
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # ByteLevel's own
 GENERIC_CLASS = "PreTrainedTokenizerFast"  # loads tokenizer.json exactly as written (model classes may rebuild it)
 

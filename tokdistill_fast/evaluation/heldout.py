@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from tokdistill_fast.kernels.embedding_rows import embedding_rows
 
-from .. import align, contexts, teacher
+from .. import align, contexts, corpus, teacher
 from ..align import Alignment
 from ..config import UserInputError
 from ..modeling.models import Decoder
@@ -299,7 +299,7 @@ def per_token(values: dict[str, np.ndarray], group: np.ndarray, n_tokens: int) -
 def tokens_saved(paths: list[str | Path], original_tokenizer, adapted_tokenizer, max_chars: int = 20_000_000
                  ) -> dict:
     """Sequence-length ratio (adapted / original tokenizer) over the held-out documents, up to max_chars."""
-    docs = contexts.leading_documents(paths, max_chars)
+    docs = corpus.leading_documents(paths, max_chars)
     n_orig = n_new = 0
     for c in range(0, len(docs), 1024):
         part = docs[c:c + 1024]

@@ -97,7 +97,7 @@ def extended(tokenizer, merges: list[tuple[str, str]]):
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
-    from ..contexts import iter_documents
+    from ..corpus import iter_documents
 
     p = argparse.ArgumentParser(prog="python -m tokdistill_fast.tools.extend_bpe", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model or tokenizer directory whose BPE tokenizer to extend")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import regex
 
-from ..contexts import iter_documents
+from ..corpus import iter_documents
 from ..tokens import original_ids
 
 FORBIDDEN = set("[]{}()<>.,;:!?@#$%^&*+_=|\\/")
