@@ -1,5 +1,5 @@
 #!/bin/bash
-# The comparison runs of docs/COMPARE.md. Needs `python -m tokdistill_fast.demo prepare --gemma` (models, GCIDE
+# The comparison runs of docs/COMPARE.md. Needs `python -m tokdistill_fast.tools.demo prepare --gemma` (models, GCIDE
 # split) and the eval extra (pip install -e '.[eval]'). Run from the repository root; each run refuses an
 # existing output directory.
 set -e
