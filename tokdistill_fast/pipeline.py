@@ -477,6 +477,7 @@ def build_report(cfg, toks, skipped, rows, work, train_result, tokenizer, decode
             "steps": train_result.steps, "passes": train_result.extra.get("groups"),
             "seconds": train_result.seconds, "computed_positions": train_result.extra["positions"],
             "chunk_teacher_seconds": train_result.extra.get("teacher_seconds"),  # chunked runs only
+            "output_rows_trained": train_result.out_rows is not None,  # untied: ntp-all, --output-embeddings ntp
             "first_loss": float(train_result.step_loss[0]), "last_loss": float(train_result.step_loss[-1])},
         "tokens": per_token,
         "skipped": [{"word": s.word, "reason": s.reason} for s in skipped],
