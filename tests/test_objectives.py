@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tokdistill_fast import DistillConfig, distill, losses
+from tokdistill_fast.config import UserInputError
 
 FAST = dict(snippets_per_token=6, snippet_length=24, batch_size=4, lr=1e-2, epochs=1, dtype="float32",
             device="cpu", add_variants=False)
@@ -86,3 +87,10 @@ def test_ntp_all_trains_new_input_and_output_rows_only(untied, words_file, corpu
     # ntp (new input rows only) on the same settings: the output rows keep the subtoken mean.
     ntp = distill(untied, words_file, [corpus_file], config=DistillConfig(**FAST, method="ntp"))
     assert torch.equal(ntp.out_rows, start_rows[1]) and not ntp.report["training"]["output_rows_trained"]
+
+
+@pytest.mark.parametrize("policy", ["zeros", "mean"])
+def test_ntp_all_refuses_an_output_policy_that_would_discard_its_output_rows(policy):
+    with pytest.raises(UserInputError, match="ntp-all learns the new output rows"):
+        DistillConfig(method="ntp-all", output_embeddings=policy).validate()
+    DistillConfig(method="ntp-all", output_embeddings="ntp").validate()
