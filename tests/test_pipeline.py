@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import NEW_WORDS
+from conftest import NEW_WORDS, synthetic_text
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,19 +74,21 @@ def test_report_and_training(run):
     assert set(report["timings"]) >= {"load", "tokens", "contexts", "teacher", "student", "export", "total"}
 
 
-def test_training_beats_the_start_rows_on_the_measure(run, corpus_file):
-    """Learning, measured on the same snippets for the trained rows and for the subtoken-mean start rows: the
-    objective (hidden-state MSE at the target layer) and what `tokdistill eval` measures (next-token KL to the
-    original model from the new token on)."""
+def test_training_beats_the_start_rows_on_the_measure(run, tmp_path):
+    """Learning, measured on the same held-out snippets (documents the training corpus does not hold) for the
+    trained rows and for the subtoken-mean start rows: the objective (hidden-state MSE at the target layer) and what
+    `tokdistill eval` measures (next-token KL to the original model from the new token on)."""
     src, _, result = run
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(synthetic_text(n_docs=100, seed=7), encoding="utf-8")
     model, tok = load_model(src, torch.device("cpu"), torch.float32)
     dec = Decoder(model)
     prim = [i for i, t in enumerate(result.tokens) if t.variant_of is None]
     toks = [result.tokens[i] for i in prim]
     V, layer = dec.embed_weight.shape[0], FAST["target_layer"]
-    hs = build_heldout([corpus_file], tok, toks, [V + r for r in range(len(prim))], 4, 24, 0, start_id(tok))
+    hs = build_heldout([heldout], tok, toks, [V + r for r in range(len(prim))], 4, 24, 0, start_id(tok))
     ref = reference(dec, hs, (layer,))
     trained = score(Scorer(dec, rows=result.rows[prim]), hs, ref)
     start = score(Scorer(dec, rows=subtoken_mean(dec.embed_weight, toks)), hs, ref)
-    assert trained.mse[layer].mean() < start.mse[layer].mean()  # tiny models: 0.6x (Llama, Qwen2), 0.96x (Gemma)
+    assert trained.mse[layer].mean() < start.mse[layer].mean()  # held out, tiny models: 0.5-0.6x (Gemma 0.92x)
     assert trained.kl.mean() < start.kl.mean()

@@ -169,6 +169,9 @@ class DistillConfig:
             raise UserInputError("--distill-min-chars must be 0 or more")
         if self.new_ids is not None and self.target_tokenizer is None:
             raise UserInputError("--new-ids needs --tokenizer (the ids are ids of that tokenizer)")
+        if self.method == "ntp-all" and self.output_embeddings in ("zeros", "mean"):
+            raise UserInputError(f"--method ntp-all learns the new output rows; --output-embeddings "
+                                 f"{self.output_embeddings} would throw them away (leave it at auto or ntp)")
         if self.init_from is not None and self.method == "random":
             raise UserInputError("--init-from has no effect with --method random")
         if self.chunk_tokens is not None and self.chunk_tokens < 1 or self.memory_budget is not None and \

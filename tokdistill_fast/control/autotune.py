@@ -1,7 +1,7 @@
 """`--target-layer auto` (and `--epochs auto`): choose the setting on held-out snippets, the way a careful user would.
 
 A sample of tokens is drawn and part of each one's snippets is held out. One short distillation per candidate
-layer (half and three quarters of the depth, and the last layer) trains on the rest of the sample; `--epochs
+layer (half and three quarters of the depth) trains on the rest of the sample; `--epochs
 auto` adds the chosen layer with a second epoch. Each candidate is scored per token by the measure of `tokdistill
 eval` (next-token KL of the model reading the new token to the original model reading the subtokens, from the
 word on, relative to subtoken-mean initialization). The decision is paired over tokens and prefers the cheaper
@@ -52,7 +52,7 @@ class Trial:
     ratio: float  # held-out KL relative to subtoken-mean init, mean over the sampled tokens (lower is better)
     seconds: float
     per_token: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))  # [tokens] the same, per token
-    vs_choice: tuple[float, float] | None = None  # paired difference to the choice it was compared with: mean, SE
+    vs_choice: tuple[float, float] | None = None  # paired log-ratio difference to the choice compared with: mean, SE
 
 
 @dataclass
@@ -65,14 +65,16 @@ class SearchResult:
     def as_dict(self) -> dict:
         return {"best": asdict(self.best), "seconds": self.seconds, "sample": self.sample, "noise_z": NOISE_Z,
                 "trials": [{**asdict(t.candidate), "ratio": t.ratio, "seconds": t.seconds,
-                            "vs_choice": None if t.vs_choice is None else dict(zip(("mean", "se"), t.vs_choice))}
+                            "per_token": [round(float(r), 4) for r in t.per_token],
+                            "vs_choice": None if t.vs_choice is None else dict(zip(("mean_log", "se"), t.vs_choice))}
                            for t in self.trials]}
 
 
 def candidate_layers(num_layers: int) -> list[int]:
-    """About half and three quarters of the depth, and the last layer (a quarter never won on SmolLM2 or Gemma-3,
-    docs/defaults.md)."""
-    return sorted({max(1, round(num_layers * f)) for f in (0.5, 0.75)} | {num_layers})
+    """About half and three quarters of the depth. A quarter and the last layer never won on SmolLM2 or Gemma-3
+    (sweeps, fixed-layer comparisons and every search in docs/defaults.md); `--target-layer -1` still asks for
+    the last."""
+    return sorted({max(1, round(num_layers * f)) for f in (0.5, 0.75)})
 
 
 def default_lr(layer: int, num_layers: int) -> float:
@@ -148,10 +150,16 @@ class HeldoutRatios:
 
 
 def paired_better(new: np.ndarray, old: np.ndarray) -> tuple[bool, float, float]:
-    """Whether per-token scores `new` beat `old` (lower) by more than NOISE_Z standard errors of the paired
-    difference; also the mean difference and its standard error."""
-    d = new - old
-    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+    """Whether per-token ratios `new` beat `old` (lower) by more than NOISE_Z standard errors of the paired
+    difference of their logs; also that mean log difference and its standard error. Logs, because a token's
+    ratios scale together: on Gemma-3/FOLDOC layer 14 took one token from 1.64x to 0.38x and six of the other
+    eight lower too; plain differences read -0.25 +- 0.13 and kept layer 9 (0.302 on held-out text), logs read
+    -0.38 +- 0.17 and chose 14. Tokens without a held-out pair are left out."""
+    ok = np.isfinite(new) & np.isfinite(old)
+    d = np.log(np.maximum(new[ok], 1e-6)) - np.log(np.maximum(old[ok], 1e-6))
+    if len(d) < 2:
+        return False, float(d.mean()) if len(d) else 0.0, float("inf")
+    se = float(d.std(ddof=1) / np.sqrt(len(d)))
     return bool(d.mean() < -NOISE_Z * se), float(d.mean()), se
 
 
@@ -238,7 +246,7 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
         trial = run(c)
         better, diff, se = paired_better(trial.per_token, choice.per_token)
         trial.vs_choice = (diff, se)
-        log.info("autotune: %-22s held-out KL %.3f x mean init, %+.3f +- %.3f vs %s (%.1f s)%s", c.label(),
+        log.info("autotune: %-22s held-out KL %.3f x mean init, log ratio %+.3f +- %.3f vs %s (%.1f s)%s", c.label(),
                  trial.ratio, diff, se, choice.candidate.label(), trial.seconds, " -> chosen" if better else "")
         return trial if better else choice
 

@@ -52,7 +52,7 @@ class TrainResult:
     rows: torch.Tensor  # [n_new, D] fp32 input rows
     out_rows: torch.Tensor | None  # [n_new, D] fp32 output rows when learned
     step_loss: np.ndarray  # [steps]
-    token_loss: np.ndarray  # [n_tokens] mean loss over the last epoch's aligned rows (nan if none)
+    token_loss: np.ndarray  # [n_tokens] mean loss over the aligned rows of the last half-epoch (nan if none)
     seconds: float
     steps: int
     extra: dict = field(default_factory=dict)
@@ -160,14 +160,17 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     losses_log = LossLog(step_loss, schedule.log_every, desc)
     tok_sum = torch.zeros(n_rows, device=device)
     tok_cnt = torch.zeros(n_rows, device=device)
-    last_epoch_start = n_steps - n_steps // schedule.epochs
+    # Per-token loss over the second half of the last epoch: rows near their final values (a token's early pairs
+    # can be thousands of times its final loss, e.g. where its initial row makes a new attention sink).
+    last_epoch = n_steps // schedule.epochs
+    tail_start = n_steps - last_epoch + last_epoch // 2
     state = {"params": params, "optimizer": opt, "scheduler": sched, "step_loss": step_loss, "tok_sum": tok_sum,
              "tok_cnt": tok_cnt, "steps": n_steps}
     start = hook.restore(state) if hook is not None else 0
     # Groups: the fast passes, for objectives whose gradients stay in the rows of each snippet's own token (NTP
     # reads every new row through the output layer).
     grouped = passes.prefix and shard is None and objective.ntp is None and trainable.out_rows is None
-    breaks = {last_epoch_start} | (set(range(0, n_steps, hook.every)) if hook is not None and hook.every else set())
+    breaks = {tail_start} | (set(range(0, n_steps, hook.every)) if hook is not None and hook.every else set())
     groups = plan_groups(al, snippet_row, plan, passes, schedule.group if grouped else 1, breaks, start, teacher,
                          device)
     feed = None if passes.fused or objective.distill is None else TargetFeed(cache, [g.batch for g in groups],
@@ -202,7 +205,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
             step_loss[g.steps.start:g.steps.stop] = rewind.take_steps(x.grad, g, row_loss)
         for s in g.steps:
             losses_log.step(s)
-        if step >= last_epoch_start and row_loss is not None:
+        if step >= tail_start and row_loss is not None:
             tok_sum.index_add_(0, b.tok, row_loss.float())
             tok_cnt.index_add_(0, b.tok, torch.ones_like(row_loss, dtype=torch.float32))
         if hook is not None:

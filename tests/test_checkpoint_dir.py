@@ -1,0 +1,70 @@
+"""`tokdistill distill --checkpoint-dir` (in process): a run that crashes mid-training leaves its checkpoint in the
+given directory (not in OUT.partial), `--resume` with the same flag continues from the saved step (it does not
+start over) and writes bitwise the rows of an uninterrupted run, and the directory is removed once the output is
+written. The SIGTERM / kill -9 cases with the default directory are in test_resume.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tokdistill_fast.cli import main
+from tokdistill_fast.control import checkpoint
+
+# 4 words x 6 snippets, batch 4, one epoch: 6 steps, a checkpoint every 2; the crash comes after step 4.
+SETTINGS = ["--target-layer", "2", "--lr", "5e-3", "--batch-size", "4", "--snippets-per-token", "6", "--epochs", "1",
+            "--dtype", "float32", "--device", "cpu", "--no-variants", "--checkpoint-every", "2"]
+CRASH_AFTER = 4
+
+
+@pytest.fixture()
+def args(model_dirs, words_file, corpus_file) -> list[str]:
+    model = model_dirs[("llama", "bytelevel", True)]
+    return ["-q", "distill", "--model", str(model), "--new-tokens", str(words_file), "--corpus", str(corpus_file),
+            *SETTINGS]
+
+
+def spy_steps(monkeypatch, crash_after: int | None = None) -> list[int]:
+    """Records the steps each training pass ends at; raises after `crash_after` (its checkpoint saved first)."""
+    ends: list[int] = []
+    original = checkpoint.StudentHook.after_steps
+
+    def after_steps(self, steps, state):
+        original(self, steps, state)
+        ends.append(steps.stop)
+        if crash_after is not None and steps.stop >= crash_after:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(checkpoint.StudentHook, "after_steps", after_steps)
+    return ends
+
+
+def test_checkpoint_dir_is_used_and_resume_continues_from_it(args, tmp_path, monkeypatch):
+    whole, out, ckpt = tmp_path / "whole", tmp_path / "out", tmp_path / "elsewhere" / "ckpt"
+    assert main([*args, "--out", str(whole), "--checkpoint-dir", str(tmp_path / "ckpt-whole")]) == 0
+    assert not (tmp_path / "ckpt-whole").exists()  # removed once the output is written
+
+    with monkeypatch.context() as m:
+        spy_steps(m, crash_after=CRASH_AFTER)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            main([*args, "--out", str(out), "--checkpoint-dir", str(ckpt)])
+    assert not out.exists() and not out.with_name("out.partial").exists()
+    assert {p.name for p in ckpt.iterdir()} >= {"fingerprint.json", "workload.pt", "student.pt"}
+    saved = torch.load(ckpt / "student.pt", weights_only=False)
+    assert (saved["step"], saved["steps"]) == (CRASH_AFTER, 6)
+
+    # Without the flag the run looks in OUT.partial, finds nothing, and says where it looked.
+    assert main([*args, "--out", str(out), "--resume"]) == 2
+    ends = spy_steps(monkeypatch)
+    assert main([*args, "--out", str(out), "--checkpoint-dir", str(ckpt), "--resume"]) == 0
+    assert ends and min(ends) > CRASH_AFTER and max(ends) == 6  # continued after the saved step
+    a, b = load_file(str(whole / "new_embeddings.safetensors")), load_file(str(out / "new_embeddings.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not ckpt.exists()
+
+
+def test_resume_without_a_checkpoint_names_the_directory(args, tmp_path, capsys):
+    ckpt = tmp_path / "none"
+    assert main([*args, "--out", str(tmp_path / "out"), "--checkpoint-dir", str(ckpt), "--resume"]) == 2
+    assert f"no checkpoint in {ckpt}" in capsys.readouterr().err
