@@ -158,19 +158,21 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     teacher_layers = objective.cache_layers(L) if passes.fused else None
     step_loss = torch.zeros(n_steps, device=device)
     losses_log = LossLog(step_loss, schedule.log_every, desc)
-    tok_sum = torch.zeros(n_rows, device=device)
-    tok_cnt = torch.zeros(n_rows, device=device)
-    # Per-token loss over the second half of the last epoch: rows near their final values (a token's early pairs
-    # can be thousands of times its final loss, e.g. where its initial row makes a new attention sink).
+    # Per-token loss sums and counts [2, rows]: over the last epoch, and over its second half, where rows are near
+    # their final values (a token's early pairs can be thousands of times its final loss, e.g. where its initial
+    # row makes a new attention sink). A token seen only in the first half is reported over the whole epoch.
+    tok_sum = torch.zeros(2, n_rows, device=device)
+    tok_cnt = torch.zeros(2, n_rows, device=device)
     last_epoch = n_steps // schedule.epochs
-    tail_start = n_steps - last_epoch + last_epoch // 2
+    epoch_start, tail_start = n_steps - last_epoch, n_steps - last_epoch + last_epoch // 2
     state = {"params": params, "optimizer": opt, "scheduler": sched, "step_loss": step_loss, "tok_sum": tok_sum,
              "tok_cnt": tok_cnt, "steps": n_steps}
     start = hook.restore(state) if hook is not None else 0
     # Groups: the fast passes, for objectives whose gradients stay in the rows of each snippet's own token (NTP
     # reads every new row through the output layer).
     grouped = passes.prefix and shard is None and objective.ntp is None and trainable.out_rows is None
-    breaks = {tail_start} | (set(range(0, n_steps, hook.every)) if hook is not None and hook.every else set())
+    every = hook.every if hook is not None else 0
+    breaks = {epoch_start, tail_start} | (set(range(0, n_steps, every)) if every else set())
     groups = plan_groups(al, snippet_row, plan, passes, schedule.group if grouped else 1, breaks, start, teacher,
                          device)
     feed = None if passes.fused or objective.distill is None else TargetFeed(cache, [g.batch for g in groups],
@@ -205,9 +207,9 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
             step_loss[g.steps.start:g.steps.stop] = rewind.take_steps(x.grad, g, row_loss)
         for s in g.steps:
             losses_log.step(s)
-        if step >= tail_start and row_loss is not None:
-            tok_sum.index_add_(0, b.tok, row_loss.float())
-            tok_cnt.index_add_(0, b.tok, torch.ones_like(row_loss, dtype=torch.float32))
+        for part in range((step >= epoch_start) + (step >= tail_start)) if row_loss is not None else ():
+            tok_sum[part].index_add_(0, b.tok, row_loss.float())
+            tok_cnt[part].index_add_(0, b.tok, torch.ones_like(row_loss, dtype=torch.float32))
         if hook is not None:
             hook.after_steps(g.steps, state)
     if device.type == "cuda":
@@ -217,7 +219,8 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     positions = computed_positions([g.batch for g in groups], passes)
     if shard is not None:
         positions = shard.finish(tok_sum, tok_cnt, positions)
-    token_loss = (tok_sum / tok_cnt).cpu().numpy()  # nan where a token had no aligned rows
+    mean = tok_sum / tok_cnt
+    token_loss = torch.where(tok_cnt[1] > 0, mean[1], mean[0]).cpu().numpy()  # nan: a token without aligned rows
     out_rows = trainable.out_rows
     return TrainResult(rows.detach(), None if out_rows is None else out_rows.detach(), step_loss.cpu().numpy(),
                        token_loss, seconds, n_steps,
