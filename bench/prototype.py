@@ -40,6 +40,14 @@ def find_snippets(tok, words: list[str], text: str, per_word: int, length: int) 
     return found
 
 
+def right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask of the sequences, right-padded to the longest."""
+    n = max(map(len, seqs))
+    ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs])
+    return ids, mask
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -55,12 +63,13 @@ def main() -> None:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     model.requires_grad_(False)
     forward = model.model if args.body_only else model
     words = [w.strip() for w in open(args.new_tokens, encoding="utf-8") if w.strip()]
     subs = [tok(" " + w, add_special_tokens=False)["input_ids"] for w in words]
     table = model.get_input_embeddings().weight
+    scale = getattr(model.get_input_embeddings(), "embed_scale", 1.0)  # Gemma scales looked-up rows; inputs_embeds not
     new_rows = torch.nn.Parameter(torch.stack([table[s].mean(0) for s in subs]))
     start = start_id(tok)
     snippets = find_snippets(tok, words, open(args.corpus, encoding="utf-8").read(), 25, 49)  # + start id
@@ -76,20 +85,14 @@ def main() -> None:
         t_seqs = [[start, *l, *mid, *r] for w, l, mid, r in batch]
         s_seqs = [[start, *l, -1 - w, *r] for w, l, _, r in batch]  # -1 - w marks new row w
 
-        def padded(seqs):
-            n = max(map(len, seqs))
-            ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs])
-            mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs])
-            return ids, mask
-
-        t_ids, t_mask = padded(t_seqs)
-        s_ids, s_mask = padded(s_seqs)
+        t_ids, t_mask = right_padded(t_seqs, pad)
+        s_ids, s_mask = right_padded(s_seqs, pad)
         with torch.no_grad():
             t_out = forward(input_ids=t_ids, attention_mask=t_mask, output_hidden_states=True)
         t_h = t_out.hidden_states[args.layer]
         is_new = s_ids < 0
         emb = table[s_ids.clamp(min=0)]
-        emb = torch.where(is_new[..., None], new_rows[(-1 - s_ids).clamp(min=0)], emb)
+        emb = torch.where(is_new[..., None], new_rows[(-1 - s_ids).clamp(min=0)], emb) * scale
         s_h = forward(inputs_embeds=emb, attention_mask=s_mask, output_hidden_states=True).hidden_states[args.layer]
         diffs = []
         for b, (_, l, mid, r) in enumerate(batch):

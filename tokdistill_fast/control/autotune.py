@@ -6,11 +6,11 @@ auto` adds the chosen layer with a second epoch. Each candidate is scored per to
 eval` (next-token KL of the model reading the new token to the original model reading the subtokens, from the
 word on, relative to subtoken-mean initialization). The decision is paired over tokens and prefers the cheaper
 setting: a deeper layer (or a second epoch) is chosen only if it beats the current choice by more than NOISE_Z
-standard errors of the per-token differences, so a noise-sized gain never buys a costlier run. Nothing in the
-decision reads the clock: the sample size comes from a cost model in forward-pass units, so the same inputs give
-the same choice on an idle or a loaded machine. `--lr auto` is the measured rule `default_lr` (learning rates
-from 3e-3 to 1e-2 were within noise of each other on both reference models, docs/defaults.md). Teacher states
-for every candidate layer come from one truncated pass to the deepest one.
+standard errors of the per-token differences of log ratios, so a noise-sized gain never buys a costlier run.
+Nothing in the decision reads the clock: the sample size comes from a cost model in forward-pass units, so the
+same inputs give the same choice on an idle or a loaded machine. `--lr auto` is the measured rule `default_lr`
+(learning rates from 3e-3 to 1e-2 were within noise of each other on both reference models, docs/defaults.md).
+Teacher states for every candidate layer come from one truncated pass to the deepest one.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_COST = 3.0  # forward + input-gradient backward, in forward-pass units per token and layer (measured on CPU)
 SMALL_BATCH_COST = 2.5  # per token, the search's batch-4 steps cost this many times a batch-16 step (CPU, SmolLM2)
-NOISE_Z = 2.0  # a costlier candidate must win by 2 standard errors of the paired per-token difference (~97.5%)
+NOISE_Z = 2.0  # a costlier candidate must win by 2 standard errors of the paired log-ratio difference (~97.5%)
 
 
 @dataclass(frozen=True)

@@ -207,9 +207,11 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
             step_loss[g.steps.start:g.steps.stop] = rewind.take_steps(x.grad, g, row_loss)
         for s in g.steps:
             losses_log.step(s)
-        for part in range((step >= epoch_start) + (step >= tail_start)) if row_loss is not None else ():
-            tok_sum[part].index_add_(0, b.tok, row_loss.float())
-            tok_cnt[part].index_add_(0, b.tok, torch.ones_like(row_loss, dtype=torch.float32))
+        if row_loss is not None:
+            for part, since in enumerate((epoch_start, tail_start)):
+                if step >= since:
+                    tok_sum[part].index_add_(0, b.tok, row_loss.float())
+                    tok_cnt[part].index_add_(0, b.tok, torch.ones_like(row_loss, dtype=torch.float32))
         if hook is not None:
             hook.after_steps(g.steps, state)
     if device.type == "cuda":
