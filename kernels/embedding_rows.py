@@ -10,6 +10,7 @@ new_rows [n_new, D] fp32 trainable. The backward pass writes an [n_new, D] fp32 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .backend import LAUNCH_OPTIONS, cast, check_device, dispatch, jit, row_major, tl, triton
 
@@ -21,7 +22,9 @@ def embedding_rows_ref(ids: torch.Tensor, table: torch.Tensor, new_rows: torch.T
     V = table.shape[0]
     is_new = (ids >= V).unsqueeze(-1)  # [..., 1] bool
     base = table.detach()[ids.clamp(max=V - 1)]  # reads 2 N D, writes 2 N D
-    new = new_rows[(ids - V).clamp(min=0)].to(table.dtype)  # reads 8 N D, writes 6 N D (fp32 gather, then cast)
+    # F.embedding, not new_rows[...]: its CPU backward sums each row's gradients in a fixed order, where an indexing
+    # backward adds them with parallel atomics, so the same run gave rows differing by ~1e-7 (issue 18)
+    new = F.embedding((ids - V).clamp(min=0), new_rows).to(table.dtype)  # reads 8 N D, writes 6 N D
     out = torch.where(is_new, new, base)  # reads 4 N D, writes 2 N D
     return out if scale is None else out * scale  # reads 2 N D, writes 2 N D
 
