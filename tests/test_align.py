@@ -42,3 +42,15 @@ def test_batch_offsets():
     assert al.cu_student.tolist() == [0, 2, 5, 6]
     assert al.cu_aligned.tolist() == [0, 1, 4, 4]
     np.testing.assert_array_equal(al.t_pos, [2, 1, 2, 3])
+
+
+def test_trim_suffix_keeps_the_first_pairs_and_cuts_both_sequences_after_them():
+    # snippet 0: 1 [7 8] 3 4 5 -> 1 NEW 3 4 5 (pairs 1<->2, 2<->3, 3<->4, 4<->5); snippet 1: 3 [7 8] -> 3 NEW
+    teacher = [[1, 7, 8, 3, 4, 5], [3, 7, 8]]
+    al = align.align(teacher, [[7, 8]], [0, 0], [99], "python")
+    t_ids, cu_t = align.pack(teacher, "python")
+    cut, t_cut, cu_cut = align.trim_suffix(al, t_ids, cu_t, 2)
+    assert cut.s_pos.tolist() == [1, 2, 1] and cut.t_pos.tolist() == [2, 3, 2]
+    assert cut.cu_aligned.tolist() == [0, 2, 3]
+    assert cut.student_ids.tolist() == [1, 99, 3, 3, 99] and cut.cu_student.tolist() == [0, 3, 5]
+    assert t_cut.tolist() == [1, 7, 8, 3, 3, 7, 8] and cu_cut.tolist() == [0, 4, 7]

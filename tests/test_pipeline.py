@@ -92,3 +92,15 @@ def test_training_beats_the_start_rows_on_the_measure(run, tmp_path):
     start = score(Scorer(dec, rows=subtoken_mean(dec.embed_weight, toks)), hs, ref)
     assert trained.mse[layer].mean() < start.mse[layer].mean()  # held out, tiny models: 0.5-0.6x (Gemma 0.92x)
     assert trained.kl.mean() < start.kl.mean()
+
+
+def test_loss_positions_trains_on_the_first_positions_after_the_word(model_dirs, words_file, corpus_file, tmp_path):
+    """--loss-positions K: every snippet keeps its first K aligned pairs and its sequences end after them."""
+    src = model_dirs[("llama", "bytelevel", True)]
+    counts = {}
+    for k in (None, 2):
+        distill(src, words_file, [corpus_file], tmp_path / f"k{k}", DistillConfig(**FAST, loss_positions=k))
+        counts[k] = json.loads((tmp_path / f"k{k}" / "report.json").read_text())["counts"]
+    assert counts[2]["snippets"] == counts[None]["snippets"]
+    assert counts[2]["aligned_positions"] <= 2 * counts[2]["snippets"] < counts[None]["aligned_positions"]
+    assert counts[2]["teacher_tokens"] < counts[None]["teacher_tokens"]

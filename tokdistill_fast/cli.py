@@ -22,6 +22,10 @@ def _epochs(value: str) -> int | str:
     return value if value == "auto" else int(value)
 
 
+def _positions(value: str) -> int | None:
+    return None if value == "all" else int(value)
+
+
 def _size(value: str) -> int:
     """A byte count with an optional K/M/G/T suffix (powers of 1024): 500M, 2G (8GB and 8GiB read as 8G)."""
     value = value.removesuffix("iB").removesuffix("B") if value[-2:-1].isalpha() else value
@@ -68,8 +72,12 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
     d.add_argument("--lr", type=_lr, default=c.lr, help="learning rate, or auto")
     d.add_argument("--epochs", type=_epochs, default=c.epochs, help="passes over the snippets (1, 2, ...), or auto")
     d.add_argument("--batch-size", type=int, default=c.batch_size)
+    d.add_argument("--warmup-fraction", type=float, default=c.warmup_fraction,
+                   help="share of the steps with a linear learning-rate warm-up (the paper: 0.5)")
     d.add_argument("--snippets-per-token", type=int, default=c.snippets_per_token)
     d.add_argument("--snippet-length", type=int, default=c.snippet_length)
+    d.add_argument("--loss-positions", type=_positions, default=c.loss_positions,
+                   help="train on at most this many positions from the new token on, or all (the paper)")
     d.add_argument("--contexts", default=c.contexts, help="retrieve (corpus, generated fallback) | generate")
     d.add_argument("--output-embeddings", default=c.output_embeddings, help="untied models: zeros | mean | ntp")
     d.add_argument("--tokenizer-mode", default=c.tokenizer_mode, help="auto | vocab | added")
