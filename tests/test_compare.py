@@ -91,7 +91,7 @@ FLAG_VALUES = {
     "--batch-size": "5", "--snippets-per-token": "7", "--snippet-length": "21", "--contexts": "generate",
     "--output-embeddings": "zeros", "--tokenizer-mode": "vocab", "--no-variants": None, "--casing-variants": None,
     "--device": "cpu", "--dtype": "float32", "--seed": "5", "--backend": "torch", "--prefix-sharing": "off",
-    "--align-impl": "python",
+    "--align-impl": "python", "--warmup-fraction": "0.25", "--loss-positions": "all",
 }
 SEPARATE = {"new_tokens_from_tokenizer", "target_tokenizer", "new_ids", "method", "overwrite"}  # tested elsewhere
 
