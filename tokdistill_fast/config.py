@@ -154,11 +154,11 @@ class DistillConfig:
                                      f"not {getattr(self, name)!r}")
         if isinstance(self.epochs, str) and self.epochs != "auto":
             raise UserInputError(f"--epochs must be a positive integer or 'auto', not {self.epochs!r}")
-        for name in ("batch_size", "snippets_per_token", "snippet_length") + (("epochs",) * (self.epochs != "auto")):
+        counts = ("batch_size", "snippets_per_token", "snippet_length") + (("epochs",) * (self.epochs != "auto")) + \
+            (("loss_positions",) * (self.loss_positions is not None))
+        for name in counts:
             if int(getattr(self, name)) < 1:
                 raise UserInputError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.loss_positions is not None and self.loss_positions < 1:
-            raise UserInputError("--loss-positions must be at least 1")
         if self.snippet_length < 4:
             raise UserInputError("--snippet-length must be at least 4 tokens")
         if self.pad_to_multiple_of is not None and int(self.pad_to_multiple_of) < 1:
@@ -187,10 +187,9 @@ class DistillConfig:
             raise UserInputError("give --chunk-tokens or --memory-budget, not both")
         if self.checkpoint_every < 0:
             raise UserInputError("--checkpoint-every must be 0 (off) or more")
-        if not 0.0 <= self.warmup_fraction <= 1.0:
-            raise UserInputError("--warmup-fraction must be between 0 and 1")
-        if not 0.0 <= self.autotune_budget <= 1.0:
-            raise UserInputError("--autotune-budget must be between 0 and 1")
+        for name in ("warmup_fraction", "autotune_budget"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserInputError(f"--{name.replace('_', '-')} must be between 0 and 1")
         return self
 
     def replace(self, **changes) -> DistillConfig:
