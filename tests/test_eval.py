@@ -139,6 +139,31 @@ def test_in_memory_rows_match_saved_model(adapted, heldout_file):
     np.testing.assert_allclose(mem.nll, ad.nll, rtol=1e-4)
 
 
+def test_shared_prefix_scores_like_whole_sequences(adapted, heldout_file):
+    """The layer search's scoring (reference keys/values before the new token, suffix-only passes) gives every
+    number of the whole-sequence passes; a Scorer over another decoder ignores the shared prefix."""
+    src, out = adapted
+    orig_model, orig_tok = load_model(src, torch.device("cpu"), torch.float32)
+    dec = Decoder(orig_model)
+    toks = read_adapted_tokens(orig_tok, out)
+    rows = load_file(out / "new_embeddings.safetensors")["input_embeddings"]
+    V = dec.embed_weight.shape[0]
+    prim = [i for i, t in enumerate(toks) if t.variant_of is None]
+    hs = build_heldout([heldout_file], orig_tok, [toks[i] for i in prim], [V + i for i in prim], 3, 20, 0,
+                       start_id(orig_tok))
+    assert hs.alignment.s_pos[hs.alignment.cu_aligned[:-1]].min() > 0  # some prefix is shared
+    whole, shared = reference(dec, hs, (2,)), reference(dec, hs, (2,), share_prefix=True)
+    assert whole.shared is None and shared.shared.lengths.sum() > 0
+    np.testing.assert_allclose(shared.nll, whole.nll, rtol=1e-5)
+    a, b = score(Scorer(dec, rows=rows), hs, whole), score(Scorer(dec, rows=rows), hs, shared)
+    for name in ("kl", "new_mass", "nll"):
+        np.testing.assert_allclose(getattr(b, name), getattr(a, name), atol=1e-5, rtol=1e-4, err_msg=name)
+    np.testing.assert_allclose(b.mse[2], a.mse[2], atol=1e-5, rtol=1e-4)
+    assert (a.top1 == b.top1).mean() > 0.97  # fp32 near-ties may flip
+    other = Decoder(load_model(src, torch.device("cpu"), torch.float32)[0])
+    np.testing.assert_allclose(score(Scorer(other, rows=rows), hs, shared).kl, a.kl, atol=1e-5, rtol=1e-4)
+
+
 def test_greedy_matches_generate_and_merged_prompts(adapted):
     src, out = adapted
     orig_model, orig_tok = load_model(src, torch.device("cpu"), torch.float32)

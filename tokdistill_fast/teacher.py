@@ -28,6 +28,8 @@ class TeacherCache:
 
     states: dict[int, torch.Tensor]
     cu_aligned: np.ndarray
+    # compute(capture=...): every layer's keys/values of each snippet's first capture[i] positions, in cu order
+    prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.states.values())
@@ -83,9 +85,12 @@ def aligned_rows(cu_aligned: np.ndarray, pos: np.ndarray, seqs: np.ndarray, widt
 @torch.no_grad()
 def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, alignment: Alignment,
             layers: list[int], max_tokens: int, cache_dtype: torch.dtype,
-            device_budget: int | None = None, packed: bool = False) -> TeacherCache:
+            device_budget: int | None = None, packed: bool = False, capture: np.ndarray | None = None
+            ) -> TeacherCache:
     """Teacher states at `layers` for the aligned positions of every snippet. `packed` runs packed rows instead of
-    length-sorted right-padded batches (the reference); both give the same states."""
+    length-sorted right-padded batches (the reference); both give the same states. `capture` [n] (packed, cache on
+    the device): also keep each layer's keys/values of snippet i's first capture[i] positions, for passes that
+    share that prefix (attention.py)."""
     device = decoder.embed_weight.device
     K, D = len(alignment.t_pos), decoder.hidden_size
     need = K * D * torch.empty((), dtype=cache_dtype).element_size() * len(layers)
@@ -98,11 +103,18 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
     lengths = cu_teacher[1:] - cu_teacher[:-1]
     cu_a = alignment.cu_aligned
     batches = token_batches(lengths, max_tokens) if packed else length_batches(lengths, max_tokens)
+    if capture is not None and (on_host or not packed):
+        raise ValueError("capturing prefix keys/values needs packed passes and a cache on the device")
     spill = _HostSpill(states) if on_host else None
+    prefix: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for seqs in tqdm(batches, desc="teacher", unit="batch", leave=False):
-        lay = lay_out(teacher_ids, cu_teacher[seqs], lengths[seqs], np.zeros(len(seqs)), packed).to(device)
+        lay = lay_out(teacher_ids, cu_teacher[seqs], lengths[seqs], np.zeros(len(seqs)), packed,
+                      capture=None if capture is None else capture[seqs]).to(device)
+        kept: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None if capture is None else {}
         hidden = decoder.hidden_states(decoder.embed(lay.ids), layers, lay.positions if packed else None,
-                                       Attend(lay.spec) if packed else None)
+                                       Attend(lay.spec, capture=kept) if packed else None)
+        for layer, kv in (kept or {}).items():
+            prefix.setdefault(layer, []).append(kv)
         counts = cu_a[seqs + 1] - cu_a[seqs]
         pairs = ranges(cu_a[seqs], counts)  # this batch's aligned pairs, which are also their cache rows
         flat_idx = torch.from_numpy(lay.rows(np.repeat(np.arange(len(seqs)), counts), alignment.t_pos[pairs]))
@@ -115,7 +127,9 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
             spill.put(picked, torch.from_numpy(pairs))
     if spill is not None:
         spill.flush()
-    return TeacherCache(states, cu_a)
+    joined = None if capture is None else {l: (torch.cat([k for k, _ in kv]), torch.cat([v for _, v in kv]))
+                                           for l, kv in prefix.items()}
+    return TeacherCache(states, cu_a, joined)
 
 
 class _HostSpill:

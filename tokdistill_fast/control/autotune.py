@@ -127,14 +127,15 @@ def draw_sample(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, 
 
 class HeldoutRatios:
     """Held-out KL per sampled token relative to subtoken-mean init, by the measure of `tokdistill eval`
-    (heldout.py); the original model's final states on the held-out snippets are computed once."""
+    (heldout.py); the original model's pass over the held-out snippets runs once, and each scored row set then
+    runs only from the new token on, on that pass's prefix keys/values."""
 
     def __init__(self, decoder: Decoder, sample: Sample, init_rows: torch.Tensor):
         self.decoder = decoder
         V, n = decoder.embed_weight.shape[0], len(sample.rows)
         self.held = heldout.HeldoutSet([], [V + r for r in range(n)], sample.held_row, sample.held_ids,
                                        sample.held_cu, sample.held, np.bincount(sample.held_row, minlength=n).tolist())
-        self.ref = heldout.reference(decoder, self.held)
+        self.ref = heldout.reference(decoder, self.held, share_prefix=True)
         self.base = self.kl(init_rows)
 
     def kl(self, rows: torch.Tensor) -> np.ndarray:

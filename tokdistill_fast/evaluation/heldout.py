@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from tokdistill_fast.kernels.embedding_rows import embedding_rows
 
 from .. import align, contexts, corpus, teacher
-from ..align import Alignment
+from ..align import Alignment, cu_seqlens
 from ..config import UserInputError
+from ..modeling.attention import Attend, ranges
+from ..modeling.layout import lay_out, token_batches
 from ..modeling.models import Decoder
 from ..teacher import aligned_rows, length_batches, pad_batch
 from ..tokens import NewToken
@@ -147,19 +149,44 @@ class Reference:
     nll: np.ndarray  # [n]
     vocab: int  # original vocabulary size (rows of the original output matrix)
     logits: Callable[[torch.Tensor], torch.Tensor]  # the original model's head
+    shared: SharedPrefix | None = None  # reference(share_prefix=True)
+
+
+@dataclass
+class SharedPrefix:
+    """The reference pass's keys/values of every layer at the positions before each snippet's first new token
+    (`lengths` [n]), which a Scorer over the same decoder reads identically: its passes then run only from the
+    new token on (exact under causal attention, attention.py)."""
+
+    decoder: Decoder
+    lengths: np.ndarray
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+def prefix_lengths(al: Alignment) -> np.ndarray:
+    """[n] student positions before each snippet's first new token (its first aligned pair), whose tokens the
+    teacher has at the same positions (align.py); 0 for a snippet without pairs."""
+    has = np.diff(al.cu_aligned) > 0
+    first = np.zeros(al.n, dtype=np.int64)
+    first[has] = al.s_pos[al.cu_aligned[:-1][has]]
+    return first
 
 
 @torch.no_grad()
-def reference(decoder: Decoder, hs: HeldoutSet, layers: tuple[int, ...] = (), dtype: torch.dtype | None = None
-              ) -> Reference:
-    """One truncated-to-the-end pass of the original model over the held-out snippets."""
+def reference(decoder: Decoder, hs: HeldoutSet, layers: tuple[int, ...] = (), dtype: torch.dtype | None = None,
+              share_prefix: bool = False) -> Reference:
+    """One truncated-to-the-end pass of the original model over the held-out snippets. share_prefix: packed,
+    keeping the keys/values before each first new token for Scorers over this same decoder (the layer search
+    scores several row sets on one held-out sample)."""
     L = decoder.num_layers
     device = decoder.embed_weight.device
     dtype = dtype or decoder.embed_weight.dtype
     # teacher.compute gathers rows at alignment.t_pos; handing it the continuation positions gathers those.
     cont = Alignment(hs.alignment.student_ids, hs.alignment.cu_student, hs.cont_pos, hs.cont_pos, hs.cu_cont)
+    before = prefix_lengths(hs.alignment) if share_prefix else None
     cache = teacher.compute(decoder, hs.teacher_ids, hs.cu_teacher, cont, sorted({L, *layers}),
-                            max_tokens=teacher.batch_tokens(device), cache_dtype=dtype)
+                            max_tokens=teacher.batch_tokens(device), cache_dtype=dtype, packed=share_prefix,
+                            capture=before)
     final = cache.states[L]
     in_cont = torch.from_numpy(hs.aligned_in_cont()).to(final.device)
     hidden = {l: cache.states[l].index_select(0, in_cont) for l in layers}
@@ -175,7 +202,8 @@ def reference(decoder: Decoder, hs: HeldoutSet, layers: tuple[int, ...] = (), dt
         logp = F.log_softmax(decoder.logits(final[sl].to(device)).float(), dim=-1)
         row_nll[sl] = -logp.gather(1, torch.from_numpy(target[sl]).to(device).unsqueeze(1)).squeeze(1).cpu().numpy()
     nll = np.bincount(snippet, weights=np.where(has_next, row_nll, 0.0), minlength=hs.n)
-    return Reference(final, hidden, nll, vocab, decoder.logits)
+    shared = None if before is None else SharedPrefix(decoder, before, cache.prefix)
+    return Reference(final, hidden, nll, vocab, decoder.logits, shared)
 
 
 @dataclass
@@ -207,10 +235,8 @@ def score(model: Scorer, hs: HeldoutSet, ref: Reference) -> Scores:
     has_next = al.s_pos + 1 < seq_len
     snippet = np.repeat(np.arange(al.n), np.diff(al.cu_aligned))
     target_all = al.student_ids[al.cu_student[snippet] + al.s_pos + has_next]
-    for batch in length_batches(np.diff(al.cu_student), teacher.batch_tokens(device)):
-        ids = pad_batch(al.student_ids, al.cu_student, batch, device)
-        hidden = dec.hidden_states(model.embed(ids), layers)
-        idx = torch.from_numpy(aligned_rows(al.cu_aligned, al.s_pos, batch, ids.shape[1])).to(device)
+    for batch, hidden, rows in _passes(model, al, layers, ref.shared):
+        idx = torch.from_numpy(rows).to(device)
         dest = np.concatenate([np.arange(al.cu_aligned[i], al.cu_aligned[i + 1]) for i in batch])
         for l in ref.hidden:
             s = hidden[l].reshape(-1, dec.hidden_size).index_select(0, idx).float()
@@ -233,6 +259,31 @@ def score(model: Scorer, hs: HeldoutSet, ref: Reference) -> Scores:
     at_new = np.isin(al.student_ids[al.cu_student[snippet] + al.s_pos], np.asarray(model.new_ids, dtype=np.int64))
     nll = np.bincount(snippet, weights=np.where(has_next, row_nll, 0.0), minlength=al.n)
     return Scores(kl, top1, new_mass, at_new, mse, nll)
+
+
+def _passes(model: Scorer, al: Alignment, layers: list[int], shared: SharedPrefix | None):
+    """(snippets, hidden states {layer: [.., D]}, flat row of each of their aligned pairs) per batch of the
+    scored model's passes: whole right-padded sequences, or, with a prefix shared by the same decoder, packed
+    rows from the first new token on attending to the reference's keys/values."""
+    dec = model.decoder
+    device, lengths = dec.embed_weight.device, np.diff(al.cu_student)
+    if shared is None or shared.decoder is not dec:
+        for batch in length_batches(lengths, teacher.batch_tokens(device)):
+            ids = pad_batch(al.student_ids, al.cu_student, batch, device)
+            yield batch, dec.hidden_states(model.embed(ids), layers), aligned_rows(al.cu_aligned, al.s_pos, batch,
+                                                                                   ids.shape[1])
+        return
+    p, cu_p = shared.lengths, cu_seqlens(shared.lengths)
+    for batch in token_batches(lengths - p, teacher.batch_tokens(device)):
+        lay = lay_out(al.student_ids, al.cu_student[batch] + p[batch], lengths[batch] - p[batch], p[batch], True,
+                      prefix_len=p[batch]).to(device)
+        keep = torch.from_numpy(ranges(cu_p[batch], p[batch])).to(device)
+        context = {layer: (k.index_select(0, keep), v.index_select(0, keep)) for layer, (k, v) in shared.kv.items()}
+        hidden = dec.hidden_states(model.embed(lay.ids), layers, lay.positions,
+                                   Attend(lay.spec, context=context if lay.spec.has_prefix else None))
+        counts = np.diff(al.cu_aligned)[batch]
+        seq = np.repeat(np.arange(len(batch)), counts)
+        yield batch, hidden, lay.rows(seq, al.s_pos[ranges(al.cu_aligned[batch], counts)] - p[batch][seq])
 
 
 def snippet_metrics(s: Scores, hs: HeldoutSet, ref: Reference) -> dict[str, np.ndarray]:
