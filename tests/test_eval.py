@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tokdistill_fast import DistillConfig, distill
 from tokdistill_fast.cli import main
 from tokdistill_fast.contexts import start_id
+from tokdistill_fast.evaluation import heldout
 from tokdistill_fast.evaluation.definitions import embed_sentences, greedy, load_embedder, prompts, similarity
 from tokdistill_fast.evaluation.evalrun import EvalOptions, read_adapted_tokens, run_eval
 from tokdistill_fast.evaluation.heldout import (
@@ -139,7 +140,7 @@ def test_in_memory_rows_match_saved_model(adapted, heldout_file):
     np.testing.assert_allclose(mem.nll, ad.nll, rtol=1e-4)
 
 
-def test_shared_prefix_scores_like_whole_sequences(adapted, heldout_file):
+def test_shared_prefix_scores_like_whole_sequences(adapted, heldout_file, monkeypatch):
     """The layer search's scoring (reference keys/values before the new token, suffix-only passes) gives every
     number of the whole-sequence passes; a Scorer over another decoder ignores the shared prefix."""
     src, out = adapted
@@ -162,6 +163,10 @@ def test_shared_prefix_scores_like_whole_sequences(adapted, heldout_file):
     assert (a.top1 == b.top1).mean() > 0.97  # fp32 near-ties may flip
     other = Decoder(load_model(src, torch.device("cpu"), torch.float32)[0])
     np.testing.assert_allclose(score(Scorer(other, rows=rows), hs, shared).kl, a.kl, atol=1e-5, rtol=1e-4)
+    kv = heldout.prefix_kv_bytes(dec, shared.shared.lengths, torch.float32)
+    assert kv == sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in shared.shared.kv.values())
+    monkeypatch.setattr(heldout, "SHARED_PREFIX_BYTES", kv - 1)  # too large to keep: whole sequences
+    assert reference(dec, hs, (2,), share_prefix=True).shared is None
 
 
 def test_greedy_matches_generate_and_merged_prompts(adapted):

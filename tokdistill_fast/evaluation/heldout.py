@@ -37,6 +37,7 @@ from ..tokens import NewToken
 log = logging.getLogger(__name__)
 
 LOGIT_ROWS = 1024  # rows per logits chunk: 1024 x 49k vocab x 4 B = 200 MB per temporary
+SHARED_PREFIX_BYTES = 2 * 2**30  # most memory a shared prefix's keys/values may take; larger sets run whole
 
 
 class Scorer:
@@ -163,6 +164,14 @@ class SharedPrefix:
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
+def prefix_kv_bytes(decoder: Decoder, lengths: np.ndarray, dtype: torch.dtype) -> int:
+    """Bytes of every layer's keys and values at `lengths.sum()` positions."""
+    cfg = decoder.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return int(lengths.sum()) * decoder.num_layers * 2 * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 def prefix_lengths(al: Alignment) -> np.ndarray:
     """[n] student positions before each snippet's first new token (its first aligned pair), whose tokens the
     teacher has at the same positions (align.py); 0 for a snippet without pairs."""
@@ -177,13 +186,17 @@ def reference(decoder: Decoder, hs: HeldoutSet, layers: tuple[int, ...] = (), dt
               share_prefix: bool = False) -> Reference:
     """One truncated-to-the-end pass of the original model over the held-out snippets. share_prefix: packed,
     keeping the keys/values before each first new token for Scorers over this same decoder (the layer search
-    scores several row sets on one held-out sample)."""
+    scores several row sets on one held-out sample), unless they would take more than SHARED_PREFIX_BYTES."""
     L = decoder.num_layers
     device = decoder.embed_weight.device
     dtype = dtype or decoder.embed_weight.dtype
     # teacher.compute gathers rows at alignment.t_pos; handing it the continuation positions gathers those.
     cont = Alignment(hs.alignment.student_ids, hs.alignment.cu_student, hs.cont_pos, hs.cont_pos, hs.cu_cont)
     before = prefix_lengths(hs.alignment) if share_prefix else None
+    if before is not None and prefix_kv_bytes(decoder, before, dtype) > SHARED_PREFIX_BYTES:
+        log.info("held-out prefixes need %.1f GiB of keys/values: scoring whole sequences",
+                 prefix_kv_bytes(decoder, before, dtype) / 2**30)
+        before = None
     cache = teacher.compute(decoder, hs.teacher_ids, hs.cu_teacher, cont, sorted({L, *layers}),
                             max_tokens=teacher.batch_tokens(device), cache_dtype=dtype, packed=share_prefix,
                             capture=before)
