@@ -193,9 +193,9 @@ def reference(decoder: Decoder, hs: HeldoutSet, layers: tuple[int, ...] = (), dt
     # teacher.compute gathers rows at alignment.t_pos; handing it the continuation positions gathers those.
     cont = Alignment(hs.alignment.student_ids, hs.alignment.cu_student, hs.cont_pos, hs.cont_pos, hs.cu_cont)
     before = prefix_lengths(hs.alignment) if share_prefix else None
-    if before is not None and prefix_kv_bytes(decoder, before, dtype) > SHARED_PREFIX_BYTES:
-        log.info("held-out prefixes need %.1f GiB of keys/values: scoring whole sequences",
-                 prefix_kv_bytes(decoder, before, dtype) / 2**30)
+    kv_bytes = 0 if before is None else prefix_kv_bytes(decoder, before, decoder.embed_weight.dtype)
+    if kv_bytes > SHARED_PREFIX_BYTES:
+        log.info("held-out prefixes need %.1f GiB of keys/values: scoring whole sequences", kv_bytes / 2**30)
         before = None
     cache = teacher.compute(decoder, hs.teacher_ids, hs.cu_teacher, cont, sorted({L, *layers}),
                             max_tokens=teacher.batch_tokens(device), cache_dtype=dtype, packed=share_prefix,
