@@ -60,6 +60,15 @@ def cu_seqlens(lengths: np.ndarray) -> np.ndarray:
     return out
 
 
+def prefix_lengths(al: Alignment) -> np.ndarray:
+    """[n] student positions before each snippet's first new token (its first aligned pair), whose tokens the
+    teacher has at the same positions; 0 for a snippet without pairs."""
+    has = np.diff(al.cu_aligned) > 0
+    first = np.zeros(al.n, dtype=np.int64)
+    first[has] = al.s_pos[al.cu_aligned[:-1][has]]
+    return first
+
+
 def trim_suffix(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, keep: int
                 ) -> tuple[Alignment, np.ndarray, np.ndarray]:
     """Cut every snippet after its first `keep` aligned positions (student and teacher alike): --loss-positions

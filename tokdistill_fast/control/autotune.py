@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .. import student, teacher
-from ..align import Alignment, take_packed, trim_suffix
+from ..align import Alignment, prefix_lengths, take_packed, trim_suffix
 from ..evaluation import heldout
 from ..modeling.models import Decoder
 
@@ -191,7 +191,7 @@ def grad_share(al: Alignment, keep: int | None = None) -> float:
     has = np.diff(al.cu_aligned) > 0
     if not has.any():
         return 1.0
-    first = al.s_pos[al.cu_aligned[:-1][has]]
+    first = prefix_lengths(al)[has]
     lengths = np.diff(al.cu_student)[has]
     suffix = lengths - first if keep is None else np.minimum(lengths - first, keep)
     return float(suffix.sum() / max((first + suffix).sum(), 1))
@@ -215,7 +215,7 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     n_rows = init_rows.shape[0]
     layers = sorted(set(layers or candidate_layers(L)))
     lengths = np.diff(cu_teacher)
-    trim_ratio = min(1.0, (float(np.mean(al.s_pos[al.cu_aligned[:-1][np.diff(al.cu_aligned) > 0]])) + keep)
+    trim_ratio = min(1.0, (float(np.mean(prefix_lengths(al)[np.diff(al.cu_aligned) > 0])) + keep)
                      / max(float(lengths.mean()), 1.0)) if len(al.s_pos) else 1.0
     main_epochs = 2 if search_epochs else schedule.epochs  # the likely choice (docs/defaults.md)
     main_train = train_cost(main_epochs, grad_share(al) if prefix else 1.0, prefix and not fused)

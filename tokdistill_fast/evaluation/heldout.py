@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tokdistill_fast.kernels.embedding_rows import embedding_rows
 
 from .. import align, contexts, corpus, teacher
-from ..align import Alignment, cu_seqlens
+from ..align import Alignment, cu_seqlens, prefix_lengths
 from ..config import UserInputError
 from ..modeling.attention import Attend, ranges
 from ..modeling.layout import lay_out, token_batches
@@ -170,15 +170,6 @@ def prefix_kv_bytes(decoder: Decoder, lengths: np.ndarray, dtype: torch.dtype) -
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return int(lengths.sum()) * decoder.num_layers * 2 * heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-
-def prefix_lengths(al: Alignment) -> np.ndarray:
-    """[n] student positions before each snippet's first new token (its first aligned pair), whose tokens the
-    teacher has at the same positions (align.py); 0 for a snippet without pairs."""
-    has = np.diff(al.cu_aligned) > 0
-    first = np.zeros(al.n, dtype=np.int64)
-    first[has] = al.s_pos[al.cu_aligned[:-1][has]]
-    return first
 
 
 @torch.no_grad()
