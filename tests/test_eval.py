@@ -21,6 +21,7 @@ from tokdistill_fast.evaluation.heldout import (
     Scorer,
     bootstrap,
     build_heldout,
+    by_offset,
     macro_mean,
     paired_difference,
     reference,
@@ -114,6 +115,12 @@ def test_scores_match_plain_forward(adapted, heldout_file):
     assert s.at_new[hs.alignment.cu_aligned[:-1]].all()
     values = snippet_metrics(s, hs, ref)
     np.testing.assert_allclose(values["nll_diff"], nll_s - nll_t, rtol=1e-3, atol=1e-4)
+    # KL by distance from the new token: every pair in one bucket, bucket 0 = the new tokens' own positions
+    buckets = by_offset(s, hs)
+    assert sum(b["pairs"] for b in buckets) == len(s.kl)
+    assert buckets[0]["offsets"] == "0" and buckets[0]["pairs"] == hs.n
+    np.testing.assert_allclose(buckets[0]["kl"], s.kl[hs.alignment.cu_aligned[:-1]].mean(), rtol=1e-6)
+    np.testing.assert_allclose(sum(b["kl"] * b["pairs"] for b in buckets) / len(s.kl), s.kl.mean(), rtol=1e-6)
 
 
 def test_in_memory_rows_match_saved_model(adapted, heldout_file):
@@ -245,6 +252,7 @@ def test_eval_cli_end_to_end(adapted, heldout_file, tiny_embedder, tmp_path, cap
     for v in agg.values():
         assert v["ci95"][0] <= v["mean"] + 1e-12 and v["mean"] <= v["ci95"][1] + 1e-12
     assert 0 < report["tokens_saved"]["saved_fraction"] < 1
+    assert sum(b["pairs"] for b in report["kl_by_offset"]) == report["counts"]["aligned_positions"]
     assert {"similarity", "share_above"} <= set(report["definitions"])
     row = report["tokens"][0]
     assert row["snippets"] > 0 and isinstance(row["definition_adapted"], str) and -1 <= row["similarity"] <= 1

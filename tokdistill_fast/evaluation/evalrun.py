@@ -58,6 +58,7 @@ class Measured:
     values: dict[str, np.ndarray]
     aggregate: dict
     per_token: list[dict]
+    kl_by_offset: list[dict]
     definitions: list[str] | None = None
     similarity: np.ndarray | None = None
     definition_summary: dict | None = None
@@ -110,7 +111,7 @@ class Baseline:
         values = heldout.snippet_metrics(scores, self.hs, self.ref)
         group = self.hs.snippet_token
         m = Measured(values, heldout.summarize(values, group, self.opts.n_boot, self.opts.seed),
-                     heldout.per_token(values, group, len(self.toks)))
+                     heldout.per_token(values, group, len(self.toks)), heldout.by_offset(scores, self.hs))
         if self.opts.definitions:
             m.definitions = definitions.generate_definitions(scorer, self.tokenizer, self.prompts_merged, forms,
                                                              self.opts.max_new_tokens)
@@ -195,6 +196,7 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
                    "tokenizer_emits_new_id": emits},
         "tokens_saved": heldout.tokens_saved(heldout_paths, orig_tok, ad_tok, opts.max_chars),
         "aggregate": m.aggregate,
+        "kl_by_offset": m.kl_by_offset,
         "definitions": m.definition_summary if opts.definitions else None,
         "tokens": baseline.token_rows(m),
     }
@@ -215,6 +217,8 @@ def markdown_summary(report: dict) -> str:
              "| metric | mean | 95% CI |", "|---|---|---|"]
     for name, v in report["aggregate"].items():
         lines.append(f"| {name} | {v['mean']:.4g} | [{v['ci95'][0]:.4g}, {v['ci95'][1]:.4g}] |")
+    lines.append("KL by distance from the new token (pairs): " + ", ".join(
+        f"{b['offsets']}: {b['kl']:.4g} ({b['pairs']})" for b in report["kl_by_offset"]))
     d = report.get("definitions") or {}
     for name in ("similarity", "share_above"):
         if name in d:

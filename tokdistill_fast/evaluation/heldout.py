@@ -309,6 +309,25 @@ def snippet_metrics(s: Scores, hs: HeldoutSet, ref: Reference) -> dict[str, np.n
     return out
 
 
+OFFSET_EDGES = (0, 1, 2, 4, 8, 16, 32)  # first distance from the new token of each kl_by_offset bucket
+
+
+def by_offset(s: Scores, hs: HeldoutSet, edges: tuple[int, ...] = OFFSET_EDGES) -> list[dict]:
+    """Mean KL over the aligned pairs at each distance from the snippet's first new token (0: the token itself),
+    in buckets starting at `edges`: where in the text the remaining KL sits (pairs, not tokens, weigh equally)."""
+    al = hs.alignment
+    snippet = np.repeat(np.arange(al.n), np.diff(al.cu_aligned))
+    bucket = np.searchsorted(edges, al.s_pos - prefix_lengths(al)[snippet], side="right") - 1
+    out = []
+    for b, lo in enumerate(edges):
+        sel = bucket == b
+        if sel.any():
+            hi = edges[b + 1] - 1 if b + 1 < len(edges) else None
+            name = str(lo) if hi == lo else f"{lo}-{hi}" if hi is not None else f"{lo}+"
+            out.append({"offsets": name, "pairs": int(sel.sum()), "kl": float(s.kl[sel].mean())})
+    return out
+
+
 def bootstrap(values: np.ndarray, group: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
     """[n_boot] resampled macro means: tokens drawn with replacement, then each drawn token's snippets. The
     draws depend only on the group sizes and the seed, so equal layouts give paired resamples."""
