@@ -44,6 +44,10 @@ class Alignment:
     def n(self) -> int:
         return len(self.cu_student) - 1
 
+    def pair_snippet(self) -> np.ndarray:
+        """[K] the snippet of each aligned pair."""
+        return np.repeat(np.arange(self.n), np.diff(self.cu_aligned))
+
     def take(self, idx: np.ndarray) -> Alignment:
         """The alignment of snippets `idx` only, repacked in that order."""
         idx = np.asarray(idx, dtype=np.int64)

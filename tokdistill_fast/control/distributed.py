@@ -183,7 +183,7 @@ def pair_counts(al) -> tuple[np.ndarray, np.ndarray]:
     """Per snippet: aligned pairs (distillation terms) and aligned positions with a next token (NTP terms), as
     student.make_batch counts them."""
     n_pairs = np.diff(al.cu_aligned)
-    seq = np.repeat(np.arange(al.n), n_pairs)
+    seq = al.pair_snippet()
     has_next = al.s_pos.astype(np.int64) + 1 < np.diff(al.cu_student)[seq]
     return n_pairs, np.bincount(seq[has_next], minlength=al.n)
 

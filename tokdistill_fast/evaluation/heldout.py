@@ -235,9 +235,8 @@ def score(model: Scorer, hs: HeldoutSet, ref: Reference) -> Scores:
     keep = original_columns(ref.vocab, model.new_ids, device)
     new_cols = torch.tensor(model.new_ids, dtype=torch.long, device=device)
     in_cont = torch.from_numpy(hs.aligned_in_cont())
-    seq_len = np.repeat(np.diff(al.cu_student), np.diff(al.cu_aligned))
-    has_next = al.s_pos + 1 < seq_len
-    snippet = np.repeat(np.arange(al.n), np.diff(al.cu_aligned))
+    snippet = al.pair_snippet()
+    has_next = al.s_pos + 1 < np.diff(al.cu_student)[snippet]
     target_all = al.student_ids[al.cu_student[snippet] + al.s_pos + has_next]
     for batch, hidden, rows in _passes(model, al, layers, ref.shared):
         idx = torch.from_numpy(rows).to(device)
@@ -294,7 +293,7 @@ def snippet_metrics(s: Scores, hs: HeldoutSet, ref: Reference) -> dict[str, np.n
     """Per-snippet values [n] of every metric: means over the snippet's aligned positions ("at_new": over the
     positions of new tokens only), and the continuation NLL difference (adapted - original, nats)."""
     al = hs.alignment
-    snippet = np.repeat(np.arange(al.n), np.diff(al.cu_aligned))
+    snippet = al.pair_snippet()
 
     def mean(x: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
         w = np.ones(len(x)) if where is None else where.astype(float)
@@ -316,7 +315,7 @@ def by_offset(s: Scores, hs: HeldoutSet, edges: tuple[int, ...] = OFFSET_EDGES) 
     """Mean KL over the aligned pairs at each distance from the snippet's first new token (0: the token itself),
     in buckets starting at `edges`: where in the text the remaining KL sits (pairs, not tokens, weigh equally)."""
     al = hs.alignment
-    snippet = np.repeat(np.arange(al.n), np.diff(al.cu_aligned))
+    snippet = al.pair_snippet()
     bucket = np.searchsorted(edges, al.s_pos - prefix_lengths(al)[snippet], side="right") - 1
     out = []
     for b, lo in enumerate(edges):
