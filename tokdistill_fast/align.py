@@ -48,6 +48,10 @@ class Alignment:
         """[K] the snippet of each aligned pair."""
         return np.repeat(np.arange(self.n), np.diff(self.cu_aligned))
 
+    def pair_has_next(self) -> np.ndarray:
+        """[K] whether each aligned pair's student position has a next token in its snippet (an NTP target)."""
+        return self.s_pos.astype(np.int64) + 1 < np.diff(self.cu_student)[self.pair_snippet()]
+
     def take(self, idx: np.ndarray) -> Alignment:
         """The alignment of snippets `idx` only, repacked in that order."""
         idx = np.asarray(idx, dtype=np.int64)

@@ -182,10 +182,7 @@ class Shard:
 def pair_counts(al) -> tuple[np.ndarray, np.ndarray]:
     """Per snippet: aligned pairs (distillation terms) and aligned positions with a next token (NTP terms), as
     student.make_batch counts them."""
-    n_pairs = np.diff(al.cu_aligned)
-    seq = al.pair_snippet()
-    has_next = al.s_pos.astype(np.int64) + 1 < np.diff(al.cu_student)[seq]
-    return n_pairs, np.bincount(seq[has_next], minlength=al.n)
+    return np.diff(al.cu_aligned), np.bincount(al.pair_snippet()[al.pair_has_next()], minlength=al.n)
 
 
 def split(ranks: Ranks, work, batch_size: int, epochs: int, seed: int, device: torch.device):

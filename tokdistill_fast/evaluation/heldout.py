@@ -236,7 +236,7 @@ def score(model: Scorer, hs: HeldoutSet, ref: Reference) -> Scores:
     new_cols = torch.tensor(model.new_ids, dtype=torch.long, device=device)
     in_cont = torch.from_numpy(hs.aligned_in_cont())
     snippet = al.pair_snippet()
-    has_next = al.s_pos + 1 < np.diff(al.cu_student)[snippet]
+    has_next = al.pair_has_next()
     target_all = al.student_ids[al.cu_student[snippet] + al.s_pos + has_next]
     for batch, hidden, rows in _passes(model, al, layers, ref.shared):
         idx = torch.from_numpy(rows).to(device)
