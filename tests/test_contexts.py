@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokdistill_fast.config import UserInputError
-from tokdistill_fast.contexts import WORD_CHAR, Hit, find_hits
+from tokdistill_fast.contexts import WORD_CHAR, Hit, find_hits, place_window, retrieve, start_id
 from tokdistill_fast.corpus import DOC_SPLIT, Corpus, corpus_files, iter_documents
-from tokdistill_fast.tokens import NewToken
+from tokdistill_fast.tokens import NewToken, plan_new_tokens
 
 FORMS = [" palatable", " spill the beans", " bivalve", " ün", "ab"]
 
@@ -192,3 +192,45 @@ def test_cli_rejects_a_bad_corpus_before_loading_the_model(tmp_path, capsys):
     code = main(["distill", "--model", str(tmp_path / "no-model"), "--new-tokens", "w.txt", "--corpus",
                  str(tmp_path / "*.jsonl"), "--out", str(tmp_path / "out")])
     assert code == 2 and "matches no file" in capsys.readouterr().err
+
+
+@settings(max_examples=300, deadline=None)
+@given(left=st.integers(0, 60), word=st.integers(1, 6), right=st.integers(0, 60), budget=st.integers(4, 60),
+       cap=st.one_of(st.none(), st.integers(0, 30)))
+def test_place_window_keeps_the_budget_and_the_cap(left, word, right, budget, cap):
+    before, after = place_window(left, word, right, budget, cap)
+    limit = left if cap is None else min(left, cap)
+    assert 0 <= before <= limit and 0 <= after <= right
+    assert before + word + after <= max(budget, word)
+    # nothing is left unused that the budget and the text allow
+    assert before == limit or after == right or before + word + after >= budget
+    if cap is not None:  # a cap only moves budget to after the word
+        free_before, free_after = place_window(left, word, right, budget)
+        assert before <= free_before and after >= free_after
+
+
+def test_left_context_caps_the_tokens_before_the_word(tokenizers_by_kind, corpus_file):
+    tok = tokenizers_by_kind["bytelevel"]
+    planned, _ = plan_new_tokens(tok, ["palatable", "bivalve"], add_variants=False)
+    start = start_id(tok)
+    centred, _, _ = retrieve([corpus_file], tok, planned, 25, 30, 0, start)
+    capped, _, _ = retrieve([corpus_file], tok, planned, 25, 30, 0, start, max_before=3)
+
+    def before_word(s):
+        sub = planned[s.token].sub_ids
+        return next(k for k in range(len(s.ids)) if s.ids[k:k + len(sub)] == sub) - (start is not None)
+
+    assert len(capped) == len(centred) > 10
+    assert max(before_word(s) for s in capped) <= 3 < max(before_word(s) for s in centred)
+    for c, w in zip(capped, centred):  # the same hits, in order: the budget moves to after the word
+        assert c.token == w.token and len(c.ids) <= 30
+        assert len(c.ids) - before_word(c) >= len(w.ids) - before_word(w)
+
+
+def test_left_context_is_checked():
+    from tokdistill_fast.config import DistillConfig
+
+    with pytest.raises(UserInputError, match="--left-context must be 0 or more"):
+        DistillConfig(left_context=-1).validate()
+    with pytest.raises(UserInputError, match="not to --target-tokenizer"):
+        DistillConfig(left_context=8, target_tokenizer="t").validate()

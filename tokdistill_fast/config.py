@@ -93,6 +93,9 @@ class DistillConfig:
     # and added nothing on held-out KL over all positions: SmolLM2 0.338 vs 0.341, Gemma-3 0.190 vs 0.187 on FOLDOC
     # (docs/defaults.md). None: every aligned position.
     loss_positions: int | None = 16
+    # Tokens kept before the word in corpus training snippets (None: the word centred in its window). Fewer make
+    # every pass cheaper, since only the positions from the word on carry a loss (docs/defaults.md).
+    left_context: int | None = None
     contexts: str = "retrieve"  # tokens without corpus hits fall back to generated contexts
     # Retrieval reads the whole corpus by default, so each token's snippets are a uniform sample of all its
     # occurrences. Either option ends the pass early (faster on big corpora) but samples only the part read.
@@ -161,6 +164,10 @@ class DistillConfig:
                 raise UserInputError(f"--{name.replace('_', '-')} must be at least 1")
         if self.snippet_length < 4:
             raise UserInputError("--snippet-length must be at least 4 tokens")
+        if self.left_context is not None and int(self.left_context) < 0:
+            raise UserInputError("--left-context must be 0 or more tokens")
+        if self.left_context is not None and self.target_tokenizer:
+            raise UserInputError("--left-context applies to --new-tokens runs, not to --target-tokenizer swaps")
         if self.pad_to_multiple_of is not None and int(self.pad_to_multiple_of) < 1:
             raise UserInputError("--pad-to-multiple-of must be a positive integer")
         if isinstance(self.lr, str) and self.lr != "auto":

@@ -167,19 +167,23 @@ def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window
     return kept, stats
 
 
-def place_window(left: int, word: int, right: int, budget: int) -> tuple[int, int]:
+def place_window(left: int, word: int, right: int, budget: int, max_before: int | None = None
+                 ) -> tuple[int, int]:
     """Tokens to keep before and after the word (`left`/`right` available) so that the snippet is at most
-    `budget` tokens with the word centred where the text allows."""
+    `budget` tokens with the word centred where the text allows, or with at most `max_before` tokens before it
+    (the rest of the budget goes after it)."""
     room = max(budget - word, 0)
-    before = min(left, room // 2)
+    cap = left if max_before is None else min(left, max_before)
+    before = min(cap, room // 2)
     after = min(right, room - before)
-    before = min(left, room - after)
+    before = min(cap, room - after)
     return before, after
 
 
-def cut_snippets(tokenizer, tokens: list[NewToken], hits: list[list[Hit]], length: int, start: int | None
-                 ) -> tuple[list[Snippet], list[int]]:
-    """Tokenize each hit's window once (batched, with offsets) and cut snippets of at most `length` ids.
+def cut_snippets(tokenizer, tokens: list[NewToken], hits: list[list[Hit]], length: int, start: int | None,
+                 max_before: int | None = None) -> tuple[list[Snippet], list[int]]:
+    """Tokenize each hit's window once (batched, with offsets) and cut snippets of at most `length` ids, with at
+    most `max_before` of them before the word (None: the word centred).
     Returns the snippets and, per token, how many hits were dropped because the word tokenized differently."""
     flat = [(i, h) for i, hs in enumerate(hits) for h in hs]
     budget = length - (start is not None)
@@ -197,17 +201,18 @@ def cut_snippets(tokenizer, tokens: list[NewToken], hits: list[list[Hit]], lengt
             lo = 0 if h.at_doc_start else 1  # a window cut mid-text may start and end inside a word
             hi = len(ids) if h.at_doc_end else len(ids) - 1
             end = first + len(sub)
-            before, after = place_window(first - lo, len(sub), max(hi - end, 0), budget)
+            before, after = place_window(first - lo, len(sub), max(hi - end, 0), budget, max_before)
             window = ids[first - before:end + after]
             snippets.append(Snippet(i, ([start] if start is not None else []) + window, "corpus"))
     return snippets, dropped
 
 
 def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_token: int, length: int, seed: int,
-             start: int | None, stop_when_full: bool = False, max_bytes: int | None = None
-             ) -> tuple[list[Snippet], RetrievalStats, list[int]]:
+             start: int | None, stop_when_full: bool = False, max_bytes: int | None = None,
+             max_before: int | None = None) -> tuple[list[Snippet], RetrievalStats, list[int]]:
     """Snippets from the corpus for every primary token (variants copy their primary's rows). `stop_when_full`
-    and `max_bytes` end the pass early (see the module docstring for what that costs)."""
+    and `max_bytes` end the pass early (see the module docstring for what that costs); `max_before` caps the
+    tokens kept before the word (None: centred windows)."""
     if not paths:
         raise UserInputError("no corpus given: pass --corpus FILE, or --contexts generate")
     corpus = Corpus(paths, max_bytes)
@@ -217,7 +222,7 @@ def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_tok
         stats.stopped_early = "max_bytes"
     log.info("searched %.1f MB of %d corpus file(s)%s", corpus.bytes_read / 1e6, len(corpus.files),
              f" (stopped early: {stats.stopped_early})" if stats.stopped_early else "")
-    snippets, dropped = cut_snippets(tokenizer, tokens, hits, length, start)
+    snippets, dropped = cut_snippets(tokenizer, tokens, hits, length, start, max_before)
     return snippets, stats, dropped
 
 

@@ -52,7 +52,7 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
         sub = [toks[i] for i in primaries]
         got, rstats, dropped = contexts.retrieve(corpus, tokenizer, sub, cfg.snippets_per_token,
                                                  cfg.snippet_length, cfg.seed, start, cfg.stop_when_full,
-                                                 cfg.max_corpus_bytes)
+                                                 cfg.max_corpus_bytes, cfg.left_context)
         for s in got:
             s.token = primaries[s.token]
             found[s.token] += 1
