@@ -232,5 +232,4 @@ def test_left_context_is_checked():
 
     with pytest.raises(UserInputError, match="--left-context must be 0 or more"):
         DistillConfig(left_context=-1).validate()
-    with pytest.raises(UserInputError, match="not to --target-tokenizer"):
-        DistillConfig(left_context=8, target_tokenizer="t").validate()
+    DistillConfig(left_context=8, target_tokenizer="t").validate()  # swaps cap their windows alike

@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from conftest import synthetic_text
 from safetensors.torch import load_file
 
-from tokdistill_fast import DistillConfig, distill
+from tokdistill_fast import DistillConfig, distill, teacher
 from tokdistill_fast.cli import main
 from tokdistill_fast.contexts import start_id
-from tokdistill_fast.evaluation import heldout
 from tokdistill_fast.evaluation.definitions import embed_sentences, greedy, load_embedder, prompts, similarity
 from tokdistill_fast.evaluation.evalrun import EvalOptions, read_adapted_tokens, run_eval
 from tokdistill_fast.evaluation.heldout import (
@@ -170,9 +169,9 @@ def test_shared_prefix_scores_like_whole_sequences(adapted, heldout_file, monkey
     assert (a.top1 == b.top1).mean() > 0.97  # fp32 near-ties may flip
     other = Decoder(load_model(src, torch.device("cpu"), torch.float32)[0])
     np.testing.assert_allclose(score(Scorer(other, rows=rows), hs, shared).kl, a.kl, atol=1e-5, rtol=1e-4)
-    kv = heldout.prefix_kv_bytes(dec, shared.shared.lengths, torch.float32)
+    kv = teacher.prefix_kv_bytes(dec, shared.shared.lengths, torch.float32)
     assert kv == sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in shared.shared.kv.values())
-    monkeypatch.setattr(heldout, "SHARED_PREFIX_BYTES", kv - 1)  # too large to keep: whole sequences
+    monkeypatch.setattr(teacher, "PREFIX_KV_BYTES", kv - 1)  # too large to keep: whole sequences
     assert reference(dec, hs, (2,), share_prefix=True).shared is None
 
 

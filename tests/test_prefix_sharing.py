@@ -25,7 +25,8 @@ from tokdistill_fast.student.loop import LossLog
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 PHRASES = [[7, 8], [9, 10, 11]]
-MODES = {"prefix": student.Passes(prefix=True), "fused": student.Passes(prefix=True, fused=True)}
+MODES = {"prefix": student.Passes(prefix=True), "fused": student.Passes(prefix=True, fused=True),
+         "cached": student.Passes(prefix=True, cached=True)}
 
 
 def snippets(seed: int, n: int = 7):
@@ -47,12 +48,25 @@ def snippets(seed: int, n: int = 7):
     return al, np.asarray(which), teacher_ids, cu_teacher
 
 
+def mode_cache(dec, al, teacher_seqs, layer, mode):
+    """The teacher cache a run in `mode` reads: none (fused), packed with the prefix keys/values (cached), else
+    the padded reference cache."""
+    if mode == "fused":
+        return None
+    if mode == "cached":
+        return teacher.compute(dec, *teacher_seqs, al, [layer], 4096, dec.embed_weight.dtype, packed=True,
+                               capture=align.prefix_lengths(al))
+    return teacher.compute(dec, *teacher_seqs, al, [layer], 4096, dec.embed_weight.dtype)
+
+
 def states_and_grad(dec, al, snippet_row, passes, teacher_seqs, rows0, weight, layer):
     """Student states at the aligned positions, d(sum(states * weight))/d rows, and (fused) teacher targets."""
     rows = rows0.clone().to(dec.embed_weight.device).requires_grad_()
-    b = student.make_batch(al, snippet_row, np.arange(al.n), passes, teacher_seqs).to(dec.embed_weight.device)
+    cache = mode_cache(dec, al, teacher_seqs, layer, "cached") if passes.cached else None
+    b = student.make_batch(al, snippet_row, np.arange(al.n), passes, teacher_seqs,
+                           prefix_cu=cache.prefix_cu if cache else None).to(dec.embed_weight.device)
     flat, targets = student.student_states(dec, b, dec.embed_weight, rows, [layer], passes,
-                                           [layer] if passes.fused else None)
+                                           [layer] if passes.fused else None, prefix_kv=cache.prefix if cache else None)
     S = flat[layer].index_select(0, b.s_idx)
     (S.double() * weight.to(S.device)).sum().backward()
     T = targets[layer].index_select(0, b.t_idx).double().cpu() if targets else None
@@ -131,12 +145,15 @@ def test_training_matches_reference(mode):
     schedule = student.Schedule(lr=1e-2, epochs=1, batch_size=1, seed=0)  # one step sees snippet 3 alone
     objective = student.Objective(distill="mse", layer=2)
     ref = student.train(dec, al, cache, snippet_row, init, None, objective, schedule, tied=True)
-    passes = MODES[mode]
-    ours = student.train(dec, al, None if passes.fused else cache, snippet_row, init, None, objective, schedule,
-                         tied=True, passes=passes, teacher=(teacher_ids, cu_teacher))
+    ours = student.train(dec, al, mode_cache(dec, al, (teacher_ids, cu_teacher), 2, mode), snippet_row, init, None,
+                         objective, schedule, tied=True, passes=student.Passes(prefix=True, fused=mode == "fused"),
+                         teacher=(teacher_ids, cu_teacher))
     np.testing.assert_allclose(ours.step_loss, ref.step_loss, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(ours.rows, ref.rows, rtol=1e-4, atol=1e-5)
     assert ours.extra["positions"]["with_grad"] < sum(np.diff(al.cu_student))
+    assert ours.extra["passes"] == mode  # a cache with prefix keys/values is read: no step runs a prefix
+    if mode != "fused":
+        assert (ours.extra["positions"]["prefix"] == 0) == (mode == "cached")
 
 
 def many_tokens(seed: int, n_tokens: int = 12, per_token: int = 3):
@@ -157,7 +174,8 @@ def many_tokens(seed: int, n_tokens: int = 12, per_token: int = 3):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
-@pytest.mark.parametrize("distill,epochs,mode", [("mse", 1, "fused"), ("mse", 2, "prefix"), ("kl", 1, "fused")])
+@pytest.mark.parametrize("distill,epochs,mode", [("mse", 1, "fused"), ("mse", 2, "prefix"), ("kl", 1, "fused"),
+                                                 ("mse", 2, "cached"), ("kl", 2, "cached")])
 def test_step_groups_match_reference(distill, epochs, mode, device):
     """Consecutive steps over disjoint tokens run as one pass (student.Rewind) and still end where the reference
     (step by step, padded) ends: rows, per-step losses and per-token losses (fp32; on CUDA with fused AdamW and
@@ -172,13 +190,15 @@ def test_step_groups_match_reference(distill, epochs, mode, device):
     schedule = student.Schedule(lr=1e-2, epochs=epochs, batch_size=3, seed=0)
     objective = student.Objective(distill=distill, layer=layer)
     ref = student.train(dec, al, cache, snippet_row, init, None, objective, schedule, tied=True)
-    passes = MODES[mode]
-    runs = {g: student.train(dec, al, None if passes.fused else cache, snippet_row, init, None, objective,
+    passes = student.Passes(prefix=True, fused=mode == "fused")
+    ours_cache = mode_cache(dec, al, (teacher_ids, cu_teacher), layer, mode)
+    runs = {g: student.train(dec, al, ours_cache, snippet_row, init, None, objective,
                              dataclasses.replace(schedule, group=g), tied=True, passes=passes,
                              teacher=(teacher_ids, cu_teacher)) for g in (1, 16)}
     assert runs[1].extra["groups"] == ref.steps > runs[16].extra["groups"] > 1
     assert not torch.allclose(ref.rows.cpu(), init, atol=1e-3)  # the rows do train
     for ours in runs.values():
+        assert ours.extra["passes"] == mode
         np.testing.assert_allclose(ours.step_loss, ref.step_loss, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(ours.token_loss, ref.token_loss, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(ours.rows.cpu(), ref.rows.cpu(), rtol=1e-4, atol=1e-5)

@@ -193,6 +193,9 @@ def test_cut_snaps_to_common_boundaries_within_the_budget():
     assert target_tokenizer.cut(t_ends, s_ends, 2, 16, 7, hit) == (2, 16)  # everything but the first token fits
     assert target_tokenizer.cut(t_ends, s_ends, 2, 16, 3, hit) == (4, 11)  # tightest: one token before, the hit
     assert target_tokenizer.cut(t_ends, s_ends, 2, 16, 1, hit) is None  # the hit alone is 2 teacher tokens
+    # --left-context: at most max_before tokens before the hit, the rest of the budget after it
+    assert target_tokenizer.cut(t_ends, s_ends, 2, 16, 7, hit, max_before=1) == (4, 16)
+    assert target_tokenizer.cut(t_ends, s_ends, 2, 16, 7, hit, max_before=0) == (6, 16)
     # a hit at the start of its document may start the snippet; elsewhere the window's start is not a boundary
     first = Hit("x" * 16, 0, 2, True, False)
     assert target_tokenizer.cut(t_ends, s_ends, 0, 16, 2, first) == (0, 4)

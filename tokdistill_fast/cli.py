@@ -95,7 +95,8 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
     d.add_argument("--seed", type=int, default=c.seed)
     d.add_argument("--backend", default=c.backend, help="auto | torch | triton")
     d.add_argument("--prefix-sharing", default=c.prefix_sharing,
-                   help="auto | off | on | fused: student steps compute only from the first new token on")
+                   help="auto | off | on | fused: student steps compute only from the first new token on, reading the "
+                        "prefix keys/values the teacher pass kept (on), or runs the teacher inside each step (fused)")
     d.add_argument("--align-impl", default=c.align_impl, help="auto | cpp | python")
 
 

@@ -122,9 +122,9 @@ class DistillConfig:
     seed: int = 0
     backend: str = "auto"  # torch (reference) | triton (fused kernels, CUDA or TRITON_INTERPRET=1)
     # Student steps from the first new token on, attending to the prefix's keys/values (exact under causal
-    # attention): on = a no-grad prefix pass per step; fused = the teacher runs inside each step and lends its
-    # keys/values (epochs 1); off = whole sequences (the reference); auto = fused at epochs 1, else on, off with
-    # backend torch.
+    # attention): on = the keys/values the teacher pass kept (when they fit in teacher.prefix_kv_budget), else a
+    # no-grad prefix pass per step; fused = the teacher runs inside each step and lends its keys/values (epochs 1);
+    # off = whole sequences (the reference); auto = fused at epochs 1, else on, off with backend torch.
     prefix_sharing: str = "auto"
     align_impl: str = "auto"  # cpp (pybind11 extension) | python (the spec)
     autotune_budget: float = 0.2  # share of the main run's time the layer/lr search may spend
@@ -166,8 +166,6 @@ class DistillConfig:
             raise UserInputError("--snippet-length must be at least 4 tokens")
         if self.left_context is not None and int(self.left_context) < 0:
             raise UserInputError("--left-context must be 0 or more tokens")
-        if self.left_context is not None and self.target_tokenizer:
-            raise UserInputError("--left-context applies to --new-tokens runs, not to --target-tokenizer swaps")
         if self.pad_to_multiple_of is not None and int(self.pad_to_multiple_of) < 1:
             raise UserInputError("--pad-to-multiple-of must be a positive integer")
         if isinstance(self.lr, str) and self.lr != "auto":

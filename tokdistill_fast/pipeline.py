@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import check, contexts, export, student, swap, teacher, tokens
+from .align import prefix_lengths
 from .config import TRAINED_METHODS, DistillConfig, UserInputError
 from .control import checkpoint, chunks, distributed, observed
 from .control.settings import resolve_settings, search_settings
@@ -135,9 +136,15 @@ def teacher_layers(prep: Prepared, runs: list[tuple[DistillConfig, int]]) -> lis
 
 def teacher_cache(prep: Prepared, work: Workload, layers: list[int], packed: bool = False) -> teacher.TeacherCache:
     """Teacher states of the workload's aligned positions at `layers`, in one pass truncated at the deepest
-    (packed rows without padding, or the length-sorted padded reference batches)."""
+    (packed rows without padding, or the length-sorted padded reference batches). Packed, it also keeps the
+    prefix keys/values when they fit, which the student's prefix steps then read instead of rerunning them."""
+    capture = None
+    if packed and teacher.prefix_kv_fits(prep.decoder, work.alignment, max(layers)):
+        capture = prefix_lengths(work.alignment)
+    elif packed:
+        log.info("the prefixes' keys/values exceed the memory kept for them: the student reruns its prefixes")
     return teacher.compute(prep.decoder, work.teacher_ids, work.cu_teacher, work.alignment, layers,
-                           **teacher.options(prep.decoder, prep.dtype, packed))
+                           **teacher.options(prep.decoder, prep.dtype, packed), capture=capture)
 
 
 def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, config: DistillConfig | None = None,

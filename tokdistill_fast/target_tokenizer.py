@@ -169,10 +169,11 @@ def find_target_hits(pieces, target, new_ids: list[int], keep: int, window_chars
     return kept, counts
 
 
-def cut(t_ends: np.ndarray, s_ends: np.ndarray, lo_char: int, hi_char: int, budget: int, hit: Hit
-        ) -> tuple[int, int] | None:
+def cut(t_ends: np.ndarray, s_ends: np.ndarray, lo_char: int, hi_char: int, budget: int, hit: Hit,
+        max_before: int | None = None) -> tuple[int, int] | None:
     """Character range (lo, hi] of a snippet around the hit: both ends at offsets where both tokenizations end,
-    the hit inside, at most `budget` tokens on either side, centred where the text allows. None if no such cut."""
+    the hit inside, at most `budget` tokens on either side, centred where the text allows or (max_before) grown
+    to the left only while at most max_before tokens of either side precede the hit. None if no such cut."""
     common = np.intersect1d(t_ends, s_ends)
     if hit.at_doc_start:  # the document's start is a boundary of both
         common = np.union1d(common, [0])
@@ -185,20 +186,26 @@ def cut(t_ends: np.ndarray, s_ends: np.ndarray, lo_char: int, hi_char: int, budg
     def size(a, b):
         return max(np.searchsorted(t_ends, b, "right") - np.searchsorted(t_ends, a, "right"),
                    np.searchsorted(s_ends, b, "right") - np.searchsorted(s_ends, a, "right"))
+
+    def fits(i, j):
+        return size(left[i], right[j]) <= budget and (
+            max_before is None or i == li or size(left[i], hit.start) <= max_before)
     if size(left[li], right[ri]) > budget:
         return None
     grew = True
     while grew:
         grew = False
         for dl, dr in ((1, 0), (0, 1)):
-            if li - dl >= 0 and ri + dr < len(right) and size(left[li - dl], right[ri + dr]) <= budget:
+            if li - dl >= 0 and ri + dr < len(right) and fits(li - dl, ri + dr):
                 li, ri, grew = li - dl, ri + dr, True
     return int(left[li]), int(right[ri])
 
 
-def cut_snippets(original, target, toks: list[NewToken], hits: list[list[Hit]], length: int, bos: int | None):
+def cut_snippets(original, target, toks: list[NewToken], hits: list[list[Hit]], length: int, bos: int | None,
+                 max_before: int | None = None):
     """Teacher and student ids with end offsets for each hit (the shared leading id first, end offset 0), and
-    per token the hits dropped because no common cut fits `length` or T2 reads the window otherwise."""
+    per token the hits dropped because no common cut fits `length` or T2 reads the window otherwise. `max_before`:
+    cut()'s cap on the tokens before the hit."""
     budget = length - (bos is not None)
     lead = [bos] if bos is not None else []
     flat = [(r, h) for r, hs in enumerate(hits) for h in hs]
@@ -218,7 +225,7 @@ def cut_snippets(original, target, toks: list[NewToken], hits: list[list[Hit]], 
             if k >= len(se) or se[k] != h.end or es.ids[k] != toks[r].new_id:
                 dropped[r] += 1
                 continue
-            span = cut(te, se, lo_char, hi_char, budget, h)
+            span = cut(te, se, lo_char, hi_char, budget, h, max_before)
             if span is None:
                 dropped[r] += 1
                 continue
@@ -240,7 +247,7 @@ def build_workload(cfg: DistillConfig, original, target, toks: list[NewToken], c
     reader = Corpus(corpus, cfg.max_corpus_bytes)
     hits, counts = find_target_hits(reader, target, [t.new_id for t in toks], cfg.snippets_per_token,
                                     CHARS_PER_TOKEN * cfg.snippet_length, cfg.seed)
-    cut_out, dropped = cut_snippets(original, target, toks, hits, cfg.snippet_length, bos)
+    cut_out, dropped = cut_snippets(original, target, toks, hits, cfg.snippet_length, bos, cfg.left_context)
     lut = {t.new_id: V + r for r, t in enumerate(toks)}
     t_seqs, t_ends, s_seqs, s_ends, rows = [], [], [], [], []
     for r, t_ids, te, s_ids, se in cut_out:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .align import Alignment
+from .align import Alignment, cu_seqlens, prefix_lengths
 from .control import observed
 from .modeling.attention import Attend, ranges
 from .modeling.layout import lay_out, token_batches
@@ -28,8 +28,10 @@ class TeacherCache:
 
     states: dict[int, torch.Tensor]
     cu_aligned: np.ndarray
-    # compute(capture=...): every layer's keys/values of each snippet's first capture[i] positions, in cu order
+    # compute(capture=...): every layer's keys/values of each snippet's first capture[i] positions, in cu order;
+    # snippet i's rows are prefix_cu[i]:prefix_cu[i + 1]
     prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    prefix_cu: np.ndarray | None = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.states.values())
@@ -45,6 +47,35 @@ def batch_tokens(device: torch.device) -> int:
 # Share of the device memory free when the cache is built that it may take: the rest is left to the student's
 # activations and the optimizer, which come after it; a larger cache spills to pinned host memory.
 DEVICE_CACHE_SHARE = 0.5
+# Most memory captured prefix keys/values may take (CPU; on CUDA this share of the device's total memory): beyond
+# it, passes that would read them run their own prefixes again.
+PREFIX_KV_BYTES = 2 * 2**30
+PREFIX_KV_DEVICE_SHARE = 0.25
+
+
+def prefix_kv_bytes(decoder: Decoder, lengths: np.ndarray, dtype: torch.dtype, depth: int | None = None) -> int:
+    """Bytes of the keys and values of layers 1..depth (default: all) at `lengths.sum()` positions."""
+    cfg = decoder.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return (int(lengths.sum()) * (depth or decoder.num_layers) * 2 * heads * head_dim
+            * torch.empty((), dtype=dtype).element_size())
+
+
+def prefix_kv_budget(device: torch.device) -> int:
+    """Bytes captured prefix keys/values may take on `device`: a fixed share of its total memory (never of what
+    is free at the moment, so that the same job decides alike on a busy device)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * PREFIX_KV_DEVICE_SHARE)
+    return PREFIX_KV_BYTES
+
+
+def prefix_kv_fits(decoder: Decoder, alignment: Alignment, depth: int) -> bool:
+    """Whether a packed teacher pass to `depth` layers may keep the keys/values before each snippet's first new
+    token (compute's capture=prefix_lengths), which the student's prefix steps then read in every epoch instead of
+    rerunning those prefixes (student/steps.py): within prefix_kv_budget."""
+    need = prefix_kv_bytes(decoder, prefix_lengths(alignment), decoder.embed_weight.dtype, depth)
+    return need <= prefix_kv_budget(decoder.embed_weight.device)
 
 
 def options(decoder: Decoder, dtype: torch.dtype, packed: bool) -> dict:
@@ -88,9 +119,9 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
             device_budget: int | None = None, packed: bool = False, capture: np.ndarray | None = None
             ) -> TeacherCache:
     """Teacher states at `layers` for the aligned positions of every snippet. `packed` runs packed rows instead of
-    length-sorted right-padded batches (the reference); both give the same states. `capture` [n] (packed, cache on
-    the device): also keep each layer's keys/values of snippet i's first capture[i] positions, for passes that
-    share that prefix (attention.py)."""
+    length-sorted right-padded batches (the reference); both give the same states. `capture` [n] (packed): also keep
+    each layer's keys/values of snippet i's first capture[i] positions, for passes that share that prefix
+    (attention.py); not with a cache spilled to host memory, whose steps run their own prefixes."""
     device = decoder.embed_weight.device
     K, D = len(alignment.t_pos), decoder.hidden_size
     need = K * D * torch.empty((), dtype=cache_dtype).element_size() * len(layers)
@@ -103,8 +134,10 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
     lengths = cu_teacher[1:] - cu_teacher[:-1]
     cu_a = alignment.cu_aligned
     batches = token_batches(lengths, max_tokens) if packed else length_batches(lengths, max_tokens)
-    if capture is not None and (on_host or not packed):
-        raise ValueError("capturing prefix keys/values needs packed passes and a cache on the device")
+    if capture is not None and not packed:
+        raise ValueError("capturing prefix keys/values needs packed passes")
+    if capture is not None and on_host:  # steps copy their targets over PCIe: they rerun their prefixes too
+        capture = None
     spill = _HostSpill(states) if on_host else None
     prefix: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for seqs in tqdm(batches, desc="teacher", unit="batch", leave=False):
@@ -129,7 +162,7 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
         spill.flush()
     joined = None if capture is None else {l: (torch.cat([k for k, _ in kv]), torch.cat([v for _, v in kv]))
                                            for l, kv in prefix.items()}
-    return TeacherCache(states, cu_a, joined)
+    return TeacherCache(states, cu_a, joined, None if capture is None else cu_seqlens(capture))
 
 
 class _HostSpill:

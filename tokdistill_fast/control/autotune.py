@@ -218,8 +218,10 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     trim_ratio = min(1.0, (float(np.mean(prefix_lengths(al)[np.diff(al.cu_aligned) > 0])) + keep)
                      / max(float(lengths.mean()), 1.0)) if len(al.s_pos) else 1.0
     main_epochs = 2 if search_epochs else schedule.epochs  # the likely choice (docs/defaults.md)
-    main_train = train_cost(main_epochs, grad_share(al) if prefix else 1.0, prefix and not fused)
-    search_train = train_cost(1, grad_share(al, keep) if prefix else 1.0, prefix)
+    # prefix steps read the teacher pass's prefix keys/values when they fit (any candidate's, on any sample)
+    cached = prefix and teacher.prefix_kv_fits(decoder, al, max(layers))
+    main_train = train_cost(main_epochs, grad_share(al) if prefix else 1.0, prefix and not fused and not cached)
+    search_train = train_cost(1, grad_share(al, keep) if prefix else 1.0, prefix and not cached)
     share = sample_share(layers, L, main_train, search_train, budget, trim_ratio, search_epochs, heldout_share)
     n_tokens = max(min_tokens, round(share * al.n / per_token))
     sample = draw_sample(al, teacher_ids, cu_teacher, snippet_row, V, n_rows, n_tokens, heldout_share, keep,
@@ -227,10 +229,11 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     rows0 = init_rows[torch.from_numpy(sample.rows).to(init_rows.device)]
     scorer = HeldoutRatios(decoder, sample, rows0)
     objectives = {layer: dataclasses.replace(objective(layer), train_output=False) for layer in layers}
-    cached = sorted({o.layer if o.distill == "mse" else L for o in objectives.values() if o.distill is not None})
-    cache = teacher.compute(decoder, sample.train_ids, sample.train_cu, sample.train, cached,
-                            teacher.batch_tokens(decoder.embed_weight.device),
-                            decoder.embed_weight.dtype, packed=prefix) if cached else None
+    cache_layers = sorted({o.layer if o.distill == "mse" else L for o in objectives.values() if o.distill is not None})
+    cache = teacher.compute(decoder, sample.train_ids, sample.train_cu, sample.train, cache_layers,
+                            teacher.batch_tokens(decoder.embed_weight.device), decoder.embed_weight.dtype,
+                            packed=prefix, capture=prefix_lengths(sample.train) if cached else None
+                            ) if cache_layers else None
     trials: list[Trial] = []
 
     def run(c: Candidate) -> Trial:

@@ -37,7 +37,6 @@ from ..tokens import NewToken
 log = logging.getLogger(__name__)
 
 LOGIT_ROWS = 1024  # rows per logits chunk: 1024 x 49k vocab x 4 B = 200 MB per temporary
-SHARED_PREFIX_BYTES = 2 * 2**30  # most memory a shared prefix's keys/values may take; larger sets run whole
 
 
 class Scorer:
@@ -164,28 +163,20 @@ class SharedPrefix:
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
-def prefix_kv_bytes(decoder: Decoder, lengths: np.ndarray, dtype: torch.dtype) -> int:
-    """Bytes of every layer's keys and values at `lengths.sum()` positions."""
-    cfg = decoder.config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return int(lengths.sum()) * decoder.num_layers * 2 * heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-
 @torch.no_grad()
 def reference(decoder: Decoder, hs: HeldoutSet, layers: tuple[int, ...] = (), dtype: torch.dtype | None = None,
               share_prefix: bool = False) -> Reference:
     """One truncated-to-the-end pass of the original model over the held-out snippets. share_prefix: packed,
     keeping the keys/values before each first new token for Scorers over this same decoder (the layer search
-    scores several row sets on one held-out sample), unless they would take more than SHARED_PREFIX_BYTES."""
+    scores several row sets on one held-out sample), unless they would take more than teacher.prefix_kv_budget."""
     L = decoder.num_layers
     device = decoder.embed_weight.device
     dtype = dtype or decoder.embed_weight.dtype
     # teacher.compute gathers rows at alignment.t_pos; handing it the continuation positions gathers those.
     cont = Alignment(hs.alignment.student_ids, hs.alignment.cu_student, hs.cont_pos, hs.cont_pos, hs.cu_cont)
     before = prefix_lengths(hs.alignment) if share_prefix else None
-    kv_bytes = 0 if before is None else prefix_kv_bytes(decoder, before, decoder.embed_weight.dtype)
-    if kv_bytes > SHARED_PREFIX_BYTES:
+    kv_bytes = 0 if before is None else teacher.prefix_kv_bytes(decoder, before, decoder.embed_weight.dtype)
+    if kv_bytes > teacher.prefix_kv_budget(device):
         log.info("held-out prefixes need %.1f GiB of keys/values: scoring whole sequences", kv_bytes / 2**30)
         before = None
     cache = teacher.compute(decoder, hs.teacher_ids, hs.cu_teacher, cont, sorted({L, *layers}),

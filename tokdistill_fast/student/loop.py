@@ -155,6 +155,10 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     opt, sched = optimizer(params, schedule, n_steps, device)
     L = decoder.num_layers
     layers = objective.student_layers(L, trainable.out_rows is not None)
+    # Prefix steps read the prefix keys/values the teacher pass kept, when it kept every layer they run through.
+    kv = None if cache is None or cache.prefix is None else cache.prefix
+    if passes.prefix and not passes.fused and kv is not None and set(range(max(layers))) <= kv.keys():
+        passes = dataclasses.replace(passes, cached=True)
     teacher_layers = objective.cache_layers(L) if passes.fused else None
     step_loss = torch.zeros(n_steps, device=device)
     losses_log = LossLog(step_loss, schedule.log_every, desc)
@@ -174,7 +178,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     every = hook.every if hook is not None else 0
     breaks = {epoch_start, tail_start} | (set(range(0, n_steps, every)) if every else set())
     groups = plan_groups(al, snippet_row, plan, passes, schedule.group if grouped else 1, breaks, start, teacher,
-                         device)
+                         device, cache.prefix_cu if passes.cached else None)
     feed = None if passes.fused or objective.distill is None else TargetFeed(cache, [g.batch for g in groups],
                                                                             device)
     rewind = Rewind(opt, sched, rows) if any(len(g.steps) > 1 for g in groups) else None
@@ -189,7 +193,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
                 shard.idle(objective)
         else:
             flat, targets = student_states(decoder, b, decoder.embed_weight, x, layers, passes, teacher_layers,
-                                           schedule.backend)
+                                           schedule.backend, kv if passes.cached else None)
             targets = (targets, b.t_idx) if passes.fused else feed(step, b) if feed else (None, None)
             # Sharded: each loss is weighted by this rank's share of the step's pairs (its mean -> part of the mean).
             weights = (1.0, 1.0) if shard is None else shard.weights[step]

@@ -3,8 +3,9 @@
 `student_states`) and which consecutive steps run as one pass (`group_steps`, `make_group`, `Rewind`).
 
 Prefix sharing (`Passes`): positions before a sequence's first new token are identical in teacher and student,
-so a step runs only the suffix with gradient, attending to the prefix keys/values of a no-grad pass (the
-student's prefixes, or, fused, the teacher pass over the same snippets that also yields the step's targets).
+so a step runs only the suffix with gradient, attending to prefix keys/values: those the teacher pass kept
+(cached: no step runs a prefix, in any epoch), or a no-grad pass's (the student's prefixes, or, fused, the
+teacher pass over the same snippets that also yields the step's targets).
 The reference steps run whole padded sequences; both give the same states at the aligned positions.
 
 Step groups (`group_steps`): a new row's gradient depends only on that row (each snippet trains one token), and
@@ -41,13 +42,16 @@ class Passes:
     attending to the keys/values of the positions before it, which are identical in teacher and student, carry
     no gradient and are not in the loss (exact under causal attention). fused: those keys/values, and the step's
     targets, come from a teacher pass over the same snippets run just before, instead of a no-grad student prefix
-    pass (each snippet is then seen once: epochs == 1). Neither: whole right-padded sequences (the reference)."""
+    pass (each snippet is then seen once: epochs == 1). cached: they come from the teacher cache, which kept them
+    (teacher.compute capture), so no step runs a prefix in any epoch. Neither: whole right-padded sequences (the
+    reference)."""
 
     prefix: bool = False
     fused: bool = False
+    cached: bool = False
 
     def describe(self) -> str:
-        return "fused" if self.fused else "prefix" if self.prefix else "off"
+        return "fused" if self.fused else "cached" if self.cached else "prefix" if self.prefix else "off"
 
     @classmethod
     def for_config(cls, cfg: DistillConfig) -> Passes:
@@ -80,20 +84,23 @@ class Batch:
     ntp_target: torch.Tensor  # [K'] extended id of that next token
     prefix: Layout | None = None
     part: torch.Tensor | None = None  # [K] step (0, 1, ...) of each pair when the batch runs a group of steps
+    kv_rows: torch.Tensor | None = None  # cached passes: rows of the teacher cache's prefix keys/values, in cu order
 
     def to(self, device: torch.device) -> Batch:
         s_idx, t_idx, tok, ntp_idx, ntp_target = (t.to(device, non_blocking=True) for t in (
             self.s_idx, self.t_idx, self.tok, self.ntp_idx, self.ntp_target))
+        part, kv_rows = (None if t is None else t.to(device, non_blocking=True) for t in (self.part, self.kv_rows))
         return Batch(None if self.main is None else self.main.to(device), s_idx, t_idx, self.t_rows, tok, ntp_idx,
-                     ntp_target, None if self.prefix is None else self.prefix.to(device),
-                     None if self.part is None else self.part.to(device, non_blocking=True))
+                     ntp_target, None if self.prefix is None else self.prefix.to(device), part, kv_rows)
 
 
 def make_batch(al: Alignment, snippet_row: np.ndarray, snippets: np.ndarray, passes: Passes,
-               teacher: tuple[np.ndarray, np.ndarray] | None = None, step_of: np.ndarray | None = None) -> Batch:
+               teacher: tuple[np.ndarray, np.ndarray] | None = None, step_of: np.ndarray | None = None,
+               prefix_cu: np.ndarray | None = None) -> Batch:
     """Layouts and index arrays (host side) of one step over `snippets` (indices into the alignment; `snippet_row`
-    maps a snippet to the embedding row it trains). `teacher` = (teacher_ids, cu_teacher) for fused passes.
-    `step_of` [len(snippets)]: for a group of steps, the step of each snippet."""
+    maps a snippet to the embedding row it trains). `teacher` = (teacher_ids, cu_teacher) for fused passes,
+    `prefix_cu` (TeacherCache.prefix_cu) for cached ones. `step_of` [len(snippets)]: for a group of steps, the
+    step of each snippet."""
     cu_a, cu_s = al.cu_aligned, al.cu_student
     if passes.prefix:
         keep = cu_a[snippets + 1] > cu_a[snippets]  # snippets without aligned pairs contribute nothing
@@ -106,7 +113,7 @@ def make_batch(al: Alignment, snippet_row: np.ndarray, snippets: np.ndarray, pas
     has_next = s_pos + 1 < lens[seq]  # next-token targets: aligned positions except each sequence's last one
     ntp_target = al.student_ids[(cu_s[snippets][seq] + s_pos + 1)[has_next]]
     tok = np.repeat(snippet_row[snippets], counts)
-    t_idx, prefix = pairs, None
+    t_idx, prefix, kv_rows = pairs, None, None
     if len(pairs) == 0:  # nothing to train (also a rank's empty share of a batch, see distributed.py)
         main, s_flat = None, np.zeros(0, dtype=np.int64)
     elif not passes.prefix:
@@ -119,6 +126,8 @@ def make_batch(al: Alignment, snippet_row: np.ndarray, snippets: np.ndarray, pas
             prefix = lay_out(teacher_ids, cu_t[snippets], cu_t[snippets + 1] - cu_t[snippets],
                              np.zeros(len(snippets)), True, capture=p)
             t_idx = prefix.rows(seq, al.t_pos[pairs].astype(np.int64))
+        elif passes.cached:
+            kv_rows = torch.from_numpy(ranges(prefix_cu[snippets], p))
         elif p.any():  # sequences without a prefix are left out; captured rows stay in cu(p) order
             some = p > 0
             prefix = lay_out(al.student_ids, cu_s[snippets[some]], p[some], np.zeros(int(some.sum())), True)
@@ -128,7 +137,7 @@ def make_batch(al: Alignment, snippet_row: np.ndarray, snippets: np.ndarray, pas
                for a in (s_flat, t_idx, tok, s_flat[has_next], ntp_target))
     s_idx, t_idx_t, tok_t, ntp_idx, ntp_t = tensors
     part = None if step_of is None else torch.from_numpy(np.ascontiguousarray(step_of[seq], dtype=np.int64))
-    return Batch(main, s_idx, t_idx_t, pairs, tok_t, ntp_idx, ntp_t, prefix, part)
+    return Batch(main, s_idx, t_idx_t, pairs, tok_t, ntp_idx, ntp_t, prefix, part, kv_rows)
 
 
 @dataclass
@@ -163,14 +172,15 @@ def group_steps(plan: list[np.ndarray], snippet_row: np.ndarray, max_steps: int,
 
 
 def make_group(al: Alignment, snippet_row: np.ndarray, plan: list[np.ndarray], steps: range, passes: Passes,
-               teacher: tuple[np.ndarray, np.ndarray] | None) -> Group:
+               teacher: tuple[np.ndarray, np.ndarray] | None, prefix_cu: np.ndarray | None = None) -> Group:
     """The host-side Group of `steps`. One step is just its own batch: nothing is rewound, so it needs no
     per-step rows or pair counts."""
     parts = [plan[s] for s in steps]
     if len(parts) == 1:
-        return Group(steps, make_batch(al, snippet_row, parts[0], passes, teacher), [], torch.zeros(0))
+        return Group(steps, make_batch(al, snippet_row, parts[0], passes, teacher, prefix_cu=prefix_cu), [],
+                     torch.zeros(0))
     step_of = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
-    batch = make_batch(al, snippet_row, np.concatenate(parts), passes, teacher, step_of)
+    batch = make_batch(al, snippet_row, np.concatenate(parts), passes, teacher, step_of, prefix_cu)
     counts = [int((al.cu_aligned[p + 1] - al.cu_aligned[p]).sum()) for p in parts]
     tokens = [torch.from_numpy(np.unique(snippet_row[p]).astype(np.int64)) for p in parts]
     return Group(steps, batch, tokens, torch.tensor(counts, dtype=torch.float32))
@@ -187,16 +197,21 @@ def batch_plan(n: int, snippets_per_batch: int, epochs: int, seed: int) -> list[
 
 
 def student_states(decoder: Decoder, b: Batch, table: torch.Tensor, rows: torch.Tensor, layers: list[int],
-                   passes: Passes, teacher_layers: list[int] | None = None, backend: str = "auto"
+                   passes: Passes, teacher_layers: list[int] | None = None, backend: str = "auto",
+                   prefix_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
                    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
     """Flattened student states {layer: [rows of main, D]} of one step and, fused, the teacher pass's
-    flattened states {layer: [rows, D]} that b.t_idx indexes."""
+    flattened states {layer: [rows, D]} that b.t_idx indexes. `prefix_kv`: the teacher cache's prefix
+    keys/values, which cached passes read at b.kv_rows."""
     D = decoder.hidden_size
     if not passes.prefix:
         h0 = embedding_rows(b.main.ids, table, rows, decoder.embed_scale, backend=backend)
         return {l: h.reshape(-1, D) for l, h in decoder.hidden_states(h0, layers).items()}, None
     context, targets = None, None
-    if b.prefix is not None:
+    if b.kv_rows is not None:
+        context = {l: (k.index_select(0, b.kv_rows), v.index_select(0, b.kv_rows)) for l, (k, v) in prefix_kv.items()
+                   if l < max(layers)}
+    elif b.prefix is not None:
         context = {}
         depth = [max(layers)] if teacher_layers is None else sorted(set(teacher_layers) | {max(layers)})
         with torch.no_grad():
@@ -262,10 +277,11 @@ class Rewind:
 
 def plan_groups(al: Alignment, snippet_row: np.ndarray, plan: list[np.ndarray], passes: Passes, max_steps: int,
                 breaks: set[int], start: int, teacher: tuple[np.ndarray, np.ndarray] | None,
-                device: torch.device) -> list[Group]:
+                device: torch.device, prefix_cu: np.ndarray | None = None) -> list[Group]:
     """The groups of the steps from `start` on, prepared and moved to `device`. Groups are cut from step 0, so
     that a resumed run groups alike (a resume inside a group runs the group's remaining steps: still
     disjoint). max_steps 1: one step per pass."""
     runs = [range(max(g.start, start), g.stop)
             for g in group_steps(plan, snippet_row, max_steps, breaks) if g.stop > start]
-    return [make_group(al, snippet_row, plan, g, passes, teacher if passes.fused else None).to(device) for g in runs]
+    return [make_group(al, snippet_row, plan, g, passes, teacher if passes.fused else None, prefix_cu).to(device)
+            for g in runs]
