@@ -26,6 +26,10 @@ def _positions(value: str) -> int | None:
     return None if value == "all" else int(value)
 
 
+def _left(value: str) -> int | None:
+    return None if value in ("centred", "centered") else int(value)
+
+
 def _size(value: str) -> int:
     """A byte count with an optional K/M/G/T suffix (powers of 1024): 500M, 2G (8GB and 8GiB read as 8G)."""
     value = value.removesuffix("iB").removesuffix("B") if value[-2:-1].isalpha() else value
@@ -78,8 +82,8 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
     d.add_argument("--snippet-length", type=int, default=c.snippet_length)
     d.add_argument("--loss-positions", type=_positions, default=c.loss_positions,
                    help="train on at most this many positions from the new token on, or all (the paper)")
-    d.add_argument("--left-context", type=int, default=c.left_context,
-                   help="keep at most this many tokens before the word in corpus snippets (default: centred)")
+    d.add_argument("--left-context", type=_left, default=c.left_context,
+                   help="keep at most this many tokens before the word in training snippets, or centred")
     d.add_argument("--contexts", default=c.contexts, help="retrieve (corpus, generated fallback) | generate")
     d.add_argument("--output-embeddings", default=c.output_embeddings, help="untied models: zeros | mean | ntp")
     d.add_argument("--tokenizer-mode", default=c.tokenizer_mode, help="auto | vocab | added")
