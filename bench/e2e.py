@@ -156,12 +156,13 @@ def run_pipeline(model, lang, args, variant: Variant) -> dict:
     teacher = r["counts"]["teacher_tokens"]  # the teacher pass computes every snippet token once, fused or not
     student_fwd = pos["with_grad"] + pos.get("prefix", 0)
     flop = flop_per_pos * (teacher + student_fwd + pos["with_grad"])
-    reference_flop = flop_per_pos * (teacher + 2 * r["counts"]["student_tokens"])  # whole sequences, 3 passes
+    epochs = r["settings"]["resolved_epochs"]  # whole sequences: one teacher pass, then 2 student passes an epoch
+    reference_flop = flop_per_pos * (teacher + 2 * epochs * r["counts"]["student_tokens"])
     timings = {k: round(v, 3) for k, v in r["timings"].items()}
     primaries = [i for i, t in enumerate(result.tokens) if t.variant_of is None]
     return {"seconds": timings, "total_s": round(total, 3), "implementations": r["implementations"],
-            "settings": {"target_layer": layers_run, "lr": r["settings"]["resolved_lr"],
-                         "epochs": r["settings"]["resolved_epochs"], "searched": r["autotune"] is not None,
+            "settings": {"target_layer": layers_run, "lr": r["settings"]["resolved_lr"], "epochs": epochs,
+                         "searched": r["autotune"] is not None,
                          "dtype": cfg.dtype},
             "autotune": r["autotune"], "counts": r["counts"], "norm_clipped": r["counts"]["norm_clipped"],
             "positions": {"teacher_fwd": teacher, "student_fwd": student_fwd, "student_bwd": pos["with_grad"]},

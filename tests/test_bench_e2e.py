@@ -15,8 +15,9 @@ def test_e2e_tiny_on_cpu(tmp_path):
     fast, ref, other = record["fast"], record["reference"], record["reference_other_dtype"]
     assert fast["settings"]["searched"] and fast["autotune"]["trials"]  # layer "auto": the search ran and was timed
     assert fast["seconds"]["autotune"] > 0 and ref["settings"]["lr"] == fast["settings"]["lr"]
-    # what ran, observed at run time: the fused passes' attention, the aligners, the kernels, the cache
-    assert fast["implementations"]["prefix_sharing"] == "fused"
+    # what ran, observed at run time: prefix steps reading the teacher's kept keys/values (two epochs), their
+    # attention, the aligners, the kernels, the cache
+    assert fast["implementations"]["prefix_sharing"] == "cached" and fast["settings"]["epochs"] == 2
     assert fast["implementations"]["packed_attention"] == "dense SDPA"
     assert ref["implementations"]["prefix_sharing"] == "off" and ref["implementations"]["packed_attention"] is None
     assert fast["implementations"]["align"] == ("cpp" if align._align_ext is not None else "python")

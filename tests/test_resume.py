@@ -95,7 +95,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, base_args):
 
 def test_kill9_in_second_chunk_then_resume_matches_uninterrupted(tmp_path, base_args):
     # Chunks of 2 tokens with prefix sharing on: each chunk computes its own teacher cache.
-    args = [*base_args, "--chunk-tokens", "2", "--prefix-sharing", "on"]
+    args = [*base_args, "--chunk-tokens", "2", "--prefix-sharing", "on", "--epochs", "1"]  # the steps below: one epoch
     done = run(args, tmp_path / "whole")
     assert done.returncode == 0, done.stderr
 
