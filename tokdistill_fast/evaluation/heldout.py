@@ -174,11 +174,11 @@ def reference(decoder: Decoder, hs: HeldoutSet, layers: tuple[int, ...] = (), dt
     dtype = dtype or decoder.embed_weight.dtype
     # teacher.compute gathers rows at alignment.t_pos; handing it the continuation positions gathers those.
     cont = Alignment(hs.alignment.student_ids, hs.alignment.cu_student, hs.cont_pos, hs.cont_pos, hs.cu_cont)
-    before = prefix_lengths(hs.alignment) if share_prefix else None
-    kv_bytes = 0 if before is None else teacher.prefix_kv_bytes(decoder, before, decoder.embed_weight.dtype)
-    if kv_bytes > teacher.prefix_kv_budget(device):
-        log.info("held-out prefixes need %.1f GiB of keys/values: scoring whole sequences", kv_bytes / 2**30)
-        before = None
+    before = None
+    if share_prefix and teacher.prefix_kv_fits(decoder, hs.alignment, L):
+        before = prefix_lengths(hs.alignment)
+    elif share_prefix:
+        log.info("held-out prefixes' keys/values exceed teacher.prefix_kv_budget: scoring whole sequences")
     cache = teacher.compute(decoder, hs.teacher_ids, hs.cu_teacher, cont, sorted({L, *layers}),
                             max_tokens=teacher.batch_tokens(device), cache_dtype=dtype, packed=share_prefix,
                             capture=before)

@@ -156,7 +156,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     L = decoder.num_layers
     layers = objective.student_layers(L, trainable.out_rows is not None)
     # Prefix steps read the prefix keys/values the teacher pass kept, when it kept every layer they run through.
-    kv = None if cache is None or cache.prefix is None else cache.prefix
+    kv = cache.prefix if cache is not None else None
     if passes.prefix and not passes.fused and kv is not None and set(range(max(layers))) <= kv.keys():
         passes = dataclasses.replace(passes, cached=True)
     teacher_layers = objective.cache_layers(L) if passes.fused else None
