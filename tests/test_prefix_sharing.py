@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
+from tokdistill_fast.kernels.embedding_rows import embedding_rows
 from transformers import AutoModelForCausalLM
 
 from tokdistill_fast import align, student, teacher
@@ -201,7 +202,42 @@ def test_step_groups_match_reference(distill, epochs, mode, device):
         assert ours.extra["passes"] == mode
         np.testing.assert_allclose(ours.step_loss, ref.step_loss, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(ours.token_loss, ref.token_loss, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(ours.word_loss, ref.word_loss, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(ours.rows.cpu(), ref.rows.cpu(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["reference", "cached"])
+def test_word_loss_is_the_loss_at_each_snippets_first_pair(mode):
+    """TrainResult.word_loss (what outliers are flagged on) is, per token, the mean squared error at the word's
+    own position only (each snippet's first aligned pair), computed here from plain forward passes; token_loss
+    averages every aligned pair. lr 0 keeps the rows where the check computes them."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=torch.float32)
+    dec = Decoder(model.eval())
+    al, snippet_row, teacher_ids, cu_teacher = snippets(seed=3)
+    layer, init = 2, torch.randn(2, dec.hidden_size) * 0.5
+    schedule = student.Schedule(lr=0.0, epochs=1, batch_size=al.n, seed=0)  # one step: every pair counts
+    passes = student.Passes(prefix=True) if mode == "cached" else student.Passes()
+    cache = mode_cache(dec, al, (teacher_ids, cu_teacher), layer, mode)
+    got = student.train(dec, al, cache, snippet_row, init, None, student.Objective(distill="mse", layer=layer),
+                        schedule, tied=True, passes=passes)
+    word, every = [[] for _ in init], [[] for _ in init]
+    for i in range(al.n):
+        pairs = np.arange(al.cu_aligned[i], al.cu_aligned[i + 1])
+        if not len(pairs):
+            continue
+        with torch.no_grad():
+            t = dec.hidden_states(dec.embed(torch.from_numpy(teacher_ids[cu_teacher[i]:cu_teacher[i + 1]])[None]),
+                                  [layer])[layer][0]
+            s_ids = torch.from_numpy(al.student_ids[al.cu_student[i]:al.cu_student[i + 1]])
+            s = dec.hidden_states(embedding_rows(s_ids[None], dec.embed_weight, init, dec.embed_scale),
+                                  [layer])[layer][0]
+        err = (s[al.s_pos[pairs]] - t[al.t_pos[pairs]]).pow(2).mean(-1)
+        word[snippet_row[i]].append(err[0].item())
+        every[snippet_row[i]].extend(err.tolist())
+    np.testing.assert_allclose(got.word_loss, [np.mean(w) for w in word], rtol=1e-4)
+    np.testing.assert_allclose(got.token_loss, [np.mean(e) for e in every], rtol=1e-4)
+    assert not np.allclose(got.word_loss, got.token_loss)
 
 
 def test_group_steps_cuts_at_shared_tokens_and_breaks():
@@ -231,7 +267,7 @@ def test_host_cache_feed_gives_cache_rows():
     cache = teacher.TeacherCache(states, np.array([0, 50]))
     rng = np.random.default_rng(0)
     batches = [student.Batch(None, torch.zeros(0), torch.zeros(0), rng.permutation(50)[:k], torch.zeros(0),
-                             torch.zeros(0), torch.zeros(0)) for k in (7, 20, 3)]
+                             torch.zeros(0), torch.zeros(0), torch.zeros(0)) for k in (7, 20, 3)]
     feed = TargetFeed(cache, batches, torch.device("cpu"), staged=True)
     for step, b in enumerate(batches):
         got, idx = feed(step, b)

@@ -95,10 +95,14 @@ def test_real_sink_stays_out_of_the_aligned_states(doc_corpus):
 
 
 def test_outlier_tokens_are_flagged_with_their_contexts(caplog):
-    per_token = [{"word": f"w{i}", "final_loss": 1.0 + 0.1 * i, "contexts": 25, "source": "corpus"} for i in range(9)]
+    """Flagged on the loss at the word's own position: a word that ends every snippet (a signature closing its
+    paragraphs) has only that position, so its mean loss is high without anything wrong with its row."""
+    per_token = [{"word": f"w{i}", "final_loss": 1.0 + 0.1 * i, "word_loss": 5.0 + 0.5 * i, "contexts": 25,
+                  "source": "corpus"} for i in range(9)]
+    per_token.append({"word": "signature", "final_loss": 60.0, "word_loss": 60.0, "contexts": 6, "source": "corpus"})
     assert report.flag_outliers(per_token) == []
-    per_token.append({"word": "sunk", "final_loss": 2400.0, "contexts": 7, "source": "corpus"})
-    per_token.append({"word": "variant", "final_loss": None, "contexts": 0, "source": "variant"})
+    per_token.append({"word": "sunk", "final_loss": 2400.0, "word_loss": 9000.0, "contexts": 7, "source": "corpus"})
+    per_token.append({"word": "variant", "final_loss": None, "word_loss": None, "contexts": 0, "source": "variant"})
     flagged = report.flag_outliers(per_token)
     assert [f["word"] for f in flagged] == ["sunk"] and flagged[0]["times_median"] > 1000
     assert "sunk" in caplog.text and "outlier" in caplog.text

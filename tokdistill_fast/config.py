@@ -36,7 +36,8 @@ def env_flag(name: str) -> bool:
     """True when the environment variable is set to 1 (this and env_int are the package's env-var readers)."""
     return os.environ.get(name, "") == "1"
 
-# A token whose final loss (distill) or held-out KL (eval) is this many times the median is flagged as an outlier:
+# A token whose final loss at its own position (distill) or held-out KL (eval) is this many times the median is
+# flagged as an outlier:
 # before snippets started with a document-start token, words at the start of a snippet sat on the attention sink
 # and ended training at 300-2,400x the other words' loss.
 OUTLIER_FACTOR = 10.0

@@ -68,6 +68,7 @@ class RunReport:
                 "corpus_contexts": work.found.get(i, 0) if work else 0,
                 "source": (work.sources.get(i, "none") if work else cfg.method) if t.variant_of is None else "variant",
                 "final_loss": float(result.token_loss[r]) if result is not None and r is not None else None,
+                "word_loss": float(result.word_loss[r]) if result is not None and r is not None else None,
                 "norm": float(learned.rows[i].norm()),
             })
         skipped = prep.skipped
@@ -132,17 +133,19 @@ class RunReport:
 
 
 def flag_outliers(per_token: list[dict]) -> list[dict]:
-    """Trained tokens whose final loss exceeds OUTLIER_FACTOR x the median, logged with what to look at. Their rows
-    are kept as trained (the held-out measure of `tokdistill eval` tells whether they beat the subtoken mean)."""
-    losses = [t["final_loss"] for t in per_token if t["final_loss"] is not None and np.isfinite(t["final_loss"])]
+    """Trained tokens whose final loss at the word's own position exceeds OUTLIER_FACTOR x the median, logged with
+    what to look at. That position, not the mean over a snippet, because the positions after the word are easier
+    and their number varies (a word that ends its paragraphs has none). Rows are kept as trained (the held-out
+    measure of `tokdistill eval` tells whether they beat the subtoken mean)."""
+    losses = [t["word_loss"] for t in per_token if t["word_loss"] is not None and np.isfinite(t["word_loss"])]
     if len(losses) < 3:
         return []
     median = float(np.median(losses))
-    flagged = [{"word": t["word"], "final_loss": t["final_loss"], "times_median": t["final_loss"] / median,
-                "contexts": t["contexts"], "source": t["source"]}
-               for t in per_token if t["final_loss"] is not None and t["final_loss"] > OUTLIER_FACTOR * median]
+    flagged = [{"word": t["word"], "word_loss": t["word_loss"], "final_loss": t["final_loss"],
+                "times_median": t["word_loss"] / median, "contexts": t["contexts"], "source": t["source"]}
+               for t in per_token if t["word_loss"] is not None and t["word_loss"] > OUTLIER_FACTOR * median]
     for f in flagged:
-        log.warning("outlier: %r ended at loss %.3g, %.0fx the median %.3g (%d contexts from %s); its row is kept "
-                    "as trained: check its contexts and its held-out KL (tokdistill eval)", f["word"],
-                    f["final_loss"], f["times_median"], median, f["contexts"], f["source"])
+        log.warning("outlier: %r ended at loss %.3g at its own position, %.0fx the median %.3g (%d contexts from "
+                    "%s); its row is kept as trained: check its contexts and its held-out KL (tokdistill eval)",
+                    f["word"], f["word_loss"], f["times_median"], median, f["contexts"], f["source"])
     return flagged

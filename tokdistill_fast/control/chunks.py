@@ -97,6 +97,7 @@ def merge(results: list[student.TrainResult], device: torch.device) -> student.T
         torch.cat([r.rows for r in results]).to(device),
         None if out[0] is None else torch.cat(out).to(device),
         np.concatenate([r.step_loss for r in results]), np.concatenate([r.token_loss for r in results]),
+        np.concatenate([r.word_loss for r in results]),
         sum(r.seconds for r in results), sum(r.steps for r in results),
         extra={"passes": results[0].extra["passes"], "positions": positions, "chunks": len(results),
                "groups": sum(r.extra.get("groups", r.steps) for r in results),

@@ -53,6 +53,7 @@ class TrainResult:
     out_rows: torch.Tensor | None  # [n_new, D] fp32 output rows when learned
     step_loss: np.ndarray  # [steps]
     token_loss: np.ndarray  # [n_tokens] mean loss over the aligned rows of the last half-epoch (nan if none)
+    word_loss: np.ndarray  # [n_tokens] the same over the word's own pairs only (comparable across tokens)
     seconds: float
     steps: int
     extra: dict = field(default_factory=dict)
@@ -162,11 +163,13 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     teacher_layers = objective.cache_layers(L) if passes.fused else None
     step_loss = torch.zeros(n_steps, device=device)
     losses_log = LossLog(step_loss, schedule.log_every, desc)
-    # Per-token loss sums and counts [2, rows]: over the last epoch, and over its second half, where rows are near
+    # Per-token loss sums and counts [4, rows]: over the last epoch, and over its second half, where rows are near
     # their final values (a token's early pairs can be thousands of times its final loss, e.g. where its initial
-    # row makes a new attention sink). A token seen only in the first half is reported over the whole epoch.
-    tok_sum = torch.zeros(2, n_rows, device=device)
-    tok_cnt = torch.zeros(2, n_rows, device=device)
+    # row makes a new attention sink); then the same over the word's own pairs (each snippet's first), whose loss
+    # is comparable across tokens whatever text follows them. A token seen only in the first half is reported
+    # over the whole epoch.
+    tok_sum = torch.zeros(4, n_rows, device=device)
+    tok_cnt = torch.zeros(4, n_rows, device=device)
     last_epoch = n_steps // schedule.epochs
     epoch_start, tail_start = n_steps - last_epoch, n_steps - last_epoch + last_epoch // 2
     state = {"params": params, "optimizer": opt, "scheduler": sched, "step_loss": step_loss, "tok_sum": tok_sum,
@@ -212,10 +215,12 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
         for s in g.steps:
             losses_log.step(s)
         if row_loss is not None:
+            word = b.word.float()
             for part, since in enumerate((epoch_start, tail_start)):
                 if step >= since:
-                    tok_sum[part].index_add_(0, b.tok, row_loss.float())
-                    tok_cnt[part].index_add_(0, b.tok, torch.ones_like(row_loss, dtype=torch.float32))
+                    for k, w in ((part, 1.0), (part + 2, word)):
+                        tok_sum[k].index_add_(0, b.tok, row_loss.float() * w)
+                        tok_cnt[k].index_add_(0, b.tok, torch.ones_like(row_loss, dtype=torch.float32) * w)
         if hook is not None:
             hook.after_steps(g.steps, state)
     if device.type == "cuda":
@@ -226,10 +231,11 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     if shard is not None:
         positions = shard.finish(tok_sum, tok_cnt, positions)
     mean = tok_sum / tok_cnt
-    token_loss = torch.where(tok_cnt[1] > 0, mean[1], mean[0]).cpu().numpy()  # nan: a token without aligned rows
+    # nan: a token without aligned rows
+    token_loss, word_loss = (torch.where(tok_cnt[k + 1] > 0, mean[k + 1], mean[k]).cpu().numpy() for k in (0, 2))
     out_rows = trainable.out_rows
     return TrainResult(rows.detach(), None if out_rows is None else out_rows.detach(), step_loss.cpu().numpy(),
-                       token_loss, seconds, n_steps,
+                       token_loss, word_loss, seconds, n_steps,
                        extra={"passes": passes.describe(), "positions": positions, "groups": len(groups)})
 
 

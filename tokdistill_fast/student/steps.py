@@ -80,6 +80,7 @@ class Batch:
     t_idx: torch.Tensor  # [K] teacher rows: in the cache, or (fused) in the prefix pass's flattened output
     t_rows: np.ndarray  # [K] cache rows of the pairs (host copy for a host-resident cache)
     tok: torch.Tensor  # [K] token (row) index of each aligned pair, for per-token loss
+    word: torch.Tensor  # [K] bool: the pair is its snippet's first, the word's own position
     ntp_idx: torch.Tensor  # [K'] rows of main's output that have a next token
     ntp_target: torch.Tensor  # [K'] extended id of that next token
     prefix: Layout | None = None
@@ -87,11 +88,11 @@ class Batch:
     kv_rows: torch.Tensor | None = None  # cached passes: rows of the teacher cache's prefix keys/values, in cu order
 
     def to(self, device: torch.device) -> Batch:
-        s_idx, t_idx, tok, ntp_idx, ntp_target = (t.to(device, non_blocking=True) for t in (
-            self.s_idx, self.t_idx, self.tok, self.ntp_idx, self.ntp_target))
+        s_idx, t_idx, tok, word, ntp_idx, ntp_target = (t.to(device, non_blocking=True) for t in (
+            self.s_idx, self.t_idx, self.tok, self.word, self.ntp_idx, self.ntp_target))
         part, kv_rows = (None if t is None else t.to(device, non_blocking=True) for t in (self.part, self.kv_rows))
-        return Batch(None if self.main is None else self.main.to(device), s_idx, t_idx, self.t_rows, tok, ntp_idx,
-                     ntp_target, None if self.prefix is None else self.prefix.to(device), part, kv_rows)
+        return Batch(None if self.main is None else self.main.to(device), s_idx, t_idx, self.t_rows, tok, word,
+                     ntp_idx, ntp_target, None if self.prefix is None else self.prefix.to(device), part, kv_rows)
 
 
 def make_batch(al: Alignment, snippet_row: np.ndarray, snippets: np.ndarray, passes: Passes,
@@ -113,6 +114,7 @@ def make_batch(al: Alignment, snippet_row: np.ndarray, snippets: np.ndarray, pas
     has_next = s_pos + 1 < lens[seq]  # next-token targets: aligned positions except each sequence's last one
     ntp_target = al.student_ids[(cu_s[snippets][seq] + s_pos + 1)[has_next]]
     tok = np.repeat(snippet_row[snippets], counts)
+    word = torch.from_numpy(pairs == np.repeat(cu_a[snippets], counts))
     t_idx, prefix, kv_rows = pairs, None, None
     if len(pairs) == 0:  # nothing to train (also a rank's empty share of a batch, see distributed.py)
         main, s_flat = None, np.zeros(0, dtype=np.int64)
@@ -137,7 +139,7 @@ def make_batch(al: Alignment, snippet_row: np.ndarray, snippets: np.ndarray, pas
                for a in (s_flat, t_idx, tok, s_flat[has_next], ntp_target))
     s_idx, t_idx_t, tok_t, ntp_idx, ntp_t = tensors
     part = None if step_of is None else torch.from_numpy(np.ascontiguousarray(step_of[seq], dtype=np.int64))
-    return Batch(main, s_idx, t_idx_t, pairs, tok_t, ntp_idx, ntp_t, prefix, part, kv_rows)
+    return Batch(main, s_idx, t_idx_t, pairs, tok_t, word, ntp_idx, ntp_t, prefix, part, kv_rows)
 
 
 @dataclass
