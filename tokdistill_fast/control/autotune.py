@@ -202,14 +202,15 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
            objective: Callable[[int], student.Objective], tied: bool, layers: list[int] | None = None,
            lr: float | None = None, search_epochs: bool = False, keep: int = 12, search_batch: int = 4,
            prefix: bool = False, fused: bool = False, per_token: int = 10,
-           heldout_share: float = 0.4, min_tokens: int = 8) -> SearchResult:
+           heldout_share: float = 0.4, min_tokens: int = 20) -> SearchResult:
     """Pick the cheapest Candidate that no costlier one beats beyond noise, within about `budget` x the main run's
     cost. `objective(layer)` is the run's own objective at a layer; `layers` / `lr` fix a dimension (a user-given
     value is always respected), schedule.epochs the epochs unless `search_epochs` (then the chosen layer is also
-    tried with 2 epochs). The sample has at least `min_tokens` tokens with `per_token` snippets each, of which
-    `heldout_share` are held out (many tokens with few snippets rank settings more steadily than few tokens with
-    many). `prefix`: candidates train with prefix sharing (student.Passes) on one teacher cache; `fused`: the
-    main run fuses its teacher into its steps."""
+    tried with 2 epochs). The sample has at least `min_tokens` tokens (or every eligible one) with `per_token`
+    snippets each, of which `heldout_share` are held out (many tokens with few snippets rank settings more
+    steadily than few tokens with many; with 8 or 16 tokens Gemma-3's layer choice on the Devil's Dictionary
+    changed with the seed, with 20 it did not, docs/defaults.md). `prefix`: candidates train with prefix sharing
+    (student.Passes) on one teacher cache; `fused`: the main run fuses its teacher into its steps."""
     t_start = time.perf_counter()
     L, V = decoder.num_layers, decoder.embed_weight.shape[0]
     n_rows = init_rows.shape[0]
