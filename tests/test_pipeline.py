@@ -104,3 +104,24 @@ def test_loss_positions_trains_on_the_first_positions_after_the_word(model_dirs,
     assert counts[2]["snippets"] == counts[None]["snippets"]
     assert counts[2]["aligned_positions"] <= 2 * counts[2]["snippets"] < counts[None]["aligned_positions"]
     assert counts[2]["teacher_tokens"] < counts[None]["teacher_tokens"]
+
+
+def test_new_rows_file_is_the_same_bytes_every_time(tmp_path):
+    """safetensors orders its metadata from a hash map that changes from one map to the next; the new-rows file sorts
+    it, so equal rows give equal bytes (across processes too), and it still loads with its metadata."""
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+
+    from tokdistill_fast.export import new_rows_file
+
+    tokens = [SimpleNamespace(new_id=100 + i, piece=f" w{i}", form=f"w{i}\u00e9") for i in range(3)]
+    rows = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    files = [tmp_path / f"{k}.safetensors" for k in range(12)]
+    for f in files:
+        new_rows_file(f, tokens, rows, None)
+    assert len({f.read_bytes() for f in files}) == 1
+    with safe_open(str(files[0]), "pt") as f:
+        assert json.loads(f.metadata()["forms"]) == ["w0\u00e9", "w1\u00e9", "w2\u00e9"]
+        torch.testing.assert_close(f.get_tensor("input_embeddings"), rows)
+        assert f.get_tensor("token_ids").tolist() == [100, 101, 102]

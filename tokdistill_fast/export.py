@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .config import UserInputError
 from .tokens import GENERIC_CLASS
@@ -161,7 +161,20 @@ def new_rows_file(path: Path, tokens: list, rows: torch.Tensor, out_rows: torch.
         tensors["output_embeddings"] = out_rows.detach().float().cpu().contiguous()
     meta = {"tokens": json.dumps([t.piece for t in tokens], ensure_ascii=False),
             "forms": json.dumps([t.form for t in tokens], ensure_ascii=False)}
-    save_file(tensors, str(path), metadata=meta)
+    path.write_bytes(sorted_metadata(save(tensors, metadata=meta)))
+
+
+def sorted_metadata(data: bytes) -> bytes:
+    """A safetensors file with its metadata keys in sorted order: safetensors writes them from a hash map whose
+    order changes from process to process, so equal rows gave unequal bytes. The header keeps its length (same
+    content, padded as before), so no data offset moves."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # another JSON spelling than serde's: keep the file as written
+        return data
+    return data[:8] + text.ljust(n) + data[8 + n:]
 
 
 def json_safe(obj):
