@@ -215,12 +215,12 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
         for s in g.steps:
             losses_log.step(s)
         if row_loss is not None:
-            word = b.word.float()
+            loss_f, word = row_loss.float(), b.word.float()
             for part, since in enumerate((epoch_start, tail_start)):
                 if step >= since:
-                    for k, w in ((part, 1.0), (part + 2, word)):
-                        tok_sum[k].index_add_(0, b.tok, row_loss.float() * w)
-                        tok_cnt[k].index_add_(0, b.tok, torch.ones_like(row_loss, dtype=torch.float32) * w)
+                    for k, w in ((part, torch.ones_like(loss_f)), (part + 2, word)):
+                        tok_sum[k].index_add_(0, b.tok, loss_f * w)
+                        tok_cnt[k].index_add_(0, b.tok, w)
         if hook is not None:
             hook.after_steps(g.steps, state)
     if device.type == "cuda":
