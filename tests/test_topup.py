@@ -63,3 +63,24 @@ def test_generated_snippets_are_the_models_continuations_of_the_word(topped_up):
     # the generated snippets differ (sampled, not one greedy continuation repeated)
     assert len({tuple(s.ids) for s in by_word["zygomorphic"]}) > 1
     assert torch.isfinite(result.rows).all()
+
+
+def test_generate_hands_the_lm_head_contiguous_states(model_dirs):
+    """generate() passes the head a strided slice of the prompt's last states; on a CPU a strided bf16 input copies
+    the head's weight once per row (and, past memory, turns oneDNN off for the process), so contexts.generate
+    makes it contiguous while it samples, and leaves no hook behind."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokdistill_fast.contexts import generate
+    from tokdistill_fast.tokens import NewToken
+
+    path = model_dirs[("llama", "bytelevel", True)]
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    head = model.get_output_embeddings()
+    seen: list[bool] = []
+    probe = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    sub = tok(" zygomorphic", add_special_tokens=False)["input_ids"]
+    snippets = generate(model, tok, [NewToken("zygomorphic", " zygomorphic", sub)], [0], 3, 12, 0, start_id(tok))
+    probe.remove()
+    assert len(snippets) == 3 and len(seen) > 1 and all(seen)
+    assert not head._forward_pre_hooks
