@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokdistill_fast import DistillConfig, distill, pipeline
-from tokdistill_fast.contexts import start_id
+from tokdistill_fast.contexts import generate, start_id
+from tokdistill_fast.tokens import NewToken
 
 PER_TOKEN = 8  # a quarter is 2: one corpus snippet is too few, and tops up
 CFG = dict(snippets_per_token=PER_TOKEN, snippet_length=24, batch_size=4, target_layer=2, lr=1e-2, epochs=1,
@@ -69,11 +71,6 @@ def test_generate_hands_the_lm_head_contiguous_states(model_dirs):
     """generate() passes the head a strided slice of the prompt's last states; on a CPU a strided bf16 input copies
     the head's weight once per row (and, past memory, turns oneDNN off for the process), so contexts.generate
     makes it contiguous while it samples, and leaves no hook behind."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tokdistill_fast.contexts import generate
-    from tokdistill_fast.tokens import NewToken
-
     path = model_dirs[("llama", "bytelevel", True)]
     model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     head = model.get_output_embeddings()
