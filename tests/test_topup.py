@@ -1,28 +1,33 @@
-"""Generated contexts top up through distill(): a token with fewer corpus snippets than a quarter of
---snippets-per-token gets snippets sampled from the model (prompted with the start id and its subtokens) up to the
-budget, and the report says per token how many contexts it had and where they came from."""
+"""Top-up through distill(): with --top-up continue (the default) a token with fewer corpus snippets than
+--snippets-per-token gets the model's continuations of its own snippets up to the budget, and a token without any
+gets snippets generated from the word; with --top-up word only tokens under a quarter of the budget are topped up,
+from the word (the paper's prompt). The report says per token how many contexts it had and where they came from."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokdistill_fast import DistillConfig, distill, pipeline
-from tokdistill_fast.contexts import generate, start_id
+from tokdistill_fast.contexts import Snippet, draw, from_corpus, generate, sample, start_id
 from tokdistill_fast.tokens import NewToken
 
-PER_TOKEN = 8  # a quarter is 2: one corpus snippet is too few, and tops up
+PER_TOKEN = 8  # a quarter is 2: one corpus snippet is too few for either top-up
 CFG = dict(snippets_per_token=PER_TOKEN, snippet_length=24, batch_size=4, target_layer=2, lr=1e-2, epochs=1,
            dtype="float32", device="cpu", add_variants=False)
 WORDS = ["palatable", "quokka", "zygomorphic"]  # in most documents, in one, in none
+RARE = "We saw a quokka near the river."
+LOSS_POSITIONS = DistillConfig.loss_positions  # training reads no further, so top-ups sample no further
 
 
-@pytest.fixture(scope="module")
-def topped_up(model_dirs, corpus_text, tmp_path_factory):
+@pytest.fixture(scope="module", params=["continue", "word"])
+def topped_up(request, model_dirs, corpus_text, tmp_path_factory):
     root = tmp_path_factory.mktemp("topup")
     corpus = root / "corpus.txt"
-    corpus.write_text(corpus_text + "\nWe saw a quokka near the river.\n", encoding="utf-8")
+    corpus.write_text(corpus_text + "\n" + RARE + "\n", encoding="utf-8")
     seen = []
     build = pipeline.build_workload
 
@@ -33,38 +38,55 @@ def topped_up(model_dirs, corpus_text, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(pipeline, "build_workload", spy)
     try:
-        result = distill(model_dirs[("llama", "bytelevel", True)], WORDS, [corpus], config=DistillConfig(**CFG))
+        result = distill(model_dirs[("llama", "bytelevel", True)], WORDS, [corpus],
+                         config=DistillConfig(**CFG, top_up=request.param))
     finally:
         mp.undo()
-    return result, seen[0]
+    return request.param, result, seen[0]
 
 
 def test_report_says_where_each_tokens_contexts_came_from(topped_up):
-    result, _ = topped_up
+    mode, result, _ = topped_up
     got = {t["word"]: (t["source"], t["corpus_contexts"], t["contexts"]) for t in result.report["tokens"]}
     assert got == {"palatable": ("corpus", PER_TOKEN, PER_TOKEN),
-                   "quokka": ("corpus+generated", 1, PER_TOKEN),
+                   "quokka": (f"corpus+{'continued' if mode == 'continue' else 'generated'}", 1, PER_TOKEN),
                    "zygomorphic": ("generated", 0, PER_TOKEN)}
     assert result.report["retrieval"]["hits"]["zygomorphic"] == 0
 
 
-def test_generated_snippets_are_the_models_continuations_of_the_word(topped_up):
-    """The snippets training reads: corpus ones for the frequent word, the found one plus generated ones for the rare
-    word, generated ones only for the absent word, each starting with the start id and the word's subtokens."""
-    result, work = topped_up
+def test_top_up_snippets_are_the_models_continuations(topped_up):
+    """The snippets training reads: corpus ones for the frequent word; for the rare word its one corpus snippet and
+    the model's continuations of it after the word (--top-up continue) or of the word alone (word); for the absent
+    word, continuations of the word alone. Sampled: they differ, and hold at most --loss-positions - 1 new ids."""
+    mode, result, work = topped_up
     tok = result.tokenizer
     index = {t.word: i for i, t in enumerate(result.tokens)}
     by_word = {w: [s for s in work.snippets if s.token == index[w]] for w in WORDS}
     assert [s.source for s in by_word["palatable"]] == ["corpus"] * PER_TOKEN
-    assert sorted(s.source for s in by_word["quokka"]) == ["corpus"] + ["generated"] * (PER_TOKEN - 1)
+    extra = "continued" if mode == "continue" else "generated"
+    assert Counter(s.source for s in by_word["quokka"]) == {"corpus": 1, extra: PER_TOKEN - 1}
     assert [s.source for s in by_word["zygomorphic"]] == ["generated"] * PER_TOKEN
-    for w in ("quokka", "zygomorphic"):
-        prompt = [start_id(tok), *result.tokens[index[w]].sub_ids]
-        for s in (s for s in by_word[w] if s.source == "generated"):
-            assert s.ids[:len(prompt)] == prompt and len(prompt) < len(s.ids) <= CFG["snippet_length"]
-    # the generated snippets differ (sampled, not one greedy continuation repeated)
-    assert len({tuple(s.ids) for s in by_word["zygomorphic"]}) > 1
+    start = start_id(tok)
+    (found,) = [s.ids for s in by_word["quokka"] if s.source == "corpus"]
+    sub = result.tokens[index["quokka"]].sub_ids
+    quokka = found[:next(k for k in range(len(found)) if found[k:k + len(sub)] == sub) + len(sub)]
+    assert quokka[0] == start and tok.decode(quokka[1:]).endswith("We saw a quokka")  # the corpus's left context
+    for w, prompt in (("quokka", quokka if mode == "continue" else [start, *result.tokens[index["quokka"]].sub_ids]),
+                      ("zygomorphic", [start, *result.tokens[index["zygomorphic"]].sub_ids])):
+        topped = [s.ids for s in by_word[w] if s.source == extra or w == "zygomorphic"]
+        for ids in topped:
+            assert ids[:len(prompt)] == prompt and len(prompt) < len(ids) <= len(prompt) + LOSS_POSITIONS - 1
+        assert len({tuple(ids) for ids in topped}) > 1
     assert torch.isfinite(result.rows).all()
+
+
+def test_continuation_prompts_end_after_the_word_and_cycle():
+    """from_corpus cuts each corpus snippet right after the word's first occurrence past the start id and cycles
+    through a token's snippets; generated snippets and tokens without a corpus snippet give no prompt."""
+    toks = [NewToken("ab", " ab", [5, 6]), NewToken("cd", " cd", [7, 8])]
+    snippets = [Snippet(0, [1, 2, 5, 6, 9, 5, 6], "corpus"), Snippet(0, [1, 5, 6, 3], "corpus"),
+                Snippet(0, [1, 5, 6, 4], "generated"), Snippet(1, [1, 7, 8], "generated")]
+    assert from_corpus(toks, snippets, {0: 3, 1: 2}) == [(0, [1, 2, 5, 6]), (0, [1, 5, 6]), (0, [1, 2, 5, 6])]
 
 
 def test_generate_hands_the_lm_head_contiguous_states(model_dirs):
@@ -81,3 +103,31 @@ def test_generate_hands_the_lm_head_contiguous_states(model_dirs):
     probe.remove()
     assert len(snippets) == 3 and len(seen) > 1 and all(seen)
     assert not head._forward_pre_hooks
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_draw_samples_the_tempered_softmax(temperature):
+    """Inverse-CDF sampling draws each id with probability softmax(logits / T), and one seed gives one answer."""
+    logits = torch.tensor([2.0, 0.0, -1.0, 1.0, -30.0])
+    n = 40_000
+    ids = draw(logits.expand(n, -1), temperature, torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids.view(-1), minlength=5).double() / n
+    want = torch.softmax(logits.double() / temperature, -1)
+    assert (freq - want).abs().max() < 4 * (want * (1 - want) / n).sqrt().max()  # within 4 standard errors
+    assert torch.equal(ids, draw(logits.expand(n, -1), temperature, torch.Generator().manual_seed(0)))
+
+
+def test_sampling_loop_continues_as_generate_does(model_dirs):
+    """sample()'s loop over the key/value cache, with prompts of different lengths padded on the left in one chunk,
+    continues each prompt as HF generate() does alone: at a temperature that makes every draw the most likely id,
+    both give the greedy continuation."""
+    path = model_dirs[("llama", "bytelevel", True)]
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    texts = [" the quokka", " we saw the quokka near a river", " a"]
+    prompts = [(k, [start_id(tok), *tok(t, add_special_tokens=False)["input_ids"]]) for k, t in enumerate(texts)]
+    got = {s.token: s.ids for s in sample(model, tok, prompts, 64, 9, 0, temperature=1e-6)}
+    for k, p in prompts:
+        ids = torch.tensor([p])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=9, min_new_tokens=9, pad_token_id=0)
+        assert got[k] == ref[0].tolist()

@@ -2,8 +2,8 @@
 
 The pipeline stages are the modules at the top of the package, in the order a run calls them (pipeline.py):
   tokens.py     1 new tokens -> tokenizer additions (swap.py: words from a tokenizer, --init-from rows)
-  contexts.py   2 snippets per new token from the corpus (corpus.py reads it; workload.py adds generated top-up
-                and the alignment)
+  contexts.py   2 snippets per new token from the corpus (corpus.py reads it; workload.py adds the model's top-up,
+                continuations of a token's snippets or generations from the word, and the alignment)
   align.py      3 alignment maps (C++ fast path csrc/align.cpp, Python spec)
   teacher.py    4 truncated teacher pass, packed cache of the aligned states
   student/      5 train the new rows (rows.py: start rows, norm clip)

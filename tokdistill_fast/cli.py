@@ -85,6 +85,9 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
     d.add_argument("--left-context", type=_left, default=c.left_context,
                    help="keep at most this many tokens before the word in training snippets, or centred")
     d.add_argument("--contexts", default=c.contexts, help="retrieve (corpus, generated fallback) | generate")
+    d.add_argument("--top-up", default=c.top_up,
+                   help="continue: tokens short of --snippets-per-token get the model's continuations of their own "
+                        "snippets | word: only tokens under a quarter of it, from the word (the paper)")
     d.add_argument("--output-embeddings", default=c.output_embeddings, help="untied models: zeros | mean | ntp")
     d.add_argument("--tokenizer-mode", default=c.tokenizer_mode, help="auto | vocab | added")
     d.add_argument("--no-variants", dest="add_variants", action="store_false",

@@ -19,6 +19,7 @@ METHODS = (
 TRAINED_METHODS = tuple(m for m in METHODS if m not in ("mean", "random"))
 LOSSES = ("mse", "kl", "logits-mse")
 CONTEXT_SOURCES = ("retrieve", "generate")
+TOP_UPS = ("continue", "word")
 OUTPUT_POLICIES = ("auto", "zeros", "mean", "ntp")
 TOKENIZER_MODES = ("auto", "vocab", "added")
 
@@ -98,6 +99,10 @@ class DistillConfig:
     # the word on carry a loss, so the ~24 a centred window puts before it were paid for by every pass.
     left_context: int | None = 8
     contexts: str = "retrieve"  # tokens without corpus hits fall back to generated contexts
+    # Tokens with fewer corpus snippets than snippets_per_token: continue = the model samples new text after the
+    # word in their own snippets, up to the budget (tokens without any: generated from the word); word = only
+    # tokens with fewer than a quarter of the budget, topped up from the word alone (the paper's prompt).
+    top_up: str = "continue"
     # Retrieval reads the whole corpus by default, so each token's snippets are a uniform sample of all its
     # occurrences. Either option ends the pass early (faster on big corpora) but samples only the part read.
     stop_when_full: bool = False  # stop once every token has snippets_per_token hits
@@ -147,7 +152,7 @@ class DistillConfig:
 
     def validate(self) -> DistillConfig:
         """Reject impossible values with a message that names the option."""
-        choices = {"method": METHODS, "loss": LOSSES, "contexts": CONTEXT_SOURCES,
+        choices = {"method": METHODS, "loss": LOSSES, "contexts": CONTEXT_SOURCES, "top_up": TOP_UPS,
                    "output_embeddings": OUTPUT_POLICIES, "tokenizer_mode": TOKENIZER_MODES,
                    "backend": ("auto", "torch", "triton"), "align_impl": ("auto", "cpp", "python"),
                    "prefix_sharing": ("auto", "off", "on", "fused"),

@@ -1,5 +1,6 @@
 """Stages 2-3 for the tokens to train: their snippets (retrieved from the corpus, topped up with the model's own
-generations where the corpus has too few) and the alignment of those snippets, in one Workload."""
+continuations of them, or generations from the word, where the corpus has too few) and the alignment of those
+snippets, in one Workload."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class Workload:
     teacher_ids: np.ndarray
     cu_teacher: np.ndarray
     alignment: align.Alignment
-    sources: dict[int, str]  # token index -> "corpus" | "generated" | "corpus+generated" | "none"
+    sources: dict[int, str]  # token index -> "corpus" | "corpus+continued" | "corpus+generated" | "generated"
     found: dict[int, int]  # token index -> corpus snippets used
     retrieval: dict = field(default_factory=dict)  # corpus statistics (contexts.RetrievalStats.summary and hits)
 
@@ -43,7 +44,8 @@ def trained_tokens(cfg: DistillConfig, toks: list[NewToken]) -> list[int]:
 
 def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], corpus: list,
                     start: int | None) -> tuple[list[contexts.Snippet], dict, dict, dict]:
-    """Retrieve snippets for the tokens to train; top up tokens with too few from the model's own generations."""
+    """Retrieve snippets for the tokens to train; top up tokens with too few (cfg.top_up) from the model's own
+    continuations of their snippets, or from generations prompted with the word where the corpus has none."""
     primaries = trained_tokens(cfg, toks)
     found = dict.fromkeys(primaries, 0)
     stats: dict = {}
@@ -60,19 +62,29 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
         stats = {**rstats.summary(),
                  "hits": {toks[i].word: h for i, h in zip(primaries, rstats.hits)},
                  "dropped_tokenized_differently": {toks[i].word: d for i, d in zip(primaries, dropped) if d}}
-    # Too few corpus snippets (fewer than a quarter of the budget): fill up with generated contexts.
-    short = [i for i in primaries if found[i] < max(1, cfg.snippets_per_token // 4)]
+    # Only the first --loss-positions aligned positions are trained (align.trim_suffix): sample no more than that.
+    new_tokens = cfg.loss_positions - 1 if cfg.loss_positions else None
+    if cfg.top_up == "continue":
+        fill = {i: cfg.snippets_per_token - found[i] for i in primaries if 0 < found[i] < cfg.snippets_per_token}
+        short = [i for i in primaries if found[i] == 0]
+    else:
+        fill, short = {}, [i for i in primaries if found[i] < max(1, cfg.snippets_per_token // 4)]
+    if fill:  # seed + 1: a random stream apart from the generated contexts' below
+        log.info("continuing the corpus snippets of %d token(s) with fewer than %d", len(fill), cfg.snippets_per_token)
+        snippets.extend(contexts.sample(model, tokenizer, contexts.from_corpus(toks, snippets, fill),
+                                        cfg.snippet_length, new_tokens, cfg.seed + 1, cfg.generate_temperature,
+                                        source="continued"))
     if short:
         log.info("generating contexts for %d token(s) with too few corpus snippets", len(short))
         extra = contexts.generate(model, tokenizer, toks, short, cfg.snippets_per_token, cfg.snippet_length,
-                                  cfg.seed, start, cfg.generate_temperature)
+                                  cfg.seed, start, cfg.generate_temperature, new_tokens)
         per = {i: 0 for i in short}
         for s in extra:
             if found[s.token] + per[s.token] < cfg.snippets_per_token:
                 per[s.token] += 1
                 snippets.append(s)
-    sources = {i: ("corpus" if found[i] else "") + ("+generated" if i in short and found[i] else
-                                                    "generated" if i in short else "") for i in primaries}
+    sources = {i: "+".join(["corpus"] * (found[i] > 0) + ["continued"] * (i in fill) + ["generated"] * (i in short))
+               for i in primaries}
     return snippets, found, sources, stats
 
 
