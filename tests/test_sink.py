@@ -27,7 +27,8 @@ DOCS = [" palatable food is good food to eat", " palatable meals", "we ate a pal
 
 def workload(tok, corpus, model=None, words=WORDS) -> tuple[Workload, list[tokens.NewToken]]:
     toks, _ = tokens.plan_new_tokens(tok, words, add_variants=False)
-    cfg = DistillConfig(snippets_per_token=10, snippet_length=24, add_variants=False)
+    # corpus snippets only: 3 per word, above a quarter of the budget, so --top-up word samples nothing
+    cfg = DistillConfig(snippets_per_token=10, snippet_length=24, add_variants=False, top_up="word")
     V = len(tok) if model is None else model.get_input_embeddings().weight.shape[0]
     return build_workload(cfg, model, tok, toks, [corpus], contexts.start_id(tok), V), toks
 
