@@ -99,7 +99,7 @@ def test_generate_hands_the_lm_head_contiguous_states(model_dirs):
     seen: list[bool] = []
     probe = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
     sub = tok(" zygomorphic", add_special_tokens=False)["input_ids"]
-    snippets = generate(model, tok, [NewToken("zygomorphic", " zygomorphic", sub)], [0], 3, 12, 0, start_id(tok))
+    snippets = generate(model, tok, [NewToken("zygomorphic", " zygomorphic", sub)], {0: 3}, 12, 0, start_id(tok))
     probe.remove()
     assert len(snippets) == 3 and len(seen) > 1 and all(seen)
     assert not head._forward_pre_hooks

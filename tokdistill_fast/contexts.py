@@ -248,10 +248,10 @@ def sub_end(ids: list[int], sub: list[int]) -> int | None:
     return next((k + n for k in range(1, len(ids) - n + 1) if ids[k:k + n] == sub), None)
 
 
-def from_word(tokens: list[NewToken], which: list[int], per_token: int, start: int | None
-              ) -> list[tuple[int, list[int]]]:
-    """The paper's prompts: the start id + the word's subtokens, `per_token` times for each token in `which`."""
-    return [(i, ([start] if start is not None else []) + tokens[i].sub_ids) for i in which for _ in range(per_token)]
+def from_word(tokens: list[NewToken], wanted: dict[int, int], start: int | None) -> list[tuple[int, list[int]]]:
+    """The paper's prompts: the start id + the word's subtokens, `wanted[token]` times for each token."""
+    return [(i, ([start] if start is not None else []) + tokens[i].sub_ids) for i, n in wanted.items()
+            for _ in range(n)]
 
 
 def from_corpus(tokens: list[NewToken], snippets: list[Snippet], wanted: dict[int, int]
@@ -300,9 +300,12 @@ def sample(model, tokenizer, prompts: list[tuple[int, list[int]]], length: int, 
             pos = (mask.cumsum(1) - 1).clamp_(min=0)
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
             new: list[torch.Tensor] = []
+            ended = torch.zeros(len(part), 1, dtype=torch.bool, device=device)
             for step in range(max(caps)):
                 new.append(draw(out.logits[:, -1], temperature, gen).view(-1, 1))
-                if step + 1 == max(caps) or (eos is not None and bool((torch.cat(new, 1) == eos).any(1).all())):
+                if eos is not None:
+                    ended |= new[-1] == eos
+                if step + 1 == max(caps) or bool(ended.all()):
                     break
                 mask = torch.cat([mask, mask.new_ones(len(part), 1)], 1)
                 pos = pos[:, -1:] + 1
@@ -318,8 +321,8 @@ def sample(model, tokenizer, prompts: list[tuple[int, list[int]]], length: int, 
     return snippets
 
 
-def generate(model, tokenizer, tokens: list[NewToken], which: list[int], per_token: int, length: int, seed: int,
+def generate(model, tokenizer, tokens: list[NewToken], wanted: dict[int, int], length: int, seed: int,
              start: int | None, temperature: float = 1.0, new_tokens: int | None = None) -> list[Snippet]:
-    """Contexts sampled from the model itself, prompted with the start id + the word's subtokens (the paper's
-    recipe: BOS + word), at most `length` ids and `new_tokens` sampled ones each."""
-    return sample(model, tokenizer, from_word(tokens, which, per_token, start), length, new_tokens, seed, temperature)
+    """`wanted[token]` contexts for each token, sampled from the model itself, prompted with the start id + the
+    word's subtokens (the paper's recipe: BOS + word), at most `length` ids and `new_tokens` sampled ones each."""
+    return sample(model, tokenizer, from_word(tokens, wanted, start), length, new_tokens, seed, temperature)

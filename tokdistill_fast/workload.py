@@ -76,13 +76,8 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
                                         source="continued"))
     if short:
         log.info("generating contexts for %d token(s) with too few corpus snippets", len(short))
-        extra = contexts.generate(model, tokenizer, toks, short, cfg.snippets_per_token, cfg.snippet_length,
-                                  cfg.seed, start, cfg.generate_temperature, new_tokens)
-        per = {i: 0 for i in short}
-        for s in extra:
-            if found[s.token] + per[s.token] < cfg.snippets_per_token:
-                per[s.token] += 1
-                snippets.append(s)
+        snippets.extend(contexts.generate(model, tokenizer, toks, {i: cfg.snippets_per_token - found[i] for i in short},
+                                          cfg.snippet_length, cfg.seed, start, cfg.generate_temperature, new_tokens))
     sources = {i: "+".join(["corpus"] * (found[i] > 0) + ["continued"] * (i in fill) + ["generated"] * (i in short))
                for i in primaries}
     return snippets, found, sources, stats
