@@ -56,6 +56,27 @@ def test_auto_search_picks_the_cheapest_layer_no_costlier_one_beats(auto_run):
     assert (report["settings"]["resolved_target_layer"], report["settings"]["resolved_lr"]) == \
         (choice["layer"], choice["lr"])
     assert all(np.isfinite(t["ratio"]) and t["seconds"] > 0 for t in trials)
+    assert all(0 <= t["self_mass"] <= 1 for t in trials) and 0 <= search["sample"]["base_self_mass"] <= 1
+    over = [t for t in trials if (t["layer"], t["lr"]) == (choice["layer"], choice["lr"])][-1]["self_mass"] > \
+        autotune.OVER_PREDICTION
+    assert report["settings"]["resolved_method"] == ("token-distill+alpha-ntp" if over else "token-distill")
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_rows_that_over_predict_themselves_train_with_alpha_ntp(model_dirs, words_file, corpus_file, monkeypatch,
+                                                                guard):
+    """When the search's held-out sample shows the chosen rows of a tied model taking more than OVER_PREDICTION of
+    the next-token mass right after the word, the run trains token-distill+alpha-ntp (here forced with a bar of
+    -1); --no-ntp-guard keeps token-distill, and so does an untied model (its output rows are not the input rows)."""
+    monkeypatch.setattr(autotune, "OVER_PREDICTION", -1.0)
+    cfg = DistillConfig(**FAST, ntp_guard=guard)
+    tied = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None, cfg).report
+    untied = distill(model_dirs[("qwen2", "bytelevel", False)], words_file, [corpus_file], None, cfg).report
+    want = "token-distill+alpha-ntp" if guard else "token-distill"
+    assert tied["settings"]["method"] == "token-distill"  # as asked
+    assert tied["settings"]["resolved_method"] == want
+    assert {t["method"] for t in tied["tokens"] if t["variant_of"] is None} == {want}
+    assert untied["settings"]["resolved_method"] == "token-distill"
 
 
 def test_paired_decision_needs_a_win_beyond_noise():

@@ -94,6 +94,27 @@ def test_training_beats_the_start_rows_on_the_measure(run, tmp_path):
     assert trained.kl.mean() < start.kl.mean()
 
 
+def test_variants_take_the_primary_row_moved_by_the_subtoken_offset(run):
+    """A variant's row is its primary's trained row plus the difference of their subtoken means, not a copy (a copy
+    also copies the output logit of a tied model, and sampling then glues the bare form to the word before it)."""
+    src, _, result = run
+    dtype = getattr(torch, result.report["implementations"]["dtype"].removeprefix("torch."))
+    table = AutoModelForCausalLM.from_pretrained(src).get_input_embeddings().weight.detach().to(dtype).float()
+    primary = {t.word: i for i, t in enumerate(result.tokens) if t.variant_of is None}
+    report = {t["form"]: t for t in result.report["tokens"]}
+    variants = [(i, primary[t.variant_of]) for i, t in enumerate(result.tokens) if t.variant_of is not None]
+    assert variants and {report[result.tokens[i].form]["method"] for i, _ in variants} == {"offset"}
+    moved = 0
+    for i, p in variants:
+        offset = table[result.tokens[i].sub_ids].mean(0) - table[result.tokens[p].sub_ids].mean(0)
+        assert not torch.equal(result.rows[i], result.rows[p])
+        want = result.rows[p] + offset
+        # a variant past the norm limit is clipped like every row: only its length changes
+        moved += torch.allclose(result.rows[i], want, atol=1e-6)
+        assert torch.nn.functional.cosine_similarity(result.rows[i], want, dim=0) > 1 - 1e-6
+    assert moved > 0
+
+
 def test_loss_positions_trains_on_the_first_positions_after_the_word(model_dirs, words_file, corpus_file, tmp_path):
     """--loss-positions K: every snippet keeps its first K aligned pairs and its sequences end after them."""
     src = model_dirs[("llama", "bytelevel", True)]

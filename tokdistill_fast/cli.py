@@ -70,6 +70,9 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
     if method:
         d.add_argument("--method", default=c.method, help="token-distill | mean | random | ntp | ntp-all | "
                        "token-distill+ntp | token-distill+alpha-ntp")
+        d.add_argument("--no-ntp-guard", dest="ntp_guard", action="store_false",
+                       help="tied models: keep plain token-distill even when the layer search sees its rows make the "
+                       "model predict new tokens right after one (by default the run then adds alpha-NTP)")
     d.add_argument("--loss", default=c.loss, help="mse | kl | logits-mse (token-distill methods)")
     d.add_argument("--target-layer", type=_layer, default=c.target_layer,
                    help="layer whose hidden states are distilled: 1..L or -1 (last, after the final norm), or auto")
@@ -93,7 +96,8 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
     d.add_argument("--no-variants", dest="add_variants", action="store_false",
                    help="do not add the start-of-text form of each word as a second token")
     d.add_argument("--casing-variants", action="store_true",
-                   help="also add the lower-case and capitalized forms of each word (rows copied from the word)")
+                   help="also add the lower-case and capitalized forms of each word (the word's rows moved by the "
+                   "subtoken-mean offset)")
     if output:
         d.add_argument("--pad-to-multiple-of", type=int, default=c.pad_to_multiple_of,
                        help="round a grown embedding matrix up to a multiple of N rows (64 or 128 suit tensor cores)")

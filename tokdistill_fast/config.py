@@ -80,6 +80,9 @@ class DistillConfig:
     """Settings of one run. Defaults follow the paper unless our measurements (docs/) say otherwise."""
 
     method: str = "token-distill"
+    # Tied models: when the layer search sees the token-distill rows make the model predict new tokens right after
+    # reading one, train with token-distill+alpha-ntp instead (control/settings.guarded_method).
+    ntp_guard: bool = True
     loss: str = "mse"
     # "auto" searches candidate layers on held-out snippets (autotune.py); an int is a layer index in
     # hidden_states terms: 1..num_layers, negative counts from the end, -1 = last layer after the final norm.

@@ -213,7 +213,7 @@ def cut_snippets(tokenizer, tokens: list[NewToken], hits: list[list[Hit]], lengt
 def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_token: int, length: int, seed: int,
              start: int | None, stop_when_full: bool = False, max_bytes: int | None = None,
              max_before: int | None = None) -> tuple[list[Snippet], RetrievalStats, list[int]]:
-    """Snippets from the corpus for every primary token (variants copy their primary's rows). `stop_when_full`
+    """Snippets from the corpus for every primary token (variants take their primary's rows). `stop_when_full`
     and `max_bytes` end the pass early (see the module docstring for what that costs); `max_before` caps the
     tokens kept before the word (None: centred windows)."""
     if not paths:

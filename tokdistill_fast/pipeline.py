@@ -22,7 +22,7 @@ from . import check, contexts, export, student, swap, teacher, tokens
 from .align import prefix_lengths
 from .config import TRAINED_METHODS, DistillConfig, UserInputError
 from .control import checkpoint, chunks, distributed, observed
-from .control.settings import resolve_settings, search_settings
+from .control.settings import guarded_method, resolve_settings, search_settings
 from .corpus import corpus_files, leading_documents
 from .kernels import backend as kernels
 from .modeling import models
@@ -180,14 +180,14 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
     prep = prepare(model, new_tokens, corpus, cfg, tokenizer, keep_in=out if ranks.world == 1 else None)
     work, work_dir, timer = prep.work, prep.work_dir, prep.timer
     settings, search = settle(prep, cfg, timer)
-    # every rank takes rank 0's settings (the search's second stage depends on measured time)
-    layer, lr, epochs = ranks.agree(work, settings)
-    run_cfg = cfg.replace(epochs=epochs)  # the report keeps the requested settings beside the resolved ones
+    # every rank takes rank 0's settings
+    layer, lr, epochs, method = ranks.agree(work, (*settings, guarded_method(cfg, prep.tied, search)))
+    run_cfg = cfg.replace(epochs=epochs, method=method)  # the report keeps the requested settings beside these
     mine, shard = distributed.split(ranks, work, cfg.batch_size, epochs, cfg.seed, prep.device)
     trainer = functools.partial(student.train, hook=work_dir.student_hook("student"), shard=shard)
     cache = plan = None
     if work is not None:
-        objective = student.Objective.for_config(cfg, layer, prep.tied)
+        objective = student.Objective.for_config(run_cfg, layer, prep.tied)
         layers = objective.cache_layers(prep.decoder.num_layers)
         passes = student.Passes.for_config(run_cfg)
         plan = chunks.plan(run_cfg, work.alignment, work.snippet_row, len(work.primaries),
@@ -199,7 +199,7 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
             with timer("teacher"):
                 cache = teacher_cache(prep, mine, layers, packed=passes.prefix)
     learned = learn_rows(prep, run_cfg, (layer, lr, epochs), mine, cache, timer, trainer)
-    report = RunReport.build(prep, cfg, (layer, lr, epochs), learned, methods=True)
+    report = RunReport.build(prep, cfg, (layer, lr, epochs), learned, methods=True, method=method)
     report.add(autotune=search.as_dict() if search is not None else None,
                retrieval=work.retrieval if work is not None else None)
     report.add(outliers=flag_outliers(report.data["tokens"]), chunks=plan.bounds if plan is not None else None)
@@ -231,17 +231,19 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
                trainer=student.train) -> Learned:
     """Rows for cfg.method on prep's tokens with `settings` (target layer, lr; cfg.epochs is the number run):
     subtoken-mean or random start, training on `work` (default prep.work) for trained methods (`cache` holds at
-    least the teacher layers the objective reads, so one cache can serve several runs), variants copied from
-    their primaries, norm clipping for tied models and the output-row policy for untied ones. `trainer`:
-    student.train or a stand-in with its signature (checkpointing, chunks.ChunkedTrainer)."""
+    least the teacher layers the objective reads, so one cache can serve several runs), norm clipping
+    (for tied models to a quantile), variants from their primaries, and the output-row policy for untied ones.
+    `trainer`: student.train or a stand-in with its signature (checkpointing, chunks.ChunkedTrainer)."""
     timer = timer or StageTimer()
     work = prep.work if work is None else work
     decoder, toks, tied = prep.decoder, prep.toks, prep.tied
     layer, lr, _ = settings
     device = decoder.embed_weight.device
     table = decoder.embed_weight
-    rows = subtoken_mean(table, toks).to(device)
-    out_init = None if tied else subtoken_mean(decoder.model.get_output_embeddings().weight, toks).to(device)
+    means = subtoken_mean(table, toks).to(device)
+    rows = means.clone()
+    out_means = None if tied else subtoken_mean(decoder.model.get_output_embeddings().weight, toks).to(device)
+    out_init = None if tied else out_means.clone()
     init_used = swap.apply_init(cfg.init_from, toks, rows, out_init, table.shape[1]) if cfg.init_from else set()
     primaries = trained_tokens(cfg, toks)
     passes = student.Passes.for_config(cfg)
@@ -263,19 +265,28 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
             out_init[primaries] = train_result.out_rows
-    # Variants (start-of-text forms) take their primary's rows.
-    index_of = {t.word: i for i, t in enumerate(toks) if t.variant_of is None}
-    for i, t in enumerate(toks):
-        if t.variant_of is not None:
-            rows[i] = rows[index_of[t.variant_of]]
-            if out_init is not None:
-                out_init[i] = out_init[index_of[t.variant_of]]
     rows = rows.float().cpu()
-    clipped = 0
-    if cfg.method != "mean":
-        # Tied: clip to a quantile (a large input row is also a large output row). Untied: to the largest norm,
-        # so new rows stay inside the vocabulary's norm range, which `tokdistill check` verifies.
-        rows, clipped = clip_norms(rows, table, cfg.max_norm_quantile if tied else 1.0)
+    # Tied: clip to a quantile (a large input row is also a large output row). Untied: to the largest norm, so new
+    # rows stay inside the vocabulary's norm range, which `tokdistill check` verifies.
+    clip = functools.partial(clip_norms, table=table, quantile=cfg.max_norm_quantile if tied else 1.0)
+    rows, clipped = clip(rows) if cfg.method != "mean" else (rows, 0)
+    # A variant ("palatable" at the start of text, "Palatable") takes its primary's row moved by the difference of
+    # their subtoken means, the offset the vocabulary itself has between the two forms. A copy would also copy the
+    # output logit (tied models, mean output rows): sampling would pick the bare form half the time and glue the
+    # word to the one before it ("run a fullapt-get"); moved, the bare form's median odds there were ~0.06.
+    # A variant that --init-from gives keeps its row while its primary keeps the given one (a round trip).
+    index_of = {t.word: i for i, t in enumerate(toks) if t.variant_of is None}
+    trained = set(primaries) if train_result is not None else set()
+    derived = [i for i, t in enumerate(toks)
+               if t.variant_of is not None and not (i in init_used and index_of[t.variant_of] not in trained)]
+    for i in derived:
+        p = index_of[toks[i].variant_of]
+        rows[i] = rows[p] + (means[i] - means[p]).float().cpu()
+        if out_init is not None:
+            out_init[i] = out_init[p] + out_means[i] - out_means[p]
+    if derived and cfg.method != "mean":
+        rows[derived], more = clip(rows[derived])
+        clipped += more
     out_rows = None
     if not tied:
         policy = "mean" if cfg.output_embeddings == "auto" else cfg.output_embeddings

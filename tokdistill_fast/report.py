@@ -47,12 +47,14 @@ class RunReport:
 
     @classmethod
     def build(cls, prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, int], learned: Learned,
-              methods: bool = False) -> RunReport:
-        """The report of `learned` (cfg.method's rows) on `prep`. methods: also record how each row was made
-        (record_methods)."""
+              methods: bool = False, method: str | None = None) -> RunReport:
+        """The report of `learned` (the rows of `method`, default cfg.method) on `prep`. methods: also record how
+        each row was made (record_methods)."""
         import transformers
 
         from . import __version__
+
+        method = method or cfg.method
 
         layer, lr, epochs = settings
         toks, work, decoder, result = prep.toks, prep.work, prep.decoder, learned.train_result
@@ -66,7 +68,7 @@ class RunReport:
                 "variant_of": t.variant_of, "subtokens": prep.tokenizer.convert_ids_to_tokens(t.sub_ids),
                 "sub_ids": t.sub_ids, "contexts": int(per_row[r]) if work and r is not None else 0,
                 "corpus_contexts": work.found.get(i, 0) if work else 0,
-                "source": (work.sources.get(i, "none") if work else cfg.method) if t.variant_of is None else "variant",
+                "source": (work.sources.get(i, "none") if work else method) if t.variant_of is None else "variant",
                 "final_loss": float(result.token_loss[r]) if result is not None and r is not None else None,
                 "word_loss": float(result.word_loss[r]) if result is not None and r is not None else None,
                 "norm": float(learned.rows[i].norm()),
@@ -75,7 +77,7 @@ class RunReport:
         data = {
             "tokdistill_fast": __version__,
             "settings": {**cfg.as_dict(), "resolved_target_layer": layer, "resolved_lr": lr,
-                         "resolved_epochs": epochs},
+                         "resolved_epochs": epochs, "resolved_method": method},
             "model": {"type": type(decoder.model).__name__, "layers": decoder.num_layers,
                       "hidden": decoder.hidden_size, "rows_before": int(decoder.embed_weight.shape[0]),
                       "tied": prep.tied},
@@ -106,19 +108,22 @@ class RunReport:
         }
         report = cls(data, prep.timer)
         if methods:
-            report.record_methods(cfg.method, set(work.primaries) if work and result is not None else set(),
+            report.record_methods(method, set(work.primaries) if work and result is not None else set(),
                                   learned.init_used)
         return report
 
     def record_methods(self, method: str, trained: set[int], init_used: set[int]) -> None:
         """How each token's row was made ("method": the training method, "mean" or "init-from" for untrained
-        rows, "random", or "copy" for start-of-text variants) and where it started ("init"), with counts per
-        method. `trained`: indices of the tokens that were trained."""
+        rows, "random", or "offset" for variants: their primary's row moved by the subtoken-mean offset) and where
+        it started ("init"), with counts per method. `trained`: indices of the tokens that were trained."""
         toks = self.data["tokens"]
+        index_of = {e["word"]: i for i, e in enumerate(toks) if e["variant_of"] is None}
         for i, entry in enumerate(toks):
             init = "random" if method == "random" else "init-from" if i in init_used else "mean"
             entry["init"] = init
-            entry["method"] = "copy" if entry["variant_of"] is not None else method if i in trained else init
+            derived = entry["variant_of"] is not None and not (i in init_used and index_of[entry["variant_of"]]
+                                                               not in trained)
+            entry["method"] = "offset" if derived else method if i in trained else init
         self.data["counts"]["methods"] = dict(Counter(e["method"] for e in toks))
 
     def add(self, **sections) -> RunReport:

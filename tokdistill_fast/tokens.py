@@ -2,7 +2,8 @@
 
 A new word ("palatable", "spill the beans") becomes the token for its running-text form " palatable" and, when
 the bare form "palatable" (start of text, after a newline or punctuation) is split too, a variant token for it;
-an option adds casing variants ("Palatable"). Variants copy their primary's trained rows.
+an option adds casing variants ("Palatable"). Variants take their primary's trained row moved by the offset between
+their subtoken means (pipeline.learn_rows).
 Two ways to make the tokenizer emit one id for them (`--tokenizer-mode`):
 
 * added (the default): plain `AddedToken`s, no flags. Every runtime carries them: transformers, vLLM (HF
@@ -51,8 +52,9 @@ GENERIC_CLASS = "PreTrainedTokenizerFast"  # loads tokenizer.json exactly as wri
 
 @dataclass
 class NewToken:
-    """One token to add. `form` is the text span it replaces; `variant_of` names the primary word whose rows a
-    variant copies after training; `variant` says which kind ("" primary, "start", "casing", "casing+start")."""
+    """One token to add. `form` is the text span it replaces; `variant_of` names the primary word whose trained
+    rows a variant takes (moved by the subtoken-mean offset); `variant` says which kind ("" primary, "start",
+    "casing", "casing+start")."""
 
     word: str
     form: str

