@@ -224,6 +224,7 @@ class Learned:
     train_result: student.TrainResult | None
     clipped: int
     init_used: set[int] = field(default_factory=set)  # tokens that started from --init-from rows
+    derived: list[int] = field(default_factory=list)  # variants whose rows were moved from their primary's
 
 
 def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, int], work: Workload | None = None,
@@ -279,11 +280,10 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
     trained = set(primaries) if train_result is not None else set()
     derived = [i for i, t in enumerate(toks)
                if t.variant_of is not None and not (i in init_used and index_of[t.variant_of] not in trained)]
-    for i in derived:
-        p = index_of[toks[i].variant_of]
-        rows[i] = rows[p] + (means[i] - means[p]).float().cpu()
-        if out_init is not None:
-            out_init[i] = out_init[p] + out_means[i] - out_means[p]
+    primary = [index_of[toks[i].variant_of] for i in derived]
+    rows[derived] = rows[primary] + (means[derived] - means[primary]).float().cpu()
+    if out_init is not None:
+        out_init[derived] = out_init[primary] + out_means[derived] - out_means[primary]
     if derived and cfg.method != "mean":
         rows[derived], more = clip(rows[derived])
         clipped += more
@@ -291,7 +291,7 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
     if not tied:
         policy = "mean" if cfg.output_embeddings == "auto" else cfg.output_embeddings
         out_rows = torch.zeros_like(rows) if policy == "zeros" else out_init.float().cpu()
-    return Learned(rows, out_rows, train_result, clipped, init_used)
+    return Learned(rows, out_rows, train_result, clipped, init_used, derived)
 
 
 def write_output(out: Path, prep: Prepared, learned: Learned, report: RunReport) -> None:

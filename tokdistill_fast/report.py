@@ -109,21 +109,19 @@ class RunReport:
         report = cls(data, prep.timer)
         if methods:
             report.record_methods(method, set(work.primaries) if work and result is not None else set(),
-                                  learned.init_used)
+                                  learned.init_used, set(learned.derived))
         return report
 
-    def record_methods(self, method: str, trained: set[int], init_used: set[int]) -> None:
+    def record_methods(self, method: str, trained: set[int], init_used: set[int], derived: set[int]) -> None:
         """How each token's row was made ("method": the training method, "mean" or "init-from" for untrained
         rows, "random", or "offset" for variants: their primary's row moved by the subtoken-mean offset) and where
-        it started ("init"), with counts per method. `trained`: indices of the tokens that were trained."""
+        it started ("init"), with counts per method. `trained`: indices of the tokens that were trained; `derived`:
+        of the variants moved from their primary (Learned.derived)."""
         toks = self.data["tokens"]
-        index_of = {e["word"]: i for i, e in enumerate(toks) if e["variant_of"] is None}
         for i, entry in enumerate(toks):
             init = "random" if method == "random" else "init-from" if i in init_used else "mean"
             entry["init"] = init
-            derived = entry["variant_of"] is not None and not (i in init_used and index_of[entry["variant_of"]]
-                                                               not in trained)
-            entry["method"] = "offset" if derived else method if i in trained else init
+            entry["method"] = "offset" if i in derived else method if i in trained else init
         self.data["counts"]["methods"] = dict(Counter(e["method"] for e in toks))
 
     def add(self, **sections) -> RunReport:
