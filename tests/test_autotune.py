@@ -63,13 +63,15 @@ def test_auto_search_picks_the_cheapest_layer_no_costlier_one_beats(auto_run):
 
 
 @pytest.mark.parametrize("guard", [True, False])
+@pytest.mark.parametrize("layer", ["auto", 2])
 def test_rows_that_over_predict_themselves_train_with_alpha_ntp(model_dirs, words_file, corpus_file, monkeypatch,
-                                                                guard):
+                                                                guard, layer):
     """When the search's held-out sample shows the chosen rows of a tied model taking more than OVER_PREDICTION of
     the next-token mass right after the word, the run trains token-distill+alpha-ntp (here forced with a bar of
-    -1); --no-ntp-guard keeps token-distill, and so does an untied model (its output rows are not the input rows)."""
+    -1), with the layer searched or fixed; --no-ntp-guard keeps token-distill, and so does an untied model (its
+    output rows are not the input rows)."""
     monkeypatch.setattr(autotune, "OVER_PREDICTION", -1.0)
-    cfg = DistillConfig(**FAST, ntp_guard=guard)
+    cfg = DistillConfig(**FAST, ntp_guard=guard, target_layer=layer)
     tied = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None, cfg).report
     untied = distill(model_dirs[("qwen2", "bytelevel", False)], words_file, [corpus_file], None, cfg).report
     want = "token-distill+alpha-ntp" if guard else "token-distill"
@@ -132,18 +134,22 @@ def test_choice_does_not_depend_on_the_clock(model_dirs, words_file, corpus_file
     assert torch.equal(slow.rows, auto_run.rows)
 
 
-def test_fixed_layer_needs_no_search(model_dirs, words_file, corpus_file):
-    r = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
-                DistillConfig(**FAST, target_layer=2)).report
-    assert r["autotune"] is None
-    assert (r["settings"]["resolved_target_layer"], r["settings"]["resolved_lr"]) == (2, autotune.default_lr(2, 4))
-
-
-def test_fixed_values_skip_the_search(model_dirs, words_file, corpus_file):
-    r = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
-                DistillConfig(**FAST, target_layer=3, lr=2e-3)).report
-    assert r["autotune"] is None
-    assert (r["settings"]["resolved_target_layer"], r["settings"]["resolved_lr"]) == (3, 2e-3)
+@pytest.mark.parametrize("fixed", [dict(target_layer=2), dict(target_layer=3, lr=2e-3)])
+def test_fixed_values_are_used_and_only_the_guard_measures_them(model_dirs, words_file, corpus_file, fixed):
+    """Fixed settings are used as given. On a tied model the alpha-NTP guard still needs its measurement, so the
+    given setting alone trains on the search's sample (one trial); with --no-ntp-guard, or on an untied model, no
+    search runs."""
+    want = (fixed["target_layer"], fixed.get("lr", autotune.default_lr(fixed["target_layer"], 4)))
+    tied = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
+                   DistillConfig(**FAST, **fixed)).report
+    assert [(t["layer"], t["lr"], t["epochs"]) for t in tied["autotune"]["trials"]] == [(*want, FAST["epochs"])]
+    off = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
+                  DistillConfig(**FAST, **fixed, ntp_guard=False)).report
+    untied = distill(model_dirs[("qwen2", "bytelevel", False)], words_file, [corpus_file], None,
+                     DistillConfig(**FAST, **fixed)).report
+    assert off["autotune"] is None and untied["autotune"] is None
+    for r in (tied, off, untied):
+        assert (r["settings"]["resolved_target_layer"], r["settings"]["resolved_lr"]) == want
 
 
 def test_auto_epochs_tries_a_second_epoch_and_reports_the_choice(model_dirs, words_file, corpus_file):

@@ -72,7 +72,8 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
                        "token-distill+ntp | token-distill+alpha-ntp")
         d.add_argument("--no-ntp-guard", dest="ntp_guard", action="store_false",
                        help="tied models: keep plain token-distill even when the layer search sees its rows make the "
-                       "model predict new tokens right after one (by default the run then adds alpha-NTP)")
+                       "model predict new tokens right after one (by default the run then adds alpha-NTP; with the "
+                       "layer fixed, the search trains it alone to measure this), and skip that measurement")
     d.add_argument("--loss", default=c.loss, help="mse | kl | logits-mse (token-distill methods)")
     d.add_argument("--target-layer", type=_layer, default=c.target_layer,
                    help="layer whose hidden states are distilled: 1..L or -1 (last, after the final norm), or auto")

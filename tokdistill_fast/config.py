@@ -81,7 +81,8 @@ class DistillConfig:
 
     method: str = "token-distill"
     # Tied models: when the layer search sees the token-distill rows make the model predict new tokens right after
-    # reading one, train with token-distill+alpha-ntp instead (control/settings.guarded_method).
+    # reading one, train with token-distill+alpha-ntp instead (control/settings.guarded_method); with the layer and
+    # epochs fixed, the search runs that one setting to measure it.
     ntp_guard: bool = True
     loss: str = "mse"
     # "auto" searches candidate layers on held-out snippets (autotune.py); an int is a layer index in

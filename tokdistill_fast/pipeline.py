@@ -113,16 +113,16 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
                     source, list(corpus), timer, work_dir)
 
 
-def settle(prep: Prepared, cfg: DistillConfig, timer: StageTimer | None = None
+def settle(prep: Prepared, cfg: DistillConfig, timer: StageTimer | None = None, guard: bool = False
            ) -> tuple[tuple[int, float, int], object]:
     """((target layer, lr, epochs), search) of cfg on prep: the layer/epochs search when cfg leaves them to "auto"
-    (None when none ran; saved in prep's checkpoints), then settings.resolve_settings. `timer` charges the
-    search to its "autotune" stage."""
+    or (`guard`) the alpha-NTP guard needs its measurement (None when none ran; saved in prep's checkpoints), then
+    settings.resolve_settings. `timer` charges the search to its "autotune" stage."""
     search = None
     if prep.work is not None:
         with timer("autotune") if timer is not None else contextlib.nullcontext():
             search = prep.work_dir.stage("autotune", lambda: search_settings(cfg, prep.decoder, prep.toks, prep.work,
-                                                                             prep.tied, prep.backend))
+                                                                             prep.tied, prep.backend, guard))
     return resolve_settings(cfg, prep.decoder, search), search
 
 
@@ -179,7 +179,7 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
         export.check_out_dir(out, cfg.overwrite)
     prep = prepare(model, new_tokens, corpus, cfg, tokenizer, keep_in=out if ranks.world == 1 else None)
     work, work_dir, timer = prep.work, prep.work_dir, prep.timer
-    settings, search = settle(prep, cfg, timer)
+    settings, search = settle(prep, cfg, timer, guard=True)
     # every rank takes rank 0's settings
     layer, lr, epochs, method = ranks.agree(work, (*settings, guarded_method(cfg, prep.tied, search)))
     run_cfg = cfg.replace(epochs=epochs, method=method)  # the report keeps the requested settings beside these

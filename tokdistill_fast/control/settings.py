@@ -44,13 +44,17 @@ def resolve_settings(cfg: DistillConfig, decoder: models.Decoder,
     return layer, lr, epochs
 
 
+def guards(cfg: DistillConfig, tied: bool) -> bool:
+    """Whether the alpha-NTP guard watches this run: plain token-distill on a tied model, unless --no-ntp-guard."""
+    return cfg.ntp_guard and tied and cfg.method == "token-distill"
+
+
 def guarded_method(cfg: DistillConfig, tied: bool, search: autotune.SearchResult | None) -> str:
     """cfg.method, or token-distill+alpha-ntp when the search saw the chosen token-distill rows of a tied model make
     it predict new tokens right after reading one (autotune.OVER_PREDICTION): a tied row is also an output row,
     which plain distillation never constrains, and sampling then loops on the word ("apt-get apt-get ..."). The
     paper's alpha-NTP regularizes the output side, at 3.5x the training time measured (docs/defaults.md)."""
-    if not (cfg.ntp_guard and tied and cfg.method == "token-distill" and search is not None
-            and search.self_mass > autotune.OVER_PREDICTION):
+    if not (guards(cfg, tied) and search is not None and search.self_mass > autotune.OVER_PREDICTION):
         return cfg.method
     log.warning("the distilled rows make the model put %.0f%% of its next-token mass on new tokens right after one "
                 "(held-out sample; subtoken-mean rows: %.1f%%): training with token-distill+alpha-ntp instead "
@@ -65,12 +69,14 @@ def uses_last_layer(cfg: DistillConfig) -> bool:
 
 
 def search_settings(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewToken], work: Workload, tied: bool,
-                    backend: str) -> autotune.SearchResult | None:
+                    backend: str, guard: bool = False) -> autotune.SearchResult | None:
     """Run the layer/epochs search when the config leaves either to "auto" and there is a choice to make (logit
     losses and NTP read the last layer); None otherwise or when too few tokens have enough snippets to hold some
-    out (then the defaults apply). `--lr auto` needs no search: it is the measured rule autotune.default_lr."""
+    out (then the defaults apply). `--lr auto` needs no search: it is the measured rule autotune.default_lr.
+    `guard`: where the alpha-NTP guard watches the run (`guards`) and nothing is left to choose, the given setting
+    alone runs on the search's sample, so that the guard has its measurement (one trial)."""
     layer_search = cfg.target_layer == "auto" and not uses_last_layer(cfg)
-    if not (layer_search or cfg.epochs == "auto") or cfg.method not in TRAINED_METHODS:
+    if not (layer_search or cfg.epochs == "auto" or (guard and guards(cfg, tied))) or cfg.method not in TRAINED_METHODS:
         return None
     L = decoder.num_layers
     enough = np.bincount(work.snippet_row, minlength=len(work.primaries)) >= 3
