@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
               "trained_ids": sum(t["contexts"] > 0 for t in report["tokens"]),
               "check_passed": report["check"]["passed"], "settings": {
                   k: report["settings"][k] for k in ("resolved_target_layer", "resolved_lr", "resolved_epochs",
-                                                     "snippets_per_token", "snippet_length")},
+                                                     "snippets_per_token", "snippet_length", "resolved_method")},
               "seconds": seconds}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print("| model reading | bpc | tokens per 1,000 chars |\n|---|---|---|")

@@ -92,13 +92,22 @@ def test_hits_are_where_t2_emits_the_id(original, t2, corpus_file):
             assert t2.decode([new[r]]).strip() in h.text[h.start - 1:h.end]
 
 
-def test_workload_alignment_pairs_same_offsets_and_every_new_row_gets_a_pair_after_it(original, t2, corpus_file):
+@pytest.mark.parametrize("positions", [8, 3, None])
+def test_workload_alignment_pairs_same_offsets_and_every_new_row_gets_a_pair_after_it(original, t2, corpus_file,
+                                                                                      positions):
+    """... and --loss-positions cuts every snippet after its first N pairs, as for words (None: all pairs)."""
     toks = target_tokenizer.plan_tokens(original, t2, target_tokenizer.new_ids_of(original, t2, set()))
-    cfg = DistillConfig(snippets_per_token=4, snippet_length=24)
+    cfg = DistillConfig(snippets_per_token=4, snippet_length=24, loss_positions=positions)
     V = 10_000
     work = target_tokenizer.build_workload(cfg, original, t2, toks, [corpus_file], 2, V)
     al = work.alignment
     assert al.n == len(work.snippets) > 0
+    for i in range(al.n):  # the snippet's own id is kept, at most `positions` pairs after it, the sequences end there
+        s = al.student_ids[al.cu_student[i]:al.cu_student[i + 1]]
+        sp = al.s_pos[al.cu_aligned[i]:al.cu_aligned[i + 1]]
+        own = np.nonzero(s == V + work.snippet_row[i])[0]  # (its hit is one of these)
+        assert len(own) and (sp >= own[-1]).sum() <= (positions or 24)
+        assert positions is None or len(s) == sp[-1] + 1
     for i in range(al.n):
         s = al.student_ids[al.cu_student[i]:al.cu_student[i + 1]]
         t = work.teacher_ids[work.cu_teacher[i]:work.cu_teacher[i + 1]]
@@ -127,6 +136,9 @@ def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, or
     assert cli.main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["check"]["passed"], report["check"]["failures"]
+    # a tied model: no search measures over-prediction here, so the guard's remedy runs outright
+    assert (report["settings"]["method"], report["settings"]["resolved_method"]) == \
+        ("token-distill", "token-distill+alpha-ntp")
     new = list(range(len(original), len(original) + N_MERGES))
     assert [t["id"] for t in report["tokens"]] == new
     # intermediate merges ("Ġthy" on the way to "Ġthyroidectomy") are never emitted: no contexts, start row kept
@@ -164,8 +176,9 @@ def test_in_memory_model_and_tokenizers(tiny_model_dir, original, t2, corpus_fil
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     before = model.get_input_embeddings().weight.detach().clone()
     cfg = DistillConfig(snippets_per_token=2, snippet_length=16, target_layer=2, lr=1e-3, epochs=1, device="cpu",
-                        dtype="float32")
+                        dtype="float32", ntp_guard=False)
     result = distill(model, None, [corpus_file], None, cfg, tokenizer=original, target_tokenizer=t2)
+    assert result.report["settings"]["resolved_method"] == "token-distill"  # --no-ntp-guard
     assert result.tokenizer is t2 and [t.new_id for t in result.tokens] == list(range(len(original), len(t2)))
     assert result.rows.shape == (len(t2) - len(original), before.shape[1]) and torch.isfinite(result.rows).all()
     assert torch.equal(model.get_input_embeddings().weight, before)  # the caller's model is not modified

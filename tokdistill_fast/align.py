@@ -77,10 +77,11 @@ def prefix_lengths(al: Alignment) -> np.ndarray:
     return first
 
 
-def trim_suffix(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, keep: int
+def trim_suffix(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, keep: int | np.ndarray
                 ) -> tuple[Alignment, np.ndarray, np.ndarray]:
-    """Cut every snippet after its first `keep` aligned positions (student and teacher alike): --loss-positions
-    and the search's proxies train on the positions right after the word, which carry most of the signal."""
+    """Cut every snippet after its first `keep` aligned positions (student and teacher alike; an array: per
+    snippet): --loss-positions and the search's proxies train on the positions right after the word, which carry
+    most of the signal."""
     a_len = np.minimum(np.diff(al.cu_aligned), keep)
     cu_a = cu_seqlens(a_len)
     pick = np.repeat(al.cu_aligned[:-1], a_len) + np.arange(cu_a[-1]) - np.repeat(cu_a[:-1], a_len)

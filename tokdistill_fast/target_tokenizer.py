@@ -11,8 +11,12 @@ align.cross_align pairs the positions where the two end at the same offset. A sn
 all of them are rows of the one trainable block, so each gets gradient from every snippet it appears in.
 
 Student steps run whole sequences (prefix sharing off): the first aligned position can lie after new pieces
-that start earlier (a merge that moves a boundary), so the positions before it are not shared with the teacher.
-Settings left to "auto" take the measured defaults (settings.resolve_settings) without a search.
+that start earlier (a merge that moves a boundary), so the positions before it are not shared with the teacher;
+every snippet ends --loss-positions pairs after its own id. Settings left to "auto" take the measured defaults
+(settings.resolve_settings) without a search, so the alpha-NTP guard has no measurement: on tied models token-distill
+trains with alpha-NTP outright. T2's new ids are predicted wherever T2 emits them, and plain distillation, which
+never trains the output side of a tied row, left SmolLM2 putting 19% of its next-token mass on new ids right after
+one (docs/bring-your-own-tokenizer.md).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from . import align, contexts, export, pipeline
 from .config import DistillConfig, UserInputError, launch
 from .contexts import CHARS_PER_TOKEN, Hit, Snippet
 from .control import checkpoint
+from .control.settings import guards
 from .corpus import Corpus
 from .corpus import corpus_files as find_corpus_files
 from .kernels import backend as kernels
@@ -203,9 +208,9 @@ def cut(t_ends: np.ndarray, s_ends: np.ndarray, lo_char: int, hi_char: int, budg
 
 def cut_snippets(original, target, toks: list[NewToken], hits: list[list[Hit]], length: int, bos: int | None,
                  max_before: int | None = None):
-    """Teacher and student ids with end offsets for each hit (the shared leading id first, end offset 0), and
-    per token the hits dropped because no common cut fits `length` or T2 reads the window otherwise. `max_before`:
-    cut()'s cap on the tokens before the hit."""
+    """Teacher and student ids with end offsets for each hit (the shared leading id first, end offset 0) and the
+    position of the hit's own id among the student ids, and per token the hits dropped because no common cut fits
+    `length` or T2 reads the window otherwise. `max_before`: cut()'s cap on the tokens before the hit."""
     budget = length - (bos is not None)
     lead = [bos] if bos is not None else []
     flat = [(r, h) for r, hs in enumerate(hits) for h in hs]
@@ -234,7 +239,7 @@ def cut_snippets(original, target, toks: list[NewToken], hits: list[list[Hit]], 
             for enc, ends in ((et, te), (es, se)):
                 i, j = np.searchsorted(ends, a, "right"), np.searchsorted(ends, b, "right")
                 sides.append((lead + enc.ids[i:j], [0] * len(lead) + (ends[i:j] - a).tolist()))
-            out.append((r, *sides[0], *sides[1]))
+            out.append((r, *sides[0], *sides[1], len(lead) + k - int(np.searchsorted(se, a, "right"))))
     return out, dropped
 
 
@@ -249,18 +254,23 @@ def build_workload(cfg: DistillConfig, original, target, toks: list[NewToken], c
                                     CHARS_PER_TOKEN * cfg.snippet_length, cfg.seed)
     cut_out, dropped = cut_snippets(original, target, toks, hits, cfg.snippet_length, bos, cfg.left_context)
     lut = {t.new_id: V + r for r, t in enumerate(toks)}
-    t_seqs, t_ends, s_seqs, s_ends, rows = [], [], [], [], []
-    for r, t_ids, te, s_ids, se in cut_out:
+    t_seqs, t_ends, s_seqs, s_ends, rows, own = [], [], [], [], [], []
+    for r, t_ids, te, s_ids, se, k in cut_out:
         t_seqs.append(t_ids)
         t_ends.append(te)
         s_seqs.append([lut.get(i, i) for i in s_ids])
         s_ends.append(se)
         rows.append(r)
+        own.append(k)
     impl = cfg.align_impl
     teacher_ids, cu_t = align.pack(t_seqs, impl)
     student_ids, cu_s = align.pack(s_seqs, impl)
     al = align.cross_align(teacher_ids, cu_t, align.pack(t_ends, impl)[0], student_ids, cu_s,
                            align.pack(s_ends, impl)[0], impl)
+    if cfg.loss_positions:  # as for words: the first --loss-positions pairs from the snippet's own id on
+        seg = np.repeat(np.arange(al.n), np.diff(al.cu_aligned))
+        before = np.bincount(seg, weights=al.s_pos < np.asarray(own)[seg], minlength=al.n).astype(np.int64)
+        al, teacher_ids, cu_t = align.trim_suffix(al, teacher_ids, cu_t, before + cfg.loss_positions)
     snippet_row = np.asarray(rows, dtype=np.int64)
     found = dict(enumerate(np.bincount(snippet_row, minlength=len(toks)).tolist()))
     sources = {i: "corpus" if n >= MIN_CONTEXTS else "none" for i, n in found.items()}
@@ -281,8 +291,9 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     if cfg.chunk_tokens or cfg.memory_budget or cfg.resume or cfg.distill_min_chars or launch().world_size > 1:
         raise UserInputError("--tokenizer runs in one process, without --chunk-tokens, --memory-budget, --resume "
                              "and --distill-min-chars")
-    if cfg.method not in ("token-distill", "mean", "random") or cfg.loss != "mse":
-        raise UserInputError("--tokenizer supports --method token-distill (loss mse), mean and random")
+    if cfg.method not in ("token-distill", "token-distill+alpha-ntp", "mean", "random") or cfg.loss != "mse":
+        raise UserInputError("--tokenizer supports --method token-distill, token-distill+alpha-ntp (loss mse), mean "
+                             "and random")
     cfg = cfg.replace(prefix_sharing="off")
     timer = StageTimer()
     if out is not None:
@@ -312,9 +323,13 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     prep = pipeline.Prepared(cfg, decoder, original, target, toks, [], None, tied, device, dtype, backend, source,
                              list(corpus), timer, checkpoint.WorkDir(None))
     settings, _ = pipeline.settle(prep, cfg)  # no workload yet: the measured defaults, no search
-    run_cfg = cfg.replace(epochs=settings[2])
+    method = cfg.method
+    if guards(cfg, tied):  # nothing to measure without the search: the guard's remedy outright (module docstring)
+        method = "token-distill+alpha-ntp"
+        log.info("tied model: training token-distill+alpha-ntp (--no-ntp-guard keeps plain token-distill)")
+    run_cfg = cfg.replace(epochs=settings[2], method=method)
     cache = None
-    if cfg.method == "token-distill":
+    if method.startswith("token-distill"):
         with timer("contexts"):
             prep.work = build_workload(cfg, original, target, toks, list(corpus), contexts.start_id(original), V)
         fallback = [t.piece for i, t in enumerate(toks) if prep.work.sources[i] == "none"]
@@ -331,7 +346,7 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
                 learned.rows[i] = start.rows[i]
                 if learned.out_rows is not None:
                     learned.out_rows[i] = start.out_rows[i]
-    report = RunReport.build(prep, cfg, settings, learned)
+    report = RunReport.build(prep, cfg, settings, learned, method=method)
     report.add(retrieval=prep.work.retrieval if prep.work is not None else None,
                target_tokenizer={"source": str(target_tokenizer) if isinstance(target_tokenizer, (str, Path))
                                  else type(target_tokenizer).__name__, "size": len(target),
