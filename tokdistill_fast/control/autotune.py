@@ -143,8 +143,8 @@ class HeldoutRatios:
     (heldout.py); the original model's pass over the held-out snippets runs once, and each scored row set then
     runs only from the new token on, on that pass's prefix keys/values."""
 
-    def __init__(self, decoder: Decoder, sample: Sample, init_rows: torch.Tensor):
-        self.decoder = decoder
+    def __init__(self, decoder: Decoder, sample: Sample, init_rows: torch.Tensor, backend: str = "auto"):
+        self.decoder, self.backend = decoder, backend
         V, n = decoder.embed_weight.shape[0], len(sample.rows)
         self.held = heldout.HeldoutSet([], [V + r for r in range(n)], sample.held_row, sample.held_ids,
                                        sample.held_cu, sample.held, np.bincount(sample.held_row, minlength=n).tolist())
@@ -154,7 +154,7 @@ class HeldoutRatios:
     def measure(self, rows: torch.Tensor) -> tuple[np.ndarray, float]:
         """([tokens] held-out KL of each sampled token (per snippet, then per token, as in `eval`), the mean over
         tokens of the next-token mass on new tokens right after the word)."""
-        scores = heldout.score(heldout.Scorer(self.decoder, rows=rows), self.held, self.ref)
+        scores = heldout.score(heldout.Scorer(self.decoder, rows=rows, backend=self.backend), self.held, self.ref)
         values = heldout.snippet_metrics(scores, self.held, self.ref)
         per = heldout.per_token(values, self.held.snippet_token, len(self.held.new_ids))
         mass = [t["new_mass_at_new"] for t in per if t["new_mass_at_new"] is not None]
@@ -255,7 +255,7 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     sample = draw_sample(al, teacher_ids, cu_teacher, snippet_row, V, n_rows, n_tokens, heldout_share, keep,
                          schedule.seed, per_token)
     rows0 = init_rows[torch.from_numpy(sample.rows).to(init_rows.device)]
-    scorer = HeldoutRatios(decoder, sample, rows0)
+    scorer = HeldoutRatios(decoder, sample, rows0, schedule.backend)
     objectives = {layer: dataclasses.replace(objective(layer), train_output=False) for layer in layers}
     cache_layers = sorted({o.layer if o.distill == "mse" else L for o in objectives.values() if o.distill is not None})
     cache = teacher.compute(decoder, sample.train_ids, sample.train_cu, sample.train, cache_layers,

@@ -163,7 +163,8 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
             learned = pipeline.learn_rows(prep, cfg.replace(seed=cfg.seed + k, epochs=epochs), (layer, lr, epochs),
                                           cache=cache)
             t1 = time.perf_counter()
-            runs.append(baseline.measure(heldout.Scorer(decoder, rows=learned.rows, out_rows=learned.out_rows), forms))
+            runs.append(baseline.measure(heldout.Scorer(decoder, rows=learned.rows, out_rows=learned.out_rows,
+                                                        backend=prep.backend), forms))
             train_s.append(t1 - t0 + search_s)  # an automatic setting pays for its search
             eval_s.append(time.perf_counter() - t1)
         o = Outcome(spec, layer, lr, epochs, runs, train_s, eval_s)

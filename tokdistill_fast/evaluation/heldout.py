@@ -44,11 +44,12 @@ class Scorer:
 
     Three cases: the original model (no new tokens); an adapted model saved with its new rows (`new_ids` are its
     own ids); or the original model plus in-memory rows `rows` [n, D] (table space) for ids V + r, with output
-    rows `out_rows` (tied models: the input rows)."""
+    rows `out_rows` (tied models: the input rows). `backend`: the embedding gather's (kernels/backend.py), the
+    run's own when a run scores (the layer search)."""
 
     def __init__(self, decoder: Decoder, new_ids: list[int] | None = None, rows: torch.Tensor | None = None,
-                 out_rows: torch.Tensor | None = None):
-        self.decoder = decoder
+                 out_rows: torch.Tensor | None = None, backend: str = "auto"):
+        self.decoder, self.backend = decoder, backend
         device = decoder.embed_weight.device
         self.rows = None if rows is None else rows.to(device=device, dtype=torch.float32)
         self.out_rows = None
@@ -61,7 +62,8 @@ class Scorer:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.rows is None:
             return self.decoder.embed(ids)
-        return embedding_rows(ids, self.decoder.embed_weight, self.rows, self.decoder.embed_scale)
+        return embedding_rows(ids, self.decoder.embed_weight, self.rows, self.decoder.embed_scale,
+                              backend=self.backend)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits over the model's whole vocabulary, new tokens included, in fp32."""
