@@ -121,6 +121,35 @@ def test_workload_alignment_pairs_same_offsets_and_every_new_row_gets_a_pair_aft
         assert text_s == "".join(original.convert_ids_to_tokens(t[1:].tolist()))
 
 
+def test_ntp_also_predicts_each_snippets_first_new_piece(original, t2, corpus_file):
+    """With an NTP method each snippet gains one pair, (d - 1, d - 1) before its first divergence d, where teacher
+    and student still read the same ids (no distillation loss) and the next student id is a new piece; nothing
+    else changes. Without NTP no pair is added."""
+    toks = target_tokenizer.plan_tokens(original, t2, target_tokenizer.new_ids_of(original, t2, set()))
+    V = 10_000
+
+    def work(method):
+        cfg = DistillConfig(snippets_per_token=4, snippet_length=24, loss_positions=None, method=method)
+        return target_tokenizer.build_workload(cfg, original, t2, toks, [corpus_file], 2, V)
+
+    plain, ntp = work("token-distill"), work("token-distill+alpha-ntp")
+    a, b = plain.alignment, ntp.alignment
+    assert np.array_equal(a.student_ids, b.student_ids) and np.array_equal(plain.teacher_ids, ntp.teacher_ids)
+    added = 0
+    for i in range(a.n):
+        s = a.student_ids[a.cu_student[i]:a.cu_student[i + 1]]
+        t = plain.teacher_ids[plain.cu_teacher[i]:plain.cu_teacher[i + 1]]
+        d = next(k for k in range(min(len(s), len(t))) if s[k] != t[k])
+        old = list(zip(a.s_pos[a.cu_aligned[i]:a.cu_aligned[i + 1]], a.t_pos[a.cu_aligned[i]:a.cu_aligned[i + 1]]))
+        new = list(zip(b.s_pos[b.cu_aligned[i]:b.cu_aligned[i + 1]], b.t_pos[b.cu_aligned[i]:b.cu_aligned[i + 1]]))
+        if d >= 2 and old and old[0][0] > d - 1:
+            assert new == [(d - 1, d - 1)] + old and s[d] >= V  # its next token: the first new piece
+            added += 1
+        else:
+            assert new == old
+    assert added > a.n // 2
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, original) -> Path:
     from conftest import save_tiny_model

@@ -97,6 +97,32 @@ def trim_suffix(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, 
     return Alignment(student_ids, cu_s, s_pos, t_pos, cu_a), t_ids, cu_t
 
 
+def pair_before_divergence(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray) -> Alignment:
+    """`al` with one more pair per snippet, (d - 1, d - 1) before its first divergence d, where the sequences still
+    agree (so its hidden states are the teacher's: no distillation loss) and whose next token is the first new
+    piece: next-token prediction then also learns to predict it from its left context. Snippets with d < 2 (never
+    position 0, the attention sink) or whose pairs already start there are left as they are."""
+    n = al.n
+    cu_s = al.cu_student
+    m = np.minimum(np.diff(cu_s), np.diff(cu_teacher))
+    seg = np.repeat(np.arange(n), m)
+    pos = np.arange(int(m.sum())) - np.repeat(cu_seqlens(m)[:-1], m)
+    differs = al.student_ids[cu_s[seg] + pos] != teacher_ids[cu_teacher[seg] + pos]
+    d = m.copy()
+    np.minimum.at(d, seg[differs], pos[differs])
+    counts = np.diff(al.cu_aligned)
+    first = np.zeros(n, dtype=np.int64)
+    first[counts > 0] = al.s_pos[al.cu_aligned[:-1][counts > 0]]
+    add = (d >= 2) & (counts > 0) & (first > d - 1)
+    cu_a = cu_seqlens(counts + add)
+    s_pos = np.empty(int(cu_a[-1]), dtype=al.s_pos.dtype)
+    t_pos = np.empty(int(cu_a[-1]), dtype=al.t_pos.dtype)
+    shift = np.repeat(np.cumsum(add), counts)  # each old pair moves by the pairs added up to its snippet
+    s_pos[np.arange(len(al.s_pos)) + shift], t_pos[np.arange(len(al.t_pos)) + shift] = al.s_pos, al.t_pos
+    s_pos[cu_a[:-1][add]] = t_pos[cu_a[:-1][add]] = d[add] - 1
+    return Alignment(al.student_ids, cu_s, s_pos, t_pos, cu_a)
+
+
 def _prefixes(flat: np.ndarray, cu: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The first lens[i] values of each packed sequence, repacked."""
     new_cu = cu_seqlens(lens)

@@ -16,7 +16,8 @@ every snippet ends --loss-positions pairs after its own id. Settings left to "au
 (settings.resolve_settings) without a search, so the alpha-NTP guard has no measurement: on tied models token-distill
 trains with alpha-NTP outright. T2's new ids are predicted wherever T2 emits them, and plain distillation, which
 never trains the output side of a tied row, left SmolLM2 putting 19% of its next-token mass on new ids right after
-one (docs/bring-your-own-tokenizer.md).
+one (docs/bring-your-own-tokenizer.md). Next-token prediction then also reads the position before each snippet's
+first new piece (align.pair_before_divergence), so it learns to predict the piece, not only the text after it.
 """
 
 from __future__ import annotations
@@ -246,7 +247,8 @@ def cut_snippets(original, target, toks: list[NewToken], hits: list[list[Hit]], 
 def build_workload(cfg: DistillConfig, original, target, toks: list[NewToken], corpus: list, bos: int | None,
                    V: int) -> Workload:
     """Snippets, alignment and bookkeeping of the new ids in the form pipeline.learn_rows trains on: student ids
-    of new pieces become V + their row (the trainable block of kernels/embedding_rows.py)."""
+    of new pieces become V + their row (the trainable block of kernels/embedding_rows.py). With an NTP method
+    (cfg.method as the run resolved it), each snippet also pairs the position before its first new piece."""
     if not corpus:
         raise UserInputError("no corpus given: pass --corpus FILE (a target tokenizer needs corpus contexts)")
     reader = Corpus(corpus, cfg.max_corpus_bytes)
@@ -267,6 +269,8 @@ def build_workload(cfg: DistillConfig, original, target, toks: list[NewToken], c
     student_ids, cu_s = align.pack(s_seqs, impl)
     al = align.cross_align(teacher_ids, cu_t, align.pack(t_ends, impl)[0], student_ids, cu_s,
                            align.pack(s_ends, impl)[0], impl)
+    if "ntp" in cfg.method:  # NTP also predicts each snippet's first new piece (see pair_before_divergence)
+        al = align.pair_before_divergence(al, teacher_ids, cu_t)
     if cfg.loss_positions:  # as for words: the first --loss-positions pairs from the snippet's own id on
         seg = np.repeat(np.arange(al.n), np.diff(al.cu_aligned))
         before = np.bincount(seg, weights=al.s_pos < np.asarray(own)[seg], minlength=al.n).astype(np.int64)
@@ -331,7 +335,7 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     cache = None
     if method.startswith("token-distill"):
         with timer("contexts"):
-            prep.work = build_workload(cfg, original, target, toks, list(corpus), contexts.start_id(original), V)
+            prep.work = build_workload(run_cfg, original, target, toks, list(corpus), contexts.start_id(original), V)
         fallback = [t.piece for i, t in enumerate(toks) if prep.work.sources[i] == "none"]
         if fallback:
             log.warning("%d new id(s) have no corpus snippet and keep their start row: %s", len(fallback),
