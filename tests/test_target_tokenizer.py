@@ -128,11 +128,11 @@ def test_ntp_also_predicts_each_snippets_first_new_piece(original, t2, corpus_fi
     toks = target_tokenizer.plan_tokens(original, t2, target_tokenizer.new_ids_of(original, t2, set()))
     V = 10_000
 
-    def work(method):
-        cfg = DistillConfig(snippets_per_token=4, snippet_length=24, loss_positions=None, method=method)
-        return target_tokenizer.build_workload(cfg, original, t2, toks, [corpus_file], 2, V)
+    def work(ntp):
+        cfg = DistillConfig(snippets_per_token=4, snippet_length=24, loss_positions=None)
+        return target_tokenizer.build_workload(cfg, original, t2, toks, [corpus_file], 2, V, ntp)
 
-    plain, ntp = work("token-distill"), work("token-distill+alpha-ntp")
+    plain, ntp = work(False), work(True)
     a, b = plain.alignment, ntp.alignment
     assert np.array_equal(a.student_ids, b.student_ids) and np.array_equal(plain.teacher_ids, ntp.teacher_ids)
     added = 0

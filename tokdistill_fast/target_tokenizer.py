@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import align, contexts, export, pipeline
+from . import align, contexts, export, pipeline, student
 from .config import DistillConfig, UserInputError, launch
 from .contexts import CHARS_PER_TOKEN, Hit, Snippet
 from .control import checkpoint
-from .control.settings import guards
+from .control.settings import GUARD_METHOD, guards
 from .corpus import Corpus
 from .corpus import corpus_files as find_corpus_files
 from .kernels import backend as kernels
@@ -245,10 +245,10 @@ def cut_snippets(original, target, toks: list[NewToken], hits: list[list[Hit]], 
 
 
 def build_workload(cfg: DistillConfig, original, target, toks: list[NewToken], corpus: list, bos: int | None,
-                   V: int) -> Workload:
+                   V: int, ntp: bool = False) -> Workload:
     """Snippets, alignment and bookkeeping of the new ids in the form pipeline.learn_rows trains on: student ids
-    of new pieces become V + their row (the trainable block of kernels/embedding_rows.py). With an NTP method
-    (cfg.method as the run resolved it), each snippet also pairs the position before its first new piece."""
+    of new pieces become V + their row (the trainable block of kernels/embedding_rows.py). `ntp` (the run's
+    objective predicts next tokens): each snippet also pairs the position before its first new piece."""
     if not corpus:
         raise UserInputError("no corpus given: pass --corpus FILE (a target tokenizer needs corpus contexts)")
     reader = Corpus(corpus, cfg.max_corpus_bytes)
@@ -269,7 +269,7 @@ def build_workload(cfg: DistillConfig, original, target, toks: list[NewToken], c
     student_ids, cu_s = align.pack(s_seqs, impl)
     al = align.cross_align(teacher_ids, cu_t, align.pack(t_ends, impl)[0], student_ids, cu_s,
                            align.pack(s_ends, impl)[0], impl)
-    if "ntp" in cfg.method:  # NTP also predicts each snippet's first new piece (see pair_before_divergence)
+    if ntp:  # NTP also predicts each snippet's first new piece (see pair_before_divergence)
         al = align.pair_before_divergence(al, teacher_ids, cu_t)
     if cfg.loss_positions:  # as for words: the first --loss-positions pairs from the snippet's own id on
         seg = np.repeat(np.arange(al.n), np.diff(al.cu_aligned))
@@ -329,13 +329,15 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     settings, _ = pipeline.settle(prep, cfg)  # no workload yet: the measured defaults, no search
     method = cfg.method
     if guards(cfg, tied):  # nothing to measure without the search: the guard's remedy outright (module docstring)
-        method = "token-distill+alpha-ntp"
-        log.info("tied model: training token-distill+alpha-ntp (--no-ntp-guard keeps plain token-distill)")
+        method = GUARD_METHOD
+        log.info("tied model: training %s (--no-ntp-guard keeps plain token-distill)", method)
     run_cfg = cfg.replace(epochs=settings[2], method=method)
     cache = None
     if method.startswith("token-distill"):
         with timer("contexts"):
-            prep.work = build_workload(run_cfg, original, target, toks, list(corpus), contexts.start_id(original), V)
+            ntp = student.Objective.for_config(run_cfg, settings[0], tied).ntp is not None
+            prep.work = build_workload(cfg, original, target, toks, list(corpus), contexts.start_id(original), V,
+                                       ntp)
         fallback = [t.piece for i, t in enumerate(toks) if prep.work.sources[i] == "none"]
         if fallback:
             log.warning("%d new id(s) have no corpus snippet and keep their start row: %s", len(fallback),

@@ -17,6 +17,7 @@ from . import autotune
 
 log = logging.getLogger(__name__)
 
+GUARD_METHOD = "token-distill+alpha-ntp"  # what the alpha-NTP guard trains instead of plain token-distill
 DEFAULT_DEPTH = 0.75  # target layer when no search runs: best or near-best on SmolLM2 and Gemma-3 (docs/defaults.md)
 
 
@@ -60,7 +61,7 @@ def guarded_method(cfg: DistillConfig, tied: bool, search: autotune.SearchResult
                 "(held-out sample; subtoken-mean rows: %.1f%%): training with token-distill+alpha-ntp instead "
                 "(--no-ntp-guard keeps plain token-distill)", 100 * search.self_mass,
                 100 * search.sample.get("base_self_mass", 0.0))
-    return "token-distill+alpha-ntp"
+    return GUARD_METHOD
 
 
 def uses_last_layer(cfg: DistillConfig) -> bool:
