@@ -7,6 +7,7 @@ import torch
 
 from tokdistill_fast import DistillConfig, distill
 from tokdistill_fast.control import autotune
+from tokdistill_fast.student.loop import warmup_schedule
 
 FAST = dict(snippets_per_token=10, snippet_length=24, batch_size=4, epochs=1)
 
@@ -15,6 +16,28 @@ def test_candidate_layers_cover_the_depth():
     assert autotune.candidate_layers(30) == [15, 22]
     assert autotune.candidate_layers(18) == [9, 14]
     assert autotune.candidate_layers(2) == [1, 2]
+
+
+def test_auto_lr_by_layer_and_schedule():
+    """Constant schedule (the paper's): the measured 5e-3 / 3e-3 (last layer); decay: 1.4x the same peak."""
+    assert [autotune.default_lr(layer, 30) for layer in (15, 30)] == [5e-3, 3e-3]
+    assert [autotune.default_lr(layer, 30, decay=True) for layer in (15, 30)] == [7e-3, 4.2e-3]
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_warmup_schedule_warms_up_then_decays_to_zero_or_holds(decay):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_schedule(opt, 10, 0.5, decay)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # linear warm-up over the first half
+    if decay:
+        assert lrs[5:] == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.0])  # linearly down to zero at the last step
+    else:
+        assert lrs[5:] == pytest.approx([1.0] * 5)  # the paper's constant rate
 
 
 def test_sample_share_grows_with_budget_and_stays_a_share():

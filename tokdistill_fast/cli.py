@@ -82,6 +82,8 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
     d.add_argument("--batch-size", type=int, default=c.batch_size)
     d.add_argument("--warmup-fraction", type=float, default=c.warmup_fraction,
                    help="share of the steps with a linear learning-rate warm-up (the paper: 0.5)")
+    d.add_argument("--lr-schedule", default=c.lr_schedule,
+                   help="after the warm-up: constant (the paper) | decay (linearly to zero)")
     d.add_argument("--snippets-per-token", type=int, default=c.snippets_per_token)
     d.add_argument("--snippet-length", type=int, default=c.snippet_length)
     d.add_argument("--loss-positions", type=_positions, default=c.loss_positions,

@@ -90,10 +90,13 @@ def candidate_layers(num_layers: int) -> list[int]:
     return sorted({max(1, round(num_layers * f)) for f in (0.5, 0.75)})
 
 
-def default_lr(layer: int, num_layers: int) -> float:
-    """The stage-1 learning rate: 5e-3 for inner layers, 3e-3 for the last (after the final norm). Best or within 4%
-    of the best of {1e-3, 3e-3, 5e-3, 1e-2} on SmolLM2 and Gemma-3 (docs/defaults.md)."""
-    return 3e-3 if layer == num_layers else 5e-3
+def default_lr(layer: int, num_layers: int, decay: bool = False) -> float:
+    """`--lr auto`. Constant schedule (the paper's): 5e-3 for inner layers, 3e-3 for the last (after the final
+    norm), best or within 4% of the best of {1e-3, 3e-3, 5e-3, 1e-2} on SmolLM2 and Gemma-3. Decay schedule: 1.4x
+    that peak (7e-3 / 4.2e-3), about the constant schedule's mean step over a run (decay's mean is 0.5x its peak,
+    constant's 0.75x) with smaller last steps (docs/defaults.md)."""
+    lr = 3e-3 if layer == num_layers else 5e-3
+    return round(1.4 * lr, 6) if decay else lr
 
 
 @dataclass
@@ -224,20 +227,20 @@ def grad_share(al: Alignment, keep: int | None = None) -> float:
 
 def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, snippet_row: np.ndarray,
            init_rows: torch.Tensor, budget: float, schedule: student.Schedule,
-           objective: Callable[[int], student.Objective], tied: bool, layers: list[int] | None = None,
-           lr: float | None = None, search_epochs: bool = False, keep: int = 12,
+           objective: Callable[[int], student.Objective], lr: Callable[[int], float], tied: bool,
+           layers: list[int] | None = None, search_epochs: bool = False, keep: int = 12,
            prefix: bool = False, fused: bool = False, per_token: int = 10,
            heldout_share: float = 0.4, min_tokens: int = 20) -> SearchResult:
     """Pick the cheapest Candidate that no costlier one beats (`wins`), within about `budget` x the main run's cost.
-    `objective(layer)` is the run's own objective at a layer; `layers` / `lr` fix a dimension (a user-given value is
-    always respected). Candidates train with `schedule` (the main run's batch size and epochs: with batch 4 and one
-    epoch, Gemma-3's choice on the fortunes corpus changed with the seed, docs/defaults.md); `search_epochs`:
-    schedule.epochs is 1 and the chosen layer is also tried with 2. The sample has at least `min_tokens` tokens (or
-    every eligible one) with `per_token` snippets each, of which `heldout_share` are held out (many tokens with few
-    snippets rank settings more steadily than few tokens with many; with 8 or 16 tokens Gemma-3's layer choice on
-    the Devil's Dictionary changed with the seed, with 20 it did not, docs/defaults.md). `prefix`: candidates train
-    with prefix sharing (student.Passes) on one teacher cache; `fused`: the main run fuses its teacher into its
-    steps."""
+    `objective(layer)` and `lr(layer)` are the run's own objective and learning rate at a layer; `layers` fixes the
+    candidates (a user-given layer is always respected). Candidates train with `schedule` (the main run's batch
+    size, epochs and learning-rate schedule: with batch 4 and one epoch, Gemma-3's choice on the fortunes corpus
+    changed with the seed, docs/defaults.md); `search_epochs`: schedule.epochs is 1 and the chosen layer is also
+    tried with 2. The sample has at least `min_tokens` tokens (or every eligible one) with `per_token` snippets
+    each, of which `heldout_share` are held out (many tokens with few snippets rank settings more steadily than few
+    tokens with many; with 8 or 16 tokens Gemma-3's layer choice on the Devil's Dictionary changed with the seed,
+    with 20 it did not, docs/defaults.md). `prefix`: candidates train with prefix sharing (student.Passes) on one
+    teacher cache; `fused`: the main run fuses its teacher into its steps."""
     t_start = time.perf_counter()
     L, V = decoder.num_layers, decoder.embed_weight.shape[0]
     n_rows = init_rows.shape[0]
@@ -282,11 +285,11 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
                  trial.ratio, diff, se, choice.candidate.label(), trial.seconds, " -> chosen" if better else "")
         return trial if better else choice
 
-    choice = run(Candidate(layers[0], lr or default_lr(layers[0], L), schedule.epochs))
+    choice = run(Candidate(layers[0], lr(layers[0]), schedule.epochs))
     log.info("autotune: %-22s held-out KL %.3f x mean init (%.1f s)", choice.candidate.label(), choice.ratio,
              choice.seconds)
     for layer in layers[1:]:  # cheapest first: deeper layers cost proportionally more in the main run
-        choice = consider(Candidate(layer, lr or default_lr(layer, L), schedule.epochs), choice)
+        choice = consider(Candidate(layer, lr(layer), schedule.epochs), choice)
     if search_epochs:  # a second epoch doubles the main run's training
         choice = consider(dataclasses.replace(choice.candidate, epochs=2), choice)
     seconds = time.perf_counter() - t_start

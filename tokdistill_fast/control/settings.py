@@ -5,6 +5,7 @@ defaults (docs/defaults.md). distill and compare resolve through these same func
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,10 +33,7 @@ def resolve_settings(cfg: DistillConfig, decoder: models.Decoder,
         layer = search.best.layer
     else:
         layer = L if uses_last_layer(cfg) else max(1, round(DEFAULT_DEPTH * L))
-    if cfg.lr != "auto":
-        lr = float(cfg.lr)
-    else:
-        lr = search.best.lr if search is not None else autotune.default_lr(layer, L)
+    lr = search.best.lr if search is not None else lr_rule(cfg, decoder)(layer)
     if cfg.epochs != "auto":
         epochs = int(cfg.epochs)
     elif search is not None:
@@ -43,6 +41,14 @@ def resolve_settings(cfg: DistillConfig, decoder: models.Decoder,
     else:  # a second epoch helps distillation, not next-token prediction (the paper; docs/defaults.md)
         epochs = 2 if cfg.method.startswith("token-distill") and cfg.prefix_sharing != "fused" else 1
     return layer, lr, epochs
+
+
+def lr_rule(cfg: DistillConfig, decoder: models.Decoder) -> Callable[[int], float]:
+    """The run's learning rate as a function of the target layer: --lr as given, or autotune.default_lr for the
+    run's schedule."""
+    if cfg.lr != "auto":
+        return lambda layer: float(cfg.lr)
+    return lambda layer: autotune.default_lr(layer, decoder.num_layers, cfg.lr_schedule == "decay")
 
 
 def guards(cfg: DistillConfig, tied: bool) -> bool:
@@ -91,12 +97,12 @@ def search_settings(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewT
     init = rows.subtoken_mean(decoder.embed_weight, [toks[i] for i in work.primaries]).to(decoder.embed_weight.device)
     search_epochs = cfg.epochs == "auto" and cfg.prefix_sharing != "fused"  # fused steps see each snippet once
     schedule = student.Schedule(lr=0.0, epochs=1 if cfg.epochs == "auto" else int(cfg.epochs),
-                                batch_size=cfg.batch_size, warmup_fraction=cfg.warmup_fraction, seed=cfg.seed,
+                                batch_size=cfg.batch_size, warmup_fraction=cfg.warmup_fraction,
+                                decay=cfg.lr_schedule == "decay", seed=cfg.seed,
                                 backend=backend)
     # the likely main run
     main_passes = student.Passes.for_config(cfg.replace(epochs=2 if search_epochs else schedule.epochs))
     return autotune.search(decoder, work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row, init,
                            cfg.autotune_budget, schedule, lambda layer: student.Objective.for_config(cfg, layer, tied),
-                           tied,
-                           layers=layers, lr=None if cfg.lr == "auto" else float(cfg.lr), search_epochs=search_epochs,
+                           lr_rule(cfg, decoder), tied, layers=layers, search_epochs=search_epochs,
                            prefix=main_passes.prefix, fused=main_passes.fused)

@@ -2,10 +2,10 @@
 
 The frozen model runs truncated at the target layer; the new rows are one fp32 parameter [n_new, D] read by
 the fused gather (kernels/embedding_rows.py), so no gradient ever touches the model's weights or its
-embedding table. AdamW without weight decay, linear warm-up over the first half of the steps, then constant
-(this project's recipe; the reference code decays the rate after its warm-up). Every batch's layouts and index
-tensors are built before the loop, and losses stay on the device (logged asynchronously), so the loop itself
-never waits for the host.
+embedding table. AdamW without weight decay, linear warm-up over the first half of the steps, then constant (the
+schedule the paper states; `decay`: linearly to zero at the last step, as the reference code decays after its warm-up).
+Every batch's layouts and index tensors are built before the loop, and losses stay on the device (logged
+asynchronously), so the loop itself never waits for the host.
 
 How a step is prepared and run (prefix sharing, step groups) is in steps.py; what it optimizes in objective.py.
 """
@@ -41,6 +41,7 @@ class Schedule:
     epochs: int = 1
     batch_size: int = 16
     warmup_fraction: float = 0.5
+    decay: bool = False  # after the warm-up, decay linearly to zero at the last step (default: constant)
     seed: int = 0
     log_every: int = 0  # log the mean loss of every this many steps (0: never), without waiting for the device
     group: int = 16  # at most this many consecutive steps with disjoint tokens run as one pass (1: step by step)
@@ -87,16 +88,23 @@ class Trainable:
 
 
 def optimizer(params: list[torch.nn.Parameter], schedule: Schedule, n_steps: int, device: torch.device):
-    """(AdamW without weight decay, its warm-up schedule) over `params` for a run of n_steps."""
+    """(AdamW without weight decay, its learning-rate schedule) over `params` for a run of n_steps."""
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0, **fused)
-    return opt, warmup_then_constant(opt, n_steps, schedule.warmup_fraction)
+    return opt, warmup_schedule(opt, n_steps, schedule.warmup_fraction, schedule.decay)
 
 
-def warmup_then_constant(optimizer, total_steps: int, warmup_fraction: float):
-    """Linear warm-up over the first `warmup_fraction` of the steps, constant afterwards (the paper's schedule)."""
+def warmup_schedule(optimizer, total_steps: int, warmup_fraction: float, decay: bool):
+    """Linear warm-up over the first `warmup_fraction` of the steps, then constant (the schedule the paper states)
+    or, with `decay`, linearly down to zero at the last step."""
     warm = max(1, round(warmup_fraction * total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm))
+
+    def factor(step: int) -> float:
+        if step + 1 <= warm or not decay:
+            return min(1.0, (step + 1) / warm)
+        return 1.0 - (step + 1 - warm) / max(1, total_steps - warm)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class LossLog:
