@@ -252,3 +252,19 @@ def test_fortunes_corpus_keeps_one_document_per_fortune(tmp_path, monkeypatch):
     docs = out.read_text(encoding="utf-8").strip().split("\n\n")
     assert docs == ["A man of words and not of deeds is like a garden full of weeds.",
                     "Never put off till tomorrow what you can do the day after tomorrow. -- Mark Twain"]
+
+
+def test_python_docs_corpus_keeps_the_text_of_each_paragraph(tmp_path, monkeypatch):
+    """The untuned corpus added last to `demo prepare --corpora`: each <p> of the Library Reference's pages becomes
+    one document, tags dropped, entities decoded, whitespace folded, short ones left out."""
+    from tokdistill_fast.tools import demo
+
+    lib = tmp_path / "library"
+    lib.mkdir()
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: lib / "index.html")
+    (lib / "index.html").write_text("<p>Index.</p>")
+    (lib / "os.html").write_text('<p>Return a <a href="#x"><code>str</code></a> that names\n  the &quot;current&quot;'
+                                 " working directory.</p><div><p>Short.</p></div>")
+    out = demo.python_docs_corpus(tmp_path / "pydocs.txt", tmp_path)
+    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+        'Return a str that names the "current" working directory.']

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import html
 import logging
 import re
 import shutil
@@ -193,6 +194,23 @@ def debian_reference_corpus(out: Path, cache: Path | None = None) -> Path:
     return out
 
 
+def python_docs_corpus(out: Path, cache: Path | None = None) -> Path:
+    """Running text from the Python 3.11 Library Reference (`python3.11-doc`; added 2026-12-01 after every
+    default was set, as a corpus no setting has seen): the text of each HTML paragraph, tags dropped."""
+    if out.exists():
+        return out
+    index = debian_file("python3.11-doc", Path("/usr/share/doc/python3.11/html/library/index.html"), cache)
+    docs = []
+    for page in sorted(index.parent.glob("*.html")):
+        for para in re.findall(r"<p>(.*?)</p>", page.read_text(encoding="utf-8", errors="replace"), flags=re.S):
+            text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", "", para))).strip()
+            if len(text) > 40:
+                docs.append(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return out
+
+
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
     """WordNet glosses with their example sentences, one per paragraph."""
     if out.exists():
@@ -234,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemma", action="store_true", help="prepare: also assemble Gemma-3-270M (234 MB download)")
     p.add_argument("--corpora", action="store_true",
                    help="prepare: also build FOLDOC, the Jargon File, the Devil's Dictionary (dict-foldoc, "
-                        "dict-jargon, dict-devil), a corpus of fortunes (fortunes) and the Debian Reference "
-                        "(debian-reference-en), split 3:1")
+                        "dict-jargon, dict-devil), a corpus of fortunes (fortunes), the Debian Reference "
+                        "(debian-reference-en) and the Python Library Reference (python3.11-doc), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
@@ -249,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                      for package, name in DICTD}
             built["fortunes"] = fortunes_corpus(cache_dir() / "corpora" / "fortunes.txt")
             built["debref"] = debian_reference_corpus(cache_dir() / "corpora" / "debref.txt")
+            built["pydocs"] = python_docs_corpus(cache_dir() / "corpora" / "pydocs.txt")
             for name, corpus in built.items():
                 paths[name], paths[f"{name}_heldout"] = corpus, split_corpus(corpus)[1]
         if args.what == "prepare":
