@@ -259,10 +259,7 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
                 decoder, work.alignment, cache, work.snippet_row, rows[primaries],
                 out_init[primaries] if out_init is not None else None,
                 student.Objective.for_config(cfg, layer, tied),
-                student.Schedule(lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                 warmup_fraction=cfg.warmup_fraction, decay=cfg.lr_schedule == "decay",
-                                 seed=cfg.seed, log_every=cfg.log_every,
-                                 backend=prep.backend),
+                student.Schedule.for_config(cfg, lr, cfg.epochs, prep.backend, cfg.log_every),
                 tied, passes=passes, teacher=(work.teacher_ids, work.cu_teacher))
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:

@@ -96,10 +96,7 @@ def search_settings(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewT
         layers = [L if cfg.target_layer == "auto" else decoder.resolve_layer(int(cfg.target_layer))]
     init = rows.subtoken_mean(decoder.embed_weight, [toks[i] for i in work.primaries]).to(decoder.embed_weight.device)
     search_epochs = cfg.epochs == "auto" and cfg.prefix_sharing != "fused"  # fused steps see each snippet once
-    schedule = student.Schedule(lr=0.0, epochs=1 if cfg.epochs == "auto" else int(cfg.epochs),
-                                batch_size=cfg.batch_size, warmup_fraction=cfg.warmup_fraction,
-                                decay=cfg.lr_schedule == "decay", seed=cfg.seed,
-                                backend=backend)
+    schedule = student.Schedule.for_config(cfg, 0.0, 1 if cfg.epochs == "auto" else int(cfg.epochs), backend)
     # the likely main run
     main_passes = student.Passes.for_config(cfg.replace(epochs=2 if search_epochs else schedule.epochs))
     return autotune.search(decoder, work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row, init,

@@ -30,6 +30,7 @@ from .objective import Objective
 from .steps import Batch, Passes, Rewind, batch_plan, plan_groups, student_states
 
 if TYPE_CHECKING:
+    from ..config import DistillConfig
     from ..control.distributed import Shard
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,13 @@ class Schedule:
     log_every: int = 0  # log the mean loss of every this many steps (0: never), without waiting for the device
     group: int = 16  # at most this many consecutive steps with disjoint tokens run as one pass (1: step by step)
     backend: str = "auto"  # kernels: auto | torch (references) | triton (fused kernels), see kernels/backend.py
+
+    @classmethod
+    def for_config(cls, cfg: DistillConfig, lr: float, epochs: int, backend: str, log_every: int = 0) -> Schedule:
+        """A run's schedule: batch size, warm-up, --lr-schedule and seed from cfg (the main run and the search's
+        candidates alike); the learning rate, epochs and kernels as resolved for it."""
+        return cls(lr=lr, epochs=epochs, batch_size=cfg.batch_size, warmup_fraction=cfg.warmup_fraction,
+                   decay=cfg.lr_schedule == "decay", seed=cfg.seed, log_every=log_every, backend=backend)
 
 
 @dataclass
