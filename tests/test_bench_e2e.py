@@ -5,19 +5,22 @@ fast path sits within the plain path's own noise floor."""
 import json
 
 from bench import e2e
-from tokdistill_fast import align
+from tokdistill_fast import DistillConfig, align
 
 
 def test_e2e_tiny_on_cpu(tmp_path):
-    assert e2e.main(["--config", "tiny", "--new-tokens", "12", "--snippets", "4",
+    # 8 snippets per word: with 4 (and the 4-position loss) the tiny random model's held-out loss moved by 1e-3, less
+    # than bf16 rounding moves the noise-floor run
+    assert e2e.main(["--config", "tiny", "--new-tokens", "12", "--snippets", "8",
                      "--snippet-length", "20", "--reference", "--device", "cpu", "--results-dir", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "cpu-tiny-Lauto-reference.json").read_text())
     fast, ref, other = record["fast"], record["reference"], record["reference_other_dtype"]
     assert fast["settings"]["searched"] and fast["autotune"]["trials"]  # layer "auto": the search ran and was timed
     assert fast["seconds"]["autotune"] > 0 and ref["settings"]["lr"] == fast["settings"]["lr"]
-    # what ran, observed at run time: prefix steps reading the teacher's kept keys/values (two epochs), their
-    # attention, the aligners, the kernels, the cache
-    assert fast["implementations"]["prefix_sharing"] == "cached" and fast["settings"]["epochs"] == 2
+    # what ran, observed at run time: prefix steps reading the teacher's kept keys/values (the default epochs),
+    # their attention, the aligners, the kernels, the cache
+    assert fast["implementations"]["prefix_sharing"] == "cached"
+    assert fast["settings"]["epochs"] == DistillConfig().epochs
     assert fast["implementations"]["packed_attention"] == "dense SDPA"
     assert ref["implementations"]["prefix_sharing"] == "off" and ref["implementations"]["packed_attention"] is None
     assert fast["implementations"]["align"] == ("cpp" if align._align_ext is not None else "python")
