@@ -268,3 +268,23 @@ def test_python_docs_corpus_keeps_the_text_of_each_paragraph(tmp_path, monkeypat
     out = demo.python_docs_corpus(tmp_path / "pydocs.txt", tmp_path)
     assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
         'Return a str that names the "current" working directory.']
+
+
+def test_git_docs_corpus_keeps_prose_paragraphs(tmp_path, monkeypatch):
+    """The untuned corpus added after the 4-position defaults: prose paragraphs of Git's AsciiDoc manuals become
+    documents, inline markup removed (linkgit:x[1] -> x); attribute lines, indented and delimited blocks and
+    paragraphs of 40 characters or less (most titles) are left out."""
+    from tokdistill_fast.tools import demo
+
+    docs = tmp_path / "git-doc"
+    docs.mkdir()
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: docs / "SubmittingPatches.txt")
+    (docs / "SubmittingPatches.txt").write_text("Short.\n")
+    (docs / "git-rebase.txt").write_text(
+        "git-rebase(1)\n=============\n\n[verse]\n'git rebase' [-i]\n\n"
+        "Reapply commits on top of another base tip, as `git cherry-pick` does;\nsee linkgit:git-am[1] for "
+        "patches.\n\n    indented literal text that is long enough to count as prose\n\n"
+        "------------\n$ git rebase --onto master next topic and more shell text here\n------------\n")
+    out = demo.git_docs_corpus(tmp_path / "gitdocs.txt", tmp_path)
+    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+        "Reapply commits on top of another base tip, as git cherry-pick does; see git-am for patches."]

@@ -211,6 +211,31 @@ def python_docs_corpus(out: Path, cache: Path | None = None) -> Path:
     return out
 
 
+
+def git_docs_corpus(out: Path, cache: Path | None = None) -> Path:
+    """Running text from Git's manuals (`git-doc`'s AsciiDoc sources; added 2026-12-01 after every default was set,
+    as a corpus no setting has seen): one document per prose paragraph over 40 characters, delimited and indented
+    blocks, attribute lines and list markers dropped, inline markup removed."""
+    if out.exists():
+        return out
+    first = debian_file("git-doc", Path("/usr/share/doc/git-doc/SubmittingPatches.txt"), cache)
+    docs = []
+    for page in sorted(first.parent.glob("*.txt")):
+        text = re.sub(r"^(-{4,}|\.{4,}|={4,}|\+{4,}|_{4,}|\*{4,})$.*?^\1$", "",
+                      page.read_text(encoding="utf-8", errors="replace"), flags=re.M | re.S)  # delimited blocks
+        for block in re.split(r"\n\s*\n", text):
+            lines = block.splitlines()
+            if not lines or lines[0][:1].isspace() or re.match(r"[=\[:/]|include::|ifdef::|endif::", lines[0]):
+                continue
+            body = " ".join(ln.strip() for ln in lines if not re.fullmatch(r"[-=~^+]{3,}", ln.strip()))
+            body = re.sub(r"linkgit:([\w.-]+)\[\d\]", r"\1", body)
+            body = re.sub(r"^[*.-]+\s+|::\s*$|[`*]|\+$", "", body).strip()
+            if len(body) > 40:
+                docs.append(re.sub(r"\s+", " ", body))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return out
+
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
     """WordNet glosses with their example sentences, one per paragraph."""
     if out.exists():
@@ -253,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpora", action="store_true",
                    help="prepare: also build FOLDOC, the Jargon File, the Devil's Dictionary (dict-foldoc, "
                         "dict-jargon, dict-devil), a corpus of fortunes (fortunes), the Debian Reference "
-                        "(debian-reference-en) and the Python Library Reference (python3.11-doc), split 3:1")
+                        "(debian-reference-en), the Python Library Reference (python3.11-doc) and Git's manuals "
+                        "(git-doc), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
@@ -268,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             built["fortunes"] = fortunes_corpus(cache_dir() / "corpora" / "fortunes.txt")
             built["debref"] = debian_reference_corpus(cache_dir() / "corpora" / "debref.txt")
             built["pydocs"] = python_docs_corpus(cache_dir() / "corpora" / "pydocs.txt")
+            built["gitdocs"] = git_docs_corpus(cache_dir() / "corpora" / "gitdocs.txt")
             for name, corpus in built.items():
                 paths[name], paths[f"{name}_heldout"] = corpus, split_corpus(corpus)[1]
         if args.what == "prepare":
