@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..config import UserInputError, cache_dir
@@ -162,21 +163,23 @@ def dictd_corpus(package: str, name: str, out: Path, cache: Path | None = None) 
 FORTUNE_SKIP = {"art", "ascii-art"}  # pictures drawn in characters, not text
 
 
+def write_documents(out: Path, texts: Iterable[str]) -> Path:
+    """Write `texts` as a corpus: whitespace folded, those over 40 characters kept, one document per paragraph."""
+    docs = [d for d in (re.sub(r"\s+", " ", t).strip() for t in texts) if len(d) > 40]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return out
+
+
 def fortunes_corpus(out: Path, cache: Path | None = None) -> Path:
     """Running text from the `fortunes` package (quotations, jokes and definitions on every subject; never used to
     tune a setting): one document per fortune, whitespace folded, the files with ASCII art left out."""
     if out.exists():
         return out
     src = debian_file("fortunes", Path("/usr/share/games/fortunes"), cache)
-    docs = []
-    for f in sorted(p for p in src.iterdir() if p.is_file() and not p.suffix and p.name not in FORTUNE_SKIP):
-        for entry in re.split(r"^%$", f.read_text(encoding="utf-8", errors="replace"), flags=re.M):
-            text = re.sub(r"\s+", " ", entry).strip()
-            if len(text) > 40:
-                docs.append(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    return out
+    files = sorted(p for p in src.iterdir() if p.is_file() and not p.suffix and p.name not in FORTUNE_SKIP)
+    return write_documents(out, (entry for f in files for entry in re.split(
+        r"^%$", f.read_text(encoding="utf-8", errors="replace"), flags=re.M)))
 
 
 def debian_reference_corpus(out: Path, cache: Path | None = None) -> Path:
@@ -187,11 +190,7 @@ def debian_reference_corpus(out: Path, cache: Path | None = None) -> Path:
         return out
     src = debian_file("debian-reference-en", Path("/usr/share/debian-reference/debian-reference.en.txt.gz"), cache)
     text = gzip.open(src, "rt", encoding="utf-8", errors="replace").read()
-    body = text[re.search(r"^Chapter\s1\.", text, flags=re.M).start():]
-    docs = [d for d in (re.sub(r"\s+", " ", b).strip() for b in re.split(r"\n\s*\n", body)) if len(d) > 40]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    return out
+    return write_documents(out, re.split(r"\n\s*\n", text[re.search(r"^Chapter\s1\.", text, flags=re.M).start():]))
 
 
 def python_docs_corpus(out: Path, cache: Path | None = None) -> Path:
@@ -200,16 +199,9 @@ def python_docs_corpus(out: Path, cache: Path | None = None) -> Path:
     if out.exists():
         return out
     index = debian_file("python3.11-doc", Path("/usr/share/doc/python3.11/html/library/index.html"), cache)
-    docs = []
-    for page in sorted(index.parent.glob("*.html")):
-        for para in re.findall(r"<p>(.*?)</p>", page.read_text(encoding="utf-8", errors="replace"), flags=re.S):
-            text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", "", para))).strip()
-            if len(text) > 40:
-                docs.append(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    return out
-
+    return write_documents(out, (
+        html.unescape(re.sub(r"<[^>]+>", "", para)) for page in sorted(index.parent.glob("*.html"))
+        for para in re.findall(r"<p>(.*?)</p>", page.read_text(encoding="utf-8", errors="replace"), flags=re.S)))
 
 
 def git_docs_corpus(out: Path, cache: Path | None = None) -> Path:
@@ -219,8 +211,8 @@ def git_docs_corpus(out: Path, cache: Path | None = None) -> Path:
     if out.exists():
         return out
     first = debian_file("git-doc", Path("/usr/share/doc/git-doc/SubmittingPatches.txt"), cache)
-    docs = []
-    for page in sorted(first.parent.glob("*.txt")):
+
+    def paragraphs(page: Path) -> Iterator[str]:
         text = re.sub(r"^(-{4,}|\.{4,}|={4,}|\+{4,}|_{4,}|\*{4,})$.*?^\1$", "",
                       page.read_text(encoding="utf-8", errors="replace"), flags=re.M | re.S)  # delimited blocks
         for block in re.split(r"\n\s*\n", text):
@@ -229,12 +221,10 @@ def git_docs_corpus(out: Path, cache: Path | None = None) -> Path:
                 continue
             body = " ".join(ln.strip() for ln in lines if not re.fullmatch(r"[-=~^+]{3,}", ln.strip()))
             body = re.sub(r"linkgit:([\w.-]+)\[\d\]", r"\1", body)
-            body = re.sub(r"^[*.-]+\s+|::\s*$|[`*]|\+$", "", body).strip()
-            if len(body) > 40:
-                docs.append(re.sub(r"\s+", " ", body))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    return out
+            yield re.sub(r"^[*.-]+\s+|::\s*$|[`*]|\+$", "", body)
+
+    return write_documents(out, (p for page in sorted(first.parent.glob("*.txt")) for p in paragraphs(page)))
+
 
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
     """WordNet glosses with their example sentences, one per paragraph."""
