@@ -14,7 +14,13 @@ from tokdistill_fast import DistillConfig, distill, teacher
 from tokdistill_fast.cli import main
 from tokdistill_fast.contexts import start_id
 from tokdistill_fast.evaluation.definitions import embed_sentences, greedy, load_embedder, prompts, similarity
-from tokdistill_fast.evaluation.evalrun import EvalOptions, read_adapted_tokens, run_eval
+from tokdistill_fast.evaluation.evalrun import (
+    EvalOptions,
+    markdown_summary,
+    over_predicting,
+    read_adapted_tokens,
+    run_eval,
+)
 from tokdistill_fast.evaluation.heldout import (
     HeldoutSet,
     Scorer,
@@ -256,6 +262,24 @@ def test_eval_cli_end_to_end(adapted, heldout_file, tiny_embedder, tmp_path, cap
     row = report["tokens"][0]
     assert row["snippets"] > 0 and isinstance(row["definition_adapted"], str) and -1 <= row["similarity"] <= 1
     assert "kl" in capsys.readouterr().out
+    assert report["over_predicting"] == over_predicting(report["tokens"])
+
+
+def test_over_predicting_words_are_flagged_worst_first():
+    """Words after which the adapted model sends over OVER_PREDICTION_FLAG of its next-token mass to new tokens
+    are listed in the report and on the terminal, worst first; words without held-out text are not."""
+    tokens = [{"word": "apt-get", "kl": 0.4, "top1": 0.7, "snippets": 10, "new_mass_at_new": 0.3},
+              {"word": "dpkg", "kl": 0.3, "top1": 0.8, "snippets": 10, "new_mass_at_new": 0.01},
+              {"word": "git-log", "kl": 0.2, "top1": 0.9, "snippets": 4, "new_mass_at_new": 0.95},
+              {"word": "popcon", "kl": None, "snippets": 0, "new_mass_at_new": None}]
+    flagged = over_predicting(tokens)
+    assert [t["word"] for t in flagged] == ["git-log", "apt-get"]
+    report = {"counts": {"tokens_with_heldout": 3, "tokens": 4, "snippets": 24, "aligned_positions": 100},
+              "aggregate": {}, "kl_by_offset": [], "definitions": None, "tokens": tokens,
+              "over_predicting": flagged,
+              "tokens_saved": {"saved_fraction": 0.01, "original_tokens": 100, "adapted_tokens": 99}}
+    text = markdown_summary(report)
+    assert "git-log (0.95), apt-get (0.30)" in text and "| dpkg | 0.3 | 0.800 | 0.010 | 10 |" in text
 
 
 def test_eval_api_and_bad_inputs(adapted, heldout_file, tmp_path, capsys):

@@ -43,6 +43,11 @@ def env_flag(name: str) -> bool:
 # before snippets started with a document-start token, words at the start of a snippet sat on the attention sink
 # and ended training at 300-2,400x the other words' loss.
 OUTLIER_FACTOR = 10.0
+# `tokdistill eval` flags a word after which the adapted model puts more than this share of its next-token
+# probability on new tokens (held-out text): the original model puts none there, and sampling from such rows loops
+# on the word ("apt-get apt-get ..."). With the defaults 0-8 of 40 words per corpus were above it, none with
+# subtoken-mean rows (docs/defaults.md).
+OVER_PREDICTION_FLAG = 0.2
 
 @dataclass(frozen=True)
 class Launch:

@@ -16,7 +16,7 @@ import numpy as np
 from safetensors import safe_open
 
 from .. import contexts, export
-from ..config import OUTLIER_FACTOR, UserInputError
+from ..config import OUTLIER_FACTOR, OVER_PREDICTION_FLAG, UserInputError
 from ..modeling import models
 from ..modeling.models import Decoder
 from ..tokens import NewToken, original_ids
@@ -202,9 +202,23 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
     }
     if opts.definitions and m.definition_summary is None:
         report["definitions"] = {"skipped": definitions.MISSING}
+    report["over_predicting"] = over_predicting(report["tokens"])
+    if report["over_predicting"]:
+        log.warning("%d word(s) make the adapted model put over %.0f%% of its next-token probability on new tokens "
+                    "right after them (held-out text; sampling may repeat them): %s", len(report["over_predicting"]),
+                    100 * OVER_PREDICTION_FLAG, ", ".join(f"{t['word']} {t['new_mass_at_new']:.2f}"
+                                                         for t in report["over_predicting"]))
     if out is not None:
         export.write_json(Path(out), report)
     return report
+
+
+def over_predicting(tokens: list[dict]) -> list[dict]:
+    """Words after which the adapted model's next-token mass on new tokens exceeds OVER_PREDICTION_FLAG, worst
+    first."""
+    over = [{"word": t["word"], "new_mass_at_new": t["new_mass_at_new"]} for t in tokens
+            if (t.get("new_mass_at_new") or 0.0) > OVER_PREDICTION_FLAG]
+    return sorted(over, key=lambda t: -t["new_mass_at_new"])
 
 
 SHOWN_TOKENS = 20  # per-token rows printed on the terminal; the JSON report has them all
@@ -230,11 +244,16 @@ def markdown_summary(report: dict) -> str:
     if scored:
         median = float(np.median([t["kl"] for t in scored]))
         lines += [f"per token, worst first (median KL {median:.4g}; * = over {OUTLIER_FACTOR:g}x the median):",
-                  "| word | KL | top-1 | snippets |", "|---|---|---|---|"]
+                  "| word | KL | top-1 | new-token mass after it | snippets |", "|---|---|---|---|---|"]
         lines += [f"| {t['word']}{' *' if t['kl'] > OUTLIER_FACTOR * median else ''} | {t['kl']:.4g} | "
-                  f"{t.get('top1', float('nan')):.3f} | {t['snippets']} |" for t in scored[:SHOWN_TOKENS]]
+                  f"{t.get('top1', float('nan')):.3f} | {t['new_mass_at_new']:.3f} | {t['snippets']} |"
+                  for t in scored[:SHOWN_TOKENS]]
         if len(scored) > SHOWN_TOKENS:
             lines.append(f"... {len(scored) - SHOWN_TOKENS} more in the JSON report ('tokens')")
+    if report.get("over_predicting"):
+        lines.append(f"words after which over {100 * OVER_PREDICTION_FLAG:.0f}% of the next-token probability goes "
+                     "to new tokens: " + ", ".join(f"{t['word']} ({t['new_mass_at_new']:.2f})"
+                                                   for t in report["over_predicting"]))
     ts = report["tokens_saved"]
     lines.append(f"tokens saved on held-out text: {100 * ts['saved_fraction']:.2f}% "
                  f"({ts['original_tokens']} -> {ts['adapted_tokens']})")
