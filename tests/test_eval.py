@@ -17,7 +17,6 @@ from tokdistill_fast.evaluation.definitions import embed_sentences, greedy, load
 from tokdistill_fast.evaluation.evalrun import (
     EvalOptions,
     markdown_summary,
-    over_predicting,
     read_adapted_tokens,
     run_eval,
 )
@@ -34,6 +33,7 @@ from tokdistill_fast.evaluation.heldout import (
     snippet_metrics,
 )
 from tokdistill_fast.modeling.models import Decoder, load_model
+from tokdistill_fast.report import over_predicting
 
 FAST = dict(snippets_per_token=6, snippet_length=20, batch_size=4, target_layer=2, lr=1e-2)
 COMBOS = [("llama", "bytelevel", True), ("qwen2", "bytelevel", False), ("gemma3", "metaspace", True)]
@@ -262,7 +262,7 @@ def test_eval_cli_end_to_end(adapted, heldout_file, tiny_embedder, tmp_path, cap
     row = report["tokens"][0]
     assert row["snippets"] > 0 and isinstance(row["definition_adapted"], str) and -1 <= row["similarity"] <= 1
     assert "kl" in capsys.readouterr().out
-    assert report["over_predicting"] == over_predicting(report["tokens"])
+    assert report["over_predicting"] == over_predicting(report["tokens"], "new_mass_at_new")
 
 
 def test_over_predicting_words_are_flagged_worst_first():
@@ -272,7 +272,7 @@ def test_over_predicting_words_are_flagged_worst_first():
               {"word": "dpkg", "kl": 0.3, "top1": 0.8, "snippets": 10, "new_mass_at_new": 0.01},
               {"word": "git-log", "kl": 0.2, "top1": 0.9, "snippets": 4, "new_mass_at_new": 0.95},
               {"word": "popcon", "kl": None, "snippets": 0, "new_mass_at_new": None}]
-    flagged = over_predicting(tokens)
+    flagged = over_predicting(tokens, "new_mass_at_new")
     assert [t["word"] for t in flagged] == ["git-log", "apt-get"]
     report = {"counts": {"tokens_with_heldout": 3, "tokens": 4, "snippets": 24, "aligned_positions": 100},
               "aggregate": {}, "kl_by_offset": [], "definitions": None, "tokens": tokens,

@@ -71,7 +71,11 @@ def test_report_and_training(run):
     primaries = [t for t in report["tokens"] if t["variant_of"] is None]
     assert {t["word"] for t in primaries} == set(NEW_WORDS)
     assert all(t["contexts"] > 0 for t in primaries)
-    assert set(report["timings"]) >= {"load", "tokens", "contexts", "teacher", "student", "export", "total"}
+    assert set(report["timings"]) >= {"load", "tokens", "contexts", "teacher", "student", "new_token_mass", "export",
+                                      "total"}
+    assert all(0 <= t["mass_after"] <= 1 and t["mass_after_top"]["mass"] <= t["mass_after"] + 1e-9 for t in primaries)
+    assert [f["word"] for f in report["over_predicting"]] == [
+        t["word"] for t in sorted(primaries, key=lambda t: -t["mass_after"]) if t["mass_after"] > 0.2]
 
 
 def test_training_beats_the_start_rows_on_the_measure(run, tmp_path):
@@ -146,3 +150,52 @@ def test_new_rows_file_is_the_same_bytes_every_time(tmp_path):
         assert json.loads(f.metadata()["forms"]) == ["w0\u00e9", "w1\u00e9", "w2\u00e9"]
         torch.testing.assert_close(f.get_tensor("input_embeddings"), rows)
         assert f.get_tensor("token_ids").tolist() == [100, 101, 102]
+
+
+def test_new_token_mass_reads_where_the_rows_send_probability(model_dirs, words_file, corpus_file):
+    """pipeline.new_token_mass (length-batched passes cut after each word) equals a plain pass over each whole
+    snippet; a row pointed at the final states after the other words takes the mass there, and the report flags
+    those words and names that row."""
+    from tokdistill_fast import pipeline
+    from tokdistill_fast.report import RunReport, StageTimer
+
+    prep = pipeline.prepare(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file],
+                            DistillConfig(**FAST, dtype="float32"))
+    work, dec, al = prep.work, prep.decoder, prep.work.alignment
+    rows = subtoken_mean(dec.embed_weight, prep.toks)
+    hub = work.primaries[0]
+
+    def plain(rows: torch.Tensor, cols: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per trained word: mean new-token probabilities and mean final state at its position (first snippets)."""
+        scorer = Scorer(dec, rows=rows[cols])
+        probs, states = torch.zeros(len(work.primaries), len(cols)), torch.zeros(len(work.primaries), dec.hidden_size)
+        counts = torch.zeros(len(work.primaries))
+        for s in range(al.n):
+            r = int(work.snippet_row[s])
+            if counts[r] == pipeline.MASS_SNIPPETS:
+                continue
+            ids = torch.from_numpy(al.student_ids[al.cu_student[s]:al.cu_student[s + 1]])[None]
+            with torch.no_grad():
+                final = dec.hidden_states(scorer.embed(ids), [dec.num_layers])[dec.num_layers]
+                h = final[0, al.s_pos[al.cu_aligned[s]]]
+                probs[r] += torch.softmax(scorer.logits(h[None]), -1)[0, -len(cols):]
+            states[r] += h
+            counts[r] += 1
+        return probs / counts[:, None], states / counts[:, None]
+
+    mass, row_tok, col_tok = pipeline.new_token_mass(prep, pipeline.Learned(rows, None, None, 0))
+    assert row_tok == list(work.primaries) and sorted(col_tok) == list(range(len(prep.toks)))
+    expected, states = plain(rows, col_tok)
+    torch.testing.assert_close(torch.from_numpy(mass).float(), expected, rtol=1e-4, atol=1e-5)
+
+    others = [r for r in range(len(row_tok)) if row_tok[r] != hub]
+    direction = states[others].mean(0)
+    rows[hub] = 40.0 * direction / direction.norm() ** 2  # logit ~40 wherever the state is near that mean
+    mass, row_tok, col_tok = pipeline.new_token_mass(prep, pipeline.Learned(rows, None, None, 0))
+    assert (mass[others].argmax(1) == 0).all() and (mass[others].sum(1) > 0.5).all()
+    report = RunReport({"tokens": [{"word": t.word, "form": t.form} for t in prep.toks]}, StageTimer())
+    report.record_new_token_mass(mass, row_tok, col_tok)
+    flagged = {f["word"]: f for f in report.data["over_predicting"]}
+    assert {prep.toks[row_tok[r]].word for r in others} <= set(flagged)
+    hub_word = prep.toks[hub].word
+    assert all(f["most_to"]["token"] == prep.toks[hub].form for f in flagged.values() if f["word"] != hub_word)

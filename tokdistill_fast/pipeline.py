@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import check, contexts, export, student, swap, teacher, tokens
@@ -24,6 +25,7 @@ from .config import TRAINED_METHODS, DistillConfig, UserInputError
 from .control import checkpoint, chunks, distributed, observed
 from .control.settings import guarded_method, resolve_settings, search_settings
 from .corpus import corpus_files, leading_documents
+from .evaluation import heldout
 from .kernels import backend as kernels
 from .modeling import models
 from .report import RunReport, StageTimer, flag_outliers
@@ -32,6 +34,8 @@ from .tokens import NewToken, Skipped
 from .workload import Workload, build_workload, trained_tokens
 
 log = logging.getLogger(__name__)
+
+MASS_SNIPPETS = 8  # training snippets per word on which new_token_mass reads the trained rows
 
 
 @dataclass
@@ -203,6 +207,9 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
     report.add(autotune=search.as_dict() if search is not None else None,
                retrieval=work.retrieval if work is not None else None)
     report.add(outliers=flag_outliers(report.data["tokens"]), chunks=plan.bounds if plan is not None else None)
+    if ranks.writer and learned.train_result is not None:
+        with timer("new_token_mass"):
+            report.record_new_token_mass(*new_token_mass(prep, learned))
     if out is not None and ranks.writer:
         with timer("export"):
             try:
@@ -290,6 +297,24 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         policy = "mean" if cfg.output_embeddings == "auto" else cfg.output_embeddings
         out_rows = torch.zeros_like(rows) if policy == "zeros" else out_init.float().cpu()
     return Learned(rows, out_rows, train_result, clipped, init_used, derived)
+
+
+def new_token_mass(prep: Prepared, learned: Learned) -> tuple[np.ndarray, list[int], list[int]]:
+    """heldout.new_token_mass of the learned rows on the first MASS_SNIPPETS training snippets of each trained word
+    (where the model sends its next-token probability is a property of the rows, which a few contexts show): the
+    [trained words, new tokens] mass, the token index of each row and of each column."""
+    work, n = prep.work, len(prep.toks)
+    rows = list(work.primaries)
+    trained = set(rows)
+    cols = rows + [i for i in range(n) if i not in trained]  # the alignment's ids V + r come first
+    scorer = heldout.Scorer(prep.decoder, rows=learned.rows[cols], backend=prep.backend,
+                            out_rows=None if learned.out_rows is None else learned.out_rows[cols])
+    row = work.snippet_row
+    order = np.argsort(row, kind="stable")
+    rank = np.empty(len(row), dtype=np.int64)
+    rank[order] = np.arange(len(row)) - np.searchsorted(row[order], row[order])
+    sel = np.flatnonzero(rank < MASS_SNIPPETS)
+    return heldout.new_token_mass(scorer, work.alignment.take(sel), row[sel], len(rows)), rows, cols
 
 
 def write_output(out: Path, prep: Prepared, learned: Learned, report: RunReport) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .config import OUTLIER_FACTOR, DistillConfig
+from .config import OUTLIER_FACTOR, OVER_PREDICTION_FLAG, DistillConfig
 from .control import observed
 
 if TYPE_CHECKING:
@@ -124,6 +124,19 @@ class RunReport:
             entry["method"] = "offset" if i in derived else method if i in trained else init
         self.data["counts"]["methods"] = dict(Counter(e["method"] for e in toks))
 
+    def record_new_token_mass(self, mass: np.ndarray, rows: list[int], cols: list[int]) -> None:
+        """Per trained token (`rows`: token index of each row of `mass`; `cols`: of each column), the next-token
+        probability the model puts on new tokens right after it ("mass_after", pipeline.new_token_mass) and the new
+        token that takes most of it; the words over OVER_PREDICTION_FLAG ("over_predicting", warned about)."""
+        toks = self.data["tokens"]
+        for r, i in enumerate(rows):
+            if np.isfinite(mass[r]).all():
+                top = int(np.argmax(mass[r]))
+                toks[i]["mass_after"] = float(mass[r].sum())
+                toks[i]["mass_after_top"] = {"token": toks[cols[top]]["form"], "mass": float(mass[r, top])}
+        self.data["over_predicting"] = over_predicting(toks, "mass_after")
+        warn_over_predicting(self.data["over_predicting"], "mass_after", "their training snippets")
+
     def add(self, **sections) -> RunReport:
         """Top-level sections, in the order given."""
         self.data.update(sections)
@@ -152,3 +165,22 @@ def flag_outliers(per_token: list[dict]) -> list[dict]:
                     "%s); its row is kept as trained: check its contexts and its held-out KL (tokdistill eval)",
                     f["word"], f["word_loss"], f["times_median"], median, f["contexts"], f["source"])
     return flagged
+
+
+def over_predicting(per_token: list[dict], key: str) -> list[dict]:
+    """Words whose next-token mass on new tokens right after them (`key`: distill's "mass_after" on the training
+    snippets, eval's "new_mass_at_new" on held-out text) exceeds OVER_PREDICTION_FLAG, worst first."""
+    over = [{"word": t["word"], key: t[key], **({"most_to": t["mass_after_top"]} if "mass_after_top" in t else {})}
+            for t in per_token if t.get(key) is not None and t[key] > OVER_PREDICTION_FLAG]
+    return sorted(over, key=lambda t: -t[key])
+
+
+def warn_over_predicting(flagged: list[dict], key: str, where: str) -> None:
+    """One warning naming the flagged words and their mass."""
+    if flagged:
+        log.warning("%d word(s) make the model put over %.0f%% of its next-token probability on new tokens right "
+                    "after them (%s; sampling emits new tokens there; --method token-distill+alpha-ntp trains the "
+                    "output side against it): %s", len(flagged), 100 * OVER_PREDICTION_FLAG, where,
+                    ", ".join(f"{t['word']} {t[key]:.2f}" + (f" (most to {t['most_to']['token']!r} "
+                                                             f"{t['most_to']['mass']:.2f})" if "most_to" in t else "")
+                              for t in flagged))

@@ -19,6 +19,7 @@ from .. import contexts, export
 from ..config import OUTLIER_FACTOR, OVER_PREDICTION_FLAG, UserInputError
 from ..modeling import models
 from ..modeling.models import Decoder
+from ..report import over_predicting, warn_over_predicting
 from ..tokens import NewToken, original_ids
 from . import definitions, heldout
 
@@ -202,23 +203,11 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
     }
     if opts.definitions and m.definition_summary is None:
         report["definitions"] = {"skipped": definitions.MISSING}
-    report["over_predicting"] = over_predicting(report["tokens"])
-    if report["over_predicting"]:
-        log.warning("%d word(s) make the adapted model put over %.0f%% of its next-token probability on new tokens "
-                    "right after them (held-out text; sampling may repeat them): %s", len(report["over_predicting"]),
-                    100 * OVER_PREDICTION_FLAG, ", ".join(f"{t['word']} {t['new_mass_at_new']:.2f}"
-                                                         for t in report["over_predicting"]))
+    report["over_predicting"] = over_predicting(report["tokens"], "new_mass_at_new")
+    warn_over_predicting(report["over_predicting"], "new_mass_at_new", "held-out text")
     if out is not None:
         export.write_json(Path(out), report)
     return report
-
-
-def over_predicting(tokens: list[dict]) -> list[dict]:
-    """Words after which the adapted model's next-token mass on new tokens exceeds OVER_PREDICTION_FLAG, worst
-    first."""
-    over = [{"word": t["word"], "new_mass_at_new": t["new_mass_at_new"]} for t in tokens
-            if (t.get("new_mass_at_new") or 0.0) > OVER_PREDICTION_FLAG]
-    return sorted(over, key=lambda t: -t["new_mass_at_new"])
 
 
 SHOWN_TOKENS = 20  # per-token rows printed on the terminal; the JSON report has them all

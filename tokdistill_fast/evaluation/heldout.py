@@ -282,6 +282,27 @@ def _passes(model: Scorer, al: Alignment, layers: list[int], shared: SharedPrefi
         yield batch, hidden, lay.rows(seq, al.s_pos[ranges(al.cu_aligned[batch], counts)] - p[batch][seq])
 
 
+@torch.no_grad()
+def new_token_mass(model: Scorer, al: Alignment, snippet_row: np.ndarray, n_rows: int) -> np.ndarray:
+    """[n_rows, new tokens] per trained word (snippet_row; its new id V + row), the mean over its snippets of the
+    next-token probability `model` (in-memory rows) puts on each new token right after the word: a tied row is
+    also an output row, and one the model predicts where the original model cannot makes sampling emit it there."""
+    dec, device = model.decoder, model.decoder.embed_weight.device
+    first = prefix_lengths(al)
+    lengths = first + 1  # up to the word: causal attention, nothing after it changes its state
+    probs = np.zeros((al.n, len(model.new_ids)))
+    for batch in length_batches(lengths, teacher.batch_tokens(device)):
+        ids = lay_out(al.student_ids, al.cu_student[batch], lengths[batch], np.zeros(len(batch)), packed=False
+                      ).ids.to(device)
+        h = dec.hidden_states(model.embed(ids), [dec.num_layers])[dec.num_layers]
+        at = h[torch.arange(len(batch), device=device), torch.from_numpy(first[batch]).to(device)]
+        probs[batch] = F.softmax(model.logits(at), dim=-1)[:, -len(model.new_ids):].cpu().numpy()
+    sums = np.zeros((n_rows, probs.shape[1]))
+    np.add.at(sums, snippet_row, probs)
+    counts = np.bincount(snippet_row, minlength=n_rows)[:, None]
+    return sums / np.where(counts, counts, np.nan)
+
+
 def snippet_metrics(s: Scores, hs: HeldoutSet, ref: Reference) -> dict[str, np.ndarray]:
     """Per-snippet values [n] of every metric: means over the snippet's aligned positions ("at_new": over the
     positions of new tokens only), and the continuation NLL difference (adapted - original, nats)."""
