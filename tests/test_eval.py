@@ -263,6 +263,11 @@ def test_eval_cli_end_to_end(adapted, heldout_file, tiny_embedder, tmp_path, cap
     assert row["snippets"] > 0 and isinstance(row["definition_adapted"], str) and -1 <= row["similarity"] <= 1
     assert "kl" in capsys.readouterr().out
     assert report["over_predicting"] == over_predicting(report["tokens"], "new_mass_at_new")
+    forms = {t["form"] for t in json.loads((out / "report.json").read_text())["tokens"]}
+    for t in report["tokens"]:  # the new token taking the most mass right after each word: one of the new forms
+        if t["kl"] is not None:
+            assert t["mass_after_top"]["token"] in forms
+            assert 0 <= t["mass_after_top"]["mass"] <= t["new_mass_at_new"] + 1e-9
 
 
 def test_over_predicting_words_are_flagged_worst_first():

@@ -63,6 +63,7 @@ class Measured:
     definitions: list[str] | None = None
     similarity: np.ndarray | None = None
     definition_summary: dict | None = None
+    most_to: list[dict | None] = field(default_factory=list)  # per token: the new token taking most mass after it
 
 
 @dataclass
@@ -113,6 +114,8 @@ class Baseline:
         group = self.hs.snippet_token
         m = Measured(values, heldout.summarize(values, group, self.opts.n_boot, self.opts.seed),
                      heldout.per_token(values, group, len(self.toks)), heldout.by_offset(scores, self.hs))
+        m.most_to = [None if top is None else {"token": forms.get(scorer.new_ids[top[0]], scorer.new_ids[top[0]]),
+                                               "mass": top[1]} for top in heldout.top_new_token(scores, self.hs)]
         if self.opts.definitions:
             m.definitions = definitions.generate_definitions(scorer, self.tokenizer, self.prompts_merged, forms,
                                                              self.opts.max_new_tokens)
@@ -129,6 +132,8 @@ class Baseline:
         for i, t in enumerate(self.toks):
             row = {"word": t.word, "form": t.form, "subtokens": len(t.sub_ids), "heldout_hits": self.hs.hits[i],
                    "snippets": int(snippets[i]), **m.per_token[i]}
+            if m.most_to and m.most_to[i] is not None:
+                row["mass_after_top"] = m.most_to[i]
             if m.definitions is not None:
                 row["definition_original"] = self.reference_definitions[i]
                 row["definition_adapted"] = m.definitions[i]
@@ -241,8 +246,10 @@ def markdown_summary(report: dict) -> str:
             lines.append(f"... {len(scored) - SHOWN_TOKENS} more in the JSON report ('tokens')")
     if report.get("over_predicting"):
         lines.append(f"words after which over {100 * OVER_PREDICTION_FLAG:.0f}% of the next-token probability goes "
-                     "to new tokens: " + ", ".join(f"{t['word']} ({t['new_mass_at_new']:.2f})"
-                                                   for t in report["over_predicting"]))
+                     "to new tokens: " + ", ".join(
+                         f"{t['word']} ({t['new_mass_at_new']:.2f}" + (f", most to {t['most_to']['token']!r}"
+                                                                        if "most_to" in t else "") + ")"
+                         for t in report["over_predicting"]))
     ts = report["tokens_saved"]
     lines.append(f"tokens saved on held-out text: {100 * ts['saved_fraction']:.2f}% "
                  f"({ts['original_tokens']} -> {ts['adapted_tokens']})")

@@ -213,6 +213,7 @@ class Scores:
     at_new: np.ndarray  # bool: the student token at this position is a new token
     mse: dict[int, np.ndarray]  # layer -> per-pair mean squared error of hidden states
     nll: np.ndarray  # [n] student NLL of the continuation (full vocabulary, new tokens included)
+    new_probs_at_new: np.ndarray  # [pairs at new tokens, new ids] the probability on each new id (model.new_ids order)
 
 
 @torch.no_grad()
@@ -231,6 +232,9 @@ def score(model: Scorer, hs: HeldoutSet, ref: Reference) -> Scores:
     snippet = al.pair_snippet()
     has_next = al.pair_has_next()
     target_all = al.student_ids[al.cu_student[snippet] + al.s_pos + has_next]
+    at_new = np.isin(al.student_ids[al.cu_student[snippet] + al.s_pos], np.asarray(model.new_ids, dtype=np.int64))
+    at_row = np.cumsum(at_new) - 1  # row of each at-new pair in new_probs_at_new
+    new_probs = np.zeros((int(at_new.sum()), len(model.new_ids)))
     for batch, hidden, rows in _passes(model, al, layers, ref.shared):
         idx = torch.from_numpy(rows).to(device)
         dest = np.concatenate([np.arange(al.cu_aligned[i], al.cu_aligned[i + 1]) for i in batch])
@@ -249,12 +253,34 @@ def score(model: Scorer, hs: HeldoutSet, ref: Reference) -> Scores:
             top1[d] = (t_logp.argmax(-1) == s_logp.argmax(-1)).cpu().numpy()
             full_logp = F.log_softmax(full, dim=-1)
             if len(model.new_ids):
-                new_mass[d] = full_logp.index_select(1, new_cols).exp().sum(-1).cpu().numpy()
+                p_new = full_logp.index_select(1, new_cols).exp().cpu().numpy()
+                new_mass[d] = p_new.sum(-1)
+                new_probs[at_row[d[at_new[d]]]] = p_new[at_new[d]]
             tgt = torch.from_numpy(target_all[d]).to(device).unsqueeze(1)
             row_nll[d] = -full_logp.gather(1, tgt).squeeze(1).cpu().numpy()
-    at_new = np.isin(al.student_ids[al.cu_student[snippet] + al.s_pos], np.asarray(model.new_ids, dtype=np.int64))
     nll = np.bincount(snippet, weights=np.where(has_next, row_nll, 0.0), minlength=al.n)
-    return Scores(kl, top1, new_mass, at_new, mse, nll)
+    return Scores(kl, top1, new_mass, at_new, mse, nll, new_probs)
+
+
+def top_new_token(s: Scores, hs: HeldoutSet) -> list[tuple[int, float] | None]:
+    """Per measured token, the new id (index into the scored model's new_ids) that takes the most next-token
+    probability right after the token, and that mean probability (per snippet, then per token, as every metric);
+    None for a token without held-out text."""
+    snippet = hs.alignment.pair_snippet()[s.at_new]
+    n, k = hs.n, s.new_probs_at_new.shape[1]
+    sums, counts = np.zeros((n, k)), np.bincount(snippet, minlength=n)
+    np.add.at(sums, snippet, s.new_probs_at_new)
+    per_snippet = sums / np.maximum(counts, 1)[:, None]
+    has = counts > 0
+    out: list[tuple[int, float] | None] = []
+    for t in range(len(hs.new_ids)):
+        mine = has & (hs.snippet_token == t)
+        if not mine.any() or not k:
+            out.append(None)
+            continue
+        mean = per_snippet[mine].mean(0)
+        out.append((int(mean.argmax()), float(mean.max())))
+    return out
 
 
 def _passes(model: Scorer, al: Alignment, layers: list[int], shared: SharedPrefix | None):
