@@ -175,12 +175,16 @@ def over_predicting(per_token: list[dict], key: str) -> list[dict]:
     return sorted(over, key=lambda t: -t[key])
 
 
+def describe_over_predicting(flagged: list[dict], key: str) -> str:
+    """The flagged words, their mass and the new token taking most of it: "git-log (0.95, most to ' git-log' 0.49)"."""
+    return ", ".join(f"{t['word']} ({t[key]:.2f}" + (f", most to {t['most_to']['token']!r} {t['most_to']['mass']:.2f}"
+                                                      if "most_to" in t else "") + ")" for t in flagged)
+
+
 def warn_over_predicting(flagged: list[dict], key: str, where: str) -> None:
     """One warning naming the flagged words and their mass."""
     if flagged:
         log.warning("%d word(s) make the model put over %.0f%% of its next-token probability on new tokens right "
                     "after them (%s; sampling emits new tokens there; --method token-distill+alpha-ntp trains the "
                     "output side against it): %s", len(flagged), 100 * OVER_PREDICTION_FLAG, where,
-                    ", ".join(f"{t['word']} {t[key]:.2f}" + (f" (most to {t['most_to']['token']!r} "
-                                                             f"{t['most_to']['mass']:.2f})" if "most_to" in t else "")
-                              for t in flagged))
+                    describe_over_predicting(flagged, key))

@@ -19,7 +19,7 @@ from .. import contexts, export
 from ..config import OUTLIER_FACTOR, OVER_PREDICTION_FLAG, UserInputError
 from ..modeling import models
 from ..modeling.models import Decoder
-from ..report import over_predicting, warn_over_predicting
+from ..report import describe_over_predicting, over_predicting, warn_over_predicting
 from ..tokens import NewToken, original_ids
 from . import definitions, heldout
 
@@ -114,8 +114,8 @@ class Baseline:
         group = self.hs.snippet_token
         m = Measured(values, heldout.summarize(values, group, self.opts.n_boot, self.opts.seed),
                      heldout.per_token(values, group, len(self.toks)), heldout.by_offset(scores, self.hs))
-        m.most_to = [None if top is None else {"token": forms.get(scorer.new_ids[top[0]], scorer.new_ids[top[0]]),
-                                               "mass": top[1]} for top in heldout.top_new_token(scores, self.hs)]
+        m.most_to = [None if top is None else {"token": forms[scorer.new_ids[top[0]]], "mass": top[1]}
+                     for top in heldout.top_new_token(scores, self.hs)]
         if self.opts.definitions:
             m.definitions = definitions.generate_definitions(scorer, self.tokenizer, self.prompts_merged, forms,
                                                              self.opts.max_new_tokens)
@@ -246,10 +246,7 @@ def markdown_summary(report: dict) -> str:
             lines.append(f"... {len(scored) - SHOWN_TOKENS} more in the JSON report ('tokens')")
     if report.get("over_predicting"):
         lines.append(f"words after which over {100 * OVER_PREDICTION_FLAG:.0f}% of the next-token probability goes "
-                     "to new tokens: " + ", ".join(
-                         f"{t['word']} ({t['new_mass_at_new']:.2f}" + (f", most to {t['most_to']['token']!r}"
-                                                                        if "most_to" in t else "") + ")"
-                         for t in report["over_predicting"]))
+                     "to new tokens: " + describe_over_predicting(report["over_predicting"], "new_mass_at_new"))
     ts = report["tokens_saved"]
     lines.append(f"tokens saved on held-out text: {100 * ts['saved_fraction']:.2f}% "
                  f"({ts['original_tokens']} -> {ts['adapted_tokens']})")

@@ -267,20 +267,16 @@ def top_new_token(s: Scores, hs: HeldoutSet) -> list[tuple[int, float] | None]:
     probability right after the token, and that mean probability (per snippet, then per token, as every metric);
     None for a token without held-out text."""
     snippet = hs.alignment.pair_snippet()[s.at_new]
-    n, k = hs.n, s.new_probs_at_new.shape[1]
+    n, n_tok, k = hs.n, len(hs.new_ids), s.new_probs_at_new.shape[1]
     sums, counts = np.zeros((n, k)), np.bincount(snippet, minlength=n)
     np.add.at(sums, snippet, s.new_probs_at_new)
-    per_snippet = sums / np.maximum(counts, 1)[:, None]
     has = counts > 0
-    out: list[tuple[int, float] | None] = []
-    for t in range(len(hs.new_ids)):
-        mine = has & (hs.snippet_token == t)
-        if not mine.any() or not k:
-            out.append(None)
-            continue
-        mean = per_snippet[mine].mean(0)
-        out.append((int(mean.argmax()), float(mean.max())))
-    return out
+    token = hs.snippet_token[has]
+    per_token = np.zeros((n_tok, k))
+    np.add.at(per_token, token, sums[has] / counts[has, None])
+    per_token /= np.maximum(np.bincount(token, minlength=n_tok), 1)[:, None]
+    scored = np.bincount(token, minlength=n_tok) > 0
+    return [(int(m.argmax()), float(m.max())) if ok and k else None for m, ok in zip(per_token, scored)]
 
 
 def _passes(model: Scorer, al: Alignment, layers: list[int], shared: SharedPrefix | None):
