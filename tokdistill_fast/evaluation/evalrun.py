@@ -114,7 +114,8 @@ class Baseline:
         group = self.hs.snippet_token
         m = Measured(values, heldout.summarize(values, group, self.opts.n_boot, self.opts.seed),
                      heldout.per_token(values, group, len(self.toks)), heldout.by_offset(scores, self.hs))
-        m.most_to = [None if top is None else {"token": forms[scorer.new_ids[top[0]]], "mass": top[1]}
+        m.most_to = [None if top is None else {"token": forms.get(scorer.new_ids[top[0]], scorer.new_ids[top[0]]),
+                                               "mass": top[1]}  # bench/e2e passes no forms: the id then
                      for top in heldout.top_new_token(scores, self.hs)]
         if self.opts.definitions:
             m.definitions = definitions.generate_definitions(scorer, self.tokenizer, self.prompts_merged, forms,
