@@ -288,3 +288,18 @@ def test_git_docs_corpus_keeps_prose_paragraphs(tmp_path, monkeypatch):
     out = demo.git_docs_corpus(tmp_path / "gitdocs.txt", tmp_path)
     assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
         "Reapply commits on top of another base tip, as git cherry-pick does; see git-am for patches."]
+
+
+def test_gnu_standards_corpus_reads_both_manuals(tmp_path, monkeypatch):
+    """The untuned corpus added with VERA: the <p> paragraphs of the Coding Standards and of the maintainers'
+    manual beside it, by the same extraction as the Library Reference's."""
+    from tokdistill_fast.tools import demo
+
+    docs = tmp_path / "gnu-standards"
+    docs.mkdir()
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: docs / "standards.html")
+    (docs / "standards.html").write_text("<p>Write <code>configure</code> scripts with Autoconf &amp; friends.</p>")
+    (docs / "maintain.html").write_text("<p>Short.</p><p>Maintainers answer bug reports sent to the\n list.</p>")
+    out = demo.gnu_standards_corpus(tmp_path / "gnustd.txt", tmp_path)
+    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+        "Write configure scripts with Autoconf & friends.", "Maintainers answer bug reports sent to the list."]

@@ -26,8 +26,10 @@ from tokdistill_fast.evaluation.heldout import (
     bootstrap,
     build_heldout,
     by_offset,
+    group_mean,
     macro_mean,
     paired_difference,
+    per_token,
     reference,
     score,
     snippet_metrics,
@@ -212,6 +214,21 @@ def test_bootstrap_is_paired_and_macro():
     assert d["mean"] == pytest.approx(1.0) and d["ci95"] == pytest.approx([1.0, 1.0])
     lo, hi = np.percentile(bootstrap(a, group, 500, 0), [2.5, 97.5])
     assert lo <= macro_mean(a, group) <= hi
+
+
+def test_group_means_per_snippet_and_token():
+    """group_mean (behind per_token, top_new_token and distill's new-token mass) against a plain loop; an empty
+    group reads NaN, and per_token None."""
+    rng = np.random.default_rng(0)
+    group = np.array([2, 0, 2, 2, 0])
+    x = rng.normal(size=(5, 3))
+    got = group_mean(x, group, 4)
+    for g in (0, 2):
+        np.testing.assert_allclose(got[g], x[group == g].mean(0))
+    assert np.isnan(got[[1, 3]]).all()
+    np.testing.assert_allclose(group_mean(x[:, 0], group, 4)[[0, 2]], got[[0, 2], 0])
+    assert per_token({"kl": x[:, 0]}, group, 4)[1] == {"kl": None}
+    assert per_token({"kl": x[:, 0]}, group, 4)[2]["kl"] == pytest.approx(x[group == 2, 0].mean())
 
 
 def test_continuation_positions():

