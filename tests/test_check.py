@@ -199,3 +199,28 @@ def test_check_warns_which_runtime_loses_the_tokens(good, model_dirs, words_file
     monkeypatch.setenv("TOKDISTILL_CACHE", str(tmp_path / "empty-cache"))
     assert cli.main(["check", str(out), "--runtime", "llama.cpp"]) == 2
     assert "llama.cpp tools are not built" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   "Error while serializing: I/O error: No space left on device (os error 28)"])
+def test_a_full_disk_is_one_clear_line_and_leaves_what_was_there(error, model_dirs, words_file, tmp_path,
+                                                                  monkeypatch, capsys):
+    """A save that runs out of space (an OSError, or safetensors' own error type) exits 2 with one line, removes
+    the partial directory and keeps an existing --out as it was."""
+    from safetensors import SafetensorError
+
+    from tokdistill_fast import export
+
+    def full(*args, **kwargs):
+        raise error if isinstance(error, OSError) else SafetensorError(error)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")
+    monkeypatch.setattr(export, "new_rows_file", full)
+    code = cli.main(["distill", "--model", str(model_dirs[("llama", "bytelevel", True)]), "--new-tokens",
+                     str(words_file), "--method", "mean", "--out", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no space left" in err and "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert (out / "mine.txt").read_text() == "kept"

@@ -6,6 +6,7 @@ unless asked to replace it.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save
 
 from .config import UserInputError
@@ -147,9 +149,20 @@ def atomic_write(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> No
             shutil.rmtree(old)
         else:
             tmp.rename(out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):
+            raise UserInputError(f"cannot write {out}: no space left on its filesystem "
+                                 f"({shutil.disk_usage(out.parent).free / 2**30:.1f} GiB free after removing the "
+                                 "partial output); nothing was written") from None
         raise
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` is a write that failed for lack of space (safetensors reports it as its own error type)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, SafetensorError) and f"os error {errno.ENOSPC}" in str(e)
 
 
 def new_rows_file(path: Path, tokens: list, rows: torch.Tensor, out_rows: torch.Tensor | None) -> None:
