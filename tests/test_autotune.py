@@ -20,8 +20,9 @@ def test_candidate_layers_cover_the_depth():
 
 def test_auto_lr_by_layer_and_schedule():
     """Constant schedule (the paper's): the measured 5e-3 / 3e-3 (last layer); decay: 1.4x the same peak."""
-    assert [autotune.default_lr(layer, 30) for layer in (15, 30)] == [5e-3, 3e-3]
-    assert [autotune.default_lr(layer, 30, decay=True) for layer in (15, 30)] == [7e-3, 4.2e-3]
+    assert [autotune.default_lr(layer, 30, optimizer="adamw") for layer in (15, 30)] == [5e-3, 3e-3]
+    assert [autotune.default_lr(layer, 30, decay=True, optimizer="adamw") for layer in (15, 30)] == [7e-3, 4.2e-3]
+    assert [autotune.default_lr(layer, 30) for layer in (15, 30)] == [0.06, 0.036]
 
 
 @pytest.mark.parametrize("decay", [True, False])

@@ -63,14 +63,16 @@ def test_logits_mse_trains_the_new_input_rows_only(untied, words_file, corpus_fi
     assert report["training"]["output_rows_trained"] is False
 
 
-def test_ntp_all_trains_new_input_and_output_rows_only(untied, words_file, corpus_file, start_rows, monkeypatch,
-                                                       tmp_path):
+@pytest.mark.parametrize("optimizer", ["auto", "whitened"])  # auto: adamw; whitened: each table's own whitening
+def test_ntp_all_trains_new_input_and_output_rows_only(optimizer, untied, words_file, corpus_file, start_rows,
+                                                       monkeypatch, tmp_path):
     calls = spy_losses(monkeypatch)
     out = tmp_path / "out"
-    run = distill(untied, words_file, [corpus_file], out, DistillConfig(**FAST, method="ntp-all"))
+    run = distill(untied, words_file, [corpus_file], out, DistillConfig(**FAST, method="ntp-all", optimizer=optimizer))
     assert set(calls) == {"next_token"}
     assert changed(run.rows, start_rows[0]).all() and changed(run.out_rows, start_rows[1]).all()
     report = run.report
+    assert report["settings"]["resolved_optimizer"] == {"auto": "adamw"}.get(optimizer, optimizer)
     assert {t["method"] for t in report["tokens"]} == {"ntp-all"} and report["training"]["output_rows_trained"]
     # Written as learned, and the original rows of both tables (and every other weight) bit-identical.
     before = AutoModelForCausalLM.from_pretrained(untied)

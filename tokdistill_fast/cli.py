@@ -84,6 +84,9 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
                    help="share of the steps with a linear learning-rate warm-up (the paper: 0.5)")
     d.add_argument("--lr-schedule", default=c.lr_schedule,
                    help="after the warm-up: constant (the paper) | decay (linearly to zero)")
+    d.add_argument("--optimizer", default=c.optimizer,
+                   help="whitened (Adam in the embedding table's whitened coordinates) | adamw (the paper) | auto "
+                        "(whitened for token-distill methods with the mse loss)")
     d.add_argument("--snippets-per-token", type=int, default=c.snippets_per_token)
     d.add_argument("--snippet-length", type=int, default=c.snippet_length)
     d.add_argument("--loss-positions", type=_positions, default=c.loss_positions,

@@ -18,6 +18,7 @@ METHODS = (
 )
 TRAINED_METHODS = tuple(m for m in METHODS if m not in ("mean", "random"))
 LR_SCHEDULES = ("constant", "decay")  # after the warm-up (student/loop.py)
+OPTIMIZERS = ("auto", "whitened", "adamw")  # student/whitened.py; adamw: the paper's plain AdamW
 LOSSES = ("mse", "kl", "logits-mse")
 CONTEXT_SOURCES = ("retrieve", "generate")
 TOP_UPS = ("continue", "word")
@@ -99,6 +100,10 @@ class DistillConfig:
     # After the warm-up: constant (the schedule the paper states) or decay (linearly to zero at the last step, from
     # 1.4x the constant rate): the same held-out KL within noise on 12 corpus rows of two models (docs/defaults.md).
     lr_schedule: str = "constant"
+    # whitened: Adam in the embedding table's whitened coordinates (student/whitened.py), steps with the table's
+    # own spread in every direction; adamw: the paper's plain AdamW; auto: whitened for the hidden-state MSE of the
+    # token-distill methods, where it was measured, adamw otherwise (docs/defaults.md, "Steps shaped like the table").
+    optimizer: str = "auto"
     # Four epochs (the paper: one) over short left contexts and a 4-position loss (below): more steps over the same
     # snippets at about the position-passes of two epochs over 8 positions, lower held-out KL on both models
     # (docs/defaults.md); "auto" lets the search try the chosen setting with 1 and 2 epochs.
@@ -167,7 +172,7 @@ class DistillConfig:
     def validate(self) -> DistillConfig:
         """Reject impossible values with a message that names the option."""
         choices = {"method": METHODS, "loss": LOSSES, "contexts": CONTEXT_SOURCES, "top_up": TOP_UPS,
-                   "lr_schedule": LR_SCHEDULES, "output_embeddings": OUTPUT_POLICIES,
+                   "lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS, "output_embeddings": OUTPUT_POLICIES,
                    "tokenizer_mode": TOKENIZER_MODES,
                    "backend": ("auto", "torch", "triton"), "align_impl": ("auto", "cpp", "python"),
                    "prefix_sharing": ("auto", "off", "on", "fused"),
@@ -217,6 +222,12 @@ class DistillConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserInputError(f"--{name.replace('_', '-')} must be between 0 and 1")
         return self
+
+    def run_optimizer(self) -> str:
+        """--optimizer as the run uses it: auto resolves to whitened for token-distill methods with the MSE loss."""
+        if self.optimizer != "auto":
+            return self.optimizer
+        return "whitened" if self.method.startswith("token-distill") and self.loss == "mse" else "adamw"
 
     def replace(self, **changes) -> DistillConfig:
         return dataclasses.replace(self, **changes)

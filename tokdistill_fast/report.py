@@ -77,7 +77,8 @@ class RunReport:
         data = {
             "tokdistill_fast": __version__,
             "settings": {**cfg.as_dict(), "resolved_target_layer": layer, "resolved_lr": lr,
-                         "resolved_epochs": epochs, "resolved_method": method},
+                         "resolved_epochs": epochs, "resolved_method": method,
+                         "resolved_optimizer": cfg.replace(method=method).run_optimizer()},
             "model": {"type": type(decoder.model).__name__, "layers": decoder.num_layers,
                       "hidden": decoder.hidden_size, "rows_before": int(decoder.embed_weight.shape[0]),
                       "tied": prep.tied},

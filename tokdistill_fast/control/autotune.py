@@ -90,13 +90,14 @@ def candidate_layers(num_layers: int) -> list[int]:
     return sorted({max(1, round(num_layers * f)) for f in (0.5, 0.75)})
 
 
-def default_lr(layer: int, num_layers: int, decay: bool = False) -> float:
-    """`--lr auto`. Constant schedule (the paper's): 5e-3 for inner layers, 3e-3 for the last (after the final
-    norm), best or within 4% of the best of {1e-3, 3e-3, 5e-3, 1e-2} on SmolLM2 and Gemma-3. Decay schedule: 1.4x
-    that peak (7e-3 / 4.2e-3), about the constant schedule's mean step over a run (decay's mean is 0.5x its peak,
-    constant's 0.75x) with smaller last steps (docs/defaults.md)."""
-    lr = 3e-3 if layer == num_layers else 5e-3
-    return round(1.4 * lr, 6) if decay else lr
+def default_lr(layer: int, num_layers: int, decay: bool = False, optimizer: str = "whitened") -> float:
+    """`--lr auto`. Plain AdamW, constant schedule (the paper's): 5e-3 for inner layers, 3e-3 for the last (after
+    the final norm), best or within 4% of the best of {1e-3, 3e-3, 5e-3, 1e-2} on SmolLM2 and Gemma-3. Whitened
+    Adam: 0.06 of the table's spread (best of 0.03-0.15 on Gemma-3), 0.6x that at the last layer as for AdamW (not
+    measured there). Decay schedule: 1.4x that peak, about the constant schedule's mean step over a run (decay's
+    mean is 0.5x its peak, constant's 0.75x) with smaller last steps (docs/defaults.md)."""
+    lr = (0.06 if optimizer == "whitened" else 5e-3) * (0.6 if layer == num_layers else 1.0)
+    return round(1.4 * lr, 6) if decay else round(lr, 6)
 
 
 @dataclass

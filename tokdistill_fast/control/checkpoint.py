@@ -7,7 +7,7 @@ renamed into place, so a file that exists is complete:
   workload.pt         snippets and alignment (stage 2-3; retrieval is not redone)
   autotune.pt         the layer / learning-rate search's result (not redone)
   chunk-NNNN.pt       the trained rows of each finished chunk of tokens (chunks.py)
-  student-NNNN.pt     the running chunk's student state every --checkpoint-every steps: rows, AdamW state,
+  student-NNNN.pt     the running chunk's student state every --checkpoint-every steps: rows, optimizer state,
                       scheduler state, step index and loss accumulators. Batches are built from the seed, so
                       restoring at step k and replaying the remaining batches is the uninterrupted run's arithmetic.
 The directory is removed once the output is written. SIGINT / SIGTERM during training save the state at the next

@@ -6,11 +6,11 @@ A chunk is a contiguous range of rows (token order) with all of its tokens' snip
 x cache dtype bytes x cached layers, counted exactly per token from the alignment. Retrieval and alignment stay
 one pass over the corpus for all tokens; the layer / learning-rate search runs once, before the chunks.
 
-How chunking changes results: under AdamW without weight decay each new row only receives gradient from its
-own snippets, so rows interact only through batch composition (which snippets share a step, and the loss
-normalised over that step's aligned positions) and the learning-rate schedule, whose warm-up spans the chunk's
-steps instead of the run's. A run with one chunk is exactly the unchunked run. Chunks are also the unit of
-resumption: finished chunks are checkpointed and not trained again (checkpoint.py).
+How chunking changes results: under Adam without weight decay (plain or whitened) each new row only receives
+gradient from its own snippets and moves on its own, so rows interact only through batch composition (which
+snippets share a step, and the loss normalised over that step's aligned positions) and the learning-rate schedule,
+whose warm-up spans the chunk's steps instead of the run's. A run with one chunk is exactly the unchunked run.
+Chunks are also the unit of resumption: finished chunks are checkpointed and not trained again (checkpoint.py).
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ def lr_rule(cfg: DistillConfig, decoder: models.Decoder) -> Callable[[int], floa
     run's schedule."""
     if cfg.lr != "auto":
         return lambda layer: float(cfg.lr)
-    return lambda layer: autotune.default_lr(layer, decoder.num_layers, cfg.lr_schedule == "decay")
+    return lambda layer: autotune.default_lr(layer, decoder.num_layers, cfg.lr_schedule == "decay",
+                                             cfg.run_optimizer())
 
 
 def guards(cfg: DistillConfig, tied: bool) -> bool:

@@ -2,8 +2,9 @@
 
 The frozen model runs truncated at the target layer; the new rows are one fp32 parameter [n_new, D] read by
 the fused gather (kernels/embedding_rows.py), so no gradient ever touches the model's weights or its
-embedding table. AdamW without weight decay, linear warm-up over the first half of the steps, then constant (the
-schedule the paper states; `decay`: linearly to zero at the last step, as the reference code decays after its warm-up).
+embedding table. Adam without weight decay in the table's whitened coordinates (whitened.py; `adamw`: the
+paper's plain AdamW), linear warm-up over the first half of the steps, then constant (the schedule the paper
+states; `decay`: linearly to zero at the last step, as the reference code decays after its warm-up).
 Every batch's layouts and index tensors are built before the loop, and losses stay on the device (logged
 asynchronously), so the loop itself never waits for the host.
 
@@ -28,6 +29,7 @@ from ..teacher import TeacherCache
 from .feed import TargetFeed
 from .objective import Objective
 from .steps import Batch, Passes, Rewind, batch_plan, plan_groups, student_states
+from .whitened import WhitenedAdam, sqrt_cov
 
 if TYPE_CHECKING:
     from ..config import DistillConfig
@@ -43,6 +45,7 @@ class Schedule:
     batch_size: int = 16
     warmup_fraction: float = 0.5
     decay: bool = False  # after the warm-up, decay linearly to zero at the last step (default: constant)
+    optimizer: str = "whitened"  # whitened.WhitenedAdam | adamw (plain AdamW without weight decay)
     seed: int = 0
     log_every: int = 0  # log the mean loss of every this many steps (0: never), without waiting for the device
     group: int = 16  # at most this many consecutive steps with disjoint tokens run as one pass (1: step by step)
@@ -53,7 +56,8 @@ class Schedule:
         """A run's schedule: batch size, warm-up, --lr-schedule and seed from cfg (the main run and the search's
         candidates alike); the learning rate, epochs and kernels as resolved for it."""
         return cls(lr=lr, epochs=epochs, batch_size=cfg.batch_size, warmup_fraction=cfg.warmup_fraction,
-                   decay=cfg.lr_schedule == "decay", seed=cfg.seed, log_every=log_every, backend=backend)
+                   decay=cfg.lr_schedule == "decay", optimizer=cfg.run_optimizer(), seed=cfg.seed, log_every=log_every,
+                   backend=backend)
 
 
 @dataclass
@@ -95,10 +99,16 @@ class Trainable:
         return self.rows if self.tied or self.out_rows is None else self.out_rows
 
 
-def optimizer(params: list[torch.nn.Parameter], schedule: Schedule, n_steps: int, device: torch.device):
-    """(AdamW without weight decay, its learning-rate schedule) over `params` for a run of n_steps."""
-    fused = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0, **fused)
+def optimizer(params: list[torch.nn.Parameter], tables: list[torch.Tensor], schedule: Schedule, n_steps: int,
+              device: torch.device):
+    """(the optimizer, its learning-rate schedule) over `params` for a run of n_steps: Adam in the whitened
+    coordinates of each parameter's table in `tables` (the embedding table of the new input rows, the output
+    table of new output rows), or plain AdamW; neither decays weights."""
+    if schedule.optimizer == "whitened":
+        opt = WhitenedAdam(params, [sqrt_cov(t) for t in tables], lr=schedule.lr)
+    else:
+        fused = {"fused": True} if device.type == "cuda" else {}
+        opt = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0, **fused)
     return opt, warmup_schedule(opt, n_steps, schedule.warmup_fraction, schedule.decay)
 
 
@@ -169,7 +179,9 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     rows, params = trainable.rows, trainable.params
     plan = batch_plan(al.n, schedule.batch_size, schedule.epochs, schedule.seed) if shard is None else shard.plan
     n_steps = len(plan)
-    opt, sched = optimizer(params, schedule, n_steps, device)
+    tables = [decoder.embed_weight] + ([decoder.model.get_output_embeddings().weight]
+                                       if trainable.out_rows is not None else [])
+    opt, sched = optimizer(params, tables, schedule, n_steps, device)
     L = decoder.num_layers
     layers = objective.student_layers(L, trainable.out_rows is not None)
     # Prefix steps read the prefix keys/values the teacher pass kept, when it kept every layer they run through.

@@ -8,12 +8,13 @@ so a step runs only the suffix with gradient, attending to prefix keys/values: t
 teacher pass over the same snippets that also yields the step's targets).
 The reference steps run whole padded sequences; both give the same states at the aligned positions.
 
-Step groups (`group_steps`): a new row's gradient depends only on that row (each snippet trains one token), and
-AdamW updates every element on its own, so consecutive steps that train disjoint sets of tokens can run as one
-pass over all their snippets; each step's rows enter the pass with the values they would have at that step (the
-optimizer's own zero-gradient updates of the steps before it, then rewound), and the optimizer then takes the
-steps one by one with each step's share of the gradient. Exact up to rounding; it turns many small launch-bound
-steps into fewer large ones (2,500 tokens x 25 snippets: about 4 steps per pass).
+Step groups (`group_steps`): a new row's gradient depends only on that row (each snippet trains one token), and the
+optimizer updates every row on its own (AdamW element by element, whitened Adam row by row), so consecutive steps
+that train disjoint sets of tokens can run as one pass over all their snippets; each step's rows enter the pass with
+the values they would have at that step (the optimizer's own zero-gradient updates of the steps before it, then
+rewound), and the optimizer then takes the steps one by one with each step's share of the gradient. Exact up to
+rounding; it turns many small launch-bound steps into fewer large ones (2,500 tokens x 25 snippets: about 4 steps
+per pass).
 """
 
 from __future__ import annotations
