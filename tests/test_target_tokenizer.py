@@ -168,6 +168,7 @@ def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, or
     # a tied model: no search measures over-prediction here, so the guard's remedy runs outright
     assert (report["settings"]["method"], report["settings"]["resolved_method"]) == \
         ("token-distill", "token-distill+alpha-ntp")
+    assert report["settings"]["resolved_optimizer"] == "adamw"  # auto: the optimizer its docs were measured with
     new = list(range(len(original), len(original) + N_MERGES))
     assert [t["id"] for t in report["tokens"]] == new
     # intermediate merges ("Ġthy" on the way to "Ġthyroidectomy") are never emitted: no contexts, start row kept

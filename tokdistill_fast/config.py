@@ -47,8 +47,8 @@ OUTLIER_FACTOR = 10.0
 # `tokdistill eval` flags a word after which the adapted model puts more than this share of its next-token
 # probability on new tokens (held-out text), and `tokdistill distill` the same on its training snippets: the original
 # model puts none there, and sampling emits the word again ("apt-get apt-get ...") or another word whose row draws
-# mass after many. With the defaults 0-8 of 40 words per corpus were above it, none with subtoken-mean rows
-# (docs/defaults.md).
+# mass after many. 0-8 of 40 words per corpus were above it with plain AdamW, 0-4 with whitened Adam (the
+# default), none with subtoken-mean rows (docs/defaults.md).
 OVER_PREDICTION_FLAG = 0.2
 
 @dataclass(frozen=True)
