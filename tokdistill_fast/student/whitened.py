@@ -19,8 +19,8 @@ def sqrt_cov(table: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
     if table in _SQRT_COV:
         return _SQRT_COV[table]
     n, d = table.shape
-    second, total = torch.zeros(d, d, dtype=torch.float64, device=table.device), torch.zeros(d, dtype=torch.float64,
-                                                                                             device=table.device)
+    second = torch.zeros(d, d, dtype=torch.float64, device=table.device)
+    total = torch.zeros(d, dtype=torch.float64, device=table.device)
     for start in range(0, n, chunk):
         x = table[start:start + chunk].float()
         second += (x.T @ x).double()
