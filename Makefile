@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 installs quickly from the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup demo test test-interpret test-downstream lint bench-kernels bench-align bench-e2e bench-e2e-reference \
+.PHONY: setup demo test test-interpret test-downstream lint bench-kernels bench-optimizer bench-align bench-e2e bench-e2e-reference \
 	bench-gpu-check-dry example-byot clean
 
 setup: $(VENV)/.installed
@@ -46,9 +46,15 @@ lint: setup
 # Kernel vs reference micro-benchmarks (skip without CUDA); the JSON keeps every timing, the report one table.
 bench-kernels: setup
 	mkdir -p bench/results && rm -f bench/results/kernels.json
-	$(PY) -m pytest -q -ra bench --benchmark-only -k "not alignment" --benchmark-json=bench/results/kernels.json
+	$(PY) -m pytest -q -ra bench --benchmark-only -k "not alignment and not optimizer" --benchmark-json=bench/results/kernels.json
 	if [ -f bench/results/kernels.json ]; then $(PY) -m bench.report bench/results/kernels.json; \
 	else echo "no kernel benchmark ran (they need CUDA)"; fi
+
+# One optimizer step (AdamW, whitened every row, whitened told its rows) on the CPU, and on CUDA when present.
+bench-optimizer: setup
+	mkdir -p bench/results
+	$(PY) -m pytest -q bench/test_bench_optimizer.py --benchmark-only --benchmark-json=bench/results/optimizer.json
+	$(PY) -m bench.report bench/results/optimizer.json
 
 bench-align: setup
 	$(PY) -m pytest -q bench/test_bench_alignment.py --benchmark-only --benchmark-json=bench/results/align-cpu.json

@@ -79,3 +79,47 @@ def test_auto_whitens_the_hidden_state_distillation_only():
     assert DistillConfig(method="ntp").run_optimizer() == "adamw"
     assert DistillConfig(method="ntp", optimizer="whitened").run_optimizer() == "whitened"
     assert DistillConfig(optimizer="adamw").run_optimizer() == "adamw"
+
+
+def test_steps_told_their_rows_compute_rows_when_read():
+    """Steps that name the rows with a gradient (the others' is zero) leave the other rows to sync(): rows read
+    after sync(rows), and all rows after sync(), equal the every-row steps; an unsynced row keeps its old value."""
+    t = table()
+    s = sqrt_cov(t)
+    x0 = t[:20].float() + 0.1
+    dense, lazy = torch.nn.Parameter(x0.clone()), torch.nn.Parameter(x0.clone())
+    opt_d, opt_l = WhitenedAdam([dense], [s], lr=1e-2), WhitenedAdam([lazy], [s], lr=1e-2)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        rows = torch.randperm(20, generator=g)[:4].sort().values
+        opt_l.sync(rows)  # the rows this step reads
+        torch.testing.assert_close(lazy[rows], dense[rows], rtol=1e-5, atol=1e-6)
+        grad = torch.zeros(20, 8)
+        grad[rows] = torch.randn(4, 8, generator=g)
+        for p, opt, kw in ((dense, opt_d, {}), (lazy, opt_l, {"rows": rows})):
+            p.grad = grad.clone()
+            opt.step(**kw)
+    stale = lazy.detach().clone()
+    opt_l.sync()
+    torch.testing.assert_close(lazy, dense, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(stale, lazy)  # the steps had left rows for sync()
+
+
+def test_training_with_row_steps_equals_every_row_steps(model_dirs, words_file, corpus_file, monkeypatch):
+    """The training loop (step groups on) gives the same rows when whitened steps name their rows as when every
+    step reads every row."""
+    from tokdistill_fast import distill
+    from tokdistill_fast.student import steps as student_steps
+
+    cfg = DistillConfig(snippets_per_token=6, snippet_length=24, batch_size=1, epochs=2, target_layer=2,
+                        optimizer="whitened", prefix_sharing="on", dtype="float32")
+    model = model_dirs[("llama", "bytelevel", True)]
+    rowwise = distill(model, words_file, [corpus_file], None, cfg)
+    monkeypatch.setattr(student_steps.Rewind, "__init__",
+                        lambda self, opt, sched, rows, lazy=False: self.__dict__.update(
+                            opt=opt, sched=sched, rows=rows, lazy=False))
+    monkeypatch.setattr(WhitenedAdam, "sync", lambda self, rows=None: None)  # every step already synced all
+    every = distill(model, words_file, [corpus_file], None, cfg)
+    assert rowwise.report["training"]["steps"] == every.report["training"]["steps"]
+    assert rowwise.report["training"]["passes"] < rowwise.report["training"]["steps"]  # steps ran in groups
+    torch.testing.assert_close(rowwise.rows, every.rows, rtol=1e-4, atol=1e-5)

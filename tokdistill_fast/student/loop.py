@@ -205,17 +205,22 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     start = hook.restore(state) if hook is not None else 0
     # Groups: the fast passes, for objectives whose gradients stay in the rows of each snippet's own token (NTP
     # reads every new row through the output layer).
-    grouped = passes.prefix and shard is None and objective.ntp is None and trainable.out_rows is None
+    row_sparse = objective.ntp is None and trainable.out_rows is None
+    grouped = passes.prefix and shard is None and row_sparse
+    # Whitened steps told their rows compute only the rows each pass reads (sharded steps' rows span the ranks).
+    lazy = isinstance(opt, WhitenedAdam) and shard is None and row_sparse
     every = hook.every if hook is not None else 0
     breaks = {epoch_start, tail_start} | (set(range(0, n_steps, every)) if every else set())
     groups = plan_groups(al, snippet_row, plan, passes, schedule.group if grouped else 1, breaks, start, teacher,
                          device, cache.prefix_cu if passes.cached else None)
     feed = None if passes.fused or objective.distill is None else TargetFeed(cache, [g.batch for g in groups],
                                                                             device)
-    rewind = Rewind(opt, sched, rows) if any(len(g.steps) > 1 for g in groups) else None
+    rewind = Rewind(opt, sched, rows, lazy)
     t0 = time.perf_counter()
     for g in tqdm(groups, desc=desc, unit="pass", leave=False):
         b, step = g.batch, g.steps[0]
+        if lazy:
+            opt.sync(g.tokens[0])
         # A group's steps read their rows as they will be at their own step; the pass's gradient goes to `x`.
         x = rows if len(g.steps) == 1 else rewind.ahead(g.tokens)
         if b.main is None:  # no aligned pair in the batch: zero gradients, as the reference computes
@@ -234,8 +239,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
             if shard is not None:  # gradients and loss summed over ranks: the one-process step's values
                 loss = shard.reduce(step, params, loss,
                                     dense=objective.ntp is not None or trainable.out_rows is not None)
-            opt.step()
-            sched.step()
+            rewind.step(g.tokens[0])
             opt.zero_grad(set_to_none=True)
             step_loss[step] = loss.detach()
         else:
@@ -251,6 +255,8 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
                         tok_cnt[k].index_add_(0, b.tok, w)
         if hook is not None:
             hook.after_steps(g.steps, state)
+    if lazy:
+        opt.sync()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

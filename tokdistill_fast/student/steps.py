@@ -150,7 +150,7 @@ class Group:
 
     steps: range
     batch: Batch
-    tokens: list[torch.Tensor]  # [n_j] rows trained by each step (empty for a single step)
+    tokens: list[torch.Tensor]  # [n_j] rows trained by each step
     pairs: torch.Tensor  # [len(steps)] fp32 aligned pairs per step (empty for a single step)
 
     def to(self, device: torch.device) -> Group:
@@ -177,15 +177,15 @@ def group_steps(plan: list[np.ndarray], snippet_row: np.ndarray, max_steps: int,
 def make_group(al: Alignment, snippet_row: np.ndarray, plan: list[np.ndarray], steps: range, passes: Passes,
                teacher: tuple[np.ndarray, np.ndarray] | None, prefix_cu: np.ndarray | None = None) -> Group:
     """The host-side Group of `steps`. One step is just its own batch: nothing is rewound, so it needs no
-    per-step rows or pair counts."""
+    pair counts."""
     parts = [plan[s] for s in steps]
+    tokens = [torch.from_numpy(np.unique(snippet_row[p]).astype(np.int64)) for p in parts]
     if len(parts) == 1:
-        return Group(steps, make_batch(al, snippet_row, parts[0], passes, teacher, prefix_cu=prefix_cu), [],
+        return Group(steps, make_batch(al, snippet_row, parts[0], passes, teacher, prefix_cu=prefix_cu), tokens,
                      torch.zeros(0))
     step_of = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
     batch = make_batch(al, snippet_row, np.concatenate(parts), passes, teacher, step_of, prefix_cu)
     counts = [int((al.cu_aligned[p + 1] - al.cu_aligned[p]).sum()) for p in parts]
-    tokens = [torch.from_numpy(np.unique(snippet_row[p]).astype(np.int64)) for p in parts]
     return Group(steps, batch, tokens, torch.tensor(counts, dtype=torch.float32))
 
 
@@ -231,10 +231,19 @@ def student_states(decoder: Decoder, b: Batch, table: torch.Tensor, rows: torch.
 class Rewind:
     """The optimizer side of a group of steps (module docstring). ahead(): the rows each step of the group will
     read, taken while the optimizer runs the group's steps with zero gradients, then rewound to where it was.
-    take_steps(): the group's steps for real, each with its own rows' share of the pass's gradient."""
+    take_steps(): the group's steps for real, each with its own rows' share of the pass's gradient. `lazy`: the
+    optimizer is a WhitenedAdam told each step's rows, whose values it computes on sync()."""
 
-    def __init__(self, opt: torch.optim.Optimizer, sched, rows: torch.nn.Parameter):
-        self.opt, self.sched, self.rows = opt, sched, rows
+    def __init__(self, opt: torch.optim.Optimizer, sched, rows: torch.nn.Parameter, lazy: bool = False):
+        self.opt, self.sched, self.rows, self.lazy = opt, sched, rows, lazy
+
+    def step(self, rows: torch.Tensor) -> None:
+        """One optimizer and scheduler step in which only `rows` have a gradient."""
+        if self.lazy:
+            self.opt.step(rows=rows)
+        else:
+            self.opt.step()
+        self.sched.step()
 
     @torch.no_grad()
     def ahead(self, tokens: list[torch.Tensor]) -> torch.Tensor:
@@ -245,8 +254,9 @@ class Rewind:
         x = before.clone()
         p.grad = torch.zeros_like(p)
         for rows_j in tokens[1:]:
-            opt.step()
-            self.sched.step()
+            self.step(rows_j[:0])
+            if self.lazy:
+                opt.sync(rows_j)
             x.index_copy_(0, rows_j, p.index_select(0, rows_j))
         p.copy_(before)
         if state is None:
@@ -269,8 +279,7 @@ class Rewind:
             p.grad = torch.zeros_like(p)
             if grad is not None:
                 p.grad.index_copy_(0, rows_j, grad.index_select(0, rows_j) * scale[j])
-            self.opt.step()
-            self.sched.step()
+            self.step(rows_j)
         self.opt.zero_grad(set_to_none=True)
         losses = torch.zeros_like(per_step)
         if row_loss is not None:

@@ -33,8 +33,11 @@ def sqrt_cov(table: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
 
 
 class WhitenedAdam(torch.optim.Optimizer):
-    """Adam without weight decay on z for each parameter p = mean + z S (one S per parameter, `sqrt_covs`): the
-    gradient for z is grad S, and the step for z maps back to p through S. With S = I it is AdamW(weight_decay=0)."""
+    """Adam without weight decay on z for each parameter p = p0 + z S (one S per parameter, `sqrt_covs`; p0 the
+    parameter at the first step): the gradient for z is grad S, and Adam's step is taken on z. With S = I it is
+    AdamW(weight_decay=0). A step that names the only `rows` with a gradient costs O(n D + rows D^2) instead of
+    O(n D^2) and leaves p stale: sync() computes the rows a pass is about to read (2,500 rows of a 4096-wide
+    table: 0.2 instead of 170 GFLOP per step)."""
 
     def __init__(self, params: list[torch.nn.Parameter], sqrt_covs: list[torch.Tensor], lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
@@ -45,7 +48,9 @@ class WhitenedAdam(torch.optim.Optimizer):
         self.sqrt_covs = {p: s.to(p.device, torch.float32) for p, s in zip(params, sqrt_covs)}
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, rows: torch.Tensor | None = None):
+        """One step. `rows`: the rows that have a gradient (every other row's must be zero); p is then left for
+        sync(). Without it every row is read and p is up to date after the step."""
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
@@ -54,12 +59,34 @@ class WhitenedAdam(torch.optim.Optimizer):
                 s, state = self.sqrt_covs[p], self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), device=p.device)
-                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                g = p.grad @ s
+                    state["start"] = p.detach().clone()
+                    state["z"], state["exp_avg"], state["exp_avg_sq"] = (torch.zeros_like(p) for _ in range(3))
+                m, v = state["exp_avg"], state["exp_avg_sq"]
                 state["step"] += 1
-                state["exp_avg"].lerp_(g, 1 - b1)
-                state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                if rows is None:
+                    g = p.grad @ s
+                    m.mul_(b1).add_(g, alpha=1 - b1)
+                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                else:  # the other rows' gradient is zero: their moments only decay
+                    g = p.grad.index_select(0, rows) @ s
+                    m.mul_(b1).index_add_(0, rows, g, alpha=1 - b1)
+                    v.mul_(b2).index_add_(0, rows, g * g, alpha=1 - b2)
                 t = state["step"]
-                m_hat = state["exp_avg"] / (1 - b1 ** t)
-                v_hat = state["exp_avg_sq"] / (1 - b2 ** t)
-                p.sub_((m_hat / (v_hat.sqrt() + group["eps"])) @ s, alpha=group["lr"])
+                denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+                state["z"].sub_(m.div(denom).mul_(group["lr"] / (1 - b1 ** t)))
+                if rows is None:
+                    self._sync(p, None)
+
+    @torch.no_grad()
+    def sync(self, rows: torch.Tensor | None = None) -> None:
+        """Set `rows` (None: all) of every parameter to p0 + z S, their values after the steps taken."""
+        for p in self.sqrt_covs:
+            if self.state.get(p):  # get: no empty state left behind (Rewind.ahead restores what it found)
+                self._sync(p, rows)
+
+    def _sync(self, p: torch.nn.Parameter, rows: torch.Tensor | None) -> None:
+        state, s = self.state[p], self.sqrt_covs[p]
+        if rows is None:
+            p.copy_(torch.addmm(state["start"], state["z"], s))
+        else:
+            p.index_copy_(0, rows, torch.addmm(state["start"][rows], state["z"][rows], s))
