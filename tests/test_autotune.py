@@ -158,6 +158,29 @@ def test_choice_does_not_depend_on_the_clock(model_dirs, words_file, corpus_file
     assert torch.equal(slow.rows, auto_run.rows)
 
 
+def test_a_gain_within_noise_is_decided_on_a_second_sample(model_dirs, words_file, corpus_file, monkeypatch,
+                                                          auto_run):
+    """A costlier layer whose gain is large enough but within noise (here: every gain, and no win on one sample)
+    trains again, with the choice, on a second sample of other tokens; the decision and the report read both. A
+    run that kept one sample decided on it (auto_run)."""
+    clear = auto_run.report["autotune"]
+    if clear["sample"]["samples"] == 1:  # then its one sample decided: a win, or a gain below MIN_GAIN
+        v = clear["trials"][1]["vs_choice"]
+        assert autotune.wins(v["mean_log"], v["se"]) or v["mean_log"] >= np.log1p(-autotune.MIN_GAIN)
+    monkeypatch.setattr(autotune, "NOISE_Z", 1e9)
+    monkeypatch.setattr(autotune, "MIN_GAIN", -1e9)
+    monkeypatch.setattr(autotune, "MIN_TOKENS", 2)
+    monkeypatch.setattr(autotune, "sample_share", lambda *a, **k: 0.0)  # a sample of MIN_TOKENS tokens
+    search = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
+                     DistillConfig(**FAST)).report["autotune"]
+    assert search["sample"]["samples"] == 2 and search["sample"]["tokens"] == 4
+    first, second = search["trials"]
+    assert len(first["per_token"]) == len(second["per_token"]) == 4
+    assert second["vs_choice"]["mean_log"] == pytest.approx(
+        float(np.mean(np.log(second["per_token"]) - np.log(first["per_token"]))), abs=1e-3)
+    assert search["best"]["layer"] == first["layer"]  # never beyond noise here: the cheaper layer stays
+
+
 @pytest.mark.parametrize("fixed", [dict(target_layer=2), dict(target_layer=3, lr=2e-3)])
 def test_fixed_values_are_used_and_only_the_guard_measures_them(model_dirs, words_file, corpus_file, fixed):
     """Fixed settings are used as given. On a tied model the alpha-NTP guard still needs its measurement, so the

@@ -12,7 +12,7 @@ global batch, up to the order of floating-point sums. alpha-NTP sums its two sca
 Before the first collective of training, the ranks exchange (status, workload fingerprint, settings) once
 (`Ranks.agree`): a bad input on any rank stops every rank with a clear error instead of leaving the others
 waiting, ranks that built different workloads stop, and all ranks take rank 0's target layer and learning rate
-(the autotune search runs on every rank, but its second stage depends on measured time).
+(every rank runs the autotune search; one choice, rank 0's, holds for all).
 """
 
 from __future__ import annotations
