@@ -79,6 +79,8 @@ def test_auto_whitens_the_hidden_state_distillation_only():
     assert DistillConfig(method="ntp").run_optimizer() == "adamw"
     assert DistillConfig(method="ntp", optimizer="whitened").run_optimizer() == "whitened"
     assert DistillConfig(optimizer="adamw").run_optimizer() == "adamw"
+    assert DistillConfig().run_optimizer(target_tokenizer=True) == "adamw"  # --tokenizer: measured with AdamW
+    assert DistillConfig(optimizer="whitened").run_optimizer(target_tokenizer=True) == "whitened"
 
 
 def test_steps_told_their_rows_compute_rows_when_read():

@@ -223,11 +223,14 @@ class DistillConfig:
                 raise UserInputError(f"--{name.replace('_', '-')} must be between 0 and 1")
         return self
 
-    def run_optimizer(self) -> str:
-        """--optimizer as the run uses it: auto resolves to whitened for token-distill methods with the MSE loss."""
+    def run_optimizer(self, target_tokenizer: bool = False) -> str:
+        """--optimizer as the run uses it: auto resolves to whitened for token-distill methods with the MSE loss,
+        else (and for `--tokenizer` runs, where every figure of docs/bring-your-own-tokenizer.md was measured with
+        it) to the paper's AdamW."""
         if self.optimizer != "auto":
             return self.optimizer
-        return "whitened" if self.method.startswith("token-distill") and self.loss == "mse" else "adamw"
+        whitened = self.method.startswith("token-distill") and self.loss == "mse" and not target_tokenizer
+        return "whitened" if whitened else "adamw"
 
     def replace(self, **changes) -> DistillConfig:
         return dataclasses.replace(self, **changes)

@@ -298,9 +298,7 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     if cfg.method not in ("token-distill", "token-distill+alpha-ntp", "mean", "random") or cfg.loss != "mse":
         raise UserInputError("--tokenizer supports --method token-distill, token-distill+alpha-ntp (loss mse), mean "
                              "and random")
-    # --optimizer auto: the paper's AdamW here, where every figure of docs/bring-your-own-tokenizer.md was measured
-    # (whitened Adam was measured on added words only)
-    cfg = cfg.replace(prefix_sharing="off", optimizer="adamw" if cfg.optimizer == "auto" else cfg.optimizer)
+    cfg = cfg.replace(prefix_sharing="off", optimizer=cfg.run_optimizer(target_tokenizer=True))
     timer = StageTimer()
     if out is not None:
         export.check_out_dir(out, cfg.overwrite)
