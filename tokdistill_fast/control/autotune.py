@@ -131,6 +131,13 @@ class Sample:
     rows: np.ndarray  # original row index of each sampled token
 
 
+def eligible_rows(snippet_row: np.ndarray, n_rows: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """The rows (tokens) the search can sample: those with at least three snippets (one to hold out, two to train
+    on), none of `exclude`."""
+    rows = np.flatnonzero(np.bincount(snippet_row, minlength=n_rows) >= 3)
+    return rows if exclude is None else np.setdiff1d(rows, exclude)
+
+
 def draw_sample(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, snippet_row: np.ndarray, V: int,
                 n_rows: int, n_tokens: int, heldout_share: float, keep: int, seed: int,
                 per_token: int | None = None, exclude: np.ndarray | None = None) -> Sample:
@@ -138,9 +145,7 @@ def draw_sample(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, 
     hold out `heldout_share` of them, and cut every snippet after `keep` aligned positions (the positions right
     after the word carry most of the signal)."""
     rng = np.random.default_rng(seed)
-    eligible = np.flatnonzero(np.bincount(snippet_row, minlength=n_rows) >= 3)
-    if exclude is not None:
-        eligible = np.setdiff1d(eligible, exclude)
+    eligible = eligible_rows(snippet_row, n_rows, exclude)
     rows = np.sort(rng.choice(eligible, size=min(n_tokens, len(eligible)), replace=False))
     train, held = [], []
     for r in rows:
@@ -322,7 +327,7 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
         trial = run(c)
         better, diff, se = paired_better(trial.per_token, choice.per_token)
         if not better and diff < np.log1p(-MIN_GAIN) and len(stages) == 1:
-            rest = np.setdiff1d(np.flatnonzero(np.bincount(snippet_row, minlength=n_rows) >= 3), stages[0].sample.rows)
+            rest = eligible_rows(snippet_row, n_rows, stages[0].sample.rows)
             log.info("autotune: %s reads %+.3f +- %.3f vs %s, within noise; %s", c.label(), diff, se,
                      choice.candidate.label(), f"a second sample of {min(n_tokens, len(rest))} other tokens"
                      if len(rest) >= 2 else "no other tokens to sample")

@@ -7,8 +7,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import numpy as np
-
 from .. import rows, student
 from ..config import TRAINED_METHODS, DistillConfig
 from ..modeling import models
@@ -87,8 +85,7 @@ def search_settings(cfg: DistillConfig, decoder: models.Decoder, toks: list[NewT
     if not (layer_search or cfg.epochs == "auto" or (guard and guards(cfg, tied))) or cfg.method not in TRAINED_METHODS:
         return None
     L = decoder.num_layers
-    enough = np.bincount(work.snippet_row, minlength=len(work.primaries)) >= 3
-    if enough.sum() < 4:
+    if len(autotune.eligible_rows(work.snippet_row, len(work.primaries))) < 4:
         log.info("autotune: fewer than 4 tokens with 3+ snippets; using the default layer and learning rate")
         return None
     if layer_search:
