@@ -161,8 +161,8 @@ def test_choice_does_not_depend_on_the_clock(model_dirs, words_file, corpus_file
 def test_a_gain_within_noise_is_decided_on_a_second_sample(model_dirs, words_file, corpus_file, monkeypatch,
                                                           auto_run):
     """A costlier layer whose gain is large enough but within noise (here: every gain, and no win on one sample)
-    trains again, with the choice, on a second sample of other tokens; the decision and the report read both. A
-    run that kept one sample decided on it (auto_run)."""
+    trains again, with the choice, on a second sample of other tokens; the decision and the report read both
+    (the baseline's mass too). A run that kept one sample decided on it (auto_run)."""
     clear = auto_run.report["autotune"]
     if clear["sample"]["samples"] == 1:  # then its one sample decided: a win, or a gain below MIN_GAIN
         v = clear["trials"][1]["vs_choice"]
@@ -171,6 +171,14 @@ def test_a_gain_within_noise_is_decided_on_a_second_sample(model_dirs, words_fil
     monkeypatch.setattr(autotune, "MIN_GAIN", -1e9)
     monkeypatch.setattr(autotune, "MIN_TOKENS", 2)
     monkeypatch.setattr(autotune, "sample_share", lambda *a, **k: 0.0)  # a sample of MIN_TOKENS tokens
+    scorers = []
+
+    class Recorded(autotune.HeldoutRatios):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            scorers.append(self)
+
+    monkeypatch.setattr(autotune, "HeldoutRatios", Recorded)
     search = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
                      DistillConfig(**FAST)).report["autotune"]
     assert search["sample"]["samples"] == 2 and search["sample"]["tokens"] == 4
@@ -179,6 +187,8 @@ def test_a_gain_within_noise_is_decided_on_a_second_sample(model_dirs, words_fil
     assert second["vs_choice"]["mean_log"] == pytest.approx(
         float(np.mean(np.log(second["per_token"]) - np.log(first["per_token"]))), abs=1e-3)
     assert search["best"]["layer"] == first["layer"]  # never beyond noise here: the cheaper layer stays
+    assert len(scorers) == 2 and search["sample"]["base_self_mass"] == pytest.approx(
+        np.mean([s.base_self_mass for s in scorers]))  # two samples of two scored tokens each
 
 
 @pytest.mark.parametrize("fixed", [dict(target_layer=2), dict(target_layer=3, lr=2e-3)])

@@ -351,12 +351,14 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
         choice = consider(dataclasses.replace(choice.candidate, epochs=2), choice)
     seconds = time.perf_counter() - t_start
     n_sampled = sum(len(st.sample.rows) for st in stages)
+    scored = [int(np.isfinite(st.scorer.base).sum()) for st in stages]  # weights as in Trial.add
+    base_mass = float(np.average([st.scorer.base_self_mass for st in stages], weights=scored)) if sum(scored) else 0.0
     log.info("autotune: chose %s (%.3f x mean init; next-token mass on new tokens after the word %.3f, mean init "
              "%.3f) from %d trials on %d tokens in %.1f s", choice.candidate.label(), choice.ratio, choice.self_mass,
-             stages[0].scorer.base_self_mass, len(trials), n_sampled, seconds)
+             base_mass, len(trials), n_sampled, seconds)
     return SearchResult(choice.candidate, trials, seconds,
                         {"tokens": n_sampled, "samples": len(stages),
                          "train_snippets": sum(st.sample.train.n for st in stages),
                          "heldout_snippets": sum(st.sample.held.n for st in stages),
-                         "base_kl": float(np.concatenate([st.scorer.base for st in stages]).mean()),
-                         "base_self_mass": stages[0].scorer.base_self_mass})
+                         "base_kl": float(np.nanmean(np.concatenate([st.scorer.base for st in stages]))),
+                         "base_self_mass": base_mass})
