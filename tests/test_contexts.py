@@ -254,18 +254,22 @@ def test_fortunes_corpus_keeps_one_document_per_fortune(tmp_path, monkeypatch):
                     "Never put off till tomorrow what you can do the day after tomorrow. -- Mark Twain"]
 
 
-def test_python_docs_corpus_keeps_the_text_of_each_paragraph(tmp_path, monkeypatch):
-    """The untuned corpus added last to `demo prepare --corpora`: each <p> of the Library Reference's pages becomes
-    one document, tags dropped, entities decoded, whitespace folded, short ones left out."""
+@pytest.mark.parametrize("name", ["pydocs", "pgdocs"])
+def test_html_manual_corpus_keeps_the_text_of_each_paragraph(tmp_path, monkeypatch, name):
+    """The HTML manuals of `demo prepare --corpora` (the Python Library Reference, the PostgreSQL manual): each <p>
+    of the pages beside the package's index page becomes one document, tags dropped, entities decoded, whitespace
+    folded, short ones left out."""
     from tokdistill_fast.tools import demo
 
     lib = tmp_path / "library"
     lib.mkdir()
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: lib / "index.html")
+    asked = []
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: asked.append(package) or lib / path.name)
     (lib / "index.html").write_text("<p>Index.</p>")
     (lib / "os.html").write_text('<p>Return a <a href="#x"><code>str</code></a> that names\n  the &quot;current&quot;'
                                  " working directory.</p><div><p>Short.</p></div>")
-    out = demo.python_docs_corpus(tmp_path / "pydocs.txt", tmp_path)
+    out = demo.html_manual_corpus(name, tmp_path / f"{name}.txt", tmp_path)
+    assert asked == [demo.HTML_MANUALS[name][0]]
     assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
         'Return a str that names the "current" working directory.']
 

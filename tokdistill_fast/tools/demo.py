@@ -201,12 +201,19 @@ def html_paragraphs(pages: Iterable[Path]) -> Iterator[str]:
             yield html.unescape(re.sub(r"<[^>]+>", "", para))
 
 
-def python_docs_corpus(out: Path, cache: Path | None = None) -> Path:
-    """Running text from the Python 3.11 Library Reference (`python3.11-doc`; added 2026-12-01 after every
-    default was set, as a corpus no setting has seen): the text of each HTML paragraph."""
+# HTML manuals whose <p> paragraphs make a corpus: name -> (Debian package, the index page beside the others).
+# Both were added after every default was set, as corpora no setting has seen (the Python Library Reference
+# 2026-12-01, the PostgreSQL manual 2026-12-02).
+HTML_MANUALS = {"pydocs": ("python3.11-doc", "/usr/share/doc/python3.11/html/library/index.html"),
+                "pgdocs": ("postgresql-doc-15", "/usr/share/doc/postgresql-doc-15/html/index.html")}
+
+
+def html_manual_corpus(name: str, out: Path, cache: Path | None = None) -> Path:
+    """Running text from one of HTML_MANUALS: the text of each HTML paragraph of its pages."""
     if out.exists():
         return out
-    index = debian_file("python3.11-doc", Path("/usr/share/doc/python3.11/html/library/index.html"), cache)
+    package, index = HTML_MANUALS[name]
+    index = debian_file(package, Path(index), cache)
     return write_documents(out, html_paragraphs(sorted(index.parent.glob("*.html"))))
 
 
@@ -284,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="prepare: also build FOLDOC, the Jargon File, the Devil's Dictionary, VERA (dict-foldoc, "
                         "dict-jargon, dict-devil, dict-vera), a corpus of fortunes (fortunes), the Debian Reference "
                         "(debian-reference-en), the Python Library Reference (python3.11-doc), Git's manuals "
-                        "(git-doc) and the GNU Coding Standards (gnu-standards), split 3:1")
+                        "(git-doc), the GNU Coding Standards (gnu-standards) and the PostgreSQL manual "
+                        "(postgresql-doc-15), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
@@ -298,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                      for package, name in DICTD}
             built["fortunes"] = fortunes_corpus(cache_dir() / "corpora" / "fortunes.txt")
             built["debref"] = debian_reference_corpus(cache_dir() / "corpora" / "debref.txt")
-            built["pydocs"] = python_docs_corpus(cache_dir() / "corpora" / "pydocs.txt")
+            built.update({name: html_manual_corpus(name, cache_dir() / "corpora" / f"{name}.txt")
+                          for name in HTML_MANUALS})
             built["gitdocs"] = git_docs_corpus(cache_dir() / "corpora" / "gitdocs.txt")
             built["gnustd"] = gnu_standards_corpus(cache_dir() / "corpora" / "gnustd.txt")
             for name, corpus in built.items():
