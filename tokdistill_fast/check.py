@@ -9,7 +9,8 @@ bit-identical (needs the original); new rows finite, input norms at most the voc
 a quarter of its smallest (below the smallest itself only warns: subtoken means are shorter than their parts);
 tie status as the original's; config.vocab_size equal to the row count and above every token id. Reported
 without failing: tokenizer reload seconds, inside-word matches of added tokens, probability mass on padding and
-new ids, slow-tokenizer files.
+new ids, slow-tokenizer files, and settings another runtime would read differently (`check_runtimes`; tools/
+runtimes.py runs llama.cpp itself).
 
 Over 400 lines because every guarantee lives here, so that `tokdistill check` and distill's own output check run
 one code path; the checks share the Findings record, the probe paragraphs and the report writer.
@@ -29,7 +30,6 @@ import torch
 
 from .config import GuaranteeError, UserInputError  # noqa: F401 (GuaranteeError re-exported)
 from .tokens import BYTE_PIECE, WORD_CHARS, adds_prefix_space, span_ids, trie_pattern
-from .tools import runtimes
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +378,35 @@ def probability_mass(out: Path, tok, new: list[dict], paragraphs: list[str], mod
 
 # ------------------------------------------------------------------------------------------- driver
 
+# Classes transformers 4.x knows: llama.cpp's converter (which pins transformers 4.57) and older stacks load only
+# these; transformers 5 writes "TokenizersBackend" unless told otherwise (export.save_tokenizer).
+CLASSES_4X = ("PreTrainedTokenizerFast", "LlamaTokenizerFast", "GPT2TokenizerFast", "Qwen2TokenizerFast",
+              "GemmaTokenizerFast")
+
+
+def check_runtimes(out: Path, tok, new: list[dict], find) -> dict:
+    """Warn where a runtime other than transformers 5 would lose the new tokens, naming it and the fix."""
+    vocab = [t["form"] for t in new if t["kind"] == "vocab"]
+    if vocab:
+        find.warn("runtime", f"llama.cpp (convert_hf_to_gguf.py, and Ollama / LM Studio built on it) never emits the "
+                  f"{len(vocab)} vocab-mode token(s) such as {vocab[0]!r}: it splits text with its own hard-coded "
+                  "pre-tokenizer and plain BPE merges. Rerun distill with --tokenizer-mode added (the default) for "
+                  "an output every runtime tokenizes alike")
+    forms = {t["form"] for t in new}
+    flagged = [a.content for a in tok.added_tokens_decoder.values()
+               if a.content in forms and (a.single_word or a.lstrip or a.rstrip)]
+    if flagged:
+        find.warn("runtime", f"llama.cpp's converter drops single_word/lstrip/rstrip, so {len(flagged)} added "
+                  f"token(s) such as {flagged[0]!r} match differently there (inside longer words); rerun distill "
+                  "(added tokens without flags are the default)")
+    config_file = out / "tokenizer_config.json"
+    cls = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class") if config_file.is_file() else None
+    if cls not in CLASSES_4X:
+        find.warn("runtime", f"tokenizer_config.json names {cls!r}, which transformers 4.x (and llama.cpp's converter, "
+                  "pinned to 4.57) cannot load; set \"tokenizer_class\": \"PreTrainedTokenizerFast\"")
+    return {"vocab_mode_tokens": len(vocab), "flagged_added_tokens": len(flagged), "tokenizer_class": cls}
+
+
 def run_checks(out: str | Path, original: Original | None = None, probe_texts: list[str] | None = None,
                forward: bool | None = True, model=None) -> dict:
     """Every check on an output directory; returns the report's "check" section ("passed", "failures", ...).
@@ -396,7 +425,7 @@ def run_checks(out: str | Path, original: Original | None = None, probe_texts: l
         section["tokenizer"]["reload_ratio"] = reload_s / original.reload_seconds
     section["tokenizer"]["slow_files"] = [n for n in ("tokenizer.model", "vocab.json", "merges.txt")
                                           if (out / n).is_file()]
-    section["runtimes"] = runtimes.check_runtimes(out, tok, new, find)  # first: listed before inside-word warnings
+    section["runtimes"] = check_runtimes(out, tok, new, find)  # first: listed before inside-word warnings
     if any(t["kind"] == "target" for t in new):  # a given tokenizer decides where its pieces go
         section["one_id"] = {"words": 0, "contexts_checked": 0, "skipped": "target tokenizer kept as given"}
     else:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import regex
 
+from ..check import PROBE_TEXT, new_tokens_of, probe_paragraphs, read_probe
 from ..config import UserInputError, cache_dir
 
 # The release checked in docs/vocabulary-extension.md; pinned so a cached build means the same llama.cpp everywhere.
@@ -122,8 +123,6 @@ def converter_venv(venv: Path) -> None:
 def sentence_set(words: list[str]) -> list[tuple[str, str]]:
     """(category, text): each word after a space, at the start of text, after a newline, after punctuation and
     inside longer words, plus check.py's probe text (no new words), cut in paragraphs."""
-    from ..check import PROBE_TEXT, probe_paragraphs
-
     out = []
     for w in words:
         out += [("after a space", f"The {w} was named twice: {w}."), ("start of text", f"{w} comes first."),
@@ -136,7 +135,6 @@ def sentence_set(words: list[str]) -> list[tuple[str, str]]:
 def corpus_sample(path: Path, words: list[str], with_new: int = 300, without: int = 300) -> list[tuple[str, str]]:
     """Up to `with_new` corpus paragraphs that contain a new word at word boundaries and `without` that do not,
     in file order (a fixed sample: the same file gives the same texts)."""
-    from ..check import probe_paragraphs
     from ..tokens import WORD_CHARS, trie_pattern
 
     hit = regex.compile(f"(?<![{WORD_CHARS}])(?:{trie_pattern(words)})(?![{WORD_CHARS}])")
@@ -254,42 +252,11 @@ def compare_llama(out: Path, texts: list[tuple[str, str]], original: Path | None
     return agreement(texts, got, want, tok, base_same)
 
 
-# Classes transformers 4.x knows: llama.cpp's converter (which pins transformers 4.57) and older stacks load only
-# these; transformers 5 writes "TokenizersBackend" unless told otherwise (export.save_tokenizer).
-CLASSES_4X = ("PreTrainedTokenizerFast", "LlamaTokenizerFast", "GPT2TokenizerFast", "Qwen2TokenizerFast",
-              "GemmaTokenizerFast")
-
-
-def check_runtimes(out: Path, tok, new: list[dict], find) -> dict:
-    """Warn where a runtime other than transformers 5 would lose the new tokens, naming it and the fix."""
-    vocab = [t["form"] for t in new if t["kind"] == "vocab"]
-    if vocab:
-        find.warn("runtime", f"llama.cpp (convert_hf_to_gguf.py, and Ollama / LM Studio built on it) never emits the "
-                  f"{len(vocab)} vocab-mode token(s) such as {vocab[0]!r}: it splits text with its own hard-coded "
-                  "pre-tokenizer and plain BPE merges. Rerun distill with --tokenizer-mode added (the default) for "
-                  "an output every runtime tokenizes alike")
-    forms = {t["form"] for t in new}
-    flagged = [a.content for a in tok.added_tokens_decoder.values()
-               if a.content in forms and (a.single_word or a.lstrip or a.rstrip)]
-    if flagged:
-        find.warn("runtime", f"llama.cpp's converter drops single_word/lstrip/rstrip, so {len(flagged)} added "
-                  f"token(s) such as {flagged[0]!r} match differently there (inside longer words); rerun distill "
-                  "(added tokens without flags are the default)")
-    config_file = out / "tokenizer_config.json"
-    cls = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class") if config_file.is_file() else None
-    if cls not in CLASSES_4X:
-        find.warn("runtime", f"tokenizer_config.json names {cls!r}, which transformers 4.x (and llama.cpp's converter, "
-                  "pinned to 4.57) cannot load; set \"tokenizer_class\": \"PreTrainedTokenizerFast\"")
-    return {"vocab_mode_tokens": len(vocab), "flagged_added_tokens": len(flagged), "tokenizer_class": cls}
-
-
 def check_llama_cpp(out: str | Path, original: str | Path | None = None,
                     probes: list[str] | None = None) -> Agreement:
     """`tokdistill check --runtime llama.cpp`: llama.cpp's token ids against transformers' on sentences with each
     new word (after a space, at the start of text, after a newline or punctuation, inside longer words) and on the
     probe text; needs the tools `make test-downstream` builds (a UserInputError says so when they are missing)."""
-    from ..check import new_tokens_of, probe_paragraphs, read_probe
-
     out = Path(out)
     texts = sentence_set(sorted({t["word"] for t in new_tokens_of(out)}))
     texts += [("probe files", p) for p in probe_paragraphs([read_probe(f) for f in probes or []])]
