@@ -56,6 +56,14 @@ class Candidate:
         return f"layer {self.layer} lr {self.lr:g}" + (f" x{self.epochs} epochs" if self.epochs > 1 else "")
 
 
+def pool(parts: list[tuple[np.ndarray, float]]) -> tuple[np.ndarray, float]:
+    """Several samples' per-token values concatenated, and their next-token masses averaged with each sample
+    weighed by its tokens that have a value (a sample's mass is a mean over those tokens)."""
+    values = np.concatenate([v for v, _ in parts]) if parts else np.zeros(0)
+    weights = [int(np.isfinite(v).sum()) for v, _ in parts]
+    return values, float(np.average([m for _, m in parts], weights=weights)) if sum(weights) else 0.0
+
+
 @dataclass
 class Trial:
     candidate: Candidate
@@ -64,16 +72,12 @@ class Trial:
     per_token: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))  # [tokens] the same, per token
     self_mass: float = 0.0  # held-out next-token mass on the sampled new tokens right after one, mean over tokens
     vs_choice: tuple[float, float] | None = None  # paired log-ratio difference to the choice compared with: mean, SE
-    tokens_with_mass: int = 0  # tokens self_mass averages over (add() weighs each sample by its own)
+    parts: list[tuple[np.ndarray, float]] = field(repr=False, default_factory=list)  # per sample: ratios, mass
 
     def add(self, parts: list[tuple[np.ndarray, float]], seconds: float) -> None:
         """Append the per-token ratios and mass of further samples (search's stages) and their time."""
-        for ratios, mass in parts:
-            n = int(np.isfinite(ratios).sum())
-            self.per_token = np.concatenate([self.per_token, ratios])
-            total = self.tokens_with_mass + n
-            self.self_mass = (self.self_mass * self.tokens_with_mass + mass * n) / max(total, 1)
-            self.tokens_with_mass = total
+        self.parts += parts
+        self.per_token, self.self_mass = pool(self.parts)
         self.ratio = float(np.nanmean(self.per_token))
         self.seconds += seconds
 
@@ -351,8 +355,7 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
         choice = consider(dataclasses.replace(choice.candidate, epochs=2), choice)
     seconds = time.perf_counter() - t_start
     n_sampled = sum(len(st.sample.rows) for st in stages)
-    scored = [int(np.isfinite(st.scorer.base).sum()) for st in stages]  # weights as in Trial.add
-    base_mass = float(np.average([st.scorer.base_self_mass for st in stages], weights=scored)) if sum(scored) else 0.0
+    base_kl, base_mass = pool([(st.scorer.base, st.scorer.base_self_mass) for st in stages])
     log.info("autotune: chose %s (%.3f x mean init; next-token mass on new tokens after the word %.3f, mean init "
              "%.3f) from %d trials on %d tokens in %.1f s", choice.candidate.label(), choice.ratio, choice.self_mass,
              base_mass, len(trials), n_sampled, seconds)
@@ -360,5 +363,5 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
                         {"tokens": n_sampled, "samples": len(stages),
                          "train_snippets": sum(st.sample.train.n for st in stages),
                          "heldout_snippets": sum(st.sample.held.n for st in stages),
-                         "base_kl": float(np.nanmean(np.concatenate([st.scorer.base for st in stages]))),
+                         "base_kl": float(np.nanmean(base_kl)),
                          "base_self_mass": base_mass})
