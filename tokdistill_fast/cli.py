@@ -77,7 +77,9 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
     d.add_argument("--loss", default=c.loss, help="mse | kl | logits-mse (token-distill methods)")
     d.add_argument("--target-layer", type=_layer, default=c.target_layer,
                    help="layer whose hidden states are distilled: 1..L or -1 (last, after the final norm), or auto")
-    d.add_argument("--lr", type=_lr, default=c.lr, help="learning rate, or auto")
+    d.add_argument("--lr", type=_lr, default=c.lr,
+                   help="learning rate, or auto; where rows step less often than every 4th step (runs of more than "
+                        "about 50 tokens) they train at lr x sqrt(4 / spacing): report.json's training.lr")
     d.add_argument("--epochs", type=_epochs, default=c.epochs, help="passes over the snippets (1, 2, ...), or auto")
     d.add_argument("--batch-size", type=int, default=c.batch_size)
     d.add_argument("--warmup-fraction", type=float, default=c.warmup_fraction,

@@ -102,6 +102,8 @@ class RunReport:
                 "steps": result.steps, "passes": result.extra.get("groups"),
                 "seconds": result.seconds, "computed_positions": result.extra["positions"],
                 "chunk_teacher_seconds": result.extra.get("teacher_seconds"),  # chunked runs only
+                # steps per step of a row, and the rate it gave the rows (student.steps.rate_scale)
+                "step_spacing": result.extra.get("step_spacing"), "lr": result.extra.get("lr"),
                 "output_rows_trained": result.out_rows is not None,  # untied: ntp-all, --output-embeddings ntp
                 "first_loss": float(result.step_loss[0]), "last_loss": float(result.step_loss[-1])},
             "tokens": per_token,

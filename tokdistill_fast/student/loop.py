@@ -28,7 +28,7 @@ from ..modeling.models import Decoder
 from ..teacher import TeacherCache
 from .feed import TargetFeed
 from .objective import Objective
-from .steps import Batch, Passes, Rewind, batch_plan, plan_groups, student_states
+from .steps import Batch, Passes, Rewind, batch_plan, plan_groups, rate_scale, step_spacing, student_states
 from .whitened import WhitenedAdam, sqrt_cov
 
 if TYPE_CHECKING:
@@ -181,6 +181,11 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     n_steps = len(plan)
     tables = [decoder.embed_weight] + ([decoder.model.get_output_embeddings().weight]
                                        if trainable.out_rows is not None else [])
+    # Rows that step rarely (many tokens per run) take smaller rates, so a row moves as in the jobs the rates were
+    # chosen on; the objectives whose gradients reach every new row (NTP) and sharded runs keep the rate.
+    spacing = step_spacing(plan, snippet_row) if shard is None else 1.0
+    if objective.ntp is None and init_out is None:
+        schedule = dataclasses.replace(schedule, lr=schedule.lr * rate_scale(spacing))
     opt, sched = optimizer(params, tables, schedule, n_steps, device)
     L = decoder.num_layers
     layers = objective.student_layers(L, trainable.out_rows is not None)
@@ -270,7 +275,8 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     out_rows = trainable.out_rows
     return TrainResult(rows.detach(), None if out_rows is None else out_rows.detach(), step_loss.cpu().numpy(),
                        token_loss, word_loss, seconds, n_steps,
-                       extra={"passes": passes.describe(), "positions": positions, "groups": len(groups)})
+                       extra={"passes": passes.describe(), "positions": positions, "groups": len(groups),
+                              "step_spacing": round(spacing, 3), "lr": schedule.lr})
 
 
 def computed_positions(batches: list[Batch], passes: Passes) -> dict[str, int]:

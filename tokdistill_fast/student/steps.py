@@ -199,6 +199,24 @@ def batch_plan(n: int, snippets_per_batch: int, epochs: int, seed: int) -> list[
     return plan
 
 
+# Steps between a row's steps in the 40-word jobs the learning rates were chosen on (about 3; "Rows that sit out
+# most steps" in docs/defaults.md).
+SPACING_REF = 4.0
+
+
+def step_spacing(plan: list[np.ndarray], snippet_row: np.ndarray) -> float:
+    """Steps per step of a trained row, on average over the rows: len(plan) x rows / (row, step) pairs with a
+    gradient (1.0: every row in every step)."""
+    pairs = sum(len(np.unique(snippet_row[b])) for b in plan)
+    return len(plan) * len(np.unique(snippet_row)) / max(pairs, 1)
+
+
+def rate_scale(spacing: float) -> float:
+    """Learning-rate factor for rows that step once every `spacing` steps: Adam's moments decay on the steps a row
+    sits out, so its moves grow as sqrt(spacing); rarer steps than SPACING_REF get the rate scaled back."""
+    return min(1.0, (SPACING_REF / spacing) ** 0.5)
+
+
 def student_states(decoder: Decoder, b: Batch, table: torch.Tensor, rows: torch.Tensor, layers: list[int],
                    passes: Passes, teacher_layers: list[int] | None = None, backend: str = "auto",
                    prefix_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
