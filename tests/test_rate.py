@@ -21,14 +21,16 @@ def test_rate_scale_keeps_the_rate_up_to_the_reference_spacing():
     assert rate_scale(4 * steps.SPACING_REF) == pytest.approx(0.5)
 
 
-def test_rows_that_step_rarely_train_at_a_smaller_rate(model_dirs, words_file, corpus_file, monkeypatch):
+@pytest.mark.parametrize("combo", [("llama", "bytelevel", True), ("qwen2", "bytelevel", False)])
+def test_rows_that_step_rarely_train_at_a_smaller_rate(model_dirs, words_file, corpus_file, monkeypatch, combo):
     """The run reports its plan's spacing and the rate its rows trained at: the given one up to SPACING_REF,
-    scaled beyond it (batch 1 over four words: each step trains one row, spacing ~4)."""
+    scaled beyond it (batch 1 over four words: each step trains one row, spacing ~4), for tied and untied models
+    (untied ones keep their output rows and train the input rows alone)."""
     from tokdistill_fast import distill
 
     cfg = DistillConfig(snippets_per_token=6, snippet_length=24, batch_size=1, epochs=1, target_layer=2, lr=0.01,
                         ntp_guard=False, dtype="float32")
-    model = model_dirs[("llama", "bytelevel", True)]
+    model = model_dirs[combo]
     monkeypatch.setattr(steps, "SPACING_REF", 2.0)
     scaled = distill(model, words_file, [corpus_file], None, cfg)
     monkeypatch.setattr(steps, "SPACING_REF", 100.0)

@@ -181,10 +181,13 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     n_steps = len(plan)
     tables = [decoder.embed_weight] + ([decoder.model.get_output_embeddings().weight]
                                        if trainable.out_rows is not None else [])
-    # Rows that step rarely (many tokens per run) take smaller rates, so a row moves as in the jobs the rates were
-    # chosen on; the objectives whose gradients reach every new row (NTP) and sharded runs keep the rate.
-    spacing = step_spacing(plan, snippet_row) if shard is None else 1.0
-    if objective.ntp is None and init_out is None:
+    # Row-sparse objectives: their gradients stay in the rows of each snippet's own token (NTP reads every new row
+    # through the output layer, and learned output rows step with it).
+    row_sparse = objective.ntp is None and trainable.out_rows is None
+    # Their rows step only with their snippets: rows that step rarely (many tokens per run) take smaller rates, so
+    # a row moves as in the jobs the rates were chosen on. Sharded runs (each rank sees its own snippets) keep it.
+    spacing = step_spacing(plan, snippet_row) if shard is None else None
+    if row_sparse and spacing is not None:
         schedule = dataclasses.replace(schedule, lr=schedule.lr * rate_scale(spacing))
     opt, sched = optimizer(params, tables, schedule, n_steps, device)
     L = decoder.num_layers
@@ -208,9 +211,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     state = {"params": params, "optimizer": opt, "scheduler": sched, "step_loss": step_loss, "tok_sum": tok_sum,
              "tok_cnt": tok_cnt, "steps": n_steps}
     start = hook.restore(state) if hook is not None else 0
-    # Groups: the fast passes, for objectives whose gradients stay in the rows of each snippet's own token (NTP
-    # reads every new row through the output layer).
-    row_sparse = objective.ntp is None and trainable.out_rows is None
+    # Groups: the fast passes, for row-sparse objectives.
     grouped = passes.prefix and shard is None and row_sparse
     # Whitened steps told their rows compute only the rows each pass reads (sharded steps' rows span the ranks).
     lazy = isinstance(opt, WhitenedAdam) and shard is None and row_sparse
@@ -276,7 +277,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     return TrainResult(rows.detach(), None if out_rows is None else out_rows.detach(), step_loss.cpu().numpy(),
                        token_loss, word_loss, seconds, n_steps,
                        extra={"passes": passes.describe(), "positions": positions, "groups": len(groups),
-                              "step_spacing": round(spacing, 3), "lr": schedule.lr})
+                              "step_spacing": None if spacing is None else round(spacing, 3), "lr": schedule.lr})
 
 
 def computed_positions(batches: list[Batch], passes: Passes) -> dict[str, int]:
