@@ -95,7 +95,7 @@ def test_split_covers_every_step(world):
     pairs and NTP targets as its weights say."""
     al = toy_alignment(23)
     work = Workload([0, 1, 2], list(range(al.n)), np.arange(al.n) % 3, al.student_ids, al.cu_student, al, {}, {})
-    plan = batch_plan(al.n, 5, 2, seed=1)
+    plan = batch_plan(work.snippet_row, 5, 2, seed=1)
     n_pairs, n_next = pair_counts(al)
     total = torch.zeros(len(plan), 2)
     sizes = np.zeros((world, len(plan)), dtype=int)

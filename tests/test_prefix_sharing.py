@@ -248,6 +248,22 @@ def test_group_steps_cuts_at_shared_tokens_and_breaks():
     assert student.group_steps(plan, snippet_row, 16, breaks={2}) == [range(0, 2), range(2, 5)]
 
 
+def test_batch_plan_pairs_batches_over_other_rows():
+    """Every epoch takes each snippet once; most batches come in pairs over disjoint rows, which group_steps runs
+    as one pass: a 40-word job runs about two steps a pass, a job of two words step by step."""
+    counts = np.random.default_rng(1).integers(3, 26, 40)
+    snippet_row = np.repeat(np.arange(40), counts)
+    plan = student.batch_plan(snippet_row, 16, 3, seed=0)
+    covered = np.sort(np.concatenate(plan))
+    np.testing.assert_array_equal(covered, np.repeat(np.arange(len(snippet_row)), 3))
+    assert sum(len(b) < 16 for b in plan) <= 3
+    groups = student.group_steps(plan, snippet_row, 16)
+    assert len(groups) <= 0.6 * len(plan)
+    assert [b.tolist() for b in student.batch_plan(snippet_row, 16, 3, seed=0)] == [b.tolist() for b in plan]
+    two = np.repeat([0, 1], 20)
+    assert len(student.group_steps(student.batch_plan(two, 16, 1, seed=0), two, 16)) == 3
+
+
 def test_ntp_objective_with_prefix_sharing():
     """Next-token prediction (logits on the last layer) and untied output rows through the suffix pass."""
     torch.manual_seed(0)

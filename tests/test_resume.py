@@ -80,7 +80,8 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, base_args):
     message = (tmp_path / "log").read_text()
     assert "--resume" in message and not out.exists()
     state = torch.load(tmp_path / "out.partial" / "student.pt", weights_only=False)
-    assert state["step"] == 5  # saved at the step boundary right after the signal
+    # saved at the end of the pass holding step 4 (a pass can run a group of steps), before the run's end
+    assert 4 < state["step"] < state["steps"]
 
     other = run([*base_args, "--lr", "1e-3", "--resume"], out)
     assert other.returncode == 2 and "--lr" in other.stderr  # a different setting is refused, by name

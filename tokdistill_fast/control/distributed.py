@@ -191,7 +191,7 @@ def split(ranks: Ranks, work, batch_size: int, epochs: int, seed: int, device: t
     if ranks.world == 1 or work is None:
         return work, None
     al = work.alignment
-    plan = student.batch_plan(al.n, batch_size, epochs, seed)
+    plan = student.batch_plan(work.snippet_row, batch_size, epochs, seed)
     parts = [np.array_split(step, ranks.world)[ranks.rank] for step in plan]
     mine = np.unique(np.concatenate([np.zeros(0, dtype=np.int64), *parts])).astype(np.int64)
     local_index = np.full(al.n, -1, dtype=np.int64)

@@ -177,7 +177,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     n_rows = init_rows.shape[0]
     trainable = Trainable.start(init_rows, init_out, objective, tied, device)
     rows, params = trainable.rows, trainable.params
-    plan = batch_plan(al.n, schedule.batch_size, schedule.epochs, schedule.seed) if shard is None else shard.plan
+    plan = batch_plan(snippet_row, schedule.batch_size, schedule.epochs, schedule.seed) if shard is None else shard.plan
     n_steps = len(plan)
     tables = [decoder.embed_weight] + ([decoder.model.get_output_embeddings().weight]
                                        if trainable.out_rows is not None else [])
