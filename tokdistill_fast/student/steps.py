@@ -38,9 +38,6 @@ from ..modeling.models import Decoder
 if TYPE_CHECKING:
     from ..config import DistillConfig
 
-# Batches' worth of snippets after a batch in which batch_plan looks for its pair.
-PAIR_WINDOW = 4
-
 
 @dataclass
 class Passes:
@@ -192,6 +189,10 @@ def make_group(al: Alignment, snippet_row: np.ndarray, plan: list[np.ndarray], s
     batch = make_batch(al, snippet_row, np.concatenate(parts), passes, teacher, step_of, prefix_cu)
     counts = [int((al.cu_aligned[p + 1] - al.cu_aligned[p]).sum()) for p in parts]
     return Group(steps, batch, tokens, torch.tensor(counts, dtype=torch.float32))
+
+
+# Batches' worth of snippets after a batch in which batch_plan looks for its pair.
+PAIR_WINDOW = 4
 
 
 def batch_plan(snippet_row: np.ndarray, snippets_per_batch: int, epochs: int, seed: int) -> list[np.ndarray]:
