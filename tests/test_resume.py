@@ -149,5 +149,10 @@ def test_take_rows_renumbers_new_ids():
     V = 100
     al = toy_alignment([1, 1, 1])
     al.student_ids = np.array([V + 0, V + 1, V + 2])
-    sub, ids, cu, rows = chunks.take_rows(al, np.array([7, 8, 9]), np.arange(4), np.array([0, 1, 2]), 1, 3, V)
+    sub, ids, cu, rows = chunks.take_rows(al, np.array([7, 8, 9]), np.arange(4), np.array([0, 1, 2]), np.arange(1, 3),
+                                          V)
     assert list(sub.student_ids) == [V + 0, V + 1] and list(rows) == [0, 1] and list(ids) == [8, 9]
+    # any set of rows, numbered in the order given (the retrial of outlier rows takes rows 2 and 0)
+    sub, ids, cu, rows = chunks.take_rows(al, np.array([7, 8, 9]), np.arange(4), np.array([0, 1, 2]), np.array([2, 0]),
+                                          V)
+    assert list(sub.student_ids) == [V + 1, V + 0] and list(rows) == [1, 0] and list(ids) == [7, 9]

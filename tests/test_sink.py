@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import copy
 import os
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from tokdistill_fast.kernels.embedding_rows import embedding_rows
+from transformers import AutoModelForCausalLM
 
-from tokdistill_fast import DistillConfig, contexts, report, tokens
+from tokdistill_fast import DistillConfig, align, contexts, pipeline, report, student, teacher, tokens
 from tokdistill_fast.config import cache_dir
 from tokdistill_fast.modeling import models
 from tokdistill_fast.rows import subtoken_mean
@@ -106,4 +110,59 @@ def test_outlier_tokens_are_flagged_with_their_contexts(caplog):
     per_token.append({"word": "variant", "final_loss": None, "word_loss": None, "contexts": 0, "source": "variant"})
     flagged = report.flag_outliers(per_token)
     assert [f["word"] for f in flagged] == ["sunk"] and flagged[0]["times_median"] > 1000
-    assert "sunk" in caplog.text and "outlier" in caplog.text
+    assert flagged[0]["still_outlier"] and flagged[0]["retried"] is None
+    assert "sunk" in caplog.text and "outlier" in caplog.text and "still an outlier" in caplog.text
+    # trained again alone (pipeline.retry_outliers), it ends among the others: reported with both losses
+    caplog.clear()
+    per_token[10]["word_loss"] = 5.2
+    again = {10: {"first": 9000.0, "alone": 5.2, "kept": "alone"}}
+    flagged = report.flag_outliers(per_token, again)
+    assert [f["word"] for f in flagged] == ["sunk"] and flagged[0]["word_loss"] == 9000.0
+    assert not flagged[0]["still_outlier"] and flagged[0]["retried"] == again[10]
+    assert "trained again alone: 5.2, kept" in caplog.text and "still an outlier" not in caplog.text
+
+
+def test_outlier_rows_train_again_alone():
+    """A row whose word loss ends far over the others' trains again alone from its start row, on its own snippets:
+    it gets the row a run of that word alone gives, and keeps it only where its word loss is the lower."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=torch.float32)
+    dec = models.Decoder(model.eval().requires_grad_(False))
+    rng = np.random.default_rng(0)
+    phrases, seqs, which = [[7, 8], [9, 10, 11], [12, 13]], [], []
+    for i in range(9):
+        s = rng.integers(20, 300, 12).tolist()
+        s[4:4 + len(phrases[i % 3])] = phrases[i % 3]
+        seqs.append(s)
+        which.append(i % 3)
+    V, layer = 300, 2
+    al = align.align(seqs, phrases, which, [V, V + 1, V + 2], "python")
+    ids, cu = align.pack(seqs)
+    work = SimpleNamespace(alignment=al, teacher_ids=ids, cu_teacher=cu, snippet_row=np.array(which))
+    prep = SimpleNamespace(decoder=dec, dtype=torch.float32, tied=True)
+    objective, passes = student.Objective(distill="mse", layer=layer), student.Passes()
+    schedule = student.Schedule(lr=0.05, epochs=2, batch_size=2, seed=0)
+    init = torch.randn(3, dec.hidden_size) * 0.5
+
+    def run(al_, ids_, cu_, rows_, init_):
+        cache = teacher.compute(dec, ids_, cu_, al_, [layer], 4096, torch.float32)
+        return student.train(dec, al_, cache, rows_, init_, None, objective, schedule, tied=True, passes=passes)
+
+    result = run(al, ids, cu, work.snippet_row, init)
+    kept = result.rows.clone()
+    result.rows[1] += 50.0  # a row gone astray, and its loss
+    result.word_loss[1] = 1000 * result.word_loss.max()
+    got = pipeline.retry_outliers(prep, work, result, (init, None), objective, schedule, passes)
+    mine = [i for i in range(9) if which[i] == 1]
+    alone = run(align.align([seqs[i] for i in mine], [phrases[1]], [0] * 3, [V], "python"),
+                *align.pack([seqs[i] for i in mine]), np.zeros(3, dtype=np.int64), init[1:2])
+    assert got == {1: {"first": got[1]["first"], "alone": float(alone.word_loss[0]), "kept": "alone"}}
+    torch.testing.assert_close(result.rows[1], alone.rows[0])
+    torch.testing.assert_close(result.rows[[0, 2]], kept[[0, 2]])  # the other rows are not touched
+    assert result.word_loss[1] == alone.word_loss[0]
+    # a row whose first loss is the lower keeps its row, flagged or not
+    result.word_loss[[0, 2]] = 1e-6 * alone.word_loss[0]
+    result.word_loss[1], result.rows[1] = 0.5 * alone.word_loss[0], kept[1]
+    got = pipeline.retry_outliers(prep, work, result, (init, None), objective, schedule, passes)
+    assert got[1]["kept"] == "first" and got[1]["alone"] == float(alone.word_loss[0])
+    torch.testing.assert_close(result.rows[1], kept[1])

@@ -28,7 +28,7 @@ from .corpus import corpus_files, leading_documents
 from .evaluation import heldout
 from .kernels import backend as kernels
 from .modeling import models
-from .report import RunReport, StageTimer, flag_outliers
+from .report import RunReport, StageTimer, flag_outliers, outlier_rows
 from .rows import clip_norms, random_rows, subtoken_mean
 from .tokens import NewToken, Skipped
 from .workload import Workload, build_workload, trained_tokens
@@ -202,11 +202,12 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
         elif objective.distill is not None and not passes.fused:  # fused: the teacher runs in each step
             with timer("teacher"):
                 cache = teacher_cache(prep, mine, layers, packed=passes.prefix)
-    learned = learn_rows(prep, run_cfg, (layer, lr, epochs), mine, cache, timer, trainer)
+    learned = learn_rows(prep, run_cfg, (layer, lr, epochs), mine, cache, timer, trainer, retry=ranks.world == 1)
     report = RunReport.build(prep, cfg, (layer, lr, epochs), learned, methods=True, method=method)
     report.add(autotune=search.as_dict() if search is not None else None,
                retrieval=work.retrieval if work is not None else None)
-    report.add(outliers=flag_outliers(report.data["tokens"]), chunks=plan.bounds if plan is not None else None)
+    report.add(outliers=flag_outliers(report.data["tokens"], learned.retried),
+               chunks=plan.bounds if plan is not None else None)
     if ranks.writer and learned.train_result is not None:
         with timer("new_token_mass"):
             report.record_new_token_mass(*new_token_mass(prep, learned))
@@ -232,16 +233,18 @@ class Learned:
     clipped: int
     init_used: set[int] = field(default_factory=set)  # tokens that started from --init-from rows
     derived: list[int] = field(default_factory=list)  # variants whose rows were moved from their primary's
+    retried: dict[int, dict] = field(default_factory=dict)  # outlier tokens trained again alone (retry_outliers)
 
 
 def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, int], work: Workload | None = None,
                cache: teacher.TeacherCache | None = None, timer: StageTimer | None = None,
-               trainer=student.train) -> Learned:
+               trainer=student.train, retry: bool = True) -> Learned:
     """Rows for cfg.method on prep's tokens with `settings` (target layer, lr; cfg.epochs is the number run):
     subtoken-mean or random start, training on `work` (default prep.work) for trained methods (`cache` holds at
     least the teacher layers the objective reads, so one cache can serve several runs), norm clipping
     (for tied models to a quantile), variants from their primaries, and the output-row policy for untied ones.
-    `trainer`: student.train or a stand-in with its signature (checkpointing, chunks.ChunkedTrainer)."""
+    `trainer`: student.train or a stand-in with its signature (checkpointing, chunks.ChunkedTrainer); `retry`:
+    outlier rows train again alone (retry_outliers; not where each process holds part of every step)."""
     timer = timer or StageTimer()
     work = prep.work if work is None else work
     decoder, toks, tied = prep.decoder, prep.toks, prep.tied
@@ -257,17 +260,19 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
     passes = student.Passes.for_config(cfg)
     if passes.fused and cache is not None:  # a cache shared by several runs (compare) already holds the targets
         passes = student.Passes(prefix=True)
-    train_result = None
+    train_result, retried = None, {}
     if cfg.method == "random":
         rows = random_rows(table, len(toks), cfg.seed).to(device)
     elif cfg.method != "mean" and primaries:
+        objective = student.Objective.for_config(cfg, layer, tied)
+        schedule = student.Schedule.for_config(cfg, lr, cfg.epochs, prep.backend, cfg.log_every)
+        start = (rows[primaries], out_init[primaries] if out_init is not None else None)
         with timer("student"):
-            train_result = trainer(
-                decoder, work.alignment, cache, work.snippet_row, rows[primaries],
-                out_init[primaries] if out_init is not None else None,
-                student.Objective.for_config(cfg, layer, tied),
-                student.Schedule.for_config(cfg, lr, cfg.epochs, prep.backend, cfg.log_every),
-                tied, passes=passes, teacher=(work.teacher_ids, work.cu_teacher))
+            train_result = trainer(decoder, work.alignment, cache, work.snippet_row, *start, objective, schedule,
+                                   tied, passes=passes, teacher=(work.teacher_ids, work.cu_teacher))
+            if retry:
+                retried = {primaries[r]: v for r, v in retry_outliers(prep, work, train_result, start, objective,
+                                                                       schedule, passes).items()}
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
             out_init[primaries] = train_result.out_rows
@@ -296,7 +301,43 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
     if not tied:
         policy = "mean" if cfg.output_embeddings == "auto" else cfg.output_embeddings
         out_rows = torch.zeros_like(rows) if policy == "zeros" else out_init.float().cpu()
-    return Learned(rows, out_rows, train_result, clipped, init_used, derived)
+    return Learned(rows, out_rows, train_result, clipped, init_used, derived, retried)
+
+
+def retry_outliers(prep: Prepared, work: Workload, result: student.TrainResult,
+                   start: tuple[torch.Tensor, torch.Tensor | None], objective: student.Objective,
+                   schedule: student.Schedule, passes: student.Passes) -> dict[int, dict]:
+    """Rows whose word loss ended over OUTLIER_FACTOR x the median train again alone: from their `start` rows, on
+    their own snippets, with the same objective and schedule; each keeps the row with the lower word loss (`result`
+    is updated). A row can tip into the attention-sink regime mid-run (massive activations at its own position, a
+    loss thousands of times the others', and a tied row that the model then predicts after other words); alone,
+    in the few steps its own snippets make, it did not (docs/defaults.md, "Rows that fall into the sink").
+    Returns {row: {"first", "alone": word losses, "kept": "alone" or "first"}}."""
+    _, bad = outlier_rows(result.word_loss)
+    if not len(bad):
+        return {}
+    decoder = prep.decoder
+    sub, ids, cu, sub_row = chunks.take_rows(work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row, bad,
+                                             decoder.embed_weight.shape[0])
+    cache = None
+    if objective.distill is not None and not passes.fused:
+        cache = teacher.compute(decoder, ids, cu, sub, objective.cache_layers(decoder.num_layers),
+                                **teacher.options(decoder, prep.dtype, passes.prefix))
+    index = torch.from_numpy(bad).to(start[0].device)
+    again = student.train(decoder, sub, cache, sub_row, start[0][index],
+                          None if start[1] is None else start[1][index], objective, schedule, prep.tied,
+                          desc="again alone", passes=passes, teacher=(ids, cu))
+    out = {}
+    for i, r in enumerate(bad.tolist()):
+        alone = float(again.word_loss[i])
+        keep = bool(alone < result.word_loss[r])
+        out[r] = {"first": float(result.word_loss[r]), "alone": alone, "kept": "alone" if keep else "first"}
+        if keep:
+            result.rows[r] = again.rows[i].to(result.rows.device)
+            if result.out_rows is not None:
+                result.out_rows[r] = again.out_rows[i].to(result.out_rows.device)
+            result.token_loss[r], result.word_loss[r] = again.token_loss[i], alone
+    return out
 
 
 def new_token_mass(prep: Prepared, learned: Learned) -> tuple[np.ndarray, list[int], list[int]]:

@@ -151,22 +151,37 @@ class RunReport:
         return self.data
 
 
-def flag_outliers(per_token: list[dict]) -> list[dict]:
-    """Trained tokens whose final loss at the word's own position exceeds OUTLIER_FACTOR x the median, logged with
-    what to look at. That position, not the mean over a snippet, because the positions after the word are easier
-    and their number varies (a word that ends its paragraphs has none). Rows are kept as trained (the held-out
-    measure of `tokdistill eval` tells whether they beat the subtoken mean)."""
-    losses = [t["word_loss"] for t in per_token if t["word_loss"] is not None and np.isfinite(t["word_loss"])]
-    if len(losses) < 3:
-        return []
-    median = float(np.median(losses))
-    flagged = [{"word": t["word"], "word_loss": t["word_loss"], "final_loss": t["final_loss"],
-                "times_median": t["word_loss"] / median, "contexts": t["contexts"], "source": t["source"]}
-               for t in per_token if t["word_loss"] is not None and t["word_loss"] > OUTLIER_FACTOR * median]
-    for f in flagged:
-        log.warning("outlier: %r ended at loss %.3g at its own position, %.0fx the median %.3g (%d contexts from "
-                    "%s); its row is kept as trained: check its contexts and its held-out KL (tokdistill eval)",
-                    f["word"], f["word_loss"], f["times_median"], median, f["contexts"], f["source"])
+def outlier_rows(word_loss: np.ndarray) -> tuple[float, np.ndarray]:
+    """(median, indices) of the finite word losses over OUTLIER_FACTOR x their median (none with fewer than 3)."""
+    loss = np.asarray(word_loss, dtype=np.float64)
+    ok = np.isfinite(loss)
+    if ok.sum() < 3:
+        return float("nan"), np.zeros(0, dtype=np.int64)
+    median = float(np.median(loss[ok]))
+    return median, np.flatnonzero(ok & (loss > OUTLIER_FACTOR * median))
+
+
+def flag_outliers(per_token: list[dict], retried: dict[int, dict] | None = None) -> list[dict]:
+    """Trained tokens whose final loss at the word's own position ended over OUTLIER_FACTOR x the median, with what
+    the run did about them (`retried`, by token index: pipeline.retry_outliers trained them again alone and kept
+    the lower loss), logged. That position, not the mean over a snippet, because the positions after the word
+    are easier and their number varies (a word that ends its paragraphs has none)."""
+    retried = retried or {}
+    loss = [t["word_loss"] if t["word_loss"] is not None else np.nan for t in per_token]
+    median, still = outlier_rows(np.array(loss))
+    flagged = []
+    for i in sorted(set(retried) | set(still.tolist())):
+        t, again = per_token[i], retried.get(i)
+        first = again["first"] if again else t["word_loss"]
+        f = {"word": t["word"], "word_loss": first, "final_loss": t["final_loss"], "times_median": first / median,
+             "contexts": t["contexts"], "source": t["source"], "retried": again, "still_outlier": i in still}
+        done = ("its row is kept as trained" if again is None else f"trained again alone: {again['alone']:.3g}, "
+                + ("kept" if again["kept"] == "alone" else "not lower, the first row kept"))
+        log.warning("outlier: %r ended at loss %.3g at its own position, %.0fx the median %.3g (%d contexts from %s); "
+                    "%s%s", f["word"], first, f["times_median"], median, f["contexts"], f["source"], done,
+                    "; still an outlier: check its contexts and its held-out KL (tokdistill eval)"
+                    if f["still_outlier"] else "")
+        flagged.append(f)
     return flagged
 
 

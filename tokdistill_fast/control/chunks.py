@@ -75,15 +75,23 @@ def plan(cfg: DistillConfig, al: Alignment, snippet_row: np.ndarray, n_rows: int
     return Plan(bounds)
 
 
-def take_rows(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, snippet_row: np.ndarray, start: int,
-              end: int, V: int) -> tuple[Alignment, np.ndarray, np.ndarray, np.ndarray]:
-    """The snippets of rows start..end-1, with rows (and the new ids V + row in the student sequences)
-    renumbered from 0: (alignment, teacher_ids, cu_teacher, snippet_row)."""
-    idx = np.flatnonzero((snippet_row >= start) & (snippet_row < end))
+def take_rows(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, snippet_row: np.ndarray,
+              rows: np.ndarray, V: int) -> tuple[Alignment, np.ndarray, np.ndarray, np.ndarray]:
+    """The snippets of `rows` (distinct row indices), with those rows (and the new ids V + row in the student
+    sequences) renumbered 0..len(rows)-1 in their order: (alignment, teacher_ids, cu_teacher, snippet_row)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    renumber = np.full(max(int(snippet_row.max(initial=-1)), int(rows.max(initial=-1))) + 1, -1, dtype=np.int64)
+    renumber[rows] = np.arange(len(rows))
+    idx = np.flatnonzero(renumber[snippet_row] >= 0)
     sub = al.take(idx)
-    sub.student_ids = np.where(sub.student_ids >= V, sub.student_ids - start, sub.student_ids)
+    new = sub.student_ids >= V
+    moved = renumber[sub.student_ids[new] - V]
+    if (moved < 0).any():
+        raise ValueError("take_rows: a snippet holds the id of a row outside `rows`")
+    sub.student_ids = sub.student_ids.copy()
+    sub.student_ids[new] = V + moved
     ids, cu = take_packed(teacher_ids, cu_teacher, idx)
-    return sub, ids, cu, snippet_row[idx] - start
+    return sub, ids, cu, renumber[snippet_row[idx]]
 
 
 def merge(results: list[student.TrainResult], device: torch.device) -> student.TrainResult:
@@ -126,7 +134,7 @@ class ChunkedTrainer:
                 log.info("resume: chunk %d/%d (%d tokens) from the checkpoint", c + 1, n, end - start)
             else:
                 t0 = time.perf_counter()
-                sub, ids, cu, rows = take_rows(al, teacher[0], teacher[1], snippet_row, start, end, V)
+                sub, ids, cu, rows = take_rows(al, teacher[0], teacher[1], snippet_row, np.arange(start, end), V)
                 needs_cache = objective.distill is not None and not passes.fused
                 chunk_cache = self.cache_fn(sub, ids, cu) if needs_cache else None
                 t_teacher = time.perf_counter() - t0
