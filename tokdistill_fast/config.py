@@ -42,7 +42,8 @@ def env_flag(name: str) -> bool:
 # A token whose final loss at its own position (distill) or held-out KL (eval) is this many times the median is
 # flagged as an outlier:
 # before snippets started with a document-start token, words at the start of a snippet sat on the attention sink
-# and ended training at 300-2,400x the other words' loss.
+# and ended training at 300-2,400x the other words' loss. distill trains such a row again alone
+# (pipeline.retry_outliers): a row can still become a sink of its own mid-run (13,846x with --epochs 8).
 OUTLIER_FACTOR = 10.0
 # `tokdistill eval` flags a word after which the adapted model puts more than this share of its next-token
 # probability on new tokens (held-out text), and `tokdistill distill` the same on its training snippets: the original
