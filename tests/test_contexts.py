@@ -3,7 +3,10 @@ Chunks as small as a few bytes force documents, separators, hits and UTF-8 chara
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import random
 
 import pytest
@@ -123,6 +126,28 @@ def test_parquet_text_column_in_batches(tmp_path):
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(UserInputError, match="junk.parquet"):
         list(Corpus([tmp_path / "junk.parquet"]))
+
+
+@pytest.mark.parametrize("suffix, compress", [(".gz", gzip.compress), (".dz", gzip.compress),
+                                             (".bz2", bz2.compress), (".xz", lzma.compress)])
+def test_compressed_files_read_as_the_format_inside(tmp_path, suffix, compress):
+    """gzip (and dictzip's .dz), bzip2 and xz files stream as the text or JSON lines they hold; directories list
+    them; progress and --max-corpus-bytes count the bytes on disk; a cut-off file is a one-line error."""
+    text = tmp_path / ("c.txt" + suffix)
+    text.write_bytes(compress(TRICKY.encode("utf-8")))
+    corpus = Corpus([text], chunk=5)
+    assert_same(corpus, text_docs(TRICKY))
+    assert corpus.bytes_read == text.stat().st_size
+    docs = ["a palatable\n\nsoup", " spill the beans " * 30]
+    lines = tmp_path / ("c.jsonl" + suffix)
+    lines.write_bytes(compress("".join(json.dumps({"text": d}) + "\n" for d in docs).encode("utf-8")))
+    assert_same(Corpus([lines]), docs)
+    (tmp_path / ("notes.bin" + suffix)).write_bytes(compress(b"x"))
+    assert corpus_files([tmp_path]) == [lines, text]
+    cut = tmp_path / ("cut.txt" + suffix)
+    cut.write_bytes(text.read_bytes()[:len(text.read_bytes()) // 2])
+    with pytest.raises(UserInputError, match="cut.txt.*cannot read it"):
+        list(Corpus([cut]))
 
 
 def test_directories_and_globs(tmp_path):

@@ -55,12 +55,14 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
                    help="with --tokenizer: ids (one per line) that are new besides those past the model's tokenizer")
     d.add_argument("--corpus", nargs="+", default=[],
                    help="files, directories or globs to mine contexts from: text (blank-line separated documents), "
-                   "JSON lines (.jsonl, a 'text' field), Parquet (.parquet, a 'text' column; needs pyarrow)")
+                   "JSON lines (.jsonl, a 'text' field), Parquet (.parquet, a 'text' column; needs pyarrow); text "
+                   "and JSON lines may be gzip/bzip2/xz-compressed (.gz, .dz, .bz2, .xz)")
     d.add_argument("--stop-when-full", action="store_true",
                    help="stop reading the corpus once every token has --snippets-per-token hits (faster; samples "
                    "come from the first part of the corpus only)")
     d.add_argument("--max-corpus-bytes", type=_size, default=c.max_corpus_bytes,
-                   help="read at most this much of the corpus, e.g. 2G")
+                   help="read at most this much of the corpus, e.g. 2G (bytes on disk: compressed files count "
+                   "their compressed bytes)")
     d.add_argument("--init-from", metavar="FILE",
                    help="start rows from another method: safetensors with 'input_embeddings' [n, D] and metadata "
                    "'forms' (our new_embeddings.safetensors works); other tokens start from the subtoken mean")

@@ -1,17 +1,22 @@
 """The corpus as contexts.py reads it: the files --corpus names (files, directories, globs) and a stream of
-document pieces from them (text, JSON lines, Parquet) with bounded memory."""
+document pieces from them (text, JSON lines, Parquet; text and JSON lines also gzip-, bzip2- or xz-compressed)
+with bounded memory."""
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import contextlib
 import glob
+import gzip
 import io
 import json
 import logging
+import lzma
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from tqdm.auto import tqdm
 
@@ -25,6 +30,35 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 # Files a directory contributes; a file named explicitly is read whatever its suffix (as text unless JSONL/Parquet).
 CORPUS_SUFFIXES = (".txt", ".text", ".md") + JSONL_SUFFIXES + PARQUET_SUFFIXES
+# Compressed text and JSON lines are recognised by their first bytes and read as they stream; a suffix below names
+# the format inside (`wiki.jsonl.gz`; `.dz`, dictzip, is gzip: Debian's dict-* packages ship `*.dict.dz`).
+COMPRESSED = {b"\x1f\x8b": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"), b"BZh": bz2.BZ2File,
+              b"\xfd7zXZ\x00": lzma.LZMAFile}
+COMPRESSED_SUFFIXES = (".gz", ".dz", ".bz2", ".xz")
+
+
+def inner_suffix(path: Path) -> str:
+    """The suffix of the format inside a compressed file's name (`a.jsonl.gz` -> `.jsonl`), else path's own."""
+    name = path.name.lower()
+    for s in COMPRESSED_SUFFIXES:
+        if name.endswith(s):
+            return Path(name[:-len(s)]).suffix
+    return path.suffix.lower()
+
+
+@contextlib.contextmanager
+def open_bytes(path: Path) -> Iterator[tuple[BinaryIO, Callable[[], int]]]:
+    """(the file's bytes, decompressed where it starts with a gzip, bzip2 or xz header; a function giving the bytes
+    read from the disk so far, which progress and --max-corpus-bytes count)."""
+    with path.open("rb") as raw:
+        head = raw.read(6)
+        raw.seek(0)
+        opener = next((cls for magic, cls in COMPRESSED.items() if head.startswith(magic)), None)
+        if opener is None:
+            yield raw, raw.tell
+            return
+        with opener(raw) as f:
+            yield f, raw.tell
 
 
 class Piece(NamedTuple):
@@ -59,7 +93,7 @@ def corpus_files(values: Iterable[str | Path]) -> list[Path]:
 
 
 def _files_under(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in CORPUS_SUFFIXES
+    return sorted(p for p in directory.rglob("*") if p.is_file() and inner_suffix(p) in CORPUS_SUFFIXES
                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
 
@@ -81,8 +115,9 @@ class Corpus:
                    unit_divisor=1024, leave=False)
         try:
             for path in self.files:
-                reader = (self._jsonl if path.suffix.lower() in JSONL_SUFFIXES else
-                          self._parquet if path.suffix.lower() in PARQUET_SUFFIXES else self._text)
+                suffix = inner_suffix(path)
+                reader = (self._jsonl if suffix in JSONL_SUFFIXES else
+                          self._parquet if suffix in PARQUET_SUFFIXES else self._text)
                 try:
                     for piece in reader(path):
                         yield piece
@@ -93,7 +128,7 @@ class Corpus:
                             return
                 except UnicodeDecodeError as e:  # Parquet strings that Arrow did not validate
                     raise UserInputError(f"--corpus {path}: not UTF-8 text ({e.reason})") from None
-                except OSError as e:
+                except (OSError, EOFError, lzma.LZMAError) as e:  # also a truncated or corrupt compressed stream
                     raise UserInputError(f"--corpus {path}: cannot read it: {e}") from None
         finally:
             bar.close()
@@ -103,11 +138,11 @@ class Corpus:
         finds the same separators as splitting the whole file, because a separator is complete once its second
         newline has been read and only the carry's last line can start one."""
         decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True)
-        carry, first, offset = "", True, 0
-        with path.open("rb") as f:
+        carry, first, offset, before = "", True, 0, self.bytes_read
+        with open_bytes(path) as (f, consumed):
             while True:
                 data = f.read(self.chunk)
-                self.bytes_read += len(data)
+                self.bytes_read = before + consumed()
                 pending = len(decoder.getstate()[0])  # bytes of a character split by the previous read
                 try:
                     text = decoder.decode(data, final=not data)
@@ -132,9 +167,10 @@ class Corpus:
                         carry, first = carry[cut:], False
 
     def _jsonl(self, path: Path) -> Iterator[Piece]:
-        with path.open("rb") as f:
+        before = self.bytes_read
+        with open_bytes(path) as (f, consumed):
             for n, line in enumerate(f, 1):
-                self.bytes_read += len(line)
+                self.bytes_read = before + consumed()
                 if not line.strip():
                     continue
                 try:
