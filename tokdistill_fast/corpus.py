@@ -47,18 +47,26 @@ def inner_suffix(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def open_bytes(path: Path) -> Iterator[tuple[BinaryIO, Callable[[], int]]]:
-    """(the file's bytes, decompressed where it starts with a gzip, bzip2 or xz header; a function giving the bytes
-    read from the disk so far, which progress and --max-corpus-bytes count)."""
+def open_bytes(path: Path) -> Iterator[tuple[BinaryIO, Callable[[int], int]]]:
+    """(the file's bytes, decompressed where it starts with a gzip, bzip2 or xz header; `advance`: given the bytes
+    just read from it, the bytes read from the disk so far, which progress and --max-corpus-bytes count). A plain
+    file counts what it was given (no seek per JSONL line); a compressed one asks the file's position."""
     with path.open("rb") as raw:
         head = raw.read(6)
         raw.seek(0)
         opener = next((cls for magic, cls in COMPRESSED.items() if head.startswith(magic)), None)
         if opener is None:
-            yield raw, raw.tell
+            total = 0
+
+            def advance(n: int) -> int:
+                nonlocal total
+                total += n
+                return total
+
+            yield raw, advance
             return
         with opener(raw) as f:
-            yield f, raw.tell
+            yield f, lambda n: raw.tell()
 
 
 class Piece(NamedTuple):
@@ -139,10 +147,10 @@ class Corpus:
         newline has been read and only the carry's last line can start one."""
         decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True)
         carry, first, offset, before = "", True, 0, self.bytes_read
-        with open_bytes(path) as (f, consumed):
+        with open_bytes(path) as (f, advance):
             while True:
                 data = f.read(self.chunk)
-                self.bytes_read = before + consumed()
+                self.bytes_read = before + advance(len(data))
                 pending = len(decoder.getstate()[0])  # bytes of a character split by the previous read
                 try:
                     text = decoder.decode(data, final=not data)
@@ -168,9 +176,9 @@ class Corpus:
 
     def _jsonl(self, path: Path) -> Iterator[Piece]:
         before = self.bytes_read
-        with open_bytes(path) as (f, consumed):
+        with open_bytes(path) as (f, advance):
             for n, line in enumerate(f, 1):
-                self.bytes_read = before + consumed()
+                self.bytes_read = before + advance(len(line))
                 if not line.strip():
                     continue
                 try:
