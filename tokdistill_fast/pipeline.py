@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import check, contexts, export, student, swap, teacher, tokens
-from .align import prefix_lengths
+from .align import Alignment, prefix_lengths
 from .config import TRAINED_METHODS, DistillConfig, UserInputError
 from .control import checkpoint, chunks, distributed, observed
 from .control.settings import guarded_method, resolve_settings, search_settings
@@ -151,6 +151,14 @@ def teacher_cache(prep: Prepared, work: Workload, layers: list[int], packed: boo
                            **teacher.options(prep.decoder, prep.dtype, packed), capture=capture)
 
 
+def snippet_cache(prep: Prepared, al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, layers: list[int],
+                  packed: bool) -> teacher.TeacherCache:
+    """Teacher states of some of the snippets (a chunk's, the outlier rows' of retry_outliers) at `layers`, without
+    prefix keys/values: the student's prefix steps run their prefixes again."""
+    return teacher.compute(prep.decoder, teacher_ids, cu_teacher, al, layers,
+                           **teacher.options(prep.decoder, prep.dtype, packed))
+
+
 def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, config: DistillConfig | None = None,
             tokenizer=None, target_tokenizer=None) -> DistillResult:
     """Add `new_tokens` to the model's tokenizer and learn their input embeddings.
@@ -197,8 +205,8 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
         plan = chunks.plan(run_cfg, work.alignment, work.snippet_row, len(work.primaries),
                            prep.decoder.hidden_size * prep.dtype.itemsize * len(layers))
         if not plan.single:
-            trainer = chunks.ChunkedTrainer(plan, work_dir, lambda al, ids, cu: teacher.compute(
-                prep.decoder, ids, cu, al, layers, **teacher.options(prep.decoder, prep.dtype, passes.prefix)))
+            trainer = chunks.ChunkedTrainer(
+                plan, work_dir, lambda al, ids, cu: snippet_cache(prep, al, ids, cu, layers, passes.prefix))
         elif objective.distill is not None and not passes.fused:  # fused: the teacher runs in each step
             with timer("teacher"):
                 cache = teacher_cache(prep, mine, layers, packed=passes.prefix)
@@ -321,8 +329,7 @@ def retry_outliers(prep: Prepared, work: Workload, result: student.TrainResult,
                                              decoder.embed_weight.shape[0])
     cache = None
     if objective.distill is not None and not passes.fused:
-        cache = teacher.compute(decoder, ids, cu, sub, objective.cache_layers(decoder.num_layers),
-                                **teacher.options(decoder, prep.dtype, passes.prefix))
+        cache = snippet_cache(prep, sub, ids, cu, objective.cache_layers(decoder.num_layers), passes.prefix)
     index = torch.from_numpy(bad).to(start[0].device)
     again = student.train(decoder, sub, cache, sub_row, start[0][index],
                           None if start[1] is None else start[1][index], objective, schedule, prep.tied,

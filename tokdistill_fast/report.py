@@ -168,9 +168,10 @@ def flag_outliers(per_token: list[dict], retried: dict[int, dict] | None = None)
     are easier and their number varies (a word that ends its paragraphs has none)."""
     retried = retried or {}
     loss = [t["word_loss"] if t["word_loss"] is not None else np.nan for t in per_token]
-    median, still = outlier_rows(np.array(loss))
+    median, over = outlier_rows(np.array(loss))
+    still = set(over.tolist())
     flagged = []
-    for i in sorted(set(retried) | set(still.tolist())):
+    for i in sorted(set(retried) | still):
         t, again = per_token[i], retried.get(i)
         first = again["first"] if again else t["word_loss"]
         f = {"word": t["word"], "word_loss": first, "final_loss": t["final_loss"], "times_median": first / median,
