@@ -332,3 +332,27 @@ def test_gnu_standards_corpus_reads_both_manuals(tmp_path, monkeypatch):
     out = demo.gnu_standards_corpus(tmp_path / "gnustd.txt", tmp_path)
     assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
         "Write configure scripts with Autoconf & friends.", "Maintainers answer bug reports sent to the list."]
+
+
+def test_kjv_corpus_makes_one_document_per_chapter(tmp_path, monkeypatch):
+    """The untuned corpus of the thirteenth stop: the King James Bible as `bible-kjv`'s reader prints it (a heading
+    line per chapter, then one indented, numbered verse per line) becomes one document per chapter, verse numbers
+    dropped; a reader that cannot run is a clear error."""
+    import stat
+
+    from tokdistill_fast.config import UserInputError
+    from tokdistill_fast.tools import demo
+
+    reader = tmp_path / "bible"
+    reader.write_text("#!/bin/sh\nprintf '\\nGenesis 1\\n\\n  1 In the beginning God created the heaven and the "
+                      "earth.\\n  2 And the earth was without form, and void.\\n\\n1 Kings 2\\n\\n  10 So David "
+                      "slept with his fathers, and was buried in the city.\\n'\n")
+    reader.chmod(reader.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: tmp_path / path.name)
+    out = demo.kjv_corpus(tmp_path / "kjv.txt", tmp_path)
+    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+        "In the beginning God created the heaven and the earth. And the earth was without form, and void.",
+        "So David slept with his fathers, and was buried in the city."]
+    reader.unlink()
+    with pytest.raises(UserInputError, match="cannot print the King James Bible"):
+        demo.kjv_corpus(tmp_path / "kjv2.txt", tmp_path)

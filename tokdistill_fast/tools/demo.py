@@ -248,6 +248,23 @@ def git_docs_corpus(out: Path, cache: Path | None = None) -> Path:
     return write_documents(out, (p for page in sorted(first.parent.glob("*.txt")) for p in paragraphs(page)))
 
 
+def kjv_corpus(out: Path, cache: Path | None = None) -> Path:
+    """The King James Bible (`bible-kjv-text`, printed by `bible-kjv`'s reader; added 2026-12-02, thirteenth stop,
+    after every default was set: archaic English and many names, a domain no other corpus has): one document per
+    chapter, verse numbers dropped."""
+    if out.exists():
+        return out
+    data = debian_file("bible-kjv-text", Path("/usr/lib/bible.data"), cache)
+    reader = debian_file("bible-kjv", Path("/usr/bin/bible"), cache)
+    try:  # -l9999: one verse per line; chapter headings ("Genesis 1") are the lines that do not start with a space
+        text = subprocess.run([str(reader), "-l9999", "-p", str(data.parent), "Gen1:1-Rev22:21"], check=True,
+                              capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise UserInputError(f"cannot print the King James Bible with {reader}: {e}") from None
+    chapters = re.split(r"^\S.*$", text, flags=re.M)
+    return write_documents(out, (re.sub(r"^\s+\d+ ", "", c, flags=re.M) for c in chapters))
+
+
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
     """WordNet glosses with their example sentences, one per paragraph."""
     if out.exists():
@@ -291,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="prepare: also build FOLDOC, the Jargon File, the Devil's Dictionary, VERA (dict-foldoc, "
                         "dict-jargon, dict-devil, dict-vera), a corpus of fortunes (fortunes), the Debian Reference "
                         "(debian-reference-en), the Python Library Reference (python3.11-doc), Git's manuals "
-                        "(git-doc), the GNU Coding Standards (gnu-standards) and the PostgreSQL manual "
-                        "(postgresql-doc-15), split 3:1")
+                        "(git-doc), the GNU Coding Standards (gnu-standards), the PostgreSQL manual "
+                        "(postgresql-doc-15) and the King James Bible (bible-kjv-text, bible-kjv), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
@@ -310,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                           for name in HTML_MANUALS})
             built["gitdocs"] = git_docs_corpus(cache_dir() / "corpora" / "gitdocs.txt")
             built["gnustd"] = gnu_standards_corpus(cache_dir() / "corpora" / "gnustd.txt")
+            built["kjv"] = kjv_corpus(cache_dir() / "corpora" / "kjv.txt")
             for name, corpus in built.items():
                 paths[name], paths[f"{name}_heldout"] = corpus, split_corpus(corpus)[1]
         if args.what == "prepare":
