@@ -8,6 +8,7 @@ import gzip
 import json
 import lzma
 import random
+import stat
 
 import pytest
 from hypothesis import given, settings
@@ -338,9 +339,6 @@ def test_kjv_corpus_makes_one_document_per_chapter(tmp_path, monkeypatch):
     """The untuned corpus of the thirteenth stop: the King James Bible as `bible-kjv`'s reader prints it (a heading
     line per chapter, then one indented, numbered verse per line) becomes one document per chapter, verse numbers
     dropped; a reader that cannot run is a clear error."""
-    import stat
-
-    from tokdistill_fast.config import UserInputError
     from tokdistill_fast.tools import demo
 
     reader = tmp_path / "bible"
