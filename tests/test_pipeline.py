@@ -183,7 +183,7 @@ def test_new_token_mass_reads_where_the_rows_send_probability(model_dirs, words_
             counts[r] += 1
         return probs / counts[:, None], states / counts[:, None]
 
-    mass, row_tok, col_tok = pipeline.new_token_mass(prep, pipeline.Learned(rows, None, None, 0))
+    mass, row_tok, col_tok = pipeline.new_token_mass(prep, rows, None)
     assert row_tok == list(work.primaries) and sorted(col_tok) == list(range(len(prep.toks)))
     expected, states = plain(rows, col_tok)
     torch.testing.assert_close(torch.from_numpy(mass).float(), expected, rtol=1e-4, atol=1e-5)
@@ -191,7 +191,7 @@ def test_new_token_mass_reads_where_the_rows_send_probability(model_dirs, words_
     others = [r for r in range(len(row_tok)) if row_tok[r] != hub]
     direction = states[others].mean(0)
     rows[hub] = 40.0 * direction / direction.norm() ** 2  # logit ~40 wherever the state is near that mean
-    mass, row_tok, col_tok = pipeline.new_token_mass(prep, pipeline.Learned(rows, None, None, 0))
+    mass, row_tok, col_tok = pipeline.new_token_mass(prep, rows, None)
     assert (mass[others].argmax(1) == 0).all() and (mass[others].sum(1) > 0.5).all()
     report = RunReport({"tokens": [{"word": t.word, "form": t.form} for t in prep.toks]}, StageTimer())
     report.record_new_token_mass(mass, row_tok, col_tok)

@@ -6,6 +6,7 @@ that start their documents stay ordinary."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from types import SimpleNamespace
 
@@ -17,7 +18,7 @@ from tokdistill_fast.kernels.embedding_rows import embedding_rows
 from transformers import AutoModelForCausalLM
 
 from tokdistill_fast import DistillConfig, align, contexts, pipeline, report, student, teacher, tokens
-from tokdistill_fast.config import cache_dir
+from tokdistill_fast.config import HARDEST_WARMUP, UserInputError, cache_dir
 from tokdistill_fast.modeling import models
 from tokdistill_fast.rows import subtoken_mean
 from tokdistill_fast.workload import Workload, build_workload
@@ -122,9 +123,9 @@ def test_outlier_tokens_are_flagged_with_their_contexts(caplog):
     assert "trained again alone: 5.2, kept" in caplog.text and "still an outlier" not in caplog.text
 
 
-def test_outlier_rows_train_again_alone():
-    """A row whose word loss ends far over the others' trains again alone from its start row, on its own snippets:
-    it gets the row a run of that word alone gives, and keeps it only where its word loss is the lower."""
+def three_words():
+    """A tiny model and 9 snippets of 3 phrases (new rows 0-2), with what pipeline's train-alone steps need, and
+    run(alignment, ids, cu, snippet_row, start rows, schedule) training on them."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=torch.float32)
     dec = models.Decoder(model.eval().requires_grad_(False))
@@ -142,20 +143,32 @@ def test_outlier_rows_train_again_alone():
     prep = SimpleNamespace(decoder=dec, dtype=torch.float32, tied=True)
     objective, passes = student.Objective(distill="mse", layer=layer), student.Passes()
     schedule = student.Schedule(lr=0.05, epochs=2, batch_size=2, seed=0)
-    init = torch.randn(3, dec.hidden_size) * 0.5
 
-    def run(al_, ids_, cu_, rows_, init_):
+    def run(al_, ids_, cu_, rows_, init_, schedule_=schedule):
         cache = teacher.compute(dec, ids_, cu_, al_, [layer], 4096, torch.float32)
-        return student.train(dec, al_, cache, rows_, init_, None, objective, schedule, tied=True, passes=passes)
+        return student.train(dec, al_, cache, rows_, init_, None, objective, schedule_, tied=True, passes=passes)
 
-    result = run(al, ids, cu, work.snippet_row, init)
+    def alone(word, start, schedule_=schedule):
+        mine = [i for i in range(9) if which[i] == word]
+        return run(align.align([seqs[i] for i in mine], [phrases[word]], [0] * 3, [V], "python"),
+                   *align.pack([seqs[i] for i in mine]), np.zeros(3, dtype=np.int64), start, schedule_)
+
+    return SimpleNamespace(work=work, prep=prep, objective=objective, passes=passes, schedule=schedule, run=run,
+                           alone=alone, init=torch.randn(3, dec.hidden_size) * 0.5)
+
+
+def test_outlier_rows_train_again_alone():
+    """A row whose word loss ends far over the others' trains again alone from its start row, on its own snippets:
+    it gets the row a run of that word alone gives, and keeps it only where its word loss is the lower."""
+    w = three_words()
+    work, prep, objective, schedule, passes, init = w.work, w.prep, w.objective, w.schedule, w.passes, w.init
+    al, ids, cu = work.alignment, work.teacher_ids, work.cu_teacher
+    result = w.run(al, ids, cu, work.snippet_row, init)
     kept = result.rows.clone()
     result.rows[1] += 50.0  # a row gone astray, and its loss
     result.word_loss[1] = 1000 * result.word_loss.max()
     got = pipeline.retry_outliers(prep, work, result, (init, None), objective, schedule, passes)
-    mine = [i for i in range(9) if which[i] == 1]
-    alone = run(align.align([seqs[i] for i in mine], [phrases[1]], [0] * 3, [V], "python"),
-                *align.pack([seqs[i] for i in mine]), np.zeros(3, dtype=np.int64), init[1:2])
+    alone = w.alone(1, init[1:2])
     assert got == {1: {"first": got[1]["first"], "alone": float(alone.word_loss[0]), "kept": "alone"}}
     torch.testing.assert_close(result.rows[1], alone.rows[0])
     torch.testing.assert_close(result.rows[[0, 2]], kept[[0, 2]])  # the other rows are not touched
@@ -166,3 +179,34 @@ def test_outlier_rows_train_again_alone():
     got = pipeline.retry_outliers(prep, work, result, (init, None), objective, schedule, passes)
     assert got[1]["kept"] == "first" and got[1]["alone"] == float(alone.word_loss[0])
     torch.testing.assert_close(result.rows[1], kept[1])
+
+
+def test_hardest_rows_train_more_epochs_alone():
+    """The quarter of the rows with the highest word loss (here 1 of 3) trains --hardest-epochs more epochs alone,
+    from its trained row, with a short warm-up: it gets the row a run of that word alone from there gives (kept
+    where its loss is the lower), the others are untouched; 0 epochs changes nothing."""
+    w = three_words()
+    work = w.work
+    result = w.run(work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row, w.init)
+    trained = result.rows.clone()
+    result.word_loss[2] = 10 * result.word_loss.max()
+    with pytest.raises(UserInputError, match="--hardest-epochs must be 0 or more"):
+        DistillConfig(hardest_epochs=-1).validate()
+    assert pipeline.continue_hardest(w.prep, work, result, 0, w.objective, w.schedule, w.passes) == {}
+    torch.testing.assert_close(result.rows, trained)
+    got = pipeline.continue_hardest(w.prep, work, result, 3, w.objective, w.schedule, w.passes)
+    more = dataclasses.replace(w.schedule, epochs=3, warmup_fraction=HARDEST_WARMUP)
+    alone = w.alone(2, trained[2:3], more)
+    assert alone.steps == 3 * 2  # 3 snippets in batches of 2, three epochs
+    assert got == {2: {"first": got[2]["first"], "alone": float(alone.word_loss[0]), "kept": "alone"}}
+    torch.testing.assert_close(result.rows[2], alone.rows[0])
+    torch.testing.assert_close(result.rows[:2], trained[:2])
+    # where the tied model then puts over 0.2 of its next-token probability on new tokens after some word (`hubs`),
+    # the continued rows go back to their rows and losses from before the continuation
+    result.rows, result.word_loss[2] = trained.clone(), 10 * result.word_loss.max()
+    first = result.word_loss.copy()
+    got = pipeline.continue_hardest(w.prep, work, result, 3, w.objective, w.schedule, w.passes,
+                                    hubs=lambda r: 0.1 + 0.2 * float((r.rows[2] != trained[2]).any()))
+    assert got[2]["kept"] == "first" and got[2]["over_predicted"] == pytest.approx(0.3)
+    torch.testing.assert_close(result.rows, trained)
+    assert (result.word_loss == first).all()

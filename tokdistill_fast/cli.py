@@ -83,6 +83,8 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
                    help="learning rate, or auto; where rows step less often than every 4th step (runs of more than "
                         "about 50 tokens) they train at lr x sqrt(4 / spacing): report.json's training.lr")
     d.add_argument("--epochs", type=_epochs, default=c.epochs, help="passes over the snippets (1, 2, ...), or auto")
+    d.add_argument("--hardest-epochs", type=int, default=c.hardest_epochs,
+                   help="then the quarter of the words with the highest loss train this many more epochs alone (0: no)")
     d.add_argument("--batch-size", type=int, default=c.batch_size)
     d.add_argument("--warmup-fraction", type=float, default=c.warmup_fraction,
                    help="share of the steps with a linear learning-rate warm-up (the paper: 0.5)")

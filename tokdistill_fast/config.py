@@ -51,6 +51,10 @@ OUTLIER_FACTOR = 10.0
 # mass after many. 0-8 of 40 words per corpus were above it with plain AdamW, 0-4 with whitened Adam (the
 # default), none with subtoken-mean rows (docs/defaults.md).
 OVER_PREDICTION_FLAG = 0.2
+# The share of trained words (those with the highest word loss) that --hardest-epochs trains on, and the warm-up of
+# that continuation (its Adam moments start afresh from rows already trained).
+HARDEST_FRACTION = 0.25
+HARDEST_WARMUP = 0.25
 
 @dataclass(frozen=True)
 class Launch:
@@ -109,6 +113,10 @@ class DistillConfig:
     # snippets at about the position-passes of two epochs over 8 positions, lower held-out KL on both models
     # (docs/defaults.md); "auto" lets the search try the chosen setting with 1 and 2 epochs.
     epochs: int | str = 4
+    # Then the HARDEST_FRACTION of the trained words whose own-position loss is highest train this many more epochs
+    # alone, from their rows (0: none): the words still furthest from their teacher gain most from more passes
+    # (docs/defaults.md, "More passes for the hardest quarter").
+    hardest_epochs: int = 4
     batch_size: int = 16  # the paper's batch size
     snippets_per_token: int = 25  # the paper's budget: at most 25 snippets ...
     snippet_length: int = 50  # ... of at most 50 tokens per new token
@@ -191,6 +199,8 @@ class DistillConfig:
                 raise UserInputError(f"--{name.replace('_', '-')} must be at least 1")
         if self.snippet_length < 4:
             raise UserInputError("--snippet-length must be at least 4 tokens")
+        if int(self.hardest_epochs) < 0:
+            raise UserInputError("--hardest-epochs must be 0 or more")
         if self.left_context is not None and int(self.left_context) < 0:
             raise UserInputError("--left-context must be 0 or more tokens")
         if self.pad_to_multiple_of is not None and int(self.pad_to_multiple_of) < 1:

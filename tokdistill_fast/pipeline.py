@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 import time
@@ -21,14 +22,21 @@ import torch
 
 from . import check, contexts, export, student, swap, teacher, tokens
 from .align import Alignment, prefix_lengths
-from .config import TRAINED_METHODS, DistillConfig, UserInputError
+from .config import (
+    HARDEST_FRACTION,
+    HARDEST_WARMUP,
+    OVER_PREDICTION_FLAG,
+    TRAINED_METHODS,
+    DistillConfig,
+    UserInputError,
+)
 from .control import checkpoint, chunks, distributed, observed
 from .control.settings import guarded_method, resolve_settings, search_settings
 from .corpus import corpus_files, leading_documents
 from .evaluation import heldout
 from .kernels import backend as kernels
 from .modeling import models
-from .report import RunReport, StageTimer, flag_outliers, outlier_rows
+from .report import RunReport, StageTimer, flag_outliers, hardest_words, outlier_rows
 from .rows import clip_norms, random_rows, subtoken_mean
 from .tokens import NewToken, Skipped
 from .workload import Workload, build_workload, trained_tokens
@@ -210,15 +218,16 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
         elif objective.distill is not None and not passes.fused:  # fused: the teacher runs in each step
             with timer("teacher"):
                 cache = teacher_cache(prep, mine, layers, packed=passes.prefix)
-    learned = learn_rows(prep, run_cfg, (layer, lr, epochs), mine, cache, timer, trainer, retry=ranks.world == 1)
+    learned = learn_rows(prep, run_cfg, (layer, lr, epochs), mine, cache, timer, trainer, alone=ranks.world == 1)
     report = RunReport.build(prep, cfg, (layer, lr, epochs), learned, methods=True, method=method)
     report.add(autotune=search.as_dict() if search is not None else None,
                retrieval=work.retrieval if work is not None else None)
     report.add(outliers=flag_outliers(report.data["tokens"], learned.retried),
+               hardest=hardest_words(report.data["tokens"], learned.hardest, run_cfg.hardest_epochs),
                chunks=plan.bounds if plan is not None else None)
     if ranks.writer and learned.train_result is not None:
         with timer("new_token_mass"):
-            report.record_new_token_mass(*new_token_mass(prep, learned))
+            report.record_new_token_mass(*new_token_mass(prep, learned.rows, learned.out_rows))
     if out is not None and ranks.writer:
         with timer("export"):
             try:
@@ -242,17 +251,20 @@ class Learned:
     init_used: set[int] = field(default_factory=set)  # tokens that started from --init-from rows
     derived: list[int] = field(default_factory=list)  # variants whose rows were moved from their primary's
     retried: dict[int, dict] = field(default_factory=dict)  # outlier tokens trained again alone (retry_outliers)
+    hardest: dict[int, dict] = field(default_factory=dict)  # tokens that trained more epochs alone (continue_hardest)
 
 
 def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, int], work: Workload | None = None,
                cache: teacher.TeacherCache | None = None, timer: StageTimer | None = None,
-               trainer=student.train, retry: bool = True) -> Learned:
+               trainer=student.train, alone: bool = True) -> Learned:
     """Rows for cfg.method on prep's tokens with `settings` (target layer, lr; cfg.epochs is the number run):
     subtoken-mean or random start, training on `work` (default prep.work) for trained methods (`cache` holds at
     least the teacher layers the objective reads, so one cache can serve several runs), norm clipping
     (for tied models to a quantile), variants from their primaries, and the output-row policy for untied ones.
-    `trainer`: student.train or a stand-in with its signature (checkpointing, chunks.ChunkedTrainer); `retry`:
-    outlier rows train again alone (retry_outliers; not where each process holds part of every step)."""
+    `trainer`: student.train or a stand-in with its signature (checkpointing, chunks.ChunkedTrainer); `alone`:
+    rows then train alone on their own snippets (outliers again: retry_outliers; the hardest words more epochs:
+    continue_hardest, for distillation without NTP), which is not possible where each process holds part of every
+    step."""
     timer = timer or StageTimer()
     work = prep.work if work is None else work
     decoder, toks, tied = prep.decoder, prep.toks, prep.tied
@@ -268,7 +280,7 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
     passes = student.Passes.for_config(cfg)
     if passes.fused and cache is not None:  # a cache shared by several runs (compare) already holds the targets
         passes = student.Passes(prefix=True)
-    train_result, retried = None, {}
+    train_result, retried, hardest = None, {}, {}
     if cfg.method == "random":
         rows = random_rows(table, len(toks), cfg.seed).to(device)
     elif cfg.method != "mean" and primaries:
@@ -278,9 +290,14 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         with timer("student"):
             train_result = trainer(decoder, work.alignment, cache, work.snippet_row, *start, objective, schedule,
                                    tied, passes=passes, teacher=(work.teacher_ids, work.cu_teacher))
-            if retry:
+            if alone:
                 retried = {primaries[r]: v for r, v in retry_outliers(prep, work, train_result, start, objective,
                                                                        schedule, passes).items()}
+            if alone and objective.ntp is None:
+                hubs = functools.partial(mass_after_words, prep, rows, primaries, cfg.max_norm_quantile) \
+                    if tied else None
+                hardest = {primaries[r]: v for r, v in continue_hardest(prep, work, train_result, cfg.hardest_epochs,
+                                                                        objective, schedule, passes, hubs).items()}
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
             out_init[primaries] = train_result.out_rows
@@ -309,33 +326,87 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
     if not tied:
         policy = "mean" if cfg.output_embeddings == "auto" else cfg.output_embeddings
         out_rows = torch.zeros_like(rows) if policy == "zeros" else out_init.float().cpu()
-    return Learned(rows, out_rows, train_result, clipped, init_used, derived, retried)
+    return Learned(rows, out_rows, train_result, clipped, init_used, derived, retried, hardest)
 
 
 def retry_outliers(prep: Prepared, work: Workload, result: student.TrainResult,
                    start: tuple[torch.Tensor, torch.Tensor | None], objective: student.Objective,
                    schedule: student.Schedule, passes: student.Passes) -> dict[int, dict]:
     """Rows whose word loss ended over OUTLIER_FACTOR x the median train again alone: from their `start` rows, on
-    their own snippets, with the same objective and schedule; each keeps the row with the lower word loss (`result`
-    is updated). A row can tip into the attention-sink regime mid-run (massive activations at its own position, a
-    loss thousands of times the others', and a tied row that the model then predicts after other words); alone,
-    in the few steps its own snippets make, it did not (docs/defaults.md, "Rows that fall into the sink").
-    Returns {row: {"first", "alone": word losses, "kept": "alone" or "first"}}."""
+    their own snippets, with the same objective and schedule (train_alone). A row can tip into the attention-sink
+    regime mid-run (massive activations at its own position, a loss thousands of times the others', and a tied row
+    that the model then predicts after other words); alone, in the few steps its own snippets make, it did not
+    (docs/defaults.md, "Rows that fall into the sink")."""
     _, bad = outlier_rows(result.word_loss)
-    if not len(bad):
+    return train_alone(prep, work, result, bad, pick_rows(start, bad), objective, schedule, passes, "again alone")
+
+
+def continue_hardest(prep: Prepared, work: Workload, result: student.TrainResult, epochs: int,
+                     objective: student.Objective, schedule: student.Schedule, passes: student.Passes,
+                     hubs=None) -> dict[int, dict]:
+    """The HARDEST_FRACTION of the rows with the highest word loss train `epochs` more epochs alone, from their
+    trained rows (train_alone): the gain of more passes goes mostly to the words still furthest from their teacher
+    (docs/defaults.md, "More passes for the hardest quarter"), at a fraction of the cost of more passes for all.
+    `hubs` (tied models: mass_after_words without its first arguments): if the model then puts over
+    OVER_PREDICTION_FLAG of its next-token probability on new tokens right after some trained word, every continued
+    row goes back to its row and loss from before: trained alone, rows can become hubs the loss does not see (the
+    Python Library Reference on Gemma-3: ` built-in` took 0.94 after a word; sent back alone, other continued rows
+    took its place)."""
+    loss = np.asarray(result.word_loss, dtype=np.float64)
+    ok = np.flatnonzero(np.isfinite(loss))
+    hardest = np.sort(ok[np.argsort(-loss[ok], kind="stable")[:int(round(HARDEST_FRACTION * len(ok)))]])
+    if epochs < 1 or not len(hardest):
+        return {}
+    more = dataclasses.replace(schedule, epochs=epochs, warmup_fraction=HARDEST_WARMUP)
+    before = result.rows.clone(), result.token_loss.copy(), result.word_loss.copy()
+    out = train_alone(prep, work, result, hardest, pick_rows((result.rows, result.out_rows), hardest), objective,
+                      more, passes, "hardest")
+    moved = [r for r, v in out.items() if v["kept"] == "alone"]
+    if hubs is not None and moved and (mass := hubs(result)) > OVER_PREDICTION_FLAG:
+        for r in moved:
+            result.rows[r], result.token_loss[r], result.word_loss[r] = (x[r] for x in before)
+            out[r].update(kept="first", over_predicted=mass)
+        log.warning("hardest: with the continued rows a trained word put %.2f of its next-token probability on new "
+                    "tokens; every row from before the continuation is kept", mass)
+    return out
+
+
+def mass_after_words(prep: Prepared, start: torch.Tensor, primaries: list[int], quantile: float,
+                     result: student.TrainResult) -> float:
+    """The most next-token probability a tied model with `result`'s rows (the other new tokens at their `start`
+    rows, all clipped as the output is) puts on new tokens right after a trained word (training snippets,
+    new_token_mass): what `over_predicting` flags over OVER_PREDICTION_FLAG."""
+    rows = start.clone()
+    rows[primaries] = result.rows.to(rows.device, rows.dtype)
+    rows, _ = clip_norms(rows.float().cpu(), prep.decoder.embed_weight, quantile)
+    mass, _, _ = new_token_mass(prep, rows, None)
+    return float(mass.sum(axis=1).max())
+
+
+def pick_rows(rows: tuple[torch.Tensor, torch.Tensor | None], index: np.ndarray
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input rows, output rows or None) at `index`."""
+    return tuple(None if t is None else t[torch.from_numpy(index).to(t.device)] for t in rows)
+
+
+def train_alone(prep: Prepared, work: Workload, result: student.TrainResult, index: np.ndarray,
+                start: tuple[torch.Tensor, torch.Tensor | None], objective: student.Objective,
+                schedule: student.Schedule, passes: student.Passes, desc: str) -> dict[int, dict]:
+    """Rows `index` of `result` train on their own snippets only, from their `start` rows, and each keeps whichever
+    row ends with the lower word loss (`result` is updated).
+    Returns {row: {"first", "alone": word losses, "kept": "alone" or "first"}}."""
+    if not len(index):
         return {}
     decoder = prep.decoder
-    sub, ids, cu, sub_row = chunks.take_rows(work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row, bad,
-                                             decoder.embed_weight.shape[0])
+    sub, ids, cu, sub_row = chunks.take_rows(work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row,
+                                             index, decoder.embed_weight.shape[0])
     cache = None
     if objective.distill is not None and not passes.fused:
         cache = snippet_cache(prep, sub, ids, cu, objective.cache_layers(decoder.num_layers), passes.prefix)
-    index = torch.from_numpy(bad).to(start[0].device)
-    again = student.train(decoder, sub, cache, sub_row, start[0][index],
-                          None if start[1] is None else start[1][index], objective, schedule, prep.tied,
-                          desc="again alone", passes=passes, teacher=(ids, cu))
+    again = student.train(decoder, sub, cache, sub_row, *start, objective, schedule, prep.tied, desc=desc,
+                          passes=passes, teacher=(ids, cu))
     out = {}
-    for i, r in enumerate(bad.tolist()):
+    for i, r in enumerate(index.tolist()):
         alone = float(again.word_loss[i])
         keep = bool(alone < result.word_loss[r])
         out[r] = {"first": float(result.word_loss[r]), "alone": alone, "kept": "alone" if keep else "first"}
@@ -344,25 +415,29 @@ def retry_outliers(prep: Prepared, work: Workload, result: student.TrainResult,
             if result.out_rows is not None:
                 result.out_rows[r] = again.out_rows[i].to(result.out_rows.device)
             result.token_loss[r], result.word_loss[r] = again.token_loss[i], alone
+    log.info("%s: %d row(s) trained alone in %.1f s, %d kept their new row", desc, len(index), again.seconds,
+             sum(v["kept"] == "alone" for v in out.values()))
     return out
 
 
-def new_token_mass(prep: Prepared, learned: Learned) -> tuple[np.ndarray, list[int], list[int]]:
-    """heldout.new_token_mass of the learned rows on the first MASS_SNIPPETS training snippets of each trained word
-    (where the model sends its next-token probability is a property of the rows, which a few contexts show): the
-    [trained words, new tokens] mass, the token index of each row and of each column."""
+def new_token_mass(prep: Prepared, rows: torch.Tensor, out_rows: torch.Tensor | None
+                   ) -> tuple[np.ndarray, list[int], list[int]]:
+    """heldout.new_token_mass of `rows` (every new token's; untied: and `out_rows`) on the first MASS_SNIPPETS
+    training snippets of each trained word (where the model sends its next-token probability is a property of the
+    rows, which a few contexts show): the [trained words, new tokens] mass, the token index of each row and of each
+    column."""
     work, n = prep.work, len(prep.toks)
-    rows = list(work.primaries)
-    trained = set(rows)
-    cols = rows + [i for i in range(n) if i not in trained]  # the alignment's ids V + r come first
-    scorer = heldout.Scorer(prep.decoder, rows=learned.rows[cols], backend=prep.backend,
-                            out_rows=None if learned.out_rows is None else learned.out_rows[cols])
+    words = list(work.primaries)
+    trained = set(words)
+    cols = words + [i for i in range(n) if i not in trained]  # the alignment's ids V + r come first
+    scorer = heldout.Scorer(prep.decoder, rows=rows[cols], backend=prep.backend,
+                            out_rows=None if out_rows is None else out_rows[cols])
     row = work.snippet_row
     order = np.argsort(row, kind="stable")
     rank = np.empty(len(row), dtype=np.int64)
     rank[order] = np.arange(len(row)) - np.searchsorted(row[order], row[order])
     sel = np.flatnonzero(rank < MASS_SNIPPETS)
-    return heldout.new_token_mass(scorer, work.alignment.take(sel), row[sel], len(rows)), rows, cols
+    return heldout.new_token_mass(scorer, work.alignment.take(sel), row[sel], len(words)), words, cols
 
 
 def write_output(out: Path, prep: Prepared, learned: Learned, report: RunReport) -> None:

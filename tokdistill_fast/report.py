@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .config import OUTLIER_FACTOR, OVER_PREDICTION_FLAG, DistillConfig
+from .config import HARDEST_FRACTION, OUTLIER_FACTOR, OVER_PREDICTION_FLAG, DistillConfig
 from .control import observed
 
 if TYPE_CHECKING:
@@ -184,6 +184,17 @@ def flag_outliers(per_token: list[dict], retried: dict[int, dict] | None = None)
                     if f["still_outlier"] else "")
         flagged.append(f)
     return flagged
+
+
+def hardest_words(per_token: list[dict], hardest: dict[int, dict], epochs: int) -> dict | None:
+    """What pipeline.continue_hardest did, by word: its word loss before and after the extra epochs, whether the
+    new row was kept (the lower loss), and the next-token mass that sent it back where the model then predicted it."""
+    if not hardest:
+        return None
+    return {"epochs": epochs, "fraction": HARDEST_FRACTION,
+            "tokens": [{"word": per_token[i]["word"], "word_loss_before": v["first"], "word_loss_after": v["alone"],
+                        "kept": v["kept"] == "alone", "over_predicted": v.get("over_predicted")}
+                       for i, v in sorted(hardest.items())]}
 
 
 def over_predicting(per_token: list[dict], key: str) -> list[dict]:

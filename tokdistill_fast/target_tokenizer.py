@@ -344,8 +344,8 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
                         ", ".join(map(repr, fallback[:20])))
         with timer("teacher"):
             cache = pipeline.teacher_cache(prep, prep.work, pipeline.teacher_layers(prep, [(run_cfg, settings[0])]))
-    # retry=False: a snippet holds many new ids here, so no row trains alone on its snippets
-    learned = pipeline.learn_rows(prep, run_cfg, settings, cache=cache, timer=timer, retry=False)
+    # alone=False: a snippet holds many new ids here, so no row trains alone on its snippets
+    learned = pipeline.learn_rows(prep, run_cfg, settings, cache=cache, timer=timer, alone=False)
     if prep.work is not None:  # ids without snippets of their own: back to their start rows (trained only as context)
         start = pipeline.learn_rows(prep, run_cfg.replace(method="mean"), settings)
         for i, src in prep.work.sources.items():
