@@ -93,6 +93,7 @@ FLAG_VALUES = {
     "--device": "cpu", "--dtype": "float32", "--seed": "5", "--backend": "torch", "--prefix-sharing": "off",
     "--align-impl": "python", "--warmup-fraction": "0.25", "--loss-positions": "all",
     "--left-context": "4", "--top-up": "word", "--lr-schedule": "decay", "--optimizer": "adamw",
+    "--hardest-epochs": "2",
 }
 SEPARATE = {"new_tokens_from_tokenizer", "target_tokenizer", "new_ids", "method", "overwrite"}  # tested elsewhere
 
