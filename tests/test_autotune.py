@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokdistill_fast import DistillConfig, distill
+from tokdistill_fast import DistillConfig, distill, pipeline
 from tokdistill_fast.control import autotune
 from tokdistill_fast.student.loop import warmup_schedule
 
@@ -103,6 +103,28 @@ def test_rows_that_over_predict_themselves_train_with_alpha_ntp(model_dirs, word
     assert tied["settings"]["resolved_method"] == want
     assert {t["method"] for t in tied["tokens"] if t["variant_of"] is None} == {want}
     assert untied["settings"]["resolved_method"] == "token-distill"
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_rows_that_over_predict_after_the_run_train_again_with_alpha_ntp(model_dirs, words_file, corpus_file,
+                                                                         monkeypatch, guard):
+    """Where the search's sample did not show it (here a bar it never reaches), the trained rows can still make the
+    tied model put over HUB_AFTER_RUN of its next-token probability on new tokens right after a trained word
+    on its training snippets (here forced with a flag of -1): the run then trains token-distill+alpha-ntp and says
+    so in the report; --no-ntp-guard keeps the distilled rows."""
+    monkeypatch.setattr(autotune, "OVER_PREDICTION", 2.0)
+    monkeypatch.setattr(pipeline, "HUB_AFTER_RUN", -1.0)
+    cfg = DistillConfig(**FAST, ntp_guard=guard)
+    report = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None, cfg).report
+    want = "token-distill+alpha-ntp" if guard else "token-distill"
+    assert all(t["self_mass"] <= 2.0 for t in report["autotune"]["trials"])
+    assert report["settings"]["resolved_method"] == want
+    assert {t["method"] for t in report["tokens"] if t["variant_of"] is None} == {want}
+    if guard:
+        assert report["ntp_guard_after_run"]["trained"] == want and report["ntp_guard_after_run"]["mass_after"] >= 0
+        assert all(t.get("mass_after") is not None for t in report["tokens"] if t["variant_of"] is None)
+    else:
+        assert report["ntp_guard_after_run"] is None
 
 
 def test_paired_decision_needs_a_win_beyond_noise():

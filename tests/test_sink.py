@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from tokdistill_fast import DistillConfig, align, contexts, pipeline, report, student, teacher, tokens
 from tokdistill_fast.config import HARDEST_WARMUP, UserInputError, cache_dir
+from tokdistill_fast.control import chunks
 from tokdistill_fast.modeling import models
 from tokdistill_fast.rows import subtoken_mean
 from tokdistill_fast.workload import Workload, build_workload
@@ -210,3 +211,34 @@ def test_hardest_rows_train_more_epochs_alone():
     assert got[2]["kept"] == "first" and got[2]["over_predicted"] == pytest.approx(0.3)
     torch.testing.assert_close(result.rows, trained)
     assert (result.word_loss == first).all()
+
+
+def test_rows_trained_alone_read_the_runs_teacher_cache():
+    """TeacherCache.take gives the targets and prefix keys/values that a teacher pass over those snippets alone
+    gives, so rows trained alone from the run's cache end as they do after their own teacher pass."""
+    w = three_words()
+    work, dec, index = w.work, w.prep.decoder, np.array([0, 2])
+    al, ids, cu = work.alignment, work.teacher_ids, work.cu_teacher
+    full = teacher.compute(dec, ids, cu, al, [2], 4096, torch.float32, packed=True, capture=align.prefix_lengths(al))
+    sub, sub_ids, sub_cu, _ = chunks.take_rows(al, ids, cu, work.snippet_row, index, 300)
+    own = teacher.compute(dec, sub_ids, sub_cu, sub, [2], 4096, torch.float32, packed=True,
+                          capture=align.prefix_lengths(sub))
+    got = full.take(np.flatnonzero(work.snippet_row != 1))
+    torch.testing.assert_close(got.states[2], own.states[2])
+    np.testing.assert_array_equal(got.cu_aligned, own.cu_aligned)
+    np.testing.assert_array_equal(got.prefix_cu, own.prefix_cu)
+    assert got.prefix.keys() == own.prefix.keys() and len(own.prefix) == 2
+    for layer, kv in own.prefix.items():
+        for a, b in zip(got.prefix[layer], kv):
+            torch.testing.assert_close(a, b)
+    result = w.run(al, ids, cu, work.snippet_row, w.init)
+    result.word_loss[:] = np.inf  # every row keeps what it trains alone
+    runs = [copy.deepcopy(result) for _ in range(2)]
+    passes = student.Passes(prefix=True)
+    outs = [pipeline.train_alone(w.prep, work, r, index, pipeline.pick_rows((w.init, None), index), w.objective,
+                                 w.schedule, passes, "alone", cache) for r, cache in zip(runs, [full, None])]
+    assert outs[0].keys() == outs[1].keys() == {0, 2}
+    for i in (0, 2):
+        assert outs[0][i]["alone"] == pytest.approx(outs[1][i]["alone"], rel=1e-4)
+    torch.testing.assert_close(runs[0].rows, runs[1].rows, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(runs[0].rows, result.rows)

@@ -51,6 +51,12 @@ OUTLIER_FACTOR = 10.0
 # mass after many. 0-8 of 40 words per corpus were above it with plain AdamW, 0-4 with whitened Adam (the
 # default), none with subtoken-mean rows (docs/defaults.md).
 OVER_PREDICTION_FLAG = 0.2
+# A tied model whose distilled rows make it put more than this share on new tokens right after some trained word
+# (training snippets) -- a new token more often than not -- trains token-distill+alpha-ntp after all, where the
+# search's sample did not show it (pipeline._distill): the defaults' rows on Gemma-3 / the Python Library Reference
+# reached 0.93. Not lower: SmolLM2 / FOLDOC's fp32 rows reached 0.21, and after alpha-NTP (3.5x the training) two
+# words were still over 0.2 (docs/defaults.md, "A hub the search did not see").
+HUB_AFTER_RUN = 0.5
 # The share of trained words (those with the highest word loss) that --hardest-epochs trains on, and the warm-up of
 # that continuation (its Adam moments start afresh from rows already trained).
 HARDEST_FRACTION = 0.25

@@ -25,13 +25,14 @@ from .align import Alignment, prefix_lengths
 from .config import (
     HARDEST_FRACTION,
     HARDEST_WARMUP,
+    HUB_AFTER_RUN,
     OVER_PREDICTION_FLAG,
     TRAINED_METHODS,
     DistillConfig,
     UserInputError,
 )
 from .control import checkpoint, chunks, distributed, observed
-from .control.settings import guarded_method, resolve_settings, search_settings
+from .control.settings import GUARD_METHOD, guarded_method, guards, resolve_settings, search_settings
 from .corpus import corpus_files, leading_documents
 from .evaluation import heldout
 from .kernels import backend as kernels
@@ -202,32 +203,51 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
     settings, search = settle(prep, cfg, timer, guard=True)
     # every rank takes rank 0's settings
     layer, lr, epochs, method = ranks.agree(work, (*settings, guarded_method(cfg, prep.tied, search)))
-    run_cfg = cfg.replace(epochs=epochs, method=method)  # the report keeps the requested settings beside these
     mine, shard = distributed.split(ranks, work, cfg.batch_size, epochs, cfg.seed, prep.device)
-    trainer = functools.partial(student.train, hook=work_dir.student_hook("student"), shard=shard)
-    cache = plan = None
-    if work is not None:
-        objective = student.Objective.for_config(run_cfg, layer, prep.tied)
-        layers = objective.cache_layers(prep.decoder.num_layers)
-        passes = student.Passes.for_config(run_cfg)
-        plan = chunks.plan(run_cfg, work.alignment, work.snippet_row, len(work.primaries),
-                           prep.decoder.hidden_size * prep.dtype.itemsize * len(layers))
-        if not plan.single:
-            trainer = chunks.ChunkedTrainer(
-                plan, work_dir, lambda al, ids, cu: snippet_cache(prep, al, ids, cu, layers, passes.prefix))
-        elif objective.distill is not None and not passes.fused:  # fused: the teacher runs in each step
-            with timer("teacher"):
-                cache = teacher_cache(prep, mine, layers, packed=passes.prefix)
-    learned = learn_rows(prep, run_cfg, (layer, lr, epochs), mine, cache, timer, trainer, alone=ranks.world == 1)
-    report = RunReport.build(prep, cfg, (layer, lr, epochs), learned, methods=True, method=method)
-    report.add(autotune=search.as_dict() if search is not None else None,
-               retrieval=work.retrieval if work is not None else None)
-    report.add(outliers=flag_outliers(report.data["tokens"], learned.retried),
-               hardest=hardest_words(report.data["tokens"], learned.hardest, run_cfg.hardest_epochs),
-               chunks=plan.bounds if plan is not None else None)
+
+    def train(method: str, hook: str) -> tuple[Learned, chunks.Plan | None]:
+        """The rows of `method` with the settled layer, rate and epochs (the teacher pass its objective needs first)."""
+        run_cfg = cfg.replace(epochs=epochs, method=method)  # the report keeps the requested settings beside these
+        trainer = functools.partial(student.train, hook=work_dir.student_hook(hook), shard=shard)
+        cache = plan = None
+        if work is not None:
+            objective = student.Objective.for_config(run_cfg, layer, prep.tied)
+            layers = objective.cache_layers(prep.decoder.num_layers)
+            passes = student.Passes.for_config(run_cfg)
+            plan = chunks.plan(run_cfg, work.alignment, work.snippet_row, len(work.primaries),
+                               prep.decoder.hidden_size * prep.dtype.itemsize * len(layers))
+            if not plan.single:
+                trainer = chunks.ChunkedTrainer(
+                    plan, work_dir, lambda al, ids, cu: snippet_cache(prep, al, ids, cu, layers, passes.prefix))
+            elif objective.distill is not None and not passes.fused:  # fused: the teacher runs in each step
+                with timer("teacher"):
+                    cache = teacher_cache(prep, mine, layers, packed=passes.prefix)
+        return learn_rows(prep, run_cfg, (layer, lr, epochs), mine, cache, timer, trainer,
+                          alone=ranks.world == 1), plan
+
+    learned, plan = train(method, "student")
+    mass = guard = None
     if ranks.writer and learned.train_result is not None:
         with timer("new_token_mass"):
-            report.record_new_token_mass(*new_token_mass(prep, learned.rows, learned.out_rows))
+            mass = new_token_mass(prep, learned.rows, learned.out_rows)
+        if ranks.world == 1 and method == cfg.method and guards(cfg, prep.tied) \
+                and (worst := float(mass[0].sum(axis=1).max())) > HUB_AFTER_RUN:
+            guard = {"mass_after": worst, "trained": GUARD_METHOD}
+            log.warning("the distilled rows make the model put %.0f%% of its next-token probability on new tokens "
+                        "right after a trained word (training snippets): training %s instead (--no-ntp-guard keeps "
+                        "these rows)", 100 * worst, GUARD_METHOD)
+            method = GUARD_METHOD
+            learned, plan = train(method, "student-guarded")
+            with timer("new_token_mass"):
+                mass = new_token_mass(prep, learned.rows, learned.out_rows)
+    report = RunReport.build(prep, cfg, (layer, lr, epochs), learned, methods=True, method=method)
+    report.add(autotune=search.as_dict() if search is not None else None,
+               retrieval=work.retrieval if work is not None else None, ntp_guard_after_run=guard)
+    report.add(outliers=flag_outliers(report.data["tokens"], learned.retried),
+               hardest=hardest_words(report.data["tokens"], learned.hardest, cfg.hardest_epochs),
+               chunks=plan.bounds if plan is not None else None)
+    if mass is not None:
+        report.record_new_token_mass(*mass)
     if out is not None and ranks.writer:
         with timer("export"):
             try:
@@ -292,12 +312,13 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
                                    tied, passes=passes, teacher=(work.teacher_ids, work.cu_teacher))
             if alone:
                 retried = {primaries[r]: v for r, v in retry_outliers(prep, work, train_result, start, objective,
-                                                                       schedule, passes).items()}
+                                                                       schedule, passes, cache).items()}
             if alone and objective.ntp is None:
                 hubs = functools.partial(mass_after_words, prep, rows, primaries, cfg.max_norm_quantile) \
                     if tied else None
                 hardest = {primaries[r]: v for r, v in continue_hardest(prep, work, train_result, cfg.hardest_epochs,
-                                                                        objective, schedule, passes, hubs).items()}
+                                                                        objective, schedule, passes, hubs,
+                                                                        cache).items()}
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
             out_init[primaries] = train_result.out_rows
@@ -331,19 +352,21 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
 
 def retry_outliers(prep: Prepared, work: Workload, result: student.TrainResult,
                    start: tuple[torch.Tensor, torch.Tensor | None], objective: student.Objective,
-                   schedule: student.Schedule, passes: student.Passes) -> dict[int, dict]:
+                   schedule: student.Schedule, passes: student.Passes, cache: teacher.TeacherCache | None = None
+                   ) -> dict[int, dict]:
     """Rows whose word loss ended over OUTLIER_FACTOR x the median train again alone: from their `start` rows, on
     their own snippets, with the same objective and schedule (train_alone). A row can tip into the attention-sink
     regime mid-run (massive activations at its own position, a loss thousands of times the others', and a tied row
     that the model then predicts after other words); alone, in the few steps its own snippets make, it did not
     (docs/defaults.md, "Rows that fall into the sink")."""
     _, bad = outlier_rows(result.word_loss)
-    return train_alone(prep, work, result, bad, pick_rows(start, bad), objective, schedule, passes, "again alone")
+    return train_alone(prep, work, result, bad, pick_rows(start, bad), objective, schedule, passes, "again alone",
+                       cache)
 
 
 def continue_hardest(prep: Prepared, work: Workload, result: student.TrainResult, epochs: int,
                      objective: student.Objective, schedule: student.Schedule, passes: student.Passes,
-                     hubs=None) -> dict[int, dict]:
+                     hubs=None, cache: teacher.TeacherCache | None = None) -> dict[int, dict]:
     """The HARDEST_FRACTION of the rows with the highest word loss train `epochs` more epochs alone, from their
     trained rows (train_alone): the gain of more passes goes mostly to the words still furthest from their teacher
     (docs/defaults.md, "More passes for the hardest quarter"), at a fraction of the cost of more passes for all.
@@ -360,7 +383,7 @@ def continue_hardest(prep: Prepared, work: Workload, result: student.TrainResult
     more = dataclasses.replace(schedule, epochs=epochs, warmup_fraction=HARDEST_WARMUP)
     before = result.rows.clone(), result.token_loss.copy(), result.word_loss.copy()
     out = train_alone(prep, work, result, hardest, pick_rows((result.rows, result.out_rows), hardest), objective,
-                      more, passes, "hardest")
+                      more, passes, "hardest", cache)
     moved = [r for r, v in out.items() if v["kept"] == "alone"]
     if hubs is not None and moved and (mass := hubs(result)) > OVER_PREDICTION_FLAG:
         for r in moved:
@@ -391,17 +414,20 @@ def pick_rows(rows: tuple[torch.Tensor, torch.Tensor | None], index: np.ndarray
 
 def train_alone(prep: Prepared, work: Workload, result: student.TrainResult, index: np.ndarray,
                 start: tuple[torch.Tensor, torch.Tensor | None], objective: student.Objective,
-                schedule: student.Schedule, passes: student.Passes, desc: str) -> dict[int, dict]:
+                schedule: student.Schedule, passes: student.Passes, desc: str,
+                cache: teacher.TeacherCache | None = None) -> dict[int, dict]:
     """Rows `index` of `result` train on their own snippets only, from their `start` rows, and each keeps whichever
-    row ends with the lower word loss (`result` is updated).
+    row ends with the lower word loss (`result` is updated). `cache`: the run's teacher cache, which they read their
+    snippets' targets (and prefix keys/values) from; None: a teacher pass over those snippets runs first.
     Returns {row: {"first", "alone": word losses, "kept": "alone" or "first"}}."""
     if not len(index):
         return {}
     decoder = prep.decoder
     sub, ids, cu, sub_row = chunks.take_rows(work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row,
                                              index, decoder.embed_weight.shape[0])
-    cache = None
-    if objective.distill is not None and not passes.fused:
+    if cache is not None:
+        cache = cache.take(np.flatnonzero(np.isin(work.snippet_row, index)))  # take_rows' snippets, in its order
+    elif objective.distill is not None and not passes.fused:
         cache = snippet_cache(prep, sub, ids, cu, objective.cache_layers(decoder.num_layers), passes.prefix)
     again = student.train(decoder, sub, cache, sub_row, *start, objective, schedule, prep.tied, desc=desc,
                           passes=passes, teacher=(ids, cu))

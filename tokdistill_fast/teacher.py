@@ -36,6 +36,18 @@ class TeacherCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.states.values())
 
+    def take(self, idx: np.ndarray) -> TeacherCache:
+        """The cache of the snippets `idx`, in that order (Alignment.take's), prefix keys/values included: the rows
+        that train again alone (pipeline.train_alone) read the run's teacher pass instead of running their own."""
+        def pick(t: torch.Tensor, cu: np.ndarray) -> torch.Tensor:
+            return t.index_select(0, torch.from_numpy(ranges(cu[idx], np.diff(cu)[idx])).to(t.device))
+
+        prefix = None if self.prefix is None else {l: (pick(k, self.prefix_cu), pick(v, self.prefix_cu))
+                                                   for l, (k, v) in self.prefix.items()}
+        return TeacherCache({l: pick(t, self.cu_aligned) for l, t in self.states.items()},
+                            cu_seqlens(np.diff(self.cu_aligned)[idx]), prefix,
+                            None if self.prefix is None else cu_seqlens(np.diff(self.prefix_cu)[idx]))
+
 
 def batch_tokens(device: torch.device) -> int:
     """Tokens per no-grad batch (teacher passes, held-out scoring): 65,536 on CUDA, where one Llama-3.1-8B layer's
