@@ -162,8 +162,8 @@ def teacher_cache(prep: Prepared, work: Workload, layers: list[int], packed: boo
 
 def snippet_cache(prep: Prepared, al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, layers: list[int],
                   packed: bool) -> teacher.TeacherCache:
-    """Teacher states of some of the snippets (a chunk's, the outlier rows' of retry_outliers) at `layers`, without
-    prefix keys/values: the student's prefix steps run their prefixes again."""
+    """Teacher states of some of the snippets (a chunk's; rows trained alone where the run kept no cache) at `layers`,
+    without prefix keys/values: the student's prefix steps run their prefixes again."""
     return teacher.compute(prep.decoder, teacher_ids, cu_teacher, al, layers,
                            **teacher.options(prep.decoder, prep.dtype, packed))
 
