@@ -4,6 +4,7 @@ on the held-out measure."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import NEW_WORDS, synthetic_text
@@ -199,3 +200,20 @@ def test_new_token_mass_reads_where_the_rows_send_probability(model_dirs, words_
     assert {prep.toks[row_tok[r]].word for r in others} <= set(flagged)
     hub_word = prep.toks[hub].word
     assert all(f["most_to"]["token"] == prep.toks[hub].form for f in flagged.values() if f["word"] != hub_word)
+
+
+def test_hub_check_mass_serves_the_report_where_the_continued_rows_stay(model_dirs, words_file, corpus_file):
+    """The hardest stage's hub check measures the rows as written (clipped, variants derived); where its rows are the
+    ones kept, learn_rows hands that measurement on instead of scoring the same rows again, and it equals a fresh
+    pipeline.new_token_mass of the output rows."""
+    from tokdistill_fast import pipeline
+
+    cfg = DistillConfig(**{**FAST, "epochs": 2}, hardest_epochs=2, dtype="float32")
+    prep = pipeline.prepare(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], cfg)
+    cache = pipeline.teacher_cache(prep, prep.work, [2], packed=True)
+    learned = pipeline.learn_rows(prep, cfg, (2, 0.06, 2), cache=cache)
+    assert any(v["kept"] == "alone" for v in learned.hardest.values())
+    assert learned.mass is not None
+    fresh = pipeline.new_token_mass(prep, learned.rows, None)
+    np.testing.assert_array_equal(learned.mass[0], fresh[0])
+    assert learned.mass[1:] == fresh[1:]

@@ -229,7 +229,7 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
     mass = guard = None
     if ranks.writer and learned.train_result is not None:
         with timer("new_token_mass"):
-            mass = new_token_mass(prep, learned.rows, learned.out_rows)
+            mass = learned.mass if learned.mass is not None else new_token_mass(prep, learned.rows, learned.out_rows)
         if ranks.world == 1 and method == cfg.method and guards(cfg, prep.tied) \
                 and (worst := float(mass[0].sum(axis=1).max())) > HUB_AFTER_RUN:
             guard = {"mass_after": worst, "trained": GUARD_METHOD}
@@ -272,6 +272,7 @@ class Learned:
     derived: list[int] = field(default_factory=list)  # variants whose rows were moved from their primary's
     retried: dict[int, dict] = field(default_factory=dict)  # outlier tokens trained again alone (retry_outliers)
     hardest: dict[int, dict] = field(default_factory=dict)  # tokens that trained more epochs alone (continue_hardest)
+    mass: tuple | None = None  # new_token_mass of these rows, where the hub check of continue_hardest measured them
 
 
 def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, int], work: Workload | None = None,
@@ -300,6 +301,49 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
     passes = student.Passes.for_config(cfg)
     if passes.fused and cache is not None:  # a cache shared by several runs (compare) already holds the targets
         passes = student.Passes(prefix=True)
+
+    def finish(rows: torch.Tensor, out_init: torch.Tensor | None, trained: set[int]
+               ) -> tuple[torch.Tensor, torch.Tensor | None, int, list[int]]:
+        """The rows as written (fp32, CPU): clipped, variants from their primaries, untied output rows by policy;
+        (rows, output rows or None, rows clipped, variant tokens derived)."""
+        rows = rows.float().cpu()
+        out_init = None if out_init is None else out_init.clone()
+        # Tied: clip to a quantile (a large input row is also a large output row). Untied: to the largest norm, so
+        # new rows stay inside the vocabulary's norm range, which `tokdistill check` verifies.
+        clip = functools.partial(clip_norms, table=table, quantile=cfg.max_norm_quantile if tied else 1.0)
+        rows, clipped = clip(rows) if cfg.method != "mean" else (rows, 0)
+        # A variant ("palatable" at the start of text, "Palatable") takes its primary's row moved by the difference
+        # of their subtoken means, the offset the vocabulary itself has between the two forms. A copy would also
+        # copy the output logit (tied models, mean output rows): sampling would pick the bare form half the time
+        # and glue the word to the one before it ("run a fullapt-get"); moved, the bare form's median odds there
+        # were ~0.06. A variant that --init-from gives keeps its row while its primary keeps the given one.
+        index_of = {t.word: i for i, t in enumerate(toks) if t.variant_of is None}
+        derived = [i for i, t in enumerate(toks)
+                   if t.variant_of is not None and not (i in init_used and index_of[t.variant_of] not in trained)]
+        primary = [index_of[toks[i].variant_of] for i in derived]
+        rows[derived] = rows[primary] + (means[derived] - means[primary]).float().cpu()
+        if out_init is not None:
+            out_init[derived] = out_init[primary] + out_means[derived] - out_means[primary]
+        if derived and cfg.method != "mean":
+            rows[derived], more = clip(rows[derived])
+            clipped += more
+        out_rows = None
+        if not tied:
+            policy = "mean" if cfg.output_embeddings == "auto" else cfg.output_embeddings
+            out_rows = torch.zeros_like(rows) if policy == "zeros" else out_init.float().cpu()
+        return rows, out_rows, clipped, derived
+
+    checked: dict = {}  # the rows the hardest stage's hub check measured last, and their new_token_mass
+
+    def hubs(result: student.TrainResult) -> float:
+        """The most next-token probability the tied model with `result`'s rows, as written, puts on new tokens right
+        after a trained word (new_token_mass on training snippets): what `over_predicting` flags."""
+        trial = rows.clone()
+        trial[primaries] = result.rows.to(trial.device, trial.dtype)
+        checked["rows"] = finish(trial, None, set(primaries))[0]
+        checked["mass"] = new_token_mass(prep, checked["rows"], None)
+        return float(checked["mass"][0].sum(axis=1).max())
+
     train_result, retried, hardest = None, {}, {}
     if cfg.method == "random":
         rows = random_rows(table, len(toks), cfg.seed).to(device)
@@ -314,40 +358,15 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
                 retried = {primaries[r]: v for r, v in retry_outliers(prep, work, train_result, start, objective,
                                                                        schedule, passes, cache).items()}
             if alone and objective.ntp is None:
-                hubs = functools.partial(mass_after_words, prep, rows, primaries, cfg.max_norm_quantile) \
-                    if tied else None
                 hardest = {primaries[r]: v for r, v in continue_hardest(prep, work, train_result, cfg.hardest_epochs,
-                                                                        objective, schedule, passes, hubs,
-                                                                        cache).items()}
+                                                                        objective, schedule, passes,
+                                                                        hubs if tied else None, cache).items()}
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
             out_init[primaries] = train_result.out_rows
-    rows = rows.float().cpu()
-    # Tied: clip to a quantile (a large input row is also a large output row). Untied: to the largest norm, so new
-    # rows stay inside the vocabulary's norm range, which `tokdistill check` verifies.
-    clip = functools.partial(clip_norms, table=table, quantile=cfg.max_norm_quantile if tied else 1.0)
-    rows, clipped = clip(rows) if cfg.method != "mean" else (rows, 0)
-    # A variant ("palatable" at the start of text, "Palatable") takes its primary's row moved by the difference of
-    # their subtoken means, the offset the vocabulary itself has between the two forms. A copy would also copy the
-    # output logit (tied models, mean output rows): sampling would pick the bare form half the time and glue the
-    # word to the one before it ("run a fullapt-get"); moved, the bare form's median odds there were ~0.06.
-    # A variant that --init-from gives keeps its row while its primary keeps the given one (a round trip).
-    index_of = {t.word: i for i, t in enumerate(toks) if t.variant_of is None}
-    trained = set(primaries) if train_result is not None else set()
-    derived = [i for i, t in enumerate(toks)
-               if t.variant_of is not None and not (i in init_used and index_of[t.variant_of] not in trained)]
-    primary = [index_of[toks[i].variant_of] for i in derived]
-    rows[derived] = rows[primary] + (means[derived] - means[primary]).float().cpu()
-    if out_init is not None:
-        out_init[derived] = out_init[primary] + out_means[derived] - out_means[primary]
-    if derived and cfg.method != "mean":
-        rows[derived], more = clip(rows[derived])
-        clipped += more
-    out_rows = None
-    if not tied:
-        policy = "mean" if cfg.output_embeddings == "auto" else cfg.output_embeddings
-        out_rows = torch.zeros_like(rows) if policy == "zeros" else out_init.float().cpu()
-    return Learned(rows, out_rows, train_result, clipped, init_used, derived, retried, hardest)
+    rows, out_rows, clipped, derived = finish(rows, out_init, set(primaries) if train_result is not None else set())
+    mass = checked["mass"] if checked and torch.equal(checked["rows"], rows) else None
+    return Learned(rows, out_rows, train_result, clipped, init_used, derived, retried, hardest, mass)
 
 
 def retry_outliers(prep: Prepared, work: Workload, result: student.TrainResult,
@@ -370,7 +389,7 @@ def continue_hardest(prep: Prepared, work: Workload, result: student.TrainResult
     """The HARDEST_FRACTION of the rows with the highest word loss train `epochs` more epochs alone, from their
     trained rows (train_alone): the gain of more passes goes mostly to the words still furthest from their teacher
     (docs/defaults.md, "More passes for the hardest quarter"), at a fraction of the cost of more passes for all.
-    `hubs` (tied models: mass_after_words without its first arguments): if the model then puts over
+    `hubs` (tied models: result -> the most new-token mass after a trained word): if the model then puts over
     OVER_PREDICTION_FLAG of its next-token probability on new tokens right after some trained word, every continued
     row goes back to its row and loss from before: trained alone, rows can become hubs the loss does not see (the
     Python Library Reference on Gemma-3: ` built-in` took 0.94 after a word; sent back alone, other continued rows
@@ -392,18 +411,6 @@ def continue_hardest(prep: Prepared, work: Workload, result: student.TrainResult
         log.warning("hardest: with the continued rows a trained word put %.2f of its next-token probability on new "
                     "tokens; every row from before the continuation is kept", mass)
     return out
-
-
-def mass_after_words(prep: Prepared, start: torch.Tensor, primaries: list[int], quantile: float,
-                     result: student.TrainResult) -> float:
-    """The most next-token probability a tied model with `result`'s rows (the other new tokens at their `start`
-    rows, all clipped as the output is) puts on new tokens right after a trained word (training snippets,
-    new_token_mass): what `over_predicting` flags over OVER_PREDICTION_FLAG."""
-    rows = start.clone()
-    rows[primaries] = result.rows.to(rows.device, rows.dtype)
-    rows, _ = clip_norms(rows.float().cpu(), prep.decoder.embed_weight, quantile)
-    mass, _, _ = new_token_mass(prep, rows, None)
-    return float(mass.sum(axis=1).max())
 
 
 def pick_rows(rows: tuple[torch.Tensor, torch.Tensor | None], index: np.ndarray
