@@ -433,7 +433,7 @@ def train_alone(prep: Prepared, work: Workload, result: student.TrainResult, ind
     sub, ids, cu, sub_row = chunks.take_rows(work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row,
                                              index, decoder.embed_weight.shape[0])
     if cache is not None:
-        cache = cache.take(np.flatnonzero(np.isin(work.snippet_row, index)))  # take_rows' snippets, in its order
+        cache = cache.take(chunks.snippets_of(work.snippet_row, index))
     elif objective.distill is not None and not passes.fused:
         cache = snippet_cache(prep, sub, ids, cu, objective.cache_layers(decoder.num_layers), passes.prefix)
     again = student.train(decoder, sub, cache, sub_row, *start, objective, schedule, prep.tied, desc=desc,

@@ -75,6 +75,11 @@ def plan(cfg: DistillConfig, al: Alignment, snippet_row: np.ndarray, n_rows: int
     return Plan(bounds)
 
 
+def snippets_of(snippet_row: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Indices of the snippets of `rows`, in snippet order: the snippets take_rows takes."""
+    return np.flatnonzero(np.isin(snippet_row, rows))
+
+
 def take_rows(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, snippet_row: np.ndarray,
               rows: np.ndarray, V: int) -> tuple[Alignment, np.ndarray, np.ndarray, np.ndarray]:
     """The snippets of `rows` (distinct row indices), with those rows (and the new ids V + row in the student
@@ -82,7 +87,7 @@ def take_rows(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, sn
     rows = np.asarray(rows, dtype=np.int64)
     renumber = np.full(max(int(snippet_row.max(initial=-1)), int(rows.max(initial=-1))) + 1, -1, dtype=np.int64)
     renumber[rows] = np.arange(len(rows))
-    idx = np.flatnonzero(renumber[snippet_row] >= 0)
+    idx = snippets_of(snippet_row, rows)
     sub = al.take(idx)
     new = sub.student_ids >= V
     moved = renumber[sub.student_ids[new] - V]
