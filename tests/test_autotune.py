@@ -231,6 +231,18 @@ def test_fixed_values_are_used_and_only_the_guard_measures_them(model_dirs, word
         assert (r["settings"]["resolved_target_layer"], r["settings"]["resolved_lr"]) == want
 
 
+def test_candidates_train_at_most_the_search_epochs_and_the_run_all_of_its_own(model_dirs, words_file, corpus_file,
+                                                                            monkeypatch):
+    """A main run of more epochs than SEARCH_EPOCHS (here 1 of 2) trains its own; its search's trials train the
+    cap."""
+    monkeypatch.setattr(autotune, "SEARCH_EPOCHS", 1)
+    r = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
+                DistillConfig(**{**FAST, "epochs": 2})).report
+    assert {t["epochs"] for t in r["autotune"]["trials"]} == {1}
+    assert r["settings"]["resolved_epochs"] == 2
+    assert r["training"]["steps"] == 2 * -(-r["counts"]["snippets"] // FAST["batch_size"])
+
+
 def test_auto_epochs_tries_a_second_epoch_and_reports_the_choice(model_dirs, words_file, corpus_file):
     r = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
                 DistillConfig(**{**FAST, "epochs": "auto"}, target_layer=2, lr=5e-3)).report

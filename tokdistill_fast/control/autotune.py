@@ -39,6 +39,10 @@ TRAIN_COST = 3.0  # forward + input-gradient backward, in forward-pass units per
 NOISE_Z = 2.0  # a costlier candidate must win by 2 standard errors of the paired log-ratio difference (~97.5%)
 MIN_GAIN = 0.1  # ... and lower the per-token KL ratios by 10% or more (geometric mean)
 MIN_TOKENS = 20  # tokens in a sample, at least (search's docstring)
+# Candidates train at most this many epochs: the layer ranking and the guard's reading were measured at 4 on every
+# corpus row, and a main run of 8 gains in its words' later passes, which the sample's words (6 snippets) never
+# reach; twice the epochs doubled the search for the same choice (docs/defaults.md, "Eight passes for every word").
+SEARCH_EPOCHS = 4
 # Held-out next-token mass on the sampled new tokens right after one, above which the chosen rows over-predict
 # themselves (tied models; settings.guarded_method). The search read 0.004-0.09 on SmolLM2 (three corpora) and
 # Gemma-3 (four), and 0.23 / 0.29 on Gemma-3 / FOLDOC and the Debian Reference (`tokdistill eval`: 0.26 / 0.68; text
@@ -272,13 +276,13 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     """Pick the cheapest Candidate that no costlier one beats (`wins`), within about `budget` x the main run's cost.
     `objective(layer)` and `lr(layer)` are the run's own objective and learning rate at a layer; `layers` fixes the
     candidates (a user-given layer is always respected). Candidates train with `schedule` (the main run's batch
-    size, epochs and learning-rate schedule: with batch 4 and one epoch, Gemma-3's choice on the fortunes corpus
-    changed with the seed, docs/defaults.md); `search_epochs`: schedule.epochs is 1 and the chosen layer is also
-    tried with 2. The sample has at least MIN_TOKENS tokens (or every eligible one) with `per_token` snippets
-    each, of which `heldout_share` are held out (many tokens with few snippets rank settings more steadily than few
-    tokens with many; with 8 or 16 tokens Gemma-3's layer choice on the Devil's Dictionary changed with the seed,
-    with 20 it did not, docs/defaults.md). `prefix`: candidates train with prefix sharing (student.Passes) on one
-    teacher cache; `fused`: the main run fuses its teacher into its steps."""
+    size, epochs up to SEARCH_EPOCHS and learning-rate schedule: with batch 4 and one epoch, Gemma-3's choice on
+    the fortunes corpus changed with the seed, docs/defaults.md); `search_epochs`: schedule.epochs is 1 and the
+    chosen layer is also tried with 2. The sample has at least MIN_TOKENS tokens (or every eligible one) with
+    `per_token` snippets each, of which `heldout_share` are held out (many tokens with few snippets rank settings
+    more steadily than few tokens with many; with 8 or 16 tokens Gemma-3's layer choice on the Devil's Dictionary
+    changed with the seed, with 20 it did not, docs/defaults.md). `prefix`: candidates train with prefix sharing
+    (student.Passes) on one teacher cache; `fused`: the main run fuses its teacher into its steps."""
     t_start = time.perf_counter()
     L, V = decoder.num_layers, decoder.embed_weight.shape[0]
     n_rows = init_rows.shape[0]
@@ -287,10 +291,11 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     trim_ratio = min(1.0, (float(np.mean(prefix_lengths(al)[np.diff(al.cu_aligned) > 0])) + keep)
                      / max(float(lengths.mean()), 1.0)) if len(al.s_pos) else 1.0
     main_epochs = 2 if search_epochs else schedule.epochs  # the likely choice (docs/defaults.md)
+    epochs = min(schedule.epochs, SEARCH_EPOCHS)
     # prefix steps read the teacher pass's prefix keys/values when they fit (any candidate's, on any sample)
     cached = prefix and teacher.prefix_kv_fits(decoder, al, max(layers))
     main_train = train_cost(main_epochs, grad_share(al) if prefix else 1.0, prefix and not fused and not cached)
-    search_train = train_cost(schedule.epochs, grad_share(al, keep) if prefix else 1.0, prefix and not cached)
+    search_train = train_cost(epochs, grad_share(al, keep) if prefix else 1.0, prefix and not cached)
     share = sample_share(layers, L, main_train, search_train, budget, trim_ratio, search_epochs, heldout_share)
     n_tokens = max(MIN_TOKENS, round(share * al.n / per_token))
     objectives = {layer: dataclasses.replace(objective(layer), train_output=False) for layer in layers}
@@ -346,11 +351,11 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
                  trial.ratio, diff, se, choice.candidate.label(), trial.seconds, " -> chosen" if better else "")
         return trial if better else choice
 
-    choice = run(Candidate(layers[0], lr(layers[0]), schedule.epochs))
+    choice = run(Candidate(layers[0], lr(layers[0]), epochs))
     log.info("autotune: %-22s held-out KL %.3f x mean init (%.1f s)", choice.candidate.label(), choice.ratio,
              choice.seconds)
     for layer in layers[1:]:  # cheapest first: deeper layers cost proportionally more in the main run
-        choice = consider(Candidate(layer, lr(layer), schedule.epochs), choice)
+        choice = consider(Candidate(layer, lr(layer), epochs), choice)
     if search_epochs:  # a second epoch doubles the main run's training
         choice = consider(dataclasses.replace(choice.candidate, epochs=2), choice)
     seconds = time.perf_counter() - t_start
