@@ -159,8 +159,10 @@ def three_words():
 
 
 def test_outlier_rows_train_again_alone():
-    """A row whose word loss ends far over the others' trains again alone from its start row, on its own snippets:
-    it gets the row a run of that word alone gives, and keeps it only where its word loss is the lower."""
+    """A row whose word loss ends far over the others' trains again alone from its start row, on its own snippets,
+    in batches cut by the share of the run's rows it is (here 2 x 1/3 -> 1: a step per snippet, as many as the
+    row had in the run): it gets the row a run of that word alone gives, and keeps it only where its word loss is
+    the lower."""
     w = three_words()
     work, prep, objective, schedule, passes, init = w.work, w.prep, w.objective, w.schedule, w.passes, w.init
     al, ids, cu = work.alignment, work.teacher_ids, work.cu_teacher
@@ -169,7 +171,8 @@ def test_outlier_rows_train_again_alone():
     result.rows[1] += 50.0  # a row gone astray, and its loss
     result.word_loss[1] = 1000 * result.word_loss.max()
     got = pipeline.retry_outliers(prep, work, result, (init, None), objective, schedule, passes)
-    alone = w.alone(1, init[1:2])
+    alone = w.alone(1, init[1:2], dataclasses.replace(schedule, batch_size=1))
+    assert alone.steps == 3 * 2  # 3 snippets one by one, two epochs
     assert got == {1: {"first": got[1]["first"], "alone": float(alone.word_loss[0]), "kept": "alone"}}
     torch.testing.assert_close(result.rows[1], alone.rows[0])
     torch.testing.assert_close(result.rows[[0, 2]], kept[[0, 2]])  # the other rows are not touched

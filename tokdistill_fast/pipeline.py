@@ -374,12 +374,15 @@ def retry_outliers(prep: Prepared, work: Workload, result: student.TrainResult,
                    schedule: student.Schedule, passes: student.Passes, cache: teacher.TeacherCache | None = None
                    ) -> dict[int, dict]:
     """Rows whose word loss ended over OUTLIER_FACTOR x the median train again alone: from their `start` rows, on
-    their own snippets, with the same objective and schedule (train_alone). A row can tip into the attention-sink
-    regime mid-run (massive activations at its own position, a loss thousands of times the others', and a tied row
-    that the model then predicts after other words); alone, in the few steps its own snippets make, it did not
-    (docs/defaults.md, "Rows that fall into the sink")."""
+    their own snippets, with the same objective and schedule (train_alone), in batches cut by their share of the
+    run's rows, so that a row takes about as many steps as it had in the run (one row of 40: one snippet a step;
+    in batches of 16 it took 2 steps an epoch and ended near its subtoken-mean KL). A row can tip into the
+    attention-sink regime mid-run (massive activations at its own position, a loss thousands of times the
+    others', and a tied row that the model then predicts after other words); alone, it did not (docs/defaults.md,
+    "Rows that fall into the sink")."""
     _, bad = outlier_rows(result.word_loss)
-    return train_alone(prep, work, result, bad, pick_rows(start, bad), objective, schedule, passes, "again alone",
+    alone = dataclasses.replace(schedule, batch_size=max(1, round(schedule.batch_size * len(bad) / len(result.rows))))
+    return train_alone(prep, work, result, bad, pick_rows(start, bad), objective, alone, passes, "again alone",
                        cache)
 
 
