@@ -127,13 +127,13 @@ def layer_params(model) -> int:
 @dataclass
 class Variant:
     """One distill() run of the benchmark: the fast defaults, the plain PyTorch path (reference), or the plain path
-    in the other dtype (its noise floor). `fixed` (layer, lr, epochs) pins the settings (the plain runs take the
-    fast run's resolved ones, so they compare the computation, not two searches)."""
+    in the other dtype (its noise floor). `fixed` (layer, lr, epochs, more epochs) pins the settings (the plain runs
+    take the fast run's resolved ones, so they compare the computation, not two searches or dtypes' defaults)."""
 
     name: str
     plain: bool = False
     dtype: str | None = None  # None: the model's own
-    fixed: tuple[int, float, int] | None = None
+    fixed: tuple[int, float, int, int] | None = None
 
 
 def run_pipeline(model, lang, args, variant: Variant) -> dict:
@@ -141,8 +141,9 @@ def run_pipeline(model, lang, args, variant: Variant) -> dict:
     its timings, counts, FLOPs, resolved settings and the learned rows."""
     from tokdistill_fast import DistillConfig, distill
 
-    layer, lr, epochs = variant.fixed or (args.target_layer or "auto", args.lr or "auto", DistillConfig.epochs)
-    cfg = DistillConfig(target_layer=layer, lr=lr, epochs=epochs, snippets_per_token=args.snippets,
+    layer, lr, epochs, more = variant.fixed or (args.target_layer or "auto", args.lr or "auto", DistillConfig.epochs,
+                                                DistillConfig.more_epochs)
+    cfg = DistillConfig(target_layer=layer, lr=lr, epochs=epochs, more_epochs=more, snippets_per_token=args.snippets,
                         snippet_length=args.snippet_length, seed=args.seed, log_every=0,
                         dtype=variant.dtype or str(next(model.parameters()).dtype).removeprefix("torch."),
                         **(dict(backend="torch", prefix_sharing="off", align_impl="python") if variant.plain else {}))
@@ -156,12 +157,14 @@ def run_pipeline(model, lang, args, variant: Variant) -> dict:
     teacher = r["counts"]["teacher_tokens"]  # the teacher pass computes every snippet token once, fused or not
     student_fwd = pos["with_grad"] + pos.get("prefix", 0)
     flop = flop_per_pos * (teacher + student_fwd + pos["with_grad"])
-    epochs = r["settings"]["resolved_epochs"]  # whole sequences: one teacher pass, then 2 student passes an epoch
-    reference_flop = flop_per_pos * (teacher + 2 * epochs * r["counts"]["student_tokens"])
+    epochs, more = r["settings"]["resolved_epochs"], r["settings"]["resolved_more_epochs"]
+    # whole sequences: one teacher pass, then 2 student passes an epoch (the more epochs ran whether kept or not)
+    reference_flop = flop_per_pos * (teacher + 2 * (epochs + more) * r["counts"]["student_tokens"])
     timings = {k: round(v, 3) for k, v in r["timings"].items()}
     primaries = [i for i, t in enumerate(result.tokens) if t.variant_of is None]
     return {"seconds": timings, "total_s": round(total, 3), "implementations": r["implementations"],
             "settings": {"target_layer": layers_run, "lr": r["settings"]["resolved_lr"], "epochs": epochs,
+                         "more_epochs": more,
                          "searched": r["autotune"] is not None,
                          "dtype": cfg.dtype},
             "autotune": r["autotune"], "counts": r["counts"], "norm_clipped": r["counts"]["norm_clipped"],
@@ -340,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             line = f"L{st['target_layer']} fast: {summary(fast, peak)}"
             runs = {"fast": fast}
             if args.reference:
-                fixed = (st["target_layer"], st["lr"], st["epochs"])
+                fixed = (st["target_layer"], st["lr"], st["epochs"], st["more_epochs"])
                 for v in (Variant("reference", plain=True, fixed=fixed),
                           Variant("reference_other_dtype", plain=True, dtype=other_dtype, fixed=fixed)):
                     runs[v.name] = run_pipeline(model, lang, args, v)

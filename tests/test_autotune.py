@@ -9,7 +9,7 @@ from tokdistill_fast import DistillConfig, distill, pipeline
 from tokdistill_fast.control import autotune
 from tokdistill_fast.student.loop import warmup_schedule
 
-FAST = dict(snippets_per_token=10, snippet_length=24, batch_size=4, epochs=1)
+FAST = dict(snippets_per_token=10, snippet_length=24, batch_size=4, epochs=1, more_epochs=0)
 
 
 def test_candidate_layers_cover_the_depth():
@@ -233,14 +233,15 @@ def test_fixed_values_are_used_and_only_the_guard_measures_them(model_dirs, word
 
 def test_candidates_train_at_most_the_search_epochs_and_the_run_all_of_its_own(model_dirs, words_file, corpus_file,
                                                                             monkeypatch):
-    """A main run of more epochs than SEARCH_EPOCHS (here 1 of 2) trains its own; its search's trials train the
-    cap."""
+    """A main run of more epochs than SEARCH_EPOCHS (here 1 of 2) trains its own, then its more epochs; its search's
+    trials train the cap and no more epochs."""
     monkeypatch.setattr(autotune, "SEARCH_EPOCHS", 1)
     r = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
-                DistillConfig(**{**FAST, "epochs": 2})).report
+                DistillConfig(**{**FAST, "epochs": 2, "more_epochs": 4})).report
     assert {t["epochs"] for t in r["autotune"]["trials"]} == {1}
     assert r["settings"]["resolved_epochs"] == 2
-    assert r["training"]["steps"] == 2 * -(-r["counts"]["snippets"] // FAST["batch_size"])
+    assert r["more_epochs"]["epochs"] == 4 and r["more_epochs"]["kept"]
+    assert r["training"]["steps"] == (2 + 4) * -(-r["counts"]["snippets"] // FAST["batch_size"])
 
 
 def test_auto_epochs_tries_a_second_epoch_and_reports_the_choice(model_dirs, words_file, corpus_file):

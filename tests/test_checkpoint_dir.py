@@ -14,7 +14,7 @@ from tokdistill_fast.control import checkpoint
 
 # 4 words x 6 snippets, batch 4, one epoch: 6 steps, a checkpoint every 2; the crash comes after step 4.
 SETTINGS = ["--target-layer", "2", "--lr", "5e-3", "--batch-size", "4", "--snippets-per-token", "6", "--epochs", "1",
-            "--dtype", "float32", "--device", "cpu", "--no-variants", "--checkpoint-every", "2"]
+            "--more-epochs", "0", "--dtype", "float32", "--device", "cpu", "--no-variants", "--checkpoint-every", "2"]
 CRASH_AFTER = 4
 
 

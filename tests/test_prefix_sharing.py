@@ -17,7 +17,7 @@ from conftest import tiny_config
 from tokdistill_fast.kernels.embedding_rows import embedding_rows
 from transformers import AutoModelForCausalLM
 
-from tokdistill_fast import align, student, teacher
+from tokdistill_fast import DistillConfig, align, student, teacher
 from tokdistill_fast.config import UserInputError
 from tokdistill_fast.modeling import attention
 from tokdistill_fast.modeling.models import Decoder
@@ -307,6 +307,14 @@ def test_resolve_passes():
     assert student.resolve_passes("on", "torch", 1) == student.Passes(prefix=True)
     with pytest.raises(UserInputError, match="epochs 1"):
         student.resolve_passes("fused", "auto", 2)
+    # a config's passes count its more epochs, which NTP objectives and a decaying rate do not train
+    assert student.Passes.for_config(DistillConfig(epochs=1, more_epochs=4)) == student.Passes(prefix=True)
+    for cfg in (DistillConfig(epochs=1, more_epochs=0), DistillConfig(epochs=1, more_epochs=4, lr_schedule="decay"),
+                DistillConfig(epochs=1, more_epochs=4, method="token-distill+alpha-ntp")):
+        assert student.Passes.for_config(cfg) == student.Passes(prefix=True, fused=True)
+    # auto: more epochs where the model runs in bf16, none in fp32 on a CPU
+    assert DistillConfig(device="cpu", dtype="bfloat16").run_more_epochs() == 4
+    assert DistillConfig(device="cpu", dtype="float32").run_more_epochs() == 0
 
 
 VARLEN_CASE = ([5, 1, 17, 30], [12, 1, 17, 49])  # suffix over a prefix, length 1, no prefix, long prefix

@@ -7,6 +7,7 @@ arrives, so where it stops does not depend on timing.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -94,9 +95,31 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, base_args):
     assert not (tmp_path / "out.partial").exists()
 
 
+def test_resume_in_the_more_epochs_keeps_the_rows_from_before_them(tmp_path, base_args):
+    base_args = [*base_args, "--more-epochs", "4"]
+    done = run(base_args, tmp_path / "whole")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert report["more_epochs"]["epochs"] == 4
+    steps = report["training"]["steps"]  # the schedule's 4 epochs and the 4 more
+
+    out = tmp_path / "out"
+    proc = start_hanging(base_args, out, step=steps * 3 // 4, log=tmp_path / "log")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    state = torch.load(tmp_path / "out.partial" / "student.pt", weights_only=False)
+    assert state["step"] > steps // 2 and state["before"] is not None  # checkpointed in the more epochs
+
+    resumed = run([*base_args, "--resume"], out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_rows(tmp_path / "whole", out)
+    assert json.loads((out / "report.json").read_text())["more_epochs"] == report["more_epochs"]
+
+
 def test_kill9_in_second_chunk_then_resume_matches_uninterrupted(tmp_path, base_args):
     # Chunks of 2 tokens with prefix sharing on: each chunk computes its own teacher cache.
-    args = [*base_args, "--chunk-tokens", "2", "--prefix-sharing", "on", "--epochs", "1"]  # the steps below: one epoch
+    args = [*base_args, "--chunk-tokens", "2", "--prefix-sharing", "on", "--epochs", "1",
+            "--more-epochs", "0"]  # the steps below: one epoch
     done = run(args, tmp_path / "whole")
     assert done.returncode == 0, done.stderr
 

@@ -216,6 +216,38 @@ def test_hardest_rows_train_more_epochs_alone():
     assert (result.word_loss == first).all()
 
 
+@pytest.mark.parametrize("passes", [student.Passes(), student.Passes(prefix=True)], ids=["reference", "prefix"])
+def test_more_epochs_keep_the_rows_of_the_schedules_own_epochs(passes):
+    """Schedule.more_epochs trains on at the constant rate after the schedule's epochs, and its result keeps the
+    rows and losses at that point, which are those of a run without more epochs (the same batches, warm-up and
+    rate); pipeline.keep_more_epochs takes them where the final rows make a hub (over HUB_AFTER_RUN)."""
+    w = three_words()
+    work = w.work
+    cache = teacher.compute(w.prep.decoder, work.teacher_ids, work.cu_teacher, work.alignment, [2], 4096,
+                            torch.float32)
+
+    def run(more: int) -> student.TrainResult:
+        return student.train(w.prep.decoder, work.alignment, cache, work.snippet_row, w.init, None, w.objective,
+                             dataclasses.replace(w.schedule, more_epochs=more), tied=True, passes=passes)
+
+    plain, longer = run(0), run(3)
+    assert plain.before is None and longer.before.steps == plain.steps and longer.steps > 2 * plain.steps
+    assert torch.equal(longer.before.rows, plain.rows)
+    np.testing.assert_array_equal(longer.before.word_loss, plain.word_loss)
+    np.testing.assert_array_equal(longer.step_loss[:plain.steps], plain.step_loss)
+    assert not torch.equal(longer.rows, plain.rows) and (longer.word_loss < plain.word_loss).all()
+    with pytest.raises(ValueError, match="constant rate"):
+        dataclasses.replace(w.schedule, more_epochs=1, decay=True)
+
+    kept, info = pipeline.keep_more_epochs(longer, 3, hubs=lambda r: 0.4)
+    assert kept is longer and kept.before is None and info["kept"] and info["mass_after"] == 0.4
+    again = run(3)
+    back, info = pipeline.keep_more_epochs(again, 3, hubs=lambda r: 0.6)
+    assert not info["kept"] and info["mass_after"] == 0.6 and (back.seconds, back.steps) == (again.seconds, again.steps)
+    assert torch.equal(back.rows, plain.rows) and back.before is None
+    np.testing.assert_array_equal(back.word_loss, plain.word_loss)
+
+
 def test_rows_trained_alone_read_the_runs_teacher_cache():
     """TeacherCache.take gives the targets and prefix keys/values that a teacher pass over those snippets alone
     gives, so rows trained alone from the run's cache end as they do after their own teacher pass."""

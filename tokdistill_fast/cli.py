@@ -83,6 +83,9 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
                    help="learning rate, or auto; where rows step less often than every 4th step (runs of more than "
                         "about 50 tokens) they train at lr x sqrt(4 / spacing): report.json's training.lr")
     d.add_argument("--epochs", type=_epochs, default=c.epochs, help="passes over the snippets (1, 2, ...), or auto")
+    d.add_argument("--more-epochs", type=_epochs, default=c.more_epochs,
+                   help="then every word trains this many more epochs in the same run at the constant rate, kept "
+                        "unless the rows make new tokens a hub (0: no); auto: 4 in bf16 (GPUs, bf16 CPUs), 0 in fp32")
     d.add_argument("--hardest-epochs", type=int, default=c.hardest_epochs,
                    help="then the quarter of the words with the highest loss train this many more epochs alone (0: no)")
     d.add_argument("--batch-size", type=int, default=c.batch_size)

@@ -61,6 +61,8 @@ HUB_AFTER_RUN = 0.5
 # that continuation (its Adam moments start afresh from rows already trained).
 HARDEST_FRACTION = 0.25
 HARDEST_WARMUP = 0.25
+# --more-epochs auto where the model runs in bf16.
+MORE_EPOCHS = 4
 
 @dataclass(frozen=True)
 class Launch:
@@ -123,6 +125,13 @@ class DistillConfig:
     # alone, from their rows (0: none): the words still furthest from their teacher gain most from more passes
     # (docs/defaults.md, "More passes for the hardest quarter").
     hardest_epochs: int = 4
+    # Every word then trains this many more epochs in the same run, at the constant rate after --epochs' schedule;
+    # where the rows then make a tied model put over HUB_AFTER_RUN of its next-token probability on new tokens after
+    # some word, the run keeps the rows of its first --epochs (docs/defaults.md, "Four more passes in the same run").
+    # auto: MORE_EPOCHS where the model runs in bf16 (GPUs, bf16 CPUs), none in fp32 on a CPU, where a pass costs
+    # about 4x as much and the job's time would near the plain prototype's. Not with --lr-schedule decay (the rate
+    # is zero by then), NTP objectives or several processes.
+    more_epochs: int | str = "auto"
     batch_size: int = 16  # the paper's batch size
     snippets_per_token: int = 25  # the paper's budget: at most 25 snippets ...
     snippet_length: int = 50  # ... of at most 50 tokens per new token
@@ -207,6 +216,8 @@ class DistillConfig:
             raise UserInputError("--snippet-length must be at least 4 tokens")
         if int(self.hardest_epochs) < 0:
             raise UserInputError("--hardest-epochs must be 0 or more")
+        if self.more_epochs != "auto" and (isinstance(self.more_epochs, str) or int(self.more_epochs) < 0):
+            raise UserInputError(f"--more-epochs must be 0 or more, or auto, not {self.more_epochs!r}")
         if self.left_context is not None and int(self.left_context) < 0:
             raise UserInputError("--left-context must be 0 or more tokens")
         if self.pad_to_multiple_of is not None and int(self.pad_to_multiple_of) < 1:
@@ -239,6 +250,19 @@ class DistillConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserInputError(f"--{name.replace('_', '-')} must be between 0 and 1")
         return self
+
+    def run_more_epochs(self) -> int:
+        """The --more-epochs this config trains (in one process): none after a decaying rate, which is zero by then,
+        or with NTP objectives, whose rows the hub check is not about; auto: by the device and dtype it runs in."""
+        if self.lr_schedule == "decay" or "ntp" in self.method:
+            return 0
+        if self.more_epochs != "auto":
+            return int(self.more_epochs)
+        from .modeling.models import pick_device, pick_dtype
+
+        device = pick_device(self.device)
+        half = pick_dtype(self.dtype, device).itemsize == 2
+        return MORE_EPOCHS if device.type != "cpu" or half else 0
 
     def run_optimizer(self, target_tokenizer: bool = False) -> str:
         """--optimizer as the run uses it: auto resolves to whitened for token-distill methods with the MSE loss,

@@ -232,7 +232,7 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
             mass = learned.mass if learned.mass is not None else new_token_mass(prep, learned.rows, learned.out_rows)
         if ranks.world == 1 and method == cfg.method and guards(cfg, prep.tied) \
                 and (worst := float(mass[0].sum(axis=1).max())) > HUB_AFTER_RUN:
-            guard = {"mass_after": worst, "trained": GUARD_METHOD}
+            guard = {"mass_after": worst, "trained": GUARD_METHOD, "plain_more_epochs": learned.more}
             log.warning("the distilled rows make the model put %.0f%% of its next-token probability on new tokens "
                         "right after a trained word (training snippets): training %s instead (--no-ntp-guard keeps "
                         "these rows)", 100 * worst, GUARD_METHOD)
@@ -244,6 +244,7 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
     report.add(autotune=search.as_dict() if search is not None else None,
                retrieval=work.retrieval if work is not None else None, ntp_guard_after_run=guard)
     report.add(outliers=flag_outliers(report.data["tokens"], learned.retried),
+               more_epochs=learned.more,
                hardest=hardest_words(report.data["tokens"], learned.hardest, cfg.hardest_epochs),
                chunks=plan.bounds if plan is not None else None)
     if mass is not None:
@@ -272,7 +273,8 @@ class Learned:
     derived: list[int] = field(default_factory=list)  # variants whose rows were moved from their primary's
     retried: dict[int, dict] = field(default_factory=dict)  # outlier tokens trained again alone (retry_outliers)
     hardest: dict[int, dict] = field(default_factory=dict)  # tokens that trained more epochs alone (continue_hardest)
-    mass: tuple | None = None  # new_token_mass of these rows, where the hub check of continue_hardest measured them
+    mass: tuple | None = None  # new_token_mass of these rows, where a hub check (more epochs, hardest) measured them
+    more: dict | None = None  # what the more epochs did (keep_more_epochs)
 
 
 def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, int], work: Workload | None = None,
@@ -283,9 +285,10 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
     least the teacher layers the objective reads, so one cache can serve several runs), norm clipping
     (for tied models to a quantile), variants from their primaries, and the output-row policy for untied ones.
     `trainer`: student.train or a stand-in with its signature (checkpointing, chunks.ChunkedTrainer); `alone`:
-    rows then train alone on their own snippets (outliers again: retry_outliers; the hardest words more epochs:
-    continue_hardest, for distillation without NTP), which is not possible where each process holds part of every
-    step."""
+    one process, where distillation without NTP trains cfg.more_epochs more epochs, kept unless a hub
+    (keep_more_epochs), and rows then train alone on their own snippets (outliers again: retry_outliers; the
+    hardest words more epochs: continue_hardest, for distillation without NTP), which is not possible where each
+    process holds part of every step."""
     timer = timer or StageTimer()
     work = prep.work if work is None else work
     decoder, toks, tied = prep.decoder, prep.toks, prep.tied
@@ -333,30 +336,41 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
             out_rows = torch.zeros_like(rows) if policy == "zeros" else out_init.float().cpu()
         return rows, out_rows, clipped, derived
 
-    checked: dict = {}  # the rows the hardest stage's hub check measured last, and their new_token_mass
+    checked: list[tuple[torch.Tensor, tuple]] = []  # rows the hub checks measured (as written), their new_token_mass
 
     def hubs(result: student.TrainResult) -> float:
         """The most next-token probability the tied model with `result`'s rows, as written, puts on new tokens right
         after a trained word (new_token_mass on training snippets): what `over_predicting` flags."""
         trial = rows.clone()
         trial[primaries] = result.rows.to(trial.device, trial.dtype)
-        checked["rows"] = finish(trial, None, set(primaries))[0]
-        checked["mass"] = new_token_mass(prep, checked["rows"], None)
-        return float(checked["mass"][0].sum(axis=1).max())
+        written = finish(trial, None, set(primaries))[0]
+        checked.append((written, new_token_mass(prep, written, None)))
+        return float(checked[-1][1][0].sum(axis=1).max())
 
-    train_result, retried, hardest = None, {}, {}
+    train_result, retried, hardest, more = None, {}, {}, None
     if cfg.method == "random":
         rows = random_rows(table, len(toks), cfg.seed).to(device)
     elif cfg.method != "mean" and primaries:
         objective = student.Objective.for_config(cfg, layer, tied)
         schedule = student.Schedule.for_config(cfg, lr, cfg.epochs, prep.backend, cfg.log_every)
+        if alone:
+            schedule = dataclasses.replace(schedule, more_epochs=cfg.run_more_epochs())
+        elif cfg.run_more_epochs():
+            log.info("more epochs: not in runs over several processes or with --target-tokenizer")
         start = (rows[primaries], out_init[primaries] if out_init is not None else None)
+
+        def retry(result: student.TrainResult, schedule: student.Schedule) -> dict[int, dict]:
+            return {primaries[r]: v for r, v in retry_outliers(prep, work, result, start, objective, schedule,
+                                                               passes, cache).items()} if alone else {}
+
         with timer("student"):
             train_result = trainer(decoder, work.alignment, cache, work.snippet_row, *start, objective, schedule,
                                    tied, passes=passes, teacher=(work.teacher_ids, work.cu_teacher))
-            if alone:
-                retried = {primaries[r]: v for r, v in retry_outliers(prep, work, train_result, start, objective,
-                                                                       schedule, passes, cache).items()}
+            retried = retry(train_result, schedule)
+            if train_result.before is not None:
+                train_result, more = keep_more_epochs(train_result, schedule.more_epochs, hubs if tied else None)
+                if not more["kept"]:
+                    retried = retry(train_result, dataclasses.replace(schedule, more_epochs=0))
             if alone and objective.ntp is None:
                 hardest = {primaries[r]: v for r, v in continue_hardest(prep, work, train_result, cfg.hardest_epochs,
                                                                         objective, schedule, passes,
@@ -365,8 +379,27 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         if train_result.out_rows is not None:
             out_init[primaries] = train_result.out_rows
     rows, out_rows, clipped, derived = finish(rows, out_init, set(primaries) if train_result is not None else set())
-    mass = checked["mass"] if checked and torch.equal(checked["rows"], rows) else None
-    return Learned(rows, out_rows, train_result, clipped, init_used, derived, retried, hardest, mass)
+    mass = next((mass for measured, mass in checked if torch.equal(measured, rows)), None)
+    return Learned(rows, out_rows, train_result, clipped, init_used, derived, retried, hardest, mass, more)
+
+
+def keep_more_epochs(result: student.TrainResult, epochs: int, hubs=None) -> tuple[student.TrainResult, dict]:
+    """The rows after the schedule's `epochs` more epochs (`result`), or those from before them (`result.before`)
+    where, on a tied model (`hubs`: result -> the most new-token mass after a trained word), the model would put
+    over HUB_AFTER_RUN of its next-token probability on new tokens right after some trained word: more passes
+    made SmolLM2 / FOLDOC's rows a hub (0.77), not Gemma-3's (docs/defaults.md, "Four more passes in the same
+    run"). Returns (the rows kept, what report.json's `more_epochs` says)."""
+    mass = hubs(result) if hubs is not None else None
+    kept = mass is None or mass <= HUB_AFTER_RUN
+    info = {"epochs": epochs, "steps": result.steps - result.before.steps, "kept": kept, "mass_after": mass}
+    if not kept:
+        log.warning("more epochs: with their rows a trained word put %.2f of its next-token probability on new tokens; "
+                    "the rows from before them are kept", mass)
+        b = result.before  # its rows and losses; the steps, seconds and positions of the training that ran
+        return dataclasses.replace(result, rows=b.rows, out_rows=b.out_rows, token_loss=b.token_loss,
+                                   word_loss=b.word_loss, before=None), info
+    result.before = None
+    return result, info
 
 
 def retry_outliers(prep: Prepared, work: Workload, result: student.TrainResult,
@@ -402,7 +435,7 @@ def continue_hardest(prep: Prepared, work: Workload, result: student.TrainResult
     hardest = np.sort(ok[np.argsort(-loss[ok], kind="stable")[:int(round(HARDEST_FRACTION * len(ok)))]])
     if epochs < 1 or not len(hardest):
         return {}
-    more = dataclasses.replace(schedule, epochs=epochs, warmup_fraction=HARDEST_WARMUP)
+    more = dataclasses.replace(schedule, epochs=epochs, warmup_fraction=HARDEST_WARMUP, more_epochs=0)
     before = result.rows.clone(), result.token_loss.copy(), result.word_loss.copy()
     out = train_alone(prep, work, result, hardest, pick_rows((result.rows, result.out_rows), hardest), objective,
                       more, passes, "hardest", cache)

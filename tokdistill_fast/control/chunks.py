@@ -102,6 +102,7 @@ def take_rows(al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, sn
 def merge(results: list[student.TrainResult], device: torch.device) -> student.TrainResult:
     """One TrainResult of the chunks' results, rows in chunk order."""
     out = [r.out_rows for r in results]
+    before = merge([r.before for r in results], device) if all(r.before is not None for r in results) else None
     positions: dict[str, int] = {}
     for r in results:
         for k, v in r.extra["positions"].items():
@@ -114,7 +115,7 @@ def merge(results: list[student.TrainResult], device: torch.device) -> student.T
         sum(r.seconds for r in results), sum(r.steps for r in results),
         extra={"passes": results[0].extra["passes"], "positions": positions, "chunks": len(results),
                "groups": sum(r.extra.get("groups", r.steps) for r in results),
-               "teacher_seconds": sum(r.extra.get("teacher_seconds", 0.0) for r in results)})
+               "teacher_seconds": sum(r.extra.get("teacher_seconds", 0.0) for r in results)}, before=before)
 
 
 class ChunkedTrainer:

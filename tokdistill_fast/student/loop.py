@@ -45,6 +45,9 @@ class Schedule:
     batch_size: int = 16
     warmup_fraction: float = 0.5
     decay: bool = False  # after the warm-up, decay linearly to zero at the last step (default: constant)
+    # Then this many more epochs at the constant rate, after the schedule above ran its `epochs`; the rows at that
+    # point are kept beside the final ones (TrainResult.before). Not with decay: the rate is zero by then.
+    more_epochs: int = 0
     optimizer: str = "whitened"  # whitened.WhitenedAdam | adamw (plain AdamW without weight decay)
     seed: int = 0
     log_every: int = 0  # log the mean loss of every this many steps (0: never), without waiting for the device
@@ -59,6 +62,10 @@ class Schedule:
                    decay=cfg.lr_schedule == "decay", optimizer=cfg.run_optimizer(), seed=cfg.seed, log_every=log_every,
                    backend=backend)
 
+    def __post_init__(self):
+        if self.decay and self.more_epochs:
+            raise ValueError("more epochs follow a constant rate; a decaying one is zero by then")
+
 
 @dataclass
 class TrainResult:
@@ -70,6 +77,7 @@ class TrainResult:
     seconds: float
     steps: int
     extra: dict = field(default_factory=dict)
+    before: TrainResult | None = None  # with Schedule.more_epochs: the rows and losses before those epochs
 
 
 @dataclass
@@ -177,8 +185,15 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     n_rows = init_rows.shape[0]
     trainable = Trainable.start(init_rows, init_out, objective, tied, device)
     rows, params = trainable.rows, trainable.params
-    plan = batch_plan(snippet_row, schedule.batch_size, schedule.epochs, schedule.seed) if shard is None else shard.plan
+    if shard is not None and schedule.more_epochs:
+        raise ValueError("more epochs run in one process: each rank's plan holds the schedule's epochs only")
+    total_epochs = schedule.epochs + schedule.more_epochs
+    plan = batch_plan(snippet_row, schedule.batch_size, total_epochs, schedule.seed) if shard is None else shard.plan
     n_steps = len(plan)
+    # The schedule's own epochs end at step `first` (a plan's epochs do not depend on how many follow them): the
+    # warm-up and the rate rule read those steps only, so the rows there are those of a run without more epochs.
+    first = len(batch_plan(snippet_row, schedule.batch_size, schedule.epochs, schedule.seed)) \
+        if schedule.more_epochs else n_steps
     tables = [decoder.embed_weight] + ([decoder.model.get_output_embeddings().weight]
                                        if trainable.out_rows is not None else [])
     # Row-sparse objectives: their gradients stay in the rows of each snippet's own token (NTP reads every new row
@@ -186,10 +201,10 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     row_sparse = objective.ntp is None and trainable.out_rows is None
     # Their rows step only with their snippets: rows that step rarely (many tokens per run) take smaller rates, so
     # a row moves as in the jobs the rates were chosen on. Sharded runs (each rank sees its own snippets) keep it.
-    spacing = step_spacing(plan, snippet_row) if shard is None else None
+    spacing = step_spacing(plan[:first], snippet_row) if shard is None else None
     if row_sparse and spacing is not None:
         schedule = dataclasses.replace(schedule, lr=schedule.lr * rate_scale(spacing))
-    opt, sched = optimizer(params, tables, schedule, n_steps, device)
+    opt, sched = optimizer(params, tables, schedule, first, device)
     L = decoder.num_layers
     layers = objective.student_layers(L, trainable.out_rows is not None)
     # Prefix steps read the prefix keys/values the teacher pass kept, when it kept every layer they run through.
@@ -203,11 +218,13 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     # their final values (a token's early pairs can be thousands of times its final loss, e.g. where its initial
     # row makes a new attention sink); then the same over the word's own pairs (each snippet's first), whose loss
     # is comparable across tokens whatever text follows them. A token seen only in the first half is reported
-    # over the whole epoch.
-    tok_sum = torch.zeros(4, n_rows, device=device)
-    tok_cnt = torch.zeros(4, n_rows, device=device)
-    last_epoch = n_steps // schedule.epochs
-    epoch_start, tail_start = n_steps - last_epoch, n_steps - last_epoch + last_epoch // 2
+    # over the whole epoch. With more epochs, the same again for the last epoch before them (TrainResult.before).
+    windows = []  # (last epoch's first step, its second half's first step, end) of each part
+    for end, epochs in ((first, schedule.epochs), (n_steps, total_epochs))[:1 + (first < n_steps)]:
+        last_epoch = end // epochs
+        windows.append((end - last_epoch, end - last_epoch + last_epoch // 2, end))
+    tok_sum = torch.zeros(4 * len(windows), n_rows, device=device)
+    tok_cnt = torch.zeros(4 * len(windows), n_rows, device=device)
     state = {"params": params, "optimizer": opt, "scheduler": sched, "step_loss": step_loss, "tok_sum": tok_sum,
              "tok_cnt": tok_cnt, "steps": n_steps}
     start = hook.restore(state) if hook is not None else 0
@@ -216,7 +233,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     # Whitened steps told their rows compute only the rows each pass reads (sharded steps' rows span the ranks).
     lazy = isinstance(opt, WhitenedAdam) and shard is None and row_sparse
     every = hook.every if hook is not None else 0
-    breaks = {epoch_start, tail_start} | (set(range(0, n_steps, every)) if every else set())
+    breaks = {step for window in windows for step in window} | (set(range(0, n_steps, every)) if every else set())
     groups = plan_groups(al, snippet_row, plan, passes, schedule.group if grouped else 1, breaks, start, teacher,
                          device, cache.prefix_cu if passes.cached else None)
     feed = None if passes.fused or objective.distill is None else TargetFeed(cache, [g.batch for g in groups],
@@ -254,11 +271,17 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
             losses_log.step(s)
         if row_loss is not None:
             loss_f, word = row_loss.float(), b.word.float()
-            for part, since in enumerate((epoch_start, tail_start)):
-                if step >= since:
-                    for k, w in ((part, torch.ones_like(loss_f)), (part + 2, word)):
-                        tok_sum[k].index_add_(0, b.tok, loss_f * w)
-                        tok_cnt[k].index_add_(0, b.tok, w)
+            for at, (since, tail, end) in enumerate(windows):
+                for part, start_at in enumerate((since, tail)):
+                    if start_at <= step < end:
+                        for k, w in ((4 * at + part, torch.ones_like(loss_f)), (4 * at + part + 2, word)):
+                            tok_sum[k].index_add_(0, b.tok, loss_f * w)
+                            tok_cnt[k].index_add_(0, b.tok, w)
+        if g.steps.stop == first < n_steps:  # the schedule's epochs are done: keep their rows
+            if lazy:
+                opt.sync()
+            state["before"] = [p.detach().clone() for p in params]
+            state["before_seconds"] = time.perf_counter() - t0
         if hook is not None:
             hook.after_steps(g.steps, state)
     if lazy:
@@ -271,13 +294,22 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     if shard is not None:
         positions = shard.finish(tok_sum, tok_cnt, positions)
     mean = tok_sum / tok_cnt
-    # nan: a token without aligned rows
-    token_loss, word_loss = (torch.where(tok_cnt[k + 1] > 0, mean[k + 1], mean[k]).cpu().numpy() for k in (0, 2))
-    out_rows = trainable.out_rows
-    return TrainResult(rows.detach(), None if out_rows is None else out_rows.detach(), step_loss.cpu().numpy(),
-                       token_loss, word_loss, seconds, n_steps,
-                       extra={"passes": passes.describe(), "positions": positions, "groups": len(groups),
-                              "step_spacing": None if spacing is None else round(spacing, 3), "lr": schedule.lr})
+
+    def result(at: int, params: list[torch.Tensor], steps: int, seconds: float, positions: dict) -> TrainResult:
+        """The rows `params` and their losses over window `at` (nan: a token without aligned rows)."""
+        token_loss, word_loss = (torch.where(tok_cnt[k + 1] > 0, mean[k + 1], mean[k]).cpu().numpy()
+                                 for k in (4 * at, 4 * at + 2))
+        rows, out_rows = params[0].detach(), params[1].detach() if len(params) > 1 else None
+        return TrainResult(rows, out_rows, step_loss[:steps].cpu().numpy(), token_loss, word_loss, seconds, steps,
+                           extra={"passes": passes.describe(), "positions": positions,
+                                  "groups": sum(g.steps.stop <= steps for g in groups),
+                                  "step_spacing": None if spacing is None else round(spacing, 3), "lr": schedule.lr})
+
+    out = result(len(windows) - 1, params, n_steps, seconds, positions)
+    if len(windows) > 1:
+        out.before = result(0, state["before"], first, state["before_seconds"],
+                            computed_positions([g.batch for g in groups if g.steps.stop <= first], passes))
+    return out
 
 
 def computed_positions(batches: list[Batch], passes: Passes) -> dict[str, int]:

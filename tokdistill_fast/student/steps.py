@@ -58,8 +58,8 @@ class Passes:
 
     @classmethod
     def for_config(cls, cfg: DistillConfig) -> Passes:
-        """How the student's steps run for this config (--prefix-sharing, --backend, --epochs)."""
-        return resolve_passes(cfg.prefix_sharing, cfg.backend, cfg.epochs)
+        """How the student's steps run for this config (--prefix-sharing, --backend, --epochs, --more-epochs)."""
+        return resolve_passes(cfg.prefix_sharing, cfg.backend, cfg.epochs + cfg.run_more_epochs())
 
 
 def resolve_passes(prefix_sharing: str, backend: str, epochs: int) -> Passes:
@@ -67,7 +67,8 @@ def resolve_passes(prefix_sharing: str, backend: str, epochs: int) -> Passes:
     if prefix_sharing == "auto":
         prefix_sharing = "off" if backend == "torch" else "fused" if epochs == 1 else "on"
     if prefix_sharing == "fused" and epochs != 1:
-        raise UserInputError("--prefix-sharing fused needs --epochs 1: the teacher pass runs inside each step")
+        raise UserInputError("--prefix-sharing fused needs one epoch in all (--epochs 1 --more-epochs 0): the teacher "
+                             "pass runs inside each step")
     return Passes(prefix=prefix_sharing != "off", fused=prefix_sharing == "fused")
 
 
