@@ -226,7 +226,7 @@ class WorkDir:
 class StudentHook:
     """Checkpoints a student.train() loop: restore() before the first step, after_steps() at each step boundary.
     `state` is train()'s dict: params, optimizer, scheduler, step_loss, tok_sum, tok_cnt, steps (total), and with
-    more epochs, once they start, the rows kept before them (before, before_seconds)."""
+    more epochs, once they start, the rows kept before them (before)."""
 
     def __init__(self, work: WorkDir, name: str, step_offset: int):
         self.work, self.name, self.offset = work, name, step_offset
@@ -246,7 +246,6 @@ class StudentHook:
                 state[k].copy_(saved[k])
             if saved.get("before") is not None:  # the rows kept where the schedule's epochs ended (more epochs)
                 state["before"] = [v.to(p.device) for p, v in zip(state["params"], saved["before"])]
-                state["before_seconds"] = saved["before_seconds"]
         state["optimizer"].load_state_dict(saved["optimizer"])
         state["scheduler"].load_state_dict(saved["scheduler"])
         log.info("resume: %s at step %d of %d", self.name, saved["step"], saved["steps"])
@@ -279,5 +278,4 @@ class StudentHook:
             "params": [p.detach().cpu() for p in state["params"]],
             "optimizer": state["optimizer"].state_dict(), "scheduler": state["scheduler"].state_dict(),
             **{k: state[k].detach().cpu() for k in ("step_loss", "tok_sum", "tok_cnt")},
-            "before": [t.cpu() for t in state["before"]] if "before" in state else None,
-            "before_seconds": state.get("before_seconds")})
+            "before": [t.cpu() for t in state["before"]] if "before" in state else None})

@@ -77,7 +77,8 @@ class TrainResult:
     seconds: float
     steps: int
     extra: dict = field(default_factory=dict)
-    before: TrainResult | None = None  # with Schedule.more_epochs: the rows and losses before those epochs
+    # With Schedule.more_epochs: the rows, losses and steps before those epochs (seconds and extra: the whole run's)
+    before: TrainResult | None = None
 
 
 @dataclass
@@ -281,7 +282,6 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
             if lazy:
                 opt.sync()
             state["before"] = [p.detach().clone() for p in params]
-            state["before_seconds"] = time.perf_counter() - t0
         if hook is not None:
             hook.after_steps(g.steps, state)
     if lazy:
@@ -295,20 +295,20 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
         positions = shard.finish(tok_sum, tok_cnt, positions)
     mean = tok_sum / tok_cnt
 
-    def result(at: int, params: list[torch.Tensor], steps: int, seconds: float, positions: dict) -> TrainResult:
-        """The rows `params` and their losses over window `at` (nan: a token without aligned rows)."""
-        token_loss, word_loss = (torch.where(tok_cnt[k + 1] > 0, mean[k + 1], mean[k]).cpu().numpy()
-                                 for k in (4 * at, 4 * at + 2))
-        rows, out_rows = params[0].detach(), params[1].detach() if len(params) > 1 else None
-        return TrainResult(rows, out_rows, step_loss[:steps].cpu().numpy(), token_loss, word_loss, seconds, steps,
-                           extra={"passes": passes.describe(), "positions": positions,
-                                  "groups": sum(g.steps.stop <= steps for g in groups),
-                                  "step_spacing": None if spacing is None else round(spacing, 3), "lr": schedule.lr})
+    def losses(at: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token and word losses over window `at` (nan: a token without aligned rows)."""
+        return tuple(torch.where(tok_cnt[k + 1] > 0, mean[k + 1], mean[k]).cpu().numpy() for k in (4 * at, 4 * at + 2))
 
-    out = result(len(windows) - 1, params, n_steps, seconds, positions)
-    if len(windows) > 1:
-        out.before = result(0, state["before"], first, state["before_seconds"],
-                            computed_positions([g.batch for g in groups if g.steps.stop <= first], passes))
+    out_rows = trainable.out_rows
+    out = TrainResult(rows.detach(), None if out_rows is None else out_rows.detach(), step_loss.cpu().numpy(),
+                      *losses(len(windows) - 1), seconds, n_steps,
+                      extra={"passes": passes.describe(), "positions": positions, "groups": len(groups),
+                             "step_spacing": None if spacing is None else round(spacing, 3), "lr": schedule.lr})
+    if len(windows) > 1:  # the rows, losses and steps at `first`; seconds and positions are the whole run's
+        kept, (token_loss, word_loss) = state["before"], losses(0)
+        out.before = dataclasses.replace(out, rows=kept[0], out_rows=kept[1] if len(kept) > 1 else None,
+                                         step_loss=out.step_loss[:first], token_loss=token_loss, word_loss=word_loss,
+                                         steps=first)
     return out
 
 
