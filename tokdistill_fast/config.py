@@ -61,8 +61,9 @@ HUB_AFTER_RUN = 0.5
 # that continuation (its Adam moments start afresh from rows already trained).
 HARDEST_FRACTION = 0.25
 HARDEST_WARMUP = 0.25
-# --more-epochs auto where the model runs in bf16.
+# --more-epochs and --hardest-epochs auto where the model runs in bf16.
 MORE_EPOCHS = 4
+HARDEST_EPOCHS = 4
 
 @dataclass(frozen=True)
 class Launch:
@@ -123,8 +124,10 @@ class DistillConfig:
     epochs: int | str = 4
     # Then the HARDEST_FRACTION of the trained words whose own-position loss is highest train this many more epochs
     # alone, from their rows (0: none): the words still furthest from their teacher gain most from more passes
-    # (docs/defaults.md, "More passes for the hardest quarter").
-    hardest_epochs: int = 4
+    # (docs/defaults.md, "More passes for the hardest quarter"). auto: HARDEST_EPOCHS where the model runs in bf16,
+    # none in fp32 on a CPU, as for --more-epochs (they cost 12% of a job that must stay within half the prototype's
+    # time there: docs/defaults.md, "Extra passes only where a pass is cheap").
+    hardest_epochs: int | str = "auto"
     # Every word then trains this many more epochs in the same run, at the constant rate after --epochs' schedule;
     # where the rows then make a tied model put over HUB_AFTER_RUN of its next-token probability on new tokens after
     # some word, the run keeps the rows of its first --epochs (docs/defaults.md, "Four more passes in the same run").
@@ -214,10 +217,10 @@ class DistillConfig:
                 raise UserInputError(f"--{name.replace('_', '-')} must be at least 1")
         if self.snippet_length < 4:
             raise UserInputError("--snippet-length must be at least 4 tokens")
-        if int(self.hardest_epochs) < 0:
-            raise UserInputError("--hardest-epochs must be 0 or more")
-        if self.more_epochs != "auto" and (isinstance(self.more_epochs, str) or int(self.more_epochs) < 0):
-            raise UserInputError(f"--more-epochs must be 0 or more, or auto, not {self.more_epochs!r}")
+        for name in ("hardest_epochs", "more_epochs"):
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, str) or int(value) < 0):
+                raise UserInputError(f"--{name.replace('_', '-')} must be 0 or more, or auto, not {value!r}")
         if self.left_context is not None and int(self.left_context) < 0:
             raise UserInputError("--left-context must be 0 or more tokens")
         if self.pad_to_multiple_of is not None and int(self.pad_to_multiple_of) < 1:
@@ -256,13 +259,23 @@ class DistillConfig:
         or with NTP objectives, whose rows the hub check is not about; auto: by the device and dtype it runs in."""
         if self.lr_schedule == "decay" or "ntp" in self.method:
             return 0
-        if self.more_epochs != "auto":
-            return int(self.more_epochs)
+        return self._where_cheap(self.more_epochs, MORE_EPOCHS)
+
+    def run_hardest_epochs(self) -> int:
+        """The --hardest-epochs this config trains (in one process, distillation without NTP); auto: by the device
+        and dtype it runs in."""
+        return self._where_cheap(self.hardest_epochs, HARDEST_EPOCHS)
+
+    def _where_cheap(self, value: int | str, default: int) -> int:
+        """An extra-pass count as given, or for "auto" `default` where the model runs in bf16 (GPUs, bf16 CPUs) and
+        0 in fp32 on a CPU, where a pass costs about 4x as much."""
+        if value != "auto":
+            return int(value)
         from .modeling.models import pick_device, pick_dtype
 
         device = pick_device(self.device)
         half = pick_dtype(self.dtype, device).itemsize == 2
-        return MORE_EPOCHS if device.type != "cpu" or half else 0
+        return default if device.type != "cpu" or half else 0
 
     def run_optimizer(self, target_tokenizer: bool = False) -> str:
         """--optimizer as the run uses it: auto resolves to whitened for token-distill methods with the MSE loss,

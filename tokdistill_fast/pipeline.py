@@ -245,7 +245,7 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
                retrieval=work.retrieval if work is not None else None, ntp_guard_after_run=guard)
     report.add(outliers=flag_outliers(report.data["tokens"], learned.retried),
                more_epochs=learned.more,
-               hardest=hardest_words(report.data["tokens"], learned.hardest, cfg.hardest_epochs),
+               hardest=hardest_words(report.data["tokens"], learned.hardest, cfg.run_hardest_epochs()),
                chunks=plan.bounds if plan is not None else None)
     if mass is not None:
         report.record_new_token_mass(*mass)
@@ -372,9 +372,9 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
                 if not more["kept"]:
                     retried = retry(train_result, dataclasses.replace(schedule, more_epochs=0))
             if alone and objective.ntp is None:
-                hardest = {primaries[r]: v for r, v in continue_hardest(prep, work, train_result, cfg.hardest_epochs,
-                                                                        objective, schedule, passes,
-                                                                        hubs if tied else None, cache).items()}
+                hardest = continue_hardest(prep, work, train_result, cfg.run_hardest_epochs(), objective, schedule,
+                                           passes, hubs if tied else None, cache)
+                hardest = {primaries[r]: v for r, v in hardest.items()}
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
             out_init[primaries] = train_result.out_rows
