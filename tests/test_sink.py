@@ -17,7 +17,7 @@ from conftest import tiny_config
 from tokdistill_fast.kernels.embedding_rows import embedding_rows
 from transformers import AutoModelForCausalLM
 
-from tokdistill_fast import DistillConfig, align, contexts, pipeline, report, student, teacher, tokens
+from tokdistill_fast import DistillConfig, align, contexts, pipeline, report, rows, student, teacher, tokens
 from tokdistill_fast.config import HARDEST_WARMUP, UserInputError, cache_dir
 from tokdistill_fast.control import chunks
 from tokdistill_fast.modeling import models
@@ -277,3 +277,28 @@ def test_rows_trained_alone_read_the_runs_teacher_cache():
         assert outs[0][i]["alone"] == pytest.approx(outs[1][i]["alone"], rel=1e-4)
     torch.testing.assert_close(runs[0].rows, runs[1].rows, rtol=1e-4, atol=1e-5)
     assert not torch.equal(runs[0].rows, result.rows)
+
+
+def test_steps_read_rows_as_they_are_written():
+    """Schedule.max_norm_quantile: every step reads the rows scaled to at most that quantile of the table's norms,
+    as the output writes them, and the run returns them so; rows that never reach it train bit for bit as without."""
+    w = three_words()
+    work, table = w.work, w.prep.decoder.embed_weight
+    norms = table.norm(dim=1)
+
+    def run(init: torch.Tensor, q: float | None) -> student.TrainResult:
+        return w.run(work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row, init,
+                     dataclasses.replace(w.schedule, max_norm_quantile=q))
+
+    small = w.init * (0.5 * norms.min() / w.init.norm(dim=1).max())  # far under the largest norm of the table
+    free, roomy = run(small, None), run(small, 1.0)
+    assert torch.equal(free.rows, roomy.rows) and (free.step_loss == roomy.step_loss).all()
+    limit = rows.norm_limit(table, 0.1)
+    assert (w.init.norm(dim=1) > limit).all()
+    bounded, scaled = run(w.init, 0.1), run(rows.bound_norms(w.init, limit), None)
+    assert bounded.step_loss[0] == pytest.approx(scaled.step_loss[0], rel=1e-6)  # the first step read scaled rows
+    assert not torch.equal(bounded.rows, scaled.rows)  # ... and the later ones their own bound
+    assert (bounded.rows.norm(dim=1) <= limit * (1 + 1e-6)).all()
+    clipped, _ = rows.clip_norms(bounded.rows, table, 0.1)
+    torch.testing.assert_close(clipped, bounded.rows.cpu(), rtol=1e-6, atol=1e-7)  # the output writes them as read
+    assert (run(w.init, None).rows.norm(dim=1) > limit).all()  # unbounded, they stay over it

@@ -20,10 +20,19 @@ def random_rows(table: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return t.mean(0) + t.std(0) * torch.randn(n, t.shape[1], generator=g)
 
 
+def norm_limit(table: torch.Tensor, quantile: float) -> float:
+    """The given quantile of the original rows' norms: the largest norm a new row is written with."""
+    return float(torch.quantile(torch.linalg.vector_norm(table, dim=1, dtype=torch.float32).cpu(), quantile))
+
+
+def bound_norms(rows: torch.Tensor, limit: float) -> torch.Tensor:
+    """`rows` with those over `limit` scaled down to it (differentiable: training reads rows through it)."""
+    return rows * torch.clamp(limit / rows.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)
+
+
 def clip_norms(rows: torch.Tensor, table: torch.Tensor, quantile: float) -> tuple[torch.Tensor, int]:
     """Scale rows whose norm exceeds the given quantile of the original rows' norms down to it. With tied
     embeddings a large input row is also a large output row, which makes the model over-predict the token."""
-    limit = torch.quantile(table.float().norm(dim=1).cpu(), quantile)
-    norms = rows.norm(dim=1, keepdim=True).cpu()
-    factor = torch.clamp(limit / norms.clamp_min(1e-12), max=1.0)
-    return rows.cpu() * factor, int((factor < 1).sum())
+    limit = norm_limit(table, quantile)
+    rows = rows.cpu()
+    return bound_norms(rows, limit), int((rows.norm(dim=1) > limit).sum())

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..align import Alignment
 from ..modeling.models import Decoder
+from ..rows import bound_norms, norm_limit
 from ..teacher import TeacherCache
 from .feed import TargetFeed
 from .objective import Objective
@@ -52,6 +53,10 @@ class Schedule:
     seed: int = 0
     log_every: int = 0  # log the mean loss of every this many steps (0: never), without waiting for the device
     group: int = 16  # at most this many consecutive steps with disjoint tokens run as one pass (1: step by step)
+    # Steps read the input rows with norms over this quantile of the table's (tied; untied: over the largest) scaled
+    # down to it, as the output writes them (None: as they are): a row trained past it is written as one the student
+    # never read, and one had become an attention sink there (docs/defaults.md, "Rows trained as they are written").
+    max_norm_quantile: float | None = None
     backend: str = "auto"  # kernels: auto | torch (references) | triton (fused kernels), see kernels/backend.py
 
     @classmethod
@@ -60,7 +65,7 @@ class Schedule:
         candidates alike); the learning rate, epochs and kernels as resolved for it."""
         return cls(lr=lr, epochs=epochs, batch_size=cfg.batch_size, warmup_fraction=cfg.warmup_fraction,
                    decay=cfg.lr_schedule == "decay", optimizer=cfg.run_optimizer(), seed=cfg.seed, log_every=log_every,
-                   backend=backend)
+                   backend=backend, max_norm_quantile=cfg.max_norm_quantile)
 
     def __post_init__(self):
         if self.decay and self.more_epochs:
@@ -186,6 +191,12 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     n_rows = init_rows.shape[0]
     trainable = Trainable.start(init_rows, init_out, objective, tied, device)
     rows, params = trainable.rows, trainable.params
+    q = schedule.max_norm_quantile
+    limit = None if q is None else norm_limit(decoder.embed_weight, q if tied else 1.0)
+
+    def read(x: torch.Tensor) -> torch.Tensor:
+        """The input rows as the steps (and the output) read them."""
+        return x if limit is None else bound_norms(x, limit)
     if shard is not None and schedule.more_epochs:
         raise ValueError("more epochs run in one process: each rank's plan holds the schedule's epochs only")
     total_epochs = schedule.epochs + schedule.more_epochs
@@ -252,12 +263,14 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
             if shard is not None:
                 shard.idle(objective)
         else:
-            flat, targets = student_states(decoder, b, decoder.embed_weight, x, layers, passes, teacher_layers,
+            x_in = read(x)
+            flat, targets = student_states(decoder, b, decoder.embed_weight, x_in, layers, passes, teacher_layers,
                                            schedule.backend, kv if passes.cached else None)
             targets = (targets, b.t_idx) if passes.fused else feed(step, b) if feed else (None, None)
             # Sharded: each loss is weighted by this rank's share of the step's pairs (its mean -> part of the mean).
             weights = (1.0, 1.0) if shard is None else shard.weights[step]
-            loss, row_loss = objective.loss(decoder, flat, targets, b, trainable, weights, shard, schedule.backend)
+            loss, row_loss = objective.loss(decoder, flat, targets, b, dataclasses.replace(trainable, rows=x_in),
+                                            weights, shard, schedule.backend)
         loss.backward()
         if len(g.steps) == 1:
             if shard is not None:  # gradients and loss summed over ranks: the one-process step's values
@@ -300,13 +313,13 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
         return tuple(torch.where(tok_cnt[k + 1] > 0, mean[k + 1], mean[k]).cpu().numpy() for k in (4 * at, 4 * at + 2))
 
     out_rows = trainable.out_rows
-    out = TrainResult(rows.detach(), None if out_rows is None else out_rows.detach(), step_loss.cpu().numpy(),
+    out = TrainResult(read(rows.detach()), None if out_rows is None else out_rows.detach(), step_loss.cpu().numpy(),
                       *losses(len(windows) - 1), seconds, n_steps,
                       extra={"passes": passes.describe(), "positions": positions, "groups": len(groups),
                              "step_spacing": None if spacing is None else round(spacing, 3), "lr": schedule.lr})
     if len(windows) > 1:  # the rows, losses and steps at `first`; seconds and positions are the whole run's
         kept, (token_loss, word_loss) = state["before"], losses(0)
-        out.before = dataclasses.replace(out, rows=kept[0], out_rows=kept[1] if len(kept) > 1 else None,
+        out.before = dataclasses.replace(out, rows=read(kept[0]), out_rows=kept[1] if len(kept) > 1 else None,
                                          step_loss=out.step_loss[:first], token_loss=token_loss, word_loss=word_loss,
                                          steps=first)
     return out
