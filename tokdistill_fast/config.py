@@ -125,8 +125,8 @@ class DistillConfig:
     # Then the HARDEST_FRACTION of the trained words whose own-position loss is highest train this many more epochs
     # alone, from their rows (0: none): the words still furthest from their teacher gain most from more passes
     # (docs/defaults.md, "More passes for the hardest quarter"). auto: HARDEST_EPOCHS where the model runs in bf16,
-    # none in fp32 on a CPU, as for --more-epochs (they cost 12% of a job that must stay within half the prototype's
-    # time there: docs/defaults.md, "Extra passes only where a pass is cheap").
+    # none in fp32 on a CPU, as for --more-epochs (there they took a fifth of the 40-word job's time, which must stay
+    # within half the plain prototype's: docs/defaults.md, "Extra passes only where a pass is cheap").
     hardest_epochs: int | str = "auto"
     # Every word then trains this many more epochs in the same run, at the constant rate after --epochs' schedule;
     # where the rows then make a tied model put over HUB_AFTER_RUN of its next-token probability on new tokens after
