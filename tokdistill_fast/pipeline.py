@@ -38,7 +38,7 @@ from .evaluation import heldout
 from .kernels import backend as kernels
 from .modeling import models
 from .report import RunReport, StageTimer, flag_outliers, hardest_words, outlier_rows
-from .rows import clip_norms, random_rows, subtoken_mean
+from .rows import clip_norms, random_rows, subtoken_mean, written_quantile
 from .tokens import NewToken, Skipped
 from .workload import Workload, build_workload, trained_tokens
 
@@ -311,9 +311,7 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         (rows, output rows or None, rows clipped, variant tokens derived)."""
         rows = rows.float().cpu()
         out_init = None if out_init is None else out_init.clone()
-        # Tied: clip to a quantile (a large input row is also a large output row). Untied: to the largest norm, so
-        # new rows stay inside the vocabulary's norm range, which `tokdistill check` verifies.
-        clip = functools.partial(clip_norms, table=table, quantile=cfg.max_norm_quantile if tied else 1.0)
+        clip = functools.partial(clip_norms, table=table, quantile=written_quantile(cfg.max_norm_quantile, tied))
         rows, clipped = clip(rows) if cfg.method != "mean" else (rows, 0)
         # A variant ("palatable" at the start of text, "Palatable") takes its primary's row moved by the difference
         # of their subtoken means, the offset the vocabulary itself has between the two forms. A copy would also

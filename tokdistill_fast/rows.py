@@ -20,6 +20,13 @@ def random_rows(table: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return t.mean(0) + t.std(0) * torch.randn(n, t.shape[1], generator=g)
 
 
+def written_quantile(quantile: float, tied: bool) -> float:
+    """The quantile of the table's norms new rows are written within: `quantile` for tied models (a large input row
+    is also a large output row), the largest norm for untied ones (inside the vocabulary's range, which `tokdistill
+    check` verifies)."""
+    return quantile if tied else 1.0
+
+
 def norm_limit(table: torch.Tensor, quantile: float) -> float:
     """The given quantile of the original rows' norms: the largest norm a new row is written with."""
     return float(torch.quantile(torch.linalg.vector_norm(table, dim=1, dtype=torch.float32).cpu(), quantile))

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..align import Alignment
 from ..modeling.models import Decoder
-from ..rows import bound_norms, norm_limit
+from ..rows import bound_norms, norm_limit, written_quantile
 from ..teacher import TeacherCache
 from .feed import TargetFeed
 from .objective import Objective
@@ -192,7 +192,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     trainable = Trainable.start(init_rows, init_out, objective, tied, device)
     rows, params = trainable.rows, trainable.params
     q = schedule.max_norm_quantile
-    limit = None if q is None else norm_limit(decoder.embed_weight, q if tied else 1.0)
+    limit = None if q is None else norm_limit(decoder.embed_weight, written_quantile(q, tied))
 
     def read(x: torch.Tensor) -> torch.Tensor:
         """The input rows as the steps (and the output) read them."""
