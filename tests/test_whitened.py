@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tokdistill_fast import DistillConfig
-from tokdistill_fast.student.whitened import WhitenedAdam, sqrt_cov
+from tokdistill_fast.student.whitened import WhitenedAdam, spike_rows, sqrt_cov
 
 
 def table(n: int = 500, d: int = 8) -> torch.Tensor:
@@ -125,3 +125,58 @@ def test_training_with_row_steps_equals_every_row_steps(model_dirs, words_file, 
     assert rowwise.report["training"]["steps"] == every.report["training"]["steps"]
     assert rowwise.report["training"]["passes"] < rowwise.report["training"]["steps"]  # steps ran in groups
     torch.testing.assert_close(rowwise.rows, every.rows, rtol=1e-4, atol=1e-5)
+
+
+def test_spike_rows_are_rows_far_above_their_own_history():
+    """A row is a spike when its gradient norm exceeds `limit` x the RMS its second moment holds; rows without
+    history never are, whatever their gradient."""
+    v = torch.full((3, 4), 0.25 * 1e-3)  # each row: one earlier step of per-channel gradient 0.5 (norm 1)
+    seen = torch.tensor([1e-3, 1e-3, 0.0])
+    g = torch.stack([torch.full((4,), 0.5 * 99), torch.full((4,), 0.5 * 101), torch.full((4,), 1e6)])
+    assert spike_rows(g, v, seen, 100.0).tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_spike_step_is_a_step_without_gradient(lazy):
+    """With `spike`, a row whose gradient jumps 10^4 x its history takes that step as if its gradient were zero
+    (its moments only decay), so every later step equals a run that never saw the spike; the others step as
+    usual, and the optimizer counts the step it left out."""
+    t = table()
+    s = sqrt_cov(t)
+    x0 = t[:6].float() + 0.1
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(6, 8, generator=g) for _ in range(8)]
+    spiked = [x.clone() for x in grads]
+    spiked[5][2] *= 1e4
+    clean = [x.clone() for x in grads]
+    clean[5][2] = 0.0
+    runs = []
+    for seq in (spiked, clean):
+        p = torch.nn.Parameter(x0.clone())
+        opt = WhitenedAdam([p], [s], lr=1e-2, spike=100.0)
+        for grad in seq:
+            p.grad = grad.clone()
+            opt.step(**({"rows": torch.arange(6)} if lazy else {}))
+        opt.sync()
+        runs.append((p.detach().clone(), int(opt.state[p]["dropped"])))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
+    assert (runs[0][1], runs[1][1]) == (1, 0)
+    plain = torch.nn.Parameter(x0.clone())
+    opt = WhitenedAdam([plain], [s], lr=1e-2)
+    for grad in spiked:
+        plain.grad = grad.clone()
+        opt.step()
+    assert not torch.allclose(plain[2], runs[0][0][2])  # without the limit the spike moves the row
+    torch.testing.assert_close(plain[[0, 1, 3, 4, 5]], runs[0][0][[0, 1, 3, 4, 5]], rtol=1e-6, atol=1e-7)
+
+
+def test_spikes_are_dropped_only_where_rows_step_with_their_own_snippets():
+    """Row-sparse objectives get the spike limit; with NTP every row also steps as an output row each step, a
+    history against which its own snippets' gradients would all read as spikes (docs/defaults.md)."""
+    from tokdistill_fast.student.loop import Schedule, optimizer
+    from tokdistill_fast.student.whitened import SPIKE_LIMIT
+
+    p, t = torch.nn.Parameter(torch.zeros(2, 8)), table()
+    for sparse, limit in ((True, SPIKE_LIMIT), (False, None)):
+        opt, _ = optimizer([p], [t], Schedule(lr=1e-2), 10, torch.device("cpu"), row_sparse=sparse)
+        assert opt.param_groups[0]["spike"] == limit

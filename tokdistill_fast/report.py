@@ -106,6 +106,7 @@ class RunReport:
                 "chunk_teacher_seconds": result.extra.get("teacher_seconds"),  # chunked runs only
                 # steps per step of a row, and the rate it gave the rows (student.steps.rate_scale)
                 "step_spacing": result.extra.get("step_spacing"), "lr": result.extra.get("lr"),
+                "spikes_dropped": result.extra.get("spikes_dropped"),
                 "output_rows_trained": result.out_rows is not None,  # untied: ntp-all, --output-embeddings ntp
                 "first_loss": float(result.step_loss[0]), "last_loss": float(result.step_loss[-1])},
             "tokens": per_token,

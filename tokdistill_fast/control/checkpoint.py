@@ -37,7 +37,9 @@ from ..config import DistillConfig, UserInputError, env_int
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # of the saved state: 2 since per-token loss sums count the word's own pairs apart
+# Of the saved state: 2 since per-token loss sums count the word's own pairs apart, 3 since whitened Adam keeps
+# each row's history of steps (whitened.spike_rows)
+FORMAT = 3
 # Settings that do not change the rows: they may differ between a run and its resumption.
 RUN_CONTROL = ("overwrite", "log_every", "extra", "resume", "checkpoint_dir", "checkpoint_every")
 HANG_ENV = "TOKDISTILL_TEST_HANG_AT_STEP"  # tests: after step k (0-based, whole run) wait until a signal arrives

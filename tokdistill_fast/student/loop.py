@@ -30,7 +30,7 @@ from ..teacher import TeacherCache
 from .feed import TargetFeed
 from .objective import Objective
 from .steps import Batch, Passes, Rewind, batch_plan, plan_groups, rate_scale, step_spacing, student_states
-from .whitened import WhitenedAdam, sqrt_cov
+from .whitened import SPIKE_LIMIT, WhitenedAdam, sqrt_cov
 
 if TYPE_CHECKING:
     from ..config import DistillConfig
@@ -114,12 +114,15 @@ class Trainable:
 
 
 def optimizer(params: list[torch.nn.Parameter], tables: list[torch.Tensor], schedule: Schedule, n_steps: int,
-              device: torch.device):
+              device: torch.device, row_sparse: bool = False):
     """(the optimizer, its learning-rate schedule) over `params` for a run of n_steps: Adam in the whitened
     coordinates of each parameter's table in `tables` (the embedding table of the new input rows, the output
-    table of new output rows), or plain AdamW; neither decays weights."""
+    table of new output rows), or plain AdamW; neither decays weights. `row_sparse` (each row's gradient comes
+    from its own snippets only): whitened steps drop a row's gradient spikes (SPIKE_LIMIT); with NTP every row
+    also steps as an output row in every step, a history its own snippets' gradients would dwarf."""
     if schedule.optimizer == "whitened":
-        opt = WhitenedAdam(params, [sqrt_cov(t) for t in tables], lr=schedule.lr)
+        opt = WhitenedAdam(params, [sqrt_cov(t) for t in tables], lr=schedule.lr,
+                           spike=SPIKE_LIMIT if row_sparse else None)
     else:
         fused = {"fused": True} if device.type == "cuda" else {}
         opt = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0, **fused)
@@ -216,7 +219,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     spacing = step_spacing(plan[:first], snippet_row) if shard is None else None
     if row_sparse and spacing is not None:
         schedule = dataclasses.replace(schedule, lr=schedule.lr * rate_scale(spacing))
-    opt, sched = optimizer(params, tables, schedule, first, device)
+    opt, sched = optimizer(params, tables, schedule, first, device, row_sparse)
     L = decoder.num_layers
     layers = objective.student_layers(L, trainable.out_rows is not None)
     # Prefix steps read the prefix keys/values the teacher pass kept, when it kept every layer they run through.
@@ -312,11 +315,16 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
         """Token and word losses over window `at` (nan: a token without aligned rows)."""
         return tuple(torch.where(tok_cnt[k + 1] > 0, mean[k + 1], mean[k]).cpu().numpy() for k in (4 * at, 4 * at + 2))
 
+    dropped = int(opt.state[rows]["dropped"]) if isinstance(opt, WhitenedAdam) and opt.state.get(rows) else 0
+    if dropped:
+        log.info("%s: %d row step(s) left out, their gradient over %gx the row's earlier ones (attention-sink "
+                 "spikes)", desc, dropped, SPIKE_LIMIT)
     out_rows = trainable.out_rows
     out = TrainResult(read(rows.detach()), None if out_rows is None else out_rows.detach(), step_loss.cpu().numpy(),
                       *losses(len(windows) - 1), seconds, n_steps,
                       extra={"passes": passes.describe(), "positions": positions, "groups": len(groups),
-                             "step_spacing": None if spacing is None else round(spacing, 3), "lr": schedule.lr})
+                             "step_spacing": None if spacing is None else round(spacing, 3), "lr": schedule.lr,
+                             "spikes_dropped": dropped})
     if len(windows) > 1:  # the rows, losses and steps at `first`; seconds and positions are the whole run's
         kept, (token_loss, word_loss) = state["before"], losses(0)
         out.before = dataclasses.replace(out, rows=read(kept[0]), out_rows=kept[1] if len(kept) > 1 else None,

@@ -32,19 +32,35 @@ def sqrt_cov(table: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
     return s
 
 
+# A row's gradient over this many times the RMS of its own earlier gradients is dropped from its step: a snippet
+# that makes the row an attention sink there gave ` ITU-T` (SmolLM2 / FOLDOC) a loss of 10^6 and a gradient 10^5
+# times its history, whose square then held Adam's second moment up and froze the row far from its teacher
+# (docs/defaults.md, "Gradient spikes dropped"). Ordinary steps stay below ~10x.
+SPIKE_LIMIT = 100.0
+
+
+def spike_rows(g: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, limit: float) -> torch.Tensor:
+    """[rows] bool: rows of g [rows, D] whose norm exceeds `limit` times the RMS norm of the gradients that their
+    second moment `v` holds (`seen`: the same average over ones, so v / seen is the row's own mean square whatever
+    its step count); a row without history is never one."""
+    held = (v.sum(1) / seen.clamp_min(1e-30)).sqrt()
+    return (seen > 0) & (g.norm(dim=1) > limit * held)
+
+
 class WhitenedAdam(torch.optim.Optimizer):
     """Adam without weight decay on z for each parameter p = p0 + z S (one S per parameter, `sqrt_covs`; p0 the
     parameter at the first step): the gradient for z is grad S, and Adam's step is taken on z. With S = I it is
     AdamW(weight_decay=0). A step that names the only `rows` with a gradient costs O(n D + rows D^2) instead of
     O(n D^2) and leaves p stale: sync() computes the rows a pass is about to read (2,500 rows of a 4096-wide
-    table: 0.2 instead of 170 GFLOP per step)."""
+    table: 0.2 instead of 170 GFLOP per step). `spike`: a row's gradient over that many times its own history
+    (spike_rows) counts as zero in its step; state["dropped"] counts them."""
 
     def __init__(self, params: list[torch.nn.Parameter], sqrt_covs: list[torch.Tensor], lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, spike: float | None = None):
         params = list(params)
         if len(params) != len(sqrt_covs):
             raise ValueError("one sqrt_cov per parameter")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "spike": spike})
         self.sqrt_covs = {p: s.to(p.device, torch.float32) for p, s in zip(params, sqrt_covs)}
 
     @torch.no_grad()
@@ -61,16 +77,25 @@ class WhitenedAdam(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), device=p.device)
                     state["start"] = p.detach().clone()
                     state["z"], state["exp_avg"], state["exp_avg_sq"] = (torch.zeros_like(p) for _ in range(3))
-                m, v = state["exp_avg"], state["exp_avg_sq"]
+                    state["seen"] = torch.zeros(p.shape[0], device=p.device)  # v's average over ones
+                    state["dropped"] = torch.zeros((), dtype=torch.int64, device=p.device)
+                m, v, seen = state["exp_avg"], state["exp_avg_sq"], state["seen"]
                 state["step"] += 1
+                g = (p.grad if rows is None else p.grad.index_select(0, rows)) @ s
+                if group["spike"] is not None:
+                    held = (v, seen) if rows is None else (v.index_select(0, rows), seen.index_select(0, rows))
+                    spike = spike_rows(g, *held, group["spike"])
+                    g = g * (~spike).unsqueeze(1)
+                    state["dropped"] += spike.sum()
+                stepped = (g.norm(dim=1) > 0).float()  # rows with a gradient: their history grows
                 if rows is None:
-                    g = p.grad @ s
                     m.mul_(b1).add_(g, alpha=1 - b1)
                     v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                    seen.mul_(b2).add_(stepped, alpha=1 - b2)
                 else:  # the other rows' gradient is zero: their moments only decay
-                    g = p.grad.index_select(0, rows) @ s
                     m.mul_(b1).index_add_(0, rows, g, alpha=1 - b1)
                     v.mul_(b2).index_add_(0, rows, g * g, alpha=1 - b2)
+                    seen.mul_(b2).index_add_(0, rows, stepped, alpha=1 - b2)
                 t = state["step"]
                 denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
                 state["z"].sub_(m.div(denom).mul_(group["lr"] / (1 - b1 ** t)))
