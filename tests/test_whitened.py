@@ -133,7 +133,7 @@ def test_spike_rows_are_rows_far_above_their_own_history():
     v = torch.full((3, 4), 0.25 * 1e-3)  # each row: one earlier step of per-channel gradient 0.5 (norm 1)
     seen = torch.tensor([1e-3, 1e-3, 0.0])
     g = torch.stack([torch.full((4,), 0.5 * 99), torch.full((4,), 0.5 * 101), torch.full((4,), 1e6)])
-    assert spike_rows(g, v, seen, 100.0).tolist() == [False, True, False]
+    assert spike_rows(g.norm(dim=1), v, seen, 100.0).tolist() == [False, True, False]
 
 
 @pytest.mark.parametrize("lazy", [False, True])

@@ -39,12 +39,12 @@ def sqrt_cov(table: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
 SPIKE_LIMIT = 100.0
 
 
-def spike_rows(g: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, limit: float) -> torch.Tensor:
-    """[rows] bool: rows of g [rows, D] whose norm exceeds `limit` times the RMS norm of the gradients that their
-    second moment `v` holds (`seen`: the same average over ones, so v / seen is the row's own mean square whatever
-    its step count); a row without history is never one."""
+def spike_rows(norm: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, limit: float) -> torch.Tensor:
+    """[rows] bool: rows whose gradient norm `norm` [rows] exceeds `limit` times the RMS norm of the gradients that
+    their second moment `v` [rows, D] holds (`seen`: the same average over ones, so v / seen is the row's own mean
+    square whatever its step count); a row without history is never one."""
     held = (v.sum(1) / seen.clamp_min(1e-30)).sqrt()
-    return (seen > 0) & (g.norm(dim=1) > limit * held)
+    return (seen > 0) & (norm > limit * held)
 
 
 class WhitenedAdam(torch.optim.Optimizer):
@@ -79,28 +79,37 @@ class WhitenedAdam(torch.optim.Optimizer):
                     state["z"], state["exp_avg"], state["exp_avg_sq"] = (torch.zeros_like(p) for _ in range(3))
                     state["seen"] = torch.zeros(p.shape[0], device=p.device)  # v's average over ones
                     state["dropped"] = torch.zeros((), dtype=torch.int64, device=p.device)
-                m, v, seen = state["exp_avg"], state["exp_avg_sq"], state["seen"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
                 state["step"] += 1
                 g = (p.grad if rows is None else p.grad.index_select(0, rows)) @ s
                 if group["spike"] is not None:
-                    held = (v, seen) if rows is None else (v.index_select(0, rows), seen.index_select(0, rows))
-                    spike = spike_rows(g, *held, group["spike"])
-                    g = g * (~spike).unsqueeze(1)
-                    state["dropped"] += spike.sum()
-                stepped = (g.norm(dim=1) > 0).float()  # rows with a gradient: their history grows
+                    g = self._drop_spikes(g, state, rows, group["spike"], b2)
                 if rows is None:
                     m.mul_(b1).add_(g, alpha=1 - b1)
                     v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                    seen.mul_(b2).add_(stepped, alpha=1 - b2)
                 else:  # the other rows' gradient is zero: their moments only decay
                     m.mul_(b1).index_add_(0, rows, g, alpha=1 - b1)
                     v.mul_(b2).index_add_(0, rows, g * g, alpha=1 - b2)
-                    seen.mul_(b2).index_add_(0, rows, stepped, alpha=1 - b2)
                 t = state["step"]
                 denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
                 state["z"].sub_(m.div(denom).mul_(group["lr"] / (1 - b1 ** t)))
                 if rows is None:
                     self._sync(p, None)
+
+    @staticmethod
+    def _drop_spikes(g: torch.Tensor, state: dict, rows: torch.Tensor | None, limit: float, b2: float) -> torch.Tensor:
+        """g (the whitened gradient of `rows`, None: of every row) with its spike rows (spike_rows) zeroed, counted
+        in state["dropped"]; the rows left with a gradient add a step to their history state["seen"]."""
+        v, seen = state["exp_avg_sq"], state["seen"]
+        norm = g.norm(dim=1)
+        spike = spike_rows(norm, *((v, seen) if rows is None else (v[rows], seen[rows])), limit)
+        state["dropped"] += spike.sum()
+        stepped = ((norm > 0) & ~spike).float()
+        if rows is None:
+            seen.mul_(b2).add_(stepped, alpha=1 - b2)
+        else:
+            seen.mul_(b2).index_add_(0, rows, stepped, alpha=1 - b2)
+        return g * (~spike).unsqueeze(1)
 
     @torch.no_grad()
     def sync(self, rows: torch.Tensor | None = None) -> None:
