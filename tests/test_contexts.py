@@ -354,3 +354,23 @@ def test_kjv_corpus_makes_one_document_per_chapter(tmp_path, monkeypatch):
     reader.unlink()
     with pytest.raises(UserInputError, match="cannot print the King James Bible"):
         demo.kjv_corpus(tmp_path / "kjv2.txt", tmp_path)
+
+
+def test_lilypond_corpus_reads_the_english_prose_manuals(tmp_path, monkeypatch):
+    """The untuned corpus of the twentieth stop: <p> paragraphs of LilyPond's prose manuals, English pages only
+    (translations are `name.xx.html`), the GNU FDL appendix and the other manuals (internals) left out."""
+    from tokdistill_fast.tools import demo
+
+    root = tmp_path / "Documentation"
+    for manual in ("learning", "notation", "internals"):
+        (root / manual).mkdir(parents=True)
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / "learning" / path.name)
+    (root / "learning" / "index.html").write_text("<p>Short.</p>")
+    (root / "learning" / "gnu-free-documentation-license.html").write_text(
+        "<p>Permission is granted to copy, distribute and/or modify this document.</p>")
+    (root / "notation" / "slurs.html").write_text("<p>Slurs are entered using <code>(</code> and\n "
+                                                  "<code>)</code> after the note.</p>")
+    (root / "notation" / "slurs.de.html").write_text("<p>Bögen werden mit Klammern nach der Note notiert.</p>")
+    (root / "internals" / "grob.html").write_text("<p>The grob interface holds the properties of every grob.</p>")
+    out = demo.lilypond_corpus(tmp_path / "lilypond.txt", tmp_path)
+    assert out.read_text(encoding="utf-8").strip().split("\n\n") == ["Slurs are entered using ( and ) after the note."]

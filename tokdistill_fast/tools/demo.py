@@ -265,6 +265,23 @@ def kjv_corpus(out: Path, cache: Path | None = None) -> Path:
     return write_documents(out, (re.sub(r"^\s+\d+ ", "", c, flags=re.M) for c in chapters))
 
 
+LILYPOND_MANUALS = ("learning", "notation", "music-glossary", "essay", "usage")  # English prose, not internals
+
+
+def lilypond_corpus(out: Path, cache: Path | None = None) -> Path:
+    """LilyPond's manuals (`lilypond-doc-html`: the Learning Manual, the Notation Reference, the Music Glossary, the
+    essay on engraving and the usage manual; added 2026-12-03, twentieth stop, after every default was set: music
+    notation, a domain no other corpus has): the text of each HTML paragraph of their English pages, the GNU FDL
+    appendix left out (the same licence text in every manual)."""
+    if out.exists():
+        return out
+    index = debian_file("lilypond-doc-html", Path("/usr/share/doc/lilypond/html/Documentation/learning/index.html"),
+                        cache)
+    pages = [page for manual in LILYPOND_MANUALS for page in sorted((index.parent.parent / manual).glob("*.html"))
+             if not re.search(r"\.[a-z]{2}\.html$", page.name) and page.name != "gnu-free-documentation-license.html"]
+    return write_documents(out, html_paragraphs(pages))
+
+
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
     """WordNet glosses with their example sentences, one per paragraph."""
     if out.exists():
@@ -309,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                         "dict-jargon, dict-devil, dict-vera), a corpus of fortunes (fortunes), the Debian Reference "
                         "(debian-reference-en), the Python Library Reference (python3.11-doc), Git's manuals "
                         "(git-doc), the GNU Coding Standards (gnu-standards), the PostgreSQL manual "
-                        "(postgresql-doc-15) and the King James Bible (bible-kjv-text, bible-kjv), split 3:1")
+                        "(postgresql-doc-15), the King James Bible (bible-kjv-text, bible-kjv) and LilyPond's "
+                        "manuals (lilypond-doc-html), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
@@ -328,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             built["gitdocs"] = git_docs_corpus(cache_dir() / "corpora" / "gitdocs.txt")
             built["gnustd"] = gnu_standards_corpus(cache_dir() / "corpora" / "gnustd.txt")
             built["kjv"] = kjv_corpus(cache_dir() / "corpora" / "kjv.txt")
+            built["lilypond"] = lilypond_corpus(cache_dir() / "corpora" / "lilypond.txt")
             for name, corpus in built.items():
                 paths[name], paths[f"{name}_heldout"] = corpus, split_corpus(corpus)[1]
         if args.what == "prepare":
