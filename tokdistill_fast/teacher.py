@@ -52,7 +52,7 @@ class TeacherCache:
 def batch_tokens(device: torch.device) -> int:
     """Tokens per no-grad batch (teacher passes, held-out scoring): 65,536 on CUDA, where one Llama-3.1-8B layer's
     activations are then 512 MiB per tensor beside 16 GB of weights; 2,048 on CPU, where a batch's activations
-    then stay in the L3 cache (SmolLM2, an MLP tensor 12 MiB): the 40-word FOLDOC teacher pass took 15% less time
+    then stay in the L3 cache (SmolLM2, an MLP tensor 12 MiB): the 40-word FOLDOC teacher pass took 18% less time
     than at 8,192 on a 2-core EPYC (docs/defaults.md, "No-grad batches that fit the cache")."""
     return 65536 if device.type == "cuda" else 2048
 
