@@ -239,3 +239,21 @@ def test_trie_pattern_matches_exactly_the_strings_longest_first():
     iso = regex.compile(tokens.isolation_pattern([" bival", "bival"]))
     assert [m.group() for m in iso.finditer("bival bivalve xbival (bival) bival.")] == ["bival", "bival",
                                                                                        " bival"]
+
+
+@pytest.mark.parametrize("kind", ("bytelevel", "llama2"))  # metaspace's tiny vocabulary has no byte fallback
+def test_forms_that_would_not_decode_back_are_skipped(tokenizers_by_kind, kind):
+    """HF's byte-level decoder reads a bare added form made of its byte alphabet as bytes ("naïve" decodes as
+    "na\\ufffdve"): that form is skipped with the reason, the running-text form stays, and text decodes back."""
+    tok = tokenizers_by_kind[kind]
+    planned, skipped = tokens.plan_new_tokens(tok, ["naïve", "Zürich"])
+    assert not skipped and {t.form for t in planned} == {" naïve", "naïve", " Zürich", "Zürich"}
+    new, kept, dropped = tokens.extend_decodable(tok, planned, "added")
+    bytelevel = kind == "bytelevel"
+    assert {t.form for t in kept} == ({" naïve", " Zürich"} if bytelevel else {t.form for t in planned})
+    assert [s.word for s in dropped] == (["naïve", "Zürich"] if bytelevel else [])
+    assert all("would make running text decode as '(" in s.reason and "\ufffd" in s.reason for s in dropped)
+    for t in kept:
+        assert new.convert_tokens_to_ids(t.form) == t.new_id
+    for text in ("naïve said", "the naïve said", "the (Zürich)", "Zürich\nZürich"):
+        assert new.decode(new(text, add_special_tokens=False)["input_ids"]) == text

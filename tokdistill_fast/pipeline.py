@@ -108,10 +108,13 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
         words, skipped = swap.requested_words(new_tokens, cfg.new_tokens_from_tokenizer)
         toks, unplanned = tokens.plan_new_tokens(tokenizer, words, cfg.add_variants, cfg.casing_variants)
         skipped += unplanned
+        if toks:
+            new_tokenizer, toks, undecodable = tokens.extend_decodable(tokenizer, toks, cfg.tokenizer_mode,
+                                                                       lm.config)
+            skipped += undecodable
         swap.log_skipped(skipped)
         if not toks:
             raise UserInputError("none of the new tokens can be added (see the skipped reasons above)")
-        new_tokenizer = tokens.extend_tokenizer(tokenizer, toks, cfg.tokenizer_mode, lm.config)
     work_dir = checkpoint.WorkDir.open(keep_in, cfg, checkpoint.fingerprint(cfg, source, words, files)
                                        if keep_in is not None and cfg.checkpoint_every else None)
     work = None

@@ -381,13 +381,52 @@ def span_ids(encoding, start: int, end: int) -> list[int]:
     return [i for i, (s, e) in zip(encoding.ids, encoding.offsets) if e > start and s < end]
 
 
-def encodes_as_one(tokenizer, toks: list[NewToken]) -> list[bool]:
-    """For each token: its form in running text (a spaced form after a word, a bare form after an opening
-    bracket) is covered by its id alone."""
+def running_texts(toks: list[NewToken]) -> tuple[list[str], list[str]]:
+    """Each form in running text: a spaced form after a word, a bare form after an opening bracket (the left
+    contexts, the texts)."""
     lefts = [t.form.strip()[:1] if t.form[:1].isspace() else "(" for t in toks]
-    texts = [left + t.form + " " + t.form.strip()[:1] for left, t in zip(lefts, toks)]
+    return lefts, [left + t.form + " " + t.form.strip()[:1] for left, t in zip(lefts, toks)]
+
+
+def encodes_as_one(tokenizer, toks: list[NewToken]) -> list[bool]:
+    """For each token: its form in running text (running_texts) is covered by its id alone."""
+    lefts, texts = running_texts(toks)
     encs = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     return [span_ids(e, len(left), len(left) + len(t.form)) == [t.new_id] for t, e, left in zip(toks, encs, lefts)]
+
+
+def misread_forms(new, original, toks: list[NewToken]) -> list[str | None]:
+    """For each token: what its running text (running_texts) decodes to with the new tokenizer where that differs
+    from the text and the original tokenizer decodes it right, else None. HF's byte-level decoder reads an added
+    token made only of characters of its byte alphabet as those bytes, so a bare form with Latin-1 letters
+    ("naïve") decodes as "na\ufffdve"; spaced forms and vocab entries do not."""
+    texts = running_texts(toks)[1]
+
+    def decoded(tok) -> list[str]:
+        encs = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        return tok.backend_tokenizer.decode_batch([e.ids for e in encs], skip_special_tokens=False)
+
+    return [got if got != text and before == text else None
+            for text, got, before in zip(texts, decoded(new), decoded(original))]
+
+
+def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", model_config=None
+                     ) -> tuple[object, list[NewToken], list[Skipped]]:
+    """extend_tokenizer, then the same without the forms that running text would not decode back to (a word
+    whose running-text form fails goes with all its forms): (tokenizer, tokens kept, skipped forms)."""
+    new = extend_tokenizer(tokenizer, planned, mode, model_config)
+    bad = {t.form: got for t, got in zip(planned, misread_forms(new, tokenizer, planned)) if got is not None}
+    if not bad:
+        return new, planned, []
+    gone = {t.word for t in planned if t.form in bad and not t.variant}
+    drop = [t.form in bad or t.word in gone or t.variant_of in gone for t in planned]
+    keep = [t for t, d in zip(planned, drop) if not d]
+    which = {"": "its running-text form", "start": "only its start-of-text form",
+             "casing": "only this casing variant", "casing+start": "only this casing variant's start-of-text form"}
+    skipped = [Skipped(t.word, f"{which[t.variant]} {t.form!r}, which would make running text decode as "
+                               f"{bad[t.form]!r}" if t.form in bad else f"a form of {t.variant_of!r}, skipped")
+               for t, d in zip(planned, drop) if d]
+    return (extend_tokenizer(tokenizer, keep, mode, model_config) if keep else new), keep, skipped
 
 
 def added_token(tok: NewToken):
