@@ -176,6 +176,16 @@ def test_many_files_concatenate_documents(tmp_path):
     assert_same(Corpus([tmp_path], chunk=3), [d for raw in raws for d in text_docs(raw)])
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """Windows editors start UTF-8 files with a BOM: not part of the first document (or of the first JSON line)."""
+    text, lines = tmp_path / "bom.txt", tmp_path / "bom.jsonl"
+    text.write_bytes(b"\xef\xbb\xbf" + TRICKY.encode("utf-8"))
+    lines.write_bytes(b"\xef\xbb\xbf" + b'{"text": "palatable soup"}\n')
+    for chunk in (1, 2, 5, 1 << 20):
+        assert_same(Corpus([text], chunk=chunk), text_docs(TRICKY))
+    assert_same(Corpus([lines]), ["palatable soup"])
+
+
 def test_not_utf8_is_a_user_error(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\u00e9 palatable\n".encode("latin-1") * 10)

@@ -257,3 +257,10 @@ def test_forms_that_would_not_decode_back_are_skipped(tokenizers_by_kind, kind):
         assert new.convert_tokens_to_ids(t.form) == t.new_id
     for text in ("naïve said", "the naïve said", "the (Zürich)", "Zürich\nZürich"):
         assert new.decode(new(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_word_list_reads_windows_files(tmp_path):
+    """A BOM, CRLF line ends and whitespace around a word are not part of the words; blank lines are skipped."""
+    path = tmp_path / "words.txt"
+    path.write_bytes("\ufeffpalatable\r\n\r\n  spill the beans\t\r\nnaïve".encode("utf-8"))
+    assert tokens.read_word_list(path) == ["palatable", "spill the beans", "naïve"]

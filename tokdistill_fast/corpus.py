@@ -145,7 +145,7 @@ class Corpus:
         """Blank-line separated documents. `carry` holds the unfinished document; splitting carry + the new chunk
         finds the same separators as splitting the whole file, because a separator is complete once its second
         newline has been read and only the carry's last line can start one."""
-        decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True)
+        decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8-sig")(), translate=True)
         carry, first, offset, before = "", True, 0, self.bytes_read
         with open_bytes(path) as (f, advance):
             while True:
@@ -182,7 +182,7 @@ class Corpus:
                 if not line.strip():
                     continue
                 try:
-                    text = json.loads(line.decode("utf-8"))["text"]
+                    text = json.loads(line.decode("utf-8-sig"))["text"]
                 except UnicodeDecodeError as e:
                     raise UserInputError(f"--corpus {path}:{n}: not UTF-8 text ({e.reason})") from None
                 except (json.JSONDecodeError, KeyError, TypeError):

@@ -71,7 +71,7 @@ def read_new_ids(path: str | Path | None) -> set[int]:
         return set()
     path = Path(path)
     try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
     except (OSError, UnicodeDecodeError) as e:
         raise UserInputError(f"--new-ids {path}: cannot read it: {e}") from None
     try:

@@ -78,7 +78,7 @@ def read_word_list(path: str | Path) -> list[str]:
     if not path.is_file():
         raise UserInputError(f"--new-tokens {path}: no such file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UserInputError(f"--new-tokens {path}: cannot read it as UTF-8 text: {e}") from None
     words = [line.strip() for line in lines]
