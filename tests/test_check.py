@@ -178,6 +178,24 @@ def test_bad_corpus_leaves_no_partial_and_out_creates_parents(model_dirs, words_
     assert (nested / "config.json").is_file()
 
 
+def test_out_where_nothing_can_be_written_fails_before_the_work(model_dirs, words_file, tmp_path, capsys,
+                                                               monkeypatch):
+    """A directory that refuses new entries (here: mkdtemp fails, as on /proc or a read-only mount, where root's
+    os.access still says yes) is refused with its reason before the model loads, not after the training."""
+    import tempfile
+
+    from tokdistill_fast import pipeline
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: pytest.fail("the run started"))
+    code = cli.main(["distill", "--model", str(model_dirs[("llama", "bytelevel", True)]), "--new-tokens",
+                     str(words_file), "--method", "mean", "--out", str(tmp_path / "out")])
+    assert code == 2 and "cannot create it in" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_check_warns_which_runtime_loses_the_tokens(good, model_dirs, words_file, tmp_path, capsys, monkeypatch):
     """A vocab-mode output: check names llama.cpp and the mode to rerun with; the default output (added tokens,
     generic class) draws no such warning; an output saved with transformers 5's class name is flagged for 4.x."""

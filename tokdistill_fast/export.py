@@ -43,8 +43,12 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
+    if not parent.is_dir():
         raise UserInputError(f"--out {out}: cannot create it in {parent}")
+    try:  # a real try: os.access says yes to root on read-only filesystems and /proc
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as e:
+        raise UserInputError(f"--out {out}: cannot create it in {parent} ({e.strerror})") from None
     return out
 
 
@@ -136,8 +140,11 @@ def is_tied(model) -> bool:
 def atomic_write(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> None:
     """Call fill(tmp) on a fresh sibling temp dir, then rename it to `out` (replacing it only if overwrite)."""
     out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise UserInputError(f"cannot write {out}: {e.strerror} ({e.filename})") from None
     try:
         fill(tmp)
         if out.exists():
