@@ -28,10 +28,12 @@ from tokdistill_fast.tools import runtimes
 
 # Words SmolLM2 splits, from the issue's license texts and NOTES.md, plus a multi-word expression (an added token
 # in every mode: no pre-tokenizer keeps it whole), and frequent gcide words (`tokdistill select`) so that the
-# corpus sample has paragraphs with new words, among them ones with an apostrophe, a hyphen or inside longer words.
+# corpus sample has paragraphs with new words, among them ones with an apostrophe, a hyphen or inside longer words;
+# and words with Latin-1 letters, whose start-of-text forms SmolLM2's byte-level decoder cannot give back as added
+# tokens (tokens.extend_decodable leaves those forms out).
 WORDS = ["sublicense", "licensor", "copyleft", "licensable", "palatable", "thyroidectomy", "indemnify",
          "spill the beans", "warrantor", "noninfringement", "Dryden", "one's", "Pertaining", "Naut", "contrivance",
-         "fresh-water", "figuratively", "designating"]
+         "fresh-water", "figuratively", "designating", "naïve", "Zürich", "Straße"]
 VLLM = "vllm==0.33.0"  # the version checked; its wheel holds CUDA kernels but its tokenizer code runs on CPU
 # vLLM imports these at module level of its tokenizer and detokenizer code (found by importing them, --no-deps).
 VLLM_IMPORTS = ["transformers>=5.16.1,<5.21.0", "msgspec", "cbor2", "psutil", "pyzmq", "urllib3", "aiohttp",
