@@ -140,7 +140,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     r = result.report
     if launch().rank:  # torchrun: rank 0 reports
         return 0
-    print(f"added {r['counts']['added']} token(s) ({r['counts']['variants']} start-of-text variants), "
+    print(f"added {r['counts']['added']} token(s) ({r['counts']['variants']} of them variants), "
           f"skipped {r['counts']['skipped']}; {r['counts']['snippets']} snippets; "
           f"{r['timings']['total']:.1f} s -> {args.out}")
     return 0
