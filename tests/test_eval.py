@@ -287,6 +287,17 @@ def test_eval_cli_end_to_end(adapted, heldout_file, tiny_embedder, tmp_path, cap
             assert 0 <= t["mass_after_top"]["mass"] <= t["new_mass_at_new"] + 1e-9
 
 
+def test_eval_names_its_own_option_for_bad_heldout_files(adapted, tmp_path, capsys):
+    src, out = adapted
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("the palatable caf\xe9\n".encode("latin-1"))
+    for path, message in ((tmp_path / "missing.txt", "no such file"), (bad, "not UTF-8 text")):
+        rc = main(["eval", "--original", str(src), "--adapted", str(out), "--heldout", str(path),
+                   "--out", str(tmp_path / "eval.json"), "--no-definitions"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"--heldout {path}: {message}" in err, err
+
+
 def test_over_predicting_words_are_flagged_worst_first():
     """Words after which the adapted model sends over OVER_PREDICTION_FLAG of its next-token mass to new tokens
     are listed in the report and on the terminal, worst first; words without held-out text are not."""

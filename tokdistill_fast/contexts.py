@@ -212,13 +212,14 @@ def cut_snippets(tokenizer, tokens: list[NewToken], hits: list[list[Hit]], lengt
 
 def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_token: int, length: int, seed: int,
              start: int | None, stop_when_full: bool = False, max_bytes: int | None = None,
-             max_before: int | None = None) -> tuple[list[Snippet], RetrievalStats, list[int]]:
+             max_before: int | None = None, option: str = "--corpus"
+             ) -> tuple[list[Snippet], RetrievalStats, list[int]]:
     """Snippets from the corpus for every primary token (variants take their primary's rows). `stop_when_full`
     and `max_bytes` end the pass early (see the module docstring for what that costs); `max_before` caps the
-    tokens kept before the word (None: centred windows)."""
+    tokens kept before the word (None: centred windows); `option` names the files in error messages."""
     if not paths:
         raise UserInputError("no corpus given: pass --corpus FILE, or --contexts generate")
-    corpus = Corpus(paths, max_bytes)
+    corpus = Corpus(paths, max_bytes, option=option)
     hits, stats = find_hits(corpus, tokens, per_token, CHARS_PER_TOKEN * length, seed, stop_when_full)
     stats.files, stats.bytes_read = len(corpus.files), corpus.bytes_read
     if corpus.truncated:

@@ -77,9 +77,10 @@ class Piece(NamedTuple):
     last: bool  # the slice ends its document
 
 
-def corpus_files(values: Iterable[str | Path]) -> list[Path]:
+def corpus_files(values: Iterable[str | Path], option: str = "--corpus") -> list[Path]:
     """The files named by --corpus values: files, directories (their corpus files, recursively, hidden ones
-    skipped) and globs (`data/*.jsonl`, `shards/**/*.parquet`), in sorted order without repeats."""
+    skipped) and globs (`data/*.jsonl`, `shards/**/*.parquet`), in sorted order without repeats. `option` names the
+    values in error messages (`tokdistill eval` reads --heldout)."""
     files: dict[Path, None] = {}
     for value in values:
         path = Path(value)
@@ -88,14 +89,14 @@ def corpus_files(values: Iterable[str | Path]) -> list[Path]:
         elif path.is_dir():
             found = _files_under(path)
             if not found:
-                raise UserInputError(f"--corpus {path}: the directory holds no {'/'.join(CORPUS_SUFFIXES)} files")
+                raise UserInputError(f"{option} {path}: the directory holds no {'/'.join(CORPUS_SUFFIXES)} files")
         elif any(c in str(value) for c in "*?["):
             matches = sorted(Path(p) for p in glob.glob(str(value), recursive=True))
             found = [f for m in matches for f in ([m] if m.is_file() else _files_under(m))]
             if not found:
-                raise UserInputError(f"--corpus {value}: the pattern matches no file")
+                raise UserInputError(f"{option} {value}: the pattern matches no file")
         else:
-            raise UserInputError(f"--corpus {path}: no such file or directory")
+            raise UserInputError(f"{option} {path}: no such file or directory")
         files.update(dict.fromkeys(found))
     return list(files)
 
@@ -110,8 +111,10 @@ class Corpus:
     lines), JSON lines one record at a time (a "text" field), Parquet in record batches (a "text" column).
     Stops after `max_bytes` bytes (at a chunk, line or batch boundary) when given; shows progress with an ETA."""
 
-    def __init__(self, values: Iterable[str | Path], max_bytes: int | None = None, chunk: int = CHUNK):
-        self.files = corpus_files(values)
+    def __init__(self, values: Iterable[str | Path], max_bytes: int | None = None, chunk: int = CHUNK,
+                 option: str = "--corpus"):
+        self.files = corpus_files(values, option)
+        self.option = option  # the command-line option that named the files, for error messages
         self.max_bytes = max_bytes
         self.chunk = chunk
         self.bytes_read = 0
@@ -135,9 +138,9 @@ class Corpus:
                             self.truncated = True
                             return
                 except UnicodeDecodeError as e:  # Parquet strings that Arrow did not validate
-                    raise UserInputError(f"--corpus {path}: not UTF-8 text ({e.reason})") from None
+                    raise UserInputError(f"{self.option} {path}: not UTF-8 text ({e.reason})") from None
                 except (OSError, EOFError, lzma.LZMAError) as e:  # also a truncated or corrupt compressed stream
-                    raise UserInputError(f"--corpus {path}: cannot read it: {e}") from None
+                    raise UserInputError(f"{self.option} {path}: cannot read it: {e}") from None
         finally:
             bar.close()
 
@@ -155,7 +158,7 @@ class Corpus:
                 try:
                     text = decoder.decode(data, final=not data)
                 except UnicodeDecodeError as e:
-                    raise UserInputError(f"--corpus {path}: not UTF-8 text ({e.reason} at byte "
+                    raise UserInputError(f"{self.option} {path}: not UTF-8 text ({e.reason} at byte "
                                          f"{offset - pending + e.start})") from None
                 offset += len(data)
                 docs = DOC_SPLIT.split(carry + text)
@@ -184,11 +187,11 @@ class Corpus:
                 try:
                     text = json.loads(line.decode("utf-8-sig"))["text"]
                 except UnicodeDecodeError as e:
-                    raise UserInputError(f"--corpus {path}:{n}: not UTF-8 text ({e.reason})") from None
+                    raise UserInputError(f"{self.option} {path}:{n}: not UTF-8 text ({e.reason})") from None
                 except (json.JSONDecodeError, KeyError, TypeError):
                     text = None
                 if not isinstance(text, str):
-                    raise UserInputError(f"--corpus {path}:{n}: not a JSON object with a string 'text' field")
+                    raise UserInputError(f"{self.option} {path}:{n}: not a JSON object with a string 'text' field")
                 yield from self._split(text)
 
     def _parquet(self, path: Path) -> Iterator[Piece]:
@@ -196,14 +199,14 @@ class Corpus:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
-            raise UserInputError(f"--corpus {path}: reading Parquet needs pyarrow "
+            raise UserInputError(f"{self.option} {path}: reading Parquet needs pyarrow "
                                  "(pip install 'tokdistill-fast[parquet]')") from None
         try:
             pf = pq.ParquetFile(path)
             schema = pf.schema_arrow
             if "text" not in schema.names or not (pa.types.is_string(schema.field("text").type) or
                                                   pa.types.is_large_string(schema.field("text").type)):
-                raise UserInputError(f"--corpus {path}: no string column 'text' (columns: "
+                raise UserInputError(f"{self.option} {path}: no string column 'text' (columns: "
                                      f"{', '.join(schema.names)})")
             meta, column = pf.metadata, schema.names.index("text")
             # Bytes are counted as the text column's share of the file, spread evenly over its rows.
@@ -215,7 +218,7 @@ class Corpus:
                     if text is not None:
                         yield from self._split(text)
         except pa.ArrowException as e:
-            raise UserInputError(f"--corpus {path}: not a readable Parquet file: {e}") from None
+            raise UserInputError(f"{self.option} {path}: not a readable Parquet file: {e}") from None
 
     def _split(self, text: str) -> Iterator[Piece]:
         """One document as Pieces of at most `chunk` characters."""

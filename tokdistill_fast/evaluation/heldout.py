@@ -130,7 +130,7 @@ def build_heldout(paths: list[str | Path], tokenizer, toks: list[NewToken], new_
                   length: int, seed: int, start: int | None, align_impl: str = "auto") -> HeldoutSet:
     """Retrieve held-out snippets for `toks` (primaries) and align them, merging each token's subtokens into its
     id in `new_ids`. Tokens without held-out hits get no snippets (the report lists them)."""
-    snippets, stats, _ = contexts.retrieve(paths, tokenizer, toks, per_token, length, seed, start)
+    snippets, stats, _ = contexts.retrieve(paths, tokenizer, toks, per_token, length, seed, start, option="--heldout")
     if not snippets:
         raise UserInputError("no held-out snippet contains any of the new tokens; pass more --heldout text")
     teacher_ids, cu_teacher = align.pack([s.ids for s in snippets])
