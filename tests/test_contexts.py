@@ -184,6 +184,10 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     for chunk in (1, 2, 5, 1 << 20):
         assert_same(Corpus([text], chunk=chunk), text_docs(TRICKY))
     assert_same(Corpus([lines]), ["palatable soup"])
+    text.write_bytes(b"\xef\xbb\xbfab\xe9cd\n")  # the error names the file's own byte offset, BOM included
+    for chunk in (1, 4, 1 << 20):
+        with pytest.raises(UserInputError, match="at byte 5"):
+            list(Corpus([text], chunk=chunk))
 
 
 def test_not_utf8_is_a_user_error(tmp_path):

@@ -148,8 +148,8 @@ class Corpus:
         """Blank-line separated documents. `carry` holds the unfinished document; splitting carry + the new chunk
         finds the same separators as splitting the whole file, because a separator is complete once its second
         newline has been read and only the carry's last line can start one."""
-        decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8-sig")(), translate=True)
-        carry, first, offset, before = "", True, 0, self.bytes_read
+        decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True)
+        carry, first, offset, before, opening = "", True, 0, self.bytes_read, True
         with open_bytes(path) as (f, advance):
             while True:
                 data = f.read(self.chunk)
@@ -161,6 +161,10 @@ class Corpus:
                     raise UserInputError(f"{self.option} {path}: not UTF-8 text ({e.reason} at byte "
                                          f"{offset - pending + e.start})") from None
                 offset += len(data)
+                # A leading byte order mark (Windows editors) is not text. Stripped here: a utf-8-sig decoder would
+                # shift the error offsets above by its 3 bytes.
+                if opening and text:
+                    text, opening = text.removeprefix("\ufeff"), False
                 docs = DOC_SPLIT.split(carry + text)
                 carry = docs.pop()
                 for doc in docs:
