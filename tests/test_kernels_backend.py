@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,23 @@ else:
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_checkout_kernels_folder_does_not_shadow_hugging_face_kernels(tmp_path):
+    """Run from a checkout, the repository root comes first on sys.path and its kernels/ folder would be found as
+    the top-level `kernels` that transformers 5.25 imports (Hugging Face's package): it loads that package in its
+    place (a stand-in here), or fails as a missing module would; tokdistill_fast.kernels is unaffected."""
+    root = Path(__file__).resolve().parents[1]
+    stand_in = tmp_path / "site" / "kernels"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text("WHO = 'hugging face'\n")
+    code = "import kernels, tokdistill_fast.kernels.backend as b; print(kernels.WHO, b.__name__)"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["hugging", "face", "tokdistill_fast.kernels.backend"], \
+        done.stderr
+    env["PYTHONPATH"] = ""  # no package of that name but the checkout's folder: the usual error
+    code = "import sys; sys.path = [p for p in sys.path if p and 'site-packages' not in p] + ['']; import kernels"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "No module named 'kernels'" in done.stderr, done.stderr
