@@ -34,6 +34,7 @@ from tokdistill_fast.evaluation.heldout import (
     score,
     snippet_metrics,
 )
+from tokdistill_fast.modeling import models
 from tokdistill_fast.modeling.models import Decoder, load_model
 from tokdistill_fast.report import over_predicting
 
@@ -287,15 +288,20 @@ def test_eval_cli_end_to_end(adapted, heldout_file, tiny_embedder, tmp_path, cap
             assert 0 <= t["mass_after_top"]["mass"] <= t["new_mass_at_new"] + 1e-9
 
 
-def test_eval_names_its_own_option_for_bad_heldout_files(adapted, tmp_path, capsys):
+def test_eval_names_its_own_option_for_bad_heldout_files(adapted, tmp_path, capsys, monkeypatch):
+    """A missing --heldout file fails before the models load; a non-UTF-8 one when it is read."""
     src, out = adapted
+    real_load, loads = models.load_model, []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("the palatable caf\xe9\n".encode("latin-1"))
     for path, message in ((tmp_path / "missing.txt", "no such file"), (bad, "not UTF-8 text")):
+        loads.clear()
         rc = main(["eval", "--original", str(src), "--adapted", str(out), "--heldout", str(path),
                    "--out", str(tmp_path / "eval.json"), "--no-definitions"])
         err = capsys.readouterr().err
         assert rc == 2 and f"--heldout {path}: {message}" in err, err
+        assert bool(loads) == (message != "no such file")
 
 
 def test_over_predicting_words_are_flagged_worst_first():

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from .. import contexts, export
 from ..config import OUTLIER_FACTOR, OVER_PREDICTION_FLAG, UserInputError
+from ..corpus import corpus_files
 from ..modeling import models
 from ..modeling.models import Decoder
 from ..report import describe_over_predicting, over_predicting, warn_over_predicting
@@ -179,6 +180,7 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
              opts: EvalOptions | None = None, device: str = "auto", dtype: str = "auto") -> dict:
     """Held-out measure and definition test of `adapted` against `original`; writes `out` (JSON) if given."""
     opts = (opts or EvalOptions()).validate()
+    corpus_files(heldout_paths, "--heldout")  # a missing file fails here, before the models load
     original, adapted = Path(original), Path(adapted)
     dev = models.pick_device(device)
     dt = models.pick_dtype(dtype, dev)
