@@ -202,10 +202,34 @@ def test_new_token_mass_reads_where_the_rows_send_probability(model_dirs, words_
     assert all(f["most_to"]["token"] == prep.toks[hub].form for f in flagged.values() if f["word"] != hub_word)
 
 
+@pytest.mark.parametrize("combo", [("llama", "bytelevel", True), ("qwen2", "bytelevel", False),
+                                   ("gemma3", "metaspace", True)], ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("depth", [2, 4])
+def test_new_token_mass_continues_from_the_teacher_pass(model_dirs, words_file, corpus_file, combo, depth):
+    """With the run's teacher cache (prefix keys/values and, of the checked snippets, the prefix states after its
+    last layer), new_token_mass runs the word alone through the cached layers and the whole sequences only
+    through the rest: the same mass as the plain passes (a mid layer, and the last, where nothing continues)."""
+    from tokdistill_fast import pipeline
+
+    prep = pipeline.prepare(model_dirs[combo], words_file, [corpus_file], DistillConfig(**FAST, dtype="float32"))
+    rows = subtoken_mean(prep.decoder.embed_weight, prep.toks)
+    rows = rows + 0.05 * torch.randn(rows.shape, generator=torch.Generator().manual_seed(0))
+    out_rows = None if prep.tied else rows.flip(0)
+    cache = pipeline.teacher_cache(prep, prep.work, [depth], packed=True)
+    checked = pipeline.mass_snippets(prep.work.snippet_row)
+    np.testing.assert_array_equal(cache.kept, checked)
+    assert cache.prefix_states.shape[0] == int(np.diff(cache.prefix_cu)[checked].sum())
+    plain = pipeline.new_token_mass(prep, rows, out_rows)
+    continued = pipeline.new_token_mass(prep, rows, out_rows, cache)
+    assert continued[1:] == plain[1:]
+    np.testing.assert_allclose(continued[0], plain[0], rtol=1e-4, atol=1e-6)
+    assert plain[0].max() > 1e-3  # the rows do draw some mass: the comparison reads something
+
+
 def test_hub_check_mass_serves_the_report_where_the_continued_rows_stay(model_dirs, words_file, corpus_file):
     """The hardest stage's hub check measures the rows as written (clipped, variants derived); where its rows are the
     ones kept, learn_rows hands that measurement on instead of scoring the same rows again, and it equals a fresh
-    pipeline.new_token_mass of the output rows."""
+    pipeline.new_token_mass of the output rows (from the same teacher cache)."""
     from tokdistill_fast import pipeline
 
     cfg = DistillConfig(**{**FAST, "epochs": 2}, hardest_epochs=2, dtype="float32")
@@ -214,6 +238,6 @@ def test_hub_check_mass_serves_the_report_where_the_continued_rows_stay(model_di
     learned = pipeline.learn_rows(prep, cfg, (2, 0.06, 2), cache=cache)
     assert any(v["kept"] == "alone" for v in learned.hardest.values())
     assert learned.mass is not None
-    fresh = pipeline.new_token_mass(prep, learned.rows, None)
+    fresh = pipeline.new_token_mass(prep, learned.rows, None, cache)  # as the run measures: from its teacher pass
     np.testing.assert_array_equal(learned.mass[0], fresh[0])
     assert learned.mass[1:] == fresh[1:]

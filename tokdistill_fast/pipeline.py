@@ -37,6 +37,7 @@ from .corpus import corpus_files, leading_documents
 from .evaluation import heldout
 from .kernels import backend as kernels
 from .modeling import models
+from .modeling.attention import ranges
 from .report import RunReport, StageTimer, flag_outliers, hardest_words, outlier_rows
 from .rows import clip_norms, random_rows, subtoken_mean, written_quantile
 from .tokens import NewToken, Skipped
@@ -154,13 +155,15 @@ def teacher_cache(prep: Prepared, work: Workload, layers: list[int], packed: boo
     """Teacher states of the workload's aligned positions at `layers`, in one pass truncated at the deepest
     (packed rows without padding, or the length-sorted padded reference batches). Packed, it also keeps the
     prefix keys/values when they fit, which the student's prefix steps then read instead of rerunning them."""
-    capture = None
+    capture = keep = None
     if packed and teacher.prefix_kv_fits(prep.decoder, work.alignment, max(layers)):
         capture = prefix_lengths(work.alignment)
+        keep = np.zeros(work.alignment.n, dtype=bool)
+        keep[mass_snippets(work.snippet_row)] = True  # the new-token mass check continues from their states
     elif packed:
         log.info("the prefixes' keys/values exceed the memory kept for them: the student reruns its prefixes")
     return teacher.compute(prep.decoder, work.teacher_ids, work.cu_teacher, work.alignment, layers,
-                           **teacher.options(prep.decoder, prep.dtype, packed), capture=capture)
+                           **teacher.options(prep.decoder, prep.dtype, packed), capture=capture, keep_states=keep)
 
 
 def snippet_cache(prep: Prepared, al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, layers: list[int],
@@ -208,8 +211,9 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
     layer, lr, epochs, method = ranks.agree(work, (*settings, guarded_method(cfg, prep.tied, search)))
     mine, shard = distributed.split(ranks, work, cfg.batch_size, epochs, cfg.seed, prep.device)
 
-    def train(method: str, hook: str) -> tuple[Learned, chunks.Plan | None]:
-        """The rows of `method` with the settled layer, rate and epochs (the teacher pass its objective needs first)."""
+    def train(method: str, hook: str) -> tuple[Learned, chunks.Plan | None, teacher.TeacherCache | None]:
+        """The rows of `method` with the settled layer, rate and epochs (the teacher pass its objective needs
+        first), and that pass's cache where it holds the whole workload (one process, one chunk)."""
         run_cfg = cfg.replace(epochs=epochs, method=method)  # the report keeps the requested settings beside these
         trainer = functools.partial(student.train, hook=work_dir.student_hook(hook), shard=shard)
         cache = plan = None
@@ -225,14 +229,15 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
             elif objective.distill is not None and not passes.fused:  # fused: the teacher runs in each step
                 with timer("teacher"):
                     cache = teacher_cache(prep, mine, layers, packed=passes.prefix)
-        return learn_rows(prep, run_cfg, (layer, lr, epochs), mine, cache, timer, trainer,
-                          alone=ranks.world == 1), plan
+        learned = learn_rows(prep, run_cfg, (layer, lr, epochs), mine, cache, timer, trainer, alone=ranks.world == 1)
+        return learned, plan, cache if ranks.world == 1 else None
 
-    learned, plan = train(method, "student")
+    learned, plan, cache = train(method, "student")
     mass = guard = None
     if ranks.writer and learned.train_result is not None:
         with timer("new_token_mass"):
-            mass = learned.mass if learned.mass is not None else new_token_mass(prep, learned.rows, learned.out_rows)
+            mass = learned.mass if learned.mass is not None else new_token_mass(prep, learned.rows, learned.out_rows,
+                                                                                cache)
         if ranks.world == 1 and method == cfg.method and guards(cfg, prep.tied) \
                 and (worst := float(mass[0].sum(axis=1).max())) > HUB_AFTER_RUN:
             guard = {"mass_after": worst, "trained": GUARD_METHOD, "plain_more_epochs": learned.more}
@@ -240,9 +245,11 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
                         "right after a trained word (training snippets): training %s instead (--no-ntp-guard keeps "
                         "these rows)", 100 * worst, GUARD_METHOD)
             method = GUARD_METHOD
-            learned, plan = train(method, "student-guarded")
+            cache = None  # freed before the next teacher pass
+            learned, plan, cache = train(method, "student-guarded")
             with timer("new_token_mass"):
-                mass = new_token_mass(prep, learned.rows, learned.out_rows)
+                mass = new_token_mass(prep, learned.rows, learned.out_rows, cache)
+    cache = None  # not held through the export, which loads the model again
     report = RunReport.build(prep, cfg, (layer, lr, epochs), learned, methods=True, method=method)
     report.add(autotune=search.as_dict() if search is not None else None,
                retrieval=work.retrieval if work is not None else None, ntp_guard_after_run=guard)
@@ -345,7 +352,7 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         trial = rows.clone()
         trial[primaries] = result.rows.to(trial.device, trial.dtype)
         written = finish(trial, None, set(primaries))[0]
-        checked.append((written, new_token_mass(prep, written, None)))
+        checked.append((written, new_token_mass(prep, written, None, cache if alone else None)))
         return float(checked[-1][1][0].sum(axis=1).max())
 
     train_result, retried, hardest, more = None, {}, {}, None
@@ -490,24 +497,37 @@ def train_alone(prep: Prepared, work: Workload, result: student.TrainResult, ind
     return out
 
 
-def new_token_mass(prep: Prepared, rows: torch.Tensor, out_rows: torch.Tensor | None
-                   ) -> tuple[np.ndarray, list[int], list[int]]:
-    """heldout.new_token_mass of `rows` (every new token's; untied: and `out_rows`) on the first MASS_SNIPPETS
-    training snippets of each trained word (where the model sends its next-token probability is a property of the
-    rows, which a few contexts show): the [trained words, new tokens] mass, the token index of each row and of each
-    column."""
+def mass_snippets(snippet_row: np.ndarray) -> np.ndarray:
+    """The first MASS_SNIPPETS training snippets of each word (sorted indices), on which new_token_mass reads rows:
+    where the model sends its next-token probability is a property of the rows, which a few contexts show."""
+    order = np.argsort(snippet_row, kind="stable")
+    rank = np.empty(len(snippet_row), dtype=np.int64)
+    rank[order] = np.arange(len(snippet_row)) - np.searchsorted(snippet_row[order], snippet_row[order])
+    return np.flatnonzero(rank < MASS_SNIPPETS)
+
+
+def new_token_mass(prep: Prepared, rows: torch.Tensor, out_rows: torch.Tensor | None,
+                   cache: teacher.TeacherCache | None = None) -> tuple[np.ndarray, list[int], list[int]]:
+    """heldout.new_token_mass of `rows` (every new token's; untied: and `out_rows`) on the mass_snippets of each
+    trained word: the [trained words, new tokens] mass, the token index of each row and of each column. `cache`:
+    the run's teacher pass over prep.work, whose prefix keys/values and states of those snippets (teacher_cache)
+    the check continues from instead of running their prefixes through the layers it ran."""
     work, n = prep.work, len(prep.toks)
     words = list(work.primaries)
     trained = set(words)
     cols = words + [i for i in range(n) if i not in trained]  # the alignment's ids V + r come first
     scorer = heldout.Scorer(prep.decoder, rows=rows[cols], backend=prep.backend,
                             out_rows=None if out_rows is None else out_rows[cols])
-    row = work.snippet_row
-    order = np.argsort(row, kind="stable")
-    rank = np.empty(len(row), dtype=np.int64)
-    rank[order] = np.arange(len(row)) - np.searchsorted(row[order], row[order])
-    sel = np.flatnonzero(rank < MASS_SNIPPETS)
-    return heldout.new_token_mass(scorer, work.alignment.take(sel), row[sel], len(words)), words, cols
+    sel = mass_snippets(work.snippet_row)
+    start = None
+    if cache is not None and cache.kept is not None and np.array_equal(cache.kept, sel) \
+            and np.array_equal(np.diff(cache.prefix_cu), prefix_lengths(work.alignment)):
+        span = torch.from_numpy(ranges(cache.prefix_cu[sel], np.diff(cache.prefix_cu)[sel]))
+        kv = {l: (k.index_select(0, span.to(k.device)), v.index_select(0, span.to(v.device)))
+              for l, (k, v) in cache.prefix.items()}
+        start = heldout.PrefixStart(max(cache.states), kv, cache.prefix_states)
+    mass = heldout.new_token_mass(scorer, work.alignment.take(sel), work.snippet_row[sel], len(words), start)
+    return mass, words, cols
 
 
 def write_output(out: Path, prep: Prepared, learned: Learned, report: RunReport) -> None:

@@ -32,6 +32,10 @@ class TeacherCache:
     # snippet i's rows are prefix_cu[i]:prefix_cu[i + 1]
     prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     prefix_cu: np.ndarray | None = None
+    # compute(keep_states=...): the states after the deepest layer at those same positions of the snippets `kept`
+    # (sorted), packed in that order: a deeper pass over them (the new-token mass check) starts from there
+    prefix_states: torch.Tensor | None = None
+    kept: np.ndarray | None = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.states.values())
@@ -129,12 +133,13 @@ def aligned_rows(cu_aligned: np.ndarray, pos: np.ndarray, seqs: np.ndarray, widt
 @torch.no_grad()
 def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, alignment: Alignment,
             layers: list[int], max_tokens: int, cache_dtype: torch.dtype,
-            device_budget: int | None = None, packed: bool = False, capture: np.ndarray | None = None
-            ) -> TeacherCache:
+            device_budget: int | None = None, packed: bool = False, capture: np.ndarray | None = None,
+            keep_states: np.ndarray | None = None) -> TeacherCache:
     """Teacher states at `layers` for the aligned positions of every snippet. `packed` runs packed rows instead of
     length-sorted right-padded batches (the reference); both give the same states. `capture` [n] (packed): also keep
     each layer's keys/values of snippet i's first capture[i] positions, for passes that share that prefix
-    (attention.py); not with a cache spilled to host memory, whose steps run their own prefixes."""
+    (attention.py); not with a cache spilled to host memory, whose steps run their own prefixes. `keep_states` [n]
+    bool (with `capture`): of those snippets, also keep the states after the deepest layer at the same positions."""
     device = decoder.embed_weight.device
     K, D = len(alignment.t_pos), decoder.hidden_size
     need = K * D * torch.empty((), dtype=cache_dtype).element_size() * len(layers)
@@ -153,6 +158,7 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
         capture = None
     spill = _HostSpill(states) if on_host else None
     prefix: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    deep: list[torch.Tensor] = []  # keep_states: the kept snippets' prefix states after the deepest layer
     for seqs in tqdm(batches, desc="teacher", unit="batch", leave=False):
         lay = lay_out(teacher_ids, cu_teacher[seqs], lengths[seqs], np.zeros(len(seqs)), packed,
                       capture=None if capture is None else capture[seqs]).to(device)
@@ -161,6 +167,11 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
                                        Attend(lay.spec, capture=kept) if packed else None)
         for layer, kv in (kept or {}).items():
             prefix.setdefault(layer, []).append(kv)
+        if capture is not None and keep_states is not None:  # packed batches hold consecutive snippets, in order
+            mine = np.flatnonzero(keep_states[seqs])
+            p = capture[seqs][mine]
+            rows = torch.from_numpy(lay.rows(np.repeat(mine, p), ranges(np.zeros(len(p)), p))).to(device)
+            deep.append(hidden[max(layers)].reshape(-1, D).index_select(0, rows))
         counts = cu_a[seqs + 1] - cu_a[seqs]
         pairs = ranges(cu_a[seqs], counts)  # this batch's aligned pairs, which are also their cache rows
         flat_idx = torch.from_numpy(lay.rows(np.repeat(np.arange(len(seqs)), counts), alignment.t_pos[pairs]))
@@ -175,7 +186,9 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
         spill.flush()
     joined = None if capture is None else {l: (torch.cat([k for k, _ in kv]), torch.cat([v for _, v in kv]))
                                            for l, kv in prefix.items()}
-    return TeacherCache(states, cu_a, joined, None if capture is None else cu_seqlens(capture))
+    keep = capture is not None and keep_states is not None and bool(deep)
+    return TeacherCache(states, cu_a, joined, None if capture is None else cu_seqlens(capture),
+                        torch.cat(deep) if keep else None, np.flatnonzero(keep_states) if keep else None)
 
 
 class _HostSpill:

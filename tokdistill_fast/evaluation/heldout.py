@@ -308,20 +308,58 @@ def _passes(model: Scorer, al: Alignment, layers: list[int], shared: SharedPrefi
         yield batch, hidden, lay.rows(seq, al.s_pos[ranges(al.cu_aligned[batch], counts)] - p[batch][seq])
 
 
+@dataclass
+class PrefixStart:
+    """A pass over the same snippets that ran the positions before each first new token through `depth` layers
+    and kept every layer's keys/values there (`kv`) and the states after the last (`states` [positions, D]), rows
+    in cu_seqlens(prefix_lengths) order (teacher.compute capture and keep_states): a deeper pass reads them."""
+
+    depth: int
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    states: torch.Tensor
+
+
+def _word_states(model: Scorer, al: Alignment, first: np.ndarray, start: PrefixStart | None):
+    """(snippets, [B, D] final-layer states at each one's first new token) per batch: whole sequences up to the
+    word, or, from `start`, the word alone through its layers (on their keys/values) and the whole sequences only
+    through the layers after them (on their states): the same states for about half the work."""
+    dec, device, L = model.decoder, model.decoder.embed_weight.device, model.decoder.num_layers
+    if start is None:
+        for batch in length_batches(first + 1, teacher.batch_tokens(device)):
+            ids = lay_out(al.student_ids, al.cu_student[batch], first[batch] + 1, np.zeros(len(batch)),
+                          packed=False).ids.to(device)
+            h = dec.hidden_states(model.embed(ids), [L])[L]
+            yield batch, h[torch.arange(len(batch), device=device), torch.from_numpy(first[batch]).to(device)]
+        return
+    d, cu_p = start.depth, cu_seqlens(first)
+    for batch in token_batches(first + 1, teacher.batch_tokens(device)):
+        p = first[batch]
+        keep = torch.from_numpy(ranges(cu_p[batch], p)).to(device)
+        word = lay_out(al.student_ids, al.cu_student[batch] + p, np.ones(len(batch)), p, True, prefix_len=p).to(device)
+        context = {l: (k.index_select(0, keep), v.index_select(0, keep)) for l, (k, v) in start.kv.items()}
+        h = dec.hidden_states(model.embed(word.ids), [d], word.positions,
+                              Attend(word.spec, context=context if word.spec.has_prefix else None))[d][0]
+        if d == L:
+            yield batch, h
+            continue
+        whole = lay_out(al.student_ids, al.cu_student[batch], p + 1, np.zeros(len(batch)), True).to(device)
+        last = torch.from_numpy(whole.base + p).to(device)
+        x = h.new_empty((whole.tokens, h.shape[-1]))
+        x[torch.from_numpy(ranges(whole.base, p)).to(device)] = start.states.index_select(0, keep)
+        x[last] = h
+        out = dec.hidden_states(x[None], [L], whole.positions, Attend(whole.spec), start=d)[L][0]
+        yield batch, out.index_select(0, last)
+
+
 @torch.no_grad()
-def new_token_mass(model: Scorer, al: Alignment, snippet_row: np.ndarray, n_rows: int) -> np.ndarray:
+def new_token_mass(model: Scorer, al: Alignment, snippet_row: np.ndarray, n_rows: int,
+                   start: PrefixStart | None = None) -> np.ndarray:
     """[n_rows, new tokens] per trained word (snippet_row; its new id V + row), the mean over its snippets of the
     next-token probability `model` (in-memory rows) puts on each new token right after the word: a tied row is
-    also an output row, and one the model predicts where the original model cannot makes sampling emit it there."""
-    dec, device = model.decoder, model.decoder.embed_weight.device
-    first = prefix_lengths(al)
-    lengths = first + 1  # up to the word: causal attention, nothing after it changes its state
+    also an output row, and one the model predicts where the original model cannot makes sampling emit it there.
+    `start`: a teacher pass's prefix keys/values and states for these snippets, which spare rerunning them."""
     probs = np.zeros((al.n, len(model.new_ids)))
-    for batch in length_batches(lengths, teacher.batch_tokens(device)):
-        ids = lay_out(al.student_ids, al.cu_student[batch], lengths[batch], np.zeros(len(batch)), packed=False
-                      ).ids.to(device)
-        h = dec.hidden_states(model.embed(ids), [dec.num_layers])[dec.num_layers]
-        at = h[torch.arange(len(batch), device=device), torch.from_numpy(first[batch]).to(device)]
+    for batch, at in _word_states(model, al, prefix_lengths(al), start):
         probs[batch] = F.softmax(model.logits(at), dim=-1)[:, -len(model.new_ids):].cpu().numpy()
     return group_mean(probs, snippet_row, n_rows)
 

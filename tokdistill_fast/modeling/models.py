@@ -138,10 +138,11 @@ class Decoder:
 
     def hidden_states(self, h: torch.Tensor, layers: list[int] | tuple[int, ...],
                       position_ids: torch.Tensor | None = None,
-                      attend: Attend | None = None) -> dict[int, torch.Tensor]:
+                      attend: Attend | None = None, start: int = 0) -> dict[int, torch.Tensor]:
         """Run decoder layers on embeddings h [B, T, D] up to max(layers) and return {l: hidden_states[l]}.
         Without `attend`: right-padded rows, causal attention without a mask (right padding never leaks into real
-        tokens). With it: the layout and attention it describes (prefix sharing, packed rows; see attention.py)."""
+        tokens). With it: the layout and attention it describes (prefix sharing, packed rows; see attention.py).
+        `start`: h are the states after that many layers (hidden_states[start]), and the pass runs on from there."""
         B, T, _ = h.shape
         longest = T if attend is None else attend.spec.max_len
         if self.max_len is not None and longest > self.max_len:
@@ -153,7 +154,7 @@ class Decoder:
         extra = {} if attend is None else {attention.KWARG: attend}
         out: dict[int, torch.Tensor] = {}
         with _attention_backend(h), self._implementation(attend is not None):
-            for i in range(wanted[-1]):
+            for i in range(start, wanted[-1]):
                 h = self.layers[i](h, attention_mask=None, position_ids=position_ids, position_embeddings=pos[i],
                                    **extra)
                 h = h[0] if isinstance(h, tuple) else h  # transformers 4.x layers return tuples
