@@ -158,8 +158,9 @@ def teacher_cache(prep: Prepared, work: Workload, layers: list[int], packed: boo
     capture = keep = None
     if packed and teacher.prefix_kv_fits(prep.decoder, work.alignment, max(layers)):
         capture = prefix_lengths(work.alignment)
-        keep = np.zeros(work.alignment.n, dtype=bool)
-        keep[mass_snippets(work.snippet_row)] = True  # the new-token mass check continues from their states
+        if max(layers) < prep.decoder.num_layers:  # the new-token mass check continues from their states
+            keep = np.zeros(work.alignment.n, dtype=bool)
+            keep[mass_snippets(work.snippet_row)] = True
     elif packed:
         log.info("the prefixes' keys/values exceed the memory kept for them: the student reruns its prefixes")
     return teacher.compute(prep.decoder, work.teacher_ids, work.cu_teacher, work.alignment, layers,
@@ -520,12 +521,13 @@ def new_token_mass(prep: Prepared, rows: torch.Tensor, out_rows: torch.Tensor | 
                             out_rows=None if out_rows is None else out_rows[cols])
     sel = mass_snippets(work.snippet_row)
     start = None
-    if cache is not None and cache.kept is not None and np.array_equal(cache.kept, sel) \
-            and np.array_equal(np.diff(cache.prefix_cu), prefix_lengths(work.alignment)):
+    depth = max(cache.states) if cache is not None and cache.prefix is not None else 0
+    if depth and np.array_equal(np.diff(cache.prefix_cu), prefix_lengths(work.alignment)) and (
+            depth == prep.decoder.num_layers or (cache.kept is not None and np.array_equal(cache.kept, sel))):
         span = torch.from_numpy(ranges(cache.prefix_cu[sel], np.diff(cache.prefix_cu)[sel]))
         kv = {l: (k.index_select(0, span.to(k.device)), v.index_select(0, span.to(v.device)))
               for l, (k, v) in cache.prefix.items()}
-        start = heldout.PrefixStart(max(cache.states), kv, cache.prefix_states)
+        start = heldout.PrefixStart(depth, kv, cache.prefix_states)
     mass = heldout.new_token_mass(scorer, work.alignment.take(sel), work.snippet_row[sel], len(words), start)
     return mass, words, cols
 

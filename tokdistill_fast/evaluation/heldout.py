@@ -311,12 +311,13 @@ def _passes(model: Scorer, al: Alignment, layers: list[int], shared: SharedPrefi
 @dataclass
 class PrefixStart:
     """A pass over the same snippets that ran the positions before each first new token through `depth` layers
-    and kept every layer's keys/values there (`kv`) and the states after the last (`states` [positions, D]), rows
-    in cu_seqlens(prefix_lengths) order (teacher.compute capture and keep_states): a deeper pass reads them."""
+    and kept every layer's keys/values there (`kv`) and, short of the last layer, the states after its own last
+    (`states` [positions, D]), rows in cu_seqlens(prefix_lengths) order (teacher.compute capture and keep_states):
+    a deeper pass reads them."""
 
     depth: int
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
-    states: torch.Tensor
+    states: torch.Tensor | None
 
 
 def _word_states(model: Scorer, al: Alignment, first: np.ndarray, start: PrefixStart | None):
@@ -339,7 +340,7 @@ def _word_states(model: Scorer, al: Alignment, first: np.ndarray, start: PrefixS
         context = {l: (k.index_select(0, keep), v.index_select(0, keep)) for l, (k, v) in start.kv.items()}
         h = dec.hidden_states(model.embed(word.ids), [d], word.positions,
                               Attend(word.spec, context=context if word.spec.has_prefix else None))[d][0]
-        if d == L:
+        if d == L:  # the teacher pass ran every layer: nothing to continue
             yield batch, h
             continue
         whole = lay_out(al.student_ids, al.cu_student[batch], p + 1, np.zeros(len(batch)), True).to(device)
