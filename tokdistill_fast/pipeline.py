@@ -154,11 +154,12 @@ def teacher_layers(prep: Prepared, runs: list[tuple[DistillConfig, int]]) -> lis
 def teacher_cache(prep: Prepared, work: Workload, layers: list[int], packed: bool = False) -> teacher.TeacherCache:
     """Teacher states of the workload's aligned positions at `layers`, in one pass truncated at the deepest
     (packed rows without padding, or the length-sorted padded reference batches). Packed, it also keeps the
-    prefix keys/values when they fit, which the student's prefix steps then read instead of rerunning them."""
+    prefix keys/values when they fit, which the student's prefix steps then read instead of rerunning them, and
+    of the mass_snippets the prefix states after the deepest layer, from which new_token_mass continues."""
     capture = keep = None
     if packed and teacher.prefix_kv_fits(prep.decoder, work.alignment, max(layers)):
         capture = prefix_lengths(work.alignment)
-        if max(layers) < prep.decoder.num_layers:  # the new-token mass check continues from their states
+        if max(layers) < prep.decoder.num_layers:  # at the last layer the word alone runs every layer
             keep = np.zeros(work.alignment.n, dtype=bool)
             keep[mass_snippets(work.snippet_row)] = True
     elif packed:
