@@ -37,7 +37,6 @@ from .corpus import corpus_files, leading_documents
 from .evaluation import heldout
 from .kernels import backend as kernels
 from .modeling import models
-from .modeling.attention import ranges
 from .report import RunReport, StageTimer, flag_outliers, hardest_words, outlier_rows
 from .rows import clip_norms, random_rows, subtoken_mean, written_quantile
 from .tokens import NewToken, Skipped
@@ -525,10 +524,7 @@ def new_token_mass(prep: Prepared, rows: torch.Tensor, out_rows: torch.Tensor | 
     depth = max(cache.states) if cache is not None and cache.prefix is not None else 0
     if depth and np.array_equal(np.diff(cache.prefix_cu), prefix_lengths(work.alignment)) and (
             depth == prep.decoder.num_layers or (cache.kept is not None and np.array_equal(cache.kept, sel))):
-        span = torch.from_numpy(ranges(cache.prefix_cu[sel], np.diff(cache.prefix_cu)[sel]))
-        kv = {l: (k.index_select(0, span.to(k.device)), v.index_select(0, span.to(v.device)))
-              for l, (k, v) in cache.prefix.items()}
-        start = heldout.PrefixStart(depth, kv, cache.prefix_states)
+        start = heldout.PrefixStart(depth, cache.prefix, cache.prefix_cu[sel], cache.prefix_states)
     mass = heldout.new_token_mass(scorer, work.alignment.take(sel), work.snippet_row[sel], len(words), start)
     return mass, words, cols
 

@@ -297,26 +297,35 @@ def _passes(model: Scorer, al: Alignment, layers: list[int], shared: SharedPrefi
         return
     p, cu_p = shared.lengths, cu_seqlens(shared.lengths)
     for batch in token_batches(lengths - p, teacher.batch_tokens(device)):
-        lay = lay_out(al.student_ids, al.cu_student[batch] + p[batch], lengths[batch] - p[batch], p[batch], True,
-                      prefix_len=p[batch]).to(device)
-        keep = torch.from_numpy(ranges(cu_p[batch], p[batch])).to(device)
-        context = {layer: (k.index_select(0, keep), v.index_select(0, keep)) for layer, (k, v) in shared.kv.items()}
-        hidden = dec.hidden_states(model.embed(lay.ids), layers, lay.positions,
-                                   Attend(lay.spec, context=context if lay.spec.has_prefix else None))
+        lay, hidden = _after_prefix(model, al, batch, p, lengths - p, shared.kv, ranges(cu_p[batch], p[batch]), layers)
         counts = np.diff(al.cu_aligned)[batch]
         seq = np.repeat(np.arange(len(batch)), counts)
         yield batch, hidden, lay.rows(seq, al.s_pos[ranges(al.cu_aligned[batch], counts)] - p[batch][seq])
 
 
+def _after_prefix(model: Scorer, al: Alignment, batch: np.ndarray, first: np.ndarray, n: np.ndarray,
+                  kv: dict[int, tuple[torch.Tensor, torch.Tensor]], kv_rows: np.ndarray, layers: list[int]):
+    """(layout, hidden states) of one packed pass over the snippets `batch` from their first new token on (n[i]
+    tokens each), attending to the prefix keys/values at rows `kv_rows` of `kv` (exact under causal attention)."""
+    device = model.decoder.embed_weight.device
+    p = first[batch]
+    lay = lay_out(al.student_ids, al.cu_student[batch] + p, n[batch], p, True, prefix_len=p).to(device)
+    keep = torch.from_numpy(kv_rows).to(device)
+    context = {layer: (k.index_select(0, keep), v.index_select(0, keep)) for layer, (k, v) in kv.items()}
+    return lay, model.decoder.hidden_states(model.embed(lay.ids), layers, lay.positions,
+                                            Attend(lay.spec, context=context if lay.spec.has_prefix else None))
+
+
 @dataclass
 class PrefixStart:
     """A pass over the same snippets that ran the positions before each first new token through `depth` layers
-    and kept every layer's keys/values there (`kv`) and, short of the last layer, the states after its own last
-    (`states` [positions, D]), rows in cu_seqlens(prefix_lengths) order (teacher.compute capture and keep_states):
-    a deeper pass reads them."""
+    and kept every layer's keys/values there (`kv`, snippet i's from row kv_start[i] on) and, short of the last
+    layer, the states after its own last (`states` [positions, D], in cu_seqlens(prefix_lengths) order; teacher.compute
+    capture and keep_states): a deeper pass reads them."""
 
     depth: int
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    kv_start: np.ndarray
     states: torch.Tensor | None
 
 
@@ -332,21 +341,18 @@ def _word_states(model: Scorer, al: Alignment, first: np.ndarray, start: PrefixS
             h = dec.hidden_states(model.embed(ids), [L])[L]
             yield batch, h[torch.arange(len(batch), device=device), torch.from_numpy(first[batch]).to(device)]
         return
-    d, cu_p = start.depth, cu_seqlens(first)
+    d, cu_p, one = start.depth, cu_seqlens(first), np.ones(len(first), dtype=np.int64)
     for batch in token_batches(first + 1, teacher.batch_tokens(device)):
         p = first[batch]
-        keep = torch.from_numpy(ranges(cu_p[batch], p)).to(device)
-        word = lay_out(al.student_ids, al.cu_student[batch] + p, np.ones(len(batch)), p, True, prefix_len=p).to(device)
-        context = {l: (k.index_select(0, keep), v.index_select(0, keep)) for l, (k, v) in start.kv.items()}
-        h = dec.hidden_states(model.embed(word.ids), [d], word.positions,
-                              Attend(word.spec, context=context if word.spec.has_prefix else None))[d][0]
+        h = _after_prefix(model, al, batch, first, one, start.kv, ranges(start.kv_start[batch], p), [d])[1][d][0]
         if d == L:  # the teacher pass ran every layer: nothing to continue
             yield batch, h
             continue
         whole = lay_out(al.student_ids, al.cu_student[batch], p + 1, np.zeros(len(batch)), True).to(device)
         last = torch.from_numpy(whole.base + p).to(device)
         x = h.new_empty((whole.tokens, h.shape[-1]))
-        x[torch.from_numpy(ranges(whole.base, p)).to(device)] = start.states.index_select(0, keep)
+        x[torch.from_numpy(ranges(whole.base, p)).to(device)] = start.states.index_select(
+            0, torch.from_numpy(ranges(cu_p[batch], p)).to(start.states.device))
         x[last] = h
         out = dec.hidden_states(x[None], [L], whole.positions, Attend(whole.spec), start=d)[L][0]
         yield batch, out.index_select(0, last)
