@@ -25,8 +25,17 @@ from .config import DistillConfig, UserInputError, launch, silence_progress_bars
 if launch().rank > 0:  # torchrun ranks other than 0: no bars (tqdm reads its settings when it is first imported)
     silence_progress_bars()
 
-from .pipeline import DistillResult, distill  # noqa: E402
 from .tools.select import select_tokens  # noqa: E402
+
+
+def __getattr__(name: str):
+    """`distill` and `DistillResult` load the pipeline (and torch) when first used, so that the command line can
+    set up the process before torch loads (control/process.py)."""
+    if name in ("distill", "DistillResult"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def env_report() -> dict:
@@ -37,13 +46,15 @@ def env_report() -> dict:
     import transformers
 
     from . import align
+    from .control import process
     from .kernels import backend
     from .modeling import models
 
     info = {"tokdistill_fast": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "cuda": torch.cuda.is_available(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "cpu_fast_bf16": models.cpu_has_fast_bf16(), "align_ext": align._align_ext is not None,
+            "cpu_fast_bf16": models.cpu_has_fast_bf16(),
+            "mkl_dispatch": process.mkl_dispatch(), "align_ext": align._align_ext is not None,
             "triton_kernels": backend.status()}
     try:
         import triton

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import sys
 from pathlib import Path
 
 from .config import DistillConfig, GuaranteeError, UserInputError, launch
+from .control import process
 
 
 def _layer(value: str) -> int | str:
@@ -320,35 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# glibc's malloc hands large freed blocks back to the OS and maps fresh zeroed pages for the next ones: a process that
-# loads SmolLM2 and runs the 40-word teacher pass three times took 1.66M page faults; keeping up to 1 GiB of freed
-# memory for reuse, 0.22M and 10% less time (docs/defaults.md, "Freed memory kept for reuse").
-KEEP_FREED = 1 << 30
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-
-
-def keep_freed_memory(libc=None) -> bool:
-    """Make this process's glibc malloc keep freed blocks up to KEEP_FREED instead of unmapping them. The mmap
-    threshold first and the trim threshold only if it took: a fixed trim threshold alone turns off glibc's adaptive
-    mmap threshold, and the same pass then took 8x the page faults. False without glibc."""
-    if libc is None:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            return False
-    if not hasattr(libc, "mallopt"):
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_FREED)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED))
-
-
 def main(argv: list[str] | None = None) -> int:
+    process.use_mkl_by_instruction_sets()  # before anything loads torch (this module and config.py do not)
     args = build_parser().parse_args(argv)
     others = launch().rank > 0  # torchrun ranks other than 0 log warnings only (and show no bars: __init__.py)
     logging.basicConfig(level=logging.WARNING if args.quiet or others else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    keep_freed_memory()
+    process.keep_freed_memory()
     try:
         return args.func(args)
     except UserInputError as e:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import HARDEST_FRACTION, OUTLIER_FACTOR, OVER_PREDICTION_FLAG, DistillConfig
-from .control import observed
+from .control import observed, process
 
 if TYPE_CHECKING:
     from .pipeline import Learned, Prepared
@@ -89,7 +89,8 @@ class RunReport:
                                 "backend": observed.ran("kernels"),
                                 "prefix_sharing": result.extra["passes"] if result is not None else None,
                                 "packed_attention": observed.ran("attention"),
-                                "teacher_cache": observed.ran("teacher_cache")},
+                                "teacher_cache": observed.ran("teacher_cache"),
+                                "mkl_dispatch": process.mkl_dispatch() if torch.backends.mkl.is_available() else None},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             "counts": {"requested": len(toks) + len(skipped), "added": len(toks), "skipped": len(skipped),
                        "variants": sum(1 for t in toks if t.variant_of),

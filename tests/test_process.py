@@ -1,0 +1,105 @@
+"""The CLI's process settings (control/process.py): the malloc thresholds (the mmap threshold first, the trim
+threshold only after it) and MKL's dispatch by instruction sets, checked in fresh processes against MKL's own."""
+
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tokdistill_fast.control import process
+
+
+class FakeLibc:
+    """Records mallopt calls; `accepts` says which parameters it takes."""
+
+    def __init__(self, accepts: set[int]):
+        self.accepts, self.calls = accepts, []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return int(param in self.accepts)
+
+
+def test_both_thresholds_are_set_in_order():
+    libc = FakeLibc({process.M_MMAP_THRESHOLD, process.M_TRIM_THRESHOLD})
+    assert process.keep_freed_memory(libc)
+    assert libc.calls == [(process.M_MMAP_THRESHOLD, process.KEEP_FREED),
+                          (process.M_TRIM_THRESHOLD, process.KEEP_FREED)]
+
+
+def test_trim_threshold_is_left_alone_when_the_mmap_threshold_is_refused():
+    """A fixed trim threshold alone turns glibc's adaptive mmap threshold off (8x the page faults, measured)."""
+    libc = FakeLibc({process.M_TRIM_THRESHOLD})
+    assert not process.keep_freed_memory(libc)
+    assert libc.calls == [(process.M_MMAP_THRESHOLD, process.KEEP_FREED)]
+
+
+def test_without_mallopt_nothing_happens():
+    assert not process.keep_freed_memory(object())
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_glibc_takes_both():
+    assert process.keep_freed_memory()
+
+
+def run_python(code: str, **env: str) -> str:
+    """stdout of `code` in a fresh interpreter (torch not loaded yet), with `env` added to this one's."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_the_command_line_loads_torch_only_after_it_starts():
+    """cli.main sets MKL's dispatch up first; that only works while torch is not loaded."""
+    out = run_python("import sys, tokdistill_fast, tokdistill_fast.cli; print('torch' in sys.modules)")
+    assert out.strip() == "False"
+
+
+MKL_BRANCH = """
+import ctypes, json, os, sys
+from tokdistill_fast.control import process
+used = process.use_mkl_by_instruction_sets()
+import torch
+lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+g = torch.Generator().manual_seed(0)
+x, w = torch.randn(120, 576, generator=g), torch.randn(1536, 576, generator=g)
+y = torch.nn.functional.linear(x, w)
+print(json.dumps({"used": used, "how": process.mkl_dispatch(), "branch": lib.mkl_serv_cpu_detect(),
+                  "y": y[::7, ::11].tolist(), "yt": (y @ w)[::7, ::11].tolist()}))
+"""
+
+needs_mkl_x86 = pytest.mark.skipif(
+    not (sys.platform == "linux" and platform.machine() == "x86_64" and torch.backends.mkl.is_available()),
+    reason="MKL's vendor check: Linux x86-64 with an MKL build of torch")
+
+
+@needs_mkl_x86
+def test_mkl_picks_kernels_by_instruction_sets_and_computes_the_same():
+    """The shim (csrc/mkl_dispatch.cpp) loaded before torch: MKL's detected branch is at least its own choice, a
+    real one where the CPU has AVX2 (on AMD CPUs MKL's own is 0), and fp32 products agree with MKL's own path."""
+    if importlib.util.find_spec(process.MKL_SHIM) is None:
+        pytest.skip("csrc/mkl_dispatch.cpp not built")
+    shim = json.loads(run_python(MKL_BRANCH))
+    own = json.loads(run_python(MKL_BRANCH, **{process.MKL_OWN_DISPATCH: "1"}))
+    assert shim["used"] and shim["how"].startswith("by instruction sets")
+    assert not own["used"] and own["how"] == f"MKL's own ({process.MKL_OWN_DISPATCH}=1)"
+    assert shim["branch"] >= own["branch"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert shim["branch"] > 0
+    for key in ("y", "yt"):
+        np.testing.assert_allclose(shim[key], own[key], rtol=1e-4, atol=1e-3)
+
+
+def test_nothing_is_done_once_torch_is_loaded(monkeypatch):
+    """In a process that loaded torch (this one) libtorch has bound the check already: no change, and it says so."""
+    monkeypatch.setattr(process, "_mkl_dispatch", process._mkl_dispatch)
+    monkeypatch.delenv(process.MKL_OWN_DISPATCH, raising=False)
+    assert not process.use_mkl_by_instruction_sets()
+    assert process.mkl_dispatch() == "MKL's own (torch was loaded first)"
