@@ -56,9 +56,10 @@ def run_python(code: str, **env: str) -> str:
     return out.stdout
 
 
-def test_the_command_line_loads_torch_only_after_it_starts():
-    """cli.main sets MKL's dispatch up first; that only works while torch is not loaded."""
-    out = run_python("import sys, tokdistill_fast, tokdistill_fast.cli; print('torch' in sys.modules)")
+def test_the_entry_points_load_torch_only_after_they_start():
+    """cli.main and the demo's main set MKL's dispatch up first; that only works while torch is not loaded."""
+    out = run_python("import sys, tokdistill_fast, tokdistill_fast.cli, tokdistill_fast.tools.demo; "
+                     "print('torch' in sys.modules)")
     assert out.strip() == "False"
 
 
@@ -103,3 +104,11 @@ def test_nothing_is_done_once_torch_is_loaded(monkeypatch):
     monkeypatch.delenv(process.MKL_OWN_DISPATCH, raising=False)
     assert not process.use_mkl_by_instruction_sets()
     assert process.mkl_dispatch() == "MKL's own (torch was loaded first)"
+
+
+def test_a_later_entry_point_keeps_what_an_earlier_one_did(monkeypatch):
+    """The demo sets it up before its preparation loads torch, then calls cli.main, which must not undo the record."""
+    done = f"{process.BY_INSTRUCTION_SETS} (csrc/mkl_dispatch.cpp)"
+    monkeypatch.setattr(process, "_mkl_dispatch", done)
+    assert process.use_mkl_by_instruction_sets()
+    assert process.mkl_dispatch() == done

@@ -58,3 +58,15 @@ def test_select_refusals(model, corpus, tmp_path, capsys):
     assert "lower --min-count" in capsys.readouterr().err and not none.exists()
     assert select(tmp_path / "missing", corpus, none) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_the_demo_runs_again_over_its_own_outputs(model, corpus, tmp_path, monkeypatch):
+    """`make demo` twice: the second run replaces the demo's word list and model instead of refusing them."""
+    from tokdistill_fast.tools import demo
+
+    monkeypatch.setattr(demo, "prepare", lambda: {"model": model, "gcide": corpus})
+    out = tmp_path / "demo"
+    for _ in range(2):
+        assert demo.main(["--out", str(out), "--words", "2"]) == 0
+        assert (out / "model.safetensors").exists()
+    assert Path(str(out) + ".words.txt").read_text(encoding="utf-8") == "palatable\nbivalve\n"

@@ -19,6 +19,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 MKL_SHIM = "tokdistill_fast._mkl_dispatch"  # built from csrc/mkl_dispatch.cpp
 MKL_OWN_DISPATCH = "TOKDISTILL_MKL_OWN_DISPATCH"  # 1: leave MKL's vendor check as it is
+BY_INSTRUCTION_SETS = "by instruction sets"
 
 _mkl_dispatch = "not set by this process"  # what use_mkl_by_instruction_sets did (mkl_dispatch() reports it)
 
@@ -45,6 +46,8 @@ def use_mkl_by_instruction_sets() -> bool:
     done, once torch is loaded (libtorch has bound the check then), off Linux x86-64, without the built library
     or with TOKDISTILL_MKL_OWN_DISPATCH=1."""
     global _mkl_dispatch
+    if _mkl_dispatch.startswith(BY_INSTRUCTION_SETS):  # an entry point before this one did it (the demo's)
+        return True
     if env_flag(MKL_OWN_DISPATCH):
         reason = f"{MKL_OWN_DISPATCH}=1"
     elif "torch" in sys.modules:
@@ -59,7 +62,7 @@ def use_mkl_by_instruction_sets() -> bool:
         except OSError as e:
             reason = f"cannot load it: {e}"
         else:
-            _mkl_dispatch = "by instruction sets (csrc/mkl_dispatch.cpp)"
+            _mkl_dispatch = f"{BY_INSTRUCTION_SETS} (csrc/mkl_dispatch.cpp)"
             return True
     _mkl_dispatch = f"MKL's own ({reason})"
     return False

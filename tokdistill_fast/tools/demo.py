@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..config import UserInputError, cache_dir
+from ..control import process
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
+    process.use_mkl_by_instruction_sets()  # before prepare() loads torch (cli.main would find it loaded)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         paths = prepare()
@@ -356,12 +358,13 @@ def main(argv: list[str] | None = None) -> int:
 
         words = Path(args.out + ".words.txt")
         words.parent.mkdir(parents=True, exist_ok=True)
+        # the demo's own outputs, word list and model: rerunning the demo replaces them
         rc = cli.main(["select", "--model", str(paths["model"]), "--corpus", str(paths["gcide"]),
-                       "--top", str(args.words), "--out", str(words)])
+                       "--top", str(args.words), "--out", str(words), "--overwrite"])
         if rc:
             return rc
         if Path(args.out).exists():
-            shutil.rmtree(args.out)  # the demo's own output: rerunning the demo replaces it
+            shutil.rmtree(args.out)
         return cli.main(["distill", "--model", str(paths["model"]), "--new-tokens", str(words),
                          "--corpus", str(paths["gcide"]), "--out", args.out])
     except UserInputError as e:
