@@ -11,9 +11,9 @@ The pipeline stages are the modules at the top of the package, in the order a ru
   pipeline.py   prepare / settle / teacher_cache / learn_rows / write_output; distill()
   target_tokenizer.py  the same run for a given extended tokenizer (bring your own tokenizer)
 Subpackages: modeling/ (the frozen decoder, attention, layouts, losses), control/ (settings and the search,
-chunks, checkpoints, several processes), evaluation/ (held-out measure, `eval`, `compare`), tools/ (select,
-demo, BPE extension, llama.cpp check), kernels/ (Triton kernels with their references). cli.py parses, config.py
-holds every setting.
+chunks, checkpoints, several processes, the command line's process settings), evaluation/ (held-out measure,
+`eval`, `compare`), tools/ (select, demo, BPE extension, llama.cpp check), kernels/ (Triton kernels with their
+references). cli.py parses, config.py holds every setting.
 """
 
 from __future__ import annotations
