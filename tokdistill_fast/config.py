@@ -132,8 +132,8 @@ class DistillConfig:
     # where the rows then make a tied model put over HUB_AFTER_RUN of its next-token probability on new tokens after
     # some word, the run keeps the rows of its first --epochs (docs/defaults.md, "Four more passes in the same run").
     # auto: MORE_EPOCHS where the model runs in bf16 (GPUs, bf16 CPUs), none in fp32 on a CPU, where a pass costs
-    # about 4x as much and the job's time would near the plain prototype's. Not with --lr-schedule decay (the rate
-    # is zero by then), NTP objectives or several processes.
+    # 2-4x as much (docs/cpu-speed.md) and the job already takes about half the plain prototype's time. Not with
+    # --lr-schedule decay (the rate is zero by then), NTP objectives or several processes.
     more_epochs: int | str = "auto"
     batch_size: int = 16  # the paper's batch size
     snippets_per_token: int = 25  # the paper's budget: at most 25 snippets ...
@@ -268,7 +268,7 @@ class DistillConfig:
 
     def _where_cheap(self, value: int | str, default: int) -> int:
         """An extra-pass count as given, or for "auto" `default` where the model runs in bf16 (GPUs, bf16 CPUs) and
-        0 in fp32 on a CPU, where a pass costs about 4x as much."""
+        0 in fp32 on a CPU, where a pass costs 2-4x as much."""
         if value != "auto":
             return int(value)
         from .modeling.models import pick_device, pick_dtype
