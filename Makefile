@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
 .PHONY: setup demo test test-interpret test-downstream lint bench-kernels bench-optimizer bench-align bench-e2e bench-e2e-reference \
-	bench-gpu-check-dry example-byot clean
+	bench-gpu-check-dry bench-vs-prototype example-byot clean
 
 setup: $(VENV)/.installed
 
@@ -82,6 +82,18 @@ example-byot: setup
 	$(PY) -m bench.byot_example --model $(CACHE)/smollm2-135m-instruct --train $(CACHE)/corpora/gcide.train.txt \
 		--heldout $(CACHE)/corpora/gcide.heldout.txt --merges 100 --snippets-per-token 10 \
 		--snippet-length 32 --epochs 1 --heldout-chars 8000 --out out/byot
+
+# README "Speed": the 40-word SmolLM2 / FOLDOC job with the defaults side by side with the plain prototype
+# (bench/prototype.py), whole processes in turn, A/B pair by pair (bench/paired.py); each run's output, losses
+# included, in out/speed-vs-prototype.{A,B}.log. About 10 minutes on 2 cores.
+SPEED_JOB := --model $(CACHE)/smollm2-135m-instruct --new-tokens docs/words/smollm2-foldoc-40.txt \
+	--corpus $(CACHE)/corpora/foldoc.train.txt
+bench-vs-prototype: setup
+	$(PY) -m tokdistill_fast.tools.demo prepare --corpora
+	mkdir -p out && rm -f out/speed-vs-prototype.*.log
+	$(PY) -m bench.paired -n 2 --warmup 0 --log out/speed-vs-prototype \
+		--vs "$(PY) -m bench.prototype $(SPEED_JOB) --layer 8 --body-only" \
+		-- $(VENV)/bin/tokdistill distill $(SPEED_JOB) --out out/speed --overwrite
 
 clean:
 	rm -rf $(VENV) build *.egg-info tokdistill_fast/*.so

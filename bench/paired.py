@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -35,22 +36,26 @@ class Sample:
         return self.user + self.sys
 
 
-def run_once(argv: list[str]) -> Sample:
-    """Run `argv` to its end, its output thrown away, and read its own accounting (children it waited for included)."""
-    start = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - start
+def run_once(argv: list[str], log: Path | None = None) -> Sample:
+    """Run `argv` to its end, its output appended to `log` (else thrown away), and read its own accounting (children
+    it waited for included)."""
+    with open(log, "ab") if log else open(os.devnull, "wb") as out:
+        start = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.monotonic() - start
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keeps Popen from waiting again
     return Sample(wall, usage.ru_utime, usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode)
 
 
-def paired(a: list[str], b: list[str] | None, runs: int, warmup: int) -> tuple[list[Sample], list[Sample]]:
-    """`warmup` uncounted rounds, then `runs` counted ones, each round A then B (when given)."""
+def paired(a: list[str], b: list[str] | None, runs: int, warmup: int, log: str | None = None
+           ) -> tuple[list[Sample], list[Sample]]:
+    """`warmup` uncounted rounds, then `runs` counted ones, each round A then B (when given); with `log`, every
+    run's output goes to LOG.A.log / LOG.B.log (what a run printed shows that it did the job)."""
     counted_a, counted_b = [], []
     for i in range(warmup + runs):
-        sa = run_once(a)
-        sb = run_once(b) if b else None
+        sa = run_once(a, Path(f"{log}.A.log") if log else None)
+        sb = run_once(b, Path(f"{log}.B.log") if log else None) if b else None
         if i >= warmup:
             counted_a.append(sa)
             if sb:
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", "--runs", type=int, default=3, help="counted runs of each command (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="rounds run first and not counted (default 1)")
     p.add_argument("--vs", help="the second command (the yardstick), one string split as a shell splits words")
+    p.add_argument("--log", help="append each run's output to LOG.A.log / LOG.B.log instead of discarding it")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to time")
     args = p.parse_args(argv)
     a = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--runs must be at least 1 and --warmup at least 0")
     b = shlex.split(args.vs) if args.vs else None
     try:
-        runs_a, runs_b = paired(a, b, args.runs, args.warmup)
+        runs_a, runs_b = paired(a, b, args.runs, args.warmup, args.log)
     except OSError as e:
         print(f"error: cannot start the command: {e}", file=sys.stderr)
         return 2

@@ -35,3 +35,11 @@ def test_a_failed_run_is_an_error(capsys):
     assert paired.main(["-n", "1", "--warmup", "0", "--", sys.executable, "-c", "raise SystemExit(3)"]) == 1
     assert "A exit 3" in capsys.readouterr().err
     assert paired.main(["-n", "1", "--warmup", "0", "--", "/nonexistent/command"]) == 2
+
+
+def test_each_runs_output_is_kept_with_log(tmp_path):
+    say = [sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr)"]
+    log = str(tmp_path / "x")
+    assert paired.main(["-n", "2", "--warmup", "1", "--log", log, "--vs", shlex.join(say), "--", *say]) == 0
+    for side in "AB":  # three rounds (the warm-up's too), both streams
+        assert sorted((tmp_path / f"x.{side}.log").read_text().split()) == ["err"] * 3 + ["out"] * 3
