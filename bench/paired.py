@@ -58,10 +58,10 @@ def paired(a: list[str], b: list[str] | None, runs: int, warmup: int, log: str |
         sb = run_once(b, Path(f"{log}.B.log") if log else None) if b else None
         if i >= warmup:
             counted_a.append(sa)
-            if sb:
+            if sb is not None:
                 counted_b.append(sb)
         print(f"round {i + 1}/{warmup + runs}{' (warm-up)' if i < warmup else ''}: A {sa.wall:.1f} s"
-              + (f", B {sb.wall:.1f} s" if sb else ""), file=sys.stderr, flush=True)
+              + (f", B {sb.wall:.1f} s" if sb is not None else ""), file=sys.stderr, flush=True)
     return counted_a, counted_b
 
 
@@ -72,11 +72,10 @@ def _spread(values: list[float]) -> str:
 def summary(a: list[Sample], b: list[Sample]) -> str:
     """Min, median and max of every figure, and of A/B pair by pair when B ran."""
     lines = [f"{'':16}{'min':>12}{'median':>12}{'max':>12}"]
-    for name, samples in (("A", a), ("B", b)):
+    for name, samples in (("A", a), ("B", b)) if b else (("A", a),):
         for field in ("user", "sys", "cpu", "wall", "peak_mib"):
-            if samples:
-                label = "peak MiB" if field == "peak_mib" else f"{field} s"
-                lines.append(f"{name + ' ' + label:16}{_spread([getattr(s, field) for s in samples])}")
+            label = "peak MiB" if field == "peak_mib" else f"{field} s"
+            lines.append(f"{name + ' ' + label:16}{_spread([getattr(s, field) for s in samples])}")
     if b:
         for field in ("user", "cpu", "wall"):
             lines.append(f"{'A/B ' + field:16}{_spread([getattr(x, field) / getattr(y, field) for x, y in zip(a, b)])}")
