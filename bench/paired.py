@@ -53,9 +53,10 @@ def paired(a: list[str], b: list[str] | None, runs: int, warmup: int, log: str |
     """`warmup` uncounted rounds, then `runs` counted ones, each round A then B (when given); with `log`, every
     run's output goes to LOG.A.log / LOG.B.log (what a run printed shows that it did the job)."""
     counted_a, counted_b = [], []
+    log_a, log_b = (Path(f"{log}.A.log"), Path(f"{log}.B.log")) if log else (None, None)
     for i in range(warmup + runs):
-        sa = run_once(a, Path(f"{log}.A.log") if log else None)
-        sb = run_once(b, Path(f"{log}.B.log") if log else None) if b else None
+        sa = run_once(a, log_a)
+        sb = run_once(b, log_b) if b else None
         if i >= warmup:
             counted_a.append(sa)
             if sb is not None:
