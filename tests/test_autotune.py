@@ -7,7 +7,7 @@ import torch
 
 from tokdistill_fast import DistillConfig, distill, pipeline
 from tokdistill_fast.control import autotune
-from tokdistill_fast.student.loop import warmup_schedule
+from tokdistill_fast.student.loop import COOLDOWN, Schedule, warmup_schedule
 
 FAST = dict(snippets_per_token=10, snippet_length=24, batch_size=4, epochs=1, more_epochs=0)
 
@@ -25,20 +25,46 @@ def test_auto_lr_by_layer_and_schedule():
     assert [autotune.default_lr(layer, 30) for layer in (15, 30)] == [0.06, 0.036]
 
 
-@pytest.mark.parametrize("decay", [True, False])
-def test_warmup_schedule_warms_up_then_decays_to_zero_or_holds(decay):
+def lrs_of(steps: int, *args, **kwargs) -> list[float]:
+    """The learning rate of each of `steps` steps under warmup_schedule(optimizer, *args, **kwargs) at lr 1."""
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = warmup_schedule(opt, 10, 0.5, decay)
+    sched = warmup_schedule(opt, *args, **kwargs)
     lrs = []
-    for _ in range(10):
+    for _ in range(steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_warmup_schedule_warms_up_then_decays_to_zero_or_holds(decay):
+    lrs = lrs_of(10, 10, 0.5, decay)
     assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # linear warm-up over the first half
     if decay:
         assert lrs[5:] == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.0])  # linearly down to zero at the last step
     else:
         assert lrs[5:] == pytest.approx([1.0] * 5)  # the paper's constant rate
+
+
+def test_cooldown_ends_the_run_after_the_constant_rate():
+    """The default: warm-up, constant, then linearly down over the run's last fifth to 1/(its steps + 1); with more
+    epochs (run_steps) the cooldown ends the whole run and the schedule's own epochs keep the constant rate."""
+    lrs = lrs_of(10, 10, 0.5, False, 0.2)
+    assert lrs == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0, 1.0, 2 / 3, 1 / 3])
+    lrs = lrs_of(20, 10, 0.5, False, 0.2, run_steps=20)
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lrs[5:15] == pytest.approx([1.0] * 10)
+    assert lrs[15:] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+
+
+def test_lr_schedule_option_sets_the_cooldown():
+    for name, cooldown, decay in (("cooldown", COOLDOWN, False), ("constant", 0.0, False), ("decay", 0.0, True)):
+        sched = Schedule.for_config(DistillConfig(lr_schedule=name), 0.06, 1, "torch")
+        assert (sched.cooldown, sched.decay) == (cooldown, decay)
+    assert DistillConfig().lr_schedule == "cooldown" and COOLDOWN == 0.2
+    with pytest.raises(ValueError, match="no cooldown"):
+        Schedule(lr=1.0, decay=True, cooldown=0.2)
 
 
 def test_sample_share_grows_with_budget_and_stays_a_share():

@@ -94,7 +94,8 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
     d.add_argument("--warmup-fraction", type=float, default=c.warmup_fraction,
                    help="share of the steps with a linear learning-rate warm-up (the paper: 0.5)")
     d.add_argument("--lr-schedule", default=c.lr_schedule,
-                   help="after the warm-up: constant (the paper) | decay (linearly to zero)")
+                   help="after the warm-up: cooldown (constant, then down over the run's last fifth) | constant "
+                        "(the paper) | decay (linearly to zero)")
     d.add_argument("--optimizer", default=c.optimizer,
                    help="whitened (Adam in the embedding table's whitened coordinates) | adamw (the paper) | auto "
                         "(whitened for token-distill methods with the mse loss)")

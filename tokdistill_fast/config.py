@@ -17,7 +17,7 @@ METHODS = (
     "token-distill+alpha-ntp",  # distillation loss + alpha * NTP, alpha = stop_grad(L_distill / L_ntp)
 )
 TRAINED_METHODS = tuple(m for m in METHODS if m not in ("mean", "random"))
-LR_SCHEDULES = ("constant", "decay")  # after the warm-up (student/loop.py)
+LR_SCHEDULES = ("cooldown", "constant", "decay")  # after the warm-up (student/loop.py)
 OPTIMIZERS = ("auto", "whitened", "adamw")  # student/whitened.py; adamw: the paper's plain AdamW
 LOSSES = ("mse", "kl", "logits-mse")
 CONTEXT_SOURCES = ("retrieve", "generate")
@@ -111,9 +111,10 @@ class DistillConfig:
     # hidden_states terms: 1..num_layers, negative counts from the end, -1 = last layer after the final norm.
     target_layer: int | str = "auto"
     lr: float | str = "auto"  # "auto": the measured rule autotune.default_lr (by layer and schedule)
-    # After the warm-up: constant (the schedule the paper states) or decay (linearly to zero at the last step, from
-    # 1.4x the constant rate): the same held-out KL within noise on 12 corpus rows of two models (docs/defaults.md).
-    lr_schedule: str = "constant"
+    # After the warm-up: cooldown (constant, then linearly down over the run's last fifth: student/loop.py COOLDOWN),
+    # constant (the schedule the paper states) or decay (linearly to zero at the last step, from 1.4x the constant
+    # rate: the same held-out KL as constant within noise on 12 corpus rows of two models). docs/defaults.md.
+    lr_schedule: str = "cooldown"
     # whitened: Adam in the embedding table's whitened coordinates (student/whitened.py), steps with the table's
     # own spread in every direction; adamw: the paper's plain AdamW; auto: whitened for the hidden-state MSE of the
     # token-distill methods, where it was measured, adamw otherwise (docs/defaults.md, "Steps shaped like the table").
