@@ -220,15 +220,17 @@ def test_hardest_rows_train_more_epochs_alone():
 def test_more_epochs_keep_the_rows_of_the_schedules_own_epochs(passes):
     """Schedule.more_epochs trains on at the constant rate after the schedule's epochs, and its result keeps the
     rows and losses at that point, which are those of a run without more epochs (the same batches, warm-up and
-    rate); pipeline.keep_more_epochs takes them where the final rows make a hub (over HUB_AFTER_RUN)."""
+    rate); a cooldown ends the whole run, so those rows are a constant-rate run's; pipeline.keep_more_epochs takes
+    them where the final rows make a hub (over HUB_AFTER_RUN)."""
     w = three_words()
     work = w.work
     cache = teacher.compute(w.prep.decoder, work.teacher_ids, work.cu_teacher, work.alignment, [2], 4096,
                             torch.float32)
 
-    def run(more: int) -> student.TrainResult:
+    def run(more: int, cooldown: float = 0.0) -> student.TrainResult:
         return student.train(w.prep.decoder, work.alignment, cache, work.snippet_row, w.init, None, w.objective,
-                             dataclasses.replace(w.schedule, more_epochs=more), tied=True, passes=passes)
+                             dataclasses.replace(w.schedule, more_epochs=more, cooldown=cooldown), tied=True,
+                             passes=passes)
 
     plain, longer = run(0), run(3)
     assert plain.before is None and longer.before.steps == plain.steps and longer.steps > 2 * plain.steps
@@ -236,6 +238,8 @@ def test_more_epochs_keep_the_rows_of_the_schedules_own_epochs(passes):
     np.testing.assert_array_equal(longer.before.word_loss, plain.word_loss)
     np.testing.assert_array_equal(longer.step_loss[:plain.steps], plain.step_loss)
     assert not torch.equal(longer.rows, plain.rows) and (longer.word_loss < plain.word_loss).all()
+    cooled = run(3, cooldown=0.2)
+    assert torch.equal(cooled.before.rows, plain.rows) and not torch.equal(cooled.rows, longer.rows)
     with pytest.raises(ValueError, match="constant rate"):
         dataclasses.replace(w.schedule, more_epochs=1, decay=True)
 
