@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 
 
 # The default schedule's last fifth: the rate falls linearly to 1/(cooldown steps + 1) of the constant rate at the
-# last step, so the rows end at a point of the last steps' mean instead of one step's noise around it. Gemma-3 per
-# word -0.04 to -0.11 (log KL ratio) on reference manuals (docs/defaults.md, "A cooldown at the end").
+# last step, so the rows end near the last steps' mean instead of one step's noise around it: held-out KL per word
+# -4.5% on Gemma-3 (13 corpora), -2.2% on SmolLM2 (12) (docs/defaults.md, "A cooldown at the end").
 COOLDOWN = 0.2
 
 
