@@ -127,8 +127,8 @@ class Trainable:
 
 def optimizer(params: list[torch.nn.Parameter], tables: list[torch.Tensor], schedule: Schedule, n_steps: int,
               device: torch.device, row_sparse: bool = False, run_steps: int | None = None):
-    """(the optimizer, its learning-rate schedule) over `params` for a schedule of n_steps (warm-up and decay)
-    in a run of run_steps (default n_steps: more epochs follow; the cooldown ends the run): Adam in the whitened
+    """(the optimizer, its learning-rate schedule) over `params`: warm-up and decay over the schedule's own n_steps,
+    the cooldown over the end of the whole run's run_steps (more epochs included; default n_steps): Adam in the whitened
     coordinates of each parameter's table in `tables` (the embedding table of the new input rows, the output
     table of new output rows), or plain AdamW; neither decays weights. `row_sparse` (each row's gradient comes
     from its own snippets only): whitened steps drop a row's gradient spikes (SPIKE_LIMIT); with NTP every row
