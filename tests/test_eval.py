@@ -334,3 +334,5 @@ def test_eval_api_and_bad_inputs(adapted, heldout_file, tmp_path, capsys):
     assert "report.json" in capsys.readouterr().err
     assert main(base + ["--adapted", str(out), "--heldout", str(heldout_file), "--mse-layers", "9"]) == 2
     assert "--mse-layers" in capsys.readouterr().err
+    assert main(base + ["--adapted", str(out), "--heldout", str(heldout_file), "--dtype", "torch.bfloat16"]) == 2
+    assert "--dtype must be one of auto, float32, bfloat16, float16, not 'torch.bfloat16'" in capsys.readouterr().err

@@ -18,6 +18,7 @@ METHODS = (
 )
 TRAINED_METHODS = tuple(m for m in METHODS if m not in ("mean", "random"))
 LR_SCHEDULES = ("cooldown", "constant", "decay")  # after the warm-up (student/loop.py)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("auto", "whitened", "adamw")  # student/whitened.py; adamw: the paper's plain AdamW
 LOSSES = ("mse", "kl", "logits-mse")
 CONTEXT_SOURCES = ("retrieve", "generate")
@@ -204,7 +205,7 @@ class DistillConfig:
                    "tokenizer_mode": TOKENIZER_MODES,
                    "backend": ("auto", "torch", "triton"), "align_impl": ("auto", "cpp", "python"),
                    "prefix_sharing": ("auto", "off", "on", "fused"),
-                   "dtype": ("auto", "float32", "bfloat16", "float16")}
+                   "dtype": DTYPES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "

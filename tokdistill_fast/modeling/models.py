@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import UserInputError
+from ..config import DTYPES, UserInputError
 from . import attention
 from .attention import Attend
 
@@ -44,6 +44,8 @@ def cpu_has_fast_bf16() -> bool:
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` runs the frozen model in bf16 on CUDA and on bf16-capable CPUs, else in fp32."""
+    if name not in DTYPES:
+        raise UserInputError(f"--dtype must be one of {', '.join(DTYPES)}, not {name!r}")
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
