@@ -294,11 +294,11 @@ def test_fortunes_corpus_keeps_one_document_per_fortune(tmp_path, monkeypatch):
                     "Never put off till tomorrow what you can do the day after tomorrow. -- Mark Twain"]
 
 
-@pytest.mark.parametrize("name", ["pydocs", "pgdocs"])
+@pytest.mark.parametrize("name", ["pydocs", "pgdocs", "gnucash"])
 def test_html_manual_corpus_keeps_the_text_of_each_paragraph(tmp_path, monkeypatch, name):
-    """The HTML manuals of `demo prepare --corpora` (the Python Library Reference, the PostgreSQL manual): each <p>
-    of the pages beside the package's index page becomes one document, tags dropped, entities decoded, whitespace
-    folded, short ones left out."""
+    """The HTML manuals of `demo prepare --corpora` (the Python Library Reference, the PostgreSQL manual, GnuCash's
+    guide and help): each <p> of the pages beside each of the package's index pages becomes one document, tags
+    dropped, entities decoded, whitespace folded, short ones and the licence pages that a manual names left out."""
     from tokdistill_fast.tools import demo
 
     lib = tmp_path / "library"
@@ -306,12 +306,15 @@ def test_html_manual_corpus_keeps_the_text_of_each_paragraph(tmp_path, monkeypat
     asked = []
     monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: asked.append(package) or lib / path.name)
     (lib / "index.html").write_text("<p>Index.</p>")
+    (lib / "fdl-section1.html").write_text("<p>The licence, long enough to be kept were it not left out by name.</p>")
     (lib / "os.html").write_text('<p>Return a <a href="#x"><code>str</code></a> that names\n  the &quot;current&quot;'
                                  " working directory.</p><div><p>Short.</p></div>")
     out = demo.html_manual_corpus(name, tmp_path / f"{name}.txt", tmp_path)
-    assert asked == [demo.HTML_MANUALS[name][0]]
-    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
-        'Return a str that names the "current" working directory.']
+    package, indexes, skip = demo.HTML_MANUALS[name]
+    assert asked == [package] * len(indexes)
+    licence = ["The licence, long enough to be kept were it not left out by name."] * (skip is None)
+    assert out.read_text(encoding="utf-8").strip().split("\n\n") == (
+        licence + ['Return a str that names the "current" working directory.']) * len(indexes)
 
 
 def test_git_docs_corpus_keeps_prose_paragraphs(tmp_path, monkeypatch):

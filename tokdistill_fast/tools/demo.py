@@ -202,20 +202,26 @@ def html_paragraphs(pages: Iterable[Path]) -> Iterator[str]:
             yield html.unescape(re.sub(r"<[^>]+>", "", para))
 
 
-# HTML manuals whose <p> paragraphs make a corpus: name -> (Debian package, the index page beside the others).
-# Both were added after every default was set, as corpora no setting has seen (the Python Library Reference
-# 2026-12-01, the PostgreSQL manual 2026-12-02).
-HTML_MANUALS = {"pydocs": ("python3.11-doc", "/usr/share/doc/python3.11/html/library/index.html"),
-                "pgdocs": ("postgresql-doc-15", "/usr/share/doc/postgresql-doc-15/html/index.html")}
+# HTML manuals whose <p> paragraphs make a corpus: name -> (Debian package, an index page of each manual, beside its
+# other pages; pages left out, by name: the GNU FDL and the legal notice, the same licence text in each manual). All
+# were added after every default was set, as corpora no setting has seen (the Python Library Reference 2026-12-01,
+# the PostgreSQL manual 2026-12-02, GnuCash's guide and help 2026-12-04: accounting and personal finance).
+HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/library/index.html",), None),
+                "pgdocs": ("postgresql-doc-15", ("/usr/share/doc/postgresql-doc-15/html/index.html",), None),
+                "gnucash": ("gnucash-docs", ("/usr/share/doc/gnucash-docs/gnucash-guide-en/index.html",
+                                             "/usr/share/doc/gnucash-docs/gnucash-help-en/index.html"),
+                            r"fdl.*|titlepage\.html")}
 
 
 def html_manual_corpus(name: str, out: Path, cache: Path | None = None) -> Path:
     """Running text from one of HTML_MANUALS: the text of each HTML paragraph of its pages."""
     if out.exists():
         return out
-    package, index = HTML_MANUALS[name]
-    index = debian_file(package, Path(index), cache)
-    return write_documents(out, html_paragraphs(sorted(index.parent.glob("*.html"))))
+    package, indexes, skip = HTML_MANUALS[name]
+    folders = [debian_file(package, Path(index), cache).parent for index in indexes]
+    pages = [page for folder in folders for page in sorted(folder.glob("*.html"))
+             if not (skip and re.fullmatch(skip, page.name))]
+    return write_documents(out, html_paragraphs(pages))
 
 
 def gnu_standards_corpus(out: Path, cache: Path | None = None) -> Path:
@@ -327,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                         "dict-jargon, dict-devil, dict-vera), a corpus of fortunes (fortunes), the Debian Reference "
                         "(debian-reference-en), the Python Library Reference (python3.11-doc), Git's manuals "
                         "(git-doc), the GNU Coding Standards (gnu-standards), the PostgreSQL manual "
-                        "(postgresql-doc-15), the King James Bible (bible-kjv-text, bible-kjv) and LilyPond's "
-                        "manuals (lilypond-doc-html), split 3:1")
+                        "(postgresql-doc-15), GnuCash's guide and help (gnucash-docs), the King James Bible "
+                        "(bible-kjv-text, bible-kjv) and LilyPond's manuals (lilypond-doc-html), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
