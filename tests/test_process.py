@@ -112,3 +112,24 @@ def test_a_later_entry_point_keeps_what_an_earlier_one_did(monkeypatch):
     monkeypatch.setattr(process, "_mkl_dispatch", done)
     assert process.use_mkl_by_instruction_sets()
     assert process.mkl_dispatch() == done
+
+
+def test_exit_now_keeps_the_code_and_flushes_what_was_written(tmp_path):
+    """exit_now skips the interpreter's teardown, not the process's last words: its code, buffered stdout (a pipe
+    here), stderr and the log handlers' records all arrive."""
+    log = tmp_path / "run.log"
+    code = ("import logging, sys; from tokdistill_fast.control import process; "
+            f"logging.basicConfig(filename={str(log)!r}); logging.getLogger('t').warning('last words'); "
+            "print('out' * 10000); print('err', file=sys.stderr); process.exit_now(3)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (out.returncode, out.stdout, out.stderr) == (3, "out" * 10000 + "\n", "err\n")
+    assert "last words" in log.read_text()
+
+
+def test_the_command_exits_with_mains_code(tmp_path):
+    """`python -m tokdistill_fast.cli` (cli.run, as the `tokdistill` script) ends with main()'s exit code and its
+    error message."""
+    out = subprocess.run([sys.executable, "-m", "tokdistill_fast.cli", "eval", "--original", str(tmp_path),
+                          "--adapted", str(tmp_path), "--heldout", str(tmp_path / "missing.txt"),
+                          "--out", str(tmp_path / "eval.json")], capture_output=True, text=True)
+    assert out.returncode == 2 and f"--heldout {tmp_path / 'missing.txt'}: no such file" in out.stderr, out.stderr

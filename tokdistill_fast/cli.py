@@ -343,5 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(e, "exit_code", 130)
 
 
+def run() -> None:
+    """The `tokdistill` command: main(), then the process ends without the interpreter's teardown
+    (process.exit_now)."""
+    process.exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
