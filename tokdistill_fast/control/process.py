@@ -77,9 +77,9 @@ def mkl_dispatch() -> str:
 
 def exit_now(code: int) -> None:
     """End the process with `code` once its logs and standard streams are flushed, without the interpreter's
-    teardown: freeing a loaded model's tensors and modules one by one took 1.2 s after the 40-word fp32 job's
-    output was complete (0.1 s this way), 3% of the job. The command line's outputs are written and renamed into
-    place before its main() returns, so nothing is left to flush but these."""
+    teardown (freeing a loaded model's tensors and modules one by one): about 1.0 s of the 40-word fp32 job's 42 s
+    (docs/cpu-speed.md, "The end of the process"). The command line's outputs are written and renamed into place
+    before its main() returns, so nothing is left to flush but these."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
