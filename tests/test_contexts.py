@@ -381,7 +381,7 @@ def test_lilypond_corpus_reads_the_english_prose_manuals(tmp_path, monkeypatch):
     root = tmp_path / "Documentation"
     for manual in ("learning", "notation", "internals"):
         (root / manual).mkdir(parents=True)
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / "learning" / path.name)
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / path.parent.name / path.name)
     (root / "learning" / "index.html").write_text("<p>Short.</p>")
     (root / "learning" / "gnu-free-documentation-license.html").write_text(
         "<p>Permission is granted to copy, distribute and/or modify this document.</p>")
@@ -389,5 +389,5 @@ def test_lilypond_corpus_reads_the_english_prose_manuals(tmp_path, monkeypatch):
                                                   "<code>)</code> after the note.</p>")
     (root / "notation" / "slurs.de.html").write_text("<p>Bögen werden mit Klammern nach der Note notiert.</p>")
     (root / "internals" / "grob.html").write_text("<p>The grob interface holds the properties of every grob.</p>")
-    out = demo.lilypond_corpus(tmp_path / "lilypond.txt", tmp_path)
+    out = demo.html_manual_corpus("lilypond", tmp_path / "lilypond.txt", tmp_path)
     assert out.read_text(encoding="utf-8").strip().split("\n\n") == ["Slurs are entered using ( and ) after the note."]

@@ -203,11 +203,18 @@ def html_paragraphs(pages: Iterable[Path]) -> Iterator[str]:
 
 
 # HTML manuals whose <p> paragraphs make a corpus: name -> (Debian package, an index page of each manual, beside its
-# other pages; pages left out, by name: the GNU FDL and the legal notice, the same licence text in each manual). All
-# were added after every default was set, as corpora no setting has seen (the Python Library Reference 2026-12-01,
-# the PostgreSQL manual 2026-12-02, GnuCash's guide and help 2026-12-04: accounting and personal finance).
+# other pages; pages left out, by name: the GNU FDL, the legal notice and translations, the same licence text in each
+# manual or another language). All were added after every default was set, as corpora no setting has seen: the Python
+# Library Reference (2026-12-01), the PostgreSQL manual (2026-12-02), LilyPond's Learning Manual, Notation Reference,
+# Music Glossary, essay on engraving and usage manual (2026-12-03: music notation; English prose, not the internals),
+# GnuCash's guide and help (2026-12-04: accounting and personal finance).
+LILYPOND_MANUALS = ("learning", "notation", "music-glossary", "essay", "usage")
 HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/library/index.html",), None),
                 "pgdocs": ("postgresql-doc-15", ("/usr/share/doc/postgresql-doc-15/html/index.html",), None),
+                "lilypond": ("lilypond-doc-html",
+                             tuple(f"/usr/share/doc/lilypond/html/Documentation/{manual}/index.html"
+                                   for manual in LILYPOND_MANUALS),
+                             r".*\.[a-z]{2}\.html|gnu-free-documentation-license\.html"),
                 "gnucash": ("gnucash-docs", ("/usr/share/doc/gnucash-docs/gnucash-guide-en/index.html",
                                              "/usr/share/doc/gnucash-docs/gnucash-help-en/index.html"),
                             r"fdl.*|titlepage\.html")}
@@ -270,23 +277,6 @@ def kjv_corpus(out: Path, cache: Path | None = None) -> Path:
         raise UserInputError(f"cannot print the King James Bible with {reader}: {e}") from None
     chapters = re.split(r"^\S.*$", text, flags=re.M)
     return write_documents(out, (re.sub(r"^\s+\d+ ", "", c, flags=re.M) for c in chapters))
-
-
-LILYPOND_MANUALS = ("learning", "notation", "music-glossary", "essay", "usage")  # English prose, not internals
-
-
-def lilypond_corpus(out: Path, cache: Path | None = None) -> Path:
-    """LilyPond's manuals (`lilypond-doc-html`: the Learning Manual, the Notation Reference, the Music Glossary, the
-    essay on engraving and the usage manual; added 2026-12-03, twentieth stop, after every default was set: music
-    notation, a domain no other corpus has): the text of each HTML paragraph of their English pages, the GNU FDL
-    appendix left out (the same licence text in every manual)."""
-    if out.exists():
-        return out
-    index = debian_file("lilypond-doc-html", Path("/usr/share/doc/lilypond/html/Documentation/learning/index.html"),
-                        cache)
-    pages = [page for manual in LILYPOND_MANUALS for page in sorted((index.parent.parent / manual).glob("*.html"))
-             if not re.search(r"\.[a-z]{2}\.html$", page.name) and page.name != "gnu-free-documentation-license.html"]
-    return write_documents(out, html_paragraphs(pages))
 
 
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
@@ -354,7 +344,6 @@ def main(argv: list[str] | None = None) -> int:
             built["gitdocs"] = git_docs_corpus(cache_dir() / "corpora" / "gitdocs.txt")
             built["gnustd"] = gnu_standards_corpus(cache_dir() / "corpora" / "gnustd.txt")
             built["kjv"] = kjv_corpus(cache_dir() / "corpora" / "kjv.txt")
-            built["lilypond"] = lilypond_corpus(cache_dir() / "corpora" / "lilypond.txt")
             for name, corpus in built.items():
                 paths[name], paths[f"{name}_heldout"] = corpus, split_corpus(corpus)[1]
         if args.what == "prepare":
