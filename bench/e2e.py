@@ -144,7 +144,7 @@ def run_pipeline(model, lang, args, variant: Variant) -> dict:
     layer, lr, epochs, more = variant.fixed or (args.target_layer or "auto", args.lr or "auto", DistillConfig.epochs,
                                                 DistillConfig.more_epochs)
     cfg = DistillConfig(target_layer=layer, lr=lr, epochs=epochs, more_epochs=more, snippets_per_token=args.snippets,
-                        snippet_length=args.snippet_length, seed=args.seed, log_every=0,
+                        snippet_length=args.snippet_length, seed=args.seed, log_every=args.log_every,
                         dtype=variant.dtype or str(next(model.parameters()).dtype).removeprefix("torch."),
                         **(dict(backend="torch", prefix_sharing="off", align_impl="python") if variant.plain else {}))
     t0 = time.perf_counter()
@@ -295,8 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="the model's dtype; auto: bfloat16 on a GPU, float32 on a CPU")
+    p.add_argument("--log-every", type=int, default=0,
+                   help="log the mean step loss of every N steps, with the seconds since start (a run stopped at a "
+                        "time limit still shows its pace and its loss)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO if args.log_every else logging.WARNING,
+                        format="%(relativeCreated)9.0f ms %(name)s: %(message)s")
     from bench.synthetic import make_language
     from tokdistill_fast.modeling.models import pick_device
 
@@ -307,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         p.exit(2, "bench.e2e: pyahocorasick is not installed (pip install pyahocorasick, or carry its wheel)\n")
     device = pick_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else \
+        torch.bfloat16 if device.type == "cuda" else torch.float32
     other_dtype = "float32" if dtype == torch.bfloat16 else "bfloat16"
     from tokdistill_fast.modeling import attention
 

@@ -8,11 +8,13 @@
 #     here, once:  bench/gpu_check.sh --fetch-wheels        # pyahocorasick (+ pybind11, if absent there) into .whl/
 #     device run:  carry [".whl"], command "bash bench/gpu_check.sh", timeout_s 600
 #     then copy $OUT's JSON files into bench/results/ and commit them.
-# Budget (estimates from the first H100 results plus the search and held-out passes, not measured with this
-# script): setup ~1 min, reference ~2 min (the plain fp32 run dominates), L8 ~1.7 min, L32 ~5 min: about 9.5 min of
-# the 10-minute command limit. Stages run most important first, each under a timeout capped by what is left of
-# BUDGET_S (default 580 s from the script's start), so an overrun costs the last stage only, and finished stages'
-# files still come back. STAGES="reference L8 L32" picks and orders them (STAGES=L32 for a second call).
+# Budget: setup ~1 min. Measured on an H200 on 2026-12-04 with today's defaults (4 epochs, 4 more, the hardest
+# quarter 4 more): 250 tokens at layer 8 took 73.6 s (41 ms per pass of ~2 steps, host-bound), and the 2,500-token
+# L8 stage did not end within its 240 s (its plan: 9,117 passes, ~370 s at that pace): the three stages do not fit one
+# call until passes get cheaper. Each run logs its mean step loss every LOG_EVERY steps with the seconds since it
+# began, so a stage stopped at its limit still shows its pace and its loss. Stages run in STAGES' order, each under
+# a timeout capped by what is left of BUDGET_S (default 580 s from the script's start), so an overrun costs the
+# later stages only, and finished stages' files still come back. STAGES="reference L8 L32" picks and orders them.
 # Dry run on CPU (tiny config; ~4 min on 2 busy cores): bench/gpu_check.sh --dry-run, or make bench-gpu-check-dry
 #
 # Still open for speed (issue 15 item 3; measure before and after on the device, bench/profile_gpu.py):
@@ -70,13 +72,14 @@ run() {  # run <seconds> <args...>: at most <seconds>, and never past BUDGET_S
     (( limit > BUDGET_S - SECONDS )) && limit=$(( BUDGET_S - SECONDS ))
     (( limit > 10 )) || { echo "== skipped, budget spent: $*"; return; }
     echo "== bench.e2e $* (limit ${limit} s)"
-    timeout "$limit" "$PY" -m bench.e2e --config "$CONFIG" --results-dir "$OUT" "${EXTRA[@]}" "$@" \
+    timeout "$limit" "$PY" -m bench.e2e --config "$CONFIG" --results-dir "$OUT" --log-every "${LOG_EVERY:-500}" \
+        "${EXTRA[@]}" "$@" \
         || echo "== FAILED or timed out (rc $?): $*"
 }
 for stage in $STAGES; do
     case $stage in
         reference) run 200 --new-tokens "$REF_TOKENS" --layers "$L_MID" --reference ;;
-        L8) run 150 --new-tokens "$TOKENS" --layers "$L_MID" ;;
+        L8) run 240 --new-tokens "$TOKENS" --layers "$L_MID" ;;
         L32) run 600 --new-tokens "$TOKENS" --layers "$L_LAST" ;;
         *) echo "unknown stage $stage"; exit 2 ;;
     esac

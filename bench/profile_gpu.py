@@ -1,12 +1,17 @@
 """Where a fused training step's time goes: the pipeline's wall time, GPU kernel time under the profiler, and
-packed-pass throughput by batch size (eager and torch.compile'd layers).
+packed-pass throughput by batch size (eager and torch.compile'd layers); --count-ops: the operators the training
+loop dispatches per pass, by where they run (each is a kernel launch on a GPU; any device, seconds on a CPU).
 
     python -m bench.profile_gpu --config llama-3.1-8b --new-tokens 160 --layer 8
+    python -m bench.profile_gpu --config small --new-tokens 60 --layer 2 --count-ops --device cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -62,6 +67,80 @@ def passes(decoder, layer: int, device: torch.device, label: str) -> None:
               f"({n / s:.0f} tok/s)", flush=True)
 
 
+# Operators that only make a view or a new handle: no kernel, not counted.
+VIEWS = {"view", "_unsafe_view", "_reshape_alias", "reshape", "transpose", "t", "permute", "expand", "slice",
+         "select", "unsqueeze", "squeeze", "alias", "detach", "lift_fresh", "as_strided", "split", "unbind", "empty"}
+
+
+class OpCount:
+    """Counts the non-view aten operators dispatched while active, by the innermost tagged call they run in."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.where, self.counts = ["rest of the loop"], collections.Counter()
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket.__name__ not in VIEWS:
+                    counter.counts[counter.where[-1]] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode
+
+    def tag(self, owner, name: str, label: str, stack: contextlib.ExitStack) -> None:
+        """Count what owner.name runs under `label` until `stack` closes."""
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def tagged(*args, **kwargs):
+            self.where.append(label)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.where.pop()
+
+        setattr(owner, name, tagged)
+        stack.callback(setattr, owner, name, original)
+
+
+def count_ops(model, lang, args) -> None:
+    """Prints the aten operators per pass of the main run's training loop, by component."""
+    from bench.e2e import Variant, run_pipeline
+    from tokdistill_fast import student
+    from tokdistill_fast.modeling.models import Decoder
+    from tokdistill_fast.student import steps, whitened
+
+    count, runs = OpCount(), []
+    with contextlib.ExitStack() as stack:
+        for owner, name, label in ((Decoder, "hidden_states", "decoder forward"),
+                                   (torch.Tensor, "backward", "backward"),
+                                   (whitened.WhitenedAdam, "step", "optimizer step"),
+                                   (whitened.WhitenedAdam, "sync", "optimizer sync"),
+                                   (steps.Rewind, "ahead", "group rewind"),
+                                   (steps.Rewind, "take_steps", "group steps")):
+            count.tag(owner, name, label, stack)
+        train = student.train
+
+        def counted(*a, **k):
+            if runs:  # the main run only (the hardest quarter's continuation trains again)
+                return train(*a, **k)
+            with count.mode():
+                result = train(*a, **k)
+            runs.append(result)
+            return result
+
+        student.train = counted
+        stack.callback(setattr, student, "train", train)
+        run_pipeline(model, lang, args, Variant("fast"))
+    passes = runs[0].extra["groups"]
+    print(f"main run: {runs[0].steps} steps as {passes} passes, {sum(count.counts.values()) / passes:.0f} operators "
+          "per pass (views not counted)")
+    for label, n in count.counts.most_common():
+        print(f"  {label:18s} {n / passes:8.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     from bench.e2e import CONFIGS, Variant, build_model, run_pipeline
@@ -74,11 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=160)
     p.add_argument("--layer", type=int, default=8)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
+    p.add_argument("--count-ops", action="store_true", help="only count the operators per pass (any device)")
+    p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    args.snippets, args.snippet_length, args.seed = 25, 50, 0
+    args.snippets, args.snippet_length, args.seed, args.log_every = 25, 50, 0, 0
     args.target_layer = args.layer  # layer and lr fixed: the profile is of the main run, not of the search
     logging.basicConfig(level=logging.WARNING)
-    device = pick_device("auto")
+    device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config, tok_vocab = CONFIGS[args.config]
     model = build_model(config, device, dtype)
@@ -86,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     args.lr = default_lr(args.layer, decoder.num_layers)
     with tempfile.TemporaryDirectory() as tmp:
         lang = make_language(Path(tmp), args.new_tokens, args.snippets, tok_vocab, args.seed)
+        if args.count_ops:
+            count_ops(model, lang, args)
+            return 0
         run = run_pipeline(model, lang, args, Variant("fast"))
         print(f"pipeline: {run['total_s']:.2f} s, {run['seconds']}, {run['steps']} steps, "
               f"{run['achieved_tflops']:.0f} TFLOP/s", flush=True)

@@ -42,3 +42,21 @@ def test_e2e_tiny_on_cpu(tmp_path):
     floor = agreement["noise_floor"]
     assert 0 < 1 - floor["embedding_cosine"]["mean"] and 0 < floor["heldout_loss_diff"]  # a floor to sit within
     assert agreement["within_floor"], agreement
+
+
+def test_profile_counts_operators_per_pass(capsys):
+    from bench import profile_gpu
+
+    per_layer = []
+    for layer in (1, 2):
+        assert profile_gpu.main(["--config", "tiny", "--new-tokens", "8", "--layer", str(layer), "--count-ops",
+                                 "--device", "cpu"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        head = next(i for i, line in enumerate(lines) if line.startswith("main run:"))
+        parts = {line[:20].strip(): float(line[20:]) for line in lines[head + 1:] if line.startswith("  ")}
+        assert parts["optimizer step"] > 0 and parts["backward"] > 0
+        per_layer.append(parts)
+    # the decoder's operators grow with the layers run; the optimizer's do not
+    assert per_layer[1]["decoder forward"] > per_layer[0]["decoder forward"]
+    assert per_layer[1]["backward"] > per_layer[0]["backward"]
+    assert per_layer[1]["optimizer step"] == per_layer[0]["optimizer step"]
