@@ -264,6 +264,19 @@ def test_batch_plan_pairs_batches_over_other_rows():
     assert len(student.group_steps(student.batch_plan(two, 16, 1, seed=0), two, 16)) == 3
 
 
+def test_batch_plan_runs_sixteen_steps_a_pass_in_large_jobs():
+    """With many rows a run grows past the pair, up to the loop's group size: 1,000 words run ~16 steps a pass
+    (random batches: ~4), every snippet once an epoch; the run stops at a quarter of the rows, so a job of 60
+    words keeps its pairs."""
+    snippet_row = np.repeat(np.arange(1000), 25)
+    plan = student.batch_plan(snippet_row, 16, 2, seed=0)
+    np.testing.assert_array_equal(np.sort(np.concatenate(plan)), np.repeat(np.arange(len(snippet_row)), 2))
+    groups = student.group_steps(plan, snippet_row, student.Schedule.group)
+    assert max(len(g) for g in groups) == 16 and len(groups) <= 0.07 * len(plan)
+    sixty = np.repeat(np.arange(60), 25)
+    assert max(len(g) for g in student.group_steps(student.batch_plan(sixty, 16, 2, seed=0), sixty, 16)) == 2
+
+
 def test_ntp_objective_with_prefix_sharing():
     """Next-token prediction (logits on the last layer) and untied output rows through the suffix pass."""
     torch.manual_seed(0)

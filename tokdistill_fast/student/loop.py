@@ -30,7 +30,7 @@ from ..rows import bound_norms, norm_limit, written_quantile
 from ..teacher import TeacherCache
 from .feed import TargetFeed
 from .objective import Objective
-from .steps import Batch, Passes, Rewind, batch_plan, plan_groups, rate_scale, step_spacing, student_states
+from .steps import RUN_STEPS, Batch, Passes, Rewind, batch_plan, plan_groups, rate_scale, step_spacing, student_states
 from .whitened import SPIKE_LIMIT, WhitenedAdam, sqrt_cov
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class Schedule:
     optimizer: str = "whitened"  # whitened.WhitenedAdam | adamw (plain AdamW without weight decay)
     seed: int = 0
     log_every: int = 0  # log the mean loss of every this many steps (0: never), without waiting for the device
-    group: int = 16  # at most this many consecutive steps with disjoint tokens run as one pass (1: step by step)
+    group: int = RUN_STEPS  # at most this many consecutive steps with disjoint tokens run as one pass (1: step by step)
     # Steps read the input rows with norms over this quantile of the table's (tied; untied: over the largest) scaled
     # down to it, as the output writes them (None: as they are): a row trained past it is written as one the student
     # never read, and one had become an attention sink there (docs/defaults.md, "Rows trained as they are written").

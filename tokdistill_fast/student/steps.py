@@ -13,9 +13,10 @@ optimizer updates every row on its own (AdamW element by element, whitened Adam 
 that train disjoint sets of tokens can run as one pass over all their snippets; each step's rows enter the pass with
 the values they would have at that step (the optimizer's own zero-gradient updates of the steps before it, then
 rewound), and the optimizer then takes the steps one by one with each step's share of the gradient. Exact up to
-rounding; it turns many small launch-bound steps into fewer large ones (2,500 tokens x 25 snippets: about 4 steps
-per pass). `batch_plan` pairs each batch with a next one over other rows where it can, so that small jobs, whose
-random batches share rows, still run two steps a pass (half the weight reads per step).
+rounding; it turns many small launch-bound steps into fewer large ones. `batch_plan` follows each batch with
+others over other rows where it can, so that small jobs, whose random batches share rows, still run two steps a
+pass (half the weight reads per step), and large ones up to 16 (2,500 tokens x 25 snippets: about 16 steps a
+pass, against 4 for random batches).
 """
 
 from __future__ import annotations
@@ -192,29 +193,44 @@ def make_group(al: Alignment, snippet_row: np.ndarray, plan: list[np.ndarray], s
     return Group(steps, batch, tokens, torch.tensor(counts, dtype=torch.float32))
 
 
-# Batches' worth of snippets after a batch in which batch_plan looks for its pair.
-PAIR_WINDOW = 4
+# Batches' worth of snippets after a batch in which batch_plan looks for the next batch of its run.
+RUN_WINDOW = 4
+# A run grows past its first two batches while the rows it trains are at most this share of the job's rows, so
+# every batch it adds draws from at least three quarters of them (batches drawn from a fixed half of the rows put more
+# of the next-token mass after the words: docs/defaults.md, "Batches in pairs"); jobs of up to about 80 rows keep
+# their pairs exactly as before.
+RUN_SHARE = 0.25
+# The most batches in a run: the loop's step groups (Schedule.group) hold at most this many steps.
+RUN_STEPS = 16
 
 
 def batch_plan(snippet_row: np.ndarray, snippets_per_batch: int, epochs: int, seed: int) -> list[np.ndarray]:
-    """The snippets of every step: each epoch a fresh shuffle cut into batches, in pairs where the shuffle allows:
-    after a batch, the next takes the first snippets of the following PAIR_WINDOW batches' worth whose rows the
-    batch does not train, so that the two run as one pass (`group_steps`); where too few are left, no pair."""
+    """The snippets of every step: each epoch a fresh shuffle cut into batches, in runs over disjoint rows where the
+    shuffle allows: after a batch, the next takes the first snippets of the following RUN_WINDOW batches' worth
+    whose rows the run does not train yet; a run ends where too few are left, at RUN_STEPS batches, or, past a pair,
+    once it trains over RUN_SHARE of the rows. `group_steps` runs each run as one pass."""
     rng = np.random.default_rng(seed)
     row, bs, plan = snippet_row.tolist(), snippets_per_batch, []
+    share = RUN_SHARE * len(set(row))
     for _ in range(epochs):
         queue = deque(rng.permutation(len(row)).tolist())
         while queue:
-            first = [queue.popleft() for _ in range(min(bs, len(queue)))]
-            plan.append(np.array(first, dtype=np.int64))
-            taken = {row[s] for s in first}
-            ahead = [queue.popleft() for _ in range(min(PAIR_WINDOW * bs, len(queue)))]
-            second = [s for s in ahead if row[s] not in taken][:bs]
-            if len(second) == bs:
-                plan.append(np.array(second, dtype=np.int64))
-                paired = set(second)
-                ahead = [s for s in ahead if s not in paired]
-            queue.extendleft(reversed(ahead))
+            batch = [queue.popleft() for _ in range(min(bs, len(queue)))]
+            plan.append(np.array(batch, dtype=np.int64))
+            taken, size = {row[s] for s in batch}, 1
+            while queue and size < RUN_STEPS and (size == 1 or len(taken) <= share):
+                ahead = [queue.popleft() for _ in range(min(RUN_WINDOW * bs, len(queue)))]
+                batch = [s for s in ahead if row[s] not in taken][:bs]
+                found = len(batch) == bs
+                if found:
+                    plan.append(np.array(batch, dtype=np.int64))
+                    taken.update(row[s] for s in batch)
+                    size += 1
+                    chosen = set(batch)
+                    ahead = [s for s in ahead if s not in chosen]
+                queue.extendleft(reversed(ahead))
+                if not found:
+                    break
     return plan
 
 
