@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from tokdistill_fast import DistillConfig
-from tokdistill_fast.student.whitened import WhitenedAdam, spike_rows, sqrt_cov
+from tokdistill_fast.student.loop import warmup_schedule
+from tokdistill_fast.student.steps import Rewind
+from tokdistill_fast.student.whitened import SPIKE_LIMIT, WhitenedAdam, spike_rows, sqrt_cov
 
 
 def table(n: int = 500, d: int = 8) -> torch.Tensor:
@@ -180,3 +182,33 @@ def test_spikes_are_dropped_only_where_rows_step_with_their_own_snippets():
     for sparse, limit in ((True, SPIKE_LIMIT), (False, None)):
         opt, _ = optimizer([p], [t], Schedule(lr=1e-2), 10, torch.device("cpu"), row_sparse=sparse)
         assert opt.param_groups[0]["spike"] == limit
+
+
+def test_look_ahead_equals_stepping_with_zero_gradients():
+    """Rewind.ahead with a lazy WhitenedAdam computes each group step's rows at once (look_ahead); stepping with
+    zero gradients and rewinding (the path every other optimizer takes) gives the same rows, and neither leaves
+    the optimizer or the schedule moved."""
+    t = table()
+    x0 = t[:20].float() + 0.1
+    p = torch.nn.Parameter(x0.clone())
+    opt = WhitenedAdam([p], [sqrt_cov(t)], lr=1e-2, spike=SPIKE_LIMIT)
+    sched = warmup_schedule(opt, 12, 0.5, False, cooldown=0.2)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        rows = torch.randperm(20, generator=g)[:6].sort().values
+        p.grad = torch.zeros(20, 8)
+        p.grad[rows] = torch.randn(6, 8, generator=g)
+        opt.step(rows=rows)
+        sched.step()
+    opt.sync()
+    parts = list(torch.randperm(20, generator=g)[:12].split([3, 4, 5]))
+    state = {k: v.clone() for k, v in opt.state[p].items()}
+    fast = Rewind(opt, sched, p, lazy=True).ahead(parts)
+    slow = Rewind(opt, sched, p, lazy=False).ahead(parts)
+    for part in parts[1:]:
+        torch.testing.assert_close(fast[part], slow[part], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(fast[part], p[part])  # the rows do move over the steps before theirs
+    torch.testing.assert_close(fast[parts[0]], p[parts[0]].detach())
+    for k, v in state.items():
+        torch.testing.assert_close(opt.state[p][k], v)
+    assert sched.last_epoch == 4

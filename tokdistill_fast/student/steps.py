@@ -300,8 +300,16 @@ class Rewind:
 
     @torch.no_grad()
     def ahead(self, tokens: list[torch.Tensor]) -> torch.Tensor:
-        """[n_new, D] leaf holding, for the rows of step j of the group, their values at step j."""
+        """[n_new, D] leaf holding, for the rows of step j of the group, their values at step j: computed at once
+        by a lazy WhitenedAdam that has taken a step (look_ahead), else by stepping with zero gradients and
+        rewinding."""
         p, opt = self.rows, self.opt
+        if self.lazy and opt.state.get(p):
+            x = p.detach().clone()
+            lrs = [base * self.sched.lr_lambdas[0](self.sched.last_epoch + i)
+                   for base in self.sched.base_lrs[:1] for i in range(len(tokens))]
+            x.index_copy_(0, torch.cat(tokens[1:]), opt.look_ahead(p, tokens, lrs)[len(tokens[0]):])
+            return x.requires_grad_(True)
         state = {k: v.clone() for k, v in opt.state[p].items()} if p in opt.state else None
         sched, lrs, before = self.sched.state_dict(), [g["lr"] for g in opt.param_groups], p.detach().clone()
         x = before.clone()

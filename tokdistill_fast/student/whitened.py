@@ -112,6 +112,28 @@ class WhitenedAdam(torch.optim.Optimizer):
         return g * (~spike).unsqueeze(1)
 
     @torch.no_grad()
+    def look_ahead(self, p: torch.nn.Parameter, parts: list[torch.Tensor], lrs: list[float]) -> torch.Tensor:
+        """[sum of len(parts), D]: the rows parts[j] of p as they will be at step j of the coming steps, where the
+        rows of each part have no gradient before their own step and step i runs at lrs[i]: p0 + z S after j steps
+        in which their moments only decay (each term of those steps at once, instead of stepping; Rewind.ahead).
+        Needs a state (a first step taken)."""
+        state, group = self.state[p], self.param_groups[0]
+        (b1, b2), eps = group["betas"], group["eps"]
+        rows = torch.cat(parts)
+        k, device = len(parts), p.device
+        i = torch.arange(k, device=device)
+        step_of = torch.repeat_interleave(i, torch.tensor([len(r) for r in parts], device=device))
+        t = state["step"] + 1 + i  # the step counts of the coming steps
+        scale = (torch.tensor(lrs, device=device, dtype=t.dtype) / (1 - b1 ** t))[:, None, None]
+        bias2 = (1 - b2 ** t)[:, None, None]
+        m = b1 ** (i + 1.0)[:, None, None] * state["exp_avg"][rows]  # [k, rows, D]: decayed i + 1 times
+        v = b2 ** (i + 1.0)[:, None, None] * state["exp_avg_sq"][rows]
+        moves = scale * m / ((v / bias2).sqrt() + eps)
+        before = (i[:, None] < step_of[None, :]).unsqueeze(-1)  # step i comes before the row's own step
+        z = state["z"][rows] - (moves * before).sum(0)
+        return torch.addmm(state["start"][rows], z, self.sqrt_covs[p])
+
+    @torch.no_grad()
     def sync(self, rows: torch.Tensor | None = None) -> None:
         """Set `rows` (None: all) of every parameter to p0 + z S, their values after the steps taken."""
         for p in self.sqrt_covs:
