@@ -212,3 +212,40 @@ def test_look_ahead_equals_stepping_with_zero_gradients():
     for k, v in state.items():
         torch.testing.assert_close(opt.state[p][k], v)
     assert sched.last_epoch == 4
+
+
+def test_group_steps_equal_steps_one_by_one():
+    """WhitenedAdam.group_steps (a group's steps over disjoint rows at once, Rewind.take_steps) ends where as many
+    step(rows=...) calls end: rows, moments, spike history and count (one planted spike), step count."""
+    t = table()
+    s = sqrt_cov(t)
+    g = torch.Generator().manual_seed(7)
+    x0 = t[:20].float() + 0.1
+    warm = [(torch.randperm(20, generator=g)[:8].sort().values, torch.randn(8, 8, generator=g)) for _ in range(3)]
+    parts = list(torch.randperm(20, generator=g)[:12].split([5, 3, 4]))
+    grads = torch.randn(12, 8, generator=g)
+    grads[6] *= 1e4  # a spike in the second step
+    lrs = [1e-2, 2e-2, 1.5e-2]
+    runs = []
+    for grouped in (False, True):
+        p = torch.nn.Parameter(x0.clone())
+        opt = WhitenedAdam([p], [s], lr=1e-2, spike=SPIKE_LIMIT)
+        for rows, grad in warm:
+            p.grad = torch.zeros(20, 8)
+            p.grad[rows] = grad
+            opt.step(rows=rows)
+        if grouped:
+            opt.group_steps(p, parts, grads, lrs)
+        else:
+            for part, grad, lr in zip(parts, grads.split([5, 3, 4]), lrs):
+                opt.param_groups[0]["lr"] = lr
+                p.grad = torch.zeros(20, 8)
+                p.grad[part] = grad
+                opt.step(rows=part)
+        opt.sync()
+        runs.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+    (one, state_one), (group, state_group) = runs
+    torch.testing.assert_close(group, one, rtol=1e-5, atol=1e-6)
+    for k in state_one:
+        torch.testing.assert_close(state_group[k], state_one[k], rtol=1e-5, atol=1e-7)
+    assert int(state_group["dropped"]) == 1 and float(state_group["step"]) == 6

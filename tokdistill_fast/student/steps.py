@@ -35,6 +35,7 @@ from ..config import UserInputError
 from ..modeling.attention import Attend, ranges
 from ..modeling.layout import Layout, lay_out
 from ..modeling.models import Decoder
+from .whitened import staged
 
 if TYPE_CHECKING:
     from ..config import DistillConfig
@@ -306,9 +307,7 @@ class Rewind:
         p, opt = self.rows, self.opt
         if self.lazy and opt.state.get(p):
             x = p.detach().clone()
-            lrs = [base * self.sched.lr_lambdas[0](self.sched.last_epoch + i)
-                   for base in self.sched.base_lrs[:1] for i in range(len(tokens))]
-            x.index_copy_(0, torch.cat(tokens[1:]), opt.look_ahead(p, tokens, lrs)[len(tokens[0]):])
+            x.index_copy_(0, torch.cat(tokens[1:]), opt.look_ahead(p, tokens, self.rates(len(tokens)))[len(tokens[0]):])
             return x.requires_grad_(True)
         state = {k: v.clone() for k, v in opt.state[p].items()} if p in opt.state else None
         sched, lrs, before = self.sched.state_dict(), [g["lr"] for g in opt.param_groups], p.detach().clone()
@@ -336,12 +335,30 @@ class Rewind:
         the group's pairs, a step's the mean over its own: its rows' gradient is scaled by (all pairs / its)."""
         p, per_step = self.rows, g.pairs.clamp_min(1)
         scale = g.pairs.sum() / per_step
+        if self.lazy and self.opt.state.get(p):
+            rows = torch.cat(g.tokens)
+            step_of = staged([j for j, r in enumerate(g.tokens) for _ in range(len(r))], scale.device, torch.int64)
+            grads = torch.zeros(len(rows), p.shape[1], device=p.device) if grad is None else \
+                grad.index_select(0, rows) * scale[step_of][:, None]
+            self.opt.group_steps(p, g.tokens, grads, self.rates(len(g.tokens)))
+            for _ in g.tokens:
+                self.sched.step()
+            return self.losses(g, row_loss, per_step)
         for j, rows_j in enumerate(g.tokens):
             p.grad = torch.zeros_like(p)
             if grad is not None:
                 p.grad.index_copy_(0, rows_j, grad.index_select(0, rows_j) * scale[j])
             self.step(rows_j)
         self.opt.zero_grad(set_to_none=True)
+        return self.losses(g, row_loss, per_step)
+
+    def rates(self, k: int) -> list[float]:
+        """The learning rates of the next k steps, as the schedule will set them."""
+        return [self.sched.base_lrs[0] * self.sched.lr_lambdas[0](self.sched.last_epoch + i) for i in range(k)]
+
+    @staticmethod
+    def losses(g: Group, row_loss: torch.Tensor | None, per_step: torch.Tensor) -> torch.Tensor:
+        """Each step's loss: the mean over its own pairs."""
         losses = torch.zeros_like(per_step)
         if row_loss is not None:
             losses.index_add_(0, g.batch.part, row_loss.float())

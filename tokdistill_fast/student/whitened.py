@@ -32,6 +32,13 @@ def sqrt_cov(table: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
     return s
 
 
+def staged(values: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A short host list as a tensor on `device`, copied without waiting for the device (pinned and non-blocking on
+    CUDA: a plain copy would wait for every queued step)."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 # A row's gradient over this many times the RMS of its own earlier gradients is dropped from its step: a snippet
 # that makes the row an attention sink there gave ` ITU-T` (SmolLM2 / FOLDOC) a loss of 10^6 and a gradient 10^5
 # times its history, whose square then held Adam's second moment up and froze the row far from its teacher
@@ -96,10 +103,40 @@ class WhitenedAdam(torch.optim.Optimizer):
                 if rows is None:
                     self._sync(p, None)
 
+    @torch.no_grad()
+    def group_steps(self, p: torch.nn.Parameter, parts: list[torch.Tensor], grad: torch.Tensor,
+                    lrs: list[float]) -> None:
+        """len(parts) steps in which step j's gradient is `grad`'s rows for parts[j] (rows of cat(parts), in that
+        order; parts disjoint, every other row's gradient zero) and its rate lrs[j]: as many step(rows=parts[j])
+        calls, with the whitening and the spike check done once for the group (a row's spike ratio does not change
+        while its moments only decay), so a group issues about a fifth of the operators (Rewind.take_steps).
+        Needs a state (a first step taken); p is left for sync()."""
+        state, group = self.state[p], self.param_groups[0]
+        (b1, b2), eps = group["betas"], group["eps"]
+        m, v, z, k = state["exp_avg"], state["exp_avg_sq"], state["z"], len(parts)
+        rows = torch.cat(parts)
+        g = grad @ self.sqrt_covs[p]
+        if group["spike"] is not None:
+            after = staged([k - 1 - j for j, r in enumerate(parts) for _ in range(len(r))], p.device, torch.int64)
+            g = self._drop_spikes(g, state, rows, group["spike"], b2, after, k)
+        t = state["step"] + 1 + torch.arange(k, device=p.device)
+        scale = staged(lrs, p.device, t.dtype) / (1 - b1 ** t)
+        bias2 = 1 - b2 ** t
+        start = 0
+        for j, part in enumerate(parts):
+            gj = g[start:start + len(part)]
+            start += len(part)
+            m.mul_(b1).index_add_(0, part, gj, alpha=1 - b1)
+            v.mul_(b2).index_add_(0, part, gj * gj, alpha=1 - b2)
+            z.sub_(m.div((v / bias2[j]).sqrt_().add_(eps)).mul_(scale[j]))
+        state["step"] += k
+
     @staticmethod
-    def _drop_spikes(g: torch.Tensor, state: dict, rows: torch.Tensor | None, limit: float, b2: float) -> torch.Tensor:
+    def _drop_spikes(g: torch.Tensor, state: dict, rows: torch.Tensor | None, limit: float, b2: float,
+                     after: torch.Tensor | None = None, steps: int = 1) -> torch.Tensor:
         """g (the whitened gradient of `rows`, None: of every row) with its spike rows (spike_rows) zeroed, counted
-        in state["dropped"]; the rows left with a gradient add a step to their history state["seen"]."""
+        in state["dropped"]; the rows left with a gradient add a step to their history state["seen"]. A group of
+        `steps` steps (group_steps): `after` [rows] counts those after each row's own, over which its step decays."""
         v, seen = state["exp_avg_sq"], state["seen"]
         norm = g.norm(dim=1)
         spike = spike_rows(norm, *((v, seen) if rows is None else (v[rows], seen[rows])), limit)
@@ -108,7 +145,8 @@ class WhitenedAdam(torch.optim.Optimizer):
         if rows is None:
             seen.mul_(b2).add_(stepped, alpha=1 - b2)
         else:
-            seen.mul_(b2).index_add_(0, rows, stepped, alpha=1 - b2)
+            seen.mul_(b2 ** steps).index_add_(0, rows, stepped if after is None else stepped * b2 ** after,
+                                              alpha=1 - b2)
         return g * (~spike).unsqueeze(1)
 
     @torch.no_grad()
@@ -122,9 +160,9 @@ class WhitenedAdam(torch.optim.Optimizer):
         rows = torch.cat(parts)
         k, device = len(parts), p.device
         i = torch.arange(k, device=device)
-        step_of = torch.repeat_interleave(i, torch.tensor([len(r) for r in parts], device=device))
+        step_of = staged([j for j, r in enumerate(parts) for _ in range(len(r))], device, torch.int64)
         t = state["step"] + 1 + i  # the step counts of the coming steps
-        scale = (torch.tensor(lrs, device=device, dtype=t.dtype) / (1 - b1 ** t))[:, None, None]
+        scale = (staged(lrs, device, t.dtype) / (1 - b1 ** t))[:, None, None]
         bias2 = (1 - b2 ** t)[:, None, None]
         m = b1 ** (i + 1.0)[:, None, None] * state["exp_avg"][rows]  # [k, rows, D]: decayed i + 1 times
         v = b2 ** (i + 1.0)[:, None, None] * state["exp_avg_sq"][rows]
