@@ -11,12 +11,12 @@ The reference steps run whole padded sequences; both give the same states at the
 Step groups (`group_steps`): a new row's gradient depends only on that row (each snippet trains one token), and the
 optimizer updates every row on its own (AdamW element by element, whitened Adam row by row), so consecutive steps
 that train disjoint sets of tokens can run as one pass over all their snippets; each step's rows enter the pass with
-the values they would have at that step (the optimizer's own zero-gradient updates of the steps before it, then
-rewound), and the optimizer then takes the steps one by one with each step's share of the gradient. Exact up to
-rounding; it turns many small launch-bound steps into fewer large ones. `batch_plan` follows each batch with
-others over other rows where it can, so that small jobs, whose random batches share rows, still run two steps a
-pass (half the weight reads per step), and large ones up to 16 (2,500 tokens x 25 snippets: about 16 steps a
-pass, against 4 for random batches).
+the values they would have at that step (their moments only decay before it: WhitenedAdam computes those values at
+once, other optimizers step with zero gradients and rewind), and the optimizer then takes the steps with each
+step's share of the gradient (WhitenedAdam all at once, others one by one). Exact up to rounding; it turns many
+small launch-bound steps into fewer large ones. `batch_plan` follows each batch with others over other rows where
+it can, so that small jobs, whose random batches share rows, still run two steps a pass (half the weight reads per
+step), and large ones up to 16 (2,500 tokens x 25 snippets: about 16 steps a pass, against 4 for random batches).
 """
 
 from __future__ import annotations
@@ -284,9 +284,9 @@ def student_states(decoder: Decoder, b: Batch, table: torch.Tensor, rows: torch.
 
 class Rewind:
     """The optimizer side of a group of steps (module docstring). ahead(): the rows each step of the group will
-    read, taken while the optimizer runs the group's steps with zero gradients, then rewound to where it was.
-    take_steps(): the group's steps for real, each with its own rows' share of the pass's gradient. `lazy`: the
-    optimizer is a WhitenedAdam told each step's rows, whose values it computes on sync()."""
+    read. take_steps(): the group's steps for real, each with its own rows' share of the pass's gradient. `lazy`:
+    the optimizer is a WhitenedAdam told each step's rows, whose values it computes on sync(), and which does both
+    at once once it has a state; other optimizers step (with zero gradients and a rewind, for ahead())."""
 
     def __init__(self, opt: torch.optim.Optimizer, sched, rows: torch.nn.Parameter, lazy: bool = False):
         self.opt, self.sched, self.rows, self.lazy = opt, sched, rows, lazy
