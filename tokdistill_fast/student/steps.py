@@ -35,7 +35,7 @@ from ..config import UserInputError
 from ..modeling.attention import Attend, ranges
 from ..modeling.layout import Layout, lay_out
 from ..modeling.models import Decoder
-from .whitened import staged
+from .whitened import step_of
 
 if TYPE_CHECKING:
     from ..config import DistillConfig
@@ -337,9 +337,8 @@ class Rewind:
         scale = g.pairs.sum() / per_step
         if self.lazy and self.opt.state.get(p):
             rows = torch.cat(g.tokens)
-            step_of = staged([j for j, r in enumerate(g.tokens) for _ in range(len(r))], scale.device, torch.int64)
             grads = torch.zeros(len(rows), p.shape[1], device=p.device) if grad is None else \
-                grad.index_select(0, rows) * scale[step_of][:, None]
+                grad.index_select(0, rows) * scale[step_of(g.tokens)][:, None]
             self.opt.group_steps(p, g.tokens, grads, self.rates(len(g.tokens)))
             for _ in g.tokens:
                 self.sched.step()

@@ -39,6 +39,11 @@ def staged(values: list, device: torch.device, dtype: torch.dtype) -> torch.Tens
     return host.to(device, non_blocking=True)
 
 
+def step_of(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[rows of cat(parts)] int64 on the parts' device: the index of the part (a group's step) each row is in."""
+    return staged([j for j, part in enumerate(parts) for _ in range(len(part))], parts[0].device, torch.int64)
+
+
 # A row's gradient over this many times the RMS of its own earlier gradients is dropped from its step: a snippet
 # that makes the row an attention sink there gave ` ITU-T` (SmolLM2 / FOLDOC) a loss of 10^6 and a gradient 10^5
 # times its history, whose square then held Adam's second moment up and froze the row far from its teacher
@@ -117,8 +122,7 @@ class WhitenedAdam(torch.optim.Optimizer):
         rows = torch.cat(parts)
         g = grad @ self.sqrt_covs[p]
         if group["spike"] is not None:
-            after = staged([k - 1 - j for j, r in enumerate(parts) for _ in range(len(r))], p.device, torch.int64)
-            g = self._drop_spikes(g, state, rows, group["spike"], b2, after, k)
+            g = self._drop_spikes(g, state, rows, group["spike"], b2, k - 1 - step_of(parts), k)
         t = state["step"] + 1 + torch.arange(k, device=p.device)
         scale = staged(lrs, p.device, t.dtype) / (1 - b1 ** t)
         bias2 = 1 - b2 ** t
@@ -160,14 +164,13 @@ class WhitenedAdam(torch.optim.Optimizer):
         rows = torch.cat(parts)
         k, device = len(parts), p.device
         i = torch.arange(k, device=device)
-        step_of = staged([j for j, r in enumerate(parts) for _ in range(len(r))], device, torch.int64)
         t = state["step"] + 1 + i  # the step counts of the coming steps
         scale = (staged(lrs, device, t.dtype) / (1 - b1 ** t))[:, None, None]
         bias2 = (1 - b2 ** t)[:, None, None]
         m = b1 ** (i + 1.0)[:, None, None] * state["exp_avg"][rows]  # [k, rows, D]: decayed i + 1 times
         v = b2 ** (i + 1.0)[:, None, None] * state["exp_avg_sq"][rows]
         moves = scale * m / ((v / bias2).sqrt() + eps)
-        before = (i[:, None] < step_of[None, :]).unsqueeze(-1)  # step i comes before the row's own step
+        before = (i[:, None] < step_of(parts)[None, :]).unsqueeze(-1)  # step i comes before the row's own step
         z = state["z"][rows] - (moves * before).sum(0)
         return torch.addmm(state["start"][rows], z, self.sqrt_covs[p])
 
