@@ -6,7 +6,7 @@ import torch
 
 from tokdistill_fast import DistillConfig
 from tokdistill_fast.student.loop import warmup_schedule
-from tokdistill_fast.student.steps import Rewind
+from tokdistill_fast.student.steps import Group, Rewind
 from tokdistill_fast.student.whitened import SPIKE_LIMIT, WhitenedAdam, spike_rows, sqrt_cov
 
 
@@ -203,8 +203,9 @@ def test_look_ahead_equals_stepping_with_zero_gradients():
     opt.sync()
     parts = list(torch.randperm(20, generator=g)[:12].split([3, 4, 5]))
     state = {k: v.clone() for k, v in opt.state[p].items()}
-    fast = Rewind(opt, sched, p, lazy=True).ahead(parts)
-    slow = Rewind(opt, sched, p, lazy=False).ahead(parts)
+    group = Group(range(3), None, parts, torch.zeros(0))
+    fast = Rewind(opt, sched, p, lazy=True).ahead(group)
+    slow = Rewind(opt, sched, p, lazy=False).ahead(group)
     for part in parts[1:]:
         torch.testing.assert_close(fast[part], slow[part], rtol=1e-5, atol=1e-6)
         assert not torch.allclose(fast[part], p[part])  # the rows do move over the steps before theirs
@@ -235,7 +236,7 @@ def test_group_steps_equal_steps_one_by_one():
             p.grad[rows] = grad
             opt.step(rows=rows)
         if grouped:
-            opt.group_steps(p, parts, grads, lrs)
+            opt.group_steps(p, parts, Group(range(3), None, parts, torch.zeros(0)).trained_step, grads, lrs)
         else:
             for part, grad, lr in zip(parts, grads.split([5, 3, 4]), lrs):
                 opt.param_groups[0]["lr"] = lr

@@ -279,7 +279,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
         if lazy:
             opt.sync(g.tokens[0])
         # A group's steps read their rows as they will be at their own step; the pass's gradient goes to `x`.
-        x = rows if len(g.steps) == 1 else rewind.ahead(g.tokens)
+        x = rows if len(g.steps) == 1 else rewind.ahead(g)
         if b.main is None:  # no aligned pair in the batch: zero gradients, as the reference computes
             loss, row_loss = sum(p.sum() for p in params) * 0.0, None
             if shard is not None:

@@ -35,7 +35,6 @@ from ..config import UserInputError
 from ..modeling.attention import Attend, ranges
 from ..modeling.layout import Layout, lay_out
 from ..modeling.models import Decoder
-from .whitened import step_of
 
 if TYPE_CHECKING:
     from ..config import DistillConfig
@@ -157,10 +156,20 @@ class Group:
     batch: Batch
     tokens: list[torch.Tensor]  # [n_j] rows trained by each step
     pairs: torch.Tensor  # [len(steps)] fp32 aligned pairs per step (empty for a single step)
+    trained: torch.Tensor | None = None  # cat(tokens): every row the group trains (derived on the host when None)
+    trained_step: torch.Tensor | None = None  # the step (0, 1, ...) of each of them
+
+    def __post_init__(self):
+        if self.trained is None:
+            self.trained = torch.cat(self.tokens)
+            self.trained_step = torch.repeat_interleave(torch.arange(len(self.tokens)),
+                                                        torch.tensor([len(t) for t in self.tokens]))
 
     def to(self, device: torch.device) -> Group:
-        return Group(self.steps, self.batch.to(device), [t.to(device, non_blocking=True) for t in self.tokens],
-                     self.pairs.to(device, non_blocking=True))
+        tokens, pairs, trained, trained_step = ([t.to(device, non_blocking=True) for t in self.tokens],
+                                                *(t.to(device, non_blocking=True)
+                                                  for t in (self.pairs, self.trained, self.trained_step)))
+        return Group(self.steps, self.batch.to(device), tokens, pairs, trained, trained_step)
 
 
 def group_steps(plan: list[np.ndarray], snippet_row: np.ndarray, max_steps: int,
@@ -300,14 +309,14 @@ class Rewind:
         self.sched.step()
 
     @torch.no_grad()
-    def ahead(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+    def ahead(self, g: Group) -> torch.Tensor:
         """[n_new, D] leaf holding, for the rows of step j of the group, their values at step j: computed at once
         by a lazy WhitenedAdam that has taken a step (look_ahead), else by stepping with zero gradients and
         rewinding."""
-        p, opt = self.rows, self.opt
+        p, opt, tokens = self.rows, self.opt, g.tokens
         if self.lazy and opt.state.get(p):
             x = p.detach().clone()
-            x.index_copy_(0, torch.cat(tokens[1:]), opt.look_ahead(p, tokens, self.rates(len(tokens)))[len(tokens[0]):])
+            x.index_copy_(0, g.trained, opt.look_ahead(p, g.trained, g.trained_step, self.rates(len(tokens))))
             return x.requires_grad_(True)
         state = {k: v.clone() for k, v in opt.state[p].items()} if p in opt.state else None
         sched, lrs, before = self.sched.state_dict(), [g["lr"] for g in opt.param_groups], p.detach().clone()
@@ -336,10 +345,9 @@ class Rewind:
         p, per_step = self.rows, g.pairs.clamp_min(1)
         scale = g.pairs.sum() / per_step
         if self.lazy and self.opt.state.get(p):
-            rows = torch.cat(g.tokens)
-            grads = torch.zeros(len(rows), p.shape[1], device=p.device) if grad is None else \
-                grad.index_select(0, rows) * scale[step_of(g.tokens)][:, None]
-            self.opt.group_steps(p, g.tokens, grads, self.rates(len(g.tokens)))
+            grads = torch.zeros(len(g.trained), p.shape[1], device=p.device) if grad is None else \
+                grad.index_select(0, g.trained) * scale[g.trained_step][:, None]
+            self.opt.group_steps(p, g.tokens, g.trained_step, grads, self.rates(len(g.tokens)))
             for _ in g.tokens:
                 self.sched.step()
             return self.losses(g, row_loss, per_step)

@@ -39,11 +39,6 @@ def staged(values: list, device: torch.device, dtype: torch.dtype) -> torch.Tens
     return host.to(device, non_blocking=True)
 
 
-def step_of(parts: list[torch.Tensor]) -> torch.Tensor:
-    """[rows of cat(parts)] int64 on the parts' device: the index of the part (a group's step) each row is in."""
-    return staged([j for j, part in enumerate(parts) for _ in range(len(part))], parts[0].device, torch.int64)
-
-
 # A row's gradient over this many times the RMS of its own earlier gradients is dropped from its step: a snippet
 # that makes the row an attention sink there gave ` ITU-T` (SmolLM2 / FOLDOC) a loss of 10^6 and a gradient 10^5
 # times its history, whose square then held Adam's second moment up and froze the row far from its teacher
@@ -109,20 +104,19 @@ class WhitenedAdam(torch.optim.Optimizer):
                     self._sync(p, None)
 
     @torch.no_grad()
-    def group_steps(self, p: torch.nn.Parameter, parts: list[torch.Tensor], grad: torch.Tensor,
-                    lrs: list[float]) -> None:
+    def group_steps(self, p: torch.nn.Parameter, parts: list[torch.Tensor], part_of: torch.Tensor,
+                    grad: torch.Tensor, lrs: list[float]) -> None:
         """len(parts) steps in which step j's gradient is `grad`'s rows for parts[j] (rows of cat(parts), in that
-        order; parts disjoint, every other row's gradient zero) and its rate lrs[j]: as many step(rows=parts[j])
-        calls, with the whitening and the spike check done once for the group (a row's spike ratio does not change
-        while its moments only decay), so a group issues about a fifth of the operators (Rewind.take_steps).
-        Needs a state (a first step taken); p is left for sync()."""
+        order, part_of[i] the part of row i; parts disjoint, every other row's gradient zero) and its rate lrs[j]:
+        as many step(rows=parts[j]) calls, with the whitening and the spike check done once for the group (a row's
+        spike ratio does not change while its moments only decay), so a group issues about a fifth of the
+        operators (Rewind.take_steps). Needs a state (a first step taken); p is left for sync()."""
         state, group = self.state[p], self.param_groups[0]
         (b1, b2), eps = group["betas"], group["eps"]
         m, v, z, k = state["exp_avg"], state["exp_avg_sq"], state["z"], len(parts)
-        rows = torch.cat(parts)
         g = grad @ self.sqrt_covs[p]
         if group["spike"] is not None:
-            g = self._drop_spikes(g, state, rows, group["spike"], b2, k - 1 - step_of(parts), k)
+            g = self._drop_spikes(g, state, torch.cat(parts), group["spike"], b2, k - 1 - part_of, k)
         t = state["step"] + 1 + torch.arange(k, device=p.device)
         scale = staged(lrs, p.device, t.dtype) / (1 - b1 ** t)
         bias2 = 1 - b2 ** t
@@ -154,15 +148,15 @@ class WhitenedAdam(torch.optim.Optimizer):
         return g * (~spike).unsqueeze(1)
 
     @torch.no_grad()
-    def look_ahead(self, p: torch.nn.Parameter, parts: list[torch.Tensor], lrs: list[float]) -> torch.Tensor:
-        """[sum of len(parts), D]: the rows parts[j] of p as they will be at step j of the coming steps, where the
-        rows of each part have no gradient before their own step and step i runs at lrs[i]: p0 + z S after j steps
-        in which their moments only decay (each term of those steps at once, instead of stepping; Rewind.ahead).
+    def look_ahead(self, p: torch.nn.Parameter, rows: torch.Tensor, step_of: torch.Tensor,
+                   lrs: list[float]) -> torch.Tensor:
+        """[len(rows), D]: rows of p as they will be at their step step_of[i] of the coming len(lrs) steps, where a
+        row has no gradient before its own step and step i runs at lrs[i]: p0 + z S after the steps before its own,
+        in which its moments only decay (each term of those steps at once, instead of stepping; Rewind.ahead).
         Needs a state (a first step taken)."""
         state, group = self.state[p], self.param_groups[0]
         (b1, b2), eps = group["betas"], group["eps"]
-        rows = torch.cat(parts)
-        k, device = len(parts), p.device
+        k, device = len(lrs), p.device
         i = torch.arange(k, device=device)
         t = state["step"] + 1 + i  # the step counts of the coming steps
         scale = (staged(lrs, device, t.dtype) / (1 - b1 ** t))[:, None, None]
@@ -170,7 +164,7 @@ class WhitenedAdam(torch.optim.Optimizer):
         m = b1 ** (i + 1.0)[:, None, None] * state["exp_avg"][rows]  # [k, rows, D]: decayed i + 1 times
         v = b2 ** (i + 1.0)[:, None, None] * state["exp_avg_sq"][rows]
         moves = scale * m / ((v / bias2).sqrt() + eps)
-        before = (i[:, None] < step_of(parts)[None, :]).unsqueeze(-1)  # step i comes before the row's own step
+        before = (i[:, None] < step_of[None, :]).unsqueeze(-1)  # step i comes before the row's own step
         z = state["z"][rows] - (moves * before).sum(0)
         return torch.addmm(state["start"][rows], z, self.sqrt_covs[p])
 
