@@ -17,7 +17,9 @@ tokens/s, achieved TFLOP/s (2 FLOP x decoder parameters of the layers run, per c
 forward, the student forward and the student's input-gradient backward; attention's own FLOPs, padding and the
 search are not counted) and its fraction of a bf16 matmul peak measured here; `heldout_loss_before/after`: the
 objective (hidden-state MSE at the target layer) on held-out snippets of the new words at subtoken-mean init and
-after training (evalrun.Baseline, what `tokdistill eval` measures; next-token KL beside it), and `norm_clipped`.
+after training (evalrun.Baseline, what `tokdistill eval` measures; next-token KL beside it), `train_loss_*` the
+same on snippets of the documents the run trained on (whether the optimization did its job where random weights
+give held-out text little to learn from: bench/results/learning.md), and `norm_clipped`.
 The random weights have trained-like statistics (synthetic.trained_like; bench/results/learning.md says why).
 With --reference the plain PyTorch path (padded batches, no prefix sharing, reference kernels, Python aligner)
 runs on the same inputs with the fast run's resolved settings, then again in the other dtype (bf16 <-> fp32):
@@ -179,19 +181,22 @@ def run_pipeline(model, lang, args, variant: Variant) -> dict:
 
 class Heldout:
     """The held-out measure (evalrun.Baseline, what `tokdistill eval` runs) on snippets of the synthetic language's
-    held-out documents, for an evenly spaced sample of `n_tokens` of the trained tokens: the objective's loss
-    (hidden-state MSE at the target layer, mean per token) and next-token KL at the last layer, of any rows."""
+    held-out documents (`split` "train": of the documents the run trained on), for an evenly spaced sample of
+    `n_tokens` of the trained tokens: the objective's loss (hidden-state MSE at the target layer, mean per token)
+    and next-token KL at the last layer, of any rows."""
 
-    def __init__(self, model, lang, tokens: list, layer: int, n_tokens: int, snippets: int, length: int):
+    def __init__(self, model, lang, tokens: list, layer: int, n_tokens: int, snippets: int, length: int,
+                 split: str = "heldout"):
         from tokdistill_fast.evaluation import evalrun
         from tokdistill_fast.modeling import models
 
         self.decoder = models.Decoder(model)
-        self.layer = layer
+        self.layer, self.split = layer, split
         self.sample = np.linspace(0, len(tokens) - 1, num=min(n_tokens, len(tokens))).round().astype(int)
         V = self.decoder.embed_weight.shape[0]
         self.baseline = evalrun.Baseline.build(self.decoder, lang.tokenizer, [tokens[i] for i in self.sample],
-                                         [V + r for r in range(len(self.sample))], [lang.heldout],
+                                         [V + r for r in range(len(self.sample))],
+                                         [lang.heldout if split == "heldout" else lang.corpus],
                                          evalrun.EvalOptions(snippets_per_token=snippets, layers=(layer,),
                                                              definitions=False, n_boot=200), length)
         from tokdistill_fast.rows import subtoken_mean
@@ -209,13 +214,13 @@ class Heldout:
         return {"loss": mse["mean"], "loss_ci95": mse["ci95"], "kl": agg["kl"]["mean"]}
 
     def record(self, run: dict) -> None:
-        """Adds heldout_loss_before/after (and KL) for the run's rows to `run`."""
+        """Adds <split>_loss_before/after (and KL) for the run's rows to `run`."""
         t0 = time.perf_counter()
         after = self.measure(run["rows"])
-        run.update(heldout_loss_before=self.before["loss"], heldout_loss_after=after["loss"],
-                   heldout_loss_after_ci95=after["loss_ci95"], heldout_kl_before=self.before["kl"],
-                   heldout_kl_after=after["kl"], heldout_snippets=self.baseline.hs.n,
-                   heldout_tokens=len(self.sample), heldout_s=round(time.perf_counter() - t0, 3))
+        run.update({f"{self.split}_{k}": v for k, v in dict(
+            loss_before=self.before["loss"], loss_after=after["loss"], loss_after_ci95=after["loss_ci95"],
+            kl_before=self.before["kl"], kl_after=after["kl"], snippets=self.baseline.hs.n,
+            tokens=len(self.sample), s=round(time.perf_counter() - t0, 3)).items()})
 
 
 def summary(run: dict, peak: float) -> str:
@@ -229,7 +234,8 @@ def summary(run: dict, peak: float) -> str:
             f"{run['achieved_tflops'] * 1e12 / peak:.0%} of the measured {peak / 1e12:.3g}, "
             f"{run['new_tokens_per_s']:.3g} new tokens/s; layer {st['target_layer']} lr {st['lr']:g}"
             f"{' (searched)' if st['searched'] else ''}; held-out loss {run['heldout_loss_before']:.5g} -> "
-            f"{run['heldout_loss_after']:.5g}, KL {run['heldout_kl_before']:.4g} -> {run['heldout_kl_after']:.4g}, "
+            f"{run['heldout_loss_after']:.5g}, KL {run['heldout_kl_before']:.4g} -> {run['heldout_kl_after']:.4g}; "
+            f"on trained text {run['train_loss_before']:.5g} -> {run['train_loss_after']:.5g}; "
             f"{run['norm_clipped']} clipped")
 
 
@@ -336,9 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             args.target_layer = layer
             fast = run_pipeline(model, lang, args, Variant("fast"))
             st = fast["settings"]
-            held = Heldout(model, lang, fast["tokens"], st["target_layer"], args.heldout_tokens,
-                           args.heldout_snippets, args.snippet_length)
-            held.record(fast)
+            measures = [Heldout(model, lang, fast["tokens"], st["target_layer"], args.heldout_tokens,
+                                args.heldout_snippets, args.snippet_length, split) for split in ("heldout", "train")]
+            for m in measures:
+                m.record(fast)
             record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                       "config": args.config, "model_config": config, "weights": args.weights, "dtype": str(dtype),
                       "target_layer": layer or "auto", "new_tokens_requested": args.new_tokens,
@@ -354,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                 for v in (Variant("reference", plain=True, fixed=fixed),
                           Variant("reference_other_dtype", plain=True, dtype=other_dtype, fixed=fixed)):
                     runs[v.name] = run_pipeline(model, lang, args, v)
-                    held.record(runs[v.name])
+                    for m in measures:
+                        m.record(runs[v.name])
                     line += f"\nL{st['target_layer']} {v.name}: {summary(runs[v.name], peak)}"
                 record["speedup"] = speedups(fast, runs["reference"])
                 record["agreement"] = agreement(fast, runs["reference"], runs["reference_other_dtype"])

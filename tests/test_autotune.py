@@ -109,22 +109,22 @@ def test_auto_search_picks_the_cheapest_layer_no_costlier_one_beats(auto_run):
     assert all(0 <= t["self_mass"] <= 1 for t in trials) and 0 <= search["sample"]["base_self_mass"] <= 1
     over = [t for t in trials if (t["layer"], t["lr"]) == (choice["layer"], choice["lr"])][-1]["self_mass"] > \
         autotune.OVER_PREDICTION
-    assert report["settings"]["resolved_method"] == ("token-distill+alpha-ntp" if over else "token-distill")
+    assert report["settings"]["resolved_method"] == ("token-distill+alpha-mass" if over else "token-distill")
 
 
 @pytest.mark.parametrize("guard", [True, False])
 @pytest.mark.parametrize("layer", ["auto", 2])
-def test_rows_that_over_predict_themselves_train_with_alpha_ntp(model_dirs, words_file, corpus_file, monkeypatch,
+def test_rows_that_over_predict_themselves_train_with_alpha_mass(model_dirs, words_file, corpus_file, monkeypatch,
                                                                 guard, layer):
     """When the search's held-out sample shows the chosen rows of a tied model taking more than OVER_PREDICTION of
-    the next-token mass right after the word, the run trains token-distill+alpha-ntp (here forced with a bar of
+    the next-token mass right after the word, the run trains token-distill+alpha-mass (here forced with a bar of
     -1), with the layer searched or fixed; --no-ntp-guard keeps token-distill, and so does an untied model (its
     output rows are not the input rows)."""
     monkeypatch.setattr(autotune, "OVER_PREDICTION", -1.0)
     cfg = DistillConfig(**FAST, ntp_guard=guard, target_layer=layer)
     tied = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None, cfg).report
     untied = distill(model_dirs[("qwen2", "bytelevel", False)], words_file, [corpus_file], None, cfg).report
-    want = "token-distill+alpha-ntp" if guard else "token-distill"
+    want = "token-distill+alpha-mass" if guard else "token-distill"
     assert tied["settings"]["method"] == "token-distill"  # as asked
     assert tied["settings"]["resolved_method"] == want
     assert {t["method"] for t in tied["tokens"] if t["variant_of"] is None} == {want}
@@ -132,17 +132,17 @@ def test_rows_that_over_predict_themselves_train_with_alpha_ntp(model_dirs, word
 
 
 @pytest.mark.parametrize("guard", [True, False])
-def test_rows_that_over_predict_after_the_run_train_again_with_alpha_ntp(model_dirs, words_file, corpus_file,
+def test_rows_that_over_predict_after_the_run_train_again_with_alpha_mass(model_dirs, words_file, corpus_file,
                                                                          monkeypatch, guard):
     """Where the search's sample did not show it (here a bar it never reaches), the trained rows can still make the
     tied model put over HUB_AFTER_RUN of its next-token probability on new tokens right after a trained word
-    on its training snippets (here forced with a flag of -1): the run then trains token-distill+alpha-ntp and says
+    on its training snippets (here forced with a flag of -1): the run then trains token-distill+alpha-mass and says
     so in the report; --no-ntp-guard keeps the distilled rows."""
     monkeypatch.setattr(autotune, "OVER_PREDICTION", 2.0)
     monkeypatch.setattr(pipeline, "HUB_AFTER_RUN", -1.0)
     cfg = DistillConfig(**FAST, ntp_guard=guard)
     report = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None, cfg).report
-    want = "token-distill+alpha-ntp" if guard else "token-distill"
+    want = "token-distill+alpha-mass" if guard else "token-distill"
     assert all(t["self_mass"] <= 2.0 for t in report["autotune"]["trials"])
     assert report["settings"]["resolved_method"] == want
     assert {t["method"] for t in report["tokens"] if t["variant_of"] is None} == {want}

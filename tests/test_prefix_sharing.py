@@ -49,15 +49,16 @@ def snippets(seed: int, n: int = 7):
     return al, np.asarray(which), teacher_ids, cu_teacher
 
 
-def mode_cache(dec, al, teacher_seqs, layer, mode):
-    """The teacher cache a run in `mode` reads: none (fused), packed with the prefix keys/values (cached), else
-    the padded reference cache."""
+def mode_cache(dec, al, teacher_seqs, layer, mode, layers=None):
+    """The teacher cache a run in `mode` reads (at `layers`, default [layer]): none (fused), packed with the prefix
+    keys/values (cached), else the padded reference cache."""
+    layers = layers or [layer]
     if mode == "fused":
         return None
     if mode == "cached":
-        return teacher.compute(dec, *teacher_seqs, al, [layer], 4096, dec.embed_weight.dtype, packed=True,
+        return teacher.compute(dec, *teacher_seqs, al, layers, 4096, dec.embed_weight.dtype, packed=True,
                                capture=align.prefix_lengths(al))
-    return teacher.compute(dec, *teacher_seqs, al, [layer], 4096, dec.embed_weight.dtype)
+    return teacher.compute(dec, *teacher_seqs, al, layers, 4096, dec.embed_weight.dtype)
 
 
 def states_and_grad(dec, al, snippet_row, passes, teacher_seqs, rows0, weight, layer):
@@ -176,23 +177,26 @@ def many_tokens(seed: int, n_tokens: int = 12, per_token: int = 3):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
 @pytest.mark.parametrize("distill,epochs,mode", [("mse", 1, "fused"), ("mse", 2, "prefix"), ("kl", 1, "fused"),
-                                                 ("mse", 2, "cached"), ("kl", 2, "cached")])
+                                                 ("mse", 2, "cached"), ("kl", 2, "cached"), ("mse+mass", 2, "prefix"),
+                                                 ("mse+mass", 2, "cached")])
 def test_step_groups_match_reference(distill, epochs, mode, device):
     """Consecutive steps over disjoint tokens run as one pass (student.Rewind) and still end where the reference
     (step by step, padded) ends: rows, per-step losses and per-token losses (fp32; on CUDA with fused AdamW and
-    the Triton kernels)."""
+    the Triton kernels). +mass: alpha-mass's output term moves only each step's own rows in a pass too."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=torch.float32)
     dec = Decoder(model.to(device).eval())
     al, snippet_row, teacher_ids, cu_teacher = many_tokens(seed=6)
+    distill, mass = distill.removesuffix("+mass"), distill.endswith("+mass")
     layer = 2 if distill == "mse" else dec.num_layers
-    cache = teacher.compute(dec, teacher_ids, cu_teacher, al, [layer], 4096, torch.float32)
+    objective = student.Objective(distill=distill, layer=layer, mass=mass)
+    layers = objective.cache_layers(dec.num_layers)
+    cache = teacher.compute(dec, teacher_ids, cu_teacher, al, layers, 4096, torch.float32)
     init = torch.randn(12, dec.hidden_size) * 0.5
     schedule = student.Schedule(lr=1e-2, epochs=epochs, batch_size=3, seed=0)
-    objective = student.Objective(distill=distill, layer=layer)
     ref = student.train(dec, al, cache, snippet_row, init, None, objective, schedule, tied=True)
     passes = student.Passes(prefix=True, fused=mode == "fused")
-    ours_cache = mode_cache(dec, al, (teacher_ids, cu_teacher), layer, mode)
+    ours_cache = mode_cache(dec, al, (teacher_ids, cu_teacher), layer, mode, layers)
     runs = {g: student.train(dec, al, ours_cache, snippet_row, init, None, objective,
                              dataclasses.replace(schedule, group=g), tied=True, passes=passes,
                              teacher=(teacher_ids, cu_teacher)) for g in (1, 16)}

@@ -15,6 +15,9 @@ METHODS = (
     "ntp-all",  # next-token prediction on the new input and (untied) output rows; original rows stay bit-identical
     "token-distill+ntp",  # distillation loss + NTP loss
     "token-distill+alpha-ntp",  # distillation loss + alpha * NTP, alpha = stop_grad(L_distill / L_ntp)
+    # tied models: + alpha * NTP read at the teacher's cached final states, whose only gradient is the one NTP gives
+    # the new rows as output rows: the probability they take from the original vocabulary (objective.py)
+    "token-distill+alpha-mass",
 )
 TRAINED_METHODS = tuple(m for m in METHODS if m not in ("mean", "random"))
 LR_SCHEDULES = ("cooldown", "constant", "decay")  # after the warm-up (student/loop.py)

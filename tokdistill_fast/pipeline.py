@@ -132,7 +132,7 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
 def settle(prep: Prepared, cfg: DistillConfig, timer: StageTimer | None = None, guard: bool = False
            ) -> tuple[tuple[int, float, int], object]:
     """((target layer, lr, epochs), search) of cfg on prep: the layer/epochs search when cfg leaves them to "auto"
-    or (`guard`) the alpha-NTP guard needs its measurement (None when none ran; saved in prep's checkpoints), then
+    or (`guard`) the NTP guard needs its measurement (None when none ran; saved in prep's checkpoints), then
     settings.resolve_settings. `timer` charges the search to its "autotune" stage."""
     search = None
     if prep.work is not None:

@@ -219,6 +219,6 @@ def warn_over_predicting(flagged: list[dict], key: str, where: str) -> None:
     """One warning naming the flagged words and their mass."""
     if flagged:
         log.warning("%d word(s) make the model put over %.0f%% of its next-token probability on new tokens right "
-                    "after them (%s; sampling emits new tokens there; --method token-distill+alpha-ntp trains the "
+                    "after them (%s; sampling emits new tokens there; --method token-distill+alpha-mass trains the "
                     "output side against it): %s", len(flagged), 100 * OVER_PREDICTION_FLAG, where,
                     describe_over_predicting(flagged, key))

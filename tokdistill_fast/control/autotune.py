@@ -298,7 +298,8 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     search_train = train_cost(epochs, grad_share(al, keep) if prefix else 1.0, prefix and not cached)
     share = sample_share(layers, L, main_train, search_train, budget, trim_ratio, search_epochs, heldout_share)
     n_tokens = max(MIN_TOKENS, round(share * al.n / per_token))
-    objectives = {layer: dataclasses.replace(objective(layer), train_output=False) for layer in layers}
+    # candidates train the distillation alone: learned output rows and alpha-mass's output term follow the choice
+    objectives = {layer: dataclasses.replace(objective(layer), train_output=False, mass=False) for layer in layers}
     cache_layers = sorted({o.layer if o.distill == "mse" else L for o in objectives.values() if o.distill is not None})
 
     def stage(exclude: np.ndarray | None) -> Stage:

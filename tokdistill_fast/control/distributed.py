@@ -157,14 +157,14 @@ class Shard:
         return buf[-1]
 
     def total(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The sums over ranks of scalar tensors (alpha-NTP's two weighted losses)."""
+        """The sums over ranks of scalar tensors (alpha-NTP's or alpha-mass's two weighted losses)."""
         buf = torch.stack([v.float() for v in values])
         dist.all_reduce(buf)
         return tuple(buf.unbind())
 
     def idle(self, objective: student.Objective) -> None:
         """A step with no aligned pair on this rank: join the collectives the other ranks run inside the step."""
-        if objective.ntp == "alpha" and objective.distill is not None:
+        if (objective.ntp == "alpha" or objective.mass) and objective.distill is not None:
             zero = self.weights.new_zeros(())
             self.total(zero, zero)
 

@@ -2,7 +2,8 @@
 
 Distillation: mse on hidden states of the target layer (fused kernel), or kl / logits-mse on logits over the
 original vocabulary, with teacher logits recomputed from cached final-layer states (storing [K, V] logits
-would cost V / D times the memory). NTP: next-token cross-entropy at the student's aligned positions.
+would cost V / D times the memory). NTP: next-token cross-entropy at the student's aligned positions, or, for
+the new rows' output side only, at the teacher's cached final states (teacher_ntp).
 """
 
 from __future__ import annotations
@@ -38,3 +39,17 @@ def next_token(head, new_out: torch.Tensor, S: torch.Tensor, idx: torch.Tensor, 
     logits = torch.cat([head(h), h @ new_out.to(h.dtype).t()], dim=-1).float()
     row = F.cross_entropy(logits, target, reduction="none")
     return row.sum() / max(row.numel(), 1), row.detach()
+
+
+def teacher_ntp(T: torch.Tensor, t_idx: torch.Tensor, rows: torch.Tensor, own: torch.Tensor, lse: torch.Tensor,
+                ce: torch.Tensor, cap: float | None = None):
+    """Next-token cross-entropy at the teacher's final-normed states T[t_idx] with the new rows [n, D] as extra
+    output rows (tied): the teacher's own loss `ce` [K] plus -log of the probability the new tokens leave to the
+    original vocabulary, whose logsumexp at each state is `lse` [K]. Its gradient is NTP's on the new output rows,
+    read where the student should be. `own` [K, n] bool: the rows each pair moves (the others enter detached).
+    Returns the per-pair loss [K], differentiable (the caller weighs each step's pairs)."""
+    z = T.index_select(0, t_idx).float() @ rows.float().t()
+    if cap:
+        z = torch.tanh(z / cap) * cap
+    z = torch.where(own, z, z.detach())
+    return ce + torch.logaddexp(lse, z.logsumexp(-1)) - lse

@@ -273,6 +273,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     feed = None if passes.fused or objective.distill is None else TargetFeed(cache, [g.batch for g in groups],
                                                                             device)
     rewind = Rewind(opt, sched, rows, lazy)
+    head = Objective.head_stats(decoder, cache, al) if objective.mass else None
     t0 = time.perf_counter()
     for g in tqdm(groups, desc=desc, unit="pass", leave=False):
         b, step = g.batch, g.steps[0]
@@ -291,8 +292,10 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
             targets = (targets, b.t_idx) if passes.fused else feed(step, b) if feed else (None, None)
             # Sharded: each loss is weighted by this rank's share of the step's pairs (its mean -> part of the mean).
             weights = (1.0, 1.0) if shard is None else shard.weights[step]
+            mass = None if head is None else (*head, torch.full((n_rows,), -1, device=device).index_copy_(
+                0, g.trained, g.trained_step))
             loss, row_loss = objective.loss(decoder, flat, targets, b, dataclasses.replace(trainable, rows=x_in),
-                                            weights, shard, schedule.backend)
+                                            weights, shard, schedule.backend, mass)
         loss.backward()
         if len(g.steps) == 1:
             if shard is not None:  # gradients and loss summed over ranks: the one-process step's values

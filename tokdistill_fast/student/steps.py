@@ -60,16 +60,21 @@ class Passes:
     @classmethod
     def for_config(cls, cfg: DistillConfig) -> Passes:
         """How the student's steps run for this config (--prefix-sharing, --backend, --epochs, --more-epochs)."""
-        return resolve_passes(cfg.prefix_sharing, cfg.backend, cfg.epochs + cfg.run_more_epochs())
+        return resolve_passes(cfg.prefix_sharing, cfg.backend, cfg.epochs + cfg.run_more_epochs(),
+                              cached_teacher=cfg.method == "token-distill+alpha-mass")
 
 
-def resolve_passes(prefix_sharing: str, backend: str, epochs: int) -> Passes:
-    """auto: off with the reference backend (torch), fused when every snippet is seen once, else on."""
+def resolve_passes(prefix_sharing: str, backend: str, epochs: int, cached_teacher: bool = False) -> Passes:
+    """auto: off with the reference backend (torch), fused when every snippet is seen once (and the objective
+    needs no `cached_teacher`: alpha-mass reads statistics of the whole teacher pass), else on."""
     if prefix_sharing == "auto":
-        prefix_sharing = "off" if backend == "torch" else "fused" if epochs == 1 else "on"
+        prefix_sharing = "off" if backend == "torch" else "fused" if epochs == 1 and not cached_teacher else "on"
     if prefix_sharing == "fused" and epochs != 1:
         raise UserInputError("--prefix-sharing fused needs one epoch in all (--epochs 1 --more-epochs 0): the teacher "
                              "pass runs inside each step")
+    if prefix_sharing == "fused" and cached_teacher:
+        raise UserInputError("--prefix-sharing fused runs the teacher inside each step; token-distill+alpha-mass "
+                             "needs its cached pass")
     return Passes(prefix=prefix_sharing != "off", fused=prefix_sharing == "fused")
 
 
