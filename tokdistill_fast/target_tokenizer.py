@@ -13,11 +13,13 @@ all of them are rows of the one trainable block, so each gets gradient from ever
 Student steps run whole sequences (prefix sharing off): the first aligned position can lie after new pieces
 that start earlier (a merge that moves a boundary), so the positions before it are not shared with the teacher;
 every snippet ends --loss-positions pairs after its own id. Settings left to "auto" take the measured defaults
-(settings.resolve_settings) without a search, so the alpha-NTP guard has no measurement: on tied models token-distill
-trains with alpha-NTP outright. T2's new ids are predicted wherever T2 emits them, and plain distillation, which
-never trains the output side of a tied row, left SmolLM2 putting 19% of its next-token mass on new ids right after
-one (docs/bring-your-own-tokenizer.md). Next-token prediction then also reads the position before each snippet's
-first new piece (align.pair_before_divergence), so it learns to predict the piece, not only the text after it.
+(settings.resolve_settings) without a search, so the NTP guard has no measurement: on tied models token-distill
+trains with alpha-NTP outright (not the guard's alpha-mass, which only pushes new ids down where the teacher's
+text goes on: here they must also be learned as the next token). T2's new ids are predicted wherever T2 emits
+them, and plain distillation, which never trains the output side of a tied row, left SmolLM2 putting 19% of its
+next-token mass on new ids right after one (docs/bring-your-own-tokenizer.md). Next-token prediction then also
+reads the position before each snippet's first new piece (align.pair_before_divergence), so it learns to predict
+the piece, not only the text after it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from . import align, contexts, export, pipeline, student
 from .config import DistillConfig, UserInputError, launch
 from .contexts import CHARS_PER_TOKEN, Hit, Snippet
 from .control import checkpoint
-from .control.settings import GUARD_METHOD, guards
+from .control.settings import guards
 from .corpus import Corpus
 from .corpus import corpus_files as find_corpus_files
 from .kernels import backend as kernels
@@ -44,6 +46,7 @@ from .workload import Workload
 log = logging.getLogger(__name__)
 
 MIN_CONTEXTS = 1  # ids with fewer corpus snippets than this keep their start row (reported as "none")
+BYOT_TIED_METHOD = "token-distill+alpha-ntp"  # what token-distill trains on tied models here (module docstring)
 ENCODE_BATCH = 256  # documents per encode_batch call: large enough for the Rust tokenizer's threads
 
 
@@ -328,8 +331,8 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
                              list(corpus), timer, checkpoint.WorkDir(None))
     settings, _ = pipeline.settle(prep, cfg)  # no workload yet: the measured defaults, no search
     method = cfg.method
-    if guards(cfg, tied):  # nothing to measure without the search: the guard's remedy outright (module docstring)
-        method = GUARD_METHOD
+    if guards(cfg, tied):  # nothing to measure without the search: alpha-NTP outright (module docstring)
+        method = BYOT_TIED_METHOD
         log.info("tied model: training %s (--no-ntp-guard keeps plain token-distill)", method)
     run_cfg = cfg.replace(epochs=settings[2], method=method)
     cache = None
