@@ -21,8 +21,11 @@ from tokdistill_fast.workload import Workload
 
 # gloo even on a GPU machine; no hardest-quarter continuation, which runs in one process only (rows train alone)
 FAST = dict(snippets_per_token=6, snippet_length=20, dtype="float32", device="cpu", hardest_epochs=0)
-COMBOS = {  # (model, cli flags): fused teacher pass, batch 4 | cache, alpha-NTP, uneven split, untied output rows
+COMBOS = {  # (model, cli flags): fused teacher pass, batch 4 | cache, alpha-NTP, uneven split, untied output rows |
+    # alpha-mass, whose pairs on one rank push the rows of the whole step
     "fused": (("llama", "bytelevel", True), dict(batch_size=4, target_layer=2, lr=1e-2, epochs=1, more_epochs=0)),
+    "alpha-mass": (("llama", "bytelevel", True), dict(batch_size=4, target_layer=2, lr=0.5, epochs=2, more_epochs=0,
+                                                      method="token-distill+alpha-mass")),
     "uneven": (("llama", "metaspace", False), dict(batch_size=3, target_layer=3, lr=1e-2, epochs=2,
                                                     method="token-distill+alpha-ntp", output_embeddings="ntp",
                                                     prefix_sharing="on")),
