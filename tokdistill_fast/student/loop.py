@@ -292,11 +292,11 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
             targets = (targets, b.t_idx) if passes.fused else feed(step, b) if feed else (None, None)
             # Sharded: each loss is weighted by this rank's share of the step's pairs (its mean -> part of the mean).
             weights = (1.0, 1.0) if shard is None else shard.weights[step]
-            # alpha-mass: the step of the pass each row trains in (sharded: every row of the whole step, all ranks')
-            trained, trained_step = (g.trained, g.trained_step) if shard is None else \
-                (shard.touched[step], torch.zeros_like(shard.touched[step]))
-            mass = None if head is None else (*head, torch.full((n_rows,), -1, device=device).index_copy_(
-                0, trained, trained_step))
+            mass = None
+            if head is not None:  # the step of the pass each row trains in (sharded: the whole step's, all ranks')
+                trained, at = (g.trained, g.trained_step) if shard is None else \
+                    (shard.touched[step], torch.zeros_like(shard.touched[step]))
+                mass = (*head, torch.full((n_rows,), -1, device=device).index_copy_(0, trained, at))
             loss, row_loss = objective.loss(decoder, flat, targets, b, dataclasses.replace(trainable, rows=x_in),
                                             weights, shard, schedule.backend, mass)
         loss.backward()
