@@ -5,6 +5,8 @@ gradient, per step of a group, and through distill() it trains tied models only.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -88,6 +90,19 @@ def test_head_stats_are_the_original_models_next_token_loss(case):
         want = F.cross_entropy(logits[None], torch.tensor([seq[t + 1]])).item() if t + 1 < len(seq) else 0.0
         assert ce[k].item() == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert (ce == 0).sum() >= 1  # the pair at snippet 2's end has no next token
+
+
+def test_a_caches_subset_keeps_its_head_stats(case):
+    """TeacherCache.take carries the head stats a run stored: a subset's are those head_stats computes on the subset
+    (the rows that train again read them instead of recomputing)."""
+    _, dec, al, _, cache = case
+    cache = dataclasses.replace(cache, head=student.Objective.head_stats(dec, cache, al))
+    idx = np.array([2, 0])
+    sub = cache.take(idx)
+    want = student.Objective.head_stats(dec, sub, al.take(idx))
+    for got, ref in zip(sub.head, want):
+        torch.testing.assert_close(got, ref)
+    assert len(sub.head[0]) < len(cache.head[0])
 
 
 @pytest.mark.parametrize("groups", [1, 2])

@@ -36,6 +36,9 @@ class TeacherCache:
     # (sorted), packed in that order: a deeper pass over them (the new-token mass check) starts from there
     prefix_states: torch.Tensor | None = None
     kept: np.ndarray | None = None
+    # alpha-mass: the original head's (logsumexp, next-token loss) at each row of the last layer (Objective.head_stats),
+    # set by the first run that reads them; take() keeps them, so subsets never recompute them
+    head: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.states.values())
@@ -48,9 +51,10 @@ class TeacherCache:
 
         prefix = None if self.prefix is None else {l: (pick(k, self.prefix_cu), pick(v, self.prefix_cu))
                                                    for l, (k, v) in self.prefix.items()}
+        head = None if self.head is None else tuple(pick(t, self.cu_aligned) for t in self.head)
         return TeacherCache({l: pick(t, self.cu_aligned) for l, t in self.states.items()},
                             cu_seqlens(np.diff(self.cu_aligned)[idx]), prefix,
-                            None if self.prefix is None else cu_seqlens(np.diff(self.prefix_cu)[idx]))
+                            None if self.prefix is None else cu_seqlens(np.diff(self.prefix_cu)[idx]), head=head)
 
 
 def batch_tokens(device: torch.device) -> int:

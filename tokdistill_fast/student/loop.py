@@ -273,7 +273,9 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     feed = None if passes.fused or objective.distill is None else TargetFeed(cache, [g.batch for g in groups],
                                                                             device)
     rewind = Rewind(opt, sched, rows, lazy)
-    head = Objective.head_stats(decoder, cache, al) if objective.mass else None
+    if objective.mass and cache.head is None:
+        cache.head = Objective.head_stats(decoder, cache, al)
+    head = cache.head if objective.mass else None
     t0 = time.perf_counter()
     for g in tqdm(groups, desc=desc, unit="pass", leave=False):
         b, step = g.batch, g.steps[0]
