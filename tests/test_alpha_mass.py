@@ -164,3 +164,14 @@ def test_alpha_mass_through_distill(model_dirs, words_file, corpus_file):
     with pytest.raises(UserInputError, match="cached pass"):
         student.resolve_passes("fused", "auto", 1, cached_teacher=True)
     assert student.resolve_passes("auto", "auto", 1, cached_teacher=True) == student.Passes(prefix=True)
+
+
+def test_alpha_mass_in_chunks(model_dirs, words_file, corpus_file):
+    """Large vocabularies train in chunks of tokens (--chunk-tokens), each with its own teacher cache: alpha-mass's
+    head stats come from each chunk's cache, one chunk is the unchunked run, and smaller chunks stay close to it."""
+    cfg = DistillConfig(target_layer=2, lr=5e-3, batch_size=4, snippets_per_token=12, dtype="float32", device="cpu",
+                        method="token-distill+alpha-mass")
+    whole, one, two = (distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file],
+                               config=cfg.replace(chunk_tokens=n)).rows for n in (None, 1000, 2))
+    assert torch.equal(whole, one)
+    assert not torch.equal(whole, two) and torch.allclose(whole, two, atol=0.1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokdistill_fast import DistillConfig, distill, pipeline
-from tokdistill_fast.control import autotune
+from tokdistill_fast.control import autotune, settings
 from tokdistill_fast.student.loop import COOLDOWN, Schedule, warmup_schedule
 
 FAST = dict(snippets_per_token=10, snippet_length=24, batch_size=4, epochs=1, more_epochs=0)
@@ -151,6 +151,29 @@ def test_rows_that_over_predict_after_the_run_train_again_with_alpha_mass(model_
         assert all(t.get("mass_after") is not None for t in report["tokens"] if t["variant_of"] is None)
     else:
         assert report["ntp_guard_after_run"] is None
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_large_jobs_on_tied_models_train_alpha_mass_from_the_start(model_dirs, words_file, corpus_file, monkeypatch,
+                                                                   guard):
+    """A job of at least GUARD_FROM_START_WORDS trained words (here lowered to the test's word count) on a tied model
+    trains token-distill+alpha-mass from the start, with no check after the run; --no-ntp-guard keeps
+    token-distill, and so does an untied model."""
+    monkeypatch.setattr(autotune, "OVER_PREDICTION", 2.0)  # the search's sample never sends it there
+    words = len([w for w in open(words_file).read().splitlines() if w.strip()])
+    monkeypatch.setattr(settings, "GUARD_FROM_START_WORDS", words)
+    cfg = DistillConfig(**FAST, ntp_guard=guard)
+    tied = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None, cfg).report
+    want = "token-distill+alpha-mass" if guard else "token-distill"
+    assert tied["settings"]["resolved_method"] == want
+    assert {t["method"] for t in tied["tokens"] if t["variant_of"] is None} == {want}
+    assert tied["ntp_guard_after_run"] is None
+    if guard:
+        untied = distill(model_dirs[("qwen2", "bytelevel", False)], words_file, [corpus_file], None, cfg).report
+        assert untied["settings"]["resolved_method"] == "token-distill"
+        monkeypatch.setattr(settings, "GUARD_FROM_START_WORDS", words + 1)  # one word short: plain distillation
+        assert distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
+                       cfg).report["settings"]["resolved_method"] == "token-distill"
 
 
 def test_paired_decision_needs_a_win_beyond_noise():

@@ -209,7 +209,8 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
     work, work_dir, timer = prep.work, prep.work_dir, prep.timer
     settings, search = settle(prep, cfg, timer, guard=True)
     # every rank takes rank 0's settings
-    layer, lr, epochs, method = ranks.agree(work, (*settings, guarded_method(cfg, prep.tied, search)))
+    layer, lr, epochs, method = ranks.agree(work, (*settings, guarded_method(
+        cfg, prep.tied, search, len(work.primaries) if work is not None else 0)))
     mine, shard = distributed.split(ranks, work, cfg.batch_size, epochs, cfg.seed, prep.device)
 
     def train(method: str, hook: str) -> tuple[Learned, chunks.Plan | None, teacher.TeacherCache | None]:

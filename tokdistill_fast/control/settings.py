@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 # lower held-out KL than alpha-NTP where the guard fired, for the training time of plain distillation
 # (docs/defaults.md, "The output side without the last layers: alpha-mass").
 GUARD_METHOD = "token-distill+alpha-mass"
+# Jobs of at least this many trained words on a tied model train GUARD_METHOD from the start: the more rows, the
+# likelier one of them becomes a hub, and where the run's own rows show one the guard trains everything twice
+# (250-word jobs: docs/defaults.md, "Large jobs on tied models: alpha-mass from the start").
+GUARD_FROM_START_WORDS = 100
 DEFAULT_DEPTH = 0.75  # target layer when no search runs: best or near-best on SmolLM2 and Gemma-3 (docs/defaults.md)
 
 
@@ -58,19 +62,26 @@ def guards(cfg: DistillConfig, tied: bool) -> bool:
     return cfg.ntp_guard and tied and cfg.method == "token-distill"
 
 
-def guarded_method(cfg: DistillConfig, tied: bool, search: autotune.SearchResult | None) -> str:
-    """cfg.method, or GUARD_METHOD when the search saw the chosen token-distill rows of a tied model make it predict
-    new tokens right after reading one (autotune.OVER_PREDICTION): a tied row is also an output row, which plain
-    distillation never constrains, and sampling then loops on the word ("apt-get apt-get ..."). The paper's
-    alpha-NTP regularizes the output side at 3.5x the training time measured; alpha-mass regularizes the same side
-    at the teacher's final states, without running the student's last layers (docs/defaults.md)."""
-    if not (guards(cfg, tied) and search is not None and search.self_mass > autotune.OVER_PREDICTION):
+def guarded_method(cfg: DistillConfig, tied: bool, search: autotune.SearchResult | None, words: int = 0) -> str:
+    """cfg.method, or GUARD_METHOD where the guard watches a tied model's run (`guards`) and either the search saw
+    the chosen token-distill rows make it predict new tokens right after reading one (autotune.OVER_PREDICTION), or
+    the job trains at least GUARD_FROM_START_WORDS `words`. A tied row is also an output row, which plain
+    distillation never constrains, and sampling then loops on the word ("apt-get apt-get ..."); alpha-mass
+    regularizes that side at the teacher's final states, without running the student's last layers
+    (docs/defaults.md)."""
+    if not guards(cfg, tied):
         return cfg.method
-    log.warning("the distilled rows make the model put %.0f%% of its next-token mass on new tokens right after one "
-                "(held-out sample; subtoken-mean rows: %.1f%%): training with %s instead (--no-ntp-guard keeps "
-                "plain token-distill)", 100 * search.self_mass, 100 * search.sample.get("base_self_mass", 0.0),
-                GUARD_METHOD)
-    return GUARD_METHOD
+    if search is not None and search.self_mass > autotune.OVER_PREDICTION:
+        log.warning("the distilled rows make the model put %.0f%% of its next-token mass on new tokens right after "
+                    "one (held-out sample; subtoken-mean rows: %.1f%%): training with %s instead (--no-ntp-guard "
+                    "keeps plain token-distill)", 100 * search.self_mass,
+                    100 * search.sample.get("base_self_mass", 0.0), GUARD_METHOD)
+        return GUARD_METHOD
+    if words >= GUARD_FROM_START_WORDS:
+        log.info("%d words on a tied model: training with %s from the start, the more rows the likelier a hub "
+                 "(--no-ntp-guard keeps plain token-distill)", words, GUARD_METHOD)
+        return GUARD_METHOD
+    return cfg.method
 
 
 def uses_last_layer(cfg: DistillConfig) -> bool:
