@@ -157,8 +157,8 @@ def test_rows_that_over_predict_after_the_run_train_again_with_alpha_mass(model_
 def test_large_jobs_on_tied_models_train_alpha_mass_from_the_start(model_dirs, words_file, corpus_file, monkeypatch,
                                                                    guard):
     """A job of at least GUARD_FROM_START_WORDS trained words (here lowered to the test's word count) on a tied model
-    trains token-distill+alpha-mass from the start, with no check after the run; --no-ntp-guard keeps
-    token-distill, and so does an untied model."""
+    trains token-distill+alpha-mass from the start, with no check after the run and, with the layer fixed, no
+    search trial to measure it; --no-ntp-guard keeps token-distill, and so does an untied model."""
     monkeypatch.setattr(autotune, "OVER_PREDICTION", 2.0)  # the search's sample never sends it there
     words = len([w for w in open(words_file).read().splitlines() if w.strip()])
     monkeypatch.setattr(settings, "GUARD_FROM_START_WORDS", words)
@@ -171,6 +171,9 @@ def test_large_jobs_on_tied_models_train_alpha_mass_from_the_start(model_dirs, w
     if guard:
         untied = distill(model_dirs[("qwen2", "bytelevel", False)], words_file, [corpus_file], None, cfg).report
         assert untied["settings"]["resolved_method"] == "token-distill"
+        fixed = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
+                        cfg.replace(target_layer=2)).report  # nothing to choose or measure: no search
+        assert fixed["autotune"] is None and fixed["settings"]["resolved_method"] == want
         monkeypatch.setattr(settings, "GUARD_FROM_START_WORDS", words + 1)  # one word short: plain distillation
         assert distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
                        cfg).report["settings"]["resolved_method"] == "token-distill"

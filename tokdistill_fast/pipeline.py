@@ -32,7 +32,7 @@ from .config import (
     UserInputError,
 )
 from .control import checkpoint, chunks, distributed, observed
-from .control.settings import GUARD_METHOD, guarded_method, guards, resolve_settings, search_settings
+from .control.settings import GUARD_METHOD, guarded_method, guards, large_job, resolve_settings, search_settings
 from .corpus import corpus_files, leading_documents
 from .evaluation import heldout
 from .kernels import backend as kernels
@@ -207,10 +207,11 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
         export.check_out_dir(out, cfg.overwrite)
     prep = prepare(model, new_tokens, corpus, cfg, tokenizer, keep_in=out if ranks.world == 1 else None)
     work, work_dir, timer = prep.work, prep.work_dir, prep.timer
-    settings, search = settle(prep, cfg, timer, guard=True)
+    words = len(work.primaries) if work is not None else 0
+    # a job large enough to train the guard's method anyway needs no trial of a fixed setting to measure it
+    settings, search = settle(prep, cfg, timer, guard=not large_job(words))
     # every rank takes rank 0's settings
-    layer, lr, epochs, method = ranks.agree(work, (*settings, guarded_method(
-        cfg, prep.tied, search, len(work.primaries) if work is not None else 0)))
+    layer, lr, epochs, method = ranks.agree(work, (*settings, guarded_method(cfg, prep.tied, search, words)))
     mine, shard = distributed.split(ranks, work, cfg.batch_size, epochs, cfg.seed, prep.device)
 
     def train(method: str, hook: str) -> tuple[Learned, chunks.Plan | None, teacher.TeacherCache | None]:

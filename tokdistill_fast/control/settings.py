@@ -77,11 +77,17 @@ def guarded_method(cfg: DistillConfig, tied: bool, search: autotune.SearchResult
                     "keeps plain token-distill)", 100 * search.self_mass,
                     100 * search.sample.get("base_self_mass", 0.0), GUARD_METHOD)
         return GUARD_METHOD
-    if words >= GUARD_FROM_START_WORDS:
+    if large_job(words):
         log.info("%d words on a tied model: training with %s from the start, the more rows the likelier a hub "
                  "(--no-ntp-guard keeps plain token-distill)", words, GUARD_METHOD)
         return GUARD_METHOD
     return cfg.method
+
+
+def large_job(words: int) -> bool:
+    """Whether a job of `words` trained words is large enough that a guarded tied model trains GUARD_METHOD from
+    the start."""
+    return words >= GUARD_FROM_START_WORDS
 
 
 def uses_last_layer(cfg: DistillConfig) -> bool:
