@@ -300,7 +300,7 @@ def search(decoder: Decoder, al: Alignment, teacher_ids: np.ndarray, cu_teacher:
     n_tokens = max(MIN_TOKENS, round(share * al.n / per_token))
     # candidates train the distillation alone: learned output rows and alpha-mass's output term follow the choice
     objectives = {layer: dataclasses.replace(objective(layer), train_output=False, mass=False) for layer in layers}
-    cache_layers = sorted({o.layer if o.distill == "mse" else L for o in objectives.values() if o.distill is not None})
+    cache_layers = sorted({o.compared_layer(L) for o in objectives.values() if o.distill is not None})
 
     def stage(exclude: np.ndarray | None) -> Stage:
         sample = draw_sample(al, teacher_ids, cu_teacher, snippet_row, V, n_rows, n_tokens, heldout_share, keep,

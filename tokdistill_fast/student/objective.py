@@ -51,10 +51,13 @@ class Objective:
                                  "reads from them (untied: --output-embeddings)")
         return cls(distill=distill, ntp=ntp, layer=layer, train_output=train_output, mass=mass)
 
+    def compared_layer(self, num_layers: int) -> int:
+        """The layer its distillation compares: the target layer for mse, the last layer for logit losses."""
+        return self.layer if self.distill == "mse" else num_layers
+
     def cache_layers(self, num_layers: int) -> list[int]:
-        """Teacher layers this objective reads: the target layer for mse, the last layer for logit losses and
-        alpha-mass."""
-        return sorted({self.layer if self.distill == "mse" else num_layers} | ({num_layers} if self.mass else set()))
+        """Teacher layers this objective reads: the compared layer, and the last layer for alpha-mass."""
+        return sorted({self.compared_layer(num_layers)} | ({num_layers} if self.mass else set()))
 
     @staticmethod
     def head_stats(decoder: Decoder, cache: TeacherCache, al: Alignment, chunk: int = 256
@@ -80,7 +83,7 @@ class Objective:
         """Student layers a step computes: the one its distillation compares, plus the last layer for logits
         (logit losses, NTP, output rows); alpha-mass reads only the teacher's last layer."""
         final = self.distill in ("kl", "logits-mse") or self.ntp is not None or learns_output
-        return sorted({self.layer if self.distill == "mse" else num_layers} | ({num_layers} if final else set()))
+        return sorted({self.compared_layer(num_layers)} | ({num_layers} if final else set()))
 
     def loss(self, decoder: Decoder, flat: dict[int, torch.Tensor], targets: tuple[dict | None, torch.Tensor | None],
              b: Batch, trainable: Trainable, weights: tuple[float, float] = (1.0, 1.0), shard: Shard | None = None,
