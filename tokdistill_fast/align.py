@@ -52,6 +52,11 @@ class Alignment:
         """[K] whether each aligned pair's student position has a next token in its snippet (an NTP target)."""
         return self.s_pos.astype(np.int64) + 1 < np.diff(self.cu_student)[self.pair_snippet()]
 
+    def pair_next_ids(self) -> np.ndarray:
+        """[K] the student id after each aligned pair's position, or its own id where its snippet ends there
+        (pair_has_next says which)."""
+        return self.student_ids[self.cu_student[self.pair_snippet()] + self.s_pos + self.pair_has_next()]
+
     def take(self, idx: np.ndarray) -> Alignment:
         """The alignment of snippets `idx` only, repacked in that order."""
         idx = np.asarray(idx, dtype=np.int64)

@@ -231,7 +231,7 @@ def score(model: Scorer, hs: HeldoutSet, ref: Reference) -> Scores:
     in_cont = torch.from_numpy(hs.aligned_in_cont())
     snippet = al.pair_snippet()
     has_next = al.pair_has_next()
-    target_all = al.student_ids[al.cu_student[snippet] + al.s_pos + has_next]
+    target_all = al.pair_next_ids()
     at_new = np.isin(al.student_ids[al.cu_student[snippet] + al.s_pos], np.asarray(model.new_ids, dtype=np.int64))
     at_row = np.cumsum(at_new) - 1  # row of each at-new pair in new_probs_at_new
     new_probs = np.zeros((int(at_new.sum()), len(model.new_ids)))

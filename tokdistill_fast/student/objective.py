@@ -67,8 +67,7 @@ class Objective:
         once instead of a [K, V] head product in every step."""
         device, L, V = decoder.embed_weight.device, decoder.num_layers, decoder.embed_weight.shape[0]
         states = cache.states[L]
-        nxt = torch.from_numpy(al.student_ids[(al.cu_student[al.pair_snippet()] + al.s_pos + 1)
-                                              .clip(max=len(al.student_ids) - 1)])
+        nxt = torch.from_numpy(al.pair_next_ids())
         nxt = torch.where(torch.from_numpy(al.pair_has_next()) & (nxt < V), nxt, -1).to(device)
         lse, ce = (torch.empty(len(nxt), device=device) for _ in range(2))
         with torch.no_grad():
