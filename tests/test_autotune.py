@@ -154,11 +154,12 @@ def test_rows_that_over_predict_after_the_run_train_again_with_alpha_mass(model_
 
 
 @pytest.mark.parametrize("guard", [True, False])
-def test_large_jobs_on_tied_models_train_alpha_mass_from_the_start(model_dirs, words_file, corpus_file, monkeypatch,
-                                                                   guard):
+def test_large_jobs_and_more_epochs_on_tied_models_train_alpha_mass_from_the_start(model_dirs, words_file,
+                                                                                   corpus_file, monkeypatch, guard):
     """A job of at least GUARD_FROM_START_WORDS trained words (here lowered to the test's word count) on a tied model
     trains token-distill+alpha-mass from the start, with no check after the run and, with the layer fixed, no
-    search trial to measure it; --no-ntp-guard keeps token-distill, and so does an untied model."""
+    search trial to measure it; so does a smaller job that trains more epochs; --no-ntp-guard keeps token-distill,
+    and so does an untied model."""
     monkeypatch.setattr(autotune, "OVER_PREDICTION", 2.0)  # the search's sample never sends it there
     words = len([w for w in open(words_file).read().splitlines() if w.strip()])
     monkeypatch.setattr(settings, "GUARD_FROM_START_WORDS", words)
@@ -177,6 +178,10 @@ def test_large_jobs_on_tied_models_train_alpha_mass_from_the_start(model_dirs, w
         monkeypatch.setattr(settings, "GUARD_FROM_START_WORDS", words + 1)  # one word short: plain distillation
         assert distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
                        cfg).report["settings"]["resolved_method"] == "token-distill"
+        more = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
+                       cfg.replace(more_epochs=1)).report  # more passes: alpha-mass, its more epochs kept or not
+        assert more["settings"]["resolved_method"] == want and more["ntp_guard_after_run"] is None
+        assert more["more_epochs"]["epochs"] == 1
 
 
 def test_paired_decision_needs_a_win_beyond_noise():

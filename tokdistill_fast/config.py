@@ -138,7 +138,8 @@ class DistillConfig:
     # some word, the run keeps the rows of its first --epochs (docs/defaults.md, "Four more passes in the same run").
     # auto: MORE_EPOCHS where the model runs in bf16 (GPUs, bf16 CPUs), none in fp32 on a CPU, where a pass costs
     # 2-4x as much (docs/cpu-speed.md) and the job already takes about half the plain prototype's time. Not with
-    # --lr-schedule decay (the rate is zero by then), NTP objectives or several processes.
+    # --lr-schedule decay (the rate is zero by then), NTP objectives or several processes. A guarded tied model that
+    # trains them trains token-distill+alpha-mass from the start (control/settings.py, `from_start`).
     more_epochs: int | str = "auto"
     batch_size: int = 16  # the paper's batch size
     snippets_per_token: int = 25  # the paper's budget: at most 25 snippets ...

@@ -32,7 +32,7 @@ from .config import (
     UserInputError,
 )
 from .control import checkpoint, chunks, distributed, observed
-from .control.settings import GUARD_METHOD, guarded_method, guards, large_job, resolve_settings, search_settings
+from .control.settings import GUARD_METHOD, from_start, guarded_method, guards, resolve_settings, search_settings
 from .corpus import corpus_files, leading_documents
 from .evaluation import heldout
 from .kernels import backend as kernels
@@ -208,8 +208,8 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
     prep = prepare(model, new_tokens, corpus, cfg, tokenizer, keep_in=out if ranks.world == 1 else None)
     work, work_dir, timer = prep.work, prep.work_dir, prep.timer
     words = len(work.primaries) if work is not None else 0
-    # a job large enough to train the guard's method anyway needs no trial of a fixed setting to measure it
-    settings, search = settle(prep, cfg, timer, guard=not large_job(words))
+    # a job that trains the guard's method from the start needs no trial of a fixed setting to measure it
+    settings, search = settle(prep, cfg, timer, guard=not from_start(cfg, words))
     # every rank takes rank 0's settings
     layer, lr, epochs, method = ranks.agree(work, (*settings, guarded_method(cfg, prep.tied, search, words)))
     mine, shard = distributed.split(ranks, work, cfg.batch_size, epochs, cfg.seed, prep.device)

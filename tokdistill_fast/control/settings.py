@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 GUARD_METHOD = "token-distill+alpha-mass"
 # Jobs of at least this many trained words on a tied model train GUARD_METHOD from the start: the more rows, the
 # likelier one of them becomes a hub, and where the run's own rows show one the guard trains everything twice
-# (250-word jobs: docs/defaults.md, "Large jobs on tied models: alpha-mass from the start").
+# (250-word jobs: docs/defaults.md, "Large jobs on tied models: alpha-mass from the start"). So do runs that train
+# more epochs (bf16), whose extra passes drew mass onto new rows ("More passes on tied models: alpha-mass").
 GUARD_FROM_START_WORDS = 100
 DEFAULT_DEPTH = 0.75  # target layer when no search runs: best or near-best on SmolLM2 and Gemma-3 (docs/defaults.md)
 
@@ -65,7 +66,7 @@ def guards(cfg: DistillConfig, tied: bool) -> bool:
 def guarded_method(cfg: DistillConfig, tied: bool, search: autotune.SearchResult | None, words: int = 0) -> str:
     """cfg.method, or GUARD_METHOD where the guard watches a tied model's run (`guards`) and either the search saw
     the chosen token-distill rows make it predict new tokens right after reading one (autotune.OVER_PREDICTION), or
-    the job trains at least GUARD_FROM_START_WORDS `words`. A tied row is also an output row, which plain
+    the job is one that trains it from the start (`from_start`). A tied row is also an output row, which plain
     distillation never constrains, and sampling then loops on the word ("apt-get apt-get ..."); alpha-mass
     regularizes that side at the teacher's final states, without running the student's last layers
     (docs/defaults.md)."""
@@ -77,17 +78,18 @@ def guarded_method(cfg: DistillConfig, tied: bool, search: autotune.SearchResult
                     "keeps plain token-distill)", 100 * search.self_mass,
                     100 * search.sample.get("base_self_mass", 0.0), GUARD_METHOD)
         return GUARD_METHOD
-    if large_job(words):
-        log.info("%d words on a tied model: training with %s from the start, the more rows the likelier a hub "
-                 "(--no-ntp-guard keeps plain token-distill)", words, GUARD_METHOD)
+    if from_start(cfg, words):
+        log.info("a tied model, %d words, %d more epochs: training with %s from the start, the more rows or passes "
+                 "the likelier a hub (--no-ntp-guard keeps plain token-distill)", words, cfg.run_more_epochs(),
+                 GUARD_METHOD)
         return GUARD_METHOD
     return cfg.method
 
 
-def large_job(words: int) -> bool:
-    """Whether a job of `words` trained words is large enough that a guarded tied model trains GUARD_METHOD from
-    the start."""
-    return words >= GUARD_FROM_START_WORDS
+def from_start(cfg: DistillConfig, words: int) -> bool:
+    """Whether a guarded tied model trains GUARD_METHOD from the start: a job of GUARD_FROM_START_WORDS or more
+    trained `words`, or one that trains more epochs (where the model runs in bf16)."""
+    return words >= GUARD_FROM_START_WORDS or cfg.run_more_epochs() > 0
 
 
 def uses_last_layer(cfg: DistillConfig) -> bool:
