@@ -76,9 +76,8 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
         d.add_argument("--no-ntp-guard", dest="ntp_guard", action="store_false",
                        help="tied models: keep plain token-distill for jobs of 100+ words or with more epochs, and "
                        "even when the layer search or the run's own rows show its rows make the model predict new "
-                       "tokens right after one "
-                       "(by default the run then trains token-distill+alpha-mass; with the layer fixed, the search "
-                       "trains it alone to measure this), and skip those measurements")
+                       "tokens right after one (by default the run then trains token-distill+alpha-mass; with the "
+                       "layer fixed, the search trains it alone to measure this), and skip those measurements")
     d.add_argument("--loss", default=c.loss, help="mse | kl | logits-mse (token-distill methods)")
     d.add_argument("--target-layer", type=_layer, default=c.target_layer,
                    help="layer whose hidden states are distilled: 1..L or -1 (last, after the final norm), or auto")

@@ -23,7 +23,8 @@ GUARD_METHOD = "token-distill+alpha-mass"
 # Jobs of at least this many trained words on a tied model train GUARD_METHOD from the start: the more rows, the
 # likelier one of them becomes a hub, and where the run's own rows show one the guard trains everything twice
 # (250-word jobs: docs/defaults.md, "Large jobs on tied models: alpha-mass from the start"). So do runs that train
-# more epochs (bf16), whose extra passes drew mass onto new rows ("More passes on tied models: alpha-mass").
+# more epochs (bf16), whose extra passes drew mass onto new rows ("Alpha-mass from the start wherever the more
+# epochs run").
 GUARD_FROM_START_WORDS = 100
 DEFAULT_DEPTH = 0.75  # target layer when no search runs: best or near-best on SmolLM2 and Gemma-3 (docs/defaults.md)
 
