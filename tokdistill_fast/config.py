@@ -106,9 +106,10 @@ class DistillConfig:
     """Settings of one run. Defaults follow the paper unless our measurements (docs/) say otherwise."""
 
     method: str = "token-distill"
-    # Tied models: train token-distill+alpha-mass instead where the job has 100+ words, or the layer search (with
-    # the layer and epochs fixed, that one setting on its sample) or the run's own rows show the token-distill rows
-    # make the model predict new tokens right after reading one (control/settings.guarded_method).
+    # Tied models: train token-distill+alpha-mass instead where the job has 100+ words or trains more epochs
+    # (control/settings.from_start), or the layer search (with the layer and epochs fixed, that one setting on its
+    # sample) or the run's own rows show the token-distill rows make the model predict new tokens right after
+    # reading one (control/settings.guarded_method).
     ntp_guard: bool = True
     loss: str = "mse"
     # "auto" searches candidate layers on held-out snippets (autotune.py); an int is a layer index in
