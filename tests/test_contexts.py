@@ -294,11 +294,12 @@ def test_fortunes_corpus_keeps_one_document_per_fortune(tmp_path, monkeypatch):
                     "Never put off till tomorrow what you can do the day after tomorrow. -- Mark Twain"]
 
 
-@pytest.mark.parametrize("name", ["pydocs", "pgdocs", "gnucash"])
+@pytest.mark.parametrize("name", ["pydocs", "pgdocs", "gnucash", "gimp"])
 def test_html_manual_corpus_keeps_the_text_of_each_paragraph(tmp_path, monkeypatch, name):
     """The HTML manuals of `demo prepare --corpora` (the Python Library Reference, the PostgreSQL manual, GnuCash's
-    guide and help): each <p> of the pages beside each of the package's index pages becomes one document, tags
-    dropped, entities decoded, whitespace folded, short ones and the licence pages that a manual names left out."""
+    guide and help, GIMP's manual): each <p> of the pages beside each of the package's index pages becomes one
+    document, tags dropped, entities decoded, whitespace folded, short ones and the licence pages that a manual names
+    left out."""
     from tokdistill_fast.tools import demo
 
     lib = tmp_path / "library"
