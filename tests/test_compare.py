@@ -94,7 +94,7 @@ FLAG_VALUES = {
     "--align-impl": "python", "--warmup-fraction": "0.25", "--loss-positions": "all",
     "--left-context": "4", "--top-up": "word", "--lr-schedule": "decay", "--optimizer": "adamw",
     "--hardest-epochs": "2",
-    "--more-epochs": "2",
+    "--more-epochs": "2", "--variant-epochs": "2",
 }
 SEPARATE = {"new_tokens_from_tokenizer", "target_tokenizer", "new_ids", "method", "overwrite"}  # tested elsewhere
 

@@ -41,8 +41,8 @@ def find_hits_ref(documents: list[str], tokens: list[NewToken], keep: int, windo
         for end, _, i, start in sorted(found):  # Aho-Corasick order: by end, longer match first
             if end < len(doc) and WORD_CHAR.match(doc, end):
                 continue
-            if start > 0 and tokens[i].form[0] != " " and WORD_CHAR.match(doc, start - 1):
-                continue
+            if start > 0 and tokens[i].form[0] != " " and (WORD_CHAR.match(doc, start - 1) or doc[start - 1] == " "):
+                continue  # a bare form inside a word, or after a space (where " word" is the token)
             counts[i] += 1
             slot = len(kept[i]) if len(kept[i]) < keep else int(draw() * counts[i])
             if slot < keep:
@@ -203,7 +203,7 @@ def test_not_utf8_is_a_user_error(tmp_path):
 
 def test_stop_when_full_and_max_bytes_end_the_pass_early(tmp_path):
     path = tmp_path / "c.txt"
-    path.write_text(("x palatable y ün bivalve ab spill the beans\n\n" * 500), encoding="utf-8")
+    path.write_text(("x palatable y ün bivalve (ab spill the beans\n\n" * 500), encoding="utf-8")
     size = path.stat().st_size
     _, whole = find_hits(Corpus([path], chunk=256), toks(), 4, 20, 0)
     assert whole.stopped_early is None and whole.hits == [500] * 5

@@ -329,11 +329,12 @@ def test_resolve_passes():
     for cfg in (DistillConfig(epochs=1, more_epochs=0), DistillConfig(epochs=1, more_epochs=4, lr_schedule="decay"),
                 DistillConfig(epochs=1, more_epochs=4, method="token-distill+alpha-ntp")):
         assert student.Passes.for_config(cfg) == student.Passes(prefix=True, fused=True)
-    # auto: more epochs and the hardest quarter's where the model runs in bf16, none in fp32 on a CPU
+    # auto: more epochs, the hardest quarter's and the variants' where the model runs in bf16, none in fp32 on a CPU
     for dtype, extra in (("bfloat16", 4), ("float32", 0)):
         cfg = DistillConfig(device="cpu", dtype=dtype)
-        assert (cfg.run_more_epochs(), cfg.run_hardest_epochs()) == (extra, extra)
+        assert (cfg.run_more_epochs(), cfg.run_hardest_epochs(), cfg.run_variant_epochs()) == (extra, extra, extra)
     assert DistillConfig(dtype="float32", hardest_epochs=2).run_hardest_epochs() == 2
+    assert DistillConfig(dtype="bfloat16", add_variants=False).run_variant_epochs() == 0
 
 
 VARLEN_CASE = ([5, 1, 17, 30], [12, 1, 17, 49])  # suffix over a prefix, length 1, no prefix, long prefix

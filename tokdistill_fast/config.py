@@ -68,6 +68,7 @@ HARDEST_WARMUP = 0.25
 # --more-epochs and --hardest-epochs auto where the model runs in bf16.
 MORE_EPOCHS = 4
 HARDEST_EPOCHS = 4
+VARIANT_EPOCHS = 4
 
 @dataclass(frozen=True)
 class Launch:
@@ -134,6 +135,11 @@ class DistillConfig:
     # none in fp32 on a CPU, as for --more-epochs (there they took a fifth of the 40-word job's time, which must stay
     # within half the plain prototype's: docs/defaults.md, "Extra passes only where a pass is cheap").
     hardest_epochs: int | str = "auto"
+    # Then each variant (the start-of-text form, "word" after "(", ":" or a newline; casing variants) with corpus
+    # hits of its own trains this many epochs alone on them, from its word's trained row moved by the subtoken-mean
+    # offset (0: it keeps that row). auto: VARIANT_EPOCHS where the model runs in bf16, none in fp32 on a CPU
+    # (docs/defaults.md, "Start-of-text variants trained on their own text").
+    variant_epochs: int | str = "auto"
     # Every word then trains this many more epochs in the same run, at the constant rate after --epochs' schedule;
     # where the rows then make a tied model put over HUB_AFTER_RUN of its next-token probability on new tokens after
     # some word, the run keeps the rows of its first --epochs (docs/defaults.md, "Four more passes in the same run").
@@ -224,7 +230,7 @@ class DistillConfig:
                 raise UserInputError(f"--{name.replace('_', '-')} must be at least 1")
         if self.snippet_length < 4:
             raise UserInputError("--snippet-length must be at least 4 tokens")
-        for name in ("hardest_epochs", "more_epochs"):
+        for name in ("hardest_epochs", "more_epochs", "variant_epochs"):
             value = getattr(self, name)
             if value != "auto" and (isinstance(value, str) or int(value) < 0):
                 raise UserInputError(f"--{name.replace('_', '-')} must be 0 or more, or auto, not {value!r}")
@@ -272,6 +278,11 @@ class DistillConfig:
         """The --hardest-epochs this config trains (in one process, distillation without NTP); auto: by the device
         and dtype it runs in."""
         return self._where_cheap(self.hardest_epochs, HARDEST_EPOCHS)
+
+    def run_variant_epochs(self) -> int:
+        """The --variant-epochs this config trains (in one process, distillation without NTP); auto: by the device
+        and dtype it runs in."""
+        return self._where_cheap(self.variant_epochs, VARIANT_EPOCHS) if self.add_variants else 0
 
     def _where_cheap(self, value: int | str, default: int) -> int:
         """An extra-pass count as given, or for "auto" `default` where the model runs in bf16 (GPUs, bf16 CPUs) and

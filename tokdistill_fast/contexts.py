@@ -106,7 +106,7 @@ def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window
     import ahocorasick
 
     automaton = ahocorasick.Automaton()
-    for i, tok in enumerate(tokens):  # a bare form ("word") must also not follow a word character
+    for i, tok in enumerate(tokens):  # a bare form ("word") must also not follow a word character or a space
         automaton.add_word(tok.form, (i, len(tok.form), tok.form[:1] != " "))
     automaton.make_automaton()
     longest = max((len(t.form) for t in tokens), default=1)
@@ -130,8 +130,8 @@ def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window
             if end <= done or (end < size and is_word[buf[end]]):
                 continue  # handled with the previous piece, or "palatable" inside "palatableness"
             start = end - n
-            if bare and start > 0 and is_word[buf[start - 1]]:
-                continue
+            if bare and start > 0 and (is_word[buf[start - 1]] or buf[start - 1] == " "):
+                continue  # a bare form inside a word, or where its running-text form (" word") matches
             counts[i] += 1
             held = kept[i]
             slot = len(held)

@@ -63,14 +63,17 @@ class RunReport:
         per_token = []
         for i, t in enumerate(toks):
             r = row_of.get(i)
+            alone = learned.variants.get(i, {})  # a variant trained on its own snippets (pipeline.train_variants)
             per_token.append({
                 "word": t.word, "form": t.form, "token": t.piece, "id": t.new_id, "kind": t.kind,
                 "variant_of": t.variant_of, "subtokens": prep.tokenizer.convert_ids_to_tokens(t.sub_ids),
-                "sub_ids": t.sub_ids, "contexts": int(per_row[r]) if work and r is not None else 0,
-                "corpus_contexts": work.found.get(i, 0) if work else 0,
+                "sub_ids": t.sub_ids,
+                "contexts": int(per_row[r]) if work and r is not None else alone.get("snippets", 0),
+                "corpus_contexts": work.found.get(i, 0) if work and r is not None else alone.get("snippets", 0),
                 "source": (work.sources.get(i, "none") if work else method) if t.variant_of is None else "variant",
                 "final_loss": float(result.token_loss[r]) if result is not None and r is not None else None,
-                "word_loss": float(result.word_loss[r]) if result is not None and r is not None else None,
+                "word_loss": float(result.word_loss[r]) if result is not None and r is not None
+                else alone.get("word_loss"),
                 "norm": float(learned.rows[i].norm()),
             })
         skipped = prep.skipped
@@ -80,7 +83,8 @@ class RunReport:
                          "resolved_epochs": epochs, "resolved_method": method,
                          "resolved_optimizer": cfg.replace(method=method).run_optimizer(),
                          "resolved_more_epochs": cfg.replace(method=method).run_more_epochs(),
-                         "resolved_hardest_epochs": cfg.run_hardest_epochs()},
+                         "resolved_hardest_epochs": cfg.run_hardest_epochs(),
+                         "resolved_variant_epochs": cfg.run_variant_epochs()},
             "model": {"type": type(decoder.model).__name__, "layers": decoder.num_layers,
                       "hidden": decoder.hidden_size, "rows_before": int(decoder.embed_weight.shape[0]),
                       "tied": prep.tied},
@@ -115,7 +119,8 @@ class RunReport:
         }
         report = cls(data, prep.timer)
         if methods:
-            report.record_methods(method, set(work.primaries) if work and result is not None else set(),
+            kept = {i for i, v in learned.variants.items() if v["kept"]}
+            report.record_methods(method, set(work.primaries) | kept if work and result is not None else set(),
                                   learned.init_used, set(learned.derived))
         return report
 
@@ -199,6 +204,16 @@ def hardest_words(per_token: list[dict], hardest: dict[int, dict], epochs: int) 
             "tokens": [{"word": per_token[i]["word"], "word_loss_before": v["first"], "word_loss_after": v["alone"],
                         "kept": v["kept"] == "alone", "over_predicted": v.get("over_predicted")}
                        for i, v in sorted(hardest.items())]}
+
+
+def variant_summary(per_token: list[dict], variants: dict[int, dict], epochs: int) -> dict | None:
+    """What pipeline.train_variants did: how many variants trained on how many snippets of their own,
+    and which went back to their moved rows because the model then put too much of its probability on them."""
+    if not variants:
+        return None
+    return {"epochs": epochs, "trained": len(variants), "snippets": sum(v["snippets"] for v in variants.values()),
+            "kept": sum(v["kept"] for v in variants.values()),
+            "sent_back": {per_token[i]["form"]: v["over_predicted"] for i, v in variants.items() if not v["kept"]}}
 
 
 def over_predicting(per_token: list[dict], key: str) -> list[dict]:

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Workload:
-    """Snippets and alignment for the trainable (primary) tokens."""
+    """Snippets and alignment for the trainable tokens (the primaries, or the variants that train after them)."""
 
     primaries: list[int]  # indices into tokens of the trainable rows, in row order
     snippets: list[contexts.Snippet]
@@ -43,10 +43,12 @@ def trained_tokens(cfg: DistillConfig, toks: list[NewToken]) -> list[int]:
 
 
 def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], corpus: list,
-                    start: int | None) -> tuple[list[contexts.Snippet], dict, dict, dict]:
+                    start: int | None, train: list[int] | None = None
+                    ) -> tuple[list[contexts.Snippet], dict, dict, dict]:
     """Retrieve snippets for the tokens to train; top up tokens with too few (cfg.top_up) from the model's own
-    continuations of their snippets, or from generations prompted with the word where the corpus has none."""
-    primaries = trained_tokens(cfg, toks)
+    continuations of their snippets, or from generations prompted with the word where the corpus has none.
+    `train`: other tokens to retrieve for (start-of-text variants), which take only what the corpus has."""
+    primaries = trained_tokens(cfg, toks) if train is None else train
     found = dict.fromkeys(primaries, 0)
     stats: dict = {}
     snippets: list[contexts.Snippet] = []
@@ -64,7 +66,9 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
                  "dropped_tokenized_differently": {toks[i].word: d for i, d in zip(primaries, dropped) if d}}
     # Only the first --loss-positions aligned positions are trained (align.trim_suffix): sample no more than that.
     new_tokens = cfg.loss_positions - 1 if cfg.loss_positions else None
-    if cfg.top_up == "continue":
+    if train is not None:
+        fill, short = {}, []
+    elif cfg.top_up == "continue":
         fill = {i: cfg.snippets_per_token - found[i] for i in primaries if 0 < found[i] < cfg.snippets_per_token}
         short = [i for i in primaries if found[i] == 0]
     else:
@@ -84,10 +88,11 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
 
 
 def build_workload(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], corpus: list, start: int | None,
-                   V: int) -> Workload:
-    """Snippets of the tokens to train and their alignment; student ids of new tokens are V + their row."""
-    snippets, found, sources, retrieval = gather_contexts(cfg, model, tokenizer, toks, corpus, start)
-    primaries = trained_tokens(cfg, toks)
+                   V: int, train: list[int] | None = None) -> Workload:
+    """Snippets of the tokens to train (`train`: corpus snippets only of these, see gather_contexts) and their
+    alignment; student ids of new tokens are V + their row."""
+    snippets, found, sources, retrieval = gather_contexts(cfg, model, tokenizer, toks, corpus, start, train)
+    primaries = trained_tokens(cfg, toks) if train is None else train
     row_of = {tok_i: r for r, tok_i in enumerate(primaries)}
     teacher_ids, cu_teacher = align.pack([s.ids for s in snippets], cfg.align_impl)
     al = align.align((teacher_ids, cu_teacher), [toks[i].sub_ids for i in primaries],

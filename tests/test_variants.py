@@ -1,0 +1,133 @@
+"""Start-of-text variants ("palatable" after "(" or a newline, where the tokenizer emits the bare form) train alone on
+their own corpus snippets after the words' run, from the row they take otherwise (their word's row moved by the
+subtoken-mean offset); `tokdistill eval` measures them at their own held-out occurrences."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import FILLER
+
+from tokdistill_fast import DistillConfig, contexts, pipeline, tokens
+from tokdistill_fast.config import UserInputError
+from tokdistill_fast.evaluation.evalrun import run_eval
+
+WORDS = ["palatable", "bivalve", "thyroidectomy"]
+FAST = dict(snippets_per_token=8, snippet_length=24, batch_size=4, target_layer=2, lr=1e-2, epochs=2,
+            more_epochs=0, hardest_epochs=0, dtype="float32", device="cpu")
+
+
+def bare_text(n_docs: int, seed: int) -> str:
+    """Documents of filler words with the words in running text, and "palatable" and "bivalve" (never
+    "thyroidectomy") also bare: after "(" and at the start of a line."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        words = [rng.choice(FILLER) for _ in range(rng.randint(15, 30))]
+        words.insert(rng.randint(1, len(words)), rng.choice(WORDS))
+        words.insert(rng.randint(1, len(words)), "(palatable")
+        words.insert(rng.randint(1, len(words)), "\n" + rng.choice(WORDS[:2]))
+        docs.append(" ".join(words).replace(" \n", "\n") + ".")
+    return "\n\n".join(docs) + "\n"
+
+
+@pytest.fixture(scope="module")
+def bare_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bare")
+    (root / "train.txt").write_text(bare_text(40, 0), encoding="utf-8")
+    (root / "heldout.txt").write_text(bare_text(12, 1), encoding="utf-8")
+    (root / "words.txt").write_text("\n".join(WORDS) + "\n", encoding="utf-8")
+    return root
+
+
+def test_bare_forms_are_found_where_the_tokenizer_emits_them():
+    """A bare form's hits: after punctuation or a newline, not after a space (there the running-text form " word"
+    is the token) and not inside a word."""
+    bare = tokens.NewToken("palatable", "palatable", [1, 2])
+    text = "a palatable x (palatable y\npalatable z unpalatable"
+    hits, stats = contexts.find_hits([(text, True, True)], [bare], keep=10, window_chars=5, seed=0)
+    assert stats.hits == [2]
+    assert sorted(h.text[h.start - 1] for h in hits[0]) == ["\n", "("]
+
+
+def moved(prep, learned, i: int) -> torch.Tensor:
+    """The row variant `i` takes without training: its word's row moved by the subtoken-mean offset."""
+    toks = prep.toks
+    p = next(k for k, t in enumerate(toks) if t.variant_of is None and t.word == toks[i].variant_of)
+    table = prep.decoder.embed_weight.float()
+    mean = lambda t: table[t.sub_ids].mean(0).cpu()  # noqa: E731
+    return learned.rows[p] + mean(toks[i]) - mean(toks[p])
+
+
+def test_variants_train_on_their_own_snippets(model_dirs, bare_corpus):
+    """With bare occurrences in the corpus, "palatable"'s variant trains on them (and moves off its moved row);
+    "thyroidectomy"'s, with none, keeps its moved row; the words' rows are those of a run without the stage."""
+    words, corpus = bare_corpus / "words.txt", [bare_corpus / "train.txt"]
+    cfg = DistillConfig(**FAST, variant_epochs=2)
+    with pytest.raises(UserInputError, match="--variant-epochs must be 0 or more"):
+        cfg.replace(variant_epochs=-1).validate()
+    prep = pipeline.prepare(model_dirs[("llama", "bytelevel", True)], words, corpus, cfg)
+    index = {t.form: i for i, t in enumerate(prep.toks)}
+    cache = pipeline.teacher_cache(prep, prep.work, [2], packed=True)
+    learned = pipeline.learn_rows(prep, cfg, (2, 1e-2, 2), cache=cache)
+    assert set(learned.variants) == {index["palatable"], index["bivalve"]}
+    got = learned.variants[index["palatable"]]
+    assert got["kept"] and got["snippets"] == cfg.snippets_per_token
+    assert not torch.allclose(learned.rows[index["palatable"]], moved(prep, learned, index["palatable"]))
+    torch.testing.assert_close(learned.rows[index["thyroidectomy"]], moved(prep, learned, index["thyroidectomy"]))
+    plain = pipeline.learn_rows(prep, cfg.replace(variant_epochs=0), (2, 1e-2, 2), cache=cache)
+    assert plain.variants == {}
+    primaries = [index[" " + w] for w in WORDS]
+    torch.testing.assert_close(plain.rows[primaries], learned.rows[primaries], rtol=0, atol=0)
+    torch.testing.assert_close(plain.rows[index["palatable"]], moved(prep, plain, index["palatable"]))
+
+
+def test_a_variant_that_draws_the_mass_goes_back(model_dirs, bare_corpus):
+    """Where the tied model with the trained variants puts over 0.2 of its next-token probability on a variant after
+    some word, that variant goes back to its moved row and the check runs again; where a word's own row takes it,
+    every variant goes back."""
+    words, corpus = bare_corpus / "words.txt", [bare_corpus / "train.txt"]
+    cfg = DistillConfig(**FAST, variant_epochs=2)
+    prep = pipeline.prepare(model_dirs[("llama", "bytelevel", True)], words, corpus, cfg)
+    index = {t.form: i for i, t in enumerate(prep.toks)}
+    var, other, primaries = index["palatable"], index["bivalve"], {index[" " + w] for w in WORDS}
+    objective = pipeline.student.Objective(distill="mse", layer=2)
+    schedule = pipeline.student.Schedule(lr=1e-2, epochs=2, batch_size=4, seed=0)
+    means = pipeline.subtoken_mean(prep.decoder.embed_weight, prep.toks)
+    start = means.clone()  # the words' rows as a run leaves them, and the variants' rows moved from them
+    for w in WORDS:
+        start[index[" " + w]] += 0.1 * torch.randn(means.shape[1], generator=torch.Generator().manual_seed(1))
+    move = {v: start[index[" " + prep.toks[v].word]] + means[v] - means[index[" " + prep.toks[v].word]]
+            for v in (var, other)}
+    for hub, other_kept, checks in ((var, True, [True, False]), (index[" bivalve"], False, [True])):
+        rows, calls = start.clone(), []
+
+        def hub_mass(trial, trained, hub=hub, calls=calls):
+            calls.append(var in trained)
+            return (0.5, hub) if var in trained else (0.1, hub)
+
+        got = pipeline.train_variants(prep, cfg, rows, means, primaries, objective, schedule,
+                                      pipeline.student.Passes(), hub_mass)
+        assert not got[var]["kept"] and got[var]["over_predicted"] == 0.5
+        assert got[other]["kept"] is other_kept and calls == checks
+        torch.testing.assert_close(rows[var], move[var])
+        assert torch.allclose(rows[other], move[other]) is not other_kept
+
+
+def test_eval_measures_the_variants_at_their_own_occurrences(model_dirs, bare_corpus, tmp_path):
+    """`tokdistill eval` reports the held-out measure at the bare forms' occurrences ("variants"): two outputs that
+    differ only in the variant rows score the same words and different variants."""
+    src = model_dirs[("llama", "bytelevel", True)]
+    words, corpus, heldout = bare_corpus / "words.txt", [bare_corpus / "train.txt"], [bare_corpus / "heldout.txt"]
+    reports = []
+    for epochs in (2, 0):
+        out = tmp_path / f"v{epochs}"
+        pipeline.distill(src, words, corpus, out, DistillConfig(**FAST, variant_epochs=epochs))
+        reports.append(run_eval(src, out, heldout, opts=None, device="cpu", dtype="float32"))
+    trained, plain = (r["variants"] for r in reports)
+    assert trained["counts"] == plain["counts"] and trained["counts"]["with_heldout"] == 2
+    assert trained["counts"]["snippets"] > 0 and [t["form"] for t in trained["tokens"]] == ["palatable", "bivalve"]
+    assert reports[0]["aggregate"]["kl"] == reports[1]["aggregate"]["kl"]
+    assert trained["aggregate"]["kl"]["mean"] != plain["aggregate"]["kl"]["mean"]
