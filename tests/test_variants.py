@@ -11,7 +11,7 @@ import torch
 from conftest import FILLER
 
 from tokdistill_fast import DistillConfig, contexts, pipeline, tokens
-from tokdistill_fast.config import UserInputError
+from tokdistill_fast.config import VARIANT_SHARE, UserInputError
 from tokdistill_fast.evaluation.evalrun import run_eval
 
 WORDS = ["palatable", "bivalve", "thyroidectomy"]
@@ -74,7 +74,7 @@ def test_variants_train_on_their_own_snippets(model_dirs, bare_corpus):
     learned = pipeline.learn_rows(prep, cfg, (2, 1e-2, 2), cache=cache)
     assert set(learned.variants) == {index["palatable"], index["bivalve"]}
     got = learned.variants[index["palatable"]]
-    assert got["kept"] and got["snippets"] == cfg.snippets_per_token
+    assert got["kept"] and got["snippets"] == int(VARIANT_SHARE * cfg.snippets_per_token)
     assert not torch.allclose(learned.rows[index["palatable"]], moved(prep, learned, index["palatable"]))
     torch.testing.assert_close(learned.rows[index["thyroidectomy"]], moved(prep, learned, index["thyroidectomy"]))
     plain = pipeline.learn_rows(prep, cfg.replace(variant_epochs=0), (2, 1e-2, 2), cache=cache)

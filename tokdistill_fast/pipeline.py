@@ -28,6 +28,7 @@ from .config import (
     HUB_AFTER_RUN,
     OVER_PREDICTION_FLAG,
     TRAINED_METHODS,
+    VARIANT_SHARE,
     DistillConfig,
     UserInputError,
 )
@@ -478,7 +479,8 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
                    objective: student.Objective, schedule: student.Schedule, passes: student.Passes,
                    hub_mass=None) -> dict[int, dict]:
     """Variants of trained words (the start-of-text form, "word" after "(", ":" or a newline; casing variants) train
-    cfg.run_variant_epochs() epochs alone on their own corpus snippets, from the row they would take otherwise (their
+    cfg.run_variant_epochs() epochs alone on their own corpus snippets (at most VARIANT_SHARE of
+    cfg.snippets_per_token each, a uniform sample of their hits), from the row they would take otherwise (their
     primary's trained row moved by the subtoken-mean offset), and keep the trained row (`rows` is updated). Unless
     they train, a variant reads text no snippet showed it: on Gemma-3 / Git's manuals, where a fifth of the words'
     occurrences are bare, their held-out KL was 0.45 of subtoken-mean rows' against 0.17 at the running-text forms
@@ -497,8 +499,9 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
         log.info("variants: not trained in chunked runs (--chunk-tokens, --memory-budget); they keep their moved rows")
         return {}
     V = decoder.embed_weight.shape[0]
-    work = build_workload(cfg, decoder.model, prep.tokenizer, toks, prep.corpus, contexts.start_id(prep.tokenizer),
-                          V, train=variants)
+    keep = max(1, int(VARIANT_SHARE * cfg.snippets_per_token))
+    work = build_workload(cfg.replace(snippets_per_token=keep), decoder.model, prep.tokenizer, toks, prep.corpus,
+                          contexts.start_id(prep.tokenizer), V, train=variants)
     per_row = work.snippets_per_row()
     have = np.flatnonzero(per_row > 0)
     log.info("variants: %d of %d variant(s) have corpus snippets of their own (%d in all)", len(have),
