@@ -522,7 +522,7 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
            for k, (i, r) in enumerate(zip(index, have.tolist()))}
     trial = rows.clone()
     trial[index] = result.rows.to(trial.device, trial.dtype)
-    kept = set(index)
+    kept, position = set(index), {i: k for k, i in enumerate(index)}
     while hub_mass is not None and kept:
         mass, hub = hub_mass(trial, trained | kept)
         if mass <= OVER_PREDICTION_FLAG:
@@ -532,7 +532,7 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
                     "tokens, most on %r: %s back to the moved row", mass, toks[hub].form,
                     f"{toks[hub].form!r} goes" if back == {hub} else "every variant goes")
         for i in back:
-            trial[i] = start[index.index(i)].to(trial.device, trial.dtype)
+            trial[i] = start[position[i]].to(trial.device, trial.dtype)
             out[i].update(kept=False, over_predicted=mass)
         kept -= back
     rows[index] = trial[index]

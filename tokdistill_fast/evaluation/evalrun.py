@@ -176,9 +176,7 @@ def measure_variants(decoder: Decoder, tokenizer, toks: list[NewToken], scorer: 
     """The measure at the start-of-text variants' own occurrences ("word" after "(", ":" or a newline, where the
     tokenizer emits the variant), which the running-text forms' snippets never hold: up to a fifth of a technical
     corpus's occurrences (Git's manuals), more in some (the Debian Reference). None without variants."""
-    bare = [replace(t, sub_ids=original_ids(tokenizer, t.form) or [], variant_of=None)
-            for t in toks if t.variant_of is not None]
-    bare = [t for t in bare if t.sub_ids]
+    bare = [replace(t, variant_of=None) for t in toks if t.variant_of is not None and t.sub_ids]
     if not bare:
         return None
     opts = replace(opts, definitions=False)
