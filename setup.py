@@ -1,9 +1,10 @@
 """Build: the package, its Triton kernels (kernels/ installed as tokdistill_fast.kernels) and the optional C++
-pieces: the aligner and the library that answers MKL's vendor check (csrc/mkl_dispatch.cpp). TOKDISTILL_NO_EXT=1
-skips both (Python fallback only; MKL's own dispatch); TOKDISTILL_REQUIRE_EXT=1 makes a failed compile an error
-instead of a silent fallback (CI sets it)."""
+pieces: the aligner, the fused CPU kernels (csrc/fused.cpp) and the library that answers MKL's vendor check
+(csrc/mkl_dispatch.cpp). TOKDISTILL_NO_EXT=1 skips them (Python fallbacks only; MKL's own dispatch);
+TOKDISTILL_REQUIRE_EXT=1 makes a failed compile an error instead of a silent fallback (CI sets it)."""
 
 import os
+import platform
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import Extension, setup
@@ -13,6 +14,10 @@ if os.environ.get("TOKDISTILL_NO_EXT") != "1" and os.path.exists("csrc/align.cpp
     optional = os.environ.get("TOKDISTILL_REQUIRE_EXT") != "1"
     ext = [Pybind11Extension("tokdistill_fast._align_ext", ["csrc/align.cpp"], cxx_std=17,
                              extra_compile_args=["-O3"], optional=optional),
+           Pybind11Extension("tokdistill_fast._fused_ext", ["csrc/fused.cpp"], cxx_std=17,
+                             extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+                             + (["-mprefer-vector-width=512"] if platform.machine() == "x86_64" else []),
+                             optional=optional),
            Extension("tokdistill_fast._mkl_dispatch", ["csrc/mkl_dispatch.cpp"], optional=optional)]
 
 setup(

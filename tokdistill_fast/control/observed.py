@@ -2,7 +2,7 @@
 states what happened (not what the config asked for), and a fallback from a fast path a user would expect logs one
 warning line per run saying what it costs.
 
-Sites and names: "align" (cpp | python), "kernels" (triton | torch), "attention" (flash varlen | dense SDPA: the
+Sites and names: "align" (cpp | python), "kernels" (triton | torch), "attention" (flash varlen | dense: the
 packed passes of prefix sharing), "teacher_cache" (device | host). A site that never ran is absent.
 """
 

@@ -15,10 +15,12 @@ would waste about half the rows). An `Attend` can
   which is exact under causal attention: prefix positions are identical in teacher and student.
 
 Causal attention is aligned bottom-right (a suffix of m queries over n keys sees keys <= n - m + i). It runs in
-FlashAttention's varlen kernel on CUDA with half dtypes, else densely: scattered into right-padded
-[B, heads, T, hd] blocks with a boolean mask for SDPA and gathered back (attention is a small share of the
-FLOPs at snippet lengths). Sequences never exceed a sliding window (Decoder checks), so sliding layers are
-plain causal.
+FlashAttention's varlen kernel on CUDA with half dtypes, else densely (`DenseAttention`): rows gathered into
+right-padded blocks, attended in fp32 with an additive mask and gathered back, forward and backward written out
+(attention is a small share of the FLOPs at snippet lengths, but SDPA's math backend cost some sixty operators a
+layer forward and backward there, about 12% of a CPU pass; grouped-query heads share their key/value block
+instead of copies of it). Sequences never exceed a sliding window (Decoder checks), so sliding layers are plain
+causal.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class Attend:
     spec: Spec
     context: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-    _cache: dict = field(default_factory=dict, repr=False)  # dense path: the mask, built once per pass
+    _cache: dict = field(default_factory=dict, repr=False)  # dense path: its index maps, built once per pass
 
     def __call__(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None):
         """q [1, H, Nq, hd], k/v [1, Hkv, N, hd] (after rotary) -> [1, Nq, H, hd] as HF attention functions
@@ -91,11 +93,8 @@ class Attend:
         if self.capture is not None:
             rows = spec.capture_rows
             self.capture[layer] = (k3, v3) if rows is None else (k3.index_select(0, rows), v3.index_select(0, rows))
-        if self.context is not None:
-            kc, vc = self.context[layer]
-            k3 = torch.cat([kc, k3]).index_select(0, spec.kv_order)
-            v3 = torch.cat([vc, v3]).index_select(0, spec.kv_order)
-        return varlen_causal(q3, k3, v3, spec, scaling, self._cache).unsqueeze(0)
+        context = self.context[layer] if self.context is not None else None
+        return varlen_causal(q3, k3, v3, spec, scaling, self._cache, context).unsqueeze(0)
 
 
 def dense_mask(q_len: torch.Tensor, k_len: torch.Tensor, max_q: int, max_k: int) -> torch.Tensor:
@@ -177,34 +176,127 @@ def use_kernel(q: torch.Tensor) -> bool:
 def implementation(device: torch.device, dtype: torch.dtype) -> str:
     """Which attention packed passes use here (recorded in reports)."""
     fast = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None
-    return "flash varlen" if fast else "dense SDPA"
+    return "flash varlen" if fast else "dense"
 
 
-def varlen_causal(q, k, v, spec: Spec, scale: float | None, cache: dict | None = None) -> torch.Tensor:
+def varlen_causal(q, k, v, spec: Spec, scale: float | None, cache: dict | None = None,
+                  context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention over packed sequences, bottom-right aligned per sequence: the varlen flash kernel on CUDA
-    half dtypes, else SDPA on right-padded blocks (rows scattered in, outputs gathered out; `cache` keeps the
-    mask across the layers of one pass). q [Nq, H, hd], k/v [Nk, Hkv, hd] in cu_q/cu_k order -> [Nq, H, hd]."""
+    half dtypes, else `DenseAttention` on right-padded blocks (`cache` keeps its index maps across the layers of
+    one pass). q [Nq, H, hd]; k/v [Nk, Hkv, hd] in cu_k order, or, with `context` (captured prefix keys and values),
+    the own rows whose keys are cat(context, own)[kv_order]. -> [Nq, H, hd]."""
     fast = use_kernel(q)
-    observed.note("attention", "flash varlen" if fast else "dense SDPA", fallback=None if fast or not q.is_cuda or
+    observed.note("attention", "flash varlen" if fast else "dense", fallback=None if fast or not q.is_cuda or
                   q.dtype not in (torch.bfloat16, torch.float16) else
-                  "no varlen flash kernel (torch >= 2.11 or flash-attn): packed passes run dense SDPA on padded "
+                  "no varlen flash kernel (torch >= 2.11 or flash-attn): packed passes attend densely on padded "
                   "blocks, paying for the padding and a mask")
     if fast:
+        if context is not None:
+            k, v = (torch.cat([c, x]).index_select(0, spec.kv_order) for c, x in zip(context, (k, v), strict=True))
         return _varlen_kernel()(q.contiguous(), k.contiguous(), v.contiguous(), spec.cu_q, spec.cu_k, spec.max_q,
                                 spec.max_k, scale)
     cache = {} if cache is None else cache
-    if "mask" not in cache:
-        cache["mask"] = dense_mask(spec.q_len, spec.k_len, spec.max_q, spec.max_k)
-    B, groups = spec.q_len.shape[0], q.shape[1] // k.shape[1]
+    if "maps" not in cache:
+        cache["maps"] = BlockMaps.build(spec, q.shape[1] // k.shape[1], 0 if context is None else len(context[0]),
+                                        len(k))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kc, vc = context if context is not None else (None, None)
+    return DenseAttention.apply(q, k, v, kc, vc, cache["maps"], scale)
 
-    def block(x, slot, width, rep):  # [rows, heads, hd] -> [B, heads * rep, width, hd], zeros in the padding
-        padded = x.new_zeros((B * width,) + x.shape[1:]).index_copy(0, slot, x)
-        return repeat_heads(padded.view(B, width, *x.shape[1:]).transpose(1, 2), rep, dim=1)
 
-    out = F.scaled_dot_product_attention(
-        block(q, spec.q_slot, spec.max_q, 1), block(k, spec.k_slot, spec.max_k, groups),
-        block(v, spec.k_slot, spec.max_k, groups), attn_mask=cache["mask"], scale=scale)
-    return out.transpose(1, 2).reshape(B * spec.max_q, *q.shape[1:]).index_select(0, spec.q_slot)
+@dataclass
+class BlockMaps:
+    """Where packed rows sit in the dense path's right-padded blocks, for one pass (all its layers).
+
+    q_src [B * max_q]: the query row of each block slot (Nq: a zero row); q_slot [Nq]: each row's slot.
+    k_src [B * max_k]: the row of cat(context, own keys, zero row) in each key slot; own_slot [N own]: each own
+    key's slot. bias [B, 1, groups * max_q, max_k] fp32: 0 where a query sees a key, -inf elsewhere (query j * max_q
+    + i of a group block is query i of that group's head j; padding queries see every real key, so no row is empty).
+    """
+
+    B: int
+    groups: int
+    max_q: int
+    max_k: int
+    q_src: torch.Tensor
+    q_slot: torch.Tensor
+    k_src: torch.Tensor
+    own_slot: torch.Tensor
+    bias: torch.Tensor
+
+    @classmethod
+    def build(cls, spec: Spec, groups: int, n_context: int, n_own: int) -> BlockMaps:
+        B, dev = spec.q_len.shape[0], spec.q_slot.device
+        nq = len(spec.q_slot)
+        q_src = torch.full((B * spec.max_q,), nq, dtype=torch.long, device=dev)
+        q_src[spec.q_slot] = torch.arange(nq, device=dev)
+        rows = torch.arange(len(spec.k_slot), device=dev) if spec.kv_order is None or not n_context \
+            else spec.kv_order  # the row of cat(context, own) holding each key, in cu_k order
+        k_src = torch.full((B * spec.max_k,), n_context + n_own, dtype=torch.long, device=dev)
+        k_src[spec.k_slot] = rows
+        key_of_row = torch.empty_like(rows)
+        key_of_row[rows] = torch.arange(len(rows), device=dev)
+        own_slot = spec.k_slot[key_of_row[n_context:]]
+        allowed = dense_mask(spec.q_len, spec.k_len, spec.max_q, spec.max_k).repeat(1, 1, groups, 1)
+        bias = torch.zeros(allowed.shape, device=dev).masked_fill_(~allowed, float("-inf"))
+        return cls(B, groups, spec.max_q, spec.max_k, q_src, spec.q_slot, k_src, own_slot, bias)
+
+
+def _dense(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a contiguous tensor of `dtype`, in one copy."""
+    return x.contiguous() if x.dtype == dtype else x.to(dtype, memory_format=torch.contiguous_format)
+
+
+class DenseAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) v on padded blocks in fp32, forward and backward written out: rows gathered
+    into [B, kv heads, groups * max_q | max_k, hd] blocks (grouped-query heads share their key/value block), the
+    output gathered back, and gradients for the queries and own keys/values only (context rows are constants)."""
+
+    @staticmethod
+    def _blocks(x: torch.Tensor, src: torch.Tensor, B: int, width: int, groups: int) -> torch.Tensor:
+        """Rows [N, heads, hd] (last row zero) -> [B, heads // groups, groups * width, hd] fp32."""
+        heads, hd = x.shape[1:]
+        blocks = x.index_select(0, src).view(B, width, heads // groups, groups, hd).permute(0, 2, 3, 1, 4)
+        return _dense(blocks, torch.float32).view(B, heads // groups, -1, hd)
+
+    @staticmethod
+    def forward(ctx, q, k, v, kc, vc, maps: BlockMaps, scale: float):
+        B, g, mq, mk = maps.B, maps.groups, maps.max_q, maps.max_k
+
+        def keys(x, c):
+            zero = x.new_zeros((1,) + x.shape[1:])
+            return DenseAttention._blocks(torch.cat([x, zero] if c is None else [c, x, zero]), maps.k_src, B, mk, 1)
+
+        qb = DenseAttention._blocks(torch.cat([q, q.new_zeros((1,) + q.shape[1:])]), maps.q_src, B, mq, g)
+        kb, vb = keys(k, kc), keys(v, vc)
+        p = torch.softmax(torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale).add_(maps.bias), dim=-1)
+        out = torch.matmul(p, vb)  # [B, Hkv, g * mq, hd]
+        ctx.save_for_backward(qb, kb, vb, p)
+        ctx.maps, ctx.scale, ctx.dtype = maps, scale, q.dtype
+        return DenseAttention._rows(out, maps.q_slot, g, mq, q.dtype)
+
+    @staticmethod
+    def _rows(blocks: torch.Tensor, slot: torch.Tensor, groups: int, width: int, dtype) -> torch.Tensor:
+        """[B, Hkv, groups * width, hd] -> rows [N, Hkv * groups, hd] in `dtype`, taken at `slot`."""
+        B, kv_heads, _, hd = blocks.shape
+        rows = blocks.view(B, kv_heads, groups, width, hd).permute(0, 3, 1, 2, 4)
+        rows = _dense(rows, dtype).view(B * width, kv_heads * groups, hd)
+        return rows.index_select(0, slot)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qb, kb, vb, p = ctx.saved_tensors
+        maps, scale, dtype = ctx.maps, ctx.scale, ctx.dtype
+        B, g, mq, mk = maps.B, maps.groups, maps.max_q, maps.max_k
+        go = DenseAttention._blocks(torch.cat([grad, grad.new_zeros((1,) + grad.shape[1:])]), maps.q_src, B, mq, g)
+        dp = torch.matmul(go, vb.transpose(-1, -2))
+        dv = torch.matmul(p.transpose(-1, -2), go)
+        ds = torch._softmax_backward_data(dp, p, -1, torch.float32).mul_(scale)
+        dq = torch.matmul(ds, kb)
+        dk = torch.matmul(ds.transpose(-1, -2), qb)
+        return (DenseAttention._rows(dq, maps.q_slot, g, mq, dtype),
+                DenseAttention._rows(dk, maps.own_slot, 1, mk, dtype),
+                DenseAttention._rows(dv, maps.own_slot, 1, mk, dtype), None, None, None, None)
 
 
 def varlen_causal_ref(q, k, v, cu_q, cu_k, scale: float | None) -> torch.Tensor:

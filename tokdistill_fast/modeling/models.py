@@ -3,7 +3,9 @@
 `Decoder` drives the model's own decoder layers (no copy of their math), so any Llama-, Qwen2-, Mistral- or
 Gemma-style model works; it computes rotary embeddings once per layer type and stops at the deepest layer asked
 for. Layer l means `hidden_states[l]` of the HF model: the output of decoder layer l, with the final norm
-applied only when l is the last layer (which is what `hidden_states[-1]` holds).
+applied only when l is the last layer (which is what `hidden_states[-1]` holds). On CPUs in bf16 a call swaps
+prepacked products and fused norms and rotary embeddings into the layers it runs (packed.py, fused.py) and puts
+the modules back after it; the Hugging Face modules themselves are the reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from ..config import DTYPES, UserInputError
 from . import attention
 from .attention import Attend
+from .packed import Packs
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,7 @@ class Decoder:
         self.embed_scale = None if scale is None else float(torch.as_tensor(scale).to(self.embed_weight.dtype))
         sliding = getattr(self.config, "sliding_window", None)
         self.max_len = sliding if sliding and self.layer_types and "sliding_attention" in self.layer_types else None
+        self.packs = Packs(layers)  # prepacked frozen linears (CPU bf16), see packed.py
 
     @property
     def embed_weight(self) -> torch.Tensor:
@@ -155,7 +159,7 @@ class Decoder:
         pos = self._position_embeddings(h, position_ids)
         extra = {} if attend is None else {attention.KWARG: attend}
         out: dict[int, torch.Tensor] = {}
-        with _attention_backend(h), self._implementation(attend is not None):
+        with _attention_backend(h), self._implementation(attend is not None), self.packs.active(wanted[-1]):
             for i in range(start, wanted[-1]):
                 h = self.layers[i](h, attention_mask=None, position_ids=position_ids, position_embeddings=pos[i],
                                    **extra)

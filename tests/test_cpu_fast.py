@@ -1,0 +1,108 @@
+"""The CPU bf16 fast path of the frozen model: the fused RMSNorm kernel (C++) against its PyTorch reference, the
+prepacked linears against F.linear, and decoder passes with both against the same passes without them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+from transformers import AutoModelForCausalLM
+
+from tokdistill_fast.modeling import fused, packed
+from tokdistill_fast.modeling.models import Decoder
+
+needs_ext = pytest.mark.skipif(fused.extension() is None, reason="the fused C++ extension is not built")
+needs_packs = pytest.mark.skipif(not packed.supported(torch.device("cpu"), torch.bfloat16),
+                                 reason="oneDNN runs no bf16 products on this CPU")
+
+
+def rms_norm_gold(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: int) -> torch.Tensor:
+    """RMSNorm in float64 without intermediate rounding."""
+    x, w = x.double(), weight.double()
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return normed * (1.0 + w if offset else w)
+
+
+def assert_close_as_reference(ours, same, gold):
+    """At most twice the bf16 reference's own error against float64, plus a relative floor."""
+    def err(t):
+        return (t.double() - gold).abs().max().item()
+
+    assert err(ours) <= 2 * err(same) + 1e-3 * gold.abs().max().item(), (err(ours), err(same))
+
+
+@needs_ext
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("shape", [(118, 576), (2, 7, 64), (1, 3, 4, 16)])
+def test_fused_rms_norm_matches_reference(offset, shape):
+    """Values and input gradients of the C++ kernel, bf16, Llama-style (0) and Gemma-style (1) weights."""
+    torch.manual_seed(offset)
+    x = (torch.randn(shape) * 3).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(shape[-1]) * 0.5).to(torch.bfloat16)
+    x64 = x.detach().double().requires_grad_()
+    ours, same = fused.rms_norm(x, w, 1e-6, offset), fused.rms_norm_ref(x, w, 1e-6, offset)
+    gold = rms_norm_gold(x64, w, 1e-6, offset)
+    assert ours.dtype == torch.bfloat16 and ours.shape == x.shape
+    assert_close_as_reference(ours, same, gold)
+    g = torch.randn(shape).to(torch.bfloat16)
+    (d_ours,), (d_same,) = torch.autograd.grad(ours, x, g), torch.autograd.grad(same, x, g)
+    (d_gold,) = torch.autograd.grad(gold, x64, g.double())
+    assert_close_as_reference(d_ours, d_same, d_gold)
+
+
+def test_fused_rms_norm_falls_back_to_the_reference_off_bf16():
+    x, w = torch.randn(3, 8), torch.randn(8)
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-6, 0), fused.rms_norm_ref(x, w, 1e-6, 0), rtol=0, atol=0)
+
+
+@needs_packs
+@pytest.mark.parametrize("rows,d_in,d_out", [(118, 576, 1536), (5, 64, 128), (300, 128, 64)])
+def test_packed_linear_matches_f_linear(rows, d_in, d_out):
+    """Forward bit-identical to F.linear; the input gradient as autograd's up to bf16 rounding."""
+    torch.manual_seed(0)
+    w = (torch.randn(d_out, d_in) * d_in ** -0.5).to(torch.bfloat16)
+    b = torch.randn(d_out).to(torch.bfloat16)
+    x = torch.randn(1, rows, d_in).to(torch.bfloat16).requires_grad_()
+    ref = F.linear(x, w, b)
+    ours = packed.PackedLinearFunction.apply(x, packed._pack(w), packed._pack(w.t()), b)
+    assert torch.equal(ours, ref)
+    g = torch.randn_like(ref)
+    (d_ours,), (d_ref,) = torch.autograd.grad(ours, x, g), torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(d_ours, d_ref, rtol=1.6e-2, atol=1e-2)
+
+
+def hidden_and_grad(dec: Decoder, h0: torch.Tensor, layer: int):
+    h = h0.clone().requires_grad_()
+    out = dec.hidden_states(h, [layer])[layer]
+    (grad,) = torch.autograd.grad(out.float().pow(2).sum(), h)
+    return out, grad
+
+
+@needs_packs
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_decoder_fast_path_matches_plain_pass_and_restores_modules(family):
+    """A bf16 decoder pass with packed linears and fused norms equals the plain pass (values exactly where only
+    the products are packed, gradients up to bf16 rounding), and leaves every module's forward as it was."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, 300), dtype=torch.bfloat16).eval()
+    model.requires_grad_(False)
+    dec = Decoder(model)
+    assert dec.packs.enabled
+    linear = model.model.layers[0].mlp.down_proj
+    hooked = linear.forward  # an instance-level forward (as hooks install) survives the swap
+    linear.forward = lambda x: hooked(x)
+    kept = linear.forward
+    h0 = dec.embed(torch.randint(0, 300, (2, 9)))
+    fast = hidden_and_grad(dec, h0, 3)
+    assert linear.forward is kept
+    assert all("forward" not in m.__dict__ for m in model.modules() if m is not linear)
+    dec.packs.enabled = False
+    plain = hidden_and_grad(dec, h0, 3)
+    for a, b in zip(fast, plain, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2 * b.abs().max().item())
+
+
+def test_packs_stay_off_for_trainable_or_fp32_weights():
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=torch.float32).eval()
+    assert not Decoder(model).packs.enabled
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=torch.bfloat16)
+    assert not Decoder(model).packs.enabled  # weights still require grad: not a frozen model

@@ -1,0 +1,103 @@
+"""Frozen linear layers with their weights prepacked for oneDNN, on CPUs in bf16.
+
+A bf16 `F.linear` on CPU runs oneDNN, which reorders the weight into its blocked (AMX / AVX-512-BF16) layout on
+every call; at the student's pass sizes (about 120 rows) that costs a third of the product (SmolLM2's 576 x 1536:
+208 against 142 us, forward and backward alike, on a 2-core Xeon with AMX). The model is frozen, so each weight is
+packed once: W for forward, and W^T for the input gradient (dX = dY W) of passes that need one. The forward is
+bit-identical to `F.linear`; the input gradient equals autograd's up to the summation order of some shapes.
+`Packs.active` swaps the packed forward into a decoder call's linear layers, and the fused kernel into its norms
+(fused.py), and restores them after it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from . import fused
+
+PACK_ROWS = 128  # oneDNN's row-count hint for the packed layout (a pass's size; any row count runs)
+MAX_PACK_BYTES = 2 << 30  # packs of larger models would double a CPU run's weight memory past this: not packed
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_ROWS)
+
+
+def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class PackedLinearFunction(torch.autograd.Function):
+    """y = x W^T + b with W and W^T prepacked; gradient to x only (frozen weights)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, packed_t: torch.Tensor | None,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.packed_t = packed_t
+        return _linear(x.contiguous(), packed, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _linear(grad.contiguous(), ctx.packed_t, None), None, None, None
+
+
+def supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """CPU bf16 where oneDNN runs bf16 products (fp32 runs MKL's sgemm, which has no per-call reorder to save)."""
+    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class Packs:
+    """Packed weights of a model's decoder-layer linears, built on first use: forward packs per layer called,
+    gradient packs per layer a pass with a gradient runs through."""
+
+    def __init__(self, layers: nn.ModuleList):
+        self.layers = layers
+        self.fwd: dict[nn.Linear, torch.Tensor] = {}
+        self.bwd: dict[nn.Linear, torch.Tensor] = {}
+        weights = [m.weight for m in layers.modules() if isinstance(m, nn.Linear)]
+        self.enabled = (bool(weights) and supported(weights[0].device, weights[0].dtype)
+                        and not any(w.requires_grad for w in weights)
+                        and 2 * sum(w.numel() * w.element_size() for w in weights) <= MAX_PACK_BYTES)
+
+    def _forward(self, m: nn.Linear, grad: bool):
+        """The packed forward of linear `m` (bound at activation; reads the packs, packing what is missing)."""
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if m not in self.fwd:
+                self.fwd[m] = _pack(m.weight)
+            if not (grad and x.requires_grad):
+                return _linear(x.contiguous(), self.fwd[m], m.bias)
+            if m not in self.bwd:
+                self.bwd[m] = _pack(m.weight.t())
+            return PackedLinearFunction.apply(x, self.fwd[m], self.bwd[m], m.bias)
+
+        return forward
+
+    @contextmanager
+    def active(self, upto: int):
+        """Within the block, the linears of layers [0, upto) run packed and their supported norms fused (fused.py);
+        a no-op where packing is off (the fused kernel is a bf16 CPU kernel too)."""
+        if not self.enabled:
+            yield
+            return
+        grad = torch.is_grad_enabled()
+        swaps = []
+        for layer in self.layers[:upto]:
+            for m in layer.modules():
+                forward = self._forward(m, grad) if isinstance(m, nn.Linear) else fused.fused_forward(m)
+                if forward is not None:
+                    swaps.append((m, m.__dict__.get("forward"), forward))  # an instance's own forward (hooks), kept
+        for m, _, forward in swaps:
+            m.forward = forward
+        try:
+            yield
+        finally:
+            for m, before, _ in swaps:
+                if before is None:
+                    del m.forward
+                else:
+                    m.forward = before
