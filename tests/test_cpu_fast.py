@@ -49,6 +49,29 @@ def test_fused_rms_norm_matches_reference(offset, shape):
     assert_close_as_reference(d_ours, d_same, d_gold)
 
 
+@needs_ext
+@pytest.mark.parametrize("batch,heads,kv_heads", [(1, 9, 3), (2, 4, 4)])
+def test_fused_rotary_matches_reference(batch, heads, kv_heads):
+    """Queries' and keys' rotations and their gradients: the kernels round where autograd's operators do."""
+    torch.manual_seed(heads)
+    T, hd = 13, 16
+    q = torch.randn(batch, T, heads, hd).to(torch.bfloat16).requires_grad_()
+    k = torch.randn(batch, T, kv_heads, hd).to(torch.bfloat16).requires_grad_()
+    angle = torch.randn(1, T, hd // 2)
+    cos, sin = (torch.cat([f(angle)] * 2, -1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    ours = fused.rotary(q, k, cos, sin)
+    same = fused.rotary_ref(q, cos, sin), fused.rotary_ref(k, cos, sin)
+    q64, k64 = (x.detach().double().requires_grad_() for x in (q, k))
+    gold = fused.rotary_ref(q64, cos.double(), sin.double()), fused.rotary_ref(k64, cos.double(), sin.double())
+    for a, b, c in zip(ours, same, gold, strict=True):
+        assert_close_as_reference(a, b, c)
+    g = [torch.randn_like(x) for x in ours]
+    d_ours, d_same = torch.autograd.grad(ours, (q, k), g), torch.autograd.grad(same, (q, k), g)
+    d_gold = torch.autograd.grad(gold, (q64, k64), [x.double() for x in g])
+    for a, b, c in zip(d_ours, d_same, d_gold, strict=True):
+        assert_close_as_reference(a, b, c)
+
+
 def test_fused_rms_norm_falls_back_to_the_reference_off_bf16():
     x, w = torch.randn(3, 8), torch.randn(8)
     torch.testing.assert_close(fused.rms_norm(x, w, 1e-6, 0), fused.rms_norm_ref(x, w, 1e-6, 0), rtol=0, atol=0)

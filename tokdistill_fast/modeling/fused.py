@@ -13,6 +13,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from .attention import dispatch
+
 # Hugging Face norm classes and how each applies its weight: 0 rounds the normalized row to the input dtype and
 # multiplies by w there (Llama family); 1 multiplies by (1 + w) in fp32 and rounds once (Gemma).
 NORMS = {"LlamaRMSNorm": 0, "Qwen2RMSNorm": 0, "Qwen3RMSNorm": 0, "MistralRMSNorm": 0, "Gemma3RMSNorm": 1}
@@ -120,7 +122,6 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 def attention_forward(m: nn.Module):
     """The forward of a Llama-style attention module m with the fused rotary embedding: projections, rotation,
     the model's attention function (ours for packed passes, see attention.py), output projection."""
-    from .attention import dispatch
 
     def forward(hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, **kwargs):

@@ -5,8 +5,8 @@ every call; at the student's pass sizes (about 120 rows) that costs a third of t
 208 against 142 us, forward and backward alike, on a 2-core Xeon with AMX). The model is frozen, so each weight is
 packed once: W for forward, and W^T for the input gradient (dX = dY W) of passes that need one. The forward is
 bit-identical to `F.linear`; the input gradient equals autograd's up to the summation order of some shapes.
-`Packs.active` swaps the packed forward into a decoder call's linear layers, and the fused kernel into its norms
-(fused.py), and restores them after it.
+`Packs.active` swaps the packed forward into a decoder call's linear layers, and the fused kernels into its norms
+and rotary embeddings (fused.py), and restores them after it.
 """
 
 from __future__ import annotations
@@ -52,13 +52,15 @@ def supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class Packs:
-    """Packed weights of a model's decoder-layer linears, built on first use: forward packs per layer called,
-    gradient packs per layer a pass with a gradient runs through."""
+    """The CPU bf16 fast path of a model's decoder layers: packed weights of their linears, built on first use
+    (forward packs per layer called, gradient packs per layer a pass with a gradient runs through), and the fused
+    forwards of their norms and attention modules (fused.py)."""
 
     def __init__(self, layers: nn.ModuleList):
         self.layers = layers
         self.fwd: dict[nn.Linear, torch.Tensor] = {}
         self.bwd: dict[nn.Linear, torch.Tensor] = {}
+        self.swaps: dict[tuple[int, bool], list] = {}
         weights = [m.weight for m in layers.modules() if isinstance(m, nn.Linear)]
         self.enabled = (bool(weights) and supported(weights[0].device, weights[0].dtype)
                         and not any(w.requires_grad for w in weights)
@@ -79,19 +81,18 @@ class Packs:
 
     @contextmanager
     def active(self, upto: int):
-        """Within the block, the linears of layers [0, upto) run packed and their supported norms fused (fused.py);
-        a no-op where packing is off (the fused kernel is a bf16 CPU kernel too)."""
+        """Within the block, the linears of layers [0, upto) run packed and their supported norms and attention
+        modules fused (fused.py); a no-op where packing is off (the fused kernels are bf16 CPU kernels too)."""
         if not self.enabled:
             yield
             return
-        grad = torch.is_grad_enabled()
-        swaps = []
-        for layer in self.layers[:upto]:
-            for m in layer.modules():
-                forward = self._forward(m, grad) if isinstance(m, nn.Linear) else fused.fused_forward(m)
-                if forward is not None:
-                    swaps.append((m, m.__dict__.get("forward"), forward))  # an instance's own forward (hooks), kept
-        for m, _, forward in swaps:
+        key = (upto, torch.is_grad_enabled())
+        if key not in self.swaps:  # built once per depth and grad mode: the modules never change
+            self.swaps[key] = [(m, forward) for layer in self.layers[:upto] for m in layer.modules()
+                               if (forward := self._forward(m, key[1]) if isinstance(m, nn.Linear)
+                                   else fused.fused_forward(m)) is not None]
+        swaps = [(m, m.__dict__.get("forward"), forward) for m, forward in self.swaps[key]]
+        for m, _, forward in swaps:  # an instance's own forward (hooks) is kept and put back
             m.forward = forward
         try:
             yield
