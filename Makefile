@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 installs quickly from the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup demo test test-interpret test-downstream lint bench-kernels bench-optimizer bench-align bench-e2e bench-e2e-reference \
+.PHONY: setup demo test test-interpret test-downstream lint bench-kernels bench-optimizer bench-cpu-fast bench-align bench-e2e bench-e2e-reference \
 	bench-gpu-check-dry bench-vs-prototype example-byot clean
 
 setup: $(VENV)/.installed
@@ -55,6 +55,12 @@ bench-optimizer: setup
 	mkdir -p bench/results
 	$(PY) -m pytest -q bench/test_bench_optimizer.py --benchmark-only --benchmark-json=bench/results/optimizer.json
 	$(PY) -m bench.report bench/results/optimizer.json
+
+# The CPU bf16 fast path (modeling/packed.py, modeling/fused.py, the dense attention) against the PyTorch it replaces.
+bench-cpu-fast: setup
+	mkdir -p bench/results
+	$(PY) -m pytest -q bench/test_bench_cpu_fast.py --benchmark-only --benchmark-json=bench/results/cpu-fast.json
+	$(PY) -m bench.report bench/results/cpu-fast.json
 
 bench-align: setup
 	$(PY) -m pytest -q bench/test_bench_alignment.py --benchmark-only --benchmark-json=bench/results/align-cpu.json

@@ -29,10 +29,11 @@ def table(data: dict) -> str:
             if impl == "torch" and len(impls) > 1:
                 continue
             s = b["stats"]["median"]
-            gbps = b["extra_info"].get("min_bytes", 0) / s / 1e9
+            nbytes = b["extra_info"].get("min_bytes")
+            gbps = f"{nbytes / s / 1e9:.0f}" if nbytes else "-"
             torch_ms = f"{ref_s * 1e3:.3f}" if ref_s else "-"
             speedup = f"{ref_s / s:.2f}x" if ref_s else "-"
-            lines.append(f"| {group} | {impl} | {torch_ms} | {s * 1e3:.3f} | {speedup} | {gbps:.0f} |")
+            lines.append(f"| {group} | {impl} | {torch_ms} | {s * 1e3:.3f} | {speedup} | {gbps} |")
     return "\n".join(lines)
 
 
