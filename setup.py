@@ -15,7 +15,8 @@ if os.environ.get("TOKDISTILL_NO_EXT") != "1" and os.path.exists("csrc/align.cpp
     ext = [Pybind11Extension("tokdistill_fast._align_ext", ["csrc/align.cpp"], cxx_std=17,
                              extra_compile_args=["-O3"], optional=optional),
            Pybind11Extension("tokdistill_fast._fused_ext", ["csrc/fused.cpp"], cxx_std=17,
-                             extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+                             extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
+                                                 "-fopenmp-simd"]
                              + (["-mprefer-vector-width=512"] if platform.machine() == "x86_64" else []),
                              optional=optional),
            Extension("tokdistill_fast._mkl_dispatch", ["csrc/mkl_dispatch.cpp"], optional=optional)]

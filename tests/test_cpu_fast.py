@@ -31,34 +31,36 @@ def assert_close_as_reference(ours, same, gold):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("offset", [0, 1])
 @pytest.mark.parametrize("shape", [(118, 576), (2, 7, 64), (1, 3, 4, 16)])
-def test_fused_rms_norm_matches_reference(offset, shape):
-    """Values and input gradients of the C++ kernel, bf16, Llama-style (0) and Gemma-style (1) weights."""
+def test_fused_rms_norm_matches_reference(offset, shape, dtype):
+    """Values and input gradients of the C++ kernel, Llama-style (0) and Gemma-style (1) weights."""
     torch.manual_seed(offset)
-    x = (torch.randn(shape) * 3).to(torch.bfloat16).requires_grad_()
-    w = (torch.randn(shape[-1]) * 0.5).to(torch.bfloat16)
+    x = (torch.randn(shape) * 3).to(dtype).requires_grad_()
+    w = (torch.randn(shape[-1]) * 0.5).to(dtype)
     x64 = x.detach().double().requires_grad_()
     ours, same = fused.rms_norm(x, w, 1e-6, offset), fused.rms_norm_ref(x, w, 1e-6, offset)
     gold = rms_norm_gold(x64, w, 1e-6, offset)
-    assert ours.dtype == torch.bfloat16 and ours.shape == x.shape
+    assert ours.dtype == dtype and ours.shape == x.shape
     assert_close_as_reference(ours, same, gold)
-    g = torch.randn(shape).to(torch.bfloat16)
+    g = torch.randn(shape).to(dtype)
     (d_ours,), (d_same,) = torch.autograd.grad(ours, x, g), torch.autograd.grad(same, x, g)
     (d_gold,) = torch.autograd.grad(gold, x64, g.double())
     assert_close_as_reference(d_ours, d_same, d_gold)
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("batch,heads,kv_heads", [(1, 9, 3), (2, 4, 4)])
-def test_fused_rotary_matches_reference(batch, heads, kv_heads):
+def test_fused_rotary_matches_reference(batch, heads, kv_heads, dtype):
     """Queries' and keys' rotations and their gradients: the kernels round where autograd's operators do."""
     torch.manual_seed(heads)
     T, hd = 13, 16
-    q = torch.randn(batch, T, heads, hd).to(torch.bfloat16).requires_grad_()
-    k = torch.randn(batch, T, kv_heads, hd).to(torch.bfloat16).requires_grad_()
+    q = torch.randn(batch, T, heads, hd).to(dtype).requires_grad_()
+    k = torch.randn(batch, T, kv_heads, hd).to(dtype).requires_grad_()
     angle = torch.randn(1, T, hd // 2)
-    cos, sin = (torch.cat([f(angle)] * 2, -1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    cos, sin = (torch.cat([f(angle)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
     ours = fused.rotary(q, k, cos, sin)
     same = fused.rotary_ref(q, cos, sin), fused.rotary_ref(k, cos, sin)
     q64, k64 = (x.detach().double().requires_grad_() for x in (q, k))
@@ -72,9 +74,11 @@ def test_fused_rotary_matches_reference(batch, heads, kv_heads):
         assert_close_as_reference(a, b, c)
 
 
-def test_fused_rms_norm_falls_back_to_the_reference_off_bf16():
-    x, w = torch.randn(3, 8), torch.randn(8)
-    torch.testing.assert_close(fused.rms_norm(x, w, 1e-6, 0), fused.rms_norm_ref(x, w, 1e-6, 0), rtol=0, atol=0)
+def test_fused_kernels_fall_back_to_the_references_where_they_do_not_run():
+    x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    assert torch.equal(fused.rms_norm(x, w, 1e-6, 0), fused.rms_norm_ref(x, w, 1e-6, 0))
+    q, cos = torch.randn(1, 3, 2, 8, dtype=torch.float64), torch.randn(1, 3, 8, dtype=torch.float64)
+    assert torch.equal(fused.rotary(q, q, cos, cos)[0], fused.rotary_ref(q, cos, cos))
 
 
 @needs_packs
@@ -100,16 +104,19 @@ def hidden_and_grad(dec: Decoder, h0: torch.Tensor, layer: int):
     return out, grad
 
 
-@needs_packs
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_decoder_fast_path_matches_plain_pass_and_restores_modules(family):
-    """A bf16 decoder pass with packed linears and fused norms equals the plain pass (values exactly where only
-    the products are packed, gradients up to bf16 rounding), and leaves every module's forward as it was."""
+@needs_ext
+@pytest.mark.parametrize("family,dtype", [("llama", torch.bfloat16), ("gemma3", torch.bfloat16),
+                                          ("llama", torch.float32)])
+def test_decoder_fast_path_matches_plain_pass_and_restores_modules(family, dtype):
+    """A decoder pass with packed linears (bf16) and fused norms and rotations matches the plain pass (values and
+    gradients up to rounding), and leaves every module's forward as it was."""
+    if dtype == torch.bfloat16 and not packed.supported(torch.device("cpu"), dtype):
+        pytest.skip("oneDNN runs no bf16 products on this CPU")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, 300), dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(family, 300), dtype=dtype).eval()
     model.requires_grad_(False)
     dec = Decoder(model)
-    assert dec.packs.enabled
+    assert dec.packs.enabled and dec.packs.fuse and dec.packs.pack == (dtype == torch.bfloat16)
     linear = model.model.layers[0].mlp.down_proj
     hooked = linear.forward  # an instance-level forward (as hooks install) survives the swap
     linear.forward = lambda x: hooked(x)
@@ -120,12 +127,13 @@ def test_decoder_fast_path_matches_plain_pass_and_restores_modules(family):
     assert all("forward" not in m.__dict__ for m in model.modules() if m is not linear)
     dec.packs.enabled = False
     plain = hidden_and_grad(dec, h0, 3)
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
     for a, b in zip(fast, plain, strict=True):
-        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2 * b.abs().max().item())
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.abs().max().item())
 
 
-def test_packs_stay_off_for_trainable_or_fp32_weights():
+def test_fast_path_stays_off_for_trainable_weights_and_packs_bf16_only():
     model = AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=torch.float32).eval()
-    assert not Decoder(model).packs.enabled
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=torch.bfloat16)
     assert not Decoder(model).packs.enabled  # weights still require grad: not a frozen model
+    packs = Decoder(model.requires_grad_(False)).packs
+    assert not packs.pack and packs.fuse == (fused.extension() is not None)

@@ -1,4 +1,4 @@
-"""Fused RMSNorm and rotary embeddings for the frozen model's bf16 passes on CPU: the C++ kernels of
+"""Fused RMSNorm and rotary embeddings for the frozen model's passes on CPU (bf16 or fp32): the C++ kernels of
 csrc/fused.cpp behind autograd Functions, with the PyTorch references they are tested against (the Hugging Face
 modules' own math).
 
@@ -53,14 +53,15 @@ def _ptr(t: torch.Tensor) -> int:
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm over the last dimension of a contiguous bf16 tensor, in one kernel each way."""
+    """RMSNorm over the last dimension of a contiguous bf16 or fp32 tensor, in one kernel each way."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: int) -> torch.Tensor:
         d = x.shape[-1]
         y = torch.empty_like(x)
         rstd = torch.empty(x.numel() // d, dtype=torch.float32)
-        extension().rms_norm_fwd(_ptr(x), _ptr(weight), _ptr(y), _ptr(rstd), rstd.numel(), d, eps, offset)
+        extension().rms_norm_fwd(_ptr(x), _ptr(weight), _ptr(y), _ptr(rstd), rstd.numel(), d, eps, offset,
+                                 x.dtype == torch.float32)
         ctx.save_for_backward(x, weight, rstd)
         ctx.offset = offset
         return y
@@ -71,19 +72,19 @@ class RMSNormFunction(torch.autograd.Function):
         grad = grad.contiguous()
         dx = torch.empty_like(x)
         extension().rms_norm_bwd(_ptr(grad), _ptr(x), _ptr(weight), _ptr(rstd), _ptr(dx), rstd.numel(),
-                                 x.shape[-1], ctx.offset)
+                                 x.shape[-1], ctx.offset, x.dtype == torch.float32)
         return dx, None, None, None
 
 
 class RotaryFunction(torch.autograd.Function):
-    """Rotary embedding of contiguous bf16 queries and keys [B, T, heads, hd] by cos/sin [B, T, hd], one kernel per
-    tensor each way (the backward is the transposed rotation)."""
+    """Rotary embedding of contiguous queries and keys [B, T, heads, hd] (bf16 or fp32) by cos/sin [B, T, hd], one
+    kernel per tensor each way (the backward is the transposed rotation)."""
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
         y = torch.empty_like(x)
         extension().rotary(_ptr(x), _ptr(cos), _ptr(sin), _ptr(y), cos.numel() // x.shape[-1], x.shape[-2],
-                           x.shape[-1], backward)
+                           x.shape[-1], backward, x.dtype == torch.float32)
         return y
 
     @staticmethod
@@ -98,20 +99,26 @@ class RotaryFunction(torch.autograd.Function):
                 None, None)
 
 
+FUSED_DTYPES = (torch.bfloat16, torch.float32)
+
+
 def _fits(*tensors: torch.Tensor) -> bool:
-    return extension() is not None and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
+    """CPU tensors of one dtype the kernels take, and the kernels built."""
+    dtype = tensors[0].dtype
+    return extension() is not None and dtype in FUSED_DTYPES and all(t.device.type == "cpu" and t.dtype == dtype
+                                                                      for t in tensors)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: int) -> torch.Tensor:
-    """RMSNorm: the fused kernel for CPU bf16 (weight bf16), else the reference."""
+    """RMSNorm: the fused kernel for CPU bf16 or fp32 (the weight in the input's dtype), else the reference."""
     if not _fits(x, weight):
         return rms_norm_ref(x, weight, eps, offset)
     return RMSNormFunction.apply(x.contiguous(), weight.contiguous(), eps, offset)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Queries and keys [B, T, heads, hd] rotated by cos/sin [B or 1, T, hd]: the fused kernel for CPU bf16, else
-    the reference."""
+    """Queries and keys [B, T, heads, hd] rotated by cos/sin [B or 1, T, hd]: the fused kernel for CPU bf16 or fp32,
+    else the reference."""
     if not _fits(q, k, cos, sin) or q.shape[-1] % 2:
         return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
     shape = (q.shape[0], *cos.shape[1:])

@@ -1,4 +1,5 @@
-"""Frozen linear layers with their weights prepacked for oneDNN, on CPUs in bf16.
+"""The CPU fast path of the frozen model's decoder layers: linears with their weights prepacked for oneDNN (bf16),
+and the fused norms and rotary embeddings of fused.py (bf16 and fp32).
 
 A bf16 `F.linear` on CPU runs oneDNN, which reorders the weight into its blocked (AMX / AVX-512-BF16) layout on
 every call; at the student's pass sizes (about 120 rows) that costs a third of the product (SmolLM2's 576 x 1536:
@@ -52,9 +53,9 @@ def supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class Packs:
-    """The CPU bf16 fast path of a model's decoder layers: packed weights of their linears, built on first use
+    """The CPU fast path of a model's decoder layers: packed weights of their linears (bf16), built on first use
     (forward packs per layer called, gradient packs per layer a pass with a gradient runs through), and the fused
-    forwards of their norms and attention modules (fused.py)."""
+    forwards of their norms and attention modules (fused.py; bf16 or fp32). `enabled` False: neither."""
 
     def __init__(self, layers: nn.ModuleList):
         self.layers = layers
@@ -62,9 +63,12 @@ class Packs:
         self.bwd: dict[nn.Linear, torch.Tensor] = {}
         self.swaps: dict[tuple[int, bool], list] = {}
         weights = [m.weight for m in layers.modules() if isinstance(m, nn.Linear)]
-        self.enabled = (bool(weights) and supported(weights[0].device, weights[0].dtype)
-                        and not any(w.requires_grad for w in weights)
-                        and 2 * sum(w.numel() * w.element_size() for w in weights) <= MAX_PACK_BYTES)
+        frozen = bool(weights) and not any(w.requires_grad for w in weights)
+        self.pack = (frozen and supported(weights[0].device, weights[0].dtype)
+                     and 2 * sum(w.numel() * w.element_size() for w in weights) <= MAX_PACK_BYTES)
+        self.fuse = (frozen and fused.extension() is not None and weights[0].device.type == "cpu"
+                     and weights[0].dtype in fused.FUSED_DTYPES)
+        self.enabled = self.pack or self.fuse
 
     def _forward(self, m: nn.Linear, grad: bool):
         """The packed forward of linear `m` (bound at activation; reads the packs, packing what is missing)."""
@@ -81,16 +85,17 @@ class Packs:
 
     @contextmanager
     def active(self, upto: int):
-        """Within the block, the linears of layers [0, upto) run packed and their supported norms and attention
-        modules fused (fused.py); a no-op where packing is off (the fused kernels are bf16 CPU kernels too)."""
+        """Within the block, the linears of layers [0, upto) run packed (bf16) and their supported norms and
+        attention modules fused (bf16 or fp32, fused.py); a no-op where neither applies."""
         if not self.enabled:
             yield
             return
         key = (upto, torch.is_grad_enabled())
         if key not in self.swaps:  # built once per depth and grad mode: the modules never change
             self.swaps[key] = [(m, forward) for layer in self.layers[:upto] for m in layer.modules()
-                               if (forward := self._forward(m, key[1]) if isinstance(m, nn.Linear)
-                                   else fused.fused_forward(m)) is not None]
+                               if (forward := (self._forward(m, key[1]) if self.pack else None)
+                                   if isinstance(m, nn.Linear) else
+                                   fused.fused_forward(m) if self.fuse else None) is not None]
         swaps = [(m, m.__dict__.get("forward"), forward) for m, forward in self.swaps[key]]
         for m, _, forward in swaps:  # an instance's own forward (hooks) is kept and put back
             m.forward = forward
