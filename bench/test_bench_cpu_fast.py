@@ -1,4 +1,4 @@
-"""The CPU bf16 fast path against the PyTorch it replaces, forward + input-gradient backward at SmolLM2's shapes in a
+"""The CPU fast path in bf16 against the PyTorch it replaces, forward + input-gradient backward at SmolLM2's shapes in a
 student pass (about 120 rows of 576, 9 query and 3 key/value heads of 64): RMSNorm and rotary embedding (C++
 kernels vs the references), a linear with prepacked weights vs F.linear, the dense attention vs SDPA's math backend
 on padded blocks. `make bench-cpu-fast` (the torch rows are the references: SDPA's math backend for attention)."""

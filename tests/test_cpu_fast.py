@@ -1,5 +1,5 @@
-"""The CPU bf16 fast path of the frozen model: the fused RMSNorm kernel (C++) against its PyTorch reference, the
-prepacked linears against F.linear, and decoder passes with both against the same passes without them."""
+"""The CPU fast path of the frozen model: the fused RMSNorm and rotary kernels (C++) against their PyTorch
+references, the prepacked linears against F.linear, and decoder passes with them against the same passes without."""
 
 import pytest
 import torch

@@ -10,7 +10,7 @@ The pipeline stages are the modules at the top of the package, in the order a ru
   export.py     6 write the HF model and tokenizer; check.py verifies it, report.py describes the run
   pipeline.py   prepare / settle / teacher_cache / learn_rows / write_output; distill()
   target_tokenizer.py  the same run for a given extended tokenizer (bring your own tokenizer)
-Subpackages: modeling/ (the frozen decoder, attention, layouts, losses, the CPU bf16 fast path), control/
+Subpackages: modeling/ (the frozen decoder, attention, layouts, losses, the CPU fast path), control/
 (settings and the search, chunks, checkpoints, several processes, the command line's process settings),
 evaluation/ (held-out measure, `eval`, `compare`), tools/ (select, demo, BPE extension, llama.cpp check), kernels/
 (Triton kernels with their references). cli.py parses, config.py holds every setting.
