@@ -74,6 +74,15 @@ def train_tokenizer(kind: str, text: str, vocab_size: int = 400):
                                    unk_token="<unk>")
 
 
+def assert_close_as_reference(ours, same, gold, floor: float = 1e-5):
+    """At most twice the reference's own error in its dtype against float64 `gold`, plus `floor` x the largest
+    gold value (fast paths against their PyTorch references)."""
+    def err(x):
+        return (x.double() - gold).abs().max().item()
+
+    assert err(ours) <= 2 * err(same) + floor * gold.abs().max().item(), (err(ours), err(same))
+
+
 def tiny_config(family: str, vocab_size: int, tied: bool = True):
     """A 4-layer, 64-wide model config of the given family."""
     from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_close_as_reference, tiny_config
 from tokdistill_fast.kernels.embedding_rows import embedding_rows
 from transformers import AutoModelForCausalLM
 
@@ -73,14 +73,6 @@ def states_and_grad(dec, al, snippet_row, passes, teacher_seqs, rows0, weight, l
     (S.double() * weight.to(S.device)).sum().backward()
     T = targets[layer].index_select(0, b.t_idx).double().cpu() if targets else None
     return S.detach().double().cpu(), rows.grad.double().cpu(), T
-
-
-def assert_close_as_reference(ours, same, gold):
-    """At most twice the reference's own error in this dtype, against float64, plus a relative floor."""
-    def err(x):
-        return (x - gold).abs().max().item()
-
-    assert err(ours) <= 2 * err(same) + 1e-5 * gold.abs().max().item(), (err(ours), err(same))
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
