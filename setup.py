@@ -16,9 +16,9 @@ if os.environ.get("TOKDISTILL_NO_EXT") != "1" and os.path.exists("csrc/align.cpp
                              extra_compile_args=["-O3"], optional=optional),
            Pybind11Extension("tokdistill_fast._fused_ext", ["csrc/fused.cpp"], cxx_std=17,
                              extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
-                                                 "-fopenmp-simd"]
+                                                 "-fopenmp"]
                              + (["-mprefer-vector-width=512"] if platform.machine() == "x86_64" else []),
-                             optional=optional),
+                             extra_link_args=["-fopenmp"], optional=optional),
            Extension("tokdistill_fast._mkl_dispatch", ["csrc/mkl_dispatch.cpp"], optional=optional)]
 
 setup(

@@ -1,7 +1,9 @@
 """The CPU fast path in bf16 against the PyTorch it replaces, forward + input-gradient backward at SmolLM2's shapes in a
-student pass (about 120 rows of 576, 9 query and 3 key/value heads of 64): RMSNorm and rotary embedding (C++
-kernels vs the references), a linear with prepacked weights vs F.linear, the dense attention vs SDPA's math backend
-on padded blocks. `make bench-cpu-fast` (the torch rows are the references: SDPA's math backend for attention)."""
+student pass (about 120 rows of 576, 9 query and 3 key/value heads of 64, 1536 MLP features): RMSNorm, rotary
+embedding and the SwiGLU gate (C++ kernels vs the references), a linear with prepacked weights vs F.linear, the
+q/k/v projections as one packed product vs three F.linear, the dense attention (PyTorch) and the C++ attention
+kernel vs SDPA's math backend on padded blocks. `make bench-cpu-fast` (the torch rows are the references: SDPA's
+math backend for attention)."""
 
 from __future__ import annotations
 
@@ -57,6 +59,26 @@ def test_rotary(benchmark, impl):
         [bf16(1, ROWS, HEADS, HD), bf16(1, ROWS, KV_HEADS, HD)])
 
 
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_gated(benchmark, impl):
+    fn = fused.gated if impl == "fused" else fused.gated_ref
+    run(benchmark, f"SwiGLU gate {ROWS}x(2x{FF}) bf16", lambda gu: fn(gu, 0), [bf16(ROWS, 2 * FF)])
+
+
+@pytest.mark.parametrize("impl", ["torch", "packed"])
+def test_qkv_projections(benchmark, impl):
+    ws = [(torch.randn(n * HD, D) * D ** -0.5).to(torch.bfloat16) for n in (HEADS, KV_HEADS, KV_HEADS)]
+    w = torch.cat(ws)
+    w_packed, w_t_packed = packed._pack(w), packed._pack(w.t())
+
+    def fn(x):
+        if impl == "packed":
+            return packed.PackedLinearFunction.apply(x, w_packed, w_t_packed, None)
+        return torch.cat([F.linear(x, wi) for wi in ws], -1)  # joined for the timing harness (~10 us of it)
+
+    run(benchmark, f"q/k/v projections {ROWS}x{D} -> {(HEADS + 2 * KV_HEADS) * HD} bf16", fn, [bf16(1, ROWS, D)])
+
+
 @pytest.mark.parametrize("impl", ["torch", "packed"])
 def test_linear(benchmark, impl):
     w = (torch.randn(FF, D) * D ** -0.5).to(torch.bfloat16)
@@ -70,8 +92,8 @@ def test_linear(benchmark, impl):
     run(benchmark, f"linear {ROWS}x{D} -> {FF} bf16", fn, [bf16(1, ROWS, D)])
 
 
-@pytest.mark.parametrize("impl", ["torch", "dense"])
-def test_dense_attention(benchmark, impl):
+@pytest.mark.parametrize("impl", ["torch", "dense", "fused"])
+def test_attention(benchmark, impl):
     """32 snippets, 3-4 queries each over their 8-9 prefix keys (from the cache) and their own."""
     rng = np.random.default_rng(0)
     q_len, prefix = rng.integers(3, 5, 32), rng.integers(8, 10, 32)
@@ -96,8 +118,14 @@ def test_dense_attention(benchmark, impl):
         out = out.view(B, KV_HEADS, 3, spec.max_q, HD).permute(0, 3, 1, 2, 4).reshape(B * spec.max_q, HEADS, HD)
         return out.index_select(0, spec.q_slot)
 
-    def dense(q, k, v):
+    def dense(q, k, v):  # the PyTorch dense path, DenseAttention
+        if "maps" not in cache:
+            cache["maps"] = attention.BlockMaps.build(spec, HEADS // KV_HEADS, np_, nq)
+        return attention.DenseAttention.apply(q, k, v, *context, cache["maps"], HD ** -0.5)
+
+    def kernel(q, k, v):  # what packed passes run on CPU: the C++ kernel
         return attention.varlen_causal(q, k, v, spec, HD ** -0.5, cache, context)
 
     run(benchmark, f"attention 32 snippets x 4 queries, {HEADS}/{KV_HEADS} heads bf16",
-        dense if impl == "dense" else sdpa, [bf16(nq, HEADS, HD), bf16(nq, KV_HEADS, HD), bf16(nq, KV_HEADS, HD)])
+        {"torch": sdpa, "dense": dense, "fused": kernel}[impl],
+        [bf16(nq, HEADS, HD), bf16(nq, KV_HEADS, HD), bf16(nq, KV_HEADS, HD)])

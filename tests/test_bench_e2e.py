@@ -6,6 +6,7 @@ import json
 
 from bench import e2e
 from tokdistill_fast import DistillConfig, align
+from tokdistill_fast.modeling import fused
 
 
 def test_e2e_tiny_on_cpu(tmp_path):
@@ -21,7 +22,7 @@ def test_e2e_tiny_on_cpu(tmp_path):
     # their attention, the aligners, the kernels, the cache
     assert fast["implementations"]["prefix_sharing"] == "cached"
     assert fast["settings"]["epochs"] == DistillConfig().epochs
-    assert fast["implementations"]["packed_attention"] == "dense"
+    assert fast["implementations"]["packed_attention"] == ("fused" if fused.extension() is not None else "dense")
     assert ref["implementations"]["prefix_sharing"] == "off" and ref["implementations"]["packed_attention"] is None
     assert fast["implementations"]["align"] == ("cpp" if align._align_ext is not None else "python")
     assert ref["implementations"]["align"] == "python" and ref["implementations"]["backend"] == "torch"

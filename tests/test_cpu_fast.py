@@ -66,11 +66,32 @@ def test_fused_rotary_matches_reference(batch, heads, kv_heads, dtype):
         assert_close_as_reference(a, b, c, floor=1e-3)
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("act", [0, 1])
+@pytest.mark.parametrize("rows,inter", [(118, 1536), (3, 40)])
+def test_fused_gated_activation_matches_reference(act, rows, inter, dtype):
+    """SiLU (0) and tanh-GELU (1) gates times up, values and gradients to both halves, against the Hugging Face
+    math in the same dtype and in float64."""
+    torch.manual_seed(act)
+    gu = (torch.randn(rows, 2 * inter) * 3).to(dtype).requires_grad_()
+    gu64 = gu.detach().double().requires_grad_()
+    ours, same, gold = fused.gated(gu, act), fused.gated_ref(gu, act), fused.gated_ref(gu64, act)
+    assert ours.dtype == dtype and ours.shape == (rows, inter)
+    assert_close_as_reference(ours, same, gold, floor=1e-3)
+    g = torch.randn(rows, inter).to(dtype)
+    (d_ours,), (d_same,) = torch.autograd.grad(ours, gu, g), torch.autograd.grad(same, gu, g)
+    (d_gold,) = torch.autograd.grad(gold, gu64, g.double())
+    for half in (slice(0, inter), slice(inter, None)):  # the gate's and up's gradients, each at its own scale
+        assert_close_as_reference(d_ours[:, half], d_same[:, half], d_gold[:, half], floor=1e-3)
+
+
 def test_fused_kernels_fall_back_to_the_references_where_they_do_not_run():
     x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     assert torch.equal(fused.rms_norm(x, w, 1e-6, 0), fused.rms_norm_ref(x, w, 1e-6, 0))
     q, cos = torch.randn(1, 3, 2, 8, dtype=torch.float64), torch.randn(1, 3, 8, dtype=torch.float64)
     assert torch.equal(fused.rotary(q, q, cos, cos)[0], fused.rotary_ref(q, cos, cos))
+    assert torch.equal(fused.gated(x, 1), fused.gated_ref(x, 1))
 
 
 @needs_packs
@@ -98,10 +119,11 @@ def hidden_and_grad(dec: Decoder, h0: torch.Tensor, layer: int):
 
 @needs_ext
 @pytest.mark.parametrize("family,dtype", [("llama", torch.bfloat16), ("gemma3", torch.bfloat16),
-                                          ("llama", torch.float32)])
+                                          ("llama", torch.float32), ("qwen2", torch.float32)])
 def test_decoder_fast_path_matches_plain_pass_and_restores_modules(family, dtype):
-    """A decoder pass with packed linears (bf16) and fused norms and rotations matches the plain pass (values and
-    gradients up to rounding), and leaves every module's forward as it was."""
+    """A decoder pass with packed linears (bf16), q/k/v and gate/up as one product each, and fused norms,
+    rotations and activations matches the plain pass (values and gradients up to rounding), and leaves every
+    module's forward as it was."""
     if dtype == torch.bfloat16 and not packed.supported(torch.device("cpu"), dtype):
         pytest.skip("oneDNN runs no bf16 products on this CPU")
     torch.manual_seed(0)
@@ -115,6 +137,7 @@ def test_decoder_fast_path_matches_plain_pass_and_restores_modules(family, dtype
     kept = linear.forward
     h0 = dec.embed(torch.randint(0, 300, (2, 9)))
     fast = hidden_and_grad(dec, h0, 3)
+    assert sum(isinstance(key, tuple) for key in dec.packs.fwd) == 2 * 3  # q/k/v and gate/up of 3 layers
     assert linear.forward is kept
     assert all("forward" not in m.__dict__ for m in model.modules() if m is not linear)
     dec.packs.enabled = False

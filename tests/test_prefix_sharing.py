@@ -348,26 +348,51 @@ def test_varlen_reference_is_bottom_right_causal():
     torch.testing.assert_close(attention.varlen_causal_ref(q, k, v, spec.cu_q, spec.cu_k, 0.3), full[4:])
 
 
-@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16),
-                                          pytest.param("cuda", torch.bfloat16, marks=gpu),
-                                          pytest.param("cuda", torch.float16, marks=gpu)])
-def test_varlen_attention_matches_reference(device, dtype):
-    """The dense path (CPU) and the varlen kernel (CUDA), values and gradients of queries, keys and values
-    (grouped-query heads: 8 over 2)."""
-    *qkv, spec = random_varlen_case(*VARLEN_CASE, 8, 2, 64, dtype, device)
-    qkv = [x.requires_grad_() for x in qkv]
-    ours = attention.varlen_causal(*qkv, spec, 0.125)
-    same = attention.varlen_causal_ref(*qkv, spec.cu_q, spec.cu_k, 0.125)
+def check_against_reference(ours, qkv, reference):
+    """Values of ours = f(*qkv) and gradients to qkv against reference(*tensors) run in qkv's dtype and in float64.
+    Keys' and values' gradients sum over their group's query heads, rounded where each path sums: by mean error."""
+    same = reference(*qkv)
     qkv64 = [x.detach().double().requires_grad_() for x in qkv]
-    gold = attention.varlen_causal_ref(*qkv64, spec.cu_q, spec.cu_k, 0.125)
+    gold = reference(*qkv64)
     assert_close_as_reference(ours.double(), same.double(), gold)
     g = torch.randn_like(ours)
     d_ours, d_same = torch.autograd.grad(ours, qkv, g), torch.autograd.grad(same, qkv, g)
     d_gold = torch.autograd.grad(gold, qkv64, g.double())
     assert_close_as_reference(d_ours[0].double(), d_same[0].double(), d_gold[0])
-    # Keys' and values' gradients sum over their group's query heads, rounded where each path sums: by mean error.
     for a, b, c in zip(d_ours[1:], d_same[1:], d_gold[1:], strict=True):
         assert (a.double() - c).abs().mean() <= 1.5 * (b.double() - c).abs().mean() + 1e-7 * c.abs().max()
+
+
+# CPU: the C++ kernel in fp32 and bf16, DenseAttention (PyTorch) in float64; CUDA: the varlen kernel
+VARLEN_PATHS = [("cpu", torch.float32), ("cpu", torch.bfloat16), ("cpu", torch.float64),
+                pytest.param("cuda", torch.bfloat16, marks=gpu), pytest.param("cuda", torch.float16, marks=gpu)]
+
+
+@pytest.mark.parametrize("device,dtype", VARLEN_PATHS)
+def test_varlen_attention_matches_reference(device, dtype):
+    """Values and gradients of queries, keys and values (grouped-query heads: 8 over 2)."""
+    *qkv, spec = random_varlen_case(*VARLEN_CASE, 8, 2, 64, dtype, device)
+    qkv = [x.requires_grad_() for x in qkv]
+    check_against_reference(attention.varlen_causal(*qkv, spec, 0.125), qkv,
+                            lambda q, k, v: attention.varlen_causal_ref(q, k, v, spec.cu_q, spec.cu_k, 0.125))
+
+
+@pytest.mark.parametrize("device,dtype", VARLEN_PATHS)
+def test_varlen_attention_over_captured_prefixes_matches_reference(device, dtype):
+    """Own rows attending over captured prefix keys/values (context, no gradient) and their own: as the reference
+    over the keys in cu_k order, gradients to the queries and own keys/values."""
+    q_len, k_len = np.asarray(VARLEN_CASE[0]), np.asarray(VARLEN_CASE[1])
+    spec = attention.packed_spec(q_len, k_len - q_len).to(torch.device(device))
+    n_ctx, n_own = int((k_len - q_len).sum()), int(q_len.sum())
+    context = tuple(torch.randn(n_ctx, 2, 64, dtype=dtype, device=device) for _ in range(2))
+    qkv = [torch.randn(n_own, h, 64, dtype=dtype, device=device).requires_grad_() for h in (8, 2, 2)]
+
+    def reference(q, k, v):
+        k, v = (torch.cat([c.to(x.dtype), x]).index_select(0, spec.kv_order)
+                for c, x in zip(context, (k, v), strict=True))
+        return attention.varlen_causal_ref(q, k, v, spec.cu_q, spec.cu_k, 0.125)
+
+    check_against_reference(attention.varlen_causal(*qkv, spec, 0.125, context=context), qkv, reference)
 
 
 @gpu

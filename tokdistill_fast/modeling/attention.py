@@ -15,10 +15,10 @@ would waste about half the rows). An `Attend` can
   which is exact under causal attention: prefix positions are identical in teacher and student.
 
 Causal attention is aligned bottom-right (a suffix of m queries over n keys sees keys <= n - m + i). It runs in
-FlashAttention's varlen kernel on CUDA with half dtypes, else densely (`DenseAttention`): rows gathered into
-right-padded blocks, attended in fp32 with an additive mask and gathered back, forward and backward written out
-(attention is a small share of the FLOPs at snippet lengths, but SDPA's math backend cost some sixty operators a
-layer forward and backward there, about 12% of a CPU pass; grouped-query heads share their key/value block
+FlashAttention's varlen kernel on CUDA with half dtypes, in one C++ kernel each way on CPU (csrc/fused.cpp, bf16 or
+fp32: at snippet lengths attention is a small share of the FLOPs, but as PyTorch operators it was about a fifth
+of a CPU pass), else densely (`DenseAttention`): rows gathered into right-padded blocks, attended in fp32 with an
+additive mask and gathered back, forward and backward written out (grouped-query heads share their key/value block
 instead of copies of it). Sequences never exceed a sliding window (Decoder checks), so sliding layers are plain
 causal.
 """
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..align import cu_seqlens
 from ..control import observed
+from . import fused
 
 NAME = "tokdistill"  # the name registered in transformers' AttentionInterface
 KWARG = "tokdistill_attn"  # the layer kwarg that carries the Attend object
@@ -175,19 +176,23 @@ def use_kernel(q: torch.Tensor) -> bool:
 
 def implementation(device: torch.device, dtype: torch.dtype) -> str:
     """Which attention packed passes use here (recorded in reports)."""
-    fast = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None
-    return "flash varlen" if fast else "dense"
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None:
+        return "flash varlen"
+    cpu_kernel = device.type == "cpu" and dtype in fused.FUSED_DTYPES and fused.extension() is not None
+    return "fused" if cpu_kernel else "dense"
 
 
 def varlen_causal(q, k, v, spec: Spec, scale: float | None, cache: dict | None = None,
                   context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention over packed sequences, bottom-right aligned per sequence: the varlen flash kernel on CUDA
-    half dtypes, else `DenseAttention` on right-padded blocks (`cache` keeps its index maps across the layers of
-    one pass). q [Nq, H, hd]; k/v [Nk, Hkv, hd] in cu_k order, or, with `context` (captured prefix keys and values),
-    the own rows whose keys are cat(context, own)[kv_order]. -> [Nq, H, hd]."""
+    half dtypes, the C++ kernel on CPU in bf16 or fp32 (fused.varlen_attention), else `DenseAttention` on
+    right-padded blocks (`cache` keeps either's index maps across the layers of one pass). q [Nq, H, hd]; k/v
+    [Nk, Hkv, hd] in cu_k order, or, with `context` (captured prefix keys and values), the own rows whose keys are
+    cat(context, own)[kv_order]. -> [Nq, H, hd]."""
     fast = use_kernel(q)
-    observed.note("attention", "flash varlen" if fast else "dense", fallback=None if fast or not q.is_cuda or
-                  q.dtype not in (torch.bfloat16, torch.float16) else
+    cpu_kernel = not fast and fused.fits(q, k, v) and (context is None or fused.fits(q, *context))
+    observed.note("attention", "flash varlen" if fast else "fused" if cpu_kernel else "dense",
+                  fallback=None if fast or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) else
                   "no varlen flash kernel (torch >= 2.11 or flash-attn): packed passes attend densely on padded "
                   "blocks, paying for the padding and a mask")
     if fast:
@@ -195,11 +200,13 @@ def varlen_causal(q, k, v, spec: Spec, scale: float | None, cache: dict | None =
             k, v = (torch.cat([c, x]).index_select(0, spec.kv_order) for c, x in zip(context, (k, v), strict=True))
         return _varlen_kernel()(q.contiguous(), k.contiguous(), v.contiguous(), spec.cu_q, spec.cu_k, spec.max_q,
                                 spec.max_k, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     cache = {} if cache is None else cache
+    if cpu_kernel:
+        return fused.varlen_attention(q, k, v, context, spec, scale, cache)
     if "maps" not in cache:
         cache["maps"] = BlockMaps.build(spec, q.shape[1] // k.shape[1], 0 if context is None else len(context[0]),
                                         len(k))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     kc, vc = context if context is not None else (None, None)
     return DenseAttention.apply(q, k, v, kc, vc, cache["maps"], scale)
 

@@ -1,25 +1,37 @@
-"""Fused RMSNorm and rotary embeddings for the frozen model's passes on CPU (bf16 or fp32): the C++ kernels of
-csrc/fused.cpp behind autograd Functions, with the PyTorch references they are tested against (the Hugging Face
-modules' own math).
+"""Fused RMSNorm, rotary embeddings, gated MLP activations and packed causal attention for the frozen model's
+passes on CPU (bf16 or fp32): the C++ kernels of csrc/fused.cpp behind autograd Functions, with the PyTorch
+references they are tested against (the Hugging Face modules' own math; attention.py's for attention), and the
+attention and MLP forwards that call them.
 
-Each replaces five to ten PyTorch element-wise operators forward and as many or more backward, each a pass over
-memory at a pass's ~120 rows. Gradients go to the inputs only: the model is frozen.
+Each kernel replaces two to thirty PyTorch operators forward and as many or more backward, each a pass over memory
+at a pass's ~120-240 rows. The forwards take their input projections as one product (`project`:
+queries, keys and values; gate and up), which packed.py provides. Gradients go to the inputs only: the model is
+frozen.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .attention import dispatch
+from . import attention  # a module import: attention.py imports this module too
 
 # Hugging Face norm classes and how each applies its weight: 0 rounds the normalized row to the input dtype and
 # multiplies by w there (Llama family); 1 multiplies by (1 + w) in fp32 and rounds once (Gemma).
 NORMS = {"LlamaRMSNorm": 0, "Qwen2RMSNorm": 0, "Qwen3RMSNorm": 0, "MistralRMSNorm": 0, "Gemma3RMSNorm": 1}
-# Attention classes whose forward is project, rotate, attend, project (no q/k norms): `attention_forward` runs it.
-ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
+# Attention classes whose forward is project, (q/k norms,) rotate, attend, project: `attention_forward` runs it.
+ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention", "MistralAttention", "Gemma3Attention")
+# Gated MLP classes (down(a(gate(x)) * up(x))) and their activations, by the class of their act_fn: 0 SiLU, 1 GELU
+# with the tanh approximation.
+MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "Gemma3MLP")
+ACTIVATIONS = {"SiLUActivation": 0, "SiLU": 0, "GELUTanh": 1, "PytorchGELUTanh": 1}
+
+# project(linears) -> f(x): the outputs of linears that read the same input, side by side, as one product.
+Project = Callable[[tuple[nn.Linear, ...]], Callable[[torch.Tensor], torch.Tensor]]
 
 
 @lru_cache(maxsize=1)
@@ -46,6 +58,13 @@ def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def gated_ref(gu: torch.Tensor, act: int) -> torch.Tensor:
+    """a(gate) * up from gate and up side by side in the last dimension, as the Hugging Face MLPs compute it."""
+    gate, up = gu.chunk(2, dim=-1)
+    a = F.silu(gate) if act == 0 else F.gelu(gate, approximate="tanh")
+    return a * up
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -99,10 +118,63 @@ class RotaryFunction(torch.autograd.Function):
                 None, None)
 
 
+class GatedFunction(torch.autograd.Function):
+    """a(gate) * up from one contiguous [..., 2 * inter] tensor (gate, then up), one kernel each way; the gradient
+    comes back in the same layout, so the projection's backward reads it as it is."""
+
+    @staticmethod
+    def forward(ctx, gu: torch.Tensor, act: int) -> torch.Tensor:
+        inter = gu.shape[-1] // 2
+        h = gu.new_empty(*gu.shape[:-1], inter)
+        extension().gated(_ptr(gu), 0, _ptr(h), gu.numel() // (2 * inter), inter, act, False,
+                          gu.dtype == torch.float32)
+        ctx.save_for_backward(gu)
+        ctx.act = act
+        return h
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        (gu,) = ctx.saved_tensors
+        dh, dgu = dh.contiguous(), torch.empty_like(gu)
+        extension().gated(_ptr(gu), _ptr(dh), _ptr(dgu), gu.numel() // gu.shape[-1],
+                          gu.shape[-1] // 2, ctx.act, True, gu.dtype == torch.float32)
+        return dgu, None
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Causal attention over packed sequences (attention.varlen_causal on CPU), one kernel each way: q [Nq, H, hd],
+    own keys/values [N, Hkv, hd], context keys/values [n_ctx, Hkv, hd] or None, `index` = (key_row, cu_q, cu_k)
+    int64 and (max_q, max_k); gradients to q and the own keys/values (context rows are constants)."""
+
+    @staticmethod
+    def _run(q, k, v, kc, vc, index, scale, out, lse, dout=None, dk=None, dv=None):
+        (key_row, cu_q, cu_k), (max_q, max_k) = index
+        extension().attention(
+            _ptr(q), _ptr(k), _ptr(v), 0 if kc is None else _ptr(kc), 0 if vc is None else _ptr(vc), _ptr(key_row),
+            _ptr(cu_q), _ptr(cu_k), len(cu_q) - 1, 0 if kc is None else len(kc), q.shape[1], k.shape[1], q.shape[2],
+            max_q, max_k, scale, _ptr(out), _ptr(lse), 0 if dout is None else _ptr(dout),
+            0 if dk is None else _ptr(dk), 0 if dv is None else _ptr(dv), dout is not None, q.dtype == torch.float32)
+
+    @staticmethod
+    def forward(ctx, q, k, v, kc, vc, index, scale: float):
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:2], dtype=torch.float32)
+        AttentionFunction._run(q, k, v, kc, vc, index, scale, out, lse)
+        ctx.save_for_backward(q, k, v, kc, vc, lse)
+        ctx.index, ctx.scale = index, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, kc, vc, lse = ctx.saved_tensors
+        grad, dq, dk, dv = grad.contiguous(), torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        AttentionFunction._run(q, k, v, kc, vc, ctx.index, ctx.scale, dq, lse, grad, dk, dv)
+        return dq, dk, dv, None, None, None, None
+
+
 FUSED_DTYPES = (torch.bfloat16, torch.float32)
 
 
-def _fits(*tensors: torch.Tensor) -> bool:
+def fits(*tensors: torch.Tensor) -> bool:
     """CPU tensors of one dtype the kernels take, and the kernels built."""
     dtype = tensors[0].dtype
     return extension() is not None and dtype in FUSED_DTYPES and all(t.device.type == "cpu" and t.dtype == dtype
@@ -111,7 +183,7 @@ def _fits(*tensors: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: int) -> torch.Tensor:
     """RMSNorm: the fused kernel for CPU bf16 or fp32 (the weight in the input's dtype), else the reference."""
-    if not _fits(x, weight):
+    if not fits(x, weight):
         return rms_norm_ref(x, weight, eps, offset)
     return RMSNormFunction.apply(x.contiguous(), weight.contiguous(), eps, offset)
 
@@ -119,40 +191,71 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: int) -> 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Queries and keys [B, T, heads, hd] rotated by cos/sin [B or 1, T, hd]: the fused kernel for CPU bf16 or fp32,
     else the reference."""
-    if not _fits(q, k, cos, sin) or q.shape[-1] % 2:
+    if not fits(q, k, cos, sin) or q.shape[-1] % 2:
         return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
     shape = (q.shape[0], *cos.shape[1:])
     cos, sin = (t.expand(shape).contiguous() for t in (cos, sin))
     return RotaryFunction.apply(q.contiguous(), k.contiguous(), cos, sin)
 
 
-def attention_forward(m: nn.Module):
-    """The forward of a Llama-style attention module m with the fused rotary embedding: projections, rotation,
-    the model's attention function (ours for packed passes, see attention.py), output projection."""
+def gated(gu: torch.Tensor, act: int) -> torch.Tensor:
+    """a(gate) * up from [..., 2 * inter] (gate, then up): the fused kernel for CPU bf16 or fp32, else the
+    reference."""
+    if not fits(gu):
+        return gated_ref(gu, act)
+    return GatedFunction.apply(gu.contiguous(), act)
+
+
+def varlen_attention(q, k, v, context, spec, scale: float, cache: dict) -> torch.Tensor:
+    """attention.varlen_causal's arguments through the kernel (CPU, bf16 or fp32; the caller checks `fits`); `cache`
+    keeps the pass's int64 index tensors across its layers."""
+    if "index" not in cache:
+        rows = spec.kv_order if context is not None and spec.kv_order is not None else torch.arange(len(spec.k_slot))
+        cache["index"] = (tuple(t.long().contiguous() for t in (rows, spec.cu_q, spec.cu_k)), (spec.max_q, spec.max_k))
+    kc, vc = (None, None) if context is None else (c.contiguous() for c in context)
+    return AttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), kc, vc, cache["index"], scale)
+
+
+def attention_forward(m: nn.Module, project: Project):
+    """The forward of a Llama-, Qwen- or Gemma-3-style attention module m: the q/k/v projections as one product,
+    the q/k norms where the family has them, the fused rotation, the model's attention function (ours for packed
+    passes, see attention.py), the output projection."""
+    qkv = project((m.q_proj, m.k_proj, m.v_proj))
+    sizes = [m.q_proj.out_features, m.k_proj.out_features, m.v_proj.out_features]
+    window = {"sliding_window": m.sliding_window} if hasattr(m, "sliding_window") else {}
 
     def forward(hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, **kwargs):
         for unused in ("position_ids", "cache", "past_key_values", "use_cache", "cache_position"):
             kwargs.pop(unused, None)
         shape = (*hidden_states.shape[:-1], -1, m.head_dim)
-        q, k = rotary(m.q_proj(hidden_states).view(shape), m.k_proj(hidden_states).view(shape),
-                      *position_embeddings)
-        v = m.v_proj(hidden_states).view(shape)
-        out, weights = dispatch(m, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
-                                scaling=m.scaling, dropout=0.0, **kwargs)
+        q, k, v = (t.view(shape) for t in qkv(hidden_states).split(sizes, dim=-1))
+        if hasattr(m, "q_norm"):
+            q, k = m.q_norm(q), m.k_norm(k)
+        q, k = rotary(q, k, *position_embeddings)
+        out, weights = attention.dispatch(m, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+                                scaling=m.scaling, dropout=0.0, **window, **kwargs)
         return m.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
     return forward
 
 
-def fused_forward(m: nn.Module):
-    """A fused replacement for module m's forward (a supported norm or attention), or None."""
+def mlp_forward(m: nn.Module, project: Project):
+    """The forward of a gated MLP m: gate and up as one product, the fused activation, the down projection."""
+    gate_up, act = project((m.gate_proj, m.up_proj)), ACTIVATIONS[type(m.act_fn).__name__]
+    return lambda x: m.down_proj(gated(gate_up(x), act))
+
+
+def fused_forward(m: nn.Module, project: Project):
+    """A fused replacement for module m's forward (a supported norm, attention or MLP), or None."""
     name = type(m).__name__
     if name in NORMS:
         eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
         if eps is None or not hasattr(m, "weight"):
             return None
         return lambda x: rms_norm(x, m.weight, float(eps), NORMS[name])
-    if name in ATTENTIONS and not hasattr(m, "q_norm"):
-        return attention_forward(m)
+    if name in ATTENTIONS:
+        return attention_forward(m, project)
+    if name in MLPS and type(getattr(m, "act_fn", None)).__name__ in ACTIVATIONS:
+        return mlp_forward(m, project)
     return None

@@ -6,8 +6,9 @@ every call; at the student's pass sizes (about 120 rows) that costs a third of t
 208 against 142 us, forward and backward alike, on a 2-core Xeon with AMX). The model is frozen, so each weight is
 packed once: W for forward, and W^T for the input gradient (dX = dY W) of passes that need one. The forward is
 bit-identical to `F.linear`; the input gradient equals autograd's up to the summation order of some shapes.
-`Packs.active` swaps the packed forward into a decoder call's linear layers, and the fused kernels into its norms
-and rotary embeddings (fused.py), and restores them after it.
+`Packs.active` swaps the packed forward into a decoder call's linear layers, and the fused kernels into its norms,
+attention modules and MLPs (fused.py; their input projections as one product: q/k/v and gate/up), and restores
+them after it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import fused
@@ -55,47 +57,62 @@ def supported(device: torch.device, dtype: torch.dtype) -> bool:
 class Packs:
     """The CPU fast path of a model's decoder layers: packed weights of their linears (bf16), built on first use
     (forward packs per layer called, gradient packs per layer a pass with a gradient runs through), and the fused
-    forwards of their norms and attention modules (fused.py; bf16 or fp32). `enabled` False: neither."""
+    forwards of their norms, attention modules and MLPs (fused.py; bf16 or fp32), whose input projections run as
+    one product over concatenated weights. `enabled` False: neither."""
 
     def __init__(self, layers: nn.ModuleList):
         self.layers = layers
-        self.fwd: dict[nn.Linear, torch.Tensor] = {}
-        self.bwd: dict[nn.Linear, torch.Tensor] = {}
+        self.fwd: dict = {}  # linear or tuple of linears -> packed W (or, unpacked, the concatenated W)
+        self.bwd: dict = {}  # the same -> packed W^T
         self.swaps: dict[tuple[int, bool], list] = {}
         weights = [m.weight for m in layers.modules() if isinstance(m, nn.Linear)]
         frozen = bool(weights) and not any(w.requires_grad for w in weights)
-        self.pack = (frozen and supported(weights[0].device, weights[0].dtype)
-                     and 2 * sum(w.numel() * w.element_size() for w in weights) <= MAX_PACK_BYTES)
-        self.fuse = (frozen and fused.extension() is not None and weights[0].device.type == "cpu"
+        small = 2 * sum(w.numel() * w.element_size() for w in weights) <= MAX_PACK_BYTES
+        self.pack = frozen and small and supported(weights[0].device, weights[0].dtype)
+        self.fuse = (frozen and small and fused.extension() is not None and weights[0].device.type == "cpu"
                      and weights[0].dtype in fused.FUSED_DTYPES)
         self.enabled = self.pack or self.fuse
 
-    def _forward(self, m: nn.Linear, grad: bool):
-        """The packed forward of linear `m` (bound at activation; reads the packs, packing what is missing)."""
+    def _product(self, key, weight, bias: torch.Tensor | None, grad: bool):
+        """x -> x W^T + b for W = weight() (a callable: built at first use and kept under `key`), packed where
+        `pack`, else F.linear."""
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if m not in self.fwd:
-                self.fwd[m] = _pack(m.weight)
+            if key not in self.fwd:
+                self.fwd[key] = _pack(weight()) if self.pack else weight()
+            if not self.pack:
+                return F.linear(x, self.fwd[key], bias)
             if not (grad and x.requires_grad):
-                return _linear(x.contiguous(), self.fwd[m], m.bias)
-            if m not in self.bwd:
-                self.bwd[m] = _pack(m.weight.t())
-            return PackedLinearFunction.apply(x, self.fwd[m], self.bwd[m], m.bias)
+                return _linear(x.contiguous(), self.fwd[key], bias)
+            if key not in self.bwd:
+                self.bwd[key] = _pack(weight().t())
+            return PackedLinearFunction.apply(x, self.fwd[key], self.bwd[key], bias)
 
         return forward
 
+    def _project(self, linears: tuple[nn.Linear, ...], grad: bool):
+        """x -> the outputs of `linears` (one input) side by side, as one product over their concatenated weights
+        (fused.Project)."""
+        bias = None if all(m.bias is None for m in linears) else torch.cat(
+            [m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in linears])
+        return self._product(linears, lambda: torch.cat([m.weight for m in linears]), bias, grad)
+
+    def _swap(self, m: nn.Module, grad: bool):
+        """The fast forward of module m, or None."""
+        if isinstance(m, nn.Linear):
+            return self._product(m, lambda: m.weight, m.bias, grad) if self.pack else None
+        return fused.fused_forward(m, lambda linears: self._project(linears, grad)) if self.fuse else None
+
     @contextmanager
     def active(self, upto: int):
-        """Within the block, the linears of layers [0, upto) run packed (bf16) and their supported norms and
-        attention modules fused (bf16 or fp32, fused.py); a no-op where neither applies."""
+        """Within the block, the linears of layers [0, upto) run packed (bf16) and their supported norms,
+        attention modules and MLPs fused (bf16 or fp32, fused.py); a no-op where neither applies."""
         if not self.enabled:
             yield
             return
         key = (upto, torch.is_grad_enabled())
         if key not in self.swaps:  # built once per depth and grad mode: the modules never change
             self.swaps[key] = [(m, forward) for layer in self.layers[:upto] for m in layer.modules()
-                               if (forward := (self._forward(m, key[1]) if self.pack else None)
-                                   if isinstance(m, nn.Linear) else
-                                   fused.fused_forward(m) if self.fuse else None) is not None]
+                               if (forward := self._swap(m, key[1])) is not None]
         swaps = [(m, m.__dict__.get("forward"), forward) for m, forward in self.swaps[key]]
         for m, _, forward in swaps:  # an instance's own forward (hooks) is kept and put back
             m.forward = forward
