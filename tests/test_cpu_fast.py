@@ -152,3 +152,20 @@ def test_fast_path_stays_off_for_trainable_weights_and_packs_bf16_only():
     assert not Decoder(model).packs.enabled  # weights still require grad: not a frozen model
     packs = Decoder(model.requires_grad_(False)).packs
     assert not packs.pack and packs.fuse == (fused.extension() is not None)
+
+
+@needs_ext
+def test_fast_path_without_room_for_weight_copies_keeps_the_kernels(monkeypatch):
+    """Layers too large for a second copy of their weights: no packs, no concatenated projections (separate products
+    joined), the kernels still run, and the pass matches the plain one."""
+    monkeypatch.setattr(packed, "MAX_PACK_BYTES", 0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=torch.float32).eval()
+    dec = Decoder(model.requires_grad_(False))
+    assert dec.packs.fuse and not dec.packs.copies and not dec.packs.pack
+    h0 = dec.embed(torch.randint(0, 300, (2, 9)))
+    fast = hidden_and_grad(dec, h0, 3)
+    assert not dec.packs.fwd  # nothing copied
+    dec.packs.enabled = False
+    for a, b in zip(fast, hidden_and_grad(dec, h0, 3), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

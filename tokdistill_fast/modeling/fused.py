@@ -233,8 +233,8 @@ def attention_forward(m: nn.Module, project: Project):
         if hasattr(m, "q_norm"):
             q, k = m.q_norm(q), m.k_norm(k)
         q, k = rotary(q, k, *position_embeddings)
-        out, weights = attention.dispatch(m, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
-                                scaling=m.scaling, dropout=0.0, **window, **kwargs)
+        out, weights = attention.dispatch(m, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attention_mask, scaling=m.scaling, dropout=0.0, **window, **kwargs)
         return m.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
     return forward

@@ -67,9 +67,9 @@ class Packs:
         self.swaps: dict[tuple[int, bool], list] = {}
         weights = [m.weight for m in layers.modules() if isinstance(m, nn.Linear)]
         frozen = bool(weights) and not any(w.requires_grad for w in weights)
-        small = 2 * sum(w.numel() * w.element_size() for w in weights) <= MAX_PACK_BYTES
-        self.pack = frozen and small and supported(weights[0].device, weights[0].dtype)
-        self.fuse = (frozen and small and fused.extension() is not None and weights[0].device.type == "cpu"
+        self.copies = 2 * sum(w.numel() * w.element_size() for w in weights) <= MAX_PACK_BYTES  # a second copy fits
+        self.pack = frozen and self.copies and supported(weights[0].device, weights[0].dtype)
+        self.fuse = (frozen and fused.extension() is not None and weights[0].device.type == "cpu"
                      and weights[0].dtype in fused.FUSED_DTYPES)
         self.enabled = self.pack or self.fuse
 
@@ -91,7 +91,9 @@ class Packs:
 
     def _project(self, linears: tuple[nn.Linear, ...], grad: bool):
         """x -> the outputs of `linears` (one input) side by side, as one product over their concatenated weights
-        (fused.Project)."""
+        (fused.Project); as separate products where no copy of the weights fits."""
+        if not self.copies:
+            return lambda x: torch.cat([m(x) for m in linears], dim=-1)
         bias = None if all(m.bias is None for m in linears) else torch.cat(
             [m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in linears])
         return self._product(linears, lambda: torch.cat([m.weight for m in linears]), bias, grad)
