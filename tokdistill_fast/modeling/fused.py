@@ -222,7 +222,8 @@ def attention_forward(m: nn.Module, project: Project):
     passes, see attention.py), the output projection."""
     qkv = project((m.q_proj, m.k_proj, m.v_proj))
     sizes = [m.q_proj.out_features, m.k_proj.out_features, m.v_proj.out_features]
-    window = {"sliding_window": m.sliding_window} if hasattr(m, "sliding_window") else {}
+    # as each family passes it: the module's (Qwen, Gemma-3) or the config's (Mistral); masks carry it for SDPA
+    window = getattr(m, "sliding_window", getattr(getattr(m, "config", None), "sliding_window", None))
 
     def forward(hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, **kwargs):
@@ -234,7 +235,8 @@ def attention_forward(m: nn.Module, project: Project):
             q, k = m.q_norm(q), m.k_norm(k)
         q, k = rotary(q, k, *position_embeddings)
         out, weights = attention.dispatch(m, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          attention_mask, scaling=m.scaling, dropout=0.0, **window, **kwargs)
+                                          attention_mask, scaling=m.scaling, dropout=0.0, sliding_window=window,
+                                          **kwargs)
         return m.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
     return forward
