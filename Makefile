@@ -56,7 +56,7 @@ bench-optimizer: setup
 	$(PY) -m pytest -q bench/test_bench_optimizer.py --benchmark-only --benchmark-json=bench/results/optimizer.json
 	$(PY) -m bench.report bench/results/optimizer.json
 
-# The CPU fast path (modeling/packed.py, modeling/fused.py, the dense attention) against the PyTorch it replaces.
+# The CPU fast path (modeling/packed.py, modeling/fused.py, the attention kernels) against the PyTorch it replaces.
 bench-cpu-fast: setup
 	mkdir -p bench/results
 	$(PY) -m pytest -q bench/test_bench_cpu_fast.py --benchmark-only --benchmark-json=bench/results/cpu-fast.json

@@ -165,10 +165,9 @@ INLINE float exp_poly(float x) {
   return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
 }
 
-// The gate's activation a(g) and its derivative: ACT 0 SiLU g sigmoid(g) (Llama, Qwen, Mistral), 1 GELU with
+// The gate's activation is a = g s with s a sigmoid: ACT 0 SiLU, s = sigmoid(g) (Llama, Qwen, Mistral); 1 GELU with
 // PyTorch's tanh approximation (Gemma), 0.5 g (1 + tanh(z)) = g sigmoid(2z), written with the sigmoid so that the
-// far negative side keeps its relative precision (1 + tanh(z) cancels there).
-// The sigmoid s of the activation's argument: a = g s.
+// far negative side keeps its relative precision (1 + tanh(z) cancels there). This returns s.
 template <int ACT>
 INLINE float gate_sigmoid(float g) {
   const float z = ACT == 0 ? g : 2.0f * 0.7978845608028654f * (g + 0.044715f * g * g * g);

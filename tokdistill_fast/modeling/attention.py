@@ -84,7 +84,7 @@ class Attend:
     spec: Spec
     context: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-    _cache: dict = field(default_factory=dict, repr=False)  # dense path: its index maps, built once per pass
+    _cache: dict = field(default_factory=dict, repr=False)  # CPU kernel / dense path: index maps, once per pass
 
     def __call__(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None):
         """q [1, H, Nq, hd], k/v [1, Hkv, N, hd] (after rotary) -> [1, Nq, H, hd] as HF attention functions
@@ -190,7 +190,7 @@ def varlen_causal(q, k, v, spec: Spec, scale: float | None, cache: dict | None =
     [Nk, Hkv, hd] in cu_k order, or, with `context` (captured prefix keys and values), the own rows whose keys are
     cat(context, own)[kv_order]. -> [Nq, H, hd]."""
     fast = use_kernel(q)
-    cpu_kernel = not fast and fused.fits(q, k, v) and (context is None or fused.fits(q, *context))
+    cpu_kernel = not fast and fused.fits(q, k, v, *(context or ()))
     observed.note("attention", "flash varlen" if fast else "fused" if cpu_kernel else "dense",
                   fallback=None if fast or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) else
                   "no varlen flash kernel (torch >= 2.11 or flash-attn): packed passes attend densely on padded "

@@ -4,8 +4,9 @@
 Gemma-style model works; it computes rotary embeddings once per layer type and stops at the deepest layer asked
 for. Layer l means `hidden_states[l]` of the HF model: the output of decoder layer l, with the final norm
 applied only when l is the last layer (which is what `hidden_states[-1]` holds). On CPUs a call swaps prepacked
-products (bf16) and fused norms and rotary embeddings (bf16, fp32) into the layers it runs (packed.py, fused.py)
-and puts the modules back after it; the Hugging Face modules themselves are the reference the tests compare against.
+products (bf16) and fused norms, attention and MLP forwards (bf16, fp32) into the layers it runs (packed.py,
+fused.py) and puts the modules back after it; the Hugging Face modules themselves are the reference the tests
+compare against.
 """
 
 from __future__ import annotations
