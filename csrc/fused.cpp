@@ -241,17 +241,14 @@ INLINE void gather_keys(const T* own, const T* ctx, const Attention& a, int64_t 
   }
 }
 
-// Scores s[t] = scale * q . K[t] of the n keys a query sees; returns their maximum.
-INLINE float scores(const float* q, const float* K, int64_t n, int64_t hd, float scale, float* s) {
-  float most = -INFINITY;
+// Scores s[t] = scale * q . K[t] of the n keys a query sees.
+INLINE void scores(const float* q, const float* K, int64_t n, int64_t hd, float scale, float* s) {
   for (int64_t t = 0; t < n; ++t) {
     float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
     for (int64_t d = 0; d < hd; ++d) dot += q[d] * K[t * hd + d];
     s[t] = dot * scale;
-    most = s[t] > most ? s[t] : most;
   }
-  return most;
 }
 
 // Items [begin, begin + count) of the forward (backward: BACKWARD true); scratch: per-thread buffers.
@@ -275,9 +272,10 @@ INLINE void attention(const Attention& a, int64_t begin, int64_t count, int64_t 
         const int64_t row = (q0 + i) * a.heads + hq, n = std::min(nk, i + nk - nq + 1);
 #pragma omp simd
         for (int64_t d = 0; d < hd; ++d) qf[d] = load(q[row * hd + d]);
-        const float most = scores(qf.data(), K.data(), n, hd, a.scale, s.data());
+        scores(qf.data(), K.data(), n, hd, a.scale, s.data());
         std::fill(acc.begin(), acc.end(), 0.0f);
         if (!BACKWARD) {  // p = softmax(s); out = p V; lse = log sum exp(s)
+          const float most = *std::max_element(s.begin(), s.begin() + n);
           float total = 0.0f;
           for (int64_t t = 0; t < n; ++t) total += (s[t] = std::exp(s[t] - most));
           for (int64_t t = 0; t < n; ++t) {

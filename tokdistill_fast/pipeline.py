@@ -39,7 +39,7 @@ from .evaluation import heldout
 from .kernels import backend as kernels
 from .modeling import models
 from .report import RunReport, StageTimer, flag_outliers, hardest_words, outlier_rows, variant_summary
-from .rows import clip_norms, random_rows, subtoken_mean, written_quantile
+from .rows import clip_norms, moved_rows, primaries_of, random_rows, subtoken_mean, written_quantile
 from .tokens import NewToken, Skipped
 from .workload import Workload, build_workload, trained_tokens
 
@@ -329,18 +329,18 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         out_init = None if out_init is None else out_init.clone()
         clip = functools.partial(clip_norms, table=table, quantile=written_quantile(cfg.max_norm_quantile, tied))
         rows, clipped = clip(rows) if cfg.method != "mean" else (rows, 0)
-        # A variant ("palatable" at the start of text, "Palatable") takes its primary's row moved by the difference
-        # of their subtoken means, the offset the vocabulary itself has between the two forms. A copy would also
-        # copy the output logit (tied models, mean output rows): sampling would pick the bare form half the time
-        # and glue the word to the one before it ("run a fullapt-get"); moved, the bare form's median odds there
-        # were ~0.06. A variant that --init-from gives keeps its row while its primary keeps the given one.
-        index_of = {t.word: i for i, t in enumerate(toks) if t.variant_of is None}
-        derived = [i for i, t in enumerate(toks) if t.variant_of is not None and i not in trained
-                   and not (i in init_used and index_of[t.variant_of] not in trained)]
-        primary = [index_of[toks[i].variant_of] for i in derived]
-        rows[derived] = rows[primary] + (means[derived] - means[primary]).float().cpu()
+        # A variant ("palatable" at the start of text, "Palatable") takes its primary's row moved (moved_rows), not
+        # a copy, which would also copy the output logit (tied models, mean output rows): sampling would pick the
+        # bare form half the time and glue the word to the one before it ("run a fullapt-get"); moved, the bare
+        # form's median odds there were ~0.06. A variant that --init-from gives keeps its row while its primary
+        # keeps the given one.
+        variants = [i for i, t in enumerate(toks) if t.variant_of is not None and i not in trained]
+        derived = [i for i, p in zip(variants, primaries_of(toks, variants))
+                   if not (i in init_used and p not in trained)]
+        primary = primaries_of(toks, derived)
+        rows[derived] = moved_rows(rows, means, derived, primary)
         if out_init is not None:
-            out_init[derived] = out_init[primary] + out_means[derived] - out_means[primary]
+            out_init[derived] = moved_rows(out_init, out_means, derived, primary)
         if derived and cfg.method != "mean":
             rows[derived], more = clip(rows[derived])
             clipped += more
@@ -491,8 +491,8 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
     Returns {token: {"snippets", "word_loss", "kept"}}."""
     epochs = cfg.run_variant_epochs()
     toks, decoder = prep.toks, prep.decoder
-    index_of = {t.word: i for i, t in enumerate(toks) if t.variant_of is None}
-    variants = [i for i, t in enumerate(toks) if t.variant_of is not None and index_of[t.variant_of] in trained]
+    variants = [i for i, t in enumerate(toks) if t.variant_of is not None]
+    variants = [i for i, p in zip(variants, primaries_of(toks, variants)) if p in trained]
     if epochs < 1 or not variants or cfg.contexts != "retrieve":
         return {}
     if cfg.chunk_tokens is not None or cfg.memory_budget is not None:
@@ -513,8 +513,7 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
     if objective.distill is not None and not passes.fused:
         cache = snippet_cache(prep, al, ids, cu, objective.cache_layers(decoder.num_layers), passes.prefix)
     index = [variants[r] for r in have.tolist()]
-    primary = [index_of[toks[i].variant_of] for i in index]
-    start = rows[primary] + means[index] - means[primary]
+    start = moved_rows(rows, means, index, primaries_of(toks, index))
     alone = dataclasses.replace(schedule, epochs=epochs, warmup_fraction=HARDEST_WARMUP, more_epochs=0)
     result = student.train(decoder, al, cache, row, start, None, objective, alone, prep.tied, desc="variants",
                            passes=passes, teacher=(ids, cu))

@@ -13,6 +13,18 @@ def subtoken_mean(table: torch.Tensor, toks: list[NewToken]) -> torch.Tensor:
     return torch.stack([table[t.sub_ids].float().mean(0) for t in toks])
 
 
+def primaries_of(toks: list[NewToken], index: list[int]) -> list[int]:
+    """The index in `toks` of each variant's primary word, for the variants at `index`."""
+    index_of = {t.word: i for i, t in enumerate(toks) if t.variant_of is None}
+    return [index_of[toks[i].variant_of] for i in index]
+
+
+def moved_rows(rows: torch.Tensor, means: torch.Tensor, index: list[int], primary: list[int]) -> torch.Tensor:
+    """The rows of the variants at `index`: their primaries' rows moved by the difference of the two forms'
+    subtoken means, the offset the vocabulary itself has between them."""
+    return rows[primary] + (means[index] - means[primary]).to(rows)
+
+
 def random_rows(table: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """Rows drawn per channel from N(mean, std) of the original table (the paper's random baseline)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
