@@ -1,9 +1,11 @@
 """Where a fused training step's time goes: the pipeline's wall time, GPU kernel time under the profiler, and
-packed-pass throughput by batch size (eager and torch.compile'd layers); --count-ops: the operators the training
-loop dispatches per pass, by where they run (each is a kernel launch on a GPU; any device, seconds on a CPU).
+packed-pass throughput by batch size (eager and torch.compile'd layers); --count-ops: the operators and fused
+kernels the training loop launches per pass, by where they run (each is a kernel launch on a GPU; any device,
+seconds on a CPU), with the layers' fast path (fused.py) or, --plain-layers, the Hugging Face modules.
 
     python -m bench.profile_gpu --config llama-3.1-8b --new-tokens 160 --layer 8
-    python -m bench.profile_gpu --config small --new-tokens 60 --layer 2 --count-ops --device cpu
+    python -m bench.profile_gpu --config small --new-tokens 60 --layer 2 --count-ops --device cpu [--plain-layers]
+        [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -89,6 +91,18 @@ class OpCount:
 
         self.mode = Mode
 
+    def count_calls(self, owner, name: str, stack: contextlib.ExitStack) -> None:
+        """Count each call of owner.name (a launcher of kernels the dispatcher does not see) as one operator."""
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def counted(*args, **kwargs):
+            self.counts[self.where[-1]] += 1
+            return original(*args, **kwargs)
+
+        setattr(owner, name, counted)
+        stack.callback(setattr, owner, name, original)
+
     def tag(self, owner, name: str, label: str, stack: contextlib.ExitStack) -> None:
         """Count what owner.name runs under `label` until `stack` closes."""
         original = getattr(owner, name)
@@ -109,11 +123,20 @@ def count_ops(model, lang, args) -> None:
     """Prints the aten operators per pass of the main run's training loop, by component."""
     from bench.e2e import Variant, run_pipeline
     from tokdistill_fast import student
+    from tokdistill_fast.modeling import fused, packed
     from tokdistill_fast.modeling.models import Decoder
     from tokdistill_fast.student import steps, whitened
 
     count, runs = OpCount(), []
     with contextlib.ExitStack() as stack:
+        for kernels in (fused.CppKernels, fused.TritonKernels):
+            for name in ("rms_norm_fwd", "rms_norm_bwd", "rotate", "gated_fwd", "gated_bwd"):
+                count.count_calls(kernels, name, stack)
+        count.count_calls(fused.AttentionFunction, "_run", stack)
+        if args.plain_layers:
+            for owner, name in ((fused, "layer_kernels"), (packed, "supported")):
+                stack.callback(setattr, owner, name, getattr(owner, name))
+                setattr(owner, name, lambda *a: None)
         for owner, name, label in ((Decoder, "hidden_states", "decoder forward"),
                                    (torch.Tensor, "backward", "backward"),
                                    (whitened.WhitenedAdam, "step", "optimizer step"),
@@ -135,8 +158,8 @@ def count_ops(model, lang, args) -> None:
         stack.callback(setattr, student, "train", train)
         run_pipeline(model, lang, args, Variant("fast"))
     passes = runs[0].extra["groups"]
-    print(f"main run: {runs[0].steps} steps as {passes} passes, {sum(count.counts.values()) / passes:.0f} operators "
-          "per pass (views not counted)")
+    print(f"main run ({'plain layers' if args.plain_layers else 'fast path'}): {runs[0].steps} steps as {passes} "
+          f"passes, {sum(count.counts.values()) / passes:.0f} operators and fused kernels per pass (views not counted)")
     for label, n in count.counts.most_common():
         print(f"  {label:18s} {n / passes:8.1f}")
 
@@ -154,13 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layer", type=int, default=8)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
     p.add_argument("--count-ops", action="store_true", help="only count the operators per pass (any device)")
+    p.add_argument("--plain-layers", action="store_true",
+                   help="with --count-ops: the Hugging Face modules instead of the layers' fast path")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="auto: bf16 on CUDA, fp32 on a CPU")
     args = p.parse_args(argv)
     args.snippets, args.snippet_length, args.seed, args.log_every = 25, 50, 0, 0
     args.target_layer = args.layer  # layer and lr fixed: the profile is of the main run, not of the search
     logging.basicConfig(level=logging.WARNING)
     device = pick_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(
+        torch, args.dtype)
     config, tok_vocab = CONFIGS[args.config]
     model = build_model(config, device, dtype)
     decoder = Decoder(model)

@@ -83,6 +83,14 @@ def assert_close_as_reference(ours, same, gold, floor: float = 1e-5):
     assert err(ours) <= 2 * err(same) + floor * gold.abs().max().item(), (err(ours), err(same))
 
 
+def hidden_and_grad(dec, h0: torch.Tensor, layer: int):
+    """(hidden states at `layer`, their squares' sum's gradient at h0) of one decoder pass."""
+    h = h0.clone().requires_grad_()
+    out = dec.hidden_states(h, [layer])[layer]
+    (grad,) = torch.autograd.grad(out.float().pow(2).sum(), h)
+    return out, grad
+
+
 def tiny_config(family: str, vocab_size: int, tied: bool = True):
     """A 4-layer, 64-wide model config of the given family."""
     from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config

@@ -90,7 +90,7 @@ class Attend:
         """q [1, H, Nq, hd], k/v [1, Hkv, N, hd] (after rotary) -> [1, Nq, H, hd] as HF attention functions
         return."""
         spec, layer = self.spec, module.layer_idx
-        q3, k3, v3 = (x[0].transpose(0, 1) for x in (q, k, v))  # [rows, heads, hd]
+        q3, k3, v3 = (x.squeeze(0).transpose(0, 1) for x in (q, k, v))  # [rows, heads, hd]; a view both ways
         if self.capture is not None:
             rows = spec.capture_rows
             self.capture[layer] = (k3, v3) if rows is None else (k3.index_select(0, rows), v3.index_select(0, rows))

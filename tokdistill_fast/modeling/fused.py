@@ -1,7 +1,7 @@
 """Fused RMSNorm, rotary embeddings, gated MLP activations and packed causal attention for the frozen model's
-passes on CPU (bf16 or fp32): the C++ kernels of csrc/fused.cpp behind autograd Functions, with the PyTorch
-references they are tested against (the Hugging Face modules' own math; attention.py's for attention), and the
-attention and MLP forwards that call them.
+passes: the C++ kernels of csrc/fused.cpp on CPU (bf16 or fp32) and, for all but attention, the Triton kernels of
+kernels/ on GPU, behind one autograd Function per op, with the PyTorch references they are tested against (the
+Hugging Face modules' own math; attention.py's for attention), and the attention and MLP forwards that call them.
 
 Each kernel replaces two to thirty PyTorch operators forward and as many or more backward, each a pass over memory
 at a pass's ~120-240 rows. The forwards take their input projections as one product (`project`:
@@ -13,11 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import lru_cache
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import backend as kernel_backend
+from ..kernels import gated as triton_gated
+from ..kernels import rms_norm as triton_rms_norm
+from ..kernels import rotary as triton_rotary
 from . import attention  # a module import: attention.py imports this module too
 
 # Hugging Face norm classes and how each applies its weight: 0 rounds the normalized row to the input dtype and
@@ -71,74 +76,104 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm over the last dimension of a contiguous bf16 or fp32 tensor, in one kernel each way."""
+class CppKernels:
+    """csrc/fused.cpp's norm, rotary and gated kernels (CPU, bf16 or fp32, contiguous tensors), with the signatures
+    of the Triton kernels' launchers (kernels/rms_norm.py, rotary.py, gated.py), so one autograd Function serves
+    both."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: int) -> torch.Tensor:
+    def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         d = x.shape[-1]
-        y = torch.empty_like(x)
-        rstd = torch.empty(x.numel() // d, dtype=torch.float32)
+        y, rstd = torch.empty_like(x), torch.empty(x.numel() // d, dtype=torch.float32)
         extension().rms_norm_fwd(_ptr(x), _ptr(weight), _ptr(y), _ptr(rstd), rstd.numel(), d, eps, offset,
                                  x.dtype == torch.float32)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.offset = offset
-        return y
+        return y, rstd
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight, rstd = ctx.saved_tensors
-        grad = grad.contiguous()
+    def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: int
+                     ) -> torch.Tensor:
         dx = torch.empty_like(x)
-        extension().rms_norm_bwd(_ptr(grad), _ptr(x), _ptr(weight), _ptr(rstd), _ptr(dx), rstd.numel(),
-                                 x.shape[-1], ctx.offset, x.dtype == torch.float32)
-        return dx, None, None, None
-
-
-class RotaryFunction(torch.autograd.Function):
-    """Rotary embedding of contiguous queries and keys [B, T, heads, hd] (bf16 or fp32) by cos/sin [B, T, hd], one
-    kernel per tensor each way (the backward is the transposed rotation)."""
+        extension().rms_norm_bwd(_ptr(dy), _ptr(x), _ptr(weight), _ptr(rstd), _ptr(dx), rstd.numel(),
+                                 x.shape[-1], offset, x.dtype == torch.float32)
+        return dx
 
     @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
         y = torch.empty_like(x)
         extension().rotary(_ptr(x), _ptr(cos), _ptr(sin), _ptr(y), cos.numel() // x.shape[-1], x.shape[-2],
                            x.shape[-1], backward, x.dtype == torch.float32)
         return y
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        ctx.save_for_backward(cos, sin)
-        return RotaryFunction._rotate(q, cos, sin, False), RotaryFunction._rotate(k, cos, sin, False)
-
-    @staticmethod
-    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
-        cos, sin = ctx.saved_tensors
-        return (*(None if d is None else RotaryFunction._rotate(d.contiguous(), cos, sin, True) for d in (dq, dk)),
-                None, None)
-
-
-class GatedFunction(torch.autograd.Function):
-    """a(gate) * up from one contiguous [..., 2 * inter] tensor (gate, then up), one kernel each way; the gradient
-    comes back in the same layout, so the projection's backward reads it as it is."""
-
-    @staticmethod
-    def forward(ctx, gu: torch.Tensor, act: int) -> torch.Tensor:
+    def gated_fwd(gu: torch.Tensor, act: int) -> torch.Tensor:
         inter = gu.shape[-1] // 2
         h = gu.new_empty(*gu.shape[:-1], inter)
         extension().gated(_ptr(gu), 0, _ptr(h), gu.numel() // (2 * inter), inter, act, False,
                           gu.dtype == torch.float32)
-        ctx.save_for_backward(gu)
-        ctx.act = act
         return h
+
+    @staticmethod
+    def gated_bwd(gu: torch.Tensor, dh: torch.Tensor, act: int) -> torch.Tensor:
+        dgu = torch.empty_like(gu)
+        extension().gated(_ptr(gu), _ptr(dh), _ptr(dgu), gu.numel() // gu.shape[-1], gu.shape[-1] // 2, act, True,
+                          gu.dtype == torch.float32)
+        return dgu
+
+
+TritonKernels = SimpleNamespace(rms_norm_fwd=triton_rms_norm.rms_norm_fwd, rms_norm_bwd=triton_rms_norm.rms_norm_bwd,
+                                rotate=triton_rotary.rotate, gated_fwd=triton_gated.gated_fwd,
+                                gated_bwd=triton_gated.gated_bwd)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm over the last dimension of a contiguous tensor by `kernels` (CppKernels or TritonKernels), one kernel
+    each way; gradient to x only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: int, kernels) -> torch.Tensor:
+        y, rstd = kernels.rms_norm_fwd(x, weight, eps, offset)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.offset, ctx.kernels = offset, kernels
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        return ctx.kernels.rms_norm_bwd(grad.contiguous(), x, weight, rstd, ctx.offset), None, None, None, None
+
+
+class RotaryFunction(torch.autograd.Function):
+    """Rotary embedding of contiguous queries and keys [B, T, heads, hd] by cos/sin [B, T, hd] (their dtype) by
+    `kernels`, one kernel per tensor each way (the backward is the transposed rotation)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels):
+        ctx.save_for_backward(cos, sin)
+        ctx.kernels = kernels
+        return kernels.rotate(q, cos, sin, False), kernels.rotate(k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        rotated = (None if d is None else ctx.kernels.rotate(d.contiguous(), cos, sin, True) for d in (dq, dk))
+        return *rotated, None, None, None
+
+
+class GatedFunction(torch.autograd.Function):
+    """a(gate) * up from one contiguous [..., 2 * inter] tensor (gate, then up) by `kernels`, one kernel each way;
+    the gradient comes back in the same layout, so the projection's backward reads it as it is."""
+
+    @staticmethod
+    def forward(ctx, gu: torch.Tensor, act: int, kernels) -> torch.Tensor:
+        ctx.save_for_backward(gu)
+        ctx.act, ctx.kernels = act, kernels
+        return kernels.gated_fwd(gu, act)
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
         (gu,) = ctx.saved_tensors
-        dh, dgu = dh.contiguous(), torch.empty_like(gu)
-        extension().gated(_ptr(gu), _ptr(dh), _ptr(dgu), gu.numel() // gu.shape[-1],
-                          gu.shape[-1] // 2, ctx.act, True, gu.dtype == torch.float32)
-        return dgu, None
+        return ctx.kernels.gated_bwd(gu, dh.contiguous(), ctx.act), None, None
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -171,39 +206,58 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-FUSED_DTYPES = (torch.bfloat16, torch.float32)
+FUSED_DTYPES = (torch.bfloat16, torch.float32)  # the C++ kernels'
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def fits(*tensors: torch.Tensor) -> bool:
-    """CPU tensors of one dtype the kernels take, and the kernels built."""
+    """CPU tensors of one dtype the C++ kernels take, and the kernels built."""
     dtype = tensors[0].dtype
     return extension() is not None and dtype in FUSED_DTYPES and all(t.device.type == "cpu" and t.dtype == dtype
                                                                       for t in tensors)
 
 
+def layer_kernels(device: torch.device, dtype: torch.dtype):
+    """The norm, rotary and gated kernels for tensors of `device` and `dtype`: CppKernels on CPU where the extension
+    is built, TritonKernels where Triton runs (CUDA; CPU only under TRITON_INTERPRET=1 without the extension, as the
+    tests run them), else None (the references)."""
+    if device.type == "cpu" and extension() is not None:
+        return CppKernels if dtype in FUSED_DTYPES else None
+    return TritonKernels if dtype in TRITON_DTYPES and kernel_backend.unusable_reason(device) is None else None
+
+
+def _kernels_for(*tensors: torch.Tensor):
+    """layer_kernels for tensors of one device and dtype, else None."""
+    t = tensors[0]
+    same = all(u.device == t.device and u.dtype == t.dtype for u in tensors)
+    return layer_kernels(t.device, t.dtype) if same else None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: int) -> torch.Tensor:
-    """RMSNorm: the fused kernel for CPU bf16 or fp32 (the weight in the input's dtype), else the reference."""
-    if not fits(x, weight):
+    """RMSNorm: the fused kernels where they run (the weight in the input's dtype), else the reference."""
+    kernels = _kernels_for(x, weight)
+    if kernels is None:
         return rms_norm_ref(x, weight, eps, offset)
-    return RMSNormFunction.apply(x.contiguous(), weight.contiguous(), eps, offset)
+    return RMSNormFunction.apply(x.contiguous(), weight.contiguous(), float(eps), int(offset), kernels)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Queries and keys [B, T, heads, hd] rotated by cos/sin [B or 1, T, hd]: the fused kernel for CPU bf16 or fp32,
+    """Queries and keys [B, T, heads, hd] rotated by cos/sin [B or 1, T, hd]: the fused kernels where they run,
     else the reference."""
-    if not fits(q, k, cos, sin) or q.shape[-1] % 2:
+    kernels = _kernels_for(q, k, cos, sin)
+    if kernels is None or q.shape[-1] % 2:
         return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
     shape = (q.shape[0], *cos.shape[1:])
     cos, sin = (t.expand(shape).contiguous() for t in (cos, sin))
-    return RotaryFunction.apply(q.contiguous(), k.contiguous(), cos, sin)
+    return RotaryFunction.apply(q.contiguous(), k.contiguous(), cos, sin, kernels)
 
 
 def gated(gu: torch.Tensor, act: int) -> torch.Tensor:
-    """a(gate) * up from [..., 2 * inter] (gate, then up): the fused kernel for CPU bf16 or fp32, else the
-    reference."""
-    if not fits(gu):
+    """a(gate) * up from [..., 2 * inter] (gate, then up): the fused kernels where they run, else the reference."""
+    kernels = _kernels_for(gu)
+    if kernels is None:
         return gated_ref(gu, act)
-    return GatedFunction.apply(gu.contiguous(), act)
+    return GatedFunction.apply(gu.contiguous(), act, kernels)
 
 
 def varlen_attention(q, k, v, context, spec, scale: float, cache: dict) -> torch.Tensor:

@@ -3,10 +3,10 @@
 `Decoder` drives the model's own decoder layers (no copy of their math), so any Llama-, Qwen2-, Mistral- or
 Gemma-style model works; it computes rotary embeddings once per layer type and stops at the deepest layer asked
 for. Layer l means `hidden_states[l]` of the HF model: the output of decoder layer l, with the final norm
-applied only when l is the last layer (which is what `hidden_states[-1]` holds). On CPUs a call swaps prepacked
-products (bf16) and fused norms, attention and MLP forwards (bf16, fp32) into the layers it runs (packed.py,
-fused.py) and puts the modules back after it; the Hugging Face modules themselves are the reference the tests
-compare against.
+applied only when l is the last layer (which is what `hidden_states[-1]` holds). A call swaps prepacked products
+(CPU bf16) and fused norms, attention and MLP forwards (C++ kernels on CPU, Triton on GPU) into the layers it runs
+(packed.py, fused.py) and puts the modules back after it; the Hugging Face modules themselves are the reference
+the tests compare against.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class Decoder:
         self.embed_scale = None if scale is None else float(torch.as_tensor(scale).to(self.embed_weight.dtype))
         sliding = getattr(self.config, "sliding_window", None)
         self.max_len = sliding if sliding and self.layer_types and "sliding_attention" in self.layer_types else None
-        self.packs = Packs(layers)  # prepacked frozen linears (CPU bf16), see packed.py
+        self.packs = Packs(layers)  # the layers' fast path: packed linears, fused kernels (packed.py)
 
     @property
     def embed_weight(self) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The CPU fast path of the frozen model's decoder layers: linears with their weights prepacked for oneDNN (bf16),
-and the fused norms and rotary embeddings of fused.py (bf16 and fp32).
+"""The fast path of the frozen model's decoder layers: on CPU, linears with their weights prepacked for oneDNN
+(bf16); on CPU and GPU, the fused norms, rotary embeddings and gated activations of fused.py, with q/k/v and
+gate/up as one product each.
 
 A bf16 `F.linear` on CPU runs oneDNN, which reorders the weight into its blocked (AMX / AVX-512-BF16) layout on
 every call; at the student's pass sizes (about 120 rows) that costs a third of the product (SmolLM2's 576 x 1536:
@@ -54,11 +55,20 @@ def supported(device: torch.device, dtype: torch.dtype) -> bool:
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def copy_fits(weights: list[torch.Tensor]) -> bool:
+    """Whether a second copy of the layers' linear weights fits: within MAX_PACK_BYTES of doubled weights on a CPU,
+    within a quarter of the free memory on a GPU (Llama-3.1-8B's 14 GB of layers on an 80 GB card)."""
+    size = sum(w.numel() * w.element_size() for w in weights)
+    if weights[0].device.type == "cuda":
+        return 4 * size <= torch.cuda.mem_get_info(weights[0].device)[0]
+    return 2 * size <= MAX_PACK_BYTES
+
+
 class Packs:
-    """The CPU fast path of a model's decoder layers: packed weights of their linears (bf16), built on first use
+    """The fast path of a model's decoder layers: packed weights of their linears (CPU bf16), built on first use
     (forward packs per layer called, gradient packs per layer a pass with a gradient runs through), and the fused
-    forwards of their norms, attention modules and MLPs (fused.py; bf16 or fp32), whose input projections run as
-    one product over concatenated weights. `enabled` False: neither."""
+    forwards of their norms, attention modules and MLPs (fused.py: C++ kernels on CPU, Triton on GPU), whose input
+    projections run as one product over concatenated weights. `enabled` False: neither."""
 
     def __init__(self, layers: nn.ModuleList):
         self.layers = layers
@@ -67,10 +77,9 @@ class Packs:
         self.swaps: dict[tuple[int, bool], list] = {}
         weights = [m.weight for m in layers.modules() if isinstance(m, nn.Linear)]
         frozen = bool(weights) and not any(w.requires_grad for w in weights)
-        self.copies = 2 * sum(w.numel() * w.element_size() for w in weights) <= MAX_PACK_BYTES  # a second copy fits
-        self.pack = frozen and self.copies and supported(weights[0].device, weights[0].dtype)
-        self.fuse = (frozen and fused.extension() is not None and weights[0].device.type == "cpu"
-                     and weights[0].dtype in fused.FUSED_DTYPES)
+        self.copies = frozen and copy_fits(weights)
+        self.pack = self.copies and supported(weights[0].device, weights[0].dtype)
+        self.fuse = frozen and fused.layer_kernels(weights[0].device, weights[0].dtype) is not None
         self.enabled = self.pack or self.fuse
 
     def _product(self, key, weight, bias: torch.Tensor | None, grad: bool):
