@@ -21,8 +21,9 @@
 # Dry run on CPU (tiny config; ~4 min on 2 busy cores): bench/gpu_check.sh --dry-run, or make bench-gpu-check-dry
 #
 # Still open for speed (issue 15 item 3; measure before and after on the device, bench/profile_gpu.py):
-# CUDA graphs or torch.compile for the fixed-shape decoder passes of the fused steps, fused RMSNorm/RoPE/SwiGLU
-# where the profile shows them, no host syncs in the search's scoring; targets 45 s (L8) and 180 s (L32).
+# CUDA graphs or torch.compile for the fixed-shape decoder passes of the fused steps, no host syncs in the search's
+# scoring; targets 45 s (L8) and 180 s (L32). The layers' Triton kernels (RMSNorm, rotary, SwiGLU; 2026-12-05) are
+# untimed: `make bench-kernels` times them against the references.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

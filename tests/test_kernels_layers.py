@@ -97,6 +97,18 @@ def test_gated_activation_matches_reference(device, act, rows, inter, dtype):
         assert_close_as_reference(d_ours[:, half], d_same[:, half], d_gold[:, half], floor=1e-3)
 
 
+def test_layer_kernels_by_device_and_dtype():
+    """C++ on CPU where built, Triton on CUDA (and interpreted on CPU without the extension), else the references."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    on_cpu = fused.CppKernels if fused.extension() is not None else (
+        fused.TritonKernels if fused.kernel_backend.unusable_reason(cpu) is None else None)
+    assert fused.layer_kernels(cpu, torch.bfloat16) is on_cpu
+    triton = fused.kernel_backend.triton is not None
+    assert fused.layer_kernels(cuda, torch.bfloat16) is (fused.TritonKernels if triton else None)
+    assert fused.layer_kernels(cuda, torch.float16) is (fused.TritonKernels if triton else None)
+    assert fused.layer_kernels(cuda, torch.float64) is None
+
+
 def test_kernels_fall_back_to_the_references_where_they_do_not_run():
     x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     assert fused.layer_kernels(x.device, x.dtype) is None
