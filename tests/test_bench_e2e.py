@@ -25,6 +25,8 @@ def test_e2e_tiny_on_cpu(tmp_path):
     assert fast["implementations"]["prefix_sharing"] == "cached"
     assert fast["settings"]["epochs"] == DistillConfig().epochs
     assert fast["implementations"]["packed_attention"] == ("fused" if fused.extension() is not None else "dense")
+    assert fast["implementations"]["layers"] == ("cpp" if fused.extension() is not None else "torch")
+    assert ref["implementations"]["layers"] == "torch"  # the plain path runs the Hugging Face layers
     assert ref["implementations"]["prefix_sharing"] == "off" and ref["implementations"]["packed_attention"] is None
     assert fast["implementations"]["align"] == ("cpp" if align._align_ext is not None else "python")
     assert ref["implementations"]["align"] == "python" and ref["implementations"]["backend"] == "torch"

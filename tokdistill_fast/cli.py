@@ -126,7 +126,9 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
     d.add_argument("--device", default=c.device)
     d.add_argument("--dtype", default=c.dtype, help="auto | float32 | bfloat16 | float16")
     d.add_argument("--seed", type=int, default=c.seed)
-    d.add_argument("--backend", default=c.backend, help="auto | torch | triton")
+    d.add_argument("--backend", default=c.backend,
+                   help="auto | torch | triton: the Triton embedding and loss kernels; torch runs the PyTorch "
+                        "references throughout, the Hugging Face decoder layers included")
     d.add_argument("--prefix-sharing", default=c.prefix_sharing,
                    help="auto | off | on | fused: student steps compute only from the first new token on, reading the "
                         "prefix keys/values the teacher pass kept (on), or runs the teacher inside each step (fused)")

@@ -188,7 +188,9 @@ class DistillConfig:
     device: str = "auto"  # cuda if available, else cpu
     dtype: str = "auto"  # bf16 on CUDA and on CPUs with AMX/AVX512-BF16 (6x faster matmuls), else fp32
     seed: int = 0
-    backend: str = "auto"  # torch (reference) | triton (fused kernels, CUDA or TRITON_INTERPRET=1)
+    # torch: the references throughout (also the Hugging Face decoder layers, no fused layer kernels) | triton (the
+    # embedding and loss kernels, CUDA or TRITON_INTERPRET=1) | auto (those kernels where they run)
+    backend: str = "auto"
     # Student steps from the first new token on, attending to the prefix's keys/values (exact under causal
     # attention): on = the keys/values the teacher pass kept (when they fit in teacher.prefix_kv_budget), else a
     # no-grad prefix pass per step; fused = the teacher runs inside each step and lends its keys/values (epochs 1);

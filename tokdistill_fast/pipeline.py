@@ -103,6 +103,7 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
     backend = kernels.resolve(cfg.backend, device)  # fails here, not after the teacher pass, if triton cannot run
     with timer("load"):
         decoder, tokenizer, source = load(model, tokenizer, device, dtype)
+    decoder.packs.enabled &= cfg.backend != "torch"  # the references throughout: the Hugging Face layers too
     lm = decoder.model
     tied = export.is_tied(lm)
     with timer("tokens"):

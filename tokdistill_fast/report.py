@@ -93,6 +93,7 @@ class RunReport:
                                 "backend": observed.ran("kernels"),
                                 "prefix_sharing": result.extra["passes"] if result is not None else None,
                                 "packed_attention": observed.ran("attention"),
+                                "layers": observed.ran("layers"),
                                 "teacher_cache": observed.ran("teacher_cache"),
                                 "mkl_dispatch": process.mkl_dispatch() if torch.backends.mkl.is_available() else None},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},

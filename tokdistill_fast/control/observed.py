@@ -2,8 +2,9 @@
 states what happened (not what the config asked for), and a fallback from a fast path a user would expect logs one
 warning line per run saying what it costs.
 
-Sites and names: "align" (cpp | python), "kernels" (triton | torch), "attention" (flash varlen | dense: the
-packed passes of prefix sharing), "teacher_cache" (device | host). A site that never ran is absent.
+Sites and names: "align" (cpp | python), "kernels" (triton | torch), "attention" (flash varlen | fused | dense:
+the packed passes of prefix sharing), "layers" (cpp | triton | torch: the decoder layers' norms, rotations and
+activations), "teacher_cache" (device | host). A site that never ran is absent.
 """
 
 from __future__ import annotations

@@ -81,6 +81,8 @@ class CppKernels:
     of the Triton kernels' launchers (kernels/rms_norm.py, rotary.py, gated.py), so one autograd Function serves
     both."""
 
+    name = "cpp"
+
     @staticmethod
     def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,9 +123,10 @@ class CppKernels:
         return dgu
 
 
-TritonKernels = SimpleNamespace(rms_norm_fwd=triton_rms_norm.rms_norm_fwd, rms_norm_bwd=triton_rms_norm.rms_norm_bwd,
-                                rotate=triton_rotary.rotate, gated_fwd=triton_gated.gated_fwd,
-                                gated_bwd=triton_gated.gated_bwd)
+# kernels/' Triton launchers under the same names (CUDA, or interpreted on CPU)
+TritonKernels = SimpleNamespace(name="triton", rms_norm_fwd=triton_rms_norm.rms_norm_fwd,
+                                rms_norm_bwd=triton_rms_norm.rms_norm_bwd, rotate=triton_rotary.rotate,
+                                gated_fwd=triton_gated.gated_fwd, gated_bwd=triton_gated.gated_bwd)
 
 
 class RMSNormFunction(torch.autograd.Function):

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..control import observed
+from ..kernels import backend as kernel_backend
 from . import fused
 
 PACK_ROWS = 128  # oneDNN's row-count hint for the packed layout (a pass's size; any row count runs)
@@ -79,8 +81,14 @@ class Packs:
         frozen = bool(weights) and not any(w.requires_grad for w in weights)
         self.copies = frozen and copy_fits(weights)
         self.pack = self.copies and supported(weights[0].device, weights[0].dtype)
-        self.fuse = frozen and fused.layer_kernels(weights[0].device, weights[0].dtype) is not None
+        kernels = fused.layer_kernels(weights[0].device, weights[0].dtype) if frozen else None
+        self.fuse = kernels is not None
         self.enabled = self.pack or self.fuse
+        # what the layers' norms, rotations and activations run, for reports; on CUDA without Triton, a slow path
+        self.kernel_impl = "torch" if kernels is None else kernels.name
+        self.fallback = None if not frozen or self.fuse or weights[0].device.type != "cuda" else (
+            "the decoder layers run the Hugging Face modules on CUDA (Triton kernels unusable: "
+            f"{kernel_backend.unusable_reason(weights[0].device)}): about twice the kernel launches a layer")
 
     def _product(self, key, weight, bias: torch.Tensor | None, grad: bool):
         """x -> x W^T + b for W = weight() (a callable: built at first use and kept under `key`), packed where
@@ -117,6 +125,7 @@ class Packs:
     def active(self, upto: int):
         """Within the block, the linears of layers [0, upto) run packed (bf16) and their supported norms,
         attention modules and MLPs fused (bf16 or fp32, fused.py); a no-op where neither applies."""
+        observed.note("layers", self.kernel_impl if self.enabled else "torch", fallback=self.fallback)
         if not self.enabled:
             yield
             return
