@@ -53,11 +53,12 @@ def test_rms_norm_matches_reference(device, offset, shape, dtype):
 
 @pytest.mark.parametrize("device", IMPLS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("batch,heads,kv_heads", [(1, 9, 3), (2, 4, 4)])
-def test_rotary_matches_reference(device, batch, heads, kv_heads, dtype):
-    """Queries' and keys' rotations and their gradients: the kernels round where autograd's operators do."""
+@pytest.mark.parametrize("batch,heads,kv_heads,hd", [(1, 9, 3, 16), (2, 4, 4, 20)])
+def test_rotary_matches_reference(device, batch, heads, kv_heads, hd, dtype):
+    """Queries' and keys' rotations and their gradients (head sizes whose halves are and are not powers of two): the
+    kernels round where autograd's operators do."""
     torch.manual_seed(heads)
-    T, hd = 13, 16
+    T = 13
     q = torch.randn(batch, T, heads, hd).to(device, dtype).requires_grad_()
     k = torch.randn(batch, T, kv_heads, hd).to(device, dtype).requires_grad_()
     angle = torch.randn(1, T, hd // 2)
