@@ -22,8 +22,9 @@
 #
 # Still open for speed (issue 15 item 3; measure before and after on the device, bench/profile_gpu.py):
 # CUDA graphs or torch.compile for the fixed-shape decoder passes of the fused steps, no host syncs in the search's
-# scoring; targets 45 s (L8) and 180 s (L32). The layers' Triton kernels (RMSNorm, rotary, SwiGLU; 2026-12-05) are
-# untimed: `make bench-kernels` times them against the references.
+# scoring; targets 45 s (L8) and 180 s (L32). The layers' Triton kernels (RMSNorm, rotary, SwiGLU; 2026-12-05: ~450
+# fewer launches a pass at L8, ~30 s of the ~100 s projected) are untimed: `make bench-kernels` times them against
+# the references, and the summary's "layers" column shows that they ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
