@@ -178,8 +178,7 @@ def implementation(device: torch.device, dtype: torch.dtype) -> str:
     """Which attention packed passes use here (recorded in reports)."""
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None:
         return "flash varlen"
-    cpu_kernel = device.type == "cpu" and dtype in fused.FUSED_DTYPES and fused.extension() is not None
-    return "fused" if cpu_kernel else "dense"
+    return "fused" if fused.layer_kernels(device, dtype) is fused.CppKernels else "dense"
 
 
 def varlen_causal(q, k, v, spec: Spec, scale: float | None, cache: dict | None = None,

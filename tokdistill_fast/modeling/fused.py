@@ -213,13 +213,6 @@ FUSED_DTYPES = (torch.bfloat16, torch.float32)  # the C++ kernels'
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def fits(*tensors: torch.Tensor) -> bool:
-    """CPU tensors of one dtype the C++ kernels take, and the kernels built."""
-    dtype = tensors[0].dtype
-    return extension() is not None and dtype in FUSED_DTYPES and all(t.device.type == "cpu" and t.dtype == dtype
-                                                                      for t in tensors)
-
-
 def layer_kernels(device: torch.device, dtype: torch.dtype):
     """The norm, rotary and gated kernels for tensors of `device` and `dtype`: CppKernels on CPU where the extension
     is built, TritonKernels where Triton runs (CUDA; CPU only under TRITON_INTERPRET=1 without the extension, as the
@@ -234,6 +227,11 @@ def _kernels_for(*tensors: torch.Tensor):
     t = tensors[0]
     same = all(u.device == t.device and u.dtype == t.dtype for u in tensors)
     return layer_kernels(t.device, t.dtype) if same else None
+
+
+def fits(*tensors: torch.Tensor) -> bool:
+    """Tensors of one device and dtype that the C++ kernels take (the attention kernel's check)."""
+    return _kernels_for(*tensors) is CppKernels
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: int) -> torch.Tensor:
