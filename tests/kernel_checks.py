@@ -42,11 +42,12 @@ def spy_launchers(monkeypatch) -> Counter:
     for module, names in LAUNCHERS.items():
         mod = importlib.import_module(f"tokdistill_fast.kernels.{module}")
         for name in names:
-            monkeypatch.setattr(mod, name, _counted(getattr(mod, name), name, counts))
+            monkeypatch.setattr(mod, name, counted(getattr(mod, name), name, counts))
     return counts
 
 
-def _counted(fn, name: str, counts: Counter):
+def counted(fn, name: str, counts: Counter):
+    """fn, counting its calls under `name`."""
     def spy(*args, **kwargs):
         counts[name] += 1
         return fn(*args, **kwargs)
