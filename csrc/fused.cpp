@@ -406,7 +406,8 @@ T* ptr(uintptr_t p) {
 }  // namespace
 
 PYBIND11_MODULE(_fused_ext, m) {
-  m.doc() = "RMSNorm, rotary embeddings and gated activations, forward and backward, bf16 or fp32 on CPU (csrc/fused.cpp)";
+  m.doc() = "RMSNorm, rotary embeddings, gated activations and packed causal attention, forward and backward, bf16 or "
+            "fp32 on CPU (csrc/fused.cpp)";
   m.def("rms_norm_fwd", [](uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows, int64_t d, float eps,
                            int offset, bool fp32) {
     pybind11::gil_scoped_release release;
