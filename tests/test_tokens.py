@@ -4,7 +4,6 @@ without new words unchanged, round trips, prefix pairs, order, casing, skips, an
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 from conftest import NEW_WORDS, tiny_config
@@ -142,10 +141,11 @@ def test_uncased_tokenizer_folds_casing_variants():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_skip_reasons(tokenizers_by_kind, kind):
+def test_skip_reasons(tokenizers_by_kind, tmp_path, kind):
     from tokenizers import AddedToken
 
-    tok = AutoTokenizer.from_pretrained(_saved(tokenizers_by_kind[kind]))
+    tokenizers_by_kind[kind].save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
     tok.add_tokens([AddedToken("zygo", normalized=False)])
     stored = ("\u0120" if kind == "bytelevel" else "\u2581") + "palatable"
     planned, skipped = tokens.plan_new_tokens(tok, ["palatable", "palatable", "<eos>", "zygo", "the", "<0x41>",
@@ -185,14 +185,6 @@ def test_multi_word_and_hyphenated(tokenizers_by_kind, kind):
         assert len(span(new, text, start, end)) == 1, new.tokenize(text)
         assert new.decode(new(text, add_special_tokens=False)["input_ids"]) == text
     assert new("the spill said")["input_ids"] == tok("the spill said")["input_ids"]
-
-
-def _saved(tok, root=None) -> Path:
-    import tempfile
-
-    path = Path(root or tempfile.mkdtemp())
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
