@@ -294,6 +294,29 @@ def test_fortunes_corpus_keeps_one_document_per_fortune(tmp_path, monkeypatch):
                     "Never put off till tomorrow what you can do the day after tomorrow. -- Mark Twain"]
 
 
+@pytest.mark.parametrize("name", ["debref", "debref-de", "debref-fr"])
+def test_debian_reference_corpus_starts_at_chapter_one(tmp_path, monkeypatch, name):
+    """The Debian Reference in English, German and French: the package's text from chapter 1's heading on, one
+    document per paragraph; the table of contents before it (whose lines name chapters and tables too) is skipped."""
+    import gzip
+
+    from tokdistill_fast.tools import demo
+
+    language, chapter = demo.DEBIAN_REFERENCES[name]
+    src = tmp_path / f"debian-reference.{language}.txt.gz"
+    asked = []
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: asked.append(package) or src)
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        f.write(f"Debian Reference\n\n   1. {chapter} one, listed in the contents, long enough to be kept\n"
+                f"Table 1.8. A table whose caption starts a line, long enough to be kept\n\n"
+                f"{chapter} 1. GNU/Linux tutorials\n\n    Learning a computer system is like learning a new "
+                f"foreign language.\n\n")
+    out = demo.debian_reference_corpus(tmp_path / f"{name}.txt", tmp_path, language, chapter)
+    assert asked == [f"debian-reference-{language}"]
+    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+        "Learning a computer system is like learning a new foreign language."]
+
+
 @pytest.mark.parametrize("name", ["pydocs", "pgdocs", "gnucash", "gimp"])
 def test_html_manual_corpus_keeps_the_text_of_each_paragraph(tmp_path, monkeypatch, name):
     """The HTML manuals of `demo prepare --corpora` (the Python Library Reference, the PostgreSQL manual, GnuCash's

@@ -184,15 +184,22 @@ def fortunes_corpus(out: Path, cache: Path | None = None) -> Path:
         r"^%$", f.read_text(encoding="utf-8", errors="replace"), flags=re.M)))
 
 
-def debian_reference_corpus(out: Path, cache: Path | None = None) -> Path:
-    """Running text from the Debian Reference (a system administrator's manual; added after every default was
-    set, as a corpus no setting has seen): one document per paragraph, whitespace folded, the table of contents
-    skipped."""
+# The Debian Reference in three languages: corpus name -> (language, the word its chapter headings start with). The
+# English one was added after every default was set; German and French (2026-12-05, thirty-seventh stop) are the
+# first corpora in languages other than English.
+DEBIAN_REFERENCES = {"debref": ("en", "Chapter"), "debref-de": ("de", "Kapitel"), "debref-fr": ("fr", "Chapitre")}
+
+
+def debian_reference_corpus(out: Path, cache: Path | None = None, language: str = "en",
+                            chapter: str = "Chapter") -> Path:
+    """Running text from the Debian Reference (a system administrator's manual) in `language`: one document per
+    paragraph, whitespace folded, the table of contents (everything before chapter 1's heading) skipped."""
     if out.exists():
         return out
-    src = debian_file("debian-reference-en", Path("/usr/share/debian-reference/debian-reference.en.txt.gz"), cache)
+    src = debian_file(f"debian-reference-{language}",
+                      Path(f"/usr/share/debian-reference/debian-reference.{language}.txt.gz"), cache)
     text = gzip.open(src, "rt", encoding="utf-8", errors="replace").read()
-    return write_documents(out, re.split(r"\n\s*\n", text[re.search(r"^Chapter\s1\.", text, flags=re.M).start():]))
+    return write_documents(out, re.split(r"\n\s*\n", text[re.search(rf"^{chapter}\s1\.", text, flags=re.M).start():]))
 
 
 def html_paragraphs(pages: Iterable[Path]) -> Iterator[str]:
@@ -326,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpora", action="store_true",
                    help="prepare: also build FOLDOC, the Jargon File, the Devil's Dictionary, VERA (dict-foldoc, "
                         "dict-jargon, dict-devil, dict-vera), a corpus of fortunes (fortunes), the Debian Reference "
-                        "(debian-reference-en), the Python Library Reference (python3.11-doc), Git's manuals "
-                        "(git-doc), the GNU Coding Standards (gnu-standards), the PostgreSQL manual "
+                        "(debian-reference-en; in German and French -de, -fr), the Python Library Reference "
+                        "(python3.11-doc), Git's manuals (git-doc), the GNU Coding Standards (gnu-standards), the "
+                        "PostgreSQL manual "
                         "(postgresql-doc-15), GnuCash's guide and help (gnucash-docs), GIMP's user manual "
                         "(gimp-help-en), R's manuals (r-doc-html), the King James Bible (bible-kjv-text, bible-kjv) "
                         "and LilyPond's manuals (lilypond-doc-html), split 3:1")
@@ -344,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             built = {name: dictd_corpus(package, name, cache_dir() / "corpora" / f"{name}.txt")
                      for package, name in DICTD}
             built["fortunes"] = fortunes_corpus(cache_dir() / "corpora" / "fortunes.txt")
-            built["debref"] = debian_reference_corpus(cache_dir() / "corpora" / "debref.txt")
+            built.update({name: debian_reference_corpus(cache_dir() / "corpora" / f"{name}.txt", None, *how)
+                          for name, how in DEBIAN_REFERENCES.items()})
             built.update({name: html_manual_corpus(name, cache_dir() / "corpora" / f"{name}.txt")
                           for name in HTML_MANUALS})
             built["gitdocs"] = git_docs_corpus(cache_dir() / "corpora" / "gitdocs.txt")

@@ -1,8 +1,8 @@
 """`tokdistill select`: candidate new tokens from a corpus, with the paper's filters, ranked by tokens saved.
 
-A candidate is a whole word (split at whitespace, outer punctuation stripped) that is not in the vocabulary,
-contains no digit and none of []{}()<>.,;:!?@#$%^&*+_=|\\/, is split into at least two subtokens in running
-text, and occurs at least `min_count` times. Rank: count * (subtokens - 1), the tokens a corpus pass saves.
+A candidate is a whole word (split at whitespace, outer punctuation stripped but a leading dash) that is not in
+the vocabulary, contains no digit and none of []{}()<>.,;:!?@#$%^&*+_=|\\/, is split into at least two subtokens
+in running text, and occurs at least `min_count` times. Rank: count * (subtokens - 1), the tokens a corpus pass saves.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from ..corpus import iter_documents
 from ..tokens import original_ids
 
 FORBIDDEN = set("[]{}()<>.,;:!?@#$%^&*+_=|\\/")
-STRIP = "\"'`“”‘’()[]{}<>.,;:!?*_«»—–-"
+# Outer punctuation: quotes and brackets of every language („Wort“, « mot », (word)) on either side, anything after the
+# word; a leading dash or hyphen stays, as in "-rw-r--r--" or "--verbose", whose inner part never follows a space.
+OUTER_PUNCTUATION = regex.compile(r"^[\p{P}`--\p{Pd}\p{Pc}]+|[\p{P}`]+$", flags=regex.V1)
 
 
 @dataclass
@@ -34,7 +36,7 @@ def word_counts(paths) -> Counter:
     """How often each whitespace-delimited word (outer punctuation stripped) follows a space in the corpus."""
     counts: Counter = Counter()
     for doc in iter_documents(paths):
-        counts.update(w.strip(STRIP) for w in regex.findall(r"(?<=\s)\S+", doc))
+        counts.update(OUTER_PUNCTUATION.sub("", w) for w in regex.findall(r"(?<=\s)\S+", doc))
     counts.pop("", None)
     return counts
 
