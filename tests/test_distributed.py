@@ -7,6 +7,7 @@ sums, then the all-reduce), so rows must agree to atol 1e-5 / rtol 1e-4 after th
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,10 +37,11 @@ def cli_flags(options: dict) -> list[str]:
     return [f for k, v in options.items() for f in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def torchrun(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-    """The CLI under torchrun with 2 processes (the timeout only catches a hang: shared machines stall for minutes)."""
+def torchrun(args: list[str], logs: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    """The CLI under torchrun with 2 processes, its agent's logs in `logs` (by default it leaves a directory in
+    /tmp per run); the timeout only catches a hang: shared machines stall for minutes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "tokdistill_fast.cli", "distill", *args]
+           "--log-dir", str(logs), "-m", "tokdistill_fast.cli", "distill", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -50,7 +52,7 @@ def test_two_processes_match_one(name, model_dirs, words_file, corpus_file, tmp_
     out = tmp_path / "out" / "model"
     out.parent.mkdir()
     run = torchrun(["--model", str(src), "--new-tokens", str(words_file), "--corpus", str(corpus_file),
-                    "--out", str(out), *cli_flags({**FAST, **options})])
+                    "--out", str(out), *cli_flags({**FAST, **options})], tmp_path / "logs")
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("added ") == 1, run.stdout  # rank 0 alone reports ...
     assert [p.name for p in out.parent.iterdir()] == ["model"]  # ... and writes (no second or partial output)
@@ -74,7 +76,7 @@ def test_bad_input_on_one_rank_stops_both(model_dirs, words_file, corpus_file, t
     out.mkdir()
     run = torchrun(["--model", str(model_dirs[("llama", "bytelevel", True)]), "--new-tokens", str(words_file),
                     "--corpus", str(corpus_file), "--out", str(out), *cli_flags({**FAST, "target_layer": 2, "epochs": 1,
-                                                                                 "lr": 1e-2})])
+                                                                                 "lr": 1e-2})], tmp_path / "logs")
     assert run.returncode != 0
     assert "already exists" in run.stderr and "rank 0 stopped" in run.stderr, run.stderr[-3000:]
     assert "tokdistill_fast/" not in run.stderr  # no traceback through our code (torchrun prints its own)
