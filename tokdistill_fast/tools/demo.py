@@ -335,10 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                         "dict-jargon, dict-devil, dict-vera), a corpus of fortunes (fortunes), the Debian Reference "
                         "(debian-reference-en; in German and French -de, -fr), the Python Library Reference "
                         "(python3.11-doc), Git's manuals (git-doc), the GNU Coding Standards (gnu-standards), the "
-                        "PostgreSQL manual "
-                        "(postgresql-doc-15), GnuCash's guide and help (gnucash-docs), GIMP's user manual "
-                        "(gimp-help-en), R's manuals (r-doc-html), the King James Bible (bible-kjv-text, bible-kjv) "
-                        "and LilyPond's manuals (lilypond-doc-html), split 3:1")
+                        "PostgreSQL manual (postgresql-doc-15), GnuCash's guide and help (gnucash-docs), GIMP's user "
+                        "manual (gimp-help-en), R's manuals (r-doc-html), the King James Bible (bible-kjv-text, "
+                        "bible-kjv) and LilyPond's manuals (lilypond-doc-html), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
