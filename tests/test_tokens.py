@@ -94,6 +94,9 @@ def test_added_mode_prefix_limit_is_reported(tokenizers_by_kind, kind):
     new_list = [{"id": t.new_id, "form": t.form, "piece": t.piece, "kind": t.kind, "word": t.word} for t in planned]
     stats = check.check_probe(new, check.Original(tok), new_list, ["the bivalve said.", "a cook", "(bivalves)"], find)
     assert not find.failures and stats["inside_word_matches"] == {" bival": 1, "bival": 1}
+    line = check.inside_word_line({"probe": stats})  # the line distill logs
+    assert line.startswith("check: 2 of 3 probe paragraphs") and "' bival' 1" in line and "vocab" in line
+    assert check.inside_word_line({"probe": {**stats, "inside_word_matches": {}}}) is None
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -456,6 +456,20 @@ def summary_lines(section: dict) -> list[str]:
             for f in section["failures"]]
 
 
+def inside_word_line(section: dict, most: int = 3) -> str | None:
+    """One log line where added tokens changed probe text without new words by matching inside longer words (they
+    match on raw text: " Datei" in " Dateien"), naming the tokens that did most; None where none did."""
+    probe = section.get("probe") or {}
+    inside = probe.get("inside_word_matches") or {}
+    if not inside:
+        return None
+    top = ", ".join(f"{form!r} {n}" for form, n in sorted(inside.items(), key=lambda kv: -kv[1])[:most])
+    return (f"check: {probe['changed']} of {probe['compared']} probe paragraphs without new words tokenize "
+            f"differently: added tokens match inside longer words (most: {top}); no training snippet shows a row "
+            "there, and `--tokenizer-mode vocab` avoids it where llama.cpp is not needed "
+            "(docs/vocabulary-extension.md)")
+
+
 def write_reports(out: Path, section: dict) -> None:
     """Put the check section into report.json (keeping what the run wrote) and write a short report.md."""
     from .export import write_json

@@ -643,6 +643,8 @@ def write_output(out: Path, prep: Prepared, learned: Learned, report: RunReport)
         export.write_json(tmp / "report.json", data)
         section = check.run_checks(tmp, before, probes, forward=None, model=target)
         check.write_reports(tmp, section)
+        if line := check.inside_word_line(section):
+            log.warning(line)
         if not section["passed"]:
             raise check.GuaranteeError("the output breaks a guarantee; nothing was written:\n  "
                                        + "\n  ".join(check.summary_lines(section)))
