@@ -1,6 +1,6 @@
 """`tokdistill select`: candidate new tokens from a corpus, with the paper's filters, ranked by tokens saved.
 
-A candidate is a whole word (split at whitespace, outer punctuation stripped but a leading dash) that is not in
+A candidate is a whole word (split at whitespace, outer punctuation stripped, none glued to a dash) that is not in
 the vocabulary, contains no digit and none of []{}()<>.,;:!?@#$%^&*+_=|\\/, is split into at least two subtokens
 in running text, and occurs at least `min_count` times. Rank: count * (subtokens - 1), the tokens a corpus pass saves.
 """
@@ -16,9 +16,18 @@ from ..corpus import iter_documents
 from ..tokens import original_ids
 
 FORBIDDEN = set("[]{}()<>.,;:!?@#$%^&*+_=|\\/")
-# Outer punctuation: quotes and brackets of every language („Wort“, « mot », (word)) on either side, anything after the
-# word; a leading dash or hyphen stays, as in "-rw-r--r--" or "--verbose", whose inner part never follows a space.
-OUTER_PUNCTUATION = regex.compile(r"^[\p{P}`--\p{Pd}\p{Pc}]+|[\p{P}`]+$", flags=regex.V1)
+# Outer punctuation: quotes and brackets of every language („Wort“, « mot », (word)) before the word, any after it.
+# A chunk glued to a dash is no word: "-rw-r--r--", "--verbose", "--Dryden." (a dictionary's citation); stripping
+# the dash would propose "rw-r--r", a piece of text that never follows a space.
+LEADING = regex.compile(r"^[\p{P}`--\p{Pd}\p{Pc}]+", flags=regex.V1)
+TRAILING = regex.compile(r"[\p{P}`]+$")
+DASH = regex.compile(r"[\p{Pd}\p{Pc}]")
+
+
+def chunk_word(chunk: str) -> str:
+    """The word of a whitespace-delimited chunk, outer punctuation stripped; "" where it starts with a dash."""
+    word = LEADING.sub("", chunk)
+    return "" if DASH.match(word) else TRAILING.sub("", word)
 
 
 @dataclass
@@ -33,10 +42,10 @@ class Suggestion:
 
 
 def word_counts(paths) -> Counter:
-    """How often each whitespace-delimited word (outer punctuation stripped) follows a space in the corpus."""
+    """How often each whitespace-delimited word (chunk_word) follows a space in the corpus."""
     counts: Counter = Counter()
     for doc in iter_documents(paths):
-        counts.update(OUTER_PUNCTUATION.sub("", w) for w in regex.findall(r"(?<=\s)\S+", doc))
+        counts.update(chunk_word(w) for w in regex.findall(r"(?<=\s)\S+", doc))
     counts.pop("", None)
     return counts
 
