@@ -11,17 +11,17 @@ import argparse
 import json
 from pathlib import Path
 
-import regex
 from transformers import AutoTokenizer
 
 from bench.byot_example import bits_per_char
+from tokdistill_fast.contexts import start_id
+from tokdistill_fast.tokens import word_pattern
 
 
 def groups(docs: list[str], original, adapted, words: list[str]) -> dict[str, list[str]]:
     """Paragraphs the adapted tokenizer changes, split into those with a new word at word boundaries and those
     changed only by matches inside longer words; unchanged ones are left out (both models read the same ids)."""
-    hit = regex.compile(r"(?<![\p{L}\p{N}_])(?:" + "|".join(map(regex.escape, sorted(words, key=len, reverse=True)))
-                        + r")(?![\p{L}\p{N}_])")
+    hit = word_pattern(words)
     out: dict[str, list[str]] = {"with_words": [], "inside_only": []}
     for doc in docs:
         if original(doc, add_special_tokens=False)["input_ids"] != adapted(doc, add_special_tokens=False)["input_ids"]:
@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     original, adapted = AutoTokenizer.from_pretrained(args.original), AutoTokenizer.from_pretrained(args.adapted)
     words = [w.strip() for w in Path(args.words).read_text(encoding="utf-8").splitlines() if w.strip()]
     docs = [d for d in Path(args.heldout).read_text(encoding="utf-8").split("\n\n") if d.strip()][:args.paragraphs]
-    lead = original.convert_tokens_to_ids("<|endoftext|>")  # the document start the library uses (BOS otherwise)
-    lead = lead if lead is not None and lead != original.unk_token_id else original.bos_token_id
+    lead = start_id(original)  # the document start every snippet of the library begins with
     result = {}
     for name, group in groups(docs, original, adapted, words).items():
         row = {"paragraphs": len(group)}

@@ -17,7 +17,6 @@ import argparse
 import json
 from pathlib import Path
 
-import regex
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
@@ -66,7 +65,7 @@ def main() -> None:
     one = sum(len(e.ids) == 2 and e.ids[1] in finals for e in new.encode_batch(
         ["a" + t.form if t.form.startswith(" ") else "(" + t.form for t in planned], add_special_tokens=False))
     words = sorted({t.word for t in planned})
-    hit = regex.compile(f"(?<![{tokens.WORD_CHARS}])(?:{tokens.trie_pattern(words)})(?![{tokens.WORD_CHARS}])")
+    hit = tokens.word_pattern(words)
     paras = [x for x in probe_paragraphs([PROBE_TEXT, *corpus.leading_documents([args.corpus], args.chars)])
              if not hit.search(x)]
     before = tok.backend_tokenizer.encode_batch(paras, add_special_tokens=False)

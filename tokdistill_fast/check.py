@@ -29,7 +29,7 @@ import regex
 import torch
 
 from .config import GuaranteeError, UserInputError  # noqa: F401 (GuaranteeError re-exported)
-from .tokens import BYTE_PIECE, WORD_CHARS, adds_prefix_space, span_ids, trie_pattern
+from .tokens import BYTE_PIECE, adds_prefix_space, span_ids, word_pattern
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +229,7 @@ def check_probe(tok, original, new: list[dict], paragraphs: list[str], find: Fin
     words = [] if target else sorted({t["word"] for t in new})
     norm = tok.backend_tokenizer.normalizer
     uncased = regex.IGNORECASE if norm is not None and norm.normalize_str("A") == "a" else 0
-    at_boundary = regex.compile(f"(?<![{WORD_CHARS}])(?:{trie_pattern(words)})(?![{WORD_CHARS}])",
-                                uncased) if words else None
+    at_boundary = word_pattern(words, uncased) if words else None
     new_ids = {t["id"]: t for t in new}
     encs = tok.backend_tokenizer.encode_batch(paragraphs, add_special_tokens=False)
     decoded = tok.backend_tokenizer.decode_batch([e.ids for e in encs], skip_special_tokens=False)

@@ -234,6 +234,11 @@ def trie_pattern(strings: list[str]) -> str:
     return emit(trie)
 
 
+def word_pattern(words: list[str], flags: int = 0) -> regex.Pattern:
+    """Any of `words` where it stands as a word: no word character touches it on either side."""
+    return regex.compile(f"(?<![{WORD_CHARS}])(?:{trie_pattern(words)})(?![{WORD_CHARS}])", flags)
+
+
 def isolation_pattern(forms: list[str]) -> str:
     """Regex that matches a form at word boundaries: spaced forms need nothing on the left (the space is the
     boundary), bare forms must not follow a word char, a space or a space mark."""

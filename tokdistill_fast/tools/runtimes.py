@@ -20,8 +20,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import regex
-
 from ..check import PROBE_TEXT, new_tokens_of, probe_paragraphs, read_probe
 from ..config import UserInputError, cache_dir
 
@@ -135,9 +133,9 @@ def sentence_set(words: list[str]) -> list[tuple[str, str]]:
 def corpus_sample(path: Path, words: list[str], with_new: int = 300, without: int = 300) -> list[tuple[str, str]]:
     """Up to `with_new` corpus paragraphs that contain a new word at word boundaries and `without` that do not,
     in file order (a fixed sample: the same file gives the same texts)."""
-    from ..tokens import WORD_CHARS, trie_pattern
+    from ..tokens import word_pattern
 
-    hit = regex.compile(f"(?<![{WORD_CHARS}])(?:{trie_pattern(words)})(?![{WORD_CHARS}])")
+    hit = word_pattern(words)
     picked: dict[str, list[str]] = {"corpus, with new words": [], "corpus, without new words": []}
     wanted = {"corpus, with new words": with_new, "corpus, without new words": without}
     for para in probe_paragraphs([path.read_text(encoding="utf-8", errors="replace")]):
