@@ -20,6 +20,7 @@ import torch
 
 from tokdistill_fast import pipeline
 from tokdistill_fast.config import DistillConfig
+from tokdistill_fast.contexts import start_id
 from tokdistill_fast.corpus import iter_documents
 from tokdistill_fast.target_tokenizer import load_tokenizer, new_ids_of
 from tokdistill_fast.tools import extend_bpe
@@ -45,7 +46,7 @@ def heldout_docs(paths: list[str], target, new: set[int], max_chars: int) -> lis
 @torch.no_grad()
 def bits_per_char(model_dir: Path, tokenizer, docs: list[str], lead: int) -> dict:
     """Held-out bits per character of the model reading `docs` in `tokenizer`'s tokenization, each document after
-    the document-start id `lead` (its first token is predicted too, so every character is paid for)."""
+    the document-start id `lead`, the library's (contexts.start_id), so its first token is paid for too."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--snippets-per-token", type=int, default=25)
     p.add_argument("--snippet-length", type=int, default=DistillConfig.snippet_length)
     p.add_argument("--epochs", default="auto", help="1, 2, ... or auto (the distill default)")
+    p.add_argument("--loss-positions", type=lambda v: v if v == "auto" else int(v), default="auto",
+                   help="pairs each snippet keeps from its own id on, or auto (the distill default)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -87,14 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         if not (out / method / "report.json").is_file():
             t0 = time.perf_counter()
             cfg = DistillConfig(method=method, snippets_per_token=args.snippets_per_token,
-                                snippet_length=args.snippet_length, overwrite=True,
+                                snippet_length=args.snippet_length, loss_positions=args.loss_positions,
+                                overwrite=True,
                                 epochs=args.epochs if args.epochs == "auto" else int(args.epochs))
             pipeline.distill(args.model, None, args.train, out / method, cfg, target_tokenizer=t2_dir)
             seconds[method] = time.perf_counter() - t0
     new = set(new_ids_of(original, target, set()))
     docs = heldout_docs(args.heldout, target, new, args.heldout_chars)
-    lead = original.convert_tokens_to_ids("<|endoftext|>")
-    lead = lead if lead is not None and lead != original.unk_token_id else original.bos_token_id
+    lead = start_id(original)
     rows = {}
     for name, model_dir, tok in (("original", Path(args.model), original), ("mean", out / "mean", target),
                                  ("token-distill", out / "token-distill", target)):
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
               "trained_ids": sum(t["contexts"] > 0 for t in report["tokens"]),
               "check_passed": report["check"]["passed"], "settings": {
                   k: report["settings"][k] for k in ("resolved_target_layer", "resolved_lr", "resolved_epochs",
-                                                     "snippets_per_token", "snippet_length", "resolved_method")},
+                                                     "snippets_per_token", "snippet_length", "loss_positions",
+                                                     "resolved_method")},
               "seconds": seconds}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print("| model reading | bpc | tokens per 1,000 chars |\n|---|---|---|")

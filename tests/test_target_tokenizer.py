@@ -92,12 +92,16 @@ def test_hits_are_where_t2_emits_the_id(original, t2, corpus_file):
             assert t2.decode([new[r]]).strip() in h.text[h.start - 1:h.end]
 
 
-@pytest.mark.parametrize("positions", [8, 3, None])
+@pytest.mark.parametrize("positions", ["auto", 3, None])
 def test_workload_alignment_pairs_same_offsets_and_every_new_row_gets_a_pair_after_it(original, t2, corpus_file,
                                                                                       positions):
-    """... and --loss-positions cuts every snippet after its first N pairs, as for words (None: all pairs)."""
+    """... and --loss-positions cuts every snippet after its first N pairs, as for words (None: all pairs; auto:
+    8 here, against 4 for words)."""
     toks = target_tokenizer.plan_tokens(original, t2, target_tokenizer.new_ids_of(original, t2, set()))
     cfg = DistillConfig(snippets_per_token=4, snippet_length=24, loss_positions=positions)
+    assert cfg.run_loss_positions() == (4 if positions == "auto" else positions)
+    positions = cfg.run_loss_positions(target_tokenizer=True)
+    assert positions == (8 if cfg.loss_positions == "auto" else cfg.loss_positions)
     V = 10_000
     work = target_tokenizer.build_workload(cfg, original, t2, toks, [corpus_file], 2, V)
     al = work.alignment
@@ -119,6 +123,12 @@ def test_workload_alignment_pairs_same_offsets_and_every_new_row_gets_a_pair_aft
         # same text on both sides: the student's original-id pieces and new pieces spell the teacher's text
         text_s = "".join(t2.convert_ids_to_tokens([toks[x - V].new_id if x >= V else int(x) for x in s[1:]]))
         assert text_s == "".join(original.convert_ids_to_tokens(t[1:].tolist()))
+
+
+@pytest.mark.parametrize("value", ["most", 0])
+def test_loss_positions_rejects_what_is_not_a_count_all_or_auto(value):
+    with pytest.raises(UserInputError, match="--loss-positions must be"):
+        DistillConfig(loss_positions=value).validate()
 
 
 def test_ntp_also_predicts_each_snippets_first_new_piece(original, t2, corpus_file):
@@ -169,6 +179,7 @@ def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, or
     assert (report["settings"]["method"], report["settings"]["resolved_method"]) == \
         ("token-distill", "token-distill+alpha-ntp")
     assert report["settings"]["resolved_optimizer"] == "adamw"  # auto: the optimizer its docs were measured with
+    assert report["settings"]["resolved_loss_positions"] == 8  # auto: twice the words' 4
     new = list(range(len(original), len(original) + N_MERGES))
     assert [t["id"] for t in report["tokens"]] == new
     # intermediate merges ("Ġthy" on the way to "Ġthyroidectomy") are never emitted: no contexts, start row kept

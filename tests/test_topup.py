@@ -20,7 +20,7 @@ CFG = dict(snippets_per_token=PER_TOKEN, snippet_length=24, batch_size=4, target
            dtype="float32", device="cpu", add_variants=False)
 WORDS = ["palatable", "quokka", "zygomorphic"]  # in most documents, in one, in none
 RARE = "We saw a quokka near the river."
-LOSS_POSITIONS = DistillConfig.loss_positions  # training reads no further, so top-ups sample no further
+LOSS_POSITIONS = DistillConfig().run_loss_positions()  # training reads no further, so top-ups sample no further
 
 
 @pytest.fixture(scope="module", params=["continue", "word"])

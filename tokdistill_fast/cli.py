@@ -23,8 +23,8 @@ def _epochs(value: str) -> int | str:
     return value if value == "auto" else int(value)
 
 
-def _positions(value: str) -> int | None:
-    return None if value == "all" else int(value)
+def _positions(value: str) -> int | str | None:
+    return None if value == "all" else value if value == "auto" else int(value)
 
 
 def _left(value: str) -> int | None:
@@ -106,7 +106,8 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
     d.add_argument("--snippets-per-token", type=int, default=c.snippets_per_token)
     d.add_argument("--snippet-length", type=int, default=c.snippet_length)
     d.add_argument("--loss-positions", type=_positions, default=c.loss_positions,
-                   help="train on at most this many positions from the new token on, or all (the paper)")
+                   help="train on at most this many positions from the new token on, all (the paper) or auto "
+                        "(4 for words, 8 with --tokenizer)")
     d.add_argument("--left-context", type=_left, default=c.left_context,
                    help="keep at most this many tokens before the word in training snippets, or centred")
     d.add_argument("--contexts", default=c.contexts, help="retrieve (corpus, generated fallback) | generate")

@@ -83,6 +83,7 @@ class RunReport:
                          "resolved_epochs": epochs, "resolved_method": method,
                          "resolved_optimizer": cfg.replace(method=method).run_optimizer(),
                          "resolved_more_epochs": cfg.replace(method=method).run_more_epochs(),
+                         "resolved_loss_positions": cfg.run_loss_positions(),
                          "resolved_hardest_epochs": cfg.run_hardest_epochs(),
                          "resolved_variant_epochs": cfg.run_variant_epochs()},
             "model": {"type": type(decoder.model).__name__, "layers": decoder.num_layers,

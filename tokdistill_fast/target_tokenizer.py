@@ -274,10 +274,11 @@ def build_workload(cfg: DistillConfig, original, target, toks: list[NewToken], c
                            align.pack(s_ends, impl)[0], impl)
     if ntp:  # NTP also predicts each snippet's first new piece (see pair_before_divergence)
         al = align.pair_before_divergence(al, teacher_ids, cu_t)
-    if cfg.loss_positions:  # as for words: the first --loss-positions pairs from the snippet's own id on
+    positions = cfg.run_loss_positions(target_tokenizer=True)
+    if positions:  # as for words: the first --loss-positions pairs from the snippet's own id on
         seg = np.repeat(np.arange(al.n), np.diff(al.cu_aligned))
         before = np.bincount(seg, weights=al.s_pos < np.asarray(own)[seg], minlength=al.n).astype(np.int64)
-        al, teacher_ids, cu_t = align.trim_suffix(al, teacher_ids, cu_t, before + cfg.loss_positions)
+        al, teacher_ids, cu_t = align.trim_suffix(al, teacher_ids, cu_t, before + positions)
     snippet_row = np.asarray(rows, dtype=np.int64)
     found = dict(enumerate(np.bincount(snippet_row, minlength=len(toks)).tolist()))
     sources = {i: "corpus" if n >= MIN_CONTEXTS else "none" for i, n in found.items()}
@@ -301,7 +302,8 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     if cfg.method not in ("token-distill", "token-distill+alpha-ntp", "mean", "random") or cfg.loss != "mse":
         raise UserInputError("--tokenizer supports --method token-distill, token-distill+alpha-ntp (loss mse), mean "
                              "and random")
-    cfg = cfg.replace(prefix_sharing="off", optimizer=cfg.run_optimizer(target_tokenizer=True))
+    cfg = cfg.replace(prefix_sharing="off", optimizer=cfg.run_optimizer(target_tokenizer=True),
+                      loss_positions=cfg.run_loss_positions(target_tokenizer=True))
     timer = StageTimer()
     if out is not None:
         export.check_out_dir(out, cfg.overwrite)

@@ -65,7 +65,8 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
                  "hits": {toks[i].word: h for i, h in zip(primaries, rstats.hits)},
                  "dropped_tokenized_differently": {toks[i].word: d for i, d in zip(primaries, dropped) if d}}
     # Only the first --loss-positions aligned positions are trained (align.trim_suffix): sample no more than that.
-    new_tokens = cfg.loss_positions - 1 if cfg.loss_positions else None
+    positions = cfg.run_loss_positions()
+    new_tokens = positions - 1 if positions else None
     if train is not None:
         fill, short = {}, []
     elif cfg.top_up == "continue":
@@ -97,7 +98,7 @@ def build_workload(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], c
     teacher_ids, cu_teacher = align.pack([s.ids for s in snippets], cfg.align_impl)
     al = align.align((teacher_ids, cu_teacher), [toks[i].sub_ids for i in primaries],
                      [row_of[s.token] for s in snippets], [V + r for r in range(len(primaries))], cfg.align_impl)
-    if cfg.loss_positions:
-        al, teacher_ids, cu_teacher = align.trim_suffix(al, teacher_ids, cu_teacher, cfg.loss_positions)
+    if cfg.run_loss_positions():
+        al, teacher_ids, cu_teacher = align.trim_suffix(al, teacher_ids, cu_teacher, cfg.run_loss_positions())
     return Workload(primaries, snippets, np.asarray([row_of[s.token] for s in snippets], dtype=np.int64),
                     teacher_ids, cu_teacher, al, sources, found, retrieval)
