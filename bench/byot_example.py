@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout-chars", type=int, default=100_000)
     p.add_argument("--snippets-per-token", type=int, default=25)
     p.add_argument("--snippet-length", type=int, default=DistillConfig.snippet_length)
-    p.add_argument("--epochs", default="auto", help="1, 2, ... or auto (the distill default)")
+    p.add_argument("--epochs", default=str(DistillConfig.epochs),
+                   help="1, 2, ... (default: distill's) or auto (2 for token-distill, where no search runs)")
     p.add_argument("--loss-positions", type=lambda v: v if v == "auto" else int(v), default="auto",
                    help="pairs each snippet keeps from its own id on, or auto (the distill default)")
     p.add_argument("--out", required=True)
