@@ -341,6 +341,24 @@ def test_html_manual_corpus_keeps_the_text_of_each_paragraph(tmp_path, monkeypat
         licence + ['Return a str that names the "current" working directory.']) * len(indexes)
 
 
+def test_maxima_corpus_leaves_out_the_one_page_copy_and_the_contents(tmp_path, monkeypatch):
+    """Maxima's manual has each section on its own page and all of them again on one page: the corpus reads each
+    paragraph once, without the tables of contents."""
+    from tokdistill_fast.tools import demo
+
+    lib = tmp_path / "html"
+    lib.mkdir()
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: lib / path.name)
+    text = "<p>Maxima can search the info pages with the describe command.</p>"
+    for page in ("maxima.html", "maxima_toc.html", "maxima_ovr.html", "maxima_singlepage.html", "maxima_12.html"):
+        (lib / page).write_text(text if page in ("maxima_singlepage.html", "maxima_12.html") else
+                                "<p>A table of contents that is long enough to be kept.</p>")
+    out = demo.html_manual_corpus("maxima", tmp_path / "maxima.txt", tmp_path)
+    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+        "A table of contents that is long enough to be kept.",  # maxima.html, the index page itself
+        "Maxima can search the info pages with the describe command."]
+
+
 def test_git_docs_corpus_keeps_prose_paragraphs(tmp_path, monkeypatch):
     """The untuned corpus added after the 4-position defaults: prose paragraphs of Git's AsciiDoc manuals become
     documents, inline markup removed (linkgit:x[1] -> x); attribute lines, indented and delimited blocks and

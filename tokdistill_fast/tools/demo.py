@@ -216,7 +216,8 @@ def html_paragraphs(pages: Iterable[Path]) -> Iterator[str]:
 # Music Glossary, essay on engraving and usage manual (2026-12-03: music notation; English prose, not the internals),
 # GnuCash's guide and help (2026-12-04: accounting and personal finance), GIMP's user manual (2026-12-05: image
 # editing; the appendix on writing the manual itself left out), R's seven manuals (2026-12-05: statistical computing;
-# An Introduction to R, the language definition, data import/export, installation, extensions, internals, the FAQ).
+# An Introduction to R, the language definition, data import/export, installation, extensions, internals, the FAQ),
+# Maxima's manual (2026-12-05: computer algebra; its one-page copy and tables of contents left out).
 LILYPOND_MANUALS = ("learning", "notation", "music-glossary", "essay", "usage")
 HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/library/index.html",), None),
                 "pgdocs": ("postgresql-doc-15", ("/usr/share/doc/postgresql-doc-15/html/index.html",), None),
@@ -229,7 +230,9 @@ HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/li
                             r"fdl.*|titlepage\.html"),
                 "gimp": ("gimp-help-en", ("/usr/share/gimp/2.0/help/en/index.html",),
                          r".*fdl.*|legal\.html|bibliography\.html|apcs.*\.html"),
-                "rdocs": ("r-doc-html", ("/usr/share/R/doc/manual/R-intro.html",), None)}
+                "rdocs": ("r-doc-html", ("/usr/share/R/doc/manual/R-intro.html",), None),
+                "maxima": ("maxima-doc", ("/usr/share/doc/maxima-doc/html/maxima.html",),
+                           r"maxima_(singlepage|toc|ovr)\.html")}
 
 
 def html_manual_corpus(name: str, out: Path, cache: Path | None = None) -> Path:
@@ -336,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(debian-reference-en; in German and French -de, -fr), the Python Library Reference "
                         "(python3.11-doc), Git's manuals (git-doc), the GNU Coding Standards (gnu-standards), the "
                         "PostgreSQL manual (postgresql-doc-15), GnuCash's guide and help (gnucash-docs), GIMP's user "
-                        "manual (gimp-help-en), R's manuals (r-doc-html), the King James Bible (bible-kjv-text, "
-                        "bible-kjv) and LilyPond's manuals (lilypond-doc-html), split 3:1")
+                        "manual (gimp-help-en), R's manuals (r-doc-html), Maxima's manual (maxima-doc), the King "
+                        "James Bible (bible-kjv-text, bible-kjv) and LilyPond's manuals (lilypond-doc-html), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
