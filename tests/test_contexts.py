@@ -317,7 +317,7 @@ def test_debian_reference_corpus_starts_at_chapter_one(tmp_path, monkeypatch, na
         "Learning a computer system is like learning a new foreign language."]
 
 
-@pytest.mark.parametrize("name", ["pydocs", "pgdocs", "gnucash", "gimp"])
+@pytest.mark.parametrize("name", ["pydocs", "pgdocs", "gnucash", "gimp", "kicad"])
 def test_html_manual_corpus_keeps_the_text_of_each_paragraph(tmp_path, monkeypatch, name):
     """The HTML manuals of `demo prepare --corpora` (the Python Library Reference, the PostgreSQL manual, GnuCash's
     guide and help, GIMP's manual): each <p> of the pages beside each of the package's index pages becomes one

@@ -1,6 +1,6 @@
 """`tokdistill select`: frequent words the tokenizer splits, ranked by tokens saved; no-words, digits, short
-words and words already in the vocabulary are left out; quotes and brackets of any language are stripped, and a
-chunk glued to a dash is no word."""
+words and words already in the vocabulary are left out; quotes, brackets and format characters (a zero-width
+space) of any language are stripped, and a chunk glued to a dash is no word."""
 
 from tokdistill_fast.tools.select import select_tokens
 
@@ -9,6 +9,7 @@ def test_select_ranks_split_words_and_skips_non_words(tokenizers_by_kind, tmp_pa
     tok = tokenizers_by_kind["bytelevel"]
     docs = ["we ate a palatable dinner and a bivalve", "the palatable soup", " ──────── ──────── table rule",
             "model x86 has 3 parts", "a palatable x86 pie", "say „bivalve“ « bivalve » ‹bivalve›…",
+            "open Bivalve…\u200b and \u200bBivalve",
             "ls -l shows -rw-rw-r-- and --verbose --Dryden."] * 12
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join(docs), encoding="utf-8")
@@ -16,6 +17,7 @@ def test_select_ranks_split_words_and_skips_non_words(tokenizers_by_kind, tmp_pa
     words = [c.word for c in got]
     assert words[0] == "palatable" and "bivalve" in words  # 36 occurrences rank above 12
     assert {c.word: c.count for c in got}["bivalve"] == 48  # quoted in three languages: the same word
+    assert {c.word: c.count for c in got}["Bivalve"] == 24  # beside a zero-width space, before or after
     assert not {"rw-rw-r", "-rw-rw-r", "verbose", "--verbose", "Dryden", "--Dryden"} & set(words)  # glued to a dash
     assert not any(w.startswith("─") or any(ch.isdigit() for ch in w) for w in words)
     assert all(len(tok(" " + w, add_special_tokens=False)["input_ids"]) >= 2 for w in words)

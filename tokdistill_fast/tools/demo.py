@@ -217,7 +217,8 @@ def html_paragraphs(pages: Iterable[Path]) -> Iterator[str]:
 # GnuCash's guide and help (2026-12-04: accounting and personal finance), GIMP's user manual (2026-12-05: image
 # editing; the appendix on writing the manual itself left out), R's seven manuals (2026-12-05: statistical computing;
 # An Introduction to R, the language definition, data import/export, installation, extensions, internals, the FAQ),
-# Maxima's manual (2026-12-05: computer algebra; its one-page copy and tables of contents left out).
+# Maxima's manual (2026-12-05: computer algebra; its one-page copy and tables of contents left out), KiCad's
+# manuals (2026-12-05: electronics design; 330 KB of text, a small corpus).
 LILYPOND_MANUALS = ("learning", "notation", "music-glossary", "essay", "usage")
 HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/library/index.html",), None),
                 "pgdocs": ("postgresql-doc-15", ("/usr/share/doc/postgresql-doc-15/html/index.html",), None),
@@ -232,7 +233,8 @@ HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/li
                          r".*fdl.*|legal\.html|bibliography\.html|apcs.*\.html"),
                 "rdocs": ("r-doc-html", ("/usr/share/R/doc/manual/R-intro.html",), None),
                 "maxima": ("maxima-doc", ("/usr/share/doc/maxima-doc/html/maxima.html",),
-                           r"maxima_(singlepage|toc|ovr)\.html")}
+                           r"maxima_(singlepage|toc|ovr)\.html"),
+                "kicad": ("kicad-doc-en", ("/usr/share/doc/kicad/help/en/kicad.html",), None)}
 
 
 def html_manual_corpus(name: str, out: Path, cache: Path | None = None) -> Path:
@@ -339,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(debian-reference-en; in German and French -de, -fr), the Python Library Reference "
                         "(python3.11-doc), Git's manuals (git-doc), the GNU Coding Standards (gnu-standards), the "
                         "PostgreSQL manual (postgresql-doc-15), GnuCash's guide and help (gnucash-docs), GIMP's user "
-                        "manual (gimp-help-en), R's manuals (r-doc-html), Maxima's manual (maxima-doc), the King "
-                        "James Bible (bible-kjv-text, bible-kjv) and LilyPond's manuals (lilypond-doc-html), split 3:1")
+                        "manual (gimp-help-en), R's manuals (r-doc-html), Maxima's manual (maxima-doc), KiCad's "
+                        "manuals (kicad-doc-en), the King James Bible (bible-kjv-text, bible-kjv) and LilyPond's "
+                        "manuals (lilypond-doc-html), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)

@@ -19,8 +19,8 @@ FORBIDDEN = set("[]{}()<>.,;:!?@#$%^&*+_=|\\/")
 # Outer punctuation: quotes and brackets of every language („Wort“, « mot », (word)) before the word, any after it.
 # A chunk glued to a dash is no word: "-rw-r--r--", "--verbose", "--Dryden." (a dictionary's citation); stripping
 # the dash would propose "rw-r--r", a piece of text that never follows a space.
-LEADING = regex.compile(r"^[\p{P}`--\p{Pd}\p{Pc}]+", flags=regex.V1)
-TRAILING = regex.compile(r"[\p{P}`]+$")
+LEADING = regex.compile(r"^[\p{P}\p{Cf}`--\p{Pd}\p{Pc}]+", flags=regex.V1)
+TRAILING = regex.compile(r"[\p{P}\p{Cf}`]+$")  # \p{Cf}: a zero-width space after "Preferences…" (AsciiDoc)
 DASH = regex.compile(r"[\p{Pd}\p{Pc}]")
 
 
