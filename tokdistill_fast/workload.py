@@ -98,7 +98,8 @@ def build_workload(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], c
     teacher_ids, cu_teacher = align.pack([s.ids for s in snippets], cfg.align_impl)
     al = align.align((teacher_ids, cu_teacher), [toks[i].sub_ids for i in primaries],
                      [row_of[s.token] for s in snippets], [V + r for r in range(len(primaries))], cfg.align_impl)
-    if cfg.run_loss_positions():
-        al, teacher_ids, cu_teacher = align.trim_suffix(al, teacher_ids, cu_teacher, cfg.run_loss_positions())
+    positions = cfg.run_loss_positions()
+    if positions:
+        al, teacher_ids, cu_teacher = align.trim_suffix(al, teacher_ids, cu_teacher, positions)
     return Workload(primaries, snippets, np.asarray([row_of[s.token] for s in snippets], dtype=np.int64),
                     teacher_ids, cu_teacher, al, sources, found, retrieval)
