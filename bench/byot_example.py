@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tokdistill_fast import pipeline
+from tokdistill_fast.cli import _epochs, _positions
 from tokdistill_fast.config import DistillConfig
 from tokdistill_fast.contexts import start_id
 from tokdistill_fast.corpus import iter_documents
@@ -70,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout-chars", type=int, default=100_000)
     p.add_argument("--snippets-per-token", type=int, default=25)
     p.add_argument("--snippet-length", type=int, default=DistillConfig.snippet_length)
-    p.add_argument("--epochs", default=str(DistillConfig.epochs),
+    p.add_argument("--epochs", type=_epochs, default=DistillConfig.epochs,
                    help="1, 2, ... (default: distill's) or auto (2 for token-distill, where no search runs)")
-    p.add_argument("--loss-positions", type=lambda v: v if v == "auto" else int(v), default="auto",
-                   help="pairs each snippet keeps from its own id on, or auto (the distill default)")
+    p.add_argument("--loss-positions", type=_positions, default=DistillConfig.loss_positions,
+                   help="pairs each snippet keeps from its own id on, all, or auto (distill's default)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -92,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             cfg = DistillConfig(method=method, snippets_per_token=args.snippets_per_token,
                                 snippet_length=args.snippet_length, loss_positions=args.loss_positions,
-                                overwrite=True,
-                                epochs=args.epochs if args.epochs == "auto" else int(args.epochs))
+                                overwrite=True, epochs=args.epochs)
             pipeline.distill(args.model, None, args.train, out / method, cfg, target_tokenizer=t2_dir)
             seconds[method] = time.perf_counter() - t0
     new = set(new_ids_of(original, target, set()))
