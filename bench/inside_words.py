@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from itertools import islice
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
 from bench.byot_example import bits_per_char
 from tokdistill_fast.contexts import start_id
-from tokdistill_fast.tokens import word_pattern
+from tokdistill_fast.corpus import iter_documents
+from tokdistill_fast.tokens import read_word_list, word_pattern
 
 
 def groups(docs: list[str], original, adapted, words: list[str]) -> dict[str, list[str]]:
@@ -40,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the figures here (JSON)")
     args = p.parse_args(argv)
     original, adapted = AutoTokenizer.from_pretrained(args.original), AutoTokenizer.from_pretrained(args.adapted)
-    words = [w.strip() for w in Path(args.words).read_text(encoding="utf-8").splitlines() if w.strip()]
-    docs = [d for d in Path(args.heldout).read_text(encoding="utf-8").split("\n\n") if d.strip()][:args.paragraphs]
+    words = read_word_list(args.words)
+    docs = list(islice(iter_documents([args.heldout]), args.paragraphs))
     lead = start_id(original)  # the document start every snippet of the library begins with
     result = {}
     for name, group in groups(docs, original, adapted, words).items():
