@@ -1,6 +1,7 @@
 """`tokdistill select`: frequent words the tokenizer splits, ranked by tokens saved; no-words, digits, short
-words and words already in the vocabulary are left out; quotes, brackets and format characters (a zero-width
-space) of any language are stripped, and a chunk glued to a dash is no word."""
+words, words already in the vocabulary and words whose added token would split a longer vocabulary word are left
+out; quotes, brackets and format characters (a zero-width space) of any language are stripped, and a chunk glued to
+a dash is no word."""
 
 from tokdistill_fast.tools.select import select_tokens
 
@@ -22,3 +23,15 @@ def test_select_ranks_split_words_and_skips_non_words(tokenizers_by_kind, tmp_pa
     assert not any(w.startswith("─") or any(ch.isdigit() for ch in w) for w in words)
     assert all(len(tok(" " + w, add_special_tokens=False)["input_ids"]) >= 2 for w in words)
     assert [c.saved for c in got] == sorted((c.saved for c in got), reverse=True)
+
+
+def test_select_leaves_out_words_that_would_split_vocabulary_words(tokenizers_by_kind, tmp_path, caplog):
+    """" hospit" as an added token would split every " hospital" (one vocabulary token here): not proposed, and
+    the log says why."""
+    tok = tokenizers_by_kind["bytelevel"]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a hospit note on palatable soup\n\n" * 12, encoding="utf-8")
+    with caplog.at_level("INFO", logger="tokdistill_fast.tools.select"):
+        words = [c.word for c in select_tokens(tok, [corpus], min_count=10)]
+    assert "palatable" in words and "hospit" not in words
+    assert "left out 1 word(s)" in caplog.text and "' hospit' in ' hospital'" in caplog.text

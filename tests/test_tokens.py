@@ -254,6 +254,31 @@ def test_forms_that_would_not_decode_back_are_skipped(tokenizers_by_kind, kind):
         assert new.decode(new(text, add_special_tokens=False)["input_ids"]) == text
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_variants_that_would_split_vocabulary_words_are_left_out(tokenizers_by_kind, kind, caplog):
+    """An added token matches inside longer words: "hospit" would split every " hospital", one vocabulary token
+    here. Its start-of-text variant only saves tokens, so it is left out with the reason; the word itself stays,
+    with a warning that names what it splits; a word that splits nothing keeps its variant."""
+    tok = tokenizers_by_kind[kind]
+    assert set(tokens.vocabulary_collisions(tok, [" hospit", "hospit", " palatable", "palatable"])) == {
+        " hospit", "hospit"}
+    planned, _ = tokens.plan_new_tokens(tok, ["hospit", "palatable"])
+    assert {(t.word, t.variant) for t in planned} == {(w, v) for w in ("hospit", "palatable") for v in ("", "start")}
+    with caplog.at_level("WARNING", logger="tokdistill_fast.tokens"):
+        new, kept, dropped = tokens.extend_decodable(tok, planned, "added")
+    assert [(t.word, t.variant) for t in kept] == [("hospit", ""), ("palatable", ""), ("palatable", "start")]
+    assert [(s.word, s.reason) for s in dropped] == [
+        ("hospit", "only its start-of-text form 'hospit', which as an added token would also split "
+                   f"{tokens.vocabulary_collisions(tok, ['hospit'])['hospit']!r} wherever it occurs")]
+    assert "1 word(s) will also split longer words" in caplog.text and "' hospit' in" in caplog.text
+    assert new(" hospital", add_special_tokens=False)["input_ids"] != tok(" hospital", add_special_tokens=False)[
+        "input_ids"]  # the word's own form still splits it: what the warning says
+    new, kept, dropped = tokens.extend_decodable(tok, planned, "vocab")  # forms isolated at word boundaries
+    assert not dropped and len(kept) == 4 and {t.kind for t in kept} == {"vocab"}
+    assert new(" hospital", add_special_tokens=False)["input_ids"] == tok(" hospital", add_special_tokens=False)[
+        "input_ids"]
+
+
 def test_word_list_reads_windows_files(tmp_path):
     """A BOM, CRLF line ends and whitespace around a word are not part of the words; blank lines are skipped."""
     path = tmp_path / "words.txt"

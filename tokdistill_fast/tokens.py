@@ -11,7 +11,9 @@ Two ways to make the tokenizer emit one id for them (`--tokenizer-mode`):
   (docs/vocabulary-extension.md has the measurements). An added token is matched before pre-tokenization, so
   it also matches inside longer words (" Paris" in " Parisians", "Paris" in "unParisian"); `single_word` would
   refuse that in transformers, but llama.cpp drops the flag, and outputs that tokenize differently by runtime are
-  worse than a counted inside-word match. `tokdistill check` counts them per token.
+  worse than a counted inside-word match. `tokdistill check` counts them per token; a variant whose added token
+  would split a longer vocabulary token ("luster" in " cluster") is left out, a word's own form is kept with a
+  warning (vocabulary_collisions).
 * vocab: a BPE vocabulary entry per form, reached as a whole pre-token. The pre-tokenizer's split regex gets a
   first branch (a trie of the forms, so 50,000 forms cost no encode speed) that isolates the forms at word
   boundaries, and the BPE model looks whole pre-tokens up before merging (`ignore_merges`, as Llama-3 does).
@@ -415,23 +417,90 @@ def misread_forms(new, original, toks: list[NewToken]) -> list[str | None]:
             for text, got, before in zip(texts, decoded(new), decoded(original))]
 
 
+def vocabulary_collisions(tokenizer, forms: list[str]) -> dict[str, str]:
+    """The forms whose added token would also cut a longer vocabulary token's text apart wherever it occurs, since
+    added tokens match inside words (" yea" in " year", "luster" in " cluster"): {form: the text of one such
+    vocabulary token}. Compared as the tokenizer stores them (_stored_piece: "Ġyea" in "Ġyear"), so no vocabulary
+    token is decoded; a form the pre-tokenizer splits (no vocabulary token can hold it) is never one."""
+    import ahocorasick
+
+    backend = tokenizer.backend_tokenizer
+    by_piece: dict[str, list[str]] = {}
+    for form in forms:
+        piece = _stored_piece(backend, form, alone_ok=True)
+        if piece:
+            by_piece.setdefault(piece, []).append(form)
+    if not by_piece:
+        return {}
+    automaton = ahocorasick.Automaton()
+    for piece in by_piece:
+        automaton.add_word(piece, piece)
+    automaton.make_automaton()
+    skip = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}))
+    found: dict[str, str] = {}
+    for key in tokenizer.get_vocab():
+        if key in skip:
+            continue
+        for end, piece in automaton.iter(key):
+            start = end + 1 - len(piece)
+            if key != piece and (start > 0 and _joins(key[start - 1]) or end + 1 < len(key) and _joins(key[end + 1])):
+                for form in by_piece[piece]:
+                    found.setdefault(form, key)
+    return {form: tokenizer.convert_tokens_to_string([key]) for form, key in found.items()}
+
+
+def _joins(char: str) -> bool:
+    """A stored character that continues a word (not a space, a space mark or byte-level BPE's stored space)."""
+    return char not in (BYTE_LEVEL_SPACE, SPACE_MARK) and regex.match(f"[{WORD_CHARS}]", char) is not None
+
+
 def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", model_config=None
                      ) -> tuple[object, list[NewToken], list[Skipped]]:
-    """extend_tokenizer, then the same without the forms that running text would not decode back to (a word
-    whose running-text form fails goes with all its forms): (tokenizer, tokens kept, skipped forms)."""
-    new = extend_tokenizer(tokenizer, planned, mode, model_config)
-    bad = {t.form: got for t, got in zip(planned, misread_forms(new, tokenizer, planned)) if got is not None}
+    """extend_tokenizer without the forms that would not serve: forms that running text would not decode back to
+    (a word whose running-text form fails goes with all its forms), and variants that as added tokens would cut
+    longer vocabulary tokens apart (vocabulary_collisions: the start-of-text form "luster" would split every
+    " cluster"; a variant only saves tokens, so it is left out, while a word's own running-text form is kept, with
+    a warning): (tokenizer, tokens kept, skipped forms). In added mode the variants are checked before the
+    extension, which then runs once (3.4 s for Gemma-3's tokenizer); in the others after it, on the forms it
+    made added tokens."""
+    kept, skipped = _leave_out(planned, _colliding_variants(tokenizer, planned) if mode == "added" else {})
+    new = extend_tokenizer(tokenizer, kept, mode, model_config)
+    bad = {t.form: f"which would make running text decode as {got!r}"
+           for t, got in zip(kept, misread_forms(new, tokenizer, kept)) if got is not None}
+    if mode != "added":
+        bad.update(_colliding_variants(tokenizer, [t for t in kept if t.kind == "added" and t.form not in bad]))
+    if bad:
+        kept, more = _leave_out(kept, bad)
+        skipped += more
+        new = extend_tokenizer(tokenizer, kept, mode, model_config) if kept else new
+    splits = vocabulary_collisions(tokenizer, [t.form for t in kept if not t.variant and t.kind == "added"])
+    if splits:
+        log.warning("%d word(s) will also split longer words wherever those occur, as added tokens match inside "
+                    "words: %s; `--tokenizer-mode vocab` avoids it where llama.cpp is not needed "
+                    "(docs/vocabulary-extension.md)", len(splits),
+                    ", ".join(f"{f!r} in {text!r}" for f, text in list(splits.items())[:5]))
+    return new, kept, skipped
+
+
+def _colliding_variants(tokenizer, toks: list[NewToken]) -> dict[str, str]:
+    """{form: why} of the variants among `toks` whose added token would split longer vocabulary tokens."""
+    collisions = vocabulary_collisions(tokenizer, [t.form for t in toks if t.variant])
+    return {form: f"which as an added token would also split {text!r} wherever it occurs"
+            for form, text in collisions.items()}
+
+
+def _leave_out(planned: list[NewToken], bad: dict[str, str]) -> tuple[list[NewToken], list[Skipped]]:
+    """`planned` without the forms in `bad` ({form: why}) and, where a word's running-text form is among them, all
+    forms of that word; (tokens kept, the skipped forms with their reasons)."""
     if not bad:
-        return new, planned, []
+        return planned, []
     gone = {t.word for t in planned if t.form in bad and not t.variant}
     drop = [t.form in bad or t.word in gone or t.variant_of in gone for t in planned]
-    keep = [t for t, d in zip(planned, drop) if not d]
     which = {"": "its running-text form", "start": "only its start-of-text form",
              "casing": "only this casing variant", "casing+start": "only this casing variant's start-of-text form"}
-    skipped = [Skipped(t.word, f"{which[t.variant]} {t.form!r}, which would make running text decode as "
-                               f"{bad[t.form]!r}" if t.form in bad else f"a form of {t.variant_of!r}, skipped")
-               for t, d in zip(planned, drop) if d]
-    return (extend_tokenizer(tokenizer, keep, mode, model_config) if keep else new), keep, skipped
+    skipped = [Skipped(t.word, f"{which[t.variant]} {t.form!r}, {bad[t.form]}" if t.form in bad
+                       else f"a form of {t.variant_of!r}, skipped") for t, d in zip(planned, drop) if d]
+    return [t for t, d in zip(planned, drop) if not d], skipped
 
 
 def added_token(tok: NewToken):

@@ -2,18 +2,23 @@
 
 A candidate is a whole word (split at whitespace, outer punctuation stripped, none glued to a dash) that is not in
 the vocabulary, contains no digit and none of []{}()<>.,;:!?@#$%^&*+_=|\\/, is split into at least two subtokens
-in running text, and occurs at least `min_count` times. Rank: count * (subtokens - 1), the tokens a corpus pass saves.
+in running text, occurs at least `min_count` times, and whose added token would not cut a longer vocabulary token
+apart wherever that occurs (" perh" would split " perhaps", " specif" " specific": tokens.vocabulary_collisions).
+Rank: count * (subtokens - 1), the tokens a corpus pass saves.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
 import regex
 
 from ..corpus import iter_documents
-from ..tokens import original_ids
+from ..tokens import original_ids, vocabulary_collisions
+
+log = logging.getLogger(__name__)
 
 FORBIDDEN = set("[]{}()<>.,;:!?@#$%^&*+_=|\\/")
 # Outer punctuation: quotes and brackets of every language („Wort“, « mot », (word)) before the word, any after it.
@@ -64,4 +69,9 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
         if ids and len(ids) >= 2:
             out.append(Suggestion(word, count, len(ids)))
     out.sort(key=lambda c: (-c.saved, c.word))
+    splits = vocabulary_collisions(tokenizer, [" " + c.word for c in out])
+    if splits:
+        out = [c for c in out if " " + c.word not in splits]
+        log.info("left out %d word(s) whose added token would split longer vocabulary words wherever those occur: "
+                 "%s", len(splits), ", ".join(f"{f!r} in {text!r}" for f, text in list(splits.items())[:8]))
     return out[:top] if top else out
