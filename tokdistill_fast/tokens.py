@@ -421,7 +421,8 @@ def vocabulary_collisions(tokenizer, forms: list[str]) -> dict[str, str]:
     """The forms whose added token would also cut a longer vocabulary token's text apart wherever it occurs, since
     added tokens match inside words (" yea" in " year", "luster" in " cluster"): {form: the text of one such
     vocabulary token}. Compared as the tokenizer stores them (_stored_piece: "Ġyea" in "Ġyear"), so no vocabulary
-    token is decoded; a form the pre-tokenizer splits (no vocabulary token can hold it) is never one."""
+    token is decoded. A form the pre-tokenizer splits is not checked: no vocabulary token holds it, though text
+    may ("man's" in "woman's")."""
     import ahocorasick
 
     backend = tokenizer.backend_tokenizer
