@@ -14,7 +14,7 @@ from tokdistill_fast import DistillConfig, distill
 from tokdistill_fast.cli import main
 from tokdistill_fast.config import UserInputError
 from tokdistill_fast.swap import apply_init, requested_words, words_from_tokenizer
-from tokdistill_fast.tokens import NewToken
+from tokdistill_fast.tokens import NewToken, vocabulary_collisions
 
 FAST = dict(snippets_per_token=8, snippet_length=24, batch_size=4, target_layer=2, lr=1e-2, epochs=1,
             dtype="float32")
@@ -158,3 +158,21 @@ def test_distill_tokens_from_another_tokenizer(model_dirs, target_dir, words_fil
     assert {"palatable", "thyroidectomy", "bivalve"} <= added
     reasons = {s["reason"] for s in result.report["skipped"]}
     assert "special token" in reasons and any(r.startswith("already") for r in reasons)  # the model has " the"
+
+
+def test_words_from_a_tokenizer_that_would_split_the_models_words_are_left_out(model_dirs, tmp_path):
+    """A piece of another tokenizer that as an added token would split a longer word the model's vocabulary holds
+    ("hospit" in " hospital") is left out with the reason, where a listed word is kept with a warning."""
+    from transformers import AutoTokenizer
+
+    target = tmp_path / "target"
+    text = synthetic_text(seed=3) + " a hospit said" * 300
+    train_tokenizer("bytelevel", text, vocab_size=500).save_pretrained(target)
+    assert "hospit" in requested_words(None, str(target))[0]
+    result = distill(model_dirs[UNTIED], None, (), None,
+                     DistillConfig(method="mean", new_tokens_from_tokenizer=str(target)))
+    reasons = {s["word"]: s["reason"] for s in result.report["skipped"]}
+    assert "hospit" in reasons and "would also split ' hospital'" in reasons["hospit"]
+    assert not vocabulary_collisions(AutoTokenizer.from_pretrained(model_dirs[UNTIED]), [t.form for t in result.tokens])
+    listed = distill(model_dirs[UNTIED], ["hospit"], (), None, DistillConfig(method="mean"))
+    assert [t.form for t in listed.tokens] == [" hospit"]  # listed: kept; its start-of-text variant left out

@@ -111,8 +111,8 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
         toks, unplanned = tokens.plan_new_tokens(tokenizer, words, cfg.add_variants, cfg.casing_variants)
         skipped += unplanned
         if toks:
-            new_tokenizer, toks, undecodable = tokens.extend_decodable(tokenizer, toks, cfg.tokenizer_mode,
-                                                                       lm.config)
+            new_tokenizer, toks, undecodable = tokens.extend_decodable(
+                tokenizer, toks, cfg.tokenizer_mode, lm.config, keep_listed=cfg.new_tokens_from_tokenizer is None)
             skipped += undecodable
         swap.log_skipped(skipped)
         if not toks:

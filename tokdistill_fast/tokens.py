@@ -455,21 +455,29 @@ def _joins(char: str) -> bool:
     return char not in (BYTE_LEVEL_SPACE, SPACE_MARK) and regex.match(f"[{WORD_CHARS}]", char) is not None
 
 
-def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", model_config=None
-                     ) -> tuple[object, list[NewToken], list[Skipped]]:
+def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", model_config=None,
+                     keep_listed: bool = True) -> tuple[object, list[NewToken], list[Skipped]]:
     """extend_tokenizer without the forms that would not serve: forms that running text would not decode back to
-    (a word whose running-text form fails goes with all its forms), and variants that as added tokens would cut
+    (a word whose running-text form fails goes with all its forms), and forms that as added tokens would cut
     longer vocabulary tokens apart (vocabulary_collisions: the start-of-text form "luster" would split every
-    " cluster"; a variant only saves tokens, so it is left out, while a word's own running-text form is kept, with
-    a warning): (tokenizer, tokens kept, skipped forms). In added mode the variants are checked before the
-    extension, which then runs once (3.4 s for Gemma-3's tokenizer); in the others after it, on the forms it
-    made added tokens."""
-    kept, skipped = _leave_out(planned, _colliding_variants(tokenizer, planned) if mode == "added" else {})
+    " cluster"). A variant only saves tokens, so it is left out; a word's own running-text form is kept with a
+    warning where the user listed the word (`keep_listed`), else (words taken from another tokenizer, "reli" that
+    would split SmolLM2's " reliable") left out with its variants: (tokenizer, tokens kept, skipped forms). In added
+    mode the forms are checked before the extension, which then runs once (3.4 s for Gemma-3's tokenizer); in the
+    others after it, on the forms it made added tokens."""
+    def splitting(toks: list[NewToken]) -> dict[str, str]:
+        """{form: why} of the forms among `toks` (variants, and words unless kept) that would split a longer
+        vocabulary token."""
+        collisions = vocabulary_collisions(tokenizer, [t.form for t in toks if t.variant or not keep_listed])
+        return {form: f"which as an added token would also split {text!r} wherever it occurs"
+                for form, text in collisions.items()}
+
+    kept, skipped = _leave_out(planned, splitting(planned) if mode == "added" else {})
     new = extend_tokenizer(tokenizer, kept, mode, model_config)
     bad = {t.form: f"which would make running text decode as {got!r}"
            for t, got in zip(kept, misread_forms(new, tokenizer, kept)) if got is not None}
     if mode != "added":
-        bad.update(_colliding_variants(tokenizer, [t for t in kept if t.kind == "added" and t.form not in bad]))
+        bad.update(splitting([t for t in kept if t.kind == "added" and t.form not in bad]))
     if bad:
         kept, more = _leave_out(kept, bad)
         skipped += more
@@ -481,13 +489,6 @@ def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", mod
                     "(docs/vocabulary-extension.md)", len(splits),
                     ", ".join(f"{f!r} in {text!r}" for f, text in list(splits.items())[:5]))
     return new, kept, skipped
-
-
-def _colliding_variants(tokenizer, toks: list[NewToken]) -> dict[str, str]:
-    """{form: why} of the variants among `toks` whose added token would split longer vocabulary tokens."""
-    collisions = vocabulary_collisions(tokenizer, [t.form for t in toks if t.variant])
-    return {form: f"which as an added token would also split {text!r} wherever it occurs"
-            for form, text in collisions.items()}
 
 
 def _leave_out(planned: list[NewToken], bad: dict[str, str]) -> tuple[list[NewToken], list[Skipped]]:
