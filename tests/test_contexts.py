@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokdistill_fast.config import UserInputError
-from tokdistill_fast.contexts import WORD_CHAR, Hit, find_hits, place_window, retrieve, start_id
+from tokdistill_fast.contexts import WORD_CHAR, Hit, find_hits, place_window, retrieve, split_inside_words, start_id
 from tokdistill_fast.corpus import DOC_SPLIT, Corpus, corpus_files, iter_documents
 from tokdistill_fast.tokens import NewToken, plan_new_tokens
 
@@ -27,10 +27,11 @@ def toks(forms=FORMS) -> list[NewToken]:
 
 
 def find_hits_ref(documents: list[str], tokens: list[NewToken], keep: int, window: int, seed: int):
-    """The spec: each whole document searched on its own, hits in order, reservoir sample per token."""
+    """The spec: each whole document searched on its own, hits in order, reservoir sample per token; also the
+    matches inside longer words per token (a bare form after a space is the running-text form's)."""
     draw = random.Random(seed).random
     kept: list[list[Hit]] = [[] for _ in tokens]
-    counts = [0] * len(tokens)
+    counts, inside = [0] * len(tokens), [0] * len(tokens)
     for doc in documents:
         found = []
         for i, tok in enumerate(tokens):
@@ -39,23 +40,25 @@ def find_hits_ref(documents: list[str], tokens: list[NewToken], keep: int, windo
                 found.append((at + len(tok.form), -len(tok.form), i, at))
                 at = doc.find(tok.form, at + 1)
         for end, _, i, start in sorted(found):  # Aho-Corasick order: by end, longer match first
-            if end < len(doc) and WORD_CHAR.match(doc, end):
+            bare = tokens[i].form[0] != " "
+            if bare and start > 0 and doc[start - 1] == " ":
+                continue  # after a space, where " word" is the token
+            if end < len(doc) and WORD_CHAR.match(doc, end) or bare and start > 0 and WORD_CHAR.match(doc, start - 1):
+                inside[i] += 1
                 continue
-            if start > 0 and tokens[i].form[0] != " " and (WORD_CHAR.match(doc, start - 1) or doc[start - 1] == " "):
-                continue  # a bare form inside a word, or after a space (where " word" is the token)
             counts[i] += 1
             slot = len(kept[i]) if len(kept[i]) < keep else int(draw() * counts[i])
             if slot < keep:
                 lo, hi = max(0, start - window), min(len(doc), end + window)
                 hit = Hit(doc[lo:hi], start - lo, end - lo, lo == 0, hi == len(doc))
                 kept[i][slot:slot + 1] = [hit]
-    return kept, counts
+    return kept, counts, inside
 
 
 def assert_same(corpus: Corpus, documents: list[str], keep: int = 3, window: int = 9, seed: int = 0):
     got, stats = find_hits(corpus, toks(), keep, window, seed)
-    want, counts = find_hits_ref(documents, toks(), keep, window, seed)
-    assert stats.hits == counts
+    want, counts, inside = find_hits_ref(documents, toks(), keep, window, seed)
+    assert (stats.hits, stats.inside) == (counts, inside)
     assert got == want
     return stats
 
@@ -74,7 +77,8 @@ def test_text_streaming_equals_whole_file(tmp_path, chunk):
     path = tmp_path / "c.txt"
     path.write_bytes(TRICKY.encode("utf-8"))
     stats = assert_same(Corpus([path], chunk=chunk), text_docs(TRICKY))
-    assert sum(stats.hits) > 100
+    assert sum(stats.hits) > 100 and stats.inside[0] == 3 and stats.inside[4] > 40  # palatableness; "ab" in cab,
+    # abc and every "palatable"
     assert stats.chars == sum(map(len, text_docs(TRICKY)))
     assert list(iter_documents([path])) == text_docs(TRICKY)  # `select` sees the same documents
 
@@ -88,8 +92,8 @@ def test_streaming_equals_spec_on_random_text(tmp_path_factory, parts, chunk, ke
     path = tmp_path_factory.mktemp("h") / "c.txt"
     path.write_bytes(raw.encode("utf-8"))
     got, stats = find_hits(Corpus([path], chunk=chunk), toks(), keep, window, seed=1)
-    want, counts = find_hits_ref(text_docs(raw), toks(), keep, window, seed=1)
-    assert (got, stats.hits) == (want, counts)
+    want, counts, inside = find_hits_ref(text_docs(raw), toks(), keep, window, seed=1)
+    assert (got, stats.hits, stats.inside) == (want, counts, inside)
 
 
 def test_jsonl_records_are_documents_even_with_blank_lines(tmp_path):
@@ -433,3 +437,24 @@ def test_lilypond_corpus_reads_the_english_prose_manuals(tmp_path, monkeypatch):
     (root / "internals" / "grob.html").write_text("<p>The grob interface holds the properties of every grob.</p>")
     out = demo.html_manual_corpus("lilypond", tmp_path / "lilypond.txt", tmp_path)
     assert out.read_text(encoding="utf-8").strip().split("\n\n") == ["Slurs are entered using ( and ) after the note."]
+
+
+def test_start_of_text_forms_seen_inside_longer_words_are_left_out(model_dirs, tmp_path):
+    """A corpus where the bare "palatable" sits inside "unpalatable" more often than it stands alone: an added token
+    for it would split those words, so the start-of-text form is left out with the counts (contexts.
+    split_inside_words); where it stands alone more often, it stays; vocab mode isolates forms, so it stays too."""
+    from tokdistill_fast import DistillConfig, distill
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the unpalatable soup\n\n" * 5 + "(palatable) food\n\n" * 2, encoding="utf-8")
+    bare = [NewToken("palatable", "palatable", [0, 1])]
+    assert split_inside_words([corpus], bare, None) == {
+        "palatable": "which as an added token would split longer words: 5 time(s) in the corpus, against 2 as itself"}
+    assert split_inside_words([corpus], bare, None) == split_inside_words([corpus], bare, 1 << 20)
+    model = model_dirs[("llama", "bytelevel", True)]
+    run = distill(model, ["palatable"], [corpus], None, DistillConfig(method="mean"))
+    assert [t.form for t in run.tokens] == [" palatable"]
+    assert "5 time(s) in the corpus, against 2 as itself" in run.report["skipped"][0]["reason"]
+    corpus.write_text("the unpalatable soup\n\n" * 2 + "(palatable) food\n\n" * 5, encoding="utf-8")
+    assert [t.form for t in distill(model, ["palatable"], [corpus], None, DistillConfig(method="mean")).tokens] == [
+        " palatable", "palatable"]

@@ -40,6 +40,7 @@ WORD_CHAR = regex.compile(r"[\p{L}\p{N}_]")
 # GPT-2-style tokenizers (SmolLM2, Qwen2, StarCoder, Pythia) put this token between documents in pretraining.
 DOC_SEPARATOR = "<|endoftext|>"
 CHARS_PER_TOKEN = 8  # character margin per wanted token around a hit; English averages ~4.5 chars per token
+INSIDE_MIN = 3  # matches inside longer words that split_inside_words takes as evidence (once or twice is not)
 
 
 def start_id(tokenizer) -> int | None:
@@ -79,6 +80,7 @@ class Hit(NamedTuple):
 @dataclass
 class RetrievalStats:
     hits: list[int] = field(default_factory=list)  # occurrences found per token
+    inside: list[int] = field(default_factory=list)  # matches of its form inside longer words, per token
     chars: int = 0  # document characters searched
     bytes_read: int = 0  # corpus bytes consumed (Parquet: the text column's compressed bytes)
     files: int = 0
@@ -112,10 +114,10 @@ def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window
     longest = max((len(t.form) for t in tokens), default=1)
     draw = random.Random(seed).random
     kept: list[list[Hit]] = [[] for _ in tokens]
-    stats = RetrievalStats(hits=[0] * len(tokens))
+    stats = RetrievalStats(hits=[0] * len(tokens), inside=[0] * len(tokens))
     if not tokens:
         return [], stats
-    counts = stats.hits
+    counts, inside = stats.hits, stats.inside
     is_word = WordChars()
     full = 0  # tokens holding `keep` hits
     buf, buf_first, done, last = "", True, 0, True  # open document's tail; hits ending at <= done are handled
@@ -127,11 +129,14 @@ def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window
         size = len(buf)
         for pos, (i, n, bare) in automaton.iter(buf, max(0, done + 1 - longest), upto):
             end = pos + 1
-            if end <= done or (end < size and is_word[buf[end]]):
-                continue  # handled with the previous piece, or "palatable" inside "palatableness"
+            if end <= done:
+                continue  # handled with the previous piece
             start = end - n
-            if bare and start > 0 and (is_word[buf[start - 1]] or buf[start - 1] == " "):
-                continue  # a bare form inside a word, or where its running-text form (" word") matches
+            if bare and start > 0 and buf[start - 1] == " ":
+                continue  # where its running-text form (" word") matches, and is what the tokenizer emits
+            if end < size and is_word[buf[end]] or bare and start > 0 and is_word[buf[start - 1]]:
+                inside[i] += 1  # "palatable" inside "palatableness", a bare form inside a word
+                continue
             counts[i] += 1
             held = kept[i]
             slot = len(held)
@@ -168,6 +173,19 @@ def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window
         if not last:  # the corpus was cut off inside a document (max_bytes): take its remaining hits
             scan(len(buf), False)
     return kept, stats
+
+
+def split_inside_words(paths: list[str | Path], tokens: list[NewToken], max_bytes: int | None,
+                       option: str = "--corpus") -> dict[str, str]:
+    """{form: why} of the `tokens` whose form the corpus shows inside longer words more often than as itself (and
+    INSIDE_MIN times or more), which an added token for it would split: the start-of-text "man's" inside "woman's",
+    where no vocabulary token can show it (tokens.vocabulary_collisions). One pass of find_hits over at most
+    `max_bytes` of the corpus."""
+    if not paths or not tokens:
+        return {}
+    _, stats = find_hits(Corpus(paths, max_bytes, option=option), tokens, 0, 0, 0)
+    return {t.form: f"which as an added token would split longer words: {n} time(s) in the corpus, against {own} "
+                    "as itself" for t, own, n in zip(tokens, stats.hits, stats.inside) if n > own and n >= INSIDE_MIN}
 
 
 def place_window(left: int, word: int, right: int, budget: int, max_before: int | None = None

@@ -46,6 +46,9 @@ from .workload import Workload, build_workload, trained_tokens
 log = logging.getLogger(__name__)
 
 MASS_SNIPPETS = 8  # training snippets per word on which new_token_mass reads the trained rows
+# Corpus bytes read for the start-of-text forms' matches inside longer words (contexts.split_inside_words): a sample
+# is enough for a ratio, and a second full pass over a large corpus would not be.
+INSIDE_SAMPLE = 64 << 20
 
 
 @dataclass
@@ -110,6 +113,11 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
         words, skipped = swap.requested_words(new_tokens, cfg.new_tokens_from_tokenizer)
         toks, unplanned = tokens.plan_new_tokens(tokenizer, words, cfg.add_variants, cfg.casing_variants)
         skipped += unplanned
+        if toks and cfg.tokenizer_mode == "added" and cfg.contexts == "retrieve":
+            sample = min(cfg.max_corpus_bytes or INSIDE_SAMPLE, INSIDE_SAMPLE)
+            toks, inside = tokens.leave_out(toks, contexts.split_inside_words(
+                list(corpus), [t for t in toks if t.variant], sample))
+            skipped += inside
         if toks:
             new_tokenizer, toks, undecodable = tokens.extend_decodable(
                 tokenizer, toks, cfg.tokenizer_mode, lm.config, keep_listed=cfg.new_tokens_from_tokenizer is None)

@@ -472,14 +472,14 @@ def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", mod
         return {form: f"which as an added token would also split {text!r} wherever it occurs"
                 for form, text in collisions.items()}
 
-    kept, skipped = _leave_out(planned, splitting(planned) if mode == "added" else {})
+    kept, skipped = leave_out(planned, splitting(planned) if mode == "added" else {})
     new = extend_tokenizer(tokenizer, kept, mode, model_config)
     bad = {t.form: f"which would make running text decode as {got!r}"
            for t, got in zip(kept, misread_forms(new, tokenizer, kept)) if got is not None}
     if mode != "added":
         bad.update(splitting([t for t in kept if t.kind == "added" and t.form not in bad]))
     if bad:
-        kept, more = _leave_out(kept, bad)
+        kept, more = leave_out(kept, bad)
         skipped += more
         new = extend_tokenizer(tokenizer, kept, mode, model_config) if kept else new
     splits = vocabulary_collisions(tokenizer, [t.form for t in kept if not t.variant and t.kind == "added"])
@@ -491,7 +491,7 @@ def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", mod
     return new, kept, skipped
 
 
-def _leave_out(planned: list[NewToken], bad: dict[str, str]) -> tuple[list[NewToken], list[Skipped]]:
+def leave_out(planned: list[NewToken], bad: dict[str, str]) -> tuple[list[NewToken], list[Skipped]]:
     """`planned` without the forms in `bad` ({form: why}) and, where a word's running-text form is among them, all
     forms of that word; (tokens kept, the skipped forms with their reasons)."""
     if not bad:
