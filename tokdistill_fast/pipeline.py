@@ -113,15 +113,15 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
         words, skipped = swap.requested_words(new_tokens, cfg.new_tokens_from_tokenizer)
         toks, unplanned = tokens.plan_new_tokens(tokenizer, words, cfg.add_variants, cfg.casing_variants)
         skipped += unplanned
-        if toks and cfg.tokenizer_mode == "added" and cfg.contexts == "retrieve":
+        if toks and cfg.tokenizer_mode == "added" and cfg.contexts == "retrieve":  # variants that split words
             sample = min(cfg.max_corpus_bytes or INSIDE_SAMPLE, INSIDE_SAMPLE)
             toks, inside = tokens.leave_out(toks, contexts.split_inside_words(
                 list(corpus), [t for t in toks if t.variant], sample))
             skipped += inside
         if toks:
-            new_tokenizer, toks, undecodable = tokens.extend_decodable(
+            new_tokenizer, toks, left_out = tokens.extend_decodable(
                 tokenizer, toks, cfg.tokenizer_mode, lm.config, keep_listed=cfg.new_tokens_from_tokenizer is None)
-            skipped += undecodable
+            skipped += left_out
         swap.log_skipped(skipped)
         if not toks:
             raise UserInputError("none of the new tokens can be added (see the skipped reasons above)")
