@@ -25,13 +25,16 @@ def test_select_ranks_split_words_and_skips_non_words(tokenizers_by_kind, tmp_pa
     assert [c.saved for c in got] == sorted((c.saved for c in got), reverse=True)
 
 
-def test_select_leaves_out_words_that_would_split_vocabulary_words(tokenizers_by_kind, tmp_path, caplog):
-    """" hospit" as an added token would split every " hospital" (one vocabulary token here): not proposed, and
-    the log says why."""
+def test_select_leaves_out_words_that_would_split_longer_words(tokenizers_by_kind, tmp_path, caplog):
+    """" hospit" as an added token would split every " hospital" (one vocabulary token here), and " bivalve" the
+    corpus's " bivalves", which it holds more often than " bivalve" alone: neither is proposed, and the log says
+    why; " palatable" is."""
     tok = tokenizers_by_kind["bytelevel"]
     corpus = tmp_path / "c.txt"
-    corpus.write_text("a hospit note on palatable soup\n\n" * 12, encoding="utf-8")
+    corpus.write_text("a hospit note on palatable soup and a bivalve\n\n" * 12 + "two bivalves\n\n" * 13,
+                      encoding="utf-8")
     with caplog.at_level("INFO", logger="tokdistill_fast.tools.select"):
         words = [c.word for c in select_tokens(tok, [corpus], min_count=10)]
-    assert "palatable" in words and "hospit" not in words
+    assert "palatable" in words and not {"hospit", "bivalve"} & set(words)
     assert "left out 1 word(s)" in caplog.text and "' hospit' in ' hospital'" in caplog.text
+    assert "and 1 that the corpus shows inside longer words more often than alone (' bivalve')" in caplog.text

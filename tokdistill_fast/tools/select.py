@@ -2,9 +2,10 @@
 
 A candidate is a whole word (split at whitespace, outer punctuation stripped, none glued to a dash) that is not in
 the vocabulary, contains no digit and none of []{}()<>.,;:!?@#$%^&*+_=|\\/, is split into at least two subtokens
-in running text, occurs at least `min_count` times, and whose added token would not cut a longer vocabulary token
-apart wherever that occurs (" perh" would split " perhaps", " specif" " specific": tokens.vocabulary_collisions).
-Rank: count * (subtokens - 1), the tokens a corpus pass saves.
+in running text, occurs at least `min_count` times, and whose added token would not cut longer words apart: not a
+longer vocabulary token (" perh" would split " perhaps", " specif" " specific": tokens.vocabulary_collisions), nor
+longer words of the corpus more often than the word stands alone there (" fasten" in " fastened" and
+" fastening": contexts.split_inside_words). Rank: count * (subtokens - 1), the tokens a corpus pass saves.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import regex
 
 from ..corpus import iter_documents
-from ..tokens import original_ids, vocabulary_collisions
+from ..tokens import NewToken, original_ids, vocabulary_collisions
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,15 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
         if ids and len(ids) >= 2:
             out.append(Suggestion(word, count, len(ids)))
     out.sort(key=lambda c: (-c.saved, c.word))
+    from ..contexts import split_inside_words  # here: contexts loads torch, which the package import must not
+
     splits = vocabulary_collisions(tokenizer, [" " + c.word for c in out])
-    if splits:
-        out = [c for c in out if " " + c.word not in splits]
-        log.info("left out %d word(s) whose added token would split longer vocabulary words wherever those occur: "
-                 "%s", len(splits), ", ".join(f"{f!r} in {text!r}" for f, text in list(splits.items())[:8]))
+    inside = split_inside_words(paths, [NewToken(c.word, " " + c.word, []) for c in out if " " + c.word not in splits],
+                                None)
+    if splits or inside:
+        out = [c for c in out if " " + c.word not in splits and " " + c.word not in inside]
+        log.info("left out %d word(s) whose added token would split longer vocabulary words wherever those occur "
+                 "(%s) and %d that the corpus shows inside longer words more often than alone (%s)", len(splits),
+                 ", ".join(f"{f!r} in {text!r}" for f, text in list(splits.items())[:8]), len(inside),
+                 ", ".join(repr(f) for f in list(inside)[:8]))
     return out[:top] if top else out
