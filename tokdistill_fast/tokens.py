@@ -465,12 +465,21 @@ def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", mod
     would split SmolLM2's " reliable") left out with its variants: (tokenizer, tokens kept, skipped forms). In added
     mode the forms are checked before the extension, which then runs once (3.4 s for Gemma-3's tokenizer); in the
     others after it, on the forms it made added tokens."""
+    found: dict[str, str] = {}  # vocabulary_collisions of every form checked so far: the vocabulary is read once
+    checked: set[str] = set()
+
+    def collisions(toks: list[NewToken]) -> dict[str, str]:
+        forms = [t.form for t in toks if t.form not in checked]
+        found.update(vocabulary_collisions(tokenizer, forms))
+        checked.update(forms)
+        return {t.form: found[t.form] for t in toks if t.form in found}
+
     def splitting(toks: list[NewToken]) -> dict[str, str]:
         """{form: why} of the forms among `toks` (variants, and words unless kept) that would split a longer
         vocabulary token."""
-        collisions = vocabulary_collisions(tokenizer, [t.form for t in toks if t.variant or not keep_listed])
-        return {form: f"which as an added token would also split {text!r} wherever it occurs"
-                for form, text in collisions.items()}
+        hits = collisions(toks)
+        return {t.form: f"which as an added token would also split {hits[t.form]!r} wherever it occurs"
+                for t in toks if t.form in hits and (t.variant or not keep_listed)}
 
     kept, skipped = leave_out(planned, splitting(planned) if mode == "added" else {})
     new = extend_tokenizer(tokenizer, kept, mode, model_config)
@@ -482,7 +491,7 @@ def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", mod
         kept, more = leave_out(kept, bad)
         skipped += more
         new = extend_tokenizer(tokenizer, kept, mode, model_config) if kept else new
-    splits = vocabulary_collisions(tokenizer, [t.form for t in kept if not t.variant and t.kind == "added"])
+    splits = collisions([t for t in kept if not t.variant and t.kind == "added"])
     if splits:
         log.warning("%d word(s) will also split longer words wherever those occur, as added tokens match inside "
                     "words: %s; `--tokenizer-mode vocab` avoids it where llama.cpp is not needed "
