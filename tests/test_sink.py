@@ -306,3 +306,35 @@ def test_steps_read_rows_as_they_are_written():
     clipped, _ = rows.clip_norms(bounded.rows, table, 0.1)
     torch.testing.assert_close(clipped, bounded.rows.cpu(), rtol=1e-6, atol=1e-7)  # the output writes them as read
     assert (run(w.init, None).rows.norm(dim=1) > limit).all()  # unbounded, they stay over it
+
+
+def test_sink_pairs_inside_the_text_leave_the_loss():
+    """A pair whose teacher state is an attention sink inside the text (a token the model makes massive: here one
+    whose embedding is 40x the others', as SmolLM2 makes " and" after "superusers" 6.8x the median at layer 22) is
+    left out of the loss, with every pair of a snippet whose word's own pair is one; training then gives the rows
+    that training on the alignment and teacher pass without those pairs gives, whatever the sink's states."""
+    w = three_words()
+    work, dec = w.work, w.prep.decoder
+    al, ids, cu = work.alignment, work.teacher_ids, work.cu_teacher
+    teacher_token = ids[cu[al.pair_snippet()] + al.t_pos]
+    sink = int(teacher_token[al.cu_aligned[0] + 1])  # the token after the first snippet's word
+    dec.embed_weight[sink] *= 40.0
+    cache = teacher.compute(dec, ids, cu, al, [2], 4096, torch.float32)
+    drop = teacher.sink_pairs(al, cache.states[2])
+    hit = teacher_token == sink
+    first = al.cu_aligned[:-1]
+    whole = np.isin(al.pair_snippet(), np.flatnonzero(hit[first]))
+    assert hit.sum() >= 1 and (drop == (hit | whole)).all()
+    kept = al.keep_pairs(~drop)
+    assert kept.n == al.n and len(kept.s_pos) == int((~drop).sum())
+    torch.testing.assert_close(cache.keep_pairs(~drop).states[2],
+                               teacher.compute(dec, ids, cu, kept, [2], 4096, torch.float32).states[2])
+    runs = [student.train(dec, a, c, work.snippet_row, w.init, None, w.objective, w.schedule, tied=True,
+                          passes=w.passes) for a, c in ((al, cache), (kept, cache.keep_pairs(~drop)))]
+    assert runs[0].extra["sink_pairs"] == int(drop.sum()) and runs[1].extra["sink_pairs"] == 0
+    assert torch.equal(runs[0].rows, runs[1].rows)
+    louder = teacher.TeacherCache({2: cache.states[2] * torch.from_numpy(1 + 9 * hit)[:, None].float()},
+                                  cache.cu_aligned)
+    again = student.train(dec, al, louder, work.snippet_row, w.init, None, w.objective, w.schedule, tied=True,
+                          passes=w.passes)
+    assert torch.equal(again.rows, runs[0].rows)

@@ -65,6 +65,11 @@ class Alignment:
         t_pos, _ = take_packed(self.t_pos, self.cu_aligned, idx)
         return Alignment(ids, cu_s, s_pos, t_pos, cu_a)
 
+    def keep_pairs(self, keep: np.ndarray) -> Alignment:
+        """The same snippets with only the aligned pairs where `keep` [K] is true."""
+        counts = np.bincount(self.pair_snippet()[keep], minlength=self.n)
+        return Alignment(self.student_ids, self.cu_student, self.s_pos[keep], self.t_pos[keep], cu_seqlens(counts))
+
 
 def cu_seqlens(lengths: np.ndarray) -> np.ndarray:
     """Cumulative lengths [0, l0, l0 + l1, ...] int64: the offsets of packed sequences (FlashAttention's cu_seqlens)."""

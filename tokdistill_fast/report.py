@@ -114,6 +114,7 @@ class RunReport:
                 # steps per step of a row, and the rate it gave the rows (student.steps.rate_scale)
                 "step_spacing": result.extra.get("step_spacing"), "lr": result.extra.get("lr"),
                 "spikes_dropped": result.extra.get("spikes_dropped"),
+                "sink_pairs": result.extra.get("sink_pairs"),  # aligned pairs left out (teacher.sink_pairs)
                 "output_rows_trained": result.out_rows is not None,  # untied: ntp-all, --output-embeddings ntp
                 "first_loss": float(result.step_loss[0]), "last_loss": float(result.step_loss[-1])},
             "tokens": per_token,

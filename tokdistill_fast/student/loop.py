@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..align import Alignment
 from ..modeling.models import Decoder
 from ..rows import bound_norms, norm_limit, written_quantile
-from ..teacher import TeacherCache
+from ..teacher import SINK_FACTOR, TeacherCache, sink_pairs
 from .feed import TargetFeed
 from .objective import Objective
 from .steps import RUN_STEPS, Batch, Passes, Rewind, batch_plan, plan_groups, rate_scale, step_spacing, student_states
@@ -240,6 +240,16 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
         schedule = dataclasses.replace(schedule, lr=schedule.lr * rate_scale(spacing))
     opt, sched = optimizer(params, tables, schedule, first, device, row_sparse, n_steps)
     L = decoder.num_layers
+    if objective.mass and cache.head is None:  # on the whole cache, which later runs on its subsets then reuse
+        cache.head = Objective.head_stats(decoder, cache, al)
+    sinks = 0  # (not over several processes: each rank's step weights count the pairs of the whole step)
+    if cache is not None and objective.distill == "mse" and shard is None:
+        drop = sink_pairs(al, cache.states[objective.layer])
+        if (sinks := int(drop.sum())):
+            hit = np.unique(snippet_row[al.pair_snippet()[drop]])
+            log.info("%s: %d aligned pair(s) of %d row(s) left out, their teacher states attention sinks (norm over "
+                     "%gx the median)", desc, sinks, len(hit), SINK_FACTOR)
+            al, cache = al.keep_pairs(~drop), cache.keep_pairs(~drop)
     layers = objective.student_layers(L, trainable.out_rows is not None)
     # Prefix steps read the prefix keys/values the teacher pass kept, when it kept every layer they run through.
     kv = cache.prefix if cache is not None else None
@@ -273,8 +283,6 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     feed = None if passes.fused or objective.distill is None else TargetFeed(cache, [g.batch for g in groups],
                                                                             device)
     rewind = Rewind(opt, sched, rows, lazy)
-    if objective.mass and cache.head is None:
-        cache.head = Objective.head_stats(decoder, cache, al)
     head = cache.head if objective.mass else None
     t0 = time.perf_counter()
     for g in tqdm(groups, desc=desc, unit="pass", leave=False):
@@ -351,7 +359,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
                       *losses(len(windows) - 1), seconds, n_steps,
                       extra={"passes": passes.describe(), "positions": positions, "groups": len(groups),
                              "step_spacing": None if spacing is None else round(spacing, 3), "lr": schedule.lr,
-                             "spikes_dropped": dropped})
+                             "spikes_dropped": dropped, "sink_pairs": sinks})
     if len(windows) > 1:  # the rows, losses and steps at `first`; seconds and positions are the whole run's
         kept, (token_loss, word_loss) = state["before"], losses(0)
         out.before = dataclasses.replace(out, rows=read(kept[0]), out_rows=kept[1] if len(kept) > 1 else None,
