@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from tokdistill_fast import DistillConfig, distill
 from tokdistill_fast.cli import main
 from tokdistill_fast.config import UserInputError
-from tokdistill_fast.swap import apply_init, requested_words, words_from_tokenizer
-from tokdistill_fast.tokens import NewToken, vocabulary_collisions
+from tokdistill_fast.swap import apply_init, log_skipped, requested_words, words_from_tokenizer
+from tokdistill_fast.tokens import NewToken, Skipped, vocabulary_collisions
 
 FAST = dict(snippets_per_token=8, snippet_length=24, batch_size=4, target_layer=2, lr=1e-2, epochs=1,
             dtype="float32")
@@ -176,3 +176,12 @@ def test_words_from_a_tokenizer_that_would_split_the_models_words_are_left_out(m
     assert not vocabulary_collisions(AutoTokenizer.from_pretrained(model_dirs[UNTIED]), [t.form for t in result.tokens])
     listed = distill(model_dirs[UNTIED], ["hospit"], (), None, DistillConfig(method="mean"))
     assert [t.form for t in listed.tokens] == [" hospit"]  # listed: kept; its start-of-text variant left out
+
+
+def test_a_form_left_out_is_logged_as_the_words_form(caplog):
+    """A word that loses one form (its start-of-text form splits longer words) is still added, and the log says
+    so; a word skipped whole is logged as skipped."""
+    log_skipped([Skipped("doth", "only its start-of-text form 'doth', which would split longer words"),
+                 Skipped("palatable", "duplicate line")])
+    assert "'doth' is added, but not its start-of-text form 'doth', which would split" in caplog.text
+    assert "skipping 'palatable': duplicate line" in caplog.text and "skipping 'doth'" not in caplog.text

@@ -62,7 +62,6 @@ class TeacherCache:
                             cu_seqlens(np.diff(self.cu_aligned)[idx]), prefix,
                             None if self.prefix is None else cu_seqlens(np.diff(self.prefix_cu)[idx]), head=head)
 
-
     def keep_pairs(self, keep: np.ndarray) -> TeacherCache:
         """The cache of Alignment.keep_pairs(keep): the same snippets (prefix keys/values and kept states too),
         only the rows of the pairs where `keep` [K] is true."""

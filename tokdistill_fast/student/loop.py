@@ -203,7 +203,8 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     instead of a cache and compute the targets batch by batch; prefix steps over disjoint tokens run in groups of
     up to schedule.group (steps.py). `shard`: this rank's part of every step of a several-process run
     (distributed.py); `al`, `cache` and `teacher` then hold this rank's snippets only. `hook`
-    (checkpoint.StudentHook) restores a saved state before the first step and checkpoints at step boundaries."""
+    (checkpoint.StudentHook) restores a saved state before the first step and checkpoints at step boundaries.
+    An mse objective leaves out the aligned pairs whose cached teacher state is an attention sink (sink_pairs)."""
     device = decoder.embed_weight.device
     passes = passes or Passes()
     if passes.fused and objective.distill is None:
