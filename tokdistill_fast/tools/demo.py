@@ -219,7 +219,8 @@ def html_paragraphs(pages: Iterable[Path]) -> Iterator[str]:
 # An Introduction to R, the language definition, data import/export, installation, extensions, internals, the FAQ),
 # Maxima's manual (2026-12-05: computer algebra; its one-page copy and tables of contents left out), KiCad's
 # manuals (2026-12-05: electronics design; 330 KB of text, a small corpus), Wireshark's user's and developer's
-# guides (2026-12-05, forty-first stop: network protocol analysis; the GPL appendix left out).
+# guides (2026-12-05, forty-first stop: network protocol analysis; the GPL appendix left out), GNU Octave's manual
+# (the same stop: numerical computing; the GPL's text left out).
 LILYPOND_MANUALS = ("learning", "notation", "music-glossary", "essay", "usage")
 HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/library/index.html",), None),
                 "pgdocs": ("postgresql-doc-15", ("/usr/share/doc/postgresql-doc-15/html/index.html",), None),
@@ -238,7 +239,8 @@ HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/li
                 "kicad": ("kicad-doc-en", ("/usr/share/doc/kicad/help/en/kicad.html",), None),
                 "wireshark": ("wireshark-doc", ("/usr/share/doc/wireshark/wsug_html_chunked/index.html",
                                                 "/usr/share/doc/wireshark/wsdg_html_chunked/index.html"),
-                              r"AppGPL\.html")}
+                              r"AppGPL\.html"),
+                "octave": ("octave-doc", ("/usr/share/doc/octave/octave.html/index.html",), r"Copying\.html")}
 
 
 def html_manual_corpus(name: str, out: Path, cache: Path | None = None) -> Path:
@@ -346,8 +348,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(python3.11-doc), Git's manuals (git-doc), the GNU Coding Standards (gnu-standards), the "
                         "PostgreSQL manual (postgresql-doc-15), GnuCash's guide and help (gnucash-docs), GIMP's user "
                         "manual (gimp-help-en), R's manuals (r-doc-html), Maxima's manual (maxima-doc), KiCad's "
-                        "manuals (kicad-doc-en), Wireshark's guides (wireshark-doc), the King James Bible "
-                        "(bible-kjv-text, bible-kjv) and LilyPond's manuals (lilypond-doc-html), split 3:1")
+                        "manuals (kicad-doc-en), Wireshark's guides (wireshark-doc), GNU Octave's manual (octave-doc), "
+                        "the King James Bible (bible-kjv-text, bible-kjv) and LilyPond's manuals "
+                        "(lilypond-doc-html), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
