@@ -82,8 +82,8 @@ def sink_pairs(al: Alignment, states: torch.Tensor) -> np.ndarray:
     """[K] bool: aligned pairs whose teacher state (`states`, the cache rows of the compared layer) is an attention
     sink, a norm over SINK_FACTOR x the pairs' median, and every pair of a snippet whose first pair (the word's own)
     is one. Such a target is the subtokens' text's own, which the student reading the new row does not reach
-    (SmolLM2 / PostgreSQL manual, layer 22: " and" after "superusers" at 6.8x; its pair's error 5,347 against a
-    median of 10 was most of its word's loss), so those pairs are left out of the loss."""
+    (SmolLM2 / PostgreSQL manual, layer 22: " and" after "superusers" at 6.8x; its pair's error, about 5,000
+    where the step's other pairs averaged about 4.5, was most of its word's loss), so those pairs are left out."""
     if not len(states):
         return np.zeros(0, dtype=bool)
     chunk = 1 << 16  # fp32 norms without an fp32 copy of a large cache
