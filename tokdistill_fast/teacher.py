@@ -81,7 +81,7 @@ class TeacherCache:
 def sink_pairs(al: Alignment, states: torch.Tensor) -> np.ndarray:
     """[K] bool: aligned pairs whose teacher state (`states`, the cache rows of the compared layer) is an attention
     sink, a norm over SINK_FACTOR x the pairs' median, and every pair of a snippet whose first pair (the word's own)
-    is one. Such a target is the subtokens' text's own, which the student reading the new row does not reach
+    is one. Such a target is the subtokens' text's own, which the student's row did not reach in training
     (SmolLM2 / PostgreSQL manual, layer 22: " and" after "superusers" at 6.8x; its pair's error, about 5,000
     where the step's other pairs averaged about 4.5, was most of its word's loss), so those pairs are left out."""
     if not len(states):
