@@ -67,8 +67,8 @@ class Alignment:
 
     def keep_pairs(self, keep: np.ndarray) -> Alignment:
         """The same snippets with only the aligned pairs where `keep` [K] is true."""
-        counts = np.bincount(self.pair_snippet()[keep], minlength=self.n)
-        return Alignment(self.student_ids, self.cu_student, self.s_pos[keep], self.t_pos[keep], cu_seqlens(counts))
+        return Alignment(self.student_ids, self.cu_student, self.s_pos[keep], self.t_pos[keep],
+                         kept_offsets(self.cu_aligned, keep))
 
 
 def cu_seqlens(lengths: np.ndarray) -> np.ndarray:
@@ -76,6 +76,11 @@ def cu_seqlens(lengths: np.ndarray) -> np.ndarray:
     out = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=out[1:])
     return out
+
+
+def kept_offsets(cu: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The offsets `cu` of packed sequences once only the elements where `keep` is true remain."""
+    return np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))[cu]
 
 
 def prefix_lengths(al: Alignment) -> np.ndarray:

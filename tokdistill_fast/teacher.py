@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .align import Alignment, cu_seqlens, prefix_lengths
+from .align import Alignment, cu_seqlens, kept_offsets, prefix_lengths
 from .control import observed
 from .modeling.attention import Attend, ranges
 from .modeling.layout import lay_out, token_batches
@@ -71,10 +71,8 @@ class TeacherCache:
             out = t.index_select(0, idx.to(t.device))
             return out.pin_memory() if t.is_pinned() else out
 
-        counts = np.bincount(np.repeat(np.arange(len(self.cu_aligned) - 1), np.diff(self.cu_aligned))[keep],
-                             minlength=len(self.cu_aligned) - 1)
         return replace(self, states={l: pick(t) for l, t in self.states.items()},
-                       cu_aligned=cu_seqlens(counts),
+                       cu_aligned=kept_offsets(self.cu_aligned, keep),
                        head=None if self.head is None else tuple(pick(t) for t in self.head))
 
 
