@@ -181,7 +181,13 @@ def test_words_from_a_tokenizer_that_would_split_the_models_words_are_left_out(m
 def test_a_form_left_out_is_logged_as_the_words_form(caplog):
     """A word that loses one form (its start-of-text form splits longer words) is still added, and the log says
     so; a word skipped whole is logged as skipped."""
-    log_skipped([Skipped("doth", "only its start-of-text form 'doth', which would split longer words"),
+    log_skipped([Skipped("doth", "its start-of-text form 'doth', which would split longer words", form_only=True),
                  Skipped("palatable", "duplicate line")])
     assert "'doth' is added, but not its start-of-text form 'doth', which would split" in caplog.text
     assert "skipping 'palatable': duplicate line" in caplog.text and "skipping 'doth'" not in caplog.text
+    caplog.clear()
+    log_skipped([Skipped("doth", "its start-of-text form 'doth', ...", form_only=True),
+                 Skipped("palatable", "duplicate line"), Skipped("hath", "its start-of-text form 'hath', ...",
+                                                                  form_only=True)], show=1)
+    assert "1 more form(s) of added words left out" in caplog.text
+    assert "skipping 1 more: 1 duplicate line" in caplog.text

@@ -267,15 +267,16 @@ def test_variants_that_would_split_vocabulary_words_are_left_out(tokenizers_by_k
     with caplog.at_level("WARNING", logger="tokdistill_fast.tokens"):
         new, kept, dropped = tokens.extend_decodable(tok, planned, "added")
     assert [(t.word, t.variant) for t in kept] == [("hospit", ""), ("palatable", ""), ("palatable", "start")]
-    assert [(s.word, s.reason) for s in dropped] == [
-        ("hospit", "only its start-of-text form 'hospit', which as an added token would also split "
-                   f"{tokens.vocabulary_collisions(tok, ['hospit'])['hospit']!r} wherever it occurs")]
+    assert [(s.word, s.reason, s.form_only) for s in dropped] == [
+        ("hospit", "its start-of-text form 'hospit', which as an added token would also split "
+                   f"{tokens.vocabulary_collisions(tok, ['hospit'])['hospit']!r} wherever it occurs", True)]
     assert "1 word(s) will also split longer words" in caplog.text and "' hospit' in" in caplog.text
     assert new(" hospital", add_special_tokens=False)["input_ids"] != tok(" hospital", add_special_tokens=False)[
         "input_ids"]  # the word's own form still splits it: what the warning says
     new, kept, dropped = tokens.extend_decodable(tok, planned, "added", keep_listed=False)  # from a tokenizer
     assert [(t.word, t.variant) for t in kept] == [("palatable", ""), ("palatable", "start")]
     assert [s.word for s in dropped] == ["hospit", "hospit"] and "would also split" in dropped[0].reason
+    assert not any(s.form_only for s in dropped)  # the word is gone with its forms
     new, kept, dropped = tokens.extend_decodable(tok, planned, "vocab")  # forms isolated at word boundaries
     assert not dropped and len(kept) == 4 and {t.kind for t in kept} == {"vocab"}
     assert new(" hospital", add_special_tokens=False)["input_ids"] == tok(" hospital", add_special_tokens=False)[

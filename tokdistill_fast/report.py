@@ -118,7 +118,7 @@ class RunReport:
                 "output_rows_trained": result.out_rows is not None,  # untied: ntp-all, --output-embeddings ntp
                 "first_loss": float(result.step_loss[0]), "last_loss": float(result.step_loss[-1])},
             "tokens": per_token,
-            "skipped": [{"word": s.word, "reason": s.reason} for s in skipped],
+            "skipped": [{"word": s.word, "reason": s.reason, "form_only": s.form_only} for s in skipped],
         }
         report = cls(data, prep.timer)
         if methods:

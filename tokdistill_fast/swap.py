@@ -84,13 +84,16 @@ def log_skipped(skipped: list[Skipped], show: int = 20) -> None:
     """Warn about the first `show` skipped tokens one by one and about the rest as counts per reason (details in
     parentheses, such as the existing piece, are left out of the counts)."""
     for s in skipped[:show]:
-        if s.reason.startswith("only "):  # one form of the word is left out, not the word
-            log.warning("%r is added, but not %s", s.word, s.reason[len("only "):])
+        if s.form_only:
+            log.warning("%r is added, but not %s", s.word, s.reason)
         else:
             log.warning("skipping %r: %s", s.word, s.reason)
-    if len(skipped) > show:
-        counts = Counter(s.reason.split(" (")[0] for s in skipped[show:])
-        log.warning("skipping %d more: %s", len(skipped) - show, "; ".join(f"{n} {r}" for r, n in counts.items()))
+    rest = skipped[show:]
+    if forms := sum(s.form_only for s in rest):
+        log.warning("%d more form(s) of added words left out", forms)
+    if words := [s for s in rest if not s.form_only]:
+        counts = Counter(s.reason.split(" (")[0] for s in words)
+        log.warning("skipping %d more: %s", len(words), "; ".join(f"{n} {r}" for r, n in counts.items()))
 
 
 def apply_init(path: str | Path, toks: list[NewToken], rows: torch.Tensor, out_rows: torch.Tensor | None,

@@ -72,6 +72,7 @@ class NewToken:
 class Skipped:
     word: str
     reason: str
+    form_only: bool = False  # the word is added; only this form of it (a variant) is left out
 
 
 def read_word_list(path: str | Path) -> list[str]:
@@ -507,10 +508,16 @@ def leave_out(planned: list[NewToken], bad: dict[str, str]) -> tuple[list[NewTok
         return planned, []
     gone = {t.word for t in planned if t.form in bad and not t.variant}
     drop = [t.form in bad or t.word in gone or t.variant_of in gone for t in planned]
-    which = {"": "its running-text form", "start": "only its start-of-text form",
-             "casing": "only this casing variant", "casing+start": "only this casing variant's start-of-text form"}
-    skipped = [Skipped(t.word, f"{which[t.variant]} {t.form!r}, {bad[t.form]}" if t.form in bad
-                       else f"a form of {t.variant_of!r}, skipped") for t, d in zip(planned, drop) if d]
+    which = {"": "its running-text form", "start": "its start-of-text form",
+             "casing": "this casing variant", "casing+start": "this casing variant's start-of-text form"}
+
+    def skip(t: NewToken) -> Skipped:
+        if t.form not in bad:
+            return Skipped(t.word, f"a form of {t.variant_of!r}, skipped")
+        word = t.variant_of if t.variant == "casing" else t.word  # the word whose form this is
+        return Skipped(word, f"{which[t.variant]} {t.form!r}, {bad[t.form]}", form_only=word not in gone)
+
+    skipped = [skip(t) for t, d in zip(planned, drop) if d]
     return [t for t, d in zip(planned, drop) if not d], skipped
 
 
