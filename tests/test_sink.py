@@ -320,7 +320,7 @@ def test_sink_pairs_inside_the_text_leave_the_loss():
     sink = int(teacher_token[al.cu_aligned[0] + 1])  # the token after the first snippet's word
     dec.embed_weight[sink] *= 40.0
     cache = teacher.compute(dec, ids, cu, al, [2], 4096, torch.float32)
-    drop = teacher.sink_pairs(al, cache.states[2])
+    drop, median = teacher.sink_pairs(al, cache.states[2])
     hit = teacher_token == sink
     first = al.cu_aligned[:-1]
     whole = np.isin(al.pair_snippet(), np.flatnonzero(hit[first]))
@@ -338,3 +338,19 @@ def test_sink_pairs_inside_the_text_leave_the_loss():
     again = student.train(dec, al, louder, work.snippet_row, w.init, None, w.objective, w.schedule, tied=True,
                           passes=w.passes)
     assert torch.equal(again.rows, runs[0].rows)
+    # Rows trained again alone read a subset of the run's cache (take) and judge sinks by the median of the run's
+    # pairs, which its first training stored in the cache
+    assert cache.pair_median == {2: pytest.approx(median)}
+    assert median == pytest.approx(float(cache.states[2].norm(dim=-1).median()))
+    own = np.unique(al.pair_snippet()[hit])
+    sub, sub_al = cache.take(own), al.take(own)
+    assert sub.pair_median == cache.pair_median
+    in_own = np.isin(al.pair_snippet(), own)
+    assert (teacher.sink_pairs(sub_al, sub.states[2], sub.pair_median[2])[0] == drop[in_own]).all()
+
+    def left_out(pair_median: dict[int, float]) -> int:
+        sub.pair_median = pair_median
+        return student.train(dec, sub_al, sub, work.snippet_row[own], w.init, None, w.objective, w.schedule,
+                             tied=True, passes=w.passes).extra["sink_pairs"]
+
+    assert left_out({2: median}) == int(drop[in_own].sum()) and left_out({2: 1e3 * median}) == 0

@@ -9,7 +9,7 @@ student then copies each step's rows to the device asynchronously, student/feed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ class TeacherCache:
     # alpha-mass: the original head's (logsumexp, next-token loss) at each row of the last layer (Objective.head_stats),
     # set by the first run that reads them; take() keeps them, so subsets never recompute them
     head: tuple[torch.Tensor, torch.Tensor] | None = None
+    # sink_pairs: the median norm of the aligned pairs' states at each compared layer, set by the first run that
+    # reads it; take() keeps it, so the rows that train again alone judge sinks by the run's pairs, not their own
+    pair_median: dict[int, float] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.states.values())
@@ -60,7 +63,8 @@ class TeacherCache:
         head = None if self.head is None else tuple(pick(t, self.cu_aligned) for t in self.head)
         return TeacherCache({l: pick(t, self.cu_aligned) for l, t in self.states.items()},
                             cu_seqlens(np.diff(self.cu_aligned)[idx]), prefix,
-                            None if self.prefix is None else cu_seqlens(np.diff(self.prefix_cu)[idx]), head=head)
+                            None if self.prefix is None else cu_seqlens(np.diff(self.prefix_cu)[idx]), head=head,
+                            pair_median=dict(self.pair_median))
 
     def keep_pairs(self, keep: np.ndarray) -> TeacherCache:
         """The cache of Alignment.keep_pairs(keep): the same snippets (prefix keys/values and kept states too),
@@ -73,26 +77,29 @@ class TeacherCache:
 
         return replace(self, states={l: pick(t) for l, t in self.states.items()},
                        cu_aligned=kept_offsets(self.cu_aligned, keep),
-                       head=None if self.head is None else tuple(pick(t) for t in self.head))
+                       head=None if self.head is None else tuple(pick(t) for t in self.head),
+                       pair_median=dict(self.pair_median))
 
 
-def sink_pairs(al: Alignment, states: torch.Tensor) -> np.ndarray:
-    """[K] bool: aligned pairs whose teacher state (`states`, the cache rows of the compared layer) is an attention
-    sink, a norm over SINK_FACTOR x the pairs' median, and every pair of a snippet whose first pair (the word's own)
-    is one. Such a target is the subtokens' text's own, which the student's row did not reach in training
-    (SmolLM2 / PostgreSQL manual, layer 22: " and" after "superusers" at 6.8x; its pair's error, about 5,000
-    where the step's other pairs averaged about 4.5, was most of its word's loss), so those pairs are left out."""
+def sink_pairs(al: Alignment, states: torch.Tensor, median: float | None = None) -> tuple[np.ndarray, float]:
+    """([K] bool, the median): aligned pairs whose teacher state (`states`, the cache rows of the compared layer)
+    is an attention sink, a norm over SINK_FACTOR x `median` (default: the pairs' own median), and every pair of a
+    snippet whose first pair (the word's own) is one. Such a target is the subtokens' text's own, which the
+    student's row did not reach in training (SmolLM2 / PostgreSQL manual, layer 22: " and" after "superusers" at
+    6.8x; its pair's error, about 5,000 where the step's other pairs averaged about 4.5, was most of its word's
+    loss), so those pairs are left out."""
     if not len(states):
-        return np.zeros(0, dtype=bool)
+        return np.zeros(0, dtype=bool), float("nan") if median is None else median
     chunk = 1 << 16  # fp32 norms without an fp32 copy of a large cache
     norms = torch.cat([torch.linalg.vector_norm(states[i:i + chunk].float(), dim=-1)
                        for i in range(0, len(states), chunk)])
-    sink = (norms > SINK_FACTOR * norms.median()).cpu().numpy()
+    median = float(norms.median()) if median is None else median
+    sink = (norms > SINK_FACTOR * median).cpu().numpy()
     if not sink.any():
-        return sink
+        return sink, median
     snippet = al.pair_snippet()
     first = al.cu_aligned[:-1][np.diff(al.cu_aligned) > 0]
-    return sink | np.isin(snippet, snippet[first[sink[first]]])
+    return sink | np.isin(snippet, snippet[first[sink[first]]]), median
 
 
 def batch_tokens(device: torch.device) -> int:

@@ -245,7 +245,8 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
         cache.head = Objective.head_stats(decoder, cache, al)
     sinks = 0  # (not over several processes: each rank's step weights count the pairs of the whole step)
     if cache is not None and objective.distill == "mse" and shard is None:
-        drop = sink_pairs(al, cache.states[objective.layer])
+        drop, cache.pair_median[objective.layer] = sink_pairs(al, cache.states[objective.layer],
+                                                              cache.pair_median.get(objective.layer))
         if (sinks := int(drop.sum())):
             hit = np.unique(snippet_row[al.pair_snippet()[drop]])
             log.info("%s: %d aligned pair(s) of %d row(s) left out, their teacher states attention sinks (norm over "
