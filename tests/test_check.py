@@ -242,3 +242,16 @@ def test_a_full_disk_is_one_clear_line_and_leaves_what_was_there(error, model_di
     assert code == 2 and "no space left" in err and "Traceback" not in err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
     assert (out / "mine.txt").read_text() == "kept"
+
+
+def test_ignore_merges_exceptions_read_the_models_flag(good):
+    """Vocab mode turns BPE's ignore_merges on; the check reads that flag off the model (not its JSON state, 1.4 s
+    for Gemma-3's vocabulary) and lists the entries BPE never produced from their own text."""
+    src, out = good
+    new, orig = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(src)
+    assert json.loads(new.backend_tokenizer.model.__getstate__())["ignore_merges"]
+    assert not json.loads(orig.backend_tokenizer.model.__getstate__())["ignore_merges"]
+    found = check.ignore_merges_exceptions(new, check.Original(orig))
+    assert all(len(orig.backend_tokenizer.model.tokenize(p)) > 1 for p in found)
+    assert check.ignore_merges_exceptions(orig, check.Original(orig)) == []  # flag off: nothing changes
+    assert check.ignore_merges_exceptions(new, None) == []
