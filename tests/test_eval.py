@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tokdistill_fast import DistillConfig, distill, teacher
 from tokdistill_fast.cli import main
 from tokdistill_fast.contexts import start_id
+from tokdistill_fast.evaluation import heldout
 from tokdistill_fast.evaluation.definitions import embed_sentences, greedy, load_embedder, prompts, similarity
 from tokdistill_fast.evaluation.evalrun import (
     EvalOptions,
@@ -153,6 +154,29 @@ def test_in_memory_rows_match_saved_model(adapted, heldout_file):
     np.testing.assert_allclose(mem.kl, ad.kl, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(mem.new_mass, ad.new_mass, atol=1e-6, rtol=1e-4)
     np.testing.assert_allclose(mem.nll, ad.nll, rtol=1e-4)
+
+
+def test_logits_chunks_do_not_change_the_scores(adapted, heldout_file, monkeypatch):
+    """Scores and the reference's NLL come out the same whatever rows a logits chunk holds (logit_rows)."""
+    src, out = adapted
+    orig_model, orig_tok = load_model(src, torch.device("cpu"), torch.float32)
+    dec = Decoder(orig_model)
+    toks = read_adapted_tokens(orig_tok, out)
+    rows = load_file(out / "new_embeddings.safetensors")["input_embeddings"]
+    V = dec.embed_weight.shape[0]
+    prim = [i for i, t in enumerate(toks) if t.variant_of is None]
+    hs = build_heldout([heldout_file], orig_tok, [toks[i] for i in prim], [V + i for i in prim], 3, 20, 0,
+                       start_id(orig_tok))
+    runs = []
+    for n in (len(hs.alignment.s_pos), 5):  # one chunk; several
+        monkeypatch.setattr(heldout, "logit_rows", lambda device, n=n: n)
+        ref = reference(dec, hs)
+        runs.append((ref.nll, score(Scorer(dec, rows=rows), hs, ref)))
+    assert len(hs.alignment.s_pos) > 10
+    (nll_a, a), (nll_b, b) = runs
+    np.testing.assert_allclose(nll_b, nll_a, rtol=1e-5)
+    for name in ("kl", "new_mass", "nll", "top1", "new_probs_at_new"):
+        np.testing.assert_allclose(getattr(b, name), getattr(a, name), atol=1e-6, rtol=1e-5, err_msg=name)
 
 
 def test_shared_prefix_scores_like_whole_sequences(adapted, heldout_file, monkeypatch):
