@@ -156,8 +156,8 @@ def test_in_memory_rows_match_saved_model(adapted, heldout_file):
     np.testing.assert_allclose(mem.nll, ad.nll, rtol=1e-4)
 
 
-def test_logits_chunks_do_not_change_the_scores(adapted, heldout_file, monkeypatch):
-    """Scores and the reference's NLL come out the same whatever rows a logits chunk holds (logit_rows)."""
+def original_and_rows(adapted, heldout_file):
+    """(the original model's decoder, held-out snippets of the adapted run's words with in-memory ids, their rows)."""
     src, out = adapted
     orig_model, orig_tok = load_model(src, torch.device("cpu"), torch.float32)
     dec = Decoder(orig_model)
@@ -167,6 +167,12 @@ def test_logits_chunks_do_not_change_the_scores(adapted, heldout_file, monkeypat
     prim = [i for i, t in enumerate(toks) if t.variant_of is None]
     hs = build_heldout([heldout_file], orig_tok, [toks[i] for i in prim], [V + i for i in prim], 3, 20, 0,
                        start_id(orig_tok))
+    return dec, hs, rows
+
+
+def test_logits_chunks_do_not_change_the_scores(adapted, heldout_file, monkeypatch):
+    """Scores and the reference's NLL come out the same whatever rows a logits chunk holds (logit_rows)."""
+    dec, hs, rows = original_and_rows(adapted, heldout_file)
     runs = []
     for n in (len(hs.alignment.s_pos), 5):  # one chunk; several
         monkeypatch.setattr(heldout, "logit_rows", lambda device, n=n: n)
@@ -182,15 +188,7 @@ def test_logits_chunks_do_not_change_the_scores(adapted, heldout_file, monkeypat
 def test_shared_prefix_scores_like_whole_sequences(adapted, heldout_file, monkeypatch):
     """The layer search's scoring (reference keys/values before the new token, suffix-only passes) gives every
     number of the whole-sequence passes; a Scorer over another decoder ignores the shared prefix."""
-    src, out = adapted
-    orig_model, orig_tok = load_model(src, torch.device("cpu"), torch.float32)
-    dec = Decoder(orig_model)
-    toks = read_adapted_tokens(orig_tok, out)
-    rows = load_file(out / "new_embeddings.safetensors")["input_embeddings"]
-    V = dec.embed_weight.shape[0]
-    prim = [i for i, t in enumerate(toks) if t.variant_of is None]
-    hs = build_heldout([heldout_file], orig_tok, [toks[i] for i in prim], [V + i for i in prim], 3, 20, 0,
-                       start_id(orig_tok))
+    dec, hs, rows = original_and_rows(adapted, heldout_file)
     assert hs.alignment.s_pos[hs.alignment.cu_aligned[:-1]].min() > 0  # some prefix is shared
     whole, shared = reference(dec, hs, (2,)), reference(dec, hs, (2,), share_prefix=True)
     assert whole.shared is None and shared.shared.lengths.sum() > 0
@@ -200,7 +198,7 @@ def test_shared_prefix_scores_like_whole_sequences(adapted, heldout_file, monkey
         np.testing.assert_allclose(getattr(b, name), getattr(a, name), atol=1e-5, rtol=1e-4, err_msg=name)
     np.testing.assert_allclose(b.mse[2], a.mse[2], atol=1e-5, rtol=1e-4)
     assert (a.top1 == b.top1).mean() > 0.97  # fp32 near-ties may flip
-    other = Decoder(load_model(src, torch.device("cpu"), torch.float32)[0])
+    other = Decoder(load_model(adapted[0], torch.device("cpu"), torch.float32)[0])
     np.testing.assert_allclose(score(Scorer(other, rows=rows), hs, shared).kl, a.kl, atol=1e-5, rtol=1e-4)
     kv = teacher.prefix_kv_bytes(dec, shared.shared.lengths, torch.float32)
     assert kv == sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in shared.shared.kv.values())
