@@ -515,7 +515,8 @@ def leave_out(planned: list[NewToken], bad: dict[str, str]) -> tuple[list[NewTok
         if t.form not in bad:
             return Skipped(t.word, f"a form of {t.variant_of!r}, skipped")
         word = t.variant_of if t.variant == "casing" else t.word  # the word whose form this is
-        return Skipped(word, f"{which[t.variant]} {t.form!r}, {bad[t.form]}", form_only=word not in gone)
+        return Skipped(word, f"{which[t.variant]} {t.form!r}, {bad[t.form]}",
+                       form_only=word not in gone and t.variant_of not in gone)
 
     skipped = [skip(t) for t, d in zip(planned, drop) if d]
     return [t for t, d in zip(planned, drop) if not d], skipped
