@@ -240,7 +240,9 @@ HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/li
                 "wireshark": ("wireshark-doc", ("/usr/share/doc/wireshark/wsug_html_chunked/index.html",
                                                 "/usr/share/doc/wireshark/wsdg_html_chunked/index.html"),
                               r"AppGPL\.html"),
-                "octave": ("octave-doc", ("/usr/share/doc/octave/octave.html/index.html",), r"Copying\.html")}
+                "octave": ("octave-doc", ("/usr/share/doc/octave/octave.html/index.html",), r"Copying\.html"),
+                "exim": ("exim4-doc-html", ("/usr/share/doc/exim4-doc-html/spec_html/index.html",),
+                         r"index\.html|ch-.*_index\.html")}
 
 
 def html_manual_corpus(name: str, out: Path, cache: Path | None = None) -> Path:
@@ -349,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                         "PostgreSQL manual (postgresql-doc-15), GnuCash's guide and help (gnucash-docs), GIMP's user "
                         "manual (gimp-help-en), R's manuals (r-doc-html), Maxima's manual (maxima-doc), KiCad's "
                         "manuals (kicad-doc-en), Wireshark's guides (wireshark-doc), GNU Octave's manual (octave-doc), "
+                        "Exim's specification (exim4-doc-html), "
                         "the King James Bible (bible-kjv-text, bible-kjv) and LilyPond's manuals "
                         "(lilypond-doc-html), split 3:1")
     p.add_argument("--out", default="out/demo")
