@@ -220,7 +220,8 @@ def html_paragraphs(pages: Iterable[Path]) -> Iterator[str]:
 # Maxima's manual (2026-12-05: computer algebra; its one-page copy and tables of contents left out), KiCad's
 # manuals (2026-12-05: electronics design; 330 KB of text, a small corpus), Wireshark's user's and developer's
 # guides (2026-12-05, forty-first stop: network protocol analysis; the GPL appendix left out), GNU Octave's manual
-# (the same stop: numerical computing; the GPL's text left out).
+# (the same stop: numerical computing; the GPL's text left out), Exim's specification (forty-second stop: a mail
+# server; its three index chapters and table of contents left out).
 LILYPOND_MANUALS = ("learning", "notation", "music-glossary", "essay", "usage")
 HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/library/index.html",), None),
                 "pgdocs": ("postgresql-doc-15", ("/usr/share/doc/postgresql-doc-15/html/index.html",), None),
