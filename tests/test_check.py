@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import NEW_WORDS, save_tiny_model
+from conftest import NEW_WORDS, save_tiny_model, tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,6 +68,38 @@ def test_pad_to_multiple_of(tmp_path, tokenizers_by_kind, words_file, tied):
     assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
     mass = json.loads((out / "report.json").read_text())["check"]["probability_mass"]
     assert mass["padding_ids"] == len(padding) and mass["positions"] > 0
+
+
+@pytest.mark.parametrize("family,tied,bias", [("llama", True, False), ("llama", False, True), ("gemma3", True, False),
+                                               ("qwen2", False, False)])
+def test_grow_embeddings_matches_hf_resize(family, tied, bias):
+    """Our growth (zero rows appended, no random matrix drawn first) leaves the model HF's resize would, once its
+    new rows are zeroed as ours start: every tensor, the tie, the config and the logits."""
+    from tokdistill_fast.export import PADDING_BIAS, grow_embeddings
+
+    def build():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(family, 50, tied), dtype=torch.float32)
+        if bias:
+            model.lm_head.bias = torch.nn.Parameter(torch.randn(50))
+        return model
+
+    ours, gold = build(), build()
+    geometry = grow_embeddings(ours, 53, pad_to_multiple_of=8)
+    gold.resize_token_embeddings(56, mean_resizing=False)
+    with torch.no_grad():
+        gold.get_input_embeddings().weight[50:] = 0
+        gold.get_output_embeddings().weight[50:] = 0
+        if bias:
+            gold.lm_head.bias[50:] = PADDING_BIAS
+    assert geometry == {"rows_before": 50, "rows_after": 56, "rows_needed": 53, "pad_to_multiple_of": 8, "grown": 6}
+    assert ours.config.vocab_size == gold.config.vocab_size == 56
+    assert (ours.get_output_embeddings().weight is ours.get_input_embeddings().weight) == tied
+    assert ours.state_dict().keys() == gold.state_dict().keys()
+    for name, tensor in gold.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], tensor), name
+    ids = torch.tensor([[2, 7, 51, 55, 9]])
+    assert torch.equal(ours(ids).logits, gold(ids).logits)
 
 
 @pytest.fixture(scope="module")

@@ -56,27 +56,39 @@ PADDING_BIAS = -1e4  # output bias of grown padding rows: exp(-1e4) underflows t
 SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
+def _grown(weight: torch.Tensor, rows: int, fill: float = 0.0) -> torch.nn.Parameter:
+    """`weight` with rows of `fill` appended up to `rows` (HF's resize draws a random matrix of the new size
+    for each of the two matrices first: 2.4 s of a Gemma-3 run's export, every row of it overwritten)."""
+    grown = torch.full((rows, *weight.shape[1:]), fill, dtype=weight.dtype, device=weight.device)
+    grown[: weight.shape[0]] = weight
+    return torch.nn.Parameter(grown, requires_grad=weight.requires_grad)
+
+
 @torch.no_grad()
 def grow_embeddings(model, rows_needed: int, pad_to_multiple_of: int | None = None) -> dict:
     """Make the input (and untied output) matrices hold at least `rows_needed` rows, rounded up to a multiple
     of `pad_to_multiple_of`; never shrink, keep ties, keep original rows bit-identical. Grown rows start at
     zero: a zero output row gives a padding id logit 0 (and a bias, if any, of PADDING_BIAS), far below a
     trained model's log-normalizer. config.vocab_size then equals the row count. Returns the geometry."""
-    current = model.get_input_embeddings().weight.shape[0]
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    current = emb.weight.shape[0]
     target = max(current, rows_needed)
     if pad_to_multiple_of and target % pad_to_multiple_of:
         target += pad_to_multiple_of - target % pad_to_multiple_of
     if target > current:
-        model.resize_token_embeddings(target, mean_resizing=False)
-        model.get_input_embeddings().weight[current:].zero_()
-        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is emb.weight
+        emb.weight = _grown(emb.weight, target)
+        emb.num_embeddings = target
         if head is not None:
-            head.weight[current:].zero_()
+            head.weight = emb.weight if tied else _grown(head.weight, target)
+            head.out_features = target
             if getattr(head, "bias", None) is not None:
-                head.bias[current:] = PADDING_BIAS
+                head.bias = _grown(head.bias, target, PADDING_BIAS)
     model.config.vocab_size = target
     if getattr(model.config, "text_config", None) is not None:
         model.config.text_config.vocab_size = target
+    if hasattr(model, "vocab_size"):
+        model.vocab_size = target
     return {"rows_before": current, "rows_after": target, "rows_needed": rows_needed,
             "pad_to_multiple_of": pad_to_multiple_of, "grown": target - current}
 
