@@ -28,6 +28,7 @@ from .config import (
     HUB_AFTER_RUN,
     OVER_PREDICTION_FLAG,
     TRAINED_METHODS,
+    VARIANT_MASS_RISE,
     VARIANT_SHARE,
     DistillConfig,
     UserInputError,
@@ -361,13 +362,20 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
 
     checked: list[tuple[torch.Tensor, tuple]] = []  # rows the hub checks measured (as written), their new_token_mass
 
-    def hub_mass(trial: torch.Tensor, trained: set[int]) -> tuple[float, int]:
-        """The most next-token probability the tied model with rows `trial`, as written, puts on new tokens right
-        after a trained word (new_token_mass on training snippets): what `over_predicting` flags; and the token
-        that takes most of it there."""
+    def after_words(trial: torch.Tensor, trained: set[int]) -> tuple[np.ndarray, list[int]]:
+        """new_token_mass of the tied model with rows `trial` as written, on training snippets: the [trained words,
+        new tokens] next-token mass right after each word, and each column's token (rows measured before are
+        not measured again)."""
         written = finish(trial, None, trained)[0]
-        checked.append((written, new_token_mass(prep, written, None, cache if alone else None)))
-        mass, _, cols = checked[-1][1]
+        mass = next((m for measured, m in checked if torch.equal(measured, written)), None)
+        if mass is None:
+            checked.append((written, mass := new_token_mass(prep, written, None, cache if alone else None)))
+        return mass[0], mass[2]
+
+    def hub_mass(trial: torch.Tensor, trained: set[int]) -> tuple[float, int]:
+        """The most next-token probability the tied model with rows `trial` puts on new tokens right after a
+        trained word (what `over_predicting` flags), and the token that takes most of it there."""
+        mass, cols = after_words(trial, trained)
         worst = int(mass.sum(axis=1).argmax())
         return float(mass[worst].sum()), cols[int(mass[worst].argmax())]
 
@@ -411,7 +419,7 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         if alone and objective.ntp is None and not objective.train_output:
             with timer("variants"):
                 variants = train_variants(prep, cfg, rows, means, set(primaries), objective, schedule, passes,
-                                          hub_mass if tied else None)
+                                          after_words if tied else None)
     trained = set(primaries) | {i for i, v in variants.items() if v["kept"]} if train_result is not None else set()
     rows, out_rows, clipped, derived = finish(rows, out_init, trained)
     mass = next((mass for measured, mass in checked if torch.equal(measured, rows)), None)
@@ -486,18 +494,18 @@ def continue_hardest(prep: Prepared, work: Workload, result: student.TrainResult
 
 def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means: torch.Tensor, trained: set[int],
                    objective: student.Objective, schedule: student.Schedule, passes: student.Passes,
-                   hub_mass=None) -> dict[int, dict]:
+                   after_words=None) -> dict[int, dict]:
     """Variants of trained words (the start-of-text form, "word" after "(", ":" or a newline; casing variants) train
     cfg.run_variant_epochs() epochs alone on their own corpus snippets (at most VARIANT_SHARE of
     cfg.snippets_per_token each, a uniform sample of their hits), from the row they would take otherwise (their
     primary's trained row moved by the subtoken-mean offset), and keep the trained row (`rows` is updated). Unless
     they train, a variant reads text no snippet showed it: on Gemma-3 / Git's manuals, where a fifth of the words'
     occurrences are bare, their held-out KL was 0.45 of subtoken-mean rows' against 0.17 at the running-text forms
-    (docs/defaults.md, "Start-of-text variants trained on their own text"). `hub_mass` (tied
-    models: (rows, trained tokens) -> the most new-token mass after a trained word and the token taking most of
-    it): while that is over OVER_PREDICTION_FLAG, the variant taking it goes back to its moved row (trained alone,
-    a variant's output side never saw the states after other words), and every variant where a primary takes it.
-    Returns {token: {"snippets", "word_loss", "kept"}}."""
+    (docs/defaults.md, "Start-of-text variants trained on their own text"). `after_words` (tied models: (rows,
+    trained tokens) -> the [trained words, new tokens] next-token mass after each word, and the columns' tokens):
+    trained alone, a variant's output side never saw the states after other words, so while the variants raise
+    some word's mass over what it was with their moved rows by more than VARIANT_MASS_RISE, the variant taking
+    most of that rise goes back to its moved row. Returns {token: {"snippets", "word_loss", "kept"}}."""
     epochs = cfg.run_variant_epochs()
     toks, decoder = prep.toks, prep.decoder
     variants = [i for i, t in enumerate(toks) if t.variant_of is not None]
@@ -531,18 +539,20 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
     trial = rows.clone()
     trial[index] = result.rows.to(trial.device, trial.dtype)
     kept, position = set(index), {i: k for k, i in enumerate(index)}
-    while hub_mass is not None and kept:
-        mass, hub = hub_mass(trial, trained | kept)
-        if mass <= OVER_PREDICTION_FLAG:
+    before = None if after_words is None else after_words(rows, trained)[0]  # the variants at their moved rows
+    while after_words is not None and kept:
+        mass, cols = after_words(trial, trained | kept)
+        rise = np.where(np.isin(cols, list(kept))[None, :], mass - before, 0.0)  # only kept variants' rows moved
+        word = int(rise.sum(axis=1).argmax())
+        if rise[word].sum() <= VARIANT_MASS_RISE:
             break
-        back = {hub} if hub in kept else kept
-        log.warning("variants: with their trained rows a trained word put %.2f of its next-token probability on new "
-                    "tokens, most on %r: %s back to the moved row", mass, toks[hub].form,
-                    f"{toks[hub].form!r} goes" if back == {hub} else "every variant goes")
-        for i in back:
-            trial[i] = start[position[i]].to(trial.device, trial.dtype)
-            out[i].update(kept=False, over_predicted=mass)
-        kept -= back
+        hub = cols[int(rise[word].argmax())]
+        log.warning("variants: with their trained rows %r put %.2f of its next-token probability on new tokens "
+                    "(%.2f with their moved rows), most on %r: it goes back to its moved row",
+                    toks[prep.work.primaries[word]].form, mass[word].sum(), before[word].sum(), toks[hub].form)
+        trial[hub] = start[position[hub]].to(trial.device, trial.dtype)
+        out[hub].update(kept=False, over_predicted=float(mass[word].sum()))
+        kept.remove(hub)
     rows[index] = trial[index]
     log.info("variants: %d row(s) trained in %.1f s, %d kept", len(index), result.seconds, len(kept))
     return out

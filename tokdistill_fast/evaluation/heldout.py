@@ -257,7 +257,8 @@ def score(model: Scorer, hs: HeldoutSet, ref: Reference) -> Scores:
             t_logp = F.log_softmax(restrict(ref.logits(t_rows).float(), ref.vocab, keep), dim=-1)
             s_logp = F.log_softmax(restrict(full, ref.vocab, keep), dim=-1)
             kl[d] = (t_logp.exp() * (t_logp - s_logp)).sum(-1).cpu().numpy()
-            top1[d] = (t_logp.argmax(-1) == s_logp.argmax(-1)).cpu().numpy()
+            # max's indices: argmax's (the first largest), at half its time on a CPU over 262k columns
+            top1[d] = (t_logp.max(-1).indices == s_logp.max(-1).indices).cpu().numpy()
             full_logp = F.log_softmax(full, dim=-1)
             if len(model.new_ids):
                 p_new = full_logp.index_select(1, new_cols).exp().cpu().numpy()
