@@ -12,7 +12,9 @@ import torch
 from conftest import FILLER
 
 from tokdistill_fast import DistillConfig, contexts, pipeline, tokens
+from tokdistill_fast import report as report_module
 from tokdistill_fast.config import VARIANT_SHARE, UserInputError
+from tokdistill_fast.evaluation import evalrun
 from tokdistill_fast.evaluation.evalrun import run_eval
 
 WORDS = ["palatable", "bivalve", "thyroidectomy"]
@@ -125,9 +127,11 @@ def test_a_variant_that_raises_the_mass_after_a_word_goes_back(model_dirs, bare_
             assert got[var]["over_predicted"] == pytest.approx(trained_mass + own)
 
 
-def test_eval_measures_the_variants_at_their_own_occurrences(model_dirs, bare_corpus, tmp_path):
+def test_eval_measures_the_variants_at_their_own_occurrences(model_dirs, bare_corpus, tmp_path, monkeypatch):
     """`tokdistill eval` reports the held-out measure at the bare forms' occurrences ("variants"): two outputs that
-    differ only in the variant rows score the same words and different variants."""
+    differ only in the variant rows score the same words and different variants; it flags the variants after which
+    new tokens take over OVER_PREDICTION_FLAG (here -1: every measured one) as it flags words."""
+    monkeypatch.setattr(report_module, "OVER_PREDICTION_FLAG", -1.0)
     src = model_dirs[("llama", "bytelevel", True)]
     words, corpus, heldout = bare_corpus / "words.txt", [bare_corpus / "train.txt"], [bare_corpus / "heldout.txt"]
     reports = []
@@ -140,3 +144,5 @@ def test_eval_measures_the_variants_at_their_own_occurrences(model_dirs, bare_co
     assert trained["counts"]["snippets"] > 0 and [t["form"] for t in trained["tokens"]] == ["palatable", "bivalve"]
     assert reports[0]["aggregate"]["kl"] == reports[1]["aggregate"]["kl"]
     assert trained["aggregate"]["kl"]["mean"] != plain["aggregate"]["kl"]["mean"]
+    assert sorted(t["word"] for t in trained["over_predicting"]) == ["bivalve", "palatable"]
+    assert "start-of-text variants after which" in evalrun.markdown_summary(reports[0])

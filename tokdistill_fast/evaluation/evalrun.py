@@ -235,6 +235,10 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
         report["definitions"] = {"skipped": definitions.MISSING}
     report["over_predicting"] = over_predicting(report["tokens"], "new_mass_at_new")
     warn_over_predicting(report["over_predicting"], "new_mass_at_new", "held-out text")
+    if "tokens" in report["variants"]:  # a bare form's row is an output row too (tied models)
+        flagged = report["variants"]["over_predicting"] = over_predicting(report["variants"]["tokens"],
+                                                                          "new_mass_at_new")
+        warn_over_predicting(flagged, "new_mass_at_new", "held-out text, at their start-of-text variants")
     if out is not None:
         export.write_json(Path(out), report)
     return report
@@ -277,6 +281,9 @@ def markdown_summary(report: dict) -> str:
         kl = v["aggregate"]["kl"]
         lines.append(f"start-of-text variants: KL {kl['mean']:.4g} [{kl['ci95'][0]:.4g}, {kl['ci95'][1]:.4g}] over "
                      f"{v['counts']['snippets']} snippets of {v['counts']['with_heldout']} variant(s) ('variants')")
+    if v.get("over_predicting"):
+        lines.append(f"start-of-text variants after which over {100 * OVER_PREDICTION_FLAG:.0f}% goes to new tokens: "
+                     + describe_over_predicting(v["over_predicting"], "new_mass_at_new"))
     ts = report["tokens_saved"]
     lines.append(f"tokens saved on held-out text: {100 * ts['saved_fraction']:.2f}% "
                  f"({ts['original_tokens']} -> {ts['adapted_tokens']})")
