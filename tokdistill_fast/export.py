@@ -58,7 +58,7 @@ SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "added_to
 
 def _grown(weight: torch.Tensor, rows: int, fill: float = 0.0) -> torch.nn.Parameter:
     """`weight` with rows of `fill` appended up to `rows` (HF's resize draws a random matrix of the new size
-    for each of the two matrices first: 2.4 s of a Gemma-3 run's export, every row of it overwritten)."""
+    for each of the two matrices first: seconds of a Gemma-3 run's export, every row of it overwritten)."""
     grown = torch.full((rows, *weight.shape[1:]), fill, dtype=weight.dtype, device=weight.device)
     grown[: weight.shape[0]] = weight
     return torch.nn.Parameter(grown, requires_grad=weight.requires_grad)

@@ -362,13 +362,16 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
 
     checked: list[tuple[torch.Tensor, tuple]] = []  # rows the hub checks measured (as written), their new_token_mass
 
+    def measured(written: torch.Tensor) -> tuple | None:
+        """The new_token_mass a hub check took of exactly these rows, if one did."""
+        return next((mass for other, mass in checked if torch.equal(other, written)), None)
+
     def after_words(trial: torch.Tensor, trained: set[int]) -> tuple[np.ndarray, list[int]]:
         """new_token_mass of the tied model with rows `trial` as written, on training snippets: the [trained words,
         new tokens] next-token mass right after each word, and each column's token (rows measured before are
         not measured again)."""
         written = finish(trial, None, trained)[0]
-        mass = next((m for measured, m in checked if torch.equal(measured, written)), None)
-        if mass is None:
+        if (mass := measured(written)) is None:
             checked.append((written, mass := new_token_mass(prep, written, None, cache if alone else None)))
         return mass[0], mass[2]
 
@@ -422,7 +425,7 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
                                           after_words if tied else None)
     trained = set(primaries) | {i for i, v in variants.items() if v["kept"]} if train_result is not None else set()
     rows, out_rows, clipped, derived = finish(rows, out_init, trained)
-    mass = next((mass for measured, mass in checked if torch.equal(measured, rows)), None)
+    mass = measured(rows)
     return Learned(rows, out_rows, train_result, clipped, init_used, derived, retried, hardest, mass, more, variants)
 
 
