@@ -343,10 +343,15 @@ def test_over_predicting_words_are_flagged_worst_first():
     assert "git-log (0.95), apt-get (0.30)" in text and "| dpkg | 0.3 | 0.800 | 0.010 | 10 |" in text
 
 
-def test_eval_api_and_bad_inputs(adapted, heldout_file, tmp_path, capsys):
+def test_eval_api_and_bad_inputs(adapted, heldout_file, words_file, corpus_file, tmp_path, capsys):
     src, out = adapted
     report = run_eval(src, out, [heldout_file], None, EvalOptions(snippets_per_token=2, n_boot=20, definitions=False))
     assert report["definitions"] is None and report["counts"]["snippets"] > 0
+    plain = tmp_path / "no-variants"  # no variants: nothing to measure or flag there
+    distill(src, words_file, [corpus_file], plain, DistillConfig(**FAST, dtype="float32", add_variants=False))
+    report = run_eval(src, plain, [heldout_file], None, EvalOptions(snippets_per_token=2, n_boot=20,
+                                                                    definitions=False))
+    assert report["variants"] is None and report["counts"]["snippets"] > 0
     empty = tmp_path / "empty.txt"
     empty.write_text("nothing to see here\n\nat all\n")
     base = ["eval", "--original", str(src), "--out", str(tmp_path / "r.json"), "--no-definitions"]

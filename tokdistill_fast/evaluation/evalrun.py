@@ -235,7 +235,7 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
         report["definitions"] = {"skipped": definitions.MISSING}
     report["over_predicting"] = over_predicting(report["tokens"], "new_mass_at_new")
     warn_over_predicting(report["over_predicting"], "new_mass_at_new", "held-out text")
-    if "tokens" in report["variants"]:  # a bare form's row is an output row too (tied models)
+    if (report["variants"] or {}).get("tokens"):  # a bare form's row is an output row too (tied models)
         flagged = report["variants"]["over_predicting"] = over_predicting(report["variants"]["tokens"],
                                                                           "new_mass_at_new")
         warn_over_predicting(flagged, "new_mass_at_new", "held-out text, at their start-of-text variants")
