@@ -1,5 +1,6 @@
 // tokdistill_fast._fused_ext: RMSNorm, rotary embeddings, the gated MLP activation (SwiGLU, GeGLU) and causal
-// attention over packed sequences, forward and backward, one CPU kernel each, in bf16 or fp32.
+// attention over packed sequences, forward and backward, one CPU kernel each, in bf16 or fp32; and the held-out
+// measure's comparison of two rows of logits (KL and top-1), fp32.
 //
 // At the student's pass sizes (about 120-240 rows of 576) each PyTorch operator is a pass over memory of tens of
 // microseconds, and a decoder layer runs some two hundred of them forward and backward outside its products; here
@@ -380,6 +381,35 @@ CLONES void attention_f32(const Attention& a, int64_t begin, int64_t count, int6
 // f(begin, count) over row ranges, one per OpenMP thread (PyTorch's count), or one call where the work is small.
 // The region calls the cloned kernels: GCC outlines an OpenMP region before it clones, so a region inside a clone
 // would compile for the baseline only.
+// Held-out scoring (evaluation/heldout.py): per row of teacher logits t [V] and student logits s (row stride W >= V,
+// its first V columns the original vocabulary's), fp32: KL(softmax(t) || softmax(s[:V])) and the first largest
+// column of each, in two passes over the row instead of the dozen that PyTorch's log_softmax, exp, products and
+// max make over [rows, 262k] temporaries. KL = sum p_t (t - s) - lse(t) + lse(s), its sums in double.
+CLONES void logit_stats_rows(const float* t, const float* s, int64_t rows, int64_t V, int64_t W, double* kl,
+                             int64_t* top_t, int64_t* top_s) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* ti = t + i * V;
+    const float* si = s + i * W;
+    float mt = ti[0], ms = si[0];
+#pragma omp simd reduction(max : mt, ms)
+    for (int64_t j = 0; j < V; ++j) mt = std::max(mt, ti[j]), ms = std::max(ms, si[j]);
+    int64_t at = V, as = V;  // the first column holding each maximum, as torch.max
+    double zt = 0.0, zs = 0.0, a = 0.0;
+#pragma omp simd reduction(+ : zt, zs, a) reduction(min : at, as)
+    for (int64_t j = 0; j < V; ++j) {
+      const float pt = exp_poly(ti[j] - mt);
+      zt += pt;
+      zs += exp_poly(si[j] - ms);
+      a += static_cast<double>(pt) * (static_cast<double>(ti[j]) - static_cast<double>(si[j]));
+      at = ti[j] == mt && j < at ? j : at;
+      as = si[j] == ms && j < as ? j : as;
+    }
+    kl[i] = a / zt - (mt + std::log(zt)) + (ms + std::log(zs));
+    top_t[i] = at;
+    top_s[i] = as;
+  }
+}
+
 constexpr int64_t MIN_THREAD_WORK = 16384;  // elements per thread below which a thread costs more than it saves
 
 template <typename F>
@@ -407,7 +437,7 @@ T* ptr(uintptr_t p) {
 
 PYBIND11_MODULE(_fused_ext, m) {
   m.doc() = "RMSNorm, rotary embeddings, gated activations and packed causal attention, forward and backward, bf16 or "
-            "fp32 on CPU (csrc/fused.cpp)";
+            "fp32 on CPU, and held-out scoring's logit comparison (csrc/fused.cpp)";
   m.def("rms_norm_fwd", [](uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows, int64_t d, float eps,
                            int offset, bool fp32) {
     pybind11::gil_scoped_release release;
@@ -460,6 +490,14 @@ PYBIND11_MODULE(_fused_ext, m) {
         gated_bf16(ptr<const bf16>(gu) + i * 2 * inter, backward ? ptr<const bf16>(dh) + i * inter : nullptr,
                    ptr<bf16>(out) + i * out_row, n, inter, act, backward);
       }
+    });
+  });
+  m.def("logit_stats", [](uintptr_t t, uintptr_t s, int64_t rows, int64_t V, int64_t W, uintptr_t kl, uintptr_t top_t,
+                          uintptr_t top_s) {
+    pybind11::gil_scoped_release release;
+    over_rows(rows, V, [&](int64_t i, int64_t n) {
+      logit_stats_rows(ptr<const float>(t) + i * V, ptr<const float>(s) + i * W, n, V, W, ptr<double>(kl) + i,
+                       ptr<int64_t>(top_t) + i, ptr<int64_t>(top_s) + i);
     });
   });
   m.def("attention", [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t k_ctx, uintptr_t v_ctx, uintptr_t key_row,

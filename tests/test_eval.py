@@ -185,6 +185,30 @@ def test_logits_chunks_do_not_change_the_scores(adapted, heldout_file, monkeypat
         np.testing.assert_allclose(getattr(b, name), getattr(a, name), atol=1e-6, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("vocab,extra,scale", [(50_000, 7, 4.0), (3_000, 0, 30.0), (257, 3, 1.0)])
+def test_logit_stats_match_float64(vocab, extra, scale, monkeypatch):
+    """The held-out comparison of two rows of logits (csrc/fused.cpp's logit_stats, on a CPU) against float64:
+    KL over the original columns to 1e-5 relative and whether the first largest columns (ties included, as
+    torch.max picks) agree; the PyTorch reference, which the fallback runs, within fp32's error."""
+    if heldout.fused.extension() is None:
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(vocab)
+    t = torch.randn(9, vocab, generator=g) * scale
+    full = torch.cat([t + 0.3 * torch.randn(9, vocab, generator=g), scale * torch.randn(9, extra, generator=g)], 1)
+    full[:3, 11] = full[:3, 5] = full[:3, :vocab].max(-1).values  # a tie at the top: the first column wins
+    t[4, 20] = t[4, 2] = t[4].max()
+    gt_t, gt_s = F.log_softmax(t.double(), -1), F.log_softmax(full[:, :vocab].double(), -1)
+    kl_gt = (gt_t.exp() * (gt_t - gt_s)).sum(-1)
+    top_gt = gt_t.max(-1).indices == gt_s.max(-1).indices
+    kl, top1 = heldout.logit_stats(t, full, vocab, None)
+    torch.testing.assert_close(kl.double(), kl_gt, rtol=1e-5, atol=1e-8)
+    assert torch.equal(top1, top_gt) and torch.equal(full[:3, :vocab].max(-1).indices, torch.tensor([5, 5, 5]))
+    monkeypatch.setattr(heldout.fused, "extension", lambda: None)  # the reference
+    kl_ref, top1_ref = heldout.logit_stats(t, full, vocab, None)
+    torch.testing.assert_close(kl_ref.double(), kl_gt, rtol=2e-2, atol=1e-5)
+    assert torch.equal(top1_ref, top_gt)
+
+
 def test_shared_prefix_scores_like_whole_sequences(adapted, heldout_file, monkeypatch):
     """The layer search's scoring (reference keys/values before the new token, suffix-only passes) gives every
     number of the whole-sequence passes; a Scorer over another decoder ignores the shared prefix."""
