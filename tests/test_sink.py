@@ -205,15 +205,45 @@ def test_hardest_rows_train_more_epochs_alone():
     assert got == {2: {"first": got[2]["first"], "alone": float(alone.word_loss[0]), "kept": "alone"}}
     torch.testing.assert_close(result.rows[2], alone.rows[0])
     torch.testing.assert_close(result.rows[:2], trained[:2])
-    # where the tied model then puts over 0.2 of its next-token probability on new tokens after some word (`hubs`),
-    # the continued rows go back to their rows and losses from before the continuation
+    # the rows `back` names (send_back's rule: they raised some word's next-token mass on new tokens) go back to
+    # their rows and losses from before the continuation
     result.rows, result.word_loss[2] = trained.clone(), 10 * result.word_loss.max()
     first = result.word_loss.copy()
-    got = pipeline.continue_hardest(w.prep, work, result, 3, w.objective, w.schedule, w.passes,
-                                    hubs=lambda r: 0.1 + 0.2 * float((r.rows[2] != trained[2]).any()))
-    assert got[2]["kept"] == "first" and got[2]["over_predicted"] == pytest.approx(0.3)
+
+    def back(before, after, moved):
+        assert moved == [2] and torch.equal(before, trained) and not torch.equal(after[2], trained[2])
+        return {2: 0.3}
+
+    got = pipeline.continue_hardest(w.prep, work, result, 3, w.objective, w.schedule, w.passes, back=back)
+    assert got[2]["kept"] == "first" and got[2]["over_predicted"] == 0.3
     torch.testing.assert_close(result.rows, trained)
     assert (result.word_loss == first).all()
+
+
+def test_rows_trained_alone_go_back_while_they_raise_a_words_mass():
+    """send_back (the hardest quarter's and the variants' rule): while the rows trained alone raise some trained
+    word's next-token mass on new tokens by more than MASS_RISE over their rows from before, the one taking most of
+    that rise goes back and the mass is measured again; a rise within the bar, or mass on a row that did not train
+    alone (the word's own), sends nothing back."""
+    prep = SimpleNamespace(toks=[SimpleNamespace(form=f) for f in (" w0", " w1", "a", "b", "c")],
+                           work=SimpleNamespace(primaries=[0, 1]))
+    start = {i: torch.zeros(2) for i in (2, 3, 4)}
+    trial = torch.ones(5, 2)
+    rise = {2: (0, 0.3), 3: (0, 0.1), 4: (1, 0.04)}  # token -> (the word whose mass it raises, by how much)
+    calls = []
+
+    def after_words(rows, trained):
+        calls.append(sorted(trained))
+        mass = np.full((2, 5), 0.01)
+        mass[0, 0] = 0.5  # w0's own row after w0, trained with the words: no candidate's
+        for i, (w, r) in rise.items():
+            mass[w, i] += r * (not torch.equal(rows[i], start[i]))
+        return mass, [0, 1, 2, 3, 4]
+
+    sent = pipeline.send_back(prep, after_words, trial, dict(start), {0, 1}, "test")
+    assert sent == {2: pytest.approx(0.94), 3: pytest.approx(0.64)}  # "a" first (0.3), then "b" (0.1 > 0.05)
+    assert trial[2:4].eq(0).all() and trial[4].eq(1).all() and trial[:2].eq(1).all()
+    assert calls == [[0, 1], [0, 1, 2, 3, 4], [0, 1, 3, 4], [0, 1, 4]]
 
 
 @pytest.mark.parametrize("passes", [student.Passes(), student.Passes(prefix=True)], ids=["reference", "prefix"])

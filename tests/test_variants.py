@@ -89,7 +89,7 @@ def test_variants_train_on_their_own_snippets(model_dirs, bare_corpus):
 
 def test_a_variant_that_raises_the_mass_after_a_word_goes_back(model_dirs, bare_corpus):
     """Where the trained variants raise the next-token probability on new tokens after some word by more than
-    VARIANT_MASS_RISE over their moved rows, the variant taking most of the rise goes back to its moved row and the
+    MASS_RISE over their moved rows, the variant taking most of the rise goes back to its moved row and the
     check runs again; mass a word's own row takes, or a rise within the bar, sends nothing back."""
     words, corpus = bare_corpus / "words.txt", [bare_corpus / "train.txt"]
     cfg = DistillConfig(**FAST, variant_epochs=2)

@@ -61,12 +61,13 @@ OVER_PREDICTION_FLAG = 0.2
 # reached 0.93. Not lower: SmolLM2 / FOLDOC's fp32 rows reached 0.21, and after alpha-NTP (3.5x the training) two
 # words were still over 0.2 (docs/defaults.md, "A hub the search did not see").
 HUB_AFTER_RUN = 0.5
-# Start-of-text variants train alone after the words, so a tied variant's row never saw the states after other
-# words: on Gemma-3 / Exim's specification the trained "Exim’s" took 0.18 of the next-token probability after
-# " Exim" (0.68 after "When a message arrives, Exim"; a few hundredths with its moved row), under
-# OVER_PREDICTION_FLAG. A variant goes back to its moved row while the variants raise some word's mass (training
-# snippets) by more than this over their moved rows (pipeline.train_variants; docs/defaults.md).
-VARIANT_MASS_RISE = 0.05
+# Rows that train alone after the words' run (the hardest quarter, start-of-text variants) never see the states
+# after the other words, so a tied row's output side can turn into a hub: on Gemma-3 / Exim's specification the
+# trained variant "Exim’s" took 0.18 of the next-token probability after " Exim" (0.68 after "When a message
+# arrives, Exim"; a few hundredths with its moved row), under OVER_PREDICTION_FLAG. While such rows raise some
+# word's mass (training snippets) by more than this over their rows from before, the row taking most of the rise
+# goes back (pipeline.send_back; docs/defaults.md, "A variant may not make a word predict it").
+MASS_RISE = 0.05
 # The share of trained words (those with the highest word loss) that --hardest-epochs trains on, and the warm-up of
 # that continuation (its Adam moments start afresh from rows already trained).
 HARDEST_FRACTION = 0.25

@@ -26,9 +26,8 @@ from .config import (
     HARDEST_FRACTION,
     HARDEST_WARMUP,
     HUB_AFTER_RUN,
-    OVER_PREDICTION_FLAG,
+    MASS_RISE,
     TRAINED_METHODS,
-    VARIANT_MASS_RISE,
     VARIANT_SHARE,
     DistillConfig,
     UserInputError,
@@ -388,6 +387,14 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         trial[primaries] = result.rows.to(trial.device, trial.dtype)
         return hub_mass(trial, set(primaries))[0]
 
+    def hardest_back(before: torch.Tensor, after: torch.Tensor, moved: list[int]) -> dict[int, float]:
+        """send_back for the trained words' rows `moved` (indices into `after`), continued alone from `before`."""
+        trial = rows.clone()
+        trial[primaries] = after.to(trial.device, trial.dtype)
+        start = {primaries[r]: before[r].to(trial.device, trial.dtype) for r in moved}
+        sent = send_back(prep, after_words, trial, start, set(primaries), "hardest")
+        return {r: sent[primaries[r]] for r in moved if primaries[r] in sent}
+
     train_result, retried, hardest, more, variants = None, {}, {}, None, {}
     if cfg.method == "random":
         rows = random_rows(table, len(toks), cfg.seed).to(device)
@@ -414,7 +421,7 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
                     retried = retry(train_result, dataclasses.replace(schedule, more_epochs=0))
             if alone and objective.ntp is None:
                 hardest = continue_hardest(prep, work, train_result, cfg.run_hardest_epochs(), objective, schedule,
-                                           passes, hubs if tied else None, cache)
+                                           passes, hardest_back if tied else None, cache)
                 hardest = {primaries[r]: v for r, v in hardest.items()}
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
@@ -467,15 +474,13 @@ def retry_outliers(prep: Prepared, work: Workload, result: student.TrainResult,
 
 def continue_hardest(prep: Prepared, work: Workload, result: student.TrainResult, epochs: int,
                      objective: student.Objective, schedule: student.Schedule, passes: student.Passes,
-                     hubs=None, cache: teacher.TeacherCache | None = None) -> dict[int, dict]:
+                     back=None, cache: teacher.TeacherCache | None = None) -> dict[int, dict]:
     """The HARDEST_FRACTION of the rows with the highest word loss train `epochs` more epochs alone, from their
     trained rows (train_alone): the gain of more passes goes mostly to the words still furthest from their teacher
     (docs/defaults.md, "More passes for the hardest quarter"), at a fraction of the cost of more passes for all.
-    `hubs` (tied models: result -> the most new-token mass after a trained word): if the model then puts over
-    OVER_PREDICTION_FLAG of its next-token probability on new tokens right after some trained word, every continued
-    row goes back to its row and loss from before: trained alone, rows can become hubs the loss does not see (the
-    Python Library Reference on Gemma-3: ` built-in` took 0.94 after a word; sent back alone, other continued rows
-    took its place)."""
+    `back` (tied models: (rows before, rows after, continued rows) -> {row sent back: mass}, send_back's rule):
+    trained alone, rows can become hubs the loss does not see (the Python Library Reference on Gemma-3: ` built-in`
+    took 0.94 after a word), so the rows it names go back to their rows and losses from before."""
     loss = np.asarray(result.word_loss, dtype=np.float64)
     ok = np.flatnonzero(np.isfinite(loss))
     hardest = np.sort(ok[np.argsort(-loss[ok], kind="stable")[:int(round(HARDEST_FRACTION * len(ok)))]])
@@ -486,13 +491,38 @@ def continue_hardest(prep: Prepared, work: Workload, result: student.TrainResult
     out = train_alone(prep, work, result, hardest, pick_rows((result.rows, result.out_rows), hardest), objective,
                       more, passes, "hardest", cache)
     moved = [r for r, v in out.items() if v["kept"] == "alone"]
-    if hubs is not None and moved and (mass := hubs(result)) > OVER_PREDICTION_FLAG:
-        for r in moved:
-            result.rows[r], result.token_loss[r], result.word_loss[r] = (x[r] for x in before)
-            out[r].update(kept="first", over_predicted=mass)
-        log.warning("hardest: with the continued rows a trained word put %.2f of its next-token probability on new "
-                    "tokens; every row from before the continuation is kept", mass)
+    for r, mass in (back(before[0], result.rows, moved) if back is not None and moved else {}).items():
+        result.rows[r], result.token_loss[r], result.word_loss[r] = (x[r] for x in before)
+        out[r].update(kept="first", over_predicted=mass)
     return out
+
+
+def send_back(prep: Prepared, after_words, trial: torch.Tensor, start: dict[int, torch.Tensor], trained: set[int],
+              desc: str) -> dict[int, float]:
+    """Tied rows that trained alone after the words' run (`trial` at the tokens of `start`) never saw the states
+    after the other words: while they raise some trained word's next-token mass on new tokens (`after_words`:
+    (rows, trained tokens) -> [trained words, new tokens] mass and the columns' tokens) over what it was with their
+    `start` rows by more than MASS_RISE, the row taking most of that rise goes back to its start row (`trial` is
+    updated) and the mass is measured again. Returns {token sent back: the word's mass then}."""
+    base = trial.clone()
+    for i, row in start.items():
+        base[i] = row
+    before = after_words(base, trained)[0]
+    kept, sent = set(start), {}
+    while kept:
+        mass, cols = after_words(trial, trained | kept)
+        rise = np.where(np.isin(cols, list(kept))[None, :], mass - before, 0.0)  # only the kept rows moved
+        word = int(rise.sum(axis=1).argmax())
+        if rise[word].sum() <= MASS_RISE:
+            break
+        hub = cols[int(rise[word].argmax())]
+        log.warning("%s: with the trained rows %r put %.2f of its next-token probability on new tokens (%.2f with "
+                    "the rows before), most on %r: that row goes back", desc, prep.toks[prep.work.primaries[word]].form,
+                    mass[word].sum(), before[word].sum(), prep.toks[hub].form)
+        trial[hub] = start[hub]
+        sent[hub] = float(mass[word].sum())
+        kept.remove(hub)
+    return sent
 
 
 def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means: torch.Tensor, trained: set[int],
@@ -506,9 +536,8 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
     occurrences are bare, their held-out KL was 0.45 of subtoken-mean rows' against 0.17 at the running-text forms
     (docs/defaults.md, "Start-of-text variants trained on their own text"). `after_words` (tied models: (rows,
     trained tokens) -> the [trained words, new tokens] next-token mass after each word, and the columns' tokens):
-    trained alone, a variant's output side never saw the states after other words, so while the variants raise
-    some word's mass over what it was with their moved rows by more than VARIANT_MASS_RISE, the variant taking
-    most of that rise goes back to its moved row. Returns {token: {"snippets", "word_loss", "kept"}}."""
+    the variants that raise some word's mass over what it was with their moved rows go back to those (send_back).
+    Returns {token: {"snippets", "word_loss", "kept"}}."""
     epochs = cfg.run_variant_epochs()
     toks, decoder = prep.toks, prep.decoder
     variants = [i for i, t in enumerate(toks) if t.variant_of is not None]
@@ -541,23 +570,14 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
            for k, (i, r) in enumerate(zip(index, have.tolist()))}
     trial = rows.clone()
     trial[index] = result.rows.to(trial.device, trial.dtype)
-    kept, position = set(index), {i: k for k, i in enumerate(index)}
-    before = None if after_words is None else after_words(rows, trained)[0]  # the variants at their moved rows
-    while after_words is not None and kept:
-        mass, cols = after_words(trial, trained | kept)
-        rise = np.where(np.isin(cols, list(kept))[None, :], mass - before, 0.0)  # only kept variants' rows moved
-        word = int(rise.sum(axis=1).argmax())
-        if rise[word].sum() <= VARIANT_MASS_RISE:
-            break
-        hub = cols[int(rise[word].argmax())]
-        log.warning("variants: with their trained rows %r put %.2f of its next-token probability on new tokens "
-                    "(%.2f with their moved rows), most on %r: it goes back to its moved row",
-                    toks[prep.work.primaries[word]].form, mass[word].sum(), before[word].sum(), toks[hub].form)
-        trial[hub] = start[position[hub]].to(trial.device, trial.dtype)
-        out[hub].update(kept=False, over_predicted=float(mass[word].sum()))
-        kept.remove(hub)
+    if after_words is not None:
+        sent = send_back(prep, after_words, trial, {i: start[k].to(trial.device, trial.dtype)
+                                                    for k, i in enumerate(index)}, trained, "variants")
+        for i, mass in sent.items():
+            out[i].update(kept=False, over_predicted=mass)
     rows[index] = trial[index]
-    log.info("variants: %d row(s) trained in %.1f s, %d kept", len(index), result.seconds, len(kept))
+    log.info("variants: %d row(s) trained in %.1f s, %d kept", len(index), result.seconds,
+             sum(v["kept"] for v in out.values()))
     return out
 
 
