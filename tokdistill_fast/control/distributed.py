@@ -136,6 +136,38 @@ class Shard:
     plan: list[np.ndarray]
     weights: torch.Tensor
     touched: list[torch.Tensor]
+    snippets: np.ndarray  # the one-process workload's index of each of this rank's snippets
+
+    def gather(self, al, values: np.ndarray) -> np.ndarray:
+        """Per-pair `values` [pairs, ...] of this rank's snippets (alignment `al`) from every rank, in the
+        one-process run's order of pairs; a snippet on several ranks counts once."""
+        parts: list = [None] * self.ranks.world
+        dist.all_gather_object(parts, (self.snippets, np.diff(al.cu_aligned), values))
+        seen: dict[int, np.ndarray] = {}
+        for snippets, counts, part in parts:
+            for g, seg in zip(snippets.tolist(), np.split(part, np.cumsum(counts)[:-1])):
+                seen.setdefault(g, seg)
+        return np.concatenate([values[:0]] + [seen[g] for g in sorted(seen)])
+
+    def median(self, al, norms: torch.Tensor) -> float:
+        """The median of every rank's pair norms, as one process takes it (torch's: the lower of two middles)."""
+        return float(torch.from_numpy(self.gather(al, norms.cpu().numpy())).median())
+
+    def left_out(self, al, drop: np.ndarray, snippet_row: np.ndarray) -> tuple[np.ndarray, int]:
+        """(the new row of each pair left out, how many) over every rank's pairs, each once."""
+        rows = np.repeat(snippet_row, np.diff(al.cu_aligned))
+        both = self.gather(al, np.stack([drop.astype(np.int64), rows], axis=1))
+        return both[both[:, 0] == 1, 1], int(both[:, 0].sum())
+
+    def reweigh(self, al) -> None:
+        """The distillation column of `weights` from alignment `al` (pairs left out): this rank's share of each
+        step's aligned pairs."""
+        counts = np.diff(al.cu_aligned)
+        mine = torch.tensor([int(counts[p].sum()) for p in self.plan], dtype=torch.float64,
+                            device=self.weights.device)
+        total = mine.clone()
+        dist.all_reduce(total)
+        self.weights[:, 0] = (mine / total.clamp_min(1)).to(self.weights.dtype)
 
     def reduce(self, step: int, params: list[torch.Tensor], loss: torch.Tensor, dense: bool) -> torch.Tensor:
         """Sum the parameters' gradients (all rows if `dense`, else the step's touched rows) and the loss over
@@ -206,4 +238,4 @@ def split(ranks: Ranks, work, batch_size: int, epochs: int, seed: int, device: t
     local = dataclasses.replace(work, snippets=[work.snippets[i] for i in mine], snippet_row=work.snippet_row[mine],
                                 teacher_ids=teacher_ids, cu_teacher=cu_teacher, alignment=al.take(mine))
     log.info("rank %d: %d of %d snippets, %d steps", ranks.rank, len(mine), al.n, len(plan))
-    return local, Shard(ranks, [local_index[part] for part in parts], weights, touched)
+    return local, Shard(ranks, [local_index[part] for part in parts], weights, touched, mine)

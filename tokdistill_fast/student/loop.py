@@ -15,6 +15,7 @@ How a step is prepared and run (prefix sharing, step groups) is in steps.py; wha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -243,15 +244,19 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     L = decoder.num_layers
     if objective.mass and cache.head is None:  # on the whole cache, which later runs on its subsets then reuse
         cache.head = Objective.head_stats(decoder, cache, al)
-    sinks = 0  # (not over several processes: each rank's step weights count the pairs of the whole step)
-    if cache is not None and objective.distill == "mse" and shard is None:
-        drop, cache.pair_median[objective.layer] = sink_pairs(al, cache.states[objective.layer],
-                                                              cache.pair_median.get(objective.layer))
-        if (sinks := int(drop.sum())):
-            hit = np.unique(snippet_row[al.pair_snippet()[drop]])
+    sinks = 0
+    if cache is not None and objective.distill == "mse":
+        drop, cache.pair_median[objective.layer] = sink_pairs(
+            al, cache.states[objective.layer], cache.pair_median.get(objective.layer),
+            None if shard is None else functools.partial(shard.median, al))
+        hit, sinks = (snippet_row[al.pair_snippet()[drop]], int(drop.sum())) if shard is None else \
+            shard.left_out(al, drop, snippet_row)  # a snippet may sit on several ranks: each counted once
+        if sinks:
             log.info("%s: %d aligned pair(s) of %d row(s) left out, their teacher states attention sinks (norm over "
-                     "%gx the median)", desc, sinks, len(hit), SINK_FACTOR)
+                     "%gx the median)", desc, sinks, len(np.unique(hit)), SINK_FACTOR)
             al, cache = al.keep_pairs(~drop), cache.keep_pairs(~drop)
+            if shard is not None:
+                shard.reweigh(al)
     layers = objective.student_layers(L, trainable.out_rows is not None)
     # Prefix steps read the prefix keys/values the teacher pass kept, when it kept every layer they run through.
     kv = cache.prefix if cache is not None else None
