@@ -46,6 +46,19 @@ def test_padded_vocab_reuses_spare_rows(padded, words_file, tmp_path):
     assert check.check_dir(out, padded, forward=False)["passed"]
 
 
+def test_a_run_loads_the_models_tokenizer_once(padded, words_file, tmp_path, monkeypatch):
+    """The output check compares the output tokenizer's reload with the run's own load of the model's tokenizer
+    (`reload_ratio`), instead of loading it again only to time it (about 3 s for Gemma-3's 262k vocabulary)."""
+    real, loads = AutoTokenizer.from_pretrained, []
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        lambda path, **kw: loads.append(str(path)) or real(path, **kw))
+    out = tmp_path / "out"
+    run(padded, words_file, out)
+    assert loads.count(str(padded)) == 1
+    section = json.loads((out / "report.json").read_text())["check"]["tokenizer"]
+    assert section["original_reload_seconds"] > 0 and section["reload_ratio"] > 0
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_pad_to_multiple_of(tmp_path, tokenizers_by_kind, words_file, tied):
     src = save_tiny_model(tmp_path / "src", "llama", tokenizers_by_kind["metaspace"], tied=tied)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import regex
 import torch
 
 from .config import GuaranteeError, UserInputError  # noqa: F401 (GuaranteeError re-exported)
+from .modeling.models import load_tokenizer
 from .tokens import BYTE_PIECE, adds_prefix_space, span_ids, word_pattern
 
 log = logging.getLogger(__name__)
@@ -84,15 +84,6 @@ class Findings:
 
 
 # ------------------------------------------------------------------------------------------- reading
-
-def load_tokenizer(path: Path) -> tuple[object, float]:
-    """AutoTokenizer as users load it, and the seconds it took."""
-    from transformers import AutoTokenizer
-
-    t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(path)
-    return tok, time.perf_counter() - t0
-
 
 def read_matrices(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, bool, object]:
     """(input embeddings, output embeddings or None when tied, tied, config) of a model directory, reading only

@@ -82,16 +82,21 @@ class Prepared:
     corpus: list
     timer: StageTimer
     work_dir: checkpoint.WorkDir  # checkpoints of a run that keeps them (disabled otherwise)
+    tokenizer_seconds: float | None = None  # how long the run's load of the model's tokenizer took
 
 
-def load(model, tokenizer, device: torch.device, dtype: torch.dtype) -> tuple[models.Decoder, object, object]:
-    """(decoder, tokenizer, source): a model directory is loaded; an in-memory model is copied for compute."""
+def load(model, tokenizer, device: torch.device, dtype: torch.dtype
+         ) -> tuple[models.Decoder, object, object, float | None]:
+    """(decoder, tokenizer, source, the seconds its tokenizer took to load): a model directory is loaded (the
+    output check compares the output tokenizer's reload with that time); an in-memory model is copied for compute."""
     if isinstance(model, (str, Path)):
-        lm, tokenizer = models.load_model(Path(model), device, dtype)
-        return models.Decoder(lm), tokenizer, Path(model)
+        path = models.model_dir(model)
+        tokenizer, seconds = models.load_tokenizer(path)
+        lm, tokenizer = models.load_model(path, device, dtype, tokenizer)
+        return models.Decoder(lm), tokenizer, path, seconds
     if tokenizer is None:
         raise UserInputError("an in-memory model needs its tokenizer: distill(model, ..., tokenizer=tok)")
-    return models.Decoder(models.compute_copy(model, device, dtype)), tokenizer, model
+    return models.Decoder(models.compute_copy(model, device, dtype)), tokenizer, model, None
 
 
 def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_in: str | Path | None = None,
@@ -105,7 +110,7 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
     dtype = models.pick_dtype(cfg.dtype, device)
     backend = kernels.resolve(cfg.backend, device)  # fails here, not after the teacher pass, if triton cannot run
     with timer("load"):
-        decoder, tokenizer, source = load(model, tokenizer, device, dtype)
+        decoder, tokenizer, source, tokenizer_seconds = load(model, tokenizer, device, dtype)
     decoder.packs.enabled &= cfg.backend != "torch"  # the references throughout: the Hugging Face layers too
     lm = decoder.model
     tied = export.is_tied(lm)
@@ -136,7 +141,7 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
         for i, n in zip(work.primaries, work.snippets_per_row()):
             log.info("%-24r %3d snippet(s) [%s]", toks[i].word, n, work.sources[i])
     return Prepared(cfg, decoder, tokenizer, new_tokenizer, toks, skipped, work, tied, device, dtype, backend,
-                    source, list(corpus), timer, work_dir)
+                    source, list(corpus), timer, work_dir, tokenizer_seconds)
 
 
 def settle(prep: Prepared, cfg: DistillConfig, timer: StageTimer | None = None, guard: bool = False
@@ -666,9 +671,11 @@ def write_output(out: Path, prep: Prepared, learned: Learned, report: RunReport)
     else:
         target = copy.deepcopy(original).cpu()
     head = target.get_output_embeddings()
+    reload = prep.tokenizer_seconds
+    if reload is None and isinstance(original, Path):  # a run that did not load it from there (--target-tokenizer)
+        reload = models.load_tokenizer(original)[1]
     before = check.Original(prep.tokenizer, target.get_input_embeddings().weight.detach().clone(),
-                            None if tied or head is None else head.weight.detach().clone(), tied,
-                            check.load_tokenizer(original)[1] if isinstance(original, Path) else None)
+                            None if tied or head is None else head.weight.detach().clone(), tied, reload)
     geometry = export.grow_embeddings(target, max(prep.new_tokenizer.get_vocab().values()) + 1,
                                       cfg.pad_to_multiple_of)
     export.write_rows(target, toks, rows, out_rows, tied)

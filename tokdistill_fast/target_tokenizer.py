@@ -326,7 +326,7 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     dtype = models.pick_dtype(cfg.dtype, device)
     backend = kernels.resolve(cfg.backend, device)
     with timer("load"):
-        decoder, _, source = pipeline.load(model, original, device, dtype)
+        decoder, _, source, _ = pipeline.load(model, original, device, dtype)
     tied = export.is_tied(decoder.model)
     V = decoder.embed_weight.shape[0]
     prep = pipeline.Prepared(cfg, decoder, original, target, toks, [], None, tied, device, dtype, backend, source,
