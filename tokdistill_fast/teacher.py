@@ -86,10 +86,10 @@ def sink_pairs(al: Alignment, states: torch.Tensor, median: float | None = None,
     """([K] bool, the median): aligned pairs whose teacher state (`states`, the cache rows of the compared layer)
     is an attention sink, a norm over SINK_FACTOR x `median` (default: the pairs' own median, or `median_of`(their
     norms) where several processes hold parts of the pairs), and every pair of a snippet whose first pair (the
-    word's own) is one. Such a target is the subtokens' text's own, which the
-    student's row did not reach in training (SmolLM2 / PostgreSQL manual, layer 22: " and" after "superusers" at
-    6.8x; its pair's error, about 5,000 where the step's other pairs averaged about 4.5, was most of its word's
-    loss), so those pairs are left out."""
+    word's own) is one. Such a target is the subtokens' text's own, which the student's row did not reach in
+    training (SmolLM2 / PostgreSQL manual, layer 22: " and" after "superusers" at 6.8x; its pair's error, about
+    5,000 where the step's other pairs averaged about 4.5, was most of its word's loss), so those pairs are left
+    out."""
     chunk = 1 << 16  # fp32 norms without an fp32 copy of a large cache
     norms = torch.cat([torch.linalg.vector_norm(states[i:i + chunk].float(), dim=-1)
                        for i in range(0, len(states), chunk)] + [states.new_zeros(0, dtype=torch.float32)])

@@ -221,7 +221,9 @@ def html_paragraphs(pages: Iterable[Path]) -> Iterator[str]:
 # manuals (2026-12-05: electronics design; 330 KB of text, a small corpus), Wireshark's user's and developer's
 # guides (2026-12-05, forty-first stop: network protocol analysis; the GPL appendix left out), GNU Octave's manual
 # (the same stop: numerical computing; the GPL's text left out), Exim's specification (forty-second stop: a mail
-# server; its three index chapters and table of contents left out).
+# server; its three index chapters and table of contents left out), the Apache HTTP Server's manual in English
+# (forty-fourth stop: web servers; its directive and site maps, the license and six pages that Debian's package
+# ships in Portuguese under en/ left out).
 LILYPOND_MANUALS = ("learning", "notation", "music-glossary", "essay", "usage")
 HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/library/index.html",), None),
                 "pgdocs": ("postgresql-doc-15", ("/usr/share/doc/postgresql-doc-15/html/index.html",), None),
@@ -243,7 +245,11 @@ HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/li
                               r"AppGPL\.html"),
                 "octave": ("octave-doc", ("/usr/share/doc/octave/octave.html/index.html",), r"Copying\.html"),
                 "exim": ("exim4-doc-html", ("/usr/share/doc/exim4-doc-html/spec_html/index.html",),
-                         r"index\.html|ch-.*_index\.html")}
+                         r"index\.html|ch-.*_index\.html"),
+                "apache": ("apache2-doc", tuple(f"/usr/share/doc/apache2-doc/manual/en/{part}index.html" for part in (
+                    "", "mod/", "howto/", "rewrite/", "ssl/", "vhosts/", "programs/", "misc/", "faq/", "platform/",
+                    "developer/")), r"license\.html|sitemap\.html|quickreference\.html|directives\.html"
+                           r"|(bind|filter|install|invoking|upgrading|new_features_2_4)\.html")}  # Portuguese
 
 
 def html_manual_corpus(name: str, out: Path, cache: Path | None = None) -> Path:
@@ -352,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                         "PostgreSQL manual (postgresql-doc-15), GnuCash's guide and help (gnucash-docs), GIMP's user "
                         "manual (gimp-help-en), R's manuals (r-doc-html), Maxima's manual (maxima-doc), KiCad's "
                         "manuals (kicad-doc-en), Wireshark's guides (wireshark-doc), GNU Octave's manual (octave-doc), "
-                        "Exim's specification (exim4-doc-html), "
+                        "Exim's specification (exim4-doc-html), the Apache HTTP Server's manual (apache2-doc), "
                         "the King James Bible (bible-kjv-text, bible-kjv) and LilyPond's manuals "
                         "(lilypond-doc-html), split 3:1")
     p.add_argument("--out", default="out/demo")
