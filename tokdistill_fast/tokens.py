@@ -363,8 +363,10 @@ def vocab_extension(tokenizer, planned: list[NewToken]) -> tuple[dict, list[NewT
 
 
 def _load_as_user(tokenizer, model_config, tokenizer_json: str | None):
-    """Save `tokenizer` (with `tokenizer_json` as its tokenizer.json and the generic class, if given) next to
-    the model's config.json, which steers AutoTokenizer's class choice, and load it back the way users will."""
+    """Save `tokenizer` (with `tokenizer_json` as its tokenizer.json, if given) next to the model's config.json
+    under the generic class that the output names (export.save_tokenizer), and load it back the way users will:
+    model-specific classes (GemmaTokenizer, Qwen2Tokenizer, ...) rebuild their pipeline from defaults when loaded
+    and would drop the isolation regex; the generic class loads tokenizer.json as written."""
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -375,12 +377,10 @@ def _load_as_user(tokenizer, model_config, tokenizer_json: str | None):
             Path(tmp, slow).unlink(missing_ok=True)
         if tokenizer_json is not None:
             Path(tmp, "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-            # Model-specific classes (GemmaTokenizer, Qwen2Tokenizer, ...) rebuild their pipeline from defaults
-            # when loaded and would drop the isolation regex; the generic class loads tokenizer.json as written.
-            path = Path(tmp, "tokenizer_config.json")
-            config = json.loads(path.read_text(encoding="utf-8"))
-            config["tokenizer_class"] = GENERIC_CLASS
-            path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+        path = Path(tmp, "tokenizer_config.json")
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["tokenizer_class"] = GENERIC_CLASS
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
         return AutoTokenizer.from_pretrained(tmp)
 
 
