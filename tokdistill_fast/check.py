@@ -122,7 +122,7 @@ def load_original(path: str | Path) -> Original:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserInputError(f"--original {path}: not a model directory (no config.json)")
-    tok, seconds = load_tokenizer(path)
+    tok, seconds = load_tokenizer(path, "--original")
     embed, head, tied, _ = read_matrices(path)
     return Original(tok, embed, head, tied, seconds)
 

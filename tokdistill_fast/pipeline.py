@@ -91,7 +91,7 @@ def load(model, tokenizer, device: torch.device, dtype: torch.dtype
     output check compares the output tokenizer's reload with that time); an in-memory model is copied for compute."""
     if isinstance(model, (str, Path)):
         path = models.model_dir(model)
-        tokenizer, seconds = models.load_tokenizer(path)
+        tokenizer, seconds = models.load_tokenizer(path, "--model")
         lm, tokenizer = models.load_model(path, device, dtype, tokenizer)
         return models.Decoder(lm), tokenizer, path, seconds
     if tokenizer is None:

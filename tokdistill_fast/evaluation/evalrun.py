@@ -204,8 +204,8 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
     original, adapted = Path(original), Path(adapted)
     dev = models.pick_device(device)
     dt = models.pick_dtype(dtype, dev)
-    orig_model, orig_tok = models.load_model(original, dev, dt)
-    ad_model, ad_tok = models.load_model(adapted, dev, dt)
+    orig_model, orig_tok = models.load_model(original, dev, dt, flag="--original")
+    ad_model, ad_tok = models.load_model(adapted, dev, dt, flag="--adapted")
     toks = read_adapted_tokens(orig_tok, adapted)
     primaries = [t for t in toks if t.variant_of is None]
     settings = run_settings(adapted)

@@ -58,41 +58,43 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def model_dir(path: str | Path) -> Path:
-    """`path` as a Hugging Face model directory, or a clear error naming it."""
+def model_dir(path: str | Path, flag: str = "--model") -> Path:
+    """`path` (given as `flag`) as a Hugging Face model directory, or a clear error naming both."""
     path = Path(path)
     if not path.is_dir():
-        raise UserInputError(f"{path}: not a directory (a Hugging Face save_pretrained directory is expected)")
+        raise UserInputError(f"{flag} {path}: not a directory (a Hugging Face save_pretrained directory is expected)")
     if not (path / "config.json").exists():
-        raise UserInputError(f"{path}: no config.json; is this a Hugging Face model directory?")
+        raise UserInputError(f"{flag} {path}: no config.json; is this a Hugging Face model directory?")
     return path
 
 
-def load_tokenizer(path: str | Path) -> tuple[object, float]:
-    """The fast tokenizer of a directory as users load it (AutoTokenizer), and the seconds that took."""
+def load_tokenizer(path: str | Path, flag: str | None = None) -> tuple[object, float]:
+    """The fast tokenizer of a directory (given as `flag`, if any) as users load it (AutoTokenizer), and the
+    seconds that took."""
     from transformers import AutoTokenizer
 
+    where = f"{flag} {path}" if flag else str(path)
     t0 = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        raise UserInputError(f"{path}: cannot load its tokenizer with transformers: {e}") from None
+        raise UserInputError(f"{where}: cannot load its tokenizer with transformers: {e}") from None
     if not getattr(tokenizer, "is_fast", False):
-        raise UserInputError(f"{path}: only fast (tokenizer.json) tokenizers are supported")
+        raise UserInputError(f"{where}: only fast (tokenizer.json) tokenizers are supported")
     return tokenizer, time.perf_counter() - t0
 
 
-def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, tokenizer=None):
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, tokenizer=None, flag: str = "--model"):
     """Load model and tokenizer (unless given) from a local directory, frozen, with SDPA attention. Errors name the
-    path."""
+    path and the `flag` that gave it."""
     from transformers import AutoModelForCausalLM
 
-    path = model_dir(path)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)[0]
+    path = model_dir(path, flag)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path, flag)[0]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError, KeyError) as e:
-        raise UserInputError(f"{path}: cannot load the model with transformers: {e}") from None
+        raise UserInputError(f"{flag} {path}: cannot load the model with transformers: {e}") from None
     model.to(device).eval().requires_grad_(False)
     Decoder(model)  # fail early and clearly on an architecture we cannot drive
     return model, tokenizer
