@@ -387,3 +387,24 @@ def test_eval_api_and_bad_inputs(adapted, heldout_file, words_file, corpus_file,
     assert "--mse-layers" in capsys.readouterr().err
     assert main(base + ["--adapted", str(out), "--heldout", str(heldout_file), "--dtype", "torch.bfloat16"]) == 2
     assert "--dtype must be one of auto, float32, bfloat16, float16, not 'torch.bfloat16'" in capsys.readouterr().err
+
+
+def test_vs_mean_scores_the_rows_method_mean_writes(adapted, heldout_file, words_file, corpus_file, tmp_path, capsys):
+    """`tokdistill eval --vs-mean`: the ratio's denominator is the held-out KL of the output that `tokdistill
+    distill --method mean` writes for the same words, on the same snippets, overall and per word (the three model
+    families: tied, untied with learned output rows, Gemma-3's scaled embeddings)."""
+    src, out = adapted
+    mean_out = tmp_path / "mean"
+    distill(src, words_file, [corpus_file], mean_out, DistillConfig(**FAST, dtype="float32", method="mean"))
+    opts = EvalOptions(snippets_per_token=3, n_boot=20, definitions=False)
+    ref = run_eval(src, mean_out, [heldout_file], None, opts)
+    report = run_eval(src, out, [heldout_file], tmp_path / "r.json", EvalOptions(**{**opts.__dict__, "vs_mean": True}))
+    vm = report["vs_mean"]
+    # (the run writes a variant as its word's mean moved by the two means' difference: equal up to rounding)
+    assert vm["aggregate"]["kl"]["mean"] == pytest.approx(ref["aggregate"]["kl"]["mean"], rel=1e-6)
+    assert vm["kl_ratio"] == pytest.approx(report["aggregate"]["kl"]["mean"] / ref["aggregate"]["kl"]["mean"], rel=1e-6)
+    scored = [(a, b) for a, b in zip(report["tokens"], ref["tokens"]) if b["kl"] is not None]
+    assert scored and all(a["kl_mean_init"] == pytest.approx(b["kl"], rel=1e-6) for a, b in scored)
+    logs = [np.log(a["kl"] / b["kl"]) for a, b in scored]
+    assert vm["per_word_log_ratio"]["mean"] == pytest.approx(np.mean(logs), rel=1e-6)
+    assert "KL / subtoken-mean rows' KL" in markdown_summary(report)

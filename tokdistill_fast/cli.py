@@ -230,7 +230,7 @@ def eval_options(args: argparse.Namespace, snippet_length: int | None = None):
     return EvalOptions(snippets_per_token=args.eval_snippets, snippet_length=snippet_length, seed=args.eval_seed,
                        layers=args.mse_layers, n_boot=args.bootstrap, definitions=args.definitions,
                        max_new_tokens=args.definition_tokens, threshold=args.threshold, embedder=args.embedder,
-                       align_impl=args.align_impl).validate()
+                       align_impl=args.align_impl, vs_mean=getattr(args, "vs_mean", False)).validate()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -307,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     e.add_argument("--align-impl", default="auto", help="auto | cpp | python")
+    e.add_argument("--vs-mean", action="store_true",
+                   help="also score subtoken-mean rows for the same tokens (what `--method mean` writes) and report "
+                        "each KL as a ratio of theirs (one more pass of the held-out measure)")
     e.add_argument("--overwrite", action="store_true")
     add_eval_args(e)
     e.set_defaults(func=cmd_eval)

