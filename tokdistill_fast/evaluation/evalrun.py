@@ -252,9 +252,9 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
 
 
 def subtoken_mean_model(model, path: Path, original, toks: list[NewToken]) -> None:
-    """`model` (an adapted model, changed in place) with every new row at its subtoken mean, as `tokdistill distill
-    --method mean` writes them: means of the rows stored in `path` (the original's directory, whatever dtype the
-    models run in), untied output rows too, and a head bias from `original`'s (the loaded original)."""
+    """Set every new row of `model` (an adapted model) to its subtoken mean, as `tokdistill distill --method mean`
+    writes them: means of the rows stored in `path` (the original's directory, whatever dtype the models run in),
+    untied output rows too, and a head bias from `original`'s (the loaded original)."""
     embed, out, tied, _ = read_matrices(path)
     with torch.no_grad():
         ids = torch.tensor([t.new_id for t in toks])
