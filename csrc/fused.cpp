@@ -378,9 +378,6 @@ CLONES void attention_f32(const Attention& a, int64_t begin, int64_t count, int6
   attention<false, float>(a, begin, count, max_k);
 }
 
-// f(begin, count) over row ranges, one per OpenMP thread (PyTorch's count), or one call where the work is small.
-// The region calls the cloned kernels: GCC outlines an OpenMP region before it clones, so a region inside a clone
-// would compile for the baseline only.
 // Held-out scoring (evaluation/heldout.py): per row of teacher logits t [V] and student logits s (row stride W >= V,
 // its first V columns the original vocabulary's), fp32: KL(softmax(t) || softmax(s[:V])) and the first largest
 // column of each, in two passes over the row instead of the dozen that PyTorch's log_softmax, exp, products and
@@ -412,6 +409,9 @@ CLONES void logit_stats_rows(const float* t, const float* s, int64_t rows, int64
 
 constexpr int64_t MIN_THREAD_WORK = 16384;  // elements per thread below which a thread costs more than it saves
 
+// f(begin, count) over row ranges, one per OpenMP thread (PyTorch's count), or one call where the work is small.
+// The region calls the cloned kernels: GCC outlines an OpenMP region before it clones, so a region inside a clone
+// would compile for the baseline only.
 template <typename F>
 void over_rows(int64_t rows, int64_t row_elems, F f) {
   const int64_t most = std::min<int64_t>(rows, rows * row_elems / MIN_THREAD_WORK);

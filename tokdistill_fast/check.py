@@ -28,7 +28,7 @@ import regex
 import torch
 
 from .config import GuaranteeError, UserInputError  # noqa: F401 (GuaranteeError re-exported)
-from .modeling.models import load_tokenizer
+from .modeling.models import load_tokenizer, model_dir
 from .tokens import BYTE_PIECE, adds_prefix_space, span_ids, word_pattern
 
 log = logging.getLogger(__name__)
@@ -119,9 +119,7 @@ def read_matrices(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, bool, 
 
 
 def load_original(path: str | Path) -> Original:
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserInputError(f"--original {path}: not a model directory (no config.json)")
+    path = model_dir(path, "--original")
     tok, seconds = load_tokenizer(path, "--original")
     embed, head, tied, _ = read_matrices(path)
     return Original(tok, embed, head, tied, seconds)
@@ -408,9 +406,7 @@ def run_checks(out: str | Path, original: Original | None = None, probe_texts: l
                forward: bool | None = True, model=None) -> dict:
     """Every check on an output directory; returns the report's "check" section ("passed", "failures", ...).
     forward=None runs the probability-mass forward pass only when the output has padding rows."""
-    out = Path(out)
-    if not (out / "config.json").is_file():
-        raise UserInputError(f"{out}: not a model directory (no config.json)")
+    out = model_dir(out, None)
     find = Findings()
     new = new_tokens_of(out)
     tok, reload_s = load_tokenizer(out)

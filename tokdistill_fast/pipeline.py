@@ -379,23 +379,20 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
             checked.append((written, mass := new_token_mass(prep, written, None, cache if alone else None)))
         return mass[0], mass[2]
 
-    def hub_mass(trial: torch.Tensor, trained: set[int]) -> tuple[float, int]:
-        """The most next-token probability the tied model with rows `trial` puts on new tokens right after a
-        trained word (what `over_predicting` flags), and the token that takes most of it there."""
-        mass, cols = after_words(trial, trained)
-        worst = int(mass.sum(axis=1).argmax())
-        return float(mass[worst].sum()), cols[int(mass[worst].argmax())]
+    def with_words(word_rows: torch.Tensor) -> torch.Tensor:
+        """`rows` with `word_rows` for the trained words."""
+        trial = rows.clone()
+        trial[primaries] = word_rows.to(trial.device, trial.dtype)
+        return trial
 
     def hubs(result: student.TrainResult) -> float:
-        """hub_mass's mass with `result`'s rows for the trained words."""
-        trial = rows.clone()
-        trial[primaries] = result.rows.to(trial.device, trial.dtype)
-        return hub_mass(trial, set(primaries))[0]
+        """The most next-token probability the tied model with `result`'s rows puts on new tokens right after a
+        trained word (what `over_predicting` flags)."""
+        return float(after_words(with_words(result.rows), set(primaries))[0].sum(axis=1).max())
 
     def hardest_back(before: torch.Tensor, after: torch.Tensor, moved: list[int]) -> dict[int, float]:
         """send_back for the trained words' rows `moved` (indices into `after`), continued alone from `before`."""
-        trial = rows.clone()
-        trial[primaries] = after.to(trial.device, trial.dtype)
+        trial = with_words(after)
         start = {primaries[r]: before[r].to(trial.device, trial.dtype) for r in moved}
         sent = send_back(prep, after_words, trial, start, set(primaries), "hardest")
         return {r: sent[primaries[r]] for r in moved if primaries[r] in sent}
@@ -671,11 +668,9 @@ def write_output(out: Path, prep: Prepared, learned: Learned, report: RunReport)
     else:
         target = copy.deepcopy(original).cpu()
     head = target.get_output_embeddings()
-    reload = prep.tokenizer_seconds
-    if reload is None and isinstance(original, Path):  # a run that did not load it from there (--target-tokenizer)
-        reload = models.load_tokenizer(original)[1]
     before = check.Original(prep.tokenizer, target.get_input_embeddings().weight.detach().clone(),
-                            None if tied or head is None else head.weight.detach().clone(), tied, reload)
+                            None if tied or head is None else head.weight.detach().clone(), tied,
+                            prep.tokenizer_seconds)
     geometry = export.grow_embeddings(target, max(prep.new_tokenizer.get_vocab().values()) + 1,
                                       cfg.pad_to_multiple_of)
     export.write_rows(target, toks, rows, out_rows, tied)

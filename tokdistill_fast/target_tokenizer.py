@@ -326,11 +326,11 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     dtype = models.pick_dtype(cfg.dtype, device)
     backend = kernels.resolve(cfg.backend, device)
     with timer("load"):
-        decoder, _, source, _ = pipeline.load(model, original, device, dtype)
+        decoder, _, source, tokenizer_seconds = pipeline.load(model, original, device, dtype)
     tied = export.is_tied(decoder.model)
     V = decoder.embed_weight.shape[0]
     prep = pipeline.Prepared(cfg, decoder, original, target, toks, [], None, tied, device, dtype, backend, source,
-                             list(corpus), timer, checkpoint.WorkDir(None))
+                             list(corpus), timer, checkpoint.WorkDir(None), tokenizer_seconds)
     settings, _ = pipeline.settle(prep, cfg)  # no workload yet: the measured defaults, no search
     method = cfg.method
     if guards(cfg, tied):  # nothing to measure without the search: alpha-NTP outright (module docstring)

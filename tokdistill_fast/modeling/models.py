@@ -58,13 +58,19 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def model_dir(path: str | Path, flag: str = "--model") -> Path:
-    """`path` (given as `flag`) as a Hugging Face model directory, or a clear error naming both."""
+def _named(path: str | Path, flag: str | None) -> str:
+    """How an error names a path: with the option that gave it, if any."""
+    return f"{flag} {path}" if flag else str(path)
+
+
+def model_dir(path: str | Path, flag: str | None = "--model") -> Path:
+    """`path` (given as `flag`, if any) as a Hugging Face model directory, or a clear error naming it."""
     path = Path(path)
     if not path.is_dir():
-        raise UserInputError(f"{flag} {path}: not a directory (a Hugging Face save_pretrained directory is expected)")
-    if not (path / "config.json").exists():
-        raise UserInputError(f"{flag} {path}: no config.json; is this a Hugging Face model directory?")
+        raise UserInputError(f"{_named(path, flag)}: not a directory (a Hugging Face save_pretrained directory is "
+                             "expected)")
+    if not (path / "config.json").is_file():
+        raise UserInputError(f"{_named(path, flag)}: no config.json; is this a Hugging Face model directory?")
     return path
 
 
@@ -73,7 +79,7 @@ def load_tokenizer(path: str | Path, flag: str | None = None) -> tuple[object, f
     seconds that took."""
     from transformers import AutoTokenizer
 
-    where = f"{flag} {path}" if flag else str(path)
+    where = _named(path, flag)
     t0 = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
