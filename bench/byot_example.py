@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    original = load_tokenizer(args.model, "--model")
+    original, _ = load_tokenizer(args.model, "--model")
     t2_dir = out / "t2"
     t0 = time.perf_counter()
     if not (t2_dir / "tokenizer.json").is_file():
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                             args.merges)
         extend_bpe.extended(original, merges).save_pretrained(t2_dir)
     seconds = {"extend": time.perf_counter() - t0}
-    target = load_tokenizer(t2_dir)
+    target, _ = load_tokenizer(t2_dir)
     for method in ("mean", "token-distill"):
         if not (out / method / "report.json").is_file():
             t0 = time.perf_counter()

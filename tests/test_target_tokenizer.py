@@ -33,7 +33,7 @@ def t2_dir(tmp_path_factory, original, corpus_text) -> Path:
 
 @pytest.fixture(scope="module")
 def t2(t2_dir):
-    return target_tokenizer.load_tokenizer(t2_dir)
+    return target_tokenizer.load_tokenizer(t2_dir)[0]
 
 
 def test_extension_appends_pieces_and_keeps_original_ids(original, t2, corpus_text):
@@ -58,7 +58,7 @@ def renumbered(tok, out: Path, swap: tuple[int, int]) -> Path:
 
 
 def test_changed_piece_is_refused(original, tmp_path):
-    bad = target_tokenizer.load_tokenizer(renumbered(original, tmp_path / "bad", (100, 101)))
+    bad = target_tokenizer.load_tokenizer(renumbered(original, tmp_path / "bad", (100, 101)))[0]
     with pytest.raises(UserInputError, match="id 100 was"):
         target_tokenizer.validate_extension(original, bad, [], ["a"])
 
@@ -68,7 +68,7 @@ def test_changed_normalizer_is_refused(original, tmp_path):
 
     path = tmp_path / "lower"
     original.save_pretrained(path)
-    tok = target_tokenizer.load_tokenizer(path)
+    tok = target_tokenizer.load_tokenizer(path)[0]
     tok.backend_tokenizer.normalizer = normalizers.Lowercase()
     with pytest.raises(UserInputError, match="tokenizes text differently without using a new piece"):
         target_tokenizer.validate_extension(original, tok, [], ["The Doctor said."])
@@ -167,14 +167,22 @@ def tiny_model_dir(tmp_path_factory, original) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("m") / "llama", "llama", original, tied=True)
 
 
-def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, original, corpus_file, tmp_path):
+def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, original, corpus_file, tmp_path,
+                                                  monkeypatch):
+    from transformers import AutoTokenizer
+
+    real, loads = AutoTokenizer.from_pretrained, []
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        lambda path, **kw: loads.append(str(path)) or real(path, **kw))
     out = tmp_path / "out"
     argv = ["distill", "--model", str(tiny_model_dir), "--tokenizer", str(t2_dir), "--corpus", str(corpus_file),
             "--out", str(out), "--snippets-per-token", "4", "--snippet-length", "24", "--target-layer", "2",
             "--lr", "1e-3", "--epochs", "1", "--device", "cpu", "--dtype", "float32"]
     assert cli.main(argv) == 0
+    assert loads.count(str(tiny_model_dir)) == 1  # the model's tokenizer loads once, and that load is timed
     report = json.loads((out / "report.json").read_text())
     assert report["check"]["passed"], report["check"]["failures"]
+    assert report["check"]["tokenizer"]["original_reload_seconds"] > 0
     # a tied model: no search measures over-prediction here, so the guard's remedy runs outright
     assert (report["settings"]["method"], report["settings"]["resolved_method"]) == \
         ("token-distill", "token-distill+alpha-ntp")
@@ -190,7 +198,7 @@ def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, or
                                                                  if t["contexts"] == 0]
     assert all(t["subtokens"] and t["text"] for t in report["tokens"])
     # T2 is kept: the saved tokenizer has T2's vocabulary and encodes like it
-    saved = target_tokenizer.load_tokenizer(out)
+    saved = target_tokenizer.load_tokenizer(out)[0]
     assert saved.get_vocab() == t2.get_vocab()
     text = Path(corpus_file).read_text()[:3000]
     assert saved(text)["input_ids"] == t2(text)["input_ids"]

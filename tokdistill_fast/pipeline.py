@@ -87,11 +87,13 @@ class Prepared:
 
 def load(model, tokenizer, device: torch.device, dtype: torch.dtype
          ) -> tuple[models.Decoder, object, object, float | None]:
-    """(decoder, tokenizer, source, the seconds its tokenizer took to load): a model directory is loaded (the
-    output check compares the output tokenizer's reload with that time); an in-memory model is copied for compute."""
+    """(decoder, tokenizer, source, the seconds its tokenizer took to load): a model directory is loaded, with its
+    own tokenizer unless one is given (the output check compares the output tokenizer's reload with that time); an
+    in-memory model is copied for compute."""
     if isinstance(model, (str, Path)):
-        path = models.model_dir(model)
-        tokenizer, seconds = models.load_tokenizer(path, "--model")
+        path, seconds = models.model_dir(model), None
+        if tokenizer is None:
+            tokenizer, seconds = models.load_tokenizer(path, "--model")
         lm, tokenizer = models.load_model(path, device, dtype, tokenizer)
         return models.Decoder(lm), tokenizer, path, seconds
     if tokenizer is None:

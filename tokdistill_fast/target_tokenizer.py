@@ -50,22 +50,9 @@ BYOT_TIED_METHOD = "token-distill+alpha-ntp"  # what token-distill trains on tie
 ENCODE_BATCH = 256  # documents per encode_batch call: large enough for the Rust tokenizer's threads
 
 
-def load_tokenizer(source, what: str = "--tokenizer"):
-    """A fast tokenizer from a directory (or an in-memory one as it is)."""
-    if not isinstance(source, (str, Path)):
-        return source
-    from transformers import AutoTokenizer
-
-    path = Path(source)
-    if not path.is_dir():
-        raise UserInputError(f"{what} {path}: not a directory (a save_pretrained tokenizer directory is expected)")
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserInputError(f"{what} {path}: cannot load it with transformers: {e}") from None
-    if not getattr(tok, "is_fast", False):
-        raise UserInputError(f"{what} {path}: only fast (tokenizer.json) tokenizers are supported")
-    return tok
+def load_tokenizer(source, what: str = "--tokenizer") -> tuple[object, float | None]:
+    """A fast tokenizer from a directory, and the seconds its load took (an in-memory one as it is, None)."""
+    return (source, None) if not isinstance(source, (str, Path)) else models.load_tokenizer(source, what)
 
 
 def read_new_ids(path: str | Path | None) -> set[int]:
@@ -312,8 +299,8 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
         raise UserInputError("an in-memory model needs its tokenizer: distill(model, ..., tokenizer=tok, "
                              "target_tokenizer=t2)")
     with timer("tokens"):  # everything about T2 is checked before the model loads
-        original = load_tokenizer(model if tokenizer is None else tokenizer, "--model")
-        target = load_tokenizer(target_tokenizer)
+        original, tokenizer_seconds = load_tokenizer(model if tokenizer is None else tokenizer, "--model")
+        target, _ = load_tokenizer(target_tokenizer)
         new_ids = new_ids_of(original, target, read_new_ids(cfg.new_ids))
         from .check import PROBE_TEXT
 
@@ -326,7 +313,7 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     dtype = models.pick_dtype(cfg.dtype, device)
     backend = kernels.resolve(cfg.backend, device)
     with timer("load"):
-        decoder, _, source, tokenizer_seconds = pipeline.load(model, original, device, dtype)
+        decoder, _, source, _ = pipeline.load(model, original, device, dtype)
     tied = export.is_tied(decoder.model)
     V = decoder.embed_weight.shape[0]
     prep = pipeline.Prepared(cfg, decoder, original, target, toks, [], None, tied, device, dtype, backend, source,

@@ -80,6 +80,8 @@ def load_tokenizer(path: str | Path, flag: str | None = None) -> tuple[object, f
     from transformers import AutoTokenizer
 
     where = _named(path, flag)
+    if not Path(path).is_dir():
+        raise UserInputError(f"{where}: not a directory (a save_pretrained tokenizer directory is expected)")
     t0 = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
