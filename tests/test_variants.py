@@ -87,6 +87,25 @@ def test_variants_train_on_their_own_snippets(model_dirs, bare_corpus):
     torch.testing.assert_close(plain.rows[index["palatable"]], moved(prep, plain, index["palatable"]))
 
 
+def test_a_small_stage_runs_the_steps_of_a_full_one(model_dirs, bare_corpus):
+    """A variant steps about as often whatever the number of variants: a stage of fewer batches than a variant may
+    have snippets (here 2 of 8 x VARIANT_SHARE) runs more epochs, as many steps as `variant_epochs` x 2; a stage of 2
+    or more batches runs `variant_epochs`."""
+    cfg = DistillConfig(**FAST, variant_epochs=2)
+    prep = pipeline.prepare(model_dirs[("llama", "bytelevel", True)], bare_corpus / "words.txt",
+                            [bare_corpus / "train.txt"], cfg)
+    primaries = {i for i, t in enumerate(prep.toks) if t.variant_of is None}
+    objective = pipeline.student.Objective(distill="mse", layer=2)
+    means = pipeline.subtoken_mean(prep.decoder.embed_weight, prep.toks)
+    for batch, epochs in ((4, 4), (2, 2), (1, 2)):  # 2 variants x 2 snippets: 1, 2 and 4 batches an epoch
+        schedule = pipeline.student.Schedule(lr=1e-2, epochs=2, batch_size=batch, seed=0)
+        got = pipeline.train_variants(prep, cfg, means.clone(), means, primaries, objective, schedule,
+                                      pipeline.student.Passes())
+        assert len(got) == 2 and {v["snippets"] for v in got.values()} == {2}
+        assert {v["epochs"] for v in got.values()} == {epochs}
+    assert report_module.variant_summary([{"form": "x"}], got)["epochs"] == 2
+
+
 def test_a_variant_that_raises_the_mass_after_a_word_goes_back(model_dirs, bare_corpus):
     """Where the trained variants raise the next-token probability on new tokens after some word by more than
     MASS_RISE over their moved rows, the variant taking most of the rise goes back to its moved row and the

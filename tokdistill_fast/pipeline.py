@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,13 +197,14 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
             tokenizer=None, target_tokenizer=None) -> DistillResult:
     """Add `new_tokens` to the model's tokenizer and learn their input embeddings.
 
-    model: a model directory, or an in-memory causal LM (then pass `tokenizer`). new_tokens: a file with one
-    token per line, or a list of strings (or None with config.new_tokens_from_tokenizer). corpus: text, JSONL or
-    Parquet files, directories or globs. out: if given, the extended model is written there (save_pretrained
-    layout plus new_embeddings.safetensors and report.json), and the run keeps checkpoints to resume from
-    (checkpoint.py; SIGINT/SIGTERM then stop at a step boundary). Under torchrun, the processes share the training
-    (distributed.py) and rank 0 writes `out`. target_tokenizer (or config.target_tokenizer): learn rows for the new
-    ids of this given tokenizer instead of adding tokens (target_tokenizer.py; new_tokens is then unused).
+    model: a model directory (with its own tokenizer unless `tokenizer` is given), or an in-memory causal LM (then
+    pass `tokenizer`). new_tokens: a file with one token per line, or a list of strings (or None with
+    config.new_tokens_from_tokenizer). corpus: text, JSONL or Parquet files, directories or globs. out: if given,
+    the extended model is written there (save_pretrained layout plus new_embeddings.safetensors and report.json),
+    and the run keeps checkpoints to resume from (checkpoint.py; SIGINT/SIGTERM then stop at a step boundary). Under
+    torchrun, the processes share the training (distributed.py) and rank 0 writes `out`. target_tokenizer (or
+    config.target_tokenizer): learn rows for the new ids of this given tokenizer instead of adding tokens
+    (target_tokenizer.py; new_tokens is then unused).
     """
     cfg = (config or DistillConfig()).validate()
     if target_tokenizer is not None or cfg.target_tokenizer is not None:
@@ -276,7 +278,7 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
     report.add(outliers=flag_outliers(report.data["tokens"], learned.retried),
                more_epochs=learned.more,
                hardest=hardest_words(report.data["tokens"], learned.hardest, cfg.run_hardest_epochs()),
-               variants=variant_summary(report.data["tokens"], learned.variants, cfg.run_variant_epochs()),
+               variants=variant_summary(report.data["tokens"], learned.variants),
                chunks=plan.bounds if plan is not None else None)
     if mass is not None:
         report.record_new_token_mass(*mass)
@@ -533,15 +535,16 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
                    objective: student.Objective, schedule: student.Schedule, passes: student.Passes,
                    after_words=None) -> dict[int, dict]:
     """Variants of trained words (the start-of-text form, "word" after "(", ":" or a newline; casing variants) train
-    cfg.run_variant_epochs() epochs alone on their own corpus snippets (at most VARIANT_SHARE of
-    cfg.snippets_per_token each, a uniform sample of their hits), from the row they would take otherwise (their
-    primary's trained row moved by the subtoken-mean offset), and keep the trained row (`rows` is updated). Unless
-    they train, a variant reads text no snippet showed it: on Gemma-3 / Git's manuals, where a fifth of the words'
-    occurrences are bare, their held-out KL was 0.45 of subtoken-mean rows' against 0.17 at the running-text forms
-    (docs/defaults.md, "Start-of-text variants trained on their own text"). `after_words` (tied models: (rows,
-    trained tokens) -> the [trained words, new tokens] next-token mass after each word, and the columns' tokens):
-    the variants that raise some word's mass over what it was with their moved rows go back to those (send_back).
-    Returns {token: {"snippets", "word_loss", "kept"}}."""
+    cfg.run_variant_epochs() epochs (more where the stage has fewer batches than a variant may have snippets) alone
+    on their own corpus snippets (at most VARIANT_SHARE of cfg.snippets_per_token each, a uniform sample of their
+    hits), from the row they would take otherwise (their primary's trained row moved by the subtoken-mean offset),
+    and keep the trained row (`rows` is updated). Unless they train, a variant reads text no snippet showed it: on
+    Gemma-3 / Git's manuals, where a fifth of the words' occurrences are bare, their held-out KL was 0.45 of
+    subtoken-mean rows' against 0.17 at the running-text forms (docs/defaults.md, "Start-of-text variants trained on
+    their own text"). `after_words` (tied models: (rows, trained tokens) -> the [trained words, new tokens] next-
+    token mass after each word, and the columns' tokens): the variants that raise some word's mass over what it was
+    with their moved rows go back to those (send_back). Returns {token: {"snippets", "epochs", "word_loss",
+    "kept"}}."""
     epochs = cfg.run_variant_epochs()
     toks, decoder = prep.toks, prep.decoder
     variants = [i for i, t in enumerate(toks) if t.variant_of is not None]
@@ -562,6 +565,9 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
     if not len(have):
         return {}
     al, ids, cu, row = chunks.take_rows(work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row, have, V)
+    # As many steps as a variant with `keep` snippets takes in a stage of `keep` or more batches, however few the
+    # stage holds: a stage of one batch took `epochs` steps, too few for a row to leave its start.
+    epochs = max(epochs, math.ceil(epochs * keep / math.ceil(len(row) / schedule.batch_size)))
     cache = None
     if objective.distill is not None and not passes.fused:
         cache = snippet_cache(prep, al, ids, cu, objective.cache_layers(decoder.num_layers), passes.prefix)
@@ -570,7 +576,7 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
     alone = dataclasses.replace(schedule, epochs=epochs, warmup_fraction=HARDEST_WARMUP, more_epochs=0)
     result = student.train(decoder, al, cache, row, start, None, objective, alone, prep.tied, desc="variants",
                            passes=passes, teacher=(ids, cu))
-    out = {i: {"snippets": int(per_row[r]), "word_loss": float(result.word_loss[k]), "kept": True}
+    out = {i: {"snippets": int(per_row[r]), "epochs": epochs, "word_loss": float(result.word_loss[k]), "kept": True}
            for k, (i, r) in enumerate(zip(index, have.tolist()))}
     trial = rows.clone()
     trial[index] = result.rows.to(trial.device, trial.dtype)

@@ -209,12 +209,13 @@ def hardest_words(per_token: list[dict], hardest: dict[int, dict], epochs: int) 
                        for i, v in sorted(hardest.items())]}
 
 
-def variant_summary(per_token: list[dict], variants: dict[int, dict], epochs: int) -> dict | None:
-    """What pipeline.train_variants did: how many variants trained on how many snippets of their own,
-    and which went back to their moved rows because the model then put too much of its probability on them."""
+def variant_summary(per_token: list[dict], variants: dict[int, dict]) -> dict | None:
+    """What pipeline.train_variants did: how many variants trained on how many snippets of their own, over how many
+    epochs, and which went back to their moved rows because the model then put too much of its probability on them."""
     if not variants:
         return None
-    return {"epochs": epochs, "trained": len(variants), "snippets": sum(v["snippets"] for v in variants.values()),
+    return {"epochs": next(iter(variants.values()))["epochs"], "trained": len(variants),
+            "snippets": sum(v["snippets"] for v in variants.values()),
             "kept": sum(v["kept"] for v in variants.values()),
             "sent_back": {per_token[i]["form"]: v["over_predicted"] for i, v in variants.items() if not v["kept"]}}
 
