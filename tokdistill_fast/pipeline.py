@@ -541,9 +541,9 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
     and keep the trained row (`rows` is updated). Unless they train, a variant reads text no snippet showed it: on
     Gemma-3 / Git's manuals, where a fifth of the words' occurrences are bare, their held-out KL was 0.45 of
     subtoken-mean rows' against 0.17 at the running-text forms (docs/defaults.md, "Start-of-text variants trained on
-    their own text"). `after_words` (tied models: (rows, trained tokens) -> the [trained words, new tokens] next-
-    token mass after each word, and the columns' tokens): the variants that raise some word's mass over what it was
-    with their moved rows go back to those (send_back). Returns {token: {"snippets", "epochs", "word_loss",
+    their own text"). `after_words` (tied models: (rows, trained tokens) -> the [trained words, new tokens]
+    next-token mass after each word, and the columns' tokens): the variants that raise some word's mass over what it
+    was with their moved rows go back to those (send_back). Returns {token: {"snippets", "epochs", "word_loss",
     "kept"}}."""
     epochs = cfg.run_variant_epochs()
     toks, decoder = prep.toks, prep.decoder
