@@ -93,7 +93,9 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
                         "no); auto: 4 in bf16 (GPUs, bf16 CPUs), 0 in fp32")
     d.add_argument("--variant-epochs", type=_epochs, default=c.variant_epochs,
                    help="then each start-of-text variant trains this many epochs alone on its own corpus snippets "
-                        "(0: it keeps its word's row moved by the subtoken-mean offset); auto: 4 in bf16, 0 in fp32")
+                        "(more where the variants' snippets fill fewer batches than a variant may have snippets, 6 by "
+                        "default, so that a variant steps as in a full stage; 0: it keeps its word's row moved by the "
+                        "subtoken-mean offset); auto: 4 in bf16, 0 in fp32")
     d.add_argument("--batch-size", type=int, default=c.batch_size)
     d.add_argument("--warmup-fraction", type=float, default=c.warmup_fraction,
                    help="share of the steps with a linear learning-rate warm-up (the paper: 0.5)")
