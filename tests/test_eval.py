@@ -360,7 +360,7 @@ def test_over_predicting_words_are_flagged_worst_first():
     flagged = over_predicting(tokens, "new_mass_at_new")
     assert [t["word"] for t in flagged] == ["git-log", "apt-get"]
     report = {"counts": {"tokens_with_heldout": 3, "tokens": 4, "snippets": 24, "aligned_positions": 100},
-              "aggregate": {}, "kl_by_offset": [], "definitions": None, "tokens": tokens,
+              "aggregate": {}, "kl_by_offset": [], "kl_over_pairs": 0.1, "definitions": None, "tokens": tokens,
               "over_predicting": flagged,
               "tokens_saved": {"saved_fraction": 0.01, "original_tokens": 100, "adapted_tokens": 99}}
     text = markdown_summary(report)
@@ -408,3 +408,10 @@ def test_vs_mean_scores_the_rows_method_mean_writes(adapted, heldout_file, words
     logs = [np.log(a["kl"] / b["kl"]) for a, b in scored]
     assert vm["per_word_log_ratio"]["mean"] == pytest.approx(np.mean(logs), rel=1e-6)
     assert "KL / subtoken-mean rows' KL" in markdown_summary(report)
+    # over every aligned pair alike: the distance buckets' pairs, weighed by their counts, and the same ratio
+    buckets = report["kl_by_offset"]
+    assert report["kl_over_pairs"] == pytest.approx(
+        sum(b["pairs"] * b["kl"] for b in buckets) / sum(b["pairs"] for b in buckets), rel=1e-6)
+    assert vm["kl_over_pairs"] == pytest.approx(ref["kl_over_pairs"], rel=1e-6)
+    assert vm["kl_ratio_over_pairs"] == pytest.approx(report["kl_over_pairs"] / ref["kl_over_pairs"], rel=1e-6)
+    assert "over every aligned pair alike" in markdown_summary(report)

@@ -65,6 +65,7 @@ class Measured:
     aggregate: dict
     per_token: list[dict]
     kl_by_offset: list[dict]
+    kl_over_pairs: float  # KL averaged over every aligned pair: a token weighs by its pairs, a pair far on as much
     definitions: list[str] | None = None
     similarity: np.ndarray | None = None
     definition_summary: dict | None = None
@@ -118,7 +119,8 @@ class Baseline:
         values = heldout.snippet_metrics(scores, self.hs, self.ref)
         group = self.hs.snippet_token
         m = Measured(values, heldout.summarize(values, group, self.opts.n_boot, self.opts.seed),
-                     heldout.per_token(values, group, len(self.toks)), heldout.by_offset(scores, self.hs))
+                     heldout.per_token(values, group, len(self.toks)), heldout.by_offset(scores, self.hs),
+                     float(scores.kl.mean()))
         m.most_to = [None if top is None else {"token": forms.get(scorer.new_ids[top[0]], scorer.new_ids[top[0]]),
                                                "mass": top[1]}  # bench/e2e passes no forms: the id then
                      for top in heldout.top_new_token(scores, self.hs)]
@@ -231,6 +233,7 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
         "tokens_saved": heldout.tokens_saved(heldout_paths, orig_tok, ad_tok, opts.max_chars),
         "aggregate": m.aggregate,
         "kl_by_offset": m.kl_by_offset,
+        "kl_over_pairs": m.kl_over_pairs,
         "definitions": m.definition_summary if opts.definitions else None,
         "tokens": baseline.token_rows(m),
         "variants": measure_variants(decoder, orig_tok, toks, scorer, forms, heldout_paths, opts, length),
@@ -271,8 +274,8 @@ def subtoken_mean_model(model, path: Path, original, toks: list[NewToken]) -> No
 def versus_mean(baseline: Baseline, m: Measured, mean_scorer: heldout.Scorer, forms: dict[int, str],
                 rows: list[dict]) -> dict:
     """The adapted rows' held-out KL (`m`) as a ratio of what subtoken-mean rows (`mean_scorer`) leave on the same
-    snippets (the quality tables' measure): overall, per word (`rows` get `kl_mean_init` and `kl_ratio`), and the
-    per-word log ratio's mean and standard error."""
+    snippets (the quality tables' measure): overall, over every aligned pair alike, per word (`rows` get
+    `kl_mean_init` and `kl_ratio`), and the per-word log ratio's mean and standard error."""
     plain = replace(baseline, opts=replace(baseline.opts, definitions=False))
     mean = plain.measure(mean_scorer, forms)
     logs = []
@@ -282,7 +285,8 @@ def versus_mean(baseline: Baseline, m: Measured, mean_scorer: heldout.Scorer, fo
         if row["kl_ratio"]:
             logs.append(float(np.log(row["kl_ratio"])))
     return {"kl_ratio": m.aggregate["kl"]["mean"] / mean.aggregate["kl"]["mean"],
-            "aggregate": mean.aggregate,
+            "kl_ratio_over_pairs": m.kl_over_pairs / mean.kl_over_pairs,
+            "aggregate": mean.aggregate, "kl_over_pairs": mean.kl_over_pairs,
             "per_word_log_ratio": {"mean": float(np.mean(logs)) if logs else None,
                                    "se": float(np.std(logs, ddof=1) / np.sqrt(len(logs))) if len(logs) > 1 else None,
                                    "words": len(logs)}}
@@ -298,7 +302,8 @@ def markdown_summary(report: dict) -> str:
              "| metric | mean | 95% CI |", "|---|---|---|"]
     for name, v in report["aggregate"].items():
         lines.append(f"| {name} | {v['mean']:.4g} | [{v['ci95'][0]:.4g}, {v['ci95'][1]:.4g}] |")
-    lines.append("KL by distance from the new token (pairs): " + ", ".join(
+    lines.append(f"KL over every aligned pair alike: {report['kl_over_pairs']:.4g}; by distance from the new token "
+                 "(pairs): " + ", ".join(
         f"{b['offsets']}: {b['kl']:.4g} ({b['pairs']})" for b in report["kl_by_offset"]))
     d = report.get("definitions") or {}
     for name in ("similarity", "share_above"):
@@ -332,7 +337,8 @@ def markdown_summary(report: dict) -> str:
         w = vm["per_word_log_ratio"]
         lines.append(f"KL / subtoken-mean rows' KL: {vm['kl_ratio']:.4g}"
                      + (f" (per word log ratio {w['mean']:+.3f} +- {w['se']:.3f}, {w['words']} words)"
-                        if w["se"] is not None else ""))
+                        if w["se"] is not None else "")
+                     + f"; over every aligned pair alike {vm['kl_ratio_over_pairs']:.4g}")
     ts = report["tokens_saved"]
     lines.append(f"tokens saved on held-out text: {100 * ts['saved_fraction']:.2f}% "
                  f"({ts['original_tokens']} -> {ts['adapted_tokens']})")
