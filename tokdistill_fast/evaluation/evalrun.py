@@ -65,7 +65,7 @@ class Measured:
     aggregate: dict
     per_token: list[dict]
     kl_by_offset: list[dict]
-    kl_over_pairs: float  # KL averaged over every aligned pair: a token weighs by its pairs, a pair far on as much
+    kl_over_pairs: float  # the KL over every aligned pair alike: a word weighs by its pairs (aggregate: words alike)
     definitions: list[str] | None = None
     similarity: np.ndarray | None = None
     definition_summary: dict | None = None
@@ -302,9 +302,9 @@ def markdown_summary(report: dict) -> str:
              "| metric | mean | 95% CI |", "|---|---|---|"]
     for name, v in report["aggregate"].items():
         lines.append(f"| {name} | {v['mean']:.4g} | [{v['ci95'][0]:.4g}, {v['ci95'][1]:.4g}] |")
+    buckets = ", ".join(f"{b['offsets']}: {b['kl']:.4g} ({b['pairs']})" for b in report["kl_by_offset"])
     lines.append(f"KL over every aligned pair alike: {report['kl_over_pairs']:.4g}; by distance from the new token "
-                 "(pairs): " + ", ".join(
-        f"{b['offsets']}: {b['kl']:.4g} ({b['pairs']})" for b in report["kl_by_offset"]))
+                 f"(pairs): {buckets}")
     d = report.get("definitions") or {}
     for name in ("similarity", "share_above"):
         if name in d:
