@@ -155,8 +155,7 @@ class Shard:
 
     def left_out(self, al, drop: np.ndarray, snippet_row: np.ndarray) -> tuple[np.ndarray, int]:
         """(the new row of each pair left out, how many) over every rank's pairs, each once."""
-        rows = np.repeat(snippet_row, np.diff(al.cu_aligned))
-        both = self.gather(al, np.stack([drop.astype(np.int64), rows], axis=1))
+        both = self.gather(al, np.stack([drop.astype(np.int64), snippet_row[al.pair_snippet()]], axis=1))
         return both[both[:, 0] == 1, 1], int(both[:, 0].sum())
 
     def reweigh(self, al) -> None:
