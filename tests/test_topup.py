@@ -120,12 +120,16 @@ def test_draw_samples_the_tempered_softmax(temperature):
 def test_sampling_loop_continues_as_generate_does(model_dirs):
     """sample()'s loop over the key/value cache, with prompts of different lengths padded on the left in one chunk,
     continues each prompt as HF generate() does alone: at a temperature that makes every draw the most likely id,
-    both give the greedy continuation."""
+    both give the greedy continuation. A repeated prompt is read once and continued as often as it is given."""
     path = model_dirs[("llama", "bytelevel", True)]
     model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    texts = [" the quokka", " we saw the quokka near a river", " a"]
+    texts = [" the quokka", " we saw the quokka near a river", " a", " the quokka", " a"]
     prompts = [(k, [start_id(tok), *tok(t, add_special_tokens=False)["input_ids"]]) for k, t in enumerate(texts)]
+    rows = []
+    hook = model.model.register_forward_pre_hook(lambda _m, _a, kw: rows.append(kw["input_ids"].shape), with_kwargs=True)
     got = {s.token: s.ids for s in sample(model, tok, prompts, 64, 9, 0, temperature=1e-6)}
+    hook.remove()
+    assert rows[0][0] == 3 and all(r == (5, 1) for r in rows[1:])  # three distinct prompts read, five continued
     for k, p in prompts:
         ids = torch.tensor([p])
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,

@@ -301,35 +301,46 @@ def sample(model, tokenizer, prompts: list[tuple[int, list[int]]], length: int, 
     """Snippets sampled from the model: each prompt (token index, ids) continued to at most `length` ids and at most
     `new_tokens` new ones (None: no cap), or to the first EOS. Prompts run shortest first in chunks, padded on the
     left, through a plain loop over the model's key/value cache that samples every step (`draw`): a forward pass
-    reads every weight whatever its batch, so a few wide passes cost what one narrow one does."""
+    reads every weight whatever its batch, so a few wide passes cost what one narrow one does. A chunk reads each
+    distinct prompt once and copies its cache to the rows that repeat it (a word with few corpus snippets is
+    continued from each of them many times)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     eos = tokenizer.eos_token_id
     kv = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5.2x
-    order = sorted(prompts, key=lambda p: len(p[1]))
+    order = sorted(prompts, key=lambda p: (len(p[1]), p[1]))  # a prompt's repeats side by side
     snippets: list[Snippet] = []
     with contiguous_head_input(model):
         bar = tqdm(total=len(prompts), desc="generate", unit="snippet", leave=False)
         for c in range(0, len(order), chunk):
             part = order[c:c + chunk]
-            lens = [len(p) for _, p in part]
-            width, caps = max(lens), [max(min(length - n, new_tokens or length), 1) for n in lens]
-            ids = torch.tensor([[eos or 0] * (width - n) + p for (_, p), n in zip(part, lens)], device=device)
+            distinct: dict[tuple[int, ...], int] = {}
+            for _, p in part:
+                distinct.setdefault(tuple(p), len(distinct))
+            rep = torch.tensor([distinct[tuple(p)] for _, p in part], device=device)  # row -> its prompt's
+            lens = [len(p) for p in distinct]
+            width, caps = max(lens), [max(min(length - len(p), new_tokens or length), 1) for _, p in part]
+            ids = torch.tensor([[eos or 0] * (width - n) + list(p) for p, n in zip(distinct, lens)], device=device)
             mask = torch.tensor([[0] * (width - n) + [1] * n for n in lens], device=device)
-            pos = (mask.cumsum(1) - 1).clamp_(min=0)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_(min=0),
+                        use_cache=True, logits_to_keep=1)
+            cache = getattr(out, kv)
+            cache.reorder_cache(rep)
+            logits, mask = out.logits[:, -1].index_select(0, rep), mask.index_select(0, rep)
+            pos = mask.sum(1, keepdim=True) - 1
             new: list[torch.Tensor] = []
             ended = torch.zeros(len(part), 1, dtype=torch.bool, device=device)
             for step in range(max(caps)):
-                new.append(draw(out.logits[:, -1], temperature, gen).view(-1, 1))
+                new.append(draw(logits, temperature, gen).view(-1, 1))
                 if eos is not None:
                     ended |= new[-1] == eos
                 if step + 1 == max(caps) or bool(ended.all()):
                     break
                 mask = torch.cat([mask, mask.new_ones(len(part), 1)], 1)
-                pos = pos[:, -1:] + 1
-                out = model(input_ids=new[-1], attention_mask=mask, position_ids=pos, **{kv: getattr(out, kv)},
+                pos = pos + 1
+                out = model(input_ids=new[-1], attention_mask=mask, position_ids=pos, **{kv: cache},
                             use_cache=True, logits_to_keep=1)
+                cache, logits = getattr(out, kv), out.logits[:, -1]
             for (i, p), cap, row in zip(part, caps, torch.cat(new, 1).tolist()):
                 row = row[:cap]
                 if eos is not None and eos in row:
