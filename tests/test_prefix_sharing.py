@@ -419,3 +419,46 @@ def test_teacher_host_spill_matches_device_cache():
     for layer in (2, 4):
         assert on_host.states[layer].device.type == "cpu" and on_host.states[layer].is_pinned()
         assert torch.equal(on_host.states[layer], on_device.states[layer].cpu())
+
+
+def with_repeats(seed: int):
+    """snippets(seed) plus repeats of their stems (tokens up to the phrase's first occurrence): continued with
+    other tails, as top-up continuations are, one with no tail, and one an exact copy."""
+    al, which, teacher_ids, cu = snippets(seed)
+    seqs = [teacher_ids[cu[i]:cu[i + 1]].tolist() for i in range(al.n)]
+    rng = np.random.default_rng(seed + 100)
+    stems = {i: int(al.t_pos[al.cu_aligned[i]]) + 1 for i in (1, 2, 4)}
+    extra = [(i, seqs[i][:stems[i]] + rng.integers(20, 300, k).tolist()) for i, k in ((1, 3), (1, 3), (2, 5), (4, 0))]
+    extra.append((6, list(seqs[6])))
+    seqs += [s for _, s in extra]
+    which = np.concatenate([which, [which[i] for i, _ in extra]])
+    return align.align(seqs, PHRASES, which.tolist(), [300, 301], "python"), *align.pack(seqs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_teacher_runs_a_repeated_stem_once(monkeypatch, dtype):
+    """A snippet whose tokens up to its first aligned position repeat an earlier one's runs only its tail: the
+    cache (states, prefix keys/values, the deepest layer's prefix states) is the one of a pass over every snippet
+    whole, bit for bit, and the padded reference's within fp32 rounding."""
+    torch.manual_seed(0)
+    dec = Decoder(AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=dtype).eval())
+    al, teacher_ids, cu_teacher = with_repeats(seed=3)
+    source, _ = teacher.shared_stems(teacher_ids, cu_teacher, al, align.prefix_lengths(al))
+    assert (source >= 0).sum() == 5
+    keep = np.arange(al.n) % 2 == 1
+
+    def run():
+        return teacher.compute(dec, teacher_ids, cu_teacher, al, [2, 4], 64, dtype, packed=True,
+                               capture=align.prefix_lengths(al), keep_states=keep)
+
+    ours = run()
+    monkeypatch.setattr(teacher, "shared_stems", lambda ids, cu, a, c: (np.full(a.n, -1), np.zeros(a.n, dtype=int)))
+    whole = run()
+    for layer in (2, 4):
+        assert torch.equal(ours.states[layer], whole.states[layer])
+    for layer in whole.prefix:
+        assert all(torch.equal(a, b) for a, b in zip(ours.prefix[layer], whole.prefix[layer]))
+    assert torch.equal(ours.prefix_states, whole.prefix_states) and np.array_equal(ours.kept, whole.kept)
+    if dtype == torch.float32:
+        padded = teacher.compute(dec, teacher_ids, cu_teacher, al, [2, 4], 4096, dtype)
+        torch.testing.assert_close(ours.states[4], padded.states[4], rtol=1e-5, atol=1e-5)

@@ -183,18 +183,43 @@ def aligned_rows(cu_aligned: np.ndarray, pos: np.ndarray, seqs: np.ndarray, widt
                           ).astype(np.int64)
 
 
+def shared_stems(ids: np.ndarray, cu: np.ndarray, al: Alignment, capture: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(source [n], stem [n]) int64: stem[i] = snippet i's positions up to its first aligned one (the word's last
+    subtoken in training), source[i] the first snippet with the same tokens there, or -1 (none earlier, no pairs, or
+    a `capture` longer than the stem). A repeat's stem states are its source's, so a pass runs only its tail: a word
+    with few corpus snippets is continued from each of them many times, and generated contexts share one prompt."""
+    n, cu_a, counts = len(cu) - 1, al.cu_aligned, np.diff(al.cu_aligned)
+    source, stem = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    has = counts > 0
+    stem[has] = al.t_pos[cu_a[:-1][has]] + 1
+    pair_of = np.repeat(np.arange(n), counts)
+    later = np.ones(len(pair_of), dtype=bool)
+    later[cu_a[:-1][has]] = False
+    before_stem = np.zeros(n, dtype=bool)  # a pair other than the first inside the stem: no tail alone holds the rest
+    np.logical_or.at(before_stem, pair_of[later], al.t_pos[later] < stem[pair_of[later]])
+    ok = has & ~before_stem & (True if capture is None else capture <= stem)
+    seen: dict[bytes, int] = {}
+    for i in np.flatnonzero(ok):
+        first = seen.setdefault(ids[cu[i]:cu[i] + stem[i]].tobytes(), i)
+        source[i] = -1 if first == i else first
+    return source, stem
+
+
 @torch.no_grad()
 def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, alignment: Alignment,
             layers: list[int], max_tokens: int, cache_dtype: torch.dtype,
             device_budget: int | None = None, packed: bool = False, capture: np.ndarray | None = None,
             keep_states: np.ndarray | None = None) -> TeacherCache:
     """Teacher states at `layers` for the aligned positions of every snippet. `packed` runs packed rows instead of
-    length-sorted right-padded batches (the reference); both give the same states. `capture` [n] (packed): also keep
-    each layer's keys/values of snippet i's first capture[i] positions, for passes that share that prefix
-    (attention.py); not with a cache spilled to host memory, whose steps run their own prefixes. `keep_states` [n]
-    bool (with `capture`): of those snippets, also keep the states after the deepest layer at the same positions."""
+    length-sorted right-padded batches (the reference); both give the same states. Packed, a snippet whose stem
+    repeats an earlier one's (shared_stems) runs only its tail, over the keys/values of that one's stem. `capture`
+    [n] (packed): also keep each layer's keys/values of snippet i's first capture[i] positions, for passes that
+    share that prefix (attention.py); not with a cache spilled to host memory, whose steps run their own prefixes.
+    `keep_states` [n] bool (with `capture`): of those snippets, also keep the states after the deepest layer at the
+    same positions."""
     device = decoder.embed_weight.device
-    K, D = len(alignment.t_pos), decoder.hidden_size
+    n, K, D = len(cu_teacher) - 1, len(alignment.t_pos), decoder.hidden_size
     need = K * D * torch.empty((), dtype=cache_dtype).element_size() * len(layers)
     on_host = device.type == "cuda" and device_budget is not None and need > device_budget
     observed.note("teacher_cache", "host" if on_host else "device", fallback=None if not on_host else (
@@ -204,44 +229,95 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
                              pin_memory=on_host) for l in layers}
     lengths = cu_teacher[1:] - cu_teacher[:-1]
     cu_a = alignment.cu_aligned
-    batches = token_batches(lengths, max_tokens) if packed else length_batches(lengths, max_tokens)
     if capture is not None and not packed:
         raise ValueError("capturing prefix keys/values needs packed passes")
     if capture is not None and on_host:  # steps copy their targets over PCIe: they rerun their prefixes too
         capture = None
+    source, stem = (shared_stems(teacher_ids, cu_teacher, alignment, capture) if packed
+                    else (np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)))
+    repeats = np.flatnonzero(source >= 0)
+    if len(repeats) and prefix_kv_bytes(decoder, stem[np.unique(source[repeats])], decoder.embed_weight.dtype,
+                                        max(layers)) > prefix_kv_budget(device):
+        source[:], repeats = -1, repeats[:0]
+    own = np.where(source >= 0, source, np.arange(n))  # the snippet whose pass computes each one's stem
+    full = np.flatnonzero(source < 0)
+    # keys/values each snippet of the full pass keeps: its stem where a repeat reads it, else what `capture` asks
+    kv_len = np.zeros(n, dtype=np.int64) if capture is None else capture.astype(np.int64)
+    kv_len[source[repeats]] = stem[source[repeats]]
+    kv_at = np.zeros(n, dtype=np.int64)
+    kv_at[full] = cu_seqlens(kv_len[full])[:-1]
+    capturing = capture is not None or len(repeats) > 0
+    # keep_states: the deepest layer's rows at the captured positions, of kept snippets and the stems they repeat
+    kept_idx = np.flatnonzero(keep_states) if capture is not None and keep_states is not None else None
+    deep_len = np.zeros(n, dtype=np.int64)
+    if kept_idx is not None:
+        np.maximum.at(deep_len, own[kept_idx], capture[kept_idx])
+    deep_at = np.zeros(n, dtype=np.int64)
+    deep_at[full] = cu_seqlens(deep_len[full])[:-1]
     spill = _HostSpill(states) if on_host else None
-    prefix: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    deep: list[torch.Tensor] = []  # keep_states: the kept snippets' prefix states after the deepest layer
-    for seqs in tqdm(batches, desc="teacher", unit="batch", leave=False):
-        lay = lay_out(teacher_ids, cu_teacher[seqs], lengths[seqs], np.zeros(len(seqs)), packed,
-                      capture=None if capture is None else capture[seqs]).to(device)
-        kept: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None if capture is None else {}
-        hidden = decoder.hidden_states(decoder.embed(lay.ids), layers, lay.positions if packed else None,
-                                       Attend(lay.spec, capture=kept) if packed else None)
-        for layer, kv in (kept or {}).items():
-            prefix.setdefault(layer, []).append(kv)
-        if capture is not None and keep_states is not None:  # packed batches hold consecutive snippets, in order
-            mine = np.flatnonzero(keep_states[seqs])
-            p = capture[seqs][mine]
-            rows = torch.from_numpy(lay.rows(np.repeat(mine, p), ranges(np.zeros(len(p)), p))).to(device)
-            deep.append(hidden[max(layers)].reshape(-1, D).index_select(0, rows))
-        counts = cu_a[seqs + 1] - cu_a[seqs]
-        pairs = ranges(cu_a[seqs], counts)  # this batch's aligned pairs, which are also their cache rows
-        flat_idx = torch.from_numpy(lay.rows(np.repeat(np.arange(len(seqs)), counts), alignment.t_pos[pairs]))
-        picked = {l: h.reshape(-1, D).index_select(0, flat_idx.to(device)).to(cache_dtype) for l, h in hidden.items()}
+
+    def put(hidden: dict[int, torch.Tensor], rows: np.ndarray, pairs: np.ndarray) -> None:
+        """Write the states at flat `rows` of a pass into the cache rows `pairs`."""
+        flat_idx = torch.from_numpy(rows).to(device)
+        picked = {l: h.reshape(-1, D).index_select(0, flat_idx).to(cache_dtype) for l, h in hidden.items()}
         if spill is None:
             dest = torch.from_numpy(pairs).to(device)
             for l, rows_l in picked.items():
                 states[l].index_copy_(0, dest, rows_l)
         else:
             spill.put(picked, torch.from_numpy(pairs))
+
+    kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    deep: list[torch.Tensor] = []
+    batches = token_batches(lengths[full], max_tokens) if packed else length_batches(lengths, max_tokens)
+    for seqs in tqdm([full[b] for b in batches], desc="teacher", unit="batch", leave=False):
+        lay = lay_out(teacher_ids, cu_teacher[seqs], lengths[seqs], np.zeros(len(seqs)), packed,
+                      capture=kv_len[seqs] if capturing else None).to(device)
+        kept: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if capturing else None
+        hidden = decoder.hidden_states(decoder.embed(lay.ids), layers, lay.positions if packed else None,
+                                       Attend(lay.spec, capture=kept) if packed else None)
+        for layer, pair in (kept or {}).items():
+            kv.setdefault(layer, []).append(pair)
+        if kept_idx is not None:  # packed batches hold consecutive snippets, in order
+            p = deep_len[seqs]
+            rows = torch.from_numpy(lay.rows(np.repeat(np.arange(len(seqs)), p), ranges(np.zeros(len(p)), p)))
+            deep.append(hidden[max(layers)].reshape(-1, D).index_select(0, rows.to(device)))
+        counts = cu_a[seqs + 1] - cu_a[seqs]
+        pairs = ranges(cu_a[seqs], counts)  # this batch's aligned pairs, which are also their cache rows
+        put(hidden, lay.rows(np.repeat(np.arange(len(seqs)), counts), alignment.t_pos[pairs]), pairs)
+    joined = {l: (torch.cat([k for k, _ in p]), torch.cat([v for _, v in p])) for l, p in kv.items()}
+    tails = repeats[lengths[repeats] > stem[repeats]]
+    for b in tqdm(token_batches(lengths[tails] - stem[tails], max_tokens), desc="teacher tails", unit="batch",
+                  leave=False):
+        seqs = tails[b]
+        s = stem[seqs]
+        lay = lay_out(teacher_ids, cu_teacher[seqs] + s, lengths[seqs] - s, s, True, prefix_len=s).to(device)
+        at = torch.from_numpy(ranges(kv_at[source[seqs]], s)).to(device)
+        context = {l: (k.index_select(0, at), v.index_select(0, at)) for l, (k, v) in joined.items()}
+        hidden = decoder.hidden_states(decoder.embed(lay.ids), layers, lay.positions,
+                                       Attend(lay.spec, context=context))
+        counts = cu_a[seqs + 1] - cu_a[seqs] - 1  # the first pair is the stem's last position
+        pairs = ranges(cu_a[seqs] + 1, counts)
+        put(hidden, lay.rows(np.repeat(np.arange(len(seqs)), counts), alignment.t_pos[pairs] - np.repeat(s, counts)),
+            pairs)
     if spill is not None:
         spill.flush()
-    joined = None if capture is None else {l: (torch.cat([k for k, _ in kv]), torch.cat([v for _, v in kv]))
-                                           for l, kv in prefix.items()}
-    keep = capture is not None and keep_states is not None and bool(deep)
-    return TeacherCache(states, cu_a, joined, None if capture is None else cu_seqlens(capture),
-                        torch.cat(deep) if keep else None, np.flatnonzero(keep_states) if keep else None)
+    if len(repeats):  # a repeat's first pair is its source's
+        dest, src = (torch.from_numpy(cu_a[i]).to(states[layers[0]].device) for i in (repeats, source[repeats]))
+        for t in states.values():
+            t.index_copy_(0, dest, t.index_select(0, src))
+    prefix = prefix_states = None
+    if capture is not None:  # each snippet's first capture[i] rows, from the pass that ran its stem
+        at = torch.from_numpy(ranges(kv_at[own], capture)).to(device)
+        prefix = {l: (k, v) if not len(repeats) else (k.index_select(0, at), v.index_select(0, at))
+                  for l, (k, v) in joined.items()}
+    if kept_idx is not None and deep:
+        prefix_states = torch.cat(deep)
+        if len(repeats):
+            prefix_states = prefix_states.index_select(0, torch.from_numpy(
+                ranges(deep_at[own[kept_idx]], capture[kept_idx])).to(device))
+    return TeacherCache(states, cu_a, prefix, None if capture is None else cu_seqlens(capture),
+                        prefix_states, kept_idx if prefix_states is not None else None)
 
 
 class _HostSpill:
