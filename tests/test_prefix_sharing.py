@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from tokdistill_fast import DistillConfig, align, student, teacher
 from tokdistill_fast.config import UserInputError
-from tokdistill_fast.modeling import attention
+from tokdistill_fast.modeling import attention, fused
 from tokdistill_fast.modeling.models import Decoder
 from tokdistill_fast.student.feed import TargetFeed
 from tokdistill_fast.student.loop import LossLog
@@ -436,12 +436,14 @@ def with_repeats(seed: int):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_teacher_runs_a_repeated_stem_once(monkeypatch, dtype):
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_teacher_runs_a_repeated_stem_once(monkeypatch, family, dtype):
     """A snippet whose tokens up to its first aligned position repeat an earlier one's runs only its tail: the
     cache (states, prefix keys/values, the deepest layer's prefix states) is the one of a pass over every snippet
-    whole, bit for bit, and the padded reference's within fp32 rounding."""
+    whole, bit for bit with the C++ kernels (their attention sums a tail's keys in the whole sequence's order; the
+    PyTorch fallback within rounding), and the padded reference's within fp32 rounding."""
     torch.manual_seed(0)
-    dec = Decoder(AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=dtype).eval())
+    dec = Decoder(AutoModelForCausalLM.from_config(tiny_config(family, 300), dtype=dtype).eval())
     al, teacher_ids, cu_teacher = with_repeats(seed=3)
     source, _ = teacher.shared_stems(teacher_ids, cu_teacher, al, align.prefix_lengths(al))
     assert (source >= 0).sum() == 5
@@ -451,14 +453,22 @@ def test_teacher_runs_a_repeated_stem_once(monkeypatch, dtype):
         return teacher.compute(dec, teacher_ids, cu_teacher, al, [2, 4], 64, dtype, packed=True,
                                capture=align.prefix_lengths(al), keep_states=keep)
 
+    def same(a: torch.Tensor, b: torch.Tensor) -> None:
+        if fused.extension() is not None:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, **({} if dtype == torch.float32 else {"rtol": 0.02, "atol": 0.02}))
+
     ours = run()
     monkeypatch.setattr(teacher, "shared_stems", lambda ids, cu, a, c: (np.full(a.n, -1), np.zeros(a.n, dtype=int)))
     whole = run()
     for layer in (2, 4):
-        assert torch.equal(ours.states[layer], whole.states[layer])
+        same(ours.states[layer], whole.states[layer])
     for layer in whole.prefix:
-        assert all(torch.equal(a, b) for a, b in zip(ours.prefix[layer], whole.prefix[layer]))
-    assert torch.equal(ours.prefix_states, whole.prefix_states) and np.array_equal(ours.kept, whole.kept)
+        for a, b in zip(ours.prefix[layer], whole.prefix[layer]):
+            same(a, b)
+    same(ours.prefix_states, whole.prefix_states)
+    assert np.array_equal(ours.kept, whole.kept)
     if dtype == torch.float32:
         padded = teacher.compute(dec, teacher_ids, cu_teacher, al, [2, 4], 4096, dtype)
         torch.testing.assert_close(ours.states[4], padded.states[4], rtol=1e-5, atol=1e-5)
