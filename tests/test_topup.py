@@ -126,7 +126,8 @@ def test_sampling_loop_continues_as_generate_does(model_dirs):
     texts = [" the quokka", " we saw the quokka near a river", " a", " the quokka", " a"]
     prompts = [(k, [start_id(tok), *tok(t, add_special_tokens=False)["input_ids"]]) for k, t in enumerate(texts)]
     rows = []
-    hook = model.model.register_forward_pre_hook(lambda _m, _a, kw: rows.append(kw["input_ids"].shape), with_kwargs=True)
+    hook = model.model.register_forward_pre_hook(lambda _m, _a, kw: rows.append(kw["input_ids"].shape),
+                                                 with_kwargs=True)
     got = {s.token: s.ids for s in sample(model, tok, prompts, 64, 9, 0, temperature=1e-6)}
     hook.remove()
     assert rows[0][0] == 3 and all(r == (5, 1) for r in rows[1:])  # three distinct prompts read, five continued

@@ -9,6 +9,7 @@ student then copies each step's rows to the device asynchronously, student/feed.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -21,6 +22,7 @@ from .modeling.attention import Attend, ranges
 from .modeling.layout import lay_out, token_batches
 from .modeling.models import Decoder
 
+log = logging.getLogger(__name__)
 # An aligned pair whose teacher state's norm is over this many times the median of the pairs' is an attention sink
 # (sink_pairs). The pairs' 99th percentile sat at 1.11-1.46x (SmolLM2 at layers 15, 22 and 30 on five corpora,
 # Gemma-3 at 9 and 14 on two), the sinks at 2.1-8x, mostly a comma or " and" right after the word (docs/defaults.md,
@@ -239,6 +241,9 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
     if len(repeats) and prefix_kv_bytes(decoder, stem[np.unique(source[repeats])], decoder.embed_weight.dtype,
                                         max(layers)) > prefix_kv_budget(device):
         source[:], repeats = -1, repeats[:0]
+    if len(repeats):
+        log.info("teacher: %d of %d snippets repeat another's tokens up to the word: %d tokens run instead of %d",
+                 len(repeats), n, int(lengths.sum() - stem[repeats].sum()), int(lengths.sum()))
     own = np.where(source >= 0, source, np.arange(n))  # the snippet whose pass computes each one's stem
     full = np.flatnonzero(source < 0)
     # keys/values each snippet of the full pass keeps: its stem where a repeat reads it, else what `capture` asks
