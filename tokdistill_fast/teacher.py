@@ -23,6 +23,7 @@ from .modeling.layout import lay_out, token_batches
 from .modeling.models import Decoder
 
 log = logging.getLogger(__name__)
+
 # An aligned pair whose teacher state's norm is over this many times the median of the pairs' is an attention sink
 # (sink_pairs). The pairs' 99th percentile sat at 1.11-1.46x (SmolLM2 at layers 15, 22 and 30 on five corpora,
 # Gemma-3 at 9 and 14 on two), the sinks at 2.1-8x, mostly a comma or " and" right after the word (docs/defaults.md,
