@@ -294,7 +294,7 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
     joined = {l: (torch.cat([k for k, _ in p]), torch.cat([v for _, v in p])) for l, p in kv.items()}
     tails = repeats[lengths[repeats] > stem[repeats]]
     for b in tqdm(token_batches(lengths[tails] - stem[tails], max_tokens), desc="teacher tails", unit="batch",
-                  leave=False):
+                  leave=False, disable=not len(tails)):
         seqs = tails[b]
         s = stem[seqs]
         lay = lay_out(teacher_ids, cu_teacher[seqs] + s, lengths[seqs] - s, s, True, prefix_len=s).to(device)
