@@ -460,8 +460,12 @@ def test_teacher_runs_a_repeated_stem_once(monkeypatch, family, dtype):
             torch.testing.assert_close(a, b, **({} if dtype == torch.float32 else {"rtol": 0.02, "atol": 0.02}))
 
     ours = run()
+    with monkeypatch.context() as m:  # stems over the keys/values budget: every snippet runs whole
+        m.setattr(teacher, "prefix_kv_budget", lambda device: 0)
+        over_budget = run()
     monkeypatch.setattr(teacher, "shared_stems", lambda ids, cu, a, c: (np.full(a.n, -1), np.zeros(a.n, dtype=int)))
     whole = run()
+    assert all(torch.equal(over_budget.states[l], whole.states[l]) for l in (2, 4))
     for layer in (2, 4):
         same(ours.states[layer], whole.states[layer])
     for layer in whole.prefix:

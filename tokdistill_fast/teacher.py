@@ -239,17 +239,19 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
     source, stem = (shared_stems(teacher_ids, cu_teacher, alignment, capture) if packed
                     else (np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)))
     repeats = np.flatnonzero(source >= 0)
-    if len(repeats) and prefix_kv_bytes(decoder, stem[np.unique(source[repeats])], decoder.embed_weight.dtype,
-                                        max(layers)) > prefix_kv_budget(device):
+    # keys/values each snippet of the full pass keeps: its stem where a repeat reads it, else what `capture` asks
+    kv_len = np.zeros(n, dtype=np.int64) if capture is None else capture.astype(np.int64)
+    kv_len[source[repeats]] = stem[source[repeats]]
+    # those and the prefix rows copied from them at the end stay within the budget `capture` alone is held to
+    if len(repeats) and sum(prefix_kv_bytes(decoder, k, decoder.embed_weight.dtype, max(layers)) for k in (
+            kv_len[source < 0], np.zeros(0) if capture is None else capture)) > prefix_kv_budget(device):
         source[:], repeats = -1, repeats[:0]
+        kv_len = np.zeros(n, dtype=np.int64) if capture is None else capture.astype(np.int64)
     if len(repeats):
         log.info("teacher: %d of %d snippets repeat another's tokens up to the word: %d tokens run instead of %d",
                  len(repeats), n, int(lengths.sum() - stem[repeats].sum()), int(lengths.sum()))
     own = np.where(source >= 0, source, np.arange(n))  # the snippet whose pass computes each one's stem
     full = np.flatnonzero(source < 0)
-    # keys/values each snippet of the full pass keeps: its stem where a repeat reads it, else what `capture` asks
-    kv_len = np.zeros(n, dtype=np.int64) if capture is None else capture.astype(np.int64)
-    kv_len[source[repeats]] = stem[source[repeats]]
     kv_at = np.zeros(n, dtype=np.int64)
     kv_at[full] = cu_seqlens(kv_len[full])[:-1]
     capturing = capture is not None or len(repeats) > 0
