@@ -311,6 +311,17 @@ def kjv_corpus(out: Path, cache: Path | None = None) -> Path:
     return write_documents(out, (re.sub(r"^\s+\d+ ", "", c, flags=re.M) for c in chapters))
 
 
+def nethack_corpus(out: Path, cache: Path | None = None) -> Path:
+    """NetHack's Guidebook (nethack-common; 2026-12-06, forty-sixth stop: a game's manual, 256 KB): the formatted
+    text's paragraphs, its page headers dropped and words hyphenated across a line end joined."""
+    if out.exists():
+        return out
+    src = debian_file("nethack-common", Path("/usr/share/doc/nethack-common/Guidebook.txt.gz"), cache)
+    text = gzip.decompress(src.read_bytes()).decode("utf-8", errors="replace")
+    text = re.sub(r"^\s*NetHack Guidebook\s+\d+\s*$", "", text, flags=re.M)
+    return write_documents(out, re.split(r"\n\s*\n", re.sub(r"(\w)-\n\s*(\w)", r"\1\2", text)))
+
+
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
     """WordNet glosses with their example sentences, one per paragraph."""
     if out.exists():
@@ -359,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                         "manual (gimp-help-en), R's manuals (r-doc-html), Maxima's manual (maxima-doc), KiCad's "
                         "manuals (kicad-doc-en), Wireshark's guides (wireshark-doc), GNU Octave's manual (octave-doc), "
                         "Exim's specification (exim4-doc-html), the Apache HTTP Server's manual (apache2-doc), "
-                        "the King James Bible (bible-kjv-text, bible-kjv) and LilyPond's manuals "
-                        "(lilypond-doc-html), split 3:1")
+                        "the King James Bible (bible-kjv-text, bible-kjv), LilyPond's manuals (lilypond-doc-html) and "
+                        "NetHack's Guidebook (nethack-common), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
@@ -381,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             built["gitdocs"] = git_docs_corpus(cache_dir() / "corpora" / "gitdocs.txt")
             built["gnustd"] = gnu_standards_corpus(cache_dir() / "corpora" / "gnustd.txt")
             built["kjv"] = kjv_corpus(cache_dir() / "corpora" / "kjv.txt")
+            built["nethack"] = nethack_corpus(cache_dir() / "corpora" / "nethack.txt")
             for name, corpus in built.items():
                 paths[name], paths[f"{name}_heldout"] = corpus, split_corpus(corpus)[1]
         if args.what == "prepare":
