@@ -419,6 +419,28 @@ def test_kjv_corpus_makes_one_document_per_chapter(tmp_path, monkeypatch):
         demo.kjv_corpus(tmp_path / "kjv2.txt", tmp_path)
 
 
+def test_nethack_corpus_joins_the_formatted_guidebooks_paragraphs(tmp_path, monkeypatch):
+    """The untuned corpus of the forty-sixth stop: NetHack's Guidebook as formatted text becomes one document per
+    paragraph, its page headers dropped and a word hyphenated across a line end joined."""
+    import gzip
+
+    from tokdistill_fast.tools import demo
+
+    text = ("          NetHack Guidebook                                               4\n\n\n"
+            "               When  NetHack's  ancestor  rogue  first appeared, its screen\n"
+            "          orientation was  almost  unique  among  computer  fantasy  games.\n\n"
+            "               Unlike text  adventure games that accept commands in pseudo-English sen-\n"
+            "          tences, NetHack commands are all one or two keystrokes.\n")
+    (tmp_path / "Guidebook.txt.gz").write_bytes(gzip.compress(text.encode()))
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: tmp_path / path.name)
+    out = demo.nethack_corpus(tmp_path / "nethack.txt", tmp_path)
+    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+        "When NetHack's ancestor rogue first appeared, its screen orientation was almost unique among computer "
+        "fantasy games.",
+        "Unlike text adventure games that accept commands in pseudo-English sentences, NetHack commands are all one "
+        "or two keystrokes."]
+
+
 def test_lilypond_corpus_reads_the_english_prose_manuals(tmp_path, monkeypatch):
     """The untuned corpus of the twentieth stop: <p> paragraphs of LilyPond's prose manuals, English pages only
     (translations are `name.xx.html`), the GNU FDL appendix and the other manuals (internals) left out."""
