@@ -441,6 +441,27 @@ def test_nethack_corpus_joins_the_formatted_guidebooks_paragraphs(tmp_path, monk
         "or two keystrokes."]
 
 
+def test_skycultures_corpus_reads_paragraphs_and_list_items(tmp_path, monkeypatch):
+    """The second untuned corpus of the forty-sixth stop: the <p> and <li> elements of Stellarium's English
+    descriptions of its sky cultures, headings and other languages left out, entities decoded."""
+    from tokdistill_fast.tools import demo
+
+    root = tmp_path / "skycultures"
+    xhosa = ("<h2>Xhosa</h2>\n<p>In Xhosa, a star is called &#8220;inkwenkwezi&#8221;.</p>\n"
+             "<ul>\n<li><b>iQhawe &mdash; Sirius:</b><br/> Sirius is known as the champion.</li>")
+    maya = "<p>The Maya tracked Venus as the morning star for centuries.</p>"
+    for culture, body in (("xhosa", xhosa), ("maya", maya)):
+        (root / culture).mkdir(parents=True)
+        (root / culture / "description.en.utf8").write_text(body, encoding="utf-8")
+        (root / culture / "description.fr.utf8").write_text("<p>Une autre langue que l'anglais.</p>", encoding="utf-8")
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / "western" / path.name)
+    out = demo.skycultures_corpus(tmp_path / "skycultures.txt", tmp_path)
+    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+        "The Maya tracked Venus as the morning star for centuries.",
+        "In Xhosa, a star is called \u201cinkwenkwezi\u201d.",
+        "iQhawe \u2014 Sirius: Sirius is known as the champion."]
+
+
 def test_lilypond_corpus_reads_the_english_prose_manuals(tmp_path, monkeypatch):
     """The untuned corpus of the twentieth stop: <p> paragraphs of LilyPond's prose manuals, English pages only
     (translations are `name.xx.html`), the GNU FDL appendix and the other manuals (internals) left out."""

@@ -202,10 +202,12 @@ def debian_reference_corpus(out: Path, cache: Path | None = None, language: str 
     return write_documents(out, re.split(r"\n\s*\n", text[re.search(rf"^{chapter}\s1\.", text, flags=re.M).start():]))
 
 
-def html_paragraphs(pages: Iterable[Path]) -> Iterator[str]:
-    """The text of each <p> element of `pages`, tags dropped and entities decoded."""
+def html_paragraphs(pages: Iterable[Path], tags: tuple[str, ...] = ("p",)) -> Iterator[str]:
+    """The text of each <p> element (or each element of `tags`, written without attributes) of `pages`, tags
+    dropped and entities decoded."""
     for page in pages:
-        for para in re.findall(r"<p>(.*?)</p>", page.read_text(encoding="utf-8", errors="replace"), flags=re.S):
+        text = page.read_text(encoding="utf-8", errors="replace")
+        for _, para in re.findall(rf"<({'|'.join(tags)})>(.*?)</\1>", text, flags=re.S):
             yield html.unescape(re.sub(r"<[^>]+>", "", para))
 
 
@@ -322,6 +324,16 @@ def nethack_corpus(out: Path, cache: Path | None = None) -> Path:
     return write_documents(out, re.split(r"\n\s*\n", re.sub(r"(\w)-\n\s*(\w)", r"\1\2", text)))
 
 
+def skycultures_corpus(out: Path, cache: Path | None = None) -> Path:
+    """Stellarium's descriptions of 49 sky cultures (stellarium-data; 2026-12-06, forty-sixth stop: the stars and
+    constellations of peoples from the Xhosa to the Maya, in English): the text of each <p> and <li> element."""
+    if out.exists():
+        return out
+    root = debian_file("stellarium-data", Path("/usr/share/stellarium/skycultures/western/description.en.utf8"),
+                       cache).parents[1]
+    return write_documents(out, html_paragraphs(sorted(root.glob("*/description.en.utf8")), ("p", "li")))
+
+
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
     """WordNet glosses with their example sentences, one per paragraph."""
     if out.exists():
@@ -370,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                         "manual (gimp-help-en), R's manuals (r-doc-html), Maxima's manual (maxima-doc), KiCad's "
                         "manuals (kicad-doc-en), Wireshark's guides (wireshark-doc), GNU Octave's manual (octave-doc), "
                         "Exim's specification (exim4-doc-html), the Apache HTTP Server's manual (apache2-doc), "
-                        "the King James Bible (bible-kjv-text, bible-kjv), LilyPond's manuals (lilypond-doc-html) and "
-                        "NetHack's Guidebook (nethack-common), split 3:1")
+                        "the King James Bible (bible-kjv-text, bible-kjv), LilyPond's manuals (lilypond-doc-html), "
+                        "NetHack's Guidebook (nethack-common) and Stellarium's sky cultures (stellarium-data), split "
+                        "3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
@@ -393,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             built["gnustd"] = gnu_standards_corpus(cache_dir() / "corpora" / "gnustd.txt")
             built["kjv"] = kjv_corpus(cache_dir() / "corpora" / "kjv.txt")
             built["nethack"] = nethack_corpus(cache_dir() / "corpora" / "nethack.txt")
+            built["skycultures"] = skycultures_corpus(cache_dir() / "corpora" / "skycultures.txt")
             for name, corpus in built.items():
                 paths[name], paths[f"{name}_heldout"] = corpus, split_corpus(corpus)[1]
         if args.what == "prepare":
