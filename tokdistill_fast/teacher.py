@@ -240,13 +240,13 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
                     else (np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)))
     repeats = np.flatnonzero(source >= 0)
     # keys/values each snippet of the full pass keeps: its stem where a repeat reads it, else what `capture` asks
-    kv_len = np.zeros(n, dtype=np.int64) if capture is None else capture.astype(np.int64)
+    asked = np.zeros(n, dtype=np.int64) if capture is None else capture.astype(np.int64)
+    kv_len = asked.copy()
     kv_len[source[repeats]] = stem[source[repeats]]
     # those and the prefix rows copied from them at the end stay within the budget `capture` alone is held to
-    if len(repeats) and sum(prefix_kv_bytes(decoder, k, decoder.embed_weight.dtype, max(layers)) for k in (
-            kv_len[source < 0], np.zeros(0) if capture is None else capture)) > prefix_kv_budget(device):
-        source[:], repeats = -1, repeats[:0]
-        kv_len = np.zeros(n, dtype=np.int64) if capture is None else capture.astype(np.int64)
+    if len(repeats) and sum(prefix_kv_bytes(decoder, k, decoder.embed_weight.dtype, max(layers))
+                            for k in (kv_len[source < 0], asked)) > prefix_kv_budget(device):
+        source[:], repeats, kv_len = -1, repeats[:0], asked
     if len(repeats):
         log.info("teacher: %d of %d snippets repeat another's tokens up to the word: %d tokens run instead of %d",
                  len(repeats), n, int(lengths.sum() - stem[repeats].sum()), int(lengths.sum()))
