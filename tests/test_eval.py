@@ -37,7 +37,7 @@ from tokdistill_fast.evaluation.heldout import (
 )
 from tokdistill_fast.modeling import models
 from tokdistill_fast.modeling.models import Decoder, load_model
-from tokdistill_fast.report import over_predicting
+from tokdistill_fast.report import over_predicting, warn_over_predicting
 
 FAST = dict(snippets_per_token=6, snippet_length=20, batch_size=4, target_layer=2, lr=1e-2)
 COMBOS = [("llama", "bytelevel", True), ("qwen2", "bytelevel", False), ("gemma3", "metaspace", True)]
@@ -365,6 +365,17 @@ def test_over_predicting_words_are_flagged_worst_first():
               "tokens_saved": {"saved_fraction": 0.01, "original_tokens": 100, "adapted_tokens": 99}}
     text = markdown_summary(report)
     assert "git-log (0.95), apt-get (0.30)" in text and "| dpkg | 0.3 | 0.800 | 0.010 | 10 |" in text
+
+
+def test_the_over_prediction_warning_offers_alpha_mass_only_where_it_did_not_train(caplog):
+    """The warning names alpha-mass as the remedy for rows trained without it (or by an unknown method), not for
+    rows it already trained (Stellarium's al-Sufi: docs/defaults.md)."""
+    flagged = [{"word": "al-Sufi", "new_mass_at_new": 0.3}]
+    for method, offered in (("token-distill", True), (None, True), ("token-distill+alpha-mass", False),
+                            ("token-distill+alpha-ntp", False)):
+        caplog.clear()
+        warn_over_predicting(flagged, "new_mass_at_new", "held-out text", method)
+        assert "al-Sufi (0.30)" in caplog.text and ("--method token-distill+alpha-mass" in caplog.text) is offered
 
 
 def test_eval_api_and_bad_inputs(adapted, heldout_file, words_file, corpus_file, tmp_path, capsys):

@@ -150,7 +150,8 @@ class RunReport:
                 toks[i]["mass_after"] = float(mass[r].sum())
                 toks[i]["mass_after_top"] = {"token": toks[cols[top]]["form"], "mass": float(mass[r, top])}
         self.data["over_predicting"] = over_predicting(toks, "mass_after")
-        warn_over_predicting(self.data["over_predicting"], "mass_after", "their training snippets")
+        warn_over_predicting(self.data["over_predicting"], "mass_after", "their training snippets",
+                             self.data.get("settings", {}).get("resolved_method"))
 
     def add(self, **sections) -> RunReport:
         """Top-level sections, in the order given."""
@@ -234,10 +235,12 @@ def describe_over_predicting(flagged: list[dict], key: str) -> str:
                                                       if "most_to" in t else "") + ")" for t in flagged)
 
 
-def warn_over_predicting(flagged: list[dict], key: str, where: str) -> None:
-    """One warning naming the flagged words and their mass."""
+def warn_over_predicting(flagged: list[dict], key: str, where: str, method: str | None) -> None:
+    """One warning naming the flagged words and their mass, and alpha-mass as the remedy unless `method` (the one
+    the rows were trained with, None when unknown) already trained the output side."""
     if flagged:
+        remedy = "" if method and "alpha" in method else \
+            "; --method token-distill+alpha-mass trains the output side against it"
         log.warning("%d word(s) make the model put over %.0f%% of its next-token probability on new tokens right "
-                    "after them (%s; sampling emits new tokens there; --method token-distill+alpha-mass trains the "
-                    "output side against it): %s", len(flagged), 100 * OVER_PREDICTION_FLAG, where,
-                    describe_over_predicting(flagged, key))
+                    "after them (%s; sampling emits new tokens there%s): %s", len(flagged),
+                    100 * OVER_PREDICTION_FLAG, where, remedy, describe_over_predicting(flagged, key))

@@ -244,11 +244,12 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
     if opts.definitions and m.definition_summary is None:
         report["definitions"] = {"skipped": definitions.MISSING}
     report["over_predicting"] = over_predicting(report["tokens"], "new_mass_at_new")
-    warn_over_predicting(report["over_predicting"], "new_mass_at_new", "held-out text")
+    method = (report["settings"].get("adapted_run") or {}).get("resolved_method")
+    warn_over_predicting(report["over_predicting"], "new_mass_at_new", "held-out text", method)
     if (report["variants"] or {}).get("tokens"):  # a bare form's row is an output row too (tied models)
         flagged = report["variants"]["over_predicting"] = over_predicting(report["variants"]["tokens"],
                                                                           "new_mass_at_new")
-        warn_over_predicting(flagged, "new_mass_at_new", "held-out text, at their start-of-text variants")
+        warn_over_predicting(flagged, "new_mass_at_new", "held-out text, at their start-of-text variants", method)
     if out is not None:
         export.write_json(Path(out), report)
     return report
