@@ -29,6 +29,7 @@ from tokdistill_fast.evaluation.heldout import (
     by_offset,
     group_mean,
     macro_mean,
+    original_prob_at_new,
     paired_difference,
     per_token,
     reference,
@@ -130,6 +131,34 @@ def test_scores_match_plain_forward(adapted, heldout_file):
     assert buckets[0]["offsets"] == "0" and buckets[0]["pairs"] == hs.n
     np.testing.assert_allclose(buckets[0]["kl"], s.kl[hs.alignment.cu_aligned[:-1]].mean(), rtol=1e-6)
     np.testing.assert_allclose(sum(b["kl"] * b["pairs"] for b in buckets) / len(s.kl), s.kl.mean(), rtol=1e-6)
+
+
+def test_original_prob_at_new_reads_the_original_model_after_each_word(adapted, heldout_file):
+    """original_prob_at_new: the original model's probability of a given id right after each word (its last
+    subtoken's position), per snippet then per token, against plain forward passes; None where no id is asked."""
+    src, out = adapted
+    orig_model, orig_tok = load_model(src, torch.device("cpu"), torch.float32)
+    ad_model, _ = load_model(out, torch.device("cpu"), torch.float32)
+    prim = [t for t in read_adapted_tokens(orig_tok, out) if t.variant_of is None]
+    hs = build_heldout([heldout_file], orig_tok, prim, [t.new_id for t in prim], 3, 20, 0, start_id(orig_tok))
+    ref = reference(Decoder(orig_model), hs, ())
+    s = score(Scorer(Decoder(ad_model), new_ids=sorted(t.new_id for t in prim)), hs, ref)
+    ids = [t.sub_ids[0] if k % 2 == 0 else None for k, t in enumerate(prim)]
+    got = original_prob_at_new(s, hs, ref, ids)
+    al, per_snippet = hs.alignment, {}
+    for pair in np.flatnonzero(s.at_new):
+        i = int(al.pair_snippet()[pair])
+        if ids[hs.snippet_token[i]] is not None:
+            seq = torch.from_numpy(hs.teacher_ids[hs.cu_teacher[i]:hs.cu_teacher[i + 1]].astype(np.int64))
+            with torch.no_grad():
+                p = orig_model(seq[None]).logits[0, al.t_pos[pair]].softmax(-1)[ids[hs.snippet_token[i]]]
+            per_snippet.setdefault(i, []).append(float(p))
+    for k in range(len(prim)):
+        means = [np.mean(v) for i, v in per_snippet.items() if hs.snippet_token[i] == k]
+        assert (got[k] is None) == (not means)
+        if means:
+            assert got[k] == pytest.approx(np.mean(means), rel=1e-4, abs=1e-7)
+    assert any(v is not None for v in got)
 
 
 def test_in_memory_rows_match_saved_model(adapted, heldout_file):

@@ -113,17 +113,26 @@ class Baseline:
                 log.warning(definitions.MISSING)
         return baseline
 
-    def measure(self, scorer: heldout.Scorer, forms: dict[int, str]) -> Measured:
-        """Score one adapted model; `forms` maps its new-token ids to text for decoding its definitions."""
+    def measure(self, scorer: heldout.Scorer, forms: dict[int, str], pieces: dict[int, int] | None = None
+                ) -> Measured:
+        """Score one adapted model; `forms` maps its new-token ids to text for decoding its definitions, `pieces`
+        to their first original subtokens, whose probability under the original model is read where a new token
+        takes the most mass after a word."""
         scores = heldout.score(scorer, self.hs, self.ref)
         values = heldout.snippet_metrics(scores, self.hs, self.ref)
         group = self.hs.snippet_token
         m = Measured(values, heldout.summarize(values, group, self.opts.n_boot, self.opts.seed),
                      heldout.per_token(values, group, len(self.toks)), heldout.by_offset(scores, self.hs),
                      float(scores.kl.mean()))
+        tops = heldout.top_new_token(scores, self.hs)
         m.most_to = [None if top is None else {"token": forms.get(scorer.new_ids[top[0]], scorer.new_ids[top[0]]),
                                                "mass": top[1]}  # bench/e2e passes no forms: the id then
-                     for top in heldout.top_new_token(scores, self.hs)]
+                     for top in tops]
+        if pieces:
+            ids = [None if top is None else pieces.get(scorer.new_ids[top[0]]) for top in tops]
+            for entry, piece, p in zip(m.most_to, ids, heldout.original_prob_at_new(scores, self.hs, self.ref, ids)):
+                if p is not None:
+                    entry["original_piece"] = {"token": self.tokenizer.decode([piece]), "prob": p}
         if self.opts.definitions:
             m.definitions = definitions.generate_definitions(scorer, self.tokenizer, self.prompts_merged, forms,
                                                              self.opts.max_new_tokens)
@@ -192,7 +201,7 @@ def measure_variants(decoder: Decoder, tokenizer, toks: list[NewToken], scorer: 
     except UserInputError:  # the held-out text never has a bare form where the tokenizer emits it
         return {"counts": {"variants": len(bare), "with_heldout": 0, "snippets": 0}}
     counts = {"variants": len(bare), "with_heldout": int(sum(1 for h in base.hs.hits if h)), "snippets": base.hs.n}
-    m = base.measure(scorer, forms)
+    m = base.measure(scorer, forms, {t.new_id: t.sub_ids[0] for t in toks if t.sub_ids})
     return {"counts": counts, "aggregate": m.aggregate,
             "tokens": [t for t in base.token_rows(m) if t["snippets"]]}
 
@@ -220,7 +229,7 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
     baseline = Baseline.build(decoder, orig_tok, primaries, [t.new_id for t in primaries], heldout_paths, opts, length)
     forms = {t.new_id: t.form for t in toks}
     scorer = heldout.Scorer(Decoder(ad_model), new_ids=sorted(forms))
-    m = baseline.measure(scorer, forms)
+    m = baseline.measure(scorer, forms, {t.new_id: t.sub_ids[0] for t in toks if t.sub_ids})
     emits = sum(ad_tok(("x" if t.form[:1].isspace() else "") + t.form + " x", add_special_tokens=False)[
         "input_ids"].count(t.new_id) == 1 for t in primaries)
     report = {

@@ -317,6 +317,26 @@ def top_new_token(s: Scores, hs: HeldoutSet) -> list[tuple[int, float] | None]:
     return [(int(m.argmax()), float(m.max())) if ok and m.size else None for m, ok in zip(per_token, scored)]
 
 
+@torch.no_grad()
+def original_prob_at_new(s: Scores, hs: HeldoutSet, ref: Reference, ids: list[int | None]) -> list[float | None]:
+    """Per measured token, the probability the original model gives the original id `ids[i]` (None: not asked)
+    right after the token, read at the same pairs and averaged as top_new_token: where it expects the first piece
+    of the new token that takes the adapted model's mass there, that token takes the piece's mass."""
+    snippet = hs.alignment.pair_snippet()[s.at_new]
+    want = np.asarray([-1 if ids[t] is None else ids[t] for t in hs.snippet_token[snippet]], dtype=np.int64)
+    rows = np.flatnonzero(want >= 0)
+    probs = np.full(len(snippet), np.nan)
+    cont = torch.from_numpy(hs.aligned_in_cont()[s.at_new][rows]).to(ref.final.device)
+    target = torch.from_numpy(want[rows]).to(ref.final.device).unsqueeze(1)
+    chunk = logit_rows(ref.final.device)
+    for c in range(0, len(rows), chunk):
+        logits = ref.logits(ref.final.index_select(0, cont[c:c + chunk])).float()[:, :ref.vocab]
+        probs[rows[c:c + chunk]] = logits.softmax(-1).gather(1, target[c:c + chunk]).squeeze(1).cpu().numpy()
+    has = np.bincount(snippet[rows], minlength=hs.n) > 0
+    per_token = group_mean(group_mean(probs, snippet, hs.n)[has], hs.snippet_token[has], len(hs.new_ids))
+    return [None if ids[i] is None or not np.isfinite(p) else float(p) for i, p in enumerate(per_token)]
+
+
 def _passes(model: Scorer, al: Alignment, layers: list[int], shared: SharedPrefix | None):
     """(snippets, hidden states {layer: [.., D]}, flat row of each of their aligned pairs) per batch of the
     scored model's passes: whole right-padded sequences, or, with a prefix shared by the same decoder, packed
