@@ -462,6 +462,26 @@ def test_skycultures_corpus_reads_paragraphs_and_list_items(tmp_path, monkeypatc
         "iQhawe \u2014 Sirius: Sirius is known as the champion."]
 
 
+def test_freeciv_corpus_reads_each_nations_legend(tmp_path, monkeypatch):
+    """The untuned corpus of the forty-seventh stop: each Freeciv nation ruleset's `legend`, its escaped line ends
+    joined and escaped quotes decoded; the rest of the ruleset (names, comments) left out."""
+    from tokdistill_fast.tools import demo
+
+    root = tmp_path / "nation"
+    root.mkdir()
+    (root / "acadian.ruleset").write_text(
+        '[nation_acadian]\nname=_("Acadian")\nlegend=_("Acadia was first founded in 1604 as the first French\\\n'
+        ' colony in North America, \\"New France\\".")\nleaders = { "name", "sex"\n "Evangeline", "Female" '
+        ';legendary heroine\n}\n', encoding="utf-8")
+    (root / "zulu.ruleset").write_text('legend=_("The Zulu kingdom rose under Shaka in the early\\\n'
+                                       ' nineteenth century.")\n', encoding="utf-8")
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / path.name)
+    out = demo.freeciv_corpus(tmp_path / "freeciv.txt", tmp_path)
+    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+        'Acadia was first founded in 1604 as the first French colony in North America, "New France".',
+        "The Zulu kingdom rose under Shaka in the early nineteenth century."]
+
+
 def test_lilypond_corpus_reads_the_english_prose_manuals(tmp_path, monkeypatch):
     """The untuned corpus of the twentieth stop: <p> paragraphs of LilyPond's prose manuals, English pages only
     (translations are `name.xx.html`), the GNU FDL appendix and the other manuals (internals) left out."""

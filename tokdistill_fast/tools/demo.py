@@ -334,6 +334,20 @@ def skycultures_corpus(out: Path, cache: Path | None = None) -> Path:
     return write_documents(out, html_paragraphs(sorted(root.glob("*/description.en.utf8")), ("p", "li")))
 
 
+FREECIV_LEGEND = re.compile(r'legend\s*=\s*_\("((?:[^"\\]|\\.)*)"\)', re.S)
+
+
+def freeciv_corpus(out: Path, cache: Path | None = None) -> Path:
+    """The legends of Freeciv's 559 nations (freeciv-data; 2026-12-06, forty-seventh stop: the history and
+    geography of peoples and states, 196 KB): each nation ruleset's `legend`, its escaped line ends joined."""
+    if out.exists():
+        return out
+    root = debian_file("freeciv-data", Path("/usr/share/games/freeciv/nation/english.ruleset"), cache).parent
+    legends = (m.group(1) for f in sorted(root.glob("*.ruleset"))
+               for m in FREECIV_LEGEND.finditer(f.read_text(encoding="utf-8")))
+    return write_documents(out, (re.sub(r'\\(.)', r"\1", legend.replace("\\\n", "")) for legend in legends))
+
+
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
     """WordNet glosses with their example sentences, one per paragraph."""
     if out.exists():
@@ -383,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                         "manuals (kicad-doc-en), Wireshark's guides (wireshark-doc), GNU Octave's manual (octave-doc), "
                         "Exim's specification (exim4-doc-html), the Apache HTTP Server's manual (apache2-doc), "
                         "the King James Bible (bible-kjv-text, bible-kjv), LilyPond's manuals (lilypond-doc-html), "
-                        "NetHack's Guidebook (nethack-common) and Stellarium's sky cultures (stellarium-data), split "
-                        "3:1")
+                        "NetHack's Guidebook (nethack-common), Stellarium's sky cultures (stellarium-data) and the "
+                        "legends of Freeciv's nations (freeciv-data), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
@@ -407,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             built["kjv"] = kjv_corpus(cache_dir() / "corpora" / "kjv.txt")
             built["nethack"] = nethack_corpus(cache_dir() / "corpora" / "nethack.txt")
             built["skycultures"] = skycultures_corpus(cache_dir() / "corpora" / "skycultures.txt")
+            built["freeciv"] = freeciv_corpus(cache_dir() / "corpora" / "freeciv.txt")
             for name, corpus in built.items():
                 paths[name], paths[f"{name}_heldout"] = corpus, split_corpus(corpus)[1]
         if args.what == "prepare":
