@@ -231,12 +231,13 @@ def over_predicting(per_token: list[dict], key: str) -> list[dict]:
 
 def describe_over_predicting(flagged: list[dict], key: str) -> str:
     """The flagged words, their mass, the new token taking most of it and (eval) the original model's probability
-    of that token's first piece there: "al-Sufi (0.30, most to ' al-Sufi' 0.26; the original gives ' al' 0.52)"."""
+    of that token's first piece there: "al-Sufi (0.30, most to ' al-Sufi' 0.26; its first piece ' al' 0.49 in the
+    original)"."""
     def most_to(t: dict) -> str:
         top = t["most_to"]
         piece = top.get("original_piece")
         return f", most to {top['token']!r} {top['mass']:.2f}" + (
-            f"; the original gives {piece['token']!r} {piece['prob']:.2f}" if piece else "")
+            f"; its first piece {piece['token']!r} {piece['prob']:.2f} in the original" if piece else "")
 
     return ", ".join(f"{t['word']} ({t[key]:.2f}" + (most_to(t) if "most_to" in t else "") + ")" for t in flagged)
 

@@ -320,8 +320,8 @@ def top_new_token(s: Scores, hs: HeldoutSet) -> list[tuple[int, float] | None]:
 @torch.no_grad()
 def original_prob_at_new(s: Scores, hs: HeldoutSet, ref: Reference, ids: list[int | None]) -> list[float | None]:
     """Per measured token, the probability the original model gives the original id `ids[i]` (None: not asked)
-    right after the token, read at the same pairs and averaged as top_new_token: where it expects the first piece
-    of the new token that takes the adapted model's mass there, that token takes the piece's mass."""
+    right after the token, at the pairs and with the averaging of top_new_token. Given the first subtoken of the
+    new token that takes the most mass there, a high value says that token takes its own first piece's mass."""
     snippet = hs.alignment.pair_snippet()[s.at_new]
     want = np.asarray([-1 if ids[t] is None else ids[t] for t in hs.snippet_token[snippet]], dtype=np.int64)
     rows = np.flatnonzero(want >= 0)
