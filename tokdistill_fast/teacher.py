@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .align import Alignment, cu_seqlens, kept_offsets, prefix_lengths
 from .control import observed
-from .modeling.attention import Attend, ranges
+from .modeling.attention import Attend, ranges, select_kv
 from .modeling.layout import lay_out, token_batches
 from .modeling.models import Decoder
 
@@ -301,9 +301,8 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
         s = stem[seqs]
         lay = lay_out(teacher_ids, cu_teacher[seqs] + s, lengths[seqs] - s, s, True, prefix_len=s).to(device)
         at = torch.from_numpy(ranges(kv_at[source[seqs]], s)).to(device)
-        context = {l: (k.index_select(0, at), v.index_select(0, at)) for l, (k, v) in joined.items()}
         hidden = decoder.hidden_states(decoder.embed(lay.ids), layers, lay.positions,
-                                       Attend(lay.spec, context=context))
+                                       Attend(lay.spec, context=select_kv(joined, at)))
         counts = cu_a[seqs + 1] - cu_a[seqs] - 1  # the first pair is the stem's last position
         pairs = ranges(cu_a[seqs] + 1, counts)
         put(hidden, lay.rows(np.repeat(np.arange(len(seqs)), counts), alignment.t_pos[pairs] - np.repeat(s, counts)),
@@ -317,8 +316,7 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
     prefix = prefix_states = None
     if capture is not None:  # each snippet's first capture[i] rows, from the pass that ran its stem
         at = torch.from_numpy(ranges(kv_at[own], capture)).to(device)
-        prefix = {l: (k, v) if not len(repeats) else (k.index_select(0, at), v.index_select(0, at))
-                  for l, (k, v) in joined.items()}
+        prefix = select_kv(joined, at) if len(repeats) else joined
     if kept_idx is not None and deep:
         prefix_states = torch.cat(deep)
         if len(repeats):

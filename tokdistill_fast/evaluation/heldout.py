@@ -29,7 +29,7 @@ from .. import align, contexts, corpus, teacher
 from ..align import Alignment, cu_seqlens, prefix_lengths
 from ..config import UserInputError
 from ..modeling import fused
-from ..modeling.attention import Attend, ranges
+from ..modeling.attention import Attend, ranges, select_kv
 from ..modeling.layout import lay_out, token_batches
 from ..modeling.models import Decoder
 from ..teacher import aligned_rows, length_batches, pad_batch
@@ -364,10 +364,9 @@ def _after_prefix(model: Scorer, al: Alignment, batch: np.ndarray, first: np.nda
     device = model.decoder.embed_weight.device
     p = first[batch]
     lay = lay_out(al.student_ids, al.cu_student[batch] + p, n[batch], p, True, prefix_len=p).to(device)
-    keep = torch.from_numpy(kv_rows).to(device)
-    context = {layer: (k.index_select(0, keep), v.index_select(0, keep)) for layer, (k, v) in kv.items()}
+    context = select_kv(kv, torch.from_numpy(kv_rows).to(device)) if lay.spec.has_prefix else None
     return lay, model.decoder.hidden_states(model.embed(lay.ids), layers, lay.positions,
-                                            Attend(lay.spec, context=context if lay.spec.has_prefix else None))
+                                            Attend(lay.spec, context=context))
 
 
 @dataclass

@@ -98,6 +98,12 @@ class Attend:
         return varlen_causal(q3, k3, v3, spec, scaling, self._cache, context).unsqueeze(0)
 
 
+def select_kv(kv: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor
+              ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Rows `rows` of every layer's captured keys and values: the context one pass's snippets attend to."""
+    return {layer: (k.index_select(0, rows), v.index_select(0, rows)) for layer, (k, v) in kv.items()}
+
+
 def dense_mask(q_len: torch.Tensor, k_len: torch.Tensor, max_q: int, max_k: int) -> torch.Tensor:
     """[B, 1, max_q, max_k] bool: query i of sequence b sees keys j < k_len[b] with j <= i + k_len[b] - q_len[b]
     (bottom-right causal). Padding queries see every real key, so no row is empty (no NaN)."""

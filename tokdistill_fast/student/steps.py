@@ -32,7 +32,7 @@ from tokdistill_fast.kernels.embedding_rows import embedding_rows
 
 from ..align import Alignment
 from ..config import UserInputError
-from ..modeling.attention import Attend, ranges
+from ..modeling.attention import Attend, ranges, select_kv
 from ..modeling.layout import Layout, lay_out
 from ..modeling.models import Decoder
 
@@ -280,8 +280,7 @@ def student_states(decoder: Decoder, b: Batch, table: torch.Tensor, rows: torch.
         return {l: h.reshape(-1, D) for l, h in decoder.hidden_states(h0, layers).items()}, None
     context, targets = None, None
     if b.kv_rows is not None:
-        context = {l: (k.index_select(0, b.kv_rows), v.index_select(0, b.kv_rows)) for l, (k, v) in prefix_kv.items()
-                   if l < max(layers)}
+        context = select_kv({l: kv for l, kv in prefix_kv.items() if l < max(layers)}, b.kv_rows)
     elif b.prefix is not None:
         context = {}
         depth = [max(layers)] if teacher_layers is None else sorted(set(teacher_layers) | {max(layers)})
