@@ -187,7 +187,8 @@ def read_adapted_tokens(original_tokenizer, adapted: Path) -> list[NewToken]:
 
 
 def measure_variants(decoder: Decoder, tokenizer, toks: list[NewToken], scorer: heldout.Scorer,
-                     forms: dict[int, str], paths: list, opts: EvalOptions, length: int) -> dict | None:
+                     forms: dict[int, str], pieces: dict[int, int], paths: list, opts: EvalOptions, length: int
+                     ) -> dict | None:
     """The measure at the start-of-text variants' own occurrences ("word" after "(", ":" or a newline, where the
     tokenizer emits the variant), which the running-text forms' snippets never hold: up to a fifth of a technical
     corpus's occurrences (Git's manuals), more in some (the Debian Reference). None without variants."""
@@ -201,7 +202,7 @@ def measure_variants(decoder: Decoder, tokenizer, toks: list[NewToken], scorer: 
     except UserInputError:  # the held-out text never has a bare form where the tokenizer emits it
         return {"counts": {"variants": len(bare), "with_heldout": 0, "snippets": 0}}
     counts = {"variants": len(bare), "with_heldout": int(sum(1 for h in base.hs.hits if h)), "snippets": base.hs.n}
-    m = base.measure(scorer, forms, {t.new_id: t.sub_ids[0] for t in toks if t.sub_ids})
+    m = base.measure(scorer, forms, pieces)
     return {"counts": counts, "aggregate": m.aggregate,
             "tokens": [t for t in base.token_rows(m) if t["snippets"]]}
 
@@ -229,7 +230,8 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
     baseline = Baseline.build(decoder, orig_tok, primaries, [t.new_id for t in primaries], heldout_paths, opts, length)
     forms = {t.new_id: t.form for t in toks}
     scorer = heldout.Scorer(Decoder(ad_model), new_ids=sorted(forms))
-    m = baseline.measure(scorer, forms, {t.new_id: t.sub_ids[0] for t in toks if t.sub_ids})
+    pieces = {t.new_id: t.sub_ids[0] for t in toks if t.sub_ids}  # each new token's first original subtoken
+    m = baseline.measure(scorer, forms, pieces)
     emits = sum(ad_tok(("x" if t.form[:1].isspace() else "") + t.form + " x", add_special_tokens=False)[
         "input_ids"].count(t.new_id) == 1 for t in primaries)
     report = {
@@ -245,7 +247,7 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
         "kl_over_pairs": m.kl_over_pairs,
         "definitions": m.definition_summary if opts.definitions else None,
         "tokens": baseline.token_rows(m),
-        "variants": measure_variants(decoder, orig_tok, toks, scorer, forms, heldout_paths, opts, length),
+        "variants": measure_variants(decoder, orig_tok, toks, scorer, forms, pieces, heldout_paths, opts, length),
     }
     if opts.vs_mean:  # after every measure of the adapted rows: this overwrites them
         subtoken_mean_model(ad_model, original, orig_model, toks)  # the scorer reads the rows in place
