@@ -15,7 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokdistill_fast.config import UserInputError
-from tokdistill_fast.contexts import WORD_CHAR, Hit, find_hits, place_window, retrieve, split_inside_words, start_id
+from tokdistill_fast.contexts import (
+    WORD_CHAR,
+    Hit,
+    end_before_word,
+    find_hits,
+    place_window,
+    retrieve,
+    split_inside_words,
+    start_id,
+)
 from tokdistill_fast.corpus import DOC_SPLIT, Corpus, corpus_files, iter_documents
 from tokdistill_fast.tokens import NewToken, plan_new_tokens
 
@@ -253,6 +262,47 @@ def test_place_window_keeps_the_budget_and_the_cap(left, word, right, budget, ca
         assert before <= free_before and after >= free_after
 
 
+@settings(max_examples=300, deadline=None)
+@given(ids=st.lists(st.integers(0, 3), min_size=1, max_size=30), sub=st.lists(st.integers(0, 3), min_size=1,
+       max_size=4), end=st.integers(0, 30), after=st.integers(0, 30))
+def test_end_before_word_never_cuts_an_occurrence(ids, sub, end, after):
+    end, n = min(end, len(ids)), len(sub)
+    after = min(after, len(ids) - end)
+
+    def cuts(a: int) -> bool:  # the window ids[:end + a] ends inside an occurrence that the ids continue
+        stop = end + a
+        return any(ids[stop - k:stop] == sub[:k] and ids[stop:stop + n - k] == sub[k:k + len(ids) - stop]
+                   for k in range(1, min(n - 1, a) + 1))
+
+    got = end_before_word(ids, end, after, sub)
+    assert 0 <= got <= after and not cuts(got)
+    assert (got == after) == (not cuts(after))
+
+
+def test_windows_end_before_a_word_they_would_cut(tokenizers_by_kind, tmp_path, monkeypatch):
+    """A window whose end falls inside a later occurrence of its word ends before that occurrence: the extended
+    tokenizer reads the whole word as the new token, so the positions of its first subtokens never occur (the
+    held-out measure read up to 8 nats of KL a pair there). With the cut left in, some windows end inside it."""
+    from tokdistill_fast import contexts
+
+    tok = tokenizers_by_kind["bytelevel"]
+    planned, _ = plan_new_tokens(tok, ["palatable"], add_variants=False)
+    sub = planned[0].sub_ids
+    assert len(sub) > 1
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"{'so ' * k}{'palatable, ' * 6}said the cook." for k in range(6)),
+                      encoding="utf-8")
+
+    def cut(snippets):
+        return sum(any(s.ids[-k:] == sub[:k] for k in range(1, len(sub))) for s in snippets)
+
+    lengths = range(len(sub) + 2, 3 * len(sub))
+    kept = [retrieve([corpus], tok, planned, 25, n, 0, start_id(tok))[0] for n in lengths]
+    assert sum(map(len, kept)) > 50 and sum(map(cut, kept)) == 0
+    monkeypatch.setattr(contexts, "end_before_word", lambda ids, end, after, sub: after)
+    assert sum(cut(retrieve([corpus], tok, planned, 25, n, 0, start_id(tok))[0]) for n in lengths) > 0
+
+
 def test_left_context_caps_the_tokens_before_the_word(tokenizers_by_kind, corpus_file):
     tok = tokenizers_by_kind["bytelevel"]
     planned, _ = plan_new_tokens(tok, ["palatable", "bivalve"], add_variants=False)
@@ -480,6 +530,27 @@ def test_freeciv_corpus_reads_each_nations_legend(tmp_path, monkeypatch):
     assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
         'Acadia was first founded in 1604 as the first French colony in North America, "New France".',
         "The Zulu kingdom rose under Shaka in the early nineteenth century."]
+
+
+def test_crawl_corpus_reads_each_description_without_key_comments_or_markup(tmp_path, monkeypatch):
+    """The untuned corpus of the forty-eighth stop: each `%%%%`-separated entry of Dungeon Crawl's English
+    description files, its key line, comments, colour tags, Lua and placeholders dropped; the key bindings and the
+    tutorial left out."""
+    from tokdistill_fast.tools import demo
+
+    root = tmp_path / "descript"
+    root.mkdir()
+    (root / "monsters.txt").write_text(
+        "%%%%\n# Uniques\nAgnes\n\nThis spriggan is aged and weathered from years of travel away from\nthe "
+        "forests of her kin.\n%%%%\n__d_suffix\n\n<__c_suffix>\n%%%%\nogre\n\nA huge, <lightred>ugly</lightred> "
+        "giant that @says@ little and eats much{{ return 1 }}.\n%%%%\n", encoding="utf-8")
+    (root / "tutorial.txt").write_text("%%%%\nmove\n\nPress <w>h</w> to move left, and keep pressing it.\n",
+                                      encoding="utf-8")
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / path.name)
+    out = demo.crawl_corpus(tmp_path / "crawl.txt", tmp_path)
+    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+        "This spriggan is aged and weathered from years of travel away from the forests of her kin.",
+        "A huge, ugly giant that little and eats much."]
 
 
 def test_lilypond_corpus_reads_the_english_prose_manuals(tmp_path, monkeypatch):

@@ -348,6 +348,23 @@ def freeciv_corpus(out: Path, cache: Path | None = None) -> Path:
     return write_documents(out, (re.sub(r'\\(.)', r"\1", legend.replace("\\\n", "")) for legend in legends))
 
 
+CRAWL_HELP = {"commands.txt", "hints.txt", "tutorial.txt"}  # key bindings and tutorial screens, not prose
+CRAWL_MARKUP = re.compile(r"<[^<>\n]*>|\{\{.*?\}\}|@\w+@", re.S)  # colour and key tags, Lua, placeholders
+
+
+def crawl_corpus(out: Path, cache: Path | None = None) -> Path:
+    """Dungeon Crawl Stone Soup's descriptions (crawl-common; 2026-12-06, forty-eighth stop: the lore of its
+    monsters, gods, places, items and spells, and the literary quotations beside them): each `%%%%`-separated
+    entry of the English files without its key line, comments and markup."""
+    if out.exists():
+        return out
+    root = debian_file("crawl-common", Path("/usr/share/crawl/dat/descript/monsters.txt"), cache).parent
+    entries = ([line for line in entry.splitlines() if not line.startswith("#")]
+               for f in sorted(root.glob("*.txt")) if f.name not in CRAWL_HELP
+               for entry in f.read_text(encoding="utf-8").split("%%%%\n"))
+    return write_documents(out, (CRAWL_MARKUP.sub("", "\n".join(lines[1:])) for lines in entries))
+
+
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
     """WordNet glosses with their example sentences, one per paragraph."""
     if out.exists():
@@ -397,8 +414,9 @@ def main(argv: list[str] | None = None) -> int:
                         "manuals (kicad-doc-en), Wireshark's guides (wireshark-doc), GNU Octave's manual (octave-doc), "
                         "Exim's specification (exim4-doc-html), the Apache HTTP Server's manual (apache2-doc), "
                         "the King James Bible (bible-kjv-text, bible-kjv), LilyPond's manuals (lilypond-doc-html), "
-                        "NetHack's Guidebook (nethack-common), Stellarium's sky cultures (stellarium-data) and the "
-                        "legends of Freeciv's nations (freeciv-data), split 3:1")
+                        "NetHack's Guidebook (nethack-common), Stellarium's sky cultures (stellarium-data), the "
+                        "legends of Freeciv's nations (freeciv-data) and Dungeon Crawl's descriptions "
+                        "(crawl-common), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
@@ -422,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             built["nethack"] = nethack_corpus(cache_dir() / "corpora" / "nethack.txt")
             built["skycultures"] = skycultures_corpus(cache_dir() / "corpora" / "skycultures.txt")
             built["freeciv"] = freeciv_corpus(cache_dir() / "corpora" / "freeciv.txt")
+            built["crawl"] = crawl_corpus(cache_dir() / "corpora" / "crawl.txt")
             for name, corpus in built.items():
                 paths[name], paths[f"{name}_heldout"] = corpus, split_corpus(corpus)[1]
         if args.what == "prepare":
