@@ -102,6 +102,25 @@ def brute_force(orig, ad, hs: HeldoutSet, V: int, new_ids: list[int], layer: int
     return map(np.asarray, (kl, top1, mass, mse, nll_t, nll_s))
 
 
+def test_heldout_scores_a_repeated_window_once(tokenizers_by_kind, tmp_path):
+    """Two hits of a word in a document shorter than the window cut the same snippet, aligned from the same first
+    occurrence: the held-out set keeps it once (each distinct window of each word one sample)."""
+    from tokdistill_fast.contexts import retrieve
+    from tokdistill_fast.tokens import plan_new_tokens
+
+    tok = tokenizers_by_kind["bytelevel"]
+    planned, _ = plan_new_tokens(tok, ["palatable", "bivalve"], add_variants=False)
+    text = tmp_path / "h.txt"
+    text.write_text("A palatable soup, palatable bread.\n\nThe bivalve was palatable.\n\nA bivalve, a bivalve.\n",
+                    encoding="utf-8")
+    start = start_id(tok)
+    raw, _, _ = retrieve([text], tok, planned, 5, 40, 0, start, option="--heldout")
+    hs = build_heldout([text], tok, planned, [1000, 1001], 5, 40, 0, start)
+    windows = {(s.token, tuple(s.ids)) for s in raw}
+    assert len(raw) == 6 and hs.n == len(windows) == 4
+    assert np.bincount(hs.snippet_token, minlength=2).tolist() == [2, 2]
+
+
 def test_scores_match_plain_forward(adapted, heldout_file):
     src, out = adapted
     orig_model, orig_tok = load_model(src, torch.device("cpu"), torch.float32)

@@ -165,6 +165,12 @@ def build_heldout(paths: list[str | Path], tokenizer, toks: list[NewToken], new_
     """Retrieve held-out snippets for `toks` (primaries) and align them, merging each token's subtokens into its
     id in `new_ids`. Tokens without held-out hits get no snippets (the report lists them)."""
     snippets, stats, _ = contexts.retrieve(paths, tokenizer, toks, per_token, length, seed, start, option="--heldout")
+    # two hits in a short document (or a passage the text repeats) cut the same window, aligned from the same first
+    # occurrence: it is scored once, not once per hit
+    unique: dict[tuple, contexts.Snippet] = {}
+    for s in snippets:
+        unique.setdefault((s.token, tuple(s.ids)), s)
+    snippets = list(unique.values())
     if not snippets:
         raise UserInputError("no held-out snippet contains any of the new tokens; pass more --heldout text")
     teacher_ids, cu_teacher = align.pack([s.ids for s in snippets])
