@@ -206,13 +206,10 @@ def end_before_word(ids: list[int], end: int, after: int, sub: list[int]) -> int
     (`sub`, whose rest follows in `ids` as far as they go): the positions inside a cut occurrence read subtokens that
     the extended tokenizer never emits for the word, where the original model copies the word's next subtoken from
     its earlier occurrence and a model reading the new token cannot (up to 8 nats of KL a pair in `tokdistill eval`)."""
-    cut = True
-    while cut:  # a word whose subtokens repeat can overlap itself: end before every cut occurrence
-        stop, cut = end + after, False
-        for k in range(min(len(sub) - 1, after), 0, -1):
-            if ids[stop - k:stop] == sub[:k] and ids[stop:stop + len(sub) - k] == sub[k:k + len(ids) - stop]:
-                after, cut = after - k, True
-                break
+    stop = end + after
+    for k in range(min(len(sub) - 1, after), 0, -1):
+        if ids[stop - k:stop] == sub[:k] and ids[stop:stop + len(sub) - k] == sub[k:k + len(ids) - stop]:
+            return end_before_word(ids, end, after - k, sub)  # a word can overlap itself: the new end again
     return after
 
 
