@@ -329,6 +329,11 @@ def test_left_context_is_checked():
     DistillConfig(left_context=8, target_tokenizer="t").validate()  # swaps cap their windows alike
 
 
+def documents(corpus) -> list[str]:
+    """The documents a demo corpus builder wrote (one per paragraph)."""
+    return corpus.read_text(encoding="utf-8").strip().split("\n\n")
+
+
 def test_fortunes_corpus_keeps_one_document_per_fortune(tmp_path, monkeypatch):
     """The untuned check corpus of `demo prepare --corpora`: fortunes split at '%' lines, whitespace folded, short
     entries and the ASCII-art files left out (the package's files stand in a temporary tree)."""
@@ -343,7 +348,7 @@ def test_fortunes_corpus_keeps_one_document_per_fortune(tmp_path, monkeypatch):
     (root / "art").write_text("  /\\_/\\  a cat drawn with characters, many of them, long enough\n%\n")
     (root / "people.dat").write_bytes(b"\0\1binary index")
     out = demo.fortunes_corpus(tmp_path / "fortunes.txt", tmp_path)
-    docs = out.read_text(encoding="utf-8").strip().split("\n\n")
+    docs = documents(out)
     assert docs == ["A man of words and not of deeds is like a garden full of weeds.",
                     "Never put off till tomorrow what you can do the day after tomorrow. -- Mark Twain"]
 
@@ -367,7 +372,7 @@ def test_debian_reference_corpus_starts_at_chapter_one(tmp_path, monkeypatch, na
                 f"foreign language.\n\n")
     out = demo.debian_reference_corpus(tmp_path / f"{name}.txt", tmp_path, language, chapter)
     assert asked == [f"debian-reference-{language}"]
-    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+    assert documents(out) == [
         "Learning a computer system is like learning a new foreign language."]
 
 
@@ -391,7 +396,7 @@ def test_html_manual_corpus_keeps_the_text_of_each_paragraph(tmp_path, monkeypat
     package, indexes, skip = demo.HTML_MANUALS[name]
     assert asked == [package] * len(indexes)
     licence = ["The licence, long enough to be kept were it not left out by name."] * (skip is None)
-    assert out.read_text(encoding="utf-8").strip().split("\n\n") == (
+    assert documents(out) == (
         licence + ['Return a str that names the "current" working directory.']) * len(indexes)
 
 
@@ -408,7 +413,7 @@ def test_maxima_corpus_leaves_out_the_one_page_copy_and_the_contents(tmp_path, m
         (lib / page).write_text(text if page in ("maxima_singlepage.html", "maxima_12.html") else
                                 "<p>A table of contents that is long enough to be kept.</p>")
     out = demo.html_manual_corpus("maxima", tmp_path / "maxima.txt", tmp_path)
-    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+    assert documents(out) == [
         "A table of contents that is long enough to be kept.",  # maxima.html, the index page itself
         "Maxima can search the info pages with the describe command."]
 
@@ -429,7 +434,7 @@ def test_git_docs_corpus_keeps_prose_paragraphs(tmp_path, monkeypatch):
         "patches.\n\n    indented literal text that is long enough to count as prose\n\n"
         "------------\n$ git rebase --onto master next topic and more shell text here\n------------\n")
     out = demo.git_docs_corpus(tmp_path / "gitdocs.txt", tmp_path)
-    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+    assert documents(out) == [
         "Reapply commits on top of another base tip, as git cherry-pick does; see git-am for patches."]
 
 
@@ -444,7 +449,7 @@ def test_gnu_standards_corpus_reads_both_manuals(tmp_path, monkeypatch):
     (docs / "standards.html").write_text("<p>Write <code>configure</code> scripts with Autoconf &amp; friends.</p>")
     (docs / "maintain.html").write_text("<p>Short.</p><p>Maintainers answer bug reports sent to the\n list.</p>")
     out = demo.gnu_standards_corpus(tmp_path / "gnustd.txt", tmp_path)
-    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+    assert documents(out) == [
         "Write configure scripts with Autoconf & friends.", "Maintainers answer bug reports sent to the list."]
 
 
@@ -461,7 +466,7 @@ def test_kjv_corpus_makes_one_document_per_chapter(tmp_path, monkeypatch):
     reader.chmod(reader.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: tmp_path / path.name)
     out = demo.kjv_corpus(tmp_path / "kjv.txt", tmp_path)
-    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+    assert documents(out) == [
         "In the beginning God created the heaven and the earth. And the earth was without form, and void.",
         "So David slept with his fathers, and was buried in the city."]
     reader.unlink()
@@ -484,7 +489,7 @@ def test_nethack_corpus_joins_the_formatted_guidebooks_paragraphs(tmp_path, monk
     (tmp_path / "Guidebook.txt.gz").write_bytes(gzip.compress(text.encode()))
     monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: tmp_path / path.name)
     out = demo.nethack_corpus(tmp_path / "nethack.txt", tmp_path)
-    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+    assert documents(out) == [
         "When NetHack's ancestor rogue first appeared, its screen orientation was almost unique among computer "
         "fantasy games.",
         "Unlike text adventure games that accept commands in pseudo-English sentences, NetHack commands are all one "
@@ -506,7 +511,7 @@ def test_skycultures_corpus_reads_paragraphs_and_list_items(tmp_path, monkeypatc
         (root / culture / "description.fr.utf8").write_text("<p>Une autre langue que l'anglais.</p>", encoding="utf-8")
     monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / "western" / path.name)
     out = demo.skycultures_corpus(tmp_path / "skycultures.txt", tmp_path)
-    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+    assert documents(out) == [
         "The Maya tracked Venus as the morning star for centuries.",
         "In Xhosa, a star is called \u201cinkwenkwezi\u201d.",
         "iQhawe \u2014 Sirius: Sirius is known as the champion."]
@@ -527,7 +532,7 @@ def test_freeciv_corpus_reads_each_nations_legend(tmp_path, monkeypatch):
                                        ' nineteenth century.")\n', encoding="utf-8")
     monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / path.name)
     out = demo.freeciv_corpus(tmp_path / "freeciv.txt", tmp_path)
-    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+    assert documents(out) == [
         'Acadia was first founded in 1604 as the first French colony in North America, "New France".',
         "The Zulu kingdom rose under Shaka in the early nineteenth century."]
 
@@ -548,7 +553,7 @@ def test_crawl_corpus_reads_each_description_without_key_comments_or_markup(tmp_
                                       encoding="utf-8")
     monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / path.name)
     out = demo.crawl_corpus(tmp_path / "crawl.txt", tmp_path)
-    assert out.read_text(encoding="utf-8").strip().split("\n\n") == [
+    assert documents(out) == [
         "This spriggan is aged and weathered from years of travel away from the forests of her kin.",
         "A huge, ugly giant that little and eats much."]
 
@@ -570,7 +575,7 @@ def test_lilypond_corpus_reads_the_english_prose_manuals(tmp_path, monkeypatch):
     (root / "notation" / "slurs.de.html").write_text("<p>Bögen werden mit Klammern nach der Note notiert.</p>")
     (root / "internals" / "grob.html").write_text("<p>The grob interface holds the properties of every grob.</p>")
     out = demo.html_manual_corpus("lilypond", tmp_path / "lilypond.txt", tmp_path)
-    assert out.read_text(encoding="utf-8").strip().split("\n\n") == ["Slurs are entered using ( and ) after the note."]
+    assert documents(out) == ["Slurs are entered using ( and ) after the note."]
 
 
 def test_start_of_text_forms_seen_inside_longer_words_are_left_out(model_dirs, tmp_path):
