@@ -141,7 +141,8 @@ class Variant:
 def run_pipeline(model, lang, args, variant: Variant) -> dict:
     """One distill() run with the library's defaults except where the flags or `variant` fix a setting; returns
     its timings, counts, FLOPs, resolved settings and the learned rows."""
-    from tokdistill_fast import DistillConfig, distill
+    from tokdistill_fast import DistillConfig, contexts, distill
+    from tokdistill_fast.evaluation import evalrun
 
     layer, lr, epochs, more = variant.fixed or (args.target_layer or "auto", args.lr or "auto", DistillConfig.epochs,
                                                 DistillConfig.more_epochs)
@@ -164,6 +165,7 @@ def run_pipeline(model, lang, args, variant: Variant) -> dict:
     reference_flop = flop_per_pos * (teacher + 2 * (epochs + more) * r["counts"]["student_tokens"])
     timings = {k: round(v, 3) for k, v in r["timings"].items()}
     primaries = [i for i, t in enumerate(result.tokens) if t.variant_of is None]
+    measured = [result.tokens[i] for i in primaries]
     return {"seconds": timings, "total_s": round(total, 3), "implementations": r["implementations"],
             "settings": {"target_layer": layers_run, "lr": r["settings"]["resolved_lr"], "epochs": epochs,
                          "more_epochs": more,
@@ -176,7 +178,8 @@ def run_pipeline(model, lang, args, variant: Variant) -> dict:
             "new_tokens_per_s": r["counts"]["added"] / total, "snippet_tokens_per_s": teacher / total,
             "steps": r["training"]["steps"], "passes": r["training"]["passes"],
             "first_step_loss": r["training"]["first_loss"], "last_step_loss": r["training"]["last_loss"],
-            "rows": result.rows[primaries], "tokens": [result.tokens[i] for i in primaries]}
+            "rows": result.rows[primaries], "tokens": measured,
+            "extended": contexts.Extended(result.tokenizer, evalrun.word_ids(measured, result.tokens))}
 
 
 class Heldout:
@@ -186,7 +189,9 @@ class Heldout:
     and next-token KL at the last layer, of any rows."""
 
     def __init__(self, model, lang, tokens: list, layer: int, n_tokens: int, snippets: int, length: int,
-                 split: str = "heldout"):
+                 split: str = "heldout", extended=None):
+        """`extended`: contexts.Extended of `tokens` (run_pipeline's), how the extended tokenizer reads the text."""
+        from tokdistill_fast import contexts
         from tokdistill_fast.evaluation import evalrun
         from tokdistill_fast.modeling import models
 
@@ -198,7 +203,9 @@ class Heldout:
                                          [V + r for r in range(len(self.sample))],
                                          [lang.heldout if split == "heldout" else lang.corpus],
                                          evalrun.EvalOptions(snippets_per_token=snippets, layers=(layer,),
-                                                             definitions=False, n_boot=200), length)
+                                                             definitions=False, n_boot=200), length,
+                                         extended=extended and contexts.Extended(
+                                             extended.tokenizer, [extended.ids[i] for i in self.sample]))
         from tokdistill_fast.rows import subtoken_mean
 
         self.before = self.measure(subtoken_mean(self.decoder.embed_weight, [tokens[i] for i in self.sample]))
@@ -343,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             fast = run_pipeline(model, lang, args, Variant("fast"))
             st = fast["settings"]
             measures = [Heldout(model, lang, fast["tokens"], st["target_layer"], args.heldout_tokens,
-                                args.heldout_snippets, args.snippet_length, split) for split in ("heldout", "train")]
+                                args.heldout_snippets, args.snippet_length, split, fast["extended"])
+                        for split in ("heldout", "train")]
             for m in measures:
                 m.record(fast)
             record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -375,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{a['noise_floor']['embedding_cosine']['min']:.5f}): "
                          + ("within" if a["within_floor"] else "OUTSIDE") + " the floor")
             for name, run in runs.items():
-                record[name] = {k: v for k, v in run.items() if k not in ("rows", "tokens")}
+                record[name] = {k: v for k, v in run.items() if k not in ("rows", "tokens", "extended")}
                 record[name]["fraction_of_peak"] = run["achieved_tflops"] * 1e12 / peak
             suffix = "-reference" if args.reference else ""  # the side-by-side run keeps the timed run's file
             path = out_dir / f"{device_slug(device)}-{args.config}-L{layer or 'auto'}{suffix}.json"

@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from tokdistill_fast.config import UserInputError
 from tokdistill_fast.contexts import (
     WORD_CHAR,
+    Extended,
     Hit,
+    end_before_unmerged,
     end_before_word,
     find_hits,
     place_window,
@@ -26,7 +28,7 @@ from tokdistill_fast.contexts import (
     start_id,
 )
 from tokdistill_fast.corpus import DOC_SPLIT, Corpus, corpus_files, iter_documents
-from tokdistill_fast.tokens import NewToken, plan_new_tokens
+from tokdistill_fast.tokens import NewToken, extend_tokenizer, plan_new_tokens
 
 FORMS = [" palatable", " spill the beans", " bivalve", " ün", "ab"]
 
@@ -301,6 +303,45 @@ def test_windows_end_before_a_word_they_would_cut(tokenizers_by_kind, tmp_path, 
     assert sum(map(len, kept)) > 50 and sum(map(cut, kept)) == 0
     monkeypatch.setattr(contexts, "end_before_word", lambda ids, end, after, sub: after)
     assert sum(cut(retrieve([corpus], tok, planned, 25, n, 0, start_id(tok))[0]) for n in lengths) > 0
+
+
+def test_end_before_unmerged_stops_at_the_first_occurrence_the_subtokens_do_not_spell():
+    ids = [5, 1, 2, 7, 1, 2, 8, 1, 3, 9]  # the word is [1, 2]; ids 7-9 end at characters 10, 20, ..., 100
+    ends = [10 * (k + 1) for k in range(len(ids))]
+    assert end_before_unmerged(ids, ends, 3, 7, [1, 2], [10, 40, 70]) == 4  # 70: inside id 7 ([1, 3]), not [1, 2]
+    assert end_before_unmerged(ids, ends, 3, 7, [1, 2], [10, 40]) == 7  # 40 is the merge's own [1, 2]
+    assert end_before_unmerged(ids, ends, 3, 3, [1, 2], [75]) == 3  # past the window's end
+    assert end_before_unmerged(ids, ends, 3, 7, [1, 2], [35]) == 0  # inside id 3, which spells 7, 1: not the word
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_heldout_windows_end_before_an_occurrence_only_the_extended_tokenizer_reads(tokenizers_by_kind, tmp_path,
+                                                                                    kind):
+    """An added token matches inside longer words, where the original tokenizer can spell the text otherwise
+    (" commit-graph" in " commit-graphs": " commit", "-", "graphs"), so the merge of held-out windows misses the
+    occurrence. Given the extended tokenizer, a window ends before it; without it, windows run through it."""
+    tok = tokenizers_by_kind[kind]
+    planned, _ = plan_new_tokens(tok, ["palatable"], add_variants=False)
+    sub = planned[0].sub_ids
+
+    def spelled(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    suffix = next(x for x in ("s", "ness", "x", "ly", "ed", "ity", "q", "zz") if spelled(" palatable" + x)[:len(sub)]
+                  != sub)
+    extended = Extended(extend_tokenizer(tok, planned, "added"), [frozenset({planned[0].new_id})])
+    assert planned[0].new_id in extended.tokenizer(" palatable" + suffix, add_special_tokens=False)["input_ids"]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"{'so ' * k}the palatable dish and the palatable{suffix} one, said the cook."
+                                   for k in range(8)), encoding="utf-8")
+
+    def occurrences(snippets) -> list[int]:
+        return [tok.decode(s.ids).count("palatable") for s in snippets]
+
+    ended = retrieve([corpus], tok, planned, 25, 40, 0, start_id(tok), extended=extended)[0]
+    through = retrieve([corpus], tok, planned, 25, 40, 0, start_id(tok))[0]
+    assert len(ended) == len(through) == 8
+    assert occurrences(ended) == [1] * 8 and occurrences(through) == [2] * 8
 
 
 def test_left_context_caps_the_tokens_before_the_word(tokenizers_by_kind, corpus_file):

@@ -426,6 +426,26 @@ def test_the_over_prediction_warning_offers_alpha_mass_only_where_it_did_not_tra
         assert "al-Sufi (0.30)" in caplog.text and ("--method token-distill+alpha-mass" in caplog.text) is offered
 
 
+def test_eval_cuts_held_out_windows_with_the_adapted_tokenizer(adapted, heldout_file, monkeypatch):
+    """`tokdistill eval` hands the retrieval the adapted directory's tokenizer and, per measured word, the ids of
+    all its forms, so that windows end where that tokenizer reads the word and the merge cannot (test_contexts)."""
+    from tokdistill_fast.evaluation import heldout
+
+    src, out = adapted
+    seen = []
+    build = heldout.build_heldout
+    monkeypatch.setattr(heldout, "build_heldout", lambda *a, **k: seen.append(a[-1]) or build(*a, **k))
+    run_eval(src, out, [heldout_file], None, EvalOptions(snippets_per_token=2, n_boot=20, definitions=False))
+    toks = read_adapted_tokens(load_model(src, torch.device("cpu"), torch.float32)[1], out)
+    primaries = [t for t in toks if t.variant_of is None]
+    extended = seen[0]
+    assert len(seen) == 2 and len(extended.ids) == len(primaries)  # the words, then their start-of-text variants
+    for t, ids in zip(primaries, extended.ids):
+        assert ids == {u.new_id for u in toks if (u.variant_of or u.word) == t.word}
+        assert extended.tokenizer(t.form, add_special_tokens=False)["input_ids"] == [t.new_id]
+    assert any(len(ids) > 1 for ids in extended.ids)  # a word's variants are its forms too
+
+
 def test_eval_api_and_bad_inputs(adapted, heldout_file, words_file, corpus_file, tmp_path, capsys):
     src, out = adapted
     report = run_eval(src, out, [heldout_file], None, EvalOptions(snippets_per_token=2, n_boot=20, definitions=False))

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import export, pipeline
+from .. import contexts, export, pipeline
 from ..config import METHODS, TRAINED_METHODS, DistillConfig, UserInputError
 from . import heldout
-from .evalrun import Baseline, EvalOptions, Measured
+from .evalrun import Baseline, EvalOptions, Measured, word_ids
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,10 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
             cache = pipeline.teacher_cache(prep, prep.work, layers)
         log.info("teacher cache: layers %s, %.1f MB", layers, cache.nbytes() / 2**20)
     with timer("heldout"):
-        baseline = Baseline.build(decoder, prep.tokenizer, [toks[i] for i in primaries], [V + i for i in primaries],
-                            heldout_paths, opts, base.snippet_length)
+        measured = [toks[i] for i in primaries]
+        baseline = Baseline.build(decoder, prep.tokenizer, measured, [V + i for i in primaries], heldout_paths, opts,
+                                  base.snippet_length,
+                                  extended=contexts.Extended(prep.new_tokenizer, word_ids(measured, toks)))
     forms = {V + i: t.form for i, t in enumerate(toks)}
     results = {
         "model": str(model), "corpus": [str(c) for c in corpus], "heldout": [str(h) for h in heldout_paths],

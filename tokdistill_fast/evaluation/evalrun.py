@@ -89,13 +89,15 @@ class Baseline:
 
     @classmethod
     def build(cls, decoder: Decoder, tokenizer, toks: list[NewToken], new_ids: list[int], paths: list,
-              opts: EvalOptions, snippet_length: int, warn_missing: bool = True) -> Baseline:
+              opts: EvalOptions, snippet_length: int, warn_missing: bool = True,
+              extended: contexts.Extended | None = None) -> Baseline:
         """Retrieve and align held-out snippets for `toks` (student ids `new_ids`), run the original model on them
-        and, if asked, generate its definitions. `warn_missing`: log each token without a held-out occurrence."""
+        and, if asked, generate its definitions. `warn_missing`: log each token without a held-out occurrence;
+        `extended`: how the extended tokenizer reads the text (heldout.build_heldout)."""
         layers = tuple(sorted({decoder.resolve_layer(l, "--mse-layers") for l in opts.layers}))
         start = contexts.start_id(tokenizer)
         hs = heldout.build_heldout(paths, tokenizer, toks, new_ids, opts.snippets_per_token, snippet_length,
-                                   opts.seed, start, opts.align_impl)
+                                   opts.seed, start, opts.align_impl, extended)
         for t, n in zip(toks, hs.hits):
             if n == 0 and warn_missing:
                 log.warning("no held-out occurrence of %r: left out of the held-out aggregates", t.word)
@@ -186,19 +188,29 @@ def read_adapted_tokens(original_tokenizer, adapted: Path) -> list[NewToken]:
     return toks
 
 
+def word_ids(measured: list[NewToken], toks: list[NewToken]) -> list[frozenset[int]]:
+    """Per measured token, the new ids of every form of its word among `toks` (running text and variants)."""
+    forms: dict[str, set[int]] = {}
+    for t in toks:
+        forms.setdefault(t.variant_of or t.word, set()).add(t.new_id)
+    return [frozenset(forms[t.variant_of or t.word]) for t in measured]
+
+
 def measure_variants(decoder: Decoder, tokenizer, toks: list[NewToken], scorer: heldout.Scorer,
-                     forms: dict[int, str], pieces: dict[int, int], paths: list, opts: EvalOptions, length: int
-                     ) -> dict | None:
+                     forms: dict[int, str], pieces: dict[int, int], paths: list, opts: EvalOptions, length: int,
+                     extended_tokenizer=None) -> dict | None:
     """The measure at the start-of-text variants' own occurrences ("word" after "(", ":" or a newline, where the
     tokenizer emits the variant), which the running-text forms' snippets never hold: up to a fifth of a technical
     corpus's occurrences (Git's manuals), more in some (the Debian Reference). None without variants."""
-    bare = [replace(t, variant_of=None) for t in toks if t.variant_of is not None and t.sub_ids]
-    if not bare:
+    variants = [t for t in toks if t.variant_of is not None and t.sub_ids]
+    if not variants:
         return None
+    bare = [replace(t, variant_of=None) for t in variants]
+    extended = None if extended_tokenizer is None else contexts.Extended(extended_tokenizer, word_ids(variants, toks))
     opts = replace(opts, definitions=False)
     try:
         base = Baseline.build(decoder, tokenizer, bare, [t.new_id for t in bare], paths, opts, length,
-                              warn_missing=False)
+                              warn_missing=False, extended=extended)
     except UserInputError:  # the held-out text never has a bare form where the tokenizer emits it
         return {"counts": {"variants": len(bare), "with_heldout": 0, "snippets": 0}}
     counts = {"variants": len(bare), "with_heldout": int(sum(1 for h in base.hs.hits if h)), "snippets": base.hs.n}
@@ -227,7 +239,8 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
     settings = run_settings(adapted)
     length = opts.snippet_length or int(settings.get("snippet_length") or 50)
     decoder = Decoder(orig_model)
-    baseline = Baseline.build(decoder, orig_tok, primaries, [t.new_id for t in primaries], heldout_paths, opts, length)
+    baseline = Baseline.build(decoder, orig_tok, primaries, [t.new_id for t in primaries], heldout_paths, opts, length,
+                              extended=contexts.Extended(ad_tok, word_ids(primaries, toks)))
     forms = {t.new_id: t.form for t in toks}
     scorer = heldout.Scorer(Decoder(ad_model), new_ids=sorted(forms))
     pieces = {t.new_id: t.sub_ids[0] for t in toks if t.sub_ids}  # each new token's first original subtoken
@@ -247,7 +260,8 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
         "kl_over_pairs": m.kl_over_pairs,
         "definitions": m.definition_summary if opts.definitions else None,
         "tokens": baseline.token_rows(m),
-        "variants": measure_variants(decoder, orig_tok, toks, scorer, forms, pieces, heldout_paths, opts, length),
+        "variants": measure_variants(decoder, orig_tok, toks, scorer, forms, pieces, heldout_paths, opts, length,
+                                     ad_tok),
     }
     if opts.vs_mean:  # after every measure of the adapted rows: this overwrites them
         subtoken_mean_model(ad_model, original, orig_model, toks)  # the scorer reads the rows in place

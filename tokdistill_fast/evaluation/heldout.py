@@ -161,10 +161,14 @@ class HeldoutSet:
 
 
 def build_heldout(paths: list[str | Path], tokenizer, toks: list[NewToken], new_ids: list[int], per_token: int,
-                  length: int, seed: int, start: int | None, align_impl: str = "auto") -> HeldoutSet:
+                  length: int, seed: int, start: int | None, align_impl: str = "auto",
+                  extended: contexts.Extended | None = None) -> HeldoutSet:
     """Retrieve held-out snippets for `toks` (primaries) and align them, merging each token's subtokens into its
-    id in `new_ids`. Tokens without held-out hits get no snippets (the report lists them)."""
-    snippets, stats, _ = contexts.retrieve(paths, tokenizer, toks, per_token, length, seed, start, option="--heldout")
+    id in `new_ids`; with `extended`, windows end before an occurrence of their word that the extended tokenizer
+    reads and the merge cannot (contexts.end_before_unmerged). Tokens without held-out hits get no snippets (the
+    report lists them)."""
+    snippets, stats, _ = contexts.retrieve(paths, tokenizer, toks, per_token, length, seed, start, option="--heldout",
+                                           extended=extended)
     # two hits in a short document (or a passage the text repeats) cut the same window, aligned from the same first
     # occurrence: it is scored once, not once per hit
     unique: dict[tuple, contexts.Snippet] = {}
