@@ -142,7 +142,6 @@ def run_pipeline(model, lang, args, variant: Variant) -> dict:
     """One distill() run with the library's defaults except where the flags or `variant` fix a setting; returns
     its timings, counts, FLOPs, resolved settings and the learned rows."""
     from tokdistill_fast import DistillConfig, contexts, distill
-    from tokdistill_fast.evaluation import evalrun
 
     layer, lr, epochs, more = variant.fixed or (args.target_layer or "auto", args.lr or "auto", DistillConfig.epochs,
                                                 DistillConfig.more_epochs)
@@ -179,7 +178,7 @@ def run_pipeline(model, lang, args, variant: Variant) -> dict:
             "steps": r["training"]["steps"], "passes": r["training"]["passes"],
             "first_step_loss": r["training"]["first_loss"], "last_step_loss": r["training"]["last_loss"],
             "rows": result.rows[primaries], "tokens": measured,
-            "extended": contexts.Extended(result.tokenizer, evalrun.word_ids(measured, result.tokens))}
+            "extended": contexts.Extended.of(result.tokenizer, measured, result.tokens)}
 
 
 class Heldout:
@@ -199,13 +198,14 @@ class Heldout:
         self.layer, self.split = layer, split
         self.sample = np.linspace(0, len(tokens) - 1, num=min(n_tokens, len(tokens))).round().astype(int)
         V = self.decoder.embed_weight.shape[0]
+        sampled = None if extended is None else contexts.Extended(extended.tokenizer,
+                                                                  [extended.ids[i] for i in self.sample])
         self.baseline = evalrun.Baseline.build(self.decoder, lang.tokenizer, [tokens[i] for i in self.sample],
                                          [V + r for r in range(len(self.sample))],
                                          [lang.heldout if split == "heldout" else lang.corpus],
                                          evalrun.EvalOptions(snippets_per_token=snippets, layers=(layer,),
                                                              definitions=False, n_boot=200), length,
-                                         extended=extended and contexts.Extended(
-                                             extended.tokenizer, [extended.ids[i] for i in self.sample]))
+                                         extended=sampled)
         from tokdistill_fast.rows import subtoken_mean
 
         self.before = self.measure(subtoken_mean(self.decoder.embed_weight, [tokens[i] for i in self.sample]))

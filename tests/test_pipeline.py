@@ -245,3 +245,23 @@ def test_hub_check_mass_serves_the_report_where_the_continued_rows_stay(model_di
     fresh = pipeline.new_token_mass(prep, learned.rows, None, cache)  # as the run measures: from its teacher pass
     np.testing.assert_array_equal(learned.mass[0], fresh[0])
     assert learned.mass[1:] == fresh[1:]
+
+
+def test_training_windows_end_before_an_occurrence_only_the_extended_tokenizer_reads(model_dirs, tmp_path):
+    """prepare hands the retrieval its extended tokenizer: a training window stops before a later occurrence of its
+    word inside a longer word, where the original tokenizer spells the text otherwise (tests/test_contexts.py), as
+    held-out windows do, so no target reads subtokens that the extended tokenizer never emits."""
+    from tokdistill_fast import pipeline
+
+    src = model_dirs[("llama", "bytelevel", True)]
+    tok = AutoTokenizer.from_pretrained(src)
+    sub = tok(" palatable", add_special_tokens=False)["input_ids"]
+    suffix = next(x for x in ("s", "ness", "x", "ly", "ed", "ity", "q", "zz")
+                  if tok(" palatable" + x, add_special_tokens=False)["input_ids"][:len(sub)] != sub)
+    corpus, words = tmp_path / "c.txt", tmp_path / "w.txt"
+    corpus.write_text("\n\n".join(f"{'so ' * k}the palatable and palatable{suffix} one was fine." for k in range(8)),
+                      encoding="utf-8")
+    words.write_text("palatable\n", encoding="utf-8")
+    prep = pipeline.prepare(src, words, [corpus], DistillConfig(**{**FAST, "snippet_length": 40}, dtype="float32"))
+    snippets = [s for s in prep.work.snippets if s.source == "corpus"]
+    assert len(snippets) == 8 and [tok.decode(s.ids).count("palatable") for s in snippets] == [1] * 8

@@ -79,11 +79,19 @@ class Hit(NamedTuple):
 
 
 class Extended(NamedTuple):
-    """How the extended tokenizer reads the held-out text: the `tokenizer`, and per token the new ids it emits for
-    that word (its running-text form and its variants)."""
+    """How the extended tokenizer reads the text: the `tokenizer`, and per token the new ids it emits for that word
+    (its running-text form and its variants)."""
 
     tokenizer: object
     ids: list[frozenset[int]]
+
+    @classmethod
+    def of(cls, tokenizer, tokens: list[NewToken], every: list[NewToken]) -> Extended:
+        """`tokenizer` with, per token of `tokens`, the new ids of all forms of its word among `every`."""
+        forms: dict[str, set[int]] = {}
+        for t in every:
+            forms.setdefault(t.variant_of or t.word, set()).add(t.new_id)
+        return cls(tokenizer, [frozenset(forms[t.variant_of or t.word]) for t in tokens])
 
 
 @dataclass
@@ -242,8 +250,8 @@ def end_before_unmerged(ids: list[int], ends: list[int], end: int, after: int, s
 def cut_snippets(tokenizer, tokens: list[NewToken], hits: list[list[Hit]], length: int, start: int | None,
                  max_before: int | None = None, extended: Extended | None = None) -> tuple[list[Snippet], list[int]]:
     """Tokenize each hit's window once (batched, with offsets) and cut snippets of at most `length` ids, with at
-    most `max_before` of them before the word (None: the word centred); with `extended` (held-out text), each
-    window ends before an occurrence of its word that the extended tokenizer emits and the subtokens do not spell.
+    most `max_before` of them before the word (None: the word centred); with `extended`, each window ends before an
+    occurrence of its word that the extended tokenizer emits and the subtokens do not spell.
     Returns the snippets and, per token, how many hits were dropped because the word tokenized differently."""
     flat = [(i, h) for i, hs in enumerate(hits) for h in hs]
     budget = length - (start is not None)

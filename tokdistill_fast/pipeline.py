@@ -140,7 +140,8 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
         V = decoder.embed_weight.shape[0]
         with timer("contexts"):
             work = work_dir.stage("workload", lambda: build_workload(cfg, lm, tokenizer, toks, list(corpus),
-                                                                     contexts.start_id(tokenizer), V))
+                                                                     contexts.start_id(tokenizer), V,
+                                                                     extended_tokenizer=new_tokenizer))
         for i, n in zip(work.primaries, work.snippets_per_row()):
             log.info("%-24r %3d snippet(s) [%s]", toks[i].word, n, work.sources[i])
     return Prepared(cfg, decoder, tokenizer, new_tokenizer, toks, skipped, work, tied, device, dtype, backend,
@@ -557,7 +558,7 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
     V = decoder.embed_weight.shape[0]
     keep = max(1, int(VARIANT_SHARE * cfg.snippets_per_token))
     work = build_workload(cfg.replace(snippets_per_token=keep), decoder.model, prep.tokenizer, toks, prep.corpus,
-                          contexts.start_id(prep.tokenizer), V, train=variants)
+                          contexts.start_id(prep.tokenizer), V, train=variants, extended_tokenizer=prep.new_tokenizer)
     per_row = work.snippets_per_row()
     have = np.flatnonzero(per_row > 0)
     log.info("variants: %d of %d variant(s) have corpus snippets of their own (%d in all)", len(have),

@@ -43,20 +43,22 @@ def trained_tokens(cfg: DistillConfig, toks: list[NewToken]) -> list[int]:
 
 
 def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], corpus: list,
-                    start: int | None, train: list[int] | None = None
+                    start: int | None, train: list[int] | None = None, extended_tokenizer=None
                     ) -> tuple[list[contexts.Snippet], dict, dict, dict]:
     """Retrieve snippets for the tokens to train; top up tokens with too few (cfg.top_up) from the model's own
     continuations of their snippets, or from generations prompted with the word where the corpus has none.
-    `train`: other tokens to retrieve for (start-of-text variants), which take only what the corpus has."""
+    `train`: other tokens to retrieve for (start-of-text variants), which take only what the corpus has;
+    `extended_tokenizer`: windows end before an occurrence of their word that only it reads (contexts.cut_snippets)."""
     primaries = trained_tokens(cfg, toks) if train is None else train
     found = dict.fromkeys(primaries, 0)
     stats: dict = {}
     snippets: list[contexts.Snippet] = []
     if cfg.contexts == "retrieve":
         sub = [toks[i] for i in primaries]
+        extended = None if extended_tokenizer is None else contexts.Extended.of(extended_tokenizer, sub, toks)
         got, rstats, dropped = contexts.retrieve(corpus, tokenizer, sub, cfg.snippets_per_token,
                                                  cfg.snippet_length, cfg.seed, start, cfg.stop_when_full,
-                                                 cfg.max_corpus_bytes, cfg.left_context)
+                                                 cfg.max_corpus_bytes, cfg.left_context, extended=extended)
         for s in got:
             s.token = primaries[s.token]
             found[s.token] += 1
@@ -89,10 +91,11 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
 
 
 def build_workload(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], corpus: list, start: int | None,
-                   V: int, train: list[int] | None = None) -> Workload:
-    """Snippets of the tokens to train (`train`: corpus snippets only of these, see gather_contexts) and their
-    alignment; student ids of new tokens are V + their row."""
-    snippets, found, sources, retrieval = gather_contexts(cfg, model, tokenizer, toks, corpus, start, train)
+                   V: int, train: list[int] | None = None, extended_tokenizer=None) -> Workload:
+    """Snippets of the tokens to train (`train` and `extended_tokenizer`: see gather_contexts) and their alignment;
+    student ids of new tokens are V + their row."""
+    snippets, found, sources, retrieval = gather_contexts(cfg, model, tokenizer, toks, corpus, start, train,
+                                                          extended_tokenizer)
     primaries = trained_tokens(cfg, toks) if train is None else train
     row_of = {tok_i: r for r, tok_i in enumerate(primaries)}
     teacher_ids, cu_teacher = align.pack([s.ids for s in snippets], cfg.align_impl)

@@ -24,7 +24,7 @@ import numpy as np
 from .. import contexts, export, pipeline
 from ..config import METHODS, TRAINED_METHODS, DistillConfig, UserInputError
 from . import heldout
-from .evalrun import Baseline, EvalOptions, Measured, word_ids
+from .evalrun import Baseline, EvalOptions, Measured
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
         measured = [toks[i] for i in primaries]
         baseline = Baseline.build(decoder, prep.tokenizer, measured, [V + i for i in primaries], heldout_paths, opts,
                                   base.snippet_length,
-                                  extended=contexts.Extended(prep.new_tokenizer, word_ids(measured, toks)))
+                                  extended=contexts.Extended.of(prep.new_tokenizer, measured, toks))
     forms = {V + i: t.form for i, t in enumerate(toks)}
     results = {
         "model": str(model), "corpus": [str(c) for c in corpus], "heldout": [str(h) for h in heldout_paths],

@@ -188,14 +188,6 @@ def read_adapted_tokens(original_tokenizer, adapted: Path) -> list[NewToken]:
     return toks
 
 
-def word_ids(measured: list[NewToken], toks: list[NewToken]) -> list[frozenset[int]]:
-    """Per measured token, the new ids of every form of its word among `toks` (running text and variants)."""
-    forms: dict[str, set[int]] = {}
-    for t in toks:
-        forms.setdefault(t.variant_of or t.word, set()).add(t.new_id)
-    return [frozenset(forms[t.variant_of or t.word]) for t in measured]
-
-
 def measure_variants(decoder: Decoder, tokenizer, toks: list[NewToken], scorer: heldout.Scorer,
                      forms: dict[int, str], pieces: dict[int, int], paths: list, opts: EvalOptions, length: int,
                      extended_tokenizer=None) -> dict | None:
@@ -206,7 +198,7 @@ def measure_variants(decoder: Decoder, tokenizer, toks: list[NewToken], scorer: 
     if not variants:
         return None
     bare = [replace(t, variant_of=None) for t in variants]
-    extended = None if extended_tokenizer is None else contexts.Extended(extended_tokenizer, word_ids(variants, toks))
+    extended = None if extended_tokenizer is None else contexts.Extended.of(extended_tokenizer, variants, toks)
     opts = replace(opts, definitions=False)
     try:
         base = Baseline.build(decoder, tokenizer, bare, [t.new_id for t in bare], paths, opts, length,
@@ -240,7 +232,7 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
     length = opts.snippet_length or int(settings.get("snippet_length") or 50)
     decoder = Decoder(orig_model)
     baseline = Baseline.build(decoder, orig_tok, primaries, [t.new_id for t in primaries], heldout_paths, opts, length,
-                              extended=contexts.Extended(ad_tok, word_ids(primaries, toks)))
+                              extended=contexts.Extended.of(ad_tok, primaries, toks))
     forms = {t.new_id: t.form for t in toks}
     scorer = heldout.Scorer(Decoder(ad_model), new_ids=sorted(forms))
     pieces = {t.new_id: t.sub_ids[0] for t in toks if t.sub_ids}  # each new token's first original subtoken
