@@ -83,6 +83,14 @@ def assert_close_as_reference(ours, same, gold, floor: float = 1e-5):
     assert err(ours) <= 2 * err(same) + floor * gold.abs().max().item(), (err(ours), err(same))
 
 
+def respelling_suffix(tokenizer, form: str) -> str:
+    """A suffix after which `tokenizer` no longer spells `form` with its own subtokens (" palatable" + "s"): text
+    where an added token for `form` matches and the original subtokens do not."""
+    sub = tokenizer(form, add_special_tokens=False)["input_ids"]
+    return next(x for x in ("s", "ness", "x", "ly", "ed", "ity", "q", "zz")
+                if tokenizer(form + x, add_special_tokens=False)["input_ids"][:len(sub)] != sub)
+
+
 def hidden_and_grad(dec, h0: torch.Tensor, layer: int):
     """(hidden states at `layer`, their squares' sum's gradient at h0) of one decoder pass."""
     h = h0.clone().requires_grad_()

@@ -11,6 +11,7 @@ import random
 import stat
 
 import pytest
+from conftest import respelling_suffix
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -322,13 +323,7 @@ def test_heldout_windows_end_before_an_occurrence_only_the_extended_tokenizer_re
     occurrence. Given the extended tokenizer, a window ends before it; without it, windows run through it."""
     tok = tokenizers_by_kind[kind]
     planned, _ = plan_new_tokens(tok, ["palatable"], add_variants=False)
-    sub = planned[0].sub_ids
-
-    def spelled(text: str) -> list[int]:
-        return tok(text, add_special_tokens=False)["input_ids"]
-
-    suffix = next(x for x in ("s", "ness", "x", "ly", "ed", "ity", "q", "zz") if spelled(" palatable" + x)[:len(sub)]
-                  != sub)
+    suffix = respelling_suffix(tok, " palatable")
     extended = Extended(extend_tokenizer(tok, planned, "added"), [frozenset({planned[0].new_id})])
     assert planned[0].new_id in extended.tokenizer(" palatable" + suffix, add_special_tokens=False)["input_ids"]
     corpus = tmp_path / "c.txt"

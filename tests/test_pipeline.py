@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import NEW_WORDS, synthetic_text
+from conftest import NEW_WORDS, respelling_suffix, synthetic_text
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -255,9 +255,7 @@ def test_training_windows_end_before_an_occurrence_only_the_extended_tokenizer_r
 
     src = model_dirs[("llama", "bytelevel", True)]
     tok = AutoTokenizer.from_pretrained(src)
-    sub = tok(" palatable", add_special_tokens=False)["input_ids"]
-    suffix = next(x for x in ("s", "ness", "x", "ly", "ed", "ity", "q", "zz")
-                  if tok(" palatable" + x, add_special_tokens=False)["input_ids"][:len(sub)] != sub)
+    suffix = respelling_suffix(tok, " palatable")
     corpus, words = tmp_path / "c.txt", tmp_path / "w.txt"
     corpus.write_text("\n\n".join(f"{'so ' * k}the palatable and palatable{suffix} one was fine." for k in range(8)),
                       encoding="utf-8")
