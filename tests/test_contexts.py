@@ -633,3 +633,17 @@ def test_start_of_text_forms_seen_inside_longer_words_are_left_out(model_dirs, t
     corpus.write_text("the unpalatable soup\n\n" * 2 + "(palatable) food\n\n" * 5, encoding="utf-8")
     assert [t.form for t in distill(model, ["palatable"], [corpus], None, DistillConfig(method="mean")).tokens] == [
         " palatable", "palatable"]
+
+
+def test_a_hit_inside_a_longer_new_word_is_no_hit(tokenizers_by_kind, tmp_path):
+    """Where two new words nest (" bivalve" in " bivalve-like"), the extended tokenizer emits the longer one, so
+    the shorter one's match there is no occurrence of it: given the extended tokenizer, retrieval drops it."""
+    tok = tokenizers_by_kind["bytelevel"]
+    planned, _ = plan_new_tokens(tok, ["bivalve", "bivalve-like"], add_variants=False)
+    extended = Extended.of(extend_tokenizer(tok, planned, "added"), planned, planned)
+    corpus = tmp_path / "c.txt"
+    docs = ["the cook found a bivalve in the river.", "a bivalve-like shell, said the cook."]
+    corpus.write_text("\n\n".join(docs * 5), encoding="utf-8")
+    snippets, _, dropped = retrieve([corpus], tok, planned, 25, 40, 0, start_id(tok), extended=extended)
+    assert [sum(s.token == i for s in snippets) for i in range(2)] == [5, 5] and dropped == [5, 0]
+    assert retrieve([corpus], tok, planned, 25, 40, 0, start_id(tok))[2] == [0, 0]  # without it: 10 hits

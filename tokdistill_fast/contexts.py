@@ -250,7 +250,8 @@ def end_before_unmerged(ids: list[int], ends: list[int], end: int, after: int, s
 def cut_snippets(tokenizer, tokens: list[NewToken], hits: list[list[Hit]], length: int, start: int | None,
                  max_before: int | None = None, extended: Extended | None = None) -> tuple[list[Snippet], list[int]]:
     """Tokenize each hit's window once (batched, with offsets) and cut snippets of at most `length` ids, with at
-    most `max_before` of them before the word (None: the word centred); with `extended`, each window ends before an
+    most `max_before` of them before the word (None: the word centred); with `extended`, a hit counts only where the
+    extended tokenizer emits the word's id (not " ALGOL" inside a new " ALGOL-like"), and each window ends before an
     occurrence of its word that the extended tokenizer emits and the subtokens do not spell.
     Returns the snippets and, per token, how many hits were dropped because the word tokenized differently."""
     flat = [(i, h) for i, hs in enumerate(hits) for h in hs]
@@ -265,16 +266,17 @@ def cut_snippets(tokenizer, tokens: list[NewToken], hits: list[list[Hit]], lengt
         for n, ((i, h), ids, offsets) in enumerate(zip(part, enc["input_ids"], enc["offset_mapping"])):
             first = next((k for k, (s, e) in enumerate(offsets) if e > h.start), None)
             sub = tokens[i].sub_ids
-            if first is None or ids[first:first + len(sub)] != sub or not h.start <= offsets[first][0] <= h.start + 1:
+            emitted = None if ext is None else [a for t, (a, _) in zip(ext["input_ids"][n], ext["offset_mapping"][n])
+                                                if t in extended.ids[i]]
+            if first is None or ids[first:first + len(sub)] != sub or not h.start <= offsets[first][0] <= h.start + 1 \
+                    or emitted is not None and h.start not in emitted:  # " ALGOL" in " ALGOL-like", both new
                 dropped[i] += 1
                 continue
             lo = 0 if h.at_doc_start else 1  # a window cut mid-text may start and end inside a word
             hi = len(ids) if h.at_doc_end else len(ids) - 1
             end = first + len(sub)
             before, after = place_window(first - lo, len(sub), max(hi - end, 0), budget, max_before)
-            if ext is not None:
-                emitted = [a for t, (a, _) in zip(ext["input_ids"][n], ext["offset_mapping"][n])
-                           if t in extended.ids[i]]
+            if emitted is not None:
                 after = end_before_unmerged(ids, [e for _, e in offsets], end, after, sub, emitted)
             window = ids[first - before:end + end_before_word(ids, end, after, sub)]
             snippets.append(Snippet(i, ([start] if start is not None else []) + window, "corpus"))
