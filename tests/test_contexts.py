@@ -29,9 +29,9 @@ from tokdistill_fast.contexts import (
     start_id,
 )
 from tokdistill_fast.corpus import DOC_SPLIT, Corpus, corpus_files, iter_documents
-from tokdistill_fast.tokens import NewToken, extend_tokenizer, plan_new_tokens
+from tokdistill_fast.tokens import NewToken, extend_tokenizer, plan_new_tokens, spaceless
 
-FORMS = [" palatable", " spill the beans", " bivalve", " ün", "ab"]
+FORMS = [" palatable", " spill the beans", " bivalve", " ün", "ab", "パッケージ"]
 
 
 def toks(forms=FORMS) -> list[NewToken]:
@@ -40,7 +40,8 @@ def toks(forms=FORMS) -> list[NewToken]:
 
 def find_hits_ref(documents: list[str], tokens: list[NewToken], keep: int, window: int, seed: int):
     """The spec: each whole document searched on its own, hits in order, reservoir sample per token; also the
-    matches inside longer words per token (a bare form after a space is the running-text form's)."""
+    matches inside longer words per token (a bare form after a space is the running-text form's; a form written
+    without spaces stands wherever it occurs)."""
     draw = random.Random(seed).random
     kept: list[list[Hit]] = [[] for _ in tokens]
     counts, inside = [0] * len(tokens), [0] * len(tokens)
@@ -52,10 +53,11 @@ def find_hits_ref(documents: list[str], tokens: list[NewToken], keep: int, windo
                 found.append((at + len(tok.form), -len(tok.form), i, at))
                 at = doc.find(tok.form, at + 1)
         for end, _, i, start in sorted(found):  # Aho-Corasick order: by end, longer match first
-            bare = tokens[i].form[0] != " "
+            bare = None if spaceless(tokens[i].form) else tokens[i].form[0] != " "
             if bare and start > 0 and doc[start - 1] == " ":
                 continue  # after a space, where " word" is the token
-            if end < len(doc) and WORD_CHAR.match(doc, end) or bare and start > 0 and WORD_CHAR.match(doc, start - 1):
+            if bare is not None and (end < len(doc) and WORD_CHAR.match(doc, end)
+                                     or bare and start > 0 and WORD_CHAR.match(doc, start - 1)):
                 inside[i] += 1
                 continue
             counts[i] += 1
@@ -79,7 +81,7 @@ def text_docs(raw: str) -> list[str]:
     return DOC_SPLIT.split(raw.replace("\r\n", "\n").replace("\r", "\n"))
 
 
-TRICKY = ("x palatable\n\n palatable \n \t\n\n\n palatable palatableness spill the beans. ün ün\n"
+TRICKY = ("x palatable\n\n palatable \n \t\n\n\n palatable palatableness spill the beans. ün ün のパッケージを\n"
           " bivalve" * 3 + "\r\n\r\nab ab-ab cab abc\n" + "long line palatable " * 40 + "\n\n\n"
           + " ün bivalve" * 30 + "\nend ab")
 
@@ -91,13 +93,14 @@ def test_text_streaming_equals_whole_file(tmp_path, chunk):
     stats = assert_same(Corpus([path], chunk=chunk), text_docs(TRICKY))
     assert sum(stats.hits) > 100 and stats.inside[0] == 3 and stats.inside[4] > 40  # palatableness; "ab" in cab,
     # abc and every "palatable"
+    assert stats.hits[5] == 3 and stats.inside[5] == 0  # between Japanese letters
     assert stats.chars == sum(map(len, text_docs(TRICKY)))
     assert list(iter_documents([path])) == text_docs(TRICKY)  # `select` sees the same documents
 
 
 @settings(max_examples=150, deadline=None)
 @given(parts=st.lists(st.sampled_from(["palatable", " palatable", "spill the beans", "ün", " ", "\n", "\n\n",
-                                       " \t", "ab", "x", "é", "\r\n", "bivalve"]), max_size=60),
+                                       " \t", "ab", "x", "é", "\r\n", "bivalve", "パッケージ", "の"]), max_size=60),
        chunk=st.integers(1, 24), keep=st.integers(1, 4), window=st.integers(0, 12))
 def test_streaming_equals_spec_on_random_text(tmp_path_factory, parts, chunk, keep, window):
     raw = "".join(parts)
@@ -219,10 +222,10 @@ def test_not_utf8_is_a_user_error(tmp_path):
 
 def test_stop_when_full_and_max_bytes_end_the_pass_early(tmp_path):
     path = tmp_path / "c.txt"
-    path.write_text(("x palatable y ün bivalve (ab spill the beans\n\n" * 500), encoding="utf-8")
+    path.write_text(("x palatable y ün bivalve (ab spill the beans のパッケージを\n\n" * 500), encoding="utf-8")
     size = path.stat().st_size
     _, whole = find_hits(Corpus([path], chunk=256), toks(), 4, 20, 0)
-    assert whole.stopped_early is None and whole.hits == [500] * 5
+    assert whole.stopped_early is None and whole.hits == [500] * 6
     kept, early = find_hits(Corpus([path], chunk=256), toks(), 4, 20, 0, stop_when_full=True)
     assert early.stopped_early == "full" and all(len(k) == 4 for k in kept)
     assert early.chars < size // 10
@@ -389,27 +392,32 @@ def test_fortunes_corpus_keeps_one_document_per_fortune(tmp_path, monkeypatch):
                     "Never put off till tomorrow what you can do the day after tomorrow. -- Mark Twain"]
 
 
-@pytest.mark.parametrize("name", ["debref", "debref-de", "debref-fr"])
-def test_debian_reference_corpus_starts_at_chapter_one(tmp_path, monkeypatch, name):
-    """The Debian Reference in English, German and French: the package's text from chapter 1's heading on, one
-    document per paragraph; the table of contents before it (whose lines name chapters and tables too) is skipped."""
+@pytest.mark.parametrize("name, chapter", [("debref", "Chapter"), ("debref-de", "Kapitel"),
+                                           ("debref-fr", "Chapitre"), ("debref-ja", "第")])
+def test_debian_reference_corpus_starts_at_chapter_one(tmp_path, monkeypatch, name, chapter):
+    """The Debian Reference in English, German, French and Japanese: the package's text from chapter 1's heading on,
+    one document per paragraph; the table of contents before it (whose lines name chapters and tables too) is
+    skipped, and a line break between Japanese letters joins its lines without a space."""
     import gzip
 
     from tokdistill_fast.tools import demo
 
-    language, chapter = demo.DEBIAN_REFERENCES[name]
+    language, heading = demo.DEBIAN_REFERENCES[name]
+    first = "第1章" if language == "ja" else f"{chapter} 1."
     src = tmp_path / f"debian-reference.{language}.txt.gz"
     asked = []
     monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: asked.append(package) or src)
     with gzip.open(src, "wt", encoding="utf-8") as f:
         f.write(f"Debian Reference\n\n   1. {chapter} one, listed in the contents, long enough to be kept\n"
                 f"Table 1.8. A table whose caption starts a line, long enough to be kept\n\n"
-                f"{chapter} 1. GNU/Linux tutorials\n\n    Learning a computer system is like learning a new "
-                f"foreign language.\n\n")
-    out = demo.debian_reference_corpus(tmp_path / f"{name}.txt", tmp_path, language, chapter)
+                f"{first} GNU/Linux tutorials\n\n    Learning a computer system is like learning a new "
+                f"foreign language.\n\n    名前付きパイプは、パイプのように働くファイ\n    ルです。"
+                f"Debian\n    パッケージを使います。\n\n")
+    out = demo.debian_reference_corpus(tmp_path / f"{name}.txt", tmp_path, language, heading)
     assert asked == [f"debian-reference-{language}"]
     assert documents(out) == [
-        "Learning a computer system is like learning a new foreign language."]
+        "Learning a computer system is like learning a new foreign language.",
+        "名前付きパイプは、パイプのように働くファイルです。Debian パッケージを使います。"]
 
 
 @pytest.mark.parametrize("name", ["pydocs", "pgdocs", "gnucash", "gimp", "kicad"])
@@ -633,6 +641,22 @@ def test_start_of_text_forms_seen_inside_longer_words_are_left_out(model_dirs, t
     corpus.write_text("the unpalatable soup\n\n" * 2 + "(palatable) food\n\n" * 5, encoding="utf-8")
     assert [t.form for t in distill(model, ["palatable"], [corpus], None, DistillConfig(method="mean")).tokens] == [
         " palatable", "palatable"]
+
+
+def test_words_without_spaces_are_found_where_the_extended_tokenizer_emits_them(tokenizers_by_kind, tmp_path):
+    """Japanese text has no spaces between words: a new Japanese word's hits lie between Japanese letters, and a
+    Latin word's before them ("GNOMEの"); a new word inside a longer new word ("ファイル" in "ファイルシステム",
+    which the extended tokenizer emits there) is no hit of it."""
+    tok = tokenizers_by_kind["bytelevel"]
+    planned, _ = plan_new_tokens(tok, ["ファイル", "ファイルシステム", "GNOME"], add_variants=False)
+    extended = Extended.of(extend_tokenizer(tok, planned, "added"), planned, planned)
+    corpus = tmp_path / "c.txt"
+    docs = ["Debian GNOMEのファイルを開きます。", "ファイルシステムのファイルです。"]
+    corpus.write_text("\n\n".join(docs * 5), encoding="utf-8")
+    snippets, stats, dropped = retrieve([corpus], tok, planned, 25, 40, 0, start_id(tok), extended=extended)
+    found = [sum(s.token == i for s in snippets) for i in range(3)]
+    assert found == [10, 5, 5] and dropped == [5, 0, 0] and stats.inside == [0, 0, 0]
+    assert retrieve([corpus], tok, planned, 25, 40, 0, start_id(tok))[2] == [0, 0, 0]  # without it: 15 hits
 
 
 def test_a_hit_inside_a_longer_new_word_is_no_hit(tokenizers_by_kind, tmp_path):

@@ -263,3 +263,17 @@ def test_training_windows_end_before_an_occurrence_only_the_extended_tokenizer_r
     prep = pipeline.prepare(src, words, [corpus], DistillConfig(**{**FAST, "snippet_length": 40}, dtype="float32"))
     snippets = [s for s in prep.work.snippets if s.source == "corpus"]
     assert len(snippets) == 8 and [tok.decode(s.ids).count("palatable") for s in snippets] == [1] * 8
+
+
+def test_words_without_spaces_train_on_their_corpus_text(model_dirs, tmp_path):
+    """A Japanese word is found in Japanese text, where no space comes before it, trains on those snippets, and
+    the output's tokenizer emits its id there."""
+    src = model_dirs[("llama", "bytelevel", True)]
+    corpus, words = tmp_path / "c.txt", tmp_path / "w.txt"
+    corpus.write_text("\n\n".join(f"{'とても' * k}大きなパッケージを設定します。" for k in range(10)), encoding="utf-8")
+    words.write_text("パッケージ\n", encoding="utf-8")
+    result = distill(src, words, [corpus], tmp_path / "out", DistillConfig(**FAST, dtype="float32"))
+    row = result.report["tokens"][0]
+    assert (row["form"], row["corpus_contexts"], row["source"]) == ("パッケージ", 8, "corpus")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert row["id"] in tok("小さなパッケージです", add_special_tokens=False)["input_ids"]

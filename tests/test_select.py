@@ -38,3 +38,19 @@ def test_select_leaves_out_words_that_would_split_longer_words(tokenizers_by_kin
     assert "palatable" in words and not {"hospit", "bivalve"} & set(words)
     assert "left out 1 word(s)" in caplog.text and "' hospit' in ' hospital'" in caplog.text
     assert "and 1 that the corpus shows inside longer words more often than alone (' bivalve')" in caplog.text
+
+
+def test_select_reads_words_of_scripts_without_spaces(tokenizers_by_kind, tmp_path, caplog):
+    """Japanese has no spaces between words: a candidate is a run of one script (Katakana "パッケージ", Han "設定",
+    Hiragana "します", two characters or more), a Latin word glued to Japanese letters is a word ("GNOMEの"), and a
+    run the corpus shows inside longer runs of its script more often than alone is left out ("ポート" in "サポート",
+    whose added token would split it)."""
+    tok = tokenizers_by_kind["bytelevel"]
+    corpus = tmp_path / "c.txt"
+    docs = ["Debian GNOMEのパッケージを設定します。", "サポートのポートです。", "サポートされます。"]
+    corpus.write_text("\n\n".join(docs * 12), encoding="utf-8")
+    with caplog.at_level("INFO", logger="tokdistill_fast.tools.select"):
+        words = [c.word for c in select_tokens(tok, [corpus], min_count=10)]
+    assert {"GNOME", "パッケージ", "設定", "します", "サポート", "です", "されます"} <= set(words)
+    assert "ポート" not in words and not any("の" in w or "。" in w for w in words)
+    assert "'ポート'" in caplog.text

@@ -288,3 +288,28 @@ def test_word_list_reads_windows_files(tmp_path):
     path = tmp_path / "words.txt"
     path.write_bytes("\ufeffpalatable\r\n\r\n  spill the beans\t\r\nnaïve".encode("utf-8"))
     assert tokens.read_word_list(path) == ["palatable", "spill the beans", "naïve"]
+
+
+@pytest.mark.parametrize("kind", ("bytelevel", "llama2"))
+def test_words_without_spaces_are_their_own_running_text_form(tokenizers_by_kind, kind):
+    """Japanese puts no space before a word: a Japanese word's token is its bare form, with no start-of-text
+    variant, an added token (no boundary in the text a pre-tokenizer could isolate it at), emitted between Japanese
+    letters, after a Latin word and at the start of text; a Latin word keeps its spaced and bare forms."""
+    tok = tokenizers_by_kind[kind]
+    new, planned, skipped = extend(tok, ["パッケージ", "ファイルシステム", "palatable"], "auto")
+    assert not skipped
+    assert [t.form for t in planned] == ["パッケージ", "ファイルシステム", " palatable", "palatable"]
+    assert [t.kind for t in planned[:2]] == ["added", "added"]
+    assert planned[0].sub_ids == tok("\nパッケージ", add_special_tokens=False)["input_ids"][-len(planned[0].sub_ids):]
+    for text in ("Debianのパッケージを", "パッケージ管理", "GNOME パッケージ", "ファイルシステムのパッケージです"):
+        start = text.index("パッケージ")
+        assert span(new, text, start, start + len("パッケージ")) == [planned[0].new_id], new.tokenize(text)
+        assert new.decode(new(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_word_pattern_reads_words_without_spaces_wherever_they_occur():
+    """A word written without spaces stands wherever it occurs, as its added token matches; a Latin word needs no
+    word character of a spaced script beside it, and Japanese letters are none ("GNOMEの")."""
+    pattern = tokens.word_pattern(["パッケージ", "GNOME"])
+    text = "GNOMEのパッケージ管理、xGNOME、GNOMEs、Xパッケージ"
+    assert pattern.findall(text) == ["GNOME", "パッケージ", "パッケージ"]

@@ -2,12 +2,14 @@
 
 Retrieval streams the corpus (corpus.py: text, JSON lines and Parquet files, directories, globs) in chunks of
 about 1 MiB, so memory stays flat however large the corpus is, and finds the running-text form (" word") of every
-token in one Aho-Corasick pass. It keeps a uniform sample of hits per token (reservoir sampling over the part of the
-corpus read), then tokenizes a character window around each kept hit and cuts at most `length` tokens with the
-word inside. A hit is used only when the original tokenizer splits the word there exactly as in running text, so
-the teacher sees natural tokenization and the alignment stage finds the subtokens. Tokens with too few snippets
-are topped up by the model (workload.py): it continues their own snippets after the word (`from_corpus`), or,
-without any, generates contexts from the word itself (the paper's prompt: BOS + " word", sampled).
+token in one Aho-Corasick pass, where no word character of a spaced script touches it (a word written without
+spaces, "パッケージ", wherever it occurs, as its added token matches). It keeps a uniform sample of hits per token
+(reservoir sampling over the part of the corpus read), then tokenizes a character window around each kept hit and
+cuts at most `length` tokens with the word inside. A hit is used only when the original tokenizer splits the word
+there exactly as in running text, so the teacher sees natural tokenization and the alignment stage finds the
+subtokens. Tokens with too few snippets are topped up by the model (workload.py): it continues their own snippets
+after the word (`from_corpus`), or, without any, generates contexts from the word itself (the paper's prompt: BOS
++ " word", sampled).
 
 By default the whole corpus is read, so each token's sample is uniform over all its occurrences. `stop_when_full`
 stops as soon as every token has `keep` hits and `max_bytes` caps the bytes read: both save time on large corpora,
@@ -33,11 +35,11 @@ from tqdm.auto import tqdm
 
 from .config import UserInputError
 from .corpus import Corpus, Piece
-from .tokens import NewToken
+from .tokens import TEXT_WORD_CHAR, NewToken, spaceless
 
 log = logging.getLogger(__name__)
 
-WORD_CHAR = regex.compile(r"[\p{L}\p{N}_]")
+WORD_CHAR = regex.compile(TEXT_WORD_CHAR, flags=regex.V1)
 # GPT-2-style tokenizers (SmolLM2, Qwen2, StarCoder, Pythia) put this token between documents in pretraining.
 DOC_SEPARATOR = "<|endoftext|>"
 CHARS_PER_TOKEN = 8  # character margin per wanted token around a hit; English averages ~4.5 chars per token
@@ -125,8 +127,10 @@ def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window
     import ahocorasick
 
     automaton = ahocorasick.Automaton()
-    for i, tok in enumerate(tokens):  # a bare form ("word") must also not follow a word character or a space
-        automaton.add_word(tok.form, (i, len(tok.form), tok.form[:1] != " "))
+    for i, tok in enumerate(tokens):  # a bare form ("word") must also not follow a word character or a space; a
+        # word written without spaces is its own running-text form, and stands wherever it occurs (bare None)
+        bare = None if spaceless(tok.form) else tok.form[:1] != " "
+        automaton.add_word(tok.form, (i, len(tok.form), bare))
     automaton.make_automaton()
     longest = max((len(t.form) for t in tokens), default=1)
     draw = random.Random(seed).random
@@ -151,7 +155,8 @@ def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window
             start = end - n
             if bare and start > 0 and buf[start - 1] == " ":
                 continue  # where its running-text form (" word") matches, and is what the tokenizer emits
-            if end < size and is_word[buf[end]] or bare and start > 0 and is_word[buf[start - 1]]:
+            if bare is not None and (end < size and is_word[buf[end]] or bare and start > 0
+                                     and is_word[buf[start - 1]]):
                 inside[i] += 1  # "palatable" inside "palatableness", a bare form inside a word
                 continue
             counts[i] += 1

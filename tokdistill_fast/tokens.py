@@ -2,7 +2,8 @@
 
 A new word ("palatable", "spill the beans") becomes the token for its running-text form " palatable" and, when
 the bare form "palatable" (start of text, after a newline or punctuation) is split too, a variant token for it;
-an option adds casing variants ("Palatable"). Variants take their primary's trained row moved by the offset between
+a word of a script written without spaces ("パッケージ") is its own running-text form, with no variant; an option
+adds casing variants ("Palatable"). Variants take their primary's trained row moved by the offset between
 their subtoken means (pipeline.learn_rows).
 Two ways to make the tokenizer emit one id for them (`--tokenizer-mode`):
 
@@ -44,7 +45,13 @@ from .config import UserInputError
 
 log = logging.getLogger(__name__)
 
-WORD_CHARS = r"\p{L}\p{M}\p{N}_"  # a form must not touch these on either side
+WORD_CHARS = r"\p{L}\p{M}\p{N}_"  # characters that continue a vocabulary token's word
+# Scripts written without spaces between words (Chinese, Japanese, Thai, Lao, Khmer, Burmese): a word of theirs has
+# no spaced running-text form, and their letters next to a form in text do not make it part of a longer word
+# (Japanese "のデスクトップ環境" holds the word "デスクトップ"; "GNOMEの" the word "GNOME").
+SPACELESS = r"\p{scx=Han}\p{scx=Hiragana}\p{scx=Katakana}\p{scx=Thai}\p{scx=Lao}\p{scx=Khmer}\p{scx=Myanmar}"
+SPACELESS_LETTER = regex.compile(rf"[[\p{{L}}\p{{M}}]&&[{SPACELESS}]]", flags=regex.V1)
+TEXT_WORD_CHAR = rf"[[{WORD_CHARS}]--[{SPACELESS}]]"  # in text, a form must not touch these (regex.V1 syntax)
 SPACE_MARK = "\u2581"  # SentencePiece's visible space
 BYTE_LEVEL_SPACE = "\u0120"  # "Ġ": byte-level BPE's stored space
 BYTE_PIECE = regex.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces: <0x41>
@@ -73,6 +80,16 @@ class Skipped:
     word: str
     reason: str
     form_only: bool = False  # the word is added; only this form of it (a variant) is left out
+
+
+def spaceless(word: str) -> bool:
+    """Whether `word` starts with a letter of a script written without spaces (SPACELESS)."""
+    return SPACELESS_LETTER.match(word) is not None
+
+
+def running_form(word: str) -> str:
+    """The form a word takes in running text: " word", or the word itself in a script written without spaces."""
+    return word if spaceless(word) else " " + word
 
 
 def read_word_list(path: str | Path) -> list[str]:
@@ -153,11 +170,12 @@ def plan_new_tokens(tokenizer, words: list[str], add_variants: bool = True,
         if why:
             skipped.append(Skipped(word, why if primary is None else f"casing variant of {primary!r}: {why}"))
             return None
-        tok = NewToken(word, " " + word, original_ids(tokenizer, " " + word) or [], variant_of=primary,
+        form = running_form(word)
+        tok = NewToken(word, form, original_ids(tokenizer, form) or [], variant_of=primary,
                        variant="" if primary is None else "casing")
         planned.append(tok)
         pieces[_stored_piece(backend, tok.form, alone_ok=True) or tok.form] = word
-        if add_variants:
+        if add_variants and form != word:  # a word without spaces is its own start-of-text form
             bare = original_ids(tokenizer, word) or []
             piece = _stored_piece(backend, word) or word
             if len(bare) >= 2 and unk not in bare and piece not in vocab and piece not in pieces:
@@ -186,16 +204,17 @@ def _skip_reason(tokenizer, backend, word, vocab, specials, added, pieces, unk) 
     """Why `word` cannot become a new token, or None."""
     if word in specials:
         return "equal to a special token"
-    if word in added or " " + word in added:
+    form = running_form(word)
+    if word in added or form in added:
         return "equal to an existing added token"
     if BYTE_PIECE.fullmatch(word):
         return "a byte-fallback piece"
-    piece = _stored_piece(backend, " " + word, alone_ok=True)
+    piece = _stored_piece(backend, form, alone_ok=True)
     if piece in vocab:
         return f"already a vocabulary entry ({piece!r}, id {vocab[piece]})"
     if piece in pieces:
         return f"same stored form {piece!r} as {pieces[piece]!r} after normalization"
-    ids = original_ids(tokenizer, " " + word)
+    ids = original_ids(tokenizer, form)
     if not ids:
         return "the original tokenizer does not split it at its boundaries"
     if len(ids) < 2:
@@ -238,8 +257,12 @@ def trie_pattern(strings: list[str]) -> str:
 
 
 def word_pattern(words: list[str], flags: int = 0) -> regex.Pattern:
-    """Any of `words` where it stands as a word: no word character touches it on either side."""
-    return regex.compile(f"(?<![{WORD_CHARS}])(?:{trie_pattern(words)})(?![{WORD_CHARS}])", flags)
+    """Any of `words` where it stands as a word: no word character of a spaced script (TEXT_WORD_CHAR) touches it
+    on either side; a word written without spaces (spaceless) wherever it occurs, as its added token matches."""
+    spaced, bare = [w for w in words if not spaceless(w)], [w for w in words if spaceless(w)]
+    branches = [f"(?<!{TEXT_WORD_CHAR})(?:{trie_pattern(spaced)})(?!{TEXT_WORD_CHAR})" if spaced else "",
+                trie_pattern(bare) if bare else ""]
+    return regex.compile("|".join(b for b in branches if b), flags | regex.V1)
 
 
 def isolation_pattern(forms: list[str]) -> str:
@@ -338,7 +361,10 @@ def vocab_extension(tokenizer, planned: list[NewToken]) -> tuple[dict, list[NewT
     if tj.get("model", {}).get("type") != "BPE" or not planned:
         return None
     backend = tokenizer.backend_tokenizer
-    norm_forms = {t.form: _normalized(backend, t.form) for t in planned}
+    # a word without spaces has no boundary in text a pre-tokenizer could isolate it at: an added token
+    norm_forms = {t.form: _normalized(backend, t.form) for t in planned if not spaceless(t.form)}
+    if not norm_forms:
+        return None
     spaces = backend.normalizer is not None and SPACE_MARK in backend.normalizer.normalize_str(" ")
     pre = _isolate(tj.get("pre_tokenizer"), isolation_pattern(sorted(set(norm_forms.values()))), spaces)
     if pre is None:
@@ -348,7 +374,7 @@ def vocab_extension(tokenizer, planned: list[NewToken]) -> tuple[dict, list[NewT
     next_id = _next_free_id(tj)
     served = []
     for tok in planned:
-        piece = _stored_piece(probe, tok.form)
+        piece = _stored_piece(probe, tok.form) if tok.form in norm_forms else None
         if piece is None or piece in vocab:
             continue
         tok.piece, tok.kind, tok.new_id = piece, "vocab", next_id

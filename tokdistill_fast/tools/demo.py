@@ -21,8 +21,11 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import regex
+
 from ..config import UserInputError, cache_dir
 from ..control import process
+from ..tokens import SPACELESS_LETTER
 
 log = logging.getLogger(__name__)
 
@@ -184,22 +187,28 @@ def fortunes_corpus(out: Path, cache: Path | None = None) -> Path:
         r"^%$", f.read_text(encoding="utf-8", errors="replace"), flags=re.M)))
 
 
-# The Debian Reference in three languages: corpus name -> (language, the word its chapter headings start with). The
-# English one was added after every default was set; German and French (2026-12-05, thirty-seventh stop) are the
-# first corpora in languages other than English.
-DEBIAN_REFERENCES = {"debref": ("en", "Chapter"), "debref-de": ("de", "Kapitel"), "debref-fr": ("fr", "Chapitre")}
+# The Debian Reference in four languages: corpus name -> (language, chapter 1's heading). The English one was added
+# after every default was set; German and French (2026-12-05, thirty-seventh stop) are the first corpora in languages
+# other than English, Japanese (2026-12-06, fiftieth stop) the first in a script written without spaces.
+DEBIAN_REFERENCES = {"debref": ("en", r"Chapter\s1\."), "debref-de": ("de", r"Kapitel\s1\."),
+                     "debref-fr": ("fr", r"Chapitre\s1\."), "debref-ja": ("ja", "第1章")}
+# a line break between two letters of a script written without spaces (tokens.SPACELESS): no space in the text
+SPACELESS_BREAK = regex.compile(rf"(?<={SPACELESS_LETTER.pattern})[ \t]*\n[ \t]*(?={SPACELESS_LETTER.pattern})",
+                                flags=regex.V1)
 
 
 def debian_reference_corpus(out: Path, cache: Path | None = None, language: str = "en",
-                            chapter: str = "Chapter") -> Path:
+                            chapter: str = r"Chapter\s1\.") -> Path:
     """Running text from the Debian Reference (a system administrator's manual) in `language`: one document per
-    paragraph, whitespace folded, the table of contents (everything before chapter 1's heading) skipped."""
+    paragraph, whitespace folded (a line break inside Japanese text joins its lines without a space), the table of
+    contents (everything before chapter 1's heading) skipped."""
     if out.exists():
         return out
     src = debian_file(f"debian-reference-{language}",
                       Path(f"/usr/share/debian-reference/debian-reference.{language}.txt.gz"), cache)
     text = gzip.open(src, "rt", encoding="utf-8", errors="replace").read()
-    return write_documents(out, re.split(r"\n\s*\n", text[re.search(rf"^{chapter}\s1\.", text, flags=re.M).start():]))
+    text = text[re.search(rf"^{chapter}", text, flags=re.M).start():]
+    return write_documents(out, (SPACELESS_BREAK.sub("", para) for para in re.split(r"\n\s*\n", text)))
 
 
 def html_paragraphs(pages: Iterable[Path], tags: tuple[str, ...] = ("p",)) -> Iterator[str]:
@@ -407,16 +416,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpora", action="store_true",
                    help="prepare: also build FOLDOC, the Jargon File, the Devil's Dictionary, VERA (dict-foldoc, "
                         "dict-jargon, dict-devil, dict-vera), a corpus of fortunes (fortunes), the Debian Reference "
-                        "(debian-reference-en; in German and French -de, -fr), the Python Library Reference "
-                        "(python3.11-doc), Git's manuals (git-doc), the GNU Coding Standards (gnu-standards), the "
-                        "PostgreSQL manual (postgresql-doc-15), GnuCash's guide and help (gnucash-docs), GIMP's user "
-                        "manual (gimp-help-en), R's manuals (r-doc-html), Maxima's manual (maxima-doc), KiCad's "
-                        "manuals (kicad-doc-en), Wireshark's guides (wireshark-doc), GNU Octave's manual (octave-doc), "
-                        "Exim's specification (exim4-doc-html), the Apache HTTP Server's manual (apache2-doc), "
-                        "the King James Bible (bible-kjv-text, bible-kjv), LilyPond's manuals (lilypond-doc-html), "
-                        "NetHack's Guidebook (nethack-common), Stellarium's sky cultures (stellarium-data), the "
-                        "legends of Freeciv's nations (freeciv-data) and Dungeon Crawl's descriptions "
-                        "(crawl-common), split 3:1")
+                        "(debian-reference-en; in German, French and Japanese -de, -fr, -ja), the Python Library "
+                        "Reference (python3.11-doc), Git's manuals (git-doc), the GNU Coding Standards "
+                        "(gnu-standards), the PostgreSQL manual (postgresql-doc-15), GnuCash's guide and help "
+                        "(gnucash-docs), GIMP's user manual (gimp-help-en), R's manuals (r-doc-html), Maxima's manual "
+                        "(maxima-doc), KiCad's manuals (kicad-doc-en), Wireshark's guides (wireshark-doc), GNU "
+                        "Octave's manual (octave-doc), Exim's specification (exim4-doc-html), the Apache HTTP Server's"
+                        " manual (apache2-doc), the King James Bible (bible-kjv-text, bible-kjv), LilyPond's manuals "
+                        "(lilypond-doc-html), NetHack's Guidebook (nethack-common), Stellarium's sky cultures "
+                        "(stellarium-data), the legends of Freeciv's nations (freeciv-data) and Dungeon Crawl's "
+                        "descriptions (crawl-common), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)

@@ -6,6 +6,11 @@ in running text, occurs at least `min_count` times, and whose added token would 
 longer vocabulary token (" perh" would split " perhaps", " specif" " specific": tokens.vocabulary_collisions), nor
 longer words of the corpus more often than the word stands alone there (" fasten" in " fastened" and
 " fastening": contexts.split_inside_words). Rank: count * (subtokens - 1), the tokens a corpus pass saves.
+
+Scripts written without spaces (tokens.SPACELESS) have no whitespace between words: there a candidate is a run of
+one script (Japanese Katakana "デスクトップ", Han "設定", Hiragana "します"; at least two characters), and a run seen
+inside longer runs of its script more often than alone is left out ("ポート" in "サポート"). A run of Han or Thai
+can be a whole phrase: for Chinese or Thai text, a word list from a segmenter serves better.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 import regex
 
 from ..corpus import iter_documents
-from ..tokens import NewToken, original_ids, vocabulary_collisions
+from ..tokens import SPACELESS_LETTER, NewToken, original_ids, running_form, spaceless, vocabulary_collisions
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +33,30 @@ FORBIDDEN = set("[]{}()<>.,;:!?@#$%^&*+_=|\\/")
 LEADING = regex.compile(r"^[\p{P}\p{Cf}`--\p{Pd}\p{Pc}]+", flags=regex.V1)
 TRAILING = regex.compile(r"[\p{P}\p{Cf}`]+$")  # \p{Cf}: a zero-width space after "Preferences…" (AsciiDoc)
 DASH = regex.compile(r"[\p{Pd}\p{Pc}]")
+# A run of letters of one script written without spaces; Katakana first, so that the long-vowel mark "ー" it shares
+# with Hiragana stays in a Katakana word.
+SPACELESS_RUN = regex.compile("|".join(rf"[[\p{{L}}\p{{M}}]&&\p{{scx={script}}}]+" for script in (
+    "Katakana", "Han", "Hiragana", "Thai", "Lao", "Khmer", "Myanmar")), flags=regex.V1)
+SPACELESS_MIN_CHARS = 2  # many Chinese and Japanese words have two characters
+INSIDE_MIN = 3  # as contexts.INSIDE_MIN: runs inside longer runs, fewer times than this, are no evidence
 
 
 def chunk_word(chunk: str) -> str:
     """The word of a whitespace-delimited chunk, outer punctuation stripped; "" where it starts with a dash."""
     word = LEADING.sub("", chunk)
     return "" if DASH.match(word) else TRAILING.sub("", word)
+
+
+def chunk_words(chunk: str) -> list[str]:
+    """The words of a whitespace-delimited chunk: its chunk_word, or where it holds letters of a script written
+    without spaces, each run of one such script and each piece of other text between them (chunk_word of it)."""
+    if not SPACELESS_LETTER.search(chunk):
+        return [chunk_word(chunk)]
+    words, pos = [], 0
+    for run in SPACELESS_RUN.finditer(chunk):
+        words += [chunk_word(chunk[pos:run.start()]), run.group()]
+        pos = run.end()
+    return words + [chunk_word(chunk[pos:])]
 
 
 @dataclass
@@ -48,10 +71,13 @@ class Suggestion:
 
 
 def word_counts(paths) -> Counter:
-    """How often each whitespace-delimited word (chunk_word) follows a space in the corpus."""
+    """How often each word of the corpus's whitespace-delimited chunks (chunk_words) occurs in running text: all but
+    a document's first word, which is in its start-of-text form, unless it is written without spaces."""
     counts: Counter = Counter()
     for doc in iter_documents(paths):
-        counts.update(chunk_word(w) for w in regex.findall(r"(?<=\s)\S+", doc))
+        for chunk in regex.finditer(r"\S+", doc):
+            words = chunk_words(chunk.group())
+            counts.update(words[1:] if chunk.start() == 0 and not spaceless(words[0]) else words)
     counts.pop("", None)
     return counts
 
@@ -61,24 +87,48 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
     """Ranked candidates that pass the filters (see the module docstring)."""
     vocab = tokenizer.get_vocab()
     out = []
-    for word, count in word_counts(paths).items():
-        if count < min_count or len(word) < min_chars or word in vocab:
+    counts = word_counts(paths)
+    for word, count in counts.items():
+        shortest = min(min_chars, SPACELESS_MIN_CHARS) if spaceless(word) else min_chars
+        if count < min_count or len(word) < shortest or word in vocab:
             continue
         if any(c.isdigit() or c in FORBIDDEN for c in word) or not any(c.isalpha() for c in word):
             continue  # box-drawing table rules and other strings without a letter are no words
-        ids = original_ids(tokenizer, " " + word)
+        ids = original_ids(tokenizer, running_form(word))
         if ids and len(ids) >= 2:
             out.append(Suggestion(word, count, len(ids)))
     out.sort(key=lambda c: (-c.saved, c.word))
     from ..contexts import split_inside_words  # here: contexts loads torch, which the package import must not
 
-    splits = vocabulary_collisions(tokenizer, [" " + c.word for c in out])
-    inside = split_inside_words(paths, [NewToken(c.word, " " + c.word, []) for c in out if " " + c.word not in splits],
-                                None)
+    splits = vocabulary_collisions(tokenizer, [running_form(c.word) for c in out])
+    inside = split_inside_words(paths, [NewToken(c.word, form, []) for c in out
+                                        if (form := running_form(c.word)) not in splits], None)
+    inside.update(inside_runs(counts, [c.word for c in out if spaceless(c.word)]))
     if splits or inside:
-        out = [c for c in out if " " + c.word not in splits and " " + c.word not in inside]
+        out = [c for c in out if running_form(c.word) not in splits and running_form(c.word) not in inside]
         log.info("left out %d word(s) whose added token would split longer vocabulary words wherever those occur "
                  "(%s) and %d that the corpus shows inside longer words more often than alone (%s)", len(splits),
                  ", ".join(f"{f!r} in {text!r}" for f, text in list(splits.items())[:8]), len(inside),
                  ", ".join(repr(f) for f in list(inside)[:8]))
     return out[:top] if top else out
+
+
+def inside_runs(counts: Counter, words: list[str]) -> dict[str, str]:
+    """{word: why} of the `words` (runs of a script written without spaces) that `counts` shows inside longer runs
+    more often than alone (and INSIDE_MIN times or more): an added token would cut those runs apart."""
+    import ahocorasick
+
+    if not words:
+        return {}
+    automaton = ahocorasick.Automaton()
+    for w in words:
+        automaton.add_word(w, w)
+    automaton.make_automaton()
+    inside: Counter = Counter()
+    for run, n in counts.items():
+        if len(run) > 1 and spaceless(run):
+            for _, w in automaton.iter(run):
+                if w != run:
+                    inside[w] += n
+    return {w: f"which as an added token would split longer runs of its script: {inside[w]} time(s) in the corpus, "
+               f"against {counts[w]} as itself" for w in words if inside[w] > counts[w] and inside[w] >= INSIDE_MIN}
