@@ -38,7 +38,6 @@ DASH = regex.compile(r"[\p{Pd}\p{Pc}]")
 SPACELESS_RUN = regex.compile("|".join(rf"[[\p{{L}}\p{{M}}]&&\p{{scx={script}}}]+" for script in (
     "Katakana", "Han", "Hiragana", "Thai", "Lao", "Khmer", "Myanmar")), flags=regex.V1)
 SPACELESS_MIN_CHARS = 2  # many Chinese and Japanese words have two characters
-INSIDE_MIN = 3  # as contexts.INSIDE_MIN: runs inside longer runs, fewer times than this, are no evidence
 
 
 def chunk_word(chunk: str) -> str:
@@ -115,8 +114,10 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
 
 def inside_runs(counts: Counter, words: list[str]) -> dict[str, str]:
     """{word: why} of the `words` (runs of a script written without spaces) that `counts` shows inside longer runs
-    more often than alone (and INSIDE_MIN times or more): an added token would cut those runs apart."""
+    more often than alone (and contexts.INSIDE_MIN times or more): an added token would cut those runs apart."""
     import ahocorasick
+
+    from ..contexts import INSIDE_MIN
 
     if not words:
         return {}
