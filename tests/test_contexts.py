@@ -392,18 +392,18 @@ def test_fortunes_corpus_keeps_one_document_per_fortune(tmp_path, monkeypatch):
                     "Never put off till tomorrow what you can do the day after tomorrow. -- Mark Twain"]
 
 
-@pytest.mark.parametrize("name, chapter", [("debref", "Chapter"), ("debref-de", "Kapitel"),
-                                           ("debref-fr", "Chapitre"), ("debref-ja", "第")])
-def test_debian_reference_corpus_starts_at_chapter_one(tmp_path, monkeypatch, name, chapter):
-    """The Debian Reference in English, German, French and Japanese: the package's text from chapter 1's heading on,
-    one document per paragraph; the table of contents before it (whose lines name chapters and tables too) is
-    skipped, and a line break between Japanese letters joins its lines without a space."""
+@pytest.mark.parametrize("name, chapter, first", [
+    ("debref", "Chapter", "Chapter 1."), ("debref-de", "Kapitel", "Kapitel 1."),
+    ("debref-fr", "Chapitre", "Chapitre 1."), ("debref-ja", "第", "第1章"), ("debref-zh", "第", "第 1 章")])
+def test_debian_reference_corpus_starts_at_chapter_one(tmp_path, monkeypatch, name, chapter, first):
+    """The Debian Reference in English, German, French, Japanese and Chinese: the package's text from chapter 1's
+    heading on, one document per paragraph; the table of contents before it (whose lines name chapters and tables
+    too) is skipped, and a line break between Japanese letters joins its lines without a space."""
     import gzip
 
     from tokdistill_fast.tools import demo
 
     language, heading = demo.DEBIAN_REFERENCES[name]
-    first = "第1章" if language == "ja" else f"{chapter} 1."
     src = tmp_path / f"debian-reference.{language}.txt.gz"
     asked = []
     monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: asked.append(package) or src)
@@ -411,7 +411,7 @@ def test_debian_reference_corpus_starts_at_chapter_one(tmp_path, monkeypatch, na
         f.write(f"Debian Reference\n\n   1. {chapter} one, listed in the contents, long enough to be kept\n"
                 f"Table 1.8. A table whose caption starts a line, long enough to be kept\n\n"
                 f"{first} GNU/Linux tutorials\n\n    Learning a computer system is like learning a new "
-                f"foreign language.\n\n    名前付きパイプは、パイプのように働くファイ\n    ルです。"
+                f"foreign language.\n\n    名前付きパイプは、パイプのように働くファイ\n\u00a0\u00a0\u00a0 ルです。"
                 f"Debian\n    パッケージを使います。\n\n")
     out = demo.debian_reference_corpus(tmp_path / f"{name}.txt", tmp_path, language, heading)
     assert asked == [f"debian-reference-{language}"]

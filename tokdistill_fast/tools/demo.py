@@ -187,14 +187,15 @@ def fortunes_corpus(out: Path, cache: Path | None = None) -> Path:
         r"^%$", f.read_text(encoding="utf-8", errors="replace"), flags=re.M)))
 
 
-# The Debian Reference in four languages: corpus name -> (language, chapter 1's heading). The English one was added
+# The Debian Reference in five languages: corpus name -> (language, chapter 1's heading). The English one was added
 # after every default was set; German and French (2026-12-05, thirty-seventh stop) are the first corpora in languages
-# other than English, Japanese (2026-12-06, fiftieth stop) the first in a script written without spaces.
+# other than English, Japanese and Chinese (2026-12-06, fiftieth stop) the first in scripts written without spaces.
 DEBIAN_REFERENCES = {"debref": ("en", r"Chapter\s1\."), "debref-de": ("de", r"Kapitel\s1\."),
-                     "debref-fr": ("fr", r"Chapitre\s1\."), "debref-ja": ("ja", "第1章")}
+                     "debref-fr": ("fr", r"Chapitre\s1\."), "debref-ja": ("ja", "第1章"),
+                     "debref-zh": ("zh-cn", r"第\s1\s章")}
 # a line break between two letters of a script written without spaces (tokens.SPACELESS): no space in the text
-SPACELESS_BREAK = regex.compile(rf"(?<={SPACELESS_LETTER.pattern})[ \t]*\n[ \t]*(?={SPACELESS_LETTER.pattern})",
-                                flags=regex.V1)
+SPACELESS_BREAK = regex.compile(rf"(?<={SPACELESS_LETTER.pattern})[^\S\n]*\n[^\S\n]*(?={SPACELESS_LETTER.pattern})",
+                                flags=regex.V1)  # [^\S\n]: indents of spaces and no-break spaces
 
 
 def debian_reference_corpus(out: Path, cache: Path | None = None, language: str = "en",
@@ -416,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpora", action="store_true",
                    help="prepare: also build FOLDOC, the Jargon File, the Devil's Dictionary, VERA (dict-foldoc, "
                         "dict-jargon, dict-devil, dict-vera), a corpus of fortunes (fortunes), the Debian Reference "
-                        "(debian-reference-en; in German, French and Japanese -de, -fr, -ja), the Python Library "
-                        "Reference (python3.11-doc), Git's manuals (git-doc), the GNU Coding Standards "
+                        "(debian-reference-en; in German, French, Japanese and Chinese -de, -fr, -ja, -zh-cn), the "
+                        "Python Library Reference (python3.11-doc), Git's manuals (git-doc), the GNU Coding Standards "
                         "(gnu-standards), the PostgreSQL manual (postgresql-doc-15), GnuCash's guide and help "
                         "(gnucash-docs), GIMP's user manual (gimp-help-en), R's manuals (r-doc-html), Maxima's manual "
                         "(maxima-doc), KiCad's manuals (kicad-doc-en), Wireshark's guides (wireshark-doc), GNU "
