@@ -199,16 +199,16 @@ SPACELESS_BREAK = regex.compile(rf"(?<={SPACELESS_LETTER.pattern})[^\S\n]*\n[^\S
 
 
 def debian_reference_corpus(out: Path, cache: Path | None = None, language: str = "en",
-                            chapter: str = r"Chapter\s1\.") -> Path:
+                            heading: str = r"Chapter\s1\.") -> Path:
     """Running text from the Debian Reference (a system administrator's manual) in `language`: one document per
-    paragraph, whitespace folded (a line break inside Japanese text joins its lines without a space), the table of
-    contents (everything before chapter 1's heading) skipped."""
+    paragraph, whitespace folded (a line break inside Japanese or Chinese text joins its lines without a space), the
+    table of contents (everything before chapter 1's `heading`, a regex) skipped."""
     if out.exists():
         return out
     src = debian_file(f"debian-reference-{language}",
                       Path(f"/usr/share/debian-reference/debian-reference.{language}.txt.gz"), cache)
     text = gzip.open(src, "rt", encoding="utf-8", errors="replace").read()
-    text = text[re.search(rf"^{chapter}", text, flags=re.M).start():]
+    text = text[re.search(rf"^{heading}", text, flags=re.M).start():]
     return write_documents(out, (SPACELESS_BREAK.sub("", para) for para in re.split(r"\n\s*\n", text)))
 
 
