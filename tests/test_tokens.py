@@ -305,6 +305,8 @@ def test_words_without_spaces_are_their_own_running_text_form(tokenizers_by_kind
         start = text.index("パッケージ")
         assert span(new, text, start, start + len("パッケージ")) == [planned[0].new_id], new.tokenize(text)
         assert new.decode(new(text, add_special_tokens=False)["input_ids"]) == text
+    _, only, _ = extend(tok, ["パッケージ"], "vocab")  # nothing for vocab mode to isolate: no error, an added token
+    assert [(t.form, t.kind) for t in only] == [("パッケージ", "added")]
 
 
 def test_word_pattern_reads_words_without_spaces_wherever_they_occur():

@@ -576,13 +576,14 @@ def extend_tokenizer(tokenizer, planned: list[NewToken], mode: str = "auto", mod
             for t in planned:
                 t.piece, t.kind, t.new_id = "", "", -1
             new = None
-    if new is None and mode == "vocab":
+    spaced = [t for t in planned if not spaceless(t.form)]
+    if new is None and mode == "vocab" and spaced:
         raise UserInputError("--tokenizer-mode vocab is not possible for this tokenizer (not BPE, an unknown "
                              "pre-tokenizer, or a tokenizer class that rebuilds its pipeline); use added")
     if new is None:
         new = _load_as_user(tokenizer, model_config, None)
     rest = [t for t in planned if t.kind != "vocab"]
-    if rest and mode != "added" and ext is not None:
+    if rest and mode != "added" and (ext is not None or not spaced):
         log.warning("%d form(s) cannot be isolated as one pre-token and become added tokens: %s",
                     len(rest), ", ".join(repr(t.form) for t in rest[:10]))
     if rest:
