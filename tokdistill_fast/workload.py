@@ -48,7 +48,8 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
     """Retrieve snippets for the tokens to train; top up tokens with too few (cfg.top_up) from the model's own
     continuations of their snippets, or from generations prompted with the word where the corpus has none.
     `train`: other tokens to retrieve for (start-of-text variants), which take only what the corpus has;
-    `extended_tokenizer`: windows end before an occurrence of their word that only it reads (contexts.cut_snippets)."""
+    `extended_tokenizer`: a hit counts only where it emits the word's id, and windows end before an occurrence of
+    their word that only it reads (contexts.cut_snippets)."""
     primaries = trained_tokens(cfg, toks) if train is None else train
     found = dict.fromkeys(primaries, 0)
     stats: dict = {}

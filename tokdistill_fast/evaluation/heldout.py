@@ -164,9 +164,9 @@ def build_heldout(paths: list[str | Path], tokenizer, toks: list[NewToken], new_
                   length: int, seed: int, start: int | None, align_impl: str = "auto",
                   extended: contexts.Extended | None = None) -> HeldoutSet:
     """Retrieve held-out snippets for `toks` (primaries) and align them, merging each token's subtokens into its
-    id in `new_ids`; with `extended`, windows end before an occurrence of their word that the extended tokenizer
-    reads and the merge cannot (contexts.end_before_unmerged). Tokens without held-out hits get no snippets (the
-    report lists them)."""
+    id in `new_ids`; with `extended`, a hit counts only where the extended tokenizer emits the word's id, and windows
+    end before an occurrence of their word that it reads and the merge cannot (contexts.cut_snippets). Tokens
+    without held-out hits get no snippets (the report lists them)."""
     snippets, stats, _ = contexts.retrieve(paths, tokenizer, toks, per_token, length, seed, start, option="--heldout",
                                            extended=extended)
     # two hits in a short document (or a passage the text repeats) cut the same window, aligned from the same first

@@ -74,6 +74,9 @@ def word_counts(paths) -> Counter:
     a document's first word, which is in its start-of-text form, unless it is written without spaces."""
     counts: Counter = Counter()
     for doc in iter_documents(paths):
+        if not SPACELESS_LETTER.search(doc):  # spaced scripts only (most text): one pass, half the time per chunk
+            counts.update(chunk_word(w) for w in regex.findall(r"(?<=\s)\S+", doc))
+            continue
         for chunk in regex.finditer(r"\S+", doc):
             words = chunk_words(chunk.group())
             counts.update(words[1:] if chunk.start() == 0 and not spaceless(words[0]) else words)
