@@ -46,14 +46,16 @@ def test_words_from_tokenizer(target_dir):
 
 
 def test_words_from_byte_fallback_tokenizer(tmp_path):
-    """Llama-2 style: '▁' pieces, <0xNN> byte pieces, a decoder that strips the leading space of the text."""
+    """Llama-2 style: '▁' pieces, <0xNN> byte pieces, a decoder that strips the leading space of the text. Pieces
+    of a script written without spaces are words wherever they start."""
     from tokenizers import Tokenizer, decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
 
     pieces = ["<unk>", "<s>", "</s>", "<0x41>", "<0xC3>", "▁", "x", "▁x", "p", "a", "l", "t", "b", "e", "▁p",
-              "▁pa", "▁pal", "at", "atab", "atable", "▁palatable", "▁▁"]
+              "▁pa", "▁pal", "at", "atab", "atable", "▁palatable", "▁▁", "設", "定", "設定", "▁設定", "ージ",
+              "\u0e48\u0e32"]
     merges = [("▁", "x"), ("▁", "p"), ("▁p", "a"), ("▁pa", "l"), ("a", "t"), ("at", "a"), ("at", "ab"),
-              ("atab", "le"), ("▁pal", "atable"), ("▁", "▁")]
+              ("atab", "le"), ("▁pal", "atable"), ("▁", "▁"), ("設", "定"), ("▁", "設定")]
     merges = [m for m in merges if "".join(m) in pieces and all(x in pieces for x in m)]
     tok = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, merges, unk_token="<unk>", byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
@@ -63,7 +65,9 @@ def test_words_from_byte_fallback_tokenizer(tmp_path):
                             ).save_pretrained(tmp_path)
     words, skipped = words_from_tokenizer(tmp_path)
     reasons = {s.word: s.reason for s in skipped}
-    assert words == ["x", "p", "pa", "pal", "palatable"]
+    assert words == ["x", "p", "pa", "pal", "palatable", "設", "定", "設定", "ージ"]
+    assert reasons["▁設定"] == "same text as an earlier piece"
+    assert reasons["\u0e48\u0e32"] == "starts with a combining mark (inside a character)"  # Thai tone mark, vowel
     assert reasons["<0x41>"] == reasons["<0xC3>"] == "byte-fallback piece"
     assert reasons["atable"] == "word-internal piece (no leading space)"
     assert reasons["▁"] == reasons["▁▁"] == "whitespace"

@@ -20,20 +20,23 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import regex
 import torch
 
 from .config import UserInputError
-from .tokens import BYTE_PIECE, NewToken, Skipped
+from .tokens import BYTE_PIECE, NewToken, Skipped, spaceless
 
 log = logging.getLogger(__name__)
-
+MARK = regex.compile(r"\p{M}")  # a piece that starts with one continues the character before it
+QUOTED = regex.compile(r"""(['"]).*?\1""")  # a form quoted in a reason: 'する', "won't"
 
 
 def words_from_tokenizer(directory: str | Path) -> tuple[list[str], list[Skipped]]:
     """Every piece of the tokenizer in `directory` that stands for a word after a space, as that word ("Ġword" and
-    "▁word" -> "word"), in id order. Other pieces are skipped with a reason: special tokens, byte pieces,
-    word-internal pieces (no leading space: suffixes like "ing" cannot be added as whole words), whitespace.
-    Whether the model's tokenizer already has the word is decided later, like for a word list."""
+    "▁word" -> "word"), or for text of a script written without spaces ("設定": no space marks its words), in id
+    order. Other pieces are skipped with a reason: special tokens, byte pieces, word-internal pieces (no leading
+    space: suffixes like "ing" cannot be added as whole words), whitespace. Whether the model's tokenizer already
+    has the word is decided later, like for a word list."""
     from transformers import AutoTokenizer
 
     directory = Path(directory)
@@ -61,12 +64,13 @@ def words_from_tokenizer(directory: str | Path) -> tuple[list[str], list[Skipped
     seen: set[str] = set()
     for (piece, i), text in zip(pieces, decoded):
         surface = text[len(prefix):] if text.startswith(prefix) else None
-        word = surface[1:] if surface else ""
+        word = surface if surface and spaceless(surface) else surface[1:] if surface else ""
         reason = ("special token" if i in specials else
                   "byte-fallback piece" if BYTE_PIECE.fullmatch(piece) else
                   "does not decode after another piece" if surface is None else
                   "part of a UTF-8 character (byte-level piece)" if "\ufffd" in surface else
-                  "word-internal piece (no leading space)" if not surface.startswith(" ") else
+                  "starts with a combining mark (inside a character)" if MARK.match(surface.lstrip(" ")) else
+                  "word-internal piece (no leading space)" if not surface.startswith(" ") and word != surface else
                   "whitespace" if not word.strip() or word != word.strip() else
                   "same text as an earlier piece" if word in seen else None)
         if reason:
@@ -74,15 +78,17 @@ def words_from_tokenizer(directory: str | Path) -> tuple[list[str], list[Skipped
         else:
             seen.add(word)
             words.append(word)
-    log.info("target tokenizer %s: %d of %d pieces are words after a space", directory, len(words), len(pieces))
+    log.info("target tokenizer %s: %d of %d pieces are words after a space or text of a script written without "
+             "spaces", directory, len(words), len(pieces))
     if not words:
-        raise UserInputError(f"--new-tokens-from-tokenizer {directory}: no piece stands for a word after a space")
+        raise UserInputError(f"--new-tokens-from-tokenizer {directory}: no piece stands for a word after a space "
+                             "or for text of a script written without spaces")
     return words, skipped
 
 
 def log_skipped(skipped: list[Skipped], show: int = 20) -> None:
     """Warn about the first `show` skipped tokens one by one and about the rest as counts per reason (details in
-    parentheses, such as the existing piece, are left out of the counts)."""
+    parentheses, such as the existing piece, and quoted forms are left out of the counts)."""
     for s in skipped[:show]:
         if s.form_only:
             log.warning("%r is added, but not %s", s.word, s.reason)
@@ -92,7 +98,7 @@ def log_skipped(skipped: list[Skipped], show: int = 20) -> None:
     if forms := sum(s.form_only for s in rest):
         log.warning("%d more form(s) of added words left out", forms)
     if words := [s for s in rest if not s.form_only]:
-        counts = Counter(s.reason.split(" (")[0] for s in words)
+        counts = Counter(QUOTED.sub("...", s.reason.split(" (")[0]) for s in words)
         log.warning("skipping %d more: %s", len(words), "; ".join(f"{n} {r}" for r, n in counts.items()))
 
 
