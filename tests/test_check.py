@@ -300,3 +300,15 @@ def test_ignore_merges_exceptions_read_the_models_flag(good):
     assert all(len(orig.backend_tokenizer.model.tokenize(p)) > 1 for p in found)
     assert check.ignore_merges_exceptions(orig, check.Original(orig)) == []  # flag off: nothing changes
     assert check.ignore_merges_exceptions(new, None) == []
+
+
+def test_a_word_inside_a_longer_new_word_is_covered_by_it(padded, tmp_path):
+    """After "(" the new token " (beans" holds "beans": one new id covers the word there, as retrieval reads it (no
+    hit of the shorter word), so the output passes; the check named 'beans' before."""
+    words = tmp_path / "words.txt"
+    words.write_text("beans\n(beans\n", encoding="utf-8")
+    out = tmp_path / "out"
+    run(padded, words, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert " (beans" in tok.tokenize("the (beans)")
+    assert check.check_dir(out, padded, forward=False)["passed"]
