@@ -477,6 +477,61 @@ def vocabulary_collisions(tokenizer, forms: list[str]) -> dict[str, str]:
     return {form: tokenizer.convert_tokens_to_string([key]) for form, key in found.items()}
 
 
+def overlapping_forms(toks: list[NewToken], existing: list[str]) -> dict[str, str]:
+    """The added forms that would make llama.cpp and HF tokenizers read a text differently: {form: why}. HF matches
+    added tokens leftmost-longest, llama.cpp longest first (`tokenizer_st_partition`), so they part where one form
+    ends with what another begins with and the later one is as long or longer in UTF-8 bytes ("東京" and "京都" in
+    "東京都", " New York" and " York City"). Forms are taken in order, words before variants, after the tokenizer's
+    own added tokens (`existing`); each form that overlaps one kept before it is left out. An overlap that starts
+    or ends inside a word of a script with spaces ("palatable" and "electron", " it's" and "submodule") is left
+    alone: such text is one longer word, where added tokens already match inside words (vocabulary_collisions)."""
+    word = regex.compile(f"{TEXT_WORD_CHAR}['’]?{TEXT_WORD_CHAR}", flags=regex.V1)  # "ab", "t's"
+
+    def joined(text: str, i: int) -> bool:
+        """Whether a word of a script with spaces runs across the boundary before text[i]."""
+        return any(word.fullmatch(text[a:b]) for a, b in ((i - 1, i + 1), (i - 2, i + 1), (i - 1, i + 2)) if a >= 0)
+
+    starts: dict[str, list[str]] = {}  # proper prefix -> kept forms that begin with it
+    ends: dict[str, list[str]] = {}  # proper suffix -> kept forms that end with it
+    kept: set[str] = set()
+
+    def parts(form: str, first: str, second: str, k: int) -> str | None:
+        """Why `form` cannot join, given `first` ends with the k characters `second` begins with."""
+        both = first + second[k:]
+        if len(second.encode()) < len(first.encode()) or both in kept:
+            return None  # the longer first token, or a longer form over both, decides in both runtimes
+        if joined(first, len(first) - k) or joined(second, k):
+            return None  # text holds both only inside a longer word
+        return (f"which overlaps {(first if second == form else second)!r} (text holding both, {both!r}, "
+                "tokenizes differently in llama.cpp and in transformers)")
+
+    def keep(form: str) -> None:
+        kept.add(form)
+        for k in range(1, len(form)):
+            starts.setdefault(form[:k], []).append(form)
+            ends.setdefault(form[-k:], []).append(form)
+
+    def conflict(form: str) -> str | None:
+        for k in range(1, len(form)):
+            for other in ends.get(form[:k], ()):
+                if other != form and (why := parts(form, other, form, k)):
+                    return why
+            for other in starts.get(form[-k:], ()):
+                if other != form and (why := parts(form, form, other, k)):
+                    return why
+        return None
+
+    for form in existing:
+        keep(form)
+    found: dict[str, str] = {}
+    for t in sorted(toks, key=lambda t: bool(t.variant)):
+        if why := conflict(t.form):
+            found[t.form] = why
+        else:
+            keep(t.form)
+    return found
+
+
 def _joins(char: str) -> bool:
     """A stored character that continues a word (not a space, a space mark or byte-level BPE's stored space)."""
     return char not in (BYTE_LEVEL_SPACE, SPACE_MARK) and regex.match(f"[{WORD_CHARS}]", char) is not None
@@ -485,7 +540,8 @@ def _joins(char: str) -> bool:
 def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", model_config=None,
                      keep_listed: bool = True) -> tuple[object, list[NewToken], list[Skipped]]:
     """extend_tokenizer without the forms that would not serve: forms that running text would not decode back to
-    (a word whose running-text form fails goes with all its forms), and forms that as added tokens would cut
+    (a word whose running-text form fails goes with all its forms), added forms that llama.cpp would read apart
+    from transformers where they overlap (overlapping_forms), and forms that as added tokens would cut
     longer vocabulary tokens apart (vocabulary_collisions: the start-of-text form "luster" would split every
     " cluster"). A variant only saves tokens, so it is left out; a word's own running-text form is kept with a
     warning where the user listed the word (`keep_listed`), else (words taken from another tokenizer, "reli" that
@@ -508,12 +564,20 @@ def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", mod
         return {t.form: f"which as an added token would also split {hits[t.form]!r} wherever it occurs"
                 for t in toks if t.form in hits and (t.variant or not keep_listed)}
 
+    def overlapping(toks: list[NewToken]) -> dict[str, str]:
+        return overlapping_forms(toks, list(getattr(tokenizer, "added_tokens_encoder", {})))
+
     kept, skipped = leave_out(planned, splitting(planned) if mode == "added" else {})
+    if mode == "added":
+        kept, more = leave_out(kept, overlapping(kept))
+        skipped += more
     new = extend_tokenizer(tokenizer, kept, mode, model_config)
     bad = {t.form: f"which would make running text decode as {got!r}"
            for t, got in zip(kept, misread_forms(new, tokenizer, kept)) if got is not None}
     if mode != "added":
-        bad.update(splitting([t for t in kept if t.kind == "added" and t.form not in bad]))
+        added = [t for t in kept if t.kind == "added" and t.form not in bad]
+        bad.update(splitting(added))
+        bad.update(overlapping([t for t in added if t.form not in bad]))
     if bad:
         kept, more = leave_out(kept, bad)
         skipped += more
