@@ -186,7 +186,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(table({"llama.cpp": agree}))
         for line in agree.examples:
             print(f"  mismatch: {line}", file=sys.stderr)
-        print(f"llama.cpp {'matches' if agree.passed else 'DIFFERS FROM'} transformers on "
+        print(f"llama.cpp {'matches' if agree.passed else 'DIFFERS FROM'} transformers: the same ids on "
               f"{sum(agree.matched.values())}/{sum(agree.compared.values())} texts")
         return 0 if agree.passed else 1
 
