@@ -33,6 +33,7 @@ of a form, the normalizer, the prefix space, the pre-tokenizer JSON): kept priva
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import tempfile
@@ -491,35 +492,42 @@ def overlapping_forms(toks: list[NewToken], existing: list[str]) -> dict[str, st
         """Whether a word of a script with spaces runs across the boundary before text[i]."""
         return any(word.fullmatch(text[a:b]) for a, b in ((i - 1, i + 1), (i - 2, i + 1), (i - 1, i + 2)) if a >= 0)
 
-    starts: dict[str, list[str]] = {}  # proper prefix -> kept forms that begin with it
-    ends: dict[str, list[str]] = {}  # proper suffix -> kept forms that end with it
+    # Kept forms by each proper prefix and suffix not inside a word, as (UTF-8 length, form) sorted by length.
+    starts: dict[str, list[tuple[int, str]]] = {}
+    ends: dict[str, list[tuple[int, str]]] = {}
     kept: set[str] = set()
-
-    def parts(form: str, first: str, second: str, k: int) -> str | None:
-        """Why `form` cannot join, given `first` ends with the k characters `second` begins with."""
-        both = first + second[k:]
-        if len(second.encode()) < len(first.encode()) or both in kept:
-            return None  # the longer first token, or a longer form over both, decides in both runtimes
-        if joined(first, len(first) - k) or joined(second, k):
-            return None  # text holds both only inside a longer word
-        return (f"which overlaps {(first if second == form else second)!r} (text holding both, {both!r}, "
-                "tokenizes differently in llama.cpp and in transformers)")
 
     def keep(form: str) -> None:
         kept.add(form)
+        size = len(form.encode())
         for k in range(1, len(form)):
-            starts.setdefault(form[:k], []).append(form)
-            ends.setdefault(form[-k:], []).append(form)
+            if not joined(form, k):
+                bisect.insort(starts.setdefault(form[:k], []), (size, form))
+            if not joined(form, len(form) - k):
+                bisect.insort(ends.setdefault(form[-k:], []), (size, form))
 
     def conflict(form: str) -> str | None:
+        """The first kept form that `form` overlaps where the later-starting one is as long or longer and no kept
+        form spans both: then the runtimes part."""
+        size = len(form.encode())
         for k in range(1, len(form)):
-            for other in ends.get(form[:k], ()):
-                if other != form and (why := parts(form, other, form, k)):
-                    return why
-            for other in starts.get(form[-k:], ()):
-                if other != form and (why := parts(form, form, other, k)):
-                    return why
+            if not joined(form, k):  # others that end with form[:k]: as long as form or shorter
+                for n, other in ends.get(form[:k], ()):
+                    if n > size:
+                        break
+                    if other != form and other + form[k:] not in kept:
+                        return reason(other, form, k, other)
+            if not joined(form, len(form) - k):  # others that begin with form[-k:]: as long as form or longer
+                for n, other in reversed(starts.get(form[-k:], ())):
+                    if n < size:
+                        break
+                    if other != form and form + other[k:] not in kept:
+                        return reason(form, other, k, other)
         return None
+
+    def reason(first: str, second: str, k: int, other: str) -> str:
+        return (f"which overlaps {other!r} (text holding both, {first + second[k:]!r}, tokenizes differently in "
+                "llama.cpp and in transformers)")
 
     for form in existing:
         keep(form)
