@@ -312,3 +312,14 @@ def test_a_word_inside_a_longer_new_word_is_covered_by_it(padded, tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     assert " (beans" in tok.tokenize("the (beans)")
     assert check.check_dir(out, padded, forward=False)["passed"]
+
+
+def test_check_warns_where_listed_words_overlap(padded, tmp_path):
+    """Both listed words stay; check passes and warns that llama.cpp reads text holding both apart."""
+    words = tmp_path / "words.txt"
+    words.write_text("東京\n京都\n", encoding="utf-8")
+    out = tmp_path / "out"
+    run(padded, words, out)
+    section = check.check_dir(out, padded, forward=False)
+    assert section["passed"] and section["runtimes"]["overlapping_added_tokens"] == 1
+    assert any(w["check"] == "runtime" and "'京都' which overlaps '東京'" in w["detail"] for w in section["warnings"])

@@ -363,16 +363,23 @@ def test_overlapping_forms_are_those_runtimes_read_apart():
     assert set(tokens.overlapping_forms(planned("京都"), ["東京"])) == {"京都"}  # the tokenizer's own come first
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_the_later_of_two_overlapping_words_is_skipped(tokenizers_by_kind, mode):
-    """extend_decodable leaves out the later word, with the reason, in either mode (both make them added tokens)."""
-    planned, _ = tokens.plan_new_tokens(tokenizers_by_kind["bytelevel"], ["東京", "京都", "palatable"])
-    new, kept, dropped = tokens.extend_decodable(tokenizers_by_kind["bytelevel"], planned, mode)
-    assert [t.form for t in kept] == ["東京", " palatable", "palatable"]
-    assert [(s.word, s.reason.split(" (")[0], s.form_only) for s in dropped] == [
-        ("京都", "its running-text form '京都', which overlaps '東京'", False)]
-    assert len(new("東京都", add_special_tokens=False)["input_ids"]) == 1 + len(
-        tokenizers_by_kind["bytelevel"]("都", add_special_tokens=False)["input_ids"])
+def test_overlapping_words_stay_where_listed_and_variants_go(tokenizers_by_kind, caplog):
+    """A listed word that overlaps an earlier one stays, with a warning that names the pair; a start-of-text
+    variant that overlaps goes; of words taken from another tokenizer, the later of the two goes. In vocab mode
+    only the forms it makes added tokens are checked (here the Japanese ones)."""
+    tok = tokenizers_by_kind["bytelevel"]
+    planned, _ = tokens.plan_new_tokens(tok, ["東京", "京都", "right-click", "click-and-drag"])
+    with caplog.at_level("WARNING", logger="tokdistill_fast.tokens"):
+        new, kept, dropped = tokens.extend_decodable(tok, planned, "added")
+    assert [t.form for t in kept] == ["東京", "京都", " right-click", "right-click", " click-and-drag"]
+    assert [(s.word, s.form_only) for s in dropped] == [("click-and-drag", True)]
+    assert dropped[0].reason.startswith("its start-of-text form 'click-and-drag', which overlaps ")
+    assert "1 listed word(s) overlap an earlier word" in caplog.text and "'京都' which overlaps '東京'" in caplog.text
+    for mode in ("added", "vocab"):
+        new, kept, dropped = tokens.extend_decodable(tok, planned, mode, keep_listed=False)
+        assert "京都" not in [t.form for t in kept] and "京都" in [s.word for s in dropped]
+        assert len(new("東京都", add_special_tokens=False)["input_ids"]) == 1 + len(tok("都", add_special_tokens=False)[
+            "input_ids"])
 
 
 def test_forms_left_after_overlaps_tokenize_alike_in_both_runtimes(tokenizers_by_kind):

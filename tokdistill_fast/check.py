@@ -29,7 +29,7 @@ import torch
 
 from .config import GuaranteeError, UserInputError  # noqa: F401 (GuaranteeError re-exported)
 from .modeling.models import load_tokenizer, model_dir
-from .tokens import BYTE_PIECE, adds_prefix_space, span_ids, word_pattern
+from .tokens import BYTE_PIECE, NewToken, adds_prefix_space, overlapping_forms, span_ids, word_pattern
 
 log = logging.getLogger(__name__)
 
@@ -397,12 +397,21 @@ def check_runtimes(out: Path, tok, new: list[dict], find) -> dict:
         find.warn("runtime", f"llama.cpp's converter drops single_word/lstrip/rstrip, so {len(flagged)} added "
                   f"token(s) such as {flagged[0]!r} match differently there (inside longer words); rerun distill "
                   "(added tokens without flags are the default)")
+    own = [a.content for a in tok.added_tokens_decoder.values() if a.content not in forms]
+    overlaps = overlapping_forms([NewToken(t["word"], t["form"], []) for t in new if t["kind"] != "vocab"], own,
+                                 keep_words=True)
+    if overlaps:
+        form, why = next(iter(overlaps.items()))
+        find.warn("runtime", f"llama.cpp cuts added tokens out of text longest first, transformers and vLLM "
+                  f"leftmost-longest: {len(overlaps)} new token(s) overlap an earlier one, such as {form!r} {why}; "
+                  "leave out the later word of each pair where the runtimes must agree")
     config_file = out / "tokenizer_config.json"
     cls = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class") if config_file.is_file() else None
     if cls not in CLASSES_4X:
         find.warn("runtime", f"tokenizer_config.json names {cls!r}, which transformers 4.x (and llama.cpp's converter, "
                   "pinned to 4.57) cannot load; set \"tokenizer_class\": \"PreTrainedTokenizerFast\"")
-    return {"vocab_mode_tokens": len(vocab), "flagged_added_tokens": len(flagged), "tokenizer_class": cls}
+    return {"vocab_mode_tokens": len(vocab), "flagged_added_tokens": len(flagged),
+            "overlapping_added_tokens": len(overlaps), "tokenizer_class": cls}
 
 
 def run_checks(out: str | Path, original: Original | None = None, probe_texts: list[str] | None = None,

@@ -478,12 +478,13 @@ def vocabulary_collisions(tokenizer, forms: list[str]) -> dict[str, str]:
     return {form: tokenizer.convert_tokens_to_string([key]) for form, key in found.items()}
 
 
-def overlapping_forms(toks: list[NewToken], existing: list[str]) -> dict[str, str]:
+def overlapping_forms(toks: list[NewToken], existing: list[str], keep_words: bool = False) -> dict[str, str]:
     """The added forms that would make llama.cpp and HF tokenizers read a text differently: {form: why}. HF matches
     added tokens leftmost-longest, llama.cpp longest first (`tokenizer_st_partition`), so they part where one form
     ends with what another begins with and the later one is as long or longer in UTF-8 bytes ("東京" and "京都" in
     "東京都", " New York" and " York City"). Forms are taken in order, words before variants, after the tokenizer's
-    own added tokens (`existing`); each form that overlaps one kept before it is left out. An overlap that starts
+    own added tokens (`existing`); each form that overlaps one kept before it is found, and kept for the later
+    forms' checks only if it is a word's own form and `keep_words` (a listed word stays). An overlap that starts
     or ends inside a word of a script with spaces ("palatable" and "electron", " it's" and "submodule") is left
     alone: such text is one longer word, where added tokens already match inside words (vocabulary_collisions)."""
     word = regex.compile(f"{TEXT_WORD_CHAR}['’]?{TEXT_WORD_CHAR}", flags=regex.V1)  # "ab", "t's"
@@ -535,7 +536,7 @@ def overlapping_forms(toks: list[NewToken], existing: list[str]) -> dict[str, st
     for t in sorted(toks, key=lambda t: bool(t.variant)):
         if why := conflict(t.form):
             found[t.form] = why
-        else:
+        if not why or keep_words and not t.variant:
             keep(t.form)
     return found
 
@@ -548,14 +549,14 @@ def _joins(char: str) -> bool:
 def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", model_config=None,
                      keep_listed: bool = True) -> tuple[object, list[NewToken], list[Skipped]]:
     """extend_tokenizer without the forms that would not serve: forms that running text would not decode back to
-    (a word whose running-text form fails goes with all its forms), added forms that llama.cpp would read apart
-    from transformers where they overlap (overlapping_forms), and forms that as added tokens would cut
+    (a word whose running-text form fails goes with all its forms), and added forms that as added tokens would cut
     longer vocabulary tokens apart (vocabulary_collisions: the start-of-text form "luster" would split every
-    " cluster"). A variant only saves tokens, so it is left out; a word's own running-text form is kept with a
-    warning where the user listed the word (`keep_listed`), else (words taken from another tokenizer, "reli" that
-    would split SmolLM2's " reliable") left out with its variants: (tokenizer, tokens kept, skipped forms). In added
-    mode the forms are checked before the extension, which then runs once (3.4 s for Gemma-3's tokenizer); in the
-    others after it, on the forms it made added tokens."""
+    " cluster") or that overlap an earlier form, so that llama.cpp reads text holding both apart from transformers
+    (overlapping_forms). A variant only saves tokens, so it is left out; a word's own running-text form is kept
+    with a warning where the user listed the word (`keep_listed`), else (words taken from another tokenizer, "reli"
+    that would split SmolLM2's " reliable") left out with its variants: (tokenizer, tokens kept, skipped forms).
+    In added mode the forms are checked before the extension, which then runs once (3.4 s for Gemma-3's
+    tokenizer); in the others after it, on the forms it made added tokens."""
     found: dict[str, str] = {}  # vocabulary_collisions of every form checked so far: the vocabulary is read once
     checked: set[str] = set()
 
@@ -572,8 +573,14 @@ def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", mod
         return {t.form: f"which as an added token would also split {hits[t.form]!r} wherever it occurs"
                 for t in toks if t.form in hits and (t.variant or not keep_listed)}
 
+    overlaps: dict[str, str] = {}  # listed words kept though they overlap an earlier form
+
     def overlapping(toks: list[NewToken]) -> dict[str, str]:
-        return overlapping_forms(toks, list(getattr(tokenizer, "added_tokens_encoder", {})))
+        """{form: why} of the forms among `toks` (variants, and words unless kept) that overlap an earlier one."""
+        found = overlapping_forms(toks, list(getattr(tokenizer, "added_tokens_encoder", {})), keep_listed)
+        words = {t.form for t in toks if not t.variant}
+        overlaps.update({f: why for f, why in found.items() if keep_listed and f in words})
+        return {f: why for f, why in found.items() if f not in overlaps}
 
     kept, skipped = leave_out(planned, splitting(planned) if mode == "added" else {})
     if mode == "added":
@@ -596,6 +603,10 @@ def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", mod
                     "words: %s; `--tokenizer-mode vocab` avoids it where llama.cpp is not needed "
                     "(docs/vocabulary-extension.md)", len(splits),
                     ", ".join(f"{f!r} in {text!r}" for f, text in list(splits.items())[:5]))
+    if listed := {f: why for f, why in overlaps.items() if f in {t.form for t in kept}}:
+        log.warning("%d listed word(s) overlap an earlier word, so llama.cpp and transformers tokenize text holding "
+                    "both differently: %s; kept as listed (docs/vocabulary-extension.md, \"Forms that overlap\")",
+                    len(listed), ", ".join(f"{f!r} {why.split(' (')[0]}" for f, why in list(listed.items())[:5]))
     return new, kept, skipped
 
 
