@@ -397,9 +397,9 @@ def check_runtimes(out: Path, tok, new: list[dict], find) -> dict:
         find.warn("runtime", f"llama.cpp's converter drops single_word/lstrip/rstrip, so {len(flagged)} added "
                   f"token(s) such as {flagged[0]!r} match differently there (inside longer words); rerun distill "
                   "(added tokens without flags are the default)")
-    own = [a.content for a in tok.added_tokens_decoder.values() if a.content not in forms]
-    overlaps = overlapping_forms([NewToken(t["word"], t["form"], []) for t in new if t["kind"] != "vocab"], own,
-                                 keep_words=True)
+    added = {a.content for a in tok.added_tokens_decoder.values()}
+    overlaps = overlapping_forms([NewToken(t["word"], t["form"], []) for t in new if t["form"] in added],
+                                 sorted(added - forms), keep_words=True)
     if overlaps:
         form, why = next(iter(overlaps.items()))
         find.warn("runtime", f"llama.cpp cuts added tokens out of text longest first, transformers and vLLM "

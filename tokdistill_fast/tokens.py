@@ -549,7 +549,7 @@ def _joins(char: str) -> bool:
 def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", model_config=None,
                      keep_listed: bool = True) -> tuple[object, list[NewToken], list[Skipped]]:
     """extend_tokenizer without the forms that would not serve: forms that running text would not decode back to
-    (a word whose running-text form fails goes with all its forms), and added forms that as added tokens would cut
+    (a word whose running-text form fails goes with all its forms), and forms that as added tokens would cut
     longer vocabulary tokens apart (vocabulary_collisions: the start-of-text form "luster" would split every
     " cluster") or that overlap an earlier form, so that llama.cpp reads text holding both apart from transformers
     (overlapping_forms). A variant only saves tokens, so it is left out; a word's own running-text form is kept
