@@ -54,3 +54,15 @@ def test_select_reads_words_of_scripts_without_spaces(tokenizers_by_kind, tmp_pa
     assert {"GNOME", "パッケージ", "設定", "します", "サポート", "です", "されます"} <= set(words)
     assert "ポート" not in words and not any("の" in w or "。" in w for w in words)
     assert "'ポート'" in caplog.text
+    assert "a word list from a segmenter" not in caplog.text  # Japanese kana break its runs of Han
+
+
+def test_select_says_where_runs_are_phrases(tokenizers_by_kind, tmp_path, caplog):
+    """Chinese runs of Han between punctuation are phrases: select says a segmenter's word list serves better."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(["你可以使用软件包管理器，安装防火墙软件包。", "参见第一章的因特网连接。"] * 12),
+                      encoding="utf-8")
+    with caplog.at_level("WARNING", logger="tokdistill_fast.tools.select"):
+        select_tokens(tokenizers_by_kind["bytelevel"], [corpus], min_count=10)
+    assert "36 runs of Han, Thai, Lao, Khmer or Myanmar letters average 10.0 characters" in caplog.text
+    assert "a word list from a segmenter" in caplog.text
