@@ -39,7 +39,7 @@ SPACELESS_RUN = regex.compile("|".join(rf"[[\p{{L}}\p{{M}}]&&\p{{scx={script}}}]
     "Katakana", "Han", "Hiragana", "Thai", "Lao", "Khmer", "Myanmar")), flags=regex.V1)
 SPACELESS_MIN_CHARS = 2  # many Chinese and Japanese words have two characters
 # Scripts whose runs may hold several words (Japanese kana break its runs of Han: 1.8 characters a run on the Japanese
-# Debian Reference, against 5.8 on the Chinese one); runs this long on average are phrases more than words.
+# Debian Reference, against 5.7 on the Chinese one); runs this long on average are phrases more than words.
 PHRASE_SCRIPTS = regex.compile(r"[\p{scx=Han}\p{scx=Thai}\p{scx=Lao}\p{scx=Khmer}\p{scx=Myanmar}]+", flags=regex.V1)
 PHRASE_RUN_CHARS = 4.0
 
