@@ -3,7 +3,9 @@ words, words already in the vocabulary and words whose added token would split a
 out; quotes, brackets and format characters (a zero-width space) of any language are stripped, and a chunk glued to
 a dash is no word."""
 
-from tokdistill_fast.tools.select import select_tokens
+import random
+
+from tokdistill_fast.tools.select import MARK, discover_words, select_tokens
 
 
 def test_select_ranks_split_words_and_skips_non_words(tokenizers_by_kind, tmp_path):
@@ -57,12 +59,32 @@ def test_select_reads_words_of_scripts_without_spaces(tokenizers_by_kind, tmp_pa
     assert "a word list from a segmenter" not in caplog.text  # Japanese kana break its runs of Han
 
 
-def test_select_says_where_runs_are_phrases(tokenizers_by_kind, tmp_path, caplog):
-    """Chinese runs of Han between punctuation are phrases: select says a segmenter's word list serves better."""
+def test_select_finds_words_inside_runs_that_are_phrases(tokenizers_by_kind, tmp_path, caplog):
+    """Chinese runs of Han between punctuation are phrases: select finds the words inside them (parts that go
+    together more often than chance, with many different neighbours) and never a piece across two words."""
+    rng = random.Random(0)
+    han = iter(chr(0x4E00 + 7 * i) for i in range(200))  # distinct Han characters
+    words = ["".join(next(han) for _ in range(2 + i % 2)) for i in range(40)]
+    runs = ["".join(rng.choices(words + ["的", "和"], weights=[1] * 40 + [8, 4], k=rng.randint(3, 7)))
+            for _ in range(400)]
     corpus = tmp_path / "c.txt"
-    corpus.write_text("\n\n".join(["你可以使用软件包管理器，安装防火墙软件包。", "参见第一章的因特网连接。"] * 12),
-                      encoding="utf-8")
+    corpus.write_text("\n\n".join("，".join(runs[i:i + 4]) + "。" for i in range(0, 400, 4)), encoding="utf-8")
     with caplog.at_level("WARNING", logger="tokdistill_fast.tools.select"):
-        select_tokens(tokenizers_by_kind["bytelevel"], [corpus], min_count=10)
-    assert "36 runs of Han, Thai, Lao, Khmer or Myanmar letters average 10.0 characters" in caplog.text
-    assert "a word list from a segmenter" in caplog.text
+        found = [c.word for c in select_tokens(tokenizers_by_kind["bytelevel"], [corpus], min_count=10)]
+    assert set(found) == set(words), set(found) ^ set(words)
+    assert "phrases more than words" in caplog.text and "found 40 words inside them" in caplog.text
+
+
+def test_discovered_words_do_not_cut_a_character():
+    """A Thai vowel or tone mark continues the letter before it: no discovered word starts with one or stops
+    before one, and what is found are words (Thai's few letters make fewer of them stand out)."""
+    rng = random.Random(0)
+    words = ["ข้าว", "กิน", "ดี", "มาก", "น้ำ", "ร้อน", "เย็น", "บ้าน", "ไป", "มา", "สวย", "ใหญ่", "เล็ก", "ช้าง", "ม้า",
+             "ปลา"]
+    runs: dict[str, int] = {}
+    for _ in range(400):
+        run = "".join(rng.choices(words, k=rng.randint(3, 6)))
+        runs[run] = runs.get(run, 0) + 1
+    found = discover_words(runs, 10)
+    assert found and set(found) <= set(words), found
+    assert not any(MARK.match(w[0]) for w in discover_words(runs, 1))

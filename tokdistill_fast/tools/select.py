@@ -9,13 +9,16 @@ longer words of the corpus more often than the word stands alone there (" fasten
 
 Scripts written without spaces (tokens.SPACELESS) have no whitespace between words: there a candidate is a run of
 one script (Japanese Katakana "デスクトップ", Han "設定", Hiragana "します"; at least two characters), and a run seen
-inside longer runs of its script more often than alone is left out ("ポート" in "サポート"). A run of Han or Thai
-can be a whole phrase: for Chinese or Thai text, a word list from a segmenter serves better.
+inside longer runs of its script more often than alone is left out ("ポート" in "サポート"). Where runs of Han or
+Thai average PHRASE_RUN_CHARS characters or more (Chinese, Thai: phrases, not words), the candidates are the words
+discover_words finds inside them instead ("软件包", "档案库" in "的软件包提供的档案库"); a segmenter's list may
+serve better.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -42,6 +45,12 @@ SPACELESS_MIN_CHARS = 2  # many Chinese and Japanese words have two characters
 # Debian Reference, against 5.7 on the Chinese one); runs this long on average are phrases more than words.
 PHRASE_SCRIPTS = regex.compile(r"[\p{scx=Han}\p{scx=Thai}\p{scx=Lao}\p{scx=Khmer}\p{scx=Myanmar}]+", flags=regex.V1)
 PHRASE_RUN_CHARS = 4.0
+# Words inside such runs ("new word discovery"): 2-6 characters that go together far more often than chance and that
+# many different characters precede and follow (discover_words).
+DISCOVER_CHARS = 6
+COHESION = 50.0  # p(word) / (p(left part) p(right part)) at the weakest cut
+FREEDOM = 1.0  # nats of the characters before and after the word, each side
+MARK = regex.compile(r"\p{M}")
 
 
 def chunk_word(chunk: str) -> str:
@@ -94,7 +103,14 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
     vocab = tokenizer.get_vocab()
     out = []
     counts = word_counts(paths)
-    warn_phrases(counts)
+    found: Counter = Counter()
+    if runs := phrase_runs(counts):
+        for run in runs:
+            del counts[run]
+        counts.update(found := discover_words(runs, min_count))
+        log.warning("found %d words inside them by how often their characters go together and how freely they "
+                    "combine (no dictionary): check the list; a word list from a segmenter may serve better "
+                    "(docs/vocabulary-extension.md)", len(found))
     for word, count in counts.items():
         shortest = min(min_chars, SPACELESS_MIN_CHARS) if spaceless(word) else min_chars
         if count < min_count or len(word) < shortest or word in vocab:
@@ -110,7 +126,7 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
     splits = vocabulary_collisions(tokenizer, [running_form(c.word) for c in out])
     inside = split_inside_words(paths, [NewToken(c.word, form, []) for c in out
                                         if (form := running_form(c.word)) not in splits], None)
-    inside.update(inside_runs(counts, [c.word for c in out if spaceless(c.word)]))
+    inside.update(inside_runs(counts, [c.word for c in out if spaceless(c.word) and c.word not in found]))
     if splits or inside:
         out = [c for c in out if running_form(c.word) not in splits and running_form(c.word) not in inside]
         log.info("left out %d word(s) whose added token would split longer vocabulary words wherever those occur "
@@ -120,15 +136,57 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
     return out[:top] if top else out
 
 
-def warn_phrases(counts: Counter) -> None:
-    """Warn where the corpus's runs of Han, Thai, Lao, Khmer or Myanmar letters average PHRASE_RUN_CHARS or more
-    characters (Chinese, Thai): there a run is a phrase more than a word, and select has no segmenter."""
-    runs = [(w, n) for w, n in counts.items() if PHRASE_SCRIPTS.fullmatch(w)]
-    total = sum(n for _, n in runs)
-    if total and (mean := sum(len(w) * n for w, n in runs) / total) >= PHRASE_RUN_CHARS:
-        log.warning("the corpus's %d runs of Han, Thai, Lao, Khmer or Myanmar letters average %.1f characters: "
-                    "phrases more than words, and select proposes whole runs of one script; for Chinese or Thai "
-                    "text, a word list from a segmenter serves better (docs/vocabulary-extension.md)", total, mean)
+def phrase_runs(counts: Counter) -> dict[str, int]:
+    """The corpus's runs of Han, Thai, Lao, Khmer or Myanmar letters with their counts where they average
+    PHRASE_RUN_CHARS or more characters (Chinese, Thai: phrases more than words), else none."""
+    runs = {w: n for w, n in counts.items() if PHRASE_SCRIPTS.fullmatch(w)}
+    total = sum(runs.values())
+    if not total or (mean := sum(len(w) * n for w, n in runs.items()) / total) < PHRASE_RUN_CHARS:
+        return {}
+    log.warning("the corpus's %d runs of Han, Thai, Lao, Khmer or Myanmar letters average %.1f characters: phrases "
+                "more than words", total, mean)
+    return runs
+
+
+def discover_words(runs: dict[str, int], min_count: int) -> Counter:
+    """Words inside runs of a script written without spaces, found without a dictionary: substrings of 2 to
+    DISCOVER_CHARS characters seen `min_count` times or more whose parts go together far more often than chance
+    (COHESION) and that many different characters precede and follow (FREEDOM; a run's edge counts as a new
+    character each time), with their counts. A substring that starts or stops inside a character (a Thai vowel
+    mark) is none."""
+    def substrings(run: str):
+        for i in range(len(run)):
+            if not MARK.match(run[i]):
+                for k in range(1, min(DISCOVER_CHARS, len(run) - i) + 1):
+                    if not MARK.match(run[i + k:i + k + 1]):
+                        yield i, run[i:i + k]
+
+    seen: Counter = Counter()
+    for run, n in runs.items():
+        for _, s in substrings(run):
+            seen[s] += n
+    sides: dict[str, tuple[Counter, Counter]] = {}
+    for run, n in runs.items():
+        for i, s in substrings(run):
+            if len(s) >= 2 and seen[s] >= min_count:
+                before, after = sides.setdefault(s, (Counter(), Counter()))
+                before[run[i - 1] if i else None] += n
+                after[run[i + len(s)] if i + len(s) < len(run) else None] += n
+    chars = sum(len(r) * n for r, n in runs.items())
+
+    def freedom(side: Counter) -> float:
+        total = sum(side.values())  # an edge (None) is a new character each time: n of them at 1/total each
+        return side[None] / total * math.log(total) - sum(
+            v / total * math.log(v / total) for c, v in side.items() if c is not None)
+
+    def cohesion(s: str) -> float:
+        """The least, over the cuts between two characters, of p(s) / (p(left part) p(right part)); 0 for one
+        character written with marks."""
+        return min((seen[s] * chars / (seen[s[:i]] * seen[s[i:]]) for i in range(1, len(s)) if not MARK.match(s[i])),
+                   default=0.0)
+
+    return Counter({s: seen[s] for s, (before, after) in sides.items()
+                    if cohesion(s) >= COHESION and min(freedom(before), freedom(after)) >= FREEDOM})
 
 
 def inside_runs(counts: Counter, words: list[str]) -> dict[str, str]:
