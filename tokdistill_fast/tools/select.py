@@ -153,25 +153,34 @@ def discover_words(runs: dict[str, int], min_count: int) -> Counter:
     DISCOVER_CHARS characters seen `min_count` times or more whose parts go together far more often than chance
     (COHESION) and that many different characters precede and follow (FREEDOM; a run's edge counts as a new
     character each time), with their counts. A substring that starts or stops inside a character (a Thai vowel
-    mark) is none."""
-    def substrings(run: str):
-        for i in range(len(run)):
-            if not MARK.match(run[i]):
-                for k in range(1, min(DISCOVER_CHARS, len(run) - i) + 1):
-                    if not MARK.match(run[i + k:i + k + 1]):
-                        yield i, run[i:i + k]
+    mark) is none. Counted one length at a time, only where both shorter parts are frequent, so memory follows the
+    frequent substrings: 0.7 s for the 56,000 characters of Han in the Chinese Debian Reference's training text; 40
+    s and 314 MB for 2 M characters of Zipf-distributed synthetic words (29 s and 598 MB counted in one pass)."""
+    def substrings(run: str, k: int):
+        for i in range(len(run) - k + 1):
+            if not MARK.match(run[i]) and not MARK.match(run[i + k:i + k + 1]):
+                yield i, run[i:i + k]
 
-    seen: Counter = Counter()
-    for run, n in runs.items():
-        for _, s in substrings(run):
-            seen[s] += n
+    def cuts(s: str) -> list[int]:
+        """Where `s` splits between two characters (not before a mark)."""
+        return [i for i in range(1, len(s)) if not MARK.match(s[i])]
+
+    seen: Counter = Counter()  # substrings seen min_count times or more
+    for k in range(1, DISCOVER_CHARS + 1):
+        level: Counter = Counter()
+        for run, n in runs.items():
+            for _, s in substrings(run, k):
+                if not (at := cuts(s)) or seen[s[:at[-1]]] and seen[s[at[0]:]]:
+                    level[s] += n
+        seen.update({s: n for s, n in level.items() if n >= min_count})
     sides: dict[str, tuple[Counter, Counter]] = {}
     for run, n in runs.items():
-        for i, s in substrings(run):
-            if len(s) >= 2 and seen[s] >= min_count:
-                before, after = sides.setdefault(s, (Counter(), Counter()))
-                before[run[i - 1] if i else None] += n
-                after[run[i + len(s)] if i + len(s) < len(run) else None] += n
+        for k in range(2, DISCOVER_CHARS + 1):
+            for i, s in substrings(run, k):
+                if s in seen:
+                    before, after = sides.setdefault(s, (Counter(), Counter()))
+                    before[run[i - 1] if i else None] += n
+                    after[run[i + k] if i + k < len(run) else None] += n
     chars = sum(len(r) * n for r, n in runs.items())
 
     def freedom(side: Counter) -> float:
@@ -182,8 +191,7 @@ def discover_words(runs: dict[str, int], min_count: int) -> Counter:
     def cohesion(s: str) -> float:
         """The least, over the cuts between two characters, of p(s) / (p(left part) p(right part)); 0 for one
         character written with marks."""
-        return min((seen[s] * chars / (seen[s[:i]] * seen[s[i:]]) for i in range(1, len(s)) if not MARK.match(s[i])),
-                   default=0.0)
+        return min((seen[s] * chars / (seen[s[:i]] * seen[s[i:]]) for i in cuts(s)), default=0.0)
 
     return Counter({s: seen[s] for s, (before, after) in sides.items()
                     if cohesion(s) >= COHESION and min(freedom(before), freedom(after)) >= FREEDOM})
