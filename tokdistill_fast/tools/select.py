@@ -104,13 +104,15 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
     out = []
     counts = word_counts(paths)
     found: Counter = Counter()
-    if runs := phrase_runs(counts):
+    runs, mean = phrase_runs(counts)
+    if runs:
         for run in runs:
             del counts[run]
         counts.update(found := discover_words(runs, min_count))
-        log.warning("found %d words inside them by how often their characters go together and how freely they "
-                    "combine (no dictionary): check the list; a word list from a segmenter may serve better "
-                    "(docs/vocabulary-extension.md)", len(found))
+        log.warning("the corpus's %d runs of Han, Thai, Lao, Khmer or Myanmar letters average %.1f characters: "
+                    "phrases more than words; found %d words inside them by how often their characters go together "
+                    "and how freely they combine (no dictionary): check the list, a word list from a segmenter may "
+                    "serve better (docs/vocabulary-extension.md)", sum(runs.values()), mean, len(found))
     for word, count in counts.items():
         shortest = min(min_chars, SPACELESS_MIN_CHARS) if spaceless(word) else min_chars
         if count < min_count or len(word) < shortest or word in vocab:
@@ -136,16 +138,12 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
     return out[:top] if top else out
 
 
-def phrase_runs(counts: Counter) -> dict[str, int]:
+def phrase_runs(counts: Counter) -> tuple[dict[str, int], float]:
     """The corpus's runs of Han, Thai, Lao, Khmer or Myanmar letters with their counts where they average
-    PHRASE_RUN_CHARS or more characters (Chinese, Thai: phrases more than words), else none."""
+    PHRASE_RUN_CHARS or more characters (Chinese, Thai: phrases more than words), else none; and that average."""
     runs = {w: n for w, n in counts.items() if PHRASE_SCRIPTS.fullmatch(w)}
-    total = sum(runs.values())
-    if not total or (mean := sum(len(w) * n for w, n in runs.items()) / total) < PHRASE_RUN_CHARS:
-        return {}
-    log.warning("the corpus's %d runs of Han, Thai, Lao, Khmer or Myanmar letters average %.1f characters: phrases "
-                "more than words", total, mean)
-    return runs
+    mean = sum(len(w) * n for w, n in runs.items()) / max(1, sum(runs.values()))
+    return (runs if mean >= PHRASE_RUN_CHARS else {}), mean
 
 
 def discover_words(runs: dict[str, int], min_count: int) -> Counter:
