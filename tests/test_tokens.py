@@ -320,9 +320,7 @@ def test_word_pattern_reads_words_without_spaces_wherever_they_occur():
 def longest_first(text: str, forms: list[str], reverse_ties: bool) -> list[str]:
     """llama.cpp's tokenizer_st_partition: each added form in turn, longest in UTF-8 bytes first (ties in either
     order: its sort is not stable), cuts its occurrences out of the text not yet matched, left to right."""
-    order = sorted(forms, key=lambda f: len(f.encode()), reverse=True)
-    if reverse_ties:
-        order = sorted(reversed(forms), key=lambda f: len(f.encode()), reverse=True)
+    order = sorted(forms[::-1] if reverse_ties else forms, key=lambda f: len(f.encode()), reverse=True)  # stable
     pieces: list[tuple[str, bool]] = [(text, False)]
     for form in order:
         cut: list[tuple[str, bool]] = []
