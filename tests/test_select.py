@@ -5,7 +5,8 @@ a dash is no word."""
 
 import random
 
-from tokdistill_fast.tools.select import MARK, discover_words, select_tokens
+from tokdistill_fast.tokens import MARK
+from tokdistill_fast.tools.select import discover_words, select_tokens
 
 
 def test_select_ranks_split_words_and_skips_non_words(tokenizers_by_kind, tmp_path):

@@ -24,10 +24,9 @@ import regex
 import torch
 
 from .config import UserInputError
-from .tokens import BYTE_PIECE, NewToken, Skipped, spaceless
+from .tokens import BYTE_PIECE, MARK, NewToken, Skipped, spaceless
 
 log = logging.getLogger(__name__)
-MARK = regex.compile(r"\p{M}")  # a piece that starts with one continues the character before it
 QUOTED = regex.compile(r"""(['"]).*?\1""")  # a form quoted in a reason: 'する', "won't"
 
 

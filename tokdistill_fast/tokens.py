@@ -56,6 +56,7 @@ TEXT_WORD_CHAR = rf"[[{WORD_CHARS}]--[{SPACELESS}]]"  # in text, a form must not
 SPACE_MARK = "\u2581"  # SentencePiece's visible space
 BYTE_LEVEL_SPACE = "\u0120"  # "Ġ": byte-level BPE's stored space
 BYTE_PIECE = regex.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces: <0x41>
+MARK = regex.compile(r"\p{M}")  # a combining mark continues the character before it (Thai vowels and tones)
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # ByteLevel's own
 GENERIC_CLASS = "PreTrainedTokenizerFast"  # loads tokenizer.json exactly as written (model classes may rebuild it)
 
@@ -445,14 +446,23 @@ def misread_forms(new, original, toks: list[NewToken]) -> list[str | None]:
             for text, got, before in zip(texts, decoded(new), decoded(original))]
 
 
+def string_automaton(strings):
+    """An Aho-Corasick automaton that finds each of `strings` inside a text, reporting the string itself."""
+    import ahocorasick
+
+    automaton = ahocorasick.Automaton()
+    for s in strings:
+        automaton.add_word(s, s)
+    automaton.make_automaton()
+    return automaton
+
+
 def vocabulary_collisions(tokenizer, forms: list[str]) -> dict[str, str]:
     """The forms whose added token would also cut a longer vocabulary token's text apart wherever it occurs, since
     added tokens match inside words (" yea" in " year", "luster" in " cluster"): {form: the text of one such
     vocabulary token}. Compared as the tokenizer stores them (_stored_piece: "Ġyea" in "Ġyear"), so no vocabulary
     token is decoded. A form the pre-tokenizer splits is not checked: no vocabulary token holds it, though text
     may ("man's" in "woman's")."""
-    import ahocorasick
-
     backend = tokenizer.backend_tokenizer
     by_piece: dict[str, list[str]] = {}
     for form in forms:
@@ -461,10 +471,7 @@ def vocabulary_collisions(tokenizer, forms: list[str]) -> dict[str, str]:
             by_piece.setdefault(piece, []).append(form)
     if not by_piece:
         return {}
-    automaton = ahocorasick.Automaton()
-    for piece in by_piece:
-        automaton.add_word(piece, piece)
-    automaton.make_automaton()
+    automaton = string_automaton(by_piece)
     skip = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}))
     found: dict[str, str] = {}
     for key in tokenizer.get_vocab():
@@ -577,10 +584,10 @@ def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", mod
 
     def overlapping(toks: list[NewToken]) -> dict[str, str]:
         """{form: why} of the forms among `toks` (variants, and words unless kept) that overlap an earlier one."""
-        found = overlapping_forms(toks, list(getattr(tokenizer, "added_tokens_encoder", {})), keep_listed)
+        over = overlapping_forms(toks, list(getattr(tokenizer, "added_tokens_encoder", {})), keep_listed)
         words = {t.form for t in toks if not t.variant}
-        overlaps.update({f: why for f, why in found.items() if keep_listed and f in words})
-        return {f: why for f, why in found.items() if f not in overlaps}
+        overlaps.update({f: why for f, why in over.items() if keep_listed and f in words})
+        return {f: why for f, why in over.items() if f not in overlaps}
 
     kept, skipped = leave_out(planned, splitting(planned) if mode == "added" else {})
     if mode == "added":

@@ -25,7 +25,16 @@ from dataclasses import dataclass
 import regex
 
 from ..corpus import iter_documents
-from ..tokens import SPACELESS_LETTER, NewToken, original_ids, running_form, spaceless, vocabulary_collisions
+from ..tokens import (
+    MARK,
+    SPACELESS_LETTER,
+    NewToken,
+    original_ids,
+    running_form,
+    spaceless,
+    string_automaton,
+    vocabulary_collisions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +59,6 @@ PHRASE_RUN_CHARS = 4.0
 DISCOVER_CHARS = 6
 COHESION = 50.0  # p(word) / (p(left part) p(right part)) at the weakest cut
 FREEDOM = 1.0  # nats of the characters before and after the word, each side
-MARK = regex.compile(r"\p{M}")
 
 
 def chunk_word(chunk: str) -> str:
@@ -198,16 +206,11 @@ def discover_words(runs: dict[str, int], min_count: int) -> Counter:
 def inside_runs(counts: Counter, words: list[str]) -> dict[str, str]:
     """{word: why} of the `words` (runs of a script written without spaces) that `counts` shows inside longer runs
     more often than alone (and contexts.INSIDE_MIN times or more): an added token would cut those runs apart."""
-    import ahocorasick
-
     from ..contexts import INSIDE_MIN
 
     if not words:
         return {}
-    automaton = ahocorasick.Automaton()
-    for w in words:
-        automaton.add_word(w, w)
-    automaton.make_automaton()
+    automaton = string_automaton(words)
     inside: Counter = Counter()
     for run, n in counts.items():
         if len(run) > 1 and spaceless(run):
