@@ -671,3 +671,47 @@ def test_a_hit_inside_a_longer_new_word_is_no_hit(tokenizers_by_kind, tmp_path):
     snippets, _, dropped = retrieve([corpus], tok, planned, 25, 40, 0, start_id(tok), extended=extended)
     assert [sum(s.token == i for s in snippets) for i in range(2)] == [5, 5] and dropped == [5, 0]
     assert retrieve([corpus], tok, planned, 25, 40, 0, start_id(tok))[2] == [0, 0]  # without it: 10 hits
+
+
+def test_russian_manuals_corpus_reads_the_three_manuals(tmp_path, monkeypatch):
+    """The untuned corpus of the fifty-second stop, the first in Cyrillic: the <p> paragraphs of the Developer's
+    Reference (its one-page copy only) and of every page of the New Maintainers' Guide and the FAQ in Russian."""
+    from tokdistill_fast.tools import demo
+
+    asked = []
+
+    def debian_file(package, path, cache=None):
+        asked.append(package)
+        (tmp_path / package).mkdir(exist_ok=True)
+        return tmp_path / package / path.name
+
+    monkeypatch.setattr(demo, "debian_file", debian_file)
+    (tmp_path / "developers-reference-ru").mkdir()
+    (tmp_path / "developers-reference-ru" / "developers-reference.html").write_text(
+        "<p>Каждый пакет сопровождается одним или несколькими разработчиками.</p>", encoding="utf-8")
+    (tmp_path / "developers-reference-ru" / "pkgs.html").write_text(
+        "<p>Та же глава ещё раз, отдельной страницей, длинной достаточно.</p>", encoding="utf-8")
+    for package, page in (("maint-guide-ru", "index.ru.html"), ("debian-faq-ru", "index.ru.html")):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / page).write_text(f"<p>Руководство {package}: <code>dpkg</code> &amp; apt, длиннее "
+                                               "сорока знаков.</p><p>Коротко.</p>", encoding="utf-8")
+    out = demo.russian_manuals_corpus(tmp_path / "debian-ru.txt", tmp_path)
+    assert asked == [package for package, _ in demo.RUSSIAN_MANUALS]
+    assert documents(out) == ["Каждый пакет сопровождается одним или несколькими разработчиками.",
+                              "Руководство maint-guide-ru: dpkg & apt, длиннее сорока знаков.",
+                              "Руководство debian-faq-ru: dpkg & apt, длиннее сорока знаков."]
+
+
+def test_gnome_help_corpus_keeps_the_translated_paragraphs(tmp_path, monkeypatch):
+    """GNOME's help in Korean or Tamil: the <p> elements of its Mallard pages, attributes and all; paragraphs the
+    translation left in English are left out."""
+    from tokdistill_fast.tools import demo
+
+    root = tmp_path / "gnome-help"
+    root.mkdir()
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / path.name)
+    (root / "index.page").write_text('<page><p xmlns:its="x">Press <key>Super</key> to open the Activities '
+                                     "overview.</p>\n<p>활동 개요를 열려면 <key>Super</key> 키를 누릅니다. 그 다음 "
+                                     "찾으려는 프로그램의 이름을 입력합니다.</p></page>", encoding="utf-8")
+    out = demo.gnome_help_corpus("ko", tmp_path / "gnome-ko.txt", tmp_path)
+    assert documents(out) == ["활동 개요를 열려면 Super 키를 누릅니다. 그 다음 찾으려는 프로그램의 이름을 입력합니다."]

@@ -212,12 +212,14 @@ def debian_reference_corpus(out: Path, cache: Path | None = None, language: str 
     return write_documents(out, (SPACELESS_BREAK.sub("", para) for para in re.split(r"\n\s*\n", text)))
 
 
-def html_paragraphs(pages: Iterable[Path], tags: tuple[str, ...] = ("p",)) -> Iterator[str]:
-    """The text of each <p> element (or each element of `tags`, written without attributes) of `pages`, tags
-    dropped and entities decoded."""
+def html_paragraphs(pages: Iterable[Path], tags: tuple[str, ...] = ("p",), attributes: bool = False
+                    ) -> Iterator[str]:
+    """The text of each <p> element (or each element of `tags`, written without attributes unless `attributes`)
+    of `pages`, tags dropped and entities decoded."""
+    attrs = r"(?:\s[^>]*)?" if attributes else ""
     for page in pages:
         text = page.read_text(encoding="utf-8", errors="replace")
-        for _, para in re.findall(rf"<({'|'.join(tags)})>(.*?)</\1>", text, flags=re.S):
+        for _, para in re.findall(rf"<({'|'.join(tags)}){attrs}>(.*?)</\1>", text, flags=re.S):
             yield html.unescape(re.sub(r"<[^>]+>", "", para))
 
 
@@ -375,6 +377,42 @@ def crawl_corpus(out: Path, cache: Path | None = None) -> Path:
     return write_documents(out, (CRAWL_MARKUP.sub("", "\n".join(lines[1:])) for lines in entries))
 
 
+# Debian's manuals in Russian (2026-12-06, fifty-second stop: the first corpus in Cyrillic): the Developer's Reference,
+# the New Maintainers' Guide and the FAQ, each a package of HTML pages (the parts left untranslated are English).
+RUSSIAN_MANUALS = (("developers-reference-ru", "/usr/share/developers-reference/ru/developers-reference.html"),
+                   ("maint-guide-ru", "/usr/share/doc/maint-guide-ru/html/index.ru.html"),
+                   ("debian-faq-ru", "/usr/share/doc/debian/FAQ/ru/index.ru.html"))
+
+
+def russian_manuals_corpus(out: Path, cache: Path | None = None) -> Path:
+    """Running text from Debian's manuals in Russian (RUSSIAN_MANUALS): the text of each HTML paragraph; the
+    Developer's Reference is one page (its other pages repeat it in parts), the others every page of the manual."""
+    if out.exists():
+        return out
+    pages = []
+    for package, index in RUSSIAN_MANUALS:
+        first = debian_file(package, Path(index), cache)
+        pages += [first] if package == "developers-reference-ru" else sorted(first.parent.glob("*.html"))
+    return write_documents(out, html_paragraphs(pages))
+
+
+# GNOME's desktop help in other scripts (gnome-user-docs; 2026-12-06, fifty-second stop): Korean (Hangul), Tamil
+# (an abugida: vowel signs are combining marks) and Persian (Arabic script, right to left, a word's parts joined by
+# zero-width non-joiners). Each translation leaves some pages in English; only the paragraphs translated are kept
+# (under half of their letters Latin).
+GNOME_HELP = {"gnome-ko": "ko", "gnome-ta": "ta", "gnome-fa": "fa"}
+
+
+def gnome_help_corpus(language: str, out: Path, cache: Path | None = None) -> Path:
+    """The translated paragraphs of GNOME's desktop help (`<p>` elements of its Mallard pages) in `language`."""
+    if out.exists():
+        return out
+    first = debian_file("gnome-user-docs", Path(f"/usr/share/help/{language}/gnome-help/index.page"), cache)
+    paragraphs = html_paragraphs(sorted(first.parent.glob("*.page")), attributes=True)
+    return write_documents(out, (p for p in paragraphs
+                                 if len(regex.findall(r"[A-Za-z]", p)) < 0.5 * len(regex.findall(r"\p{L}", p))))
+
+
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
     """WordNet glosses with their example sentences, one per paragraph."""
     if out.exists():
@@ -425,8 +463,10 @@ def main(argv: list[str] | None = None) -> int:
                         "Octave's manual (octave-doc), Exim's specification (exim4-doc-html), the Apache HTTP Server's"
                         " manual (apache2-doc), the King James Bible (bible-kjv-text, bible-kjv), LilyPond's manuals "
                         "(lilypond-doc-html), NetHack's Guidebook (nethack-common), Stellarium's sky cultures "
-                        "(stellarium-data), the legends of Freeciv's nations (freeciv-data) and Dungeon Crawl's "
-                        "descriptions (crawl-common), split 3:1")
+                        "(stellarium-data), the legends of Freeciv's nations (freeciv-data), Dungeon Crawl's "
+                        "descriptions (crawl-common) and Debian's manuals in Russian (developers-reference-ru, "
+                        "maint-guide-ru, debian-faq-ru), GNOME's help in Korean, Tamil and Persian (gnome-user-docs), "
+                        "split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
@@ -451,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
             built["skycultures"] = skycultures_corpus(cache_dir() / "corpora" / "skycultures.txt")
             built["freeciv"] = freeciv_corpus(cache_dir() / "corpora" / "freeciv.txt")
             built["crawl"] = crawl_corpus(cache_dir() / "corpora" / "crawl.txt")
+            built["debian-ru"] = russian_manuals_corpus(cache_dir() / "corpora" / "debian-ru.txt")
+            built.update({name: gnome_help_corpus(language, cache_dir() / "corpora" / f"{name}.txt")
+                          for name, language in GNOME_HELP.items()})
             for name, corpus in built.items():
                 paths[name], paths[f"{name}_heldout"] = corpus, split_corpus(corpus)[1]
         if args.what == "prepare":
