@@ -342,6 +342,47 @@ def test_heldout_windows_end_before_an_occurrence_only_the_extended_tokenizer_re
     assert occurrences(ended) == [1] * 8 and occurrences(through) == [2] * 8
 
 
+@pytest.mark.parametrize("listed", ["NFC", "NFD"])
+def test_other_normalizations_are_counted_apart_and_not_kept(listed):
+    """The same text composed or decomposed ("é" or "e" + U+0301) is other text to a tokenizer: its occurrences
+    are counted apart (other_form), never kept as hits, and inside longer words not counted at all."""
+    import unicodedata
+
+    form, other = (unicodedata.normalize(f, " café") for f in (listed, "NFD" if listed == "NFC" else "NFC"))
+    docs = [f"A{form} here,{other} there,{other}s inside and{other}.", f"And{form} again."]
+    hits, stats = find_hits([(d, True, True) for d in docs], [NewToken("café", form, [0, 1])], 5, 10, 0)
+    assert (stats.hits, stats.inside, stats.other_form) == ([2], [0], [2])
+    assert [h.text[h.start:h.end] for h in hits[0]] == [form, form]
+
+
+def test_retrieve_warns_where_the_output_tokenizer_reads_another_normalization_apart(tokenizers_by_kind, tmp_path,
+                                                                                      caplog):
+    """retrieve() names the words the corpus also writes decomposed, with their counts, in the log and in its
+    stats; not where the output tokenizer emits the word's id on that text too (one that normalizes first)."""
+    import logging
+    import unicodedata
+
+    tok = tokenizers_by_kind["bytelevel"]
+    planned, _ = plan_new_tokens(tok, ["café"], add_variants=False)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"{'so ' * k}the café and the{unicodedata.normalize('NFD', ' café')} one."
+                                   for k in range(4)), encoding="utf-8")
+    extended = Extended(extend_tokenizer(tok, planned, "added"), [frozenset({planned[0].new_id})])
+    with caplog.at_level(logging.WARNING, logger="tokdistill_fast.contexts"):
+        snippets, stats, _ = retrieve([corpus], tok, planned, 25, 40, 0, start_id(tok), extended=extended)
+    assert (len(snippets), stats.hits, stats.other_form) == (4, [4], [4])
+    assert "1 word(s) also occur written in another Unicode normalization" in caplog.text and "'café' 4" in caplog.text
+
+    def normalizing(texts, **kw):
+        return extended.tokenizer([unicodedata.normalize("NFC", t) for t in texts] if isinstance(texts, list)
+                                  else unicodedata.normalize("NFC", texts), **kw)
+
+    caplog.clear()
+    _, stats, _ = retrieve([corpus], tok, planned, 25, 40, 0, start_id(tok), extended=extended._replace(
+        tokenizer=normalizing))
+    assert stats.other_form == [0] and "Unicode normalization" not in caplog.text
+
+
 def test_left_context_caps_the_tokens_before_the_word(tokenizers_by_kind, corpus_file):
     tok = tokenizers_by_kind["bytelevel"]
     planned, _ = plan_new_tokens(tok, ["palatable", "bivalve"], add_variants=False)

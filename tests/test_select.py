@@ -89,3 +89,17 @@ def test_discovered_words_do_not_cut_a_character():
     found = discover_words(runs, 10)
     assert found and set(found) <= set(words), found
     assert not any(MARK.match(w[0]) for w in discover_words(runs, 1))
+
+
+def test_select_says_where_it_proposes_a_word_composed_and_decomposed(tokenizers_by_kind, tmp_path, caplog):
+    """A corpus that writes a word both composed and decomposed ("é", "e" + U+0301; GNOME's Tamil help does so
+    with "ோ") holds two texts the tokenizer reads apart: both are proposed, and the log names the pair."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFD", "palatablé")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(f"a palatablé soup and a {decomposed} pie\n\n" * 12, encoding="utf-8")
+    with caplog.at_level("WARNING", logger="tokdistill_fast.tools.select"):
+        words = [c.word for c in select_tokens(tokenizers_by_kind["bytelevel"], [corpus], min_count=10)]
+    assert {"palatablé", decomposed} <= set(words)
+    assert "1 word(s) are proposed more than once" in caplog.text and ascii(decomposed) in caplog.text

@@ -23,6 +23,7 @@ import bisect
 import inspect
 import logging
 import random
+import unicodedata
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ class Extended(NamedTuple):
 class RetrievalStats:
     hits: list[int] = field(default_factory=list)  # occurrences found per token
     inside: list[int] = field(default_factory=list)  # matches of its form inside longer words, per token
+    other_form: list[int] = field(default_factory=list)  # occurrences in another Unicode normalization, per token
     chars: int = 0  # document characters searched
     bytes_read: int = 0  # corpus bytes consumed (Parquet: the text column's compressed bytes)
     files: int = 0
@@ -131,11 +133,15 @@ def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window
         # word written without spaces is its own running-text form, and stands wherever it occurs (bare None)
         bare = None if spaceless(tok.form) else tok.form[:1] != " "
         automaton.add_word(tok.form, (i, len(tok.form), bare))
+    for i, tok in enumerate(tokens):  # the same text composed or decomposed: counted, as ~i, not kept
+        for other in other_normalizations(tok.form):
+            if other not in automaton:
+                automaton.add_word(other, (~i, len(other), None if spaceless(other) else other[:1] != " "))
     automaton.make_automaton()
     longest = max((len(t.form) for t in tokens), default=1)
     draw = random.Random(seed).random
     kept: list[list[Hit]] = [[] for _ in tokens]
-    stats = RetrievalStats(hits=[0] * len(tokens), inside=[0] * len(tokens))
+    stats = RetrievalStats(hits=[0] * len(tokens), inside=[0] * len(tokens), other_form=[0] * len(tokens))
     if not tokens:
         return [], stats
     counts, inside = stats.hits, stats.inside
@@ -157,7 +163,11 @@ def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window
                 continue  # where its running-text form (" word") matches, and is what the tokenizer emits
             if bare is not None and (end < size and is_word[buf[end]] or bare and start > 0
                                      and is_word[buf[start - 1]]):
-                inside[i] += 1  # "palatable" inside "palatableness", a bare form inside a word
+                if i >= 0:
+                    inside[i] += 1  # "palatable" inside "palatableness", a bare form inside a word
+                continue
+            if i < 0:
+                stats.other_form[~i] += 1
                 continue
             counts[i] += 1
             held = kept[i]
@@ -195,6 +205,12 @@ def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window
         if not last:  # the corpus was cut off inside a document (max_bytes): take its remaining hits
             scan(len(buf), False)
     return kept, stats
+
+
+def other_normalizations(form: str) -> set[str]:
+    """`form` composed and decomposed (Unicode NFC, NFD), where that is other text: a tokenizer reads "é" and "e" +
+    U+0301, or Tamil "ோ" and "ெ" + "ா", apart, so an added token for one is not emitted on the other."""
+    return {unicodedata.normalize(f, form) for f in ("NFC", "NFD")} - {form}
 
 
 def split_inside_words(paths: list[str | Path], tokens: list[NewToken], max_bytes: int | None,
@@ -305,8 +321,30 @@ def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_tok
         stats.stopped_early = "max_bytes"
     log.info("searched %.1f MB of %d corpus file(s)%s", corpus.bytes_read / 1e6, len(corpus.files),
              f" (stopped early: {stats.stopped_early})" if stats.stopped_early else "")
+    warn_other_normalizations(tokens, stats, extended)
     snippets, dropped = cut_snippets(tokenizer, tokens, hits, length, start, max_before, extended)
     return snippets, stats, dropped
+
+
+def warn_other_normalizations(tokens: list[NewToken], stats: RetrievalStats, extended: Extended | None) -> None:
+    """Log the words the corpus also writes in another Unicode normalization, where the output tokenizer (when
+    given) does not emit their new id; those occurrences are neither hits nor trained on. Keeps the counts of the
+    others at zero in `stats`, so that the report lists only these."""
+    found = []
+    for i, n in enumerate(stats.other_form):
+        if not n:
+            continue
+        others = other_normalizations(tokens[i].form)
+        if extended is not None and all(extended.ids[i] & set(extended.tokenizer(o, add_special_tokens=False)
+                                                              ["input_ids"]) for o in others):
+            stats.other_form[i] = 0  # a tokenizer that normalizes the text emits the word's id there too
+            continue
+        found.append(f"{tokens[i].word!r} {n}")
+    if found:
+        log.warning("%d word(s) also occur written in another Unicode normalization (composed or decomposed "
+                    "characters), which the tokenizer reads as other text: their new ids are not emitted there, and "
+                    "those occurrences are not trained on (%s); normalize the corpus and the model's inputs to one "
+                    "form (NFC) to use them", len(found), ", ".join(found[:8]) + (", ..." if len(found) > 8 else ""))
 
 
 @contextmanager

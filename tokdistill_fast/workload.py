@@ -66,7 +66,8 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
         snippets.extend(got)
         stats = {**rstats.summary(),
                  "hits": {toks[i].word: h for i, h in zip(primaries, rstats.hits)},
-                 "dropped_tokenized_differently": {toks[i].word: d for i, d in zip(primaries, dropped) if d}}
+                 "dropped_tokenized_differently": {toks[i].word: d for i, d in zip(primaries, dropped) if d},
+                 "other_normalization": {toks[i].word: n for i, n in zip(primaries, rstats.other_form) if n}}
     # Only the first --loss-positions aligned positions are trained (align.trim_suffix): sample no more than that.
     positions = cfg.run_loss_positions()
     new_tokens = positions - 1 if positions else None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
@@ -143,7 +144,16 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
                  "(%s) and %d that the corpus shows inside longer words more often than alone (%s)", len(splits),
                  ", ".join(f"{f!r} in {text!r}" for f, text in list(splits.items())[:8]), len(inside),
                  ", ".join(repr(f) for f in list(inside)[:8]))
-    return out[:top] if top else out
+    out = out[:top] if top else out
+    twins: dict[str, list[str]] = {}
+    for c in out:
+        twins.setdefault(unicodedata.normalize("NFC", c.word), []).append(c.word)
+    if same := [ws for ws in twins.values() if len(ws) > 1]:
+        log.warning("%d word(s) are proposed more than once, the same text composed and decomposed (Unicode NFC and "
+                    "NFD: %s): the tokenizer reads them apart, so each form is a token of its own; a corpus "
+                    "normalized to one form (NFC) proposes one", len(same),
+                    ", ".join(" / ".join(ascii(w) for w in ws) for ws in same[:8]))
+    return out
 
 
 def phrase_runs(counts: Counter) -> tuple[dict[str, int], float]:
