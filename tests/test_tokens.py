@@ -317,6 +317,23 @@ def test_word_pattern_reads_words_without_spaces_wherever_they_occur():
     assert pattern.findall(text) == ["GNOME", "パッケージ", "パッケージ"]
 
 
+def test_zero_width_joiners_continue_a_word(tmp_path):
+    """Persian joins a word's parts with a zero-width non-joiner ("می‌کنید", "کلی‌تر"), where Unicode's word
+    segmentation never breaks (UAX #29): a word is not found after or before one, and a start-of-text form there
+    counts as inside a longer word, so it is left out where that is most of its occurrences."""
+    from tokdistill_fast.contexts import find_hits, split_inside_words
+
+    pattern = tokens.word_pattern(["کنید", "کلی"])
+    text = "شما کنید و می\u200cکنید، کلی و کلی\u200cتر و خوش\u200dکنید."
+    assert pattern.findall(text) == ["کنید", "کلی"]
+    bare, spaced = tokens.NewToken("کنید", "کنید", [0, 1]), tokens.NewToken("کلی", " کلی", [0, 1])
+    _, stats = find_hits([(text, True, True)], [bare, spaced], 5, 10, 0)
+    assert (stats.hits, stats.inside) == ([0, 1], [2, 1])  # " کنید" after a space is the running form's
+    corpus = tmp_path / "fa.txt"
+    corpus.write_text("\n\n".join(["می\u200cکنید و شما نمی\u200cکنید"] * 3), encoding="utf-8")
+    assert list(split_inside_words([corpus], [bare], None)) == ["کنید"]
+
+
 def longest_first(text: str, forms: list[str], reverse_ties: bool) -> list[str]:
     """llama.cpp's tokenizer_st_partition: each added form in turn, longest in UTF-8 bytes first (ties in either
     order: its sort is not stable), cuts its occurrences out of the text not yet matched, left to right."""

@@ -46,7 +46,10 @@ from .config import UserInputError
 
 log = logging.getLogger(__name__)
 
-WORD_CHARS = r"\p{L}\p{M}\p{N}_"  # characters that continue a vocabulary token's word
+# Characters that continue a word: letters, marks, digits, "_", and the zero-width non-joiner and joiner, which
+# Unicode's word segmentation never breaks at (UAX #29: Extend, ZWJ): Persian "می‌کنید" is one word, not "می" and
+# "کنید". Literal characters, not escapes, for every regex engine a tokenizer's pre-tokenizer may run.
+WORD_CHARS = "\\p{L}\\p{M}\\p{N}_\u200c\u200d"
 # Scripts written without spaces between words (Chinese, Japanese, Thai, Lao, Khmer, Burmese): a word of theirs has
 # no spaced running-text form, and their letters next to a form in text do not make it part of a longer word
 # (Japanese "のデスクトップ環境" holds the word "デスクトップ"; "GNOMEの" the word "GNOME").
