@@ -103,3 +103,50 @@ def test_select_says_where_it_proposes_a_word_composed_and_decomposed(tokenizers
         words = [c.word for c in select_tokens(tokenizers_by_kind["bytelevel"], [corpus], min_count=10)]
     assert {"palatablé", decomposed} <= set(words)
     assert "1 word(s) are proposed more than once" in caplog.text and ascii(decomposed) in caplog.text
+
+
+def test_phrase_words_cut_runs_at_anything_but_one_space():
+    """Phrases run over words one space apart, never from a document's first word or across a line break, a
+    double space or a chunk glued to a dash; each chunk says whether punctuation sits before or after its word."""
+    from tokdistill_fast.tools.select import phrase_words
+
+    doc = "Start in order to go,  as well as --dry runs\nthen \"such as\" text"
+    assert list(phrase_words(doc)) == [
+        [("in", False, False), ("order", False, False), ("to", False, False), ("go", False, True)],
+        [("as", False, False), ("well", False, False), ("as", False, False)],
+        [("then", False, False), ("such", True, False), ("as", False, True), ("text", False, False)]]
+
+
+def test_select_proposes_phrases_up_to_max_words(tokenizers_by_kind, tmp_path, caplog):
+    """With max_words 3 frequent phrases compete with words by tokens saved; a phrase with punctuation inside it is
+    none ("order, to"), and of two phrases that overlap (" in order" and " order to" outside " in order to") only
+    the better-ranked one is proposed, with a log line; with max_words 1 no phrase is."""
+    tok = tokenizers_by_kind["bytelevel"]
+    corpus = tmp_path / "c.txt"
+    fill = ["cat", "dog", "sun", "sea", "sky", "oak", "elm", "fox", "owl", "bee", "ant", "cow", "hen", "pig", "ram"]
+    docs = [f"{fill[k]} {fill[k - 1]} in order to {fill[k - 2]} a palatable {fill[k - 3]}" for k in range(14)]
+    docs += [f"{fill[k]} {fill[k - 4]} order to {fill[k - 5]}" for k in range(12)]
+    docs += [f"{fill[k]} {fill[k - 6]} in order, to {fill[k - 7]}" for k in range(15)]
+    docs += [f"{fill[k]} {fill[k - 8]} in order {fill[k - 9]}" for k in range(11)]
+    corpus.write_text("\n\n".join(docs), encoding="utf-8")
+    with caplog.at_level("INFO", logger="tokdistill_fast.tools.select"):
+        got = {c.word: c.count for c in select_tokens(tok, [corpus], min_count=10, max_words=3)}
+    assert got["in order to"] == 14 and "a palatable" in got and "palatable" not in got  # never alone
+    assert ("in order" in got) != ("order to" in got) and "overlap a better-ranked one" in caplog.text
+    assert not {"order, to", "order to be"} & set(got)
+    assert not any(" " in w for w in (c.word for c in select_tokens(tok, [corpus], min_count=10)))
+
+
+def test_select_leaves_out_phrases_that_never_stand_alone(tokenizers_by_kind, tmp_path, caplog):
+    """A phrase the corpus writes only inside a longer candidate, or where an overlapping one is read first, never
+    reaches its own id ("access this" and "this command from" where every text says "access this command from
+    the menu"): it is not proposed, and the log says so; the longer phrase is."""
+    fill = ["cat", "dog", "sun", "sea", "sky", "oak", "elm", "fox", "owl", "bee", "ant", "cow", "hen", "pig", "ram"]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"{fill[k]} {fill[k - 1]} can access this command from the menu {fill[k - 2]}"
+                                  for k in range(15)), encoding="utf-8")
+    with caplog.at_level("INFO", logger="tokdistill_fast.tools.select"):
+        words = [c.word for c in select_tokens(tokenizers_by_kind["bytelevel"], [corpus], min_count=10,
+                                               max_words=3)]
+    assert not {"access this", "this command", "this command from", "command from the"} & set(words)
+    assert any(w.count(" ") == 2 for w in words) and "read first" in caplog.text

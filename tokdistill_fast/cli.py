@@ -165,7 +165,9 @@ def cmd_select(args: argparse.Namespace) -> int:
     if not Path(args.model).is_dir():
         raise UserInputError(f"--model {args.model}: not a directory")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    found = select_tokens(tokenizer, args.corpus, args.top, args.min_count)
+    if args.max_words < 1:
+        raise UserInputError(f"--max-words must be 1 or more, not {args.max_words}")
+    found = select_tokens(tokenizer, args.corpus, args.top, args.min_count, max_words=args.max_words)
     if not found:
         raise UserInputError("no word in the corpus passes the filters; lower --min-count?")
     out = refuse_existing(args.out, args.overwrite)
@@ -299,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--top", type=int, default=None)
     s.add_argument("--min-count", type=int, default=10)
+    s.add_argument("--max-words", type=int, default=1,
+                   help="also propose phrases of up to this many words (multi-word tokens), ranked alike")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_select)
     e = sub.add_parser("eval", help="measure an adapted model against the original on held-out text")

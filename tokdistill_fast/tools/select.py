@@ -13,6 +13,11 @@ inside longer runs of its script more often than alone is left out ("ポート" 
 Thai average PHRASE_RUN_CHARS characters or more (Chinese, Thai: phrases, not words), the candidates are the words
 discover_words finds inside them instead ("软件包", "档案库" in "的软件包提供的档案库"); a segmenter's list may
 serve better.
+
+With `max_words` over 1 (`--max-words`), phrases of up to that many words one space apart compete too (" such as",
+" for example"; the multi-word tokens of the paper), ranked alike, with punctuation only at their outer ends; a
+candidate whose form overlaps a better-ranked one's (" as well" after " well as") is left out, since llama.cpp and
+transformers would read text holding both apart.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import logging
 import math
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import regex
@@ -29,11 +35,14 @@ from ..corpus import iter_documents
 from ..tokens import (
     MARK,
     SPACELESS_LETTER,
+    TEXT_WORD_CHAR,
     NewToken,
     original_ids,
+    overlapping_forms,
     running_form,
     spaceless,
     string_automaton,
+    trie_pattern,
     vocabulary_collisions,
 )
 
@@ -106,9 +115,58 @@ def word_counts(paths) -> Counter:
     return counts
 
 
+def phrase_words(doc: str) -> Iterator[list[tuple[str, bool, bool]]]:
+    """The runs of a document's words that one space apart each (not its first word, which is in its start-of-text
+    form), as (word, punctuation before it, punctuation after it) per chunk: a phrase may have punctuation only at
+    its outer ends, where a single word may too."""
+    run: list[tuple[str, bool, bool]] = []
+    end = None
+    for m in regex.finditer(r"\S+", doc):
+        chunk = m.group()
+        word = chunk_word(chunk)
+        if end is None or doc[end:m.start()] != " ":
+            if len(run) > 1:
+                yield run
+            run = []
+        if m.start() > 0 and word:  # a document's first word, a chunk glued to a dash: no phrase starts there
+            run.append((word, not chunk.startswith(word), not chunk.endswith(word)))
+        elif run:
+            yield run
+            run = []
+        end = m.end()
+    if len(run) > 1:
+        yield run
+
+
+def phrase_counts(paths, max_words: int, min_count: int) -> Counter:
+    """How often each phrase of 2 to `max_words` words occurs in running text of scripts with spaces (documents
+    holding a script without spaces are left out), as phrase_words cuts it. Counted one length at a time, only
+    where both shorter phrases inside it are frequent (`min_count`), so memory follows the frequent phrases."""
+    counts: Counter = Counter()
+    frequent: set[str] | None = None  # the words, at the first level: all of them
+    for k in range(2, max_words + 1):
+        level: Counter = Counter()
+        for doc in iter_documents(paths):
+            if SPACELESS_LETTER.search(doc):
+                continue
+            for run in phrase_words(doc):
+                for i in range(len(run) - k + 1):
+                    part = run[i:i + k]
+                    if part[0][2] or part[-1][1] or any(b or a for _, b, a in part[1:-1]):
+                        continue  # punctuation inside the phrase
+                    words = [w for w, _, _ in part]
+                    if frequent is None or " ".join(words[:-1]) in frequent and " ".join(words[1:]) in frequent:
+                        level[" ".join(words)] += 1
+        kept = {p: n for p, n in level.items() if n >= min_count}
+        counts.update(kept)
+        frequent = set(kept)
+    return counts
+
+
 def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
-                  min_chars: int = 3) -> list[Suggestion]:
-    """Ranked candidates that pass the filters (see the module docstring)."""
+                  min_chars: int = 3, max_words: int = 1) -> list[Suggestion]:
+    """Ranked candidates that pass the filters (see the module docstring); with `max_words` over 1, phrases of up
+    to that many words too, and no candidate that overlaps a better-ranked one (tokens.overlapping_forms)."""
     vocab = tokenizer.get_vocab()
     out = []
     counts = word_counts(paths)
@@ -122,6 +180,8 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
                     "phrases more than words; found %d words inside them by how often their characters go together "
                     "and how freely they combine (no dictionary): check the list, a word list from a segmenter may "
                     "serve better (docs/vocabulary-extension.md)", sum(runs.values()), mean, len(found))
+    if max_words > 1:
+        counts.update(phrase_counts(paths, max_words, min_count))
     for word, count in counts.items():
         shortest = min(min_chars, SPACELESS_MIN_CHARS) if spaceless(word) else min_chars
         if count < min_count or len(word) < shortest or word in vocab:
@@ -144,6 +204,12 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
                  "(%s) and %d that the corpus shows inside longer words more often than alone (%s)", len(splits),
                  ", ".join(f"{f!r} in {text!r}" for f, text in list(splits.items())[:8]), len(inside),
                  ", ".join(repr(f) for f in list(inside)[:8]))
+    if max_words > 1:  # phrases overlap each other (" as well", " well as") far more often than words do
+        overlaps = overlapping_forms([NewToken(c.word, running_form(c.word), []) for c in out], [])
+        out = [c for c in out if running_form(c.word) not in overlaps]
+        log.info("left out %d candidate(s) that overlap a better-ranked one (%s)", len(overlaps),
+                 ", ".join(repr(f) for f in list(overlaps)[:8]))
+        out = alone_often_enough(paths, out, min_count)
     out = out[:top] if top else out
     twins: dict[str, list[str]] = {}
     for c in out:
@@ -154,6 +220,29 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
                     "normalized to one form (NFC) proposes one", len(same),
                     ", ".join(" / ".join(ascii(w) for w in ws) for ws in same[:8]))
     return out
+
+
+def alone_often_enough(paths, ranked: list[Suggestion], min_count: int) -> list[Suggestion]:
+    """The candidates of a script with spaces still found `min_count` times where the corpus is read as the
+    tokenizer reads added tokens, leftmost-longest among them all (a longer or overlapping one takes the text:
+    " image menubar" never stands alone where GIMP's help always writes " image menubar through"); counted again
+    over what is kept until nothing more goes. Candidates of scripts without spaces are kept as they are."""
+    kept = list(ranked)
+    while True:
+        spaced = [c.word for c in kept if not spaceless(c.word)]
+        if not spaced:
+            return kept
+        pattern = regex.compile(rf" ({trie_pattern(spaced)})(?!{TEXT_WORD_CHAR})", flags=regex.V1)
+        found = Counter(m.group(1) for doc in iter_documents(paths) for m in pattern.finditer(doc))
+        alone = [c for c in kept if spaceless(c.word) or found[c.word] >= min_count]
+        if len(alone) == len(kept):
+            break
+        kept = alone
+    if len(kept) < len(ranked):
+        log.info("left out %d candidate(s) found fewer than %d times where the longer or overlapping candidates are "
+                 "read first (%s)", len(ranked) - len(kept), min_count,
+                 ", ".join(repr(c.word) for c in ranked if c not in kept)[:400])
+    return kept
 
 
 def phrase_runs(counts: Counter) -> tuple[dict[str, int], float]:
