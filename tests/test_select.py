@@ -150,3 +150,23 @@ def test_select_leaves_out_phrases_that_never_stand_alone(tokenizers_by_kind, tm
                                                max_words=3)]
     assert not {"access this", "this command", "this command from", "command from the"} & set(words)
     assert any(w.count(" ") == 2 for w in words) and "read first" in caplog.text
+
+
+def test_a_phrase_often_inside_longer_words_is_left_out(tokenizers_by_kind, tmp_path, monkeypatch):
+    """A phrase whose matches fall inside longer words a tenth of the time or more (" in a" in " in any") is left
+    out, where a word is left out only above as often as alone: the phrase saves one token, each match inside a
+    word gives the model a split it never trained on."""
+    from tokdistill_fast.tools import select
+
+    fill = ["cat", "dog", "sun", "sea", "sky", "oak", "elm", "fox", "owl", "bee", "ant", "cow", "hen", "pig", "ram"]
+    docs = [f"{fill[k % 15]} {fill[k % 7]} in a {fill[k % 11]} way" for k in range(20)]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(docs + [f"{fill[k]} {fill[k - 3]} in any case" for k in range(3)]),
+                      encoding="utf-8")
+
+    def words() -> set[str]:
+        return {c.word for c in select_tokens(tokenizers_by_kind["bytelevel"], [corpus], min_count=10, max_words=2)}
+
+    assert "in a" not in words()
+    monkeypatch.setattr(select, "PHRASE_INSIDE_SHARE", 1.0)
+    assert "in a" in words()
