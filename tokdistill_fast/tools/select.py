@@ -121,9 +121,9 @@ def word_counts(paths) -> Counter:
 
 
 def phrase_words(doc: str) -> Iterator[list[tuple[str, bool, bool]]]:
-    """The runs of a document's words that one space apart each (not its first word, which is in its start-of-text
-    form), as (word, punctuation before it, punctuation after it) per chunk: a phrase may have punctuation only at
-    its outer ends, where a single word may too."""
+    """The runs of two or more of a document's words that stand one space apart (not its first word, which is in its
+    start-of-text form), as (word, punctuation before it, punctuation after it) per chunk: a phrase may have
+    punctuation only at its outer ends, where a single word may too."""
     run: list[tuple[str, bool, bool]] = []
     end = None
     for m in regex.finditer(r"\S+", doc):
@@ -135,8 +135,9 @@ def phrase_words(doc: str) -> Iterator[list[tuple[str, bool, bool]]]:
             run = []
         if m.start() > 0 and word:  # a document's first word, a chunk glued to a dash: no phrase starts there
             run.append((word, not chunk.startswith(word), not chunk.endswith(word)))
-        elif run:
-            yield run
+        else:
+            if len(run) > 1:
+                yield run
             run = []
         end = m.end()
     if len(run) > 1:
@@ -207,8 +208,9 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
     if splits or inside:
         out = [c for c in out if running_form(c.word) not in splits and running_form(c.word) not in inside]
         log.info("left out %d word(s) whose added token would split longer vocabulary words wherever those occur "
-                 "(%s) and %d that the corpus shows inside longer words more often than alone (%s)", len(splits),
-                 ", ".join(f"{f!r} in {text!r}" for f, text in list(splits.items())[:8]), len(inside),
+                 "(%s) and %d that the corpus shows inside longer words more often than alone, or a phrase a tenth "
+                 "as often (%s)", len(splits), ", ".join(f"{f!r} in {text!r}" for f, text in list(splits.items())[:8]),
+                 len(inside),
                  ", ".join(repr(f) for f in list(inside)[:8]))
     if max_words > 1:  # phrases overlap each other (" as well", " well as") far more often than words do
         overlaps = overlapping_forms([NewToken(c.word, running_form(c.word), []) for c in out], [])
