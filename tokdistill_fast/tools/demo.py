@@ -396,11 +396,11 @@ def russian_manuals_corpus(out: Path, cache: Path | None = None) -> Path:
     return write_documents(out, html_paragraphs(pages))
 
 
-# GNOME's desktop help in other scripts (gnome-user-docs; 2026-12-06, fifty-second stop): Korean (Hangul), Tamil
-# (an abugida: vowel signs are combining marks) and Persian (Arabic script, right to left, a word's parts joined by
-# zero-width non-joiners). Each translation leaves some pages in English; only the paragraphs translated are kept
-# (under half of their letters Latin).
-GNOME_HELP = {"gnome-ko": "ko", "gnome-ta": "ta", "gnome-fa": "fa"}
+# GNOME's desktop help in other scripts (gnome-user-docs; 2026-12-06, fifty-second stop): Korean (Hangul), Tamil and
+# Marathi (abugidas: vowel signs are combining marks; Devanagari also writes zero-width joiners inside words) and
+# Persian (Arabic script, right to left, a word's parts joined by zero-width non-joiners). Each translation leaves
+# some pages in English; only the paragraphs translated are kept (under half of their letters Latin).
+GNOME_HELP = {"gnome-ko": "ko", "gnome-ta": "ta", "gnome-mr": "mr", "gnome-fa": "fa"}
 
 
 def gnome_help_corpus(language: str, out: Path, cache: Path | None = None) -> Path:
@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(lilypond-doc-html), NetHack's Guidebook (nethack-common), Stellarium's sky cultures "
                         "(stellarium-data), the legends of Freeciv's nations (freeciv-data), Dungeon Crawl's "
                         "descriptions (crawl-common) and Debian's manuals in Russian (developers-reference-ru, "
-                        "maint-guide-ru, debian-faq-ru), GNOME's help in Korean, Tamil and Persian (gnome-user-docs), "
+                        "maint-guide-ru, debian-faq-ru), GNOME's help in Korean, Tamil, Marathi and Persian "
+                        "(gnome-user-docs), "
                         "split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
