@@ -397,10 +397,11 @@ def russian_manuals_corpus(out: Path, cache: Path | None = None) -> Path:
 
 
 # GNOME's desktop help in other scripts (gnome-user-docs; 2026-12-06, fifty-second stop): Korean (Hangul), Tamil and
-# Marathi (abugidas: vowel signs are combining marks; Devanagari also writes zero-width joiners inside words) and
-# Persian (Arabic script, right to left, a word's parts joined by zero-width non-joiners). Each translation leaves
-# some pages in English; only the paragraphs translated are kept (under half of their letters Latin).
-GNOME_HELP = {"gnome-ko": "ko", "gnome-ta": "ta", "gnome-mr": "mr", "gnome-fa": "fa"}
+# Marathi (abugidas: vowel signs are combining marks; Devanagari also writes zero-width joiners inside words),
+# Persian (Arabic script, right to left, a word's parts joined by zero-width non-joiners) and Greek (accents, a final
+# sigma). Each translation leaves some pages in English; only the paragraphs translated are kept (under half of
+# their letters Latin).
+GNOME_HELP = {"gnome-ko": "ko", "gnome-ta": "ta", "gnome-mr": "mr", "gnome-fa": "fa", "gnome-el": "el"}
 
 
 def gnome_help_corpus(language: str, out: Path, cache: Path | None = None) -> Path:
@@ -465,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(lilypond-doc-html), NetHack's Guidebook (nethack-common), Stellarium's sky cultures "
                         "(stellarium-data), the legends of Freeciv's nations (freeciv-data), Dungeon Crawl's "
                         "descriptions (crawl-common) and Debian's manuals in Russian (developers-reference-ru, "
-                        "maint-guide-ru, debian-faq-ru), GNOME's help in Korean, Tamil, Marathi and Persian "
+                        "maint-guide-ru, debian-faq-ru), GNOME's help in Korean, Tamil, Marathi, Persian and Greek "
                         "(gnome-user-docs), "
                         "split 3:1")
     p.add_argument("--out", default="out/demo")
