@@ -24,7 +24,7 @@ import inspect
 import logging
 import random
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,17 +214,17 @@ def other_normalizations(form: str) -> set[str]:
 
 
 def split_inside_words(paths: list[str | Path], tokens: list[NewToken], max_bytes: int | None,
-                       option: str = "--corpus", share: float = 1.0) -> dict[str, str]:
-    """{form: why} of the `tokens` whose form the corpus shows inside longer words more often than `share` times
-    as itself (and INSIDE_MIN times or more), which an added token for it would split: the start-of-text "man's"
-    inside "woman's", where no vocabulary token can show it (tokens.vocabulary_collisions). One pass of find_hits
-    over at most `max_bytes` of the corpus."""
+                       option: str = "--corpus", share: Callable[[NewToken], float] | None = None) -> dict[str, str]:
+    """{form: why} of the `tokens` whose form the corpus shows inside longer words more often than as itself (or
+    than `share(token)` times as often, where given), and INSIDE_MIN times or more, which an added token for it
+    would split: the start-of-text "man's" inside "woman's", where no vocabulary token can show it
+    (tokens.vocabulary_collisions). One pass of find_hits over at most `max_bytes` of the corpus."""
     if not paths or not tokens:
         return {}
     _, stats = find_hits(Corpus(paths, max_bytes, option=option), tokens, 0, 0, 0)
     return {t.form: f"which as an added token would split longer words: {n} time(s) in the corpus, against {own} "
                     "as itself" for t, own, n in zip(tokens, stats.hits, stats.inside)
-            if n > share * own and n >= INSIDE_MIN}
+            if n > (share(t) if share else 1.0) * own and n >= INSIDE_MIN}
 
 
 def place_window(left: int, word: int, right: int, budget: int, max_before: int | None = None

@@ -202,8 +202,7 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
 
     splits = vocabulary_collisions(tokenizer, [running_form(c.word) for c in out])
     unsplit = [NewToken(c.word, form, []) for c in out if (form := running_form(c.word)) not in splits]
-    inside = split_inside_words(paths, [t for t in unsplit if " " not in t.word], None)
-    inside.update(split_inside_words(paths, [t for t in unsplit if " " in t.word], None, share=PHRASE_INSIDE_SHARE))
+    inside = split_inside_words(paths, unsplit, None, share=lambda t: PHRASE_INSIDE_SHARE if " " in t.word else 1.0)
     inside.update(inside_runs(counts, [c.word for c in out if spaceless(c.word) and c.word not in found]))
     if splits or inside:
         out = [c for c in out if running_form(c.word) not in splits and running_form(c.word) not in inside]
@@ -247,9 +246,10 @@ def alone_often_enough(paths, ranked: list[Suggestion], min_count: int) -> list[
             break
         kept = alone
     if len(kept) < len(ranked):
+        words = {c.word for c in kept}
         log.info("left out %d candidate(s) found fewer than %d times where the longer or overlapping candidates are "
                  "read first (%s)", len(ranked) - len(kept), min_count,
-                 ", ".join(repr(c.word) for c in ranked if c not in kept)[:400])
+                 ", ".join(repr(c.word) for c in ranked if c.word not in words)[:400])
     return kept
 
 
