@@ -360,8 +360,9 @@ def matched_forms(tok, forms: list[str], text: str) -> list[str]:
 
 def test_overlapping_forms_are_those_runtimes_read_apart():
     """Forms where one ends with what another begins with: the later one goes where llama.cpp would cut text
-    holding both apart from transformers; not where the earlier one is longer, a kept form spans both, or the
-    overlap starts or ends inside a word of a script with spaces."""
+    holding both apart from transformers; not where the earlier one is longer, a kept form spans both, or an
+    overlap of one or two characters starts or ends inside a word of a script with spaces. A longer one is a piece
+    both share, which words of real text hold (" rebooting", "rebooted")."""
     def planned(*forms: str) -> list[tokens.NewToken]:
         return [tokens.NewToken(f.strip(), f, [], variant="start" * (f[0] != " " and not tokens.spaceless(f)))
                 for f in forms]
@@ -372,7 +373,12 @@ def test_overlapping_forms_are_those_runtimes_read_apart():
                             "and in transformers)")
     assert not tokens.overlapping_forms(planned("データベース", "スキーマ"), [])  # the first is longer
     assert not tokens.overlapping_forms(planned(" inclose", " inclosed", "inclosed"), [])  # " inclosed" spans
-    assert not tokens.overlapping_forms(planned(" it's", "submodule", " Control-C", "Content-Type"), [])
+    assert not tokens.overlapping_forms(planned(" it's", "submodule", " Control-C", "Content-Type", " vùng",
+                                                "người"), [])
+    found = tokens.overlapping_forms(planned(" reboot", "reboot", "booting", "booted", "bootloader"), [])
+    assert set(found) == {"booting", "booted", "bootloader"}
+    assert "'rebooted'" in found["booted"]
+    assert "' rebooting'" in tokens.overlapping_forms(planned(" reboot", "booting"), [])["booting"]
     assert set(tokens.overlapping_forms(planned(" right-click", "click-and-drag"), [])) == {"click-and-drag"}
     assert set(tokens.overlapping_forms(planned("click-and-drag", " right-click"), [])) == {"click-and-drag"}
     assert set(tokens.overlapping_forms(planned("京都"), ["東京"])) == {"京都"}  # the tokenizer's own come first

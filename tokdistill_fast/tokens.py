@@ -59,6 +59,10 @@ TEXT_WORD_CHAR = rf"[[{WORD_CHARS}]--[{SPACELESS}]]"  # in text, a form must not
 SPACE_MARK = "\u2581"  # SentencePiece's visible space
 BYTE_LEVEL_SPACE = "\u0120"  # "Ġ": byte-level BPE's stored space
 BYTE_PIECE = regex.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces: <0x41>
+# Forms that overlap inside a word by this many characters or more share a piece ("boot" of "reboot" and
+# "bootloader"), and real text writes words holding both (" rebooting" with " reboot" and "booting"), which llama.cpp
+# and transformers may read apart (overlapping_forms).
+SHARED_PIECE = 3
 MARK = regex.compile(r"\p{M}")  # a combining mark continues the character before it (Thai vowels and tones)
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # ByteLevel's own
 GENERIC_CLASS = "PreTrainedTokenizerFast"  # loads tokenizer.json exactly as written (model classes may rebuild it)
@@ -494,14 +498,17 @@ def overlapping_forms(toks: list[NewToken], existing: list[str], keep_words: boo
     ends with what another begins with and the later one is as long or longer in UTF-8 bytes ("東京" and "京都" in
     "東京都", " New York" and " York City"). Forms are taken in order, words before variants, after the tokenizer's
     own added tokens (`existing`); each form that overlaps one kept before it is found, and kept for the later
-    forms' checks only if it is a word's own form and `keep_words` (a listed word stays). An overlap that starts
-    or ends inside a word of a script with spaces ("palatable" and "electron", " it's" and "submodule") is left
-    alone: such text is one longer word, where added tokens already match inside words (vocabulary_collisions)."""
+    forms' checks only if it is a word's own form and `keep_words` (a listed word stays). An overlap of fewer than
+    SHARED_PIECE characters that starts or ends inside a word of a script with spaces ("palatable" and "electron",
+    " it's" and "submodule") is left alone: such text is one longer word that real text rarely writes, where added
+    tokens already match inside words (vocabulary_collisions)."""
     word = regex.compile(f"{TEXT_WORD_CHAR}['’]?{TEXT_WORD_CHAR}", flags=regex.V1)  # "ab", "t's"
 
-    def joined(text: str, i: int) -> bool:
-        """Whether a word of a script with spaces runs across the boundary before text[i]."""
-        return any(word.fullmatch(text[a:b]) for a, b in ((i - 1, i + 1), (i - 2, i + 1), (i - 1, i + 2)) if a >= 0)
+    def joined(text: str, i: int, k: int) -> bool:
+        """Whether an overlap of k characters is one to leave alone: a word of a script with spaces runs across the
+        boundary before text[i], and the overlap is too short to be a piece both forms share."""
+        return k < SHARED_PIECE and any(word.fullmatch(text[a:b]) for a, b in ((i - 1, i + 1), (i - 2, i + 1),
+                                                                                (i - 1, i + 2)) if a >= 0)
 
     # Kept forms by each proper prefix and suffix not inside a word, as (UTF-8 length, form) sorted by length.
     starts: dict[str, list[tuple[int, str]]] = {}
@@ -512,9 +519,9 @@ def overlapping_forms(toks: list[NewToken], existing: list[str], keep_words: boo
         kept.add(form)
         size = len(form.encode())
         for k in range(1, len(form)):
-            if not joined(form, k):
+            if not joined(form, k, k):
                 bisect.insort(starts.setdefault(form[:k], []), (size, form))
-            if not joined(form, len(form) - k):
+            if not joined(form, len(form) - k, k):
                 bisect.insort(ends.setdefault(form[-k:], []), (size, form))
 
     def conflict(form: str) -> str | None:
@@ -522,13 +529,13 @@ def overlapping_forms(toks: list[NewToken], existing: list[str], keep_words: boo
         form spans both: then the runtimes part."""
         size = len(form.encode())
         for k in range(1, len(form)):
-            if not joined(form, k):  # others that end with form[:k]: as long as form or shorter
+            if not joined(form, k, k):  # others that end with form[:k]: as long as form or shorter
                 for n, other in ends.get(form[:k], ()):
                     if n > size:
                         break
                     if other != form and other + form[k:] not in kept:
                         return reason(other, form, k, other)
-            if not joined(form, len(form) - k):  # others that begin with form[-k:]: as long as form or longer
+            if not joined(form, len(form) - k, k):  # others that begin with form[-k:]: as long as form or longer
                 for n, other in reversed(starts.get(form[-k:], ())):
                     if n < size:
                         break
