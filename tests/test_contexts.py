@@ -485,6 +485,25 @@ def test_html_manual_corpus_keeps_the_text_of_each_paragraph(tmp_path, monkeypat
         licence + ['Return a str that names the "current" working directory.']) * len(indexes)
 
 
+def test_vietnamese_installation_guide_keeps_the_translated_paragraphs(tmp_path, monkeypatch):
+    """Debian's installation guide in Vietnamese: the paragraphs the translation left in English (a translated
+    cross-reference aside) are left out, and so are the appendix of the GPL's text."""
+    from tokdistill_fast.tools import demo
+
+    guide = tmp_path / "vi"
+    guide.mkdir()
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: guide / path.name)
+    (guide / "index.html").write_text(
+        "<p>Nếu bạn gặp lỗi trong khi cài đặt, xem Phần 5.4.7 để tìm thông tin về cách thông báo lỗi.</p>"
+        "<p>If firmware is needed, the installer will prompt you to load firmware. See Phần 6.4, “Nạp phần vững bị "
+        "thiếu” for detailed information.</p>", encoding="utf-8")
+    (guide / "apf.html").write_text("<p>Phần mềm này được phân phối với hy vọng rằng nó sẽ hữu ích.</p>",
+                                    encoding="utf-8")
+    out = demo.html_manual_corpus("install-vi", tmp_path / "install-vi.txt", tmp_path)
+    assert documents(out) == ["Nếu bạn gặp lỗi trong khi cài đặt, xem Phần 5.4.7 để tìm thông tin về cách thông báo "
+                              "lỗi."]
+
+
 def test_maxima_corpus_leaves_out_the_one_page_copy_and_the_contents(tmp_path, monkeypatch):
     """Maxima's manual has each section on its own page and all of them again on one page: the corpus reads each
     paragraph once, without the tables of contents."""

@@ -237,7 +237,9 @@ def html_paragraphs(pages: Iterable[Path], tags: tuple[str, ...] = ("p",), attri
 # (the same stop: numerical computing; the GPL's text left out), Exim's specification (forty-second stop: a mail
 # server; its three index chapters and table of contents left out), the Apache HTTP Server's manual in English
 # (forty-fourth stop: web servers; its directive and site maps, the license and six pages that Debian's package
-# ships in Portuguese under en/ left out).
+# ships in Portuguese under en/ left out), Debian's installation guide in English and in Vietnamese (2026-12-06,
+# fifty-third stop: installing an operating system; Vietnamese, a Latin script whose words are syllables written
+# apart, with stacked diacritics; the GPL's appendix left out).
 LILYPOND_MANUALS = ("learning", "notation", "music-glossary", "essay", "usage")
 HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/library/index.html",), None),
                 "pgdocs": ("postgresql-doc-15", ("/usr/share/doc/postgresql-doc-15/html/index.html",), None),
@@ -263,18 +265,34 @@ HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/li
                 "apache": ("apache2-doc", tuple(f"/usr/share/doc/apache2-doc/manual/en/{part}index.html" for part in (
                     "", "mod/", "howto/", "rewrite/", "ssl/", "vhosts/", "programs/", "misc/", "faq/", "platform/",
                     "developer/")), r"license\.html|sitemap\.html|quickreference\.html|directives\.html"
-                           r"|(bind|filter|install|invoking|upgrading|new_features_2_4)\.html")}  # Portuguese
+                           r"|(bind|filter|install|invoking|upgrading|new_features_2_4)\.html"),  # Portuguese
+                **{f"install-{language}": ("installation-guide-amd64",
+                                           (f"/usr/share/doc/installation-guide-amd64/{language}/index.html",),
+                                           r"apf.*\.html") for language in ("en", "vi")}}
+
+
+def mostly_vietnamese(paragraph: str) -> bool:
+    """Whether a third or more of its words carry a letter outside ASCII: Vietnamese marks most syllables, and the
+    paragraphs Debian's Vietnamese installation guide left untranslated (English, a few cross-references aside) have
+    at most 0.28 such words."""
+    words = regex.findall(r"\p{L}+", paragraph)
+    return 3 * sum(1 for w in words if not w.isascii()) >= len(words) > 0
+
+
+# HTML manuals in another language -> which of their paragraphs are in it.
+TRANSLATED = {"install-vi": mostly_vietnamese}
 
 
 def html_manual_corpus(name: str, out: Path, cache: Path | None = None) -> Path:
-    """Running text from one of HTML_MANUALS: the text of each HTML paragraph of its pages."""
+    """Running text from one of HTML_MANUALS: the text of each HTML paragraph of its pages (for a translation,
+    those the translation wrote)."""
     if out.exists():
         return out
     package, indexes, skip = HTML_MANUALS[name]
     folders = [debian_file(package, Path(index), cache).parent for index in indexes]
     pages = [page for folder in folders for page in sorted(folder.glob("*.html"))
              if not (skip and re.fullmatch(skip, page.name))]
-    return write_documents(out, html_paragraphs(pages))
+    return write_documents(out, filter(TRANSLATED.get(name), html_paragraphs(pages)))
 
 
 def gnu_standards_corpus(out: Path, cache: Path | None = None) -> Path:
