@@ -11,7 +11,7 @@ from conftest import NEW_WORDS, save_tiny_model, tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokdistill_fast import DistillConfig, check, cli, distill
+from tokdistill_fast import DistillConfig, check, cli, distill, tokens
 from tokdistill_fast.config import GuaranteeError
 
 MEAN = dict(method="mean", dtype="float32")
@@ -323,3 +323,27 @@ def test_check_warns_where_listed_words_overlap(padded, tmp_path):
     section = check.check_dir(out, padded, forward=False)
     assert section["passed"] and section["runtimes"]["overlapping_added_tokens"] == 1
     assert any(w["check"] == "runtime" and "'京都' which overlaps '東京'" in w["detail"] for w in section["warnings"])
+
+
+def test_words_in_llama_cpps_check_text_are_left_out_and_check_warns_of_them(padded, tmp_path, monkeypatch):
+    """llama.cpp's converter recognizes a tokenizer by the hash of its ids on a fixed text, and refuses one whose new
+    tokens occur there (" he's"): distill leaves such a word out with its reason, and check warns of an output that
+    holds one (a build before the rule, simulated by turning the rule off)."""
+    words = tmp_path / "words.txt"
+    words.write_text("he's\npalatable\n", encoding="utf-8")
+    out = tmp_path / "out"
+    result = run(padded, words, out)
+    assert [t.form for t in result.tokens if not t.variant] == [" palatable"]
+    assert any(s.word == "he's" and "convert_hf_to_gguf.py" in s.reason for s in result.skipped)
+    original, extended = AutoTokenizer.from_pretrained(padded), AutoTokenizer.from_pretrained(out)
+    assert extended.encode(tokens.CONVERTER_CHECK_TEXT) == original.encode(tokens.CONVERTER_CHECK_TEXT)
+    section = check.check_dir(out, padded, forward=False)
+    assert section["passed"] and section["runtimes"]["converter_check_text_tokens"] == 0
+
+    monkeypatch.setattr(tokens, "converter_text_forms", lambda forms: {})
+    old = tmp_path / "old"
+    run(padded, words, old)
+    section = check.check_dir(old, padded, forward=False)
+    assert section["passed"] and section["runtimes"]["converter_check_text_tokens"] == 2  # " he's", "he's"
+    assert any(w["check"] == "runtime" and "convert_hf_to_gguf.py will refuse" in w["detail"]
+               for w in section["warnings"])

@@ -44,6 +44,17 @@ def test_select_leaves_out_words_that_would_split_longer_words(tokenizers_by_kin
             "(' bivalve')") in caplog.text
 
 
+def test_select_leaves_out_words_llama_cpps_converter_hashes(tokenizers_by_kind, tmp_path, caplog):
+    """" I've" occurs in the text llama.cpp's converter hashes to recognize the tokenizer: as a new token it would
+    make the converter refuse the output, so it is not proposed (and the log says so), where " we've" is."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(["so I've seen that we've won"] * 12), encoding="utf-8")
+    with caplog.at_level("INFO", logger="tokdistill_fast.tools.select"):
+        words = [c.word for c in select_tokens(tokenizers_by_kind["bytelevel"], [corpus], min_count=10)]
+    assert "we've" in words and "I've" not in words
+    assert "converter would find" in caplog.text and "\" I've\"" in caplog.text
+
+
 def test_select_reads_words_of_scripts_without_spaces(tokenizers_by_kind, tmp_path, caplog):
     """Japanese has no spaces between words: a candidate is a run of one script (Katakana "パッケージ", Han "設定",
     Hiragana "します", two characters or more), a Latin word glued to Japanese letters is a word ("GNOMEの"), and a

@@ -29,7 +29,15 @@ import torch
 
 from .config import GuaranteeError, UserInputError  # noqa: F401 (GuaranteeError re-exported)
 from .modeling.models import load_tokenizer, model_dir
-from .tokens import BYTE_PIECE, NewToken, adds_prefix_space, overlapping_forms, span_ids, word_pattern
+from .tokens import (
+    BYTE_PIECE,
+    NewToken,
+    adds_prefix_space,
+    converter_text_forms,
+    overlapping_forms,
+    span_ids,
+    word_pattern,
+)
 
 log = logging.getLogger(__name__)
 
@@ -405,13 +413,18 @@ def check_runtimes(out: Path, tok, new: list[dict], find) -> dict:
         find.warn("runtime", f"llama.cpp cuts added tokens out of text longest first, transformers and vLLM "
                   f"leftmost-longest: {len(overlaps)} new token(s) overlap an earlier one, such as {form!r} {why}; "
                   "leave out the later word of each pair where the runtimes must agree")
+    if hashed := converter_text_forms(sorted(forms & added)):
+        find.warn("runtime", f"llama.cpp's convert_hf_to_gguf.py will refuse this output: {len(hashed)} new token(s) "
+                  f"such as {next(iter(hashed))!r} occur in the text whose ids it hashes to recognize the tokenizer "
+                  "(\"BPE pre-tokenizer was not recognized\"); rerun distill, which leaves them out")
     config_file = out / "tokenizer_config.json"
     cls = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class") if config_file.is_file() else None
     if cls not in CLASSES_4X:
         find.warn("runtime", f"tokenizer_config.json names {cls!r}, which transformers 4.x (and llama.cpp's converter, "
                   "pinned to 4.57) cannot load; set \"tokenizer_class\": \"PreTrainedTokenizerFast\"")
     return {"vocab_mode_tokens": len(vocab), "flagged_added_tokens": len(flagged),
-            "overlapping_added_tokens": len(overlaps), "tokenizer_class": cls}
+            "overlapping_added_tokens": len(overlaps), "converter_check_text_tokens": len(hashed),
+            "tokenizer_class": cls}
 
 
 def run_checks(out: str | Path, original: Original | None = None, probe_texts: list[str] | None = None,

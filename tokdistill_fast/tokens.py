@@ -63,6 +63,16 @@ BYTE_PIECE = regex.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback
 # "bootloader"), and real text writes words holding both (" rebooting" with " reboot" and "booting"), which llama.cpp
 # and transformers may read apart (overlapping_forms).
 SHARED_PIECE = 3
+# The text llama.cpp's convert_hf_to_gguf.py encodes to recognize a tokenizer.json tokenizer's pre-tokenizer by the
+# hash of its ids (`get_vocab_base_pre`, as vendored by llama-cpp-python 0.3.36; SmolLM2 and Gemma-3 without a
+# tokenizer.model take that path). An added token found in it changes those ids, and the converter then refuses the
+# whole model ("BPE pre-tokenizer was not recognized"): " he's", " I've", " I'll", "工作" (converter_text_forms).
+CONVERTER_CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫\ufe0f (multiple emojis "
+    "concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+    "កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български "
+    "\'\'\'\'\'\'```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
+    "'D you like some tea? We'Ve a'lL")
 MARK = regex.compile(r"\p{M}")  # a combining mark continues the character before it (Thai vowels and tones)
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # ByteLevel's own
 GENERIC_CLASS = "PreTrainedTokenizerFast"  # loads tokenizer.json exactly as written (model classes may rebuild it)
@@ -558,6 +568,14 @@ def overlapping_forms(toks: list[NewToken], existing: list[str], keep_words: boo
     return found
 
 
+def converter_text_forms(forms: list[str]) -> dict[str, str]:
+    """The forms found in CONVERTER_CHECK_TEXT: {form: why}. As an added token matches wherever its text occurs, each
+    would change the ids llama.cpp's converter hashes there, and the converter would refuse the output."""
+    return {f: "which llama.cpp's convert_hf_to_gguf.py would find in the text whose ids it hashes to recognize the "
+               "tokenizer, and then refuse the whole model (\"BPE pre-tokenizer was not recognized\")"
+            for f in forms if f in CONVERTER_CHECK_TEXT}
+
+
 def _joins(char: str) -> bool:
     """A stored character that continues a word (not a space, a space mark or byte-level BPE's stored space)."""
     return char not in (BYTE_LEVEL_SPACE, SPACE_MARK) and regex.match(f"[{WORD_CHARS}]", char) is not None
@@ -571,7 +589,9 @@ def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", mod
     " cluster") or that overlap an earlier form, so that llama.cpp reads text holding both apart from transformers
     (overlapping_forms). A variant only saves tokens, so it is left out; a word's own running-text form is kept
     with a warning where the user listed the word (`keep_listed`), else (words taken from another tokenizer, "reli"
-    that would split SmolLM2's " reliable") left out with its variants: (tokenizer, tokens kept, skipped forms).
+    that would split SmolLM2's " reliable") left out with its variants. A form found in the text llama.cpp's
+    converter hashes (converter_text_forms: " he's") goes with its word's other forms, listed or not, since the
+    converter would refuse the whole output: (tokenizer, tokens kept, skipped forms).
     In added mode the forms are checked before the extension, which then runs once (3.4 s for Gemma-3's
     tokenizer); in the others after it, on the forms it made added tokens."""
     found: dict[str, str] = {}  # vocabulary_collisions of every form checked so far: the vocabulary is read once
@@ -599,7 +619,10 @@ def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", mod
         overlaps.update({f: why for f, why in over.items() if keep_listed and f in words})
         return {f: why for f, why in over.items() if f not in overlaps}
 
-    kept, skipped = leave_out(planned, splitting(planned) if mode == "added" else {})
+    def hashed(toks: list[NewToken]) -> dict[str, str]:
+        return converter_text_forms([t.form for t in toks])
+
+    kept, skipped = leave_out(planned, {**splitting(planned), **hashed(planned)} if mode == "added" else {})
     if mode == "added":
         kept, more = leave_out(kept, overlapping(kept))
         skipped += more
@@ -609,6 +632,7 @@ def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", mod
     if mode != "added":
         added = [t for t in kept if t.kind == "added" and t.form not in bad]
         bad.update(splitting(added))
+        bad.update(hashed(added))
         bad.update(overlapping([t for t in added if t.form not in bad]))
     if bad:
         kept, more = leave_out(kept, bad)

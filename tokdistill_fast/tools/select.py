@@ -5,7 +5,8 @@ the vocabulary, contains no digit and none of []{}()<>.,;:!?@#$%^&*+_=|\\/, is s
 in running text, occurs at least `min_count` times, and whose added token would not cut longer words apart: not a
 longer vocabulary token (" perh" would split " perhaps", " specif" " specific": tokens.vocabulary_collisions), nor
 longer words of the corpus more often than the word stands alone there (" fasten" in " fastened" and
-" fastening": contexts.split_inside_words). Rank: count * (subtokens - 1), the tokens a corpus pass saves.
+" fastening": contexts.split_inside_words), nor found in the text llama.cpp's converter hashes to recognize the
+tokenizer (" he's": tokens.converter_text_forms). Rank: count * (subtokens - 1), the tokens a corpus pass saves.
 
 Scripts written without spaces (tokens.SPACELESS) have no whitespace between words: there a candidate is a run of
 one script (Japanese Katakana "デスクトップ", Han "設定", Hiragana "します"; at least two characters), and a run seen
@@ -38,6 +39,7 @@ from ..tokens import (
     SPACELESS_LETTER,
     TEXT_WORD_CHAR,
     NewToken,
+    converter_text_forms,
     original_ids,
     overlapping_forms,
     running_form,
@@ -200,6 +202,11 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
     out.sort(key=lambda c: (-c.saved, c.word))
     from ..contexts import split_inside_words  # here: contexts loads torch, which the package import must not
 
+    if hashed := converter_text_forms([running_form(c.word) for c in out]):
+        out = [c for c in out if running_form(c.word) not in hashed]
+        log.info("left out %d word(s) that llama.cpp's converter would find in the text whose ids it hashes to "
+                 "recognize the tokenizer, so that it would refuse the output (%s)", len(hashed),
+                 ", ".join(repr(f) for f in list(hashed)[:8]))
     splits = vocabulary_collisions(tokenizer, [running_form(c.word) for c in out])
     unsplit = [NewToken(c.word, form, []) for c in out if (form := running_form(c.word)) not in splits]
     inside = split_inside_words(paths, unsplit, None, share=lambda t: PHRASE_INSIDE_SHARE if " " in t.word else 1.0)
