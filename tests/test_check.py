@@ -4,6 +4,7 @@ rows by policy, original rows stay bit-identical, and check catches broken outpu
 
 import json
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokdistill_fast import DistillConfig, check, cli, distill, tokens
-from tokdistill_fast.config import GuaranteeError
+from tokdistill_fast.config import GuaranteeError, UserInputError
+from tokdistill_fast.tools import runtimes
 
 MEAN = dict(method="mean", dtype="float32")
 
@@ -347,3 +349,8 @@ def test_words_in_llama_cpps_check_text_are_left_out_and_check_warns_of_them(pad
     assert section["passed"] and section["runtimes"]["converter_check_text_tokens"] == 2  # " he's", "he's"
     assert any(w["check"] == "runtime" and "convert_hf_to_gguf.py will refuse" in w["detail"]
                for w in section["warnings"])
+    # where the converter refuses such an output, `check --runtime llama.cpp` names the tokens (converter faked)
+    refusal = subprocess.CompletedProcess([], 1, "", "NotImplementedError: BPE pre-tokenizer was not recognized")
+    monkeypatch.setattr(runtimes.subprocess, "run", lambda *a, **k: refusal)
+    with pytest.raises(UserInputError, match="its new token.s. \" he's\", \"he's\" occur in the text"):
+        runtimes.to_gguf(old, tmp_path / "old.gguf", runtimes.tools(tmp_path))

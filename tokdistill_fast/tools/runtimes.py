@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..check import PROBE_TEXT, new_tokens_of, probe_paragraphs, read_probe
 from ..config import UserInputError, cache_dir
+from ..tokens import converter_text_forms
 
 # The release checked in docs/vocabulary-extension.md; pinned so a cached build means the same llama.cpp everywhere.
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
@@ -154,7 +155,11 @@ def to_gguf(model_dir: Path, gguf: Path, t: LlamaTools) -> None:
                         "--outfile", str(gguf)], env=env, capture_output=True, text=True)
     if r.returncode != 0:
         tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
-        raise UserInputError(f"llama.cpp's convert_hf_to_gguf.py failed on {model_dir}:\n{tail}")
+        unknown = "pre-tokenizer was not recognized" in tail and (model_dir / "new_embeddings.safetensors").is_file()
+        hashed = converter_text_forms([t["form"] for t in new_tokens_of(model_dir)]) if unknown else {}
+        hint = (f"\nits new token(s) {', '.join(map(repr, hashed))} occur in the text whose ids the converter hashes "
+                "to recognize the tokenizer; tokdistill distill now leaves such words out") if hashed else ""
+        raise UserInputError(f"llama.cpp's convert_hf_to_gguf.py failed on {model_dir}:\n{tail}{hint}")
 
 
 def loadable_copy(model_dir: Path, tmp: Path) -> Path:
