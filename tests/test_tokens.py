@@ -2,6 +2,7 @@
 style Metaspace with byte fallback) in both modes: one id per new word wherever running text puts it, text
 without new words unchanged, round trips, prefix pairs, order, casing, skips, and save/reload cycles."""
 
+import ast
 import json
 import random
 
@@ -426,3 +427,16 @@ def test_forms_left_after_overlaps_tokenize_alike_in_both_runtimes(tokenizers_by
                 else:
                     parted += not same
     assert parted  # the check has something to catch
+
+
+def test_converter_check_text_is_the_one_llama_cpp_hashes():
+    """CONVERTER_CHECK_TEXT is the text the cached llama.cpp's converter hashes (tools.runtimes builds that cache;
+    skipped without it): a llama.cpp that changes the text needs the copy updated."""
+    from tokdistill_fast.tools import runtimes
+
+    base = runtimes.tools().src / "conversion" / "base.py"
+    if not base.is_file():
+        pytest.skip("no llama.cpp sources cached (tokdistill check --runtime llama.cpp builds them)")
+    lines = (ln.strip() for ln in base.read_text(encoding="utf-8").splitlines())
+    line = next(ln for ln in lines if ln.startswith("chktxt = "))
+    assert ast.literal_eval(line.removeprefix("chktxt = ")) == tokens.CONVERTER_CHECK_TEXT
