@@ -77,6 +77,11 @@ LOSS_POSITIONS = 4
 TOKENIZER_LOSS_POSITIONS = 8
 # --more-epochs and --hardest-epochs auto where the model runs in bf16.
 MORE_EPOCHS = 4
+# --more-epochs auto also keeps a run's epochs times its target layer within this (8 epochs at layer 16): a pass
+# costs in proportion to the layers it runs, and at a deeper layer the search chose depth over passes (SmolLM2's
+# layer 22 trains 1 more epoch, not 4; Gemma-3's layer 14 all 4; docs/defaults.md, "More epochs within a budget
+# of layers").
+MORE_LAYER_EPOCHS = 128
 HARDEST_EPOCHS = 4
 VARIANT_EPOCHS = 4
 # A variant trains on at most this share of --snippets-per-token snippets of its own, so that the variants' stage
@@ -157,7 +162,8 @@ class DistillConfig:
     # where the rows then make a tied model put over HUB_AFTER_RUN of its next-token probability on new tokens after
     # some word, the run keeps the rows of its first --epochs (docs/defaults.md, "Four more passes in the same run").
     # auto: MORE_EPOCHS where the model runs in bf16 (GPUs, bf16 CPUs), none in fp32 on a CPU, where a pass costs
-    # 2-4x as much (docs/cpu-speed.md) and the job already takes about half the plain prototype's time. Not with
+    # 2-4x as much (docs/cpu-speed.md) and the job already takes about half the plain prototype's time; and no more
+    # than keep epochs x target layer within MORE_LAYER_EPOCHS. Not with
     # --lr-schedule decay (the rate is zero by then), NTP objectives or several processes. A guarded tied model that
     # trains them trains token-distill+alpha-mass from the start (control/settings.py, `from_start`).
     more_epochs: int | str = "auto"
@@ -285,12 +291,16 @@ class DistillConfig:
                 raise UserInputError(f"--{name.replace('_', '-')} must be between 0 and 1")
         return self
 
-    def run_more_epochs(self) -> int:
+    def run_more_epochs(self, layer: int | None = None) -> int:
         """The --more-epochs this config trains (in one process): none after a decaying rate, which is zero by then,
-        or with NTP objectives, whose rows the hub check is not about; auto: by the device and dtype it runs in."""
+        or with NTP objectives, whose rows the hub check is not about; auto: by the device and dtype it runs in and,
+        given the target `layer`, within MORE_LAYER_EPOCHS (as many as at any shallower layer without it)."""
         if self.lr_schedule == "decay" or "ntp" in self.method:
             return 0
-        return self._where_cheap(self.more_epochs, MORE_EPOCHS)
+        more = self._where_cheap(self.more_epochs, MORE_EPOCHS)
+        if self.more_epochs == "auto" and layer is not None and isinstance(self.epochs, int):
+            more = min(more, max(0, MORE_LAYER_EPOCHS // layer - self.epochs))
+        return more
 
     def run_hardest_epochs(self) -> int:
         """The --hardest-epochs this config trains (in one process, distillation without NTP); auto: by the device

@@ -28,6 +28,7 @@ from .config import (
     HARDEST_WARMUP,
     HUB_AFTER_RUN,
     MASS_RISE,
+    MORE_LAYER_EPOCHS,
     TRAINED_METHODS,
     VARIANT_SHARE,
     DistillConfig,
@@ -409,8 +410,11 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         objective = student.Objective.for_config(cfg, layer, tied)
         schedule = student.Schedule.for_config(cfg, lr, cfg.epochs, prep.backend, cfg.log_every)
         if alone:
-            schedule = dataclasses.replace(schedule, more_epochs=cfg.run_more_epochs())
-        elif cfg.run_more_epochs():
+            schedule = dataclasses.replace(schedule, more_epochs=cfg.run_more_epochs(layer))
+            if schedule.more_epochs < cfg.run_more_epochs():
+                log.info("more epochs: %d, not %d, at layer %d (epochs x layer within %d)", schedule.more_epochs,
+                         cfg.run_more_epochs(), layer, MORE_LAYER_EPOCHS)
+        elif cfg.run_more_epochs(layer):
             log.info("more epochs: not in runs over several processes or with --target-tokenizer")
         start = (rows[primaries], out_init[primaries] if out_init is not None else None)
 

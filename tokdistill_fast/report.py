@@ -82,7 +82,7 @@ class RunReport:
             "settings": {**cfg.as_dict(), "resolved_target_layer": layer, "resolved_lr": lr,
                          "resolved_epochs": epochs, "resolved_method": method,
                          "resolved_optimizer": cfg.replace(method=method).run_optimizer(),
-                         "resolved_more_epochs": cfg.replace(method=method).run_more_epochs(),
+                         "resolved_more_epochs": cfg.replace(method=method, epochs=epochs).run_more_epochs(layer),
                          "resolved_loss_positions": cfg.run_loss_positions(),
                          "resolved_hardest_epochs": cfg.run_hardest_epochs(),
                          "resolved_variant_epochs": cfg.run_variant_epochs()},
