@@ -1,6 +1,8 @@
 """The layer/epochs search: candidates, the paired decision, independence of the clock, fixed values respected, and
 its record in the report."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -301,7 +303,7 @@ def test_candidates_train_at_most_the_search_epochs_and_the_run_all_of_its_own(m
     assert r["training"]["steps"] == (2 + 4) * -(-r["counts"]["snippets"] // FAST["batch_size"])
 
 
-def test_auto_more_epochs_stay_within_a_budget_of_layers(model_dirs, words_file, corpus_file, monkeypatch):
+def test_auto_more_epochs_stay_within_a_budget_of_layers(model_dirs, words_file, corpus_file, monkeypatch, caplog):
     """--more-epochs auto keeps epochs x target layer within MORE_LAYER_EPOCHS: SmolLM2's layer 22 trains 1 more
     epoch, its layer 15 and Gemma-3's layer 14 all 4; a given count trains as given. A run logs the cut, reports it
     and trains its steps."""
@@ -311,12 +313,14 @@ def test_auto_more_epochs_stay_within_a_budget_of_layers(model_dirs, words_file,
     assert bf16.replace(epochs=1).run_more_epochs(22) == 4
     assert bf16.replace(dtype="float32").run_more_epochs(15) == 0
     monkeypatch.setattr(config, "MORE_LAYER_EPOCHS", 6)  # the 2-layer model: layer 1 all 4, layer 2 one
+    caplog.set_level(logging.INFO, logger="tokdistill_fast")
     for layer, more in ((1, 4), (2, 1)):
         r = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None,
                     DistillConfig(**{**FAST, "epochs": 2, "more_epochs": "auto", "target_layer": layer,
                                      "dtype": "bfloat16", "device": "cpu"})).report
         assert r["settings"]["resolved_more_epochs"] == more and r["more_epochs"]["epochs"] == more
         assert r["training"]["steps"] == (2 + more) * -(-r["counts"]["snippets"] // FAST["batch_size"])
+    assert "more epochs: 1, not 4, at layer 2" in caplog.text
 
 
 def test_auto_epochs_tries_a_second_epoch_and_reports_the_choice(model_dirs, words_file, corpus_file):

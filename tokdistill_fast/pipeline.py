@@ -28,7 +28,6 @@ from .config import (
     HARDEST_WARMUP,
     HUB_AFTER_RUN,
     MASS_RISE,
-    MORE_LAYER_EPOCHS,
     TRAINED_METHODS,
     VARIANT_SHARE,
     DistillConfig,
@@ -412,8 +411,8 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         if alone:
             schedule = dataclasses.replace(schedule, more_epochs=cfg.run_more_epochs(layer))
             if schedule.more_epochs < cfg.run_more_epochs():
-                log.info("more epochs: %d, not %d, at layer %d (epochs x layer within %d)", schedule.more_epochs,
-                         cfg.run_more_epochs(), layer, MORE_LAYER_EPOCHS)
+                log.info("more epochs: %d, not %d, at layer %d, where a pass runs more layers (--more-epochs auto)",
+                         schedule.more_epochs, cfg.run_more_epochs(), layer)
         elif cfg.run_more_epochs(layer):
             log.info("more epochs: not in runs over several processes or with --target-tokenizer")
         start = (rows[primaries], out_init[primaries] if out_init is not None else None)
