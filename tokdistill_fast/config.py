@@ -294,7 +294,7 @@ class DistillConfig:
     def run_more_epochs(self, layer: int | None = None) -> int:
         """The --more-epochs this config trains (in one process): none after a decaying rate, which is zero by then,
         or with NTP objectives, whose rows the hub check is not about; auto: by the device and dtype it runs in and,
-        given the target `layer`, within MORE_LAYER_EPOCHS (as many as at any shallower layer without it)."""
+        given the target `layer`, no more than keep epochs x layer within MORE_LAYER_EPOCHS."""
         if self.lr_schedule == "decay" or "ntp" in self.method:
             return 0
         more = self._where_cheap(self.more_epochs, MORE_EPOCHS)
