@@ -409,10 +409,11 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         objective = student.Objective.for_config(cfg, layer, tied)
         schedule = student.Schedule.for_config(cfg, lr, cfg.epochs, prep.backend, cfg.log_every)
         if alone:
-            schedule = dataclasses.replace(schedule, more_epochs=cfg.run_more_epochs(layer))
-            if schedule.more_epochs < cfg.run_more_epochs():
+            more, unbounded = cfg.run_more_epochs(layer), cfg.run_more_epochs()
+            schedule = dataclasses.replace(schedule, more_epochs=more)
+            if more < unbounded:
                 log.info("more epochs: %d, not %d, at layer %d, where a pass runs more layers (--more-epochs auto)",
-                         schedule.more_epochs, cfg.run_more_epochs(), layer)
+                         more, unbounded, layer)
         elif cfg.run_more_epochs(layer):
             log.info("more epochs: not in runs over several processes or with --target-tokenizer")
         start = (rows[primaries], out_init[primaries] if out_init is not None else None)
