@@ -186,6 +186,38 @@ def test_large_jobs_and_more_epochs_on_tied_models_train_alpha_mass_from_the_sta
         assert more["more_epochs"]["epochs"] == 1
 
 
+def test_rows_that_make_a_hub_in_the_more_epochs_go_back_alone(model_dirs, words_file, corpus_file, monkeypatch):
+    """Where the more epochs' rows put over HUB_AFTER_RUN of the next-token probability after a trained word (here
+    a bar of -1), send_back reads them against the rows from before them; the rows it names go back to those and the
+    others keep their more epochs, and report.json's `more_epochs` names them."""
+    monkeypatch.setattr(pipeline, "HUB_AFTER_RUN", -1.0)
+    seen, calls = [], []
+    keep = pipeline.keep_more_epochs
+
+    def spy(result, *args):
+        seen.append((result.before.rows.clone(), result.rows.clone()))
+        kept, info = keep(result, *args)
+        seen.append(kept.rows.clone())
+        return kept, info
+
+    def one_row(prep, after_words, trial, start, trained, desc):
+        calls.append(({prep.toks[i].form: row for i, row in start.items()}, desc))
+        return {min(start): 0.7} if desc == "more epochs" else {}
+
+    monkeypatch.setattr(pipeline, "keep_more_epochs", spy)
+    monkeypatch.setattr(pipeline, "send_back", one_row)
+    cfg = DistillConfig(**FAST).replace(more_epochs=1, target_layer=2, ntp_guard=False)
+    report = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None, cfg).report
+    (before, after), final = seen[0], seen[1]
+    start, desc = calls[0]
+    words = [t["form"] for t in report["tokens"] if t["variant_of"] is None]
+    assert desc == "more epochs" and list(start) == words
+    assert all(torch.equal(start[w], before[r]) for r, w in enumerate(words))
+    assert report["more_epochs"]["kept"] and report["more_epochs"]["sent_back"] == {words[0]: 0.7}
+    assert torch.equal(final[0], before[0]) and torch.equal(final[1:], after[1:])
+    assert not torch.equal(before[1:], after[1:])
+
+
 def test_paired_decision_needs_a_win_beyond_noise():
     rng = np.random.default_rng(0)
     old = rng.uniform(0.3, 0.6, 40)

@@ -210,8 +210,9 @@ def test_hardest_rows_train_more_epochs_alone():
     result.rows, result.word_loss[2] = trained.clone(), 10 * result.word_loss.max()
     first = result.word_loss.copy()
 
-    def back(before, after, moved):
+    def back(before, after, moved, desc):
         assert moved == [2] and torch.equal(before, trained) and not torch.equal(after[2], trained[2])
+        assert desc == "hardest"
         return {2: 0.3}
 
     got = pipeline.continue_hardest(w.prep, work, result, 3, w.objective, w.schedule, w.passes, back=back)
@@ -250,8 +251,8 @@ def test_rows_trained_alone_go_back_while_they_raise_a_words_mass():
 def test_more_epochs_keep_the_rows_of_the_schedules_own_epochs(passes):
     """Schedule.more_epochs trains on at the constant rate after the schedule's epochs, and its result keeps the
     rows and losses at that point, which are those of a run without more epochs (the same batches, warm-up and
-    rate); a cooldown ends the whole run, so those rows are a constant-rate run's; pipeline.keep_more_epochs takes
-    them where the final rows make a hub (over HUB_AFTER_RUN)."""
+    rate); a cooldown ends the whole run, so those rows are a constant-rate run's; where the final rows make a hub
+    (over HUB_AFTER_RUN) pipeline.keep_more_epochs takes them for the rows that `back` names, or for every row."""
     w = three_words()
     work = w.work
     cache = teacher.compute(w.prep.decoder, work.teacher_ids, work.cu_teacher, work.alignment, [2], 4096,
@@ -280,6 +281,20 @@ def test_more_epochs_keep_the_rows_of_the_schedules_own_epochs(passes):
     assert not info["kept"] and info["mass_after"] == 0.6 and (back.seconds, back.steps) == (again.seconds, again.steps)
     assert torch.equal(back.rows, plain.rows) and back.before is None
     np.testing.assert_array_equal(back.word_loss, plain.word_loss)
+    calls = []
+
+    def one_row(before, after, moved, desc):  # send_back's rule names the row that raised the mass
+        calls.append((torch.equal(before, plain.rows), torch.equal(after, final.rows), moved, desc))
+        return {1: 0.55}
+
+    final = run(3)
+    final_rows, final_loss = final.rows.clone(), final.word_loss.copy()
+    partly, info = pipeline.keep_more_epochs(final, 3, hubs=lambda r: 0.6, back=one_row)
+    assert calls == [(True, True, [0, 1, 2], "more epochs")]
+    assert info["kept"] and info["sent_back"] == {1: 0.55} and partly.before is None
+    assert torch.equal(partly.rows[1], plain.rows[1]) and partly.word_loss[1] == plain.word_loss[1]
+    assert torch.equal(partly.rows[[0, 2]], final_rows[[0, 2]])
+    np.testing.assert_array_equal(partly.word_loss[[0, 2]], final_loss[[0, 2]])
 
 
 def test_rows_trained_alone_read_the_runs_teacher_cache():

@@ -86,8 +86,8 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
                         "about 50 tokens) they train at lr x sqrt(4 / spacing): report.json's training.lr")
     d.add_argument("--epochs", type=_epochs, default=c.epochs, help="passes over the snippets (1, 2, ...), or auto")
     d.add_argument("--more-epochs", type=_epochs, default=c.more_epochs,
-                   help="then every word trains this many more epochs in the same run at the constant rate, kept "
-                        "unless the rows make new tokens a hub (0: no); auto: 4 in bf16 (GPUs, bf16 CPUs), 0 in fp32, "
+                   help="then every word trains this many more epochs in the same run at the constant rate; rows "
+                        "that make new tokens a hub go back (0: no); auto: 4 in bf16 (GPUs, bf16 CPUs), 0 in fp32, "
                         "and no more than keep epochs x target layer within 128 (1 at layer 22)")
     d.add_argument("--hardest-epochs", type=_epochs, default=c.hardest_epochs,
                    help="then the quarter of the words with the highest loss train this many more epochs alone (0: "

@@ -62,11 +62,12 @@ OVER_PREDICTION_FLAG = 0.2
 # words were still over 0.2 (docs/defaults.md, "A hub the search did not see").
 HUB_AFTER_RUN = 0.5
 # Rows that train alone after the words' run (the hardest quarter, start-of-text variants) never see the states
-# after the other words, so a tied row's output side can turn into a hub: on Gemma-3 / Exim's specification the
-# trained variant "Exim’s" took 0.18 of the next-token probability after " Exim" (0.68 after "When a message
-# arrives, Exim"; a few hundredths with its moved row), under OVER_PREDICTION_FLAG. While such rows raise some
-# word's mass (training snippets) by more than this over their rows from before, the row taking most of the rise
-# goes back (pipeline.send_back; docs/defaults.md, "A variant may not make a word predict it").
+# after the other words, and the more epochs can train a row until the model predicts it, so a tied row's output
+# side can turn into a hub: on Gemma-3 / Exim's specification the trained variant "Exim’s" took 0.18 of the
+# next-token probability after " Exim" (0.68 after "When a message arrives, Exim"; a few hundredths with its moved
+# row), under OVER_PREDICTION_FLAG. While such rows raise some word's mass (training snippets) by more than this
+# over their rows from before, the row taking most of the rise goes back (pipeline.send_back; docs/defaults.md, "A
+# variant may not make a word predict it"; after the more epochs only once their rows pass HUB_AFTER_RUN).
 MASS_RISE = 0.05
 # The share of trained words (those with the highest word loss) that --hardest-epochs trains on, and the warm-up of
 # that continuation (its Adam moments start afresh from rows already trained).
@@ -160,7 +161,8 @@ class DistillConfig:
     variant_epochs: int | str = "auto"
     # Every word then trains this many more epochs in the same run, at the constant rate after --epochs' schedule;
     # where the rows then make a tied model put over HUB_AFTER_RUN of its next-token probability on new tokens after
-    # some word, the run keeps the rows of its first --epochs (docs/defaults.md, "Four more passes in the same run").
+    # some word, the rows that raised it (send_back's rule) go back to theirs after the first --epochs
+    # (docs/defaults.md, "Four more passes in the same run", "A word that predicts itself sends back its own row").
     # auto: MORE_EPOCHS where the model runs in bf16 (GPUs, bf16 CPUs), none in fp32 on a CPU, where a pass costs
     # 2-4x as much (docs/cpu-speed.md) and the job already takes about half the plain prototype's time; and no more
     # than keep epochs x target layer within MORE_LAYER_EPOCHS. Not with

@@ -395,11 +395,11 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         trained word (what `over_predicting` flags)."""
         return float(after_words(with_words(result.rows), set(primaries))[0].sum(axis=1).max())
 
-    def hardest_back(before: torch.Tensor, after: torch.Tensor, moved: list[int]) -> dict[int, float]:
-        """send_back for the trained words' rows `moved` (indices into `after`), continued alone from `before`."""
+    def back(before: torch.Tensor, after: torch.Tensor, moved: list[int], desc: str) -> dict[int, float]:
+        """send_back for the trained words' rows `moved` (indices into `after`), trained on from `before`."""
         trial = with_words(after)
         start = {primaries[r]: before[r].to(trial.device, trial.dtype) for r in moved}
-        sent = send_back(prep, after_words, trial, start, set(primaries), "hardest")
+        sent = send_back(prep, after_words, trial, start, set(primaries), desc)
         return {r: sent[primaries[r]] for r in moved if primaries[r] in sent}
 
     train_result, retried, hardest, more, variants = None, {}, {}, None, {}
@@ -427,12 +427,15 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
                                    tied, passes=passes, teacher=(work.teacher_ids, work.cu_teacher))
             retried = retry(train_result, schedule)
             if train_result.before is not None:
-                train_result, more = keep_more_epochs(train_result, schedule.more_epochs, hubs if tied else None)
-                if not more["kept"]:
-                    retried = retry(train_result, dataclasses.replace(schedule, more_epochs=0))
+                train_result, more = keep_more_epochs(train_result, schedule.more_epochs,
+                                                      *((hubs, back) if tied else ()))
+                if sent := more.pop("sent_back", None):  # those rows' retries went back with them
+                    retried = {t: v for t, v in retried.items() if primaries.index(t) not in sent} \
+                        | retry(train_result, dataclasses.replace(schedule, more_epochs=0))
+                    more["sent_back"] = {toks[primaries[r]].form: mass for r, mass in sent.items()}
             if alone and objective.ntp is None:
                 hardest = continue_hardest(prep, work, train_result, cfg.run_hardest_epochs(), objective, schedule,
-                                           passes, hardest_back if tied else None, cache)
+                                           passes, back if tied else None, cache)
                 hardest = {primaries[r]: v for r, v in hardest.items()}
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
@@ -447,22 +450,31 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
     return Learned(rows, out_rows, train_result, clipped, init_used, derived, retried, hardest, mass, more, variants)
 
 
-def keep_more_epochs(result: student.TrainResult, epochs: int, hubs=None) -> tuple[student.TrainResult, dict]:
-    """The rows after the schedule's `epochs` more epochs (`result`), or those from before them (`result.before`)
-    where, on a tied model (`hubs`: result -> the most new-token mass after a trained word), the model would put
-    over HUB_AFTER_RUN of its next-token probability on new tokens right after some trained word: more passes
-    made SmolLM2 / FOLDOC's rows a hub (0.77), not Gemma-3's (docs/defaults.md, "Four more passes in the same
-    run"). Returns (the rows kept, what report.json's `more_epochs` says)."""
+def keep_more_epochs(result: student.TrainResult, epochs: int, hubs=None, back=None
+                     ) -> tuple[student.TrainResult, dict]:
+    """The rows after the schedule's `epochs` more epochs (`result`), but where, on a tied model (`hubs`: result ->
+    the most new-token mass after a trained word), the model would put over HUB_AFTER_RUN of its next-token
+    probability on new tokens right after some trained word, the rows that raised it go back to theirs from before
+    them (`back`: (rows before, rows after, rows moved, desc) -> {row sent back: mass}, send_back's rule); without
+    `back`, every row does. More passes made SmolLM2 / FOLDOC's rows a hub (0.77), and one word of Exim's that
+    predicted itself took every row's more epochs from Gemma-3 (docs/defaults.md, "Four more passes in the same
+    run", "A word that predicts itself sends back its own row"). Returns (the rows kept, what report.json's
+    `more_epochs` says; "sent_back": {row: mass}, where some rows went back)."""
     mass = hubs(result) if hubs is not None else None
-    kept = mass is None or mass <= HUB_AFTER_RUN
-    info = {"epochs": epochs, "steps": result.steps - result.before.steps, "kept": kept, "mass_after": mass}
-    if not kept:
-        log.warning("more epochs: with their rows a trained word put %.2f of its next-token probability on new tokens; "
-                    "the rows from before them are kept", mass)
-        b = result.before  # its rows and losses; the steps, seconds and positions of the training that ran
-        return dataclasses.replace(result, rows=b.rows, out_rows=b.out_rows, token_loss=b.token_loss,
-                                   word_loss=b.word_loss, before=None), info
-    result.before = None
+    info = {"epochs": epochs, "steps": result.steps - result.before.steps, "kept": True, "mass_after": mass}
+    b, result.before = result.before, None
+    if mass is None or mass <= HUB_AFTER_RUN:
+        return result, info
+    log.warning("more epochs: with their rows a trained word put %.2f of its next-token probability on new tokens",
+                mass)
+    rows = range(len(result.rows))
+    sent = back(b.rows, result.rows, list(rows), "more epochs") if back is not None else dict.fromkeys(rows, mass)
+    for r in sent:
+        result.rows[r], result.token_loss[r], result.word_loss[r] = b.rows[r], b.token_loss[r], b.word_loss[r]
+        if result.out_rows is not None:
+            result.out_rows[r] = b.out_rows[r]
+    info.update(kept=len(sent) < len(result.rows), sent_back=sent)
+    log.warning("more epochs: %d of %d row(s) sent back to their rows from before them", len(sent), len(result.rows))
     return result, info
 
 
@@ -489,7 +501,7 @@ def continue_hardest(prep: Prepared, work: Workload, result: student.TrainResult
     """The HARDEST_FRACTION of the rows with the highest word loss train `epochs` more epochs alone, from their
     trained rows (train_alone): the gain of more passes goes mostly to the words still furthest from their teacher
     (docs/defaults.md, "More passes for the hardest quarter"), at a fraction of the cost of more passes for all.
-    `back` (tied models: (rows before, rows after, continued rows) -> {row sent back: mass}, send_back's rule):
+    `back` (tied models: (rows before, rows after, continued rows, desc) -> {row sent back: mass}, send_back's rule):
     trained alone, rows can become hubs the loss does not see (the Python Library Reference on Gemma-3: ` built-in`
     took 0.94 after a word), so the rows it names go back to their rows and losses from before."""
     loss = np.asarray(result.word_loss, dtype=np.float64)
@@ -502,7 +514,7 @@ def continue_hardest(prep: Prepared, work: Workload, result: student.TrainResult
     out = train_alone(prep, work, result, hardest, pick_rows((result.rows, result.out_rows), hardest), objective,
                       more, passes, "hardest", cache)
     moved = [r for r, v in out.items() if v["kept"] == "alone"]
-    for r, mass in (back(before[0], result.rows, moved) if back is not None and moved else {}).items():
+    for r, mass in (back(before[0], result.rows, moved, "hardest") if back is not None and moved else {}).items():
         result.rows[r], result.token_loss[r], result.word_loss[r] = (x[r] for x in before)
         out[r].update(kept="first", over_predicted=mass)
     return out
@@ -510,11 +522,12 @@ def continue_hardest(prep: Prepared, work: Workload, result: student.TrainResult
 
 def send_back(prep: Prepared, after_words, trial: torch.Tensor, start: dict[int, torch.Tensor], trained: set[int],
               desc: str) -> dict[int, float]:
-    """Tied rows that trained alone after the words' run (`trial` at the tokens of `start`) never saw the states
-    after the other words: while they raise some trained word's next-token mass on new tokens (`after_words`:
-    (rows, trained tokens) -> [trained words, new tokens] mass and the columns' tokens) over what it was with their
-    `start` rows by more than MASS_RISE, the row taking most of that rise goes back to its start row (`trial` is
-    updated) and the mass is measured again. Returns {token sent back: the word's mass then}."""
+    """Tied rows trained further (`trial` at the tokens of `start`: alone after the words' run, which never shows
+    them the states after the other words, or the more epochs) can become rows the model predicts: while they raise
+    some trained word's next-token mass on new tokens (`after_words`: (rows, trained tokens) -> [trained words, new
+    tokens] mass and the columns' tokens) over what it was with their `start` rows by more than MASS_RISE, the row
+    taking most of that rise goes back to its start row (`trial` is updated) and the mass is measured again.
+    Returns {token sent back: the word's mass then}."""
     base = trial.clone()
     for i, row in start.items():
         base[i] = row
