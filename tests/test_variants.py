@@ -4,6 +4,7 @@ subtoken-mean offset); `tokdistill eval` measures them at their own held-out occ
 
 from __future__ import annotations
 
+import logging
 import random
 
 import numpy as np
@@ -100,10 +101,39 @@ def test_a_small_stage_runs_the_steps_of_a_full_one(model_dirs, bare_corpus):
     for batch, epochs in ((4, 4), (2, 2), (1, 2)):  # 2 variants x 2 snippets: 1, 2 and 4 batches an epoch
         schedule = pipeline.student.Schedule(lr=1e-2, epochs=2, batch_size=batch, seed=0)
         got = pipeline.train_variants(prep, cfg, means.clone(), means, primaries, objective, schedule,
-                                      pipeline.student.Passes())
+                                      pipeline.student.Passes(), np.zeros(0))
         assert len(got) == 2 and {v["snippets"] for v in got.values()} == {2}
         assert {v["epochs"] for v in got.values()} == {epochs}
     assert report_module.variant_summary([{"form": "x"}], got)["epochs"] == 2
+
+
+def test_a_variant_whose_loss_is_an_outlier_trains_again_alone(model_dirs, bare_corpus, caplog):
+    """A variant whose loss ends over OUTLIER_FACTOR x the median of the words' and the variants' trains again alone
+    from its trained row and keeps the lower loss (the run's outliers record it, as for words); the others do not."""
+    cfg = DistillConfig(**FAST, variant_epochs=2)
+    prep = pipeline.prepare(model_dirs[("llama", "bytelevel", True)], bare_corpus / "words.txt",
+                            [bare_corpus / "train.txt"], cfg)
+    primaries = {i for i, t in enumerate(prep.toks) if t.variant_of is None}
+    objective = pipeline.student.Objective(distill="mse", layer=2)
+    schedule = pipeline.student.Schedule(lr=1e-2, epochs=2, batch_size=4, seed=0)
+    means = pipeline.subtoken_mean(prep.decoder.embed_weight, prep.toks)
+
+    def run(word_loss: np.ndarray) -> tuple[dict, torch.Tensor]:
+        rows = means.clone()
+        return pipeline.train_variants(prep, cfg, rows, means, primaries, objective, schedule,
+                                       pipeline.student.Passes(), word_loss), rows
+
+    first, first_rows = run(np.zeros(0))  # two variants: no median to be an outlier of
+    (lo, lo_loss), (hi, hi_loss) = sorted(((i, v["word_loss"]) for i, v in first.items()), key=lambda x: x[1])
+    assert lo_loss < hi_loss and not any("retried" in v for v in first.values())
+    with caplog.at_level(logging.INFO, logger="tokdistill_fast.pipeline"):
+        got, rows = run(np.full(5, (lo_loss + hi_loss) / 20))  # the median: the words'; 10x it between the two
+    again = got[hi]["retried"]
+    assert "retried" not in got[lo] and again["first"] == hi_loss and got[hi]["word_loss"] == min(hi_loss,
+                                                                                                   again["alone"])
+    assert again["kept"] == ("alone" if again["alone"] < hi_loss else "first")
+    assert torch.equal(rows[lo], first_rows[lo]) and torch.equal(rows[hi], first_rows[hi]) is (again["kept"] == "first")
+    assert "variants again: 1 row(s) trained alone" in caplog.text
 
 
 def test_a_variant_that_raises_the_mass_after_a_word_goes_back(model_dirs, bare_corpus):
@@ -138,7 +168,7 @@ def test_a_variant_that_raises_the_mass_after_a_word_goes_back(model_dirs, bare_
             return mass, cols
 
         got = pipeline.train_variants(prep, cfg, rows, means, primaries, objective, schedule,
-                                      pipeline.student.Passes(), after_words)
+                                      pipeline.student.Passes(), np.zeros(0), after_words)
         assert got[var]["kept"] is kept and got[other]["kept"]
         assert calls == ([False, True] if kept else [False, True, False])
         assert torch.allclose(rows[var], move[var]) is not kept and not torch.allclose(rows[other], move[other])

@@ -443,7 +443,8 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         if alone and objective.ntp is None and not objective.train_output:
             with timer("variants"):
                 variants = train_variants(prep, cfg, rows, means, set(primaries), objective, schedule, passes,
-                                          after_words if tied else None)
+                                          train_result.word_loss, after_words if tied else None)
+                retried |= {i: v["retried"] for i, v in variants.items() if "retried" in v}
     trained = set(primaries) | {i for i, v in variants.items() if v["kept"]} if train_result is not None else set()
     rows, out_rows, clipped, derived = finish(rows, out_init, trained)
     mass = measured(rows)
@@ -551,7 +552,7 @@ def send_back(prep: Prepared, after_words, trial: torch.Tensor, start: dict[int,
 
 def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means: torch.Tensor, trained: set[int],
                    objective: student.Objective, schedule: student.Schedule, passes: student.Passes,
-                   after_words=None) -> dict[int, dict]:
+                   word_loss: np.ndarray, after_words=None) -> dict[int, dict]:
     """Variants of trained words (the start-of-text form, "word" after "(", ":" or a newline; casing variants) train
     cfg.run_variant_epochs() epochs (more where the stage has fewer batches than a variant may have snippets) alone
     on their own corpus snippets (at most VARIANT_SHARE of cfg.snippets_per_token each, a uniform sample of their
@@ -559,10 +560,14 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
     and keep the trained row (`rows` is updated). Unless they train, a variant reads text no snippet showed it: on
     Gemma-3 / Git's manuals, where a fifth of the words' occurrences are bare, their held-out KL was 0.45 of
     subtoken-mean rows' against 0.17 at the running-text forms (docs/defaults.md, "Start-of-text variants trained on
-    their own text"). `after_words` (tied models: (rows, trained tokens) -> the [trained words, new tokens]
-    next-token mass after each word, and the columns' tokens): the variants that raise some word's mass over what it
-    was with their moved rows go back to those (send_back). Returns {token: {"snippets", "epochs", "word_loss",
-    "kept"}}."""
+    their own text"). A variant whose loss ends over OUTLIER_FACTOR x the median of the words' (`word_loss`) and
+    the variants' trains as many steps again alone, from its trained row, on all its snippets at once, and keeps the
+    lower loss (train_alone: Gemma-3's `rw-r--r`, on the Debian Reference's `ls -l` lines, "-rw-r--r-- 1 root",
+    went from 11x the median to 5.5x; docs/defaults.md, "Variants whose loss is an outlier train again").
+    `after_words` (tied models: (rows, trained tokens) -> the [trained words, new tokens] next-token mass after each
+    word, and the columns' tokens): the variants that raise some word's mass over what it was with their moved rows
+    go back to those (send_back). Returns {token: {"snippets", "epochs", "word_loss", "kept"}, and "retried"
+    (train_alone's record) for an outlier}."""
     epochs = cfg.run_variant_epochs()
     toks, decoder = prep.toks, prep.decoder
     variants = [i for i, t in enumerate(toks) if t.variant_of is not None]
@@ -583,18 +588,29 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
     if not len(have):
         return {}
     al, ids, cu, row = chunks.take_rows(work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row, have, V)
-    # As many steps as a variant with `keep` snippets takes in a stage of `keep` or more batches, however few the
-    # stage holds: a stage of one batch took `epochs` steps, too few for a row to leave its start.
-    epochs = max(epochs, math.ceil(epochs * keep / math.ceil(len(row) / schedule.batch_size)))
+
+    def stage_epochs(snippets: int) -> int:
+        """As many steps as a variant with `keep` snippets takes in a stage of `keep` or more batches, however few
+        the stage's `snippets`: a stage of one batch took `epochs` steps, too few for a row to leave its start."""
+        return max(epochs, math.ceil(epochs * keep / math.ceil(snippets / schedule.batch_size)))
+
     cache = None
     if objective.distill is not None and not passes.fused:
         cache = snippet_cache(prep, al, ids, cu, objective.cache_layers(decoder.num_layers), passes.prefix)
     index = [variants[r] for r in have.tolist()]
     start = moved_rows(rows, means, index, primaries_of(toks, index))
-    alone = dataclasses.replace(schedule, epochs=epochs, warmup_fraction=HARDEST_WARMUP, more_epochs=0)
+    alone = dataclasses.replace(schedule, epochs=stage_epochs(len(row)), warmup_fraction=HARDEST_WARMUP,
+                                more_epochs=0)
     result = student.train(decoder, al, cache, row, start, None, objective, alone, prep.tied, desc="variants",
                            passes=passes, teacher=(ids, cu))
-    out = {i: {"snippets": int(per_row[r]), "epochs": epochs, "word_loss": float(result.word_loss[k]), "kept": True}
+    _, over = outlier_rows(np.concatenate([word_loss, result.word_loss]))
+    bad = over[over >= len(word_loss)] - len(word_loss)
+    sub = dataclasses.replace(work, primaries=index, alignment=al, teacher_ids=ids, cu_teacher=cu, snippet_row=row)
+    again = train_alone(prep, sub, result, bad, pick_rows((result.rows, None), bad), objective,
+                        dataclasses.replace(alone, epochs=stage_epochs(int(np.isin(row, bad).sum()))), passes,
+                        "variants again", cache) if len(bad) else {}
+    out = {i: {"snippets": int(per_row[r]), "epochs": alone.epochs, "word_loss": float(result.word_loss[k]),
+               "kept": True, **({"retried": again[k]} if k in again else {})}
            for k, (i, r) in enumerate(zip(index, have.tolist()))}
     trial = rows.clone()
     trial[index] = result.rows.to(trial.device, trial.dtype)
