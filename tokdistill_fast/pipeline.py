@@ -470,13 +470,19 @@ def keep_more_epochs(result: student.TrainResult, epochs: int, hubs=None, back=N
                 mass)
     rows = range(len(result.rows))
     sent = back(b.rows, result.rows, list(rows), "more epochs") if back is not None else dict.fromkeys(rows, mass)
-    for r in sent:
-        result.rows[r], result.token_loss[r], result.word_loss[r] = b.rows[r], b.token_loss[r], b.word_loss[r]
-        if result.out_rows is not None:
-            result.out_rows[r] = b.out_rows[r]
+    restore_rows(result, b, sent)
     info.update(kept=len(sent) < len(result.rows), sent_back=sent)
     log.warning("more epochs: %d of %d row(s) sent back to their rows from before them", len(sent), len(result.rows))
     return result, info
+
+
+def restore_rows(result: student.TrainResult, source: student.TrainResult, index) -> None:
+    """Set rows `index` of `result` (input and output rows, token and word losses) to `source`'s."""
+    for r in index:
+        result.rows[r] = source.rows[r]
+        result.token_loss[r], result.word_loss[r] = source.token_loss[r], source.word_loss[r]
+        if result.out_rows is not None:
+            result.out_rows[r] = source.out_rows[r]
 
 
 def retry_outliers(prep: Prepared, work: Workload, result: student.TrainResult,
@@ -511,12 +517,15 @@ def continue_hardest(prep: Prepared, work: Workload, result: student.TrainResult
     if epochs < 1 or not len(hardest):
         return {}
     more = dataclasses.replace(schedule, epochs=epochs, warmup_fraction=HARDEST_WARMUP, more_epochs=0)
-    before = result.rows.clone(), result.token_loss.copy(), result.word_loss.copy()
+    before = dataclasses.replace(result, rows=result.rows.clone(), token_loss=result.token_loss.copy(),
+                                 word_loss=result.word_loss.copy(),
+                                 out_rows=None if result.out_rows is None else result.out_rows.clone())
     out = train_alone(prep, work, result, hardest, pick_rows((result.rows, result.out_rows), hardest), objective,
                       more, passes, "hardest", cache)
     moved = [r for r, v in out.items() if v["kept"] == "alone"]
-    for r, mass in (back(before[0], result.rows, moved, "hardest") if back is not None and moved else {}).items():
-        result.rows[r], result.token_loss[r], result.word_loss[r] = (x[r] for x in before)
+    sent = back(before.rows, result.rows, moved, "hardest") if back is not None and moved else {}
+    restore_rows(result, before, sent)
+    for r, mass in sent.items():
         out[r].update(kept="first", over_predicted=mass)
     return out
 
@@ -605,8 +614,9 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
                            passes=passes, teacher=(ids, cu))
     _, over = outlier_rows(np.concatenate([word_loss, result.word_loss]))
     bad = over[over >= len(word_loss)] - len(word_loss)
-    sub = dataclasses.replace(work, primaries=index, alignment=al, teacher_ids=ids, cu_teacher=cu, snippet_row=row)
-    again = train_alone(prep, sub, result, bad, pick_rows((result.rows, None), bad), objective,
+    again = train_alone(prep, dataclasses.replace(work, primaries=index, alignment=al, teacher_ids=ids,
+                                                  cu_teacher=cu, snippet_row=row),
+                        result, bad, pick_rows((result.rows, None), bad), objective,
                         dataclasses.replace(alone, epochs=stage_epochs(int(np.isin(row, bad).sum()))), passes,
                         "variants again", cache) if len(bad) else {}
     out = {i: {"snippets": int(per_row[r]), "epochs": alone.epochs, "word_loss": float(result.word_loss[k]),
