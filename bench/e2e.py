@@ -5,6 +5,8 @@ configuration with random weights, on a synthetic language; with a held-out meas
     python -m bench.e2e --config llama-3.1-8b --new-tokens 2500 --layers 8,32            # GPU, one process
     python -m bench.e2e --config llama-3.1-8b --new-tokens 250 --layers 8 --reference    # + plain PyTorch path
     python -m bench.e2e --config tiny --new-tokens 20 --target-layer 2 --reference        # CPU, seconds
+    python -m bench.e2e --num-layers 9 --new-tokens 12 --snippets 10 --heldout-tokens 12 --layers 8 \
+        --device cpu --dtype bfloat16                                                      # the 8B width, CPU minutes
 
 On a machine without internet (the lent GPUs): install the package without dependencies first
 (`pip install --no-deps --no-build-isolation -e .`) and carry a wheel of pyahocorasick if it is missing
@@ -177,6 +179,7 @@ def run_pipeline(model, lang, args, variant: Variant) -> dict:
             "new_tokens_per_s": r["counts"]["added"] / total, "snippet_tokens_per_s": teacher / total,
             "steps": r["training"]["steps"], "passes": r["training"]["passes"],
             "first_step_loss": r["training"]["first_loss"], "last_step_loss": r["training"]["last_loss"],
+            "epoch_loss": r["training"]["epoch_loss"],
             "rows": result.rows[primaries], "tokens": measured,
             "extended": contexts.Extended.of(result.tokenizer, measured, result.tokens)}
 
@@ -243,6 +246,8 @@ def summary(run: dict, peak: float) -> str:
             f"{' (searched)' if st['searched'] else ''}; held-out loss {run['heldout_loss_before']:.5g} -> "
             f"{run['heldout_loss_after']:.5g}, KL {run['heldout_kl_before']:.4g} -> {run['heldout_kl_after']:.4g}; "
             f"on trained text {run['train_loss_before']:.5g} -> {run['train_loss_after']:.5g}; "
+            + (f"training loss by epoch {run['epoch_loss'][0]:.5g} -> {run['epoch_loss'][-1]:.5g}; "
+               if run["epoch_loss"] else "") +
             f"{run['norm_clipped']} clipped")
 
 
@@ -301,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--snippet-length", type=int, default=50, help="tokens per snippet (the paper's 50)")
     p.add_argument("--heldout-tokens", type=int, default=256, help="trained tokens the held-out measure samples")
     p.add_argument("--heldout-snippets", type=int, default=4, help="held-out snippets per sampled token")
+    p.add_argument("--num-layers", type=int,
+                   help="keep the config's first N layers (the 8B config's width on a CPU: bench/results/learning.md)")
     p.add_argument("--weights", choices=("trained-like", "hf-init"), default="trained-like",
                    help="random weights' statistics (bench/results/learning.md)")
     p.add_argument("--reference", action="store_true",
@@ -320,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     from tokdistill_fast.modeling.models import pick_device
 
     config, tok_vocab = CONFIGS[args.config]
+    config_name = args.config if args.num_layers is None else f"{args.config}-{args.num_layers}-layers"
+    if args.num_layers is not None:
+        config = dict(config, num_hidden_layers=args.num_layers)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else [args.target_layer]
     try:
         import ahocorasick  # noqa: F401  (retrieval's automaton; not on every GPU image)
@@ -355,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in measures:
                 m.record(fast)
             record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                      "config": args.config, "model_config": config, "weights": args.weights, "dtype": str(dtype),
+                      "config": config_name, "model_config": config, "weights": args.weights, "dtype": str(dtype),
                       "target_layer": layer or "auto", "new_tokens_requested": args.new_tokens,
                       "snippets_per_token": args.snippets, "snippet_length": args.snippet_length,
                       "subtoken_histogram": lang.subtokens, "corpus_bytes": lang.corpus_bytes,
@@ -386,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                 record[name] = {k: v for k, v in run.items() if k not in ("rows", "tokens", "extended")}
                 record[name]["fraction_of_peak"] = run["achieved_tflops"] * 1e12 / peak
             suffix = "-reference" if args.reference else ""  # the side-by-side run keeps the timed run's file
-            path = out_dir / f"{device_slug(device)}-{args.config}-L{layer or 'auto'}{suffix}.json"
+            path = out_dir / f"{device_slug(device)}-{config_name}-L{layer or 'auto'}{suffix}.json"
             path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
             print(line, f"-> {path}", flush=True)
     return 0

@@ -43,12 +43,23 @@ def test_e2e_tiny_on_cpu(tmp_path):
     for run in (fast, ref, other):
         assert run["heldout_loss_after"] < run["heldout_loss_before"], run
         assert run["train_loss_after"] < run["train_loss_before"], run
+        assert run["epoch_loss"][-1] < run["epoch_loss"][0], run  # the training curve over the same snippets
         assert run["norm_clipped"] == 0
     # the same answers: fast vs plain deviates no more than twice what bf16 vs fp32 does to the plain path
     agreement = record["agreement"]
     floor = agreement["noise_floor"]
     assert 0 < 1 - floor["embedding_cosine"]["mean"] and 0 < floor["heldout_loss_diff"]  # a floor to sit within
     assert agreement["within_floor"], agreement
+
+
+def test_e2e_keeps_the_first_layers_of_a_config(tmp_path):
+    """--num-layers: a config's width with fewer layers (the 8B width on a CPU), named so in the results file."""
+    assert e2e.main(["--config", "tiny", "--num-layers", "2", "--new-tokens", "6", "--snippets", "6",
+                     "--snippet-length", "20", "--target-layer", "2", "--heldout-tokens", "3", "--device", "cpu",
+                     "--results-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "cpu-tiny-2-layers-L2.json").read_text())
+    assert record["model_config"]["num_hidden_layers"] == 2 and record["config"] == "tiny-2-layers"
+    assert record["fast"]["settings"]["target_layer"] == 2
 
 
 def test_profile_counts_operators_per_pass(capsys):

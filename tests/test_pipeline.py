@@ -77,6 +77,9 @@ def test_report_and_training(run):
     assert all(0 <= t["mass_after"] <= 1 and t["mass_after_top"]["mass"] <= t["mass_after"] + 1e-9 for t in primaries)
     assert [f["word"] for f in report["over_predicting"]] == [
         t["word"] for t in sorted(primaries, key=lambda t: -t["mass_after"]) if t["mass_after"] > 0.2]
+    curve, settings = report["training"]["epoch_loss"], report["settings"]
+    assert len(curve) == settings["resolved_epochs"] + settings["resolved_more_epochs"]
+    assert curve[-1] < curve[0]  # the same snippets each epoch: the training curve, where single steps are not
 
 
 def test_training_beats_the_start_rows_on_the_measure(run, tmp_path):

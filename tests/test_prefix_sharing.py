@@ -260,6 +260,20 @@ def test_batch_plan_pairs_batches_over_other_rows():
     assert len(student.group_steps(student.batch_plan(two, 16, 1, seed=0), two, 16)) == 3
 
 
+def test_epoch_means_average_each_epochs_steps():
+    """report.json's training curve: the mean step loss of each epoch of a plan, epochs told apart by the snippets
+    their steps read (an epoch reads every snippet once, in batches of uneven sizes)."""
+    snippet_row = np.repeat(np.arange(7), [3, 5, 2, 8, 1, 4, 6])
+    plan = student.batch_plan(snippet_row, 4, 3, seed=1)
+    seen, epoch = np.zeros(len(snippet_row), dtype=int), []
+    for b in plan:
+        epoch.append(seen[b[0]])
+        seen[b] += 1
+    loss = np.random.default_rng(0).random(len(plan))
+    expected = [loss[np.array(epoch) == e].mean() for e in range(3)]
+    np.testing.assert_allclose(student.loop.epoch_means(loss, plan, len(snippet_row)), expected)
+
+
 def test_batch_plan_runs_sixteen_steps_a_pass_in_large_jobs():
     """With many rows a run grows past the pair, up to the loop's group size: 1,000 words run ~16 steps a pass
     (random batches: ~4), every snippet once an epoch; the run stops at a quarter of the rows, so a job of 60

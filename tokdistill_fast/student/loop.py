@@ -362,9 +362,12 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
         log.info("%s: %d row step(s) left out, their gradient over %gx the row's earlier ones (attention-sink "
                  "spikes)", desc, dropped, SPIKE_LIMIT)
     out_rows = trainable.out_rows
-    out = TrainResult(read(rows.detach()), None if out_rows is None else out_rows.detach(), step_loss.cpu().numpy(),
+    step_losses = step_loss.cpu().numpy()
+    out = TrainResult(read(rows.detach()), None if out_rows is None else out_rows.detach(), step_losses,
                       *losses(len(windows) - 1), seconds, n_steps,
                       extra={"passes": passes.describe(), "positions": positions, "groups": len(groups),
+                             "epoch_loss": None if shard is not None else epoch_means(step_losses, plan,
+                                                                                      len(snippet_row)),
                              "step_spacing": None if spacing is None else round(spacing, 3), "lr": schedule.lr,
                              "spikes_dropped": dropped, "sink_pairs": sinks})
     if len(windows) > 1:  # the rows, losses and steps at `first`; seconds and positions are the whole run's
@@ -373,6 +376,13 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
                                          step_loss=out.step_loss[:first], token_loss=token_loss, word_loss=word_loss,
                                          steps=first)
     return out
+
+
+def epoch_means(step_loss: np.ndarray, plan: list[np.ndarray], n_snippets: int) -> list[float]:
+    """The mean step loss of each epoch of `plan`, each of which reads all `n_snippets` once: a training curve over
+    the same snippets, where the first and last steps' losses are of different snippets and words."""
+    epoch = (np.cumsum([len(b) for b in plan]) - 1) // n_snippets  # no batch spans two epochs
+    return (np.bincount(epoch, weights=step_loss) / np.bincount(epoch)).tolist()
 
 
 def computed_positions(batches: list[Batch], passes: Passes) -> dict[str, int]:
