@@ -100,11 +100,12 @@ for f in sorted(Path(sys.argv[1]).glob("*-L*.json")):
     r = json.loads(f.read_text()); x = r["fast"]; i = x["implementations"]; a = r.get("agreement")
     cos = (f"{a['fast_vs_plain']['embedding_cosine']['mean']:.5f} ({a['noise_floor']['embedding_cosine']['mean']:.5f})"
            if a else "")
+    epochs = x.get("epoch_loss") or [float("nan")]  # the training curve (report.json's training.epoch_loss)
     print(f"| {f.name} | {i['align']} | {i['backend']} | {i.get('layers')} | {i['packed_attention']} | {i['teacher_cache']} | "
           f"{x['total_s']:.1f} | {x['seconds'].get('autotune', 0):.1f} | {x['settings']['target_layer']} | "
           f"{x['settings']['lr']:g} | {x['heldout_loss_before']:.5g} -> {x['heldout_loss_after']:.5g} | "
           f"{x.get('train_loss_before', float('nan')):.5g} -> {x.get('train_loss_after', float('nan')):.5g} | "
-          f"{(x.get('epoch_loss') or [float('nan')])[0]:.5g} -> {(x.get('epoch_loss') or [float('nan')])[-1]:.5g} | "
+          f"{epochs[0]:.5g} -> {epochs[-1]:.5g} | "
           f"{x['norm_clipped']} | {cos} | {a['within_floor'] if a else ''} |")
 PYEOF
 echo "results in $OUT"
