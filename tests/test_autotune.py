@@ -338,7 +338,7 @@ def test_candidates_train_at_most_the_search_epochs_and_the_run_all_of_its_own(m
 def test_auto_more_epochs_stay_within_a_budget_of_layers(model_dirs, words_file, corpus_file, monkeypatch, caplog):
     """--more-epochs auto keeps epochs x target layer within MORE_LAYER_EPOCHS: SmolLM2's layer 22 trains 1 more
     epoch, its layer 15 and Gemma-3's layer 14 all 4; a given count trains as given. A run logs the cut, reports it
-    and trains its steps."""
+    and trains its steps, and its training curve has an entry for each epoch."""
     bf16 = DistillConfig(device="cpu", dtype="bfloat16")
     assert [bf16.run_more_epochs(layer) for layer in (None, 14, 15, 16, 22, 30)] == [4, 4, 4, 4, 1, 0]
     assert bf16.replace(more_epochs=4).run_more_epochs(22) == 4
@@ -352,6 +352,9 @@ def test_auto_more_epochs_stay_within_a_budget_of_layers(model_dirs, words_file,
                                      "dtype": "bfloat16", "device": "cpu"})).report
         assert r["settings"]["resolved_more_epochs"] == more and r["more_epochs"]["epochs"] == more
         assert r["training"]["steps"] == (2 + more) * -(-r["counts"]["snippets"] // FAST["batch_size"])
+        curve = r["training"]["epoch_loss"]  # the more epochs included, and in the log
+        assert len(curve) == 2 + more
+        assert "train: mean loss by epoch " + ", ".join(f"{x:.4g}" for x in curve) in caplog.text
     assert "more epochs: 1, not 4, at layer 2" in caplog.text
 
 

@@ -425,6 +425,8 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         with timer("student"):
             train_result = trainer(decoder, work.alignment, cache, work.snippet_row, *start, objective, schedule,
                                    tied, passes=passes, teacher=(work.teacher_ids, work.cu_teacher))
+            if curve := train_result.extra.get("epoch_loss"):
+                log.info("train: mean loss by epoch %s", ", ".join(f"{x:.4g}" for x in curve))
             retried = retry(train_result, schedule)
             if train_result.before is not None:
                 train_result, more = keep_more_epochs(train_result, schedule.more_epochs,
