@@ -189,10 +189,15 @@ def test_large_jobs_and_more_epochs_on_tied_models_train_alpha_mass_from_the_sta
 def test_rows_that_make_a_hub_in_the_more_epochs_go_back_alone(model_dirs, words_file, corpus_file, monkeypatch):
     """Where the more epochs' rows put over HUB_AFTER_RUN of the next-token probability after a trained word (here
     a bar of -1), send_back reads them against the rows from before them; the rows it names go back to those and the
-    others keep their more epochs, and report.json's `more_epochs` names them."""
+    others keep their more epochs, and report.json's `more_epochs` names them; only the rows sent back may retry as
+    outliers again (the others had their retry)."""
     monkeypatch.setattr(pipeline, "HUB_AFTER_RUN", -1.0)
-    seen, calls = [], []
-    keep = pipeline.keep_more_epochs
+    seen, calls, retries = [], [], []
+    keep, retry = pipeline.keep_more_epochs, pipeline.retry_outliers
+
+    def spy_retry(*args):
+        retries.append(args[-1])
+        return retry(*args)
 
     def spy(result, *args):
         seen.append((result.before.rows.clone(), result.rows.clone()))
@@ -206,6 +211,7 @@ def test_rows_that_make_a_hub_in_the_more_epochs_go_back_alone(model_dirs, words
 
     monkeypatch.setattr(pipeline, "keep_more_epochs", spy)
     monkeypatch.setattr(pipeline, "send_back", one_row)
+    monkeypatch.setattr(pipeline, "retry_outliers", spy_retry)
     cfg = DistillConfig(**FAST).replace(more_epochs=1, target_layer=2, ntp_guard=False)
     report = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None, cfg).report
     (before, after), final = seen[0], seen[1]
@@ -216,6 +222,7 @@ def test_rows_that_make_a_hub_in_the_more_epochs_go_back_alone(model_dirs, words
     assert report["more_epochs"]["kept"] and report["more_epochs"]["sent_back"] == {words[0]: 0.7}
     assert torch.equal(final[0], before[0]) and torch.equal(final[1:], after[1:])
     assert not torch.equal(before[1:], after[1:])
+    assert retries == [None, [0]]
 
 
 def test_paired_decision_needs_a_win_beyond_noise():

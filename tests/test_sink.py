@@ -170,7 +170,11 @@ def test_outlier_rows_train_again_alone():
     kept = result.rows.clone()
     result.rows[1] += 50.0  # a row gone astray, and its loss
     result.word_loss[1] = 1000 * result.word_loss.max()
-    got = pipeline.retry_outliers(prep, work, result, (init, None), objective, schedule, passes)
+    # limited to other rows (after the more epochs: the rows they sent back), the outlier does not retry
+    assert pipeline.retry_outliers(prep, work, result, (init, None), objective, schedule, passes, among=[0, 2]) == {}
+    torch.testing.assert_close(result.rows[[0, 2]], kept[[0, 2]])
+    assert result.rows[1].sub(kept[1]).abs().min() == 50.0
+    got = pipeline.retry_outliers(prep, work, result, (init, None), objective, schedule, passes, among=[1, 2])
     alone = w.alone(1, init[1:2], dataclasses.replace(schedule, batch_size=1))
     assert alone.steps == 3 * 2  # 3 snippets one by one, two epochs
     assert got == {1: {"first": got[1]["first"], "alone": float(alone.word_loss[0]), "kept": "alone"}}

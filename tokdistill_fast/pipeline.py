@@ -418,9 +418,9 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
             log.info("more epochs: not in runs over several processes or with --target-tokenizer")
         start = (rows[primaries], out_init[primaries] if out_init is not None else None)
 
-        def retry(result: student.TrainResult, schedule: student.Schedule) -> dict[int, dict]:
+        def retry(result: student.TrainResult, schedule: student.Schedule, among=None) -> dict[int, dict]:
             return {primaries[r]: v for r, v in retry_outliers(prep, work, result, start, objective, schedule,
-                                                               passes, cache).items()} if alone else {}
+                                                               passes, cache, among).items()} if alone else {}
 
         with timer("student"):
             train_result = trainer(decoder, work.alignment, cache, work.snippet_row, *start, objective, schedule,
@@ -433,7 +433,7 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
                                                       *((hubs, back) if tied else ()))
                 if sent := more.pop("sent_back", None):  # those rows' retries went back with them
                     retried = {t: v for t, v in retried.items() if primaries.index(t) not in sent} \
-                        | retry(train_result, dataclasses.replace(schedule, more_epochs=0))
+                        | retry(train_result, dataclasses.replace(schedule, more_epochs=0), list(sent))
                     more["sent_back"] = {toks[primaries[r]].form: mass for r, mass in sent.items()}
             if alone and objective.ntp is None:
                 hardest = continue_hardest(prep, work, train_result, cfg.run_hardest_epochs(), objective, schedule,
@@ -489,16 +489,18 @@ def restore_rows(result: student.TrainResult, source: student.TrainResult, index
 
 def retry_outliers(prep: Prepared, work: Workload, result: student.TrainResult,
                    start: tuple[torch.Tensor, torch.Tensor | None], objective: student.Objective,
-                   schedule: student.Schedule, passes: student.Passes, cache: teacher.TeacherCache | None = None
-                   ) -> dict[int, dict]:
+                   schedule: student.Schedule, passes: student.Passes, cache: teacher.TeacherCache | None = None,
+                   among: list[int] | None = None) -> dict[int, dict]:
     """Rows whose word loss ended over OUTLIER_FACTOR x the median train again alone: from their `start` rows, on
     their own snippets, with the same objective and schedule (train_alone), in batches cut by their share of the
     run's rows, so that a row takes about as many steps as it had in the run (one row of 40: one snippet a step;
     in batches of 16 it took 2 steps an epoch and ended near its subtoken-mean KL). A row can tip into the
     attention-sink regime mid-run (massive activations at its own position, a loss thousands of times the
     others', and a tied row that the model then predicts after other words); alone, it did not (docs/defaults.md,
-    "Rows that fall into the sink")."""
+    "Rows that fall into the sink"). `among`: only these rows may retry (the rows the more epochs sent back, whose
+    loss is new; the others had their retry)."""
     _, bad = outlier_rows(result.word_loss)
+    bad = bad if among is None else np.intersect1d(bad, among)
     alone = dataclasses.replace(schedule, batch_size=max(1, round(schedule.batch_size * len(bad) / len(result.rows))))
     return train_alone(prep, work, result, bad, pick_rows(start, bad), objective, alone, passes, "again alone",
                        cache)
