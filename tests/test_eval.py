@@ -446,7 +446,7 @@ def test_eval_cuts_held_out_windows_with_the_adapted_tokenizer(adapted, heldout_
     assert any(len(ids) > 1 for ids in extended.ids)  # a word's variants are its forms too
 
 
-def test_eval_api_and_bad_inputs(adapted, heldout_file, words_file, corpus_file, tmp_path, capsys):
+def test_eval_api_and_bad_inputs(adapted, heldout_file, words_file, corpus_file, tmp_path, capsys, monkeypatch):
     src, out = adapted
     report = run_eval(src, out, [heldout_file], None, EvalOptions(snippets_per_token=2, n_boot=20, definitions=False))
     assert report["definitions"] is None and report["counts"]["snippets"] > 0
@@ -466,6 +466,10 @@ def test_eval_api_and_bad_inputs(adapted, heldout_file, words_file, corpus_file,
     assert "--mse-layers" in capsys.readouterr().err
     assert main(base + ["--adapted", str(out), "--heldout", str(heldout_file), "--dtype", "torch.bfloat16"]) == 2
     assert "--dtype must be one of auto, float32, bfloat16, float16, not 'torch.bfloat16'" in capsys.readouterr().err
+    # a missing directory fails before either model loads (a large original takes minutes to load)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    assert main(base + ["--adapted", str(tmp_path / "missing"), "--heldout", str(heldout_file)]) == 2
+    assert "--adapted" in capsys.readouterr().err
 
 
 def test_vs_mean_scores_the_rows_method_mean_writes(adapted, heldout_file, words_file, corpus_file, tmp_path, capsys):

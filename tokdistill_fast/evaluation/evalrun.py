@@ -220,8 +220,8 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
              opts: EvalOptions | None = None, device: str = "auto", dtype: str = "auto") -> dict:
     """Held-out measure and definition test of `adapted` against `original`; writes `out` (JSON) if given."""
     opts = (opts or EvalOptions()).validate()
-    corpus_files(heldout_paths, "--heldout")  # a missing file fails here, before the models load
-    original, adapted = Path(original), Path(adapted)
+    corpus_files(heldout_paths, "--heldout")  # a missing file or directory fails here, before the models load
+    original, adapted = models.model_dir(original, "--original"), models.model_dir(adapted, "--adapted")
     dev = models.pick_device(device)
     dt = models.pick_dtype(dtype, dev)
     orig_model, orig_tok = models.load_model(original, dev, dt, flag="--original")
