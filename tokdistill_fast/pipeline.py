@@ -418,7 +418,8 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
             log.info("more epochs: not in runs over several processes or with --target-tokenizer")
         start = (rows[primaries], out_init[primaries] if out_init is not None else None)
 
-        def retry(result: student.TrainResult, schedule: student.Schedule, among=None) -> dict[int, dict]:
+        def retry(result: student.TrainResult, schedule: student.Schedule, among: list[int] | None = None
+                  ) -> dict[int, dict]:
             return {primaries[r]: v for r, v in retry_outliers(prep, work, result, start, objective, schedule,
                                                                passes, cache, among).items()} if alone else {}
 

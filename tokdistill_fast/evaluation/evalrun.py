@@ -220,7 +220,8 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
              opts: EvalOptions | None = None, device: str = "auto", dtype: str = "auto") -> dict:
     """Held-out measure and definition test of `adapted` against `original`; writes `out` (JSON) if given."""
     opts = (opts or EvalOptions()).validate()
-    corpus_files(heldout_paths, "--heldout")  # a missing file or directory fails here, before the models load
+    # missing inputs fail here, before the models load (a large one takes minutes)
+    corpus_files(heldout_paths, "--heldout")
     original, adapted = models.model_dir(original, "--original"), models.model_dir(adapted, "--adapted")
     dev = models.pick_device(device)
     dt = models.pick_dtype(dtype, dev)
