@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokdistill_fast import DistillConfig, config, distill, pipeline
+from tokdistill_fast import DistillConfig, config, distill, hubs, pipeline, retrain
 from tokdistill_fast.control import autotune, settings
 from tokdistill_fast.student.loop import COOLDOWN, Schedule, warmup_schedule
 
@@ -191,9 +191,9 @@ def test_rows_that_make_a_hub_in_the_more_epochs_go_back_alone(model_dirs, words
     a bar of -1), send_back reads them against the rows from before them; the rows it names go back to those and the
     others keep their more epochs, and report.json's `more_epochs` names them; only the rows sent back may retry as
     outliers again (the others had their retry)."""
-    monkeypatch.setattr(pipeline, "HUB_AFTER_RUN", -1.0)
+    monkeypatch.setattr(hubs, "HUB_AFTER_RUN", -1.0)
     seen, calls, retries = [], [], []
-    keep, retry = pipeline.keep_more_epochs, pipeline.retry_outliers
+    keep, retry = hubs.keep_more_epochs, retrain.retry_outliers
 
     def spy_retry(*args):
         retries.append(args[-1])
@@ -209,9 +209,9 @@ def test_rows_that_make_a_hub_in_the_more_epochs_go_back_alone(model_dirs, words
         calls.append(({prep.toks[i].form: row for i, row in start.items()}, desc))
         return {min(start): 0.7} if desc == "more epochs" else {}
 
-    monkeypatch.setattr(pipeline, "keep_more_epochs", spy)
-    monkeypatch.setattr(pipeline, "send_back", one_row)
-    monkeypatch.setattr(pipeline, "retry_outliers", spy_retry)
+    monkeypatch.setattr(hubs, "keep_more_epochs", spy)
+    monkeypatch.setattr(hubs, "send_back", one_row)
+    monkeypatch.setattr(retrain, "retry_outliers", spy_retry)
     cfg = DistillConfig(**FAST).replace(more_epochs=1, target_layer=2, ntp_guard=False)
     report = distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], None, cfg).report
     (before, after), final = seen[0], seen[1]

@@ -11,7 +11,7 @@ from conftest import NEW_WORDS, respelling_suffix, synthetic_text
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokdistill_fast import DistillConfig, distill
+from tokdistill_fast import DistillConfig, distill, hubs
 from tokdistill_fast.contexts import start_id
 from tokdistill_fast.evaluation.heldout import Scorer, build_heldout, reference, score
 from tokdistill_fast.modeling.models import Decoder, load_model
@@ -157,7 +157,7 @@ def test_new_rows_file_is_the_same_bytes_every_time(tmp_path):
 
 
 def test_new_token_mass_reads_where_the_rows_send_probability(model_dirs, words_file, corpus_file):
-    """pipeline.new_token_mass (length-batched passes cut after each word) equals a plain pass over each whole
+    """hubs.new_token_mass (length-batched passes cut after each word) equals a plain pass over each whole
     snippet; a row pointed at the final states after the other words takes the mass there, and the report flags
     those words and names that row."""
     from tokdistill_fast import pipeline
@@ -176,7 +176,7 @@ def test_new_token_mass_reads_where_the_rows_send_probability(model_dirs, words_
         counts = torch.zeros(len(work.primaries))
         for s in range(al.n):
             r = int(work.snippet_row[s])
-            if counts[r] == pipeline.MASS_SNIPPETS:
+            if counts[r] == hubs.MASS_SNIPPETS:
                 continue
             ids = torch.from_numpy(al.student_ids[al.cu_student[s]:al.cu_student[s + 1]])[None]
             with torch.no_grad():
@@ -187,7 +187,7 @@ def test_new_token_mass_reads_where_the_rows_send_probability(model_dirs, words_
             counts[r] += 1
         return probs / counts[:, None], states / counts[:, None]
 
-    mass, row_tok, col_tok = pipeline.new_token_mass(prep, rows, None)
+    mass, row_tok, col_tok = hubs.new_token_mass(prep, rows, None)
     assert row_tok == list(work.primaries) and sorted(col_tok) == list(range(len(prep.toks)))
     expected, states = plain(rows, col_tok)
     torch.testing.assert_close(torch.from_numpy(mass).float(), expected, rtol=1e-4, atol=1e-5)
@@ -195,7 +195,7 @@ def test_new_token_mass_reads_where_the_rows_send_probability(model_dirs, words_
     others = [r for r in range(len(row_tok)) if row_tok[r] != hub]
     direction = states[others].mean(0)
     rows[hub] = 40.0 * direction / direction.norm() ** 2  # logit ~40 wherever the state is near that mean
-    mass, row_tok, col_tok = pipeline.new_token_mass(prep, rows, None)
+    mass, row_tok, col_tok = hubs.new_token_mass(prep, rows, None)
     assert (mass[others].argmax(1) == 0).all() and (mass[others].sum(1) > 0.5).all()
     report = RunReport({"tokens": [{"word": t.word, "form": t.form} for t in prep.toks]}, StageTimer())
     report.record_new_token_mass(mass, row_tok, col_tok)
@@ -220,14 +220,14 @@ def test_new_token_mass_continues_from_the_teacher_pass(model_dirs, words_file, 
     rows = rows + 0.05 * torch.randn(rows.shape, generator=torch.Generator().manual_seed(0))
     out_rows = None if prep.tied else rows.flip(0)
     cache = pipeline.teacher_cache(prep, prep.work, [depth], packed=True)
-    checked = pipeline.mass_snippets(prep.work.snippet_row)
+    checked = hubs.mass_snippets(prep.work.snippet_row)
     if depth < prep.decoder.num_layers:
         np.testing.assert_array_equal(cache.kept, checked)
         assert cache.prefix_states.shape[0] == int(np.diff(cache.prefix_cu)[checked].sum())
     else:  # the word alone through every layer: no states to continue from
         assert cache.kept is None and cache.prefix_states is None
-    plain = pipeline.new_token_mass(prep, rows, out_rows)
-    continued = pipeline.new_token_mass(prep, rows, out_rows, cache)
+    plain = hubs.new_token_mass(prep, rows, out_rows)
+    continued = hubs.new_token_mass(prep, rows, out_rows, cache)
     assert continued[1:] == plain[1:]
     np.testing.assert_allclose(continued[0], plain[0], rtol=1e-4, atol=1e-6)
     assert plain[0].max() > 1e-3  # the rows do draw some mass: the comparison reads something
@@ -236,7 +236,7 @@ def test_new_token_mass_continues_from_the_teacher_pass(model_dirs, words_file, 
 def test_hub_check_mass_serves_the_report_where_the_continued_rows_stay(model_dirs, words_file, corpus_file):
     """The hardest stage's hub check measures the rows as written (clipped, variants derived); where its rows are the
     ones kept, learn_rows hands that measurement on instead of scoring the same rows again, and it equals a fresh
-    pipeline.new_token_mass of the output rows (from the same teacher cache)."""
+    hubs.new_token_mass of the output rows (from the same teacher cache)."""
     from tokdistill_fast import pipeline
 
     cfg = DistillConfig(**{**FAST, "epochs": 2}, hardest_epochs=2, dtype="float32")
@@ -245,7 +245,7 @@ def test_hub_check_mass_serves_the_report_where_the_continued_rows_stay(model_di
     learned = pipeline.learn_rows(prep, cfg, (2, 0.06, 2), cache=cache)
     assert any(v["kept"] == "alone" for v in learned.hardest.values())
     assert learned.mass is not None
-    fresh = pipeline.new_token_mass(prep, learned.rows, None, cache)  # as the run measures: from its teacher pass
+    fresh = hubs.new_token_mass(prep, learned.rows, None, cache)  # as the run measures: from its teacher pass
     np.testing.assert_array_equal(learned.mass[0], fresh[0])
     assert learned.mass[1:] == fresh[1:]
 

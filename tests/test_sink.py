@@ -17,7 +17,7 @@ from conftest import tiny_config
 from tokdistill_fast.kernels.embedding_rows import embedding_rows
 from transformers import AutoModelForCausalLM
 
-from tokdistill_fast import DistillConfig, align, contexts, pipeline, report, rows, student, teacher, tokens
+from tokdistill_fast import DistillConfig, align, contexts, hubs, report, retrain, rows, student, teacher, tokens
 from tokdistill_fast.config import HARDEST_WARMUP, UserInputError, cache_dir
 from tokdistill_fast.control import chunks
 from tokdistill_fast.modeling import models
@@ -114,7 +114,7 @@ def test_outlier_tokens_are_flagged_with_their_contexts(caplog):
     assert [f["word"] for f in flagged] == ["sunk"] and flagged[0]["times_median"] > 1000
     assert flagged[0]["still_outlier"] and flagged[0]["retried"] is None
     assert "sunk" in caplog.text and "outlier" in caplog.text and "still an outlier" in caplog.text
-    # trained again alone (pipeline.retry_outliers), it ends among the others: reported with both losses
+    # trained again alone (retrain.retry_outliers), it ends among the others: reported with both losses
     caplog.clear()
     per_token[10]["word_loss"] = 5.2
     again = {10: {"first": 9000.0, "alone": 5.2, "kept": "alone"}}
@@ -125,7 +125,7 @@ def test_outlier_tokens_are_flagged_with_their_contexts(caplog):
 
 
 def three_words():
-    """A tiny model and 9 snippets of 3 phrases (new rows 0-2), with what pipeline's train-alone steps need, and
+    """A tiny model and 9 snippets of 3 phrases (new rows 0-2), with what retrain's train-alone steps need, and
     run(alignment, ids, cu, snippet_row, start rows, schedule) training on them."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", 300), dtype=torch.float32)
@@ -171,10 +171,10 @@ def test_outlier_rows_train_again_alone():
     result.rows[1] += 50.0  # a row gone astray, and its loss
     result.word_loss[1] = 1000 * result.word_loss.max()
     # limited to other rows (after the more epochs: the rows they sent back), the outlier does not retry
-    assert pipeline.retry_outliers(prep, work, result, (init, None), objective, schedule, passes, among=[0, 2]) == {}
+    assert retrain.retry_outliers(prep, work, result, (init, None), objective, schedule, passes, among=[0, 2]) == {}
     torch.testing.assert_close(result.rows[[0, 2]], kept[[0, 2]])
     assert result.rows[1].sub(kept[1]).abs().min() == 50.0
-    got = pipeline.retry_outliers(prep, work, result, (init, None), objective, schedule, passes, among=[1, 2])
+    got = retrain.retry_outliers(prep, work, result, (init, None), objective, schedule, passes, among=[1, 2])
     alone = w.alone(1, init[1:2], dataclasses.replace(schedule, batch_size=1))
     assert alone.steps == 3 * 2  # 3 snippets one by one, two epochs
     assert got == {1: {"first": got[1]["first"], "alone": float(alone.word_loss[0]), "kept": "alone"}}
@@ -184,7 +184,7 @@ def test_outlier_rows_train_again_alone():
     # a row whose first loss is the lower keeps its row, flagged or not
     result.word_loss[[0, 2]] = 1e-6 * alone.word_loss[0]
     result.word_loss[1], result.rows[1] = 0.5 * alone.word_loss[0], kept[1]
-    got = pipeline.retry_outliers(prep, work, result, (init, None), objective, schedule, passes)
+    got = retrain.retry_outliers(prep, work, result, (init, None), objective, schedule, passes)
     assert got[1]["kept"] == "first" and got[1]["alone"] == float(alone.word_loss[0])
     torch.testing.assert_close(result.rows[1], kept[1])
 
@@ -200,9 +200,9 @@ def test_hardest_rows_train_more_epochs_alone():
     result.word_loss[2] = 10 * result.word_loss.max()
     with pytest.raises(UserInputError, match="--hardest-epochs must be 0 or more"):
         DistillConfig(hardest_epochs=-1).validate()
-    assert pipeline.continue_hardest(w.prep, work, result, 0, w.objective, w.schedule, w.passes) == {}
+    assert retrain.continue_hardest(w.prep, work, result, 0, w.objective, w.schedule, w.passes) == {}
     torch.testing.assert_close(result.rows, trained)
-    got = pipeline.continue_hardest(w.prep, work, result, 3, w.objective, w.schedule, w.passes)
+    got = retrain.continue_hardest(w.prep, work, result, 3, w.objective, w.schedule, w.passes)
     more = dataclasses.replace(w.schedule, epochs=3, warmup_fraction=HARDEST_WARMUP)
     alone = w.alone(2, trained[2:3], more)
     assert alone.steps == 3 * 2  # 3 snippets in batches of 2, three epochs
@@ -219,7 +219,7 @@ def test_hardest_rows_train_more_epochs_alone():
         assert desc == "hardest"
         return {2: 0.3}
 
-    got = pipeline.continue_hardest(w.prep, work, result, 3, w.objective, w.schedule, w.passes, back=back)
+    got = retrain.continue_hardest(w.prep, work, result, 3, w.objective, w.schedule, w.passes, back=back)
     assert got[2]["kept"] == "first" and got[2]["over_predicted"] == 0.3
     torch.testing.assert_close(result.rows, trained)
     assert (result.word_loss == first).all()
@@ -245,7 +245,7 @@ def test_rows_trained_alone_go_back_while_they_raise_a_words_mass():
             mass[w, i] += r * (not torch.equal(rows[i], start[i]))
         return mass, [0, 1, 2, 3, 4]
 
-    sent = pipeline.send_back(prep, after_words, trial, dict(start), {0, 1}, "test")
+    sent = hubs.send_back(prep, after_words, trial, dict(start), {0, 1}, "test")
     assert sent == {2: pytest.approx(0.94), 3: pytest.approx(0.64)}  # "a" first (0.3), then "b" (0.1 > 0.05)
     assert trial[2:4].eq(0).all() and trial[4].eq(1).all() and trial[:2].eq(1).all()
     assert calls == [[0, 1], [0, 1, 2, 3, 4], [0, 1, 3, 4], [0, 1, 4]]
@@ -256,7 +256,7 @@ def test_more_epochs_keep_the_rows_of_the_schedules_own_epochs(passes):
     """Schedule.more_epochs trains on at the constant rate after the schedule's epochs, and its result keeps the
     rows and losses at that point, which are those of a run without more epochs (the same batches, warm-up and
     rate); a cooldown ends the whole run, so those rows are a constant-rate run's; where the final rows make a hub
-    (over HUB_AFTER_RUN) pipeline.keep_more_epochs takes them for the rows that `back` names, or for every row."""
+    (over HUB_AFTER_RUN) hubs.keep_more_epochs takes them for the rows that `back` names, or for every row."""
     w = three_words()
     work = w.work
     cache = teacher.compute(w.prep.decoder, work.teacher_ids, work.cu_teacher, work.alignment, [2], 4096,
@@ -278,10 +278,10 @@ def test_more_epochs_keep_the_rows_of_the_schedules_own_epochs(passes):
     with pytest.raises(ValueError, match="constant rate"):
         dataclasses.replace(w.schedule, more_epochs=1, decay=True)
 
-    kept, info = pipeline.keep_more_epochs(longer, 3, hubs=lambda r: 0.4)
+    kept, info = hubs.keep_more_epochs(longer, 3, worst_mass=lambda r: 0.4)
     assert kept is longer and kept.before is None and info["kept"] and info["mass_after"] == 0.4
     again = run(3)
-    back, info = pipeline.keep_more_epochs(again, 3, hubs=lambda r: 0.6)
+    back, info = hubs.keep_more_epochs(again, 3, worst_mass=lambda r: 0.6)
     assert not info["kept"] and info["mass_after"] == 0.6 and (back.seconds, back.steps) == (again.seconds, again.steps)
     assert torch.equal(back.rows, plain.rows) and back.before is None
     np.testing.assert_array_equal(back.word_loss, plain.word_loss)
@@ -293,7 +293,7 @@ def test_more_epochs_keep_the_rows_of_the_schedules_own_epochs(passes):
 
     final = run(3)
     final_rows, final_loss = final.rows.clone(), final.word_loss.copy()
-    partly, info = pipeline.keep_more_epochs(final, 3, hubs=lambda r: 0.6, back=one_row)
+    partly, info = hubs.keep_more_epochs(final, 3, worst_mass=lambda r: 0.6, back=one_row)
     assert calls == [(True, True, [0, 1, 2], "more epochs")]
     assert info["kept"] and info["sent_back"] == {1: 0.55} and partly.before is None
     assert torch.equal(partly.rows[1], plain.rows[1]) and partly.word_loss[1] == plain.word_loss[1]
@@ -323,7 +323,7 @@ def test_rows_trained_alone_read_the_runs_teacher_cache():
     result.word_loss[:] = np.inf  # every row keeps what it trains alone
     runs = [copy.deepcopy(result) for _ in range(2)]
     passes = student.Passes(prefix=True)
-    outs = [pipeline.train_alone(w.prep, work, r, index, pipeline.pick_rows((w.init, None), index), w.objective,
+    outs = [retrain.train_alone(w.prep, work, r, index, retrain.pick_rows((w.init, None), index), w.objective,
                                  w.schedule, passes, "alone", cache) for r, cache in zip(runs, [full, None])]
     assert outs[0].keys() == outs[1].keys() == {0, 2}
     for i in (0, 2):

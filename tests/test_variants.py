@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import FILLER
 
-from tokdistill_fast import DistillConfig, contexts, pipeline, tokens
+from tokdistill_fast import DistillConfig, contexts, pipeline, retrain, tokens
 from tokdistill_fast import report as report_module
 from tokdistill_fast.config import VARIANT_SHARE, UserInputError
 from tokdistill_fast.evaluation import evalrun
@@ -100,7 +100,7 @@ def test_a_small_stage_runs_the_steps_of_a_full_one(model_dirs, bare_corpus):
     means = pipeline.subtoken_mean(prep.decoder.embed_weight, prep.toks)
     for batch, epochs in ((4, 4), (2, 2), (1, 2)):  # 2 variants x 2 snippets: 1, 2 and 4 batches an epoch
         schedule = pipeline.student.Schedule(lr=1e-2, epochs=2, batch_size=batch, seed=0)
-        got = pipeline.train_variants(prep, cfg, means.clone(), means, primaries, objective, schedule,
+        got = retrain.train_variants(prep, cfg, means.clone(), means, primaries, objective, schedule,
                                       pipeline.student.Passes(), np.zeros(0))
         assert len(got) == 2 and {v["snippets"] for v in got.values()} == {2}
         assert {v["epochs"] for v in got.values()} == {epochs}
@@ -120,13 +120,13 @@ def test_a_variant_whose_loss_is_an_outlier_trains_again_alone(model_dirs, bare_
 
     def run(word_loss: np.ndarray) -> tuple[dict, torch.Tensor]:
         rows = means.clone()
-        return pipeline.train_variants(prep, cfg, rows, means, primaries, objective, schedule,
+        return retrain.train_variants(prep, cfg, rows, means, primaries, objective, schedule,
                                        pipeline.student.Passes(), word_loss), rows
 
     first, first_rows = run(np.zeros(0))  # two variants: no median to be an outlier of
     (lo, lo_loss), (hi, hi_loss) = sorted(((i, v["word_loss"]) for i, v in first.items()), key=lambda x: x[1])
     assert lo_loss < hi_loss and not any("retried" in v for v in first.values())
-    with caplog.at_level(logging.INFO, logger="tokdistill_fast.pipeline"):
+    with caplog.at_level(logging.INFO, logger="tokdistill_fast.retrain"):
         got, rows = run(np.full(5, (lo_loss + hi_loss) / 20))  # the median: the words'; 10x it between the two
     again = got[hi]["retried"]
     assert "retried" not in got[lo] and again["first"] == hi_loss and got[hi]["word_loss"] == min(hi_loss,
@@ -167,7 +167,7 @@ def test_a_variant_that_raises_the_mass_after_a_word_goes_back(model_dirs, bare_
             mass[word, cols.index(index[" bivalve"])] = own
             return mass, cols
 
-        got = pipeline.train_variants(prep, cfg, rows, means, primaries, objective, schedule,
+        got = retrain.train_variants(prep, cfg, rows, means, primaries, objective, schedule,
                                       pipeline.student.Passes(), np.zeros(0), after_words)
         assert got[var]["kept"] is kept and got[other]["kept"]
         assert calls == ([False, True] if kept else [False, True, False])

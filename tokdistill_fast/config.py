@@ -47,7 +47,7 @@ def env_flag(name: str) -> bool:
 # flagged as an outlier:
 # before snippets started with a document-start token, words at the start of a snippet sat on the attention sink
 # and ended training at 300-2,400x the other words' loss. distill trains such a row again alone
-# (pipeline.retry_outliers): a row can still become a sink of its own mid-run (13,846x with --epochs 8).
+# (retrain.retry_outliers): a row can still become a sink of its own mid-run (13,846x with --epochs 8).
 OUTLIER_FACTOR = 10.0
 # `tokdistill eval` flags a word after which the adapted model puts more than this share of its next-token
 # probability on new tokens (held-out text), and `tokdistill distill` the same on its training snippets: the original
@@ -66,7 +66,7 @@ HUB_AFTER_RUN = 0.5
 # side can turn into a hub: on Gemma-3 / Exim's specification the trained variant "Exim’s" took 0.18 of the
 # next-token probability after " Exim" (0.68 after "When a message arrives, Exim"; a few hundredths with its moved
 # row), under OVER_PREDICTION_FLAG. While such rows raise some word's mass (training snippets) by more than this
-# over their rows from before, the row taking most of the rise goes back (pipeline.send_back; docs/defaults.md, "A
+# over their rows from before, the row taking most of the rise goes back (hubs.send_back; docs/defaults.md, "A
 # variant may not make a word predict it"; after the more epochs only once their rows pass HUB_AFTER_RUN).
 MASS_RISE = 0.05
 # The share of trained words (those with the highest word loss) that --hardest-epochs trains on, and the warm-up of

@@ -1,7 +1,7 @@
 """One path through a run: prepare() (stages 1-3: model, tokens, contexts and alignment), settle() (target layer,
-learning rate, epochs), teacher_cache() (stage 4), learn_rows() (stage 5 for one method) and write_output()
-(stage 6 and the output check). distill() runs them once; `tokdistill compare` (evaluation/compare.py) runs
-prepare() once and the rest per method.
+learning rate, epochs), teacher_cache() (stage 4), learn_rows() (stage 5 for one method: the main run, then
+hubs.py's checks and retrain.py's rows trained again) and write_output() (stage 6 and the output check).
+distill() runs them once; `tokdistill compare` (evaluation/compare.py) runs prepare() once and the rest per method.
 
 Orchestration only; each stage lives in its own module and takes and returns plain data.
 """
@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import functools
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,32 +20,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import check, contexts, export, student, swap, teacher, tokens
-from .align import Alignment, prefix_lengths
+from . import check, contexts, export, hubs, retrain, student, swap, teacher, tokens
+from .align import prefix_lengths
 from .config import (
-    HARDEST_FRACTION,
-    HARDEST_WARMUP,
     HUB_AFTER_RUN,
-    MASS_RISE,
     TRAINED_METHODS,
-    VARIANT_SHARE,
     DistillConfig,
     UserInputError,
 )
 from .control import checkpoint, chunks, distributed, observed
 from .control.settings import GUARD_METHOD, from_start, guarded_method, guards, resolve_settings, search_settings
 from .corpus import corpus_files, leading_documents
-from .evaluation import heldout
 from .kernels import backend as kernels
 from .modeling import models
-from .report import RunReport, StageTimer, flag_outliers, hardest_words, outlier_rows, variant_summary
+from .report import RunReport, StageTimer, flag_outliers, hardest_words, variant_summary
 from .rows import clip_norms, moved_rows, primaries_of, random_rows, subtoken_mean, written_quantile
 from .tokens import NewToken, Skipped
 from .workload import Workload, build_workload, trained_tokens
 
 log = logging.getLogger(__name__)
 
-MASS_SNIPPETS = 8  # training snippets per word on which new_token_mass reads the trained rows
 # Corpus bytes read for the start-of-text forms' matches inside longer words (contexts.split_inside_words): a sample
 # is enough for a ratio, and a second full pass over a large corpus would not be.
 INSIDE_SAMPLE = 64 << 20
@@ -170,28 +163,20 @@ def teacher_layers(prep: Prepared, runs: list[tuple[DistillConfig, int]]) -> lis
 
 
 def teacher_cache(prep: Prepared, work: Workload, layers: list[int], packed: bool = False) -> teacher.TeacherCache:
-    """Teacher states of the workload's aligned positions at `layers`, in one pass truncated at the deepest
-    (packed rows without padding, or the length-sorted padded reference batches). Packed, it also keeps the
-    prefix keys/values when they fit, which the student's prefix steps then read instead of rerunning them, and
-    of the mass_snippets the prefix states after the deepest layer, from which new_token_mass continues."""
+    """Teacher states of the workload's aligned positions at `layers`, in one pass truncated at the deepest (packed
+    rows without padding, or the length-sorted padded reference batches). Packed, it also keeps the prefix
+    keys/values when they fit, which the student's prefix steps then read instead of rerunning them, and of the
+    hubs.mass_snippets the prefix states after the deepest layer, from which hubs.new_token_mass continues."""
     capture = keep = None
     if packed and teacher.prefix_kv_fits(prep.decoder, work.alignment, max(layers)):
         capture = prefix_lengths(work.alignment)
         if max(layers) < prep.decoder.num_layers:  # at the last layer the word alone runs every layer
             keep = np.zeros(work.alignment.n, dtype=bool)
-            keep[mass_snippets(work.snippet_row)] = True
+            keep[hubs.mass_snippets(work.snippet_row)] = True
     elif packed:
         log.info("the prefixes' keys/values exceed the memory kept for them: the student reruns its prefixes")
     return teacher.compute(prep.decoder, work.teacher_ids, work.cu_teacher, work.alignment, layers,
                            **teacher.options(prep.decoder, prep.dtype, packed), capture=capture, keep_states=keep)
-
-
-def snippet_cache(prep: Prepared, al: Alignment, teacher_ids: np.ndarray, cu_teacher: np.ndarray, layers: list[int],
-                  packed: bool) -> teacher.TeacherCache:
-    """Teacher states of some of the snippets (a chunk's; rows trained alone where the run kept no cache) at `layers`,
-    without prefix keys/values: the student's prefix steps run their prefixes again."""
-    return teacher.compute(prep.decoder, teacher_ids, cu_teacher, al, layers,
-                           **teacher.options(prep.decoder, prep.dtype, packed))
 
 
 def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, config: DistillConfig | None = None,
@@ -247,8 +232,8 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
             plan = chunks.plan(run_cfg, work.alignment, work.snippet_row, len(work.primaries),
                                prep.decoder.hidden_size * prep.dtype.itemsize * len(layers))
             if not plan.single:
-                trainer = chunks.ChunkedTrainer(
-                    plan, work_dir, lambda al, ids, cu: snippet_cache(prep, al, ids, cu, layers, passes.prefix))
+                trainer = chunks.ChunkedTrainer(plan, work_dir, lambda al, ids, cu: teacher.without_prefix(
+                    prep.decoder, prep.dtype, al, ids, cu, layers, passes.prefix))
             elif objective.distill is not None and not passes.fused:  # fused: the teacher runs in each step
                 with timer("teacher"):
                     cache = teacher_cache(prep, mine, layers, packed=passes.prefix)
@@ -259,8 +244,8 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
     mass = guard = None
     if ranks.writer and learned.train_result is not None:
         with timer("new_token_mass"):
-            mass = learned.mass if learned.mass is not None else new_token_mass(prep, learned.rows, learned.out_rows,
-                                                                                cache)
+            mass = learned.mass if learned.mass is not None else hubs.new_token_mass(prep, learned.rows,
+                                                                                     learned.out_rows, cache)
         if ranks.world == 1 and method == cfg.method and guards(cfg, prep.tied) \
                 and (worst := float(mass[0].sum(axis=1).max())) > HUB_AFTER_RUN:
             guard = {"mass_after": worst, "trained": GUARD_METHOD, "plain_more_epochs": learned.more}
@@ -271,7 +256,7 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
             cache = None  # freed before the next teacher pass
             learned, plan, cache = train(method, "student-guarded")
             with timer("new_token_mass"):
-                mass = new_token_mass(prep, learned.rows, learned.out_rows, cache)
+                mass = hubs.new_token_mass(prep, learned.rows, learned.out_rows, cache)
     cache = None  # not held through the export, which loads the model again
     report = RunReport.build(prep, cfg, (layer, lr, epochs), learned, methods=True, method=method)
     report.add(autotune=search.as_dict() if search is not None else None,
@@ -305,11 +290,11 @@ class Learned:
     clipped: int
     init_used: set[int] = field(default_factory=set)  # tokens that started from --init-from rows
     derived: list[int] = field(default_factory=list)  # variants whose rows were moved from their primary's
-    retried: dict[int, dict] = field(default_factory=dict)  # outlier tokens trained again alone (retry_outliers)
-    hardest: dict[int, dict] = field(default_factory=dict)  # tokens that trained more epochs alone (continue_hardest)
-    mass: tuple | None = None  # new_token_mass of these rows, where a hub check (more epochs, hardest) measured them
-    more: dict | None = None  # what the more epochs did (keep_more_epochs)
-    variants: dict[int, dict] = field(default_factory=dict)  # variants trained on their own snippets (train_variants)
+    retried: dict[int, dict] = field(default_factory=dict)  # outliers trained again alone (retrain.retry_outliers)
+    hardest: dict[int, dict] = field(default_factory=dict)  # more epochs alone (retrain.continue_hardest)
+    mass: tuple | None = None  # hubs.new_token_mass of these rows, where a check (more epochs, hardest) measured them
+    more: dict | None = None  # what the more epochs did (hubs.keep_more_epochs)
+    variants: dict[int, dict] = field(default_factory=dict)  # trained on their own snippets (retrain.train_variants)
 
 
 def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, int], work: Workload | None = None,
@@ -317,13 +302,13 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
                trainer=student.train, alone: bool = True) -> Learned:
     """Rows for cfg.method on prep's tokens with `settings` (target layer, lr; cfg.epochs is the number run):
     subtoken-mean or random start, training on `work` (default prep.work) for trained methods (`cache` holds at
-    least the teacher layers the objective reads, so one cache can serve several runs), norm clipping
-    (for tied models to a quantile), variants from their primaries, and the output-row policy for untied ones.
-    `trainer`: student.train or a stand-in with its signature (checkpointing, chunks.ChunkedTrainer); `alone`:
-    one process, where distillation without NTP trains cfg.more_epochs more epochs, kept unless a hub
-    (keep_more_epochs), and rows then train alone on their own snippets (outliers again: retry_outliers; the
-    hardest words more epochs: continue_hardest, for distillation without NTP), which is not possible where each
-    process holds part of every step."""
+    least the teacher layers the objective reads, so one cache can serve several runs), norm clipping (for tied
+    models to a quantile), variants from their primaries, and the output-row policy for untied ones. `trainer`:
+    student.train or a stand-in with its signature (checkpointing, chunks.ChunkedTrainer); `alone`: one process,
+    where distillation without NTP trains cfg.more_epochs more epochs, kept unless a hub (hubs.keep_more_epochs),
+    and rows then train alone on their own snippets (outliers again: retrain.retry_outliers; the hardest words more
+    epochs: retrain.continue_hardest, for distillation without NTP), which is not possible where each process holds
+    part of every step."""
     timer = timer or StageTimer()
     work = prep.work if work is None else work
     decoder, toks, tied = prep.decoder, prep.toks, prep.tied
@@ -369,19 +354,19 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
             out_rows = torch.zeros_like(rows) if policy == "zeros" else out_init.float().cpu()
         return rows, out_rows, clipped, derived
 
-    checked: list[tuple[torch.Tensor, tuple]] = []  # rows the hub checks measured (as written), their new_token_mass
+    checked: list[tuple[torch.Tensor, tuple]] = []  # rows the hub checks measured (as written), their mass
 
     def measured(written: torch.Tensor) -> tuple | None:
-        """The new_token_mass a hub check took of exactly these rows, if one did."""
+        """The mass (hubs.new_token_mass) a hub check took of exactly these rows, if one did."""
         return next((mass for other, mass in checked if torch.equal(other, written)), None)
 
     def after_words(trial: torch.Tensor, trained: set[int]) -> tuple[np.ndarray, list[int]]:
-        """new_token_mass of the tied model with rows `trial` as written, on training snippets: the [trained words,
-        new tokens] next-token mass right after each word, and each column's token (rows measured before are
+        """hubs.new_token_mass of the tied model with rows `trial` as written, on training snippets: the [trained
+        words, new tokens] next-token mass right after each word, and each column's token (rows measured before are
         not measured again)."""
         written = finish(trial, None, trained)[0]
         if (mass := measured(written)) is None:
-            checked.append((written, mass := new_token_mass(prep, written, None, cache if alone else None)))
+            checked.append((written, mass := hubs.new_token_mass(prep, written, None, cache if alone else None)))
         return mass[0], mass[2]
 
     def with_words(word_rows: torch.Tensor) -> torch.Tensor:
@@ -390,16 +375,16 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         trial[primaries] = word_rows.to(trial.device, trial.dtype)
         return trial
 
-    def hubs(result: student.TrainResult) -> float:
+    def worst_mass(result: student.TrainResult) -> float:
         """The most next-token probability the tied model with `result`'s rows puts on new tokens right after a
         trained word (what `over_predicting` flags)."""
         return float(after_words(with_words(result.rows), set(primaries))[0].sum(axis=1).max())
 
     def back(before: torch.Tensor, after: torch.Tensor, moved: list[int], desc: str) -> dict[int, float]:
-        """send_back for the trained words' rows `moved` (indices into `after`), trained on from `before`."""
+        """hubs.send_back for the trained words' rows `moved` (indices into `after`), trained on from `before`."""
         trial = with_words(after)
         start = {primaries[r]: before[r].to(trial.device, trial.dtype) for r in moved}
-        sent = send_back(prep, after_words, trial, start, set(primaries), desc)
+        sent = hubs.send_back(prep, after_words, trial, start, set(primaries), desc)
         return {r: sent[primaries[r]] for r in moved if primaries[r] in sent}
 
     train_result, retried, hardest, more, variants = None, {}, {}, None, {}
@@ -420,8 +405,9 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
 
         def retry(result: student.TrainResult, schedule: student.Schedule, among: list[int] | None = None
                   ) -> dict[int, dict]:
-            return {primaries[r]: v for r, v in retry_outliers(prep, work, result, start, objective, schedule,
-                                                               passes, cache, among).items()} if alone else {}
+            return {primaries[r]: v for r, v in retrain.retry_outliers(prep, work, result, start, objective,
+                                                                       schedule, passes, cache, among).items()
+                    } if alone else {}
 
         with timer("student"):
             train_result = trainer(decoder, work.alignment, cache, work.snippet_row, *start, objective, schedule,
@@ -430,285 +416,28 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
                 log.info("train: mean loss by epoch %s", ", ".join(f"{x:.4g}" for x in curve))
             retried = retry(train_result, schedule)
             if train_result.before is not None:
-                train_result, more = keep_more_epochs(train_result, schedule.more_epochs,
-                                                      *((hubs, back) if tied else ()))
+                train_result, more = hubs.keep_more_epochs(train_result, schedule.more_epochs,
+                                                      *((worst_mass, back) if tied else ()))
                 if sent := more.pop("sent_back", None):  # those rows' retries went back with them
                     retried = {t: v for t, v in retried.items() if primaries.index(t) not in sent} \
                         | retry(train_result, dataclasses.replace(schedule, more_epochs=0), list(sent))
                     more["sent_back"] = {toks[primaries[r]].form: mass for r, mass in sent.items()}
             if alone and objective.ntp is None:
-                hardest = continue_hardest(prep, work, train_result, cfg.run_hardest_epochs(), objective, schedule,
-                                           passes, back if tied else None, cache)
+                hardest = retrain.continue_hardest(prep, work, train_result, cfg.run_hardest_epochs(), objective,
+                                                   schedule, passes, back if tied else None, cache)
                 hardest = {primaries[r]: v for r, v in hardest.items()}
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
             out_init[primaries] = train_result.out_rows
         if alone and objective.ntp is None and not objective.train_output:
             with timer("variants"):
-                variants = train_variants(prep, cfg, rows, means, set(primaries), objective, schedule, passes,
-                                          train_result.word_loss, after_words if tied else None)
+                variants = retrain.train_variants(prep, cfg, rows, means, set(primaries), objective, schedule,
+                                                  passes, train_result.word_loss, after_words if tied else None)
                 retried |= {i: v["retried"] for i, v in variants.items() if "retried" in v}
     trained = set(primaries) | {i for i, v in variants.items() if v["kept"]} if train_result is not None else set()
     rows, out_rows, clipped, derived = finish(rows, out_init, trained)
     mass = measured(rows)
     return Learned(rows, out_rows, train_result, clipped, init_used, derived, retried, hardest, mass, more, variants)
-
-
-def keep_more_epochs(result: student.TrainResult, epochs: int, hubs=None, back=None
-                     ) -> tuple[student.TrainResult, dict]:
-    """The rows after the schedule's `epochs` more epochs (`result`), but where, on a tied model (`hubs`: result ->
-    the most new-token mass after a trained word), the model would put over HUB_AFTER_RUN of its next-token
-    probability on new tokens right after some trained word, the rows that raised it go back to theirs from before
-    them (`back`: (rows before, rows after, rows moved, desc) -> {row sent back: mass}, send_back's rule); without
-    `back`, every row does. More passes made SmolLM2 / FOLDOC's rows a hub (0.77), and one word of Exim's that
-    predicted itself took every row's more epochs from Gemma-3 (docs/defaults.md, "Four more passes in the same
-    run", "A word that predicts itself sends back its own row"). Returns (the rows kept, what report.json's
-    `more_epochs` says; "sent_back": {row: mass}, where some rows went back)."""
-    mass = hubs(result) if hubs is not None else None
-    info = {"epochs": epochs, "steps": result.steps - result.before.steps, "kept": True, "mass_after": mass}
-    b, result.before = result.before, None
-    if mass is None or mass <= HUB_AFTER_RUN:
-        return result, info
-    log.warning("more epochs: with their rows a trained word put %.2f of its next-token probability on new tokens",
-                mass)
-    rows = range(len(result.rows))
-    sent = back(b.rows, result.rows, list(rows), "more epochs") if back is not None else dict.fromkeys(rows, mass)
-    restore_rows(result, b, sent)
-    info.update(kept=len(sent) < len(result.rows), sent_back=sent)
-    log.warning("more epochs: %d of %d row(s) sent back to their rows from before them", len(sent), len(result.rows))
-    return result, info
-
-
-def restore_rows(result: student.TrainResult, source: student.TrainResult, index) -> None:
-    """Set rows `index` of `result` (input and output rows, token and word losses) to `source`'s."""
-    for r in index:
-        result.rows[r] = source.rows[r]
-        result.token_loss[r], result.word_loss[r] = source.token_loss[r], source.word_loss[r]
-        if result.out_rows is not None:
-            result.out_rows[r] = source.out_rows[r]
-
-
-def retry_outliers(prep: Prepared, work: Workload, result: student.TrainResult,
-                   start: tuple[torch.Tensor, torch.Tensor | None], objective: student.Objective,
-                   schedule: student.Schedule, passes: student.Passes, cache: teacher.TeacherCache | None = None,
-                   among: list[int] | None = None) -> dict[int, dict]:
-    """Rows whose word loss ended over OUTLIER_FACTOR x the median train again alone: from their `start` rows, on
-    their own snippets, with the same objective and schedule (train_alone), in batches cut by their share of the
-    run's rows, so that a row takes about as many steps as it had in the run (one row of 40: one snippet a step;
-    in batches of 16 it took 2 steps an epoch and ended near its subtoken-mean KL). A row can tip into the
-    attention-sink regime mid-run (massive activations at its own position, a loss thousands of times the
-    others', and a tied row that the model then predicts after other words); alone, it did not (docs/defaults.md,
-    "Rows that fall into the sink"). `among`: only these rows may retry (the rows the more epochs sent back, whose
-    loss is new; the others had their retry)."""
-    _, bad = outlier_rows(result.word_loss)
-    bad = bad if among is None else np.intersect1d(bad, among)
-    alone = dataclasses.replace(schedule, batch_size=max(1, round(schedule.batch_size * len(bad) / len(result.rows))))
-    return train_alone(prep, work, result, bad, pick_rows(start, bad), objective, alone, passes, "again alone",
-                       cache)
-
-
-def continue_hardest(prep: Prepared, work: Workload, result: student.TrainResult, epochs: int,
-                     objective: student.Objective, schedule: student.Schedule, passes: student.Passes,
-                     back=None, cache: teacher.TeacherCache | None = None) -> dict[int, dict]:
-    """The HARDEST_FRACTION of the rows with the highest word loss train `epochs` more epochs alone, from their
-    trained rows (train_alone): the gain of more passes goes mostly to the words still furthest from their teacher
-    (docs/defaults.md, "More passes for the hardest quarter"), at a fraction of the cost of more passes for all.
-    `back` (tied models: (rows before, rows after, continued rows, desc) -> {row sent back: mass}, send_back's rule):
-    trained alone, rows can become hubs the loss does not see (the Python Library Reference on Gemma-3: ` built-in`
-    took 0.94 after a word), so the rows it names go back to their rows and losses from before."""
-    loss = np.asarray(result.word_loss, dtype=np.float64)
-    ok = np.flatnonzero(np.isfinite(loss))
-    hardest = np.sort(ok[np.argsort(-loss[ok], kind="stable")[:int(round(HARDEST_FRACTION * len(ok)))]])
-    if epochs < 1 or not len(hardest):
-        return {}
-    more = dataclasses.replace(schedule, epochs=epochs, warmup_fraction=HARDEST_WARMUP, more_epochs=0)
-    before = dataclasses.replace(result, rows=result.rows.clone(), token_loss=result.token_loss.copy(),
-                                 word_loss=result.word_loss.copy(),
-                                 out_rows=None if result.out_rows is None else result.out_rows.clone())
-    out = train_alone(prep, work, result, hardest, pick_rows((result.rows, result.out_rows), hardest), objective,
-                      more, passes, "hardest", cache)
-    moved = [r for r, v in out.items() if v["kept"] == "alone"]
-    sent = back(before.rows, result.rows, moved, "hardest") if back is not None and moved else {}
-    restore_rows(result, before, sent)
-    for r, mass in sent.items():
-        out[r].update(kept="first", over_predicted=mass)
-    return out
-
-
-def send_back(prep: Prepared, after_words, trial: torch.Tensor, start: dict[int, torch.Tensor], trained: set[int],
-              desc: str) -> dict[int, float]:
-    """Tied rows trained further (`trial` at the tokens of `start`: alone after the words' run, which never shows
-    them the states after the other words, or the more epochs) can become rows the model predicts: while they raise
-    some trained word's next-token mass on new tokens (`after_words`: (rows, trained tokens) -> [trained words, new
-    tokens] mass and the columns' tokens) over what it was with their `start` rows by more than MASS_RISE, the row
-    taking most of that rise goes back to its start row (`trial` is updated) and the mass is measured again.
-    Returns {token sent back: the word's mass then}."""
-    base = trial.clone()
-    for i, row in start.items():
-        base[i] = row
-    before = after_words(base, trained)[0]
-    kept, sent = set(start), {}
-    while kept:
-        mass, cols = after_words(trial, trained | kept)
-        rise = np.where(np.isin(cols, list(kept))[None, :], mass - before, 0.0)  # only the kept rows moved
-        word = int(rise.sum(axis=1).argmax())
-        if rise[word].sum() <= MASS_RISE:
-            break
-        hub = cols[int(rise[word].argmax())]
-        log.warning("%s: with the trained rows %r put %.2f of its next-token probability on new tokens (%.2f with "
-                    "the rows before), most on %r: that row goes back", desc, prep.toks[prep.work.primaries[word]].form,
-                    mass[word].sum(), before[word].sum(), prep.toks[hub].form)
-        trial[hub] = start[hub]
-        sent[hub] = float(mass[word].sum())
-        kept.remove(hub)
-    return sent
-
-
-def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means: torch.Tensor, trained: set[int],
-                   objective: student.Objective, schedule: student.Schedule, passes: student.Passes,
-                   word_loss: np.ndarray, after_words=None) -> dict[int, dict]:
-    """Variants of trained words (the start-of-text form, "word" after "(", ":" or a newline; casing variants) train
-    cfg.run_variant_epochs() epochs (more where the stage has fewer batches than a variant may have snippets) alone
-    on their own corpus snippets (at most VARIANT_SHARE of cfg.snippets_per_token each, a uniform sample of their
-    hits), from the row they would take otherwise (their primary's trained row moved by the subtoken-mean offset),
-    and keep the trained row (`rows` is updated). Unless they train, a variant reads text no snippet showed it: on
-    Gemma-3 / Git's manuals, where a fifth of the words' occurrences are bare, their held-out KL was 0.45 of
-    subtoken-mean rows' against 0.17 at the running-text forms (docs/defaults.md, "Start-of-text variants trained on
-    their own text"). A variant whose loss ends over OUTLIER_FACTOR x the median of the words' (`word_loss`) and
-    the variants' trains as many steps again alone, from its trained row, on all its snippets at once, and keeps the
-    lower loss (train_alone: Gemma-3's `rw-r--r`, on the Debian Reference's `ls -l` lines, "-rw-r--r-- 1 root",
-    went from 11x the median to 5.5x; docs/defaults.md, "Variants whose loss is an outlier train again").
-    `after_words` (tied models: (rows, trained tokens) -> the [trained words, new tokens] next-token mass after each
-    word, and the columns' tokens): the variants that raise some word's mass over what it was with their moved rows
-    go back to those (send_back). Returns {token: {"snippets", "epochs", "word_loss", "kept"}, and "retried"
-    (train_alone's record) for an outlier}."""
-    epochs = cfg.run_variant_epochs()
-    toks, decoder = prep.toks, prep.decoder
-    variants = [i for i, t in enumerate(toks) if t.variant_of is not None]
-    variants = [i for i, p in zip(variants, primaries_of(toks, variants)) if p in trained]
-    if epochs < 1 or not variants or cfg.contexts != "retrieve":
-        return {}
-    if cfg.chunk_tokens is not None or cfg.memory_budget is not None:
-        log.info("variants: not trained in chunked runs (--chunk-tokens, --memory-budget); they keep their moved rows")
-        return {}
-    V = decoder.embed_weight.shape[0]
-    keep = max(1, int(VARIANT_SHARE * cfg.snippets_per_token))
-    work = build_workload(cfg.replace(snippets_per_token=keep), decoder.model, prep.tokenizer, toks, prep.corpus,
-                          contexts.start_id(prep.tokenizer), V, train=variants, extended_tokenizer=prep.new_tokenizer)
-    per_row = work.snippets_per_row()
-    have = np.flatnonzero(per_row > 0)
-    log.info("variants: %d of %d variant(s) have corpus snippets of their own (%d in all)", len(have),
-             len(variants), int(per_row.sum()))
-    if not len(have):
-        return {}
-    al, ids, cu, row = chunks.take_rows(work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row, have, V)
-
-    def stage_epochs(snippets: int) -> int:
-        """As many steps as a variant with `keep` snippets takes in a stage of `keep` or more batches, however few
-        the stage's `snippets`: a stage of one batch took `epochs` steps, too few for a row to leave its start."""
-        return max(epochs, math.ceil(epochs * keep / math.ceil(snippets / schedule.batch_size)))
-
-    cache = None
-    if objective.distill is not None and not passes.fused:
-        cache = snippet_cache(prep, al, ids, cu, objective.cache_layers(decoder.num_layers), passes.prefix)
-    index = [variants[r] for r in have.tolist()]
-    start = moved_rows(rows, means, index, primaries_of(toks, index))
-    alone = dataclasses.replace(schedule, epochs=stage_epochs(len(row)), warmup_fraction=HARDEST_WARMUP,
-                                more_epochs=0)
-    result = student.train(decoder, al, cache, row, start, None, objective, alone, prep.tied, desc="variants",
-                           passes=passes, teacher=(ids, cu))
-    _, over = outlier_rows(np.concatenate([word_loss, result.word_loss]))
-    bad = over[over >= len(word_loss)] - len(word_loss)
-    again = train_alone(prep, dataclasses.replace(work, primaries=index, alignment=al, teacher_ids=ids,
-                                                  cu_teacher=cu, snippet_row=row),
-                        result, bad, pick_rows((result.rows, None), bad), objective,
-                        dataclasses.replace(alone, epochs=stage_epochs(int(np.isin(row, bad).sum()))), passes,
-                        "variants again", cache) if len(bad) else {}
-    out = {i: {"snippets": int(per_row[r]), "epochs": alone.epochs, "word_loss": float(result.word_loss[k]),
-               "kept": True, **({"retried": again[k]} if k in again else {})}
-           for k, (i, r) in enumerate(zip(index, have.tolist()))}
-    trial = rows.clone()
-    trial[index] = result.rows.to(trial.device, trial.dtype)
-    if after_words is not None:
-        sent = send_back(prep, after_words, trial, {i: start[k].to(trial.device, trial.dtype)
-                                                    for k, i in enumerate(index)}, trained, "variants")
-        for i, mass in sent.items():
-            out[i].update(kept=False, over_predicted=mass)
-    rows[index] = trial[index]
-    log.info("variants: %d row(s) trained in %.1f s, %d kept", len(index), result.seconds,
-             sum(v["kept"] for v in out.values()))
-    return out
-
-
-def pick_rows(rows: tuple[torch.Tensor, torch.Tensor | None], index: np.ndarray
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(input rows, output rows or None) at `index`."""
-    return tuple(None if t is None else t[torch.from_numpy(index).to(t.device)] for t in rows)
-
-
-def train_alone(prep: Prepared, work: Workload, result: student.TrainResult, index: np.ndarray,
-                start: tuple[torch.Tensor, torch.Tensor | None], objective: student.Objective,
-                schedule: student.Schedule, passes: student.Passes, desc: str,
-                cache: teacher.TeacherCache | None = None) -> dict[int, dict]:
-    """Rows `index` of `result` train on their own snippets only, from their `start` rows, and each keeps whichever
-    row ends with the lower word loss (`result` is updated). `cache`: the run's teacher cache, which they read their
-    snippets' targets (and prefix keys/values) from; None: a teacher pass over those snippets runs first.
-    Returns {row: {"first", "alone": word losses, "kept": "alone" or "first"}}."""
-    if not len(index):
-        return {}
-    decoder = prep.decoder
-    sub, ids, cu, sub_row = chunks.take_rows(work.alignment, work.teacher_ids, work.cu_teacher, work.snippet_row,
-                                             index, decoder.embed_weight.shape[0])
-    if cache is not None:
-        cache = cache.take(chunks.snippets_of(work.snippet_row, index))
-    elif objective.distill is not None and not passes.fused:
-        cache = snippet_cache(prep, sub, ids, cu, objective.cache_layers(decoder.num_layers), passes.prefix)
-    again = student.train(decoder, sub, cache, sub_row, *start, objective, schedule, prep.tied, desc=desc,
-                          passes=passes, teacher=(ids, cu))
-    out = {}
-    for i, r in enumerate(index.tolist()):
-        alone = float(again.word_loss[i])
-        keep = bool(alone < result.word_loss[r])
-        out[r] = {"first": float(result.word_loss[r]), "alone": alone, "kept": "alone" if keep else "first"}
-        if keep:
-            result.rows[r] = again.rows[i].to(result.rows.device)
-            if result.out_rows is not None:
-                result.out_rows[r] = again.out_rows[i].to(result.out_rows.device)
-            result.token_loss[r], result.word_loss[r] = again.token_loss[i], alone
-    log.info("%s: %d row(s) trained alone in %.1f s, %d kept their new row", desc, len(index), again.seconds,
-             sum(v["kept"] == "alone" for v in out.values()))
-    return out
-
-
-def mass_snippets(snippet_row: np.ndarray) -> np.ndarray:
-    """The first MASS_SNIPPETS training snippets of each word (sorted indices), on which new_token_mass reads rows:
-    where the model sends its next-token probability is a property of the rows, which a few contexts show."""
-    order = np.argsort(snippet_row, kind="stable")
-    rank = np.empty(len(snippet_row), dtype=np.int64)
-    rank[order] = np.arange(len(snippet_row)) - np.searchsorted(snippet_row[order], snippet_row[order])
-    return np.flatnonzero(rank < MASS_SNIPPETS)
-
-
-def new_token_mass(prep: Prepared, rows: torch.Tensor, out_rows: torch.Tensor | None,
-                   cache: teacher.TeacherCache | None = None) -> tuple[np.ndarray, list[int], list[int]]:
-    """heldout.new_token_mass of `rows` (every new token's; untied: and `out_rows`) on the mass_snippets of each
-    trained word: the [trained words, new tokens] mass, the token index of each row and of each column. `cache`:
-    the run's teacher pass over prep.work, whose prefix keys/values and states of those snippets (teacher_cache)
-    the check continues from instead of running their prefixes through the layers it ran."""
-    work, n = prep.work, len(prep.toks)
-    words = list(work.primaries)
-    trained = set(words)
-    cols = words + [i for i in range(n) if i not in trained]  # the alignment's ids V + r come first
-    scorer = heldout.Scorer(prep.decoder, rows=rows[cols], backend=prep.backend,
-                            out_rows=None if out_rows is None else out_rows[cols])
-    sel = mass_snippets(work.snippet_row)
-    start = None
-    depth = max(cache.states) if cache is not None and cache.prefix is not None else 0
-    if depth and np.array_equal(np.diff(cache.prefix_cu), prefix_lengths(work.alignment)) and (
-            depth == prep.decoder.num_layers or (cache.kept is not None and np.array_equal(cache.kept, sel))):
-        start = heldout.PrefixStart(depth, cache.prefix, cache.prefix_cu[sel], cache.prefix_states)
-    mass = heldout.new_token_mass(scorer, work.alignment.take(sel), work.snippet_row[sel], len(words), start)
-    return mass, words, cols
 
 
 def write_output(out: Path, prep: Prepared, learned: Learned, report: RunReport) -> None:

@@ -63,7 +63,7 @@ class RunReport:
         per_token = []
         for i, t in enumerate(toks):
             r = row_of.get(i)
-            alone = learned.variants.get(i, {})  # a variant trained on its own snippets (pipeline.train_variants)
+            alone = learned.variants.get(i, {})  # a variant trained on its own snippets (retrain.train_variants)
             per_token.append({
                 "word": t.word, "form": t.form, "token": t.piece, "id": t.new_id, "kind": t.kind,
                 "variant_of": t.variant_of, "subtokens": prep.tokenizer.convert_ids_to_tokens(t.sub_ids),
@@ -143,7 +143,7 @@ class RunReport:
 
     def record_new_token_mass(self, mass: np.ndarray, rows: list[int], cols: list[int]) -> None:
         """Per trained token (`rows`: token index of each row of `mass`; `cols`: of each column), the next-token
-        probability the model puts on new tokens right after it ("mass_after", pipeline.new_token_mass) and the new
+        probability the model puts on new tokens right after it ("mass_after", hubs.new_token_mass) and the new
         token that takes most of it; the words over OVER_PREDICTION_FLAG ("over_predicting", warned about)."""
         toks = self.data["tokens"]
         for r, i in enumerate(rows):
@@ -178,7 +178,7 @@ def outlier_rows(word_loss: np.ndarray) -> tuple[float, np.ndarray]:
 
 def flag_outliers(per_token: list[dict], retried: dict[int, dict] | None = None) -> list[dict]:
     """Trained tokens whose final loss at the word's own position ended over OUTLIER_FACTOR x the median, with what
-    the run did about them (`retried`, by token index: pipeline.retry_outliers trained them again alone and kept
+    the run did about them (`retried`, by token index: retrain.retry_outliers trained them again alone and kept
     the lower loss), logged. That position, not the mean over a snippet, because the positions after the word
     are easier and their number varies (a word that ends its paragraphs has none)."""
     retried = retried or {}
@@ -202,7 +202,7 @@ def flag_outliers(per_token: list[dict], retried: dict[int, dict] | None = None)
 
 
 def hardest_words(per_token: list[dict], hardest: dict[int, dict], epochs: int) -> dict | None:
-    """What pipeline.continue_hardest did, by word: its word loss before and after the extra epochs, whether the
+    """What retrain.continue_hardest did, by word: its word loss before and after the extra epochs, whether the
     new row was kept (the lower loss), and the next-token mass that sent it back where the model then predicted it."""
     if not hardest:
         return None
@@ -213,7 +213,7 @@ def hardest_words(per_token: list[dict], hardest: dict[int, dict], epochs: int) 
 
 
 def variant_summary(per_token: list[dict], variants: dict[int, dict]) -> dict | None:
-    """What pipeline.train_variants did: how many variants trained on how many snippets of their own, over how many
+    """What retrain.train_variants did: how many variants trained on how many snippets of their own, over how many
     epochs, and which went back to their moved rows because the model then put too much of its probability on them."""
     if not variants:
         return None

@@ -57,7 +57,7 @@ class TeacherCache:
 
     def take(self, idx: np.ndarray) -> TeacherCache:
         """The cache of the snippets `idx`, in that order (Alignment.take's), prefix keys/values included: the rows
-        that train again alone (pipeline.train_alone) read the run's teacher pass instead of running their own."""
+        that train again alone (retrain.train_alone) read the run's teacher pass instead of running their own."""
         def pick(t: torch.Tensor, cu: np.ndarray) -> torch.Tensor:
             return t.index_select(0, torch.from_numpy(ranges(cu[idx], np.diff(cu)[idx])).to(t.device))
 
@@ -350,3 +350,10 @@ class _HostSpill:
             for l, t in staged.items():
                 self.states[l].index_copy_(0, dest, t)
             self.pending = None
+
+
+def without_prefix(decoder: Decoder, dtype: torch.dtype, alignment: Alignment, teacher_ids: np.ndarray,
+                   cu_teacher: np.ndarray, layers: list[int], packed: bool) -> TeacherCache:
+    """Teacher states of some of the snippets (a chunk's; rows trained alone where the run kept no cache) at `layers`,
+    without prefix keys/values: the student's prefix steps run their prefixes again."""
+    return compute(decoder, teacher_ids, cu_teacher, alignment, layers, **options(decoder, dtype, packed))
