@@ -36,8 +36,9 @@ def new_token_mass(prep: Prepared, rows: torch.Tensor, out_rows: torch.Tensor | 
                    cache: teacher.TeacherCache | None = None) -> tuple[np.ndarray, list[int], list[int]]:
     """heldout.new_token_mass of `rows` (every new token's; untied: and `out_rows`) on the mass_snippets of each
     trained word: the [trained words, new tokens] mass, the token index of each row and of each column. `cache`:
-    the run's teacher pass over prep.work, whose prefix keys/values and states of those snippets (teacher_cache)
-    the check continues from instead of running their prefixes through the layers it ran."""
+    the run's teacher pass over prep.work, whose prefix keys/values and states of those snippets
+    (pipeline.teacher_cache keeps them) the check continues from instead of running their prefixes through the
+    layers it ran."""
     work, n = prep.work, len(prep.toks)
     words = list(work.primaries)
     trained = set(words)
