@@ -405,9 +405,10 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
 
         def retry(result: student.TrainResult, schedule: student.Schedule, among: list[int] | None = None
                   ) -> dict[int, dict]:
-            return {primaries[r]: v for r, v in retrain.retry_outliers(prep, work, result, start, objective,
-                                                                       schedule, passes, cache, among).items()
-                    } if alone else {}
+            if not alone:
+                return {}
+            got = retrain.retry_outliers(prep, work, result, start, objective, schedule, passes, cache, among)
+            return {primaries[r]: v for r, v in got.items()}
 
         with timer("student"):
             train_result = trainer(decoder, work.alignment, cache, work.snippet_row, *start, objective, schedule,
@@ -417,7 +418,7 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
             retried = retry(train_result, schedule)
             if train_result.before is not None:
                 train_result, more = hubs.keep_more_epochs(train_result, schedule.more_epochs,
-                                                      *((worst_mass, back) if tied else ()))
+                                                           *((worst_mass, back) if tied else ()))
                 if sent := more.pop("sent_back", None):  # those rows' retries went back with them
                     retried = {t: v for t, v in retried.items() if primaries.index(t) not in sent} \
                         | retry(train_result, dataclasses.replace(schedule, more_epochs=0), list(sent))
