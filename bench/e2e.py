@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.log_every else logging.WARNING,
                         format="%(relativeCreated)9.0f ms %(name)s: %(message)s")
     from bench.synthetic import make_language
-    from tokdistill_fast.modeling.models import pick_device
+    from tokdistill_fast.config import pick_device
 
     config, tok_vocab = CONFIGS[args.config]
     config_name = args.config if args.num_layers is None else f"{args.config}-{args.num_layers}-layers"

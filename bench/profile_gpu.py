@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     from bench.e2e import CONFIGS, Variant, build_model, run_pipeline
     from bench.synthetic import make_language
+    from tokdistill_fast.config import pick_device
     from tokdistill_fast.control.autotune import default_lr
-    from tokdistill_fast.modeling.models import Decoder, pick_device
+    from tokdistill_fast.modeling.models import Decoder
 
     p = argparse.ArgumentParser(prog="python -m bench.profile_gpu")
     p.add_argument("--config", choices=CONFIGS, default="llama-3.1-8b")

@@ -31,6 +31,7 @@ def timed(fn, *args, **kwargs):
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: progress bars would bury the results
     from tokdistill_fast import align, contexts, rows, student, teacher, tokens
+    from tokdistill_fast.config import pick_device, pick_dtype
     from tokdistill_fast.control import autotune
     from tokdistill_fast.modeling import models
     from tokdistill_fast.tools.select import select_tokens
@@ -52,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    device = models.pick_device("auto")
-    dtype = models.pick_dtype("auto", device)
+    device = pick_device("auto")
+    dtype = pick_dtype("auto", device)
     model, tok = models.load_model(args.model, device, dtype)
     decoder = models.Decoder(model)
     candidates = [c.word for c in select_tokens(tok, [args.corpus], top=4 * args.words, min_count=args.min_count)]

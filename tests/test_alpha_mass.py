@@ -18,7 +18,7 @@ from tokdistill_fast import DistillConfig, align, distill, student, teacher
 from tokdistill_fast.config import UserInputError
 from tokdistill_fast.modeling import losses
 from tokdistill_fast.modeling.models import Decoder
-from tokdistill_fast.student.loop import Trainable
+from tokdistill_fast.student.objective import Trainable
 
 FAST = dict(snippets_per_token=6, snippet_length=24, batch_size=4, epochs=2, dtype="float32",
             device="cpu", add_variants=False, target_layer=1)

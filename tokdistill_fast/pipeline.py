@@ -27,6 +27,8 @@ from .config import (
     TRAINED_METHODS,
     DistillConfig,
     UserInputError,
+    pick_device,
+    pick_dtype,
 )
 from .control import checkpoint, chunks, distributed, observed
 from .control.settings import GUARD_METHOD, from_start, guarded_method, guards, resolve_settings, search_settings
@@ -102,8 +104,8 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
     run that keeps checkpoints (the workload and the search are saved there and reused on --resume)."""
     timer = StageTimer()
     files = corpus_files(corpus)  # a missing file or empty glob fails here, before the model loads
-    device = models.pick_device(cfg.device)
-    dtype = models.pick_dtype(cfg.dtype, device)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
     backend = kernels.resolve(cfg.backend, device)  # fails here, not after the teacher pass, if triton cannot run
     with timer("load"):
         decoder, tokenizer, source, tokenizer_seconds = load(model, tokenizer, device, dtype)
@@ -217,7 +219,8 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
     settings, search = settle(prep, cfg, timer, guard=not from_start(cfg, words))
     # every rank takes rank 0's settings
     layer, lr, epochs, method = ranks.agree(work, (*settings, guarded_method(cfg, prep.tied, search, words)))
-    mine, shard = distributed.split(ranks, work, cfg.batch_size, epochs, cfg.seed, prep.device)
+    mine, shard = distributed.split(ranks, work, lambda: student.batch_plan(work.snippet_row, cfg.batch_size, epochs,
+                                                                            cfg.seed), prep.device)
 
     def train(method: str, hook: str) -> tuple[Learned, chunks.Plan | None, teacher.TeacherCache | None]:
         """The rows of `method` with the settled layer, rate and epochs (the teacher pass its objective needs

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import align, contexts, export, pipeline, student
-from .config import DistillConfig, UserInputError, launch
+from .config import DistillConfig, UserInputError, launch, pick_device, pick_dtype
 from .contexts import CHARS_PER_TOKEN, Hit, Snippet
 from .control import checkpoint
 from .control.settings import guards
@@ -309,8 +309,8 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
             raise UserInputError("--tokenizer has no new ids: every id is below the model tokenizer's size and "
                                  "--new-ids lists none")
         toks = plan_tokens(original, target, new_ids)
-    device = models.pick_device(cfg.device)
-    dtype = models.pick_dtype(cfg.dtype, device)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
     backend = kernels.resolve(cfg.backend, device)
     with timer("load"):
         decoder, _, source, _ = pipeline.load(model, original, device, dtype)

@@ -20,13 +20,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import student
 from ..align import take_packed
 from ..config import UserInputError, launch
 
@@ -193,12 +193,6 @@ class Shard:
         dist.all_reduce(buf)
         return tuple(buf.unbind())
 
-    def idle(self, objective: student.Objective) -> None:
-        """A step with no aligned pair on this rank: join the collectives the other ranks run inside the step."""
-        if (objective.ntp == "alpha" or objective.mass) and objective.distill is not None:
-            zero = self.weights.new_zeros(())
-            self.total(zero, zero)
-
     def finish(self, tok_sum: torch.Tensor, tok_cnt: torch.Tensor, positions: dict[str, int]) -> dict[str, int]:
         """Sum the per-token loss accumulators in place and the computed-position counts over ranks."""
         buf = torch.cat([tok_sum, tok_cnt])
@@ -216,13 +210,14 @@ def pair_counts(al) -> tuple[np.ndarray, np.ndarray]:
     return np.diff(al.cu_aligned), np.bincount(al.pair_snippet()[al.pair_has_next()], minlength=al.n)
 
 
-def split(ranks: Ranks, work, batch_size: int, epochs: int, seed: int, device: torch.device):
-    """(this rank's workload, its Shard): the rank's snippets of every global batch of the one-process plan, with
-    their teacher sequences and alignment. A one-process run keeps its workload and gets no Shard."""
+def split(ranks: Ranks, work, plan: Callable[[], list[np.ndarray]], device: torch.device):
+    """(this rank's workload, its Shard): the rank's snippets of every global batch of the one-process `plan()`
+    (student.batch_plan), with their teacher sequences and alignment. A one-process run keeps its workload and gets
+    no Shard."""
     if ranks.world == 1 or work is None:
         return work, None
     al = work.alignment
-    plan = student.batch_plan(work.snippet_row, batch_size, epochs, seed)
+    plan = plan()
     parts = [np.array_split(step, ranks.world)[ranks.rank] for step in plan]
     mine = np.unique(np.concatenate([np.zeros(0, dtype=np.int64), *parts])).astype(np.int64)
     local_index = np.full(al.n, -1, dtype=np.int64)

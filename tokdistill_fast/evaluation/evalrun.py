@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from .. import contexts, export
 from ..check import read_matrices
-from ..config import OUTLIER_FACTOR, OVER_PREDICTION_FLAG, UserInputError
+from ..config import OUTLIER_FACTOR, OVER_PREDICTION_FLAG, UserInputError, pick_device, pick_dtype
 from ..corpus import corpus_files
 from ..modeling import models
 from ..modeling.models import Decoder
@@ -223,8 +223,8 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
     # missing inputs fail here, before the models load (a large one takes minutes)
     corpus_files(heldout_paths, "--heldout")
     original, adapted = models.model_dir(original, "--original"), models.model_dir(adapted, "--adapted")
-    dev = models.pick_device(device)
-    dt = models.pick_dtype(dtype, dev)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
     orig_model, orig_tok = models.load_model(original, dev, dt, flag="--original")
     ad_model, ad_tok = models.load_model(adapted, dev, dt, flag="--adapted")
     toks = read_adapted_tokens(orig_tok, adapted)

@@ -1,42 +1,25 @@
 """Fused RMSNorm, rotary embeddings, gated MLP activations and packed causal attention for the frozen model's
 passes: the C++ kernels of csrc/fused.cpp on CPU (bf16 or fp32) and, for all but attention, the Triton kernels of
 kernels/ on GPU, behind one autograd Function per op, with the PyTorch references they are tested against (the
-Hugging Face modules' own math; attention.py's for attention), and the attention and MLP forwards that call them.
+Hugging Face modules' own math; attention.py's for attention).
 
 Each kernel replaces two to thirty PyTorch operators forward and as many or more backward, each a pass over memory
-at a pass's ~120-240 rows. The forwards take their input projections as one product (`project`:
-queries, keys and values; gate and up), which packed.py provides. Gradients go to the inputs only: the model is
-frozen.
+at a pass's ~120-240 rows. packed.py swaps them into the model's modules. Gradients go to the inputs only: the
+model is frozen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import lru_cache
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..kernels import backend as kernel_backend
 from ..kernels import gated as triton_gated
 from ..kernels import rms_norm as triton_rms_norm
 from ..kernels import rotary as triton_rotary
-from . import attention  # a module import: attention.py imports this module too
-
-# Hugging Face norm classes and how each applies its weight: 0 rounds the normalized row to the input dtype and
-# multiplies by w there (Llama family); 1 multiplies by (1 + w) in fp32 and rounds once (Gemma).
-NORMS = {"LlamaRMSNorm": 0, "Qwen2RMSNorm": 0, "Qwen3RMSNorm": 0, "MistralRMSNorm": 0, "Gemma3RMSNorm": 1}
-# Attention classes whose forward is project, (q/k norms,) rotate, attend, project: `attention_forward` runs it.
-ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention", "MistralAttention", "Gemma3Attention")
-# Gated MLP classes (down(a(gate(x)) * up(x))) and their activations, by the class of their act_fn: 0 SiLU, 1 GELU
-# with the tanh approximation.
-MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "Gemma3MLP")
-ACTIVATIONS = {"SiLUActivation": 0, "SiLU": 0, "GELUTanh": 1, "PytorchGELUTanh": 1}
-
-# project(linears) -> f(x): the outputs of linears that read the same input, side by side, as one product.
-Project = Callable[[tuple[nn.Linear, ...]], Callable[[torch.Tensor], torch.Tensor]]
 
 
 @lru_cache(maxsize=1)
@@ -269,50 +252,3 @@ def varlen_attention(q, k, v, context, spec, scale: float, cache: dict) -> torch
         cache["index"] = (tuple(t.long().contiguous() for t in (rows, spec.cu_q, spec.cu_k)), (spec.max_q, spec.max_k))
     kc, vc = (None, None) if context is None else (c.contiguous() for c in context)
     return AttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), kc, vc, cache["index"], scale)
-
-
-def attention_forward(m: nn.Module, project: Project):
-    """The forward of a Llama-, Qwen- or Gemma-3-style attention module m: the q/k/v projections as one product,
-    the q/k norms where the family has them, the fused rotation, the model's attention function (ours for packed
-    passes, see attention.py), the output projection."""
-    qkv = project((m.q_proj, m.k_proj, m.v_proj))
-    sizes = [m.q_proj.out_features, m.k_proj.out_features, m.v_proj.out_features]
-    # as each family passes it: the module's (Qwen, Gemma-3) or the config's (Mistral); masks carry it for SDPA
-    window = getattr(m, "sliding_window", getattr(getattr(m, "config", None), "sliding_window", None))
-
-    def forward(hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, **kwargs):
-        for unused in ("position_ids", "cache", "past_key_values", "use_cache", "cache_position"):
-            kwargs.pop(unused, None)
-        shape = (*hidden_states.shape[:-1], -1, m.head_dim)
-        q, k, v = (t.view(shape) for t in qkv(hidden_states).split(sizes, dim=-1))
-        if hasattr(m, "q_norm"):
-            q, k = m.q_norm(q), m.k_norm(k)
-        q, k = rotary(q, k, *position_embeddings)
-        out, weights = attention.dispatch(m, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          attention_mask, scaling=m.scaling, dropout=0.0, sliding_window=window,
-                                          **kwargs)
-        return m.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
-
-    return forward
-
-
-def mlp_forward(m: nn.Module, project: Project):
-    """The forward of a gated MLP m: gate and up as one product, the fused activation, the down projection."""
-    gate_up, act = project((m.gate_proj, m.up_proj)), ACTIVATIONS[type(m.act_fn).__name__]
-    return lambda x: m.down_proj(gated(gate_up(x), act))
-
-
-def fused_forward(m: nn.Module, project: Project):
-    """A fused replacement for module m's forward (a supported norm, attention or MLP), or None."""
-    name = type(m).__name__
-    if name in NORMS:
-        eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
-        if eps is None or not hasattr(m, "weight"):
-            return None
-        return lambda x: rms_norm(x, m.weight, float(eps), NORMS[name])
-    if name in ATTENTIONS:
-        return attention_forward(m, project)
-    if name in MLPS and type(getattr(m, "act_fn", None)).__name__ in ACTIVATIONS:
-        return mlp_forward(m, project)
-    return None

@@ -20,42 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import DTYPES, UserInputError
+from ..config import UserInputError
 from . import attention
 from .attention import Attend
 from .packed import Packs
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto` is CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserInputError(f"--device {name!r} is not a device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("--device cuda asked for, but no CUDA device is visible")
-    return device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls run ~6x faster than fp32 there (2.0 vs 0.33 TFLOP/s on 2 SPR cores)."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` runs the frozen model in bf16 on CUDA and on bf16-capable CPUs, else in fp32."""
-    if name not in DTYPES:
-        raise UserInputError(f"--dtype must be one of {', '.join(DTYPES)}, not {name!r}")
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
-        return torch.bfloat16
-    return torch.float32
 
 
 def _named(path: str | Path, flag: str | None) -> str:

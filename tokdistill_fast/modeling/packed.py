@@ -8,12 +8,13 @@ every call; at the student's pass sizes (about 120 rows) that costs a third of t
 packed once: W for forward, and W^T for the input gradient (dX = dY W) of passes that need one. The forward is
 bit-identical to `F.linear`; the input gradient equals autograd's up to the summation order of some shapes.
 `Packs.active` swaps the packed forward into a decoder call's linear layers, and the fused kernels into its norms,
-attention modules and MLPs (fused.py; their input projections as one product: q/k/v and gate/up), and restores
-them after it.
+attention modules and MLPs (the forwards below, which call fused.py's kernels and take their input projections as
+one product: q/k/v and gate/up), and restores them after it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -22,7 +23,21 @@ from torch import nn
 
 from ..control import observed
 from ..kernels import backend as kernel_backend
-from . import fused
+from . import attention, fused
+from .fused import gated, rms_norm, rotary
+
+# Hugging Face norm classes and how each applies its weight: 0 rounds the normalized row to the input dtype and
+# multiplies by w there (Llama family); 1 multiplies by (1 + w) in fp32 and rounds once (Gemma).
+NORMS = {"LlamaRMSNorm": 0, "Qwen2RMSNorm": 0, "Qwen3RMSNorm": 0, "MistralRMSNorm": 0, "Gemma3RMSNorm": 1}
+# Attention classes whose forward is project, (q/k norms,) rotate, attend, project: `attention_forward` runs it.
+ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention", "MistralAttention", "Gemma3Attention")
+# Gated MLP classes (down(a(gate(x)) * up(x))) and their activations, by the class of their act_fn: 0 SiLU, 1 GELU
+# with the tanh approximation.
+MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "Gemma3MLP")
+ACTIVATIONS = {"SiLUActivation": 0, "SiLU": 0, "GELUTanh": 1, "PytorchGELUTanh": 1}
+
+# project(linears) -> f(x): the outputs of linears that read the same input, side by side, as one product.
+Project = Callable[[tuple[nn.Linear, ...]], Callable[[torch.Tensor], torch.Tensor]]
 
 PACK_ROWS = 128  # oneDNN's row-count hint for the packed layout (a pass's size; any row count runs)
 MAX_PACK_BYTES = 2 << 30  # packs of larger models would double a CPU run's weight memory past this: not packed
@@ -70,7 +85,7 @@ def copy_fits(weights: list[torch.Tensor]) -> bool:
 class Packs:
     """The fast path of a model's decoder layers: packed weights of their linears (CPU bf16), built on first use
     (forward packs per layer called, gradient packs per layer a pass with a gradient runs through), and the fused
-    forwards of their norms, attention modules and MLPs (fused.py: C++ kernels on CPU, Triton on GPU), whose input
+    forwards of their norms, attention modules and MLPs (fused.py's C++ kernels on CPU, Triton on GPU), whose input
     projections run as one product over concatenated weights. `enabled` False: neither."""
 
     def __init__(self, layers: nn.ModuleList):
@@ -109,7 +124,7 @@ class Packs:
 
     def _project(self, linears: tuple[nn.Linear, ...], grad: bool):
         """x -> the outputs of `linears` (one input) side by side, as one product over their concatenated weights
-        (fused.Project); as separate products where no copy of the weights fits."""
+        (Project); as separate products where no copy of the weights fits."""
         if not self.copies:
             return lambda x: torch.cat([m(x) for m in linears], dim=-1)
         bias = None if all(m.bias is None for m in linears) else torch.cat(
@@ -120,7 +135,7 @@ class Packs:
         """The fast forward of module m, or None."""
         if isinstance(m, nn.Linear):
             return self._product(m, lambda: m.weight, m.bias, grad) if self.pack else None
-        return fused.fused_forward(m, lambda linears: self._project(linears, grad)) if self.fuse else None
+        return fused_forward(m, lambda linears: self._project(linears, grad)) if self.fuse else None
 
     @contextmanager
     def active(self, upto: int):
@@ -145,3 +160,50 @@ class Packs:
                     del m.forward
                 else:
                     m.forward = before
+
+
+def attention_forward(m: nn.Module, project: Project):
+    """The forward of a Llama-, Qwen- or Gemma-3-style attention module m: the q/k/v projections as one product,
+    the q/k norms where the family has them, the fused rotation, the model's attention function (ours for packed
+    passes, see attention.py), the output projection."""
+    qkv = project((m.q_proj, m.k_proj, m.v_proj))
+    sizes = [m.q_proj.out_features, m.k_proj.out_features, m.v_proj.out_features]
+    # as each family passes it: the module's (Qwen, Gemma-3) or the config's (Mistral); masks carry it for SDPA
+    window = getattr(m, "sliding_window", getattr(getattr(m, "config", None), "sliding_window", None))
+
+    def forward(hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, **kwargs):
+        for unused in ("position_ids", "cache", "past_key_values", "use_cache", "cache_position"):
+            kwargs.pop(unused, None)
+        shape = (*hidden_states.shape[:-1], -1, m.head_dim)
+        q, k, v = (t.view(shape) for t in qkv(hidden_states).split(sizes, dim=-1))
+        if hasattr(m, "q_norm"):
+            q, k = m.q_norm(q), m.k_norm(k)
+        q, k = rotary(q, k, *position_embeddings)
+        out, weights = attention.dispatch(m, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attention_mask, scaling=m.scaling, dropout=0.0, sliding_window=window,
+                                          **kwargs)
+        return m.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+    return forward
+
+
+def mlp_forward(m: nn.Module, project: Project):
+    """The forward of a gated MLP m: gate and up as one product, the fused activation, the down projection."""
+    gate_up, act = project((m.gate_proj, m.up_proj)), ACTIVATIONS[type(m.act_fn).__name__]
+    return lambda x: m.down_proj(gated(gate_up(x), act))
+
+
+def fused_forward(m: nn.Module, project: Project):
+    """A fused replacement for module m's forward (a supported norm, attention or MLP), or None."""
+    name = type(m).__name__
+    if name in NORMS:
+        eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+        if eps is None or not hasattr(m, "weight"):
+            return None
+        return lambda x: rms_norm(x, m.weight, float(eps), NORMS[name])
+    if name in ATTENTIONS:
+        return attention_forward(m, project)
+    if name in MLPS and type(getattr(m, "act_fn", None)).__name__ in ACTIVATIONS:
+        return mlp_forward(m, project)
+    return None

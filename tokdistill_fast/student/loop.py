@@ -30,7 +30,7 @@ from ..modeling.models import Decoder
 from ..rows import bound_norms, norm_limit, written_quantile
 from ..teacher import SINK_FACTOR, TeacherCache, sink_pairs
 from .feed import TargetFeed
-from .objective import Objective
+from .objective import Objective, Trainable
 from .steps import RUN_STEPS, Batch, Passes, Rewind, batch_plan, plan_groups, rate_scale, step_spacing, student_states
 from .whitened import SPIKE_LIMIT, WhitenedAdam, sqrt_cov
 
@@ -97,33 +97,6 @@ class TrainResult:
     extra: dict = field(default_factory=dict)
     # With Schedule.more_epochs: the rows, losses and steps before those epochs (seconds and extra: the whole run's)
     before: TrainResult | None = None
-
-
-@dataclass
-class Trainable:
-    """The parameters a run optimizes: the new input rows and, for untied models that learn them, the new output
-    rows (both [n_new, D] fp32)."""
-
-    rows: torch.nn.Parameter
-    out_rows: torch.nn.Parameter | None
-    tied: bool
-
-    @classmethod
-    def start(cls, init_rows: torch.Tensor, init_out: torch.Tensor | None, objective: Objective, tied: bool,
-              device: torch.device) -> Trainable:
-        def param(t: torch.Tensor) -> torch.nn.Parameter:
-            return torch.nn.Parameter(t.detach().to(device=device, dtype=torch.float32).clone())
-
-        return cls(param(init_rows), param(init_out) if objective.train_output and not tied else None, tied)
-
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        return [self.rows] + ([self.out_rows] if self.out_rows is not None else [])
-
-    @property
-    def head(self) -> torch.Tensor:
-        """The output rows next-token prediction reads for the new ids."""
-        return self.rows if self.tied or self.out_rows is None else self.out_rows
 
 
 def optimizer(params: list[torch.nn.Parameter], tables: list[torch.Tensor], schedule: Schedule, n_steps: int,
@@ -301,7 +274,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
         if b.main is None:  # no aligned pair in the batch: zero gradients, as the reference computes
             loss, row_loss = sum(p.sum() for p in params) * 0.0, None
             if shard is not None:
-                shard.idle(objective)
+                objective.idle(shard)
         else:
             x_in = read(x)
             flat, targets = student_states(decoder, b, decoder.embed_weight, x_in, layers, passes, teacher_layers,

@@ -1,7 +1,7 @@
 """What a student step optimizes (`Objective`): the four objectives of the paper's comparison (distillation of
 hidden states by MSE or of logits by KL / MSE, next-token prediction, and their sums), alpha-NTP's output side
 alone at the teacher's states (alpha-mass), and the layers each reads, with the loss of one step assembled from
-losses.py."""
+losses.py; and what a step trains (`Trainable`)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,34 @@ if TYPE_CHECKING:
     from ..config import DistillConfig
     from ..control.distributed import Shard
     from ..teacher import TeacherCache
-    from .loop import Trainable
     from .steps import Batch
+
+
+@dataclass
+class Trainable:
+    """The parameters a run optimizes: the new input rows and, for untied models that learn them, the new output
+    rows (both [n_new, D] fp32)."""
+
+    rows: torch.nn.Parameter
+    out_rows: torch.nn.Parameter | None
+    tied: bool
+
+    @classmethod
+    def start(cls, init_rows: torch.Tensor, init_out: torch.Tensor | None, objective: Objective, tied: bool,
+              device: torch.device) -> Trainable:
+        def param(t: torch.Tensor) -> torch.nn.Parameter:
+            return torch.nn.Parameter(t.detach().to(device=device, dtype=torch.float32).clone())
+
+        return cls(param(init_rows), param(init_out) if objective.train_output and not tied else None, tied)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [self.rows] + ([self.out_rows] if self.out_rows is not None else [])
+
+    @property
+    def head(self) -> torch.Tensor:
+        """The output rows next-token prediction reads for the new ids."""
+        return self.rows if self.tied or self.out_rows is None else self.out_rows
 
 
 @dataclass
@@ -83,6 +109,12 @@ class Objective:
         (logit losses, NTP, output rows); alpha-mass reads only the teacher's last layer."""
         final = self.distill in ("kl", "logits-mse") or self.ntp is not None or learns_output
         return sorted({self.compared_layer(num_layers)} | ({num_layers} if final else set()))
+
+    def idle(self, shard: Shard) -> None:
+        """A step with no aligned pair on this rank: join the collectives that `loss` runs on the other ranks."""
+        if (self.ntp == "alpha" or self.mass) and self.distill is not None:
+            zero = shard.weights.new_zeros(())
+            shard.total(zero, zero)
 
     def loss(self, decoder: Decoder, flat: dict[int, torch.Tensor], targets: tuple[dict | None, torch.Tensor | None],
              b: Batch, trainable: Trainable, weights: tuple[float, float] = (1.0, 1.0), shard: Shard | None = None,
