@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tokdistill_fast import pipeline
+from tokdistill_fast import distill
 from tokdistill_fast.cli import _epochs, _positions
 from tokdistill_fast.config import DistillConfig
 from tokdistill_fast.contexts import start_id
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = DistillConfig(method=method, snippets_per_token=args.snippets_per_token,
                                 snippet_length=args.snippet_length, loss_positions=args.loss_positions,
                                 overwrite=True, epochs=args.epochs)
-            pipeline.distill(args.model, None, args.train, out / method, cfg, target_tokenizer=t2_dir)
+            distill(args.model, None, args.train, out / method, cfg, target_tokenizer=t2_dir)
             seconds[method] = time.perf_counter() - t0
     new = set(new_ids_of(original, target, set()))
     docs = heldout_docs(args.heldout, target, new, args.heldout_chars)

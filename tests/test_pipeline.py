@@ -161,7 +161,8 @@ def test_new_token_mass_reads_where_the_rows_send_probability(model_dirs, words_
     snippet; a row pointed at the final states after the other words takes the mass there, and the report flags
     those words and names that row."""
     from tokdistill_fast import pipeline
-    from tokdistill_fast.report import RunReport, StageTimer
+    from tokdistill_fast.control.observed import StageTimer
+    from tokdistill_fast.report import RunReport
 
     prep = pipeline.prepare(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file],
                             DistillConfig(**FAST, dtype="float32"))

@@ -20,10 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tokdistill_fast import distill
 from tokdistill_fast.align import Alignment
 from tokdistill_fast.config import DistillConfig
 from tokdistill_fast.control import chunks
-from tokdistill_fast.pipeline import distill
 
 # 4 words x 12 snippets, batch 4: 12 steps (6 per chunk with --chunk-tokens 2), a checkpoint every 2 steps.
 SETTINGS = ["--target-layer", "2", "--lr", "5e-3", "--batch-size", "4", "--snippets-per-token", "12",

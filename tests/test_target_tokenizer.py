@@ -220,7 +220,7 @@ def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, or
 def test_in_memory_model_and_tokenizers(tiny_model_dir, original, t2, corpus_file):
     from transformers import AutoModelForCausalLM
 
-    from tokdistill_fast.pipeline import distill
+    from tokdistill_fast import distill
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     before = model.get_input_embeddings().weight.detach().clone()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import FILLER
 
-from tokdistill_fast import DistillConfig, contexts, pipeline, retrain, tokens
+from tokdistill_fast import DistillConfig, contexts, distill, pipeline, retrain, tokens
 from tokdistill_fast import report as report_module
 from tokdistill_fast.config import VARIANT_SHARE, UserInputError
 from tokdistill_fast.evaluation import evalrun
@@ -186,7 +186,7 @@ def test_eval_measures_the_variants_at_their_own_occurrences(model_dirs, bare_co
     reports = []
     for epochs in (2, 0):
         out = tmp_path / f"v{epochs}"
-        pipeline.distill(src, words, corpus, out, DistillConfig(**FAST, variant_epochs=epochs))
+        distill(src, words, corpus, out, DistillConfig(**FAST, variant_epochs=epochs))
         reports.append(run_eval(src, out, heldout, opts=None, device="cpu", dtype="float32"))
     trained, plain = (r["variants"] for r in reports)
     assert trained["counts"] == plain["counts"] and trained["counts"]["with_heldout"] == 2

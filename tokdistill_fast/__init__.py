@@ -8,8 +8,10 @@ The pipeline stages are the modules at the top of the package, in the order a ru
   teacher.py    4 truncated teacher pass, packed cache of the aligned states
   student/      5 train the new rows (rows.py: start rows, norm clip)
   export.py     6 write the HF model and tokenizer; check.py verifies it, report.py describes the run
-  pipeline.py   prepare / settle / teacher_cache / learn_rows / write_output; distill()
+  pipeline.py   prepare / settle / teacher_cache / learn_rows / write_output; distill_words() runs them once
+                (results.py: what the stages hand on; hubs.py, retrain.py: the checks and retries after a run)
   target_tokenizer.py  the same run for a given extended tokenizer (bring your own tokenizer)
+  api.py        distill(): one run of either
 Subpackages: modeling/ (the frozen decoder, attention, layouts, losses, the CPU fast path), control/
 (settings and the search, chunks, checkpoints, several processes, the command line's process settings),
 evaluation/ (held-out measure, `eval`, `compare`), tools/ (select, demo, BPE extension, llama.cpp check), kernels/
@@ -32,9 +34,9 @@ def __getattr__(name: str):
     """`distill` and `DistillResult` load the pipeline (and torch) when first used, so that the command line can
     set up the process before torch loads (control/process.py)."""
     if name in ("distill", "DistillResult"):
-        from . import pipeline
+        from . import api
 
-        return getattr(pipeline, name)
+        return getattr(api, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

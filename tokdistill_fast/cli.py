@@ -145,7 +145,7 @@ def config_from(args: argparse.Namespace) -> DistillConfig:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .pipeline import distill
+    from .api import distill
 
     result = distill(args.model, args.new_tokens, args.corpus, args.out, config_from(args))
     r = result.report

@@ -62,7 +62,7 @@ OUTLIER_FACTOR = 10.0
 OVER_PREDICTION_FLAG = 0.2
 # A tied model whose distilled rows make it put more than this share on new tokens right after some trained word
 # (training snippets) -- a new token more often than not -- trains token-distill+alpha-ntp after all, where the
-# search's sample did not show it (pipeline._distill): the defaults' rows on Gemma-3 / the Python Library Reference
+# search's sample did not show it (pipeline.distill_words): the defaults' rows on Gemma-3 / the Python Library Reference
 # reached 0.93. Not lower: SmolLM2 / FOLDOC's fp32 rows reached 0.21, and after alpha-NTP (3.5x the training) two
 # words were still over 0.2 (docs/defaults.md, "A hub the search did not see").
 HUB_AFTER_RUN = 0.5

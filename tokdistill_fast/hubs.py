@@ -16,7 +16,7 @@ from .config import HUB_AFTER_RUN, MASS_RISE
 from .evaluation import heldout
 
 if TYPE_CHECKING:
-    from .pipeline import Prepared
+    from .results import Prepared
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """One path through a run: prepare() (stages 1-3: model, tokens, contexts and alignment), settle() (target layer,
 learning rate, epochs), teacher_cache() (stage 4), learn_rows() (stage 5 for one method: the main run, then
 hubs.py's checks and retrain.py's rows trained again) and write_output() (stage 6 and the output check).
-distill() runs them once; `tokdistill compare` (evaluation/compare.py) runs prepare() once and the rest per method.
+distill_words() runs them once (api.distill); `tokdistill compare` (evaluation/compare.py) runs prepare() once
+and the rest per method.
 
 Orchestration only; each stage lives in its own module and takes and returns plain data.
 """
@@ -14,7 +15,6 @@ import dataclasses
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +30,15 @@ from .config import (
     pick_device,
     pick_dtype,
 )
-from .control import checkpoint, chunks, distributed, observed
+from .control import checkpoint, chunks, distributed
+from .control.observed import StageTimer
 from .control.settings import GUARD_METHOD, from_start, guarded_method, guards, resolve_settings, search_settings
 from .corpus import corpus_files, leading_documents
 from .kernels import backend as kernels
 from .modeling import models
-from .report import RunReport, StageTimer, flag_outliers, hardest_words, variant_summary
+from .report import RunReport, flag_outliers, hardest_words, variant_summary
+from .results import DistillResult, Learned, Prepared
 from .rows import clip_norms, moved_rows, primaries_of, random_rows, subtoken_mean, written_quantile
-from .tokens import NewToken, Skipped
 from .workload import Workload, build_workload, trained_tokens
 
 log = logging.getLogger(__name__)
@@ -45,40 +46,6 @@ log = logging.getLogger(__name__)
 # Corpus bytes read for the start-of-text forms' matches inside longer words (contexts.split_inside_words): a sample
 # is enough for a ratio, and a second full pass over a large corpus would not be.
 INSIDE_SAMPLE = 64 << 20
-
-
-@dataclass
-class DistillResult:
-    """What a run produced. `rows`/`out_rows` are aligned with `tokens` (table space, fp32)."""
-
-    tokenizer: object
-    tokens: list[NewToken]
-    rows: torch.Tensor
-    out_rows: torch.Tensor | None
-    report: dict
-    skipped: list[Skipped] = field(default_factory=list)
-
-
-@dataclass
-class Prepared:
-    """Stages 1-3 of a run, shared by every method trained on them."""
-
-    cfg: DistillConfig
-    decoder: models.Decoder  # the model loaded for compute (device, dtype)
-    tokenizer: object  # the model's tokenizer
-    new_tokenizer: object  # extended with the new tokens
-    toks: list[NewToken]
-    skipped: list[Skipped]
-    work: Workload | None  # snippets and alignment of the tokens to train (None: nothing is trained)
-    tied: bool
-    device: torch.device
-    dtype: torch.dtype
-    backend: str  # kernels: torch | triton (resolved)
-    source: object  # the model directory (Path) or the caller's in-memory model, for the output
-    corpus: list
-    timer: StageTimer
-    work_dir: checkpoint.WorkDir  # checkpoints of a run that keeps them (disabled otherwise)
-    tokenizer_seconds: float | None = None  # how long the run's load of the model's tokenizer took
 
 
 def load(model, tokenizer, device: torch.device, dtype: torch.dtype
@@ -181,33 +148,9 @@ def teacher_cache(prep: Prepared, work: Workload, layers: list[int], packed: boo
                            **teacher.options(prep.decoder, prep.dtype, packed), capture=capture, keep_states=keep)
 
 
-def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, config: DistillConfig | None = None,
-            tokenizer=None, target_tokenizer=None) -> DistillResult:
-    """Add `new_tokens` to the model's tokenizer and learn their input embeddings.
-
-    model: a model directory (with its own tokenizer unless `tokenizer` is given), or an in-memory causal LM (then
-    pass `tokenizer`). new_tokens: a file with one token per line, or a list of strings (or None with
-    config.new_tokens_from_tokenizer). corpus: text, JSONL or Parquet files, directories or globs. out: if given,
-    the extended model is written there (save_pretrained layout plus new_embeddings.safetensors and report.json),
-    and the run keeps checkpoints to resume from (checkpoint.py; SIGINT/SIGTERM then stop at a step boundary). Under
-    torchrun, the processes share the training (distributed.py) and rank 0 writes `out`. target_tokenizer (or
-    config.target_tokenizer): learn rows for the new ids of this given tokenizer instead of adding tokens
-    (target_tokenizer.py; new_tokens is then unused).
-    """
-    cfg = (config or DistillConfig()).validate()
-    if target_tokenizer is not None or cfg.target_tokenizer is not None:
-        from .target_tokenizer import distill_target
-
-        with observed.recording():
-            return distill_target(model, target_tokenizer or cfg.target_tokenizer, corpus, out, cfg, tokenizer)
-    with distributed.setup(cfg.device) as ranks, observed.recording():
-        with checkpoint.stop_on_signals(active=out is not None and ranks.world == 1):
-            return _distill(model, new_tokens, corpus, out, cfg, tokenizer, ranks)
-
-
-def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConfig, tokenizer,
-             ranks: distributed.Ranks) -> DistillResult:
-    """distill() in this process, one of `ranks` (rank 0 checks and writes `out`)."""
+def distill_words(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConfig, tokenizer,
+                  ranks: distributed.Ranks) -> DistillResult:
+    """api.distill for new words, in this process, one of `ranks` (rank 0 checks and writes `out`)."""
     if ranks.world > 1 and (cfg.resume or cfg.chunk_tokens or cfg.memory_budget):
         raise UserInputError("--resume, --chunk-tokens and --memory-budget run in one process, not under torchrun")
     if out is not None and ranks.writer:
@@ -281,23 +224,6 @@ def _distill(model, new_tokens, corpus, out: str | Path | None, cfg: DistillConf
         work_dir.finish()
     return DistillResult(prep.new_tokenizer, prep.toks, learned.rows, learned.out_rows, report.finish(),
                          prep.skipped)
-
-
-@dataclass
-class Learned:
-    """New rows of one method (aligned with the token list, fp32 on the CPU) and how they were obtained."""
-
-    rows: torch.Tensor
-    out_rows: torch.Tensor | None  # untied models only
-    train_result: student.TrainResult | None
-    clipped: int
-    init_used: set[int] = field(default_factory=set)  # tokens that started from --init-from rows
-    derived: list[int] = field(default_factory=list)  # variants whose rows were moved from their primary's
-    retried: dict[int, dict] = field(default_factory=dict)  # outliers trained again alone (retrain.retry_outliers)
-    hardest: dict[int, dict] = field(default_factory=dict)  # more epochs alone (retrain.continue_hardest)
-    mass: tuple | None = None  # hubs.new_token_mass of these rows, where a check (more epochs, hardest) measured them
-    more: dict | None = None  # what the more epochs did (hubs.keep_more_epochs)
-    variants: dict[int, dict] = field(default_factory=dict)  # trained on their own snippets (retrain.train_variants)
 
 
 def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, int], work: Workload | None = None,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,27 +15,12 @@ import torch
 
 from .config import HARDEST_FRACTION, OUTLIER_FACTOR, OVER_PREDICTION_FLAG, DistillConfig
 from .control import observed, process
+from .control.observed import StageTimer
 
 if TYPE_CHECKING:
-    from .pipeline import Learned, Prepared
+    from .results import Learned, Prepared
 
 log = logging.getLogger(__name__)
-
-
-class StageTimer:
-    """Wall-clock seconds per stage (synchronizing CUDA so asynchronous work is charged to its stage)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.started = time.perf_counter()
-
-    @contextmanager
-    def __call__(self, name: str):
-        t0 = time.perf_counter()
-        yield
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 class RunReport:

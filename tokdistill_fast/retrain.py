@@ -20,7 +20,7 @@ from .rows import moved_rows, primaries_of
 from .workload import Workload, build_workload
 
 if TYPE_CHECKING:
-    from .pipeline import Prepared
+    from .results import Prepared
 
 log = logging.getLogger(__name__)
 

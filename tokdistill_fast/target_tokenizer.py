@@ -34,12 +34,14 @@ from . import align, contexts, export, pipeline, student
 from .config import DistillConfig, UserInputError, launch, pick_device, pick_dtype
 from .contexts import CHARS_PER_TOKEN, Hit, Snippet
 from .control import checkpoint
+from .control.observed import StageTimer
 from .control.settings import guards
 from .corpus import Corpus
 from .corpus import corpus_files as find_corpus_files
 from .kernels import backend as kernels
 from .modeling import models
-from .report import RunReport, StageTimer
+from .report import RunReport
+from .results import DistillResult, Prepared
 from .tokens import NewToken
 from .workload import Workload
 
@@ -278,8 +280,8 @@ def build_workload(cfg: DistillConfig, original, target, toks: list[NewToken], c
                              retrieval)
 
 
-def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tokenizer) -> pipeline.DistillResult:
-    """pipeline.distill with a given target tokenizer (module docstring). One process, no chunks or checkpoints."""
+def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tokenizer) -> DistillResult:
+    """api.distill with a given target tokenizer (module docstring). One process, no chunks or checkpoints."""
     if cfg.prefix_sharing not in ("auto", "off"):
         raise UserInputError("--prefix-sharing on/fused cannot run with --tokenizer: the student's first aligned "
                              "position may follow new pieces, so its prefix is not the teacher's (use off or auto)")
@@ -316,7 +318,7 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
         decoder, _, source, _ = pipeline.load(model, original, device, dtype)
     tied = export.is_tied(decoder.model)
     V = decoder.embed_weight.shape[0]
-    prep = pipeline.Prepared(cfg, decoder, original, target, toks, [], None, tied, device, dtype, backend, source,
+    prep = Prepared(cfg, decoder, original, target, toks, [], None, tied, device, dtype, backend, source,
                              list(corpus), timer, checkpoint.WorkDir(None), tokenizer_seconds)
     settings, _ = pipeline.settle(prep, cfg)  # no workload yet: the measured defaults, no search
     method = cfg.method
@@ -356,4 +358,4 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     if out is not None:
         with timer("export"):
             pipeline.write_output(Path(out), prep, learned, report)
-    return pipeline.DistillResult(target, toks, learned.rows, learned.out_rows, report.finish(), [])
+    return DistillResult(target, toks, learned.rows, learned.out_rows, report.finish(), [])

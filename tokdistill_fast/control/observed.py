@@ -1,6 +1,6 @@
-"""What actually ran. Each fast-path site notes the implementation it used while distill() records, so the report
-states what happened (not what the config asked for), and a fallback from a fast path a user would expect logs one
-warning line per run saying what it costs.
+"""What actually ran, and how long each stage took (`StageTimer`). Each fast-path site notes the implementation it
+used while distill() records, so the report states what happened (not what the config asked for), and a fallback
+from a fast path a user would expect logs one warning line per run saying what it costs.
 
 Sites and names: "align" (cpp | python), "kernels" (triton | torch), "attention" (flash varlen | fused | dense:
 the packed passes of prefix sharing), "layers" (cpp | triton | torch: the decoder layers' norms, rotations and
@@ -10,6 +10,7 @@ activations), "teacher_cache" (device | host). A site that never ran is absent.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,3 +48,21 @@ def ran(site: str) -> str | None:
     stack = _active.get()
     impls = sorted(stack[-1][site]) if stack and site in stack[-1] else []
     return "+".join(impls) or None
+
+
+class StageTimer:
+    """Wall-clock seconds per stage (synchronizing CUDA so asynchronous work is charged to its stage)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        import torch  # loaded by then: this module is imported before torch may be
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0

@@ -1,0 +1,34 @@
+"""distill(): the library's entry for one run, for new words (pipeline.py) or for the new ids of a given tokenizer
+(target_tokenizer.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import pipeline
+from .config import DistillConfig
+from .control import checkpoint, distributed, observed
+from .results import DistillResult
+from .target_tokenizer import distill_target
+
+
+def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, config: DistillConfig | None = None,
+            tokenizer=None, target_tokenizer=None) -> DistillResult:
+    """Add `new_tokens` to the model's tokenizer and learn their input embeddings.
+
+    model: a model directory (with its own tokenizer unless `tokenizer` is given), or an in-memory causal LM (then
+    pass `tokenizer`). new_tokens: a file with one token per line, or a list of strings (or None with
+    config.new_tokens_from_tokenizer). corpus: text, JSONL or Parquet files, directories or globs. out: if given,
+    the extended model is written there (save_pretrained layout plus new_embeddings.safetensors and report.json),
+    and the run keeps checkpoints to resume from (checkpoint.py; SIGINT/SIGTERM then stop at a step boundary). Under
+    torchrun, the processes share the training (distributed.py) and rank 0 writes `out`. target_tokenizer (or
+    config.target_tokenizer): learn rows for the new ids of this given tokenizer instead of adding tokens
+    (target_tokenizer.py; new_tokens is then unused).
+    """
+    cfg = (config or DistillConfig()).validate()
+    if target_tokenizer is not None or cfg.target_tokenizer is not None:
+        with observed.recording():
+            return distill_target(model, target_tokenizer or cfg.target_tokenizer, corpus, out, cfg, tokenizer)
+    with distributed.setup(cfg.device) as ranks, observed.recording():
+        with checkpoint.stop_on_signals(active=out is not None and ranks.world == 1):
+            return pipeline.distill_words(model, new_tokens, corpus, out, cfg, tokenizer, ranks)
