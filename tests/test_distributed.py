@@ -129,7 +129,7 @@ def test_split_covers_every_step(world):
     total = torch.zeros(len(plan), 2)
     sizes = np.zeros((world, len(plan)), dtype=int)
     for rank in range(world):
-        mine, shard = split(Ranks(rank, world), work, lambda: plan, torch.device("cpu"))
+        mine, shard = split(Ranks(rank, world), work, lambda rows: batch_plan(rows, 5, 2, seed=1), torch.device("cpu"))
         total += shard.weights
         for step, (rows, local) in enumerate(zip(plan, shard.plan)):
             snippets = np.asarray(mine.snippets)[local]

@@ -162,8 +162,8 @@ def distill_words(model, new_tokens, corpus, out: str | Path | None, cfg: Distil
     settings, search = settle(prep, cfg, timer, guard=not from_start(cfg, words))
     # every rank takes rank 0's settings
     layer, lr, epochs, method = ranks.agree(work, (*settings, guarded_method(cfg, prep.tied, search, words)))
-    mine, shard = distributed.split(ranks, work, lambda: student.batch_plan(work.snippet_row, cfg.batch_size, epochs,
-                                                                            cfg.seed), prep.device)
+    plan_of = functools.partial(student.batch_plan, snippets_per_batch=cfg.batch_size, epochs=epochs, seed=cfg.seed)
+    mine, shard = distributed.split(ranks, work, plan_of, prep.device)
 
     def train(method: str, hook: str) -> tuple[Learned, chunks.Plan | None, teacher.TeacherCache | None]:
         """The rows of `method` with the settled layer, rate and epochs (the teacher pass its objective needs

@@ -210,14 +210,14 @@ def pair_counts(al) -> tuple[np.ndarray, np.ndarray]:
     return np.diff(al.cu_aligned), np.bincount(al.pair_snippet()[al.pair_has_next()], minlength=al.n)
 
 
-def split(ranks: Ranks, work, plan: Callable[[], list[np.ndarray]], device: torch.device):
-    """(this rank's workload, its Shard): the rank's snippets of every global batch of the one-process `plan()`
-    (student.batch_plan), with their teacher sequences and alignment. A one-process run keeps its workload and gets
-    no Shard."""
+def split(ranks: Ranks, work, plan_of: Callable[[np.ndarray], list[np.ndarray]], device: torch.device):
+    """(this rank's workload, its Shard): the rank's snippets of every global batch of the one-process plan
+    (`plan_of(snippet_row)`: student.batch_plan), with their teacher sequences and alignment. A one-process run
+    keeps its workload and gets no Shard."""
     if ranks.world == 1 or work is None:
         return work, None
     al = work.alignment
-    plan = plan()
+    plan = plan_of(work.snippet_row)
     parts = [np.array_split(step, ranks.world)[ranks.rank] for step in plan]
     mine = np.unique(np.concatenate([np.zeros(0, dtype=np.int64), *parts])).astype(np.int64)
     local_index = np.full(al.n, -1, dtype=np.int64)
