@@ -504,6 +504,24 @@ def test_vietnamese_installation_guide_keeps_the_translated_paragraphs(tmp_path,
                               "lỗi."]
 
 
+def test_astropy_corpus_reads_the_guides_without_indexes_and_licence(tmp_path, monkeypatch):
+    """Astropy's guides: the pages beside each subpackage's index page, without the generated indexes, the search
+    page, the credits and the licence."""
+    from tokdistill_fast.tools import demo
+
+    root = tmp_path / "html"
+    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / path.relative_to(
+        "/usr/share/doc/python-astropy-doc/html"))
+    text = "<p>SkyCoord objects can be transformed between frames such as ICRS and Galactic.</p>"
+    for folder in (root, root / "coordinates"):
+        folder.mkdir()
+        (folder / "index.html").write_text(text)
+    for page in ("genindex.html", "py-modindex.html", "search.html", "license.html", "credits.html"):
+        (root / page).write_text("<p>A page of links or legal text, long enough to be kept.</p>")
+    out = demo.html_manual_corpus("astropy", tmp_path / "astropy.txt", tmp_path)
+    assert documents(out) == [text[3:-4]] * 2
+
+
 def test_maxima_corpus_leaves_out_the_one_page_copy_and_the_contents(tmp_path, monkeypatch):
     """Maxima's manual has each section on its own page and all of them again on one page: the corpus reads each
     paragraph once, without the tables of contents."""

@@ -239,7 +239,9 @@ def html_paragraphs(pages: Iterable[Path], tags: tuple[str, ...] = ("p",), attri
 # (forty-fourth stop: web servers; its directive and site maps, the license and six pages that Debian's package
 # ships in Portuguese under en/ left out), Debian's installation guide in English and in Vietnamese (2026-12-06,
 # fifty-third stop: installing an operating system; Vietnamese, a Latin script whose words are syllables written
-# apart, with stacked diacritics; the GPL's appendix left out).
+# apart, with stacked diacritics; the GPL's appendix left out), the Biopython Tutorial and Cookbook (2026-12-07,
+# fifty-eighth stop: bioinformatics, one page) and Astropy's narrative documentation (the same stop: astronomy;
+# the guides of its subpackages, not the API reference; its indexes, search page, credits and licence left out).
 LILYPOND_MANUALS = ("learning", "notation", "music-glossary", "essay", "usage")
 HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/library/index.html",), None),
                 "pgdocs": ("postgresql-doc-15", ("/usr/share/doc/postgresql-doc-15/html/index.html",), None),
@@ -268,7 +270,14 @@ HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/li
                            r"|(bind|filter|install|invoking|upgrading|new_features_2_4)\.html"),  # Portuguese
                 **{f"install-{language}": ("installation-guide-amd64",
                                            (f"/usr/share/doc/installation-guide-amd64/{language}/index.html",),
-                                           r"apf.*\.html") for language in ("en", "vi")}}
+                                           r"apf.*\.html") for language in ("en", "vi")},
+                "biopython": ("python-biopython-doc", ("/usr/share/doc/python-biopython-doc/Doc/Tutorial.html",), None),
+                "astropy": ("python-astropy-doc", tuple(
+                    f"/usr/share/doc/python-astropy-doc/html/{part}index.html" for part in (
+                        "", "coordinates/", "units/", "time/", "table/", "cosmology/", "wcs/", "modeling/",
+                        "convolution/", "nddata/", "stats/", "timeseries/", "visualization/", "io/fits/",
+                        "io/ascii/", "uncertainty/", "constants/", "samp/", "utils/", "config/")),
+                            r"genindex\.html|py-modindex\.html|search\.html|license\.html|credits\.html")}
 
 
 def mostly_vietnamese(paragraph: str) -> bool:
@@ -485,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(stellarium-data), the legends of Freeciv's nations (freeciv-data), Dungeon Crawl's "
                         "descriptions (crawl-common), Debian's manuals in Russian (developers-reference-ru, "
                         "maint-guide-ru, debian-faq-ru), GNOME's help in Korean, Tamil, Marathi, Persian and Greek "
-                        "(gnome-user-docs) and Debian's installation guide in English and Vietnamese "
-                        "(installation-guide-amd64), split 3:1")
+                        "(gnome-user-docs), Debian's installation guide in English and Vietnamese "
+                        "(installation-guide-amd64), the Biopython Tutorial (python-biopython-doc) and Astropy's "
+                        "guides (python-astropy-doc), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
