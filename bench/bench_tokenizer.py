@@ -22,7 +22,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from tokdistill_fast import tokens
+from tokdistill_fast import extend, tokens
 from tokdistill_fast.check import probe_paragraphs
 from tokdistill_fast.config import cache_dir
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             if n:
                 planned, _ = tokens.plan_new_tokens(original, words, add_variants=False)
-                extended = tokens.extend_tokenizer(original, planned, mode, config)
+                extended = extend.extend_tokenizer(original, planned, mode, config)
             else:
                 planned, extended = [], original
             build = time.perf_counter() - t0

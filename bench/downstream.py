@@ -30,7 +30,7 @@ from tokdistill_fast.tools import runtimes
 # in every mode: no pre-tokenizer keeps it whole), and frequent gcide words (`tokdistill select`) so that the
 # corpus sample has paragraphs with new words, among them ones with an apostrophe, a hyphen or inside longer words;
 # and words with Latin-1 letters, whose start-of-text forms SmolLM2's byte-level decoder cannot give back as added
-# tokens (tokens.extend_decodable leaves those forms out).
+# tokens (extend.extend_decodable leaves those forms out).
 WORDS = ["sublicense", "licensor", "copyleft", "licensable", "palatable", "thyroidectomy", "indemnify",
          "spill the beans", "warrantor", "noninfringement", "Dryden", "one's", "Pertaining", "Naut", "contrivance",
          "fresh-water", "figuratively", "designating", "naïve", "Zürich", "Straße"]

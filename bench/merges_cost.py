@@ -34,7 +34,7 @@ def merges_tokenizer(tok, planned: list[tokens.NewToken]) -> tuple[Tokenizer, se
     finals, middles, skipped = set(), set(), 0
     seen = {tuple(m) if pairs else tuple(m.split(" ")) for m in merges}
     for t in planned:
-        piece = tokens._stored_piece(tok.backend_tokenizer, t.form)
+        piece = tokens.stored_piece(tok.backend_tokenizer, t.form)
         parts = tok.convert_ids_to_tokens(t.sub_ids)
         if piece is None or "".join(parts) != piece or piece in vocab:
             skipped += 1

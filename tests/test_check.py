@@ -12,7 +12,7 @@ from conftest import NEW_WORDS, save_tiny_model, tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokdistill_fast import DistillConfig, check, cli, distill, tokens
+from tokdistill_fast import DistillConfig, check, cli, distill, extend
 from tokdistill_fast.config import GuaranteeError, UserInputError
 from tokdistill_fast.tools import runtimes
 
@@ -338,11 +338,11 @@ def test_words_in_llama_cpps_check_text_are_left_out_and_check_warns_of_them(pad
     assert [t.form for t in result.tokens if not t.variant] == [" palatable"]
     assert any(s.word == "he's" and "convert_hf_to_gguf.py" in s.reason for s in result.skipped)
     original, extended = AutoTokenizer.from_pretrained(padded), AutoTokenizer.from_pretrained(out)
-    assert extended.encode(tokens.CONVERTER_CHECK_TEXT) == original.encode(tokens.CONVERTER_CHECK_TEXT)
+    assert extended.encode(extend.CONVERTER_CHECK_TEXT) == original.encode(extend.CONVERTER_CHECK_TEXT)
     section = check.check_dir(out, padded, forward=False)
     assert section["passed"] and section["runtimes"]["converter_check_text_tokens"] == 0
 
-    monkeypatch.setattr(tokens, "converter_text_forms", lambda forms: {})
+    monkeypatch.setattr(extend, "converter_text_forms", lambda forms: {})
     old = tmp_path / "old"
     run(padded, words, old)
     section = check.check_dir(old, padded, forward=False)

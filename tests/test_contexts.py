@@ -29,7 +29,8 @@ from tokdistill_fast.contexts import (
     start_id,
 )
 from tokdistill_fast.corpus import DOC_SPLIT, Corpus, corpus_files, iter_documents
-from tokdistill_fast.tokens import NewToken, extend_tokenizer, plan_new_tokens, spaceless
+from tokdistill_fast.extend import extend_tokenizer
+from tokdistill_fast.tokens import NewToken, plan_new_tokens, spaceless
 
 FORMS = [" palatable", " spill the beans", " bivalve", " ün", "ab", "パッケージ"]
 

@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 from tokdistill_fast import DistillConfig, distill
 from tokdistill_fast.cli import main
 from tokdistill_fast.config import UserInputError
+from tokdistill_fast.extend import vocabulary_collisions
 from tokdistill_fast.swap import apply_init, log_skipped, requested_words, words_from_tokenizer
-from tokdistill_fast.tokens import NewToken, Skipped, vocabulary_collisions
+from tokdistill_fast.tokens import NewToken, Skipped
 
 FAST = dict(snippets_per_token=8, snippet_length=24, batch_size=4, target_layer=2, lr=1e-2, epochs=1,
             dtype="float32")

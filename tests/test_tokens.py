@@ -10,7 +10,7 @@ import pytest
 from conftest import NEW_WORDS, tiny_config
 from transformers import AutoTokenizer
 
-from tokdistill_fast import check, tokens
+from tokdistill_fast import check, extend, tokens
 from tokdistill_fast.config import UserInputError
 
 KINDS = ("bytelevel", "metaspace", "llama2")
@@ -19,13 +19,13 @@ PLAIN = ("The patient said the soup was green. A doctor found a small house by t
          "asked: was it old? \"It seemed new\", she told him.\nThe surgeon took the quick food to the hospital.")
 
 
-def extend(tok, words, mode="auto", config=None, **plan):
+def extend_words(tok, words, mode="auto", config=None, **plan):
     planned, skipped = tokens.plan_new_tokens(tok, words, **plan)
-    return tokens.extend_tokenizer(tok, planned, mode, config), planned, skipped
+    return extend.extend_tokenizer(tok, planned, mode, config), planned, skipped
 
 
 def span(tok, text: str, start: int, end: int) -> list[int]:
-    return tokens.span_ids(tok.backend_tokenizer.encode(text, add_special_tokens=False), start, end)
+    return extend.span_ids(tok.backend_tokenizer.encode(text, add_special_tokens=False), start, end)
 
 
 CONTEXTS = [("the ", " said"), ("the ", "."), ("the ", ", and"), ("the ", "\n"),  # after a space
@@ -36,7 +36,7 @@ CONTEXTS = [("the ", " said"), ("the ", "."), ("the ", ", and"), ("the ", "\n"),
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_id_wherever_running_text_puts_the_word(tokenizers_by_kind, kind, mode):
     tok = tokenizers_by_kind[kind]
-    new, planned, skipped = extend(tok, NEW_WORDS, mode)
+    new, planned, skipped = extend_words(tok, NEW_WORDS, mode)
     assert not skipped and {t.kind for t in planned} == {mode}
     ids = {w: {t.new_id for t in planned if t.word == w} for w in NEW_WORDS}
     for word in NEW_WORDS:
@@ -53,7 +53,7 @@ def test_one_id_wherever_running_text_puts_the_word(tokenizers_by_kind, kind, mo
 @pytest.mark.parametrize("kind", KINDS)
 def test_text_without_new_words_unchanged_and_round_trip(tokenizers_by_kind, corpus_text, kind, mode):
     tok = tokenizers_by_kind[kind]
-    new, planned, _ = extend(tok, NEW_WORDS, mode)
+    new, planned, _ = extend_words(tok, NEW_WORDS, mode)
     paragraphs = check.probe_paragraphs([PLAIN, corpus_text, check.PROBE_TEXT])
     orig = check.Original(tok)
     new_list = [{"id": t.new_id, "form": t.form, "piece": t.piece, "kind": t.kind, "word": t.word} for t in planned]
@@ -70,12 +70,12 @@ def test_prefix_pairs(tokenizers_by_kind, kind):
     """'bival' new: 'bivalve' tokenizes as before (vocab mode); both new: each is one id, in either order."""
     tok = tokenizers_by_kind[kind]
     longer = ["the bivalve said", "bivalve said", "the (bivalve)"]
-    new, planned, _ = extend(tok, ["bival"], "vocab")
+    new, planned, _ = extend_words(tok, ["bival"], "vocab")
     for text in longer:
         assert new(text)["input_ids"] == tok(text)["input_ids"], text
     assert len(span(new, "the bival said", 4, 9)) == 1
     for words in (["bival", "bivalve"], ["bivalve", "bival"]):
-        new, planned, _ = extend(tok, words, "vocab")
+        new, planned, _ = extend_words(tok, words, "vocab")
         ids = {t.form: t.new_id for t in planned}
         assert span(new, "the bivalve said", 4, 11) == [ids[" bivalve"]]
         assert span(new, "the bival said", 4, 9) == [ids[" bival"]]
@@ -87,7 +87,7 @@ def test_added_mode_prefix_limit_is_reported(tokenizers_by_kind, kind):
     """Added tokens match inside longer words (' bival' in ' bivalve', 'bival' in '(bivalve)'): they carry no
     single_word, which llama.cpp would drop; `check` reports the inside-word matches as warnings."""
     tok = tokenizers_by_kind[kind]
-    new, planned, _ = extend(tok, ["bival"], "added")
+    new, planned, _ = extend_words(tok, ["bival"], "added")
     assert not any(t.single_word or t.lstrip or t.rstrip for t in new.added_tokens_decoder.values())
     assert new("the bivalve said")["input_ids"] != tok("the bivalve said")["input_ids"]
     assert new("the (bivalve)")["input_ids"] != tok("the (bivalve)")["input_ids"]
@@ -109,7 +109,7 @@ def test_insertion_order_does_not_change_tokenization(tokenizers_by_kind, kind):
     for seed in range(3):
         shuffled = random.Random(seed).sample(words, len(words))
         for mode in MODES:
-            new, _, _ = extend(tok, shuffled, mode)
+            new, _, _ = extend_words(tok, shuffled, mode)
             pieces.append((mode, new.tokenize(text)))
     for mode in MODES:
         got = [p for m, p in pieces if m == mode]
@@ -119,8 +119,8 @@ def test_insertion_order_does_not_change_tokenization(tokenizers_by_kind, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_casing_variants(tokenizers_by_kind, kind):
     tok = tokenizers_by_kind[kind]
-    _, without, _ = extend(tok, ["palatable"])
-    new, planned, skipped = extend(tok, ["palatable"], add_casing=True)
+    _, without, _ = extend_words(tok, ["palatable"])
+    new, planned, skipped = extend_words(tok, ["palatable"], add_casing=True)
     casing = [t for t in planned if t.variant.startswith("casing")]
     assert len(planned) > len(without) and casing and all(t.variant_of == "palatable" for t in casing)
     ids = {t.form: t.new_id for t in planned}
@@ -139,7 +139,7 @@ def test_uncased_tokenizer_folds_casing_variants():
     raw.train_from_iterator([PLAIN * 5], trainers.BpeTrainer(vocab_size=300, show_progress=False,
                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=raw)
-    new, planned, skipped = extend(tok, ["Palatable"], add_casing=True)
+    new, planned, skipped = extend_words(tok, ["Palatable"], add_casing=True)
     assert [s.word for s in skipped] == ["palatable"] and "same stored form" in skipped[0].reason
     assert len(span(new, "the PALATABLE said", 4, 13)) == 1
 
@@ -168,21 +168,21 @@ def test_byte_fallback_and_unknown_characters(tokenizers_by_kind):
     words = ["café", "naïve-ish"]
     for kind in ("bytelevel", "llama2"):  # byte pieces in the original tokenization: the new token works
         tok = tokenizers_by_kind[kind]
-        new, planned, skipped = extend(tok, words)
+        new, planned, skipped = extend_words(tok, words)
         assert not skipped
         sub = tok.convert_ids_to_tokens(planned[0].sub_ids)
         assert kind != "llama2" or any(tokens.BYTE_PIECE.fullmatch(p) for p in sub)
         for text, start, end in (("the café said", 4, 8), ("the naïve-ish (café)", 4, 13)):
             assert len(span(new, text, start, end)) == 1
             assert new.decode(new(text, add_special_tokens=False)["input_ids"]) == text
-    _, planned, skipped = extend(tokenizers_by_kind["metaspace"], words)  # no byte fallback: <unk>, skipped
+    _, planned, skipped = extend_words(tokenizers_by_kind["metaspace"], words)  # no byte fallback: <unk>, skipped
     assert not planned and all("unknown token" in s.reason for s in skipped)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_multi_word_and_hyphenated(tokenizers_by_kind, kind):
     tok = tokenizers_by_kind[kind]
-    new, planned, _ = extend(tok, ["spill the beans", "soup-cook"], "vocab")
+    new, planned, _ = extend_words(tok, ["spill the beans", "soup-cook"], "vocab")
     assert {t.kind for t in planned} == {"vocab"}
     for text, start, end in (("the spill the beans said", 4, 19), ("the soup-cook said", 4, 13),
                              ("spill the beans, said", 0, 15), ("the (soup-cook)", 5, 14)):
@@ -197,7 +197,7 @@ def test_multi_word_and_hyphenated(tokenizers_by_kind, kind):
 def test_save_reload_resave_same_ids(tokenizers_by_kind, corpus_text, tmp_path, kind, mode, family):
     tok = tokenizers_by_kind[kind]
     config = tiny_config(family, len(tok))
-    new, planned, _ = extend(tok, NEW_WORDS, mode, config)
+    new, planned, _ = extend_words(tok, NEW_WORDS, mode, config)
     texts = check.probe_paragraphs([corpus_text[:5000], PLAIN])
     expected = [new(t)["input_ids"] for t in texts]
     for cycle in ("a", "b"):
@@ -215,11 +215,11 @@ def test_model_class_that_rebuilds_its_pipeline_falls_back_to_added(tokenizers_b
     the vocab extension: auto falls back to added tokens, vocab refuses."""
     tok = tokenizers_by_kind["bytelevel"]
     config = tiny_config("qwen2", len(tok))
-    new, planned, _ = extend(tok, NEW_WORDS, "auto", config)
+    new, planned, _ = extend_words(tok, NEW_WORDS, "auto", config)
     assert {t.kind for t in planned} == {"added"}
     assert len(span(new, "the palatable said", 4, 13)) == 1
     with pytest.raises(UserInputError, match="tokenizer-mode vocab"):
-        extend(tok, NEW_WORDS, "vocab", config)
+        extend_words(tok, NEW_WORDS, "vocab", config)
 
 
 def test_trie_pattern_matches_exactly_the_strings_longest_first():
@@ -232,7 +232,7 @@ def test_trie_pattern_matches_exactly_the_strings_longest_first():
     assert pattern.match("bivalves").group() == "bivalve"
     for other in ("biv", "bivalv", "spill the", "axb", "b"):
         assert not pattern.fullmatch(other)
-    iso = regex.compile(tokens.isolation_pattern([" bival", "bival"]))
+    iso = regex.compile(extend.isolation_pattern([" bival", "bival"]))
     assert [m.group() for m in iso.finditer("bival bivalve xbival (bival) bival.")] == ["bival", "bival",
                                                                                        " bival"]
 
@@ -244,7 +244,7 @@ def test_forms_that_would_not_decode_back_are_skipped(tokenizers_by_kind, kind):
     tok = tokenizers_by_kind[kind]
     planned, skipped = tokens.plan_new_tokens(tok, ["naïve", "Zürich"])
     assert not skipped and {t.form for t in planned} == {" naïve", "naïve", " Zürich", "Zürich"}
-    new, kept, dropped = tokens.extend_decodable(tok, planned, "added")
+    new, kept, dropped = extend.extend_decodable(tok, planned, "added")
     bytelevel = kind == "bytelevel"
     assert {t.form for t in kept} == ({" naïve", " Zürich"} if bytelevel else {t.form for t in planned})
     assert [s.word for s in dropped] == (["naïve", "Zürich"] if bytelevel else [])
@@ -261,24 +261,24 @@ def test_variants_that_would_split_vocabulary_words_are_left_out(tokenizers_by_k
     here. Its start-of-text variant only saves tokens, so it is left out with the reason; the word itself stays,
     with a warning that names what it splits; a word that splits nothing keeps its variant."""
     tok = tokenizers_by_kind[kind]
-    assert set(tokens.vocabulary_collisions(tok, [" hospit", "hospit", " palatable", "palatable"])) == {
+    assert set(extend.vocabulary_collisions(tok, [" hospit", "hospit", " palatable", "palatable"])) == {
         " hospit", "hospit"}
     planned, _ = tokens.plan_new_tokens(tok, ["hospit", "palatable"])
     assert {(t.word, t.variant) for t in planned} == {(w, v) for w in ("hospit", "palatable") for v in ("", "start")}
     with caplog.at_level("WARNING", logger="tokdistill_fast.tokens"):
-        new, kept, dropped = tokens.extend_decodable(tok, planned, "added")
+        new, kept, dropped = extend.extend_decodable(tok, planned, "added")
     assert [(t.word, t.variant) for t in kept] == [("hospit", ""), ("palatable", ""), ("palatable", "start")]
     assert [(s.word, s.reason, s.form_only) for s in dropped] == [
         ("hospit", "its start-of-text form 'hospit', which as an added token would also split "
-                   f"{tokens.vocabulary_collisions(tok, ['hospit'])['hospit']!r} wherever it occurs", True)]
+                   f"{extend.vocabulary_collisions(tok, ['hospit'])['hospit']!r} wherever it occurs", True)]
     assert "1 word(s) will also split longer words" in caplog.text and "' hospit' in" in caplog.text
     assert new(" hospital", add_special_tokens=False)["input_ids"] != tok(" hospital", add_special_tokens=False)[
         "input_ids"]  # the word's own form still splits it: what the warning says
-    new, kept, dropped = tokens.extend_decodable(tok, planned, "added", keep_listed=False)  # from a tokenizer
+    new, kept, dropped = extend.extend_decodable(tok, planned, "added", keep_listed=False)  # from a tokenizer
     assert [(t.word, t.variant) for t in kept] == [("palatable", ""), ("palatable", "start")]
     assert [s.word for s in dropped] == ["hospit", "hospit"] and "would also split" in dropped[0].reason
     assert not any(s.form_only for s in dropped)  # the word is gone with its forms
-    new, kept, dropped = tokens.extend_decodable(tok, planned, "vocab")  # forms isolated at word boundaries
+    new, kept, dropped = extend.extend_decodable(tok, planned, "vocab")  # forms isolated at word boundaries
     assert not dropped and len(kept) == 4 and {t.kind for t in kept} == {"vocab"}
     assert new(" hospital", add_special_tokens=False)["input_ids"] == tok(" hospital", add_special_tokens=False)[
         "input_ids"]
@@ -297,7 +297,7 @@ def test_words_without_spaces_are_their_own_running_text_form(tokenizers_by_kind
     variant, an added token (no boundary in the text a pre-tokenizer could isolate it at), emitted between Japanese
     letters, after a Latin word and at the start of text; a Latin word keeps its spaced and bare forms."""
     tok = tokenizers_by_kind[kind]
-    new, planned, skipped = extend(tok, ["パッケージ", "ファイルシステム", "palatable"], "auto")
+    new, planned, skipped = extend_words(tok, ["パッケージ", "ファイルシステム", "palatable"], "auto")
     assert not skipped
     assert [t.form for t in planned] == ["パッケージ", "ファイルシステム", " palatable", "palatable"]
     assert [t.kind for t in planned[:2]] == ["added", "added"]
@@ -306,7 +306,7 @@ def test_words_without_spaces_are_their_own_running_text_form(tokenizers_by_kind
         start = text.index("パッケージ")
         assert span(new, text, start, start + len("パッケージ")) == [planned[0].new_id], new.tokenize(text)
         assert new.decode(new(text, add_special_tokens=False)["input_ids"]) == text
-    _, only, _ = extend(tok, ["パッケージ"], "vocab")  # nothing for vocab mode to isolate: no error, an added token
+    _, only, _ = extend_words(tok, ["パッケージ"], "vocab")  # nothing for vocab mode to isolate: an added token
     assert [(t.form, t.kind) for t in only] == [("パッケージ", "added")]
 
 
@@ -368,21 +368,21 @@ def test_overlapping_forms_are_those_runtimes_read_apart():
         return [tokens.NewToken(f.strip(), f, [], variant="start" * (f[0] != " " and not tokens.spaceless(f)))
                 for f in forms]
 
-    found = tokens.overlapping_forms(planned("東京", "京都", " New York", " York City", " palatable", "electron"), [])
+    found = extend.overlapping_forms(planned("東京", "京都", " New York", " York City", " palatable", "electron"), [])
     assert set(found) == {"京都", " York City"}
     assert found["京都"] == ("which overlaps '東京' (text holding both, '東京都', tokenizes differently in llama.cpp "
                             "and in transformers)")
-    assert not tokens.overlapping_forms(planned("データベース", "スキーマ"), [])  # the first is longer
-    assert not tokens.overlapping_forms(planned(" inclose", " inclosed", "inclosed"), [])  # " inclosed" spans
-    assert not tokens.overlapping_forms(planned(" it's", "submodule", " Control-C", "Content-Type", " vùng",
+    assert not extend.overlapping_forms(planned("データベース", "スキーマ"), [])  # the first is longer
+    assert not extend.overlapping_forms(planned(" inclose", " inclosed", "inclosed"), [])  # " inclosed" spans
+    assert not extend.overlapping_forms(planned(" it's", "submodule", " Control-C", "Content-Type", " vùng",
                                                 "người"), [])
-    found = tokens.overlapping_forms(planned(" reboot", "reboot", "booting", "booted", "bootloader"), [])
+    found = extend.overlapping_forms(planned(" reboot", "reboot", "booting", "booted", "bootloader"), [])
     assert set(found) == {"booting", "booted", "bootloader"}
     assert "'rebooted'" in found["booted"]
-    assert "' rebooting'" in tokens.overlapping_forms(planned(" reboot", "booting"), [])["booting"]
-    assert set(tokens.overlapping_forms(planned(" right-click", "click-and-drag"), [])) == {"click-and-drag"}
-    assert set(tokens.overlapping_forms(planned("click-and-drag", " right-click"), [])) == {"click-and-drag"}
-    assert set(tokens.overlapping_forms(planned("京都"), ["東京"])) == {"京都"}  # the tokenizer's own come first
+    assert "' rebooting'" in extend.overlapping_forms(planned(" reboot", "booting"), [])["booting"]
+    assert set(extend.overlapping_forms(planned(" right-click", "click-and-drag"), [])) == {"click-and-drag"}
+    assert set(extend.overlapping_forms(planned("click-and-drag", " right-click"), [])) == {"click-and-drag"}
+    assert set(extend.overlapping_forms(planned("京都"), ["東京"])) == {"京都"}  # the tokenizer's own come first
 
 
 def test_overlapping_words_stay_where_listed_and_variants_go(tokenizers_by_kind, caplog):
@@ -392,13 +392,13 @@ def test_overlapping_words_stay_where_listed_and_variants_go(tokenizers_by_kind,
     tok = tokenizers_by_kind["bytelevel"]
     planned, _ = tokens.plan_new_tokens(tok, ["東京", "京都", "right-click", "click-and-drag"])
     with caplog.at_level("WARNING", logger="tokdistill_fast.tokens"):
-        new, kept, dropped = tokens.extend_decodable(tok, planned, "added")
+        new, kept, dropped = extend.extend_decodable(tok, planned, "added")
     assert [t.form for t in kept] == ["東京", "京都", " right-click", "right-click", " click-and-drag"]
     assert [(s.word, s.form_only) for s in dropped] == [("click-and-drag", True)]
     assert dropped[0].reason.startswith("its start-of-text form 'click-and-drag', which overlaps ")
     assert "1 listed word(s) overlap an earlier word" in caplog.text and "'京都' which overlaps '東京'" in caplog.text
     for mode in ("added", "vocab"):
-        new, kept, dropped = tokens.extend_decodable(tok, planned, mode, keep_listed=False)
+        new, kept, dropped = extend.extend_decodable(tok, planned, mode, keep_listed=False)
         assert "京都" not in [t.form for t in kept] and "京都" in [s.word for s in dropped]
         assert len(new("東京都", add_special_tokens=False)["input_ids"]) == 1 + len(tok("都", add_special_tokens=False)[
             "input_ids"])
@@ -414,10 +414,10 @@ def test_forms_left_after_overlaps_tokenize_alike_in_both_runtimes(tokenizers_by
     for trial in range(30):
         forms = sorted({"".join(rng.choices(letters, k=rng.randint(2, 4))) for _ in range(6)})
         texts = ["".join(rng.choices(letters, k=14)) for _ in range(40)]
-        dropped = tokens.overlapping_forms([tokens.NewToken(f, f, []) for f in forms], [])
+        dropped = extend.overlapping_forms([tokens.NewToken(f, f, []) for f in forms], [])
         kept = [f for f in forms if f not in dropped]
         for chosen in (kept, forms):
-            new = tokens.extend_tokenizer(tokenizers_by_kind["bytelevel"], [tokens.NewToken(f, f, []) for f in chosen],
+            new = extend.extend_tokenizer(tokenizers_by_kind["bytelevel"], [tokens.NewToken(f, f, []) for f in chosen],
                                           "added")
             for text in texts:
                 hf = matched_forms(new, chosen, text)
@@ -439,4 +439,4 @@ def test_converter_check_text_is_the_one_llama_cpp_hashes():
         pytest.skip("no llama.cpp sources cached (tokdistill check --runtime llama.cpp builds them)")
     lines = (ln.strip() for ln in base.read_text(encoding="utf-8").splitlines())
     line = next(ln for ln in lines if ln.startswith("chktxt = "))
-    assert ast.literal_eval(line.removeprefix("chktxt = ")) == tokens.CONVERTER_CHECK_TEXT
+    assert ast.literal_eval(line.removeprefix("chktxt = ")) == extend.CONVERTER_CHECK_TEXT

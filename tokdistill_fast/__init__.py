@@ -1,7 +1,8 @@
 """tokdistill-fast: input embeddings for new tokens by Token Distillation, fast.
 
 The pipeline stages are the modules at the top of the package, in the order a run calls them (pipeline.py):
-  tokens.py     1 new tokens -> tokenizer additions (swap.py: words from a tokenizer, --init-from rows)
+  tokens.py     1 new tokens -> tokenizer additions (extend.py: the extended tokenizer; swap.py: words from a
+                tokenizer, --init-from rows)
   contexts.py   2 snippets per new token from the corpus (corpus.py reads it; workload.py adds the model's top-up,
                 continuations of a token's snippets or generations from the word, and the alignment)
   align.py      3 alignment maps (C++ fast path csrc/align.cpp, Python spec)

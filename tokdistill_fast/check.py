@@ -28,16 +28,9 @@ import regex
 import torch
 
 from .config import GuaranteeError, UserInputError  # noqa: F401 (GuaranteeError re-exported)
+from .extend import converter_text_forms, overlapping_forms, span_ids
 from .modeling.models import load_tokenizer, model_dir
-from .tokens import (
-    BYTE_PIECE,
-    NewToken,
-    adds_prefix_space,
-    converter_text_forms,
-    overlapping_forms,
-    span_ids,
-    word_pattern,
-)
+from .tokens import BYTE_PIECE, NewToken, adds_prefix_space, word_pattern
 
 log = logging.getLogger(__name__)
 

@@ -239,7 +239,7 @@ class DistillConfig:
     distill_min_chars: int = 0  # words with fewer characters are not trained; 0 trains all
     output_embeddings: str = "auto"  # untied models: zeros | mean | ntp; "auto" = mean. Tied models share rows.
     # added: AddedTokens, which transformers, vLLM and llama.cpp all honour; vocab / auto (vocab where the family
-    # allows it): exact outside new words, but transformers-only (tokens.py, docs/vocabulary-extension.md)
+    # allows it): exact outside new words, but transformers-only (extend.py, docs/vocabulary-extension.md)
     tokenizer_mode: str = "added"
     add_variants: bool = True  # also add the start-of-text form ("word" without a leading space) as a token
     casing_variants: bool = False  # also add lower-case and capitalized forms of each word (rows copied)

@@ -218,7 +218,7 @@ def split_inside_words(paths: list[str | Path], tokens: list[NewToken], max_byte
     """{form: why} of the `tokens` whose form the corpus shows inside longer words more often than as itself (or
     than `share(token)` times as often, where given), and INSIDE_MIN times or more, which an added token for it
     would split: the start-of-text "man's" inside "woman's", where no vocabulary token can show it
-    (tokens.vocabulary_collisions). One pass of find_hits over at most `max_bytes` of the corpus."""
+    (extend.vocabulary_collisions). One pass of find_hits over at most `max_bytes` of the corpus."""
     if not paths or not tokens:
         return {}
     _, stats = find_hits(Corpus(paths, max_bytes, option=option), tokens, 0, 0, 0)

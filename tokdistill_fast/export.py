@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save
 
 from .config import UserInputError
-from .tokens import GENERIC_CLASS
+from .extend import GENERIC_CLASS
 
 log = logging.getLogger(__name__)
 

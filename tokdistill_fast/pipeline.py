@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import check, contexts, export, hubs, retrain, student, swap, teacher, tokens
+from . import check, contexts, export, extend, hubs, retrain, student, swap, teacher, tokens
 from .align import prefix_lengths
 from .config import (
     HUB_AFTER_RUN,
@@ -85,11 +85,11 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
         skipped += unplanned
         if toks and cfg.tokenizer_mode == "added" and cfg.contexts == "retrieve":  # variants that split words
             sample = min(cfg.max_corpus_bytes or INSIDE_SAMPLE, INSIDE_SAMPLE)
-            toks, inside = tokens.leave_out(toks, contexts.split_inside_words(
+            toks, inside = extend.leave_out(toks, contexts.split_inside_words(
                 list(corpus), [t for t in toks if t.variant], sample))
             skipped += inside
         if toks:
-            new_tokenizer, toks, left_out = tokens.extend_decodable(
+            new_tokenizer, toks, left_out = extend.extend_decodable(
                 tokenizer, toks, cfg.tokenizer_mode, lm.config, keep_listed=cfg.new_tokens_from_tokenizer is None)
             skipped += left_out
         swap.log_skipped(skipped)

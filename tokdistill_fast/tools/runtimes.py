@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..check import PROBE_TEXT, new_tokens_of, probe_paragraphs, read_probe
 from ..config import UserInputError, cache_dir
-from ..tokens import converter_text_forms
+from ..extend import converter_text_forms
 
 # The release checked in docs/vocabulary-extension.md; pinned so a cached build means the same llama.cpp everywhere.
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
@@ -165,7 +165,7 @@ def to_gguf(model_dir: Path, gguf: Path, t: LlamaTools) -> None:
 def loadable_copy(model_dir: Path, tmp: Path) -> Path:
     """`model_dir` as links in `tmp`, with tokenizer_config.json naming the generic class: an original saved by
     transformers 5 ("TokenizersBackend") is otherwise unreadable for the converter's transformers 4.57."""
-    from ..tokens import GENERIC_CLASS
+    from ..extend import GENERIC_CLASS
 
     tmp.mkdir()
     for f in model_dir.iterdir():

@@ -3,10 +3,10 @@
 A candidate is a whole word (split at whitespace, outer punctuation stripped, none glued to a dash) that is not in
 the vocabulary, contains no digit and none of []{}()<>.,;:!?@#$%^&*+_=|\\/, is split into at least two subtokens
 in running text, occurs at least `min_count` times, and whose added token would not cut longer words apart: not a
-longer vocabulary token (" perh" would split " perhaps", " specif" " specific": tokens.vocabulary_collisions), nor
+longer vocabulary token (" perh" would split " perhaps", " specif" " specific": extend.vocabulary_collisions), nor
 longer words of the corpus more often than the word stands alone there (" fasten" in " fastened" and
 " fastening": contexts.split_inside_words), nor found in the text llama.cpp's converter hashes to recognize the
-tokenizer (" he's": tokens.converter_text_forms). Rank: count * (subtokens - 1), the tokens a corpus pass saves.
+tokenizer (" he's": extend.converter_text_forms). Rank: count * (subtokens - 1), the tokens a corpus pass saves.
 
 Scripts written without spaces (tokens.SPACELESS) have no whitespace between words: there a candidate is a run of
 one script (Japanese Katakana "デスクトップ", Han "設定", Hiragana "します"; at least two characters), and a run seen
@@ -34,19 +34,16 @@ from dataclasses import dataclass
 import regex
 
 from ..corpus import iter_documents
+from ..extend import converter_text_forms, overlapping_forms, string_automaton, vocabulary_collisions
 from ..tokens import (
     MARK,
     SPACELESS_LETTER,
     TEXT_WORD_CHAR,
     NewToken,
-    converter_text_forms,
     original_ids,
-    overlapping_forms,
     running_form,
     spaceless,
-    string_automaton,
     trie_pattern,
-    vocabulary_collisions,
 )
 
 log = logging.getLogger(__name__)
@@ -174,7 +171,7 @@ def phrase_counts(paths, max_words: int, min_count: int) -> Counter:
 def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
                   min_chars: int = 3, max_words: int = 1) -> list[Suggestion]:
     """Ranked candidates that pass the filters (see the module docstring); with `max_words` over 1, phrases of up
-    to that many words too, and no candidate that overlaps a better-ranked one (tokens.overlapping_forms)."""
+    to that many words too, and no candidate that overlaps a better-ranked one (extend.overlapping_forms)."""
     vocab = tokenizer.get_vocab()
     out = []
     counts = word_counts(paths)
