@@ -418,17 +418,17 @@ def documents(corpus) -> list[str]:
 def test_fortunes_corpus_keeps_one_document_per_fortune(tmp_path, monkeypatch):
     """The untuned check corpus of `demo prepare --corpora`: fortunes split at '%' lines, whitespace folded, short
     entries and the ASCII-art files left out (the package's files stand in a temporary tree)."""
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
     root = tmp_path / "fortunes"
     root.mkdir()
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root)
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: root)
     (root / "people").write_text("A man of\n   words and not of deeds\nis like a garden full of weeds.\n%\nShort.\n%\n"
                                  "Never put off till tomorrow what you can do the day after tomorrow.\n"
                                  "\t\t-- Mark Twain\n")
     (root / "art").write_text("  /\\_/\\  a cat drawn with characters, many of them, long enough\n%\n")
     (root / "people.dat").write_bytes(b"\0\1binary index")
-    out = demo.fortunes_corpus(tmp_path / "fortunes.txt", tmp_path)
+    out = corpora.fortunes_corpus(tmp_path / "fortunes.txt", tmp_path)
     docs = documents(out)
     assert docs == ["A man of words and not of deeds is like a garden full of weeds.",
                     "Never put off till tomorrow what you can do the day after tomorrow. -- Mark Twain"]
@@ -443,19 +443,19 @@ def test_debian_reference_corpus_starts_at_chapter_one(tmp_path, monkeypatch, na
     too) is skipped, and a line break between Japanese letters joins its lines without a space."""
     import gzip
 
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
-    language, heading = demo.DEBIAN_REFERENCES[name]
+    language, heading = corpora.DEBIAN_REFERENCES[name]
     src = tmp_path / f"debian-reference.{language}.txt.gz"
     asked = []
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: asked.append(package) or src)
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: asked.append(package) or src)
     with gzip.open(src, "wt", encoding="utf-8") as f:
         f.write(f"Debian Reference\n\n   1. {chapter} one, listed in the contents, long enough to be kept\n"
                 f"Table 1.8. A table whose caption starts a line, long enough to be kept\n\n"
                 f"{first} GNU/Linux tutorials\n\n    Learning a computer system is like learning a new "
                 f"foreign language.\n\n    名前付きパイプは、パイプのように働くファイ\n\u00a0\u00a0\u00a0 ルです。"
                 f"Debian\n    パッケージを使います。\n\n")
-    out = demo.debian_reference_corpus(tmp_path / f"{name}.txt", tmp_path, language, heading)
+    out = corpora.debian_reference_corpus(tmp_path / f"{name}.txt", tmp_path, language, heading)
     assert asked == [f"debian-reference-{language}"]
     assert documents(out) == [
         "Learning a computer system is like learning a new foreign language.",
@@ -468,18 +468,19 @@ def test_html_manual_corpus_keeps_the_text_of_each_paragraph(tmp_path, monkeypat
     guide and help, GIMP's manual): each <p> of the pages beside each of the package's index pages becomes one
     document, tags dropped, entities decoded, whitespace folded, short ones and the licence pages that a manual names
     left out."""
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
     lib = tmp_path / "library"
     lib.mkdir()
     asked = []
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: asked.append(package) or lib / path.name)
+    monkeypatch.setattr(corpora, "debian_file",
+                        lambda package, path, cache=None: asked.append(package) or lib / path.name)
     (lib / "index.html").write_text("<p>Index.</p>")
     (lib / "fdl-section1.html").write_text("<p>The licence, long enough to be kept were it not left out by name.</p>")
     (lib / "os.html").write_text('<p>Return a <a href="#x"><code>str</code></a> that names\n  the &quot;current&quot;'
                                  " working directory.</p><div><p>Short.</p></div>")
-    out = demo.html_manual_corpus(name, tmp_path / f"{name}.txt", tmp_path)
-    package, indexes, skip = demo.HTML_MANUALS[name]
+    out = corpora.html_manual_corpus(name, tmp_path / f"{name}.txt", tmp_path)
+    package, indexes, skip = corpora.HTML_MANUALS[name]
     assert asked == [package] * len(indexes)
     licence = ["The licence, long enough to be kept were it not left out by name."] * (skip is None)
     assert documents(out) == (
@@ -489,18 +490,18 @@ def test_html_manual_corpus_keeps_the_text_of_each_paragraph(tmp_path, monkeypat
 def test_vietnamese_installation_guide_keeps_the_translated_paragraphs(tmp_path, monkeypatch):
     """Debian's installation guide in Vietnamese: the paragraphs the translation left in English (a translated
     cross-reference aside) are left out, and so are the appendix of the GPL's text."""
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
     guide = tmp_path / "vi"
     guide.mkdir()
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: guide / path.name)
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: guide / path.name)
     (guide / "index.html").write_text(
         "<p>Nếu bạn gặp lỗi trong khi cài đặt, xem Phần 5.4.7 để tìm thông tin về cách thông báo lỗi.</p>"
         "<p>If firmware is needed, the installer will prompt you to load firmware. See Phần 6.4, “Nạp phần vững bị "
         "thiếu” for detailed information.</p>", encoding="utf-8")
     (guide / "apf.html").write_text("<p>Phần mềm này được phân phối với hy vọng rằng nó sẽ hữu ích.</p>",
                                     encoding="utf-8")
-    out = demo.html_manual_corpus("install-vi", tmp_path / "install-vi.txt", tmp_path)
+    out = corpora.html_manual_corpus("install-vi", tmp_path / "install-vi.txt", tmp_path)
     assert documents(out) == ["Nếu bạn gặp lỗi trong khi cài đặt, xem Phần 5.4.7 để tìm thông tin về cách thông báo "
                               "lỗi."]
 
@@ -508,10 +509,10 @@ def test_vietnamese_installation_guide_keeps_the_translated_paragraphs(tmp_path,
 def test_astropy_corpus_reads_the_guides_without_indexes_and_licence(tmp_path, monkeypatch):
     """Astropy's guides: the pages beside each subpackage's index page, without the generated indexes, the search
     page, the credits and the licence."""
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
     root = tmp_path / "html"
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / path.relative_to(
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: root / path.relative_to(
         "/usr/share/doc/python-astropy-doc/html"))
     text = "<p>SkyCoord objects can be transformed between frames such as ICRS and Galactic.</p>"
     for folder in (root, root / "coordinates"):
@@ -519,23 +520,23 @@ def test_astropy_corpus_reads_the_guides_without_indexes_and_licence(tmp_path, m
         (folder / "index.html").write_text(text)
     for page in ("genindex.html", "py-modindex.html", "search.html", "license.html", "credits.html"):
         (root / page).write_text("<p>A page of links or legal text, long enough to be kept.</p>")
-    out = demo.html_manual_corpus("astropy", tmp_path / "astropy.txt", tmp_path)
+    out = corpora.html_manual_corpus("astropy", tmp_path / "astropy.txt", tmp_path)
     assert documents(out) == [text[3:-4]] * 2
 
 
 def test_maxima_corpus_leaves_out_the_one_page_copy_and_the_contents(tmp_path, monkeypatch):
     """Maxima's manual has each section on its own page and all of them again on one page: the corpus reads each
     paragraph once, without the tables of contents."""
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
     lib = tmp_path / "html"
     lib.mkdir()
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: lib / path.name)
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: lib / path.name)
     text = "<p>Maxima can search the info pages with the describe command.</p>"
     for page in ("maxima.html", "maxima_toc.html", "maxima_ovr.html", "maxima_singlepage.html", "maxima_12.html"):
         (lib / page).write_text(text if page in ("maxima_singlepage.html", "maxima_12.html") else
                                 "<p>A table of contents that is long enough to be kept.</p>")
-    out = demo.html_manual_corpus("maxima", tmp_path / "maxima.txt", tmp_path)
+    out = corpora.html_manual_corpus("maxima", tmp_path / "maxima.txt", tmp_path)
     assert documents(out) == [
         "A table of contents that is long enough to be kept.",  # maxima.html, the index page itself
         "Maxima can search the info pages with the describe command."]
@@ -545,18 +546,18 @@ def test_git_docs_corpus_keeps_prose_paragraphs(tmp_path, monkeypatch):
     """The untuned corpus added after the 4-position defaults: prose paragraphs of Git's AsciiDoc manuals become
     documents, inline markup removed (linkgit:x[1] -> x); attribute lines, indented and delimited blocks and
     paragraphs of 40 characters or less (most titles) are left out."""
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
     docs = tmp_path / "git-doc"
     docs.mkdir()
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: docs / "SubmittingPatches.txt")
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: docs / "SubmittingPatches.txt")
     (docs / "SubmittingPatches.txt").write_text("Short.\n")
     (docs / "git-rebase.txt").write_text(
         "git-rebase(1)\n=============\n\n[verse]\n'git rebase' [-i]\n\n"
         "Reapply commits on top of another base tip, as `git cherry-pick` does;\nsee linkgit:git-am[1] for "
         "patches.\n\n    indented literal text that is long enough to count as prose\n\n"
         "------------\n$ git rebase --onto master next topic and more shell text here\n------------\n")
-    out = demo.git_docs_corpus(tmp_path / "gitdocs.txt", tmp_path)
+    out = corpora.git_docs_corpus(tmp_path / "gitdocs.txt", tmp_path)
     assert documents(out) == [
         "Reapply commits on top of another base tip, as git cherry-pick does; see git-am for patches."]
 
@@ -564,14 +565,14 @@ def test_git_docs_corpus_keeps_prose_paragraphs(tmp_path, monkeypatch):
 def test_gnu_standards_corpus_reads_both_manuals(tmp_path, monkeypatch):
     """The untuned corpus added with VERA: the <p> paragraphs of the Coding Standards and of the maintainers'
     manual beside it, by the same extraction as the Library Reference's."""
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
     docs = tmp_path / "gnu-standards"
     docs.mkdir()
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: docs / "standards.html")
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: docs / "standards.html")
     (docs / "standards.html").write_text("<p>Write <code>configure</code> scripts with Autoconf &amp; friends.</p>")
     (docs / "maintain.html").write_text("<p>Short.</p><p>Maintainers answer bug reports sent to the\n list.</p>")
-    out = demo.gnu_standards_corpus(tmp_path / "gnustd.txt", tmp_path)
+    out = corpora.gnu_standards_corpus(tmp_path / "gnustd.txt", tmp_path)
     assert documents(out) == [
         "Write configure scripts with Autoconf & friends.", "Maintainers answer bug reports sent to the list."]
 
@@ -580,21 +581,21 @@ def test_kjv_corpus_makes_one_document_per_chapter(tmp_path, monkeypatch):
     """The untuned corpus of the thirteenth stop: the King James Bible as `bible-kjv`'s reader prints it (a heading
     line per chapter, then one indented, numbered verse per line) becomes one document per chapter, verse numbers
     dropped; a reader that cannot run is a clear error."""
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
     reader = tmp_path / "bible"
     reader.write_text("#!/bin/sh\nprintf '\\nGenesis 1\\n\\n  1 In the beginning God created the heaven and the "
                       "earth.\\n  2 And the earth was without form, and void.\\n\\n1 Kings 2\\n\\n  10 So David "
                       "slept with his fathers, and was buried in the city.\\n'\n")
     reader.chmod(reader.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: tmp_path / path.name)
-    out = demo.kjv_corpus(tmp_path / "kjv.txt", tmp_path)
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: tmp_path / path.name)
+    out = corpora.kjv_corpus(tmp_path / "kjv.txt", tmp_path)
     assert documents(out) == [
         "In the beginning God created the heaven and the earth. And the earth was without form, and void.",
         "So David slept with his fathers, and was buried in the city."]
     reader.unlink()
     with pytest.raises(UserInputError, match="cannot print the King James Bible"):
-        demo.kjv_corpus(tmp_path / "kjv2.txt", tmp_path)
+        corpora.kjv_corpus(tmp_path / "kjv2.txt", tmp_path)
 
 
 def test_nethack_corpus_joins_the_formatted_guidebooks_paragraphs(tmp_path, monkeypatch):
@@ -602,7 +603,7 @@ def test_nethack_corpus_joins_the_formatted_guidebooks_paragraphs(tmp_path, monk
     paragraph, its page headers dropped and a word hyphenated across a line end joined."""
     import gzip
 
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
     text = ("          NetHack Guidebook                                               4\n\n\n"
             "               When  NetHack's  ancestor  rogue  first appeared, its screen\n"
@@ -610,8 +611,8 @@ def test_nethack_corpus_joins_the_formatted_guidebooks_paragraphs(tmp_path, monk
             "               Unlike text  adventure games that accept commands in pseudo-English sen-\n"
             "          tences, NetHack commands are all one or two keystrokes.\n")
     (tmp_path / "Guidebook.txt.gz").write_bytes(gzip.compress(text.encode()))
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: tmp_path / path.name)
-    out = demo.nethack_corpus(tmp_path / "nethack.txt", tmp_path)
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: tmp_path / path.name)
+    out = corpora.nethack_corpus(tmp_path / "nethack.txt", tmp_path)
     assert documents(out) == [
         "When NetHack's ancestor rogue first appeared, its screen orientation was almost unique among computer "
         "fantasy games.",
@@ -622,7 +623,7 @@ def test_nethack_corpus_joins_the_formatted_guidebooks_paragraphs(tmp_path, monk
 def test_skycultures_corpus_reads_paragraphs_and_list_items(tmp_path, monkeypatch):
     """The second untuned corpus of the forty-sixth stop: the <p> and <li> elements of Stellarium's English
     descriptions of its sky cultures, headings and other languages left out, entities decoded."""
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
     root = tmp_path / "skycultures"
     xhosa = ("<h2>Xhosa</h2>\n<p>In Xhosa, a star is called &#8220;inkwenkwezi&#8221;.</p>\n"
@@ -632,8 +633,8 @@ def test_skycultures_corpus_reads_paragraphs_and_list_items(tmp_path, monkeypatc
         (root / culture).mkdir(parents=True)
         (root / culture / "description.en.utf8").write_text(body, encoding="utf-8")
         (root / culture / "description.fr.utf8").write_text("<p>Une autre langue que l'anglais.</p>", encoding="utf-8")
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / "western" / path.name)
-    out = demo.skycultures_corpus(tmp_path / "skycultures.txt", tmp_path)
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: root / "western" / path.name)
+    out = corpora.skycultures_corpus(tmp_path / "skycultures.txt", tmp_path)
     assert documents(out) == [
         "The Maya tracked Venus as the morning star for centuries.",
         "In Xhosa, a star is called \u201cinkwenkwezi\u201d.",
@@ -643,7 +644,7 @@ def test_skycultures_corpus_reads_paragraphs_and_list_items(tmp_path, monkeypatc
 def test_freeciv_corpus_reads_each_nations_legend(tmp_path, monkeypatch):
     """The untuned corpus of the forty-seventh stop: each Freeciv nation ruleset's `legend`, its escaped line ends
     joined and escaped quotes decoded; the rest of the ruleset (names, comments) left out."""
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
     root = tmp_path / "nation"
     root.mkdir()
@@ -653,8 +654,8 @@ def test_freeciv_corpus_reads_each_nations_legend(tmp_path, monkeypatch):
         ';legendary heroine\n}\n', encoding="utf-8")
     (root / "zulu.ruleset").write_text('legend=_("The Zulu kingdom rose under Shaka in the early\\\n'
                                        ' nineteenth century.")\n', encoding="utf-8")
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / path.name)
-    out = demo.freeciv_corpus(tmp_path / "freeciv.txt", tmp_path)
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: root / path.name)
+    out = corpora.freeciv_corpus(tmp_path / "freeciv.txt", tmp_path)
     assert documents(out) == [
         'Acadia was first founded in 1604 as the first French colony in North America, "New France".',
         "The Zulu kingdom rose under Shaka in the early nineteenth century."]
@@ -664,7 +665,7 @@ def test_crawl_corpus_reads_each_description_without_key_comments_or_markup(tmp_
     """The untuned corpus of the forty-eighth stop: each `%%%%`-separated entry of Dungeon Crawl's English
     description files, its key line, comments, colour tags, Lua and placeholders dropped; the key bindings and the
     tutorial left out."""
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
     root = tmp_path / "descript"
     root.mkdir()
@@ -674,8 +675,8 @@ def test_crawl_corpus_reads_each_description_without_key_comments_or_markup(tmp_
         "giant that @says@ little and eats much{{ return 1 }}.\n%%%%\n", encoding="utf-8")
     (root / "tutorial.txt").write_text("%%%%\nmove\n\nPress <w>h</w> to move left, and keep pressing it.\n",
                                       encoding="utf-8")
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / path.name)
-    out = demo.crawl_corpus(tmp_path / "crawl.txt", tmp_path)
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: root / path.name)
+    out = corpora.crawl_corpus(tmp_path / "crawl.txt", tmp_path)
     assert documents(out) == [
         "This spriggan is aged and weathered from years of travel away from the forests of her kin.",
         "A huge, ugly giant that little and eats much."]
@@ -684,12 +685,12 @@ def test_crawl_corpus_reads_each_description_without_key_comments_or_markup(tmp_
 def test_lilypond_corpus_reads_the_english_prose_manuals(tmp_path, monkeypatch):
     """The untuned corpus of the twentieth stop: <p> paragraphs of LilyPond's prose manuals, English pages only
     (translations are `name.xx.html`), the GNU FDL appendix and the other manuals (internals) left out."""
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
     root = tmp_path / "Documentation"
     for manual in ("learning", "notation", "internals"):
         (root / manual).mkdir(parents=True)
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / path.parent.name / path.name)
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: root / path.parent.name / path.name)
     (root / "learning" / "index.html").write_text("<p>Short.</p>")
     (root / "learning" / "gnu-free-documentation-license.html").write_text(
         "<p>Permission is granted to copy, distribute and/or modify this document.</p>")
@@ -697,7 +698,7 @@ def test_lilypond_corpus_reads_the_english_prose_manuals(tmp_path, monkeypatch):
                                                   "<code>)</code> after the note.</p>")
     (root / "notation" / "slurs.de.html").write_text("<p>Bögen werden mit Klammern nach der Note notiert.</p>")
     (root / "internals" / "grob.html").write_text("<p>The grob interface holds the properties of every grob.</p>")
-    out = demo.html_manual_corpus("lilypond", tmp_path / "lilypond.txt", tmp_path)
+    out = corpora.html_manual_corpus("lilypond", tmp_path / "lilypond.txt", tmp_path)
     assert documents(out) == ["Slurs are entered using ( and ) after the note."]
 
 
@@ -755,7 +756,7 @@ def test_a_hit_inside_a_longer_new_word_is_no_hit(tokenizers_by_kind, tmp_path):
 def test_russian_manuals_corpus_reads_the_three_manuals(tmp_path, monkeypatch):
     """The untuned corpus of the fifty-second stop, the first in Cyrillic: the <p> paragraphs of the Developer's
     Reference (its one-page copy only) and of every page of the New Maintainers' Guide and the FAQ in Russian."""
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
     asked = []
 
@@ -764,7 +765,7 @@ def test_russian_manuals_corpus_reads_the_three_manuals(tmp_path, monkeypatch):
         (tmp_path / package).mkdir(exist_ok=True)
         return tmp_path / package / path.name
 
-    monkeypatch.setattr(demo, "debian_file", debian_file)
+    monkeypatch.setattr(corpora, "debian_file", debian_file)
     (tmp_path / "developers-reference-ru").mkdir()
     (tmp_path / "developers-reference-ru" / "developers-reference.html").write_text(
         "<p>Каждый пакет сопровождается одним или несколькими разработчиками.</p>", encoding="utf-8")
@@ -774,8 +775,8 @@ def test_russian_manuals_corpus_reads_the_three_manuals(tmp_path, monkeypatch):
         (tmp_path / package).mkdir()
         (tmp_path / package / page).write_text(f"<p>Руководство {package}: <code>dpkg</code> &amp; apt, длиннее "
                                                "сорока знаков.</p><p>Коротко.</p>", encoding="utf-8")
-    out = demo.russian_manuals_corpus(tmp_path / "debian-ru.txt", tmp_path)
-    assert asked == [package for package, _ in demo.RUSSIAN_MANUALS]
+    out = corpora.russian_manuals_corpus(tmp_path / "debian-ru.txt", tmp_path)
+    assert asked == [package for package, _ in corpora.RUSSIAN_MANUALS]
     assert documents(out) == ["Каждый пакет сопровождается одним или несколькими разработчиками.",
                               "Руководство maint-guide-ru: dpkg & apt, длиннее сорока знаков.",
                               "Руководство debian-faq-ru: dpkg & apt, длиннее сорока знаков."]
@@ -784,13 +785,13 @@ def test_russian_manuals_corpus_reads_the_three_manuals(tmp_path, monkeypatch):
 def test_gnome_help_corpus_keeps_the_translated_paragraphs(tmp_path, monkeypatch):
     """GNOME's help in Korean or Tamil: the <p> elements of its Mallard pages, attributes and all; paragraphs the
     translation left in English are left out."""
-    from tokdistill_fast.tools import demo
+    from tokdistill_fast.tools import corpora
 
     root = tmp_path / "gnome-help"
     root.mkdir()
-    monkeypatch.setattr(demo, "debian_file", lambda package, path, cache=None: root / path.name)
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: root / path.name)
     (root / "index.page").write_text('<page><p xmlns:its="x">Press <key>Super</key> to open the Activities '
                                      "overview.</p>\n<p>활동 개요를 열려면 <key>Super</key> 키를 누릅니다. 그 다음 "
                                      "찾으려는 프로그램의 이름을 입력합니다.</p></page>", encoding="utf-8")
-    out = demo.gnome_help_corpus("ko", tmp_path / "gnome-ko.txt", tmp_path)
+    out = corpora.gnome_help_corpus("ko", tmp_path / "gnome-ko.txt", tmp_path)
     assert documents(out) == ["활동 개요를 열려면 Super 키를 누릅니다. 그 다음 찾으려는 프로그램의 이름을 입력합니다."]
