@@ -506,22 +506,25 @@ def test_vietnamese_installation_guide_keeps_the_translated_paragraphs(tmp_path,
                               "lỗi."]
 
 
-def test_astropy_corpus_reads_the_guides_without_indexes_and_licence(tmp_path, monkeypatch):
-    """Astropy's guides: the pages beside each subpackage's index page, without the generated indexes, the search
-    page, the credits and the licence."""
+@pytest.mark.parametrize("name, html, folders, left_out", [
+    ("astropy", "/usr/share/doc/python-astropy-doc/html", ("", "coordinates/"),
+     ("genindex.html", "py-modindex.html", "search.html", "license.html", "credits.html")),
+    ("rdkit", "/usr/share/doc/rdkit/html", ("",), ("genindex.html", "search.html", "api-docs.html"))])
+def test_sphinx_manual_corpora_read_the_guides_without_indexes(tmp_path, monkeypatch, name, html, folders, left_out):
+    """Astropy's guides and RDKit's books (Sphinx HTML): the pages beside each index page the manual names, without
+    the generated indexes, the search page and the pages that only list or license."""
     from tokdistill_fast.tools import corpora
 
     root = tmp_path / "html"
-    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: root / path.relative_to(
-        "/usr/share/doc/python-astropy-doc/html"))
-    text = "<p>SkyCoord objects can be transformed between frames such as ICRS and Galactic.</p>"
-    for folder in (root, root / "coordinates"):
-        folder.mkdir()
-        (folder / "index.html").write_text(text)
-    for page in ("genindex.html", "py-modindex.html", "search.html", "license.html", "credits.html"):
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: root / path.relative_to(html))
+    text = "<p>SkyCoord objects and SMILES strings are read by the guides, one paragraph a document.</p>"
+    for folder in folders:
+        (root / folder).mkdir()
+        (root / folder / "index.html").write_text(text)
+    for page in left_out:
         (root / page).write_text("<p>A page of links or legal text, long enough to be kept.</p>")
-    out = corpora.html_manual_corpus("astropy", tmp_path / "astropy.txt", tmp_path)
-    assert documents(out) == [text[3:-4]] * 2
+    out = corpora.html_manual_corpus(name, tmp_path / f"{name}.txt", tmp_path)
+    assert documents(out) == [text[3:-4]] * len(folders)
 
 
 def test_maxima_corpus_leaves_out_the_one_page_copy_and_the_contents(tmp_path, monkeypatch):

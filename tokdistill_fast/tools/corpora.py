@@ -160,7 +160,9 @@ def html_paragraphs(pages: Iterable[Path], tags: tuple[str, ...] = ("p",), attri
 # fifty-third stop: installing an operating system; Vietnamese, a Latin script whose words are syllables written
 # apart, with stacked diacritics; the GPL's appendix left out), the Biopython Tutorial and Cookbook (2026-12-07,
 # fifty-eighth stop: bioinformatics, one page) and Astropy's narrative documentation (the same stop: astronomy;
-# the guides of its subpackages, not the API reference; its indexes, search page, credits and licence left out).
+# the guides of its subpackages, not the API reference; its indexes, search page, credits and licence left out) and
+# RDKit's books (the same stop: cheminformatics; Getting Started in Python and C++, the RDKit Book, the cartridge,
+# installation; its index, search and API pages left out).
 LILYPOND_MANUALS = ("learning", "notation", "music-glossary", "essay", "usage")
 HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/library/index.html",), None),
                 "pgdocs": ("postgresql-doc-15", ("/usr/share/doc/postgresql-doc-15/html/index.html",), None),
@@ -196,7 +198,9 @@ HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/li
                         "", "coordinates/", "units/", "time/", "table/", "cosmology/", "wcs/", "modeling/",
                         "convolution/", "nddata/", "stats/", "timeseries/", "visualization/", "io/fits/",
                         "io/ascii/", "uncertainty/", "constants/", "samp/", "utils/", "config/")),
-                            r"genindex\.html|py-modindex\.html|search\.html|license\.html|credits\.html")}
+                            r"genindex\.html|py-modindex\.html|search\.html|license\.html|credits\.html"),
+                "rdkit": ("rdkit-doc", ("/usr/share/doc/rdkit/html/index.html",),
+                          r"genindex\.html|search\.html|api-docs\.html")}
 
 
 def mostly_vietnamese(paragraph: str) -> bool:
