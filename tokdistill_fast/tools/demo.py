@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                         "descriptions (crawl-common), Debian's manuals in Russian (developers-reference-ru, "
                         "maint-guide-ru, debian-faq-ru), GNOME's help in Korean, Tamil, Marathi, Persian and Greek "
                         "(gnome-user-docs), Debian's installation guide in English and Vietnamese "
-                        "(installation-guide-amd64), the Biopython Tutorial (python-biopython-doc) and Astropy's "
-                        "guides (python-astropy-doc), split 3:1")
+                        "(installation-guide-amd64), the Biopython Tutorial (python-biopython-doc), Astropy's "
+                        "guides (python-astropy-doc) and RDKit's books (rdkit-doc), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
