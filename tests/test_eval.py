@@ -24,18 +24,14 @@ from tokdistill_fast.evaluation.evalrun import (
 from tokdistill_fast.evaluation.heldout import (
     HeldoutSet,
     Scorer,
-    bootstrap,
     build_heldout,
     by_offset,
-    group_mean,
-    macro_mean,
     original_prob_at_new,
-    paired_difference,
-    per_token,
     reference,
     score,
     snippet_metrics,
 )
+from tokdistill_fast.evaluation.stats import bootstrap, group_mean, macro_mean, paired_difference, per_token
 from tokdistill_fast.modeling import models
 from tokdistill_fast.modeling.models import Decoder, load_model
 from tokdistill_fast.report import over_predicting, warn_over_predicting

@@ -30,7 +30,7 @@ import torch
 
 from .. import student, teacher
 from ..align import Alignment, prefix_lengths, take_packed, trim_suffix
-from ..evaluation import heldout
+from ..evaluation import heldout, stats
 from ..modeling.models import Decoder
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class HeldoutRatios:
         tokens of the next-token mass on new tokens right after the word)."""
         scores = heldout.score(heldout.Scorer(self.decoder, rows=rows, backend=self.backend), self.held, self.ref)
         values = heldout.snippet_metrics(scores, self.held, self.ref)
-        per = heldout.per_token(values, self.held.snippet_token, len(self.held.new_ids))
+        per = stats.per_token(values, self.held.snippet_token, len(self.held.new_ids))
         mass = [t["new_mass_at_new"] for t in per if t["new_mass_at_new"] is not None]
         return (np.array([t["kl"] for t in per], dtype=float),  # None (no held-out pair) -> nan
                 float(np.mean(mass)) if mass else 0.0)

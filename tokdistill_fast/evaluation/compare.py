@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import contexts, export, pipeline
 from ..config import METHODS, TRAINED_METHODS, DistillConfig, UserInputError
-from . import heldout
+from . import heldout, stats
 from .evalrun import Baseline, EvalOptions, Measured
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def outcome_json(o: Outcome, baseline: Baseline, outcomes: list[Outcome], refere
            "definitions": {n: o.definition_stat(n) for n in ("similarity", "share_above")}}
     if ref is not None and ref is not o:
         group = baseline.hs.snippet_token
-        out["vs_reference"] = {n: heldout.paired_difference(o.values(n), ref.values(n), group, baseline.opts.n_boot,
+        out["vs_reference"] = {n: stats.paired_difference(o.values(n), ref.values(n), group, baseline.opts.n_boot,
                                                             baseline.opts.seed) for n in ("kl", "kl_at_new", "top1")}
     out["tokens"] = baseline.token_rows(o.runs[0])
     return out

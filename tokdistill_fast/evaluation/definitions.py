@@ -18,7 +18,8 @@ import torch
 
 from .. import align
 from ..tokens import NewToken
-from .heldout import Scorer, bootstrap
+from .heldout import Scorer
+from .stats import bootstrap
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from ..modeling.models import Decoder
 from ..report import describe_over_predicting, over_predicting, warn_over_predicting
 from ..rows import subtoken_mean
 from ..tokens import NewToken, original_ids
-from . import definitions, heldout
+from . import definitions, heldout, stats
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ class Baseline:
         scores = heldout.score(scorer, self.hs, self.ref)
         values = heldout.snippet_metrics(scores, self.hs, self.ref)
         group = self.hs.snippet_token
-        m = Measured(values, heldout.summarize(values, group, self.opts.n_boot, self.opts.seed),
-                     heldout.per_token(values, group, len(self.toks)), heldout.by_offset(scores, self.hs),
+        m = Measured(values, stats.summarize(values, group, self.opts.n_boot, self.opts.seed),
+                     stats.per_token(values, group, len(self.toks)), heldout.by_offset(scores, self.hs),
                      float(scores.kl.mean()))
         tops = heldout.top_new_token(scores, self.hs)
         m.most_to = [None if top is None else {"token": forms.get(scorer.new_ids[top[0]], scorer.new_ids[top[0]]),

@@ -7,9 +7,9 @@ it) we compare next-token distributions over the original vocabulary (KL(origina
 agreement; new-token columns left out and the rest renormalized), the adapted model's
 probability mass on new tokens, optionally the hidden states at chosen layers, and per snippet the NLL of the
 continuation (the text after the first new token) under each model. Each metric is averaged per snippet, then per
-token, then over tokens (every token weighs the same); confidence intervals come from a two-level bootstrap
-(tokens, then snippets within each token) whose draws depend only on the snippet layout and the seed, so two
-methods scored on the same snippets are compared on the same resamples (paired differences).
+token, then over tokens (every token weighs the same); confidence intervals come from stats.py's two-level
+bootstrap (tokens, then snippets within each token), whose draws depend only on the snippet layout and the seed, so
+two methods scored on the same snippets are compared on the same resamples (paired differences).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from ..modeling.layout import lay_out, token_batches
 from ..modeling.models import Decoder
 from ..teacher import aligned_rows, length_batches, pad_batch
 from ..tokens import NewToken
+from .stats import group_mean
 
 log = logging.getLogger(__name__)
 
@@ -306,15 +307,6 @@ def score(model: Scorer, hs: HeldoutSet, ref: Reference) -> Scores:
     return Scores(kl, top1, new_mass, at_new, mse, nll, new_probs)
 
 
-def group_mean(x: np.ndarray, group: np.ndarray, n: int) -> np.ndarray:
-    """[n, ...] the mean of the rows of `x` in each of `n` groups (`group`: each row's), NaN for an empty group."""
-    sums = np.zeros((n, *x.shape[1:]))
-    np.add.at(sums, group, x)
-    counts = np.bincount(group, minlength=n).reshape(n, *[1] * (x.ndim - 1))
-    with np.errstate(invalid="ignore"):
-        return sums / counts
-
-
 def top_new_token(s: Scores, hs: HeldoutSet) -> list[tuple[int, float] | None]:
     """Per measured token, the new id (index into the scored model's new_ids) that takes the most next-token
     probability right after the token, and that mean probability (per snippet, then per token, as every metric);
@@ -470,48 +462,6 @@ def by_offset(s: Scores, hs: HeldoutSet, edges: tuple[int, ...] = OFFSET_EDGES) 
             name = str(lo) if hi == lo else f"{lo}-{hi}" if hi is not None else f"{lo}+"
             out.append({"offsets": name, "pairs": int(sel.sum()), "kl": float(s.kl[sel].mean())})
     return out
-
-
-def bootstrap(values: np.ndarray, group: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
-    """[n_boot] resampled macro means: tokens drawn with replacement, then each drawn token's snippets. The
-    draws depend only on the group sizes and the seed, so equal layouts give paired resamples."""
-    rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(group == g) for g in np.unique(group)]
-    inner = np.empty((len(groups), n_boot))
-    for k, idx in enumerate(groups):
-        draw = rng.integers(0, len(idx), size=(n_boot, len(idx)))
-        inner[k] = values[idx][draw].mean(1)
-    outer = rng.integers(0, len(groups), size=(n_boot, len(groups)))
-    return inner[outer, np.arange(n_boot)[:, None]].mean(1)
-
-
-def macro_mean(values: np.ndarray, group: np.ndarray) -> float:
-    """Mean over groups of the per-group means (each token weighs the same however many snippets it has)."""
-    return float(np.mean([values[group == g].mean() for g in np.unique(group)]))
-
-
-def summarize(values: dict[str, np.ndarray], group: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
-    """{metric: {"mean", "ci95": [lo, hi]}} with bootstrap percentile intervals."""
-    out = {}
-    for name, v in values.items():
-        draws = bootstrap(v, group, n_boot, seed)
-        out[name] = {"mean": macro_mean(v, group), "ci95": [float(np.percentile(draws, 2.5)),
-                                                            float(np.percentile(draws, 97.5))]}
-    return out
-
-
-def paired_difference(a: np.ndarray, b: np.ndarray, group: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Macro mean of a - b with a paired bootstrap interval (same resamples for both)."""
-    draws = bootstrap(a, group, n_boot, seed) - bootstrap(b, group, n_boot, seed)
-    return {"mean": macro_mean(a, group) - macro_mean(b, group),
-            "ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]}
-
-
-def per_token(values: dict[str, np.ndarray], group: np.ndarray, n_tokens: int) -> list[dict[str, float | None]]:
-    """Per-token means of every metric (None for tokens without snippets)."""
-    has = np.bincount(group, minlength=n_tokens) > 0
-    means = {k: group_mean(v, group, n_tokens) for k, v in values.items()}
-    return [{k: (float(means[k][t]) if has[t] else None) for k in values} for t in range(n_tokens)]
 
 
 def tokens_saved(paths: list[str | Path], original_tokenizer, adapted_tokenizer, max_chars: int = 20_000_000
