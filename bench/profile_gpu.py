@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile_gpu")
     p.add_argument("--config", choices=CONFIGS, default="llama-3.1-8b")
     p.add_argument("--new-tokens", type=int, default=160)
-    p.add_argument("--layer", type=int, default=8)
+    p.add_argument("--layer", type=int, default=8, help="target layer, 1..the config's layers")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
     p.add_argument("--count-ops", action="store_true", help="only count the operators per pass (any device)")
     p.add_argument("--plain-layers", action="store_true",
@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(
         torch, args.dtype)
     config, tok_vocab = CONFIGS[args.config]
+    if not 1 <= args.layer <= config["num_hidden_layers"]:
+        p.error(f"--layer {args.layer}: the {args.config} config has layers 1..{config['num_hidden_layers']}")
     model = build_model(config, device, dtype)
     decoder = Decoder(model)
     args.lr = default_lr(args.layer, decoder.num_layers)

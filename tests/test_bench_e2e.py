@@ -4,6 +4,7 @@ fast path sits within the plain path's own noise floor."""
 
 import json
 
+import pytest
 import torch
 
 from bench import e2e
@@ -85,3 +86,12 @@ def test_profile_counts_operators_per_pass(capsys):
     fast, plain = layer_ops(), layer_ops("--plain-layers")
     if fused.layer_kernels(torch.device("cpu"), torch.float32) is not None:  # the fused kernels: fewer launches
         assert fast < 0.6 * plain, (fast, plain)
+
+
+def test_profile_names_a_layer_the_config_lacks(capsys):
+    """The 8B config's default --layer 8 on the tiny config is a usage error naming its layers, not a traceback."""
+    from bench import profile_gpu
+
+    with pytest.raises(SystemExit) as e:
+        profile_gpu.main(["--config", "tiny", "--count-ops", "--device", "cpu"])
+    assert e.value.code == 2 and "--layer 8: the tiny config has layers 1..4" in capsys.readouterr().err
