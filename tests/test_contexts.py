@@ -506,6 +506,32 @@ def test_vietnamese_installation_guide_keeps_the_translated_paragraphs(tmp_path,
                               "lỗi."]
 
 
+@pytest.mark.parametrize("name, left_out", [("grass", ()), ("gnumed", ("AccountsRu.html", "LegacyAppAPW.html",
+                                                                         "FaxIntegration.html"))])
+def test_manuals_with_open_paragraphs_are_read_by_blocks(tmp_path, monkeypatch, name, left_out):
+    """GRASS GIS's and GNUmed's manuals leave their <p> elements open: each text between block tags is a document,
+    without scripts or <pre> code, the navigation and footer that every page repeats once, and GNUmed's pages in
+    Russian and German left out."""
+    from tokdistill_fast.tools import corpora
+
+    lib = tmp_path / "html"
+    lib.mkdir()
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: lib / path.name)
+    footer = "<hr><p>Main index | Raster index | Topics index | Keywords index | Full index"
+    for page, text in (("index.html", "r.slope.aspect computes the slope and the aspect of an elevation raster"),
+                       ("v.net.html", "v.net builds a vector network from lines &amp; points, snapping nodes")):
+        (lib / page).write_text(f"<html><head><title>{page}</title></head><body><script>let toc = '<ul>';</script>"
+                                f"<h2>DESCRIPTION</h2><p>\n{text}\n<pre>v.net input=roads output=network</pre>"
+                                f"<p>\n<b>Short.</b>{footer}")
+    for page in left_out:
+        (lib / page).write_text("<p>A page in another language, long enough to be kept otherwise.")
+    out = corpora.html_manual_corpus(name, tmp_path / f"{name}.txt", tmp_path)
+    assert documents(out) == [
+        "r.slope.aspect computes the slope and the aspect of an elevation raster",
+        "Main index | Raster index | Topics index | Keywords index | Full index",
+        "v.net builds a vector network from lines & points, snapping nodes"]
+
+
 @pytest.mark.parametrize("name, html, folders, left_out", [
     ("astropy", "/usr/share/doc/python-astropy-doc/html", ("", "coordinates/"),
      ("genindex.html", "py-modindex.html", "search.html", "license.html", "credits.html")),

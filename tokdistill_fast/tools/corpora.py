@@ -142,6 +142,24 @@ def html_paragraphs(pages: Iterable[Path], tags: tuple[str, ...] = ("p",), attri
             yield html.unescape(re.sub(r"<[^>]+>", "", para))
 
 
+BLOCK_TAG = r"</?(?:p|li|dd|dt|h[1-6]|div|br|tr|td|th|table|ul|ol|dl|hr|blockquote)\b[^>]*>"
+
+
+def html_blocks(pages: Iterable[Path]) -> Iterator[str]:
+    """The text between block-level tags of `pages`, for manuals that leave their <p> elements open (html_paragraphs
+    would read a whole page as one): scripts, styles and <pre> code left out, and each text once, so that the
+    navigation and footer every page repeats count once."""
+    seen = set()
+    for page in pages:
+        text = re.sub(r"<(script|style|pre|head)\b.*?</\1>", "", page.read_text(encoding="utf-8", errors="replace"),
+                      flags=re.S | re.I)
+        for block in re.split(BLOCK_TAG, text, flags=re.I):
+            block = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", "", block))).strip()
+            if block not in seen:
+                seen.add(block)
+                yield block
+
+
 # HTML manuals whose <p> paragraphs make a corpus: name -> (Debian package, an index page of each manual, beside its
 # other pages; pages left out, by name: the GNU FDL, the legal notice and translations, the same licence text in each
 # manual or another language). All were added after every default was set, as corpora no setting has seen: the Python
@@ -162,7 +180,9 @@ def html_paragraphs(pages: Iterable[Path], tags: tuple[str, ...] = ("p",), attri
 # fifty-eighth stop: bioinformatics, one page) and Astropy's narrative documentation (the same stop: astronomy;
 # the guides of its subpackages, not the API reference; its indexes, search page, credits and licence left out) and
 # RDKit's books (the same stop: cheminformatics; Getting Started in Python and C++, the RDKit Book, the cartridge,
-# installation; its index, search and API pages left out).
+# installation; its index, search and API pages left out), GRASS GIS's reference manual (2026-12-07, fifty-ninth stop:
+# geographic information systems, its 717 module and topic pages) and GNUmed's user manual (the same stop: a medical
+# practice's records, encounters, episodes of care, vaccinations, lab results; its Russian and German pages left out).
 LILYPOND_MANUALS = ("learning", "notation", "music-glossary", "essay", "usage")
 HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/library/index.html",), None),
                 "pgdocs": ("postgresql-doc-15", ("/usr/share/doc/postgresql-doc-15/html/index.html",), None),
@@ -200,7 +220,12 @@ HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/li
                         "io/ascii/", "uncertainty/", "constants/", "samp/", "utils/", "config/")),
                             r"genindex\.html|py-modindex\.html|search\.html|license\.html|credits\.html"),
                 "rdkit": ("rdkit-doc", ("/usr/share/doc/rdkit/html/index.html",),
-                          r"genindex\.html|search\.html|api-docs\.html")}
+                          r"genindex\.html|search\.html|api-docs\.html"),
+                "grass": ("grass-doc", ("/usr/share/doc/grass-doc/html/index.html",), None),
+                "gnumed": ("gnumed-doc", ("/usr/share/doc/gnumed/user-manual/Gnumed/index.html",),
+                           r".*Ru\.html|LegacyApp.*\.html|FaxIntegration\.html|GmManualGermanKVKInterface\.html")}
+# HTML manuals that leave their <p> elements open, read by blocks (html_blocks).
+OPEN_PARAGRAPHS = {"grass", "gnumed"}
 
 
 def mostly_vietnamese(paragraph: str) -> bool:
@@ -224,7 +249,8 @@ def html_manual_corpus(name: str, out: Path, cache: Path | None = None) -> Path:
     folders = [debian_file(package, Path(index), cache).parent for index in indexes]
     pages = [page for folder in folders for page in sorted(folder.glob("*.html"))
              if not (skip and re.fullmatch(skip, page.name))]
-    return write_documents(out, filter(TRANSLATED.get(name), html_paragraphs(pages)))
+    paragraphs = html_blocks(pages) if name in OPEN_PARAGRAPHS else html_paragraphs(pages)
+    return write_documents(out, filter(TRANSLATED.get(name), paragraphs))
 
 
 def gnu_standards_corpus(out: Path, cache: Path | None = None) -> Path:
