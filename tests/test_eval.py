@@ -31,7 +31,14 @@ from tokdistill_fast.evaluation.heldout import (
     score,
     snippet_metrics,
 )
-from tokdistill_fast.evaluation.stats import bootstrap, group_mean, macro_mean, paired_difference, per_token
+from tokdistill_fast.evaluation.stats import (
+    bootstrap,
+    group_mean,
+    macro_mean,
+    paired_difference,
+    paired_ratio,
+    per_token,
+)
 from tokdistill_fast.modeling import models
 from tokdistill_fast.modeling.models import Decoder, load_model
 from tokdistill_fast.report import over_predicting, warn_over_predicting
@@ -303,6 +310,11 @@ def test_bootstrap_is_paired_and_macro():
     assert np.allclose(draws, 0.25)
     d = paired_difference(a + 1.0, a, group, 200, 0)
     assert d["mean"] == pytest.approx(1.0) and d["ci95"] == pytest.approx([1.0, 1.0])
+    pos = np.exp(a)  # a ratio of two rows' KL on the same resamples: a constant factor has no spread
+    r = paired_ratio(0.3 * pos, pos, group, 200, 0)
+    assert r["mean"] == pytest.approx(0.3) and r["ci95"] == pytest.approx([0.3, 0.3])
+    r = paired_ratio(np.exp(b), pos, group, 200, 0)
+    assert r["ci95"][0] < r["mean"] < r["ci95"][1]
     lo, hi = np.percentile(bootstrap(a, group, 500, 0), [2.5, 97.5])
     assert lo <= macro_mean(a, group) <= hi
 
@@ -482,6 +494,7 @@ def test_vs_mean_scores_the_rows_method_mean_writes(adapted, heldout_file, words
     # (the run writes a variant as its word's mean moved by the two means' difference: equal up to rounding)
     assert vm["aggregate"]["kl"]["mean"] == pytest.approx(ref["aggregate"]["kl"]["mean"], rel=1e-6)
     assert vm["kl_ratio"] == pytest.approx(report["aggregate"]["kl"]["mean"] / ref["aggregate"]["kl"]["mean"], rel=1e-6)
+    assert vm["kl_ratio_ci95"][0] <= vm["kl_ratio"] <= vm["kl_ratio_ci95"][1]
     scored = [(a, b) for a, b in zip(report["tokens"], ref["tokens"]) if b["kl"] is not None]
     assert scored and all(a["kl_mean_init"] == pytest.approx(b["kl"], rel=1e-6) for a, b in scored)
     logs = [np.log(a["kl"] / b["kl"]) for a, b in scored]

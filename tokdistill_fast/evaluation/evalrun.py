@@ -293,8 +293,9 @@ def subtoken_mean_model(model, path: Path, original, toks: list[NewToken]) -> No
 def versus_mean(baseline: Baseline, m: Measured, mean_scorer: heldout.Scorer, forms: dict[int, str],
                 rows: list[dict]) -> dict:
     """The adapted rows' held-out KL (`m`) as a ratio of what subtoken-mean rows (`mean_scorer`) leave on the same
-    snippets (the quality tables' measure): overall, over every aligned pair alike, per word (`rows` get
-    `kl_mean_init` and `kl_ratio`), and the per-word log ratio's mean and standard error."""
+    snippets (the quality tables' measure): overall with its paired bootstrap interval (tokens, then snippets), over
+    every aligned pair alike, per word (`rows` get `kl_mean_init` and `kl_ratio`), and the per-word log ratio's mean
+    and standard error."""
     plain = replace(baseline, opts=replace(baseline.opts, definitions=False))
     mean = plain.measure(mean_scorer, forms)
     logs = []
@@ -303,7 +304,9 @@ def versus_mean(baseline: Baseline, m: Measured, mean_scorer: heldout.Scorer, fo
         row["kl_ratio"] = None if row.get("kl") is None or not other.get("kl") else row["kl"] / other["kl"]
         if row["kl_ratio"]:
             logs.append(float(np.log(row["kl_ratio"])))
-    return {"kl_ratio": m.aggregate["kl"]["mean"] / mean.aggregate["kl"]["mean"],
+    ratio = stats.paired_ratio(m.values["kl"], mean.values["kl"], baseline.hs.snippet_token, baseline.opts.n_boot,
+                               baseline.opts.seed)
+    return {"kl_ratio": m.aggregate["kl"]["mean"] / mean.aggregate["kl"]["mean"], "kl_ratio_ci95": ratio["ci95"],
             "kl_ratio_over_pairs": m.kl_over_pairs / mean.kl_over_pairs,
             "aggregate": mean.aggregate, "kl_over_pairs": mean.kl_over_pairs,
             "per_word_log_ratio": {"mean": float(np.mean(logs)) if logs else None,
@@ -354,7 +357,8 @@ def markdown_summary(report: dict) -> str:
                      + describe_over_predicting(v["over_predicting"], "new_mass_at_new"))
     if vm := report.get("vs_mean"):
         w = vm["per_word_log_ratio"]
-        lines.append(f"KL / subtoken-mean rows' KL: {vm['kl_ratio']:.4g}"
+        lines.append(f"KL / subtoken-mean rows' KL: {vm['kl_ratio']:.4g} "
+                     f"[{vm['kl_ratio_ci95'][0]:.4g}, {vm['kl_ratio_ci95'][1]:.4g}]"
                      + (f" (per word log ratio {w['mean']:+.3f} +- {w['se']:.3f}, {w['words']} words)"
                         if w["se"] is not None else "")
                      + f"; over every aligned pair alike {vm['kl_ratio_over_pairs']:.4g}")

@@ -50,6 +50,14 @@ def paired_difference(a: np.ndarray, b: np.ndarray, group: np.ndarray, n_boot: i
             "ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]}
 
 
+def paired_ratio(a: np.ndarray, b: np.ndarray, group: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Macro mean of a over macro mean of b with a paired bootstrap interval: the quality tables' ratio and how far
+    the held-out sample alone could move it."""
+    draws = bootstrap(a, group, n_boot, seed) / bootstrap(b, group, n_boot, seed)
+    return {"mean": macro_mean(a, group) / macro_mean(b, group),
+            "ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]}
+
+
 def per_token(values: dict[str, np.ndarray], group: np.ndarray, n_tokens: int) -> list[dict[str, float | None]]:
     """Per-token means of every metric (None for tokens without snippets)."""
     has = np.bincount(group, minlength=n_tokens) > 0
