@@ -19,7 +19,7 @@ import torch
 from .. import align
 from ..tokens import NewToken
 from .heldout import Scorer
-from .stats import bootstrap
+from .stats import bootstrap, interval
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,5 @@ def summarize_similarity(sim: np.ndarray, threshold: float, n_boot: int = 1000, 
     group = np.arange(len(sim))
     out = {"threshold": threshold}
     for name, v in (("similarity", sim), ("share_above", (sim > threshold).astype(float))):
-        draws = bootstrap(v, group, n_boot, seed)
-        out[name] = {"mean": float(v.mean()), "ci95": [float(np.percentile(draws, 2.5)),
-                                                       float(np.percentile(draws, 97.5))]}
+        out[name] = {"mean": float(v.mean()), "ci95": interval(bootstrap(v, group, n_boot, seed))}
     return out

@@ -33,29 +33,30 @@ def macro_mean(values: np.ndarray, group: np.ndarray) -> float:
     return float(np.mean([values[group == g].mean() for g in np.unique(group)]))
 
 
+def interval(draws: np.ndarray) -> list[float]:
+    """The 95% percentile interval of bootstrap draws."""
+    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+
+
 def summarize(values: dict[str, np.ndarray], group: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
     """{metric: {"mean", "ci95": [lo, hi]}} with bootstrap percentile intervals."""
     out = {}
     for name, v in values.items():
-        draws = bootstrap(v, group, n_boot, seed)
-        out[name] = {"mean": macro_mean(v, group), "ci95": [float(np.percentile(draws, 2.5)),
-                                                            float(np.percentile(draws, 97.5))]}
+        out[name] = {"mean": macro_mean(v, group), "ci95": interval(bootstrap(v, group, n_boot, seed))}
     return out
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, group: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
     """Macro mean of a - b with a paired bootstrap interval (same resamples for both)."""
     draws = bootstrap(a, group, n_boot, seed) - bootstrap(b, group, n_boot, seed)
-    return {"mean": macro_mean(a, group) - macro_mean(b, group),
-            "ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]}
+    return {"mean": macro_mean(a, group) - macro_mean(b, group), "ci95": interval(draws)}
 
 
 def paired_ratio(a: np.ndarray, b: np.ndarray, group: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
     """Macro mean of a over macro mean of b with a paired bootstrap interval: the quality tables' ratio and how far
     the held-out sample alone could move it."""
     draws = bootstrap(a, group, n_boot, seed) / bootstrap(b, group, n_boot, seed)
-    return {"mean": macro_mean(a, group) / macro_mean(b, group),
-            "ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]}
+    return {"mean": macro_mean(a, group) / macro_mean(b, group), "ci95": interval(draws)}
 
 
 def per_token(values: dict[str, np.ndarray], group: np.ndarray, n_tokens: int) -> list[dict[str, float | None]]:
