@@ -306,7 +306,7 @@ def versus_mean(baseline: Baseline, m: Measured, mean_scorer: heldout.Scorer, fo
             logs.append(float(np.log(row["kl_ratio"])))
     ratio = stats.paired_ratio(m.values["kl"], mean.values["kl"], baseline.hs.snippet_token, baseline.opts.n_boot,
                                baseline.opts.seed)
-    return {"kl_ratio": m.aggregate["kl"]["mean"] / mean.aggregate["kl"]["mean"], "kl_ratio_ci95": ratio["ci95"],
+    return {"kl_ratio": ratio["mean"], "kl_ratio_ci95": ratio["ci95"],
             "kl_ratio_over_pairs": m.kl_over_pairs / mean.kl_over_pairs,
             "aggregate": mean.aggregate, "kl_over_pairs": mean.kl_over_pairs,
             "per_word_log_ratio": {"mean": float(np.mean(logs)) if logs else None,
