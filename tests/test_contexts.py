@@ -23,6 +23,7 @@ from tokdistill_fast.contexts import (
     end_before_unmerged,
     end_before_word,
     find_hits,
+    left_context,
     place_window,
     retrieve,
     split_inside_words,
@@ -402,12 +403,55 @@ def test_left_context_caps_the_tokens_before_the_word(tokenizers_by_kind, corpus
         assert len(c.ids) - before_word(c) >= len(w.ids) - before_word(w)
 
 
+class CharsPerToken:
+    """A tokenizer stand-in that reads `n` characters a token."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [[0] * -(-len(t) // self.n) for t in texts]}
+
+
+@pytest.mark.parametrize("per_token, tokens", [(5, 8), (4, 8), (3, 9), (2, 13), (1, 24)])
+def test_auto_left_context_holds_characters_not_tokens(per_token, tokens):
+    """auto: 8 tokens where they hold LEFT_CONTEXT_CHARS characters (English), more where the tokenizer reads
+    fewer characters a token, as many as hold that many, at most LEFT_CONTEXT_MAX; a number or centred as given."""
+    texts = ["x" * 600] * 3000
+    assert left_context(CharsPerToken(per_token), texts, "auto") == (tokens, per_token)
+    assert left_context(CharsPerToken(1), texts, 5) == (5, None)
+    assert left_context(CharsPerToken(1), texts, None) == (None, None)
+    assert left_context(CharsPerToken(1), [], "auto") == (8, None)
+
+
+def test_auto_left_context_follows_the_corpus_script(tokenizers_by_kind, corpus_file, tmp_path):
+    """A tokenizer that reads Devanagari byte by byte keeps 24 tokens before the word, where English text keeps 8;
+    auto cuts the same snippets as its resolved count, and retrieve's stats say which it was."""
+    tok = tokenizers_by_kind["bytelevel"]
+    planned, _ = plan_new_tokens(tok, ["palatable"], add_variants=False)
+    start = start_id(tok)
+    marathi = tmp_path / "mr.txt"
+    marathi.write_text("\n\n".join("फाइल उघडण्यासाठी मेनू वापरा " * 6 + "palatable " + "आणि जतन करा " * 6
+                                    for _ in range(5)), encoding="utf-8")
+    sub = planned[0].sub_ids
+    for corpus, tokens in ((marathi, 24), (corpus_file, None)):
+        auto, stats, _ = retrieve([corpus], tok, planned, 25, 40, 0, start, max_before="auto")
+        assert stats.left_context == (tokens or stats.left_context) and stats.chars_per_token > 0
+        fixed, again, _ = retrieve([corpus], tok, planned, 25, 40, 0, start, max_before=stats.left_context)
+        assert [s.ids for s in auto] == [s.ids for s in fixed] and again.chars_per_token is None
+        before = [next(k for k in range(len(s.ids)) if s.ids[k:k + len(sub)] == sub) - 1 for s in auto]
+        assert max(before) <= stats.left_context and (tokens is None or max(before) > 8)
+
+
 def test_left_context_is_checked():
     from tokdistill_fast.config import DistillConfig
 
     with pytest.raises(UserInputError, match="--left-context must be 0 or more"):
         DistillConfig(left_context=-1).validate()
+    with pytest.raises(UserInputError, match="centred or auto, not 'wide'"):
+        DistillConfig(left_context="wide").validate()
     DistillConfig(left_context=8, target_tokenizer="t").validate()  # swaps cap their windows alike
+    DistillConfig(left_context="auto").validate()
 
 
 def documents(corpus) -> list[str]:

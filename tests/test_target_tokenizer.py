@@ -188,6 +188,7 @@ def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, or
         ("token-distill", "token-distill+alpha-ntp")
     assert report["settings"]["resolved_optimizer"] == "adamw"  # auto: the optimizer its docs were measured with
     assert report["settings"]["resolved_loss_positions"] == 8  # auto: twice the words' 4
+    assert report["settings"]["left_context"] == "auto" and report["retrieval"]["left_context"] >= 8
     new = list(range(len(original), len(original) + N_MERGES))
     assert [t["id"] for t in report["tokens"]] == new
     # intermediate merges ("Ġthy" on the way to "Ġthyroidectomy") are never emitted: no contexts, start row kept

@@ -88,6 +88,24 @@ def test_variants_train_on_their_own_snippets(model_dirs, bare_corpus):
     torch.testing.assert_close(plain.rows[index["palatable"]], moved(prep, plain, index["palatable"]))
 
 
+def test_variants_keep_the_words_left_context(model_dirs, bare_corpus, monkeypatch):
+    """--left-context auto is resolved once, on the words' windows: the variants' snippets keep as many tokens."""
+    cfg = DistillConfig(**FAST, variant_epochs=2)
+    prep = pipeline.prepare(model_dirs[("llama", "bytelevel", True)], bare_corpus / "words.txt",
+                            [bare_corpus / "train.txt"], cfg)
+    left = prep.work.retrieval["left_context"]
+    assert cfg.left_context == "auto" and isinstance(left, int) and prep.work.retrieval["chars_per_token"] > 0
+    seen, build = [], retrain.build_workload
+    monkeypatch.setattr(retrain, "build_workload", lambda c, *a, **k: seen.append(c.left_context) or build(c, *a, **k))
+    primaries = {i for i, t in enumerate(prep.toks) if t.variant_of is None}
+    means = pipeline.subtoken_mean(prep.decoder.embed_weight, prep.toks)
+    objective = pipeline.student.Objective(distill="mse", layer=2)
+    retrain.train_variants(prep, cfg, means.clone(), means, primaries, objective,
+                           pipeline.student.Schedule(lr=1e-2, epochs=2, batch_size=4, seed=0),
+                           pipeline.student.Passes(), np.zeros(0))
+    assert seen == [left]
+
+
 def test_a_small_stage_runs_the_steps_of_a_full_one(model_dirs, bare_corpus):
     """A variant steps about as often whatever the number of variants: a stage of fewer batches than a variant may
     have snippets (here 2 of 8 x VARIANT_SHARE) runs more epochs, as many steps as `variant_epochs` x 2; a stage of 2

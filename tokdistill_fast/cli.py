@@ -27,8 +27,8 @@ def _positions(value: str) -> int | str | None:
     return None if value == "all" else value if value == "auto" else int(value)
 
 
-def _left(value: str) -> int | None:
-    return None if value in ("centred", "centered") else int(value)
+def _left(value: str) -> int | str | None:
+    return None if value in ("centred", "centered") else value if value == "auto" else int(value)
 
 
 def _size(value: str) -> int:
@@ -112,7 +112,8 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
                    help="train on at most this many positions from the new token on, all (the paper) or auto "
                         "(4 for words, 8 with --tokenizer)")
     d.add_argument("--left-context", type=_left, default=c.left_context,
-                   help="keep at most this many tokens before the word in training snippets, or centred")
+                   help="keep at most this many tokens before the word in training snippets, centred, or auto "
+                        "(8, or as many as hold 26 characters where that is more, at most 24)")
     d.add_argument("--contexts", default=c.contexts, help="retrieve (corpus, generated fallback) | generate")
     d.add_argument("--top-up", default=c.top_up,
                    help="continue: tokens short of --snippets-per-token get the model's continuations of their own "

@@ -78,6 +78,13 @@ MASS_RISE = 0.05
 # that continuation (its Adam moments start afresh from rows already trained).
 HARDEST_FRACTION = 0.25
 HARDEST_WARMUP = 0.25
+# --left-context auto: LEFT_CONTEXT tokens before the word, or as many as hold LEFT_CONTEXT_CHARS characters of the
+# corpus's text where that is more (rounded; English reads at 3.2-4.8 a token), at most LEFT_CONTEXT_MAX: in a script
+# the tokenizer reads a byte or two at a time, 8 tokens are a word or less (docs/defaults.md, "A left context in
+# characters").
+LEFT_CONTEXT = 8
+LEFT_CONTEXT_CHARS = 26
+LEFT_CONTEXT_MAX = 24
 # --loss-positions auto: for words, and for a --tokenizer run's own ids.
 LOSS_POSITIONS = 4
 TOKENIZER_LOSS_POSITIONS = 8
@@ -217,8 +224,9 @@ class DistillConfig:
     # cannot change them). auto: 4 for words, 8 with --tokenizer; None: every aligned position.
     loss_positions: int | str | None = "auto"
     # Tokens kept before the word in training snippets (None: the word centred in its window). Only positions from
-    # the word on carry a loss, so the ~24 a centred window puts before it were paid for by every pass.
-    left_context: int | None = 8
+    # the word on carry a loss, so the ~24 a centred window puts before it were paid for by every pass. auto:
+    # LEFT_CONTEXT, more where the tokenizer reads the corpus at few characters a token (contexts.left_context).
+    left_context: int | str | None = "auto"
     contexts: str = "retrieve"  # tokens without corpus hits fall back to generated contexts
     # Tokens with fewer corpus snippets than snippets_per_token: continue = the model samples new text after the
     # word in their own snippets, up to the budget (tokens without any: generated from the word); word = only
@@ -301,8 +309,8 @@ class DistillConfig:
             value = getattr(self, name)
             if value != "auto" and (isinstance(value, str) or int(value) < 0):
                 raise UserInputError(f"--{name.replace('_', '-')} must be 0 or more, or auto, not {value!r}")
-        if self.left_context is not None and int(self.left_context) < 0:
-            raise UserInputError("--left-context must be 0 or more tokens")
+        if self.left_context not in (None, "auto") and (isinstance(self.left_context, str) or self.left_context < 0):
+            raise UserInputError(f"--left-context must be 0 or more tokens, centred or auto, not {self.left_context!r}")
         if self.pad_to_multiple_of is not None and int(self.pad_to_multiple_of) < 1:
             raise UserInputError("--pad-to-multiple-of must be a positive integer")
         if isinstance(self.lr, str) and self.lr != "auto":

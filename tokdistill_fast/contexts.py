@@ -34,7 +34,7 @@ import regex
 import torch
 from tqdm.auto import tqdm
 
-from .config import UserInputError
+from .config import LEFT_CONTEXT, LEFT_CONTEXT_CHARS, LEFT_CONTEXT_MAX, UserInputError
 from .corpus import Corpus, Piece
 from .tokens import TEXT_WORD_CHAR, NewToken, spaceless
 
@@ -106,10 +106,13 @@ class RetrievalStats:
     bytes_read: int = 0  # corpus bytes consumed (Parquet: the text column's compressed bytes)
     files: int = 0
     stopped_early: str | None = None  # why the pass ended before the corpus did: "full" | "max_bytes"
+    left_context: int | None = None  # tokens kept before the word (--left-context as resolved)
+    chars_per_token: float | None = None  # of the hits' windows, where --left-context auto measured it
 
     def summary(self) -> dict:
         return {"corpus_files": self.files, "corpus_bytes": self.bytes_read, "corpus_chars": self.chars,
-                "stopped_early": self.stopped_early}
+                "stopped_early": self.stopped_early, "left_context": self.left_context,
+                "chars_per_token": self.chars_per_token}
 
 
 class WordChars(dict):
@@ -227,6 +230,22 @@ def split_inside_words(paths: list[str | Path], tokens: list[NewToken], max_byte
             if n > (share(t) if share else 1.0) * own and n >= INSIDE_MIN}
 
 
+def left_context(tokenizer, texts: list[str], setting: int | str | None, sample: int = 1024
+                 ) -> tuple[int | None, float | None]:
+    """--left-context as a token count (None: centred) and, for auto, the characters per token of `texts` (the hits'
+    windows, up to `sample` of them spread over the list): LEFT_CONTEXT tokens, or as many as hold LEFT_CONTEXT_CHARS
+    characters where that is more (at most LEFT_CONTEXT_MAX). Marathi text reads at 0.9 characters a SmolLM2 token,
+    so 8 tokens are less than one word before it."""
+    if setting != "auto":
+        return setting, None
+    texts = texts[::max(1, len(texts) // sample)][:sample]
+    tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
+    if not tokens:
+        return LEFT_CONTEXT, None
+    per_token = sum(map(len, texts)) / tokens
+    return min(LEFT_CONTEXT_MAX, max(LEFT_CONTEXT, round(LEFT_CONTEXT_CHARS / per_token))), round(per_token, 3)
+
+
 def place_window(left: int, word: int, right: int, budget: int, max_before: int | None = None
                  ) -> tuple[int, int]:
     """Tokens to keep before and after the word (`left`/`right` available) so that the snippet is at most
@@ -307,12 +326,12 @@ def cut_snippets(tokenizer, tokens: list[NewToken], hits: list[list[Hit]], lengt
 
 def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_token: int, length: int, seed: int,
              start: int | None, stop_when_full: bool = False, max_bytes: int | None = None,
-             max_before: int | None = None, option: str = "--corpus", extended: Extended | None = None
+             max_before: int | str | None = None, option: str = "--corpus", extended: Extended | None = None
              ) -> tuple[list[Snippet], RetrievalStats, list[int]]:
     """Snippets from the corpus for every primary token (variants take their primary's rows). `stop_when_full`
     and `max_bytes` end the pass early (see the module docstring for what that costs); `max_before` caps the
-    tokens kept before the word (None: centred windows); `option` names the files in error messages; `extended`:
-    see cut_snippets."""
+    tokens kept before the word (None: centred windows; auto: left_context); `option` names the files in error
+    messages; `extended`: see cut_snippets."""
     if not paths:
         raise UserInputError("no corpus given: pass --corpus FILE, or --contexts generate")
     corpus = Corpus(paths, max_bytes, option=option)
@@ -323,7 +342,12 @@ def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_tok
     log.info("searched %.1f MB of %d corpus file(s)%s", corpus.bytes_read / 1e6, len(corpus.files),
              f" (stopped early: {stats.stopped_early})" if stats.stopped_early else "")
     warn_other_normalizations(tokens, stats, extended)
-    snippets, dropped = cut_snippets(tokenizer, tokens, hits, length, start, max_before, extended)
+    stats.left_context, stats.chars_per_token = left_context(tokenizer, [h.text for hs in hits for h in hs],
+                                                             max_before)
+    if stats.chars_per_token is not None:
+        log.info("left context: %s tokens before the word (the windows read at %.2f characters a token)",
+                 stats.left_context, stats.chars_per_token)
+    snippets, dropped = cut_snippets(tokenizer, tokens, hits, length, start, stats.left_context, extended)
     return snippets, stats, dropped
 
 

@@ -101,8 +101,10 @@ def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means
         return {}
     V = decoder.embed_weight.shape[0]
     keep = max(1, int(VARIANT_SHARE * cfg.snippets_per_token))
-    work = build_workload(cfg.replace(snippets_per_token=keep), decoder.model, prep.tokenizer, toks, prep.corpus,
-                          contexts.start_id(prep.tokenizer), V, train=variants, extended_tokenizer=prep.new_tokenizer)
+    left = prep.work.retrieval.get("left_context", cfg.left_context)  # the words' own: one left context a run
+    work = build_workload(cfg.replace(snippets_per_token=keep, left_context=left), decoder.model, prep.tokenizer,
+                          toks, prep.corpus, contexts.start_id(prep.tokenizer), V, train=variants,
+                          extended_tokenizer=prep.new_tokenizer)
     per_row = work.snippets_per_row()
     have = np.flatnonzero(per_row > 0)
     log.info("variants: %d of %d variant(s) have corpus snippets of their own (%d in all)", len(have),

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import align, contexts, export, pipeline, student
 from .config import DistillConfig, UserInputError, launch, pick_device, pick_dtype
-from .contexts import CHARS_PER_TOKEN, Hit, Snippet
+from .contexts import CHARS_PER_TOKEN, Hit, Snippet, left_context
 from .control import checkpoint
 from .control.observed import StageTimer
 from .control.settings import guards
@@ -246,7 +246,8 @@ def build_workload(cfg: DistillConfig, original, target, toks: list[NewToken], c
     reader = Corpus(corpus, cfg.max_corpus_bytes)
     hits, counts = find_target_hits(reader, target, [t.new_id for t in toks], cfg.snippets_per_token,
                                     CHARS_PER_TOKEN * cfg.snippet_length, cfg.seed)
-    cut_out, dropped = cut_snippets(original, target, toks, hits, cfg.snippet_length, bos, cfg.left_context)
+    left, per_token = left_context(original, [h.text for hs in hits for h in hs], cfg.left_context)
+    cut_out, dropped = cut_snippets(original, target, toks, hits, cfg.snippet_length, bos, left)
     lut = {t.new_id: V + r for r, t in enumerate(toks)}
     t_seqs, t_ends, s_seqs, s_ends, rows, own = [], [], [], [], [], []
     for r, t_ids, te, s_ids, se, k in cut_out:
@@ -273,6 +274,7 @@ def build_workload(cfg: DistillConfig, original, target, toks: list[NewToken], c
     sources = {i: "corpus" if n >= MIN_CONTEXTS else "none" for i, n in found.items()}
     retrieval = {"corpus_files": len(reader.files), "corpus_bytes": reader.bytes_read,
                  "stopped_early": "max_bytes" if reader.truncated else None,
+                 "left_context": left, "chars_per_token": per_token,
                  "hits": {t.piece: n for t, n in zip(toks, counts)},
                  "dropped_no_common_cut": {t.piece: d for t, d in zip(toks, dropped) if d}}
     snippets = [Snippet(r, ids, "corpus") for r, ids in zip(rows, t_seqs)]
