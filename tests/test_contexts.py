@@ -8,6 +8,7 @@ import gzip
 import json
 import lzma
 import random
+import shutil
 import stat
 
 import pytest
@@ -548,6 +549,26 @@ def test_vietnamese_installation_guide_keeps_the_translated_paragraphs(tmp_path,
     out = corpora.html_manual_corpus("install-vi", tmp_path / "install-vi.txt", tmp_path)
     assert documents(out) == ["Nếu bạn gặp lỗi trong khi cài đặt, xem Phần 5.4.7 để tìm thông tin về cách thông báo "
                               "lỗi."]
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="renders man pages with groff")
+def test_manpages_corpus_keeps_the_prose_of_each_page(tmp_path, monkeypatch):
+    """The Linux man pages (sections 2 and 3): each prose paragraph of a rendered page is one document, however
+    long its line; the synopsis, the pages that only point at another (`.so`) and the aliases linked to a page
+    are left out, so no page is read twice."""
+    from tokdistill_fast.tools import corpora
+
+    man2, man3 = tmp_path / "man2", tmp_path / "man3"
+    man2.mkdir(), man3.mkdir()
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: man2 / path.name)
+    prose = "The open() system call opens the file specified by pathname, " * 4
+    (man2 / "open.2.gz").write_bytes(gzip.compress(
+        f'.TH open 2\n.SH NAME\nopen \\- open a file\n.SH SYNOPSIS\n.nf\nint open(const char *p);\n.fi\n'
+        f'.SH DESCRIPTION\n{prose}that is.\n.PP\nA second paragraph, long enough to be kept as a document.\n'.encode()))
+    (man3 / "creat.3.gz").write_bytes(gzip.compress(b".so man2/open.2\n"))
+    (man2 / "openat.2.gz").symlink_to(man2 / "open.2.gz")
+    out = corpora.manpages_corpus(tmp_path / "manpages.txt", tmp_path)
+    assert documents(out) == [prose + "that is.", "A second paragraph, long enough to be kept as a document."]
 
 
 @pytest.mark.parametrize("name, left_out", [("grass", ()), ("gnumed", ("AccountsRu.html", "LegacyAppAPW.html",

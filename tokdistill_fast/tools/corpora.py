@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import html
 import re
+import shutil
 import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -284,6 +285,41 @@ def git_docs_corpus(out: Path, cache: Path | None = None) -> Path:
     return write_documents(out, (p for page in sorted(first.parent.glob("*.txt")) for p in paragraphs(page)))
 
 
+MAN_SKIP = {"SYNOPSIS", "LIBRARY", "EXAMPLES", "SEE ALSO", "COLOPHON", "ATTRIBUTES", "VERSIONS", "STANDARDS"}
+
+
+def manpages_corpus(out: Path, cache: Path | None = None) -> Path:
+    """The prose of the Linux man-pages project's sections 2 and 3 (`manpages-dev`: system calls and the C library;
+    added 2026-12-07 as an untuned corpus), rendered by groff without line breaks or hyphens, one document per
+    paragraph; synopses, examples, attribute tables and the pages' shared boilerplate left out."""
+    if out.exists():
+        return out
+    if shutil.which("groff") is None:
+        raise UserInputError("the man pages corpus renders pages with groff: install groff-base")
+    installed = Path("/usr/share/man/man2/open.2.gz")
+    first = debian_file("manpages-dev", installed, cache)
+    listing = Path("/var/lib/dpkg/info/manpages-dev.list")  # installed: other packages' pages share the folders
+    own = set(listing.read_text().splitlines()) if first == installed and listing.exists() else None
+
+    def paragraphs(page: Path) -> Iterator[str]:
+        source = gzip.decompress(page.read_bytes())
+        if source.startswith(b".so "):  # a page that only points at another
+            return
+        text = subprocess.run(["groff", "-man", "-Tutf8", "-rLL=5000n", "-rHY=0", "-dAD=l", "-P-cbou"],
+                              input=source, capture_output=True, check=True).stdout.decode("utf-8", "replace")
+        section = ""
+        for block in re.split(r"\n\s*\n", text):
+            head = block.lstrip("\n")
+            if head[:1].isupper():  # a section heading at the margin, perhaps with its first paragraph
+                section, _, block = head.partition("\n")
+            if section.strip() not in MAN_SKIP:
+                yield from (line for line in block.splitlines() if line.rstrip().endswith((".", ":")))
+
+    pages = [page for part in ("man2", "man3") for page in sorted((first.parent.parent / part).glob("*.gz"))
+             if not page.is_symlink() and (own is None or str(page) in own)]
+    return write_documents(out, (p for page in pages for p in paragraphs(page)))
+
+
 def kjv_corpus(out: Path, cache: Path | None = None) -> Path:
     """The King James Bible (`bible-kjv-text`, printed by `bible-kjv`'s reader; added 2026-12-02, thirteenth stop,
     after every default was set: archaic English and many names, a domain no other corpus has): one document per
@@ -429,6 +465,7 @@ def build_all(cache: Path | None = None) -> dict[str, Path]:
     built["gitdocs"] = git_docs_corpus(folder / "gitdocs.txt", cache)
     built["gnustd"] = gnu_standards_corpus(folder / "gnustd.txt", cache)
     built["kjv"] = kjv_corpus(folder / "kjv.txt", cache)
+    built["manpages"] = manpages_corpus(folder / "manpages.txt", cache)
     built["nethack"] = nethack_corpus(folder / "nethack.txt", cache)
     built["skycultures"] = skycultures_corpus(folder / "skycultures.txt", cache)
     built["freeciv"] = freeciv_corpus(folder / "freeciv.txt", cache)
