@@ -224,7 +224,8 @@ HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/li
                           r"genindex\.html|search\.html|api-docs\.html"),
                 "grass": ("grass-doc", ("/usr/share/doc/grass-doc/html/index.html",), None),
                 "gnumed": ("gnumed-doc", ("/usr/share/doc/gnumed/user-manual/Gnumed/index.html",),
-                           r".*Ru\.html|LegacyApp.*\.html|FaxIntegration\.html|GmManualGermanKVKInterface\.html")}
+                           r".*Ru\.html|LegacyApp.*\.html|FaxIntegration\.html|GmManualGermanKVKInterface\.html"),
+                "bashref": ("bash-doc", ("/usr/share/doc/bash/bashref.html",), r"bash\.html")}  # the man page again
 # HTML manuals that leave their <p> elements open, read by blocks (html_blocks).
 OPEN_PARAGRAPHS = {"grass", "gnumed"}
 
