@@ -500,6 +500,11 @@ def test_vs_mean_scores_the_rows_method_mean_writes(adapted, heldout_file, words
     logs = [np.log(a["kl"] / b["kl"]) for a, b in scored]
     assert vm["per_word_log_ratio"]["mean"] == pytest.approx(np.mean(logs), rel=1e-6)
     assert "KL / subtoken-mean rows' KL" in markdown_summary(report)
+    # the words where training lost against the start, worst first, named on the terminal too
+    worse = sorted(((a["kl"] / b["kl"], a["word"]) for a, b in scored if a["kl"] > b["kl"]), reverse=True)
+    assert [w["word"] for w in vm["worse_than_mean"]] == [word for _, word in worse]
+    assert [w["kl_ratio"] for w in vm["worse_than_mean"]] == pytest.approx([r for r, _ in worse], rel=1e-6)
+    assert ("subtoken-mean rows (ratio, snippets)" in markdown_summary(report)) == bool(worse)
     # over every aligned pair alike: the distance buckets' pairs, weighed by their counts, and the same ratio
     buckets = report["kl_by_offset"]
     assert report["kl_over_pairs"] == pytest.approx(

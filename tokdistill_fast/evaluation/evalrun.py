@@ -294,8 +294,8 @@ def versus_mean(baseline: Baseline, m: Measured, mean_scorer: heldout.Scorer, fo
                 rows: list[dict]) -> dict:
     """The adapted rows' held-out KL (`m`) as a ratio of what subtoken-mean rows (`mean_scorer`) leave on the same
     snippets (the quality tables' measure): overall with its paired bootstrap interval (tokens, then snippets), over
-    every aligned pair alike, per word (`rows` get `kl_mean_init` and `kl_ratio`), and the per-word log ratio's mean
-    and standard error."""
+    every aligned pair alike, per word (`rows` get `kl_mean_init` and `kl_ratio`), the per-word log ratio's mean
+    and standard error, and the words whose rows leave more than the mean's (worst first: where training lost)."""
     plain = replace(baseline, opts=replace(baseline.opts, definitions=False))
     mean = plain.measure(mean_scorer, forms)
     logs = []
@@ -311,7 +311,10 @@ def versus_mean(baseline: Baseline, m: Measured, mean_scorer: heldout.Scorer, fo
             "aggregate": mean.aggregate, "kl_over_pairs": mean.kl_over_pairs,
             "per_word_log_ratio": {"mean": float(np.mean(logs)) if logs else None,
                                    "se": float(np.std(logs, ddof=1) / np.sqrt(len(logs))) if len(logs) > 1 else None,
-                                   "words": len(logs)}}
+                                   "words": len(logs)},
+            "worse_than_mean": [{"word": row["word"], "kl_ratio": row["kl_ratio"], "snippets": row["snippets"]}
+                                for row in sorted(rows, key=lambda r: -(r["kl_ratio"] or 0))
+                                if (row["kl_ratio"] or 0) > 1]}
 
 
 SHOWN_TOKENS = 20  # per-token rows printed on the terminal; the JSON report has them all
@@ -362,6 +365,10 @@ def markdown_summary(report: dict) -> str:
                      + (f" (per word log ratio {w['mean']:+.3f} +- {w['se']:.3f}, {w['words']} words)"
                         if w["se"] is not None else "")
                      + f"; over every aligned pair alike {vm['kl_ratio_over_pairs']:.4g}")
+        if vm["worse_than_mean"]:
+            lines.append("words whose rows leave more held-out KL than subtoken-mean rows (ratio, snippets): "
+                         + ", ".join(f"{w['word']} {w['kl_ratio']:.3g} ({w['snippets']})"
+                                     for w in vm["worse_than_mean"]))
     ts = report["tokens_saved"]
     lines.append(f"tokens saved on held-out text: {100 * ts['saved_fraction']:.2f}% "
                  f"({ts['original_tokens']} -> {ts['adapted_tokens']})")
