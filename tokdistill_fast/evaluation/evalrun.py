@@ -313,8 +313,8 @@ def versus_mean(baseline: Baseline, m: Measured, mean_scorer: heldout.Scorer, fo
                                    "se": float(np.std(logs, ddof=1) / np.sqrt(len(logs))) if len(logs) > 1 else None,
                                    "words": len(logs)},
             "worse_than_mean": [{"word": row["word"], "kl_ratio": row["kl_ratio"], "snippets": row["snippets"]}
-                                for row in sorted(rows, key=lambda r: -(r["kl_ratio"] or 0))
-                                if (row["kl_ratio"] or 0) > 1]}
+                                for row in sorted((r for r in rows if (r["kl_ratio"] or 0) > 1),
+                                                  key=lambda r: -r["kl_ratio"])]}
 
 
 SHOWN_TOKENS = 20  # per-token rows printed on the terminal; the JSON report has them all
