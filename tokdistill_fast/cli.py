@@ -1,4 +1,5 @@
-"""`tokdistill` command line: parsing only. Each distill flag maps to one DistillConfig field."""
+"""`tokdistill` command line: parsing only. Each distill flag maps to one DistillConfig field; `--config FILE`
+gives a command's options from a YAML or JSON file."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from pathlib import Path
 
 from .config import DistillConfig, GuaranteeError, UserInputError, launch
 from .control import process
+
+CONFIG_HELP = ("YAML or JSON file of this command's options, named as on the command line without the dashes "
+               "(`corpus: [a.txt, b.txt]`, `target-layer: 14`, `overwrite: true`); options given on the command line "
+               "win, and relative paths are read from the working directory as the command line's are")
 
 
 def _layer(value: str) -> int | str:
@@ -336,12 +341,81 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reference", default="mean", help="method label that paired differences are taken against")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=cmd_compare, method="token-distill")
+    for command in sub.choices.values():
+        command.add_argument("--config", metavar="FILE", help=CONFIG_HELP)  # read by with_config before parsing
     return p
+
+
+def with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argv with a subcommand's `--config FILE` replaced by the options FILE gives, those the command line also
+    gives (or one exclusive with them) left out. argparse has no public way to list a parser's options, hence
+    `_actions` and `_mutually_exclusive_groups` below."""
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    at = next((i for i, a in enumerate(argv) if a in commands), None)
+    flags = [(i, a) for i, a in enumerate(argv) if at is not None and i > at and a.split("=")[0] == "--config"]
+    if not flags:
+        return argv
+    if len(flags) > 1:
+        raise UserInputError("--config: give one file")
+    i, flag = flags[0]
+    path = flag.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else None)
+    if not path:
+        raise UserInputError("--config: needs a file")
+    rest = argv[:i] + argv[i + (1 if "=" in flag else 2):]
+    sub = commands[argv[at]]
+    options = {s: a for a in sub._actions for s in a.option_strings if s.startswith("--") and s not in ("--help",
+                                                                                                      "--config")}
+    given = {a.split("=")[0] for a in rest[at + 1:] if a.startswith("--")}
+    exclusive = {s: {t for b in g._group_actions for t in b.option_strings}
+                 for g in sub._mutually_exclusive_groups for a in g._group_actions for s in a.option_strings}
+    added = []
+    for key, value in _read_config(Path(path)).items():
+        name = "--" + str(key).replace("_", "-")
+        action = options.get(name)
+        if action is None:
+            raise UserInputError(f"--config {path}: {key}: not an option of `tokdistill {argv[at]}` (see --help)")
+        if given & exclusive.get(name, {name}):
+            continue
+        if action.nargs == 0:  # a switch: true gives it, false leaves the default
+            if not isinstance(value, bool):
+                raise UserInputError(f"--config {path}: {key}: true or false, not {value!r}")
+            added += [name] if value else []
+            continue
+        values = value if isinstance(value, list) else [value]
+        if value is None or isinstance(value, dict) or (action.nargs not in ("+", "*") and len(values) != 1):
+            raise UserInputError(f"--config {path}: {key}: needs {'values' if action.nargs else 'one value'}, "
+                                 f"not {value!r}")
+        added += [f"{name}={values[0]}"] if action.nargs is None else [name, *map(str, values)]
+    return rest[:at + 1] + added + rest[at + 1:]
+
+
+def _read_config(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserInputError(f"--config {path}: cannot read it: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserInputError(f"--config {path}: not UTF-8 text ({e.reason})") from None
+    except yaml.MarkedYAMLError as e:
+        raise UserInputError(f"--config {path}:{e.problem_mark.line + 1}: not YAML or JSON: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise UserInputError(f"--config {path}: not YAML or JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"--config {path}: not a mapping of option names to values")
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:
     process.use_mkl_by_instruction_sets()  # before anything loads torch (this module and config.py do not)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        argv = with_config(parser, sys.argv[1:] if argv is None else argv)
+    except UserInputError as e:
+        print(f"tokdistill: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     others = launch().rank > 0  # torchrun ranks other than 0 log warnings only (and show no bars: __init__.py)
     logging.basicConfig(level=logging.WARNING if args.quiet or others else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
