@@ -618,6 +618,28 @@ def test_sphinx_manual_corpora_read_the_guides_without_indexes(tmp_path, monkeyp
     assert documents(out) == [text[3:-4]] * len(folders)
 
 
+def test_django_corpus_reads_the_pages_below_each_part(tmp_path, monkeypatch):
+    """Django's documentation keeps its pages in folders below each part's index page (ref/models/fields.html):
+    those are read too, and the parts it does not name (the release notes) are not."""
+    from tokdistill_fast.tools import corpora
+
+    root = tmp_path / "html"
+    html = "/usr/share/doc/python-django-doc/html"
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: root / path.relative_to(html))
+    pages = {"ref/index.html": "The reference lists every model field, form widget and template tag.",
+             "ref/models/fields.html": "A ForeignKey field needs the class to which the model is related.",
+             "topics/db/queries/index.html": "A QuerySet is lazy: making one touches no database at all.",
+             "releases/3.2.html": "Django 3.2 is a long-term support release, announced in April 2021."}
+    for part in ("intro", "topics", "howto", "faq", "misc"):
+        pages[f"{part}/index.html"] = f"The {part} part of the documentation, long enough to be a document."
+    for page, text in pages.items():
+        (root / page).parent.mkdir(parents=True, exist_ok=True)
+        (root / page).write_text(f"<p>{text}</p>")
+    out = corpora.html_manual_corpus("django", tmp_path / "django.txt", tmp_path)
+    assert sorted(documents(out)) == sorted(text for page, text in pages.items() if not page.startswith("releases"))
+    assert len(documents(out)) == 8
+
+
 def test_maxima_corpus_leaves_out_the_one_page_copy_and_the_contents(tmp_path, monkeypatch):
     """Maxima's manual has each section on its own page and all of them again on one page: the corpus reads each
     paragraph once, without the tables of contents."""
@@ -878,7 +900,7 @@ def test_russian_manuals_corpus_reads_the_three_manuals(tmp_path, monkeypatch):
 
 def test_gnome_help_corpus_keeps_the_translated_paragraphs(tmp_path, monkeypatch):
     """GNOME's help in Korean or Tamil: the <p> elements of its Mallard pages, attributes and all; paragraphs the
-    translation left in English are left out."""
+    translation left in English are left out, where the English originals keep every paragraph."""
     from tokdistill_fast.tools import corpora
 
     root = tmp_path / "gnome-help"
@@ -889,3 +911,5 @@ def test_gnome_help_corpus_keeps_the_translated_paragraphs(tmp_path, monkeypatch
                                      "찾으려는 프로그램의 이름을 입력합니다.</p></page>", encoding="utf-8")
     out = corpora.gnome_help_corpus("ko", tmp_path / "gnome-ko.txt", tmp_path)
     assert documents(out) == ["활동 개요를 열려면 Super 키를 누릅니다. 그 다음 찾으려는 프로그램의 이름을 입력합니다."]
+    english = corpora.gnome_help_corpus("C", tmp_path / "gnome-en.txt", tmp_path)  # the originals: every paragraph
+    assert documents(english) == ["Press Super to open the Activities overview.", documents(out)[0]]

@@ -225,9 +225,16 @@ HTML_MANUALS = {"pydocs": ("python3.11-doc", ("/usr/share/doc/python3.11/html/li
                 "grass": ("grass-doc", ("/usr/share/doc/grass-doc/html/index.html",), None),
                 "gnumed": ("gnumed-doc", ("/usr/share/doc/gnumed/user-manual/Gnumed/index.html",),
                            r".*Ru\.html|LegacyApp.*\.html|FaxIntegration\.html|GmManualGermanKVKInterface\.html"),
-                "bashref": ("bash-doc", ("/usr/share/doc/bash/bashref.html",), r"bash\.html")}  # the man page again
+                "bashref": ("bash-doc", ("/usr/share/doc/bash/bashref.html",), r"bash\.html"),  # the man page again
+                "django": ("python-django-doc", tuple(f"/usr/share/doc/python-django-doc/html/{part}/index.html"
+                                                      for part in ("intro", "topics", "howto", "ref", "faq", "misc")),
+                           None)}
 # HTML manuals that leave their <p> elements open, read by blocks (html_blocks).
 OPEN_PARAGRAPHS = {"grass", "gnumed"}
+# HTML manuals whose pages sit in folders below their index pages too: Django's documentation (2026-12-07,
+# sixty-second stop: a web framework; its tutorials, topic guides, how-tos, reference, FAQ and design notes,
+# not the release notes, its contributors' guide or the highlighted source of its modules).
+NESTED = {"django"}
 
 
 def mostly_vietnamese(paragraph: str) -> bool:
@@ -249,7 +256,8 @@ def html_manual_corpus(name: str, out: Path, cache: Path | None = None) -> Path:
         return out
     package, indexes, skip = HTML_MANUALS[name]
     folders = [debian_file(package, Path(index), cache).parent for index in indexes]
-    pages = [page for folder in folders for page in sorted(folder.glob("*.html"))
+    pages = [page for folder in folders for page in sorted(folder.rglob("*.html") if name in NESTED
+                                                           else folder.glob("*.html"))
              if not (skip and re.fullmatch(skip, page.name))]
     paragraphs = html_blocks(pages) if name in OPEN_PARAGRAPHS else html_paragraphs(pages)
     return write_documents(out, filter(TRANSLATED.get(name), paragraphs))
@@ -413,18 +421,20 @@ def russian_manuals_corpus(out: Path, cache: Path | None = None) -> Path:
 # Marathi (abugidas: vowel signs are combining marks; Devanagari also writes zero-width joiners inside words),
 # Persian (Arabic script, right to left, a word's parts joined by zero-width non-joiners) and Greek (accents, a final
 # sigma). Each translation leaves some pages in English; only the paragraphs translated are kept (under half of
-# their letters Latin).
-GNOME_HELP = {"gnome-ko": "ko", "gnome-ta": "ta", "gnome-mr": "mr", "gnome-fa": "fa", "gnome-el": "el"}
+# their letters Latin). The English originals ("C"; 2026-12-07, sixty-second stop): help for everyday desktop tasks,
+# written for people who are not programmers, a register no other English corpus has.
+GNOME_HELP = {"gnome-en": "C", "gnome-ko": "ko", "gnome-ta": "ta", "gnome-mr": "mr", "gnome-fa": "fa", "gnome-el": "el"}
 
 
 def gnome_help_corpus(language: str, out: Path, cache: Path | None = None) -> Path:
-    """The translated paragraphs of GNOME's desktop help (`<p>` elements of its Mallard pages) in `language`."""
+    """The paragraphs of GNOME's desktop help (`<p>` elements of its Mallard pages) in `language`: the English
+    originals ("C"), or those a translation translated."""
     if out.exists():
         return out
     first = debian_file("gnome-user-docs", Path(f"/usr/share/help/{language}/gnome-help/index.page"), cache)
     paragraphs = html_paragraphs(sorted(first.parent.glob("*.page")), attributes=True)
-    return write_documents(out, (p for p in paragraphs
-                                 if len(regex.findall(r"[A-Za-z]", p)) < 0.5 * len(regex.findall(r"\p{L}", p))))
+    return write_documents(out, (p for p in paragraphs if language == "C"
+                                 or len(regex.findall(r"[A-Za-z]", p)) < 0.5 * len(regex.findall(r"\p{L}", p))))
 
 
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
