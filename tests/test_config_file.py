@@ -4,6 +4,7 @@ the file and key named."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
@@ -58,3 +59,11 @@ def test_distill_runs_from_a_file(model_dirs, words_file, tmp_path):
     assert cli.main(["distill", "--config", str(cfg)]) == 0
     settings = json.loads((out / "report.json").read_text())["settings"]
     assert (settings["method"], settings["seed"]) == ("mean", 3)
+    # The command line that ran, the file's options written out: it reruns the job without the file.
+    command = shlex.split(settings["extra"]["command"])
+    assert command[:2] == ["tokdistill", "distill"] and "--config" not in " ".join(command)
+    cfg.unlink()
+    assert cli.main([*command[1:], "--overwrite"]) == 0
+    again = json.loads((out / "report.json").read_text())["settings"]
+    assert {k: v for k, v in again.items() if k != "extra"} == {
+        **{k: v for k, v in settings.items() if k != "extra"}, "overwrite": True}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -146,8 +147,11 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
 
 
 def config_from(args: argparse.Namespace) -> DistillConfig:
+    """The flags' DistillConfig; report.json then gives the command line that ran (settings.extra.command, any
+    --config file's options written out), to rerun it."""
     names = DistillConfig.__dataclass_fields__
-    return DistillConfig(**{k: v for k, v in vars(args).items() if k in names}).validate()
+    extra = {"command": args.command_line} if "command_line" in vars(args) else {}
+    return DistillConfig(**{k: v for k, v in vars(args).items() if k in names}, extra=extra).validate()
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -416,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokdistill: error: {e}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["tokdistill", *argv])
     others = launch().rank > 0  # torchrun ranks other than 0 log warnings only (and show no bars: __init__.py)
     logging.basicConfig(level=logging.WARNING if args.quiet or others else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
