@@ -40,9 +40,12 @@ def test_select_writes_the_ranked_words_file(model, corpus, tmp_path, capsys):
     top = tmp_path / "top.txt"
     assert select(model, corpus, top, "--top", "2") == 0
     assert top.read_text(encoding="utf-8") == "palatable\nbivalve\n"
+    assert "lower --min-count" not in capsys.readouterr().out
     low = tmp_path / "low.txt"
     assert select(model, corpus, low, "--min-count", "9") == 0
     assert low.read_text(encoding="utf-8").splitlines() == ["palatable", "bivalve", "thyroidectomy", "quokka"]
+    assert select(model, corpus, tmp_path / "few.txt", "--top", "5") == 0  # 3 words pass --min-count 10
+    assert "3 candidate token(s)" in (said := capsys.readouterr().out) and "lower --min-count 10 for more" in said
 
 
 def test_select_refusals(model, corpus, tmp_path, capsys):

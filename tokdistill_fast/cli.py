@@ -185,7 +185,9 @@ def cmd_select(args: argparse.Namespace) -> int:
     out.write_text("".join(c.word + "\n" for c in found), encoding="utf-8")
     for c in found[:10]:
         logging.info("%-24s count %6d  subtokens %d  saves %d", c.word, c.count, c.subtokens, c.saved)
-    print(f"{len(found)} candidate token(s) -> {out}")
+    short = f" (fewer than --top {args.top}: lower --min-count {args.min_count} for more)" if (
+        args.top and len(found) < args.top) else ""
+    print(f"{len(found)} candidate token(s) -> {out}{short}")
     return 0
 
 
