@@ -36,6 +36,7 @@ def test_options_come_from_the_file_and_the_command_line_wins(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("fooo: 1\n", "fooo: not an option of `tokdistill distill`"),
     ("corpus: {a: 1}\n", "corpus: needs values"),
+    ("corpus: []\n", "corpus: needs values"),
     ("seed: [1, 2]\n", "seed: needs one value"),
     ("overwrite: yes please\n", "overwrite: true or false"),
     ("[a, b\n", ":2: not YAML or JSON"),

@@ -369,8 +369,8 @@ def with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
         raise UserInputError("--config: needs a file")
     rest = argv[:i] + argv[i + (1 if "=" in flag else 2):]
     sub = commands[argv[at]]
-    options = {s: a for a in sub._actions for s in a.option_strings if s.startswith("--") and s not in ("--help",
-                                                                                                      "--config")}
+    options = {s: a for a in sub._actions for s in a.option_strings
+               if s.startswith("--") and s not in ("--help", "--config")}
     given = {a.split("=")[0] for a in rest[at + 1:] if a.startswith("--")}
     exclusive = {s: {t for b in g._group_actions for t in b.option_strings}
                  for g in sub._mutually_exclusive_groups for a in g._group_actions for s in a.option_strings}
@@ -387,11 +387,10 @@ def with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
                 raise UserInputError(f"--config {path}: {key}: true or false, not {value!r}")
             added += [name] if value else []
             continue
-        values = value if isinstance(value, list) else [value]
-        if value is None or isinstance(value, dict) or (action.nargs not in ("+", "*") and len(values) != 1):
-            raise UserInputError(f"--config {path}: {key}: needs {'values' if action.nargs else 'one value'}, "
-                                 f"not {value!r}")
-        added += [f"{name}={values[0]}"] if action.nargs is None else [name, *map(str, values)]
+        values, one = (value if isinstance(value, list) else [value]), action.nargs is None
+        if value is None or isinstance(value, dict) or not values or (one and len(values) != 1):
+            raise UserInputError(f"--config {path}: {key}: needs {'one value' if one else 'values'}, not {value!r}")
+        added += [f"{name}={values[0]}"] if one else [name, *map(str, values)]
     return rest[:at + 1] + added + rest[at + 1:]
 
 
