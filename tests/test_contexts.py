@@ -640,6 +640,35 @@ def test_django_corpus_reads_the_pages_below_each_part(tmp_path, monkeypatch):
     assert len(documents(out)) == 8
 
 
+def test_handbook_corpus_keeps_what_a_translation_translated(tmp_path, monkeypatch):
+    """The Debian Administrator's Handbook: its <div> paragraphs are read by blocks, the index page (title, legal
+    notice, contents) is left out, and a translation keeps only the blocks the English book does not hold (in
+    another script, only those mostly in it)."""
+    from tokdistill_fast.tools import corpora
+
+    root = tmp_path / "html"
+    html = "/usr/share/doc/debian-handbook/html"
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: root / path.relative_to(html))
+    same = "The apt-get install command installs the package and every package it depends on."
+    pages = {"en-US": "APT is the abbreviation for Advanced Packaging Tool, and it considers packages as a whole.",
+             "es-ES": "APT es la abreviatura de «Advanced Packaging Tool» y considera los paquetes como un todo.",
+             "ar-MA": "APT هو اختصار لعبارة Advanced Packaging Tool، وهو يعتبر الحزم ككل متكامل."}
+    for locale, text in pages.items():
+        (root / locale).mkdir(parents=True)
+        (root / locale / "index.html").write_text("<div class=\"legalnotice\">Copyright 2003-2022 Raphaël Hertzog "
+                                                  "and Roland Mas, under the GPL and CC BY-SA.</div>")
+        stale = same.replace("depends on.", "depends on (قسم 6.2).") if locale == "ar-MA" else same
+        (root / locale / "apt.html").write_text(f'<div class="para">\n\t\t{text}\n\t</div><div class="para">{stale}'
+                                                "</div>", encoding="utf-8")
+    english = corpora.handbook_corpus("en-US", tmp_path / "handbook.txt", tmp_path)
+    assert documents(english) == [pages["en-US"], same]
+    spanish = corpora.handbook_corpus("es-ES", tmp_path / "handbook-es.txt", tmp_path)
+    assert documents(spanish) == [pages["es-ES"]]
+    # In another script, an English paragraph that differs by a cross-reference is left out too.
+    arabic = corpora.handbook_corpus("ar-MA", tmp_path / "handbook-ar.txt", tmp_path, corpora.not_latin)
+    assert documents(arabic) == [pages["ar-MA"]]
+
+
 def test_maxima_corpus_leaves_out_the_one_page_copy_and_the_contents(tmp_path, monkeypatch):
     """Maxima's manual has each section on its own page and all of them again on one page: the corpus reads each
     paragraph once, without the tables of contents."""

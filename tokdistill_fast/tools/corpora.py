@@ -10,7 +10,7 @@ import html
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import regex
@@ -426,6 +426,11 @@ def russian_manuals_corpus(out: Path, cache: Path | None = None) -> Path:
 GNOME_HELP = {"gnome-en": "C", "gnome-ko": "ko", "gnome-ta": "ta", "gnome-mr": "mr", "gnome-fa": "fa", "gnome-el": "el"}
 
 
+def not_latin(paragraph: str) -> bool:
+    """Whether under half of its letters are Latin: a paragraph a translation into another script translated."""
+    return len(regex.findall(r"[A-Za-z]", paragraph)) < 0.5 * len(regex.findall(r"\p{L}", paragraph))
+
+
 def gnome_help_corpus(language: str, out: Path, cache: Path | None = None) -> Path:
     """The paragraphs of GNOME's desktop help (`<p>` elements of its Mallard pages) in `language`: the English
     originals ("C"), or those a translation translated."""
@@ -433,8 +438,33 @@ def gnome_help_corpus(language: str, out: Path, cache: Path | None = None) -> Pa
         return out
     first = debian_file("gnome-user-docs", Path(f"/usr/share/help/{language}/gnome-help/index.page"), cache)
     paragraphs = html_paragraphs(sorted(first.parent.glob("*.page")), attributes=True)
-    return write_documents(out, (p for p in paragraphs if language == "C"
-                                 or len(regex.findall(r"[A-Za-z]", p)) < 0.5 * len(regex.findall(r"\p{L}", p))))
+    return write_documents(out, paragraphs if language == "C" else filter(not_latin, paragraphs))
+
+
+# The Debian Administrator's Handbook (`debian-handbook`; 2026-12-07, sixty-second stop): one book in English and in
+# 25 translations, the same chapters in each. Its paragraphs are <div>s, so its pages are read by blocks; a
+# translation keeps the blocks it translated, those not in the English book word for word (code, commands and
+# untranslated paragraphs) and, in another script, those mostly in it (Arabic's untranslated paragraphs often differ
+# from the English ones by a cross-reference: a tenth of its text). English, Spanish (a Latin script with accents)
+# and Arabic (right to left; about half of the book translated), none of which a setting has seen.
+HANDBOOK = {"handbook": ("en-US", None), "handbook-es": ("es-ES", None), "handbook-ar": ("ar-MA", not_latin)}
+
+
+def handbook_corpus(language: str, out: Path, cache: Path | None = None,
+                    keep: Callable[[str], bool] | None = None) -> Path:
+    """The text blocks of the Debian Administrator's Handbook in `language` (a locale such as "es-ES"): for a
+    translation, those the English book does not hold (and `keep` keeps); the index page (title, legal notice,
+    contents) left out."""
+    if out.exists():
+        return out
+
+    def blocks(locale: str) -> Iterator[str]:
+        index = debian_file("debian-handbook", Path(f"/usr/share/doc/debian-handbook/html/{locale}/index.html"), cache)
+        return html_blocks(sorted(page for page in index.parent.glob("*.html") if page.name != "index.html"))
+
+    english = set() if language == "en-US" else set(blocks("en-US"))
+    return write_documents(out, (block for block in blocks(language)
+                                 if block not in english and (keep is None or keep(block))))
 
 
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
@@ -484,6 +514,8 @@ def build_all(cache: Path | None = None) -> dict[str, Path]:
     built["debian-ru"] = russian_manuals_corpus(folder / "debian-ru.txt", cache)
     built.update({name: gnome_help_corpus(language, folder / f"{name}.txt", cache)
                   for name, language in GNOME_HELP.items()})
+    built.update({name: handbook_corpus(language, folder / f"{name}.txt", cache, keep)
+                  for name, (language, keep) in HANDBOOK.items()})
     paths: dict[str, Path] = {}
     for name, corpus in built.items():
         paths[name], paths[f"{name}_heldout"] = corpus, split_corpus(corpus)[1]
