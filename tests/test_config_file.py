@@ -31,6 +31,9 @@ def test_options_come_from_the_file_and_the_command_line_wins(tmp_path):
                               "vs-mean": True, "no-definitions": True}))
     args = parsed(["eval", "--config", str(js)])
     assert (args.heldout, args.vs_mean, args.definitions) == (["h.txt"], True, False)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set yet\n")
+    assert parsed(["select", "--config", str(empty), "--model", "m", "--corpus", "c", "--out", "w"]).top is None
 
 
 @pytest.mark.parametrize("text, message", [

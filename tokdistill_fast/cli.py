@@ -404,12 +404,13 @@ def _read_config(path: Path) -> dict:
     except UnicodeDecodeError as e:
         raise UserInputError(f"--config {path}: not UTF-8 text ({e.reason})") from None
     except yaml.MarkedYAMLError as e:
-        raise UserInputError(f"--config {path}:{e.problem_mark.line + 1}: not YAML or JSON: {e.problem}") from None
+        line = f":{e.problem_mark.line + 1}" if e.problem_mark else ""
+        raise UserInputError(f"--config {path}{line}: not YAML or JSON: {e.problem}") from None
     except yaml.YAMLError as e:
         raise UserInputError(f"--config {path}: not YAML or JSON: {e}") from None
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):
         raise UserInputError(f"--config {path}: not a mapping of option names to values")
-    return data
+    return data or {}  # an empty file (or comments only) gives no options
 
 
 def main(argv: list[str] | None = None) -> int:
