@@ -445,9 +445,11 @@ def gnome_help_corpus(language: str, out: Path, cache: Path | None = None) -> Pa
 # 25 translations, the same chapters in each. Its paragraphs are <div>s, so its pages are read by blocks; a
 # translation keeps the blocks it translated, those not in the English book word for word (code, commands and
 # untranslated paragraphs) and, in another script, those mostly in it (Arabic's untranslated paragraphs often differ
-# from the English ones by a cross-reference: a tenth of its text). English, Spanish (a Latin script with accents)
-# and Arabic (right to left; about half of the book translated), none of which a setting has seen.
-HANDBOOK = {"handbook": ("en-US", None), "handbook-es": ("es-ES", None), "handbook-ar": ("ar-MA", not_latin)}
+# from the English ones by a cross-reference: a tenth of its text). English, Spanish (a Latin script with accents),
+# Arabic (right to left; about half of the book translated), Brazilian Portuguese and Indonesian (an Austronesian
+# language in plain Latin letters, which builds words with affixes), none of which a setting has seen.
+HANDBOOK = {"handbook": ("en-US", None), "handbook-es": ("es-ES", None), "handbook-ar": ("ar-MA", not_latin),
+            "handbook-pt": ("pt-BR", None), "handbook-id": ("id-ID", None)}
 
 
 def handbook_corpus(language: str, out: Path, cache: Path | None = None,
