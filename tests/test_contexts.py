@@ -418,10 +418,10 @@ class CharsPerToken:
 def test_auto_left_context_holds_characters_not_tokens(per_token, tokens):
     """auto: 8 tokens where they hold LEFT_CONTEXT_CHARS characters (English), more where the tokenizer reads
     fewer characters a token, as many as hold that many, at most LEFT_CONTEXT_MAX; a number or centred as given."""
-    texts = ["x" * 600] * 3000
-    assert left_context(CharsPerToken(per_token), texts, "auto") == (tokens, per_token)
-    assert left_context(CharsPerToken(1), texts, 5) == (5, None)
-    assert left_context(CharsPerToken(1), texts, None) == (None, None)
+    hits = [[Hit("x" * 600, 0, 1, False, False)] * 1000] * 3
+    assert left_context(CharsPerToken(per_token), hits, "auto") == (tokens, per_token)
+    assert left_context(CharsPerToken(1), hits, 5) == (5, None)
+    assert left_context(CharsPerToken(1), hits, None) == (None, None)
     assert left_context(CharsPerToken(1), [], "auto") == (8, None)
 
 

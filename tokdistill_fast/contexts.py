@@ -230,14 +230,15 @@ def split_inside_words(paths: list[str | Path], tokens: list[NewToken], max_byte
             if n > (share(t) if share else 1.0) * own and n >= INSIDE_MIN}
 
 
-def left_context(tokenizer, texts: list[str], setting: int | str | None, sample: int = 1024
+def left_context(tokenizer, hits: list[list[Hit]], setting: int | str | None, sample: int = 1024
                  ) -> tuple[int | None, float | None]:
-    """--left-context as a token count (None: centred) and, for auto, the characters per token of `texts` (the hits'
-    windows, up to `sample` of them spread over the list): LEFT_CONTEXT tokens, or as many as hold LEFT_CONTEXT_CHARS
+    """--left-context as a token count (None: centred) and, for auto, the characters per token of the hits' windows
+    (up to `sample` of them spread over the list): LEFT_CONTEXT tokens, or as many as hold LEFT_CONTEXT_CHARS
     characters where that is more (at most LEFT_CONTEXT_MAX). Marathi text reads at 0.9 characters a SmolLM2 token,
     so 8 tokens are less than one word before it."""
     if setting != "auto":
         return setting, None
+    texts = [h.text for hs in hits for h in hs]
     texts = texts[::max(1, len(texts) // sample)][:sample]
     tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
     if not tokens:
@@ -342,8 +343,7 @@ def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_tok
     log.info("searched %.1f MB of %d corpus file(s)%s", corpus.bytes_read / 1e6, len(corpus.files),
              f" (stopped early: {stats.stopped_early})" if stats.stopped_early else "")
     warn_other_normalizations(tokens, stats, extended)
-    stats.left_context, stats.chars_per_token = left_context(tokenizer, [h.text for hs in hits for h in hs],
-                                                             max_before)
+    stats.left_context, stats.chars_per_token = left_context(tokenizer, hits, max_before)
     if stats.chars_per_token is not None:
         log.info("left context: %s tokens before the word (the windows read at %.2f characters a token)",
                  stats.left_context, stats.chars_per_token)

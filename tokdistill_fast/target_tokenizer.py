@@ -246,7 +246,7 @@ def build_workload(cfg: DistillConfig, original, target, toks: list[NewToken], c
     reader = Corpus(corpus, cfg.max_corpus_bytes)
     hits, counts = find_target_hits(reader, target, [t.new_id for t in toks], cfg.snippets_per_token,
                                     CHARS_PER_TOKEN * cfg.snippet_length, cfg.seed)
-    left, per_token = left_context(original, [h.text for hs in hits for h in hs], cfg.left_context)
+    left, per_token = left_context(original, hits, cfg.left_context)
     cut_out, dropped = cut_snippets(original, target, toks, hits, cfg.snippet_length, bos, left)
     lut = {t.new_id: V + r for r, t in enumerate(toks)}
     t_seqs, t_ends, s_seqs, s_ends, rows, own = [], [], [], [], [], []
