@@ -938,7 +938,7 @@ def test_gnome_help_corpus_keeps_the_translated_paragraphs(tmp_path, monkeypatch
     (root / "index.page").write_text('<page><p xmlns:its="x">Press <key>Super</key> to open the Activities '
                                      "overview.</p>\n<p>활동 개요를 열려면 <key>Super</key> 키를 누릅니다. 그 다음 "
                                      "찾으려는 프로그램의 이름을 입력합니다.</p></page>", encoding="utf-8")
-    out = corpora.gnome_help_corpus("ko", tmp_path / "gnome-ko.txt", tmp_path)
+    out = corpora.gnome_help_corpus("ko", tmp_path / "gnome-ko.txt", tmp_path, corpora.not_latin)
     assert documents(out) == ["활동 개요를 열려면 Super 키를 누릅니다. 그 다음 찾으려는 프로그램의 이름을 입력합니다."]
     english = corpora.gnome_help_corpus("C", tmp_path / "gnome-en.txt", tmp_path)  # the originals: every paragraph
     assert documents(english) == ["Press Super to open the Activities overview.", documents(out)[0]]

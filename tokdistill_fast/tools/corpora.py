@@ -417,28 +417,29 @@ def russian_manuals_corpus(out: Path, cache: Path | None = None) -> Path:
     return write_documents(out, html_paragraphs(pages))
 
 
+def not_latin(paragraph: str) -> bool:
+    """Whether under half of its letters are Latin: a paragraph a translation into another script translated."""
+    return len(regex.findall(r"[A-Za-z]", paragraph)) < 0.5 * len(regex.findall(r"\p{L}", paragraph))
+
+
 # GNOME's desktop help in other scripts (gnome-user-docs; 2026-12-06, fifty-second stop): Korean (Hangul), Tamil and
 # Marathi (abugidas: vowel signs are combining marks; Devanagari also writes zero-width joiners inside words),
 # Persian (Arabic script, right to left, a word's parts joined by zero-width non-joiners) and Greek (accents, a final
 # sigma). Each translation leaves some pages in English; only the paragraphs translated are kept (under half of
 # their letters Latin). The English originals ("C"; 2026-12-07, sixty-second stop): help for everyday desktop tasks,
 # written for people who are not programmers, a register no other English corpus has.
-GNOME_HELP = {"gnome-en": "C", "gnome-ko": "ko", "gnome-ta": "ta", "gnome-mr": "mr", "gnome-fa": "fa", "gnome-el": "el"}
+GNOME_HELP = {"gnome-en": ("C", None), **{f"gnome-{language}": (language, not_latin)
+                                          for language in ("ko", "ta", "mr", "fa", "el")}}
 
 
-def not_latin(paragraph: str) -> bool:
-    """Whether under half of its letters are Latin: a paragraph a translation into another script translated."""
-    return len(regex.findall(r"[A-Za-z]", paragraph)) < 0.5 * len(regex.findall(r"\p{L}", paragraph))
-
-
-def gnome_help_corpus(language: str, out: Path, cache: Path | None = None) -> Path:
-    """The paragraphs of GNOME's desktop help (`<p>` elements of its Mallard pages) in `language`: the English
-    originals ("C"), or those a translation translated."""
+def gnome_help_corpus(language: str, out: Path, cache: Path | None = None,
+                      keep: Callable[[str], bool] | None = None) -> Path:
+    """The paragraphs of GNOME's desktop help (`<p>` elements of its Mallard pages) in `language` (those `keep`
+    keeps: for a translation, those it translated)."""
     if out.exists():
         return out
     first = debian_file("gnome-user-docs", Path(f"/usr/share/help/{language}/gnome-help/index.page"), cache)
-    paragraphs = html_paragraphs(sorted(first.parent.glob("*.page")), attributes=True)
-    return write_documents(out, paragraphs if language == "C" else filter(not_latin, paragraphs))
+    return write_documents(out, filter(keep, html_paragraphs(sorted(first.parent.glob("*.page")), attributes=True)))
 
 
 # The Debian Administrator's Handbook (`debian-handbook`; 2026-12-07, sixty-second stop): one book in English and in
@@ -514,8 +515,8 @@ def build_all(cache: Path | None = None) -> dict[str, Path]:
     built["freeciv"] = freeciv_corpus(folder / "freeciv.txt", cache)
     built["crawl"] = crawl_corpus(folder / "crawl.txt", cache)
     built["debian-ru"] = russian_manuals_corpus(folder / "debian-ru.txt", cache)
-    built.update({name: gnome_help_corpus(language, folder / f"{name}.txt", cache)
-                  for name, language in GNOME_HELP.items()})
+    built.update({name: gnome_help_corpus(language, folder / f"{name}.txt", cache, keep)
+                  for name, (language, keep) in GNOME_HELP.items()})
     built.update({name: handbook_corpus(language, folder / f"{name}.txt", cache, keep)
                   for name, (language, keep) in HANDBOOK.items()})
     paths: dict[str, Path] = {}
