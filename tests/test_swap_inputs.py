@@ -89,6 +89,24 @@ def test_bad_swap_inputs(tmp_path, words_file):
     assert e.value.code == 2
 
 
+def test_bad_inputs_fail_before_the_work_they_would_waste(tmp_path, model_dirs, words_file, corpus_file, capsys,
+                                                         monkeypatch):
+    """A missing word list fails before the model loads; a layer the model lacks before the corpus is read."""
+    from tokdistill_fast import contexts
+    from tokdistill_fast.modeling import models
+
+    loads, reads = [], []
+    real_load, real_retrieve = models.load_model, contexts.retrieve
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(contexts, "retrieve", lambda *a, **k: reads.append(a) or real_retrieve(*a, **k))
+    base = ["distill", "--model", str(model_dirs[UNTIED]), "--corpus", str(corpus_file), "--out", str(tmp_path / "o")]
+    assert main([*base, "--new-tokens", str(tmp_path / "missing.txt")]) == 2
+    assert "--new-tokens" in capsys.readouterr().err and not loads
+    assert main([*base, "--new-tokens", str(words_file), "--target-layer", "99"]) == 2
+    assert "--target-layer 99 is outside 1.." in capsys.readouterr().err and loads and not reads
+    assert not (tmp_path / "o").exists()
+
+
 def init_file(path, forms, rows, **meta):
     save_file({"input_embeddings": rows}, str(path), metadata={"forms": json.dumps(forms), **meta})
     return path

@@ -74,13 +74,16 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     backend = kernels.resolve(cfg.backend, device)  # fails here, not after the teacher pass, if triton cannot run
+    with timer("tokens"):  # a missing or empty word list fails here too
+        words, skipped = swap.requested_words(new_tokens, cfg.new_tokens_from_tokenizer)
     with timer("load"):
         decoder, tokenizer, source, tokenizer_seconds = load(model, tokenizer, device, dtype)
+    if cfg.target_layer != "auto":
+        decoder.resolve_layer(int(cfg.target_layer))  # a layer the model lacks fails before the corpus is read
     decoder.packs.enabled &= cfg.backend != "torch"  # the references throughout: the Hugging Face layers too
     lm = decoder.model
     tied = export.is_tied(lm)
     with timer("tokens"):
-        words, skipped = swap.requested_words(new_tokens, cfg.new_tokens_from_tokenizer)
         toks, unplanned = tokens.plan_new_tokens(tokenizer, words, cfg.add_variants, cfg.casing_variants)
         skipped += unplanned
         if toks and cfg.tokenizer_mode == "added" and cfg.contexts == "retrieve":  # variants that split words
