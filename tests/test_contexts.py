@@ -643,7 +643,7 @@ def test_django_corpus_reads_the_pages_below_each_part(tmp_path, monkeypatch):
 def test_handbook_corpus_keeps_what_a_translation_translated(tmp_path, monkeypatch):
     """The Debian Administrator's Handbook: its <div> paragraphs are read by blocks, the index page (title, legal
     notice, contents) is left out, and a translation keeps only the blocks the English book does not hold (in
-    another script, only those mostly in it)."""
+    another script, only those mostly in it; in a partial translation, only those not in English)."""
     from tokdistill_fast.tools import corpora
 
     root = tmp_path / "html"
@@ -652,12 +652,14 @@ def test_handbook_corpus_keeps_what_a_translation_translated(tmp_path, monkeypat
     same = "The apt-get install command installs the package and every package it depends on."
     pages = {"en-US": "APT is the abbreviation for Advanced Packaging Tool, and it considers packages as a whole.",
              "es-ES": "APT es la abreviatura de «Advanced Packaging Tool» y considera los paquetes como un todo.",
-             "ar-MA": "APT هو اختصار لعبارة Advanced Packaging Tool، وهو يعتبر الحزم ككل متكامل."}
+             "ar-MA": "APT هو اختصار لعبارة Advanced Packaging Tool، وهو يعتبر الحزم ككل متكامل.",
+             "pl-PL": "APT to skrót od Advanced Packaging Tool, a pakiety traktuje jako całość."}
     for locale, text in pages.items():
         (root / locale).mkdir(parents=True)
         (root / locale / "index.html").write_text("<div class=\"legalnotice\">Copyright 2003-2022 Raphaël Hertzog "
                                                   "and Roland Mas, under the GPL and CC BY-SA.</div>")
-        stale = same.replace("depends on.", "depends on (قسم 6.2).") if locale == "ar-MA" else same
+        stale = same.replace("depends on.", {"ar-MA": "depends on (قسم 6.2).", "pl-PL": "depends on (Sekcja 6.2)."}
+                             .get(locale, "depends on."))
         (root / locale / "apt.html").write_text(f'<div class="para">\n\t\t{text}\n\t</div><div class="para">{stale}'
                                                 "</div>", encoding="utf-8")
     english = corpora.handbook_corpus("en-US", tmp_path / "handbook.txt", tmp_path)
@@ -667,6 +669,10 @@ def test_handbook_corpus_keeps_what_a_translation_translated(tmp_path, monkeypat
     # In another script, an English paragraph that differs by a cross-reference is left out too.
     arabic = corpora.handbook_corpus("ar-MA", tmp_path / "handbook-ar.txt", tmp_path, corpora.not_latin)
     assert documents(arabic) == [pages["ar-MA"]]
+    # In a partial translation into a Latin script, the same by its English words.
+    polish = corpora.handbook_corpus("pl-PL", tmp_path / "handbook-pl.txt", tmp_path, corpora.not_english)
+    assert documents(polish) == [pages["pl-PL"]]
+    assert len(documents(corpora.handbook_corpus("pl-PL", tmp_path / "pl-all.txt", tmp_path))) == 2
 
 
 def test_maxima_corpus_leaves_out_the_one_page_copy_and_the_contents(tmp_path, monkeypatch):

@@ -442,15 +442,32 @@ def gnome_help_corpus(language: str, out: Path, cache: Path | None = None,
     return write_documents(out, filter(keep, html_paragraphs(sorted(first.parent.glob("*.page")), attributes=True)))
 
 
+# English words that are no words of the handbook's Latin-script translations: at 8% or more of a block's words,
+# the block is English, or a cross-reference translated in an English paragraph ("Rozdział 4, Instalacja presented
+# these technologies ...").
+ENGLISH_WORDS = frozenset("the of and is are that with for this be by from which it you".split())
+
+
+def not_english(block: str) -> bool:
+    """Whether under 8% of its words (or under five words in all) are ENGLISH_WORDS: a block a translation into
+    another Latin-script language translated."""
+    words = regex.findall(r"\p{L}+", block.lower())
+    return len(words) < 5 or sum(1 for w in words if w in ENGLISH_WORDS) < 0.08 * len(words)
+
+
 # The Debian Administrator's Handbook (`debian-handbook`; 2026-12-07, sixty-second stop): one book in English and in
 # 25 translations, the same chapters in each. Its paragraphs are <div>s, so its pages are read by blocks; a
 # translation keeps the blocks it translated, those not in the English book word for word (code, commands and
 # untranslated paragraphs) and, in another script, those mostly in it (Arabic's untranslated paragraphs often differ
 # from the English ones by a cross-reference: a tenth of its text). English, Spanish (a Latin script with accents),
 # Arabic (right to left; about half of the book translated), Brazilian Portuguese and Indonesian (an Austronesian
-# language in plain Latin letters, which builds words with affixes), none of which a setting has seen.
+# language in plain Latin letters, which builds words with affixes), none of which a setting has seen. Then
+# (sixty-third stop) Italian and Norwegian Bokmål, translated whole, and Polish and Turkish, which translate about
+# two thirds of the book and keep the rest in English: there only the blocks not in English (not_english).
 HANDBOOK = {"handbook": ("en-US", None), "handbook-es": ("es-ES", None), "handbook-ar": ("ar-MA", not_latin),
-            "handbook-pt": ("pt-BR", None), "handbook-id": ("id-ID", None)}
+            "handbook-pt": ("pt-BR", None), "handbook-id": ("id-ID", None), "handbook-it": ("it-IT", None),
+            "handbook-nb": ("nb-NO", None), "handbook-pl": ("pl-PL", not_english),
+            "handbook-tr": ("tr-TR", not_english)}
 
 
 def handbook_corpus(language: str, out: Path, cache: Path | None = None,
