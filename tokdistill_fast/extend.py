@@ -210,9 +210,9 @@ def encodes_as_one(tokenizer, toks: list[NewToken]) -> list[bool]:
     return [span_ids(e, len(left), len(left) + len(t.form)) == [t.new_id] for t, e, left in zip(toks, encs, lefts)]
 
 
-def misread_forms(new, original, toks: list[NewToken]) -> list[str | None]:
-    """For each token: what its running text (running_texts) decodes to with the new tokenizer where that differs
-    from the text and the original tokenizer decodes it right, else None. HF's byte-level decoder reads an added
+def misread_forms(new, original, toks: list[NewToken]) -> list[tuple[str, str] | None]:
+    """For each token: (its running text (running_texts), what that decodes to with the new tokenizer) where the
+    two differ and the original tokenizer decodes it right, else None. HF's byte-level decoder reads an added
     token made only of characters of its byte alphabet as those bytes, so a bare form with Latin-1 letters
     ("naïve") decodes as "na\ufffdve"; spaced forms and vocab entries do not."""
     texts = running_texts(toks)[1]
@@ -221,7 +221,7 @@ def misread_forms(new, original, toks: list[NewToken]) -> list[str | None]:
         encs = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
         return tok.backend_tokenizer.decode_batch([e.ids for e in encs], skip_special_tokens=False)
 
-    return [got if got != text and before == text else None
+    return [(text, got) if got != text and before == text else None
             for text, got, before in zip(texts, decoded(new), decoded(original))]
 
 
@@ -389,8 +389,8 @@ def extend_decodable(tokenizer, planned: list[NewToken], mode: str = "auto", mod
         kept, more = leave_out(kept, overlapping(kept))
         skipped += more
     new = extend_tokenizer(tokenizer, kept, mode, model_config)
-    bad = {t.form: f"which would make running text decode as {got!r}"
-           for t, got in zip(kept, misread_forms(new, tokenizer, kept)) if got is not None}
+    bad = {t.form: f"which would not decode back: {misread[0]!r} would decode as {misread[1]!r}"
+           for t, misread in zip(kept, misread_forms(new, tokenizer, kept)) if misread is not None}
     if mode != "added":
         added = [t for t in kept if t.kind == "added" and t.form not in bad]
         bad.update(splitting(added))
