@@ -462,8 +462,8 @@ def not_english(block: str) -> bool:
 # from the English ones by a cross-reference: a tenth of its text). English, Spanish (a Latin script with accents),
 # Arabic (right to left; about half of the book translated), Brazilian Portuguese and Indonesian (an Austronesian
 # language in plain Latin letters, which builds words with affixes), none of which a setting has seen. Then
-# (sixty-third stop) Italian and Norwegian Bokmål, translated whole, and Polish and Turkish, which translate about
-# two thirds of the book and keep the rest in English: there only the blocks not in English (not_english).
+# (sixty-third stop) Italian and Norwegian Bokmål, which translate most of the book, and Polish and Turkish, which
+# translate a part and keep the rest in English: there only the blocks not in English (not_english).
 HANDBOOK = {"handbook": ("en-US", None), "handbook-es": ("es-ES", None), "handbook-ar": ("ar-MA", not_latin),
             "handbook-pt": ("pt-BR", None), "handbook-id": ("id-ID", None), "handbook-it": ("it-IT", None),
             "handbook-nb": ("nb-NO", None), "handbook-pl": ("pl-PL", not_english),
