@@ -164,7 +164,7 @@ class Decoder:
             for i in range(start, wanted[-1]):
                 h = self.layers[i](h, attention_mask=None, position_ids=position_ids, position_embeddings=pos[i],
                                    **extra)
-                h = h[0] if isinstance(h, tuple) else h  # a layer that returns (hidden states, ...) as older releases did
+                h = h[0] if isinstance(h, tuple) else h  # older releases' layers return tuples
                 if i + 1 in wanted:
                     out[i + 1] = self.base.norm(h) if i + 1 == self.num_layers else h
         return out

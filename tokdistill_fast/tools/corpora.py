@@ -483,8 +483,7 @@ def handbook_corpus(language: str, out: Path, cache: Path | None = None,
         return html_blocks(sorted(page for page in index.parent.glob("*.html") if page.name != "index.html"))
 
     english = set() if language == "en-US" else set(blocks("en-US"))
-    return write_documents(out, (block for block in blocks(language)
-                                 if block not in english and (keep is None or keep(block))))
+    return write_documents(out, filter(keep, (block for block in blocks(language) if block not in english)))
 
 
 def wordnet_corpus(out: Path, cache: Path | None = None) -> Path:
