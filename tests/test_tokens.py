@@ -5,6 +5,7 @@ without new words unchanged, round trips, prefix pairs, order, casing, skips, an
 import ast
 import json
 import random
+import re
 
 import pytest
 from conftest import NEW_WORDS, tiny_config
@@ -290,6 +291,38 @@ def test_word_list_reads_windows_files(tmp_path):
     path = tmp_path / "words.txt"
     path.write_bytes("\ufeffpalatable\r\n\r\n  spill the beans\t\r\nnaïve".encode("utf-8"))
     assert tokens.read_word_list(path) == ["palatable", "spill the beans", "naïve"]
+
+
+def test_word_list_reads_the_reference_codes_json_files(tmp_path):
+    """The reference code's token files read as its loaders read them: JSON lines of {"entity", "count"} (the leading
+    space of its running-text forms is implied here), and a JSON object of word lists, flattened in the file's order;
+    a word list may also be a JSON list, and JSON lines may be plain strings."""
+    lines = tmp_path / "medical.jsonl"
+    lines.write_text('{"entity": " Hg", "count": 539}\n\n{"entity": " follow-up", "count": 177}\n"naïve"\n')
+    assert tokens.read_word_list(lines) == ["Hg", "follow-up", "naïve"]
+    lists = tmp_path / "concepts.json"
+    lists.write_text(json.dumps({"entities": ["United Nations", "World Bank Group"], "phrases": ["Spill the beans"]}))
+    assert tokens.read_word_list(lists) == ["United Nations", "World Bank Group", "Spill the beans"]
+    flat = tmp_path / "words.json"
+    flat.write_text(json.dumps(["palatable", {"word": "umbelliferous"}]))
+    assert tokens.read_word_list(flat) == ["palatable", "umbelliferous"]
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("words.txt", 'palatable\n{"entity": " Hg", "count": 539}\n', "line 2 is a JSON object; name the file .jsonl"),
+    ("words.jsonl", '{"entity": " Hg"}\n{"entity": " mmHg"\n', "line 2 is not JSON"),
+    ("words.jsonl", '{"text": " Hg"}\n', "line 1 is not a word"),
+    ("words.json", '{"entities": "United Nations"}', "key 'entities' holds no list of words"),
+    ("words.json", '[" Hg", 539]', "the file, item 2 is not a word"),
+    ("words.json", '[]', "holds no tokens"),
+])
+def test_word_list_in_a_shape_it_cannot_read_is_refused(tmp_path, name, text, message):
+    """A word list is never read as something else: a JSON object in a plain list, broken JSON, an object without a
+    word field or a value that is not a word fail in one line naming the place (never adding `{"entity": ...}`)."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        tokens.read_word_list(path)
 
 
 @pytest.mark.parametrize("kind", ("bytelevel", "llama2"))

@@ -17,13 +17,13 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
     """Add `new_tokens` to the model's tokenizer and learn their input embeddings.
 
     model: a model directory (with its own tokenizer unless `tokenizer` is given), or an in-memory causal LM (then
-    pass `tokenizer`). new_tokens: a file with one token per line, or a list of strings (or None with
-    config.new_tokens_from_tokenizer). corpus: text, JSONL or Parquet files, directories or globs. out: if given,
-    the extended model is written there (save_pretrained layout plus new_embeddings.safetensors and report.json),
-    and the run keeps checkpoints to resume from (checkpoint.py; SIGINT/SIGTERM then stop at a step boundary). Under
-    torchrun, the processes share the training (distributed.py) and rank 0 writes `out`. target_tokenizer (or
-    config.target_tokenizer): learn rows for the new ids of this given tokenizer instead of adding tokens
-    (target_tokenizer.py; new_tokens is then unused).
+    pass `tokenizer`). new_tokens: a word-list file (one per line, .jsonl or .json: tokens.read_word_list), or a
+    list of strings (or None with config.new_tokens_from_tokenizer). corpus: text, JSONL or Parquet files,
+    directories or globs. out: if given, the extended model is written there (save_pretrained layout plus
+    new_embeddings.safetensors and report.json), and the run keeps checkpoints to resume from (checkpoint.py;
+    SIGINT/SIGTERM then stop at a step boundary). Under torchrun, the processes share the training
+    (distributed.py) and rank 0 writes `out`. target_tokenizer (or config.target_tokenizer): learn rows for the new
+    ids of this given tokenizer instead of adding tokens (target_tokenizer.py; new_tokens is then unused).
     """
     cfg = (config or DistillConfig()).validate()
     if target_tokenizer is not None or cfg.target_tokenizer is not None:

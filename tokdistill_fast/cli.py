@@ -53,7 +53,8 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
     c = DistillConfig()
     d.add_argument("--model", required=True, help="Hugging Face model directory")
     words = d.add_mutually_exclusive_group(required=True)
-    words.add_argument("--new-tokens", help="text file, one new token per line as it appears in text")
+    words.add_argument("--new-tokens", help="file of new tokens as they appear in text: one per line, or "
+                       ".jsonl / .json (docs/inputs.md)")
     words.add_argument("--new-tokens-from-tokenizer", metavar="DIR",
                        help="add every word of this tokenizer's vocabulary that the model's tokenizer lacks")
     words.add_argument("--tokenizer", dest="target_tokenizer", metavar="DIR",

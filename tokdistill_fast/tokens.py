@@ -10,6 +10,7 @@ their subtoken means (pipeline.learn_rows). Subtoken ids always come from the or
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,22 +71,84 @@ def running_form(word: str) -> str:
 
 
 def read_word_list(path: str | Path) -> list[str]:
-    """One new token per line, as it appears in running text. Blank lines are ignored (and logged)."""
+    """The new tokens of a word-list file, as they appear in running text: one per line; or, in a `.jsonl` /
+    `.ndjson` file, one per line as a JSON string or object (the reference code's `{"entity": " Hg", "count": 539}`);
+    or, in a `.json` file, a list of them or an object of such lists (its `{"places": [...], "people": [...]}`).
+    Space around a word is not part of it, and blank words are ignored (and logged)."""
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"--new-tokens {path}: no such file")
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise UserInputError(f"--new-tokens {path}: cannot read it as UTF-8 text: {e}") from None
-    words = [line.strip() for line in lines]
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        words = [_json_word(path, value, f"line {n}") for n, value in _json_lines(path, text)]
+    elif suffix == ".json":
+        words = _json_words(path, _json(path, text, "the file"))
+    else:
+        words = text.splitlines()
+        _refuse_json(path, words)
+    words = [w.strip() for w in words]
     blanks = sum(1 for w in words if not w)
     if blanks:
-        log.warning("--new-tokens %s: ignored %d blank line(s)", path, blanks)
+        log.warning("--new-tokens %s: ignored %d blank word(s)", path, blanks)
     words = [w for w in words if w]
     if not words:
         raise UserInputError(f"--new-tokens {path}: the file holds no tokens")
     return words
+
+
+WORD_FIELDS = ("entity", "token", "word")  # a JSON object's word: the reference code's field first
+
+
+def _json(path: Path, text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserInputError(f"--new-tokens {path}: {where} is not JSON: {e}") from None
+
+
+def _json_lines(path: Path, text: str) -> list[tuple[int, object]]:
+    """(line number, value) of each non-blank line of a JSON-lines file."""
+    return [(n, _json(path, line, f"line {n}")) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _json_word(path: Path, value, where: str) -> str:
+    """The word a JSON value gives: a string, or an object's first field of WORD_FIELDS (a string)."""
+    if isinstance(value, dict):
+        field = next((f for f in WORD_FIELDS if f in value), None)
+        value = value[field] if field else None
+    if not isinstance(value, str):
+        raise UserInputError(f"--new-tokens {path}: {where} is not a word: give a string or an object with a string "
+                             f"field {' / '.join(map(repr, WORD_FIELDS))}")
+    return value
+
+
+def _json_words(path: Path, value) -> list[str]:
+    """The words of a JSON file: a list of words, or an object whose values are such lists, in the file's order."""
+    lists = value.items() if isinstance(value, dict) else [("", value)]
+    words = []
+    for key, items in lists:
+        where = f"key {key!r}" if key else "the file"
+        if not isinstance(items, list):
+            raise UserInputError(f"--new-tokens {path}: {where} holds no list of words")
+        words += [_json_word(path, item, f"{where}, item {i}") for i, item in enumerate(items, 1)]
+    return words
+
+
+def _refuse_json(path: Path, lines: list[str]) -> None:
+    """A plain word list whose line is a JSON object was meant to be read as JSON: refuse it rather than add
+    `{"entity": ...}` as a word."""
+    for n, line in enumerate(lines, 1):
+        if line.lstrip().startswith("{"):
+            try:
+                if isinstance(json.loads(line), dict):
+                    raise UserInputError(f"--new-tokens {path}: line {n} is a JSON object; name the file .jsonl to "
+                                         "read one word per JSON line")
+            except json.JSONDecodeError:
+                pass
 
 
 def encode_span(tokenizer, text: str, start: int, end: int) -> list[int] | None:
