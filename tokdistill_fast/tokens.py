@@ -35,6 +35,7 @@ SPACE_MARK = "\u2581"  # SentencePiece's visible space
 BYTE_LEVEL_SPACE = "\u0120"  # "Ġ": byte-level BPE's stored space
 BYTE_PIECE = regex.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces: <0x41>
 MARK = regex.compile(r"\p{M}")  # a combining mark continues the character before it (Thai vowels and tones)
+WORD_FIELDS = ("entity", "token", "word")  # a JSON word-list object's word: the reference code's field first
 
 
 @dataclass
@@ -100,10 +101,8 @@ def read_word_list(path: str | Path) -> list[str]:
     return words
 
 
-WORD_FIELDS = ("entity", "token", "word")  # a JSON object's word: the reference code's field first
-
-
 def _json(path: Path, text: str, where: str):
+    """`text` parsed as JSON; a user error naming `where` if it is not."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
