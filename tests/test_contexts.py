@@ -356,6 +356,9 @@ def test_other_normalizations_are_counted_apart_and_not_kept(listed):
     hits, stats = find_hits([(d, True, True) for d in docs], [NewToken("café", form, [0, 1])], 5, 10, 0)
     assert (stats.hits, stats.inside, stats.other_form) == ([2], [0], [2])
     assert [h.text[h.start:h.end] for h in hits[0]] == [form, form]
+    for cut in range(1, len(docs[0])):  # a document read in two pieces counts what it counts whole
+        pieces = [(docs[0][:cut], True, False), (docs[0][cut:], False, True), (docs[1], True, True)]
+        assert find_hits(pieces, [NewToken("café", form, [0, 1])], 5, 10, 0)[1].other_form == [2]
 
 
 def test_retrieve_warns_where_the_output_tokenizer_reads_another_normalization_apart(tokenizers_by_kind, tmp_path,

@@ -11,7 +11,7 @@ import pytest
 from conftest import NEW_WORDS, tiny_config
 from transformers import AutoTokenizer
 
-from tokdistill_fast import check, extend, tokens
+from tokdistill_fast import check, extend, swap, tokens
 from tokdistill_fast.config import UserInputError
 
 KINDS = ("bytelevel", "metaspace", "llama2")
@@ -298,8 +298,9 @@ def test_word_list_reads_the_reference_codes_json_files(tmp_path):
     space of its running-text forms is implied here), and a JSON object of word lists, flattened in the file's order;
     a word list may also be a JSON list, and JSON lines may be plain strings."""
     lines = tmp_path / "medical.jsonl"
-    lines.write_text('{"entity": " Hg", "count": 539}\n\n{"entity": " follow-up", "count": 177}\n"naïve"\n')
-    assert tokens.read_word_list(lines) == ["Hg", "follow-up", "naïve"]
+    lines.write_text('{"entity": " Hg", "count": 539}\n\n{"entity": " follow-up", "count": 177}\n"naïve"\n'
+                     + json.dumps("line\u2028separator", ensure_ascii=False) + "\r\n")  # lines end at "\n" only
+    assert tokens.read_word_list(lines) == ["Hg", "follow-up", "naïve", "line\u2028separator"]
     lists = tmp_path / "concepts.json"
     lists.write_text(json.dumps({"entities": ["United Nations", "World Bank Group"], "phrases": ["Spill the beans"]}))
     assert tokens.read_word_list(lists) == ["United Nations", "World Bank Group", "Spill the beans"]
@@ -308,13 +309,49 @@ def test_word_list_reads_the_reference_codes_json_files(tmp_path):
     assert tokens.read_word_list(flat) == ["palatable", "umbelliferous"]
 
 
+def test_words_given_as_a_list_are_read_as_a_file_is():
+    """distill(new_tokens=[...]) cleans its words as a word-list file does: space around a word is not part of it
+    (" palatable" would otherwise plan "  palatable"), blank words are left out, and a list of none is refused."""
+    assert swap.requested_words([" palatable", "palatable\n", "", " ", "spill the beans"], None) == (
+        ["palatable", "palatable", "spill the beans"], [])
+    with pytest.raises(UserInputError, match="new_tokens: no tokens in it"):
+        swap.requested_words(["", " "], None)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_special_tokens_inside_stored_forms_and_other_normalizations(tokenizers_by_kind, kind):
+    """A word holding a special token is skipped: its added token would take the control token's place in chat
+    text. A stored form is read as the plain word even where it is a vocabulary entry ("Ġthe" is then skipped as
+    one, never added with a literal "Ġ"), and a word repeated in another Unicode normalization is a duplicate."""
+    tok = tokenizers_by_kind[kind]
+    marker = "\u0120" if kind == "bytelevel" else "\u2581"
+    planned, skipped = tokens.plan_new_tokens(tok, ["pala<eos>table", marker + "the", "café", "cafe\u0301"])
+    reasons = {s.word: s.reason for s in skipped}
+    assert reasons["pala<eos>table"] == "contains the special token '<eos>'"
+    assert reasons["the"].startswith("already a vocabulary entry")
+    assert reasons["cafe\u0301"] == "the word 'café' written in another Unicode normalization"
+    assert not any(marker in t.form for t in planned)
+
+
+def test_casing_variants_are_spellings_of_the_same_length_and_never_a_listed_word(tokenizers_by_kind):
+    """Casing variants are the lower-case word and a title-cased first letter ("ǅemal", not "Ǆemal"), none that
+    changes the length ("İzmirli" lower-cases to "i" + a combining dot, "ß" title-cases to "Ss"); a word the list
+    holds is planned as itself, not as an earlier word's casing variant and then refused as a duplicate."""
+    assert tokens.casing_variants("Palatable") == ["palatable"]
+    assert tokens.casing_variants("ǆemal") == ["ǅemal"]
+    assert tokens.casing_variants("İzmirli") == [] and tokens.casing_variants("ßtraße") == []
+    planned, skipped = tokens.plan_new_tokens(tokenizers_by_kind["bytelevel"], ["palatable", "Palatable"],
+                                              add_casing=True)
+    assert [t.word for t in planned if t.variant_of is None] == ["palatable", "Palatable"] and not skipped
+
+
 @pytest.mark.parametrize(("name", "text", "message"), [
     ("words.txt", 'palatable\n{"entity": " Hg", "count": 539}\n', "line 2 is a JSON object; name the file .jsonl"),
     ("words.jsonl", '{"entity": " Hg"}\n{"entity": " mmHg"\n', "line 2 is not JSON"),
     ("words.jsonl", '{"text": " Hg"}\n', "line 1 is not a word"),
     ("words.json", '{"entities": "United Nations"}', "key 'entities' holds no list of words"),
     ("words.json", '[" Hg", 539]', "the file, item 2 is not a word"),
-    ("words.json", '[]', "holds no tokens"),
+    ("words.json", '[]', "words.json: no tokens in it"),
 ])
 def test_word_list_in_a_shape_it_cannot_read_is_refused(tmp_path, name, text, message):
     """A word list is never read as something else: a JSON object in a plain list, broken JSON, an object without a

@@ -105,6 +105,17 @@ def test_generate_hands_the_lm_head_contiguous_states(model_dirs):
     assert not head._forward_pre_hooks
 
 
+def test_a_word_longer_than_a_snippet_keeps_every_subtoken(model_dirs):
+    """A word of more subtokens than --snippet-length holds keeps them all and one sampled id in a generated
+    snippet, as a corpus window keeps a long word whole; cut at the length, its snippets would align no pair."""
+    path = model_dirs[("llama", "bytelevel", True)]
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    prompt = [start_id(tok), *tok(" zygomorphic" * 3, add_special_tokens=False)["input_ids"]]
+    assert len(prompt) > 6
+    (snippet,) = sample(model, tok, [(0, prompt)], 6, None, 0)
+    assert snippet.ids[:len(prompt)] == prompt and len(snippet.ids) <= len(prompt) + 1
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_draw_samples_the_tempered_softmax(temperature):
     """Inverse-CDF sampling draws each id with probability softmax(logits / T), and one seed gives one answer."""

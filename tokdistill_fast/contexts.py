@@ -141,7 +141,7 @@ def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window
             if other not in automaton:
                 automaton.add_word(other, (~i, len(other), None if spaceless(other) else other[:1] != " "))
     automaton.make_automaton()
-    longest = max((len(t.form) for t in tokens), default=1)
+    longest = max((n for _, (_, n, _) in automaton.items()), default=1)  # other normalizations may be longer
     draw = random.Random(seed).random
     kept: list[list[Hit]] = [[] for _ in tokens]
     stats = RetrievalStats(hits=[0] * len(tokens), inside=[0] * len(tokens), other_form=[0] * len(tokens))
@@ -423,7 +423,8 @@ def draw(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> torc
 def sample(model, tokenizer, prompts: list[tuple[int, list[int]]], length: int, new_tokens: int | None, seed: int,
            temperature: float = 1.0, chunk: int = 256, source: str = "generated") -> list[Snippet]:
     """Snippets sampled from the model: each prompt (token index, ids) continued to at most `length` ids and at most
-    `new_tokens` new ones (None: no cap), or to the first EOS. Prompts run shortest first in chunks, padded on the
+    `new_tokens` new ones (None: no cap), or to the first EOS; a prompt of `length` ids or more keeps them all and
+    one sampled id, as a corpus window keeps a long word whole. Prompts run shortest first in chunks, padded on the
     left, through a plain loop over the model's key/value cache that samples every step (`draw`): a forward pass
     reads every weight whatever its batch, so a few wide passes cost what one narrow one does. A chunk reads each
     distinct prompt once and copies its cache to the rows that repeat it (a word with few corpus snippets is
@@ -469,7 +470,7 @@ def sample(model, tokenizer, prompts: list[tuple[int, list[int]]], length: int, 
                 row = row[:cap]
                 if eos is not None and eos in row:
                     row = row[:row.index(eos)]
-                snippets.append(Snippet(i, (p + row)[:length], source))
+                snippets.append(Snippet(i, (p + row)[:max(length, len(p) + 1)], source))
             bar.update(len(part))
         bar.close()
     return snippets

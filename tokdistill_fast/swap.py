@@ -156,11 +156,13 @@ def short_tokens(toks: list[NewToken], min_chars: int) -> set[int]:
 
 def requested_words(new_tokens, from_tokenizer: str | None) -> tuple[list[str], list[Skipped]]:
     """The words to add, from exactly one source: a word-list file or list (new_tokens), or a target tokenizer."""
-    from .tokens import read_word_list
+    from .tokens import clean_words, read_word_list
 
     if (new_tokens is None) == (from_tokenizer is None):
         raise UserInputError("give the new tokens either as --new-tokens or as --new-tokens-from-tokenizer"
                              + (", not both" if from_tokenizer else ""))
     if from_tokenizer is not None:
         return words_from_tokenizer(from_tokenizer)
-    return (read_word_list(new_tokens) if isinstance(new_tokens, (str, Path)) else list(new_tokens)), []
+    if isinstance(new_tokens, (str, Path)):
+        return read_word_list(new_tokens), []
+    return clean_words(list(new_tokens), "new_tokens"), []

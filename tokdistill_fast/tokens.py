@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,13 +92,19 @@ def read_word_list(path: str | Path) -> list[str]:
     else:
         words = text.splitlines()
         _refuse_json(path, words)
+    return clean_words(words, f"--new-tokens {path}")
+
+
+def clean_words(words: list[str], source: str) -> list[str]:
+    """The words of a list as they are read: space around a word is not part of it, blank words are left out (and
+    logged), and a list without any is a user error naming its `source`."""
     words = [w.strip() for w in words]
     blanks = sum(1 for w in words if not w)
     if blanks:
-        log.warning("--new-tokens %s: ignored %d blank word(s)", path, blanks)
+        log.warning("%s: ignored %d blank word(s)", source, blanks)
     words = [w for w in words if w]
     if not words:
-        raise UserInputError(f"--new-tokens {path}: the file holds no tokens")
+        raise UserInputError(f"{source}: no tokens in it")
     return words
 
 
@@ -110,8 +117,9 @@ def _json(path: Path, text: str, where: str):
 
 
 def _json_lines(path: Path, text: str) -> list[tuple[int, object]]:
-    """(line number, value) of each non-blank line of a JSON-lines file."""
-    return [(n, _json(path, line, f"line {n}")) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    """(line number, value) of each non-blank line of a JSON-lines file (lines end at "\n" only: a JSON string may
+    hold U+2028 or U+0085 as they are)."""
+    return [(n, _json(path, line, f"line {n}")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def _json_word(path: Path, value, where: str) -> str:
@@ -181,10 +189,11 @@ def original_ids(tokenizer, form: str) -> list[int] | None:
 
 
 def casing_variants(word: str) -> list[str]:
-    """Other casings a word commonly takes in running text: lower case and a capitalized first letter."""
+    """Other casings a word commonly takes in running text: lower case and a capitalized first letter (title case:
+    "ǅemal"), none whose length differs from the word's ("İ" lower-cases to "i" + a combining dot, "ß" to "Ss")."""
     out = []
-    for v in (word.lower(), word[:1].upper() + word[1:]):
-        if v != word and v not in out:
+    for v in (word.lower(), word[:1].title() + word[1:]):
+        if v != word and len(v) == len(word) and v not in out:
             out.append(v)
     return out
 
@@ -192,20 +201,24 @@ def casing_variants(word: str) -> list[str]:
 def plan_new_tokens(tokenizer, words: list[str], add_variants: bool = True,
                     add_casing: bool = False) -> tuple[list[NewToken], list[Skipped]]:
     """Decide which words become tokens, with their forms and original subtoken ids; the rest are skipped with
-    a reason (duplicate, special or added token, vocabulary entry, single token, byte piece, unknown chars).
-    Words given in a stored form ("Ġword", "▁word") are read as the plain word."""
+    a reason (a duplicate, also in another Unicode normalization; a special or added token, or a special token
+    inside it; a vocabulary entry, single token, byte piece, unknown chars). Words given in a stored form ("Ġword",
+    "▁word") are read as the plain word."""
     backend = tokenizer.backend_tokenizer  # only its normalizer and pre-tokenizer are used, read-only
     vocab = tokenizer.get_vocab()
     specials = set(tokenizer.all_special_tokens)
+    special_ids = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     added = set(getattr(tokenizer, "added_tokens_encoder", {}))
     unk = tokenizer.unk_token_id
-    seen: set[str] = set()
+    words = [_plain(word) for word in words]
+    listed = {unicodedata.normalize("NFC", w) for w in words}  # never planned as another word's casing variant
+    seen: dict[str, str] = {}  # NFC form -> the word that claimed it
     pieces: dict[str, str] = {}  # stored piece -> word that claimed it (uncased tokenizers fold casings together)
     planned: list[NewToken] = []
     skipped: list[Skipped] = []
 
     def plan(word: str, primary: str | None) -> NewToken | None:
-        why = _skip_reason(tokenizer, backend, word, vocab, specials, added, pieces, unk)
+        why = _skip_reason(tokenizer, backend, word, vocab, specials, special_ids, added, pieces, unk)
         if why:
             skipped.append(Skipped(word, why if primary is None else f"casing variant of {primary!r}: {why}"))
             return None
@@ -224,22 +237,30 @@ def plan_new_tokens(tokenizer, words: list[str], add_variants: bool = True,
         return tok
 
     for word in words:
-        if word[:1] in (BYTE_LEVEL_SPACE, SPACE_MARK) and len(word) > 1 and word not in vocab:
-            log.info("reading the stored form %r as the word %r", word, word[1:])
-            word = word[1:]
-        if word in seen:
-            skipped.append(Skipped(word, "duplicate line"))
+        key = unicodedata.normalize("NFC", word)
+        if key in seen:
+            skipped.append(Skipped(word, "duplicate line" if seen[key] == word else
+                                   f"the word {seen[key]!r} written in another Unicode normalization"))
             continue
-        seen.add(word)
+        seen[key] = word
         if plan(word, None) and add_casing:
             for v in casing_variants(word):
-                if v not in seen:
-                    seen.add(v)
+                key = unicodedata.normalize("NFC", v)
+                if key not in listed and key not in seen:
+                    seen[key] = v
                     plan(v, word)
     return planned, skipped
 
 
-def _skip_reason(tokenizer, backend, word, vocab, specials, added, pieces, unk) -> str | None:
+def _plain(word: str) -> str:
+    """A word given in a stored form ("Ġword", "▁word") as the plain word."""
+    if word[:1] in (BYTE_LEVEL_SPACE, SPACE_MARK) and len(word) > 1:
+        log.info("reading the stored form %r as the word %r", word, word[1:])
+        return word[1:]
+    return word
+
+
+def _skip_reason(tokenizer, backend, word, vocab, specials, special_ids, added, pieces, unk) -> str | None:
     """Why `word` cannot become a new token, or None."""
     if word in specials:
         return "equal to a special token"
@@ -258,6 +279,9 @@ def _skip_reason(tokenizer, backend, word, vocab, specials, added, pieces, unk) 
         return "the original tokenizer does not split it at its boundaries"
     if len(ids) < 2:
         return "already a single token in running text"
+    inside = [i for i in ids if i in special_ids and (i != unk or tokenizer.unk_token in word)]
+    if inside:  # a control token: an added token holding it would take its place in chat text
+        return f"contains the special token {tokenizer.convert_ids_to_tokens(inside[0])!r}"
     if unk is not None and unk in ids:
         return "contains characters the tokenizer maps to its unknown token"
     return None
