@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # torch 2.13.0 installs quickly from the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+# Where pip has no such wheel at hand, TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" takes
+# PyTorch's CPU build instead of PyPI's CUDA one.
 TORCH := torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: setup demo test test-interpret test-downstream lint bench-kernels bench-optimizer bench-cpu-fast bench-align bench-e2e bench-e2e-reference \
 	bench-gpu-check-dry bench-vs-prototype example-byot clean
@@ -13,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q $(TORCH) $(TORCH_INDEX)
 	TOKDISTILL_REQUIRE_EXT=1 $(PY) -m pip install -q -e '.[test]'
 	touch $@
 

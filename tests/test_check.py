@@ -136,6 +136,21 @@ def test_check_cli_passes_and_writes_reports(good, tmp_path, capsys):
     assert "passed" in (out / "report.md").read_text() and "passed" in capsys.readouterr().out
 
 
+def test_check_refuses_another_original_and_a_broken_report(good, model_dirs, tmp_path, capsys):
+    """An --original whose vocabulary the output does not keep is another model: one line, exit 2, and the output's
+    report left as it was, rather than every check failing into it; a report.json that is not JSON is one line."""
+    src, out = good
+    before = (out / "report.json").read_bytes()
+    other = model_dirs[("gemma3", "metaspace", True)]
+    assert cli.main(["check", str(out), "--original", str(other), "--no-forward"]) == 2
+    assert "is it the model the output was made from?" in capsys.readouterr().err
+    assert (out / "report.json").read_bytes() == before
+    broken = broken_copy(out, tmp_path, "report")
+    (broken / "report.json").write_text("[1]")
+    assert cli.main(["check", str(broken), "--no-forward"]) == 2
+    assert "not a report.json that distill wrote" in capsys.readouterr().err
+
+
 def broken_copy(out, tmp_path, name):
     dst = tmp_path / name
     shutil.copytree(out, dst)

@@ -26,6 +26,8 @@ def test_parse_spec():
     for bad in ("nope", "token-distill@depth=3", "token-distill@layer=x", "token-distill@layer"):
         with pytest.raises(UserInputError):
             parse_spec(bad)
+    with pytest.raises(UserInputError, match="--seeds must be 1 or more"):
+        parse_spec("random", seeds=0)
     specs = sweep_specs([2, 4], [1e-3], "auto")
     assert [s.label for s in specs] == ["token-distill@layer=2", "token-distill@layer=4",
                                         "token-distill@layer=auto,lr=0.001"]
@@ -117,10 +119,12 @@ def test_every_compare_flag_reaches_the_shared_pipeline(monkeypatch, tmp_path):
         raise Stop
 
     monkeypatch.setattr(pipeline, "prepare", fake_prepare)
-    argv = ["compare", "--model", "m", "--new-tokens", "w.txt", "--heldout", "h.txt", "--out", str(tmp_path / "o"),
-            "--methods", "token-distill"]
+    (tmp_path / "h.txt").write_text("held-out text\n")  # compare reads that it exists before the shared stages
+    argv = ["compare", "--model", "m", "--new-tokens", "w.txt", "--heldout", str(tmp_path / "h.txt"),
+            "--out", str(tmp_path / "o"), "--methods", "token-distill"]
     for flag, value in FLAG_VALUES.items():
         argv += [flag] + ([value] if value is not None else [])
+    assert main([*argv, "--reference", "nope"]) == 2  # a label not compared fails before the shared stages
     with pytest.raises(Stop):
         main(argv)
     cfg, default = seen["cfg"], DistillConfig()

@@ -55,6 +55,19 @@ def test_a_bad_file_is_refused_with_its_key(tmp_path, capsys, text, message):
     assert "cannot read it" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--epochs", "foo", "argument --epochs: expected a whole number or auto, not 'foo'"),
+    ("--lr", "fast", "argument --lr: expected a number or auto, not 'fast'"),
+    ("--loss-positions", "some", "expected a whole number, auto or all, not 'some'"),
+    ("--left-context", "left", "expected a whole number, auto or centred, not 'left'"),
+])
+def test_a_bad_value_names_what_the_flag_takes(capsys, flag, value, message):
+    """A value of the wrong type is refused saying what the flag takes, not the name of the function that read it."""
+    with pytest.raises(SystemExit) as e:
+        parsed(["distill", "--model", "m", "--new-tokens", "w", "--out", "o", flag, value])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_distill_runs_from_a_file(model_dirs, words_file, tmp_path):
     out = tmp_path / "out"
     cfg = tmp_path / "job.yaml"

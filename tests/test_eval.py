@@ -2,6 +2,7 @@
 `tokdistill eval` reports at an aligned position is recomputed here from full-sequence logits of the saved models."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -474,10 +475,22 @@ def test_eval_api_and_bad_inputs(adapted, heldout_file, words_file, corpus_file,
     assert "--mse-layers" in capsys.readouterr().err
     assert main(base + ["--adapted", str(out), "--heldout", str(heldout_file), "--dtype", "torch.bfloat16"]) == 2
     assert "--dtype must be one of auto, float32, bfloat16, float16, not 'torch.bfloat16'" in capsys.readouterr().err
+    assert main(base + ["--adapted", str(out), "--heldout", str(heldout_file), "--eval-snippets", "0"]) == 2
+    assert "--eval-snippets must be 1 or more" in capsys.readouterr().err
+    broken = tmp_path / "broken"  # an output whose report.json is not JSON: one line, not a traceback
+    shutil.copytree(out, broken)
+    (broken / "report.json").write_text("{")
+    assert main(base + ["--adapted", str(broken), "--heldout", str(heldout_file)]) == 2
+    assert "not a report.json that distill wrote" in capsys.readouterr().err
     # a missing directory fails before either model loads (a large original takes minutes to load)
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     assert main(base + ["--adapted", str(tmp_path / "missing"), "--heldout", str(heldout_file)]) == 2
     assert "--adapted" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")  # so is an --out that cannot be written
+    for bad, message in ((tmp_path, "is a directory"), (tmp_path / "a-file" / "r.json", "cannot create it")):
+        assert main([*base[:3], "--out", str(bad), "--overwrite", "--no-definitions", "--adapted", str(out),
+                     "--heldout", str(heldout_file)]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_vs_mean_scores_the_rows_method_mean_writes(adapted, heldout_file, words_file, corpus_file, tmp_path, capsys):

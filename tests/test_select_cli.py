@@ -61,6 +61,15 @@ def test_select_refusals(model, corpus, tmp_path, capsys):
     assert "lower --min-count" in capsys.readouterr().err and not none.exists()
     assert select(tmp_path / "missing", corpus, none) == 2
     assert "not a directory" in capsys.readouterr().err
+    assert select(tmp_path, corpus, none) == 2  # a directory without a tokenizer: one line, no traceback
+    assert "no tokenizer.json or tokenizer_config.json" in capsys.readouterr().err
+    # an --out that cannot be written, or a bad number, fails before the corpus is read
+    for bad, flags, message in ((tmp_path, ["--overwrite"], "is a directory"), (none, ["--top", "0"], "--top must be"),
+                                (none, ["--min-count", "-1"], "--min-count must be"),
+                                (out / "below", [], "cannot create it")):
+        assert select(model, tmp_path / "missing.txt", bad, *flags) == 2
+        assert message in capsys.readouterr().err
+    assert select(model, corpus, tmp_path / "new" / "dir" / "words.txt") == 0  # missing parents are made
 
 
 def test_the_demo_runs_again_over_its_own_outputs(model, corpus, tmp_path, monkeypatch):

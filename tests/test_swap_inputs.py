@@ -78,7 +78,7 @@ def test_words_from_byte_fallback_tokenizer(tmp_path):
 def test_bad_swap_inputs(tmp_path, words_file):
     with pytest.raises(UserInputError, match="not a directory"):
         words_from_tokenizer(tmp_path / "missing")
-    with pytest.raises(UserInputError, match="cannot load a tokenizer"):
+    with pytest.raises(UserInputError, match="no tokenizer.json or tokenizer_config.json"):
         words_from_tokenizer(tmp_path)
     with pytest.raises(UserInputError, match="not both"):
         requested_words(words_file, str(tmp_path))
@@ -91,7 +91,8 @@ def test_bad_swap_inputs(tmp_path, words_file):
 
 def test_bad_inputs_fail_before_the_work_they_would_waste(tmp_path, model_dirs, words_file, corpus_file, capsys,
                                                          monkeypatch):
-    """A missing word list fails before the model loads; a layer the model lacks before the corpus is read."""
+    """A missing word list, or a corpus missing or empty, fails before the model loads; a layer the model lacks, or
+    an --init-from file that cannot serve, before the corpus is read (and before a checkpoint is kept)."""
     from tokdistill_fast import contexts
     from tokdistill_fast.modeling import models
 
@@ -104,7 +105,14 @@ def test_bad_inputs_fail_before_the_work_they_would_waste(tmp_path, model_dirs, 
     assert "--new-tokens" in capsys.readouterr().err and not loads
     assert main([*base, "--new-tokens", str(words_file), "--target-layer", "99"]) == 2
     assert "--target-layer 99 is outside 1.." in capsys.readouterr().err and loads and not reads
-    assert not (tmp_path / "o").exists()
+    assert main([*base, "--new-tokens", str(words_file), "--init-from", str(tmp_path / "rows.safetensors")]) == 2
+    assert "--init-from" in capsys.readouterr().err and not reads
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    loads.clear()
+    (tmp_path / "empty.txt").write_text("")
+    for corpus, message in ((["--corpus", str(tmp_path / "empty.txt")], "empty"), ([], "no corpus given")):
+        assert main([*base[:3], *corpus, "--out", str(tmp_path / "o"), "--new-tokens", str(words_file)]) == 2
+        assert message in capsys.readouterr().err and not loads
 
 
 def init_file(path, forms, rows, **meta):

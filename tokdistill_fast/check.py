@@ -138,15 +138,24 @@ def new_tokens_of(out: Path) -> list[dict]:
         meta = st.metadata() or {}
         ids = st.get_tensor("token_ids").tolist()
     forms, pieces = json.loads(meta.get("forms", "[]")), json.loads(meta.get("tokens", "[]"))
-    report = _read_report(out)
+    report = read_report(out)
     by_id = {t["id"]: t for t in report.get("tokens", [])}
     return [{"id": i, "form": f, "piece": p, "kind": by_id.get(i, {}).get("kind", ""),
              "word": by_id.get(i, {}).get("word", f.strip())} for i, f, p in zip(ids, forms, pieces)]
 
 
-def _read_report(out: Path) -> dict:
+def read_report(out: Path) -> dict:
+    """OUT/report.json ({} where there is none); one that is not a JSON object is the user's to mend."""
     path = out / "report.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserInputError(f"{path}: not a report.json that distill wrote ({e})") from None
+    if not isinstance(report, dict):
+        raise UserInputError(f"{path}: not a report.json that distill wrote (not a JSON object)")
+    return report
 
 
 def probe_paragraphs(texts: list[str]) -> list[str]:
@@ -485,7 +494,7 @@ def write_reports(out: Path, section: dict) -> None:
     """Put the check section into report.json (keeping what the run wrote) and write a short report.md."""
     from .export import write_json
 
-    report = _read_report(out)
+    report = read_report(out)
     report["check"] = section
     write_json(out / "report.json", report)
     (out / "report.md").write_text(markdown(report), encoding="utf-8")
@@ -523,9 +532,22 @@ def check_dir(out: str | Path, original: str | Path | None = None, probes: list[
               forward: bool = True) -> dict:
     """`tokdistill check`: run the checks, write the reports, return the section."""
     texts = [read_probe(p) for p in probes or []]
-    section = run_checks(out, load_original(original) if original else None, texts, forward)
+    original = load_original(original) if original else None
+    if original is not None and not any(t["kind"] == "target" for t in new_tokens_of(model_dir(out, None))):
+        refuse_other_original(load_tokenizer(out)[0], original.tokenizer)
+    section = run_checks(out, original, texts, forward)
     write_reports(Path(out), section)
     return section
+
+
+def refuse_other_original(tokenizer, original_tokenizer) -> None:
+    """An --original whose vocabulary the output's does not keep, id for id, is another model: refused before any
+    check, and before the output's report is touched, rather than failing every check there."""
+    vocab, ours = original_tokenizer.get_vocab(), tokenizer.get_vocab()
+    differ = sum(1 for piece, i in vocab.items() if ours.get(piece) != i)
+    if differ > len(vocab) // 100:
+        raise UserInputError(f"--original: {differ} of its {len(vocab)} vocabulary entries are not the output's at "
+                             "the same id; is it the model the output was made from?")
 
 
 def read_probe(path: str | Path) -> str:

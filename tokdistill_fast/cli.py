@@ -17,24 +17,38 @@ CONFIG_HELP = ("YAML or JSON file of this command's options, named as on the com
                "win, and relative paths are read from the working directory as the command line's are")
 
 
-def _layer(value: str) -> int | str:
-    return value if value == "auto" else int(value)
+def _number_or(number: type, what: str, **words):
+    """An argparse type: a `number`, or one of the `words` (read as its value); else an error saying `what` it
+    takes, not the converter's name."""
+    def convert(value: str):
+        if value in words:
+            return words[value]
+        try:
+            return number(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, not {value!r}") from None
+    return convert
 
 
-def _lr(value: str) -> float | str:
-    return value if value == "auto" else float(value)
+_layer = _number_or(int, "a layer number or auto", auto="auto")
+_lr = _number_or(float, "a number or auto", auto="auto")
+_epochs = _number_or(int, "a whole number or auto", auto="auto")
+_positions = _number_or(int, "a whole number, auto or all", auto="auto", all=None)
+_left = _number_or(int, "a whole number, auto or centred", auto="auto", centred=None, centered=None)
 
 
-def _epochs(value: str) -> int | str:
-    return value if value == "auto" else int(value)
+def _numbers(number: type, what: str):
+    """An argparse type: comma-separated `number`s."""
+    def convert(value: str) -> list:
+        try:
+            return [number(v) for v in value.split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} separated by commas, not {value!r}") from None
+    return convert
 
 
-def _positions(value: str) -> int | str | None:
-    return None if value == "all" else value if value == "auto" else int(value)
-
-
-def _left(value: str) -> int | str | None:
-    return None if value in ("centred", "centered") else value if value == "auto" else int(value)
+_ints = _numbers(int, "whole numbers")
+_floats = _numbers(float, "numbers")
 
 
 def _size(value: str) -> int:
@@ -47,7 +61,8 @@ def _size(value: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {value!r} (e.g. 500M, 2G)") from None
 
 
-def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bool = True) -> None:
+def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bool = True,
+                     given_tokenizer: bool = True) -> None:
     """Model/corpus/method flags shared by commands that run distillation (`method=False`: no --method flag;
     `output=False`: no flags that only shape a written model, for commands that write none)."""
     c = DistillConfig()
@@ -57,10 +72,12 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
                        ".jsonl / .json (docs/inputs.md)")
     words.add_argument("--new-tokens-from-tokenizer", metavar="DIR",
                        help="add every word of this tokenizer's vocabulary that the model's tokenizer lacks")
-    words.add_argument("--tokenizer", dest="target_tokenizer", metavar="DIR",
-                       help="an extended tokenizer to use as given (ids kept): learn rows for its new ids")
-    d.add_argument("--new-ids", metavar="FILE",
-                   help="with --tokenizer: ids (one per line) that are new besides those past the model's tokenizer")
+    if given_tokenizer:
+        words.add_argument("--tokenizer", dest="target_tokenizer", metavar="DIR",
+                           help="an extended tokenizer to use as given (ids kept): learn rows for its new ids")
+        d.add_argument("--new-ids", metavar="FILE",
+                       help="with --tokenizer: ids (one per line) that are new besides those past the model's "
+                       "tokenizer")
     d.add_argument("--corpus", nargs="+", default=[],
                    help="files, directories or globs to mine contexts from: text (blank-line separated documents), "
                    "JSON lines (.jsonl, a 'text' field), Parquet (.parquet, a 'text' column; needs pyarrow); text "
@@ -104,7 +121,7 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
                         "(more where the variants' snippets fill fewer batches than a variant may have snippets, 6 by "
                         "default, so that a variant steps as in a full stage; 0: it keeps its word's row moved by the "
                         "subtoken-mean offset); auto: 4 in bf16, 0 in fp32")
-    d.add_argument("--batch-size", type=int, default=c.batch_size)
+    d.add_argument("--batch-size", type=int, default=c.batch_size, help="snippets per training step")
     d.add_argument("--warmup-fraction", type=float, default=c.warmup_fraction,
                    help="share of the steps with a linear learning-rate warm-up (the paper: 0.5)")
     d.add_argument("--lr-schedule", default=c.lr_schedule,
@@ -113,8 +130,9 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
     d.add_argument("--optimizer", default=c.optimizer,
                    help="whitened (Adam in the embedding table's whitened coordinates) | adamw (the paper) | auto "
                         "(whitened for token-distill methods with the mse loss)")
-    d.add_argument("--snippets-per-token", type=int, default=c.snippets_per_token)
-    d.add_argument("--snippet-length", type=int, default=c.snippet_length)
+    d.add_argument("--snippets-per-token", type=int, default=c.snippets_per_token,
+                   help="training snippets per new token, at most")
+    d.add_argument("--snippet-length", type=int, default=c.snippet_length, help="tokens per snippet, at most")
     d.add_argument("--loss-positions", type=_positions, default=c.loss_positions,
                    help="train on at most this many positions from the new token on, all (the paper) or auto "
                         "(4 for words, 8 with --tokenizer)")
@@ -135,9 +153,9 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
     if output:
         d.add_argument("--pad-to-multiple-of", type=int, default=c.pad_to_multiple_of,
                        help="round a grown embedding matrix up to a multiple of N rows (64 or 128 suit tensor cores)")
-    d.add_argument("--device", default=c.device)
+    d.add_argument("--device", default=c.device, help="auto | cpu | cuda | cuda:N")
     d.add_argument("--dtype", default=c.dtype, help="auto | float32 | bfloat16 | float16")
-    d.add_argument("--seed", type=int, default=c.seed)
+    d.add_argument("--seed", type=int, default=c.seed, help="seed of sampling, shuffling and the search")
     d.add_argument("--backend", default=c.backend,
                    help="auto | torch | triton: the Triton embedding and loss kernels; torch runs the PyTorch "
                         "references throughout, the Hugging Face decoder layers included")
@@ -169,21 +187,20 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from .export import refuse_existing
+    from .export import check_out_file, write_text_atomic
+    from .modeling.models import load_tokenizer
     from .tools.select import select_tokens
 
-    if not Path(args.model).is_dir():
-        raise UserInputError(f"--model {args.model}: not a directory")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if args.max_words < 1:
-        raise UserInputError(f"--max-words must be 1 or more, not {args.max_words}")
+    top = 1 if args.top is None else args.top  # None: every candidate
+    for name, value in (("--max-words", args.max_words), ("--min-count", args.min_count), ("--top", top)):
+        if value < 1:
+            raise UserInputError(f"{name} must be 1 or more, not {value}")
+    out = check_out_file(args.out, args.overwrite)
+    tokenizer = load_tokenizer(args.model, "--model")[0]
     found = select_tokens(tokenizer, args.corpus, args.top, args.min_count, max_words=args.max_words)
     if not found:
         raise UserInputError("no word in the corpus passes the filters; lower --min-count?")
-    out = refuse_existing(args.out, args.overwrite)
-    out.write_text("".join(c.word + "\n" for c in found), encoding="utf-8")
+    write_text_atomic(out, "".join(c.word + "\n" for c in found))
     for c in found[:10]:
         logging.info("%-24s count %6d  subtokens %d  saves %d", c.word, c.count, c.subtokens, c.saved)
     short = f" (fewer than --top {args.top}: lower --min-count {args.min_count} for more)" if (
@@ -219,10 +236,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if section["passed"] else 1
 
 
-def _ints(value: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in value.split(",") if v)
-
-
 def add_eval_args(e: argparse.ArgumentParser) -> None:
     """Held-out measure flags shared by `eval` and `compare`."""
     from .evaluation.evalrun import EvalOptions
@@ -253,9 +266,9 @@ def eval_options(args: argparse.Namespace, snippet_length: int | None = None):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.evalrun import markdown_summary, run_eval
-    from .export import refuse_existing
+    from .export import check_out_file
 
-    out = refuse_existing(args.out, args.overwrite)
+    out = check_out_file(args.out, args.overwrite)
     report = run_eval(args.original, args.adapted, args.heldout, out, eval_options(args, args.snippet_length),
                       args.device, args.dtype)
     print(markdown_summary(report))
@@ -263,15 +276,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(value: str) -> list[float]:
-    return [float(v) for v in value.split(",") if v]
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
     from .evaluation.compare import DEFAULT_METHODS, compare, parse_spec, sweep_specs
 
-    if args.target_tokenizer:
-        raise UserInputError("compare does not take --tokenizer (bring your own tokenizer runs with distill)")
     specs = [parse_spec(m, args.seeds) for m in (args.methods or DEFAULT_METHODS)]
     specs += sweep_specs(list(args.layers), args.lrs, args.target_layer)
     results = compare(args.model, args.new_tokens, args.corpus, args.heldout, args.out, config_from(args), specs,
@@ -279,6 +286,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
     print(f"{len(results['methods'])} setting(s) -> {args.out}")
     return 0
+
+
+class DefaultsHelp(argparse.HelpFormatter):
+    """Help that ends an option's text with its default, where it takes a value, has a default worth saying (not
+    None or empty) and the text does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if (action.option_strings and action.nargs != 0 and "default" not in text and default is not None
+                and default is not argparse.SUPPRESS and default != [] and default != ()):
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,11 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs the tools `make test-downstream` builds)")
     k.set_defaults(func=cmd_check)
     s = sub.add_parser("select", help="candidate new tokens from a corpus, ranked by tokens saved")
-    s.add_argument("--model", required=True)
-    s.add_argument("--corpus", nargs="+", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--top", type=int, default=None)
-    s.add_argument("--min-count", type=int, default=10)
+    s.add_argument("--model", required=True, help="model directory (only its tokenizer is read)")
+    s.add_argument("--corpus", nargs="+", required=True, help="files, directories or globs, as distill reads them")
+    s.add_argument("--out", required=True, help="word list to write, one word per line, best first")
+    s.add_argument("--top", type=int, default=None, help="keep the N best candidates (default: all)")
+    s.add_argument("--min-count", type=int, default=10, help="occurrences a candidate needs in the corpus")
     s.add_argument("--max-words", type=int, default=1,
                    help="also propose phrases of up to this many words (multi-word tokens), ranked alike")
     s.add_argument("--overwrite", action="store_true")
@@ -324,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapted", required=True, help="a `tokdistill distill` output directory")
     e.add_argument("--out", required=True, help="report JSON file")
     e.add_argument("--snippet-length", type=int, default=None, help="default: the adapted run's setting")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     e.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     e.add_argument("--align-impl", default="auto", help="auto | cpp | python")
     e.add_argument("--vs-mean", action="store_true",
@@ -335,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     c = sub.add_parser("compare", help="run several methods on shared stages and tabulate held-out results",
                        description="Distillation flags set the base run that each method spec modifies.")
-    add_distill_args(c, method=False, output=False)
+    add_distill_args(c, method=False, output=False, given_tokenizer=False)
     add_eval_args(c)
     c.add_argument("--out", required=True, help="output directory: results.json, table.md, *.png")
     c.add_argument("--methods", nargs="+", default=None,
@@ -345,11 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--layers", type=_ints, default=(), help="target-layer sweep for token-distill, e.g. 2,4,8,16")
     c.add_argument("--lrs", type=_floats, default=[], help="learning-rate sweep for token-distill, e.g. 1e-3,5e-3")
     c.add_argument("--seeds", type=int, default=3, help="seeds for randomized methods (random)")
-    c.add_argument("--reference", default="mean", help="method label that paired differences are taken against")
+    c.add_argument("--reference", default=None,
+                   help="method label that paired differences are taken against (default: mean, where compared)")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=cmd_compare, method="token-distill")
     for command in sub.choices.values():
         command.add_argument("--config", metavar="FILE", help=CONFIG_HELP)  # read by with_config before parsing
+        command.formatter_class = DefaultsHelp
     return p
 
 

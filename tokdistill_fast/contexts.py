@@ -39,6 +39,7 @@ from .corpus import Corpus, Piece
 from .tokens import TEXT_WORD_CHAR, NewToken, spaceless
 
 log = logging.getLogger(__name__)
+NO_CORPUS = "no corpus given: pass --corpus FILE, or --contexts generate"
 
 WORD_CHAR = regex.compile(TEXT_WORD_CHAR, flags=regex.V1)
 # GPT-2-style tokenizers (SmolLM2, Qwen2, StarCoder, Pythia) put this token between documents in pretraining.
@@ -334,7 +335,7 @@ def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_tok
     tokens kept before the word (None: centred windows; auto: left_context); `option` names the files in error
     messages; `extended`: see cut_snippets."""
     if not paths:
-        raise UserInputError("no corpus given: pass --corpus FILE, or --contexts generate")
+        raise UserInputError(NO_CORPUS)
     corpus = Corpus(paths, max_bytes, option=option)
     hits, stats = find_hits(corpus, tokens, per_token, CHARS_PER_TOKEN * length, seed, stop_when_full)
     stats.files, stats.bytes_read = len(corpus.files), corpus.bytes_read

@@ -40,6 +40,19 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     out = refuse_existing(out, overwrite)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a directory")
+    return _creatable(out)
+
+
+def check_out_file(out: str | Path, overwrite: bool) -> Path:
+    """check_out_dir for an output file (select's word list, eval's JSON), which write_text_atomic then writes."""
+    out = refuse_existing(out, overwrite)
+    if out.is_dir():
+        raise UserInputError(f"--out {out} is a directory; give a file name")
+    return _creatable(out)
+
+
+def _creatable(out: Path) -> Path:
+    """`out`, where its nearest existing parent is a directory we can create entries in."""
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
@@ -221,4 +234,13 @@ def json_safe(obj):
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(json_safe(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(json_safe(data), indent=2, ensure_ascii=False) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it, creating missing parents: no reader, and no run
+    stopped halfway, leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -74,6 +74,12 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     backend = kernels.resolve(cfg.backend, device)  # fails here, not after the teacher pass, if triton cannot run
+    if cfg.contexts == "retrieve" and (cfg.method in TRAINED_METHODS if trains is None else trains):
+        if not files:
+            raise UserInputError(contexts.NO_CORPUS)
+        if not any(f.stat().st_size for f in files):
+            raise UserInputError(f"--corpus: {', '.join(map(str, files[:3]))}{' ...' if len(files) > 3 else ''}: "
+                                 "empty; give text to retrieve snippets from, or --contexts generate")
     with timer("tokens"):  # a missing or empty word list fails here too
         words, skipped = swap.requested_words(new_tokens, cfg.new_tokens_from_tokenizer)
     with timer("load"):
@@ -98,6 +104,8 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
         swap.log_skipped(skipped)
         if not toks:
             raise UserInputError("none of the new tokens can be added (see the skipped reasons above)")
+        if cfg.init_from:  # a file that cannot serve fails here, before the corpus is read or a checkpoint kept
+            swap.read_init(cfg.init_from, toks, decoder.hidden_size)
     work_dir = checkpoint.WorkDir.open(keep_in, cfg, checkpoint.fingerprint(cfg, source, words, files)
                                        if keep_in is not None and cfg.checkpoint_every else None)
     work = None

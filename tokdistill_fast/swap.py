@@ -24,6 +24,7 @@ import regex
 import torch
 
 from .config import UserInputError
+from .modeling import models
 from .tokens import BYTE_PIECE, MARK, NewToken, Skipped, spaceless
 
 log = logging.getLogger(__name__)
@@ -36,15 +37,7 @@ def words_from_tokenizer(directory: str | Path) -> tuple[list[str], list[Skipped
     order. Other pieces are skipped with a reason: special tokens, byte pieces, word-internal pieces (no leading
     space: suffixes like "ing" cannot be added as whole words), whitespace. Whether the model's tokenizer already
     has the word is decided later, like for a word list."""
-    from transformers import AutoTokenizer
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserInputError(f"--new-tokens-from-tokenizer {directory}: not a directory")
-    try:
-        target = AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError) as e:
-        raise UserInputError(f"--new-tokens-from-tokenizer {directory}: cannot load a tokenizer: {e}") from None
+    target = models.load_tokenizer(directory, "--new-tokens-from-tokenizer")[0]
     backend = getattr(target, "backend_tokenizer", None)
     if backend is None or backend.decoder is None:
         raise UserInputError(f"--new-tokens-from-tokenizer {directory}: needs a fast tokenizer (tokenizer.json) "
@@ -106,6 +99,21 @@ def apply_init(path: str | Path, toks: list[NewToken], rows: torch.Tensor, out_r
     """Overwrite the start rows of the tokens whose form has a row in the --init-from file (format in the module
     docstring); `out_rows` (untied models) too where the file has output rows. Returns the indices of those
     tokens."""
+    row_of, tensors = read_init(path, toks, hidden)
+    used = {i for i, t in enumerate(toks) if t.form in row_of}
+    index = sorted(used)
+    src = torch.tensor([row_of[toks[i].form] for i in index])
+    rows[index] = tensors["input_embeddings"][src].to(rows)
+    if out_rows is not None and "output_embeddings" in tensors:
+        out_rows[index] = tensors["output_embeddings"][src].to(out_rows)
+    log.info("--init-from %s: %d of %d new tokens start from its rows, the rest from the subtoken mean", path,
+             len(used), len(toks))
+    return used
+
+
+def read_init(path: str | Path, toks: list[NewToken], hidden: int) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """The --init-from file's row of each form, and its tensors, checked against the new tokens and the model's
+    hidden size (prepare calls it before any work, apply_init again where the rows start)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -135,18 +143,10 @@ def apply_init(path: str | Path, toks: list[NewToken], rows: torch.Tensor, out_r
     if "input_embeddings" not in tensors:
         raise UserInputError(f"--init-from {path}: no tensor 'input_embeddings'")
     row_of = {f: r for r, f in enumerate(forms)}
-    used = {i for i, t in enumerate(toks) if t.form in row_of}
-    if not used:
+    if not any(t.form in row_of for t in toks):
         raise UserInputError(f"--init-from {path}: none of its {len(forms)} forms is a new token's form (forms "
                              "include the leading space of a word in running text: ' palatable')")
-    index = sorted(used)
-    src = torch.tensor([row_of[toks[i].form] for i in index])
-    rows[index] = tensors["input_embeddings"][src].to(rows)
-    if out_rows is not None and "output_embeddings" in tensors:
-        out_rows[index] = tensors["output_embeddings"][src].to(out_rows)
-    log.info("--init-from %s: %d of %d new tokens start from its rows, the rest from the subtoken mean", path,
-             len(used), len(toks))
-    return used
+    return row_of, tensors
 
 
 def short_tokens(toks: list[NewToken], min_chars: int) -> set[int]:

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import contexts, export, pipeline
 from ..config import METHODS, TRAINED_METHODS, DistillConfig, UserInputError
+from ..corpus import corpus_files
 from . import heldout, stats
 from .evalrun import Baseline, EvalOptions, Measured
 
@@ -57,6 +58,8 @@ def _value(key: str, raw: str):
 def parse_spec(text: str, seeds: int = 1, group: str = "methods") -> MethodSpec:
     """`METHOD[@key=value,...]` -> MethodSpec. Randomized methods get `seeds` seeds unless the spec says seeds=N."""
     method, _, rest = text.strip().partition("@")
+    if seeds < 1:
+        raise UserInputError(f"--seeds must be 1 or more, not {seeds}")
     if method not in METHODS:
         raise UserInputError(f"method spec {text!r}: unknown method {method!r} (one of {', '.join(METHODS)})")
     spec = MethodSpec(text.strip(), method, seeds=seeds if method in RANDOMIZED else 1, group=group)
@@ -114,8 +117,14 @@ class Outcome:
 
 def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, out: str | Path,
             base: DistillConfig, specs: list[MethodSpec], opts: EvalOptions, overwrite: bool = False,
-            reference: str = "mean") -> dict:
-    """Run every spec on shared stages, score it against the held-out baseline, write results.json, table.md, plots."""
+            reference: str | None = None) -> dict:
+    """Run every spec on shared stages, score it against the held-out baseline, write results.json, table.md, plots.
+    Paired differences are taken against the spec labelled `reference` (None: "mean", where it is compared)."""
+    labels = [s.label for s in specs]
+    if reference is not None and reference not in labels:
+        raise UserInputError(f"--reference {reference!r}: not one of the compared settings ({', '.join(labels)})")
+    reference = reference or "mean"
+    corpus_files(heldout_paths, "--heldout")  # a missing held-out file fails here, not after the shared stages
     out = export.check_out_dir(out, overwrite)
     base = base.validate()
     opts = opts.validate()

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .. import contexts, export
-from ..check import read_matrices
+from ..check import read_matrices, read_report
 from ..config import OUTLIER_FACTOR, OVER_PREDICTION_FLAG, UserInputError, pick_device, pick_dtype
 from ..corpus import corpus_files
 from ..modeling import models
@@ -48,8 +48,10 @@ class EvalOptions:
     vs_mean: bool = False  # also score subtoken-mean rows (`--method mean`) and report each KL as a ratio of theirs
 
     def validate(self) -> EvalOptions:
-        if self.snippets_per_token < 1 or (self.snippet_length is not None and self.snippet_length < 4):
-            raise UserInputError("--snippets-per-token must be >= 1 and --snippet-length >= 4")
+        if self.snippets_per_token < 1:
+            raise UserInputError(f"--eval-snippets must be 1 or more, not {self.snippets_per_token}")
+        if self.snippet_length is not None and self.snippet_length < 4:
+            raise UserInputError(f"--snippet-length must be 4 or more, not {self.snippet_length}")
         if self.n_boot < 10:
             raise UserInputError("--bootstrap must be at least 10 resamples")
         if not -1.0 <= self.threshold <= 1.0:
@@ -164,9 +166,9 @@ class Baseline:
 def read_adapted_tokens(original_tokenizer, adapted: Path) -> list[NewToken]:
     """New tokens of an adapted directory: from its report.json, else from new_embeddings.safetensors (forms and
     ids; subtokens from the original tokenizer). Start-of-text variants are marked with `variant_of`."""
-    report = adapted / "report.json"
-    if report.is_file():
-        entries = json.loads(report.read_text(encoding="utf-8")).get("tokens", [])
+    report = read_report(adapted)
+    if report:
+        entries = report.get("tokens", [])
         toks = [NewToken(e["word"], e["form"], list(e["sub_ids"]), e["id"], e.get("token", ""), e.get("kind", ""),
                          e.get("variant_of")) for e in entries]
     elif (adapted / "new_embeddings.safetensors").is_file():
@@ -212,8 +214,7 @@ def measure_variants(decoder: Decoder, tokenizer, toks: list[NewToken], scorer: 
 
 
 def run_settings(adapted: Path) -> dict:
-    report = adapted / "report.json"
-    return json.loads(report.read_text(encoding="utf-8")).get("settings", {}) if report.is_file() else {}
+    return read_report(adapted).get("settings", {})
 
 
 def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out: str | Path | None = None,

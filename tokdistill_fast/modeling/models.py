@@ -52,6 +52,9 @@ def load_tokenizer(path: str | Path, flag: str | None = None) -> tuple[object, f
     where = _named(path, flag)
     if not Path(path).is_dir():
         raise UserInputError(f"{where}: not a directory (a save_pretrained tokenizer directory is expected)")
+    if not any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise UserInputError(f"{where}: no tokenizer.json or tokenizer_config.json; is this a save_pretrained "
+                             "directory?")
     t0 = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
