@@ -125,15 +125,21 @@ def good(tmp_path_factory, model_dirs, words_file):
     return src, out
 
 
-def test_check_cli_passes_and_writes_reports(good, tmp_path, capsys):
+def test_check_cli_passes_reads_the_output_only_and_writes_json_where_asked(good, tmp_path, capsys):
+    """`tokdistill check` leaves the output as it was (its report keeps the check distill ran, with a corpus
+    sample as probe text) and writes its own section where --json asks."""
     src, out = good
+    before = {name: (out / name).read_bytes() for name in ("report.json", "report.md")}
     probe = tmp_path / "probe.txt"
     probe.write_text("The patient said the soup was green.\n\nA bivalve, said the cook.\n", encoding="utf-8")
-    assert cli.main(["check", str(out), "--original", str(src), "--probe", str(probe)]) == 0
-    section = json.loads((out / "report.json").read_text())["check"]
+    assert cli.main(["check", str(out), "--original", str(src), "--probe", str(probe), "--json",
+                     str(tmp_path / "check.json")]) == 0
+    section = json.loads((tmp_path / "check.json").read_text())
     assert section["passed"] and section["probe"]["compared"] > 0 and section["one_id"]["contexts_checked"] > 0
     assert section["tokenizer"]["reload_seconds"] > 0 and "reload_ratio" in section["tokenizer"]
-    assert "passed" in (out / "report.md").read_text() and "passed" in capsys.readouterr().out
+    assert "passed" in capsys.readouterr().out
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert json.loads(before["report.json"])["check"]["passed"]  # distill's own check
 
 
 def test_check_refuses_another_original_and_a_broken_report(good, model_dirs, tmp_path, capsys):

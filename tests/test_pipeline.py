@@ -3,6 +3,7 @@ as is, tokenizes new words to one id, keeps original rows bit-identical, and the
 on the held-out measure."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,6 +81,15 @@ def test_report_and_training(run):
     curve, settings = report["training"]["epoch_loss"], report["settings"]
     assert len(curve) == settings["resolved_epochs"] + settings["resolved_more_epochs"]
     assert curve[-1] < curve[0]  # the same snippets each epoch: the training curve, where single steps are not
+    # what the run read, as absolute paths; words asked for apart from forms of added words left out
+    assert report["inputs"]["model"] == str(Path(run[0]).absolute()) and Path(report["inputs"]["cwd"]).is_absolute()
+    assert report["inputs"]["words"].endswith("words.txt") and Path(report["inputs"]["corpus"][0]).is_absolute()
+    k, skipped = report["counts"], report["skipped"]
+    assert k["requested"] == len(NEW_WORDS) and k["skipped"] == sum(not s["form_only"] for s in skipped)
+    assert k["forms_left_out"] == sum(s["form_only"] for s in skipped)
+    # report.md names the method that ran, and why it is not the one asked for
+    assert (settings["method_reason"] is None) == (settings["resolved_method"] == settings["method"])
+    assert f"method: {settings['resolved_method']}" in (out / "report.md").read_text()
 
 
 def test_training_beats_the_start_rows_on_the_measure(run, tmp_path):

@@ -505,9 +505,22 @@ def markdown(report: dict) -> str:
     c = report["check"]
     lines = ["# tokdistill report", ""]
     if "counts" in report:
-        k = report["counts"]
-        lines += [f"- tokens: {k['added']} added ({k.get('variants', 0)} variants), {k['skipped']} skipped",
-                  f"- method: {report['settings']['method']}, tokenizer mode: {report['settings']['tokenizer_mode']}"]
+        k, st = report["counts"], report["settings"]
+        ran, asked = st.get("resolved_method", st["method"]), st["method"]
+        lines += [f"- tokens: {k['added']} added ({k.get('variants', 0)} variants), {k['skipped']} word(s) skipped"
+                  + (f", {k['forms_left_out']} form(s) of added words left out" if k.get("forms_left_out") else ""),
+                  f"- method: {ran}" + (f" (asked: {asked})" if ran != asked else "")
+                  + f", tokenizer mode: {st['tokenizer_mode']}"]
+        t = report.get("training")
+        if t:
+            lr = st.get("resolved_lr")
+            lr = f"{lr:.3g}" if isinstance(lr, float) else lr
+            lines.append(f"- training: layer {st.get('resolved_target_layer')}, lr {lr}, "
+                         f"{t['steps']} steps, step loss {t['first_loss']:.3g} -> {t['last_loss']:.3g}; "
+                         f"{len(report.get('outliers') or [])} outlier(s), "
+                         f"{len(report.get('over_predicting') or [])} word(s) flagged for drawing the next-token mass")
+        if "timings" in report:
+            lines.append(f"- run: {report['timings']['total']:.1f} s (the output check after it not included)")
     m = c["matrices"]
     lines += [f"- token kinds: {', '.join(f'{v} {k}' for k, v in c['kinds'].items())}",
               f"- rows: {m['rows']} (config.vocab_size {m['config_vocab_size']}, {m['padding_rows']} padding), "
@@ -530,14 +543,13 @@ def markdown(report: dict) -> str:
 
 def check_dir(out: str | Path, original: str | Path | None = None, probes: list[str] | None = None,
               forward: bool = True) -> dict:
-    """`tokdistill check`: run the checks, write the reports, return the section."""
+    """`tokdistill check`: run the checks and return the section. The output is only read: its report.json keeps
+    the check distill ran on it (with a sample of its corpus as probe text)."""
     texts = [read_probe(p) for p in probes or []]
     original = load_original(original) if original else None
     if original is not None and not any(t["kind"] == "target" for t in new_tokens_of(model_dir(out, None))):
         refuse_other_original(load_tokenizer(out)[0], original.tokenizer)
-    section = run_checks(out, original, texts, forward)
-    write_reports(Path(out), section)
-    return section
+    return run_checks(out, original, texts, forward)
 
 
 def refuse_other_original(tokenizer, original_tokenizer) -> None:

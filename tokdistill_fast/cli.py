@@ -180,8 +180,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     r = result.report
     if launch().rank:  # torchrun: rank 0 reports
         return 0
-    print(f"added {r['counts']['added']} token(s) ({r['counts']['variants']} of them variants), "
-          f"skipped {r['counts']['skipped']}; {r['counts']['snippets']} snippets; "
+    k = r["counts"]
+    left_out = f", left out {k['forms_left_out']} form(s) of added words" if k.get("forms_left_out") else ""
+    print(f"added {k['added']} token(s) ({k['variants']} of them variants) for {k['requested'] - k['skipped']} "
+          f"word(s), skipped {k['skipped']} word(s){left_out}; {k['snippets']} snippets; "
           f"{r['timings']['total']:.1f} s -> {args.out}")
     return 0
 
@@ -211,6 +213,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import check_dir, summary_lines
+    from .export import check_out_file, write_json
 
     if args.runtime:
         from .tools.runtimes import check_llama_cpp, table
@@ -223,7 +226,10 @@ def cmd_check(args: argparse.Namespace) -> int:
               f"{sum(agree.matched.values())}/{sum(agree.compared.values())} texts")
         return 0 if agree.passed else 1
 
+    json_out = check_out_file(args.json, args.overwrite) if args.json else None
     section = check_dir(args.out, args.original, args.probe, forward=not args.no_forward)
+    if json_out is not None:
+        write_json(json_out, section)
     for line in summary_lines(section):
         print(line, file=sys.stderr)
     for w in section["warnings"]:
@@ -232,7 +238,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     t = section["tokenizer"]
     print(f"{'passed' if section['passed'] else 'FAILED'}: {section['new_tokens']} new token(s), "
           f"{section['one_id']['contexts_checked']} contexts, {section['probe']['paragraphs']} probe paragraphs, "
-          f"tokenizer reload {t['reload_seconds']:.2f} s -> {Path(args.out) / 'report.md'}")
+          f"tokenizer reload {t['reload_seconds']:.2f} s" + (f" -> {json_out}" if json_out else ""))
     return 0 if section["passed"] else 1
 
 
@@ -324,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--probe", nargs="*", default=[], help="text files whose tokenization is compared")
     k.add_argument("--no-forward", action="store_true",
                    help="skip the model forward pass that measures probability mass on padding and new ids")
+    k.add_argument("--json", metavar="FILE", help="also write the check section as JSON to FILE (the output "
+                   "directory itself is only read)")
+    k.add_argument("--overwrite", action="store_true", help="replace --json FILE if it exists")
     k.add_argument("--runtime", choices=["llama.cpp"], default=None,
                    help="instead: compare llama.cpp's token ids (after convert_hf_to_gguf.py) with transformers' "
                         "(needs the tools `make test-downstream` builds)")

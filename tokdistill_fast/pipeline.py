@@ -32,7 +32,15 @@ from .config import (
 )
 from .control import checkpoint, chunks, distributed
 from .control.observed import StageTimer
-from .control.settings import GUARD_METHOD, from_start, guarded_method, guards, resolve_settings, search_settings
+from .control.settings import (
+    GUARD_METHOD,
+    from_start,
+    guarded_method,
+    guards,
+    method_reason,
+    resolve_settings,
+    search_settings,
+)
 from .corpus import corpus_files, leading_documents
 from .kernels import backend as kernels
 from .modeling import models
@@ -117,8 +125,11 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
                                                                      extended_tokenizer=new_tokenizer))
         for i, n in zip(work.primaries, work.snippets_per_row()):
             log.info("%-24r %3d snippet(s) [%s]", toks[i].word, n, work.sources[i])
+    words_from = (str(Path(new_tokens).absolute()) if isinstance(new_tokens, (str, Path)) else
+                  f"the tokenizer in {Path(cfg.new_tokens_from_tokenizer).absolute()}" if cfg.new_tokens_from_tokenizer
+                  else f"a list of {len(words)} words")
     return Prepared(cfg, decoder, tokenizer, new_tokenizer, toks, skipped, work, tied, device, dtype, backend,
-                    source, list(corpus), timer, work_dir, tokenizer_seconds)
+                    source, list(corpus), timer, work_dir, tokenizer_seconds, words_from)
 
 
 def settle(prep: Prepared, cfg: DistillConfig, timer: StageTimer | None = None, guard: bool = False
@@ -216,6 +227,7 @@ def distill_words(model, new_tokens, corpus, out: str | Path | None, cfg: Distil
                 mass = hubs.new_token_mass(prep, learned.rows, learned.out_rows, cache)
     cache = None  # not held through the export, which loads the model again
     report = RunReport.build(prep, cfg, (layer, lr, epochs), learned, methods=True, method=method)
+    report.data["settings"]["method_reason"] = method_reason(cfg, method, words, guard is not None)
     report.add(autotune=search.as_dict() if search is not None else None,
                retrieval=work.retrieval if work is not None else None, ntp_guard_after_run=guard)
     report.add(outliers=flag_outliers(report.data["tokens"], learned.retried),

@@ -6,8 +6,10 @@ and learned rows; sections a run adds (autotune, retrieval, chunks, the output's
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -61,8 +63,13 @@ class RunReport:
                 "norm": float(learned.rows[i].norm()),
             })
         skipped = prep.skipped
+        words_skipped = sum(1 for s in skipped if not s.form_only)
         data = {
             "tokdistill_fast": __version__,
+            # what the run read, as absolute paths (settings.extra.command holds them as typed, from the CLI only)
+            "inputs": {"model": str(Path(prep.source).absolute()) if isinstance(prep.source, (str, Path))
+                       else f"in memory ({type(prep.source).__name__})", "words": prep.words_from,
+                       "corpus": [str(Path(c).absolute()) for c in prep.corpus], "cwd": os.getcwd()},
             "settings": {**cfg.as_dict(), "resolved_target_layer": layer, "resolved_lr": lr,
                          "resolved_epochs": epochs, "resolved_method": method,
                          "resolved_optimizer": cfg.replace(method=method).run_optimizer(),
@@ -82,7 +89,10 @@ class RunReport:
                                 "teacher_cache": observed.ran("teacher_cache"),
                                 "mkl_dispatch": process.mkl_dispatch() if torch.backends.mkl.is_available() else None},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            "counts": {"requested": len(toks) + len(skipped), "added": len(toks), "skipped": len(skipped),
+            # words asked for and skipped; forms of added words left out (a start-of-text form that would not
+            # decode back, ...) are listed under "skipped" with form_only, and counted apart
+            "counts": {"requested": sum(1 for t in toks if t.variant_of is None) + words_skipped, "added": len(toks),
+                       "skipped": words_skipped, "forms_left_out": len(skipped) - words_skipped,
                        "variants": sum(1 for t in toks if t.variant_of),
                        "casing_variants": sum(1 for t in toks if t.variant.startswith("casing")),
                        "by_kind": {k: sum(1 for t in toks if t.kind == k) for k in ("vocab", "added")},

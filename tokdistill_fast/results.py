@@ -48,6 +48,7 @@ class Prepared:
     timer: StageTimer
     work_dir: WorkDir  # checkpoints of a run that keeps them (disabled otherwise)
     tokenizer_seconds: float | None = None  # how long the run's load of the model's tokenizer took
+    words_from: str = ""  # where the words came from (report.json's inputs)
 
 
 @dataclass

@@ -321,7 +321,9 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     tied = export.is_tied(decoder.model)
     V = decoder.embed_weight.shape[0]
     prep = Prepared(cfg, decoder, original, target, toks, [], None, tied, device, dtype, backend, source,
-                             list(corpus), timer, checkpoint.WorkDir(None), tokenizer_seconds)
+                             list(corpus), timer, checkpoint.WorkDir(None), tokenizer_seconds,
+                    f"the new ids of the tokenizer in {Path(target_tokenizer).absolute()}"
+                    if isinstance(target_tokenizer, (str, Path)) else "the new ids of an in-memory tokenizer")
     settings, _ = pipeline.settle(prep, cfg)  # no workload yet: the measured defaults, no search
     method = cfg.method
     if guards(cfg, tied):  # nothing to measure without the search: alpha-NTP outright (module docstring)

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 
 from .. import rows, student
-from ..config import TRAINED_METHODS, DistillConfig
+from ..config import HUB_AFTER_RUN, TRAINED_METHODS, DistillConfig
 from ..modeling import models
 from ..tokens import NewToken
 from ..workload import Workload
@@ -85,6 +85,19 @@ def guarded_method(cfg: DistillConfig, tied: bool, search: autotune.SearchResult
                  GUARD_METHOD)
         return GUARD_METHOD
     return cfg.method
+
+
+def method_reason(cfg: DistillConfig, method: str, words: int, after_run: bool) -> str | None:
+    """Why a run trained `method` instead of cfg.method (report.json's settings.method_reason); None where it did
+    not. `after_run`: the guard read the run's own rows (pipeline.distill_words)."""
+    if method == cfg.method:
+        return None
+    if after_run:
+        return f"the run's own rows put over {HUB_AFTER_RUN} of the next-token mass on new tokens after some word"
+    if from_start(cfg, words):
+        return (f"a tied model's job of {GUARD_FROM_START_WORDS}+ words or with more epochs trains it from the start "
+                "(--no-ntp-guard keeps plain token-distill)")
+    return f"the search's sample: the rows put over {autotune.OVER_PREDICTION} of the mass on new tokens after a word"
 
 
 def from_start(cfg: DistillConfig, words: int) -> bool:
