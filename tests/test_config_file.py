@@ -1,14 +1,18 @@
 """`--config FILE`: a command's options from YAML or JSON, the command line's own winning, bad files refused with
-the file and key named."""
+the file and key named; options given from Python checked alike."""
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
 
-from tokdistill_fast import cli
+from tokdistill_fast import DistillConfig, cli, distill, swap
+from tokdistill_fast.config import UserInputError
 
 
 def parsed(argv: list[str]):
@@ -84,3 +88,54 @@ def test_distill_runs_from_a_file(model_dirs, words_file, tmp_path):
     again = json.loads((out / "report.json").read_text())["settings"]
     assert {k: v for k, v in again.items() if k != "extra"} == {
         **{k: v for k, v in settings.items() if k != "extra"}, "overwrite": True}
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"seed": -1}, "--seed must be 0 or more (a whole number), not -1"),
+    ({"batch_size": "16"}, "--batch-size must be 1 or more (a whole number), not '16'"),
+    ({"snippets_per_token": None}, "--snippets-per-token must be 1 or more"),
+    ({"target_layer": 2.5}, "--target-layer must be a whole number or auto, not 2.5"),
+    ({"epochs": True}, "--epochs must be 1 or more (a whole number) or auto, not True"),
+    ({"lr": float("inf")}, "--lr must be a positive number or auto, not inf"),
+    ({"generate_temperature": 0}, "--generate-temperature must be a positive number, not 0"),
+    ({"max_norm_quantile": 1.5}, "--max-norm-quantile must be between 0 and 1"),
+    ({"left_context": -1}, "--left-context must be 0 or more (a whole number) or centred or auto, not -1"),
+])
+def test_a_config_from_python_is_checked_as_the_command_line_is(options, message):
+    """Values the command line's types would refuse, given from Python (a float layer the run would truncate, a
+    string count, a seed numpy refuses after the search, a temperature that samples garbage), fail in validate()
+    with the option named, before any work."""
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        DistillConfig(**options).validate()
+
+
+def test_the_api_reads_one_corpus_path_and_refuses_what_it_cannot_read(tmp_path, monkeypatch):
+    """distill(corpus="a.txt") reads that file (not each of its characters as a path, "/" among them); a config
+    that is not a DistillConfig and a word that is not a string are refused in one line."""
+    from tokdistill_fast import pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "distill_words", lambda model, words, corpus, *a: seen.setdefault("corpus", corpus))
+    distill("m", ["palatable"], corpus=str(tmp_path / "a.txt"))
+    assert seen["corpus"] == [str(tmp_path / "a.txt")]
+    with pytest.raises(TypeError, match="config must be a DistillConfig"):
+        distill("m", ["palatable"], config={"method": "mean"})
+    with pytest.raises(UserInputError, match="every word must be a string, not 1"):
+        swap.requested_words(["palatable", 1], None)
+
+
+def test_rows_kept_in_memory_get_the_finite_and_norm_checks():
+    """Without an output directory, the run's rows still pass the finite and norm guarantees or fail naming the
+    token (before, NaN rows came back from distill(out=None) without a word)."""
+    from tokenizers import Tokenizer, models
+
+    from tokdistill_fast.check import check_rows
+    from tokdistill_fast.config import GuaranteeError
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, "a")))
+    table = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])  # row 2 is outside the vocabulary: not a reference
+    check_rows(table, tok, torch.tensor([[0.3, 0.0], [1.0, 1.0]]), [" x", " y"])
+    for bad, name in ((torch.tensor([[float("nan"), 0.0]]), "finite"), (torch.tensor([[0.2, 0.0]]), "norm"),
+                      (torch.tensor([[3.0, 0.0]]), "norm")):
+        with pytest.raises(GuaranteeError, match=f"check {name} failed for token ' x'"):
+            check_rows(table, tok, bad, [" x"])

@@ -95,6 +95,15 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, base_args):
     assert not (tmp_path / "out.partial").exists()
 
 
+def test_checkpoints_change_no_row(tmp_path, base_args):
+    """Checkpoints fall where the passes' groups of steps end anyway, so --checkpoint-every (here 2 against none, a
+    run without checkpoints as the Python API's without an output) changes no group of steps and no row."""
+    assert run(base_args, tmp_path / "every-2").returncode == 0
+    done = run([*base_args, "--checkpoint-every", "0"], tmp_path / "none")
+    assert done.returncode == 0, done.stderr
+    assert_same_rows(tmp_path / "every-2", tmp_path / "none")
+
+
 def test_resume_in_the_more_epochs_keeps_the_rows_from_before_them(tmp_path, base_args):
     base_args = [*base_args, "--more-epochs", "4"]
     done = run(base_args, tmp_path / "whole")

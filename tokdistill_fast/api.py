@@ -25,7 +25,10 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
     (distributed.py) and rank 0 writes `out`. target_tokenizer (or config.target_tokenizer): learn rows for the new
     ids of this given tokenizer instead of adding tokens (target_tokenizer.py; new_tokens is then unused).
     """
+    if config is not None and not isinstance(config, DistillConfig):
+        raise TypeError(f"config must be a DistillConfig, not {type(config).__name__}: DistillConfig(**options)")
     cfg = (config or DistillConfig()).validate()
+    corpus = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)  # one path, not its characters
     if target_tokenizer is not None or cfg.target_tokenizer is not None:
         with observed.recording():
             return distill_target(model, target_tokenizer or cfg.target_tokenizer, corpus, out, cfg, tokenizer)

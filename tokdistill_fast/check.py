@@ -296,6 +296,19 @@ def row_norms(matrix: torch.Tensor, ids: list[int]) -> torch.Tensor:
     return torch.linalg.vector_norm(matrix, dim=1, dtype=torch.float32)[torch.tensor(ids, dtype=torch.long)]
 
 
+def check_rows(table: torch.Tensor, tokenizer, rows: torch.Tensor, forms: list[str]) -> None:
+    """The finite and norm guarantees on rows a run keeps in memory (distill without an output directory, where
+    check_matrices never reads them): a GuaranteeError naming the first row with NaN or Inf, or with a norm outside
+    [a quarter of the vocabulary's smallest, its largest]."""
+    ref = row_norms(table, sorted(i for i in set(tokenizer.get_vocab().values()) if i < table.shape[0]))
+    lo, hi = float(ref.min()), float(ref.max()) * (1 + 4 * torch.finfo(table.dtype).eps)
+    norms = torch.linalg.vector_norm(rows.float(), dim=1)
+    for form, row, norm in zip(forms, rows, norms.tolist()):
+        if not torch.isfinite(row).all() or not lo / 4 <= norm <= hi:
+            raise GuaranteeError(f"check {'finite' if not torch.isfinite(row).all() else 'norm'} failed for token "
+                                 f"{form!r}: row norm {norm:.4g}, the vocabulary's [{lo / 4:.4g}, {hi:.4g}]")
+
+
 def check_matrices(out: Path, tok, original, new: list[dict], find: Findings) -> dict:
     """Geometry, tie, bit-identical original rows, finite new rows with in-range norms."""
     embed, head, tied, config = read_matrices(out)

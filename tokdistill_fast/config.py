@@ -4,6 +4,8 @@ when one is asked for: the command line sets up the process first). Environment 
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +171,20 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _whole(name: str, value, least: int | None, words: tuple = ()) -> None:
+    """A whole-number option (an int, not a bool, float or string) of at least `least`, or a user error naming it
+    and the `words` it takes besides (None: the command line's centred or all)."""
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) >= (-math.inf if least is None else least)
+    except TypeError:
+        ok = False
+    if not ok:
+        spoken = {"loss_positions": "all", "left_context": "centred"}
+        others = "".join(f" or {spoken[name] if w is None else w}" for w in words if w is not None or name in spoken)
+        bound = "a whole number" if least is None else f"{least} or more (a whole number)"
+        raise UserInputError(f"--{name.replace('_', '-')} must be {bound}{others}, not {value!r}")
+
+
 @dataclass
 class DistillConfig:
     """Settings of one run. Defaults follow the paper unless our measurements (docs/) say otherwise."""
@@ -293,36 +309,23 @@ class DistillConfig:
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                      f"not {getattr(self, name)!r}")
-        if isinstance(self.epochs, str) and self.epochs != "auto":
-            raise UserInputError(f"--epochs must be a positive integer or 'auto', not {self.epochs!r}")
-        if isinstance(self.loss_positions, str) and self.loss_positions != "auto":
-            raise UserInputError(f"--loss-positions must be a positive integer, 'all' or 'auto', not "
-                                 f"{self.loss_positions!r}")
-        counts = ("batch_size", "snippets_per_token", "snippet_length") + (("epochs",) * (self.epochs != "auto")) + \
-            (("loss_positions",) * (self.loss_positions not in (None, "auto")))
-        for name in counts:
-            if int(getattr(self, name)) < 1:
-                raise UserInputError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.snippet_length < 4:
-            raise UserInputError("--snippet-length must be at least 4 tokens")
-        for name in ("hardest_epochs", "more_epochs", "variant_epochs"):
-            value = getattr(self, name)
-            if value != "auto" and (isinstance(value, str) or int(value) < 0):
-                raise UserInputError(f"--{name.replace('_', '-')} must be 0 or more, or auto, not {value!r}")
-        if self.left_context not in (None, "auto") and (isinstance(self.left_context, str) or self.left_context < 0):
-            raise UserInputError(f"--left-context must be 0 or more tokens, centred or auto, not {self.left_context!r}")
-        if self.pad_to_multiple_of is not None and int(self.pad_to_multiple_of) < 1:
-            raise UserInputError("--pad-to-multiple-of must be a positive integer")
-        if isinstance(self.lr, str) and self.lr != "auto":
-            raise UserInputError(f"--lr must be a positive number or 'auto', not {self.lr!r}")
-        if not isinstance(self.lr, str) and not self.lr > 0:
-            raise UserInputError("--lr must be positive")
-        if isinstance(self.target_layer, str) and self.target_layer != "auto":
-            raise UserInputError(f"--target-layer must be an integer or 'auto', not {self.target_layer!r}")
+        for name, least in (("batch_size", 1), ("snippets_per_token", 1), ("snippet_length", 4), ("seed", 0),
+                            ("checkpoint_every", 0), ("distill_min_chars", 0), ("log_every", 0)):
+            _whole(name, getattr(self, name), least)
+        for name, least, words in (("epochs", 1, ("auto",)), ("hardest_epochs", 0, ("auto",)),
+                                   ("more_epochs", 0, ("auto",)), ("variant_epochs", 0, ("auto",)),
+                                   ("loss_positions", 1, (None, "auto")), ("left_context", 0, (None, "auto")),
+                                   ("pad_to_multiple_of", 1, (None,)), ("chunk_tokens", 1, (None,)),
+                                   ("target_layer", None, ("auto",))):
+            if getattr(self, name) not in words:
+                _whole(name, getattr(self, name), least, words)
+        for name, value in (("lr", self.lr), ("generate_temperature", self.generate_temperature)):
+            if value != "auto" and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                        and 0 < value < math.inf):
+                raise UserInputError(f"--{name.replace('_', '-')} must be a positive number"
+                                     f"{' or auto' if name == 'lr' else ''}, not {value!r}")
         if self.max_corpus_bytes is not None and self.max_corpus_bytes < 1:
             raise UserInputError("--max-corpus-bytes must be positive")
-        if self.distill_min_chars < 0:
-            raise UserInputError("--distill-min-chars must be 0 or more")
         if self.new_ids is not None and self.target_tokenizer is None:
             raise UserInputError("--new-ids needs --tokenizer (the ids are ids of that tokenizer)")
         if self.method == "ntp-all" and self.output_embeddings in ("zeros", "mean"):
@@ -330,14 +333,11 @@ class DistillConfig:
                                  f"{self.output_embeddings} would throw them away (leave it at auto or ntp)")
         if self.init_from is not None and self.method == "random":
             raise UserInputError("--init-from has no effect with --method random")
-        if self.chunk_tokens is not None and self.chunk_tokens < 1 or self.memory_budget is not None and \
-                self.memory_budget < 1:
-            raise UserInputError("--chunk-tokens and --memory-budget must be positive")
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise UserInputError("--memory-budget must be positive")
         if self.chunk_tokens is not None and self.memory_budget is not None:
             raise UserInputError("give --chunk-tokens or --memory-budget, not both")
-        if self.checkpoint_every < 0:
-            raise UserInputError("--checkpoint-every must be 0 (off) or more")
-        for name in ("warmup_fraction", "autotune_budget"):
+        for name in ("warmup_fraction", "autotune_budget", "max_norm_quantile"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserInputError(f"--{name.replace('_', '-')} must be between 0 and 1")
         return self

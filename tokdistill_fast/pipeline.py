@@ -245,6 +245,8 @@ def distill_words(model, new_tokens, corpus, out: str | Path | None, cfg: Distil
                 work_dir.finish()  # resuming would reproduce the same rows: nothing is left to resume
                 raise
         work_dir.finish()
+    elif out is None and learned.train_result is not None:
+        check.check_rows(prep.decoder.embed_weight, prep.tokenizer, learned.rows, [t.form for t in prep.toks])
     return DistillResult(prep.new_tokenizer, prep.toks, learned.rows, learned.out_rows, report.finish(),
                          prep.skipped)
 

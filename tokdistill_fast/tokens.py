@@ -98,6 +98,9 @@ def read_word_list(path: str | Path) -> list[str]:
 def clean_words(words: list[str], source: str) -> list[str]:
     """The words of a list as they are read: space around a word is not part of it, blank words are left out (and
     logged), and a list without any is a user error naming its `source`."""
+    wrong = [w for w in words if not isinstance(w, str)]
+    if wrong:
+        raise UserInputError(f"{source}: every word must be a string, not {wrong[0]!r}")
     words = [w.strip() for w in words]
     blanks = sum(1 for w in words if not w)
     if blanks:

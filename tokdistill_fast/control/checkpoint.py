@@ -253,20 +253,16 @@ class StudentHook:
         log.info("resume: %s at step %d of %d", self.name, saved["step"], saved["steps"])
         return saved["step"]
 
-    @property
-    def every(self) -> int:
-        """Steps between checkpoints: student.train never runs a group of steps across a multiple of it."""
-        return self.work.every
-
     def after_steps(self, steps: range, state: dict) -> None:
-        """After the steps of one pass (one step, or a group of them): checkpoint every `every` steps; on a
+        """After the steps of one pass (one step, or a group of them): checkpoint where the pass reached or crossed
+        a multiple of --checkpoint-every (at a group's end, so that checkpoints change no group and no row); on a
         pending signal, checkpoint and stop."""
         done = steps.stop
         if self.work.hang_at is not None and self.work.hang_at - self.offset in steps:
             log.warning("test hook: waiting for a signal after step %d", self.offset + done - 1)
             while _stop.signum is None:
                 time.sleep(0.02)
-        if done % self.work.every == 0 or _stop.signum is not None:
+        if steps.start // self.work.every < done // self.work.every or _stop.signum is not None:
             self.save(done, state)
         if _stop.signum is not None:
             signum, _stop.deferred = _stop.signum, False

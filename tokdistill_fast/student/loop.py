@@ -256,8 +256,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     grouped = passes.prefix and shard is None and row_sparse
     # Whitened steps told their rows compute only the rows each pass reads (sharded steps' rows span the ranks).
     lazy = isinstance(opt, WhitenedAdam) and shard is None and row_sparse
-    every = hook.every if hook is not None else 0
-    breaks = {step for window in windows for step in window} | (set(range(0, n_steps, every)) if every else set())
+    breaks = {step for window in windows for step in window}  # checkpoints fall where groups end: rows as without
     groups = plan_groups(al, snippet_row, plan, passes, schedule.group if grouped else 1, breaks, start, teacher,
                          device, cache.prefix_cu if passes.cached else None)
     feed = None if passes.fused or objective.distill is None else TargetFeed(cache, [g.batch for g in groups],
