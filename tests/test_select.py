@@ -28,6 +28,18 @@ def test_select_ranks_split_words_and_skips_non_words(tokenizers_by_kind, tmp_pa
     assert [c.saved for c in got] == sorted((c.saved for c in got), reverse=True)
 
 
+def test_select_reads_a_word_in_running_text_even_where_its_bare_form_is_one_token(tokenizers_by_kind, tmp_path):
+    """A word is a candidate by how running text splits it (" fetchall" as " fetch" + "all"), whether or not its
+    bare form happens to be a vocabulary piece ("fetchall" after a newline): before, such words were left out."""
+    tok = tokenizers_by_kind["bytelevel"]
+    vocab = tok.get_vocab()
+    bare = next(p for p in sorted(vocab) if p.isalpha() and p.islower() and len(p) >= 5
+                and len(tok(" " + p, add_special_tokens=False)["input_ids"]) >= 2)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(f"we saw the {bare} there\n\n" * 12, encoding="utf-8")
+    assert bare in [c.word for c in select_tokens(tok, [corpus], min_count=10)]
+
+
 def test_select_leaves_out_words_that_would_split_longer_words(tokenizers_by_kind, tmp_path, caplog):
     """" hospit" as an added token would split every " hospital" (one vocabulary token here), and " bivalve" the
     corpus's " bivalves", which it holds more often than " bivalve" alone: neither is proposed, and the log says

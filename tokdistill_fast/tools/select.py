@@ -1,7 +1,7 @@
 """`tokdistill select`: candidate new tokens from a corpus, with the paper's filters, ranked by tokens saved.
 
-A candidate is a whole word (split at whitespace, outer punctuation stripped, none glued to a dash) that is not in
-the vocabulary, contains no digit and none of []{}()<>.,;:!?@#$%^&*+_=|\\/, is split into at least two subtokens
+A candidate is a whole word (split at whitespace, outer punctuation stripped, none glued to a dash) that contains
+no digit and none of []{}()<>.,;:!?@#$%^&*+_=|\\/, is split into at least two subtokens
 in running text, occurs at least `min_count` times, and whose added token would not cut longer words apart: not a
 longer vocabulary token (" perh" would split " perhaps", " specif" " specific": extend.vocabulary_collisions), nor
 longer words of the corpus more often than the word stands alone there (" fasten" in " fastened" and
@@ -172,7 +172,6 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
                   min_chars: int = 3, max_words: int = 1) -> list[Suggestion]:
     """Ranked candidates that pass the filters (see the module docstring); with `max_words` over 1, phrases of up
     to that many words too, and no candidate that overlaps a better-ranked one (extend.overlapping_forms)."""
-    vocab = tokenizer.get_vocab()
     out = []
     counts = word_counts(paths)
     found: Counter = Counter()
@@ -189,7 +188,7 @@ def select_tokens(tokenizer, paths, top: int | None = None, min_count: int = 10,
         counts.update(phrase_counts(paths, max_words, min_count))
     for word, count in counts.items():
         shortest = min(min_chars, SPACELESS_MIN_CHARS) if spaceless(word) else min_chars
-        if count < min_count or len(word) < shortest or word in vocab:
+        if count < min_count or len(word) < shortest:
             continue
         if any(c.isdigit() or c in FORBIDDEN for c in word) or not any(c.isalpha() for c in word):
             continue  # box-drawing table rules and other strings without a letter are no words
