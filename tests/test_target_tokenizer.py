@@ -82,6 +82,33 @@ def test_plan_uses_the_piece_form_of_word_internal_pieces(original, t2):
         assert t.form == t2.decode([t.new_id])
 
 
+def test_added_tokens_start_from_their_text_and_listed_ids_must_be_reused(original, tmp_path):
+    """An added token's content is text, not a stored piece: its start row is the mean of its text as the original
+    encodes it (" naïve" as "Ġna" + "Ã¯" + ..., not the raw characters as stray bytes). A listed --new-ids id that
+    keeps its piece, or the id every snippet starts with, holds a row the model reads: refused."""
+    from tokdistill_fast.contexts import start_id
+
+    original.save_pretrained(tmp_path / "t2")
+    t2 = target_tokenizer.load_tokenizer(tmp_path / "t2")[0]
+    t2.add_tokens([" naïve", " palatable"])
+    t2.save_pretrained(tmp_path / "t2")
+    t2 = target_tokenizer.load_tokenizer(tmp_path / "t2")[0]
+    new = target_tokenizer.new_ids_of(original, t2, set())
+    for t in target_tokenizer.plan_tokens(original, t2, new):
+        assert t.sub_ids == original(t.form, add_special_tokens=False)["input_ids"], t.form
+    (kept,) = original(" the", add_special_tokens=False)["input_ids"]
+    for listed in ({kept}, {start_id(original)}):
+        with pytest.raises(UserInputError, match="--new-ids: id.* their rows are in use"):
+            target_tokenizer.new_ids_of(original, t2, listed)
+
+
+def test_a_tokenizer_of_another_model_is_named_so(original, tokenizers_by_kind):
+    """A --tokenizer whose ids mostly changed their piece is another model's: the message says so and points to
+    --new-tokens-from-tokenizer, not to --new-ids."""
+    with pytest.raises(UserInputError, match="a tokenizer of another model"):
+        target_tokenizer.validate_extension(original, tokenizers_by_kind["metaspace"], [], ["a"])
+
+
 def test_hits_are_where_t2_emits_the_id(original, t2, corpus_file):
     new = target_tokenizer.new_ids_of(original, t2, set())
     hits, counts = target_tokenizer.find_target_hits(Corpus([corpus_file]), t2, new, 5, 200, 0)
@@ -168,7 +195,7 @@ def tiny_model_dir(tmp_path_factory, original) -> Path:
 
 
 def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, original, corpus_file, tmp_path,
-                                                  monkeypatch):
+                                                  monkeypatch, capsys):
     from transformers import AutoTokenizer
 
     real, loads = AutoTokenizer.from_pretrained, []
@@ -179,6 +206,7 @@ def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, or
             "--out", str(out), "--snippets-per-token", "4", "--snippet-length", "24", "--target-layer", "2",
             "--lr", "1e-3", "--epochs", "1", "--device", "cpu", "--dtype", "float32"]
     assert cli.main(argv) == 0
+    assert f"learned rows for {N_MERGES} new id(s) of --tokenizer" in capsys.readouterr().out  # no words were added
     assert loads.count(str(tiny_model_dir)) == 1  # the model's tokenizer loads once, and that load is timed
     report = json.loads((out / "report.json").read_text())
     assert report["check"]["passed"], report["check"]["failures"]

@@ -182,9 +182,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
         return 0
     k = r["counts"]
     left_out = f", left out {k['forms_left_out']} form(s) of added words" if k.get("forms_left_out") else ""
-    print(f"added {k['added']} token(s) ({k['variants']} of them variants) for {k['requested'] - k['skipped']} "
-          f"word(s), skipped {k['skipped']} word(s){left_out}; {k['snippets']} snippets; "
-          f"{r['timings']['total']:.1f} s -> {args.out}")
+    what = (f"learned rows for {k['added']} new id(s) of --tokenizer" if args.target_tokenizer else
+            f"added {k['added']} token(s) ({k['variants']} of them variants) for {k['requested'] - k['skipped']} "
+            f"word(s), skipped {k['skipped']} word(s){left_out}")
+    print(f"{what}; {k['snippets']} snippets; {r['timings']['total']:.1f} s -> {args.out}")
     return 0
 
 

@@ -73,12 +73,20 @@ def read_new_ids(path: str | Path | None) -> set[int]:
 
 
 def new_ids_of(original, target, listed: set[int]) -> list[int]:
-    """T2's ids the model has no trained row for: those at or above the original tokenizer's size, and `listed`."""
+    """T2's ids the model has no trained row for: those at or above the original tokenizer's size, and `listed`,
+    reused ids (an original id T2 gives another piece): an id that keeps its piece, or the id snippets start with,
+    holds a row the model reads, and is refused."""
     size = len(original)
     ids = set(target.get_vocab().values())
     missing = sorted(listed - ids)
     if missing:
         raise UserInputError(f"--new-ids: id(s) {missing[:5]} are not ids of the target tokenizer")
+    kept = sorted(i for i in listed if i < size and original.convert_ids_to_tokens(i) ==
+                  target.convert_ids_to_tokens(i) or i == contexts.start_id(original))
+    if kept:
+        raise UserInputError(f"--new-ids: id(s) {kept[:5]} ({original.convert_ids_to_tokens(kept[0])!r} first) keep "
+                             "the piece the model was trained on, or start every snippet: their rows are in use; "
+                             "list only ids the target tokenizer gives a new piece")
     return sorted({i for i in ids if i >= size} | listed)
 
 
@@ -91,9 +99,14 @@ def validate_extension(original, target, new_ids: list[int], texts: list[str]) -
     changed = [(i, p, t_piece.get(i)) for p, i in original.get_vocab().items() if i not in new and t_piece.get(i) != p]
     if changed:
         i, was, now = min(changed)
+        gone = sum(1 for _, _, p in changed if p is None)
+        hint = ("a tokenizer of another model? --tokenizer must extend the model's own; --new-tokens-from-tokenizer "
+                "takes another tokenizer's words" if len(changed) > len(t_vocab) // 2 else
+                "list reused ids in --new-ids if that is intended" if not gone else
+                f"{gone} of them missing from --tokenizer: ids must be kept")
         raise UserInputError(f"--tokenizer is not an extension of the model's tokenizer: {len(changed)} id(s) "
-                             f"changed their piece, e.g. id {i} was {was!r} and is {now!r} (list reused ids in "
-                             f"--new-ids if that is intended)")
+                             f"changed their piece, e.g. id {i} was {was!r} and is "
+                             f"{'missing' if now is None else repr(now)} ({hint})")
     encs_t = target.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     encs_o = original.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     for text, et, eo in zip(texts, encs_t, encs_o):
@@ -115,7 +128,10 @@ def plan_tokens(original, target, new_ids: list[int]) -> list[NewToken]:
     for i in new_ids:
         piece = target.convert_ids_to_tokens(i)
         text = target.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        sub = [t.id for t in backend.model.tokenize(piece)] if piece is not None else []
+        # a vocabulary entry is segmented as stored (a word-internal piece stays bare); an added token's content is
+        # text, not the model's stored form, so it is encoded as text (" résumé" as "Ġr", "Ã©", ...)
+        stored = piece is not None and target.backend_tokenizer.model.token_to_id(piece) == i
+        sub = [t.id for t in backend.model.tokenize(piece)] if stored else []
         if not sub or any(s >= len(original) for s in sub):
             sub = original(text, add_special_tokens=False)["input_ids"]
         if not sub:
