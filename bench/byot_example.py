@@ -79,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    given = {k: v for k, v in vars(args).items() if k != "out"}  # a rerun reuses the stages kept in out/: same args
+    kept = json.loads((out / "args.json").read_text()) if (out / "args.json").is_file() else given
+    if kept != given:
+        changed = sorted(k for k in given if kept.get(k) != given[k])
+        raise SystemExit(f"--out {out} holds a run with other arguments ({', '.join(changed)}): give another --out")
+    (out / "args.json").write_text(json.dumps(given, indent=2))
     original, _ = load_tokenizer(args.model, "--model")
     t2_dir = out / "t2"
     t0 = time.perf_counter()
@@ -122,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| model reading | bpc | tokens per 1,000 chars |\n|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['bpc']:.4f} | {1000 * r['tokens'] / r['chars']:.1f} |")
-    print(f"gap left: {result['gap_left']:.3f}; {result['trained_ids']} of {len(new)} new ids trained; "
+    gap = "none (mean rows read as the original does)" if result["gap_left"] is None else f"{result['gap_left']:.3f}"
+    print(f"gap left: {gap}; {result['trained_ids']} of {len(new)} new ids trained; "
           f"{len(docs)} held-out documents, {rows['original']['chars']} chars -> {out / 'results.json'}")
     return 0
 
