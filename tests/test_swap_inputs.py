@@ -46,6 +46,18 @@ def test_words_from_tokenizer(target_dir):
     assert len(words) + len(skipped) == len(target.get_vocab())
 
 
+def test_an_added_token_of_the_other_tokenizer_is_a_word_with_or_without_a_space(target_dir, tmp_path):
+    """An added token matches anywhere, not after a piece as a BPE continuation does: "Fortran" (no leading space)
+    is a word as " naïve" is, not a word-internal piece."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target_dir)
+    tok.add_tokens(["Fortran", " quokkas"])
+    tok.save_pretrained(tmp_path / "t")
+    words, skipped = words_from_tokenizer(tmp_path / "t")
+    assert {"Fortran", "quokkas"} <= set(words) and "Fortran" not in {s.word for s in skipped}
+
+
 def test_words_from_byte_fallback_tokenizer(tmp_path):
     """Llama-2 style: '▁' pieces, <0xNN> byte pieces, a decoder that strips the leading space of the text. Pieces
     of a script written without spaces are words wherever they start."""

@@ -34,8 +34,9 @@ QUOTED = regex.compile(r"""(['"]).*?\1""")  # a form quoted in a reason: 'する
 def words_from_tokenizer(directory: str | Path) -> tuple[list[str], list[Skipped]]:
     """Every piece of the tokenizer in `directory` that stands for a word after a space, as that word ("Ġword" and
     "▁word" -> "word"), or for text of a script written without spaces ("設定": no space marks its words), in id
-    order. Other pieces are skipped with a reason: special tokens, byte pieces, word-internal pieces (no leading
-    space: suffixes like "ing" cannot be added as whole words), whitespace. Whether the model's tokenizer already
+    order; an added token that is not special is a word with or without a leading space (it matches anywhere).
+    Other pieces are skipped with a reason: special tokens, byte pieces, word-internal pieces (no leading space:
+    suffixes like "ing" cannot be added as whole words), whitespace. Whether the model's tokenizer already
     has the word is decided later, like for a word list."""
     target = models.load_tokenizer(directory, "--new-tokens-from-tokenizer")[0]
     backend = getattr(target, "backend_tokenizer", None)
@@ -43,6 +44,7 @@ def words_from_tokenizer(directory: str | Path) -> tuple[list[str], list[Skipped
         raise UserInputError(f"--new-tokens-from-tokenizer {directory}: needs a fast tokenizer (tokenizer.json) "
                              "with a decoder")
     specials = set(target.all_special_ids) | {i for i, t in target.added_tokens_decoder.items() if t.special}
+    added = {i for i, t in target.added_tokens_decoder.items() if not t.special}  # matched anywhere, as words
     # Decoding a piece after an anchor shows its leading space, which decoders drop at the start of text.
     anchor = target("x", add_special_tokens=False)["input_ids"]
     if len(anchor) != 1:
@@ -56,7 +58,8 @@ def words_from_tokenizer(directory: str | Path) -> tuple[list[str], list[Skipped
     seen: set[str] = set()
     for (piece, i), text in zip(pieces, decoded):
         surface = text[len(prefix):] if text.startswith(prefix) else None
-        word = surface if surface and spaceless(surface) else surface[1:] if surface else ""
+        bare = surface and (spaceless(surface) or i in added and not surface.startswith(" "))
+        word = surface if bare else surface[1:] if surface else ""
         reason = ("special token" if i in specials else
                   "byte-fallback piece" if BYTE_PIECE.fullmatch(piece) else
                   "does not decode after another piece" if surface is None else
