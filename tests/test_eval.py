@@ -469,6 +469,11 @@ def test_eval_api_and_bad_inputs(adapted, heldout_file, words_file, corpus_file,
     base = ["eval", "--original", str(src), "--out", str(tmp_path / "r.json"), "--no-definitions"]
     assert main(base + ["--adapted", str(out), "--heldout", str(empty)]) == 2
     assert "no held-out snippet" in capsys.readouterr().err
+    inside = tmp_path / "inside.txt"  # the word only inside longer words: said, not left unexplained
+    inside.write_text("we ate the palatables\n\nand more palatables there\n")
+    assert main(base + ["--adapted", str(out), "--heldout", str(inside)]) == 2
+    assert "2 match(es) inside longer words" in capsys.readouterr().err
+    assert report["counts"]["inside_longer_words"] == 0
     assert main(base + ["--adapted", str(src), "--heldout", str(heldout_file)]) == 2
     assert "report.json" in capsys.readouterr().err
     assert main(base + ["--adapted", str(out), "--heldout", str(heldout_file), "--mse-layers", "9"]) == 2

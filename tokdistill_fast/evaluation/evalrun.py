@@ -247,7 +247,9 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
                      "dtype": str(dt), "adapted_run": settings},
         "counts": {"tokens": len(primaries), "tokens_with_heldout": int(sum(1 for h in baseline.hs.hits if h)),
                    "snippets": baseline.hs.n, "aligned_positions": int(len(baseline.hs.alignment.s_pos)),
-                   "tokenizer_emits_new_id": emits},
+                   "tokenizer_emits_new_id": emits,
+                   # matches of a word's form inside longer words ("Fortrans"), left out of the measure
+                   "inside_longer_words": int(sum(baseline.hs.inside))},
         "tokens_saved": heldout.tokens_saved(heldout_paths, orig_tok, ad_tok, opts.max_chars),
         "aggregate": m.aggregate,
         "kl_by_offset": m.kl_by_offset,

@@ -138,6 +138,7 @@ class HeldoutSet:
     cu_teacher: np.ndarray
     alignment: Alignment
     hits: list[int]  # held-out occurrences found per token (before sampling)
+    inside: list[int] = field(default_factory=list)  # matches inside longer words per token: not measured
     cont_pos: np.ndarray = field(init=False)  # teacher positions of each continuation (first aligned to the end)
     cu_cont: np.ndarray = field(init=False)
 
@@ -177,12 +178,14 @@ def build_heldout(paths: list[str | Path], tokenizer, toks: list[NewToken], new_
         unique.setdefault((s.token, tuple(s.ids)), s)
     snippets = list(unique.values())
     if not snippets:
-        raise UserInputError("no held-out snippet contains any of the new tokens; pass more --heldout text")
+        inside = (f" ({sum(stats.inside)} match(es) inside longer words, 'Fortrans' for ' Fortran', which the held-out"
+                  " measure leaves out)" if sum(stats.inside) else "")
+        raise UserInputError(f"no held-out snippet contains any of the new tokens{inside}; pass more --heldout text")
     teacher_ids, cu_teacher = align.pack([s.ids for s in snippets])
     al = align.align([s.ids for s in snippets], [t.sub_ids for t in toks], [s.token for s in snippets], new_ids,
                      align_impl)
     return HeldoutSet(toks, list(new_ids), np.asarray([s.token for s in snippets], dtype=np.int64), teacher_ids,
-                      cu_teacher, al, stats.hits)
+                      cu_teacher, al, stats.hits, stats.inside)
 
 
 @dataclass
