@@ -227,7 +227,7 @@ def cmd_check(args: argparse.Namespace) -> int:
               f"{sum(agree.matched.values())}/{sum(agree.compared.values())} texts")
         return 0 if agree.passed else 1
 
-    json_out = check_out_file(args.json, args.overwrite) if args.json else None
+    json_out = check_out_file(args.json, args.overwrite, "--json") if args.json else None
     section = check_dir(args.out, args.original, args.probe, forward=not args.no_forward)
     if json_out is not None:
         write_json(json_out, section)

@@ -26,11 +26,11 @@ from .extend import GENERIC_CLASS
 log = logging.getLogger(__name__)
 
 
-def refuse_existing(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing --out (file or directory) unless --overwrite."""
+def refuse_existing(out: str | Path, overwrite: bool, flag: str = "--out") -> Path:
+    """Refuse an existing output (file or directory), given as `flag`, unless --overwrite."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise UserInputError(f"--out {out} already exists; pass --overwrite to replace it")
+        raise UserInputError(f"{flag} {out} already exists; pass --overwrite to replace it")
     return out
 
 
@@ -40,28 +40,29 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     out = refuse_existing(out, overwrite)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a directory")
-    return _creatable(out)
+    return _creatable(out, "--out")
 
 
-def check_out_file(out: str | Path, overwrite: bool) -> Path:
-    """check_out_dir for an output file (select's word list, eval's JSON), which write_text_atomic then writes."""
-    out = refuse_existing(out, overwrite)
+def check_out_file(out: str | Path, overwrite: bool, flag: str = "--out") -> Path:
+    """check_out_dir for an output file (select's word list, eval's JSON, check's --json), which write_text_atomic
+    then writes."""
+    out = refuse_existing(out, overwrite, flag)
     if out.is_dir():
-        raise UserInputError(f"--out {out} is a directory; give a file name")
-    return _creatable(out)
+        raise UserInputError(f"{flag} {out} is a directory; give a file name")
+    return _creatable(out, flag)
 
 
-def _creatable(out: Path) -> Path:
+def _creatable(out: Path, flag: str) -> Path:
     """`out`, where its nearest existing parent is a directory we can create entries in."""
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise UserInputError(f"--out {out}: cannot create it in {parent}")
+        raise UserInputError(f"{flag} {out}: cannot create it in {parent}")
     try:  # a real try: os.access says yes to root on read-only filesystems and /proc
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
     except OSError as e:
-        raise UserInputError(f"--out {out}: cannot create it in {parent} ({e.strerror})") from None
+        raise UserInputError(f"{flag} {out}: cannot create it in {parent} ({e.strerror})") from None
     return out
 
 

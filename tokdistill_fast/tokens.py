@@ -120,8 +120,8 @@ def _json(path: Path, text: str, where: str):
 
 
 def _json_lines(path: Path, text: str) -> list[tuple[int, object]]:
-    """(line number, value) of each non-blank line of a JSON-lines file (lines end at "\n" only: a JSON string may
-    hold U+2028 or U+0085 as they are)."""
+    """(line number, value) of each non-blank line of a JSON-lines file (lines end at a line feed only: a JSON
+    string may hold U+2028 or U+0085 as they are)."""
     return [(n, _json(path, line, f"line {n}")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
