@@ -161,6 +161,17 @@ def test_select_proposes_phrases_up_to_max_words(tokenizers_by_kind, tmp_path, c
     assert not any(" " in w for w in (c.word for c in select_tokens(tok, [corpus], min_count=10)))
 
 
+def test_a_word_that_starts_lines_is_counted_alike_with_phrases_or_without(tokenizers_by_kind, tmp_path):
+    """A word found only at line starts ("\npalatable") or after a bracket counts the same whether or not phrases
+    compete (--max-words 2): the phrases' second count reads the contexts the first one counted, where before it
+    read only " palatable" and dropped the word as if a longer candidate took its text."""
+    tok = tokenizers_by_kind["bytelevel"]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("we ate\npalatable soup (palatable pie)\n\n" * 8, encoding="utf-8")
+    for max_words in (1, 2):
+        assert "palatable" in [c.word for c in select_tokens(tok, [corpus], min_count=10, max_words=max_words)]
+
+
 def test_select_leaves_out_phrases_that_never_stand_alone(tokenizers_by_kind, tmp_path, caplog):
     """A phrase the corpus writes only inside a longer candidate, or where an overlapping one is read first, never
     reaches its own id ("access this" and "this command from" where every text says "access this command from

@@ -52,7 +52,8 @@ FORBIDDEN = set("[]{}()<>.,;:!?@#$%^&*+_=|\\/")
 # Outer punctuation: quotes and brackets of every language („Wort“, « mot », (word)) before the word, any after it.
 # A chunk glued to a dash is no word: "-rw-r--r--", "--verbose", "--Dryden." (a dictionary's citation); stripping
 # the dash would propose "rw-r--r", a piece of text that never follows a space.
-LEADING = regex.compile(r"^[\p{P}\p{Cf}`--\p{Pd}\p{Pc}]+", flags=regex.V1)
+OPENING = r"[\p{P}\p{Cf}`--\p{Pd}\p{Pc}]"  # punctuation a word may follow in its chunk: not a dash or underscore
+LEADING = regex.compile(rf"^{OPENING}+", flags=regex.V1)
 TRAILING = regex.compile(r"[\p{P}\p{Cf}`]+$")  # \p{Cf}: a zero-width space after "Preferences…" (AsciiDoc)
 DASH = regex.compile(r"[\p{Pd}\p{Pc}]")
 # A run of letters of one script written without spaces; Katakana first, so that the long-vowel mark "ー" it shares
@@ -242,7 +243,9 @@ def alone_often_enough(paths, ranked: list[Suggestion], min_count: int) -> list[
         spaced = [c.word for c in kept if not spaceless(c.word)]
         if not spaced:
             return kept
-        pattern = regex.compile(rf" ({trie_pattern(spaced)})(?!{TEXT_WORD_CHAR})", flags=regex.V1)
+        # where word_counts counted it: after whitespace and any opening punctuation (" word", "\nword", "(word")
+        pattern = regex.compile(rf"(?<=\s{OPENING}*)({trie_pattern(spaced)})(?!{TEXT_WORD_CHAR})",
+                                flags=regex.V1)
         found = Counter(m.group(1) for doc in iter_documents(paths) for m in pattern.finditer(doc))
         alone = [c for c in kept if spaceless(c.word) or found[c.word] >= min_count]
         if len(alone) == len(kept):
