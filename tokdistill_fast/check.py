@@ -296,17 +296,27 @@ def row_norms(matrix: torch.Tensor, ids: list[int]) -> torch.Tensor:
     return torch.linalg.vector_norm(matrix, dim=1, dtype=torch.float32)[torch.tensor(ids, dtype=torch.long)]
 
 
+def row_fault(row: torch.Tensor, norm: float, lo: float, hi: float, dtype: torch.dtype,
+              out_row: torch.Tensor | None = None) -> tuple[str, str] | None:
+    """The guarantee a new row breaks, as (check, detail): NaN or Inf in it (or in its untied output row), or an
+    input norm outside [a quarter of the vocabulary's smallest `lo`, its largest `hi`, up to the rounding of a row
+    clipped to it in `dtype`]; None where it breaks neither."""
+    if not torch.isfinite(row).all() or (out_row is not None and not torch.isfinite(out_row).all()):
+        return "finite", "new row has NaN or Inf values"
+    if not lo / 4 <= norm <= hi * (1 + 4 * torch.finfo(dtype).eps):
+        return "norm", (f"input row norm {norm:.4g} outside [{lo / 4:.4g}, {hi:.4g}] (the vocabulary's largest "
+                        "norm, a quarter of its smallest)")
+    return None
+
+
 def check_rows(table: torch.Tensor, tokenizer, rows: torch.Tensor, forms: list[str]) -> None:
-    """The finite and norm guarantees on rows a run keeps in memory (distill without an output directory, where
-    check_matrices never reads them): a GuaranteeError naming the first row with NaN or Inf, or with a norm outside
-    [a quarter of the vocabulary's smallest, its largest]."""
+    """row_fault's guarantees on rows a run keeps in memory (distill without an output directory, where
+    check_matrices never reads them): a GuaranteeError naming the first row that breaks one."""
     ref = row_norms(table, sorted(i for i in set(tokenizer.get_vocab().values()) if i < table.shape[0]))
-    lo, hi = float(ref.min()), float(ref.max()) * (1 + 4 * torch.finfo(table.dtype).eps)
-    norms = torch.linalg.vector_norm(rows.float(), dim=1)
-    for form, row, norm in zip(forms, rows, norms.tolist()):
-        if not torch.isfinite(row).all() or not lo / 4 <= norm <= hi:
-            raise GuaranteeError(f"check {'finite' if not torch.isfinite(row).all() else 'norm'} failed for token "
-                                 f"{form!r}: row norm {norm:.4g}, the vocabulary's [{lo / 4:.4g}, {hi:.4g}]")
+    lo, hi = float(ref.min()), float(ref.max())
+    for form, row, norm in zip(forms, rows, torch.linalg.vector_norm(rows.float(), dim=1).tolist()):
+        if fault := row_fault(row, norm, lo, hi, table.dtype):
+            raise GuaranteeError(f"check {fault[0]} failed for token {form!r}: {fault[1]}")
 
 
 def check_matrices(out: Path, tok, original, new: list[dict], find: Findings) -> dict:
@@ -351,16 +361,13 @@ def check_matrices(out: Path, tok, original, new: list[dict], find: Findings) ->
     else:
         ref = row_norms(embed, sorted(used_ids - set(new_ids.tolist())))
     lo, hi = float(ref.min()), float(ref.max())
-    slack = 1 + 4 * torch.finfo(embed.dtype).eps  # a row clipped to the largest norm, then rounded to the dtype
     stats.update(vocab_norm_min=lo, vocab_norm_max=hi, new_norm_min=float(norms.min()) if len(norms) else None,
                  new_norm_max=float(norms.max()) if len(norms) else None)
     out_vecs = head[new_ids].float() if head is not None else None
     for k, t in enumerate(new):
-        if not torch.isfinite(vecs[k]).all() or (out_vecs is not None and not torch.isfinite(out_vecs[k]).all()):
-            find.fail("finite", "new row has NaN or Inf values", t["form"])
-        elif not lo / 4 <= float(norms[k]) <= hi * slack:
-            find.fail("norm", f"input row norm {float(norms[k]):.4g} outside [{lo / 4:.4g}, {hi:.4g}] (the "
-                      f"vocabulary's largest norm, a quarter of its smallest)", t["form"])
+        fault = row_fault(vecs[k], float(norms[k]), lo, hi, embed.dtype, out_vecs[k] if out_vecs is not None else None)
+        if fault:
+            find.fail(*fault, t["form"])
         elif float(norms[k]) < lo:  # subtoken means of dissimilar rows: shorter, not broken
             find.warn("norm_low", f"input row norm {float(norms[k]):.4g} below the vocabulary's smallest "
                       f"{lo:.4g}", t["form"])

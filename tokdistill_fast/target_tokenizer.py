@@ -81,8 +81,9 @@ def new_ids_of(original, target, listed: set[int]) -> list[int]:
     missing = sorted(listed - ids)
     if missing:
         raise UserInputError(f"--new-ids: id(s) {missing[:5]} are not ids of the target tokenizer")
-    kept = sorted(i for i in listed if i < size and original.convert_ids_to_tokens(i) ==
-                  target.convert_ids_to_tokens(i) or i == contexts.start_id(original))
+    lead = contexts.start_id(original)
+    kept = sorted(i for i in listed if i == lead or (i < size and original.convert_ids_to_tokens(i) ==
+                                                     target.convert_ids_to_tokens(i)))
     if kept:
         raise UserInputError(f"--new-ids: id(s) {kept[:5]} ({original.convert_ids_to_tokens(kept[0])!r} first) keep "
                              "the piece the model was trained on, or start every snippet: their rows are in use; "
