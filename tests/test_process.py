@@ -133,3 +133,20 @@ def test_the_command_exits_with_mains_code(tmp_path):
                           "--adapted", str(tmp_path), "--heldout", str(tmp_path / "missing.txt"),
                           "--out", str(tmp_path / "eval.json")], capture_output=True, text=True)
     assert out.returncode == 2 and f"--heldout {tmp_path / 'missing.txt'}: no such file" in out.stderr, out.stderr
+
+
+def test_quiet_turns_the_progress_bars_off(model_dirs, words_file, corpus_file, tmp_path, capsys, monkeypatch):
+    """`-q` leaves stderr without progress bars, though tqdm was imported before the flag was read (TQDM_DISABLE,
+    which tqdm reads once on import, did not serve)."""
+    from tokdistill_fast import config
+    from tokdistill_fast.cli import main
+
+    monkeypatch.setattr(config, "_bars_off", False)
+    run = ["distill", "--model", str(model_dirs[("llama", "bytelevel", True)]), "--new-tokens", str(words_file),
+           "--corpus", str(corpus_file), "--target-layer", "2", "--batch-size", "4", "--snippets-per-token", "6",
+           "--epochs", "1", "--more-epochs", "0", "--dtype", "float32", "--device", "cpu", "--no-variants"]
+    assert main([*run, "--out", str(tmp_path / "shown")]) == 0
+    assert "corpus" in capsys.readouterr().err  # the bars this test looks for
+    assert main(["-q", *run, "--out", str(tmp_path / "quiet")]) == 0
+    err = capsys.readouterr().err
+    assert not any(bar in err for bar in ("corpus", "teacher", "pass", "%|")), err

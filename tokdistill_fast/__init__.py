@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 from .config import DistillConfig, UserInputError, launch, silence_progress_bars  # noqa: E402
 
-if launch().rank > 0:  # torchrun ranks other than 0: no bars (tqdm reads its settings when it is first imported)
+if launch().rank > 0:  # torchrun ranks other than 0: no bars, whether or not they run the command line
     silence_progress_bars()
 
 from .tools.select import select_tokens  # noqa: E402

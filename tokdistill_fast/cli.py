@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import DistillConfig, GuaranteeError, UserInputError, launch
+from .config import DistillConfig, GuaranteeError, UserInputError, launch, silence_progress_bars
 from .control import process
 
 CONFIG_HELP = ("YAML or JSON file of this command's options, named as on the command line without the dashes "
@@ -455,9 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     args.command_line = shlex.join(["tokdistill", *argv])
-    others = launch().rank > 0  # torchrun ranks other than 0 log warnings only (and show no bars: __init__.py)
-    logging.basicConfig(level=logging.WARNING if args.quiet or others else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    quiet = args.quiet or launch().rank > 0  # torchrun ranks other than 0 log warnings only, without bars
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if quiet:
+        silence_progress_bars()
     for noisy in ("httpx", "transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     process.keep_freed_memory()

@@ -7,9 +7,10 @@ import dataclasses
 import math
 import operator
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -118,10 +119,27 @@ def launch() -> Launch:
     return Launch(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
 
 
+_bars_off = False  # set by silence_progress_bars(); progress() reads it at each bar
+
+
 def silence_progress_bars() -> None:
-    """Turn tqdm bars off in this process (ranks other than 0 of a torchrun launch, so that one terminal shows one
-    set of bars). tqdm reads TQDM_* variables when it is first imported: call this before that."""
-    os.environ["TQDM_DISABLE"] = "1"
+    """Turn this process's progress bars off: `--quiet`, and ranks other than 0 of a torchrun launch (one terminal
+    shows one set of bars). Works whenever it is called, unlike TQDM_DISABLE, which tqdm reads once on import; the
+    bars of transformers (loading and writing weights) go off too."""
+    global _bars_off
+    _bars_off = True
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is first imported
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def progress(iterable: Any = None, **kwargs: Any) -> Any:
+    """A tqdm bar, off after silence_progress_bars() (TQDM_* variables still apply where it is on)."""
+    from tqdm.auto import tqdm
+
+    if _bars_off:
+        kwargs["disable"] = True
+    return tqdm(iterable, **kwargs)
 
 
 def env_int(name: str) -> int | None:

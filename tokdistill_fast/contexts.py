@@ -32,9 +32,8 @@ from typing import NamedTuple
 
 import regex
 import torch
-from tqdm.auto import tqdm
 
-from .config import LEFT_CONTEXT, LEFT_CONTEXT_CHARS, LEFT_CONTEXT_MAX, UserInputError
+from .config import LEFT_CONTEXT, LEFT_CONTEXT_CHARS, LEFT_CONTEXT_MAX, UserInputError, progress
 from .corpus import Corpus, Piece
 from .tokens import TEXT_WORD_CHAR, NewToken, spaceless
 
@@ -437,7 +436,7 @@ def sample(model, tokenizer, prompts: list[tuple[int, list[int]]], length: int, 
     order = sorted(prompts, key=lambda p: (len(p[1]), p[1]))  # a prompt's repeats side by side
     snippets: list[Snippet] = []
     with contiguous_head_input(model):
-        bar = tqdm(total=len(prompts), desc="generate", unit="snippet", leave=False)
+        bar = progress(total=len(prompts), desc="generate", unit="snippet", leave=False)
         for c in range(0, len(order), chunk):
             part = order[c:c + chunk]
             distinct: dict[tuple[int, ...], int] = {}

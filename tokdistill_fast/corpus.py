@@ -18,9 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from tqdm.auto import tqdm
-
-from .config import UserInputError
+from .config import UserInputError, progress
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +120,7 @@ class Corpus:
 
     def __iter__(self) -> Iterator[Piece]:
         total = sum(p.stat().st_size for p in self.files)
-        bar = tqdm(total=min(total, self.max_bytes or total), desc="corpus", unit="B", unit_scale=True,
+        bar = progress(total=min(total, self.max_bytes or total), desc="corpus", unit="B", unit_scale=True,
                    unit_divisor=1024, leave=False)
         try:
             for path in self.files:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .align import Alignment, cu_seqlens, kept_offsets, prefix_lengths
+from .config import progress
 from .control import observed
 from .modeling.attention import Attend, ranges, select_kv
 from .modeling.layout import lay_out, token_batches
@@ -278,7 +278,7 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
     kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     deep: list[torch.Tensor] = []
     batches = token_batches(lengths[full], max_tokens) if packed else length_batches(lengths, max_tokens)
-    for seqs in tqdm([full[b] for b in batches], desc="teacher", unit="batch", leave=False):
+    for seqs in progress([full[b] for b in batches], desc="teacher", unit="batch", leave=False):
         lay = lay_out(teacher_ids, cu_teacher[seqs], lengths[seqs], np.zeros(len(seqs)), packed,
                       capture=kv_len[seqs] if capturing else None).to(device)
         kept: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if capturing else None
@@ -295,7 +295,7 @@ def compute(decoder: Decoder, teacher_ids: np.ndarray, cu_teacher: np.ndarray, a
         put(hidden, lay.rows(np.repeat(np.arange(len(seqs)), counts), alignment.t_pos[pairs]), pairs)
     joined = {l: (torch.cat([k for k, _ in p]), torch.cat([v for _, v in p])) for l, p in kv.items()}
     tails = repeats[lengths[repeats] > stem[repeats]]
-    for b in tqdm(token_batches(lengths[tails] - stem[tails], max_tokens), desc="teacher tails", unit="batch",
+    for b in progress(token_batches(lengths[tails] - stem[tails], max_tokens), desc="teacher tails", unit="batch",
                   leave=False, disable=not len(tails)):
         seqs = tails[b]
         s = stem[seqs]

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import student
 from ..align import Alignment, take_packed
-from ..config import DistillConfig
+from ..config import DistillConfig, progress
 from ..teacher import TeacherCache
 from .checkpoint import WorkDir
 
@@ -134,7 +133,7 @@ class ChunkedTrainer:
         passes = passes or student.Passes()
         V, n_rows, n = decoder.embed_weight.shape[0], init_rows.shape[0], len(self.plan.bounds)
         results, offset, spent, trained = [], 0, 0.0, 0
-        for c, (start, end) in enumerate(tqdm(self.plan.bounds, desc="chunks", unit="chunk")):
+        for c, (start, end) in enumerate(progress(self.plan.bounds, desc="chunks", unit="chunk")):
             result = self.work.load(f"chunk-{c:04d}")
             if result is not None:
                 log.info("resume: chunk %d/%d (%d tokens) from the checkpoint", c + 1, n, end - start)

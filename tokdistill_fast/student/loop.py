@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..align import Alignment
+from ..config import progress
 from ..modeling.models import Decoder
 from ..rows import bound_norms, norm_limit, written_quantile
 from ..teacher import SINK_FACTOR, TeacherCache, sink_pairs
@@ -264,7 +264,7 @@ def train(decoder: Decoder, al: Alignment, cache: TeacherCache | None, snippet_r
     rewind = Rewind(opt, sched, rows, lazy)
     head = cache.head if objective.mass else None
     t0 = time.perf_counter()
-    for g in tqdm(groups, desc=desc, unit="pass", leave=False):
+    for g in progress(groups, desc=desc, unit="pass", leave=False):
         b, step = g.batch, g.steps[0]
         if lazy:
             opt.sync(g.tokens[0])
