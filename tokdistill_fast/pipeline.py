@@ -211,9 +211,9 @@ def distill_words(model, new_tokens, corpus, out: str | Path | None, cfg: Distil
     learned, plan, cache = train(method, "student")
     mass = guard = None
     if ranks.writer and learned.train_result is not None:
-        with timer("new_token_mass"):
-            mass = learned.mass if learned.mass is not None else hubs.new_token_mass(prep, learned.rows,
-                                                                                     learned.out_rows, cache)
+        if (mass := learned.mass) is None:  # else a hub check measured these rows, within the student's time
+            with timer("new_token_mass"):
+                mass = hubs.new_token_mass(prep, learned.rows, learned.out_rows, cache)
         if ranks.world == 1 and method == cfg.method and guards(cfg, prep.tied) \
                 and (worst := float(mass[0].sum(axis=1).max())) > HUB_AFTER_RUN:
             guard = {"mass_after": worst, "trained": GUARD_METHOD, "plain_more_epochs": learned.more}
