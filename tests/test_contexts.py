@@ -234,8 +234,35 @@ def test_stop_when_full_and_max_bytes_end_the_pass_early(tmp_path):
     assert early.chars < size // 10
     corpus = Corpus([path], max_bytes=1000, chunk=256)
     _, capped = find_hits(corpus, toks(), 4, 20, 0)
-    assert corpus.truncated and 1000 <= corpus.bytes_read < 1000 + 256
+    assert corpus.truncated and corpus.bytes_read == 1000
     assert 0 < capped.hits[0] < 30
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_max_bytes_reads_up_to_the_limit(tmp_path, compress):
+    """A limit under one chunk still reads the text before it: every document there, the one it cuts up to the cut
+    (before, a read of a whole chunk passed the limit and the pass stopped after the first document). A compressed
+    file stops at the first chunk that passes it; JSON lines at a whole line."""
+    import gzip
+
+    docs = [f"document {i} palatable {'y' * 40}" for i in range(400)]
+    text = "\n\n".join(docs) + "\n"
+    path = tmp_path / ("c.txt.gz" if compress else "c.txt")
+    path.write_bytes(gzip.compress(text.encode()) if compress else text.encode())
+    limit = 5000 if not compress else 500
+    corpus = Corpus([path], max_bytes=limit, chunk=1 << 20)
+    got = [piece.text.strip() for piece in corpus]
+    assert corpus.truncated == (not compress)  # the compressed file is under one chunk: read whole
+    if compress:
+        assert got == docs
+    else:
+        assert corpus.bytes_read == limit and "".join(got) == "".join(text[:limit].split("\n\n"))
+        assert got[:-1] == docs[:len(got) - 1] and docs[len(got) - 1].startswith(got[-1]) and len(got) > 50
+    lines = tmp_path / "c.jsonl"
+    lines.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    corpus = Corpus([lines], max_bytes=limit)
+    got = [piece.text for piece in corpus]
+    assert corpus.truncated and got == docs[:len(got)] and 0 < corpus.bytes_read - limit < 100
 
 
 def test_size_option():

@@ -45,10 +45,11 @@ def inner_suffix(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def open_bytes(path: Path) -> Iterator[tuple[BinaryIO, Callable[[int], int]]]:
+def open_bytes(path: Path) -> Iterator[tuple[BinaryIO, Callable[[int], int], bool]]:
     """(the file's bytes, decompressed where it starts with a gzip, bzip2 or xz header; `advance`: given the bytes
-    just read from it, the bytes read from the disk so far, which progress and --max-corpus-bytes count). A plain
-    file counts what it was given (no seek per JSONL line); a compressed one asks the file's position."""
+    just read from it, the bytes read from the disk so far, which progress and --max-corpus-bytes count; whether it
+    is compressed). A plain file counts what it was given (no seek per JSONL line); a compressed one asks the file's
+    position, which runs ahead of the text by the decompressor's buffer."""
     with path.open("rb") as raw:
         head = raw.read(6)
         raw.seek(0)
@@ -61,10 +62,10 @@ def open_bytes(path: Path) -> Iterator[tuple[BinaryIO, Callable[[int], int]]]:
                 total += n
                 return total
 
-            yield raw, advance
+            yield raw, advance, False
             return
         with opener(raw) as f:
-            yield f, lambda n: raw.tell()
+            yield f, lambda n: raw.tell(), True
 
 
 class Piece(NamedTuple):
@@ -107,7 +108,8 @@ def _files_under(directory: Path) -> list[Path]:
 class Corpus:
     """Streams Pieces from corpus files with bounded memory: text files in chunks (documents separated by blank
     lines), JSON lines one record at a time (a "text" field), Parquet in record batches (a "text" column).
-    Stops after `max_bytes` bytes (at a chunk, line or batch boundary) when given; shows progress with an ETA."""
+    Stops after `max_bytes` bytes when given: exactly in a plain text file (its last document cut there), at a
+    chunk of a compressed one, a line of JSON lines, a batch of Parquet; shows progress with an ETA."""
 
     def __init__(self, values: Iterable[str | Path], max_bytes: int | None = None, chunk: int = CHUNK,
                  option: str = "--corpus"):
@@ -132,9 +134,9 @@ class Corpus:
                         yield piece
                         if self.bytes_read != bar.n:
                             bar.update(self.bytes_read - bar.n)
-                        if self.max_bytes is not None and self.bytes_read >= self.max_bytes:
-                            self.truncated = True
-                            return
+                    if self._left() == 0:  # the reader stopped at the limit
+                        self.truncated = self.bytes_read < total
+                        return
                 except UnicodeDecodeError as e:  # Parquet strings that Arrow did not validate
                     raise UserInputError(f"{self.option} {path}: not UTF-8 text ({e.reason})") from None
                 except (OSError, EOFError, lzma.LZMAError) as e:  # also a truncated or corrupt compressed stream
@@ -142,15 +144,20 @@ class Corpus:
         finally:
             bar.close()
 
+    def _left(self) -> int | None:
+        """Bytes still to read under max_bytes (None: no limit)."""
+        return None if self.max_bytes is None else max(self.max_bytes - self.bytes_read, 0)
+
     def _text(self, path: Path) -> Iterator[Piece]:
         """Blank-line separated documents. `carry` holds the unfinished document; splitting carry + the new chunk
         finds the same separators as splitting the whole file, because a separator is complete once its second
         newline has been read and only the carry's last line can start one."""
         decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True)
         carry, first, offset, before, opening = "", True, 0, self.bytes_read, True
-        with open_bytes(path) as (f, advance):
+        with open_bytes(path) as (f, advance, compressed):
             while True:
-                data = f.read(self.chunk)
+                left = self._left()
+                data = f.read(self.chunk if left is None or compressed else min(self.chunk, left))
                 self.bytes_read = before + advance(len(data))
                 pending = len(decoder.getstate()[0])  # bytes of a character split by the previous read
                 try:
@@ -171,6 +178,10 @@ class Corpus:
                 if not data:
                     yield Piece(carry, first, True)
                     return
+                if self._left() == 0:  # the limit: the document read so far, cut there
+                    if carry:
+                        yield Piece(carry, first, False)
+                    return
                 if len(carry) > self.chunk:  # a long document: pass it on up to its last line
                     cut = carry.rfind("\n")
                     if cut == -1 or (cut == 0 and carry.strip(" \t\n")):
@@ -181,7 +192,7 @@ class Corpus:
 
     def _jsonl(self, path: Path) -> Iterator[Piece]:
         before = self.bytes_read
-        with open_bytes(path) as (f, advance):
+        with open_bytes(path) as (f, advance, _):
             for n, line in enumerate(f, 1):
                 self.bytes_read = before + advance(len(line))
                 if not line.strip():
@@ -195,6 +206,8 @@ class Corpus:
                 if not isinstance(text, str):
                     raise UserInputError(f"{self.option} {path}:{n}: not a JSON object with a string 'text' field")
                 yield from self._split(text)
+                if self._left() == 0:
+                    return
 
     def _parquet(self, path: Path) -> Iterator[Piece]:
         try:
@@ -219,6 +232,8 @@ class Corpus:
                 for text in batch.column(0).to_pylist():
                     if text is not None:
                         yield from self._split(text)
+                if self._left() == 0:
+                    return
         except pa.ArrowException as e:
             raise UserInputError(f"{self.option} {path}: not a readable Parquet file: {e}") from None
 
