@@ -175,6 +175,19 @@ def test_check_names_changed_original_rows(good, tmp_path, capsys):
     assert "check original_rows failed" in err and "row 7" in err
 
 
+def test_check_names_a_config_that_disagrees_with_the_rows_and_skips_the_forward_pass(good, tmp_path, capsys):
+    """A config.vocab_size other than the row count fails as `vocab_size`, with the forward pass left out (the model
+    does not load): before, transformers' loading error came out as a traceback."""
+    _, out = good
+    bad = broken_copy(out, tmp_path, "config")
+    config = json.loads((bad / "config.json").read_text())
+    config["vocab_size"] += 42
+    (bad / "config.json").write_text(json.dumps(config))
+    assert cli.main(["check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "check vocab_size failed: config.vocab_size" in err and "Traceback" not in err
+
+
 def test_check_names_token_without_one_id(good, tmp_path, capsys):
     src, out = good
     bad = broken_copy(out, tmp_path, "tok")
