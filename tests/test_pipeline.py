@@ -12,7 +12,7 @@ from conftest import NEW_WORDS, respelling_suffix, synthetic_text
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokdistill_fast import DistillConfig, distill, hubs
+from tokdistill_fast import DistillConfig, distill, hubs, pipeline
 from tokdistill_fast.contexts import start_id
 from tokdistill_fast.evaluation.heldout import Scorer, build_heldout, reference, score
 from tokdistill_fast.modeling.models import Decoder, load_model
@@ -270,6 +270,25 @@ def test_timings_name_the_mass_check_only_where_it_ran(model_dirs, words_file, c
     assert bool(report["hardest"]) == bool(hardest)
     assert all("mass_after" in t for t in report["tokens"] if t["variant_of"] is None)
     assert ("new_token_mass" in report["timings"]) == (not hardest)
+
+
+@pytest.mark.parametrize("asked, dropped", [(dict(lr_schedule="decay"), "more_epochs"),
+                                            (dict(method="token-distill+alpha-ntp", more_epochs=0), "hardest_epochs")])
+def test_extra_stages_report_what_ran_and_warn_of_a_count_not_trained(model_dirs, words_file, corpus_file, tmp_path,
+                                                                     caplog, asked, dropped):
+    """settings.resolved_* give the extra stages' epochs as run; a count given that a rule leaves untrained (the
+    more epochs after a decaying rate, the hardest words with NTP) is a warning. Before, the report gave the count
+    asked for and the log said nothing."""
+    given = dict(more_epochs=2, hardest_epochs=2) | asked
+    cfg = DistillConfig(**{**FAST, "epochs": 1}, **given, variant_epochs=0, dtype="float32")
+    with caplog.at_level("WARNING"):
+        distill(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], tmp_path / "out", cfg)
+    settings = json.loads((tmp_path / "out" / "report.json").read_text())["settings"]
+    assert settings[f"resolved_{dropped}"] == 0
+    assert all(settings[f"resolved_{k}"] == n for k, n in given.items() if k.endswith("epochs") and k != dropped)
+    flag = "--" + dropped.replace("_", "-")
+    assert [r.message for r in caplog.records if r.message.startswith(flag)] == [
+        f"{flag} 2: not trained in this run; the stage needs {pipeline.EXTRA_STAGES[dropped]}"]
 
 
 def test_training_windows_end_before_an_occurrence_only_the_extended_tokenizer_reads(model_dirs, tmp_path):

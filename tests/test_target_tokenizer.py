@@ -204,7 +204,7 @@ def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, or
     out = tmp_path / "out"
     argv = ["distill", "--model", str(tiny_model_dir), "--tokenizer", str(t2_dir), "--corpus", str(corpus_file),
             "--out", str(out), "--snippets-per-token", "4", "--snippet-length", "24", "--target-layer", "2",
-            "--lr", "1e-3", "--epochs", "1", "--device", "cpu", "--dtype", "float32"]
+            "--lr", "1e-3", "--epochs", "1", "--device", "cpu", "--dtype", "float32", "--hardest-epochs", "2"]
     assert cli.main(argv) == 0
     assert f"learned rows for {N_MERGES} new id(s) of --tokenizer" in capsys.readouterr().out  # no words were added
     assert loads.count(str(tiny_model_dir)) == 1  # the model's tokenizer loads once, and that load is timed
@@ -216,6 +216,7 @@ def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, or
         ("token-distill", "token-distill+alpha-ntp")
     assert report["settings"]["resolved_optimizer"] == "adamw"  # auto: the optimizer its docs were measured with
     assert report["settings"]["resolved_loss_positions"] == 8  # auto: twice the words' 4
+    assert report["settings"]["resolved_hardest_epochs"] == 0  # asked for, but no row trains alone here
     assert report["settings"]["left_context"] == "auto" and report["retrieval"]["left_context"] >= 8
     new = list(range(len(original), len(original) + N_MERGES))
     assert [t["id"] for t in report["tokens"]] == new

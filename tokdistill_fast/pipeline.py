@@ -232,7 +232,7 @@ def distill_words(model, new_tokens, corpus, out: str | Path | None, cfg: Distil
                retrieval=work.retrieval if work is not None else None, ntp_guard_after_run=guard)
     report.add(outliers=flag_outliers(report.data["tokens"], learned.retried),
                more_epochs=learned.more,
-               hardest=hardest_words(report.data["tokens"], learned.hardest, cfg.run_hardest_epochs()),
+               hardest=hardest_words(report.data["tokens"], learned.hardest, learned.extra["hardest_epochs"]),
                variants=variant_summary(report.data["tokens"], learned.variants),
                chunks=plan.bounds if plan is not None else None)
     if mass is not None:
@@ -342,19 +342,18 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
         return {r: sent[primaries[r]] for r in moved if primaries[r] in sent}
 
     train_result, retried, hardest, more, variants = None, {}, {}, None, {}
+    extra = dict.fromkeys(EXTRA_STAGES, 0)
     if cfg.method == "random":
         rows = random_rows(table, len(toks), cfg.seed).to(device)
     elif cfg.method != "mean" and primaries:
         objective = student.Objective.for_config(cfg, layer, tied)
+        extra = extra_epochs(cfg, layer, objective, alone)
         schedule = student.Schedule.for_config(cfg, lr, cfg.epochs, prep.backend, cfg.log_every)
         if alone:
-            more, unbounded = cfg.run_more_epochs(layer), cfg.run_more_epochs()
-            schedule = dataclasses.replace(schedule, more_epochs=more)
-            if more < unbounded:
+            schedule = dataclasses.replace(schedule, more_epochs=extra["more_epochs"])
+            if extra["more_epochs"] < (unbounded := cfg.run_more_epochs()):
                 log.info("more epochs: %d, not %d, at layer %d, where a pass runs more layers (--more-epochs auto)",
-                         more, unbounded, layer)
-        elif cfg.run_more_epochs(layer):
-            log.info("more epochs: not in runs over several processes or with --target-tokenizer")
+                         extra["more_epochs"], unbounded, layer)
         start = (rows[primaries], out_init[primaries] if out_init is not None else None)
 
         def retry(result: student.TrainResult, schedule: student.Schedule, among: list[int] | None = None
@@ -377,14 +376,14 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
                     retried = {t: v for t, v in retried.items() if primaries.index(t) not in sent} \
                         | retry(train_result, dataclasses.replace(schedule, more_epochs=0), list(sent))
                     more["sent_back"] = {toks[primaries[r]].form: mass for r, mass in sent.items()}
-            if alone and objective.ntp is None:
-                hardest = retrain.continue_hardest(prep, work, train_result, cfg.run_hardest_epochs(), objective,
+            if extra["hardest_epochs"]:
+                hardest = retrain.continue_hardest(prep, work, train_result, extra["hardest_epochs"], objective,
                                                    schedule, passes, back if tied else None, cache)
                 hardest = {primaries[r]: v for r, v in hardest.items()}
         rows[primaries] = train_result.rows
         if train_result.out_rows is not None:
             out_init[primaries] = train_result.out_rows
-        if alone and objective.ntp is None and not objective.train_output:
+        if extra["variant_epochs"]:
             with timer("variants"):
                 variants = retrain.train_variants(prep, cfg, rows, means, set(primaries), objective, schedule,
                                                   passes, train_result.word_loss, after_words if tied else None)
@@ -392,7 +391,31 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
     trained = set(primaries) | {i for i, v in variants.items() if v["kept"]} if train_result is not None else set()
     rows, out_rows, clipped, derived = finish(rows, out_init, trained)
     mass = measured(rows)
-    return Learned(rows, out_rows, train_result, clipped, init_used, derived, retried, hardest, mass, more, variants)
+    return Learned(rows, out_rows, train_result, clipped, init_used, derived, retried, hardest, mass, more, variants,
+                   extra)
+
+
+# What each extra stage needs besides a count over 0, for the warning where a count given is not trained.
+EXTRA_STAGES = {"more_epochs": "distillation without NTP, a rate that does not decay, and one process without "
+                               "--tokenizer",
+                "hardest_epochs": "distillation without NTP and one process without --tokenizer",
+                "variant_epochs": "variants, distillation without NTP, no learned output rows and one process without "
+                                  "--tokenizer"}
+
+
+def extra_epochs(cfg: DistillConfig, layer: int, objective: student.Objective, alone: bool) -> dict[str, int]:
+    """The epochs each extra stage of a trained method runs (report.json's resolved_*): all need one process (no
+    --tokenizer either, where a snippet holds many new ids) and distillation without NTP. A count given on the
+    command line that does not train is a warning, not silence."""
+    plain = alone and objective.ntp is None
+    extra = {"more_epochs": cfg.run_more_epochs(layer) if alone else 0,
+             "hardest_epochs": cfg.run_hardest_epochs() if plain else 0,
+             "variant_epochs": cfg.run_variant_epochs() if plain and not objective.train_output else 0}
+    for name, epochs in extra.items():
+        if (given := getattr(cfg, name)) != "auto" and epochs < int(given):
+            log.warning("--%s %s: not trained in this run; the stage needs %s", name.replace("_", "-"), given,
+                        EXTRA_STAGES[name])
+    return extra
 
 
 def write_output(out: Path, prep: Prepared, learned: Learned, report: RunReport) -> None:

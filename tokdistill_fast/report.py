@@ -73,10 +73,10 @@ class RunReport:
             "settings": {**cfg.as_dict(), "resolved_target_layer": layer, "resolved_lr": lr,
                          "resolved_epochs": epochs, "resolved_method": method,
                          "resolved_optimizer": cfg.replace(method=method).run_optimizer(),
-                         "resolved_more_epochs": cfg.replace(method=method, epochs=epochs).run_more_epochs(layer),
                          "resolved_loss_positions": cfg.run_loss_positions(),
-                         "resolved_hardest_epochs": cfg.run_hardest_epochs(),
-                         "resolved_variant_epochs": cfg.run_variant_epochs()},
+                         # the extra stages' epochs as run (0 where a stage does not run: pipeline.extra_epochs)
+                         **{f"resolved_{name}": learned.extra.get(name, 0)
+                            for name in ("more_epochs", "hardest_epochs", "variant_epochs")}},
             "model": {"type": type(decoder.model).__name__, "layers": decoder.num_layers,
                       "hidden": decoder.hidden_size, "rows_before": int(decoder.embed_weight.shape[0]),
                       "tied": prep.tied},

@@ -66,3 +66,4 @@ class Learned:
     mass: tuple | None = None  # hubs.new_token_mass of these rows, where a check (more epochs, hardest) measured them
     more: dict | None = None  # what the more epochs did (hubs.keep_more_epochs)
     variants: dict[int, dict] = field(default_factory=dict)  # trained on their own snippets (retrain.train_variants)
+    extra: dict[str, int] = field(default_factory=dict)  # epochs of each extra stage run (pipeline.extra_epochs)
