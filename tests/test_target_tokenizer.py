@@ -217,6 +217,9 @@ def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, or
     assert report["settings"]["resolved_optimizer"] == "adamw"  # auto: the optimizer its docs were measured with
     assert report["settings"]["resolved_loss_positions"] == 8  # auto: twice the words' 4
     assert report["settings"]["resolved_hardest_epochs"] == 0  # asked for, but no row trains alone here
+    assert report["counts"]["by_kind"]["target"] == N_MERGES  # each row says how it was made
+    assert set(report["counts"]["methods"]) <= {"token-distill+alpha-ntp", "mean"}
+    assert sum(report["counts"]["methods"].values()) == N_MERGES and all("init" in t for t in report["tokens"])
     assert report["settings"]["left_context"] == "auto" and report["retrieval"]["left_context"] >= 8
     new = list(range(len(original), len(original) + N_MERGES))
     assert [t["id"] for t in report["tokens"]] == new

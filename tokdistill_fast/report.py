@@ -95,7 +95,8 @@ class RunReport:
                        "skipped": words_skipped, "forms_left_out": len(skipped) - words_skipped,
                        "variants": sum(1 for t in toks if t.variant_of),
                        "casing_variants": sum(1 for t in toks if t.variant.startswith("casing")),
-                       "by_kind": {k: sum(1 for t in toks if t.kind == k) for k in ("vocab", "added")},
+                       # target: ids of a --tokenizer run, which its tokenizer already holds
+                       "by_kind": {k: sum(1 for t in toks if t.kind == k) for k in ("vocab", "added", "target")},
                        "norm_clipped": learned.clipped,
                        "snippets": len(work.snippets) if work else 0,
                        "aligned_positions": int(len(work.alignment.s_pos)) if work else 0,

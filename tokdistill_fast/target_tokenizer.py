@@ -369,6 +369,8 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
                 if learned.out_rows is not None:
                     learned.out_rows[i] = start.out_rows[i]
     report = RunReport.build(prep, cfg, settings, learned, method=method)
+    trained = {i for i, src in prep.work.sources.items() if src != "none"} if prep.work is not None else set()
+    report.record_methods(method, trained, learned.init_used, set())
     report.add(retrieval=prep.work.retrieval if prep.work is not None else None,
                target_tokenizer={"source": str(target_tokenizer) if isinstance(target_tokenizer, (str, Path))
                                  else type(target_tokenizer).__name__, "size": len(target),
