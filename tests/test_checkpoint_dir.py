@@ -68,3 +68,17 @@ def test_resume_without_a_checkpoint_names_the_directory(args, tmp_path, capsys)
     ckpt = tmp_path / "none"
     assert main([*args, "--out", str(tmp_path / "out"), "--checkpoint-dir", str(ckpt), "--resume"]) == 2
     assert f"no checkpoint in {ckpt}" in capsys.readouterr().err
+
+
+def test_a_directory_that_is_no_checkpoint_is_never_removed(args, tmp_path, capsys):
+    """--checkpoint-dir naming a directory with other files in it is refused, --overwrite or not (--overwrite
+    replaces --out and a checkpoint, never other files); an empty one serves."""
+    ckpt = tmp_path / "mine"
+    ckpt.mkdir()
+    (ckpt / "important.txt").write_text("x")
+    for extra in ([], ["--overwrite"]):
+        assert main([*args, "--out", str(tmp_path / "out"), "--checkpoint-dir", str(ckpt), *extra]) == 2
+        assert "is not a checkpoint of this tool" in capsys.readouterr().err
+    assert (ckpt / "important.txt").read_text() == "x"
+    (ckpt / "important.txt").unlink()
+    assert main([*args, "--out", str(tmp_path / "out"), "--checkpoint-dir", str(ckpt)]) == 0

@@ -69,15 +69,19 @@ def assert_same_rows(a: Path, b: Path) -> None:
         assert torch.equal(ra[k], rb[k]), k
 
 
-def test_sigterm_then_resume_matches_uninterrupted(tmp_path, base_args):
+def test_sighup_then_resume_matches_uninterrupted(tmp_path, base_args):
+    """SIGHUP (a closed terminal) checkpoints as SIGTERM does; a second run on the same output while the first
+    holds it is refused, not fed the first one's state; an export that kill -9 left behind is removed."""
     done = run(base_args, tmp_path / "whole")
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "whole.partial").exists()  # removed once the output is written
 
     out = tmp_path / "out"
     proc = start_hanging(base_args, out, step=4, log=tmp_path / "log")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    second = run(base_args, out)
+    assert second.returncode == 2 and "is in use by another run" in second.stderr
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=120) == 128 + signal.SIGHUP
     message = (tmp_path / "log").read_text()
     assert "--resume" in message and not out.exists()
     state = torch.load(tmp_path / "out.partial" / "student.pt", weights_only=False)
@@ -89,10 +93,14 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, base_args):
     fresh = run(base_args, out)
     assert fresh.returncode == 2 and "--resume" in fresh.stderr  # a leftover checkpoint is not silently dropped
 
+    stale = tmp_path / ".out.partial-x1y2"  # an export's temporary directory, its run killed
+    (stale / "model.safetensors").parent.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
     resumed = run([*base_args, "--resume"], out)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_rows(tmp_path / "whole", out)
-    assert not (tmp_path / "out.partial").exists()
+    assert not (tmp_path / "out.partial").exists() and not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no lock file left
 
 
 def test_checkpoints_change_no_row(tmp_path, base_args):

@@ -33,5 +33,5 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
         with observed.recording():
             return distill_target(model, target_tokenizer or cfg.target_tokenizer, corpus, out, cfg, tokenizer)
     with distributed.setup(cfg.device) as ranks, observed.recording():
-        with checkpoint.stop_on_signals(active=out is not None and ranks.world == 1):
+        with checkpoint.stop_on_signals(active=out is not None and ranks.world == 1), checkpoint.holding_locks():
             return pipeline.distill_words(model, new_tokens, corpus, out, cfg, tokenizer, ranks)

@@ -10,13 +10,16 @@ renamed into place, so a file that exists is complete:
   student-NNNN.pt     the running chunk's student state every --checkpoint-every steps: rows, optimizer state,
                       scheduler state, step index and loss accumulators. Batches are built from the seed, so
                       restoring at step k and replaying the remaining batches is the uninterrupted run's arithmetic.
-The directory is removed once the output is written. SIGINT / SIGTERM during training save the state at the next
-step boundary and stop with a message saying how to resume; during other stages they stop at once (finished
-stages are kept). A second signal stops at once.
+The directory is removed once the output is written. SIGINT / SIGTERM / SIGHUP during training save the state at
+the next step boundary and stop with a message saying how to resume; during other stages they stop at once
+(finished stages are kept). A second signal stops at once. A run holds a lock beside the directory
+(`.<name>.lock`), so a second run on the same output or checkpoint directory is refused instead of reading the
+first one's state.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -89,7 +92,7 @@ def stop_on_signals(active: bool = True) -> Iterator[None]:
     if not active or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, _handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     _stop.signum, _stop.deferred, _stop.work_dir = None, False, None
     try:
         yield
@@ -143,6 +146,7 @@ class WorkDir:
     def __init__(self, path: Path | None, every: int = 0, fp: dict | None = None):
         self.path, self.every, self.fp = path, every, fp  # fp: written with the first checkpoint
         self.hang_at = env_int(HANG_ENV)
+        self.lock = None if path is None else _lock(path)
 
     @classmethod
     def open(cls, out: str | Path | None, cfg: DistillConfig, fp: dict | None) -> WorkDir:
@@ -157,6 +161,12 @@ class WorkDir:
         out = Path(out)
         path = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.with_name(out.name + ".partial")
         stored = path / "fingerprint.json"
+        work = cls(path, cfg.checkpoint_every, None if cfg.resume else fp)  # locked from here on
+        if path.exists() and not stored.is_file() and not (path.is_dir() and not any(path.iterdir())):
+            raise UserInputError(f"{'--checkpoint-dir ' if cfg.checkpoint_dir else ''}{path} exists and is not a "
+                                 "checkpoint of this tool (no fingerprint.json): give a new or empty directory")
+        for stale in out.parent.glob(f".{out.name}.partial-*"):  # an export stopped by kill -9: never complete
+            shutil.rmtree(stale, ignore_errors=True)
         if cfg.resume:
             if not stored.is_file():
                 raise UserInputError(f"--resume: no checkpoint in {path} (it is removed once a run completes)")
@@ -168,7 +178,7 @@ class WorkDir:
                                      "--overwrite")
             log.info("resuming from the checkpoint in %s", path)
         else:
-            if path.exists():
+            if stored.is_file():  # else nothing, or an empty directory
                 if not cfg.overwrite:
                     raise UserInputError(f"{path} holds the checkpoint of an unfinished run: pass --resume to continue "
                                          "it, or --overwrite to start afresh")
@@ -176,7 +186,7 @@ class WorkDir:
         _stop.work_dir = path
         # A fresh directory is created by the first save: a run that fails on its inputs before it has anything
         # to resume (a corpus that is not UTF-8, say) leaves nothing behind.
-        return cls(path, cfg.checkpoint_every, None if cfg.resume else fp)
+        return work
 
     @property
     def enabled(self) -> bool:
@@ -190,9 +200,9 @@ class WorkDir:
     def save(self, name: str, obj: Any) -> None:
         if not self.enabled:
             return
-        if self.fp is not None and not self.path.is_dir():
-            self.path.mkdir(parents=True)
-            stored = self.path / "fingerprint.json"
+        stored = self.path / "fingerprint.json"
+        if self.fp is not None and not stored.is_file():
+            self.path.mkdir(parents=True, exist_ok=True)
             tmp = stored.with_name(".fingerprint.json.tmp")
             tmp.write_text(json.dumps(self.fp, indent=1), encoding="utf-8")
             os.replace(tmp, stored)
@@ -223,6 +233,37 @@ class WorkDir:
         if self.enabled:
             shutil.rmtree(self.path, ignore_errors=True)
             _stop.work_dir = None
+
+
+_held: list[tuple[Any, Path]] = []  # the locks this process's run holds (released by holding_locks)
+
+
+@contextmanager
+def holding_locks() -> Iterator[None]:
+    """Release, and remove, the lock files a run takes (_lock) when it ends, however it ends."""
+    try:
+        yield
+    finally:
+        while _held:
+            f, lock_path = _held.pop()
+            lock_path.unlink(missing_ok=True)
+            f.close()
+
+
+def _lock(path: Path):
+    """An exclusive lock on `.<path's name>.lock` beside `path`, held until holding_locks() ends (or the process
+    does, kill -9 included). Refuses a path another run holds."""
+    lock_path = path.with_name(f".{path.name}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    f = lock_path.open("a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserInputError(f"{path} is in use by another run (it holds {lock_path}): wait for it to end, or give "
+                             "another --out or --checkpoint-dir") from None
+    _held.append((f, lock_path))
+    return f
 
 
 class StudentHook:
