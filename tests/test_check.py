@@ -259,6 +259,47 @@ def test_bad_corpus_leaves_no_partial_and_out_creates_parents(model_dirs, words_
     assert (nested / "config.json").is_file()
 
 
+def test_out_that_would_lose_an_input_or_a_link_is_refused_before_the_work(model_dirs, words_file, tmp_path, capsys,
+                                                                           monkeypatch):
+    """--out --overwrite naming the model directory, or a directory holding the corpus or word list, is refused
+    (before, the run replaced the model and deleted the corpus); a symbolic link as --out is refused (before, the
+    rename at the end failed with a traceback after all the work); a written output is readable as mkdir makes
+    directories (mkdtemp's 0700 before)."""
+    import os
+    import shutil
+
+    from tokdistill_fast import pipeline
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dirs[("llama", "bytelevel", True)], model)
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(words_file, data / "words.txt")
+    (data / "corpus.txt").write_text("the palatable soup is palatable.\n")
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "prepare", lambda *a, **k: pytest.fail("the run started"))
+        for out, holds in ((model, str(model)), (data, str(data / "words.txt"))):
+            code = cli.main(["distill", "--model", str(model), "--new-tokens", str(data / "words.txt"), "--corpus",
+                             str(data / "corpus.txt"), "--method", "mean", "--out", str(out), "--overwrite"])
+            assert code == 2 and f"holds {holds}, which this run reads" in capsys.readouterr().err
+        for link in ("link", "dangling"):
+            code = cli.main(["distill", "--model", str(model), "--new-tokens", str(words_file), "--method", "mean",
+                             "--out", str(tmp_path / link), "--overwrite"])
+            assert code == 2 and "is a symbolic link" in capsys.readouterr().err
+    assert (model / "config.json").is_file() and (data / "corpus.txt").is_file()
+    mask = os.umask(0o022)
+    try:
+        assert cli.main(["distill", "--model", str(model), "--new-tokens", str(words_file), "--method", "mean",
+                         "--out", str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
 def test_out_where_nothing_can_be_written_fails_before_the_work(model_dirs, words_file, tmp_path, capsys,
                                                                monkeypatch):
     """A directory that refuses new entries (here: mkdtemp fails, as on /proc or a read-only mount, where root's

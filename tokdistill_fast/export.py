@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -34,12 +34,22 @@ def refuse_existing(out: str | Path, overwrite: bool, flag: str = "--out") -> Pa
     return out
 
 
-def check_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output unless --overwrite; refuse paths we could not create (missing parents are fine:
-    atomic_write creates them, as save_pretrained does). Called before any work."""
+def check_out_dir(out: str | Path, overwrite: bool, inputs: Iterable[object] = ()) -> Path:
+    """Refuse an existing output unless --overwrite, a symbolic link (the rename at the end would replace the link,
+    not its target), an output that holds one of the run's `inputs` (paths; other values are skipped), which
+    --overwrite would delete, and paths we could not create (missing parents are fine: atomic_write creates them,
+    as save_pretrained does). Called before any work."""
     out = refuse_existing(out, overwrite)
+    if out.is_symlink():
+        raise UserInputError(f"--out {out} is a symbolic link; give the directory it should be ({out.resolve()})")
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a directory")
+    if out.exists():
+        real = out.resolve()
+        for value in inputs:
+            if isinstance(value, (str, Path)) and Path(value).resolve().is_relative_to(real):
+                raise UserInputError(f"--out {out} holds {value}, which this run reads: --overwrite would delete it; "
+                                     "give another --out")
     return _creatable(out, "--out")
 
 
@@ -173,6 +183,9 @@ def atomic_write(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> No
         raise UserInputError(f"cannot write {out}: {e.strerror} ({e.filename})") from None
     try:
         fill(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)  # mkdtemp made it private: as mkdir would, for save_pretrained's readers
         if out.exists():
             if not overwrite:
                 raise UserInputError(f"--out {out} appeared while the run was going; not replacing it")
