@@ -171,6 +171,11 @@ def test_compressed_files_read_as_the_format_inside(tmp_path, suffix, compress):
     cut.write_bytes(text.read_bytes()[:len(text.read_bytes()) // 2])
     with pytest.raises(UserInputError, match="cut.txt.*cannot read it"):
         list(Corpus([cut]))
+    bad = tmp_path / ("bad.txt" + suffix)  # a valid start, then bytes that are no stream (zlib's own error)
+    head = compress(("palatable soup " * 400).encode())
+    bad.write_bytes(head[:len(head) // 2] + bytes(range(256)) * 8)
+    with pytest.raises(UserInputError, match="bad.txt.*cannot read it"):
+        list(Corpus([bad]))
 
 
 def test_directories_and_globs(tmp_path):

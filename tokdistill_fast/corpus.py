@@ -14,6 +14,7 @@ import json
 import logging
 import lzma
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -139,7 +140,7 @@ class Corpus:
                         return
                 except UnicodeDecodeError as e:  # Parquet strings that Arrow did not validate
                     raise UserInputError(f"{self.option} {path}: not UTF-8 text ({e.reason})") from None
-                except (OSError, EOFError, lzma.LZMAError) as e:  # also a truncated or corrupt compressed stream
+                except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:  # also a truncated or corrupt stream
                     raise UserInputError(f"{self.option} {path}: cannot read it: {e}") from None
         finally:
             bar.close()
