@@ -4,6 +4,8 @@ short tokens routed to the subtoken mean, with the method of each token in the r
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -120,6 +122,21 @@ def test_bad_inputs_fail_before_the_work_they_would_waste(tmp_path, model_dirs, 
     assert main([*base, "--new-tokens", str(words_file), "--init-from", str(tmp_path / "rows.safetensors")]) == 2
     assert "--init-from" in capsys.readouterr().err and not reads
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    loads.clear()
+    os.mkfifo(tmp_path / "fifo")
+    for flag in ("--new-tokens", "--corpus"):  # a pipe or a directory is named as such, not as missing
+        for path, what in ((tmp_path / "fifo", "is not a regular file"), (tmp_path, "is a directory")):
+            if flag == "--corpus" and path == tmp_path:
+                continue  # a directory is a corpus of its files
+            args = {"--new-tokens": str(words_file), "--corpus": str(corpus_file), flag: str(path)}
+            assert main([*base[:3], "--out", str(tmp_path / "o"), *[x for kv in args.items() for x in kv]]) == 2
+            assert f"{flag} {path}: {what}" in capsys.readouterr().err and not loads
+    cut = tmp_path / "cut-model"  # weights cut short: one line, not safetensors' traceback
+    shutil.copytree(model_dirs[UNTIED], cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["distill", "--model", str(cut), *base[3:], "--new-tokens", str(words_file)]) == 2
+    assert f"--model {cut}: cannot load the model" in capsys.readouterr().err
     loads.clear()
     (tmp_path / "empty.txt").write_text("")
     for corpus, message in ((["--corpus", str(tmp_path / "empty.txt")], "empty"), ([], "no corpus given")):

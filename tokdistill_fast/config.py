@@ -142,6 +142,13 @@ def progress(iterable: Any = None, **kwargs: Any) -> Any:
     return tqdm(iterable, **kwargs)
 
 
+def not_a_file(path: Path) -> str:
+    """Why `path` cannot be read as a file, for error messages. A pipe is refused too: inputs are read more than
+    once (a corpus by the search, retrieval and top-up)."""
+    return ("no such file" if not path.exists() else "is a directory; give a file" if path.is_dir()
+            else "is not a regular file (a pipe or a device); give a file")
+
+
 def env_int(name: str) -> int | None:
     """The environment variable as an integer, None when unset or empty."""
     value = os.environ.get(name, "")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from .config import UserInputError, progress
+from .config import UserInputError, not_a_file, progress
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,8 @@ def corpus_files(values: Iterable[str | Path], option: str = "--corpus") -> list
             found = [f for m in matches for f in ([m] if m.is_file() else _files_under(m))]
             if not found:
                 raise UserInputError(f"{option} {value}: the pattern matches no file")
+        elif path.exists():
+            raise UserInputError(f"{option} {path}: {not_a_file(path)}")
         else:
             raise UserInputError(f"{option} {path}: no such file or directory")
         files.update(dict.fromkeys(found))

@@ -23,7 +23,7 @@ from pathlib import Path
 import regex
 import torch
 
-from .config import UserInputError
+from .config import UserInputError, not_a_file
 from .modeling import models
 from .tokens import BYTE_PIECE, MARK, NewToken, Skipped, spaceless
 
@@ -121,7 +121,7 @@ def read_init(path: str | Path, toks: list[NewToken], hidden: int) -> tuple[dict
 
     path = Path(path)
     if not path.is_file():
-        raise UserInputError(f"--init-from {path}: no such file")
+        raise UserInputError(f"--init-from {path}: {not_a_file(path)}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import regex
 
-from .config import UserInputError
+from .config import UserInputError, not_a_file
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def read_word_list(path: str | Path) -> list[str]:
     Space around a word is not part of it, and blank words are ignored (and logged)."""
     path = Path(path)
     if not path.is_file():
-        raise UserInputError(f"--new-tokens {path}: no such file")
+        raise UserInputError(f"--new-tokens {path}: {not_a_file(path)}")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:

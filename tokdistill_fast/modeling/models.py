@@ -68,13 +68,14 @@ def load_tokenizer(path: str | Path, flag: str | None = None) -> tuple[object, f
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, tokenizer=None, flag: str = "--model"):
     """Load model and tokenizer (unless given) from a local directory, frozen, with SDPA attention. Errors name the
     path and the `flag` that gave it."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = model_dir(path, flag)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path, flag)[0]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError, RuntimeError) as e:  # a cut or mismatched weights file
         raise UserInputError(f"{flag} {path}: cannot load the model with transformers: {e}") from None
     model.to(device).eval().requires_grad_(False)
     Decoder(model)  # fail early and clearly on an architecture we cannot drive
