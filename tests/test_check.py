@@ -140,6 +140,9 @@ def test_check_cli_passes_reads_the_output_only_and_writes_json_where_asked(good
     assert "passed" in capsys.readouterr().out
     assert {name: (out / name).read_bytes() for name in before} == before
     assert json.loads(before["report.json"])["check"]["passed"]  # distill's own check
+    assert cli.main(["check", str(out), "--json", str(out / "report.json"), "--overwrite"]) == 2
+    assert "inside the output being checked" in capsys.readouterr().err
+    assert (out / "report.json").read_bytes() == before["report.json"]
 
 
 def test_check_refuses_another_original_and_a_broken_report(good, model_dirs, tmp_path, capsys):
