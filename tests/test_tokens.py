@@ -454,6 +454,9 @@ def test_overlapping_forms_are_those_runtimes_read_apart():
     assert set(extend.overlapping_forms(planned(" right-click", "click-and-drag"), [])) == {"click-and-drag"}
     assert set(extend.overlapping_forms(planned("click-and-drag", " right-click"), [])) == {"click-and-drag"}
     assert set(extend.overlapping_forms(planned("京都"), ["東京"])) == {"京都"}  # the tokenizer's own come first
+    words = [tokens.NewToken(f.strip(), f, []) for f in (" gvim", "vimrc", " gvimrc")]  # as `check` reads them
+    assert not extend.overlapping_forms(words, [], keep_words=True)  # the later " gvimrc" spans the pair
+    assert set(extend.overlapping_forms(words, [])) == {"vimrc"}  # unless that word may go
 
 
 def test_overlapping_words_stay_where_listed_and_variants_go(tokenizers_by_kind, caplog):

@@ -270,7 +270,8 @@ def overlapping_forms(toks: list[NewToken], existing: list[str], keep_words: boo
     ends with what another begins with and the later one is as long or longer in UTF-8 bytes ("東京" and "京都" in
     "東京都", " New York" and " York City"). Forms are taken in order, words before variants, after the tokenizer's
     own added tokens (`existing`); each form that overlaps one kept before it is found, and kept for the later
-    forms' checks only if it is a word's own form and `keep_words` (a listed word stays). An overlap of fewer than
+    forms' checks only if it is a word's own form and `keep_words` (a listed word stays: then a word later in the
+    list that spans both also clears a pair, as `tokdistill check` reads every form). An overlap of fewer than
     SHARED_PIECE characters that starts or ends inside a word of a script with spaces ("palatable" and "electron",
     " it's" and "submodule") is left alone: such text is one longer word that real text rarely writes, where added
     tokens already match inside words (vocabulary_collisions)."""
@@ -286,6 +287,7 @@ def overlapping_forms(toks: list[NewToken], existing: list[str], keep_words: boo
     starts: dict[str, list[tuple[int, str]]] = {}
     ends: dict[str, list[tuple[int, str]]] = {}
     kept: set[str] = set()
+    staying = {t.form for t in toks if not t.variant} if keep_words else set()  # kept wherever they are listed
 
     def keep(form: str) -> None:
         kept.add(form)
@@ -296,6 +298,10 @@ def overlapping_forms(toks: list[NewToken], existing: list[str], keep_words: boo
             if not joined(form, len(form) - k, k):
                 bisect.insort(ends.setdefault(form[-k:], []), (size, form))
 
+    def spanned(text: str) -> bool:
+        """Whether a form to be added holds the whole overlap, so both runtimes read it as that one token."""
+        return text in kept or text in staying
+
     def conflict(form: str) -> str | None:
         """The first kept form that `form` overlaps where the later-starting one is as long or longer and no kept
         form spans both: then the runtimes part."""
@@ -305,13 +311,13 @@ def overlapping_forms(toks: list[NewToken], existing: list[str], keep_words: boo
                 for n, other in ends.get(form[:k], ()):
                     if n > size:
                         break
-                    if other != form and other + form[k:] not in kept:
+                    if other != form and not spanned(other + form[k:]):
                         return reason(other, form, k, other)
             if not joined(form, len(form) - k, k):  # others that begin with form[-k:]: as long as form or longer
                 for n, other in reversed(starts.get(form[-k:], ())):
                     if n < size:
                         break
-                    if other != form and form + other[k:] not in kept:
+                    if other != form and not spanned(form + other[k:]):
                         return reason(form, other, k, other)
         return None
 
