@@ -16,6 +16,14 @@ def test_agreement_counts_matches_and_sets_aside_original_differences(tokenizers
     assert runtimes.agreement(texts, want, want, tok).passed
 
 
+def test_without_the_original_only_differences_without_new_ids_are_set_aside():
+    """A text both runtimes read without a new id, yet apart, is the original vocabulary's own difference (set
+    aside, as --original would show); a difference where either side reads a new id is compared and fails."""
+    new = {100, 101}
+    got, want = [[1, 2], [1, 2], [100, 2], [3, 4], [5]], [[1, 2], [3], [1, 2], [3, 100], [5]]
+    assert runtimes.without_new_ids(got, want, new) == [True, False, True, True, True]
+
+
 def test_sentence_set_puts_every_word_in_every_context():
     texts = runtimes.sentence_set(["palatable", "spill the beans"])
     cats = {c for c, _ in texts}
