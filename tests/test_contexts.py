@@ -806,6 +806,34 @@ def test_nethack_corpus_joins_the_formatted_guidebooks_paragraphs(tmp_path, monk
         "or two keystrokes."]
 
 
+def test_vim_help_corpus_keeps_the_prose_of_each_help_file(tmp_path, monkeypatch):
+    """The untuned corpus of the sixty-fifth stop: Vim's help files become their prose paragraphs, without the
+    file's tag line, headings, rules, example blocks or key tables, tags dropped and links kept as their text; the
+    change logs are left out."""
+    from tokdistill_fast.tools import corpora
+
+    doc = tmp_path / "doc"
+    doc.mkdir()
+    (doc / "intro.txt").write_text(
+        "*intro.txt*\tFor Vim version 9.0.  Last change: 2022\n\n"
+        "INTRODUCTION\t\t\t\t\t*intro* ~\n"
+        "Vim stands for Vi IMproved.  It used to be Vi IMitation, but there are so many\n"
+        "improvements that a name change was appropriate. See |vimrc| for more. >\n"
+        "\t:set nocompatible\n"
+        "\t:set ruler\n"
+        "<The cursor is then shown as a block in Normal mode, as the options say in detail.\n"
+        "==============================================================================\n"
+        "CTRL-P\t\tprevious match\n\n"
+        " vim:tw=78:ts=8:noet:ft=help:norl:\n")
+    (doc / "version9.txt").write_text("*version9.txt*\nChanges in Vim 9, a list of patches nobody reads as prose.\n")
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: doc / path.name)
+    out = corpora.vim_help_corpus(tmp_path / "vimdoc.txt", tmp_path)
+    assert documents(out) == [
+        "Vim stands for Vi IMproved. It used to be Vi IMitation, but there are so many improvements that a name "
+        "change was appropriate. See vimrc for more. The cursor is then shown as a block in Normal mode, as the "
+        "options say in detail."]
+
+
 def test_skycultures_corpus_reads_paragraphs_and_list_items(tmp_path, monkeypatch):
     """The second untuned corpus of the forty-sixth stop: the <p> and <li> elements of Stellarium's English
     descriptions of its sky cultures, headings and other languages left out, entities decoded."""

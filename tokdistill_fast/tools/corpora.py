@@ -398,6 +398,46 @@ def crawl_corpus(out: Path, cache: Path | None = None) -> Path:
     return write_documents(out, (CRAWL_MARKUP.sub("", "\n".join(lines[1:])) for lines in entries))
 
 
+VIM_SKIPPED = re.compile(r"(version\d+|todo|index|quickref|digraph|help|tags)\.txt")  # lists and change logs
+VIM_BREAK = re.compile(r"\s*([=-]{10,}|vim:.*)\s*|.* ~\s*")  # rules, modelines and headings end a paragraph
+VIM_MARKUP = re.compile(r"\*[^*\s]+\*|\|([^|\s]+)\|")  # *tags* (dropped) and |links| (their text kept)
+
+
+def vim_help_paragraphs(text: str) -> list[str]:
+    """The prose paragraphs of one Vim help file: its first line (the file's tag) and example blocks (from a line
+    ending in ">" to one starting with "<" or at the left margin) left out, tags dropped, links kept as text."""
+    paragraphs, lines, example = [], [], False
+    for line in text.split("\n")[1:] + [""]:
+        if example:
+            if line.startswith("<"):
+                line = line[1:]
+            elif not line or line[0].isspace():
+                continue
+            example = False
+        if line.rstrip().endswith(">") and (line.rstrip() == ">" or line.rstrip().endswith(" >")):
+            line, example = line.rstrip()[:-1], True
+        if VIM_BREAK.fullmatch(line) or not line.strip():
+            if lines:
+                paragraphs.append(" ".join(lines))
+            lines = []
+            continue
+        lines.append(VIM_MARKUP.sub(lambda m: m.group(1) or "", line).strip())
+    return paragraphs
+
+
+def vim_help_corpus(out: Path, cache: Path | None = None) -> Path:
+    """Vim's help files (vim-runtime; 2026-12-07, sixty-fifth stop: a text editor's manual, found by a review
+    helper as a corpus no setting had seen): the prose paragraphs of each file, those of ten or more words that are
+    mostly letters (a key table is not prose)."""
+    if out.exists():
+        return out
+    root = debian_file("vim-runtime", Path("/usr/share/vim/vim90/doc/intro.txt"), cache).parent
+    paragraphs = (p for f in sorted(root.glob("*.txt")) if not VIM_SKIPPED.fullmatch(f.name)
+                  for p in vim_help_paragraphs(f.read_text(encoding="utf-8", errors="replace")))
+    return write_documents(out, (p for p in paragraphs
+                                 if len(p.split()) >= 10 and sum(c.isalpha() for c in p) > 0.6 * len(p)))
+
+
 # Debian's manuals in Russian (2026-12-06, fifty-second stop: the first corpus in Cyrillic): the Developer's Reference,
 # the New Maintainers' Guide and the FAQ, each a package of HTML pages (the parts left untranslated are English).
 RUSSIAN_MANUALS = (("developers-reference-ru", "/usr/share/developers-reference/ru/developers-reference.html"),
@@ -530,6 +570,7 @@ def build_all(cache: Path | None = None) -> dict[str, Path]:
     built["skycultures"] = skycultures_corpus(folder / "skycultures.txt", cache)
     built["freeciv"] = freeciv_corpus(folder / "freeciv.txt", cache)
     built["crawl"] = crawl_corpus(folder / "crawl.txt", cache)
+    built["vimdoc"] = vim_help_corpus(folder / "vimdoc.txt", cache)
     built["debian-ru"] = russian_manuals_corpus(folder / "debian-ru.txt", cache)
     built.update({name: gnome_help_corpus(language, folder / f"{name}.txt", cache, keep)
                   for name, (language, keep) in GNOME_HELP.items()})

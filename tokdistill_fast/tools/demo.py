@@ -120,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                         " manual (apache2-doc), the King James Bible (bible-kjv-text, bible-kjv), LilyPond's manuals "
                         "(lilypond-doc-html), NetHack's Guidebook (nethack-common), Stellarium's sky cultures "
                         "(stellarium-data), the legends of Freeciv's nations (freeciv-data), Dungeon Crawl's "
-                        "descriptions (crawl-common), Debian's manuals in Russian (developers-reference-ru, "
-                        "maint-guide-ru, debian-faq-ru), GNOME's help in Korean, Tamil, Marathi, Persian and Greek "
-                        "(gnome-user-docs), Debian's installation guide in English and Vietnamese "
-                        "(installation-guide-amd64), the Biopython Tutorial (python-biopython-doc), Astropy's "
-                        "guides (python-astropy-doc), RDKit's books (rdkit-doc), GRASS GIS's reference manual "
-                        "(grass-doc) and GNUmed's user manual (gnumed-doc), split 3:1")
+                        "descriptions (crawl-common), Vim's help (vim-runtime), Debian's manuals in Russian "
+                        "(developers-reference-ru, maint-guide-ru, debian-faq-ru), GNOME's help in Korean, Tamil, "
+                        "Marathi, Persian and Greek (gnome-user-docs), Debian's installation guide in English and "
+                        "Vietnamese (installation-guide-amd64), the Biopython Tutorial (python-biopython-doc), "
+                        "Astropy's guides (python-astropy-doc), RDKit's books (rdkit-doc), GRASS GIS's reference manual"
+                        " (grass-doc) and GNUmed's user manual (gnumed-doc), split 3:1")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--words", type=int, default=40, help="how many new words to select and distill")
     args = p.parse_args(argv)
