@@ -82,3 +82,20 @@ def test_a_directory_that_is_no_checkpoint_is_never_removed(args, tmp_path, caps
     assert (ckpt / "important.txt").read_text() == "x"
     (ckpt / "important.txt").unlink()
     assert main([*args, "--out", str(tmp_path / "out"), "--checkpoint-dir", str(ckpt)]) == 0
+
+
+def test_a_refused_resume_names_the_model_files_that_changed(model_dirs, tmp_path, corpus_file):
+    """The fingerprint keeps each model file's size and time by name, so --resume after a file was added to or
+    changed in the model directory names those files (before: only "model")."""
+    import shutil
+
+    from tokdistill_fast.config import DistillConfig
+
+    model = tmp_path / "m"
+    shutil.copytree(model_dirs[("llama", "bytelevel", True)], model)
+    before = checkpoint.fingerprint(DistillConfig(), model, ["palatable"], [corpus_file])
+    assert checkpoint.differences(before, checkpoint.fingerprint(DistillConfig(), model, ["palatable"],
+                                                                 [corpus_file])) == []
+    (model / "NOTES.txt").write_text("mine")
+    now = checkpoint.fingerprint(DistillConfig(), model, ["palatable"], [corpus_file])
+    assert checkpoint.differences(before, now) == ["model (its files NOTES.txt changed)"]

@@ -115,11 +115,12 @@ def _digest(parts: Iterator[bytes]) -> str:
     return h.hexdigest()[:16]
 
 
-def model_identity(model) -> str:
-    """A model directory: its files' names, sizes and modification times. In memory: its config and input table."""
+def model_identity(model) -> str | dict[str, str]:
+    """A model directory: each file's size and modification time, by name (so a refusal can name the files that
+    changed). In memory: a digest of its config and input table."""
     if isinstance(model, (str, Path)):
         files = sorted(p for p in Path(model).iterdir() if p.is_file())
-        return _digest(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};".encode() for p in files)
+        return {p.name: f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files}
     table = model.get_input_embeddings().weight.detach().float().cpu().contiguous()
     return _digest(iter((model.config.to_json_string().encode(), table.numpy().tobytes())))
 
@@ -137,7 +138,13 @@ def differences(old: dict, new: dict) -> list[str]:
     """Human-readable names of what differs between two fingerprints."""
     diff = [f"--{k.replace('_', '-')} ({old['settings'].get(k)!r} then, {v!r} now)"
             for k, v in new["settings"].items() if old["settings"].get(k) != v]
-    return diff + [k.replace("_", " ") for k in ("format", "model", "new_tokens", "corpus") if old.get(k) != new[k]]
+    diff += [k.replace("_", " ") for k in ("format", "new_tokens", "corpus") if old.get(k) != new[k]]
+    before, now = old.get("model"), new["model"]
+    if before != now:
+        changed = sorted(set(before) ^ set(now) | {f for f in set(before) & set(now) if before[f] != now[f]}) \
+            if isinstance(before, dict) and isinstance(now, dict) else []
+        diff.append(f"model (its files {', '.join(changed)} changed)" if changed else "model")
+    return diff
 
 
 class WorkDir:
