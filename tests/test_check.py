@@ -285,9 +285,12 @@ def test_out_that_would_lose_an_input_or_a_link_is_refused_before_the_work(model
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     with monkeypatch.context() as m:
         m.setattr(pipeline, "prepare", lambda *a, **k: pytest.fail("the run started"))
-        for out, holds in ((model, str(model)), (data, str(data / "words.txt"))):
-            code = cli.main(["distill", "--model", str(model), "--new-tokens", str(data / "words.txt"), "--corpus",
-                             str(data / "corpus.txt"), "--method", "mean", "--out", str(out), "--overwrite"])
+        for out, words, corpus, holds in (
+                (model, data / "words.txt", data / "corpus.txt", model),
+                (data, data / "words.txt", data / "corpus.txt", data / "words.txt"),
+                (data, words_file, tmp_path / "**" / "corpus.txt", data / "corpus.txt")):  # a glob is expanded
+            code = cli.main(["distill", "--model", str(model), "--new-tokens", str(words), "--corpus", str(corpus),
+                             "--method", "mean", "--out", str(out), "--overwrite"])
             assert code == 2 and f"holds {holds}, which this run reads" in capsys.readouterr().err
         for link in ("link", "dangling"):
             code = cli.main(["distill", "--model", str(model), "--new-tokens", str(words_file), "--method", "mean",
@@ -301,6 +304,9 @@ def test_out_that_would_lose_an_input_or_a_link_is_refused_before_the_work(model
     finally:
         os.umask(mask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    rows = tmp_path / "out" / "new_embeddings.safetensors"  # rows of an earlier run, read before the output is replaced
+    assert cli.main(["distill", "--model", str(model), "--new-tokens", str(words_file), "--method", "mean",
+                     "--init-from", str(rows), "--out", str(tmp_path / "out"), "--overwrite"]) == 0
 
 
 def test_out_where_nothing_can_be_written_fails_before_the_work(model_dirs, words_file, tmp_path, capsys,

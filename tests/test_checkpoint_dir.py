@@ -99,3 +99,40 @@ def test_a_refused_resume_names_the_model_files_that_changed(model_dirs, tmp_pat
     (model / "NOTES.txt").write_text("mine")
     now = checkpoint.fingerprint(DistillConfig(), model, ["palatable"], [corpus_file])
     assert checkpoint.differences(before, now) == ["model (its files NOTES.txt changed)"]
+
+
+def test_locks_refuse_a_second_run_and_release_only_their_own(tmp_path, capsys):
+    """A run's locks (beside --out and a --checkpoint-dir) refuse another run on the same path; holding_locks
+    releases the locks taken inside it, not an outer run's; a directory at the filesystem's root is named."""
+    from tokdistill_fast.config import DistillConfig, UserInputError
+
+    cfg = DistillConfig(checkpoint_dir=str(tmp_path / "ck"))
+    with checkpoint.holding_locks():
+        checkpoint.WorkDir.open(tmp_path / "out", cfg, {})
+        assert (tmp_path / ".out.lock").is_file() and (tmp_path / ".ck.lock").is_file()
+        with checkpoint.holding_locks():
+            with pytest.raises(UserInputError, match="--out .* is in use by another run"):
+                checkpoint.WorkDir.open(tmp_path / "out", DistillConfig(), {})
+            with pytest.raises(UserInputError, match="--checkpoint-dir .* is in use by another run"):
+                checkpoint.WorkDir.open(tmp_path / "other", cfg, {})
+            checkpoint.WorkDir.open(tmp_path / "third", DistillConfig(), {})
+        assert not (tmp_path / ".third.lock").exists() and (tmp_path / ".out.lock").is_file()
+    assert not (tmp_path / ".out.lock").exists() and not (tmp_path / ".ck.lock").exists()
+    with checkpoint.holding_locks(), pytest.raises(UserInputError, match="below the filesystem's root"):
+        checkpoint.WorkDir.open(tmp_path / "out", DistillConfig(checkpoint_dir="/"), {})
+    assert not (tmp_path / ".out.lock").exists()
+
+
+def test_an_ignored_sighup_stays_ignored():
+    """Under `nohup` (SIGHUP ignored) a run keeps going when its terminal closes; otherwise SIGHUP checkpoints."""
+    import signal
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with checkpoint.stop_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with checkpoint.stop_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is checkpoint._handle
+    finally:
+        signal.signal(signal.SIGHUP, previous)

@@ -49,7 +49,8 @@ def start_hanging(args: list[str], out: Path, step: int, log: Path) -> subproces
     """Start a run that waits after `step` (0-based over the whole run) until it gets a signal; return once it waits."""
     with log.open("w") as f:
         proc = subprocess.Popen(command(args, out), env={**ENV, "TOKDISTILL_TEST_HANG_AT_STEP": str(step)},
-                                stdout=f, stderr=subprocess.STDOUT, text=True)
+                                stdout=f, stderr=subprocess.STDOUT, text=True,  # SIGHUP as in a terminal, not nohup
+                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while "waiting for a signal" not in log.read_text():
         assert proc.poll() is None, f"the run ended before the hang point:\n{log.read_text()}"

@@ -7,6 +7,7 @@ unless asked to replace it.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import logging
 import math
@@ -36,9 +37,10 @@ def refuse_existing(out: str | Path, overwrite: bool, flag: str = "--out") -> Pa
 
 def check_out_dir(out: str | Path, overwrite: bool, inputs: Iterable[object] = ()) -> Path:
     """Refuse an existing output unless --overwrite, a symbolic link (the rename at the end would replace the link,
-    not its target), an output that holds one of the run's `inputs` (paths; other values are skipped), which
-    --overwrite would delete, and paths we could not create (missing parents are fine: atomic_write creates them,
-    as save_pretrained does). Called before any work."""
+    not its target), an output that holds one of the run's `inputs` (paths or globs; other values are skipped),
+    which --overwrite would delete (an --init-from file is not one: the run has read it before it writes), and paths
+    we could not create (missing parents are fine: atomic_write creates them, as save_pretrained does). Called
+    before any work."""
     out = refuse_existing(out, overwrite)
     if out.is_symlink():
         raise UserInputError(f"--out {out} is a symbolic link; give the directory it should be ({out.resolve()})")
@@ -46,8 +48,10 @@ def check_out_dir(out: str | Path, overwrite: bool, inputs: Iterable[object] = (
         raise UserInputError(f"--out {out} exists and is not a directory")
     if out.exists():
         real = out.resolve()
-        for value in inputs:
-            if isinstance(value, (str, Path)) and Path(value).resolve().is_relative_to(real):
+        paths = [p for v in inputs if isinstance(v, (str, Path))
+                 for p in (glob.glob(str(v), recursive=True) if any(c in str(v) for c in "*?[") else [v])]
+        for value in paths:
+            if Path(value).resolve().is_relative_to(real):
                 raise UserInputError(f"--out {out} holds {value}, which this run reads: --overwrite would delete it; "
                                      "give another --out")
     return _creatable(out, "--out")

@@ -314,7 +314,7 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
                       loss_positions=cfg.run_loss_positions(target_tokenizer=True))
     timer = StageTimer()
     if out is not None:
-        export.check_out_dir(out, cfg.overwrite, [model, target_tokenizer, *corpus, cfg.init_from])
+        export.check_out_dir(out, cfg.overwrite, [model, target_tokenizer, *corpus])
     corpus_files = find_corpus_files(corpus)
     if not isinstance(model, (str, Path)) and tokenizer is None:
         raise UserInputError("an in-memory model needs its tokenizer: distill(model, ..., tokenizer=tok, "

@@ -12,9 +12,9 @@ renamed into place, so a file that exists is complete:
                       restoring at step k and replaying the remaining batches is the uninterrupted run's arithmetic.
 The directory is removed once the output is written. SIGINT / SIGTERM / SIGHUP during training save the state at
 the next step boundary and stop with a message saying how to resume; during other stages they stop at once
-(finished stages are kept). A second signal stops at once. A run holds a lock beside the directory
-(`.<name>.lock`), so a second run on the same output or checkpoint directory is refused instead of reading the
-first one's state.
+(finished stages are kept). A second signal stops at once. A run holds a lock beside its output (`.<out>.lock`)
+and beside a --checkpoint-dir, so a second run on the same output or checkpoint directory is refused instead of
+reading the first one's state, and what an earlier run left beside the output can be removed.
 """
 
 from __future__ import annotations
@@ -88,11 +88,13 @@ def _handle(signum: int, _frame) -> None:
 
 @contextmanager
 def stop_on_signals(active: bool = True) -> Iterator[None]:
-    """Route SIGINT and SIGTERM to _handle for the duration (main thread only; elsewhere nothing changes)."""
+    """Route SIGINT, SIGTERM and SIGHUP to _handle for the duration (main thread only; elsewhere nothing changes).
+    A signal the process ignores stays ignored: `nohup` keeps a run going when its terminal closes."""
     if not active or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {s: signal.signal(s, _handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(s) is not signal.SIG_IGN}
     _stop.signum, _stop.deferred, _stop.work_dir = None, False, None
     try:
         yield
@@ -153,7 +155,6 @@ class WorkDir:
     def __init__(self, path: Path | None, every: int = 0, fp: dict | None = None):
         self.path, self.every, self.fp = path, every, fp  # fp: written with the first checkpoint
         self.hang_at = env_int(HANG_ENV)
-        self.lock = None if path is None else _lock(path)
 
     @classmethod
     def open(cls, out: str | Path | None, cfg: DistillConfig, fp: dict | None) -> WorkDir:
@@ -161,19 +162,23 @@ class WorkDir:
         if its fingerprint matches `fp`. Disabled without an output directory or with --checkpoint-every 0."""
         if cfg.resume and out is None:
             raise UserInputError("--resume needs the output directory of the interrupted run")
+        if out is not None:  # one run per output at a time: then what an earlier run left beside it is stale
+            out = Path(out).absolute()
+            _lock(out, "--out")
+            for stale in out.parent.glob(f".{out.name}.partial-*"):  # an export stopped by kill -9: never complete
+                shutil.rmtree(stale, ignore_errors=True)
         if out is None or cfg.checkpoint_every == 0:
             if cfg.resume:
                 raise UserInputError("--resume needs checkpoints; do not pass --checkpoint-every 0")
             return cls(None)
-        out = Path(out)
-        path = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.with_name(out.name + ".partial")
+        path = Path(cfg.checkpoint_dir).absolute() if cfg.checkpoint_dir else out.with_name(out.name + ".partial")
+        if cfg.checkpoint_dir:
+            _lock(path, "--checkpoint-dir")
         stored = path / "fingerprint.json"
-        work = cls(path, cfg.checkpoint_every, None if cfg.resume else fp)  # locked from here on
-        if path.exists() and not stored.is_file() and not (path.is_dir() and not any(path.iterdir())):
+        if path.exists() and not stored.is_file() and not (path.is_dir() and all(
+                p.name.startswith(".") and ".tmp" in p.name for p in path.iterdir())):  # empty, or killed saving
             raise UserInputError(f"{'--checkpoint-dir ' if cfg.checkpoint_dir else ''}{path} exists and is not a "
                                  "checkpoint of this tool (no fingerprint.json): give a new or empty directory")
-        for stale in out.parent.glob(f".{out.name}.partial-*"):  # an export stopped by kill -9: never complete
-            shutil.rmtree(stale, ignore_errors=True)
         if cfg.resume:
             if not stored.is_file():
                 raise UserInputError(f"--resume: no checkpoint in {path} (it is removed once a run completes)")
@@ -185,7 +190,7 @@ class WorkDir:
                                      "--overwrite")
             log.info("resuming from the checkpoint in %s", path)
         else:
-            if stored.is_file():  # else nothing, or an empty directory
+            if stored.is_file():  # else nothing, or a directory without a checkpoint's files
                 if not cfg.overwrite:
                     raise UserInputError(f"{path} holds the checkpoint of an unfinished run: pass --resume to continue "
                                          "it, or --overwrite to start afresh")
@@ -193,7 +198,7 @@ class WorkDir:
         _stop.work_dir = path
         # A fresh directory is created by the first save: a run that fails on its inputs before it has anything
         # to resume (a corpus that is not UTF-8, say) leaves nothing behind.
-        return work
+        return cls(path, cfg.checkpoint_every, None if cfg.resume else fp)
 
     @property
     def enabled(self) -> bool:
@@ -242,35 +247,42 @@ class WorkDir:
             _stop.work_dir = None
 
 
-_held: list[tuple[Any, Path]] = []  # the locks this process's run holds (released by holding_locks)
+_held: list[tuple[Any, Path]] = []  # the locks this process's runs hold (each released by its holding_locks)
 
 
 @contextmanager
 def holding_locks() -> Iterator[None]:
     """Release, and remove, the lock files a run takes (_lock) when it ends, however it ends."""
+    mine = len(_held)
     try:
         yield
     finally:
-        while _held:
+        while len(_held) > mine:
             f, lock_path = _held.pop()
             lock_path.unlink(missing_ok=True)
             f.close()
 
 
-def _lock(path: Path):
-    """An exclusive lock on `.<path's name>.lock` beside `path`, held until holding_locks() ends (or the process
-    does, kill -9 included). Refuses a path another run holds."""
+def _lock(path: Path, flag: str) -> None:
+    """An exclusive lock on `.<path's name>.lock` beside absolute `path`, held until holding_locks() ends (or the
+    process does, kill -9 included). Refuses a path another run holds. The file is locked, then checked to be the
+    one at that name: one a finishing run has just removed is no lock."""
+    if not path.name:
+        raise UserInputError(f"{flag} {path}: give a directory below the filesystem's root")
     lock_path = path.with_name(f".{path.name}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    f = lock_path.open("a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        f = lock_path.open("a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise UserInputError(f"{flag} {path} is in use by another run (it holds {lock_path}): wait for it to end, "
+                                 "or give another one") from None
+        if lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino:
+            _held.append((f, lock_path))
+            return
         f.close()
-        raise UserInputError(f"{path} is in use by another run (it holds {lock_path}): wait for it to end, or give "
-                             "another --out or --checkpoint-dir") from None
-    _held.append((f, lock_path))
-    return f
 
 
 class StudentHook:
