@@ -812,8 +812,8 @@ def test_vim_help_corpus_keeps_the_prose_of_each_help_file(tmp_path, monkeypatch
     change logs are left out."""
     from tokdistill_fast.tools import corpora
 
-    doc = tmp_path / "doc"
-    doc.mkdir()
+    doc = tmp_path / "usr" / "share" / "vim" / "vim91" / "doc"  # another release's folder than the path asked for
+    doc.mkdir(parents=True)
     (doc / "intro.txt").write_text(
         "*intro.txt*\tFor Vim version 9.0.  Last change: 2022\n\n"
         "INTRODUCTION\t\t\t\t\t*intro* ~\n"
@@ -826,7 +826,7 @@ def test_vim_help_corpus_keeps_the_prose_of_each_help_file(tmp_path, monkeypatch
         "CTRL-P\t\tprevious match\n\n"
         " vim:tw=78:ts=8:noet:ft=help:norl:\n")
     (doc / "version9.txt").write_text("*version9.txt*\nChanges in Vim 9, a list of patches nobody reads as prose.\n")
-    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: doc / path.name)
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: tmp_path / path.relative_to("/"))
     out = corpora.vim_help_corpus(tmp_path / "vimdoc.txt", tmp_path)
     assert documents(out) == [
         "Vim stands for Vi IMproved. It used to be Vi IMitation, but there are so many improvements that a name "
