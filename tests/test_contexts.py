@@ -260,9 +260,12 @@ def test_max_bytes_reads_up_to_the_limit(tmp_path, compress):
     assert corpus.truncated == (not compress)  # the compressed file is under one chunk: read whole
     if compress:
         assert got == docs
-    else:
-        assert corpus.bytes_read == limit and "".join(got) == "".join(text[:limit].split("\n\n"))
-        assert got[:-1] == docs[:len(got) - 1] and docs[len(got) - 1].startswith(got[-1]) and len(got) > 50
+    else:  # every document before the limit, then the one it cuts up to its last whole word before the limit
+        cut = text[:limit].split("\n\n")[-1]
+        assert corpus.bytes_read == limit and got[:-1] == docs[:len(got) - 1] and len(got) > 50
+        assert got[-1] == cut[:cut.rfind(" ")] and docs[len(got) - 1].startswith(cut)
+        whole = Corpus([path], max_bytes=len(text.encode()))  # a limit at the file's end ends it as the file does
+        assert [p.last for p in whole][-1] and not whole.truncated
     lines = tmp_path / "c.jsonl"
     lines.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     corpus = Corpus([lines], max_bytes=limit)

@@ -111,8 +111,9 @@ def _files_under(directory: Path) -> list[Path]:
 class Corpus:
     """Streams Pieces from corpus files with bounded memory: text files in chunks (documents separated by blank
     lines), JSON lines one record at a time (a "text" field), Parquet in record batches (a "text" column).
-    Stops after `max_bytes` bytes when given: exactly in a plain text file (its last document cut there), at a
-    chunk of a compressed one, a line of JSON lines, a batch of Parquet; shows progress with an ETA."""
+    Stops after `max_bytes` bytes when given: exactly in a plain text file (its last document cut at the last
+    whitespace before the limit, so no word is cut), at a chunk of a compressed one, a line of JSON lines, a batch
+    of Parquet; shows progress with an ETA."""
 
     def __init__(self, values: Iterable[str | Path], max_bytes: int | None = None, chunk: int = CHUNK,
                  option: str = "--corpus"):
@@ -157,6 +158,7 @@ class Corpus:
         newline has been read and only the carry's last line can start one."""
         decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True)
         carry, first, offset, before, opening = "", True, 0, self.bytes_read, True
+        size = path.stat().st_size
         with open_bytes(path) as (f, advance, compressed):
             while True:
                 left = self._left()
@@ -181,9 +183,10 @@ class Corpus:
                 if not data:
                     yield Piece(carry, first, True)
                     return
-                if self._left() == 0:  # the limit: the document read so far, cut there
-                    if carry:
-                        yield Piece(carry, first, False)
+                if self._left() == 0 and (compressed or self.bytes_read < size):  # the limit, before the end
+                    cut = max(carry.rfind(" "), carry.rfind("\n"))  # the document so far, to its last whole word
+                    if cut > 0:
+                        yield Piece(carry[:cut], first, False)
                     return
                 if len(carry) > self.chunk:  # a long document: pass it on up to its last line
                     cut = carry.rfind("\n")
