@@ -477,7 +477,7 @@ def run_checks(out: str | Path, original: Original | None = None, probe_texts: l
     if forward is None:  # distill: only where padding rows exist, the ones that must never be sampled
         forward = section["matrices"]["padding_rows"] > 0
     if forward and any(f["check"] == "vocab_size" for f in find.failures):  # transformers would refuse to load it
-        find.warn("probability_mass", "not measured: the model does not load while its rows and config disagree")
+        find.warn("probability_mass", "not measured: the embedding rows do not match the vocabulary (see vocab_size)")
     elif forward:
         without = [p for p in paragraphs if not any(t["word"] in p for t in new)]
         section["probability_mass"] = probability_mass(out, tok, new, without, model)

@@ -230,8 +230,9 @@ def agreement(texts: list[tuple[str, str]], got: list[list[int]], want: list[lis
 
 def without_new_ids(got: list[list[int]], want: list[list[int]], new_ids: set[int]) -> list[bool]:
     """For each text, whether it may be compared without the original model: False where the two runtimes differ
-    and neither reads a new id there. Added tokens are cut out of the text first in both, so such a difference is
-    the original vocabulary's own (SmolLM2's " ½"), which only --original could show; any other is compared."""
+    and neither reads a new id there: a text that neither reads with a new token is read with the original
+    vocabulary in both, so such a difference is its own (SmolLM2's " ½"), which only --original could show; any
+    other is compared."""
     return [g == w or bool(new_ids & {*g, *w}) for g, w in zip(got, want)]
 
 
