@@ -325,6 +325,11 @@ def test_loss_log_reports_windows(caplog):
 
 def test_resolve_passes():
     assert student.resolve_passes("auto", "auto", 1) == student.Passes(prefix=True, fused=True)
+    assert student.resolve_passes("auto", "auto", 1, sink_guard=True) == student.Passes(prefix=True)
+    # one epoch of the MSE caches its teacher pass, as compare does, so the sink guard reads every pair's norm
+    one = dict(epochs=1, more_epochs=0)
+    assert not student.Passes.for_config(DistillConfig(**one)).fused
+    assert student.Passes.for_config(DistillConfig(**one, loss="kl")).fused
     assert student.resolve_passes("auto", "triton", 3) == student.Passes(prefix=True)
     assert student.resolve_passes("auto", "torch", 1) == student.Passes()
     assert student.resolve_passes("on", "torch", 1) == student.Passes(prefix=True)
@@ -332,8 +337,9 @@ def test_resolve_passes():
         student.resolve_passes("fused", "auto", 2)
     # a config's passes count its more epochs, which NTP objectives and a decaying rate do not train
     assert student.Passes.for_config(DistillConfig(epochs=1, more_epochs=4)) == student.Passes(prefix=True)
-    for cfg in (DistillConfig(epochs=1, more_epochs=0), DistillConfig(epochs=1, more_epochs=4, lr_schedule="decay"),
-                DistillConfig(epochs=1, more_epochs=4, method="token-distill+alpha-ntp")):
+    for cfg in (DistillConfig(epochs=1, more_epochs=0, loss="kl"),
+                DistillConfig(epochs=1, more_epochs=4, lr_schedule="decay", loss="kl"),
+                DistillConfig(epochs=1, more_epochs=4, method="token-distill+alpha-ntp", loss="kl")):
         assert student.Passes.for_config(cfg) == student.Passes(prefix=True, fused=True)
     # auto: more epochs, the hardest quarter's and the variants' where the model runs in bf16, none in fp32 on a CPU
     for dtype, extra in (("bfloat16", 4), ("float32", 0)):

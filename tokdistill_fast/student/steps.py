@@ -61,14 +61,20 @@ class Passes:
     def for_config(cls, cfg: DistillConfig) -> Passes:
         """How the student's steps run for this config (--prefix-sharing, --backend, --epochs, --more-epochs)."""
         return resolve_passes(cfg.prefix_sharing, cfg.backend, cfg.epochs + cfg.run_more_epochs(),
-                              cached_teacher=cfg.method == "token-distill+alpha-mass")
+                              cached_teacher=cfg.method == "token-distill+alpha-mass",
+                              sink_guard=cfg.method.startswith("token-distill") and cfg.loss == "mse")
 
 
-def resolve_passes(prefix_sharing: str, backend: str, epochs: int, cached_teacher: bool = False) -> Passes:
-    """auto: off with the reference backend (torch), fused when every snippet is seen once (and the objective
-    needs no `cached_teacher`: alpha-mass reads statistics of the whole teacher pass), else on."""
+def resolve_passes(prefix_sharing: str, backend: str, epochs: int, cached_teacher: bool = False,
+                   sink_guard: bool = False) -> Passes:
+    """auto: off with the reference backend (torch), fused when every snippet is seen once and the objective needs
+    no cached teacher pass (`cached_teacher`: alpha-mass reads statistics of the whole pass; `sink_guard`: the MSE
+    leaves out pairs whose teacher state is an attention sink by the median norm of all of them, teacher.sink_pairs,
+    so that a one-epoch run trains the rows that `compare`, which caches, trains), else on. An explicit fused run
+    of the MSE has no sink guard."""
     if prefix_sharing == "auto":
-        prefix_sharing = "off" if backend == "torch" else "fused" if epochs == 1 and not cached_teacher else "on"
+        fused = epochs == 1 and not cached_teacher and not sink_guard
+        prefix_sharing = "off" if backend == "torch" else "fused" if fused else "on"
     if prefix_sharing == "fused" and epochs != 1:
         raise UserInputError("--prefix-sharing fused needs one epoch in all (--epochs 1 --more-epochs 0): the teacher "
                              "pass runs inside each step")
