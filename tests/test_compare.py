@@ -101,7 +101,7 @@ FLAG_VALUES = {
 SEPARATE = {"new_tokens_from_tokenizer", "target_tokenizer", "new_ids", "method", "overwrite"}  # tested elsewhere
 
 
-def test_every_compare_flag_reaches_the_shared_pipeline(monkeypatch, tmp_path):
+def test_every_compare_flag_reaches_the_shared_pipeline(monkeypatch, tmp_path, capsys):
     """compare hands its whole base config to pipeline.prepare, the stages distill runs: a flag that compare
     accepted but left out of that config (as --casing-variants once was) fails here, and so does a new flag
     missing from FLAG_VALUES."""
@@ -125,6 +125,8 @@ def test_every_compare_flag_reaches_the_shared_pipeline(monkeypatch, tmp_path):
     for flag, value in FLAG_VALUES.items():
         argv += [flag] + ([value] if value is not None else [])
     assert main([*argv, "--reference", "nope"]) == 2  # a label not compared fails before the shared stages
+    assert main([*argv, "--methods", "mean", "token-distill@layer=2", "--layers", "1,2"]) == 2  # one setting twice
+    assert "give token-distill@layer=2 more than once" in capsys.readouterr().err
     with pytest.raises(Stop):
         main(argv)
     cfg, default = seen["cfg"], DistillConfig()

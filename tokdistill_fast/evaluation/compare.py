@@ -14,6 +14,7 @@ epochs, loss, batch and seeds.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -121,6 +122,9 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
     """Run every spec on shared stages, score it against the held-out baseline, write results.json, table.md, plots.
     Paired differences are taken against the spec labelled `reference` (None: "mean", where it is compared)."""
     labels = [s.label for s in specs]
+    if twice := sorted({label for label in labels if labels.count(label) > 1}):
+        raise UserInputError(f"--methods, --layers and --lrs give {', '.join(twice)} more than once: each setting "
+                             "is compared once")
     if reference is not None and reference not in labels:
         raise UserInputError(f"--reference {reference!r}: not one of the compared settings ({', '.join(labels)})")
     reference = reference or "mean"
@@ -133,9 +137,10 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
     toks, decoder, timer = prep.toks, prep.decoder, prep.timer
     V = decoder.embed_weight.shape[0]
     primaries = [i for i, t in enumerate(toks) if t.variant_of is None]
-    # "auto" settings run the same search a distill run would, once per setting that it depends on
-    settled: dict[tuple, tuple[tuple[int, float, int], float]] = {}
-    keys = [(c.method, c.loss, c.target_layer, c.lr, c.epochs, c.seed) for c in cfgs]
+    # "auto" settings run the same search a distill run would, once per distinct setting (batch size included:
+    # the search trains as the run would)
+    settled: dict[str, tuple[tuple[int, float, int], float]] = {}
+    keys = [json.dumps(c.as_dict(), sort_keys=True, default=str) for c in cfgs]
     for c, key in zip(cfgs, keys):
         if key not in settled:
             t0 = time.perf_counter()
