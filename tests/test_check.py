@@ -279,6 +279,7 @@ def test_out_that_would_lose_an_input_or_a_link_is_refused_before_the_work(model
     data.mkdir()
     shutil.copy(words_file, data / "words.txt")
     (data / "corpus.txt").write_text("the palatable soup is palatable.\n")
+    (data / "corpus[1].txt").write_text("the palatable soup is palatable.\n")
     real = tmp_path / "real"
     real.mkdir()
     (tmp_path / "link").symlink_to(real)
@@ -288,7 +289,8 @@ def test_out_that_would_lose_an_input_or_a_link_is_refused_before_the_work(model
         for out, words, corpus, holds in (
                 (model, data / "words.txt", data / "corpus.txt", model),
                 (data, data / "words.txt", data / "corpus.txt", data / "words.txt"),
-                (data, words_file, tmp_path / "**" / "corpus.txt", data / "corpus.txt")):  # a glob is expanded
+                (data, words_file, tmp_path / "**" / "corpus.txt", data / "corpus.txt"),  # a glob is expanded
+                (data, words_file, data / "corpus[1].txt", data / "corpus[1].txt")):  # a path, though it reads as one
             code = cli.main(["distill", "--model", str(model), "--new-tokens", str(words), "--corpus", str(corpus),
                              "--method", "mean", "--out", str(out), "--overwrite"])
             assert code == 2 and f"holds {holds}, which this run reads" in capsys.readouterr().err

@@ -116,6 +116,9 @@ def test_locks_refuse_a_second_run_and_release_only_their_own(tmp_path, capsys):
             with pytest.raises(UserInputError, match="--checkpoint-dir .* is in use by another run"):
                 checkpoint.WorkDir.open(tmp_path / "other", cfg, {})
             checkpoint.WorkDir.open(tmp_path / "third", DistillConfig(), {})
+            with pytest.raises(UserInputError, match="--checkpoint-dir .*third.partial is in use by another run"):
+                own = DistillConfig(checkpoint_dir=str(tmp_path / "third.partial"))  # that run's own OUT.partial
+                checkpoint.WorkDir.open(tmp_path / "fourth", own, {})
         assert not (tmp_path / ".third.lock").exists() and (tmp_path / ".out.lock").is_file()
     assert not (tmp_path / ".out.lock").exists() and not (tmp_path / ".ck.lock").exists()
     with checkpoint.holding_locks(), pytest.raises(UserInputError, match="below the filesystem's root"):

@@ -266,6 +266,9 @@ def test_max_bytes_reads_up_to_the_limit(tmp_path, compress):
         assert got[-1] == cut[:cut.rfind(" ")] and docs[len(got) - 1].startswith(cut)
         whole = Corpus([path], max_bytes=len(text.encode()))  # a limit at the file's end ends it as the file does
         assert [p.last for p in whole][-1] and not whole.truncated
+        path.with_name("d.txt").write_text("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu\n")
+        two = Corpus([path, path.with_name("d.txt")], max_bytes=len(text.encode()) + 50)  # the cut in a later file
+        assert [(p.text, p.last) for p in two][-1] == ("alpha beta gamma delta epsilon zeta eta theta", False)
     lines = tmp_path / "c.jsonl"
     lines.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     corpus = Corpus([lines], max_bytes=limit)

@@ -94,13 +94,16 @@ def test_sighup_then_resume_matches_uninterrupted(tmp_path, base_args):
     fresh = run(base_args, out)
     assert fresh.returncode == 2 and "--resume" in fresh.stderr  # a leftover checkpoint is not silently dropped
 
-    stale = tmp_path / ".out.partial-x1y2"  # an export's temporary directory, its run killed
+    stale = tmp_path / ".out.partial-x1y2z3w4"  # an export's temporary directory (mkdtemp's name), its run killed
+    live = tmp_path / ".out.partial-x.partial-abcd1234"  # another output's ("out.partial-x"), not this one's
+    live.mkdir()
     (stale / "model.safetensors").parent.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
     resumed = run([*base_args, "--resume"], out)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_rows(tmp_path / "whole", out)
-    assert not (tmp_path / "out.partial").exists() and not stale.exists()
+    assert not (tmp_path / "out.partial").exists() and not stale.exists() and live.is_dir()
+    live.rmdir()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no lock file left
 
 

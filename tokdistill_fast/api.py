@@ -30,7 +30,7 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
     cfg = (config or DistillConfig()).validate()
     corpus = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)  # one path, not its characters
     if target_tokenizer is not None or cfg.target_tokenizer is not None:
-        with observed.recording():
+        with observed.recording(), checkpoint.holding_locks():
             return distill_target(model, target_tokenizer or cfg.target_tokenizer, corpus, out, cfg, tokenizer)
     with distributed.setup(cfg.device) as ranks, observed.recording():
         with checkpoint.stop_on_signals(active=out is not None and ranks.world == 1), checkpoint.holding_locks():

@@ -183,10 +183,10 @@ class Corpus:
                 if not data:
                     yield Piece(carry, first, True)
                     return
-                if self._left() == 0 and (compressed or self.bytes_read < size):  # the limit, before the end
-                    cut = max(carry.rfind(" "), carry.rfind("\n"))  # the document so far, to its last whole word
-                    if cut > 0:
-                        yield Piece(carry[:cut], first, False)
+                if self._left() == 0 and (compressed or self.bytes_read - before < size):  # the limit, not the end
+                    spaces = [m.start() for m in re.finditer(r"\s", carry)][-1:]  # so far, to its last whole word
+                    if kept := carry[:spaces[0]] if spaces and spaces[0] > 0 else carry:  # no space: no word to cut
+                        yield Piece(kept, first, False)
                     return
                 if len(carry) > self.chunk:  # a long document: pass it on up to its last line
                     cut = carry.rfind("\n")

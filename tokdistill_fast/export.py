@@ -48,8 +48,9 @@ def check_out_dir(out: str | Path, overwrite: bool, inputs: Iterable[object] = (
         raise UserInputError(f"--out {out} exists and is not a directory")
     if out.exists():
         real = out.resolve()
-        paths = [p for v in inputs if isinstance(v, (str, Path))
-                 for p in (glob.glob(str(v), recursive=True) if any(c in str(v) for c in "*?[") else [v])]
+        paths = [p for v in inputs if isinstance(v, (str, Path))  # as corpus_files reads them: a path, else a glob
+                 for p in ([v] if Path(v).exists() or not any(c in str(v) for c in "*?[")
+                           else glob.glob(str(v), recursive=True))]
         for value in paths:
             if Path(value).resolve().is_relative_to(real):
                 raise UserInputError(f"--out {out} holds {value}, which this run reads: --overwrite would delete it; "

@@ -315,6 +315,7 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     timer = StageTimer()
     if out is not None:
         export.check_out_dir(out, cfg.overwrite, [model, target_tokenizer, *corpus])
+        checkpoint.claim_out(out)  # one run per output at a time (this run keeps no checkpoint)
     corpus_files = find_corpus_files(corpus)
     if not isinstance(model, (str, Path)) and tokenizer is None:
         raise UserInputError("an in-memory model needs its tokenizer: distill(model, ..., tokenizer=tok, "

@@ -20,10 +20,12 @@ reading the first one's state, and what an earlier run left beside the output ca
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -162,18 +164,16 @@ class WorkDir:
         if its fingerprint matches `fp`. Disabled without an output directory or with --checkpoint-every 0."""
         if cfg.resume and out is None:
             raise UserInputError("--resume needs the output directory of the interrupted run")
-        if out is not None:  # one run per output at a time: then what an earlier run left beside it is stale
-            out = Path(out).absolute()
-            _lock(out, "--out")
-            for stale in out.parent.glob(f".{out.name}.partial-*"):  # an export stopped by kill -9: never complete
-                shutil.rmtree(stale, ignore_errors=True)
+        if out is not None:
+            out = claim_out(out)
         if out is None or cfg.checkpoint_every == 0:
             if cfg.resume:
                 raise UserInputError("--resume needs checkpoints; do not pass --checkpoint-every 0")
             return cls(None)
         path = Path(cfg.checkpoint_dir).absolute() if cfg.checkpoint_dir else out.with_name(out.name + ".partial")
-        if cfg.checkpoint_dir:
-            _lock(path, "--checkpoint-dir")
+        if path == out:
+            raise UserInputError(f"--checkpoint-dir {path} is --out itself: give another directory")
+        _lock(path, "--checkpoint-dir")  # the default OUT.partial too: another run may name it as its own
         stored = path / "fingerprint.json"
         if path.exists() and not stored.is_file() and not (path.is_dir() and all(
                 p.name.startswith(".") and ".tmp" in p.name for p in path.iterdir())):  # empty, or killed saving
@@ -247,20 +247,36 @@ class WorkDir:
             _stop.work_dir = None
 
 
-_held: list[tuple[Any, Path]] = []  # the locks this process's runs hold (each released by its holding_locks)
+_holders = threading.local()  # per thread, the lists of locks of the runs going in it (innermost last)
+_unheld: list[tuple[Any, Path]] = []  # locks taken outside holding_locks: held until the process ends
 
 
 @contextmanager
 def holding_locks() -> Iterator[None]:
-    """Release, and remove, the lock files a run takes (_lock) when it ends, however it ends."""
-    mine = len(_held)
+    """Release, and remove, the lock files a run takes (_lock) when it ends, however it ends; only its own, so
+    runs in other threads, or an enclosing one, keep theirs."""
+    mine: list[tuple[Any, Path]] = []
+    stack = _holders.__dict__.setdefault("stack", [])
+    stack.append(mine)
     try:
         yield
     finally:
-        while len(_held) > mine:
-            f, lock_path = _held.pop()
+        stack.remove(mine)
+        for f, lock_path in reversed(mine):
             lock_path.unlink(missing_ok=True)
             f.close()
+
+
+def claim_out(out: str | Path) -> Path:
+    """Lock `out` for this run (_lock) and remove what an earlier run on it left beside it: export directories a
+    kill -9 stopped (atomic_write's `.OUT.partial-XXXXXXXX`), never complete. Returns `out` as an absolute path."""
+    out = Path(out).absolute()
+    _lock(out, "--out")
+    stale = re.compile(rf"\.{re.escape(out.name)}\.partial-[a-z0-9_]{{8}}")  # mkdtemp's suffix
+    for path in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        if stale.fullmatch(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+    return out
 
 
 def _lock(path: Path, flag: str) -> None:
@@ -279,8 +295,13 @@ def _lock(path: Path, flag: str) -> None:
             f.close()
             raise UserInputError(f"{flag} {path} is in use by another run (it holds {lock_path}): wait for it to end, "
                                  "or give another one") from None
-        if lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino:
-            _held.append((f, lock_path))
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            stack = getattr(_holders, "stack", None)
+            (stack[-1] if stack else _unheld).append((f, lock_path))
             return
         f.close()
 

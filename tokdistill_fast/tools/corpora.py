@@ -432,9 +432,11 @@ def vim_help_corpus(out: Path, cache: Path | None = None) -> Path:
     if out.exists():
         return out
     vim = debian_file("vim-runtime", Path("/usr/share/vim/vim90/doc/intro.txt"), cache).parents[2]
-    files = sorted(f for f in vim.glob("vim*/doc/*.txt") if not VIM_SKIPPED.fullmatch(f.name))  # vim90: bookworm
-    if not files:
-        raise UserInputError(f"vim-runtime: no help files under {vim}/vim*/doc")
+    # the newest release's help (bookworm's vim90)
+    releases = sorted(vim.glob("vim[0-9]*/doc"), key=lambda d: int("0" + re.sub(r"\D", "", d.parent.name)))
+    if not releases:
+        raise UserInputError(f"vim-runtime: no help files under {vim}/vim<release>/doc")
+    files = sorted(f for f in releases[-1].glob("*.txt") if not VIM_SKIPPED.fullmatch(f.name))
     paragraphs = (p for f in files for p in vim_help_paragraphs(f.read_text(encoding="utf-8", errors="replace")))
     return write_documents(out, (p for p in paragraphs
                                  if len(p.split()) >= 10 and sum(c.isalpha() for c in p) > 0.6 * len(p)))
