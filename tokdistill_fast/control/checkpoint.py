@@ -13,7 +13,7 @@ renamed into place, so a file that exists is complete:
 The directory is removed once the output is written. SIGINT / SIGTERM / SIGHUP during training save the state at
 the next step boundary and stop with a message saying how to resume; during other stages they stop at once
 (finished stages are kept). A second signal stops at once. A run holds a lock beside its output (`.<out>.lock`)
-and beside a --checkpoint-dir, so a second run on the same output or checkpoint directory is refused instead of
+and beside its checkpoint directory, so a second run on the same output or checkpoint directory is refused instead of
 reading the first one's state, and what an earlier run left beside the output can be removed.
 """
 
