@@ -28,6 +28,8 @@ def test_parse_spec():
             parse_spec(bad)
     with pytest.raises(UserInputError, match="--seeds must be 1 or more"):
         parse_spec("random", seeds=0)
+    with pytest.raises(UserInputError, match="seeds must be 1 or more, not 0"):
+        parse_spec("random@seeds=0")  # before: one seed, silently
     specs = sweep_specs([2, 4], [1e-3], "auto")
     assert [s.label for s in specs] == ["token-distill@layer=2", "token-distill@layer=4",
                                         "token-distill@layer=auto,lr=0.001"]

@@ -70,7 +70,9 @@ def parse_spec(text: str, seeds: int = 1, group: str = "methods") -> MethodSpec:
             raise UserInputError(f"method spec {text!r}: expected key=value with keys "
                                  f"{', '.join([*SPEC_KEYS, 'seeds'])}, got {item!r}")
         if key == "seeds":
-            spec.seeds = max(1, _value(key, raw))
+            spec.seeds = _value(key, raw)
+            if spec.seeds < 1:
+                raise UserInputError(f"method spec {text!r}: seeds must be 1 or more, not {spec.seeds}")
         else:
             spec.changes[SPEC_KEYS[key]] = _value(key, raw)
     return spec
