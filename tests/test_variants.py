@@ -100,7 +100,7 @@ def test_variants_keep_the_words_left_context(model_dirs, bare_corpus, monkeypat
     primaries = {i for i, t in enumerate(prep.toks) if t.variant_of is None}
     means = pipeline.subtoken_mean(prep.decoder.embed_weight, prep.toks)
     objective = pipeline.student.Objective(distill="mse", layer=2)
-    retrain.train_variants(prep, cfg, means.clone(), means, primaries, objective,
+    retrain.train_variants(prep, cfg, cfg.run_variant_epochs(), means.clone(), means, primaries, objective,
                            pipeline.student.Schedule(lr=1e-2, epochs=2, batch_size=4, seed=0),
                            pipeline.student.Passes(), np.zeros(0))
     assert seen == [left]
@@ -118,8 +118,8 @@ def test_a_small_stage_runs_the_steps_of_a_full_one(model_dirs, bare_corpus):
     means = pipeline.subtoken_mean(prep.decoder.embed_weight, prep.toks)
     for batch, epochs in ((4, 4), (2, 2), (1, 2)):  # 2 variants x 2 snippets: 1, 2 and 4 batches an epoch
         schedule = pipeline.student.Schedule(lr=1e-2, epochs=2, batch_size=batch, seed=0)
-        got = retrain.train_variants(prep, cfg, means.clone(), means, primaries, objective, schedule,
-                                      pipeline.student.Passes(), np.zeros(0))
+        got = retrain.train_variants(prep, cfg, cfg.run_variant_epochs(), means.clone(), means, primaries, objective,
+                                      schedule, pipeline.student.Passes(), np.zeros(0))
         assert len(got) == 2 and {v["snippets"] for v in got.values()} == {2}
         assert {v["epochs"] for v in got.values()} == {epochs}
     assert report_module.variant_summary([{"form": "x"}], got)["epochs"] == 2
@@ -138,7 +138,7 @@ def test_a_variant_whose_loss_is_an_outlier_trains_again_alone(model_dirs, bare_
 
     def run(word_loss: np.ndarray) -> tuple[dict, torch.Tensor]:
         rows = means.clone()
-        return retrain.train_variants(prep, cfg, rows, means, primaries, objective, schedule,
+        return retrain.train_variants(prep, cfg, cfg.run_variant_epochs(), rows, means, primaries, objective, schedule,
                                        pipeline.student.Passes(), word_loss), rows
 
     first, first_rows = run(np.zeros(0))  # two variants: no median to be an outlier of
@@ -185,7 +185,7 @@ def test_a_variant_that_raises_the_mass_after_a_word_goes_back(model_dirs, bare_
             mass[word, cols.index(index[" bivalve"])] = own
             return mass, cols
 
-        got = retrain.train_variants(prep, cfg, rows, means, primaries, objective, schedule,
+        got = retrain.train_variants(prep, cfg, cfg.run_variant_epochs(), rows, means, primaries, objective, schedule,
                                       pipeline.student.Passes(), np.zeros(0), after_words)
         assert got[var]["kept"] is kept and got[other]["kept"]
         assert calls == ([False, True] if kept else [False, True, False])

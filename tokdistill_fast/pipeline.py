@@ -385,8 +385,9 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
             out_init[primaries] = train_result.out_rows
         if extra["variant_epochs"]:
             with timer("variants"):
-                variants = retrain.train_variants(prep, cfg, rows, means, set(primaries), objective, schedule,
-                                                  passes, train_result.word_loss, after_words if tied else None)
+                variants = retrain.train_variants(prep, cfg, extra["variant_epochs"], rows, means, set(primaries),
+                                                  objective, schedule, passes, train_result.word_loss,
+                                                  after_words if tied else None)
                 retried |= {i: v["retried"] for i, v in variants.items() if "retried" in v}
     trained = set(primaries) | {i for i, v in variants.items() if v["kept"]} if train_result is not None else set()
     rows, out_rows, clipped, derived = finish(rows, out_init, trained)

@@ -72,25 +72,24 @@ def continue_hardest(prep: Prepared, work: Workload, result: student.TrainResult
     return out
 
 
-def train_variants(prep: Prepared, cfg: DistillConfig, rows: torch.Tensor, means: torch.Tensor, trained: set[int],
-                   objective: student.Objective, schedule: student.Schedule, passes: student.Passes,
-                   word_loss: np.ndarray, after_words=None) -> dict[int, dict]:
+def train_variants(prep: Prepared, cfg: DistillConfig, epochs: int, rows: torch.Tensor, means: torch.Tensor,
+                   trained: set[int], objective: student.Objective, schedule: student.Schedule,
+                   passes: student.Passes, word_loss: np.ndarray, after_words=None) -> dict[int, dict]:
     """Variants of trained words (the start-of-text form, "word" after "(", ":" or a newline; casing variants) train
-    cfg.run_variant_epochs() epochs (more where the stage has fewer batches than a variant may have snippets) alone
-    on their own corpus snippets (at most VARIANT_SHARE of cfg.snippets_per_token each, a uniform sample of their
-    hits), from the row they would take otherwise (their primary's trained row moved by the subtoken-mean offset),
-    and keep the trained row (`rows` is updated). Unless they train, a variant reads text no snippet showed it: on
-    Gemma-3 / Git's manuals, where a fifth of the words' occurrences are bare, their held-out KL was 0.45 of
-    subtoken-mean rows' against 0.17 at the running-text forms (docs/defaults.md, "Start-of-text variants trained on
-    their own text"). A variant whose loss ends over OUTLIER_FACTOR x the median of the words' (`word_loss`) and
-    the variants' trains as many steps again alone, from its trained row, on all its snippets at once, and keeps the
-    lower loss (train_alone: Gemma-3's `rw-r--r`, on the Debian Reference's `ls -l` lines, "-rw-r--r-- 1 root",
-    went from 11x the median to 5.5x; docs/defaults.md, "Variants whose loss is an outlier train again").
-    `after_words` (tied models: (rows, trained tokens) -> the [trained words, new tokens] next-token mass after each
-    word, and the columns' tokens): the variants that raise some word's mass over what it was with their moved rows
-    go back to those (send_back). Returns {token: {"snippets", "epochs", "word_loss", "kept"}, and "retried"
-    (train_alone's record) for an outlier}."""
-    epochs = cfg.run_variant_epochs()
+    `epochs` epochs (the run's --variant-epochs, pipeline.extra_epochs; more where the stage has fewer batches than a
+    variant may have snippets) alone on their own corpus snippets (at most VARIANT_SHARE of cfg.snippets_per_token each,
+    a uniform sample of their hits), from the row they would take otherwise (their primary's trained row moved by the
+    subtoken-mean offset), and keep the trained row (`rows` is updated). Unless they train, a variant reads text no
+    snippet showed it: on Gemma-3 / Git's manuals, where a fifth of the words' occurrences are bare, their held-out KL
+    was 0.45 of subtoken-mean rows' against 0.17 at the running-text forms (docs/defaults.md, "Start-of-text variants
+    trained on their own text"). A variant whose loss ends over OUTLIER_FACTOR x the median of the words' (`word_loss`)
+    and the variants' trains as many steps again alone, from its trained row, on all its snippets at once, and keeps the
+    lower loss (train_alone: Gemma-3's `rw-r--r`, on the Debian Reference's `ls -l` lines, "-rw-r--r-- 1 root", went
+    from 11x the median to 5.5x; docs/defaults.md, "Variants whose loss is an outlier train again"). `after_words` (tied
+    models: (rows, trained tokens) -> the [trained words, new tokens] next-token mass after each word, and the columns'
+    tokens): the variants that raise some word's mass over what it was with their moved rows go back to those
+    (send_back). Returns {token: {"snippets", "epochs", "word_loss", "kept"}, and "retried" (train_alone's record) for
+    an outlier}."""
     toks, decoder = prep.toks, prep.decoder
     variants = [i for i, t in enumerate(toks) if t.variant_of is not None]
     variants = [i for i, p in zip(variants, primaries_of(toks, variants)) if p in trained]
