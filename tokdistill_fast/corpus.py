@@ -77,6 +77,11 @@ class Piece(NamedTuple):
     last: bool  # the slice ends its document
 
 
+def is_pattern(value: str | Path) -> bool:
+    """Whether a --corpus value that names no existing file or directory is read as a glob."""
+    return any(c in str(value) for c in "*?[")
+
+
 def corpus_files(values: Iterable[str | Path], option: str = "--corpus") -> list[Path]:
     """The files named by --corpus values: files, directories (their corpus files, recursively, hidden ones
     skipped) and globs (`data/*.jsonl`, `shards/**/*.parquet`), in sorted order without repeats. `option` names the
@@ -90,7 +95,7 @@ def corpus_files(values: Iterable[str | Path], option: str = "--corpus") -> list
             found = _files_under(path)
             if not found:
                 raise UserInputError(f"{option} {path}: the directory holds no {'/'.join(CORPUS_SUFFIXES)} files")
-        elif any(c in str(value) for c in "*?["):
+        elif is_pattern(value):
             matches = sorted(Path(p) for p in glob.glob(str(value), recursive=True))
             found = [f for m in matches for f in ([m] if m.is_file() else _files_under(m))]
             if not found:

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save
 
 from .config import UserInputError
+from .corpus import is_pattern
 from .extend import GENERIC_CLASS
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def check_out_dir(out: str | Path, overwrite: bool, inputs: Iterable[object] = (
     if out.exists():
         real = out.resolve()
         paths = [p for v in inputs if isinstance(v, (str, Path))  # as corpus_files reads them: a path, else a glob
-                 for p in ([v] if Path(v).exists() or not any(c in str(v) for c in "*?[")
+                 for p in ([v] if Path(v).exists() or not is_pattern(v)
                            else glob.glob(str(v), recursive=True))]
         for value in paths:
             if Path(value).resolve().is_relative_to(real):
