@@ -457,6 +457,8 @@ def run_checks(out: str | Path, original: Original | None = None, probe_texts: l
     find = Findings()
     new = new_tokens_of(out)
     tok, reload_s = load_tokenizer(out)
+    if original is not None and not any(t["kind"] == "target" for t in new):
+        refuse_other_original(tok, original.tokenizer)
     paragraphs = probe_paragraphs([PROBE_TEXT] + list(probe_texts or []))
     section: dict = {"new_tokens": len(new), "kinds": dict(Counter(t["kind"] or "unknown" for t in new)),
                      "tokenizer": {"class": type(tok).__name__, "reload_seconds": reload_s,
@@ -568,15 +570,12 @@ def check_dir(out: str | Path, original: str | Path | None = None, probes: list[
     """`tokdistill check`: run the checks and return the section. The output is only read: its report.json keeps
     the check distill ran on it (with a sample of its corpus as probe text)."""
     texts = [read_probe(p) for p in probes or []]
-    original = load_original(original) if original else None
-    if original is not None and not any(t["kind"] == "target" for t in new_tokens_of(model_dir(out, None))):
-        refuse_other_original(load_tokenizer(out)[0], original.tokenizer)
-    return run_checks(out, original, texts, forward)
+    return run_checks(out, load_original(original) if original else None, texts, forward)
 
 
 def refuse_other_original(tokenizer, original_tokenizer) -> None:
     """An --original whose vocabulary the output's does not keep, id for id, is another model: refused before any
-    check, and before the output's report is touched, rather than failing every check there."""
+    check (run_checks, once the output's tokenizer is loaded), rather than failing every check there."""
     vocab, ours = original_tokenizer.get_vocab(), tokenizer.get_vocab()
     differ = sum(1 for piece, i in vocab.items() if ours.get(piece) != i)
     if differ > len(vocab) // 100:

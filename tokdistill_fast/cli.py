@@ -228,7 +228,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 0 if agree.passed else 1
 
     json_out = check_out_file(args.json, args.overwrite, "--json") if args.json else None
-    if json_out is not None and json_out.absolute().resolve().is_relative_to(Path(args.out).resolve()):
+    if json_out is not None and json_out.resolve().is_relative_to(Path(args.out).resolve()):
         raise UserInputError(f"--json {json_out} is inside the output being checked, which check only reads; "
                              "write it elsewhere")
     section = check_dir(args.out, args.original, args.probe, forward=not args.no_forward)
