@@ -137,7 +137,9 @@ def test_the_command_exits_with_mains_code(tmp_path):
 
 def test_quiet_turns_the_progress_bars_off(model_dirs, words_file, corpus_file, tmp_path, capsys, monkeypatch):
     """`-q` leaves stderr without progress bars, though tqdm was imported before the flag was read (TQDM_DISABLE,
-    which tqdm reads once on import, did not serve)."""
+    which tqdm reads once on import, did not serve); `silence_progress_bars(False)` turns them back on."""
+    from transformers.utils import logging as hf_logging
+
     from tokdistill_fast import config
     from tokdistill_fast.cli import main
 
@@ -150,3 +152,6 @@ def test_quiet_turns_the_progress_bars_off(model_dirs, words_file, corpus_file, 
     assert main(["-q", *run, "--out", str(tmp_path / "quiet")]) == 0
     err = capsys.readouterr().err
     assert not any(bar in err for bar in ("corpus", "teacher", "pass", "%|")), err
+    assert not hf_logging.is_progress_bar_enabled()
+    config.silence_progress_bars(False)
+    assert hf_logging.is_progress_bar_enabled() and not config.progress(range(1)).disable

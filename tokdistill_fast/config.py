@@ -122,15 +122,19 @@ def launch() -> Launch:
 _bars_off = False  # set by silence_progress_bars(); progress() reads it at each bar
 
 
-def silence_progress_bars() -> None:
-    """Turn this process's progress bars off: `--quiet`, and ranks other than 0 of a torchrun launch (one terminal
-    shows one set of bars). Works whenever it is called, unlike TQDM_DISABLE, which tqdm reads once on import; the
-    bars of transformers (loading and writing weights) go off too."""
+def silence_progress_bars(silent: bool = True) -> None:
+    """Turn this process's progress bars off (or back on with `silent=False`): `--quiet`, and ranks other than 0 of
+    a torchrun launch (one terminal shows one set of bars). Works whenever it is called, unlike TQDM_DISABLE, which
+    tqdm reads once on import; the bars of transformers (loading and writing weights) follow."""
     global _bars_off
-    _bars_off = True
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is first imported
+    _bars_off = silent
+    if silent:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is first imported
+    else:
+        os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
     if "transformers" in sys.modules:
-        sys.modules["transformers"].utils.logging.disable_progress_bar()
+        hf_logging = sys.modules["transformers"].utils.logging
+        (hf_logging.disable_progress_bar if silent else hf_logging.enable_progress_bar)()
 
 
 def progress(iterable: Any = None, **kwargs: Any) -> Any:
