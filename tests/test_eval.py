@@ -125,6 +125,30 @@ def test_heldout_scores_a_repeated_window_once(tokenizers_by_kind, tmp_path):
     assert np.bincount(hs.snippet_token, minlength=2).tolist() == [2, 2]
 
 
+def test_words_found_but_not_measured_are_named(tokenizers_by_kind, tmp_path):
+    """A word whose held-out hits all left the measure (read apart by the adapted tokenizer, cut) is not counted as
+    measured, and the summary names it (its hits had made `tokens_with_heldout` count it)."""
+    import dataclasses
+
+    from tokdistill_fast.evaluation.evalrun import markdown_summary
+    from tokdistill_fast.tokens import NewToken, plan_new_tokens
+
+    tok = tokenizers_by_kind["bytelevel"]
+    planned, _ = plan_new_tokens(tok, ["palatable", "bivalve"], add_variants=False)
+    text = tmp_path / "h.txt"
+    text.write_text("A palatable soup.\n\nThe bivalve was there.\n", encoding="utf-8")
+    hs = build_heldout([text], tok, planned, [1000, 1001], 5, 40, 0, start_id(tok))
+    hs = dataclasses.replace(hs, tokens=[*hs.tokens, NewToken("東京都", "東京都", [5, 6])], hits=[*hs.hits, 6],
+                             new_ids=[*hs.new_ids, 1002])
+    assert hs.per_token().tolist() == [1, 1, 0] and hs.unmeasured() == ["東京都"]
+    report = {"counts": {"tokens_with_heldout": int((hs.per_token() > 0).sum()), "tokens": 3, "snippets": hs.n,
+                         "aligned_positions": 4}, "found_not_measured": hs.unmeasured(), "aggregate": {},
+              "kl_by_offset": [], "kl_over_pairs": 0.0, "tokens": [],
+              "tokens_saved": {"saved_fraction": 0.01, "original_tokens": 100, "adapted_tokens": 99}}
+    summary = markdown_summary(report)
+    assert summary.startswith("2/3 token(s)") and "not measured" in summary and "'東京都'" in summary
+
+
 def test_scores_match_plain_forward(adapted, heldout_file):
     src, out = adapted
     orig_model, orig_tok = load_model(src, torch.device("cpu"), torch.float32)

@@ -167,7 +167,7 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
         "counts": {"tokens": len(primaries), "skipped": len(prep.skipped),
                    "casing_variants": sum(1 for t in toks if t.variant.startswith("casing")),
                    "train_snippets": len(prep.work.snippets) if prep.work else 0, "heldout_snippets": baseline.hs.n,
-                   "tokens_with_heldout": int(sum(1 for h in baseline.hs.hits if h))},
+                   "tokens_with_heldout": int((baseline.hs.per_token() > 0).sum())},
         "shared_seconds": dict(timer.seconds),
         "tokens_saved": heldout.tokens_saved(heldout_paths, prep.tokenizer, prep.new_tokenizer, opts.max_chars),
         "reference": reference, "complete": False, "methods": [],

@@ -148,7 +148,7 @@ class Baseline:
 
     def token_rows(self, m: Measured) -> list[dict]:
         """Per-token report rows: the token, its held-out counts, metrics and definitions."""
-        snippets = np.bincount(self.hs.snippet_token, minlength=len(self.toks))
+        snippets = self.hs.per_token()
         rows = []
         for i, t in enumerate(self.toks):
             row = {"word": t.word, "form": t.form, "subtokens": len(t.sub_ids), "heldout_hits": self.hs.hits[i],
@@ -245,11 +245,12 @@ def run_eval(original: str | Path, adapted: str | Path, heldout_paths: list, out
         "original": str(original), "adapted": str(adapted), "heldout": [str(p) for p in heldout_paths],
         "settings": {**opts.__dict__, "layers": list(opts.layers), "snippet_length": length, "device": str(dev),
                      "dtype": str(dt), "adapted_run": settings},
-        "counts": {"tokens": len(primaries), "tokens_with_heldout": int(sum(1 for h in baseline.hs.hits if h)),
+        "counts": {"tokens": len(primaries), "tokens_with_heldout": int((baseline.hs.per_token() > 0).sum()),
                    "snippets": baseline.hs.n, "aligned_positions": int(len(baseline.hs.alignment.s_pos)),
                    "tokenizer_emits_new_id": emits,
                    # matches of a word's form inside longer words ("Fortrans"), left out of the measure
                    "inside_longer_words": int(sum(baseline.hs.inside))},
+        "found_not_measured": baseline.hs.unmeasured(),
         "tokens_saved": heldout.tokens_saved(heldout_paths, orig_tok, ad_tok, opts.max_chars),
         "aggregate": m.aggregate,
         "kl_by_offset": m.kl_by_offset,
@@ -328,6 +329,9 @@ def markdown_summary(report: dict) -> str:
     lines = [f"{report['counts']['tokens_with_heldout']}/{report['counts']['tokens']} token(s) with held-out text, "
              f"{report['counts']['snippets']} snippets, {report['counts']['aligned_positions']} aligned positions",
              "| metric | mean | 95% CI |", "|---|---|---|"]
+    if report.get("found_not_measured"):
+        lines.insert(1, f"found in the held-out text but not measured (every occurrence read apart by the adapted "
+                        f"tokenizer or cut): {', '.join(map(repr, report['found_not_measured']))}")
     for name, v in report["aggregate"].items():
         lines.append(f"| {name} | {v['mean']:.4g} | [{v['ci95'][0]:.4g}, {v['ci95'][1]:.4g}] |")
     buckets = ", ".join(f"{b['offsets']}: {b['kl']:.4g} ({b['pairs']})" for b in report["kl_by_offset"])

@@ -154,6 +154,14 @@ class HeldoutSet:
     def n(self) -> int:
         return self.alignment.n
 
+    def per_token(self) -> np.ndarray:
+        """[tokens] snippets measured per token (a token's hits can all be left out: read apart, cut)."""
+        return np.bincount(self.snippet_token, minlength=len(self.tokens))
+
+    def unmeasured(self) -> list[str]:
+        """Words found in the held-out text without a snippet measured."""
+        return [t.word for t, hits, n in zip(self.tokens, self.hits, self.per_token()) if hits and not n]
+
     def aligned_in_cont(self) -> np.ndarray:
         """[K] row of each aligned pair's teacher position among the continuation rows."""
         al = self.alignment
