@@ -257,6 +257,21 @@ def test_forms_that_would_not_decode_back_are_skipped(tokenizers_by_kind, kind):
         assert new.decode(new(text, add_special_tokens=False)["input_ids"]) == text
 
 
+def test_byte_fallback_pieces_hold_no_form(tokenizers_by_kind):
+    """"x41" is in "<0x41>", a byte-fallback piece and no text: it splits nothing (Gemma-3 had left out the
+    start-of-text forms of `x64` and `x86` as splitting "d" and a byte)."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tj = json.loads(tokenizers_by_kind["llama2"].backend_tokenizer.to_str())
+    tj["pre_tokenizer"]["prepend_scheme"] = "never"  # Gemma-3's: a bare form is stored as it is written
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(tj)), unk_token="<unk>")
+    assert "<0x41>" in tok.get_vocab() and tokens.stored_piece(tok.backend_tokenizer, "x41", alone_ok=True) == "x41"
+    assert not extend.vocabulary_collisions(tok, ["x41", "0x4"])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_variants_that_would_split_vocabulary_words_are_left_out(tokenizers_by_kind, kind, caplog):
     """An added token matches inside longer words: "hospit" would split every " hospital", one vocabulary token

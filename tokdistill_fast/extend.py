@@ -37,6 +37,7 @@ import regex
 from .config import UserInputError
 from .tokens import (
     BYTE_LEVEL_SPACE,
+    BYTE_PIECE,
     SPACE_MARK,
     TEXT_WORD_CHAR,
     WORD_CHARS,
@@ -241,7 +242,7 @@ def vocabulary_collisions(tokenizer, forms: list[str]) -> dict[str, str]:
     added tokens match inside words (" yea" in " year", "luster" in " cluster"): {form: the text of one such
     vocabulary token}. Compared as the tokenizer stores them (stored_piece: "Ġyea" in "Ġyear"), so no vocabulary
     token is decoded. A form the pre-tokenizer splits is not checked: no vocabulary token holds it, though text
-    may ("man's" in "woman's")."""
+    may ("man's" in "woman's"). Byte-fallback pieces ("<0x64>") are no text, and hold no form ("x64")."""
     backend = tokenizer.backend_tokenizer
     by_piece: dict[str, list[str]] = {}
     for form in forms:
@@ -254,7 +255,7 @@ def vocabulary_collisions(tokenizer, forms: list[str]) -> dict[str, str]:
     skip = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}))
     found: dict[str, str] = {}
     for key in tokenizer.get_vocab():
-        if key in skip:
+        if key in skip or BYTE_PIECE.fullmatch(key):
             continue
         for end, piece in automaton.iter(key):
             start = end + 1 - len(piece)
