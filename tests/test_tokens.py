@@ -302,10 +302,11 @@ def test_variants_that_would_split_vocabulary_words_are_left_out(tokenizers_by_k
 
 
 def test_word_list_reads_windows_files(tmp_path):
-    """A BOM, CRLF line ends and whitespace around a word are not part of the words; blank lines are skipped."""
+    """A BOM, CRLF line ends and whitespace or zero-width characters around a word are not part of the words;
+    blank lines are skipped."""
     path = tmp_path / "words.txt"
-    path.write_bytes("\ufeffpalatable\r\n\r\n  spill the beans\t\r\nnaïve".encode("utf-8"))
-    assert tokens.read_word_list(path) == ["palatable", "spill the beans", "naïve"]
+    path.write_bytes("\ufeffpalatable\r\n\r\n  spill the beans\t\r\nnaïve\u200b\r\n\ufeffHg".encode("utf-8"))
+    assert tokens.read_word_list(path) == ["palatable", "spill the beans", "naïve", "Hg"]
 
 
 def test_word_list_reads_the_reference_codes_json_files(tmp_path):
@@ -362,6 +363,10 @@ def test_casing_variants_are_spellings_of_the_same_length_and_never_a_listed_wor
 
 @pytest.mark.parametrize(("name", "text", "message"), [
     ("words.txt", 'palatable\n{"entity": " Hg", "count": 539}\n', "line 2 is a JSON object; name the file .jsonl"),
+    ("words.txt", '["palatable", "resplendent"]\n', "line 1 is a JSON list; name the file .jsonl"),
+    ("words.txt", 'palatable\n"resplendent"\n', "line 2 is a quoted string"),
+    ("words.txt", 'palatable\t8\n', "line 1 holds a tab (a second column?)"),
+    ("words.txt", '# my words\npalatable\n', "line 1 is a comment ('# ')"),
     ("words.jsonl", '{"entity": " Hg"}\n{"entity": " mmHg"\n', "line 2 is not JSON"),
     ("words.jsonl", '{"text": " Hg"}\n', "line 1 is not a word"),
     ("words.json", '{"entities": "United Nations"}', "key 'entities' holds no list of words"),
@@ -369,8 +374,9 @@ def test_casing_variants_are_spellings_of_the_same_length_and_never_a_listed_wor
     ("words.json", '[]', "words.json: no tokens in it"),
 ])
 def test_word_list_in_a_shape_it_cannot_read_is_refused(tmp_path, name, text, message):
-    """A word list is never read as something else: a JSON object in a plain list, broken JSON, an object without a
-    word field or a value that is not a word fail in one line naming the place (never adding `{"entity": ...}`)."""
+    """A word list is never read as something else: JSON, a count column or a comment in a plain list, broken JSON,
+    an object without a word field or a value that is not a word fail in one line naming the place (never adding
+    `{"entity": ...}`, `palatable\t8` or `# my words` as a word)."""
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(UserInputError, match=re.escape(message)):

@@ -36,6 +36,7 @@ SPACE_MARK = "\u2581"  # SentencePiece's visible space
 BYTE_LEVEL_SPACE = "\u0120"  # "Ġ": byte-level BPE's stored space
 BYTE_PIECE = regex.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces: <0x41>
 MARK = regex.compile(r"\p{M}")  # a combining mark continues the character before it (Thai vowels and tones)
+INVISIBLE = "\u200b\u2060\ufeff"  # zero-width space, word joiner, byte-order mark: no part of a word at its ends
 WORD_FIELDS = ("entity", "token", "word")  # a JSON word-list object's word: the reference code's field first
 
 
@@ -91,17 +92,17 @@ def read_word_list(path: str | Path) -> list[str]:
         words = _json_words(path, _json(path, text, "the file"))
     else:
         words = text.splitlines()
-        _refuse_json(path, words)
+        _refuse_non_words(path, words)
     return clean_words(words, f"--new-tokens {path}")
 
 
 def clean_words(words: list[str], source: str) -> list[str]:
-    """The words of a list as they are read: space around a word is not part of it, blank words are left out (and
-    logged), and a list without any is a user error naming its `source`."""
+    """The words of a list as they are read: space and INVISIBLE around a word are not part of it, blank words are
+    left out (and logged), and a list without any is a user error naming its `source`."""
     wrong = [w for w in words if not isinstance(w, str)]
     if wrong:
         raise UserInputError(f"{source}: every word must be a string, not {wrong[0]!r}")
-    words = [w.strip() for w in words]
+    words = [w.strip().strip(INVISIBLE).strip() for w in words]
     blanks = sum(1 for w in words if not w)
     if blanks:
         log.warning("%s: ignored %d blank word(s)", source, blanks)
@@ -148,17 +149,23 @@ def _json_words(path: Path, value) -> list[str]:
     return words
 
 
-def _refuse_json(path: Path, lines: list[str]) -> None:
-    """A plain word list whose line is a JSON object was meant to be read as JSON: refuse it rather than add
-    `{"entity": ...}` as a word."""
+def _refuse_non_words(path: Path, lines: list[str]) -> None:
+    """A plain word list's line that holds something other than a word is refused rather than added as one: JSON
+    (an object, a list or a quoted string: the file was meant to be read as JSON), a tab (a count column) or a
+    "# " comment."""
     for n, line in enumerate(lines, 1):
-        if line.lstrip().startswith("{"):
+        text = line.strip()
+        why = ("holds a tab (a second column?); give one word per line, and counts in a .jsonl file's \"count\""
+               if "\t" in text else "is a comment ('# ')" if regex.match(r"#\s", text) else None)
+        if why is None and text.startswith(('{', '[', '"')):
             try:
-                if isinstance(json.loads(line), dict):
-                    raise UserInputError(f"--new-tokens {path}: line {n} is a JSON object; name the file .jsonl to "
-                                         "read one word per JSON line")
+                value = json.loads(text)
             except json.JSONDecodeError:
-                pass
+                value = None
+            kind = {dict: "a JSON object", list: "a JSON list", str: "a quoted string"}.get(type(value))
+            why = kind and f"is {kind}; name the file .jsonl to read one JSON word per line, or write the word as it is"
+        if why:
+            raise UserInputError(f"--new-tokens {path}: line {n} {why}")
 
 
 def encode_span(tokenizer, text: str, start: int, end: int) -> list[int] | None:
