@@ -973,6 +973,21 @@ def test_a_hit_inside_a_longer_new_word_is_no_hit(tokenizers_by_kind, tmp_path):
     assert retrieve([corpus], tok, planned, 25, 40, 0, start_id(tok))[2] == [0, 0]  # without it: 10 hits
 
 
+def test_a_word_whose_every_hit_is_dropped_is_named(model_dirs, tmp_path, caplog):
+    """A word found in the corpus only where the extended tokenizer reads something else (here: inside a longer new
+    word) keeps no corpus snippet and trains on the model's own text: the log names it."""
+    from tokdistill_fast import DistillConfig, distill
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a bivalve-like shell, said the cook.\n\n" * 6, encoding="utf-8")
+    cfg = DistillConfig(target_layer=2, epochs=1, more_epochs=0, snippets_per_token=4, batch_size=4, dtype="float32",
+                        device="cpu", add_variants=False)
+    with caplog.at_level("WARNING", logger="tokdistill_fast.workload"):
+        run = distill(model_dirs[("llama", "bytelevel", True)], ["bivalve", "bivalve-like"], [corpus], None, cfg)
+    assert run.report["retrieval"]["dropped_tokenized_differently"] == {"bivalve": 4}  # the hits sampled
+    assert "1 word(s) found in the corpus without a snippet kept" in caplog.text and "'bivalve'" in caplog.text
+
+
 def test_russian_manuals_corpus_reads_the_three_manuals(tmp_path, monkeypatch):
     """The untuned corpus of the fifty-second stop, the first in Cyrillic: the <p> paragraphs of the Developer's
     Reference (its one-page copy only) and of every page of the New Maintainers' Guide and the FAQ in Russian."""
