@@ -124,9 +124,10 @@ class WordChars(dict):
 
 
 def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window_chars: int, seed: int,
-              stop_when_full: bool = False) -> tuple[list[list[Hit]], RetrievalStats]:
+              stop_when_full: bool = False, spare: int = 0) -> tuple[list[list[Hit]], RetrievalStats]:
     """One Aho-Corasick pass: for each token, a uniform sample of at most `keep` hits at word boundaries, each
-    with up to `window_chars` characters of its document on either side. Long documents arrive in pieces: the
+    with up to `window_chars` characters of its document on either side, followed by up to `spare` more hits that
+    the sample passed by (the sample itself does not depend on `spare`). Long documents arrive in pieces: the
     tail of the document read so far is kept (`buf`) so that hits across piece boundaries are found once, with
     the same windows as in the whole document. With `stop_when_full`, stops once every token has `keep` hits."""
     import ahocorasick
@@ -175,10 +176,15 @@ def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window
             counts[i] += 1
             held = kept[i]
             slot = len(held)
-            if slot == keep:  # reservoir sampling: the n-th hit replaces a random kept one with probability keep/n
+            if slot >= keep:  # reservoir sampling: the n-th hit replaces a random kept one with probability keep/n
                 slot = int(draw() * counts[i])
-                if slot >= keep:
-                    continue
+                if slot < keep and len(held) < keep + spare:
+                    held.append(held[slot])  # the hit it replaces becomes a spare
+                elif slot >= keep:  # passed by: a spare, appended until there are `spare`, then as the draw falls
+                    if len(held) < keep + spare:
+                        slot = len(held)
+                    elif slot >= keep + spare:
+                        continue
             lo, hi = max(0, start - window_chars), min(size, end + window_chars)
             hit = Hit(buf[lo:hi], start - lo, end - lo, lo == 0 and buf_first, hi == size and doc_end)
             if slot == len(held):
@@ -336,7 +342,9 @@ def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_tok
     if not paths:
         raise UserInputError(NO_CORPUS)
     corpus = Corpus(paths, max_bytes, option=option)
-    hits, stats = find_hits(corpus, tokens, per_token, CHARS_PER_TOKEN * length, seed, stop_when_full)
+    found, stats = find_hits(corpus, tokens, per_token, CHARS_PER_TOKEN * length, seed, stop_when_full,
+                             per_token // 2)
+    hits, spares = [h[:per_token] for h in found], [h[per_token:] for h in found]
     stats.files, stats.bytes_read = len(corpus.files), corpus.bytes_read
     if corpus.truncated:
         stats.stopped_early = "max_bytes"
@@ -348,6 +356,15 @@ def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_tok
         log.info("left context: %s tokens before the word (the windows read at %.2f characters a token)",
                  stats.left_context, stats.chars_per_token)
     snippets, dropped = cut_snippets(tokenizer, tokens, hits, length, start, stats.left_context, extended)
+    if any(d and s for d, s in zip(dropped, spares)):  # hits the word is read otherwise at: spares take their place
+        more, more_dropped = cut_snippets(tokenizer, tokens, [s if d else [] for d, s in zip(dropped, spares)],
+                                          length, start, stats.left_context, extended)
+        taken = [0] * len(tokens)
+        for snippet in more:
+            if taken[snippet.token] < dropped[snippet.token]:
+                taken[snippet.token] += 1
+                snippets.append(snippet)
+        dropped = [d + m for d, m in zip(dropped, more_dropped)]
     return snippets, stats, dropped
 
 
