@@ -49,22 +49,34 @@ def check_out_dir(out: str | Path, overwrite: bool, inputs: Iterable[object] = (
         raise UserInputError(f"--out {out} exists and is not a directory")
     if out.exists():
         real = out.resolve()
-        paths = [p for v in inputs if isinstance(v, (str, Path))  # as corpus_files reads them: a path, else a glob
-                 for p in ([v] if Path(v).exists() or not is_pattern(v)
-                           else glob.glob(str(v), recursive=True))]
-        for value in paths:
+        for value in input_paths(inputs):
             if Path(value).resolve().is_relative_to(real):
                 raise UserInputError(f"--out {out} holds {value}, which this run reads: --overwrite would delete it; "
                                      "give another --out")
     return _creatable(out, "--out")
 
 
-def check_out_file(out: str | Path, overwrite: bool, flag: str = "--out") -> Path:
+def input_paths(inputs: Iterable[object]) -> list[str | Path]:
+    """The paths a command's `inputs` name, as corpus_files reads them: a path, else a glob (values that are not
+    paths are skipped)."""
+    return [p for v in inputs if isinstance(v, (str, Path))
+            for p in ([v] if Path(v).exists() or not is_pattern(v) else glob.glob(str(v), recursive=True))]
+
+
+def check_out_file(out: str | Path, overwrite: bool, flag: str = "--out", inputs: Iterable[object] = ()) -> Path:
     """check_out_dir for an output file (select's word list, eval's JSON, check's --json), which write_text_atomic
-    then writes."""
+    then writes: an existing file that is one of the command's `inputs`, or inside one of its input directories (a
+    model's, a corpus's), is refused even with --overwrite."""
     out = refuse_existing(out, overwrite, flag)
     if out.is_dir():
         raise UserInputError(f"{flag} {out} is a directory; give a file name")
+    if out.exists():
+        real = out.resolve()
+        for value in input_paths(inputs):
+            path = Path(value).resolve()
+            if real == path or path.is_dir() and real.is_relative_to(path):
+                raise UserInputError(f"{flag} {out} is {'' if real == path else 'a file in '}{value}, which this "
+                                     f"command reads: --overwrite would replace it; give another {flag}")
     return _creatable(out, flag)
 
 
