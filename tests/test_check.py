@@ -155,9 +155,10 @@ def test_check_refuses_another_original_and_a_broken_report(good, model_dirs, tm
     assert "is it the model the output was made from?" in capsys.readouterr().err
     assert (out / "report.json").read_bytes() == before
     broken = broken_copy(out, tmp_path, "report")
-    (broken / "report.json").write_text("[1]")
-    assert cli.main(["check", str(broken), "--no-forward"]) == 2
-    assert "not a report.json that distill wrote" in capsys.readouterr().err
+    for text in ("[1]", '{"tokens": [{"word": "palatable", "kl": 0.1}]}'):  # the second: an eval report
+        (broken / "report.json").write_text(text)
+        assert cli.main(["check", str(broken), "--no-forward"]) == 2
+        assert "not a report.json that distill wrote" in capsys.readouterr().err
 
 
 def broken_copy(out, tmp_path, name):

@@ -155,6 +155,10 @@ def read_report(out: Path) -> dict:
         raise UserInputError(f"{path}: not a report.json that distill wrote ({e})") from None
     if not isinstance(report, dict):
         raise UserInputError(f"{path}: not a report.json that distill wrote (not a JSON object)")
+    tokens = report.get("tokens", [])
+    if not isinstance(tokens, list) or not all(isinstance(t, dict) and isinstance(t.get("id"), int) for t in tokens):
+        raise UserInputError(f"{path}: not a report.json that distill wrote (its tokens have no ids; another "
+                             "command's report written over it?)")
     return report
 
 
