@@ -8,6 +8,7 @@ from pathlib import Path
 from . import pipeline
 from .config import DistillConfig
 from .control import checkpoint, distributed, observed
+from .modeling.models import left_as_given
 from .results import DistillResult
 from .target_tokenizer import distill_target
 
@@ -30,8 +31,8 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
     cfg = (config or DistillConfig()).validate()
     corpus = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)  # one path, not its characters
     if target_tokenizer is not None or cfg.target_tokenizer is not None:
-        with observed.recording(), checkpoint.holding_locks():
+        with observed.recording(), checkpoint.holding_locks(), left_as_given(model):
             return distill_target(model, target_tokenizer or cfg.target_tokenizer, corpus, out, cfg, tokenizer)
-    with distributed.setup(cfg.device) as ranks, observed.recording():
+    with distributed.setup(cfg.device) as ranks, observed.recording(), left_as_given(model):
         with checkpoint.stop_on_signals(active=out is not None and ranks.world == 1), checkpoint.holding_locks():
             return pipeline.distill_words(model, new_tokens, corpus, out, cfg, tokenizer, ranks)

@@ -195,6 +195,25 @@ class Decoder:
         return logits
 
 
+@contextmanager
+def left_as_given(model):
+    """Leave an in-memory model's modes and requires_grad flags as the caller had them when the run ends:
+    compute_copy freezes the caller's model in place where it needs no copy (a tokenizer-swap tool that goes on to
+    fine-tune it would find no parameter trainable). Anything else passes through."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def compute_copy(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The frozen model to compute with: the caller's model itself when it already has the device and dtype (then
     it is put in eval mode with requires_grad off, in place: frozen weights spare the backward its weight
