@@ -431,6 +431,19 @@ def test_eval_names_its_own_option_for_bad_heldout_files(adapted, tmp_path, caps
         assert bool(loads) == (message != "no such file")
 
 
+def test_a_bad_embedder_is_refused_before_the_models_load(adapted, heldout_file, tmp_path, capsys, monkeypatch):
+    """--embedder is loaded after the whole measure: a missing directory or a causal LM is refused before the models
+    load (before, a missing one failed with a traceback after all the work)."""
+    src, out = adapted
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the models loaded"))
+    for embedder, message in ((tmp_path / "noemb", "not a model directory (no config.json)"),
+                              (src, "a causal LM")):
+        rc = main(["eval", "--original", str(src), "--adapted", str(out), "--heldout", str(heldout_file),
+                   "--out", str(tmp_path / "eval.json"), "--embedder", str(embedder)])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"--embedder {embedder}: {message}" in err, err
+
+
 def test_over_predicting_words_are_flagged_worst_first():
     """Words after which the adapted model sends over OVER_PREDICTION_FLAG of its next-token mass to new tokens
     are listed in the report and on the terminal, worst first; words without held-out text are not."""

@@ -9,6 +9,7 @@ which is what its sentence-transformers modules.json prescribes; sentence-transf
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from .. import align
+from ..config import UserInputError
 from ..tokens import NewToken
 from .heldout import Scorer
 from .stats import bootstrap, interval
@@ -91,6 +93,22 @@ class Embedder:
     tokenizer: object
     model: torch.nn.Module
     max_length: int = 256  # the model's max_seq_length in its sentence-transformers config
+
+
+def check_embedder(path: Path) -> None:
+    """Refuse an --embedder that is no sentence-embedding model directory before any work (it is loaded after the
+    whole measure)."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise UserInputError(f"--embedder {path}: not a model directory (no config.json); give the "
+                             "all-MiniLM-L6-v2 directory")
+    try:
+        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise UserInputError(f"--embedder {path}: config.json is not a model's configuration ({e})") from None
+    if any(str(a).endswith("ForCausalLM") for a in architectures):
+        raise UserInputError(f"--embedder {path}: a causal LM ({architectures[0]}); give a sentence-embedding model "
+                             "(all-MiniLM-L6-v2)")
 
 
 def load_embedder(path: str | Path | None = None) -> Embedder | None:

@@ -56,6 +56,8 @@ class EvalOptions:
             raise UserInputError("--bootstrap must be at least 10 resamples")
         if not -1.0 <= self.threshold <= 1.0:
             raise UserInputError("--threshold is a cosine similarity: between -1 and 1")
+        if self.definitions and self.embedder is not None:
+            definitions.check_embedder(Path(self.embedder))
         return self
 
 
