@@ -48,6 +48,8 @@ def test_options_come_from_the_file_and_the_command_line_wins(tmp_path):
     ("overwrite: yes please\n", "overwrite: true or false"),
     ("[a, b\n", ":2: not YAML or JSON"),
     ("- a\n", "not a mapping of option names to values"),
+    ('{"epochs": "two"}\n', "epochs: expected a whole number or auto, not 'two'"),  # named with its file
+    ("lr: [fast]\n", "lr: expected a number or auto, not 'fast'"),
 ])
 def test_a_bad_file_is_refused_with_its_key(tmp_path, capsys, text, message):
     cfg = tmp_path / "job.yaml"

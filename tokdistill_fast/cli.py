@@ -426,6 +426,14 @@ def with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
         values, one = (value if isinstance(value, list) else [value]), action.nargs is None
         if value is None or isinstance(value, dict) or not values or (one and len(values) != 1):
             raise UserInputError(f"--config {path}: {key}: needs {'one value' if one else 'values'}, not {value!r}")
+        for v in values:  # as argparse will read them, so that an error names the file
+            try:
+                read = action.type(str(v)) if action.type else str(v)
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+                raise UserInputError(f"--config {path}: {key}: {e}") from None
+            if action.choices is not None and read not in action.choices:
+                raise UserInputError(f"--config {path}: {key}: {v!r} is not one of "
+                                     f"{', '.join(map(str, action.choices))}")
         added += [f"{name}={values[0]}"] if one else [name, *map(str, values)]
     return rest[:at + 1] + added + rest[at + 1:]
 
