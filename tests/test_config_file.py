@@ -113,7 +113,8 @@ def test_a_config_from_python_is_checked_as_the_command_line_is(options, message
 
 def test_the_api_reads_one_corpus_path_and_refuses_what_it_cannot_read(tmp_path, monkeypatch):
     """distill(corpus="a.txt") reads that file (not each of its characters as a path, "/" among them); a config
-    that is not a DistillConfig and a word that is not a string are refused in one line."""
+    that is not a DistillConfig, a word that is not a string and a word given for a word-list file are refused in
+    one line."""
     from tokdistill_fast import pipeline
 
     seen = {}
@@ -124,6 +125,8 @@ def test_the_api_reads_one_corpus_path_and_refuses_what_it_cannot_read(tmp_path,
         distill("m", ["palatable"], config={"method": "mean"})
     with pytest.raises(UserInputError, match="every word must be a string, not 1"):
         swap.requested_words(["palatable", 1], None)
+    with pytest.raises(UserInputError, match=re.escape("new_tokens 'camphor': no such file; pass the words as a list")):
+        distill("m", "camphor", corpus=str(tmp_path / "a.txt"))  # a word, not a file: named as the API's argument
 
 
 def test_rows_kept_in_memory_get_the_finite_and_norm_checks():

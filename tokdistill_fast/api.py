@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import pipeline
-from .config import DistillConfig
+from .config import DistillConfig, UserInputError
 from .control import checkpoint, distributed, observed
 from .modeling.models import left_as_given
 from .results import DistillResult
@@ -30,6 +30,9 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
         raise TypeError(f"config must be a DistillConfig, not {type(config).__name__}: DistillConfig(**options)")
     cfg = (config or DistillConfig()).validate()
     corpus = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)  # one path, not its characters
+    if isinstance(new_tokens, str) and not Path(new_tokens).exists():
+        raise UserInputError(f"new_tokens {new_tokens!r}: no such file; pass the words as a list ([{new_tokens!r}]) "
+                             "or the path of a word-list file")
     if target_tokenizer is not None or cfg.target_tokenizer is not None:
         with observed.recording(), checkpoint.holding_locks(), left_as_given(model):
             return distill_target(model, target_tokenizer or cfg.target_tokenizer, corpus, out, cfg, tokenizer)

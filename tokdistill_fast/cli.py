@@ -176,7 +176,8 @@ def config_from(args: argparse.Namespace) -> DistillConfig:
 def cmd_distill(args: argparse.Namespace) -> int:
     from .api import distill
 
-    result = distill(args.model, args.new_tokens, args.corpus, args.out, config_from(args))
+    words = None if args.new_tokens is None else Path(args.new_tokens)  # a path: the API reads a str as maybe words
+    result = distill(args.model, words, args.corpus, args.out, config_from(args))
     r = result.report
     if launch().rank:  # torchrun: rank 0 reports
         return 0
