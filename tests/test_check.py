@@ -314,31 +314,33 @@ def test_out_that_would_lose_an_input_or_a_link_is_refused_before_the_work(model
 
 def test_an_output_file_that_is_an_input_is_refused_even_with_overwrite(model_dirs, tmp_path, capsys):
     """`select --out` / `eval --out` / `check --json` naming a file the command reads (its corpus, held-out text,
-    a file of a model directory) are refused before any work, --overwrite or not; before, `select --out
-    corpus.txt --overwrite` replaced the corpus with the word list and `eval --out OUT/report.json` the run's report.
-    A new file in a model directory is fine."""
+    a model directory's own file) are refused before any work, --overwrite or not; before, `select --out corpus.txt
+    --overwrite` replaced the corpus with the word list and `eval --out OUT/report.json` the run's report. Another
+    file in a model directory is written and replaced as any other."""
     import shutil
 
     model = tmp_path / "model"
     shutil.copytree(model_dirs[("llama", "bytelevel", True)], model)
-    corpus = tmp_path / "corpus.txt"
+    corpus = tmp_path / "texts" / "corpus.txt"
+    corpus.parent.mkdir()
     corpus.write_text("the palatable soup is palatable.\n" * 20)
     before = corpus.read_bytes(), (model / "config.json").read_bytes()
+    config = model / "config.json"
     for run, what in (
             (["select", "--model", str(model), "--corpus", str(corpus), "--out", str(corpus)], corpus),
-            (["select", "--model", str(model), "--corpus", str(corpus), "--out", str(model / "config.json")],
-             f"a file in {model}"),
+            (["select", "--model", str(model), "--corpus", str(corpus.parent), "--out", str(corpus)], corpus),
+            (["select", "--model", str(model), "--corpus", str(corpus), "--out", str(config)], config),
             (["eval", "--original", str(model), "--adapted", str(model), "--heldout", str(corpus), "--out",
               str(corpus)], corpus),
             (["eval", "--original", str(model), "--adapted", str(model), "--heldout", str(corpus), "--out",
-              str(model / "config.json")], f"a file in {model}"),
-            (["check", str(tmp_path / "nowhere"), "--original", str(model), "--json", str(model / "config.json")],
-             f"a file in {model}")):
+              str(config)], config),
+            (["check", str(tmp_path / "nowhere"), "--original", str(model), "--json", str(config)], config)):
         code = cli.main(["-q", *run, "--overwrite"])
         assert code == 2 and f" is {what}, which this command reads" in capsys.readouterr().err
     assert (corpus.read_bytes(), (model / "config.json").read_bytes()) == before
-    assert cli.main(["-q", "select", "--model", str(model), "--corpus", str(corpus), "--out",
-                     str(model / "words.txt"), "--min-count", "1"]) == 0
+    for _ in range(2):  # a file of its own in the model directory, written again with --overwrite
+        assert cli.main(["-q", "select", "--model", str(model), "--corpus", str(corpus), "--out",
+                         str(model / "words.txt"), "--min-count", "1", "--overwrite"]) == 0
 
 
 def test_out_where_nothing_can_be_written_fails_before_the_work(model_dirs, words_file, tmp_path, capsys,

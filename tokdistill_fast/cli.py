@@ -199,7 +199,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     for name, value in (("--max-words", args.max_words), ("--min-count", args.min_count), ("--top", top)):
         if value < 1:
             raise UserInputError(f"{name} must be 1 or more, not {value}")
-    out = check_out_file(args.out, args.overwrite, inputs=[args.model, *args.corpus])
+    out = check_out_file(args.out, args.overwrite, models=[args.model], texts=args.corpus)
     tokenizer = load_tokenizer(args.model, "--model")[0]
     found = select_tokens(tokenizer, args.corpus, args.top, args.min_count, max_words=args.max_words)
     if not found:
@@ -228,8 +228,8 @@ def cmd_check(args: argparse.Namespace) -> int:
               f"{sum(agree.matched.values())}/{sum(agree.compared.values())} texts")
         return 0 if agree.passed else 1
 
-    json_out = (check_out_file(args.json, args.overwrite, "--json", [args.original, *args.probe]) if args.json
-                else None)
+    json_out = (check_out_file(args.json, args.overwrite, "--json", [args.original], args.probe, "--probe")
+                if args.json else None)
     if json_out is not None and json_out.resolve().is_relative_to(Path(args.out).resolve()):
         raise UserInputError(f"--json {json_out} is inside the output being checked, which check only reads; "
                              "write it elsewhere")
@@ -280,7 +280,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.evalrun import markdown_summary, run_eval
     from .export import check_out_file
 
-    out = check_out_file(args.out, args.overwrite, inputs=[args.original, args.adapted, *args.heldout])
+    out = check_out_file(args.out, args.overwrite, models=[args.original, args.adapted, args.embedder],
+                         texts=args.heldout, text_flag="--heldout")
     report = run_eval(args.original, args.adapted, args.heldout, out, eval_options(args, args.snippet_length),
                       args.device, args.dtype)
     print(markdown_summary(report))

@@ -7,6 +7,7 @@ unless asked to replace it.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import glob
 import json
 import logging
@@ -22,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save
 
 from .config import UserInputError
-from .corpus import is_pattern
+from .corpus import corpus_files, is_pattern
 from .extend import GENERIC_CLASS
 
 log = logging.getLogger(__name__)
@@ -49,34 +50,40 @@ def check_out_dir(out: str | Path, overwrite: bool, inputs: Iterable[object] = (
         raise UserInputError(f"--out {out} exists and is not a directory")
     if out.exists():
         real = out.resolve()
-        for value in input_paths(inputs):
+        paths = [p for v in inputs if isinstance(v, (str, Path))  # as corpus_files reads them: a path, else a glob
+                 for p in ([v] if Path(v).exists() or not is_pattern(v)
+                           else glob.glob(str(v), recursive=True))]
+        for value in paths:
             if Path(value).resolve().is_relative_to(real):
                 raise UserInputError(f"--out {out} holds {value}, which this run reads: --overwrite would delete it; "
                                      "give another --out")
     return _creatable(out, "--out")
 
 
-def input_paths(inputs: Iterable[object]) -> list[str | Path]:
-    """The paths a command's `inputs` name, as corpus_files reads them: a path, else a glob (values that are not
-    paths are skipped)."""
-    return [p for v in inputs if isinstance(v, (str, Path))
-            for p in ([v] if Path(v).exists() or not is_pattern(v) else glob.glob(str(v), recursive=True))]
+# The files of a model directory that loading it, or reading a run's output, reads: an output file must not be one.
+MODEL_FILES = ("config.json", "generation_config.json", "report.json", "tokenizer*", "special_tokens_map.json",
+               "added_tokens.json", "chat_template*", "vocab.*", "merges.txt", "*.model", "*.safetensors*", "*.bin",
+               "*.gguf")
 
 
-def check_out_file(out: str | Path, overwrite: bool, flag: str = "--out", inputs: Iterable[object] = ()) -> Path:
+def check_out_file(out: str | Path, overwrite: bool, flag: str = "--out", models: Iterable[object] = (),
+                   texts: Iterable[str | Path] = (), text_flag: str = "--corpus") -> Path:
     """check_out_dir for an output file (select's word list, eval's JSON, check's --json), which write_text_atomic
-    then writes: an existing file that is one of the command's `inputs`, or inside one of its input directories (a
-    model's, a corpus's), is refused even with --overwrite."""
+    then writes: where it exists, a file the command reads is refused even with --overwrite: one of the `texts`
+    (corpus or held-out values, read as `text_flag` reads them) or a MODEL_FILES file of one of the `models`
+    directories (an eval.json written beside a run's output is replaced as any other)."""
     out = refuse_existing(out, overwrite, flag)
     if out.is_dir():
         raise UserInputError(f"{flag} {out} is a directory; give a file name")
     if out.exists():
         real = out.resolve()
-        for value in input_paths(inputs):
-            path = Path(value).resolve()
-            if real == path or path.is_dir() and real.is_relative_to(path):
-                raise UserInputError(f"{flag} {out} is {'' if real == path else 'a file in '}{value}, which this "
-                                     f"command reads: --overwrite would replace it; give another {flag}")
+        read = [(f, f.resolve()) for f in corpus_files(texts, text_flag)] if texts else []
+        read += [(Path(m) / out.name, Path(m).resolve() / out.name) for m in models
+                 if isinstance(m, (str, Path)) and any(fnmatch.fnmatch(out.name, pattern) for pattern in MODEL_FILES)]
+        for name, path in read:
+            if real == path:
+                raise UserInputError(f"{flag} {out} is {name}, which this command reads: --overwrite would replace it; "
+                                     f"give another {flag}")
     return _creatable(out, flag)
 
 
