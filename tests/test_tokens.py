@@ -367,6 +367,8 @@ def test_casing_variants_are_spellings_of_the_same_length_and_never_a_listed_wor
     ("words.txt", 'palatable\n"resplendent"\n', "line 2 is a quoted string"),
     ("words.txt", 'palatable\t8\n', "line 1 holds a tab (a second column?)"),
     ("words.txt", '# my words\npalatable\n', "line 1 is a comment ('# ')"),
+    ("words.txt", 'palatable\n\ufeff# my words\n', "line 2 is a comment ('# ')"),  # a BOM of a list pasted on
+    ("words.txt", '\u200b{"entity": " Hg"}\n', "line 1 is a JSON object"),
     ("words.jsonl", '{"entity": " Hg"}\n{"entity": " mmHg"\n', "line 2 is not JSON"),
     ("words.jsonl", '{"text": " Hg"}\n', "line 1 is not a word"),
     ("words.json", '{"entities": "United Nations"}', "key 'entities' holds no list of words"),

@@ -154,7 +154,7 @@ def _refuse_non_words(path: Path, lines: list[str]) -> None:
     (an object, a list or a quoted string: the file was meant to be read as JSON), a tab (a count column) or a
     "# " comment."""
     for n, line in enumerate(lines, 1):
-        text = line.strip()
+        text = line.strip().strip(INVISIBLE).strip()  # as clean_words reads the word
         why = ("holds a tab (a second column?); give one word per line, and counts in a .jsonl file's \"count\""
                if "\t" in text else "is a comment ('# ')" if regex.match(r"#\s", text) else None)
         if why is None and text.startswith(('{', '[', '"')):
