@@ -986,6 +986,13 @@ def test_a_word_whose_every_hit_is_dropped_is_named(model_dirs, tmp_path, caplog
         run = distill(model_dirs[("llama", "bytelevel", True)], ["bivalve", "bivalve-like"], [corpus], None, cfg)
     assert run.report["retrieval"]["dropped_tokenized_differently"] == {"bivalve": 6}  # the 4 sampled, 2 spares
     assert "1 word(s) found in the corpus without a snippet kept" in caplog.text and "'bivalve'" in caplog.text
+    caplog.clear()  # a start-of-text variant found only inside the longer word keeps its moved row: no warning
+    corpus.write_text("bivalve-like shell j, said the cook.\n\n" * 8 + "we ate a bivalve in the river.\n\n" * 8,
+                      encoding="utf-8")
+    with caplog.at_level("WARNING", logger="tokdistill_fast.workload"):
+        run = distill(model_dirs[("llama", "bytelevel", True)], ["bivalve", "bivalve-like"], [corpus], None,
+                      cfg.replace(add_variants=True, variant_epochs=1, dtype="bfloat16"))
+    assert "without a snippet kept" not in caplog.text
 
 
 def test_spare_hits_take_the_place_of_dropped_ones(tokenizers_by_kind, tmp_path):

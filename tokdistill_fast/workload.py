@@ -68,7 +68,8 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
                  "hits": {toks[i].word: h for i, h in zip(primaries, rstats.hits)},
                  "dropped_tokenized_differently": {toks[i].word: d for i, d in zip(primaries, dropped) if d},
                  "other_normalization": {toks[i].word: n for i, n in zip(primaries, rstats.other_form) if n}}
-        if lost := [toks[i].word for i, d in zip(primaries, dropped) if d and not found[i]]:
+        lost = [toks[i].word for i, d in zip(primaries, dropped) if d and not found[i]]
+        if lost and train is None:  # variants take no other text: they keep their moved rows
             log.warning("%d word(s) found in the corpus without a snippet kept: each occurrence sampled is read "
                         "otherwise, by the extended tokenizer (inside a longer new word) or the original one (a Han "
                         "or kana word after a space, its first subtoken taking the space), so they train on the "
