@@ -999,21 +999,26 @@ def test_spare_hits_take_the_place_of_dropped_ones(tokenizers_by_kind, tmp_path)
     """A sampled hit the word is read otherwise at (" bivalve" inside a new " bivalve-like") is replaced by one of
     the spares the sample passed by, so a frequent word keeps its corpus snippets (gretl's guide: " gretl", 936
     hits, had kept 19 of 25 and was topped up by the model's continuations); the sample itself is as without
-    spares."""
+    spares, and the held-out measure keeps it as it is."""
     from tokdistill_fast.contexts import Corpus, find_hits
+    from tokdistill_fast.evaluation.heldout import build_heldout
 
     tok = tokenizers_by_kind["bytelevel"]
     planned, _ = plan_new_tokens(tok, ["bivalve", "bivalve-like"], add_variants=False)
     extended = Extended.of(extend_tokenizer(tok, planned, "added"), planned, planned)
     corpus = tmp_path / "c.txt"
-    docs = ["a bivalve-like shell, said the cook."] + ["the cook found a bivalve in the river."] * 3
-    corpus.write_text("\n\n".join(docs * 6), encoding="utf-8")
+    docs = [f"a bivalve-like shell {k}, said the cook." if k % 4 == 0 else f"the cook found a bivalve in river {k}."
+            for k in range(24)]
+    corpus.write_text("\n\n".join(docs), encoding="utf-8")
     plain = find_hits(Corpus([corpus]), planned, 6, 40, 0)[0]
     spared = find_hits(Corpus([corpus]), planned, 6, 40, 0, spare=3)[0]
     assert [h[:6] for h in spared] == plain and [len(h) for h in spared] == [9, 6]
     snippets, _, dropped = retrieve([corpus], tok, planned, 6, 40, 0, start_id(tok), extended=extended)
     found = [sum(s.token == i for s in snippets) for i in range(2)]
     assert dropped[0] > 0 and found == [6, 6], (dropped, found)
+    _, _, sampled = retrieve([corpus], tok, planned, 6, 40, 0, start_id(tok), extended=extended, spares=False)
+    hs = build_heldout([corpus], tok, planned, [1000, 1001], 6, 40, 0, start_id(tok), extended=extended)
+    assert hs.per_token().tolist() == [6 - sampled[0], 6] and sampled[0] > 0  # the measure keeps its sample
 
 
 def test_russian_manuals_corpus_reads_the_three_manuals(tmp_path, monkeypatch):

@@ -397,6 +397,9 @@ def test_eval_cli_end_to_end(adapted, heldout_file, tiny_embedder, tmp_path, cap
     assert rc == 0
     report = json.loads(report_path.read_text())
     assert report["counts"]["tokens"] == 4 and report["counts"]["tokenizer_emits_new_id"] == 4
+    assert report["counts"]["tokens_with_heldout"] == sum(1 for t in report["tokens"] if t["snippets"])
+    assert report["found_not_measured"] == [t["word"] for t in report["tokens"]
+                                            if t["heldout_hits"] and not t["snippets"]]
     agg = report["aggregate"]
     assert {"kl", "kl_at_new", "top1", "top1_at_new", "nll_diff", "new_mass", "mse@2"} <= set(agg)
     for v in agg.values():

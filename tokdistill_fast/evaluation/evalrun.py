@@ -332,8 +332,8 @@ def markdown_summary(report: dict) -> str:
              f"{report['counts']['snippets']} snippets, {report['counts']['aligned_positions']} aligned positions",
              "| metric | mean | 95% CI |", "|---|---|---|"]
     if report.get("found_not_measured"):
-        lines.insert(1, f"found in the held-out text but not measured (every occurrence read apart by the adapted "
-                        f"tokenizer or cut): {', '.join(map(repr, report['found_not_measured']))}")
+        lines.insert(1, f"found in the held-out text but not measured (every occurrence sampled is read otherwise "
+                        f"there): {', '.join(map(repr, report['found_not_measured']))}")
     for name, v in report["aggregate"].items():
         lines.append(f"| {name} | {v['mean']:.4g} | [{v['ci95'][0]:.4g}, {v['ci95'][1]:.4g}] |")
     buckets = ", ".join(f"{b['offsets']}: {b['kl']:.4g} ({b['pairs']})" for b in report["kl_by_offset"])

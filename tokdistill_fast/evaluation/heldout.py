@@ -159,7 +159,7 @@ class HeldoutSet:
         return np.bincount(self.snippet_token, minlength=len(self.tokens))
 
     def unmeasured(self) -> list[str]:
-        """Words found in the held-out text without a snippet measured."""
+        """Words found in the held-out text without a snippet measured (each sampled hit read otherwise)."""
         return [t.word for t, hits, n in zip(self.tokens, self.hits, self.per_token()) if hits and not n]
 
     def aligned_in_cont(self) -> np.ndarray:
@@ -178,7 +178,7 @@ def build_heldout(paths: list[str | Path], tokenizer, toks: list[NewToken], new_
     end before an occurrence of their word that it reads and the merge cannot (contexts.cut_snippets). Tokens
     without held-out hits get no snippets (the report lists them)."""
     snippets, stats, _ = contexts.retrieve(paths, tokenizer, toks, per_token, length, seed, start, option="--heldout",
-                                           extended=extended)
+                                           extended=extended, spares=False)
     # two hits in a short document (or a passage the text repeats) cut the same window, aligned from the same first
     # occurrence: it is scored once, not once per hit
     unique: dict[tuple, contexts.Snippet] = {}
