@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from tokdistill_fast import DistillConfig, cli, distill, swap
+from tokdistill_fast import DistillConfig, api, cli, distill, swap
 from tokdistill_fast.config import UserInputError
 
 
@@ -127,6 +127,9 @@ def test_the_api_reads_one_corpus_path_and_refuses_what_it_cannot_read(tmp_path,
         swap.requested_words(["palatable", 1], None)
     with pytest.raises(UserInputError, match=re.escape("new_tokens 'camphor': no such file; pass the words as a list")):
         distill("m", "camphor", corpus=str(tmp_path / "a.txt"))  # a word, not a file: named as the API's argument
+    monkeypatch.setattr(api, "distill_target", lambda model, target, *a: seen.setdefault("target", target))
+    distill("m", "unused", corpus=str(tmp_path / "a.txt"), target_tokenizer="t")  # new_tokens is not read there
+    assert seen["target"] == "t"
 
 
 def test_rows_kept_in_memory_get_the_finite_and_norm_checks():

@@ -144,6 +144,7 @@ def test_quiet_turns_the_progress_bars_off(model_dirs, words_file, corpus_file, 
     from tokdistill_fast.cli import main
 
     monkeypatch.setattr(config, "_bars_off", False)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # the user's, given back when the bars come back
     run = ["distill", "--model", str(model_dirs[("llama", "bytelevel", True)]), "--new-tokens", str(words_file),
            "--corpus", str(corpus_file), "--target-layer", "2", "--batch-size", "4", "--snippets-per-token", "6",
            "--epochs", "1", "--more-epochs", "0", "--dtype", "float32", "--device", "cpu", "--no-variants"]
@@ -153,5 +154,7 @@ def test_quiet_turns_the_progress_bars_off(model_dirs, words_file, corpus_file, 
     err = capsys.readouterr().err
     assert not any(bar in err for bar in ("corpus", "teacher", "pass", "%|")), err
     assert not hf_logging.is_progress_bar_enabled()
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
     config.silence_progress_bars(False)
     assert hf_logging.is_progress_bar_enabled() and not config.progress(range(1)).disable
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"

@@ -30,12 +30,13 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
         raise TypeError(f"config must be a DistillConfig, not {type(config).__name__}: DistillConfig(**options)")
     cfg = (config or DistillConfig()).validate()
     corpus = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)  # one path, not its characters
-    if isinstance(new_tokens, str) and not Path(new_tokens).exists():
+    target = target_tokenizer or cfg.target_tokenizer
+    if target is None and isinstance(new_tokens, str) and not Path(new_tokens).exists():
         raise UserInputError(f"new_tokens {new_tokens!r}: no such file; pass the words as a list ([{new_tokens!r}]) "
                              "or the path of a word-list file")
-    if target_tokenizer is not None or cfg.target_tokenizer is not None:
+    if target is not None:
         with observed.recording(), checkpoint.holding_locks(), left_as_given(model):
-            return distill_target(model, target_tokenizer or cfg.target_tokenizer, corpus, out, cfg, tokenizer)
+            return distill_target(model, target, corpus, out, cfg, tokenizer)
     with distributed.setup(cfg.device) as ranks, observed.recording(), left_as_given(model):
         with checkpoint.stop_on_signals(active=out is not None and ranks.world == 1), checkpoint.holding_locks():
             return pipeline.distill_words(model, new_tokens, corpus, out, cfg, tokenizer, ranks)

@@ -120,18 +120,22 @@ def launch() -> Launch:
 
 
 _bars_off = False  # set by silence_progress_bars(); progress() reads it at each bar
+_hub_bars_env: str | None = None  # HF_HUB_DISABLE_PROGRESS_BARS as it was before the bars went off
 
 
 def silence_progress_bars(silent: bool = True) -> None:
     """Turn this process's progress bars off (or back on with `silent=False`): `--quiet`, and ranks other than 0 of
     a torchrun launch (one terminal shows one set of bars). Works whenever it is called, unlike TQDM_DISABLE, which
     tqdm reads once on import; the bars of transformers (loading and writing weights) follow."""
-    global _bars_off
-    _bars_off = silent
-    if silent:
+    global _bars_off, _hub_bars_env
+    if silent and not _bars_off:
+        _hub_bars_env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is first imported
-    else:
+    elif not silent and _bars_off:  # as the user had it
         os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        if _hub_bars_env is not None:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = _hub_bars_env
+    _bars_off = silent
     if "transformers" in sys.modules:
         hf_logging = sys.modules["transformers"].utils.logging
         (hf_logging.disable_progress_bar if silent else hf_logging.enable_progress_bar)()
