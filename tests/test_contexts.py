@@ -984,7 +984,7 @@ def test_a_word_whose_every_hit_is_dropped_is_named(model_dirs, tmp_path, caplog
                         device="cpu", add_variants=False)
     with caplog.at_level("WARNING", logger="tokdistill_fast.workload"):
         run = distill(model_dirs[("llama", "bytelevel", True)], ["bivalve", "bivalve-like"], [corpus], None, cfg)
-    assert run.report["retrieval"]["dropped_tokenized_differently"] == {"bivalve": 6}  # the 4 sampled, 2 spares
+    assert run.report["retrieval"]["dropped_tokenized_differently"] == {"bivalve": 5}  # the 4 sampled, 1 spare
     assert "1 word(s) found in the corpus without a snippet kept" in caplog.text and "'bivalve'" in caplog.text
     caplog.clear()  # a start-of-text variant found only inside the longer word keeps its moved row: no warning
     corpus.write_text("bivalve-like shell j, said the cook.\n\n" * 8 + "we ate a bivalve in the river.\n\n" * 8,
@@ -1007,18 +1007,18 @@ def test_spare_hits_take_the_place_of_dropped_ones(tokenizers_by_kind, tmp_path)
     planned, _ = plan_new_tokens(tok, ["bivalve", "bivalve-like"], add_variants=False)
     extended = Extended.of(extend_tokenizer(tok, planned, "added"), planned, planned)
     corpus = tmp_path / "c.txt"
-    docs = [f"a bivalve-like shell {k}, said the cook." if k % 4 == 0 else f"the cook found a bivalve in river {k}."
-            for k in range(24)]
+    docs = [f"a bivalve-like shell {k}, said the cook." if k % 8 == 0 else f"the cook found a bivalve in river {k}."
+            for k in range(64)]
     corpus.write_text("\n\n".join(docs), encoding="utf-8")
     plain = find_hits(Corpus([corpus]), planned, 6, 40, 0)[0]
     spared = find_hits(Corpus([corpus]), planned, 6, 40, 0, spare=3)[0]
-    assert [h[:6] for h in spared] == plain and [len(h) for h in spared] == [9, 6]
-    snippets, _, dropped = retrieve([corpus], tok, planned, 6, 40, 0, start_id(tok), extended=extended)
+    assert [h[:6] for h in spared] == plain and [len(h) for h in spared] == [9, 8]
+    snippets, _, dropped = retrieve([corpus], tok, planned, 12, 40, 0, start_id(tok), extended=extended)
     found = [sum(s.token == i for s in snippets) for i in range(2)]
-    assert dropped[0] > 0 and found == [6, 6], (dropped, found)
-    _, _, sampled = retrieve([corpus], tok, planned, 6, 40, 0, start_id(tok), extended=extended, spares=False)
-    hs = build_heldout([corpus], tok, planned, [1000, 1001], 6, 40, 0, start_id(tok), extended=extended)
-    assert hs.per_token().tolist() == [6 - sampled[0], 6] and sampled[0] > 0  # the measure keeps its sample
+    assert dropped[0] > 0 and found == [12, 8], (dropped, found)  # 3 spares of a sample of 12
+    _, _, sampled = retrieve([corpus], tok, planned, 12, 40, 0, start_id(tok), extended=extended, spares=False)
+    hs = build_heldout([corpus], tok, planned, [1000, 1001], 12, 40, 0, start_id(tok), extended=extended)
+    assert hs.per_token().tolist() == [12 - sampled[0], 8] and sampled[0] > 0  # the measure keeps its sample
 
 
 def test_russian_manuals_corpus_reads_the_three_manuals(tmp_path, monkeypatch):
