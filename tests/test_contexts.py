@@ -984,7 +984,7 @@ def test_a_word_whose_every_hit_is_dropped_is_named(model_dirs, tmp_path, caplog
                         device="cpu", add_variants=False)
     with caplog.at_level("WARNING", logger="tokdistill_fast.workload"):
         run = distill(model_dirs[("llama", "bytelevel", True)], ["bivalve", "bivalve-like"], [corpus], None, cfg)
-    assert run.report["retrieval"]["dropped_tokenized_differently"] == {"bivalve": 5}  # the 4 sampled, 1 spare
+    assert run.report["retrieval"]["dropped_tokenized_differently"] == {"bivalve": 4}  # the hits sampled
     assert "1 word(s) found in the corpus without a snippet kept" in caplog.text and "'bivalve'" in caplog.text
     caplog.clear()  # a start-of-text variant found only inside the longer word keeps its moved row: no warning
     corpus.write_text("bivalve-like shell j, said the cook.\n\n" * 8 + "we ate a bivalve in the river.\n\n" * 8,
@@ -993,32 +993,6 @@ def test_a_word_whose_every_hit_is_dropped_is_named(model_dirs, tmp_path, caplog
         run = distill(model_dirs[("llama", "bytelevel", True)], ["bivalve", "bivalve-like"], [corpus], None,
                       cfg.replace(add_variants=True, variant_epochs=1, dtype="bfloat16"))
     assert "without a snippet kept" not in caplog.text
-
-
-def test_spare_hits_take_the_place_of_dropped_ones(tokenizers_by_kind, tmp_path):
-    """A sampled hit the word is read otherwise at (" bivalve" inside a new " bivalve-like") is replaced by one of
-    the spares the sample passed by, so a frequent word keeps its corpus snippets (gretl's guide: " gretl", 936
-    hits, had kept 19 of 25 and was topped up by the model's continuations); the sample itself is as without
-    spares, and the held-out measure keeps it as it is."""
-    from tokdistill_fast.contexts import Corpus, find_hits
-    from tokdistill_fast.evaluation.heldout import build_heldout
-
-    tok = tokenizers_by_kind["bytelevel"]
-    planned, _ = plan_new_tokens(tok, ["bivalve", "bivalve-like"], add_variants=False)
-    extended = Extended.of(extend_tokenizer(tok, planned, "added"), planned, planned)
-    corpus = tmp_path / "c.txt"
-    docs = [f"a bivalve-like shell {k}, said the cook." if k % 8 == 0 else f"the cook found a bivalve in river {k}."
-            for k in range(64)]
-    corpus.write_text("\n\n".join(docs), encoding="utf-8")
-    plain = find_hits(Corpus([corpus]), planned, 6, 40, 0)[0]
-    spared = find_hits(Corpus([corpus]), planned, 6, 40, 0, spare=3)[0]
-    assert [h[:6] for h in spared] == plain and [len(h) for h in spared] == [9, 8]
-    snippets, _, dropped = retrieve([corpus], tok, planned, 12, 40, 0, start_id(tok), extended=extended)
-    found = [sum(s.token == i for s in snippets) for i in range(2)]
-    assert dropped[0] > 0 and found == [12, 8], (dropped, found)  # 3 spares of a sample of 12
-    _, _, sampled = retrieve([corpus], tok, planned, 12, 40, 0, start_id(tok), extended=extended, spares=False)
-    hs = build_heldout([corpus], tok, planned, [1000, 1001], 12, 40, 0, start_id(tok), extended=extended)
-    assert hs.per_token().tolist() == [12 - sampled[0], 8] and sampled[0] > 0  # the measure keeps its sample
 
 
 def test_russian_manuals_corpus_reads_the_three_manuals(tmp_path, monkeypatch):

@@ -124,10 +124,9 @@ class WordChars(dict):
 
 
 def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window_chars: int, seed: int,
-              stop_when_full: bool = False, spare: int = 0) -> tuple[list[list[Hit]], RetrievalStats]:
+              stop_when_full: bool = False) -> tuple[list[list[Hit]], RetrievalStats]:
     """One Aho-Corasick pass: for each token, a uniform sample of at most `keep` hits at word boundaries, each
-    with up to `window_chars` characters of its document on either side, followed by up to `spare` more hits that
-    the sample passed by (the sample itself does not depend on `spare`). Long documents arrive in pieces: the
+    with up to `window_chars` characters of its document on either side. Long documents arrive in pieces: the
     tail of the document read so far is kept (`buf`) so that hits across piece boundaries are found once, with
     the same windows as in the whole document. With `stop_when_full`, stops once every token has `keep` hits."""
     import ahocorasick
@@ -176,15 +175,10 @@ def find_hits(pieces: Iterable[Piece], tokens: list[NewToken], keep: int, window
             counts[i] += 1
             held = kept[i]
             slot = len(held)
-            if slot >= keep:  # reservoir sampling: the n-th hit replaces a random kept one with probability keep/n
+            if slot == keep:  # reservoir sampling: the n-th hit replaces a random kept one with probability keep/n
                 slot = int(draw() * counts[i])
-                if slot < keep and len(held) < keep + spare:
-                    held.append(held[slot])  # the hit it replaces becomes a spare
-                elif slot >= keep:  # passed by: a spare, appended until there are `spare`, then as the draw falls
-                    if len(held) < keep + spare:
-                        slot = len(held)
-                    elif slot >= keep + spare:
-                        continue
+                if slot >= keep:
+                    continue
             lo, hi = max(0, start - window_chars), min(size, end + window_chars)
             hit = Hit(buf[lo:hi], start - lo, end - lo, lo == 0 and buf_first, hi == size and doc_end)
             if slot == len(held):
@@ -333,21 +327,16 @@ def cut_snippets(tokenizer, tokens: list[NewToken], hits: list[list[Hit]], lengt
 
 def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_token: int, length: int, seed: int,
              start: int | None, stop_when_full: bool = False, max_bytes: int | None = None,
-             max_before: int | str | None = None, option: str = "--corpus", extended: Extended | None = None,
-             spares: bool = True) -> tuple[list[Snippet], RetrievalStats, list[int]]:
+             max_before: int | str | None = None, option: str = "--corpus", extended: Extended | None = None
+             ) -> tuple[list[Snippet], RetrievalStats, list[int]]:
     """Snippets from the corpus for every primary token (variants take their primary's rows). `stop_when_full`
     and `max_bytes` end the pass early (see the module docstring for what that costs); `max_before` caps the
     tokens kept before the word (None: centred windows; auto: left_context); `option` names the files in error
-    messages; `extended`: see cut_snippets; `spares`: a sampled hit dropped there is replaced by one of a quarter as
-    many again that the sample passed by (training; the held-out measure keeps its sample as it is). A quarter: the
-    drops seen were up to a quarter of a frequent word's sample (gretl's guide's " gretl", 6 of 25), and every spare
-    holds its window in memory until the snippets are cut."""
+    messages; `extended`: see cut_snippets."""
     if not paths:
         raise UserInputError(NO_CORPUS)
     corpus = Corpus(paths, max_bytes, option=option)
-    found, stats = find_hits(corpus, tokens, per_token, CHARS_PER_TOKEN * length, seed, stop_when_full,
-                             per_token // 4 if spares else 0)
-    hits, spares = [h[:per_token] for h in found], [h[per_token:] for h in found]
+    hits, stats = find_hits(corpus, tokens, per_token, CHARS_PER_TOKEN * length, seed, stop_when_full)
     stats.files, stats.bytes_read = len(corpus.files), corpus.bytes_read
     if corpus.truncated:
         stats.stopped_early = "max_bytes"
@@ -359,15 +348,6 @@ def retrieve(paths: list[str | Path], tokenizer, tokens: list[NewToken], per_tok
         log.info("left context: %s tokens before the word (the windows read at %.2f characters a token)",
                  stats.left_context, stats.chars_per_token)
     snippets, dropped = cut_snippets(tokenizer, tokens, hits, length, start, stats.left_context, extended)
-    if any(d and s for d, s in zip(dropped, spares)):  # hits the word is read otherwise at: spares take their place
-        more, more_dropped = cut_snippets(tokenizer, tokens, [s if d else [] for d, s in zip(dropped, spares)],
-                                          length, start, stats.left_context, extended)
-        taken = [0] * len(tokens)
-        for snippet in more:
-            if taken[snippet.token] < dropped[snippet.token]:
-                taken[snippet.token] += 1
-                snippets.append(snippet)
-        dropped = [d + m for d, m in zip(dropped, more_dropped)]
     return snippets, stats, dropped
 
 

@@ -178,7 +178,7 @@ def build_heldout(paths: list[str | Path], tokenizer, toks: list[NewToken], new_
     end before an occurrence of their word that it reads and the merge cannot (contexts.cut_snippets). Tokens
     without held-out hits get no snippets (the report lists them)."""
     snippets, stats, _ = contexts.retrieve(paths, tokenizer, toks, per_token, length, seed, start, option="--heldout",
-                                           extended=extended, spares=False)
+                                           extended=extended)
     # two hits in a short document (or a passage the text repeats) cut the same window, aligned from the same first
     # occurrence: it is scored once, not once per hit
     unique: dict[tuple, contexts.Snippet] = {}
