@@ -74,6 +74,35 @@ def test_changed_normalizer_is_refused(original, tmp_path):
         target_tokenizer.validate_extension(original, tok, [], ["The Doctor said."])
 
 
+def test_a_normalizer_that_changes_text_is_refused_where_new_pieces_are_everywhere(original, t2, t2_dir,
+                                                                                    corpus_text, tmp_path):
+    """A text on which T2 emits new pieces is not compared id for id, so an NFKC normalizer there had passed
+    validation and failed the output check after the whole training: such a text must decode as the original's."""
+    from tokenizers import normalizers
+
+    new = target_tokenizer.new_ids_of(original, t2, set())
+    text = corpus_text[:400] + " ﬁne Ｄoctor"  # a ligature and a full-width letter, which NFKC rewrites
+    assert set(new) & set(t2(text, add_special_tokens=False)["input_ids"])
+    target_tokenizer.validate_extension(original, t2, new, [text])
+    tok = target_tokenizer.load_tokenizer(t2_dir)[0]
+    tok.backend_tokenizer.normalizer = normalizers.NFKC()
+    with pytest.raises(UserInputError, match="reads text as other text"):
+        target_tokenizer.validate_extension(original, tok, new, [text])
+
+
+def test_a_tokenizer_without_the_models_bos_is_refused(tokenizers_by_kind, tmp_path):
+    """T2 must frame text as the model's tokenizer does: one that no longer adds BOS changes the ids of every text
+    (add_special_tokens=False had hidden it from the comparison)."""
+    gemma_like = tokenizers_by_kind["metaspace"]
+    path = tmp_path / "nobos"
+    gemma_like.save_pretrained(path)
+    tok = target_tokenizer.load_tokenizer(path)[0]
+    tok.backend_tokenizer.post_processor = None
+    assert gemma_like("The Doctor said.")["input_ids"][0] == gemma_like.bos_token_id
+    with pytest.raises(UserInputError, match="adds other special tokens around a text"):
+        target_tokenizer.validate_extension(gemma_like, tok, [], ["The Doctor said."])
+
+
 def test_plan_uses_the_piece_form_of_word_internal_pieces(original, t2):
     toks = target_tokenizer.plan_tokens(original, t2, target_tokenizer.new_ids_of(original, t2, set()))
     for t in toks:
@@ -195,7 +224,7 @@ def tiny_model_dir(tmp_path_factory, original) -> Path:
 
 
 def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, original, corpus_file, tmp_path,
-                                                  monkeypatch, capsys):
+                                                  monkeypatch, capsys, model_dirs):
     from transformers import AutoTokenizer
 
     real, loads = AutoTokenizer.from_pretrained, []
@@ -248,6 +277,9 @@ def test_distill_with_target_tokenizer_end_to_end(tiny_model_dir, t2_dir, t2, or
     assert moved.tolist() == [t["contexts"] > 0 for t in report["tokens"]]
     # `tokdistill check` passes on the output (with the original for the comparisons)
     assert cli.main(["check", str(out), "--original", str(tiny_model_dir), "--no-forward"]) == 0
+    capsys.readouterr()  # another model as --original: one line, as for an output of added words
+    assert cli.main(["check", str(out), "--original", str(model_dirs[("gemma3", "metaspace", True)])]) == 2
+    assert "is it the model the output was made from?" in capsys.readouterr().err
 
 
 def test_in_memory_model_and_tokenizers(tiny_model_dir, original, t2, corpus_file):

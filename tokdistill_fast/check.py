@@ -461,7 +461,7 @@ def run_checks(out: str | Path, original: Original | None = None, probe_texts: l
     find = Findings()
     new = new_tokens_of(out)
     tok, reload_s = load_tokenizer(out)
-    if original is not None and not any(t["kind"] == "target" for t in new):
+    if original is not None:
         refuse_other_original(tok, original.tokenizer)
     paragraphs = probe_paragraphs([PROBE_TEXT] + list(probe_texts or []))
     section: dict = {"new_tokens": len(new), "kinds": dict(Counter(t["kind"] or "unknown" for t in new)),

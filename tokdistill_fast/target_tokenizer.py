@@ -93,7 +93,9 @@ def new_ids_of(original, target, listed: set[int]) -> list[int]:
 
 def validate_extension(original, target, new_ids: list[int], texts: list[str]) -> None:
     """Refuse T2 unless it extends the original: every id that is not new keeps its piece (and no original id is
-    dropped), and each text on which T2 emits no new id tokenizes exactly as the original tokenizes it."""
+    dropped), each text on which T2 emits no new id tokenizes exactly as the original tokenizes it, each other
+    decodes to the same text (a normalizer that changes text is caught where new pieces are everywhere), and T2
+    adds the same special tokens around a text (BOS)."""
     new = set(new_ids)
     t_vocab = target.get_vocab()
     t_piece = {i: p for p, i in t_vocab.items()}
@@ -110,14 +112,29 @@ def validate_extension(original, target, new_ids: list[int], texts: list[str]) -
                              f"{'missing' if now is None else repr(now)} ({hint})")
     encs_t = target.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     encs_o = original.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    not_an_extension = "--tokenizer is not an extension of the model's tokenizer: it"
     for text, et, eo in zip(texts, encs_t, encs_o):
-        if et.ids != eo.ids and not new.intersection(et.ids):
-            k = next(k for k, (a, b) in enumerate(zip(et.ids + [-1], eo.ids + [-1])) if a != b)
-            raise UserInputError(
-                "--tokenizer is not an extension of the model's tokenizer: it tokenizes text differently without "
-                f"using a new piece (a different normalizer or pre-tokenizer?), from token {k} of {text[:60]!r}: "
-                f"{target.convert_ids_to_tokens(et.ids[k:k + 3])} vs "
-                f"{original.convert_ids_to_tokens(eo.ids[k:k + 3])}")
+        if not new.intersection(et.ids):
+            if et.ids != eo.ids:
+                k = next(k for k, (a, b) in enumerate(zip(et.ids + [-1], eo.ids + [-1])) if a != b)
+                raise UserInputError(
+                    f"{not_an_extension} tokenizes text differently without using a new piece (a different "
+                    f"normalizer or pre-tokenizer?), from token {k} of {text[:60]!r}: "
+                    f"{target.convert_ids_to_tokens(et.ids[k:k + 3])} vs "
+                    f"{original.convert_ids_to_tokens(eo.ids[k:k + 3])}")
+            continue
+        read, want = (tok.decode(e.ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                      for tok, e in ((target, et), (original, eo)))
+        if read != want:  # where it uses new pieces, it must still read the same text
+            k = next(k for k, (a, b) in enumerate(zip(read + "\0", want + "\0")) if a != b)
+            raise UserInputError(f"{not_an_extension} reads text as other text (a different normalizer?): "
+                                 f"{want[max(0, k - 20):k + 30]!r} comes back as {read[max(0, k - 20):k + 30]!r}")
+    plain = next((text for text, et in zip(texts, encs_t) if not new.intersection(et.ids)), None)
+    if plain is not None and (framed := target(plain)["input_ids"]) != (was := original(plain)["input_ids"]):
+        raise UserInputError(f"{not_an_extension} adds other special tokens around a text (its post-processor): "
+                             f"{target.convert_ids_to_tokens(framed[:2])}...{target.convert_ids_to_tokens(framed[-1:])}"
+                             f" where the model's adds {original.convert_ids_to_tokens(was[:2])}..."
+                             f"{original.convert_ids_to_tokens(was[-1:])}")
 
 
 def plan_tokens(original, target, new_ids: list[int]) -> list[NewToken]:
