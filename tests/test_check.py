@@ -179,6 +179,26 @@ def test_check_names_changed_original_rows(good, tmp_path, capsys):
     assert "check original_rows failed" in err and "row 7" in err
 
 
+def test_check_prints_its_warnings(good, capsys, monkeypatch):
+    """Every warning is printed with the verdict, not only kept in the --json file (`passed` alone had hidden a
+    short row's warning; only runtime warnings were printed)."""
+    from tokdistill_fast import check
+
+    src, out = good
+    real = check.check_dir
+
+    def with_a_warning(*args, **kwargs):
+        section = real(*args, **kwargs)
+        section["warnings"].append({"check": "norm_low", "token": " palatable", "detail": "input row norm 0.1 below"})
+        return section
+
+    monkeypatch.setattr(check, "check_dir", with_a_warning)
+    assert cli.main(["check", str(out), "--original", str(src), "--no-forward"]) == 0
+    captured = capsys.readouterr()
+    assert "warning (norm_low, ' palatable'): input row norm 0.1 below" in captured.err
+    assert "warning (runtime)" in captured.err and "passed (2 warning(s))" in captured.out
+
+
 def test_check_names_a_config_that_disagrees_with_the_rows_and_skips_the_forward_pass(good, tmp_path, capsys):
     """A config.vocab_size other than the row count fails as `vocab_size`, with the forward pass left out (the model
     does not load): before, transformers' loading error came out as a traceback."""

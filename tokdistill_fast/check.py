@@ -564,9 +564,14 @@ def markdown(report: dict) -> str:
                      f"max {p['padding_mass_max']:.2e}; on new ids: mean {p['new_ids_mass_mean']:.2e}")
     lines += ["", f"## Check: {'passed' if c['passed'] else 'FAILED'}", ""]
     lines += [f"- {line}" for line in summary_lines(c)]
-    lines += [f"- warning ({w['check']}{', ' + repr(w['token']) if w['token'] else ''}): {w['detail']}"
-              for w in c["warnings"][:10]]
+    lines += [f"- {line}" for line in warning_lines(c, 10)]
     return "\n".join(lines) + "\n"
+
+
+def warning_lines(section: dict, most: int | None = None) -> list[str]:
+    """One line per warning (check, token, detail), for report.md and the console."""
+    return [f"warning ({w['check']}{', ' + repr(w['token']) if w['token'] else ''}): {w['detail']}"
+            for w in section["warnings"][:most]]
 
 
 def check_dir(out: str | Path, original: str | Path | None = None, probes: list[str] | None = None,

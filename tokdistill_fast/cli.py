@@ -214,7 +214,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import check_dir, summary_lines
+    from .check import check_dir, summary_lines, warning_lines
     from .export import check_out_file, write_json
 
     if args.runtime:
@@ -236,13 +236,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     section = check_dir(args.out, args.original, args.probe, forward=not args.no_forward)
     if json_out is not None:
         write_json(json_out, section)
-    for line in summary_lines(section):
+    for line in summary_lines(section) + warning_lines(section):
         print(line, file=sys.stderr)
-    for w in section["warnings"]:
-        if w["check"] == "runtime":
-            print(f"warning: {w['detail']}", file=sys.stderr)
     t = section["tokenizer"]
-    print(f"{'passed' if section['passed'] else 'FAILED'}: {section['new_tokens']} new token(s), "
+    warned = f" ({len(section['warnings'])} warning(s))" if section["warnings"] else ""
+    print(f"{'passed' if section['passed'] else 'FAILED'}{warned}: {section['new_tokens']} new token(s), "
           f"{section['one_id']['contexts_checked']} contexts, {section['probe']['paragraphs']} probe paragraphs, "
           f"tokenizer reload {t['reload_seconds']:.2f} s" + (f" -> {json_out}" if json_out else ""))
     return 0 if section["passed"] else 1
