@@ -36,6 +36,25 @@ def t2(t2_dir):
     return target_tokenizer.load_tokenizer(t2_dir)[0]
 
 
+def test_extend_bpe_keeps_the_tokenizers_settings(original, corpus_text, tmp_path):
+    """extend_bpe's tokenizer keeps what distill --tokenizer then ships as it is: chat template, padding side and
+    special tokens (it had built a bare tokenizer: an Instruct model's output lost its chat template), and the ids
+    of added tokens after the model's vocabulary (Llama-3's specials), which tokenizers had moved behind the new
+    pieces."""
+    path = tmp_path / "orig"
+    original.save_pretrained(path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    tok = target_tokenizer.load_tokenizer(path)[0]
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    tok.add_special_tokens({"additional_special_tokens": ["<mask>"]})
+    merges = extend_bpe.continue_merges(tok, extend_bpe.word_counts(tok, [corpus_text]), 5)
+    new = extend_bpe.extended(tok, merges)
+    assert len(new) == len(tok) + 5 and new.chat_template == tok.chat_template and new.padding_side == "left"
+    assert "<mask>" in new.all_special_tokens and new.convert_tokens_to_ids("<mask>") == tok.convert_tokens_to_ids(
+        "<mask>")
+
+
 def test_extension_appends_pieces_and_keeps_original_ids(original, t2, corpus_text):
     new = target_tokenizer.new_ids_of(original, t2, set())
     assert new == list(range(len(original), len(original) + N_MERGES))

@@ -11,6 +11,7 @@ import argparse
 import heapq
 import json
 from collections import Counter, defaultdict
+from pathlib import Path
 
 from ..config import UserInputError
 
@@ -77,21 +78,28 @@ def continue_merges(tokenizer, counts: Counter, n_merges: int) -> list[tuple[str
 
 
 def extended(tokenizer, merges: list[tuple[str, str]]):
-    """A copy of the fast tokenizer with `merges` appended and their pieces given ids after every existing id."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
+    """A copy of the fast tokenizer with `merges` appended and their pieces given ids after every existing id; the
+    rest of it as it was (chat template, special tokens, padding side: its tokenizer_config.json), since distill
+    --tokenizer ships this tokenizer as it is."""
+    import tempfile
+
+    from transformers import AutoTokenizer
 
     tj = json.loads(tokenizer.backend_tokenizer.to_str())
     if tj["model"].get("type") != "BPE":
         raise UserInputError("extend_bpe: the tokenizer's model is not BPE")
     next_id = max(tokenizer.get_vocab().values()) + 1
+    vocab = tj["model"]["vocab"]
+    for added in tj["added_tokens"]:  # tokenizers gives an added token not in the model's vocabulary the id after
+        vocab.setdefault(added["content"], added["id"])  # it, so Llama-3's would move behind the new pieces
     string_merges = bool(tj["model"]["merges"]) and isinstance(tj["model"]["merges"][0], str)
     for k, (a, b) in enumerate(merges):
-        tj["model"]["vocab"][a + b] = next_id + k
+        vocab[a + b] = next_id + k
         tj["model"]["merges"].append(f"{a} {b}" if string_merges else [a, b])
-    kw = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
-          if getattr(tokenizer, k, None) is not None}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(tj)), **kw)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        (Path(tmp) / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+        return AutoTokenizer.from_pretrained(tmp)
 
 
 def main(argv: list[str] | None = None) -> int:
