@@ -328,6 +328,10 @@ def test_bad_target_fails_before_the_model_loads(tiny_model_dir, original, corpu
     code = cli.main(["distill", "--model", str(tiny_model_dir), "--tokenizer", str(bad), "--corpus",
                      str(corpus_file), "--out", str(tmp_path / "o")])
     assert code == 2 and "id 100 was" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    for options in (["--contexts", "generate"], ["--top-up", "word"], ["--no-variants", "--casing-variants"]):
+        code = cli.main(["distill", "--model", str(tiny_model_dir), "--tokenizer", str(bad), "--corpus",
+                         str(corpus_file), "--out", str(tmp_path / "o"), *options])  # options it would not use
+        assert code == 2 and "not used with --tokenizer" in capsys.readouterr().err
 
 
 def test_cut_snaps_to_common_boundaries_within_the_budget():

@@ -316,8 +316,16 @@ def build_workload(cfg: DistillConfig, original, target, toks: list[NewToken], c
                              retrieval)
 
 
+# Options of added words that a given tokenizer leaves nothing to do for: T2's own ids and the corpus's text.
+UNUSED = {"contexts": "--contexts", "top_up": "--top-up", "tokenizer_mode": "--tokenizer-mode",
+          "casing_variants": "--casing-variants", "add_variants": "--no-variants"}
+
+
 def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tokenizer) -> DistillResult:
     """api.distill with a given target tokenizer (module docstring). One process, no chunks or checkpoints."""
+    if given := [flag for field, flag in UNUSED.items() if getattr(cfg, field) != getattr(DistillConfig, field)]:
+        raise UserInputError(f"{', '.join(given)}: not used with --tokenizer, which trains T2's new ids on the corpus "
+                             "where T2 emits them; leave them out")
     if cfg.prefix_sharing not in ("auto", "off"):
         raise UserInputError("--prefix-sharing on/fused cannot run with --tokenizer: the student's first aligned "
                              "position may follow new pieces, so its prefix is not the teacher's (use off or auto)")
