@@ -128,8 +128,10 @@ def test_the_api_reads_one_corpus_path_and_refuses_what_it_cannot_read(tmp_path,
     with pytest.raises(UserInputError, match=re.escape("new_tokens 'camphor': no such file; pass the words as a list")):
         distill("m", "camphor", corpus=str(tmp_path / "a.txt"))  # a word, not a file: named as the API's argument
     monkeypatch.setattr(api, "distill_target", lambda model, target, *a: seen.setdefault("target", target))
-    distill("m", "unused", corpus=str(tmp_path / "a.txt"), target_tokenizer="t")  # new_tokens is not read there
+    distill("m", None, corpus=str(tmp_path / "a.txt"), target_tokenizer="t")
     assert seen["target"] == "t"
+    with pytest.raises(UserInputError, match="give new_tokens or a target tokenizer, not both"):
+        distill("m", ["palatable"], corpus=str(tmp_path / "a.txt"), target_tokenizer="t")  # not dropped silently
 
 
 def test_rows_kept_in_memory_get_the_finite_and_norm_checks():

@@ -24,13 +24,16 @@ def distill(model, new_tokens=None, corpus=(), out: str | Path | None = None, co
     new_embeddings.safetensors and report.json), and the run keeps checkpoints to resume from (checkpoint.py;
     SIGINT/SIGTERM then stop at a step boundary). Under torchrun, the processes share the training
     (distributed.py) and rank 0 writes `out`. target_tokenizer (or config.target_tokenizer): learn rows for the new
-    ids of this given tokenizer instead of adding tokens (target_tokenizer.py; new_tokens is then unused).
+    ids of this given tokenizer instead of adding tokens (target_tokenizer.py; new_tokens must be None).
     """
     if config is not None and not isinstance(config, DistillConfig):
         raise TypeError(f"config must be a DistillConfig, not {type(config).__name__}: DistillConfig(**options)")
     cfg = (config or DistillConfig()).validate()
     corpus = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)  # one path, not its characters
     target = target_tokenizer or cfg.target_tokenizer
+    if target is not None and new_tokens is not None:
+        raise UserInputError("give new_tokens or a target tokenizer, not both: a target tokenizer's new ids are the "
+                             "tokens")
     if target is None and isinstance(new_tokens, str) and not Path(new_tokens).exists():
         raise UserInputError(f"new_tokens {new_tokens!r}: no such file; pass the words as a list ([{new_tokens!r}]) "
                              "or the path of a word-list file")
