@@ -135,7 +135,7 @@ def test_variants_take_the_primary_row_moved_by_the_subtoken_offset(run):
 def test_an_in_memory_model_keeps_its_modes_and_trainable_weights(model_dirs, words_file, corpus_file):
     """An in-memory model of the run's dtype is computed with in place, frozen: the run leaves its modes and
     requires_grad flags as the caller had them (before, a model in training mode came back in eval mode with no
-    parameter trainable) and its weights untouched."""
+    parameter trainable), its weights and its tokenizer untouched."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tokdistill_fast import DistillConfig, distill
@@ -145,12 +145,14 @@ def test_an_in_memory_model_keeps_its_modes_and_trainable_weights(model_dirs, wo
     model.model.layers[0].requires_grad_(False)
     flags = [p.requires_grad for p in model.parameters()]
     before = [p.detach().clone() for p in model.parameters()]
+    vocab, ids = tok.get_vocab(), tok(" palatable soup")["input_ids"]
     distill(model, words_file, [corpus_file], None, DistillConfig(target_layer=2, epochs=1, more_epochs=0,
                                                                   snippets_per_token=4, batch_size=4,
                                                                   dtype="float32", device="cpu"), tokenizer=tok)
     assert model.training and all(m.training for m in model.modules())
     assert [p.requires_grad for p in model.parameters()] == flags and not all(flags) and any(flags)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert tok.get_vocab() == vocab and tok(" palatable soup")["input_ids"] == ids  # the tokenizer too
 
 
 def test_loss_positions_trains_on_the_first_positions_after_the_word(model_dirs, words_file, corpus_file, tmp_path):
