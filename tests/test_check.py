@@ -189,14 +189,15 @@ def test_check_prints_its_warnings(good, capsys, monkeypatch):
 
     def with_a_warning(*args, **kwargs):
         section = real(*args, **kwargs)
-        section["warnings"].append({"check": "norm_low", "token": " palatable", "detail": "input row norm 0.1 below"})
+        section["warnings"] += [{"check": "norm_low", "token": " palatable", "detail": "input row norm 0.1 below"}] * 25
         return section
 
     monkeypatch.setattr(check, "check_dir", with_a_warning)
     assert cli.main(["check", str(out), "--original", str(src), "--no-forward"]) == 0
     captured = capsys.readouterr()
     assert "warning (norm_low, ' palatable'): input row norm 0.1 below" in captured.err
-    assert "warning (runtime)" in captured.err and "passed (2 warning(s))" in captured.out
+    assert "warning (runtime)" in captured.err and "passed (26 warning(s))" in captured.out
+    assert captured.err.count("warning (") == 20 and "... and 6 more warning(s)" in captured.err  # not a flood
 
 
 def test_check_names_a_config_that_disagrees_with_the_rows_and_skips_the_forward_pass(good, tmp_path, capsys):
@@ -344,12 +345,15 @@ def test_an_output_file_that_is_an_input_is_refused_even_with_overwrite(model_di
     corpus = tmp_path / "texts" / "corpus.txt"
     corpus.parent.mkdir()
     corpus.write_text("the palatable soup is palatable.\n" * 20)
+    (model / "pytorch_model.bin.index.json").write_text("{}")  # a sharded checkpoint's index
     before = corpus.read_bytes(), (model / "config.json").read_bytes()
     config = model / "config.json"
     for run, what in (
             (["select", "--model", str(model), "--corpus", str(corpus), "--out", str(corpus)], corpus),
             (["select", "--model", str(model), "--corpus", str(corpus.parent), "--out", str(corpus)], corpus),
             (["select", "--model", str(model), "--corpus", str(corpus), "--out", str(config)], config),
+            (["select", "--model", str(model), "--corpus", str(corpus), "--out",
+              str(model / "pytorch_model.bin.index.json")], model / "pytorch_model.bin.index.json"),
             (["eval", "--original", str(model), "--adapted", str(model), "--heldout", str(corpus), "--out",
               str(corpus)], corpus),
             (["eval", "--original", str(model), "--adapted", str(model), "--heldout", str(corpus), "--out",

@@ -158,3 +158,8 @@ def test_quiet_turns_the_progress_bars_off(model_dirs, words_file, corpus_file, 
     config.silence_progress_bars(False)
     assert hf_logging.is_progress_bar_enabled() and not config.progress(range(1)).disable
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # bars the user turned off stay off
+    config.silence_progress_bars()
+    config.silence_progress_bars(False)
+    assert not hf_logging.is_progress_bar_enabled() and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    hf_logging.enable_progress_bar()

@@ -118,8 +118,9 @@ def test_a_tokenizer_without_the_models_bos_is_refused(tokenizers_by_kind, tmp_p
     tok = target_tokenizer.load_tokenizer(path)[0]
     tok.backend_tokenizer.post_processor = None
     assert gemma_like("The Doctor said.")["input_ids"][0] == gemma_like.bos_token_id
-    with pytest.raises(UserInputError, match="adds other special tokens around a text"):
-        target_tokenizer.validate_extension(gemma_like, tok, [], ["The Doctor said."])
+    for texts in (["The Doctor said."], []):  # [] : no text without a new piece to compare (one long document)
+        with pytest.raises(UserInputError, match="adds other special tokens around a text"):
+            target_tokenizer.validate_extension(gemma_like, tok, [], texts)
 
 
 def test_plan_uses_the_piece_form_of_word_internal_pieces(original, t2):

@@ -236,7 +236,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     section = check_dir(args.out, args.original, args.probe, forward=not args.no_forward)
     if json_out is not None:
         write_json(json_out, section)
-    for line in summary_lines(section) + warning_lines(section):
+    shown = 20  # warnings on the terminal; --json keeps them all
+    more = len(section["warnings"]) - shown
+    for line in summary_lines(section) + warning_lines(section, shown) + (
+            [f"... and {more} more warning(s) (--json FILE lists them)"] if more > 0 else []):
         print(line, file=sys.stderr)
     t = section["tokenizer"]
     warned = f" ({len(section['warnings'])} warning(s))" if section["warnings"] else ""

@@ -136,7 +136,8 @@ def silence_progress_bars(silent: bool = True) -> None:
         if _hub_bars_env is not None:
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = _hub_bars_env
     _bars_off = silent
-    if "transformers" in sys.modules:
+    user_off = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes", "on")
+    if "transformers" in sys.modules and (silent or not user_off):  # bars the user had off stay off
         hf_logging = sys.modules["transformers"].utils.logging
         (hf_logging.disable_progress_bar if silent else hf_logging.enable_progress_bar)()
 

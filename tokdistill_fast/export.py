@@ -63,7 +63,7 @@ def check_out_dir(out: str | Path, overwrite: bool, inputs: Iterable[object] = (
 # The files of a model directory that loading it, or reading a run's output, reads: an output file must not be one.
 MODEL_FILES = ("config.json", "generation_config.json", "report.json", "tokenizer*", "special_tokens_map.json",
                "added_tokens.json", "chat_template*", "vocab.*", "merges.txt", "*.model", "*.safetensors*", "*.bin",
-               "*.gguf")
+               "*.index.json", "*.pt", "*.pth", "*.gguf")
 
 
 def check_out_file(out: str | Path, overwrite: bool, flag: str = "--out", models: Iterable[object] = (),

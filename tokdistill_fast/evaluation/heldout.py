@@ -155,7 +155,7 @@ class HeldoutSet:
         return self.alignment.n
 
     def per_token(self) -> np.ndarray:
-        """[tokens] snippets measured per token (a token's hits can all be left out: read apart, cut)."""
+        """[tokens] snippets measured per token (a token's sampled hits can all be left out: read otherwise)."""
         return np.bincount(self.snippet_token, minlength=len(self.tokens))
 
     def unmeasured(self) -> list[str]:
