@@ -840,6 +840,32 @@ def test_vim_help_corpus_keeps_the_prose_of_each_help_file(tmp_path, monkeypatch
         "options say in detail."]
 
 
+def test_gretl_guide_corpus_keeps_the_prose_of_its_latex(tmp_path, monkeypatch):
+    """The untuned corpus of the sixty-sixth stop: gretl's User's Guide, LaTeX sources (plain and gzipped) to prose
+    paragraphs: comments, code, display math, tables and references out; inline math keeps its letters, commands
+    their text, titles and list items stand apart; paragraphs under six words are dropped."""
+    import gzip
+
+    from tokdistill_fast.tools import corpora
+
+    tex = tmp_path / "usr" / "share" / "doc" / "gretl" / "doc" / "tex"
+    tex.mkdir(parents=True)
+    (tex / "gretl-guide.tex").write_text("\\chapter{Introduction}\n\\input{intro}\n")
+    (tex / "intro.tex.gz").write_bytes(gzip.compress(
+        b"\\section{Estimating a model}\\label{sec:est}\n"
+        b"% a comment nobody reads\n"
+        b"The \\textit{ordinary least squares} estimator of $\\beta$ in $y = X\\beta + u$ is\n"
+        b"computed by \\cmd{ols}, e.g.\\ as in \\cite{greene} and section~\\ref{sec:est}.\n"
+        b"\\begin{code}\nols y const x\n\\end{code}\n"
+        b"\\[ \\hat\\beta = (X'X)^{-1}X'y \\]\n"
+        b"\\begin{itemize}\n\\item The first item of the list is long enough.\n\\end{itemize}\n"))
+    monkeypatch.setattr(corpora, "debian_file", lambda package, path, cache=None: tmp_path / path.relative_to("/"))
+    out = corpora.gretl_guide_corpus(tmp_path / "gretl.txt", tmp_path)
+    assert documents(out) == [
+        "The ordinary least squares estimator of beta in y X beta u is computed by ols, e.g. as in and section .",
+        "The first item of the list is long enough."]
+
+
 def test_skycultures_corpus_reads_paragraphs_and_list_items(tmp_path, monkeypatch):
     """The second untuned corpus of the forty-sixth stop: the <p> and <li> elements of Stellarium's English
     descriptions of its sky cultures, headings and other languages left out, entities decoded."""

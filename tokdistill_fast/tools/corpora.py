@@ -442,6 +442,58 @@ def vim_help_corpus(out: Path, cache: Path | None = None) -> Path:
                                  if len(p.split()) >= 10 and sum(c.isalpha() for c in p) > 0.6 * len(p)))
 
 
+# gretl's User's Guide in LaTeX (gretl-doc; 2026-12-07, sixty-sixth stop: econometrics, a review helper's pick of a
+# domain no corpus had): environments that hold code, formulas, tables and figures, and commands whose argument is
+# a reference, are left out; inline math keeps its letters (Greek by name); other commands keep their text.
+LATEX_SKIPPED = ("verbatim", "code", "scode", "lstlisting", "equation", "align", "eqnarray", "displaymath", "tabular",
+                 "tabularx", "longtable", "figure", "script", "scriptoutput", "gather", "multline", "array", "table",
+                 "outcode", "Verbatim", "cmdref")
+LATEX_DROPPED = ("cite", "citet", "citep", "citealt", "citeauthor", "citeyear", "ref", "label", "index", "pageref",
+                 "includegraphics", "input", "include", "bibliography", "bibliographystyle", "cmdref", "fncref",
+                 "hyperlink", "vspace", "hspace", "setlength", "newcommand", "renewcommand", "url", "href")
+GREEK = ("alpha|beta|gamma|delta|epsilon|varepsilon|zeta|eta|theta|iota|kappa|lambda|mu|nu|xi|pi|rho|sigma|tau|phi|"
+         "varphi|chi|psi|omega|Gamma|Delta|Theta|Lambda|Sigma|Phi|Psi|Omega")
+
+
+def latex_paragraphs(tex: str) -> list[str]:
+    """The prose of a LaTeX file, one paragraph each (sectioning titles and list items apart)."""
+    def math(m: re.Match) -> str:
+        letters = re.sub(rf"\\({GREEK})\b", r" \1 ", m.group(1))
+        return " ".join(re.sub(r"[^A-Za-z0-9 ]", " ", re.sub(r"\\[A-Za-z]+", " ", letters)).split())
+
+    tex = re.sub(r"(?<!\\)%.*", "", tex)  # comments
+    tex = re.sub(r"\\[\s,;:!/@]", " ", tex)  # control spaces ("e.g.\ ")
+    skipped = "|".join(re.escape(e) for e in LATEX_SKIPPED)
+    tex = re.sub(rf"\\begin\{{({skipped})\*?\}}.*?\\end\{{\1\*?\}}", "\n\n", tex, flags=re.S)
+    tex = re.sub(r"\\\[.*?\\\]|\$\$.*?\$\$", "\n\n", tex, flags=re.S)  # display math
+    tex = re.sub(r"\\verb(.)(.*?)\1", r"\2", tex)
+    tex = re.sub(r"(?<!\\)\$(.*?)(?<!\\)\$", math, tex, flags=re.S)
+    tex = re.sub(r"\\(?:(?:sub)*section|chapter|paragraph|caption)\*?(?:\[[^\]]*\])?\{([^{}]*)\}", r"\n\n\1\n\n", tex)
+    tex = re.sub(rf"\\(?:{'|'.join(LATEX_DROPPED)})\*?(?:\[[^\]]*\])*\{{[^{{}}]*\}}", "", tex)
+    tex = re.sub(r"\\(?:begin|end)\{[^{}]*\}(?:\[[^\]]*\])?", "\n\n", tex)  # other environments keep their text
+    tex = re.sub(r"\\item(?:\[([^\]]*)\])?", r"\n\n\1 ", tex)
+    for _ in range(3):  # \cmd{text} -> text, nested
+        tex = re.sub(r"\\[A-Za-z]+\*?(?:\[[^\]]*\])?\{([^{}]*)\}", r"\1", tex)
+    for old, new in (("\\\\", " "), ("~", " "), ("``", '"'), ("''", '"'), ("---", "\u2014"), ("--", "\u2013")):
+        tex = tex.replace(old, new)
+    tex = re.sub(r"\\([%$&_#{}])", r"\1", tex)
+    tex = re.sub(r"\\[A-Za-z]+\*?|[{}]", "", tex)
+    return re.split(r"\n\s*\n", tex)
+
+
+def gretl_guide_corpus(out: Path, cache: Path | None = None) -> Path:
+    """The prose of gretl's User's Guide (gretl-doc's English LaTeX sources), paragraphs of six or more words."""
+    if out.exists():
+        return out
+    tex = debian_file("gretl-doc", Path("/usr/share/doc/gretl/doc/tex/gretl-guide.tex"), cache).parent
+    files = sorted(f for f in tex.iterdir() if re.search(r"\.tex(\.gz)?$", f.name))
+    if not files:
+        raise UserInputError(f"gretl-doc: no LaTeX sources in {tex}")
+    texts = (gzip.decompress(f.read_bytes()).decode("utf-8", "replace") if f.suffix == ".gz"
+             else f.read_text(encoding="utf-8", errors="replace") for f in files)
+    return write_documents(out, (p for t in texts for p in latex_paragraphs(t) if len(p.split()) >= 6))
+
+
 # Debian's manuals in Russian (2026-12-06, fifty-second stop: the first corpus in Cyrillic): the Developer's Reference,
 # the New Maintainers' Guide and the FAQ, each a package of HTML pages (the parts left untranslated are English).
 RUSSIAN_MANUALS = (("developers-reference-ru", "/usr/share/developers-reference/ru/developers-reference.html"),
@@ -575,6 +627,7 @@ def build_all(cache: Path | None = None) -> dict[str, Path]:
     built["freeciv"] = freeciv_corpus(folder / "freeciv.txt", cache)
     built["crawl"] = crawl_corpus(folder / "crawl.txt", cache)
     built["vimdoc"] = vim_help_corpus(folder / "vimdoc.txt", cache)
+    built["gretl"] = gretl_guide_corpus(folder / "gretl.txt", cache)
     built["debian-ru"] = russian_manuals_corpus(folder / "debian-ru.txt", cache)
     built.update({name: gnome_help_corpus(language, folder / f"{name}.txt", cache, keep)
                   for name, (language, keep) in GNOME_HELP.items()})
