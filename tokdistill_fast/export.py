@@ -78,8 +78,8 @@ def check_out_file(out: str | Path, overwrite: bool, flag: str = "--out", models
     if out.exists():
         real = out.resolve()
         read = [(f, f.resolve()) for f in corpus_files(texts, text_flag)] if texts else []
-        read += [(Path(m) / out.name, Path(m).resolve() / out.name) for m in models
-                 if isinstance(m, (str, Path)) and any(fnmatch.fnmatch(out.name, pattern) for pattern in MODEL_FILES)]
+        if any(fnmatch.fnmatch(out.name, pattern) for pattern in MODEL_FILES):  # a name a model directory reads
+            read += [(Path(m) / out.name, Path(m).resolve() / out.name) for m in models if isinstance(m, (str, Path))]
         for name, path in read:
             if real == path:
                 raise UserInputError(f"{flag} {out} is {name}, which this command reads: --overwrite would replace it; "
