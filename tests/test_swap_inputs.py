@@ -12,11 +12,11 @@ import torch
 from conftest import NEW_WORDS, synthetic_text, train_tokenizer
 from safetensors.torch import load_file, save_file
 
-from tokdistill_fast import DistillConfig, distill
+from tokdistill_fast import DistillConfig, distill, swap
 from tokdistill_fast.cli import main
 from tokdistill_fast.config import UserInputError
 from tokdistill_fast.extend import vocabulary_collisions
-from tokdistill_fast.swap import apply_init, log_skipped, requested_words, words_from_tokenizer
+from tokdistill_fast.swap import apply_init, log_skipped, read_init, requested_words, words_from_tokenizer
 from tokdistill_fast.tokens import NewToken, Skipped
 
 FAST = dict(snippets_per_token=8, snippet_length=24, batch_size=4, target_layer=2, lr=1e-2, epochs=1,
@@ -154,7 +154,8 @@ def test_apply_init_matches_rows_by_form(tmp_path):
             NewToken("bivalve", " bivalve", [5, 6])]
     rows = torch.zeros(3, 4)
     given = torch.arange(8.0).reshape(2, 4)
-    used = apply_init(init_file(tmp_path / "a.safetensors", ["other", " palatable"], given), toks, rows, None, 4)
+    path = init_file(tmp_path / "a.safetensors", ["other", " palatable"], given)
+    used = apply_init(read_init(path, toks, 4), path, toks, rows, None)
     assert used == {0}
     assert torch.equal(rows, torch.stack([given[1], torch.zeros(4), torch.zeros(4)]))
     bad = {"no forms": (save_file({"input_embeddings": given}, str(tmp_path / "b")) or tmp_path / "b",
@@ -168,7 +169,7 @@ def test_apply_init_matches_rows_by_form(tmp_path):
            "missing": (tmp_path / "nope", "no such file")}
     for name, (path, message) in bad.items():
         with pytest.raises(UserInputError, match=message):
-            apply_init(path, toks, rows, None, 5 if name == "width" else 4)
+            read_init(path, toks, 5 if name == "width" else 4)
 
 
 @pytest.fixture(scope="module")
@@ -200,13 +201,16 @@ def test_short_tokens_keep_the_subtoken_mean(routed, model_dirs, corpus_file):
     assert set(retrieval["hits"]) == {"palatable", "thyroidectomy", "spill the beans"}
 
 
-def test_own_output_round_trips_through_init_from(routed, model_dirs, words_file):
+def test_own_output_round_trips_through_init_from(routed, model_dirs, words_file, monkeypatch):
     out, first = routed
+    reads = []
+    monkeypatch.setattr(swap, "read_init", lambda *a: reads.append(a) or read_init(*a))
     again = distill(model_dirs[UNTIED], words_file, (), None,
                     DistillConfig(method="mean", init_from=str(out / "new_embeddings.safetensors")))
     assert torch.equal(again.rows, first.rows)
     assert torch.equal(again.out_rows, first.out_rows)
     assert {t["method"] for t in again.report["tokens"]} == {"init-from"}  # variants too: their primaries kept theirs
+    assert len(reads) == 1  # the rows checked before any work are the rows that start: the file is read once
     saved = load_file(out / "new_embeddings.safetensors")
     assert torch.equal(saved["input_embeddings"], first.rows)
 

@@ -112,8 +112,8 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
         swap.log_skipped(skipped)
         if not toks:
             raise UserInputError("none of the new tokens can be added (see the skipped reasons above)")
-        if cfg.init_from:  # a file that cannot serve fails here, before the corpus is read or a checkpoint kept
-            swap.read_init(cfg.init_from, toks, decoder.hidden_size)
+        # a file that cannot serve fails here, before the corpus is read or a checkpoint kept
+        init = swap.read_init(cfg.init_from, toks, decoder.hidden_size) if cfg.init_from else None
     work_dir = checkpoint.WorkDir.open(keep_in, cfg, checkpoint.fingerprint(cfg, source, words, files)
                                        if keep_in is not None and cfg.checkpoint_every else None)
     work = None
@@ -129,7 +129,7 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
                   f"the tokenizer in {Path(cfg.new_tokens_from_tokenizer).absolute()}" if cfg.new_tokens_from_tokenizer
                   else f"a list of {len(words)} words")
     return Prepared(cfg, decoder, tokenizer, new_tokenizer, toks, skipped, work, tied, device, dtype, backend,
-                    source, list(corpus), timer, work_dir, tokenizer_seconds, words_from)
+                    source, list(corpus), timer, work_dir, tokenizer_seconds, words_from, init)
 
 
 def settle(prep: Prepared, cfg: DistillConfig, timer: StageTimer | None = None, guard: bool = False
@@ -273,7 +273,7 @@ def learn_rows(prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, i
     rows = means.clone()
     out_means = None if tied else subtoken_mean(decoder.model.get_output_embeddings().weight, toks).to(device)
     out_init = None if tied else out_means.clone()
-    init_used = swap.apply_init(cfg.init_from, toks, rows, out_init, table.shape[1]) if cfg.init_from else set()
+    init_used = swap.apply_init(prep.init, cfg.init_from, toks, rows, out_init) if prep.init else set()
     primaries = trained_tokens(cfg, toks)
     passes = student.Passes.for_config(cfg)
     if passes.fused and cache is not None:  # a cache shared by several runs (compare) already holds the targets

@@ -49,6 +49,7 @@ class Prepared:
     work_dir: WorkDir  # checkpoints of a run that keeps them (disabled otherwise)
     tokenizer_seconds: float | None = None  # how long the run's load of the model's tokenizer took
     words_from: str = ""  # where the words came from (report.json's inputs)
+    init: tuple | None = None  # the --init-from file as swap.read_init read it (None without one)
 
 
 @dataclass

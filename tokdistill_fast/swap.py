@@ -97,12 +97,12 @@ def log_skipped(skipped: list[Skipped], show: int = 20) -> None:
         log.warning("skipping %d more: %s", len(words), "; ".join(f"{n} {r}" for r, n in counts.items()))
 
 
-def apply_init(path: str | Path, toks: list[NewToken], rows: torch.Tensor, out_rows: torch.Tensor | None,
-               hidden: int) -> set[int]:
-    """Overwrite the start rows of the tokens whose form has a row in the --init-from file (format in the module
-    docstring); `out_rows` (untied models) too where the file has output rows. Returns the indices of those
-    tokens."""
-    row_of, tensors = read_init(path, toks, hidden)
+def apply_init(init: tuple[dict[str, int], dict[str, torch.Tensor]], path: str | Path, toks: list[NewToken],
+               rows: torch.Tensor, out_rows: torch.Tensor | None) -> set[int]:
+    """Overwrite the start rows of the tokens whose form has a row in `init` (read_init's result for the
+    --init-from file `path`); `out_rows` (untied models) too where the file has output rows. Returns the indices
+    of those tokens."""
+    row_of, tensors = init
     used = {i for i, t in enumerate(toks) if t.form in row_of}
     index = sorted(used)
     src = torch.tensor([row_of[toks[i].form] for i in index])
@@ -116,7 +116,7 @@ def apply_init(path: str | Path, toks: list[NewToken], rows: torch.Tensor, out_r
 
 def read_init(path: str | Path, toks: list[NewToken], hidden: int) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
     """The --init-from file's row of each form, and its tensors, checked against the new tokens and the model's
-    hidden size (prepare calls it before any work, apply_init again where the rows start)."""
+    hidden size; read once, before any work, and kept until the rows start (apply_init)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)

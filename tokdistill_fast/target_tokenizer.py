@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import align, contexts, export, pipeline, student
+from . import align, contexts, export, pipeline, student, swap
 from .config import DistillConfig, UserInputError, launch, pick_device, pick_dtype
 from .contexts import CHARS_PER_TOKEN, Hit, Snippet, left_context
 from .control import checkpoint
@@ -364,7 +364,8 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     prep = Prepared(cfg, decoder, original, target, toks, [], None, tied, device, dtype, backend, source,
                              list(corpus), timer, checkpoint.WorkDir(None), tokenizer_seconds,
                     f"the new ids of the tokenizer in {Path(target_tokenizer).absolute()}"
-                    if isinstance(target_tokenizer, (str, Path)) else "the new ids of an in-memory tokenizer")
+                    if isinstance(target_tokenizer, (str, Path)) else "the new ids of an in-memory tokenizer",
+                    swap.read_init(cfg.init_from, toks, decoder.hidden_size) if cfg.init_from else None)
     settings, _ = pipeline.settle(prep, cfg)  # no workload yet: the measured defaults, no search
     method = cfg.method
     if guards(cfg, tied):  # nothing to measure without the search: alpha-NTP outright (module docstring)
