@@ -11,7 +11,7 @@ from tokdistill_fast import DistillConfig, distill, pipeline
 from tokdistill_fast.cli import build_parser, main
 from tokdistill_fast.config import UserInputError
 from tokdistill_fast.control.settings import resolve_settings
-from tokdistill_fast.evaluation.compare import parse_spec, sweep_specs
+from tokdistill_fast.evaluation.compare import markdown_table, parse_spec, sweep_specs
 
 FAST = dict(snippets_per_token=6, snippet_length=20, batch_size=4, lr=1e-2, dtype="float32")
 
@@ -77,8 +77,11 @@ def test_compare_writes_table_json_and_plots(model_dirs, words_file, corpus_file
     assert "vs_reference" in by["token-distill"] and "vs_reference" not in by["mean"]
     assert by["token-distill"]["aggregate"]["kl"]["mean"] < by["random@seeds=2"]["aggregate"]["kl"]["mean"]
     assert set(results["shared_seconds"]) >= {"load", "contexts", "teacher", "heldout"}
+    assert results["found_not_measured"] == [t["word"] for t in by["mean"]["tokens"]
+                                             if t["heldout_hits"] and not t["snippets"]]
     table = (out / "table.md").read_text()
-    assert "Partial" not in table
+    assert "Partial" not in table and "not measured" not in table
+    assert "not measured" in markdown_table({**results, "found_not_measured": ["東京都"]})
     assert "### Target-layer sweep" in table and "### Learning-rate sweep" in table and "| token-distill |" in table
     pytest.importorskip("matplotlib")
     assert all((out / f).stat().st_size > 0 for f in ("methods.png", "layers.png"))

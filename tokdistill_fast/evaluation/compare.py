@@ -168,6 +168,7 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
                    "casing_variants": sum(1 for t in toks if t.variant.startswith("casing")),
                    "train_snippets": len(prep.work.snippets) if prep.work else 0, "heldout_snippets": baseline.hs.n,
                    "tokens_with_heldout": int((baseline.hs.per_token() > 0).sum())},
+        "found_not_measured": baseline.hs.unmeasured(),
         "shared_seconds": dict(timer.seconds),
         "tokens_saved": heldout.tokens_saved(heldout_paths, prep.tokenizer, prep.new_tokenizer, opts.max_chars),
         "reference": reference, "complete": False, "methods": [],
@@ -235,6 +236,9 @@ def markdown_table(results: dict) -> str:
              "Held-out metrics: macro means over tokens with 95% bootstrap intervals (tokens, then snippets), or "
              "mean ± std over seeds. KL = KL(original || adapted) over the original vocabulary, lower is better; "
              "ΔNLL = adapted minus original NLL of each snippet's continuation (nats).", ""]
+    if results.get("found_not_measured"):
+        lines += ["Found in the held-out text but not measured (every occurrence sampled is read otherwise there): "
+                  + ", ".join(map(repr, results["found_not_measured"])), ""]
     if not results.get("complete", True):
         lines += ["**Partial results: the run is still going or stopped early.**", ""]
     for group, title in titles.items():
