@@ -138,3 +138,17 @@ def test_every_compare_flag_reaches_the_shared_pipeline(monkeypatch, tmp_path, c
     for action in compare_parser._actions:
         if action.option_strings and action.option_strings[-1] in FLAG_VALUES:
             assert getattr(cfg, action.dest) != getattr(default, action.dest), action.option_strings[-1]
+
+
+def test_seeds_give_a_settings_warning_once(model_dirs, words_file, corpus_file, tmp_path, caplog):
+    """A method run over several seeds warns once about a setting it cannot train, not once per seed."""
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(synthetic_text(n_docs=10, seed=9))
+    rc = main(["-q", "compare", "--model", str(model_dirs[("llama", "bytelevel", True)]), "--new-tokens",
+               str(words_file), "--corpus", str(corpus_file), "--heldout", str(heldout), "--out", str(tmp_path / "c"),
+               "--snippets-per-token", "4", "--snippet-length", "16", "--batch-size", "4", "--lr", "1e-2",
+               "--target-layer", "2", "--dtype", "float32", "--eval-snippets", "2", "--bootstrap", "10",
+               "--no-definitions", "--methods", "ntp@seeds=3", "--hardest-epochs", "2"])
+    assert rc == 0
+    unused = [r for r in caplog.records if "--hardest-epochs 2: not trained" in r.getMessage()]
+    assert len(unused) == 1

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,10 +179,12 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
     outcomes = []
     for spec, cfg, ((layer, lr, epochs), search_s) in zip(specs, cfgs, found):
         runs, train_s, eval_s = [], [], []
+        repeats = RepeatedWarnings()
         for k in range(spec.seeds):
             t0 = time.perf_counter()
-            learned = pipeline.learn_rows(prep, cfg.replace(seed=cfg.seed + k, epochs=epochs), (layer, lr, epochs),
-                                          cache=cache)
+            with repeats.dropped_from(pipeline.log):
+                learned = pipeline.learn_rows(prep, cfg.replace(seed=cfg.seed + k, epochs=epochs),
+                                              (layer, lr, epochs), cache=cache)
             t1 = time.perf_counter()
             runs.append(baseline.measure(heldout.Scorer(decoder, rows=learned.rows, out_rows=learned.out_rows,
                                                         backend=prep.backend), forms))
@@ -196,6 +200,30 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
         (out / "table.md").write_text(markdown_table(results), encoding="utf-8")
     plot(results, out)
     return results
+
+
+class RepeatedWarnings(logging.Filter):
+    """Drops a warning given before word for word: a method's seeds would repeat those its settings draw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        message = record.getMessage()
+        new = message not in self.seen
+        self.seen.add(message)
+        return new
+
+    @contextmanager
+    def dropped_from(self, logger: logging.Logger) -> Iterator[None]:
+        logger.addFilter(self)
+        try:
+            yield
+        finally:
+            logger.removeFilter(self)
 
 
 def outcome_json(o: Outcome, baseline: Baseline, outcomes: list[Outcome], reference: str) -> dict:
