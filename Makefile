@@ -71,6 +71,7 @@ bench-cpu-fast: setup
 
 bench-align: setup
 	$(PY) -m pytest -q bench/test_bench_alignment.py --benchmark-only --benchmark-json=bench/results/align-cpu.json
+	$(PY) -m bench.report bench/results/align-cpu.json
 
 # GPU: the defaults (layer 8 and the last fixed, the learning-rate search in the time) with the held-out measure,
 # then a smaller side-by-side run against the plain PyTorch path and its bf16/fp32 noise floor. On the lent GPU

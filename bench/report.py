@@ -1,6 +1,7 @@
-"""Markdown table from a pytest-benchmark JSON file (make bench-kernels): one row per benchmark group and non-torch
-implementation, with the reference's median time beside it, the speedup, and the achieved bandwidth
-(extra_info["min_bytes"] / median time), which says how far a kernel is from the memory roofline.
+"""Markdown table from a pytest-benchmark JSON file (make bench-kernels, bench-cpu-fast, bench-align,
+bench-optimizer): one row per benchmark group and implementation other than the plain reference (torch, python),
+with the reference's median time beside it, the speedup, and the achieved bandwidth (extra_info["min_bytes"] /
+median time), which says how far a kernel is from the memory roofline.
 
     python -m bench.report bench/results/kernels.json
 """
@@ -13,27 +14,41 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+REFERENCES = ("torch", "python")  # the plain path a group's other implementations are measured against
+
+
+def impl_of(b: dict) -> str:
+    """A benchmark's implementation: its `impl` parameter, or its name's last part (test_alignment_cpp -> cpp)."""
+    return (b.get("params") or {}).get("impl") or b["name"].rsplit("_", 1)[-1]
+
+
+def device_of(b: dict, data: dict) -> str:
+    """Where a benchmark ran: as it says (extra_info or its `device` parameter), else the file's CPU."""
+    return (b["extra_info"].get("device") or (b.get("params") or {}).get("device")
+            or data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?"))
+
 
 def table(data: dict) -> str:
-    """The Markdown table for the `benchmarks` of one pytest-benchmark JSON document."""
+    """The Markdown table for the `benchmarks` of one pytest-benchmark JSON document: per group, each
+    implementation beside the group's reference (REFERENCES) where it has one."""
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for b in data.get("benchmarks", []):
-        groups[b["group"] or b["name"]][b["params"]["impl"]] = b
-    devices = sorted({b["extra_info"].get("device", "?") for g in groups.values() for b in g.values()})
+        groups[b["group"] or b["name"]][impl_of(b)] = b
+    devices = sorted({device_of(b, data) for g in groups.values() for b in g.values()})
     lines = [f"device: {', '.join(devices) or 'none'}; median of each benchmark's rounds", "",
-             "| benchmark | impl | torch ms | impl ms | speedup | GB/s |", "|---|---|---|---|---|---|"]
+             "| benchmark | impl | reference ms | impl ms | speedup | GB/s |", "|---|---|---|---|---|---|"]
     for group, impls in groups.items():
-        ref = impls.get("torch")
-        ref_s = ref["stats"]["median"] if ref else None
+        ref_name = next((r for r in REFERENCES if r in impls), None)
+        ref_s = impls[ref_name]["stats"]["median"] if ref_name else None
         for impl, b in impls.items():
-            if impl == "torch" and len(impls) > 1:
+            if impl == ref_name and len(impls) > 1:
                 continue
             s = b["stats"]["median"]
             nbytes = b["extra_info"].get("min_bytes")
             gbps = f"{nbytes / s / 1e9:.0f}" if nbytes else "-"
-            torch_ms = f"{ref_s * 1e3:.3f}" if ref_s else "-"
+            ref_ms = f"{ref_s * 1e3:.3f} ({ref_name})" if ref_s else "-"
             speedup = f"{ref_s / s:.2f}x" if ref_s else "-"
-            lines.append(f"| {group} | {impl} | {torch_ms} | {s * 1e3:.3f} | {speedup} | {gbps} |")
+            lines.append(f"| {group} | {impl} | {ref_ms} | {s * 1e3:.3f} | {speedup} | {gbps} |")
     return "\n".join(lines)
 
 

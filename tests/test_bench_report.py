@@ -26,11 +26,29 @@ def test_report_table(tmp_path):
           for impl, median in (("torch", 1e-3), ("triton", 1e-3), ("triton-deterministic", 2e-3)))]}))
     done = run_report(str(path))
     assert done.returncode == 0, done.stderr
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "torch ms" not in line]
-    assert rows == ["| masked_mse K=400 | triton | 0.200 | 0.050 | 4.00x | 20 |",
-                    "| embedding_rows 16x50 | triton | 1.000 | 1.000 | 1.00x | 3000 |",
-                    "| embedding_rows 16x50 | triton-deterministic | 1.000 | 2.000 | 0.50x | 1500 |"]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "reference ms" not in line]
+    assert rows == ["| masked_mse K=400 | triton | 0.200 (torch) | 0.050 | 4.00x | 20 |",
+                    "| embedding_rows 16x50 | triton | 1.000 (torch) | 1.000 | 1.00x | 3000 |",
+                    "| embedding_rows 16x50 | triton-deterministic | 1.000 (torch) | 2.000 | 0.50x | 1500 |"]
     assert "NVIDIA H100 80GB HBM3" in done.stdout
+
+
+def test_report_reads_the_alignment_and_optimizer_files(tmp_path):
+    """The alignment benchmarks name their implementation in the test name (python is the reference), the
+    optimizer's in a parameter beside its device, with no reference: each gets its rows, none a traceback."""
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"machine_info": {"cpu": {"brand_raw": "AMD EPYC"}}, "benchmarks": [
+        {"group": "alignment", "name": f"test_alignment_{impl}", "params": None, "stats": {"median": median},
+         "extra_info": {"snippets": 64}} for impl, median in (("cpp", 1e-3), ("python", 3e-2))] + [
+        {"group": "optimizer step", "name": f"test_step[cpu-{impl}]", "params": {"device": "cpu", "impl": impl},
+         "stats": {"median": 2e-3}, "extra_info": {}} for impl in ("adamw", "whitened-rows")]}))
+    done = run_report(str(path))
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "reference ms" not in line]
+    assert rows == ["| alignment | cpp | 30.000 (python) | 1.000 | 30.00x | - |",
+                    "| optimizer step | adamw | - | 2.000 | - | - |",
+                    "| optimizer step | whitened-rows | - | 2.000 | - | - |"]
+    assert done.stdout.startswith("device: AMD EPYC, cpu;")
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
