@@ -165,10 +165,15 @@ def test_one_chunk_is_the_unchunked_run(model_dirs, words_file, corpus_file):
     chunks train every token (rows differ only through batches and schedule, so they stay close)."""
     model = model_dirs[("llama", "bytelevel", True)]
     cfg = DistillConfig(target_layer=2, lr=5e-3, batch_size=4, snippets_per_token=12, dtype="float32", device="cpu")
-    whole, one, two = (distill(model, words_file, [corpus_file], config=cfg.replace(chunk_tokens=n)).rows
-                       for n in (None, 1000, 2))
+    runs = [distill(model, words_file, [corpus_file], config=cfg.replace(chunk_tokens=n)) for n in (None, 1000, 2)]
+    whole, one, two = (r.rows for r in runs)
     assert torch.equal(whole, one)
     assert not torch.equal(whole, two) and torch.allclose(whole, two, atol=0.1)
+    # the chunked run's training curve and counts, as the unchunked run reports them (a curve over the same epochs)
+    curve, chunked = (r.report["training"] for r in (runs[0], runs[2]))
+    assert len(chunked["epoch_loss"]) == len(curve["epoch_loss"]) > 1
+    assert chunked["epoch_loss"][-1] < chunked["epoch_loss"][0]
+    assert isinstance(chunked["sink_pairs"], int) and isinstance(chunked["spikes_dropped"], int)
 
 
 def toy_alignment(aligned_per_snippet: list[int]) -> Alignment:

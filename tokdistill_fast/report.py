@@ -112,7 +112,8 @@ class RunReport:
                 "sink_pairs": result.extra.get("sink_pairs"),  # aligned pairs left out (teacher.sink_pairs)
                 "output_rows_trained": result.out_rows is not None,  # untied: ntp-all, --output-embeddings ntp
                 "first_loss": float(result.step_loss[0]), "last_loss": float(result.step_loss[-1]),
-                # the mean step loss of each epoch over the same snippets (more epochs included; one process, no chunks)
+                # the mean step loss of each epoch over the same snippets (more epochs included; one process;
+                # chunks: each epoch's mean over them, weighted by their steps)
                 "epoch_loss": result.extra.get("epoch_loss")},
             "tokens": per_token,
             "skipped": [{"word": s.word, "reason": s.reason, "form_only": s.form_only} for s in skipped],

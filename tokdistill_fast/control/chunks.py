@@ -106,6 +106,10 @@ def merge(results: list[student.TrainResult], device: torch.device) -> student.T
     for r in results:
         for k, v in r.extra["positions"].items():
             positions[k] = positions.get(k, 0) + v
+    curves = [r.extra.get("epoch_loss") for r in results]
+    epoch_loss = None  # the chunks' curves, each epoch's mean weighted by the chunk's steps
+    if curves and all(c and len(c) == len(curves[0]) for c in curves):
+        epoch_loss = np.average(np.array(curves), axis=0, weights=[max(r.steps, 1) for r in results]).tolist()
     return student.TrainResult(
         torch.cat([r.rows for r in results]).to(device),
         None if out[0] is None else torch.cat(out).to(device),
@@ -114,7 +118,9 @@ def merge(results: list[student.TrainResult], device: torch.device) -> student.T
         sum(r.seconds for r in results), sum(r.steps for r in results),
         extra={"passes": results[0].extra["passes"], "positions": positions, "chunks": len(results),
                "groups": sum(r.extra.get("groups", r.steps) for r in results),
-               "teacher_seconds": sum(r.extra.get("teacher_seconds", 0.0) for r in results)}, before=before)
+               "teacher_seconds": sum(r.extra.get("teacher_seconds", 0.0) for r in results),
+               "epoch_loss": epoch_loss, "sink_pairs": sum(r.extra.get("sink_pairs", 0) for r in results),
+               "spikes_dropped": sum(r.extra.get("spikes_dropped", 0) for r in results)}, before=before)
 
 
 class ChunkedTrainer:
