@@ -157,7 +157,11 @@ def test_kill9_in_second_chunk_then_resume_matches_uninterrupted(tmp_path, base_
     assert resumed.returncode == 0, resumed.stderr
     assert "chunk 1/2 (2 tokens) from the checkpoint" in resumed.stderr
     assert "student-0001 at step 2 of 6" in resumed.stderr
+    assert "67% of its steps" in resumed.stderr  # its seconds per token count the steps this process ran
     assert_same_rows(tmp_path / "whole", out)
+    before = json.loads((out / "report.json").read_text())["timings"]["before_resume"]
+    assert before > 0 and f"(and {before:.0f} s before the resume)" in resumed.stdout
+    assert "before_resume" not in json.loads((tmp_path / "whole" / "report.json").read_text())["timings"]
 
 
 def test_one_chunk_is_the_unchunked_run(model_dirs, words_file, corpus_file):

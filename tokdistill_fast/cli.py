@@ -186,7 +186,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     what = (f"learned rows for {k['added']} new id(s) of --tokenizer" if args.target_tokenizer else
             f"added {k['added']} token(s) ({k['variants']} of them variants) for {k['requested'] - k['skipped']} "
             f"word(s), skipped {k['skipped']} word(s){left_out}")
-    print(f"{what}; {k['snippets']} snippets; {r['timings']['total']:.1f} s -> {args.out}")
+    earlier = r["timings"].get("before_resume")
+    took = f"{r['timings']['total']:.1f} s" + (f" (and {earlier:.0f} s before the resume)" if earlier else "")
+    print(f"{what}; {k['snippets']} snippets; {took} -> {args.out}")
     return 0
 
 

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 class RunReport:
     """The report of one run (module docstring); `data` is the dict written as report.json."""
 
-    def __init__(self, data: dict, timer: StageTimer):
-        self.data, self.timer = data, timer
+    def __init__(self, data: dict, timer: StageTimer, before_resume: float = 0.0):
+        self.data, self.timer, self.before_resume = data, timer, before_resume
 
     @classmethod
     def build(cls, prep: Prepared, cfg: DistillConfig, settings: tuple[int, float, int], learned: Learned,
@@ -118,7 +118,7 @@ class RunReport:
             "tokens": per_token,
             "skipped": [{"word": s.word, "reason": s.reason, "form_only": s.form_only} for s in skipped],
         }
-        report = cls(data, prep.timer)
+        report = cls(data, prep.timer, prep.work_dir.earlier_s)
         if methods:
             kept = {i for i, v in learned.variants.items() if v["kept"]}
             report.record_methods(method, set(work.primaries) | kept if work and result is not None else set(),
@@ -157,8 +157,10 @@ class RunReport:
         return self
 
     def finish(self, **running: float) -> dict:
-        """Timings so far; `running` adds stages still under way. Returns the report's dict."""
-        self.data["timings"] = {**self.timer.seconds, **running, "total": time.perf_counter() - self.timer.started}
+        """Timings so far, this process's (`before_resume`: what the processes a --resume continues spent up to
+        their last checkpoint); `running` adds stages still under way. Returns the report's dict."""
+        self.data["timings"] = {**self.timer.seconds, **running, "total": time.perf_counter() - self.timer.started,
+                                **({"before_resume": self.before_resume} if self.before_resume else {})}
         return self.data
 
 

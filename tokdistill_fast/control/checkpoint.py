@@ -4,6 +4,8 @@ continues from there after Ctrl-C, SIGTERM, a crash or kill -9, and gives the ro
 Layout of the work directory (`<out>.partial/` unless --checkpoint-dir), every file written to a temp name and
 renamed into place, so a file that exists is complete:
   fingerprint.json    settings and input identities; --resume refuses a run whose fingerprint differs
+  elapsed.json        seconds the run's processes have spent up to their last checkpoint (report.json's
+                      timings.before_resume)
   workload.pt         snippets and alignment (stage 2-3; retrieval is not redone)
   autotune.pt         the layer / learning-rate search's result (not redone)
   chunk-NNNN.pt       the trained rows of each finished chunk of tokens (chunks.py)
@@ -154,8 +156,10 @@ def differences(old: dict, new: dict) -> list[str]:
 class WorkDir:
     """The checkpoint directory of one run (see the module docstring); a disabled one (path None) keeps nothing."""
 
-    def __init__(self, path: Path | None, every: int = 0, fp: dict | None = None):
+    def __init__(self, path: Path | None, every: int = 0, fp: dict | None = None, earlier_s: float = 0.0):
         self.path, self.every, self.fp = path, every, fp  # fp: written with the first checkpoint
+        self.earlier_s = earlier_s  # what the processes before a --resume spent, up to their last checkpoint
+        self.started = time.perf_counter()
         self.hang_at = env_int(HANG_ENV)
 
     @classmethod
@@ -188,7 +192,9 @@ class WorkDir:
                 raise UserInputError(f"--resume: the checkpoint in {path} is of a run with other inputs or settings: "
                                      f"{', '.join(diff)}. Resume with the same command, or start afresh with "
                                      "--overwrite")
-            log.info("resuming from the checkpoint in %s", path)
+            elapsed = path / "elapsed.json"
+            earlier_s = json.loads(elapsed.read_text(encoding="utf-8"))["seconds"] if elapsed.is_file() else 0.0
+            log.info("resuming from the checkpoint in %s (%.0f s spent before)", path, earlier_s)
         else:
             if stored.is_file():  # else nothing, or a directory without a checkpoint's files
                 if not cfg.overwrite:
@@ -198,7 +204,7 @@ class WorkDir:
         _stop.work_dir = path
         # A fresh directory is created by the first save: a run that fails on its inputs before it has anything
         # to resume (a corpus that is not UTF-8, say) leaves nothing behind.
-        return cls(path, cfg.checkpoint_every, None if cfg.resume else fp)
+        return cls(path, cfg.checkpoint_every, None if cfg.resume else fp, earlier_s if cfg.resume else 0.0)
 
     @property
     def enabled(self) -> bool:
@@ -219,6 +225,9 @@ class WorkDir:
             tmp.write_text(json.dumps(self.fp, indent=1), encoding="utf-8")
             os.replace(tmp, stored)
         _atomic_save(obj, self.file(name))
+        tmp = self.path / ".elapsed.json.tmp"
+        tmp.write_text(json.dumps({"seconds": self.earlier_s + time.perf_counter() - self.started}), encoding="utf-8")
+        os.replace(tmp, self.path / "elapsed.json")
 
     def remove(self, name: str) -> None:
         if self.enabled:
@@ -313,6 +322,7 @@ class StudentHook:
 
     def __init__(self, work: WorkDir, name: str, step_offset: int):
         self.work, self.name, self.offset = work, name, step_offset
+        self.restored = 0.0  # the share of the loop's steps a checkpoint had done (restore)
 
     def restore(self, state: dict) -> int:
         """Load a saved state into `state`'s tensors and objects; the step to continue from (0 if none)."""
@@ -332,6 +342,7 @@ class StudentHook:
         state["optimizer"].load_state_dict(saved["optimizer"])
         state["scheduler"].load_state_dict(saved["scheduler"])
         log.info("resume: %s at step %d of %d", self.name, saved["step"], saved["steps"])
+        self.restored = saved["step"] / saved["steps"]
         return saved["step"]
 
     def after_steps(self, steps: range, state: dict) -> None:

@@ -149,10 +149,10 @@ class ChunkedTrainer:
                 needs_cache = objective.distill is not None and not passes.fused
                 chunk_cache = self.cache_fn(sub, ids, cu) if needs_cache else None
                 t_teacher = time.perf_counter() - t0
+                hook = self.work.student_hook(f"student-{c:04d}", offset)
                 result = student.train(decoder, sub, chunk_cache, rows, init_rows[start:end],
                                        None if init_out is None else init_out[start:end], objective, schedule, tied,
-                                       desc=f"{desc} {c + 1}/{n}", passes=passes, teacher=(ids, cu),
-                                       hook=self.work.student_hook(f"student-{c:04d}", offset))
+                                       desc=f"{desc} {c + 1}/{n}", passes=passes, teacher=(ids, cu), hook=hook)
                 del chunk_cache
                 result = dataclasses.replace(result, rows=result.rows.cpu(),
                                              out_rows=None if result.out_rows is None else result.out_rows.cpu(),
@@ -160,10 +160,12 @@ class ChunkedTrainer:
                 self.work.save(f"chunk-{c:04d}", result)
                 self.work.remove(f"student-{c:04d}")
                 spent += time.perf_counter() - t0
-                trained += end - start
+                done = 1.0 - (hook.restored if hook is not None else 0.0)  # a resumed chunk: the steps left
+                trained += (end - start) * done
                 per_token = spent / trained
-                log.info("chunk %d/%d: %d tokens in %.1f s (%.4f s/token); %d tokens left, ETA %.0f s", c + 1, n,
-                         end - start, time.perf_counter() - t0, per_token, n_rows - end, per_token * (n_rows - end))
+                log.info("chunk %d/%d: %d tokens in %.1f s%s (%.4f s/token); %d tokens left, ETA %.0f s", c + 1, n,
+                         end - start, time.perf_counter() - t0, f", {done:.0%} of its steps" if done < 1 else "",
+                         per_token, n_rows - end, per_token * (n_rows - end))
             results.append(result)
             offset += result.steps
         return merge(results, init_rows.device)
