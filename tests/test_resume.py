@@ -187,7 +187,7 @@ def toy_alignment(aligned_per_snippet: list[int]) -> Alignment:
     return Alignment(np.zeros(n, dtype=np.int64), np.arange(n + 1, dtype=np.int64), zeros, zeros, cu_a)
 
 
-def test_memory_budget_plan():
+def test_memory_budget_plan(caplog):
     # Rows 0..3 with 10, 30, 5 and 50 aligned positions; 4 bytes per position.
     al = toy_alignment([4, 6, 30, 5, 50])
     snippet_row = np.array([0, 0, 1, 2, 3])
@@ -196,6 +196,9 @@ def test_memory_budget_plan():
     assert plan.bounds == [(0, 2), (2, 3), (3, 4)]  # 160, then 20 (+200 would exceed), then 200 alone (over budget)
     assert chunks.plan(DistillConfig(chunk_tokens=3), al, snippet_row, 4, 4).bounds == [(0, 3), (3, 4)]
     assert chunks.plan(DistillConfig(), al, snippet_row, 4, 4).single
+    with caplog.at_level("INFO"):
+        chunks.plan(DistillConfig(memory_budget=2**30), al, snippet_row, 4, 4)  # --memory-budget 1G
+    assert "within --memory-budget 1 GiB" in caplog.text  # in the unit the flag reads, not 1.07 GB
 
 
 def test_take_rows_renumbers_new_ids():

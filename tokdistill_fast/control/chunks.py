@@ -67,10 +67,10 @@ def plan(cfg: DistillConfig, al: Alignment, snippet_row: np.ndarray, n_rows: int
         used += int(b)
     bounds.append((start, n_rows))
     if need.max(initial=0) > cfg.memory_budget:
-        log.warning("--memory-budget %.3g GB: one token's teacher states alone take %.3g GB", cfg.memory_budget / 1e9,
-                    need.max() / 1e9)
-    log.info("teacher cache of all %d tokens: %.3g GB; %d chunk(s) within --memory-budget %.3g GB", n_rows,
-             need.sum() / 1e9, len(bounds), cfg.memory_budget / 1e9)
+        log.warning("--memory-budget %.3g GiB: one token's teacher states alone take %.3g GiB",
+                    cfg.memory_budget / 2**30, need.max() / 2**30)
+    log.info("teacher cache of all %d tokens: %.3g GiB; %d chunk(s) within --memory-budget %.3g GiB", n_rows,
+             need.sum() / 2**30, len(bounds), cfg.memory_budget / 2**30)  # in the unit _size reads (1024s)
     return Plan(bounds)
 
 
