@@ -5,6 +5,7 @@ import torch
 from conftest import tiny_config
 from transformers import AutoModelForCausalLM
 
+from tokdistill_fast.config import UserInputError
 from tokdistill_fast.modeling.models import Decoder
 
 
@@ -36,3 +37,70 @@ def test_layer_indices():
         dec.resolve_layer(0)
     with pytest.raises(ValueError, match="outside"):
         dec.resolve_layer(5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_check_refuses_what_the_passes_do_not_compute(dtype):
+    """A model whose family's forward scales outside the layers (Granite's embedding multiplier and logit
+    scaling, Cohere's logit scale) is refused in one line; the supported families pass, in fp32 and bf16."""
+    from transformers import CohereConfig, GraniteConfig
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    for family in ("llama", "qwen2", "gemma3"):
+        Decoder(AutoModelForCausalLM.from_config(tiny_config(family, 300), dtype=dtype).eval()).check_forward("ok")
+    Decoder(AutoModelForCausalLM.from_config(GraniteConfig(**small), dtype=dtype).eval()).check_forward("ok")
+    for config, where in ((GraniteConfig(**small, embedding_multiplier=12.0), "layer 1"),
+                          (GraniteConfig(**small, logits_scaling=8.0), "the logits"),
+                          (CohereConfig(**small), "the logits")):  # logit_scale 0.0625 by default
+        dec = Decoder(AutoModelForCausalLM.from_config(config, dtype=dtype).eval())
+        with pytest.raises(UserInputError, match=f"differ at {where}"):
+            dec.check_forward("m")
+
+
+def test_hybrid_and_sliding_models():
+    """Hybrid models (LFM2's convolutions) are refused before any work; a window without layer types (Mistral)
+    limits the sequences as Gemma-3's sliding layers do."""
+    from transformers import Lfm2Config, MistralConfig
+
+    small = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    with pytest.raises(UserInputError, match="unsupported model Lfm2ForCausalLM"):
+        Decoder(AutoModelForCausalLM.from_config(Lfm2Config(**small, layer_types=["conv", "full_attention"])))
+    assert Decoder(AutoModelForCausalLM.from_config(MistralConfig(**small, sliding_window=8))).max_len == 8
+    assert Decoder(AutoModelForCausalLM.from_config(tiny_config("qwen2", 300))).max_len is None
+
+
+def test_gemma2_is_refused_in_one_line(tmp_path):
+    """Gemma-2's attention has no SDPA path in transformers: refused naming that, not with transformers' advice to
+    load it eager (which no flag of ours does)."""
+    from transformers import Gemma2Config
+
+    from tokdistill_fast.modeling.models import load_model
+
+    AutoModelForCausalLM.from_config(Gemma2Config(vocab_size=300, hidden_size=64, intermediate_size=128,
+                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                  head_dim=16)).save_pretrained(tmp_path)
+    with pytest.raises(UserInputError, match=r"unsupported model: .*SDPA") as e:
+        load_model(tmp_path, torch.device("cpu"), torch.float32, tokenizer=object())
+    assert "eager" not in str(e.value)
+
+
+def test_report_names_the_layer_kernels_that_ran():
+    """report.json's implementations.layers says the C++ kernels ran only where a family's modules were swapped
+    for them: Phi-3's norms, attention and MLP run Hugging Face's modules (its linears alone are packed)."""
+    from transformers import Phi3Config
+
+    from tokdistill_fast.control import observed
+
+    phi3 = Phi3Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    ids = torch.tensor([[5, 6, 7]])
+    for config, expected in ((tiny_config("llama", 300), "cpp"), (phi3, "torch")):
+        dec = Decoder(AutoModelForCausalLM.from_config(config).eval().requires_grad_(False))
+        with observed.recording(), torch.no_grad():
+            dec.check_forward("the model")  # a check at load: not what the job ran (--backend torch read "cpp")
+            assert observed.ran("layers") is None
+            dec.hidden_states(dec.embed(ids), [2])
+            assert observed.ran("layers") == expected

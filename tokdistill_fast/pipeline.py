@@ -69,7 +69,9 @@ def load(model, tokenizer, device: torch.device, dtype: torch.dtype
         return models.Decoder(lm), tokenizer, path, seconds
     if tokenizer is None:
         raise UserInputError("an in-memory model needs its tokenizer: distill(model, ..., tokenizer=tok)")
-    return models.Decoder(models.compute_copy(model, device, dtype)), tokenizer, model, None
+    decoder = models.Decoder(models.compute_copy(model, device, dtype))
+    decoder.check_forward("the model given")
+    return decoder, tokenizer, model, None
 
 
 def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_in: str | Path | None = None,

@@ -33,6 +33,16 @@ def recording() -> Iterator[dict[str, Counter]]:
         _active.reset(token)
 
 
+@contextmanager
+def unrecorded() -> Iterator[None]:
+    """Notes within the block go to no recording: a check that runs a path the job itself may not run."""
+    token = _active.set(())
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
 def note(site: str, impl: str, fallback: str | None = None) -> None:
     """One use of `impl` at `site`. `fallback`: why this is slower than the fast path expected here and by how
     much, logged the first time within the innermost recording (nothing outside a recording)."""

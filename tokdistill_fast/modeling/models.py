@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import UserInputError
+from ..control import observed
 from . import attention
 from .attention import Attend
 from .packed import Packs
@@ -76,9 +77,12 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, token
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError, KeyError, SafetensorError, RuntimeError) as e:  # a cut or mismatched weights file
+        if "scaled_dot_product_attention" in str(e):  # Gemma-2: eager attention only, which the passes cannot use
+            raise UserInputError(f"{flag} {path}: unsupported model: transformers cannot run its attention through "
+                                 "scaled_dot_product_attention (SDPA), which the truncated passes need") from None
         raise UserInputError(f"{flag} {path}: cannot load the model with transformers: {e}") from None
     model.to(device).eval().requires_grad_(False)
-    Decoder(model)  # fail early and clearly on an architecture we cannot drive
+    Decoder(model).check_forward(f"{flag} {path}")  # fail early and clearly on a model we cannot drive
     return model, tokenizer
 
 
@@ -92,6 +96,10 @@ def _attention_backend(h: torch.Tensor):
     return nullcontext()
 
 
+ATTENTION_LAYERS = {"full_attention", "sliding_attention"}  # config.layer_types the truncated passes run
+FORWARD_TOLERANCE = {True: 1e-3, False: 0.1}  # check_forward, fp32 / half precision: SmolLM2 and Gemma-3 1e-6 / 0.015
+
+
 class Decoder:
     """Truncated forward passes over a frozen HF decoder-only model."""
 
@@ -99,10 +107,14 @@ class Decoder:
         self.model = model
         base = getattr(model, "model", None)
         layers = getattr(base, "layers", None)
-        if base is None or layers is None or not hasattr(base, "embed_tokens") or not hasattr(base, "rotary_emb"):
+        if base is None or layers is None or not all(hasattr(base, a) for a in ("embed_tokens", "rotary_emb", "norm")):
             raise UserInputError(
                 f"unsupported model {type(model).__name__}: expected a decoder-only model with "
-                "model.embed_tokens, model.layers and model.rotary_emb (Llama, Qwen2, Mistral, Gemma families)")
+                "model.embed_tokens, model.layers, model.rotary_emb and model.norm (Llama, Qwen2, Qwen3, Mistral, "
+                "Gemma-3 and the families built like them)")
+        if other := sorted(set(getattr(model.config, "layer_types", None) or ()) - ATTENTION_LAYERS):
+            raise UserInputError(f"unsupported model {type(model).__name__}: its layers of type {', '.join(other)} "
+                                 "are not attention layers the truncated passes can run (hybrid models)")
         if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "flash_attention_2",
                                                                          "flash_attention_3"):
             model.set_attn_implementation("sdpa")  # eager attention without a mask would not be causal
@@ -115,9 +127,33 @@ class Decoder:
         # Gemma scales looked-up rows by sqrt(hidden) in the table's dtype; inputs_embeds paths must do the same.
         scale = getattr(base.embed_tokens, "embed_scale", None)
         self.embed_scale = None if scale is None else float(torch.as_tensor(scale).to(self.embed_weight.dtype))
-        sliding = getattr(self.config, "sliding_window", None)
-        self.max_len = sliding if sliding and self.layer_types and "sliding_attention" in self.layer_types else None
+        sliding = getattr(self.config, "sliding_window", None)  # every layer's where no layer_types say (Mistral)
+        windowed = ("sliding_attention" in self.layer_types if self.layer_types
+                    else getattr(self.config, "use_sliding_window", True))
+        self.max_len = sliding if sliding and windowed else None
         self.packs = Packs(layers)  # the layers' fast path: packed linears, fused kernels (packed.py)
+
+    def check_forward(self, where: str) -> None:
+        """Refuse a model whose own forward the truncated passes do not reproduce (a multiplier or logit scale its
+        family's forward applies outside the layers, say): a short sequence through both, at the first and last
+        layer and the logits, within FORWARD_TOLERANCE of the model's dtype."""
+        vocab = self.embed_weight.shape[0]
+        ids = torch.arange(5, 5 + 8 * 7, 7, device=self.embed_weight.device).remainder(vocab).unsqueeze(0)
+        with torch.no_grad(), observed.unrecorded():  # the report says what the job ran, not this check
+            ref = self.model(ids, output_hidden_states=True)
+            ours = self.hidden_states(self.embed(ids), [1, self.num_layers])
+            pairs = {"layer 1": (ours[1], ref.hidden_states[1]),
+                     f"layer {self.num_layers}": (ours[self.num_layers], ref.hidden_states[-1]),
+                     "the logits": (self.logits(ours[self.num_layers]), ref.logits)}
+        tolerance = FORWARD_TOLERANCE[self.embed_weight.dtype == torch.float32]
+        for name, (a, b) in pairs.items():
+            a, b = a.float(), b.float()
+            err = float((a - b).norm() / b.norm().clamp_min(1e-12))
+            if not err <= tolerance:
+                raise UserInputError(f"{where}: unsupported model {type(self.model).__name__}: its own forward and "
+                                     f"the truncated passes differ at {name} (relative error {err:.3g}); its "
+                                     "family computes something the passes do not (an embedding multiplier or "
+                                     "logit scale, say)")
 
     @property
     def embed_weight(self) -> torch.Tensor:

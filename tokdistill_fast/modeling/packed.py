@@ -141,15 +141,18 @@ class Packs:
     def active(self, upto: int):
         """Within the block, the linears of layers [0, upto) run packed (bf16) and their supported norms,
         attention modules and MLPs fused (bf16 or fp32, fused.py); a no-op where neither applies."""
-        observed.note("layers", self.kernel_impl if self.enabled else "torch", fallback=self.fallback)
-        if not self.enabled:
-            yield
-            return
         key = (upto, torch.is_grad_enabled())
-        if key not in self.swaps:  # built once per depth and grad mode: the modules never change
+        if self.enabled and key not in self.swaps:  # built once per depth and grad mode: the modules never change
             self.swaps[key] = [(m, forward) for layer in self.layers[:upto] for m in layer.modules()
                                if (forward := self._swap(m, key[1])) is not None]
-        swaps = [(m, m.__dict__.get("forward"), forward) for m, forward in self.swaps[key]]
+        swapped = self.swaps[key] if self.enabled else []
+        # the kernels ran only where a family's norms, attention or MLP were swapped (Phi-3's are not: linears only)
+        fused_here = any(not isinstance(m, nn.Linear) for m, _ in swapped)
+        observed.note("layers", self.kernel_impl if fused_here else "torch", fallback=self.fallback)
+        if not swapped:
+            yield
+            return
+        swaps = [(m, m.__dict__.get("forward"), forward) for m, forward in swapped]
         for m, _, forward in swaps:  # an instance's own forward (hooks) is kept and put back
             m.forward = forward
         try:
