@@ -537,3 +537,19 @@ def test_converter_check_text_is_the_one_llama_cpp_hashes():
     lines = (ln.strip() for ln in base.read_text(encoding="utf-8").splitlines())
     line = next(ln for ln in lines if ln.startswith("chktxt = "))
     assert ast.literal_eval(line.removeprefix("chktxt = ")) == extend.CONVERTER_CHECK_TEXT
+
+
+def test_vocab_mode_that_a_reload_drops_says_why_once(tokenizers_by_kind, monkeypatch, caplog):
+    """Where the tokenizer reloaded as users will drops the vocab extension, `auto` warns and uses added tokens;
+    `--tokenizer-mode vocab` is refused with that reason, and no warning says it is using added tokens."""
+    tok = tokenizers_by_kind["bytelevel"]
+    monkeypatch.setattr(extend, "encodes_as_one", lambda new, served: [False] * len(served))
+    planned, _ = tokens.plan_new_tokens(tok, ["palatable"], add_variants=False)
+    with caplog.at_level("WARNING"):
+        extend.extend_tokenizer(tok, planned, "auto")
+    assert "using added tokens" in caplog.text and planned[0].kind == "added"
+    caplog.clear()
+    planned, _ = tokens.plan_new_tokens(tok, ["palatable"], add_variants=False)
+    with caplog.at_level("WARNING"), pytest.raises(UserInputError, match="does not emit one id for 1 form"):
+        extend.extend_tokenizer(tok, planned, "vocab")
+    assert "using added tokens" not in caplog.text

@@ -464,15 +464,17 @@ def extend_tokenizer(tokenizer, planned: list[NewToken], mode: str = "auto", mod
         ok = encodes_as_one(new, served)
         if not all(ok):
             bad = [t.form for t, good in zip(served, ok) if not good]
-            log.warning("vocab mode: the reloaded tokenizer (%s) does not emit one id for %d form(s), e.g. %r; "
-                        "using added tokens", type(new).__name__, len(bad), bad[:3])
+            why = (f"the tokenizer reloaded as users will ({type(new).__name__}) does not emit one id for "
+                   f"{len(bad)} form(s), e.g. {bad[:3]!r}")
+            if mode == "auto":
+                log.warning("vocab mode: %s; using added tokens", why)
             for t in planned:
                 t.piece, t.kind, t.new_id = "", "", -1
             new = None
     spaced = [t for t in planned if not spaceless(t.form)]
     if new is None and mode == "vocab" and spaced:
-        raise UserInputError("--tokenizer-mode vocab is not possible for this tokenizer (not BPE, an unknown "
-                             "pre-tokenizer, or a tokenizer class that rebuilds its pipeline); use added")
+        raise UserInputError("--tokenizer-mode vocab is not possible for this tokenizer ("
+                             + (why if ext is not None else "not BPE, or an unknown pre-tokenizer") + "); use added")
     if new is None:
         new = _load_as_user(tokenizer, model_config, None)
     rest = [t for t in planned if t.kind != "vocab"]
