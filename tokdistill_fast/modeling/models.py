@@ -97,7 +97,7 @@ def _attention_backend(h: torch.Tensor):
 
 
 ATTENTION_LAYERS = {"full_attention", "sliding_attention"}  # config.layer_types the truncated passes run
-FORWARD_TOLERANCE = {True: 1e-3, False: 0.1}  # check_forward, fp32 / half precision: SmolLM2 and Gemma-3 1e-6 / 0.015
+FORWARD_TOLERANCE = 1e-2  # check_forward's relative error (SmolLM2, Gemma-3: 0 in fp32 and bf16; Cohere's scale 0.9)
 
 
 class Decoder:
@@ -136,16 +136,21 @@ class Decoder:
     def check_forward(self, where: str) -> None:
         """Refuse a model whose own forward the truncated passes do not reproduce (a multiplier or logit scale its
         family's forward applies outside the layers, say): a short sequence through both, at the first and last
-        layer and the logits, within FORWARD_TOLERANCE of the model's dtype."""
+        layer and the logits, within FORWARD_TOLERANCE. The passes run the model's own layer modules here (the fast
+        kernels off: tests compare those), so the check reads what the model computes around its layers."""
         vocab = self.embed_weight.shape[0]
         ids = torch.arange(5, 5 + 8 * 7, 7, device=self.embed_weight.device).remainder(vocab).unsqueeze(0)
-        with torch.no_grad(), observed.unrecorded():  # the report says what the job ran, not this check
-            ref = self.model(ids, output_hidden_states=True)
-            ours = self.hidden_states(self.embed(ids), [1, self.num_layers])
-            pairs = {"layer 1": (ours[1], ref.hidden_states[1]),
-                     f"layer {self.num_layers}": (ours[self.num_layers], ref.hidden_states[-1]),
-                     "the logits": (self.logits(ours[self.num_layers]), ref.logits)}
-        tolerance = FORWARD_TOLERANCE[self.embed_weight.dtype == torch.float32]
+        enabled, self.packs.enabled = self.packs.enabled, False
+        try:
+            with torch.no_grad(), observed.unrecorded():  # the report says what the job ran, not this check
+                ref = self.model(ids, output_hidden_states=True)
+                ours = self.hidden_states(self.embed(ids), [1, self.num_layers])
+                pairs = {"layer 1": (ours[1], ref.hidden_states[1]),
+                         f"layer {self.num_layers}": (ours[self.num_layers], ref.hidden_states[-1]),
+                         "the logits": (self.logits(ours[self.num_layers]), ref.logits)}
+        finally:
+            self.packs.enabled = enabled
+        tolerance = FORWARD_TOLERANCE
         for name, (a, b) in pairs.items():
             a, b = a.float(), b.float()
             err = float((a - b).norm() / b.norm().clamp_min(1e-12))
