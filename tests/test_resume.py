@@ -164,6 +164,25 @@ def test_kill9_in_second_chunk_then_resume_matches_uninterrupted(tmp_path, base_
     assert "before_resume" not in json.loads((tmp_path / "whole" / "report.json").read_text())["timings"]
 
 
+def test_a_chunk_checkpointed_at_its_last_step_resumes(tmp_path, base_args):
+    """SIGTERM at a chunk's last step saves its state with every step done: the resumed run finishes (its seconds
+    per token wait for a chunk that trains here; before, a division by zero at every --resume) with the rows of an
+    uninterrupted run."""
+    args = [*base_args, "--chunk-tokens", "2", "--prefix-sharing", "on", "--epochs", "1", "--more-epochs", "0"]
+    done = run(args, tmp_path / "whole")
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    proc = start_hanging(args, out, step=5, log=tmp_path / "log")  # chunk 1's last step of 6
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "out.partial" / "student-0000.pt", weights_only=False)["step"] == 6
+    resumed = subprocess.run([c for c in command([*args, "--resume"], out) if c != "-q"], env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "0% of its steps (no rate yet)" in resumed.stderr and "ETA unknown" in resumed.stderr
+    assert_same_rows(tmp_path / "whole", out)
+
+
 def test_one_chunk_is_the_unchunked_run(model_dirs, words_file, corpus_file):
     """--chunk-tokens at least the token count plans a single chunk, which takes the unchunked path; smaller
     chunks train every token (rows differ only through batches and schedule, so they stay close)."""

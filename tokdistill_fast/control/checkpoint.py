@@ -194,7 +194,8 @@ class WorkDir:
                                      "--overwrite")
             elapsed = path / "elapsed.json"
             earlier_s = json.loads(elapsed.read_text(encoding="utf-8"))["seconds"] if elapsed.is_file() else 0.0
-            log.info("resuming from the checkpoint in %s (%.0f s spent before)", path, earlier_s)
+            log.info("resuming from the checkpoint in %s (%s)", path, f"{earlier_s:.0f} s spent before"
+                     if elapsed.is_file() else "the time spent before is not recorded there: an earlier build's")
         else:
             if stored.is_file():  # else nothing, or a directory without a checkpoint's files
                 if not cfg.overwrite:

@@ -123,6 +123,31 @@ def merge(results: list[student.TrainResult], device: torch.device) -> student.T
                "spikes_dropped": sum(r.extra.get("spikes_dropped", 0) for r in results)}, before=before)
 
 
+@dataclass
+class Rate:
+    """Seconds per token of the chunks trained so far, for the ETA: the teacher pass per token of each chunk, and
+    the training per token of the steps run here (a chunk resumed part way ran only the rest of its steps)."""
+
+    tokens: int = 0
+    teacher_s: float = 0.0
+    trained: float = 0.0  # tokens x the share of their steps run in this process
+    train_s: float = 0.0
+
+    def add(self, tokens: int, teacher_s: float, train_s: float, done: float) -> None:
+        self.tokens, self.teacher_s = self.tokens + tokens, self.teacher_s + teacher_s
+        self.trained, self.train_s = self.trained + tokens * done, self.train_s + train_s
+
+    def per_token(self) -> float | None:
+        """None until a chunk has trained some of its steps here (one restored at its last step ran none)."""
+        return self.teacher_s / self.tokens + self.train_s / self.trained if self.trained else None
+
+    def describe(self) -> str:
+        return "no rate yet" if (s := self.per_token()) is None else f"{s:.4f} s/token"
+
+    def eta(self, tokens_left: int) -> str:
+        return "unknown" if (s := self.per_token()) is None else f"{s * tokens_left:.0f} s"
+
+
 class ChunkedTrainer:
     """student.train() over the chunks of `plan` in turn: per chunk, the teacher cache (`cache_fn`, when the
     objective reads one and the passes do not compute targets in-step), training with checkpoints, and the
@@ -138,7 +163,8 @@ class ChunkedTrainer:
                  teacher: tuple[np.ndarray, np.ndarray] | None = None) -> student.TrainResult:
         passes = passes or student.Passes()
         V, n_rows, n = decoder.embed_weight.shape[0], init_rows.shape[0], len(self.plan.bounds)
-        results, offset, spent, trained = [], 0, 0.0, 0
+        results, offset = [], 0
+        rate = Rate()
         for c, (start, end) in enumerate(progress(self.plan.bounds, desc="chunks", unit="chunk")):
             result = self.work.load(f"chunk-{c:04d}")
             if result is not None:
@@ -159,13 +185,11 @@ class ChunkedTrainer:
                                              extra={**result.extra, "teacher_seconds": t_teacher})
                 self.work.save(f"chunk-{c:04d}", result)
                 self.work.remove(f"student-{c:04d}")
-                spent += time.perf_counter() - t0
                 done = 1.0 - (hook.restored if hook is not None else 0.0)  # a resumed chunk: the steps left
-                trained += (end - start) * done
-                per_token = spent / trained
-                log.info("chunk %d/%d: %d tokens in %.1f s%s (%.4f s/token); %d tokens left, ETA %.0f s", c + 1, n,
-                         end - start, time.perf_counter() - t0, f", {done:.0%} of its steps" if done < 1 else "",
-                         per_token, n_rows - end, per_token * (n_rows - end))
+                rate.add(end - start, t_teacher, time.perf_counter() - t0 - t_teacher, done)
+                log.info("chunk %d/%d: %d tokens in %.1f s%s (%s); %d tokens left, ETA %s", c + 1, n, end - start,
+                         time.perf_counter() - t0, f", {done:.0%} of its steps" if done < 1 else "",
+                         rate.describe(), n_rows - end, rate.eta(n_rows - end))
             results.append(result)
             offset += result.steps
         return merge(results, init_rows.device)
