@@ -18,19 +18,25 @@ def run_report(*args: str) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
+def table_rows(path: Path) -> tuple[list[str], str]:
+    """The table rows bench.report prints for `path` (header and rule left out), and all it printed."""
+    done = run_report(str(path))
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "reference ms" not in line]
+    return rows, done.stdout
+
+
 def test_report_table(tmp_path):
     path = tmp_path / "kernels.json"
     path.write_text(json.dumps({"benchmarks": [
         bench("masked_mse K=400", "torch", 2e-4, 10**6), bench("masked_mse K=400", "triton", 5e-5, 10**6),
         *(bench("embedding_rows 16x50", impl, median, 3 * 10**9)
           for impl, median in (("torch", 1e-3), ("triton", 1e-3), ("triton-deterministic", 2e-3)))]}))
-    done = run_report(str(path))
-    assert done.returncode == 0, done.stderr
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "reference ms" not in line]
+    rows, printed = table_rows(path)
     assert rows == ["| masked_mse K=400 | triton | 0.200 (torch) | 0.050 | 4.00x | 20 |",
                     "| embedding_rows 16x50 | triton | 1.000 (torch) | 1.000 | 1.00x | 3000 |",
                     "| embedding_rows 16x50 | triton-deterministic | 1.000 (torch) | 2.000 | 0.50x | 1500 |"]
-    assert "NVIDIA H100 80GB HBM3" in done.stdout
+    assert "NVIDIA H100 80GB HBM3" in printed
 
 
 def test_report_reads_the_alignment_and_optimizer_files(tmp_path):
@@ -42,13 +48,11 @@ def test_report_reads_the_alignment_and_optimizer_files(tmp_path):
          "extra_info": {"snippets": 64}} for impl, median in (("cpp", 1e-3), ("python", 3e-2))] + [
         {"group": "optimizer step", "name": f"test_step[cpu-{impl}]", "params": {"device": "cpu", "impl": impl},
          "stats": {"median": 2e-3}, "extra_info": {}} for impl in ("adamw", "whitened-rows")]}))
-    done = run_report(str(path))
-    assert done.returncode == 0, done.stderr
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "reference ms" not in line]
+    rows, printed = table_rows(path)
     assert rows == ["| alignment | cpp | 30.000 (python) | 1.000 | 30.00x | - |",
                     "| optimizer step | adamw | - | 2.000 | - | - |",
                     "| optimizer step | whitened-rows | - | 2.000 | - | - |"]
-    assert done.stdout.startswith("device: AMD EPYC, cpu;")
+    assert printed.startswith("device: AMD EPYC, cpu;")
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
