@@ -104,3 +104,22 @@ def test_report_names_the_layer_kernels_that_ran():
             assert observed.ran("layers") is None
             dec.hidden_states(dec.embed(ids), [2])
             assert observed.ran("layers") == expected
+
+
+FAMILIES = {  # the families README's Limitations lists as run: none of them computes anything around its layers
+    "LlamaConfig": {}, "Qwen2Config": {}, "Qwen3Config": {"head_dim": 16}, "MistralConfig": {},
+    "Qwen3MoeConfig": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "Gemma3TextConfig": {"head_dim": 16}, "SmolLM3Config": {"pad_token_id": 0},
+    "GlmConfig": {"head_dim": 16, "pad_token_id": 0}, "Phi3Config": {"pad_token_id": 0}, "Olmo2Config": {},
+    "GraniteConfig": {}}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_listed_families_pass_the_forward_check(name):
+    import transformers
+
+    config = getattr(transformers, name)(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, **FAMILIES[name])
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        Decoder(AutoModelForCausalLM.from_config(config, dtype=dtype).eval()).check_forward(name)
