@@ -6,6 +6,7 @@ from conftest import tiny_config
 from transformers import AutoModelForCausalLM
 
 from tokdistill_fast.config import UserInputError
+from tokdistill_fast.modeling import fused
 from tokdistill_fast.modeling.models import Decoder
 
 
@@ -97,7 +98,8 @@ def test_report_names_the_layer_kernels_that_ran():
     phi3 = Phi3Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
     ids = torch.tensor([[5, 6, 7]])
-    for config, expected in ((tiny_config("llama", 300), "cpp"), (phi3, "torch")):
+    built = fused.extension() is not None  # without it (no compiler), Llama's layers run the references too
+    for config, expected in ((tiny_config("llama", 300), "cpp" if built else "torch"), (phi3, "torch")):
         dec = Decoder(AutoModelForCausalLM.from_config(config).eval().requires_grad_(False))
         with observed.recording(), torch.no_grad():
             dec.check_forward("the model")  # a check at load: not what the job ran (--backend torch read "cpp")
@@ -123,3 +125,18 @@ def test_listed_families_pass_the_forward_check(name):
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         Decoder(AutoModelForCausalLM.from_config(config, dtype=dtype).eval()).check_forward(name)
+
+
+def test_layers_without_the_cpp_kernels_warn_once(monkeypatch, caplog):
+    """A CPU whose C++ extension did not build runs the layers' references: one warning line per run says so and
+    what it costs, as the aligner's does (before, silent: only report.json showed it)."""
+    from tokdistill_fast.control import observed
+
+    monkeypatch.setattr(fused, "extension", lambda: None)
+    dec = Decoder(AutoModelForCausalLM.from_config(tiny_config("llama", 300)).eval().requires_grad_(False))
+    ids = torch.tensor([[5, 6, 7]])
+    with observed.recording(), torch.no_grad(), caplog.at_level("WARNING"):
+        for _ in range(3):
+            dec.hidden_states(dec.embed(ids), [2])
+        assert observed.ran("layers") == "torch"
+    assert caplog.text.count("C++ layer kernels not built") == 1

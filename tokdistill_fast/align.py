@@ -240,7 +240,7 @@ def ran(impl: str) -> str:
     """resolved(impl), noted as what ran (observed.py); "auto" without the extension warns once per run."""
     got = resolved(impl)
     observed.note("align", got, fallback=None if impl != "auto" or got == "cpp" else (
-        "C++ aligner not built: alignment runs in Python, 21-53x slower on 64k snippets (make bench-align); "
+        "C++ aligner not built: alignment runs in Python, 30-80x slower on 64k snippets (make bench-align); "
         "reinstall with a C++17 compiler and TOKDISTILL_REQUIRE_EXT=1"))
     return got
 

@@ -100,11 +100,18 @@ class Packs:
         kernels = fused.layer_kernels(weights[0].device, weights[0].dtype) if frozen else None
         self.fuse = kernels is not None
         self.enabled = self.pack or self.fuse
-        # what the layers' norms, rotations and activations run, for reports; on CUDA without Triton, a slow path
+        # what the layers' norms, rotations and activations run, for reports; a slow path where the kernels that
+        # would run there cannot: Triton on CUDA, the C++ extension on a CPU (its dtypes)
         self.kernel_impl = "torch" if kernels is None else kernels.name
-        self.fallback = None if not frozen or self.fuse or weights[0].device.type != "cuda" else (
+        device, dtype = weights[0].device if weights else None, weights[0].dtype if weights else None
+        self.fallback = None if not frozen or self.fuse else (
             "the decoder layers run the Hugging Face modules on CUDA (Triton kernels unusable: "
-            f"{kernel_backend.unusable_reason(weights[0].device)}): about twice the kernel launches a layer")
+            f"{kernel_backend.unusable_reason(device)}): about twice the kernel launches a layer"
+            if device.type == "cuda" else
+            "C++ layer kernels not built: the decoder layers' norms, rotations, activations and attention run the "
+            "Hugging Face modules, the student stage about 1.5x slower (SmolLM2, bf16); reinstall with a C++17 "
+            "compiler and TOKDISTILL_REQUIRE_EXT=1"
+            if device.type == "cpu" and dtype in fused.FUSED_DTYPES and fused.extension() is None else None)
 
     def _product(self, key, weight, bias: torch.Tensor | None, grad: bool):
         """x -> x W^T + b for W = weight() (a callable: built at first use and kept under `key`), packed where
