@@ -54,3 +54,21 @@ def test_trim_suffix_keeps_the_first_pairs_and_cuts_both_sequences_after_them():
     assert cut.cu_aligned.tolist() == [0, 2, 3]
     assert cut.student_ids.tolist() == [1, 99, 3, 3, 99] and cut.cu_student.tolist() == [0, 3, 5]
     assert t_cut.tolist() == [1, 7, 8, 3, 3, 7, 8] and cu_cut.tolist() == [0, 4, 7]
+
+
+def test_align_impl_cpp_without_the_extension_is_refused_before_any_work(monkeypatch, tmp_path, capsys):
+    """--align-impl cpp where the aligner did not build is refused before the model loads (a model path that does
+    not exist is not reached), for distill and eval alike; before, after the corpus search."""
+    from tokdistill_fast import align
+    from tokdistill_fast.cli import main
+
+    monkeypatch.setattr(align, "_align_ext", None)
+    text = tmp_path / "t.txt"
+    text.write_text("a palatable soup\n")
+    for run in (["distill", "--model", str(tmp_path / "nowhere"), "--new-tokens", str(text), "--corpus", str(text),
+                 "--out", str(tmp_path / "o")],
+                ["eval", "--original", str(tmp_path / "nowhere"), "--adapted", str(tmp_path / "nowhere"),
+                 "--heldout", str(text), "--out", str(tmp_path / "e.json")]):
+        assert main(["-q", *run, "--align-impl", "cpp"]) == 2
+        assert "--align-impl cpp: the C++ aligner is not built" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

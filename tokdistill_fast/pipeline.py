@@ -22,6 +22,7 @@ import torch
 
 from . import check, contexts, export, extend, hubs, retrain, student, swap, teacher, tokens
 from .align import prefix_lengths
+from .align import resolved as resolved_align
 from .config import (
     HUB_AFTER_RUN,
     TRAINED_METHODS,
@@ -84,6 +85,7 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     backend = kernels.resolve(cfg.backend, device)  # fails here, not after the teacher pass, if triton cannot run
+    resolved_align(cfg.align_impl)  # --align-impl cpp without the extension: here, not after the corpus search
     if cfg.contexts == "retrieve" and (cfg.method in TRAINED_METHODS if trains is None else trains):
         if not files:
             raise UserInputError(contexts.NO_CORPUS)

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .. import contexts, export
+from ..align import resolved as resolved_align
 from ..check import read_matrices, read_report
 from ..config import OUTLIER_FACTOR, OVER_PREDICTION_FLAG, UserInputError, pick_device, pick_dtype
 from ..corpus import corpus_files
@@ -54,6 +55,7 @@ class EvalOptions:
             raise UserInputError(f"--snippet-length must be 4 or more, not {self.snippet_length}")
         if self.n_boot < 10:
             raise UserInputError("--bootstrap must be at least 10 resamples")
+        resolved_align(self.align_impl)  # --align-impl cpp without the extension: before the models load
         if not -1.0 <= self.threshold <= 1.0:
             raise UserInputError("--threshold is a cosine similarity: between -1 and 1")
         if self.definitions and self.embedder is not None:
