@@ -72,3 +72,8 @@ def test_align_impl_cpp_without_the_extension_is_refused_before_any_work(monkeyp
         assert main(["-q", *run, "--align-impl", "cpp"]) == 2
         assert "--align-impl cpp: the C++ aligner is not built" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # a file that is there but cannot load (another ABI, a cut file) says so, with the loader's reason
+    monkeypatch.setattr(align, "_align_ext_error", ImportError("_align_ext.so: file too short"))
+    assert main(["-q", "eval", "--original", "x", "--adapted", "x", "--heldout", str(text), "--out",
+                 str(tmp_path / "e.json"), "--align-impl", "cpp"]) == 2
+    assert "aligner is built but cannot be loaded (_align_ext.so: file too short)" in capsys.readouterr().err

@@ -66,6 +66,9 @@ def test_env_report_says_whether_kernels_run():
     can = importlib.util.find_spec("triton") is not None and (
         torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
     assert env_report()["triton_kernels"].startswith("yes" if can else "no")
+    from tokdistill_fast.modeling import fused  # and whether the C++ layer kernels loaded, beside the aligner
+
+    assert env_report()["fused_ext"] == (fused.extension() is not None)
 
 
 def test_works_without_triton_installed():

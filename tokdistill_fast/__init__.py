@@ -52,12 +52,14 @@ def env_report() -> dict:
     from .config import cpu_has_fast_bf16
     from .control import process
     from .kernels import backend
+    from .modeling import fused
 
     info = {"tokdistill_fast": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "cuda": torch.cuda.is_available(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "cpu_fast_bf16": cpu_has_fast_bf16(),
             "mkl_dispatch": process.mkl_dispatch(), "align_ext": align._align_ext is not None,
+            "fused_ext": fused.extension() is not None,
             "triton_kernels": backend.status()}
     try:
         import triton
