@@ -59,8 +59,11 @@ def test_trim_suffix_keeps_the_first_pairs_and_cuts_both_sequences_after_them():
 def test_align_impl_cpp_without_the_extension_is_refused_before_any_work(monkeypatch, tmp_path, capsys):
     """--align-impl cpp where the aligner did not build is refused before the model loads (a model path that does
     not exist is not reached), for distill and eval alike; before, after the corpus search."""
+    import importlib
+
     from tokdistill_fast import align
     from tokdistill_fast.cli import main
+    from tokdistill_fast.config import compiled
 
     monkeypatch.setattr(align, "_align_ext", None)
     text = tmp_path / "t.txt"
@@ -73,7 +76,15 @@ def test_align_impl_cpp_without_the_extension_is_refused_before_any_work(monkeyp
         assert "--align-impl cpp: the C++ aligner is not built" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     # a file that is there but cannot load (another ABI, a cut file) says so, with the loader's reason
-    monkeypatch.setattr(align, "_align_ext_error", ImportError("_align_ext.so: file too short"))
+    def cut(name):
+        raise ImportError(f"{name}.so: file too short")
+
+    with monkeypatch.context() as m:  # what config.compiled says of a file that is there and cannot load
+        m.setattr(importlib, "import_module", cut)
+        compiled.cache_clear()
+        monkeypatch.setattr(align, "_align_ext_missing", compiled("_align_ext")[1])
+    compiled.cache_clear()
     assert main(["-q", "eval", "--original", "x", "--adapted", "x", "--heldout", str(text), "--out",
                  str(tmp_path / "e.json"), "--align-impl", "cpp"]) == 2
-    assert "aligner is built but cannot be loaded (_align_ext.so: file too short)" in capsys.readouterr().err
+    assert "aligner is built but cannot be loaded (tokdistill_fast._align_ext.so: file too short)" in \
+        capsys.readouterr().err

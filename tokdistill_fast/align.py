@@ -19,22 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import UserInputError
+from .config import UserInputError, compiled
 from .control import observed
 
 log = logging.getLogger(__name__)
 
-try:
-    from tokdistill_fast import _align_ext  # built from csrc/align.cpp
-    _align_ext_error: ImportError | None = None
-except ImportError as e:  # not compiled, or a file that cannot load here (another ABI): align_py below is used
-    _align_ext, _align_ext_error = None, e
-
-
-def missing_extension() -> str:
-    """Why the C++ aligner is not there, for messages: not built, or built but not loadable (and why)."""
-    e = _align_ext_error
-    return "not built" if e is None or isinstance(e, ModuleNotFoundError) else f"built but cannot be loaded ({e})"
+_align_ext = compiled("_align_ext")[0]  # built from csrc/align.cpp; None: align_py below is used
+_align_ext_missing = compiled("_align_ext")[1] or "not built"  # why, where _align_ext is None
 
 
 @dataclass
@@ -238,7 +229,7 @@ def resolved(impl: str = "auto") -> str:
     if impl == "auto":
         return "cpp" if _align_ext is not None else "python"
     if impl == "cpp" and _align_ext is None:
-        raise UserInputError(f"--align-impl cpp: the C++ aligner is {missing_extension()} (pip install needs a "
+        raise UserInputError(f"--align-impl cpp: the C++ aligner is {_align_ext_missing} (pip install needs a "
                              "C++17 compiler); use --align-impl python")
     return impl
 
@@ -247,7 +238,7 @@ def ran(impl: str) -> str:
     """resolved(impl), noted as what ran (observed.py); "auto" without the extension warns once per run."""
     got = resolved(impl)
     observed.note("align", got, fallback=None if impl != "auto" or got == "cpp" else (
-        f"C++ aligner {missing_extension()}: alignment runs in Python, 30-80x slower on 64k snippets "
+        f"C++ aligner {_align_ext_missing}: alignment runs in Python, 30-80x slower on 64k snippets "
         "(make bench-align); reinstall with a C++17 compiler and TOKDISTILL_REQUIRE_EXT=1"))
     return got
 

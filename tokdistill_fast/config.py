@@ -4,12 +4,15 @@ when one is asked for: the command line sets up the process first). Environment 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import math
 import operator
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -117,6 +120,18 @@ def launch() -> Launch:
     """The torchrun environment of this process (distributed.py initializes the process group from it)."""
     env = os.environ
     return Launch(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+
+
+@functools.cache
+def compiled(name: str) -> tuple[ModuleType | None, str]:
+    """The package's compiled extension `name` (setup.py builds it from csrc/) and, where it is missing, why: "not
+    built", or built but not loadable here (another ABI, a cut file), with the loader's reason. Imported once."""
+    try:
+        return importlib.import_module(f"tokdistill_fast.{name}"), ""
+    except ModuleNotFoundError:
+        return None, "not built"
+    except ImportError as e:
+        return None, f"built but cannot be loaded ({e})"
 
 
 _bars_off = False  # set by silence_progress_bars(); progress() reads it at each bar

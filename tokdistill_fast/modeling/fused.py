@@ -10,26 +10,26 @@ model is frozen.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
+from ..config import compiled
 from ..kernels import backend as kernel_backend
 from ..kernels import gated as triton_gated
 from ..kernels import rms_norm as triton_rms_norm
 from ..kernels import rotary as triton_rotary
 
 
-@lru_cache(maxsize=1)
 def extension():
-    """The compiled kernels, or None (pure-PyTorch fallback: the references below)."""
-    try:
-        from .. import _fused_ext
-    except ImportError:
-        return None
-    return _fused_ext
+    """The compiled kernels, or None (pure-PyTorch fallback: the references below; why: missing())."""
+    return compiled("_fused_ext")[0]
+
+
+def missing() -> str:
+    """Why extension() is None: not built, or built but not loadable here (config.compiled)."""
+    return compiled("_fused_ext")[1] or "not built"
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: int) -> torch.Tensor:

@@ -100,18 +100,9 @@ class Packs:
         kernels = fused.layer_kernels(weights[0].device, weights[0].dtype) if frozen else None
         self.fuse = kernels is not None
         self.enabled = self.pack or self.fuse
-        # what the layers' norms, rotations and activations run, for reports; a slow path where the kernels that
-        # would run there cannot: Triton on CUDA, the C++ extension on a CPU (its dtypes)
+        # what the layers' norms, rotations and activations run, for reports
         self.kernel_impl = "torch" if kernels is None else kernels.name
-        device, dtype = weights[0].device if weights else None, weights[0].dtype if weights else None
-        self.fallback = None if not frozen or self.fuse else (
-            "the decoder layers run the Hugging Face modules on CUDA (Triton kernels unusable: "
-            f"{kernel_backend.unusable_reason(device)}): about twice the kernel launches a layer"
-            if device.type == "cuda" else
-            "C++ layer kernels not built: the decoder layers' norms, rotations, activations and attention run the "
-            "Hugging Face modules, the student stage about 1.5x slower (SmolLM2, bf16); reinstall with a C++17 "
-            "compiler and TOKDISTILL_REQUIRE_EXT=1"
-            if device.type == "cpu" and dtype in fused.FUSED_DTYPES and fused.extension() is None else None)
+        self.fallback = None if not frozen or self.fuse else slow_layers(weights[0].device, weights[0].dtype)
 
     def _product(self, key, weight, bias: torch.Tensor | None, grad: bool):
         """x -> x W^T + b for W = weight() (a callable: built at first use and kept under `key`), packed where
@@ -170,6 +161,19 @@ class Packs:
                     del m.forward
                 else:
                     m.forward = before
+
+
+def slow_layers(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the layers run the Hugging Face modules where kernels were expected there, and what it costs (a warning
+    once per run), or None where no kernel covers the device and dtype: Triton on CUDA, the C++ extension on a CPU."""
+    if device.type == "cuda":
+        return (f"the decoder layers run the Hugging Face modules on CUDA (Triton kernels unusable: "
+                f"{kernel_backend.unusable_reason(device)}): about twice the kernel launches a layer")
+    if device.type == "cpu" and dtype in fused.FUSED_DTYPES and fused.extension() is None:
+        return (f"C++ layer kernels {fused.missing()}: the decoder layers' norms, rotations, activations and "
+                "attention run the Hugging Face modules, the student stage about 1.5x slower (SmolLM2, bf16); "
+                "reinstall with a C++17 compiler and TOKDISTILL_REQUIRE_EXT=1")
+    return None
 
 
 def attention_forward(m: nn.Module, project: Project):
