@@ -140,3 +140,14 @@ def test_layers_without_the_cpp_kernels_warn_once(monkeypatch, caplog):
             dec.hidden_states(dec.embed(ids), [2])
         assert observed.ran("layers") == "torch"
     assert caplog.text.count("C++ layer kernels not built") == 1
+
+
+def test_the_log_says_what_the_model_computes_in(tmp_path, caplog):
+    """The log names the loaded model, its size and the dtype it runs in, so `--dtype auto`'s pick is visible."""
+    from tokdistill_fast.modeling.models import load_model
+
+    AutoModelForCausalLM.from_config(tiny_config("llama", 300)).save_pretrained(tmp_path)
+    with caplog.at_level("INFO", logger="tokdistill_fast"):
+        load_model(tmp_path, torch.device("cpu"), torch.bfloat16, tokenizer=object())
+    assert f"--model {tmp_path}: LlamaForCausalLM, 4 layers, hidden size 64, 300 embedding rows, bfloat16 on cpu" \
+        in caplog.text

@@ -72,6 +72,7 @@ def load(model, tokenizer, device: torch.device, dtype: torch.dtype
         raise UserInputError("an in-memory model needs its tokenizer: distill(model, ..., tokenizer=tok)")
     decoder = models.Decoder(models.compute_copy(model, device, dtype))
     decoder.check_forward("the model given")
+    log.info("the model given: %s", models.summary(decoder.model))
     return decoder, tokenizer, model, None
 
 

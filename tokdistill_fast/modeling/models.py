@@ -83,7 +83,16 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, token
         raise UserInputError(f"{flag} {path}: cannot load the model with transformers: {e}") from None
     model.to(device).eval().requires_grad_(False)
     Decoder(model).check_forward(f"{flag} {path}")  # fail early and clearly on a model we cannot drive
+    log.info("%s %s: %s", flag, path, summary(model))
     return model, tokenizer
+
+
+def summary(model: nn.Module) -> str:
+    """What a run computes with, for its log: the class, its size, and the dtype and device (--dtype auto's pick)."""
+    rows, hidden = model.get_input_embeddings().weight.shape
+    p = next(model.parameters())
+    return (f"{type(model).__name__}, {len(model.model.layers)} layers, hidden size {hidden}, {rows:,} embedding rows, "
+            f"{str(p.dtype).removeprefix('torch.')} on {p.device}")
 
 
 def _attention_backend(h: torch.Tensor):
