@@ -139,3 +139,25 @@ def test_an_ignored_sighup_stays_ignored():
             assert signal.getsignal(signal.SIGHUP) is checkpoint._handle
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_resume_reads_the_time_spent_before_or_says_it_is_not_recorded(tmp_path, caplog):
+    """--resume logs the seconds elapsed.json holds and starts its count from them; a checkpoint without the file
+    (an earlier build's) resumes too, saying the time before is not recorded, and counts from zero."""
+    import json
+
+    from tokdistill_fast.config import DistillConfig
+
+    cfg = DistillConfig(resume=True)
+    (model := tmp_path / "model").mkdir()
+    fp = checkpoint.fingerprint(cfg, model, ["palatable"], [])
+    partial = tmp_path / "out.partial"
+    partial.mkdir()
+    (partial / "fingerprint.json").write_text(json.dumps(fp))
+    with caplog.at_level("INFO", logger="tokdistill_fast"), checkpoint.holding_locks():
+        assert checkpoint.WorkDir.open(tmp_path / "out", cfg, fp).earlier_s == 0.0
+        assert "(the time spent before is not recorded there: an earlier build's)" in caplog.text
+    (partial / "elapsed.json").write_text(json.dumps({"seconds": 812.4}))
+    with caplog.at_level("INFO", logger="tokdistill_fast"), checkpoint.holding_locks():
+        assert checkpoint.WorkDir.open(tmp_path / "out", cfg, fp).earlier_s == 812.4
+        assert "(812 s spent before)" in caplog.text
