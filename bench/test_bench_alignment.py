@@ -42,7 +42,8 @@ def batch():
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    """Each backend's output, so the second test checks that both agree (a speedup counts only then)."""
+    """Each backend's output and benchmark, so the second test checks that both agree (a speedup counts only then)
+    and says so in the C++ benchmark's extra_info, which bench.report shows."""
     return {}
 
 
@@ -53,11 +54,12 @@ def run(benchmark, batch, results, impl: str, rounds: int) -> None:
     benchmark.extra_info.update(snippets=N_SNIPPETS, teacher_tokens=n_tokens, aligned_pairs=len(out.s_pos))
     if benchmark.stats:  # None under --benchmark-disable
         benchmark.extra_info["snippets_per_s"] = round(N_SNIPPETS / benchmark.stats.stats.mean)
-    results[impl] = out
+    results[impl] = out, benchmark
     if len(results) == 2:
-        a, b = results.values()
+        (a, _), (b, _) = results.values()
         for f in ("student_ids", "cu_student", "s_pos", "t_pos", "cu_aligned"):
             np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+        results["cpp"][1].extra_info["output_vs_reference"] = "identical"
 
 
 @pytest.mark.skipif(align._align_ext is None, reason="C++ aligner not built")
@@ -110,11 +112,12 @@ def run_cross(benchmark, cross_batch, results, impl: str, rounds: int) -> None:
     benchmark.extra_info.update(snippets=N_SNIPPETS, teacher_tokens=len(cross_batch[0]), aligned_pairs=len(out.s_pos))
     if benchmark.stats:
         benchmark.extra_info["snippets_per_s"] = round(N_SNIPPETS / benchmark.stats.stats.mean)
-    results["cross-" + impl] = out
+    results["cross-" + impl] = out, benchmark
     if "cross-cpp" in results and "cross-python" in results:
         for f in ("s_pos", "t_pos", "cu_aligned"):
-            np.testing.assert_array_equal(getattr(results["cross-cpp"], f), getattr(results["cross-python"], f),
+            np.testing.assert_array_equal(getattr(results["cross-cpp"][0], f), getattr(results["cross-python"][0], f),
                                           err_msg=f)
+        results["cross-cpp"][1].extra_info["output_vs_reference"] = "identical"
 
 
 @pytest.mark.skipif(align._align_ext is None, reason="C++ aligner not built")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench import outputs
 from tokdistill_fast.modeling import attention, fused, packed
 
 pytestmark = pytest.mark.skipif(fused.extension() is None or not packed.supported(torch.device("cpu"),
@@ -24,13 +25,14 @@ CPU = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if l
 
 
 def run(benchmark, group: str, fn, inputs: list[torch.Tensor]):
-    """Time fn(*inputs) forward and backward to the inputs."""
+    """Time fn(*inputs) forward and backward to the inputs; record what they computed (bench.outputs)."""
     def step():
         out = fn(*inputs)
-        torch.autograd.grad(out, inputs, torch.ones_like(out))
+        return out, *torch.autograd.grad(out, inputs, torch.ones_like(out))
 
     benchmark.group = group
     benchmark.extra_info["device"] = CPU
+    outputs.record(benchmark, *step())
     benchmark.pedantic(step, rounds=200, warmup_rounds=20)
 
 

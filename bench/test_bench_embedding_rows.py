@@ -7,6 +7,8 @@ import pytest
 import torch
 from tokdistill_fast.kernels.embedding_rows import embedding_rows
 
+from bench import outputs
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark")
 V, D, N_NEW = 128_256, 4096, 2_500
 IMPLS = {"torch": dict(backend="torch"), "triton": dict(backend="triton"),
@@ -27,8 +29,9 @@ def test_embedding_rows_fwd_bwd(benchmark, impl, batch, seq, new_per_seq):
 
     def step():
         out = embedding_rows(ids, table, new_rows, scale, **IMPLS[impl])
-        torch.autograd.grad(out, new_rows, grad_out)
+        grad, = torch.autograd.grad(out, new_rows, grad_out)
         torch.cuda.synchronize()  # pytest-benchmark times the host: wait for the GPU
+        return out, grad
 
     n, hits = ids.numel(), int((ids >= V).sum())
     benchmark.group = f"embedding_rows {batch}x{seq} ids D={D} bf16"
@@ -36,4 +39,5 @@ def test_embedding_rows_fwd_bwd(benchmark, impl, batch, seq, new_per_seq):
     # at new positions, write the dense [n_new, D] fp32 gradient that the optimizer takes.
     benchmark.extra_info["min_bytes"] = (n - hits) * D * 2 + hits * D * 4 + n * D * 2 + hits * D * 2 + N_NEW * D * 4
     benchmark.extra_info["device"] = torch.cuda.get_device_name()
+    outputs.record(benchmark, *step())
     benchmark.pedantic(step, rounds=30, warmup_rounds=3)

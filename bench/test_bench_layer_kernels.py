@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench import outputs
 from tokdistill_fast.modeling import fused
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark")
@@ -14,15 +15,18 @@ D, HEADS, KV_HEADS, HD, INTER = 4096, 32, 8, 128, 14336
 
 
 def timed(benchmark, group: str, fn, inputs: list[torch.Tensor]) -> None:
-    """Time fn(*inputs) and the gradient of its outputs to the inputs, waiting for the GPU."""
+    """Time fn(*inputs) and the gradient of its outputs to the inputs, waiting for the GPU; record what they
+    computed (bench.outputs)."""
     def step():
         out = fn(*inputs)
         out = out if isinstance(out, tuple) else (out,)
-        torch.autograd.grad(out, inputs, [torch.ones_like(o) for o in out])
+        grads = torch.autograd.grad(out, inputs, [torch.ones_like(o) for o in out])
         torch.cuda.synchronize()
+        return *out, *grads
 
     benchmark.group = group
     benchmark.extra_info["device"] = torch.cuda.get_device_name()
+    outputs.record(benchmark, *step())
     benchmark.pedantic(step, rounds=30, warmup_rounds=3)
 
 

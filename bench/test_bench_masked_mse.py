@@ -7,6 +7,8 @@ import pytest
 import torch
 from tokdistill_fast.kernels.masked_mse import masked_mse
 
+from bench import outputs
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark")
 D = 4096
 
@@ -22,11 +24,13 @@ def test_masked_mse_fwd_bwd(benchmark, impl, ns, k):
 
     def step():
         loss, _ = masked_mse(S, T, s_idx, t_idx, backend=impl)
-        torch.autograd.grad(loss, S)
+        grad, = torch.autograd.grad(loss, S)
         torch.cuda.synchronize()  # pytest-benchmark times the host: wait for the GPU
+        return loss, grad
 
     benchmark.group = f"masked_mse Ns={ns} K={k} D={D} bf16"
     # fwd reads the pairs' S and T rows; bwd reads them again and writes dS (every row, zeros included)
     benchmark.extra_info["min_bytes"] = 4 * k * D * 2 + ns * D * 2
     benchmark.extra_info["device"] = torch.cuda.get_device_name()
+    outputs.record(benchmark, *step())
     benchmark.pedantic(step, rounds=30, warmup_rounds=3)
