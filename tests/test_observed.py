@@ -3,8 +3,10 @@ an expected fast path logs exactly one warning per run."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
+import pytest
 import torch
 from tokdistill_fast.kernels import backend
 
@@ -49,3 +51,21 @@ def test_outside_a_recording_nothing_is_kept():
         observed.note("align", "cpp")
         observed.note("align", "python")
         assert observed.ran("align") == "cpp+python"
+
+
+def test_the_reference_backend_runs_no_compiled_kernel(model_dirs, words_file, corpus_file, tmp_path):
+    """--backend torch runs the PyTorch references throughout, with prefix sharing asked for too (its packed passes
+    attend densely, not with the C++ kernel) and for a given tokenizer (the Hugging Face layers, as distill's)."""
+    from tokdistill_fast.modeling import fused
+
+    if fused.extension() is None:
+        pytest.skip("the C++ kernels are not built: nothing to keep out")
+    model = model_dirs[("llama", "bytelevel", True)]
+    cfg = DistillConfig(snippets_per_token=4, snippet_length=24, target_layer=2, lr=5e-2, dtype="float32",
+                        prefix_sharing="on", backend="torch")
+    run = distill(model, words_file, [corpus_file], out=tmp_path / "out", config=cfg)
+    ran = run.report["implementations"]
+    assert (ran["prefix_sharing"], ran["packed_attention"], ran["layers"]) == ("cached", "dense", "torch")
+    byot = distill(model, corpus=[corpus_file], config=dataclasses.replace(cfg, prefix_sharing="auto"),
+                   target_tokenizer=tmp_path / "out")
+    assert byot.report["implementations"]["layers"] == "torch"

@@ -99,7 +99,8 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
         decoder, tokenizer, source, tokenizer_seconds = load(model, tokenizer, device, dtype)
     if cfg.target_layer != "auto":
         decoder.resolve_layer(int(cfg.target_layer))  # a layer the model lacks fails before the corpus is read
-    decoder.packs.enabled &= cfg.backend != "torch"  # the references throughout: the Hugging Face layers too
+    if cfg.backend == "torch":
+        decoder.use_references()
     lm = decoder.model
     tied = export.is_tied(lm)
     with timer("tokens"):

@@ -359,6 +359,8 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     backend = kernels.resolve(cfg.backend, device)
     with timer("load"):
         decoder, _, source, _ = pipeline.load(model, original, device, dtype)
+    if cfg.backend == "torch":
+        decoder.use_references()
     tied = export.is_tied(decoder.model)
     V = decoder.embed_weight.shape[0]
     prep = Prepared(cfg, decoder, original, target, toks, [], None, tied, device, dtype, backend, source,

@@ -84,6 +84,7 @@ class Attend:
     spec: Spec
     context: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    kernels: bool = True  # False: the dense PyTorch path only (--backend torch: the references throughout)
     _cache: dict = field(default_factory=dict, repr=False)  # CPU kernel / dense path: index maps, once per pass
 
     def __call__(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None):
@@ -95,7 +96,7 @@ class Attend:
             rows = spec.capture_rows
             self.capture[layer] = (k3, v3) if rows is None else (k3.index_select(0, rows), v3.index_select(0, rows))
         context = self.context[layer] if self.context is not None else None
-        return varlen_causal(q3, k3, v3, spec, scaling, self._cache, context).unsqueeze(0)
+        return varlen_causal(q3, k3, v3, spec, scaling, self._cache, context, self.kernels).unsqueeze(0)
 
 
 def select_kv(kv: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor
@@ -188,16 +189,17 @@ def implementation(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def varlen_causal(q, k, v, spec: Spec, scale: float | None, cache: dict | None = None,
-                  context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  context: tuple[torch.Tensor, torch.Tensor] | None = None, kernels: bool = True) -> torch.Tensor:
     """Causal attention over packed sequences, bottom-right aligned per sequence: the varlen flash kernel on CUDA
-    half dtypes, the C++ kernel on CPU in bf16 or fp32 (fused.varlen_attention), else `DenseAttention` on
-    right-padded blocks (`cache` keeps either's index maps across the layers of one pass). q [Nq, H, hd]; k/v
-    [Nk, Hkv, hd] in cu_k order, or, with `context` (captured prefix keys and values), the own rows whose keys are
-    cat(context, own)[kv_order]. -> [Nq, H, hd]."""
-    fast = use_kernel(q)
-    cpu_kernel = not fast and fused.fits(q, k, v, *(context or ()))
+    half dtypes, the C++ kernel on CPU in bf16 or fp32 (fused.varlen_attention), else (or without `kernels`)
+    `DenseAttention` on right-padded blocks (`cache` keeps either's index maps across the layers of one pass).
+    q [Nq, H, hd]; k/v [Nk, Hkv, hd] in cu_k order, or, with `context` (captured prefix keys and values), the own
+    rows whose keys are cat(context, own)[kv_order]. -> [Nq, H, hd]."""
+    fast = kernels and use_kernel(q)
+    cpu_kernel = kernels and not fast and fused.fits(q, k, v, *(context or ()))
     observed.note("attention", "flash varlen" if fast else "fused" if cpu_kernel else "dense",
-                  fallback=None if fast or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) else
+                  fallback=None if fast or not kernels or not q.is_cuda or q.dtype not in (torch.bfloat16,
+                                                                                           torch.float16) else
                   "no varlen flash kernel (torch >= 2.11 or flash-attn): packed passes attend densely on padded "
                   "blocks, paying for the padding and a mask")
     if fast:

@@ -11,6 +11,7 @@ the tests compare against.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import time
@@ -141,6 +142,13 @@ class Decoder:
                     else getattr(self.config, "use_sliding_window", True))
         self.max_len = sliding if sliding and windowed else None
         self.packs = Packs(layers)  # the layers' fast path: packed linears, fused kernels (packed.py)
+        self.attention_kernels = True  # packed passes' attention: flash / C++ kernels where they run, else dense
+
+    def use_references(self) -> None:
+        """Run the PyTorch references only (--backend torch): the Hugging Face layers as they are, and the dense
+        attention in packed passes."""
+        self.packs.enabled = False
+        self.attention_kernels = False
 
     def check_forward(self, where: str) -> None:
         """Refuse a model whose own forward the truncated passes do not reproduce (a multiplier or logit scale its
@@ -212,6 +220,8 @@ class Decoder:
             position_ids = torch.arange(T, device=h.device).unsqueeze(0)
         wanted = sorted(set(layers))
         pos = self._position_embeddings(h, position_ids)
+        if attend is not None and not self.attention_kernels:
+            attend = dataclasses.replace(attend, kernels=False)
         extra = {} if attend is None else {attention.KWARG: attend}
         out: dict[int, torch.Tensor] = {}
         with _attention_backend(h), self._implementation(attend is not None), self.packs.active(wanted[-1]):
