@@ -151,3 +151,32 @@ def test_the_log_says_what_the_model_computes_in(tmp_path, caplog):
         load_model(tmp_path, torch.device("cpu"), torch.bfloat16, tokenizer=object())
     assert f"--model {tmp_path}: LlamaForCausalLM, 4 layers, hidden size 64, 300 embedding rows, bfloat16 on cpu" \
         in caplog.text
+
+
+def test_a_hub_id_reads_its_snapshot_from_the_hugging_face_cache(model_dirs, words_file, corpus_file, tmp_path,
+                                                                   monkeypatch, capsys):
+    """--model owner/name, where no such directory exists, runs on that repository's snapshot in the Hugging Face
+    cache (offline here: the hub is not reached); a repository the cache lacks, or a missing path that is no hub
+    id, is refused in one line naming the flag."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from tokdistill_fast.cli import main
+    from tokdistill_fast.modeling.models import model_dir
+
+    repo, commit = tmp_path / "hub" / "models--someone--tiny", "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model_dirs[("llama", "bytelevel", True)], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    assert model_dir("someone/tiny") == repo / "snapshots" / commit
+    assert main(["-q", "distill", "--model", "someone/tiny", "--new-tokens", str(words_file), "--corpus",
+                 str(corpus_file), "--method", "mean", "--out", "out"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    for name, reason in (("someone/other", "no such directory, and not a model the Hugging Face hub or its cache "
+                                           "holds"), ("models/tiny-typo/", "not a directory")):
+        assert main(["-q", "select", "--model", name, "--corpus", str(corpus_file), "--out", "w.txt"]) == 2
+        assert capsys.readouterr().err.startswith(f"tokdistill: error: --model {name}: {reason}")

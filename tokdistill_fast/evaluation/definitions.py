@@ -19,6 +19,7 @@ import torch
 
 from .. import align
 from ..config import UserInputError
+from ..modeling import models
 from ..tokens import NewToken
 from .heldout import Scorer
 from .stats import bootstrap, interval
@@ -95,9 +96,10 @@ class Embedder:
     max_length: int = 256  # the model's max_seq_length in its sentence-transformers config
 
 
-def check_embedder(path: Path) -> None:
-    """Refuse an --embedder that is no sentence-embedding model directory before any work (it is loaded after the
-    whole measure)."""
+def check_embedder(path: str | Path) -> Path:
+    """The --embedder's directory (a hub id's snapshot too: models.local_dir), refused before any work where it
+    holds no sentence-embedding model (it is loaded after the whole measure)."""
+    path = models.local_dir(path, "--embedder", "the all-MiniLM-L6-v2 directory")
     config = path / "config.json"
     if not config.is_file():
         raise UserInputError(f"--embedder {path}: not a model directory (no config.json); give the "
@@ -109,6 +111,7 @@ def check_embedder(path: Path) -> None:
     if any(str(a).endswith("ForCausalLM") for a in architectures):
         raise UserInputError(f"--embedder {path}: a causal LM ({architectures[0]}); give a sentence-embedding model "
                              "(all-MiniLM-L6-v2)")
+    return path
 
 
 def load_embedder(path: str | Path | None = None) -> Embedder | None:

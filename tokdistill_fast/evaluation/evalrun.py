@@ -59,7 +59,7 @@ class EvalOptions:
         if not -1.0 <= self.threshold <= 1.0:
             raise UserInputError("--threshold is a cosine similarity: between -1 and 1")
         if self.definitions and self.embedder is not None:
-            definitions.check_embedder(Path(self.embedder))
+            self.embedder = str(definitions.check_embedder(self.embedder))
         return self
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import re
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -35,12 +36,35 @@ def _named(path: str | Path, flag: str | None) -> str:
     return f"{flag} {path}" if flag else str(path)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a repository on the Hugging Face hub: owner/name
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]  # config, weights, tokenizer
+
+
+def local_dir(path: str | Path, flag: str | None, what: str = "a Hugging Face save_pretrained directory") -> Path:
+    """The directory `path` names or, where none exists and it reads as a hub id (owner/name), that repository's
+    snapshot: from the hub into the Hugging Face cache, or from the cache alone where the hub cannot be reached
+    (HF_HUB_OFFLINE=1, or no network); else a clear error naming `flag`."""
+    if Path(path).is_dir():
+        return Path(path)
+    if Path(path).exists() or not HUB_ID.fullmatch(str(path)):
+        raise UserInputError(f"{_named(path, flag)}: not a directory ({what} is expected)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(str(path), allow_patterns=HUB_FILES))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UserInputError(f"{_named(path, flag)}: no such directory, and not a model the Hugging Face hub or its "
+                             f"cache holds ({reason})") from None
+    log.info("%s: the Hugging Face snapshot in %s", _named(path, flag), snapshot)
+    return snapshot
+
+
 def model_dir(path: str | Path, flag: str | None = "--model") -> Path:
-    """`path` (given as `flag`, if any) as a Hugging Face model directory, or a clear error naming it."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserInputError(f"{_named(path, flag)}: not a directory (a Hugging Face save_pretrained directory is "
-                             "expected)")
+    """`path` (given as `flag`, if any) as a Hugging Face model directory (local_dir: a hub id too), or a clear
+    error naming it."""
+    path = local_dir(path, flag)
     if not (path / "config.json").is_file():
         raise UserInputError(f"{_named(path, flag)}: no config.json; is this a Hugging Face model directory?")
     return path
@@ -52,8 +76,7 @@ def load_tokenizer(path: str | Path, flag: str | None = None) -> tuple[object, f
     from transformers import AutoTokenizer
 
     where = _named(path, flag)
-    if not Path(path).is_dir():
-        raise UserInputError(f"{where}: not a directory (a save_pretrained tokenizer directory is expected)")
+    path = local_dir(path, flag, "a save_pretrained tokenizer directory")
     if not any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise UserInputError(f"{where}: no tokenizer.json or tokenizer_config.json; is this a save_pretrained "
                              "directory?")
