@@ -439,8 +439,9 @@ def test_a_bad_embedder_is_refused_before_the_models_load(adapted, heldout_file,
     load (before, a missing one failed with a traceback after all the work)."""
     src, out = adapted
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the models loaded"))
-    for embedder, message in ((tmp_path / "noemb", "not a model directory (no config.json)"),
-                              (src, "a causal LM")):
+    (tmp_path / "empty").mkdir()
+    for embedder, message in ((tmp_path / "noemb", "not a directory (the all-MiniLM-L6-v2 directory is expected)"),
+                              (tmp_path / "empty", "not a model directory (no config.json)"), (src, "a causal LM")):
         rc = main(["eval", "--original", str(src), "--adapted", str(out), "--heldout", str(heldout_file),
                    "--out", str(tmp_path / "eval.json"), "--embedder", str(embedder)])
         err = capsys.readouterr().err

@@ -365,7 +365,7 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     V = decoder.embed_weight.shape[0]
     prep = Prepared(cfg, decoder, original, target, toks, [], None, tied, device, dtype, backend, source,
                              list(corpus), timer, checkpoint.WorkDir(None), tokenizer_seconds,
-                    f"the new ids of the tokenizer in {Path(target_tokenizer).absolute()}"
+                    f"the new ids of the tokenizer in {Path(target.name_or_path).absolute()}"
                     if isinstance(target_tokenizer, (str, Path)) else "the new ids of an in-memory tokenizer",
                     swap.read_init(cfg.init_from, toks, decoder.hidden_size) if cfg.init_from else None)
     settings, _ = pipeline.settle(prep, cfg)  # no workload yet: the measured defaults, no search
