@@ -289,7 +289,8 @@ def test_out_that_would_lose_an_input_or_a_link_is_refused_before_the_work(model
     """--out --overwrite naming the model directory, or a directory holding the corpus or word list, is refused
     (before, the run replaced the model and deleted the corpus); a symbolic link as --out is refused (before, the
     rename at the end failed with a traceback after all the work); a written output is readable as mkdir makes
-    directories (mkdtemp's 0700 before)."""
+    directories (mkdtemp's 0700 before); a directory that is not an earlier output is refused too (before, --out .
+    --overwrite deleted the working directory's files)."""
     import os
     import shutil
 
@@ -331,6 +332,18 @@ def test_out_that_would_lose_an_input_or_a_link_is_refused_before_the_work(model
     rows = tmp_path / "out" / "new_embeddings.safetensors"  # rows of an earlier run, read before the output is replaced
     assert cli.main(["distill", "--model", str(model), "--new-tokens", str(words_file), "--method", "mean",
                      "--init-from", str(rows), "--out", str(tmp_path / "out"), "--overwrite"]) == 0
+    # --overwrite replaces an earlier output or an empty directory, not a directory of the user's (the working one)
+    (tmp_path / "empty").mkdir()
+    (mine := tmp_path / "mine").mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(mine)
+    for out in (".", str(mine)):
+        assert cli.main(["distill", "--model", str(model), "--new-tokens", str(words_file), "--method", "mean",
+                         "--out", out, "--overwrite"]) == 2
+        assert f"--out {out} holds notes.txt and no report.json: not an earlier output" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert cli.main(["distill", "--model", str(model), "--new-tokens", str(words_file), "--method", "mean",
+                     "--out", str(tmp_path / "empty"), "--overwrite"]) == 0
 
 
 def test_an_output_file_that_is_an_input_is_refused_even_with_overwrite(model_dirs, tmp_path, capsys):
@@ -423,14 +436,14 @@ def test_a_full_disk_is_one_clear_line_and_leaves_what_was_there(error, model_di
 
     out = tmp_path / "out"
     out.mkdir()
-    (out / "mine.txt").write_text("kept")
+    (out / "report.json").write_text("kept")  # an earlier output's
     monkeypatch.setattr(export, "new_rows_file", full)
     code = cli.main(["distill", "--model", str(model_dirs[("llama", "bytelevel", True)]), "--new-tokens",
                      str(words_file), "--method", "mean", "--out", str(out), "--overwrite"])
     err = capsys.readouterr().err
     assert code == 2 and "no space left" in err and "Traceback" not in err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
-    assert (out / "mine.txt").read_text() == "kept"
+    assert (out / "report.json").read_text() == "kept"
 
 
 def test_ignore_merges_exceptions_read_the_models_flag(good):

@@ -37,12 +37,14 @@ def refuse_existing(out: str | Path, overwrite: bool, flag: str = "--out") -> Pa
     return out
 
 
-def check_out_dir(out: str | Path, overwrite: bool, inputs: Iterable[object] = ()) -> Path:
+def check_out_dir(out: str | Path, overwrite: bool, inputs: Iterable[object] = (),
+                  replaced: str | None = "report.json") -> Path:
     """Refuse an existing output unless --overwrite, a symbolic link (the rename at the end would replace the link,
     not its target), an output that holds one of the run's `inputs` (paths or globs; other values are skipped),
-    which --overwrite would delete (an --init-from file is not one: the run has read it before it writes), and paths
-    we could not create (missing parents are fine: atomic_write creates them, as save_pretrained does). Called
-    before any work."""
+    which --overwrite would delete (an --init-from file is not one: the run has read it before it writes), a
+    directory the run would replace (`replaced`: the file an earlier output holds; None for a command that writes
+    into it) that is neither empty nor an earlier output, and paths we could not create (missing parents are fine:
+    atomic_write creates them, as save_pretrained does). Called before any work."""
     out = refuse_existing(out, overwrite)
     if out.is_symlink():
         raise UserInputError(f"--out {out} is a symbolic link; give the directory it should be ({out.resolve()})")
@@ -57,6 +59,11 @@ def check_out_dir(out: str | Path, overwrite: bool, inputs: Iterable[object] = (
             if Path(value).resolve().is_relative_to(real):
                 raise UserInputError(f"--out {out} holds {value}, which this run reads: --overwrite would delete it; "
                                      "give another --out")
+        held = sorted(p.name for p in out.iterdir())
+        if replaced and held and replaced not in held:
+            raise UserInputError(f"--out {out} holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''} and no "
+                                 f"{replaced}: not an earlier output, and --overwrite would delete it; give another "
+                                 "--out (--overwrite replaces an earlier run's output or an empty directory)")
     return _creatable(out, "--out")
 
 
