@@ -35,9 +35,9 @@ test-interpret: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests/test_kernels_*.py
 
 # Not part of `test` (CI's budget): builds llama.cpp's libllama and the converter's venv once (cached under
-# ~/.cache/tokdistill_fast/llama.cpp; ~55 min wall here on 2 shared, busy cores), sets up a venv with vLLM's
-# tokenizer code, writes a fresh output of each tokenizer mode and prints how llama.cpp, transformers 4.57 and
-# vLLM tokenize it; PEFT check.
+# ~/.cache/tokdistill_fast/llama.cpp; 5-15 min on 2 cores), sets up a venv with vLLM's tokenizer code, writes a
+# fresh output of each tokenizer mode and prints how llama.cpp, transformers 4.57 and vLLM tokenize it; PEFT check.
+# The whole target took ~55 min wall on 2 shared, busy cores.
 test-downstream: setup
 	$(PY) -m pip install -q peft
 	$(PY) -m tokdistill_fast.tools.demo prepare

@@ -63,7 +63,7 @@ def require_tools(root: Path | None = None) -> LlamaTools:
     if t.missing():
         raise UserInputError("llama.cpp tools are not built (missing " + ", ".join(t.missing()) + "); run "
                              "`make test-downstream` or `python -m tokdistill_fast.tools.runtimes build` once "
-                             "(~15 min)")
+                             "(5-15 min on 2 cores)")
     return t
 
 
