@@ -147,3 +147,24 @@ def test_sampling_loop_continues_as_generate_does(model_dirs):
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=9, min_new_tokens=9, pad_token_id=0)
         assert got[k] == ref[0].tolist()
+
+
+def test_generated_contexts_say_what_they_read(model_dirs, words_file, corpus_file, caplog, monkeypatch):
+    """--contexts generate logs that it writes every token's contexts from the word (not 'too few corpus
+    snippets'), warns that a --corpus given is read only for the output check's probe text, and shows no corpus bar
+    where there is no corpus."""
+    import logging
+
+    from tokdistill_fast import corpus
+
+    model, cfg = model_dirs[("llama", "bytelevel", True)], DistillConfig(**CFG, contexts="generate", more_epochs=0)
+    with caplog.at_level(logging.INFO, logger="tokdistill_fast"):
+        run = distill(model, words_file, [corpus_file], config=cfg)
+    trained = sum(1 for t in run.report["tokens"] if t.get("source") == "generated")
+    assert trained and f"generating contexts for {trained} token(s) from the words (--contexts generate)" in caplog.text
+    assert "--corpus is read only for the output check's probe text" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(corpus, "progress", lambda *a, **k: pytest.fail("a corpus bar without a corpus"))
+    with caplog.at_level(logging.INFO, logger="tokdistill_fast"):
+        distill(model, words_file, [], config=cfg)
+    assert "--corpus is read only" not in caplog.text and "too few corpus snippets" not in caplog.text

@@ -132,7 +132,9 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
                         "(whitened for token-distill methods with the mse loss)")
     d.add_argument("--snippets-per-token", type=int, default=c.snippets_per_token,
                    help="training snippets per new token, at most")
-    d.add_argument("--snippet-length", type=int, default=c.snippet_length, help="tokens per snippet, at most")
+    d.add_argument("--snippet-length", type=int, default=c.snippet_length,
+                   help="tokens per snippet, at most (a longer word, or start id and word of a generated context, is "
+                        "kept whole with one token after it)")
     d.add_argument("--loss-positions", type=_positions, default=c.loss_positions,
                    help="train on at most this many positions from the new token on, all (the paper) or auto "
                         "(4 for words, 8 with --tokenizer)")

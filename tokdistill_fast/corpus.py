@@ -130,6 +130,8 @@ class Corpus:
         self.truncated = False  # stopped at max_bytes before the end of the corpus
 
     def __iter__(self) -> Iterator[Piece]:
+        if not self.files:  # nothing to read, and no bar to show for it
+            return
         total = sum(p.stat().st_size for p in self.files)
         bar = progress(total=min(total, self.max_bytes or total), desc="corpus", unit="B", unit_scale=True,
                    unit_divisor=1024, leave=False)

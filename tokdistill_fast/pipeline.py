@@ -87,6 +87,9 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
     dtype = pick_dtype(cfg.dtype, device)
     backend = kernels.resolve(cfg.backend, device)  # fails here, not after the teacher pass, if triton cannot run
     resolved_align(cfg.align_impl)  # --align-impl cpp without the extension: here, not after the corpus search
+    if cfg.contexts == "generate" and files:
+        log.warning("--contexts generate trains on text the model writes from each word: --corpus is read only for "
+                    "the output check's probe text")
     if cfg.contexts == "retrieve" and (cfg.method in TRAINED_METHODS if trains is None else trains):
         if not files:
             raise UserInputError(contexts.NO_CORPUS)

@@ -90,7 +90,8 @@ def gather_contexts(cfg: DistillConfig, model, tokenizer, toks: list[NewToken], 
                                         cfg.snippet_length, new_tokens, cfg.seed + 1, cfg.generate_temperature,
                                         source="continued"))
     if short:
-        log.info("generating contexts for %d token(s) with too few corpus snippets", len(short))
+        log.info("generating contexts for %d token(s) %s", len(short), "from the words (--contexts generate)"
+                 if cfg.contexts == "generate" else "with too few corpus snippets")
         snippets.extend(contexts.generate(model, tokenizer, toks, {i: cfg.snippets_per_token - found[i] for i in short},
                                           cfg.snippet_length, cfg.seed, start, cfg.generate_temperature, new_tokens))
     sources = {i: "+".join(["corpus"] * (found[i] > 0) + ["continued"] * (i in fill) + ["generated"] * (i in short))
