@@ -52,6 +52,9 @@ def test_report_says_where_each_tokens_contexts_came_from(topped_up):
                    "quokka": (f"corpus+{'continued' if mode == 'continue' else 'generated'}", 1, PER_TOKEN),
                    "zygomorphic": ("generated", 0, PER_TOKEN)}
     assert result.report["retrieval"]["hits"]["zygomorphic"] == 0
+    examples = {t["word"]: t["example"] for t in result.report["tokens"]}  # its first snippet's text, as trained on
+    assert all(word in examples[word] for word in WORDS), examples
+    assert examples["zygomorphic"].startswith(" zygomorphic")  # generated from the word: the word comes first
 
 
 def test_top_up_snippets_are_the_models_continuations(topped_up):

@@ -46,6 +46,9 @@ class RunReport:
         toks, work, decoder, result = prep.toks, prep.work, prep.decoder, learned.train_result
         row_of = {i: r for r, i in enumerate(work.primaries)} if work else {}
         per_row = work.snippets_per_row() if work else None
+        first = {}  # each trained token's first snippet, its text shown in the report (what its contexts look like)
+        for snippet in work.snippets if work else ():
+            first.setdefault(snippet.token, snippet)
         per_token = []
         for i, t in enumerate(toks):
             r = row_of.get(i)
@@ -57,6 +60,7 @@ class RunReport:
                 "contexts": int(per_row[r]) if work and r is not None else alone.get("snippets", 0),
                 "corpus_contexts": work.found.get(i, 0) if work and r is not None else alone.get("snippets", 0),
                 "source": (work.sources.get(i, "none") if work else method) if t.variant_of is None else "variant",
+                "example": prep.tokenizer.decode(first[i].ids, skip_special_tokens=True) if i in first else None,
                 "final_loss": float(result.token_loss[r]) if result is not None and r is not None else None,
                 "word_loss": float(result.word_loss[r]) if result is not None and r is not None
                 else alone.get("word_loss"),
