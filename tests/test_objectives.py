@@ -97,3 +97,41 @@ def test_ntp_all_refuses_an_output_policy_that_would_discard_its_output_rows(pol
     with pytest.raises(UserInputError, match="ntp-all learns the new output rows"):
         DistillConfig(method="ntp-all", output_embeddings=policy).validate()
     DistillConfig(method="ntp-all", output_embeddings="ntp").validate()
+
+
+def test_settings_a_method_does_not_read_are_refused_or_said(model_dirs, untied, words_file, corpus_file,
+                                                              monkeypatch, caplog, tmp_path):
+    """A --loss for a method without a distillation loss is refused (compare gives a --loss for all to the
+    distilling methods only); --output-embeddings on a tied model, and alpha-mass on an untied one, are refused
+    once the model is loaded, before any corpus work; an explicit --target-layer that an objective reading the
+    logits cannot use is said in the log, and the run (its report, its learning rate) takes the last layer. Before,
+    each was accepted and recorded as if it had applied."""
+    import logging
+
+    from tokdistill_fast import contexts
+    from tokdistill_fast.evaluation import compare
+
+    for method in ("mean", "random", "ntp", "ntp-all"):
+        with pytest.raises(UserInputError, match=f"--loss kl is a distillation loss: --method {method} has none"):
+            DistillConfig(method=method, loss="kl").validate()
+    DistillConfig(method="token-distill+alpha-ntp", loss="logits-mse").validate()
+    with monkeypatch.context() as m:
+        m.setattr(contexts, "retrieve", lambda *a, **k: pytest.fail("the corpus was read"))
+        for model, changes, message in (
+                (model_dirs[("llama", "bytelevel", True)], dict(output_embeddings="zeros"),
+                 "--output-embeddings zeros: the model ties its output rows"),
+                (untied, dict(method="token-distill+alpha-mass"), "only a tied model reads")):
+            with pytest.raises(UserInputError, match=message):
+                distill(model, words_file, [corpus_file], config=DistillConfig(**FAST, **changes))
+    cfg = DistillConfig(**FAST, method="token-distill", loss="kl", target_layer=1)
+    with caplog.at_level(logging.WARNING):
+        run = distill(untied, words_file, [corpus_file], config=cfg)
+    last = run.report["model"]["layers"]
+    assert run.report["settings"]["resolved_target_layer"] == last
+    assert f"--target-layer 1 does not apply to --method token-distill --loss kl, which reads the logits: layer " \
+           f"{last}" in caplog.text
+    specs = [compare.parse_spec(s) for s in ("mean", "token-distill")]
+    results = compare.compare(untied, words_file, [corpus_file], [corpus_file], tmp_path / "cmp",
+                              DistillConfig(**FAST, loss="kl"), specs, compare.EvalOptions(snippets_per_token=2,
+                                                                                            definitions=False))
+    assert [m["label"] for m in results["methods"]] == ["mean", "token-distill"]

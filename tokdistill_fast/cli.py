@@ -104,7 +104,8 @@ def add_distill_args(d: argparse.ArgumentParser, method: bool = True, output: bo
                        "layer fixed, the search trains it alone to measure this), and skip those measurements")
     d.add_argument("--loss", default=c.loss, help="mse | kl | logits-mse (token-distill methods)")
     d.add_argument("--target-layer", type=_layer, default=c.target_layer,
-                   help="layer whose hidden states are distilled: 1..L or -1 (last, after the final norm), or auto")
+                   help="layer whose hidden states are distilled: 1..L or -1 (last, after the final norm), or auto; "
+                        "objectives that read the logits (--loss kl / logits-mse, ntp) take the last")
     d.add_argument("--lr", type=_lr, default=c.lr,
                    help="learning rate, or auto; where rows step less often than every 4th step (runs of more than "
                         "about 50 tokens) they train at lr x sqrt(4 / spacing): report.json's training.lr")

@@ -380,6 +380,9 @@ class DistillConfig:
         if self.method == "ntp-all" and self.output_embeddings in ("zeros", "mean"):
             raise UserInputError(f"--method ntp-all learns the new output rows; --output-embeddings "
                                  f"{self.output_embeddings} would throw them away (leave it at auto or ntp)")
+        if self.loss != "mse" and not self.method.startswith("token-distill"):
+            raise UserInputError(f"--loss {self.loss} is a distillation loss: --method {self.method} has none (the "
+                                 "token-distill methods take it)")
         if self.init_from is not None and self.method == "random":
             raise UserInputError("--init-from has no effect with --method random")
         if self.memory_budget is not None and self.memory_budget < 1:
@@ -390,6 +393,17 @@ class DistillConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserInputError(f"--{name.replace('_', '-')} must be between 0 and 1")
         return self
+
+    def check_tied(self, tied: bool) -> None:
+        """Refuse, once the model is loaded, the settings of its other kind: --output-embeddings on a tied model
+        (its new output rows are the input rows learned) and alpha-mass on an untied one."""
+        if tied and self.output_embeddings != "auto":
+            raise UserInputError(f"--output-embeddings {self.output_embeddings}: the model ties its output rows to "
+                                 "its input rows, so the new output rows are the learned input rows (untied models "
+                                 "only; leave it at auto)")
+        if not tied and self.method == "token-distill+alpha-mass":
+            raise UserInputError("token-distill+alpha-mass trains the new rows' output side, which only a tied model "
+                                 "reads from them (untied: --output-embeddings)")
 
     def run_more_epochs(self, layer: int | None = None) -> int:
         """The --more-epochs this config trains (in one process): none after a decaying rate, which is zero by then,

@@ -106,6 +106,7 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
         decoder.use_references()
     lm = decoder.model
     tied = export.is_tied(lm)
+    cfg.check_tied(tied)  # before any corpus work
     with timer("tokens"):
         toks, unplanned = tokens.plan_new_tokens(tokenizer, words, cfg.add_variants, cfg.casing_variants)
         skipped += unplanned

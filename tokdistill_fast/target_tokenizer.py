@@ -362,6 +362,7 @@ def distill_target(model, target_tokenizer, corpus, out, cfg: DistillConfig, tok
     if cfg.backend == "torch":
         decoder.use_references()
     tied = export.is_tied(decoder.model)
+    cfg.check_tied(tied)
     V = decoder.embed_weight.shape[0]
     prep = Prepared(cfg, decoder, original, target, toks, [], None, tied, device, dtype, backend, source,
                              list(corpus), timer, checkpoint.WorkDir(None), tokenizer_seconds,

@@ -34,12 +34,17 @@ def resolve_settings(cfg: DistillConfig, decoder: models.Decoder,
     """Target layer (1..L), learning rate and epochs of a run: fixed values as given; "auto" from the search when
     one ran, else from the measured defaults (docs/defaults.md)."""
     L = decoder.num_layers
-    if cfg.target_layer != "auto":
+    if uses_last_layer(cfg):
+        if cfg.target_layer != "auto" and decoder.resolve_layer(int(cfg.target_layer)) != L:
+            log.warning("--target-layer %s does not apply to --method %s%s, which reads the logits: layer %d",
+                        cfg.target_layer, cfg.method, f" --loss {cfg.loss}" if cfg.loss != "mse" else "", L)
+        layer = L
+    elif cfg.target_layer != "auto":
         layer = decoder.resolve_layer(int(cfg.target_layer))
     elif search is not None:
         layer = search.best.layer
     else:
-        layer = L if uses_last_layer(cfg) else max(1, round(DEFAULT_DEPTH * L))
+        layer = max(1, round(DEFAULT_DEPTH * L))
     lr = search.best.lr if search is not None else lr_rule(cfg, decoder)(layer)
     if cfg.epochs != "auto":
         epochs = int(cfg.epochs)

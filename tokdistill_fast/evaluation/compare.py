@@ -136,8 +136,12 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
     out = export.check_out_dir(out, overwrite, [model, new_tokens, *corpus, *heldout_paths], replaced=None)
     base = base.validate()
     opts = opts.validate()
-    cfgs = [base.replace(method=s.method, **s.changes).validate() for s in specs]
+    # a --loss for all applies to the methods that distill; the others have none
+    cfgs = [base.replace(method=s.method, **{**({} if s.method.startswith("token-distill") else {"loss": "mse"}),
+                                             **s.changes}).validate() for s in specs]
     prep = pipeline.prepare(model, new_tokens, corpus, base, trains=any(c.method in TRAINED_METHODS for c in cfgs))
+    for c in cfgs:
+        c.check_tied(prep.tied)
     toks, decoder, timer = prep.toks, prep.decoder, prep.timer
     V = decoder.embed_weight.shape[0]
     primaries = [i for i, t in enumerate(toks) if t.variant_of is None]

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import UserInputError
 from ..modeling import losses
 from ..modeling.models import Decoder
 
@@ -71,11 +70,9 @@ class Objective:
         ntp = {"token-distill+ntp": "plain", "token-distill+alpha-ntp": "alpha", "ntp": "plain",
                "ntp-all": "plain"}.get(method)
         train_output = not tied and (cfg.output_embeddings == "ntp" or method == "ntp-all")
-        mass = method == "token-distill+alpha-mass"
-        if mass and not tied:
-            raise UserInputError("token-distill+alpha-mass trains the new rows' output side, which only a tied model "
-                                 "reads from them (untied: --output-embeddings)")
-        return cls(distill=distill, ntp=ntp, layer=layer, train_output=train_output, mass=mass)
+        cfg.check_tied(tied)
+        return cls(distill=distill, ntp=ntp, layer=layer, train_output=train_output,
+                   mass=method == "token-distill+alpha-mass")
 
     def compared_layer(self, num_layers: int) -> int:
         """The layer its distillation compares: the target layer for mse, the last layer for logit losses."""
