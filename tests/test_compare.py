@@ -152,3 +152,22 @@ def test_seeds_give_a_settings_warning_once(model_dirs, words_file, corpus_file,
     assert rc == 0
     unused = [r for r in caplog.records if "--hardest-epochs 2: not trained" in r.getMessage()]
     assert len(unused) == 1
+
+
+def test_compare_trains_the_rows_distill_writes_in_bf16(model_dirs, words_file, corpus_file, tmp_path, monkeypatch):
+    """In bf16, where rounding follows the pass's path, compare's shared teacher pass is packed as a standalone
+    run's (its student passes share prefixes), so a method's rows equal those `distill` writes with the same flags,
+    bit for bit (before, its padded pass rounded otherwise: a review read 0.134 against 0.117 held-out KL)."""
+    from tokdistill_fast.evaluation.compare import EvalOptions, compare
+
+    trained = []
+    learn = pipeline.learn_rows
+    monkeypatch.setattr(pipeline, "learn_rows", lambda *a, **k: trained.append(learn(*a, **k)) or trained[-1])
+    src = model_dirs[("llama", "bytelevel", True)]
+    cfg = DistillConfig(**{**FAST, "dtype": "bfloat16"}, target_layer=2, epochs=3, more_epochs=0, hardest_epochs=0,
+                        add_variants=False, ntp_guard=False)
+    compare(src, words_file, [corpus_file], [corpus_file], tmp_path / "cmp", cfg, [parse_spec("token-distill")],
+            EvalOptions(snippets_per_token=2, definitions=False))
+    alone = distill(src, words_file, [corpus_file], None, cfg)
+    assert alone.report["implementations"]["prefix_sharing"] == "cached" and len(trained) == 2  # compare, distill
+    assert torch.equal(trained[0].rows, alone.rows) and torch.equal(trained[1].rows, alone.rows)

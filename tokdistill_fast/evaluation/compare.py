@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import contexts, export, pipeline
+from .. import contexts, export, pipeline, student
 from ..config import METHODS, TRAINED_METHODS, DistillConfig, UserInputError
 from ..corpus import corpus_files
 from . import heldout, stats
@@ -157,8 +157,11 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
     cache = None
     layers = pipeline.teacher_layers(prep, [(c, layer) for c, ((layer, _, _), _) in zip(cfgs, found)])
     if layers and prep.work is not None:
+        # packed as a standalone run's, where every method's student passes share prefixes: in bf16 the padded
+        # pass rounds otherwise, and the rows then differ from those `distill` writes
+        packed = all(student.Passes.for_config(c).prefix for c in cfgs if c.method in TRAINED_METHODS)
         with timer("teacher"):
-            cache = pipeline.teacher_cache(prep, prep.work, layers)
+            cache = pipeline.teacher_cache(prep, prep.work, layers, packed=packed)
         log.info("teacher cache: layers %s, %.1f MB", layers, cache.nbytes() / 2**20)
     with timer("heldout"):
         measured = [toks[i] for i in primaries]
