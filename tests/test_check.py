@@ -332,7 +332,8 @@ def test_out_that_would_lose_an_input_or_a_link_is_refused_before_the_work(model
     rows = tmp_path / "out" / "new_embeddings.safetensors"  # rows of an earlier run, read before the output is replaced
     assert cli.main(["distill", "--model", str(model), "--new-tokens", str(words_file), "--method", "mean",
                      "--init-from", str(rows), "--out", str(tmp_path / "out"), "--overwrite"]) == 0
-    # --overwrite replaces an earlier output or an empty directory, not a directory of the user's (the working one)
+    # --overwrite replaces an earlier output or an empty directory, not a directory of the user's (the working one,
+    # or one whose report.json is another tool's)
     (tmp_path / "empty").mkdir()
     (mine := tmp_path / "mine").mkdir()
     (mine / "notes.txt").write_text("keep me")
@@ -340,7 +341,12 @@ def test_out_that_would_lose_an_input_or_a_link_is_refused_before_the_work(model
     for out in (".", str(mine)):
         assert cli.main(["distill", "--model", str(model), "--new-tokens", str(words_file), "--method", "mean",
                          "--out", out, "--overwrite"]) == 2
-        assert f"--out {out} holds notes.txt and no report.json: not an earlier output" in capsys.readouterr().err
+        assert f"--out {out} is not an output of this tool (it holds notes.txt, and no report.json this tool " \
+            "wrote)" in capsys.readouterr().err
+    (mine / "report.json").write_text('{"coverage": 0.9}')
+    assert cli.main(["distill", "--model", str(model), "--new-tokens", str(words_file), "--method", "mean",
+                     "--out", str(mine), "--overwrite"]) == 2
+    assert "(it holds notes.txt, report.json, and no report.json this tool wrote)" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep me"
     assert cli.main(["distill", "--model", str(model), "--new-tokens", str(words_file), "--method", "mean",
                      "--out", str(tmp_path / "empty"), "--overwrite"]) == 0
@@ -436,14 +442,14 @@ def test_a_full_disk_is_one_clear_line_and_leaves_what_was_there(error, model_di
 
     out = tmp_path / "out"
     out.mkdir()
-    (out / "report.json").write_text("kept")  # an earlier output's
+    (out / "report.json").write_text('{"tokdistill_fast": "kept"}')  # an earlier output's
     monkeypatch.setattr(export, "new_rows_file", full)
     code = cli.main(["distill", "--model", str(model_dirs[("llama", "bytelevel", True)]), "--new-tokens",
                      str(words_file), "--method", "mean", "--out", str(out), "--overwrite"])
     err = capsys.readouterr().err
     assert code == 2 and "no space left" in err and "Traceback" not in err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
-    assert (out / "report.json").read_text() == "kept"
+    assert (out / "report.json").read_text() == '{"tokdistill_fast": "kept"}'
 
 
 def test_ignore_merges_exceptions_read_the_models_flag(good):

@@ -161,3 +161,18 @@ def test_resume_reads_the_time_spent_before_or_says_it_is_not_recorded(tmp_path,
     with caplog.at_level("INFO", logger="tokdistill_fast"), checkpoint.holding_locks():
         assert checkpoint.WorkDir.open(tmp_path / "out", cfg, fp).earlier_s == 812.4
         assert "(812 s spent before)" in caplog.text
+
+
+def test_resume_over_its_own_checkpoint_inside_out(tmp_path):
+    """--resume --overwrite with --checkpoint-dir inside --out (an interrupted run's first output attempt): the
+    run's own checkpoint directory and its lock are not taken for the user's files; other files still are."""
+    from tokdistill_fast import export
+    from tokdistill_fast.config import UserInputError
+
+    out = tmp_path / "out"
+    (out / "ckpt").mkdir(parents=True)
+    (out / ".ckpt.lock").write_text("")
+    assert export.check_out_dir(out, True, checkpoint_dir=out / "ckpt") == out
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserInputError, match=r"it holds notes.txt, and no report.json"):
+        export.check_out_dir(out, True, checkpoint_dir=out / "ckpt")

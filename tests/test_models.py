@@ -180,3 +180,26 @@ def test_a_hub_id_reads_its_snapshot_from_the_hugging_face_cache(model_dirs, wor
                                            "holds"), ("models/tiny-typo/", "not a directory")):
         assert main(["-q", "select", "--model", name, "--corpus", str(corpus_file), "--out", "w.txt"]) == 2
         assert capsys.readouterr().err.startswith(f"tokdistill: error: --model {name}: {reason}")
+
+
+def test_a_hub_id_without_safetensors_fetches_its_bin_weights(tmp_path, monkeypatch):
+    """The hub fetch asks for config, tokenizer and safetensors files; a repository with .bin weights only is asked
+    again for those (a review found them left out, so the model would arrive without weights)."""
+    import huggingface_hub
+
+    from tokdistill_fast.modeling.models import local_dir
+
+    asked = []
+
+    def fetch(repo, allow_patterns):
+        asked.append(allow_patterns)
+        (tmp_path / "config.json").write_text("{}")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    assert local_dir("someone/old", "--model") == tmp_path
+    assert len(asked) == 2 and "*.bin" not in asked[0] and "*.bin" in asked[1]
+    (tmp_path / "model.safetensors").write_text("")
+    asked.clear()
+    local_dir("someone/new", "--model")
+    assert len(asked) == 1

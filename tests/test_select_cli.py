@@ -72,8 +72,9 @@ def test_select_refusals(model, corpus, tmp_path, capsys):
     assert select(model, corpus, tmp_path / "new" / "dir" / "words.txt") == 0  # missing parents are made
 
 
-def test_the_demo_runs_again_over_its_own_outputs(model, corpus, tmp_path, monkeypatch):
-    """`make demo` twice: the second run replaces the demo's word list and model instead of refusing them."""
+def test_the_demo_runs_again_over_its_own_outputs(model, corpus, tmp_path, monkeypatch, capsys):
+    """`make demo` twice: the second run replaces the demo's word list and model instead of refusing them; a
+    directory of the user's at its --out is refused, not deleted (before, the demo removed whatever was there)."""
     from tokdistill_fast.tools import demo
 
     monkeypatch.setattr(demo, "prepare", lambda: {"model": model, "gcide": corpus})
@@ -82,3 +83,7 @@ def test_the_demo_runs_again_over_its_own_outputs(model, corpus, tmp_path, monke
         assert demo.main(["--out", str(out), "--words", "2"]) == 0
         assert (out / "model.safetensors").exists()
     assert Path(str(out) + ".words.txt").read_text(encoding="utf-8") == "palatable\nbivalve\n"
+    (mine := tmp_path / "mine").mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert demo.main(["--out", str(mine), "--words", "2"]) == 2
+    assert "is not an output of this tool" in capsys.readouterr().err and (mine / "notes.txt").is_file()

@@ -167,6 +167,10 @@ def test_generated_contexts_say_what_they_read(model_dirs, words_file, corpus_fi
     assert trained and f"generating contexts for {trained} token(s) from the words (--contexts generate)" in caplog.text
     assert "--corpus is read only for the output check's probe text" in caplog.text
     caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tokdistill_fast"):  # a method that trains nothing reads no contexts
+        distill(model, words_file, [corpus_file], config=cfg.replace(method="mean"))
+    assert "--corpus is read only" not in caplog.text
+    caplog.clear()
     monkeypatch.setattr(corpus, "progress", lambda *a, **k: pytest.fail("a corpus bar without a corpus"))
     with caplog.at_level(logging.INFO, logger="tokdistill_fast"):
         distill(model, words_file, [], config=cfg)

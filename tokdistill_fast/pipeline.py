@@ -87,10 +87,11 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
     dtype = pick_dtype(cfg.dtype, device)
     backend = kernels.resolve(cfg.backend, device)  # fails here, not after the teacher pass, if triton cannot run
     resolved_align(cfg.align_impl)  # --align-impl cpp without the extension: here, not after the corpus search
-    if cfg.contexts == "generate" and files:
+    trains = cfg.method in TRAINED_METHODS if trains is None else trains
+    if cfg.contexts == "generate" and files and trains:
         log.warning("--contexts generate trains on text the model writes from each word: --corpus is read only for "
                     "the output check's probe text")
-    if cfg.contexts == "retrieve" and (cfg.method in TRAINED_METHODS if trains is None else trains):
+    if cfg.contexts == "retrieve" and trains:
         if not files:
             raise UserInputError(contexts.NO_CORPUS)
         if not any(f.stat().st_size for f in files):
@@ -127,7 +128,7 @@ def prepare(model, new_tokens, corpus, cfg: DistillConfig, tokenizer=None, keep_
     work_dir = checkpoint.WorkDir.open(keep_in, cfg, checkpoint.fingerprint(cfg, source, words, files)
                                        if keep_in is not None and cfg.checkpoint_every else None)
     work = None
-    if (cfg.method in TRAINED_METHODS if trains is None else trains) and trained_tokens(cfg, toks):
+    if trains and trained_tokens(cfg, toks):
         V = decoder.embed_weight.shape[0]
         with timer("contexts"):
             work = work_dir.stage("workload", lambda: build_workload(cfg, lm, tokenizer, toks, list(corpus),
@@ -186,7 +187,8 @@ def distill_words(model, new_tokens, corpus, out: str | Path | None, cfg: Distil
     if ranks.world > 1 and (cfg.resume or cfg.chunk_tokens or cfg.memory_budget):
         raise UserInputError("--resume, --chunk-tokens and --memory-budget run in one process, not under torchrun")
     if out is not None and ranks.writer:
-        export.check_out_dir(out, cfg.overwrite, [model, new_tokens, *corpus, cfg.new_tokens_from_tokenizer])
+        export.check_out_dir(out, cfg.overwrite, [model, new_tokens, *corpus, cfg.new_tokens_from_tokenizer],
+                             checkpoint_dir=cfg.checkpoint_dir)
     prep = prepare(model, new_tokens, corpus, cfg, tokenizer, keep_in=out if ranks.world == 1 else None)
     work, work_dir, timer = prep.work, prep.work_dir, prep.timer
     words = len(work.primaries) if work is not None else 0

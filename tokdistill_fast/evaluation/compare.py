@@ -133,7 +133,7 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
         raise UserInputError(f"--reference {reference!r}: not one of the compared settings ({', '.join(labels)})")
     reference = reference or "mean"
     corpus_files(heldout_paths, "--heldout")  # a missing held-out file fails here, not after the shared stages
-    out = export.check_out_dir(out, overwrite, [model, new_tokens, *corpus, *heldout_paths], replaced=None)
+    out = export.check_out_dir(out, overwrite, [model, new_tokens, *corpus, *heldout_paths], replaces=False)
     base = base.validate()
     opts = opts.validate()
     # a --loss for all applies to the methods that distill; the others have none

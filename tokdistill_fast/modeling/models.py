@@ -37,7 +37,8 @@ def _named(path: str | Path, flag: str | None) -> str:
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a repository on the Hugging Face hub: owner/name
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]  # config, weights, tokenizer
+# config, tokenizer and weights (.bin only where a repository has no safetensors)
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
 
 def local_dir(path: str | Path, flag: str | None, what: str = "a Hugging Face save_pretrained directory") -> Path:
@@ -53,6 +54,8 @@ def local_dir(path: str | Path, flag: str | None, what: str = "a Hugging Face sa
 
     try:
         snapshot = Path(snapshot_download(str(path), allow_patterns=HUB_FILES))
+        if not any(snapshot.glob("*.safetensors")):  # weights saved the older way only
+            snapshot = Path(snapshot_download(str(path), allow_patterns=HUB_FILES + ["*.bin"]))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise UserInputError(f"{_named(path, flag)}: no such directory, and not a model the Hugging Face hub or its "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -149,10 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                        "--top", str(args.words), "--out", str(words), "--overwrite"])
         if rc:
             return rc
-        if Path(args.out).exists():
-            shutil.rmtree(args.out)
         return cli.main(["distill", "--model", str(paths["model"]), "--new-tokens", str(words),
-                         "--corpus", str(paths["gcide"]), "--out", args.out])
+                         "--corpus", str(paths["gcide"]), "--out", args.out, "--overwrite"])  # an earlier demo's
     except UserInputError as e:
         print(f"tokdistill demo: error: {e}", file=sys.stderr)
         return 2
