@@ -163,16 +163,13 @@ def test_resume_reads_the_time_spent_before_or_says_it_is_not_recorded(tmp_path,
         assert "(812 s spent before)" in caplog.text
 
 
-def test_resume_over_its_own_checkpoint_inside_out(tmp_path):
-    """--resume --overwrite with --checkpoint-dir inside --out (an interrupted run's first output attempt): the
-    run's own checkpoint directory and its lock are not taken for the user's files; other files still are."""
-    from tokdistill_fast import export
-    from tokdistill_fast.config import UserInputError
+def test_a_checkpoint_dir_inside_out_is_refused_before_the_work(tmp_path):
+    """--checkpoint-dir inside --out is refused when the run opens it: its first checkpoint would make --out exist,
+    and the finished run then refused to replace it (a review: a whole run's work lost at the end), or a --resume
+    refused it as a directory of the user's."""
+    from tokdistill_fast.config import DistillConfig, UserInputError
 
-    out = tmp_path / "out"
-    (out / "ckpt").mkdir(parents=True)
-    (out / ".ckpt.lock").write_text("")
-    assert export.check_out_dir(out, True, checkpoint_dir=out / "ckpt") == out
-    (out / "notes.txt").write_text("mine")
-    with pytest.raises(UserInputError, match=r"it holds notes.txt, and no report.json"):
-        export.check_out_dir(out, True, checkpoint_dir=out / "ckpt")
+    for ckpt in (tmp_path / "out", tmp_path / "out" / "ckpt"):
+        with checkpoint.holding_locks(), pytest.raises(UserInputError, match="is --out itself or inside it"):
+            checkpoint.WorkDir.open(tmp_path / "out", DistillConfig(checkpoint_dir=str(ckpt)), {})
+    assert not (tmp_path / "out").exists()

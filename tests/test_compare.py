@@ -171,3 +171,16 @@ def test_compare_trains_the_rows_distill_writes_in_bf16(model_dirs, words_file, 
     alone = distill(src, words_file, [corpus_file], None, cfg)
     assert alone.report["implementations"]["prefix_sharing"] == "cached" and len(trained) == 2  # compare, distill
     assert torch.equal(trained[0].rows, alone.rows) and torch.equal(trained[1].rows, alone.rows)
+
+
+def test_compare_resolves_automatic_epochs_before_it_plans_the_teacher_pass(model_dirs, words_file, corpus_file,
+                                                                             tmp_path):
+    """A method with --epochs auto (or @epochs=auto) runs: the teacher pass is planned from the epochs the methods
+    run (a review: a TypeError traceback after the shared stages)."""
+    from tokdistill_fast.evaluation.compare import EvalOptions, compare
+
+    results = compare(model_dirs[("llama", "bytelevel", True)], words_file, [corpus_file], [corpus_file],
+                      tmp_path / "cmp", DistillConfig(**FAST, target_layer=2),
+                      [parse_spec("mean"), parse_spec("token-distill@epochs=auto")],
+                      EvalOptions(snippets_per_token=2, definitions=False))
+    assert results["complete"] and [m["label"] for m in results["methods"]] == ["mean", "token-distill@epochs=auto"]

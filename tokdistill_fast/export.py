@@ -37,15 +37,13 @@ def refuse_existing(out: str | Path, overwrite: bool, flag: str = "--out") -> Pa
     return out
 
 
-def check_out_dir(out: str | Path, overwrite: bool, inputs: Iterable[object] = (), replaces: bool = True,
-                  checkpoint_dir: str | Path | None = None) -> Path:
+def check_out_dir(out: str | Path, overwrite: bool, inputs: Iterable[object] = (), replaces: bool = True) -> Path:
     """Refuse an existing output unless --overwrite, a symbolic link (the rename at the end would replace the link,
     not its target), an output that holds one of the run's `inputs` (paths or globs; other values are skipped),
     which --overwrite would delete (an --init-from file is not one: the run has read it before it writes), a
     directory the run `replaces` (False for a command that writes into it) that is neither empty nor an earlier
-    output (earlier_output; the run's own `checkpoint_dir` and its lock may be in it), and paths we could not
-    create (missing parents are fine: atomic_write creates them, as save_pretrained does). Called before any
-    work."""
+    output (earlier_output), and paths we could not create (missing parents are fine: atomic_write creates them,
+    as save_pretrained does). Called before any work."""
     out = refuse_existing(out, overwrite)
     if out.is_symlink():
         raise UserInputError(f"--out {out} is a symbolic link; give the directory it should be ({out.resolve()})")
@@ -60,9 +58,7 @@ def check_out_dir(out: str | Path, overwrite: bool, inputs: Iterable[object] = (
             if Path(value).resolve().is_relative_to(real):
                 raise UserInputError(f"--out {out} holds {value}, which this run reads: --overwrite would delete it; "
                                      "give another --out")
-        own = Path(checkpoint_dir).absolute() if checkpoint_dir else None
-        held = sorted(p.name for p in out.iterdir()
-                      if own is None or p.absolute() not in (own, own.with_name(f".{own.name}.lock")))
+        held = sorted(p.name for p in out.iterdir())
         if replaces and held and not earlier_output(out):
             raise UserInputError(f"--out {out} is not an output of this tool (it holds {', '.join(held[:3])}"
                                  f"{' ...' if len(held) > 3 else ''}, and no report.json this tool wrote): "

@@ -187,8 +187,7 @@ def distill_words(model, new_tokens, corpus, out: str | Path | None, cfg: Distil
     if ranks.world > 1 and (cfg.resume or cfg.chunk_tokens or cfg.memory_budget):
         raise UserInputError("--resume, --chunk-tokens and --memory-budget run in one process, not under torchrun")
     if out is not None and ranks.writer:
-        export.check_out_dir(out, cfg.overwrite, [model, new_tokens, *corpus, cfg.new_tokens_from_tokenizer],
-                             checkpoint_dir=cfg.checkpoint_dir)
+        export.check_out_dir(out, cfg.overwrite, [model, new_tokens, *corpus, cfg.new_tokens_from_tokenizer])
     prep = prepare(model, new_tokens, corpus, cfg, tokenizer, keep_in=out if ranks.world == 1 else None)
     work, work_dir, timer = prep.work, prep.work_dir, prep.timer
     words = len(work.primaries) if work is not None else 0

@@ -175,8 +175,8 @@ class WorkDir:
                 raise UserInputError("--resume needs checkpoints; do not pass --checkpoint-every 0")
             return cls(None)
         path = Path(cfg.checkpoint_dir).absolute() if cfg.checkpoint_dir else out.with_name(out.name + ".partial")
-        if path == out:
-            raise UserInputError(f"--checkpoint-dir {path} is --out itself: give another directory")
+        if path.is_relative_to(out):  # the output replaces --out whole, and a checkpoint in it makes it exist
+            raise UserInputError(f"--checkpoint-dir {path} is --out itself or inside it: give a directory outside it")
         _lock(path, "--checkpoint-dir")  # the default OUT.partial too: another run may name it as its own
         stored = path / "fingerprint.json"
         if path.exists() and not stored.is_file() and not (path.is_dir() and all(

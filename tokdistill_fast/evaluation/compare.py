@@ -159,7 +159,8 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
     if layers and prep.work is not None:
         # packed as a standalone run's, where every method's student passes share prefixes: in bf16 the padded
         # pass rounds otherwise, and the rows then differ from those `distill` writes
-        packed = all(student.Passes.for_config(c).prefix for c in cfgs if c.method in TRAINED_METHODS)
+        packed = all(student.Passes.for_config(c.replace(epochs=epochs)).prefix
+                     for c, ((_, _, epochs), _) in zip(cfgs, found) if c.method in TRAINED_METHODS)
         with timer("teacher"):
             cache = pipeline.teacher_cache(prep, prep.work, layers, packed=packed)
         log.info("teacher cache: layers %s, %.1f MB", layers, cache.nbytes() / 2**20)
