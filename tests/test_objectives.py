@@ -134,4 +134,5 @@ def test_settings_a_method_does_not_read_are_refused_or_said(model_dirs, untied,
     results = compare.compare(untied, words_file, [corpus_file], [corpus_file], tmp_path / "cmp",
                               DistillConfig(**FAST, loss="kl"), specs, compare.EvalOptions(snippets_per_token=2,
                                                                                             definitions=False))
-    assert [m["label"] for m in results["methods"]] == ["mean", "token-distill"]
+    # each row records the distillation loss it trained: the --loss for all where it applies, none for mean
+    assert [(m["label"], m["loss"]) for m in results["methods"]] == [("mean", None), ("token-distill", "kl")]

@@ -89,9 +89,11 @@ def sweep_specs(layers: list[int], lrs: list[float], base_layer: int | str) -> l
 
 @dataclass
 class Outcome:
-    """A spec's runs: resolved settings, one Measured per seed, seconds of training per seed."""
+    """A spec's runs: resolved settings (`loss`: the distillation loss it trained, None for methods without one),
+    one Measured per seed, seconds of training per seed."""
 
     spec: MethodSpec
+    loss: str | None
     layer: int
     lr: float
     epochs: int
@@ -198,7 +200,8 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
                                                         backend=prep.backend), forms))
             train_s.append(t1 - t0 + search_s)  # an automatic setting pays for its search
             eval_s.append(time.perf_counter() - t1)
-        o = Outcome(spec, layer, lr, epochs, runs, train_s, eval_s)
+        o = Outcome(spec, cfg.loss if cfg.method.startswith("token-distill") else None, layer, lr, epochs, runs,
+                    train_s, eval_s)
         log.info("%-40s KL %.4f  (%.1f s train)", spec.label, o.stat("kl")["mean"], np.mean(train_s))
         outcomes.append(o)
         # Written after every method, so a long run that stops early still leaves its finished rows.
@@ -239,7 +242,7 @@ def outcome_json(o: Outcome, baseline: Baseline, outcomes: list[Outcome], refere
     ref = next((r for r in outcomes if r.spec.label == reference), None)
     names = list(o.runs[0].values)
     out = {"label": o.spec.label, "method": o.spec.method, "group": o.spec.group, "changes": o.spec.changes,
-           "layer": o.layer, "lr": o.lr,
+           "loss": o.loss, "layer": o.layer, "lr": o.lr,
            "epochs": o.epochs, "seeds": o.spec.seeds, "train_seconds": float(np.mean(o.train_seconds)),
            "eval_seconds": float(np.mean(o.eval_seconds)),
            "aggregate": {n: o.stat(n) for n in names},
