@@ -380,7 +380,7 @@ class DistillConfig:
         if self.method == "ntp-all" and self.output_embeddings in ("zeros", "mean"):
             raise UserInputError(f"--method ntp-all learns the new output rows; --output-embeddings "
                                  f"{self.output_embeddings} would throw them away (leave it at auto or ntp)")
-        if self.loss != "mse" and not self.method.startswith("token-distill"):
+        if self.loss != "mse" and self.distill_loss is None:
             raise UserInputError(f"--loss {self.loss} is a distillation loss: --method {self.method} has none (the "
                                  "token-distill methods take it)")
         if self.init_from is not None and self.method == "random":
@@ -393,6 +393,11 @@ class DistillConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserInputError(f"--{name.replace('_', '-')} must be between 0 and 1")
         return self
+
+    @property
+    def distill_loss(self) -> str | None:
+        """The distillation loss this config trains (--loss), None for a method without one."""
+        return self.loss if self.method.startswith("token-distill") else None
 
     def check_tied(self, tied: bool) -> None:
         """Refuse, once the model is loaded, the settings of its other kind: --output-embeddings on a tied model

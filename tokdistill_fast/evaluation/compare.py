@@ -200,8 +200,7 @@ def compare(model: str | Path, new_tokens, corpus: list, heldout_paths: list, ou
                                                         backend=prep.backend), forms))
             train_s.append(t1 - t0 + search_s)  # an automatic setting pays for its search
             eval_s.append(time.perf_counter() - t1)
-        o = Outcome(spec, cfg.loss if cfg.method.startswith("token-distill") else None, layer, lr, epochs, runs,
-                    train_s, eval_s)
+        o = Outcome(spec, cfg.distill_loss, layer, lr, epochs, runs, train_s, eval_s)
         log.info("%-40s KL %.4f  (%.1f s train)", spec.label, o.stat("kl")["mean"], np.mean(train_s))
         outcomes.append(o)
         # Written after every method, so a long run that stops early still leaves its finished rows.

@@ -193,11 +193,10 @@ class Decoder:
                          "the logits": (self.logits(ours[self.num_layers]), ref.logits)}
         finally:
             self.packs.enabled = enabled
-        tolerance = FORWARD_TOLERANCE
         for name, (a, b) in pairs.items():
             a, b = a.float(), b.float()
             err = float((a - b).norm() / b.norm().clamp_min(1e-12))
-            if not err <= tolerance:
+            if not err <= FORWARD_TOLERANCE:
                 raise UserInputError(f"{where}: unsupported model {type(self.model).__name__}: its own forward and "
                                      f"the truncated passes differ at {name} (relative error {err:.3g}); its "
                                      "family computes something the passes do not (an embedding multiplier or "

@@ -66,11 +66,10 @@ class Objective:
     def for_config(cls, cfg: DistillConfig, layer: int, tied: bool) -> Objective:
         """The objective of cfg.method (with cfg.loss for the token-distill methods) at target `layer`."""
         method = cfg.method
-        distill = cfg.loss if method.startswith("token-distill") else None
+        distill = cfg.distill_loss
         ntp = {"token-distill+ntp": "plain", "token-distill+alpha-ntp": "alpha", "ntp": "plain",
                "ntp-all": "plain"}.get(method)
         train_output = not tied and (cfg.output_embeddings == "ntp" or method == "ntp-all")
-        cfg.check_tied(tied)
         return cls(distill=distill, ntp=ntp, layer=layer, train_output=train_output,
                    mass=method == "token-distill+alpha-mass")
 
